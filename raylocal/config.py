@@ -1,0 +1,215 @@
+"""One flat run configuration, validated at the edge (command line and config files).
+
+``RunConfig`` is the single plain object every script and schedule reads. Each
+field is also a command-line flag (``n_levels`` -> ``--n-levels``) and a key of
+a JSON config file (``--config FILE``); command-line values override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raylocal.errors import ConfigError
+
+Schedule = Literal["e2e", "sequential", "alternating", "simultaneous", "async"]
+
+
+class RunConfig(BaseModel):
+    """Everything a run needs. Defaults are a short MNIST run on this machine."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # data
+    dataset: Literal["mnist", "cifar10", "folder"] = Field("mnist", description="which dataset")
+    data_root: str | None = Field(None, description="dataset directory (default: bundled MNIST)")
+    download: bool = Field(False, description="download CIFAR-10 if missing (needs internet)")
+    train_subset: int | None = Field(None, gt=0, description="use only the first N training images")
+    test_subset: int | None = Field(None, gt=0, description="use only the first N test images")
+    cache_dir: str | None = Field(None, description="where decoded ImageFolder tensors are cached")
+
+    # model
+    n_levels: int = Field(2, ge=1, le=8, description="Glow blocks L")
+    depth: int = Field(8, ge=1, description="flow steps K per block")
+    hidden: int = Field(64, ge=1, description="width of the coupling networks")
+    coupling: Literal["affine", "additive"] = Field("affine", description="coupling type")
+    permutation: Literal["lu", "plain"] = Field("lu", description="1x1 conv parameterisation")
+    n_bits: int = Field(8, ge=1, le=8, description="bits per pixel the model sees (8 or 5 usual)")
+
+    # parts
+    parts: int = Field(1, ge=1, description="number of parts K")
+    split: Literal["by-block", "across-blocks"] = Field(
+        "across-blocks", description="automatic split: at block boundaries or balanced by compute"
+    )
+    part_spec: str | None = Field(
+        None, description="explicit parts: '1|2,3', '1[:4]|1[4:],2' or 'layers:0-12|13-38'"
+    )
+
+    # training
+    schedule: Schedule = Field("e2e", description="e2e | sequential | alternating | simultaneous | async")
+    epochs: int = Field(1, ge=0, description="epochs of the schedule (per part for sequential)")
+    finetune_epochs: int = Field(0, ge=0, description="end-to-end fine-tune epochs afterwards")
+    batch_size: int = Field(64, ge=1, description="training batch size")
+    eval_batch_size: int = Field(500, ge=1, description="evaluation batch size")
+    init_batch_size: int = Field(512, ge=1, description="batch for ActNorm's data-dependent init")
+    lr: list[float] = Field([1e-3], description="learning rate, or one per part: 1e-3,5e-4,1e-4")
+    finetune_lr: float | None = Field(None, gt=0, description="fine-tune LR (default: smallest lr)")
+    warmup_steps: int = Field(200, ge=0, description="linear LR warmup steps (per part)")
+    optimizer: Literal["adam", "adamax"] = Field("adam", description="optimizer")
+    grad_clip: float = Field(50.0, ge=0, description="max gradient norm (0: no clipping)")
+    rollback_factor: float = Field(
+        8.0, gt=0, description="roll back when loss exceeds its running mean by this many mean deviations"
+    )
+    lr_backoff: float = Field(0.5, gt=0, lt=1, description="LR multiplier after a rollback")
+    max_rollbacks: int = Field(20, ge=0, description="give up on a part after this many rollbacks")
+    snapshot_every: int = Field(50, ge=1, description="steps between last-good-state snapshots")
+
+    # run
+    seed: int = Field(0, ge=0, description="random seed")
+    threads: int | None = Field(None, ge=1, description="torch threads (default: all CPUs)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses a GPU when present")
+    storage_path: str = Field("runs", description="directory for run outputs (reachable by all nodes)")
+    run_name: str | None = Field(None, description="name of the run directory (default: generated)")
+    resume: bool = Field(False, description="continue the run in storage_path/run_name")
+    checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: per epoch)")
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: per epoch)")
+    log_every: int = Field(10, ge=1, description="steps between progress/TensorBoard updates")
+    samples: int = Field(64, ge=0, description="images in the sample grid")
+    temperature: float = Field(0.7, gt=0, description="sampling temperature")
+    time_budget: float | None = Field(None, gt=0, description="stop training after this many seconds")
+    progress: bool = Field(True, description="show a progress bar")
+
+    # ray (async schedule)
+    address: str | None = Field(None, description="Ray address ('auto' joins a cluster; default: local)")
+    placement: Literal["pack", "spread"] = Field("pack", description="placement of part actors")
+    queue_size: int = Field(4, ge=1, description="bound of each latent queue")
+    link: str = Field("up", description="link model: up | p=0.9 | outage=START:LEN,... ; '|' per boundary")
+    sync_every: int = Field(50, ge=1, description="upstream weight sync every N steps")
+    cpus_per_part: float | None = Field(None, gt=0, description="CPUs per part actor")
+    gpus_per_part: float | None = Field(None, ge=0, description="GPUs per part actor (default 1 if any)")
+    finetune_workers: int = Field(1, ge=1, description="DDP workers for the fine-tune phase")
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _parse_lr(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                return [float(s) for s in v.split(",")]
+            except ValueError:
+                raise ValueError(f"expected numbers separated by commas, got {v!r}") from None
+        if isinstance(v, (int, float)):
+            return [float(v)]
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _check_lr(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("needs at least one value")
+        for x in v:
+            if not x > 0 or x != x or x == float("inf"):
+                raise ValueError(f"every learning rate must be a positive number, got {x}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> RunConfig:
+        if len(self.lr) not in (1, self.parts):
+            raise ValueError(f"lr has {len(self.lr)} values but there are {self.parts} parts")
+        return self
+
+    def part_lrs(self, n_parts: int) -> list[float]:
+        return self.lr * n_parts if len(self.lr) == 1 else list(self.lr)
+
+    def glow_kwargs(self) -> dict[str, Any]:
+        return dict(
+            n_levels=self.n_levels,
+            depth=self.depth,
+            hidden=self.hidden,
+            affine=self.coupling == "affine",
+            lu=self.permutation == "lu",
+            n_bits=self.n_bits,
+        )
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """Pydantic's message, shown briefly: the first problem on one line."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown option"
+    text = f"{source}: {loc}: {msg}"
+    if "input" in first and first["type"] != "extra_forbidden" and not isinstance(first["input"], dict):
+        text += f" (got {first['input']!r})"
+    more = len(err.errors()) - 1
+    return text + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+
+
+def validate_config(values: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig(**values)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config file must hold a JSON object of options")
+    validate_config(values, str(path))  # report the file's own errors against the file
+    return values
+
+
+def write_config_file(config: RunConfig, path: str | Path, only_set: bool = False) -> None:
+    data = config.model_dump(exclude_unset=only_set)
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a one-line ConfigError, not usage + exit."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(message)
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per RunConfig field.
+
+    Values stay strings: pydantic converts and validates them, so a bad value
+    gets the same message from the command line as from a config file. Flags
+    default to "not given" so that only what the user typed overrides the file.
+    """
+    parser = _Parser(description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="JSON file of options (command-line flags override it)")
+    for name, field in RunConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description} (default: {field.default})"
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, help=help_text, metavar=name.upper())
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> RunConfig:
+    """defaults < config file < command-line flags, validated together."""
+    values: dict[str, Any] = dict(defaults or {})
+    given = vars(args).copy()
+    config_file = given.pop("config", None)
+    if config_file:
+        values.update(read_config_file(config_file))
+    values.update(given)
+    return validate_config(values, "options")

@@ -1,0 +1,133 @@
+"""A run's directory and what is written there: TensorBoard curves, sample grids,
+checkpoints, the summary; and a small progress bar with live BPD."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raylocal.checkpoint import atomic_write
+from raylocal.config import RunConfig
+from raylocal.errors import CheckpointError, ConfigError
+from raylocal.glow import Glow
+from raylocal.objectives import postprocess
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def _storage_root(config: RunConfig) -> Path:
+    root = Path(config.storage_path).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{time.time_ns()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"storage_path {str(root)!r} is not writable ({e.strerror or e})") from None
+    return root
+
+
+def resolve_run_dir(config: RunConfig) -> Path:
+    """storage_path/run_name. With --resume and no --run-name: the newest run
+    under storage_path that has a checkpoint."""
+    root = _storage_root(config)
+    if config.run_name:
+        run_dir = root / config.run_name
+        if config.resume and not (run_dir / CHECKPOINT).is_file():
+            raise CheckpointError(f"--resume: no checkpoint at {run_dir / CHECKPOINT}")
+        return run_dir
+    if config.resume:
+        runs = sorted(root.glob(f"*/{CHECKPOINT}"), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise CheckpointError(f"--resume: no run with a checkpoint under {root}")
+        return runs[-1].parent
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = root / f"{config.schedule}-{config.parts}p-{stamp}"
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = root / f"{config.schedule}-{config.parts}p-{stamp}-{suffix}"
+    return run_dir
+
+
+def write_json(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=2, default=float) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+class Progress:
+    """One status line, redrawn in place on a terminal and printed every
+    ``every`` seconds otherwise (logs stay readable under Ray and CI)."""
+
+    def __init__(self, enabled: bool = True, every: float = 15.0, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.every = every
+        self._last = 0.0
+        self._start = time.perf_counter()
+
+    def update(self, text: str, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        elapsed = time.strftime("%M:%S", time.gmtime(now - self._start))
+        line = f"[{elapsed}] {text}"
+        if self.tty:
+            self.stream.write("\r" + line[:160].ljust(100))
+            if force:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif force or now - self._last >= self.every:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self._last = now
+
+
+class RunLog:
+    """TensorBoard writer plus the files of a run directory."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+        self.dir = run_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.dir / CHECKPOINT
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def samples(self, glow: Glow, n: int, temperature: float, step: int) -> Path | None:
+        """A grid of n samples at ``temperature``: to TensorBoard and samples.png."""
+        if n <= 0:
+            return None
+        from torchvision.utils import make_grid, save_image
+
+        was_training = glow.training
+        glow.eval()
+        images = postprocess(glow.sample(n, temperature), glow.n_bits).float().cpu()
+        glow.train(was_training)
+        images = torch.nan_to_num(images)
+        grid = make_grid(images, nrow=int(n**0.5) or 1)
+        if self.writer is not None:
+            self.writer.add_image(f"samples/T={temperature}", grid, step)
+        path = self.dir / "samples.png"
+        atomic_write(path, lambda f: save_image(grid, f, format="png"))
+        return path
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

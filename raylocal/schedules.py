@@ -1,0 +1,338 @@
+"""Single-process schedules: e2e, sequential, alternating, simultaneous, then fine-tune.
+
+Every schedule is a plan of epochs, each naming the parts that train in it;
+one function (``train_batch``) runs a batch through the parts for any plan:
+active parts take a step with ``PartTrainer.step``, parts upstream of the last
+active one run forward without autograd, parts downstream of it are not run.
+
+- e2e:          one part (the whole model), every epoch
+- sequential:   part 1 for ``epochs`` epochs, then part 2 on part 1's frozen output, ...
+- alternating:  epoch e trains part e mod K (the reference method)
+- simultaneous: every part steps on every batch, each on its upstream's
+                detached output for that batch (the single-process twin of async)
+then ``finetune_epochs`` of end-to-end training of the assembled model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from raylocal.checkpoint import load_checkpoint, save_checkpoint
+from raylocal.config import RunConfig
+from raylocal.data import BatchStream, ImageData
+from raylocal.errors import CheckpointError
+from raylocal.glow import Glow, Part
+from raylocal.objectives import preprocess
+from raylocal.parts import PartSpec, resolve_part_spec
+from raylocal.runlog import Progress, RunLog, write_json
+from raylocal.train import (
+    PartTrainer,
+    StepResult,
+    build_glow,
+    evaluate_bpd,
+    initialize,
+    resolve_device,
+)
+
+
+def epoch_plan(schedule: str, n_parts: int, epochs: int) -> list[tuple[int, ...]]:
+    """Which parts train in each epoch of the parts phase."""
+    if schedule in ("e2e", "simultaneous", "async"):
+        return [tuple(range(n_parts))] * epochs
+    if schedule == "sequential":
+        return [(k,) for k in range(n_parts) for _ in range(epochs)]
+    if schedule == "alternating":
+        return [(e % n_parts,) for e in range(epochs)]
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_batch(
+    parts: list[Part],
+    trainers: list[PartTrainer],
+    active: tuple[int, ...],
+    x: Tensor,
+    part_time: list[float] | None = None,
+) -> dict[int, StepResult]:
+    """Run one batch through the parts for this epoch's active set (see module doc)."""
+    results: dict[int, StepResult] = {}
+    h = x
+    device = x.device
+    for k in range(max(active) + 1):
+        t0 = time.perf_counter()
+        if k in active:
+            results[k] = trainers[k].step(h)
+            h = results[k].output
+        else:
+            with torch.no_grad():
+                h, _ = parts[k](h)
+        if part_time is not None:
+            _sync(device)
+            part_time[k] += time.perf_counter() - t0
+    return results
+
+
+def part_spec_for(config: RunConfig, glow: Glow) -> PartSpec:
+    if config.schedule == "e2e":
+        return PartSpec(((0, len(glow)),))
+    return resolve_part_spec(glow, config.parts, config.split, config.part_spec)
+
+
+@dataclass
+class RunState:
+    """Everything besides weights and optimizers that a checkpoint must restore."""
+
+    global_step: int = 0
+    elapsed: float = 0.0
+    phase_time: dict[str, float] = field(default_factory=lambda: {"parts": 0.0, "finetune": 0.0})
+    part_time: list[float] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunState:
+        return cls(**json.loads(text))
+
+
+class SingleProcessRun:
+    """A whole run of one of the single-process schedules (see module doc)."""
+
+    def __init__(self, config: RunConfig, data: ImageData, run_dir: Path) -> None:
+        self.config = config
+        self.data = data
+        self.device = resolve_device(config.device)
+        self.glow = build_glow(config, data.shape).to(self.device)
+        self.spec = part_spec_for(config, self.glow)
+        self.parts = [self.glow.part(a, b) for a, b in self.spec.bounds]
+        lrs = config.part_lrs(len(self.parts)) if config.schedule != "e2e" else config.lr[:1]
+        self.trainers = [PartTrainer(p, lr, config, k) for k, (p, lr) in enumerate(zip(self.parts, lrs))]
+        epochs = config.epochs + (config.finetune_epochs if config.schedule == "e2e" else 0)
+        self.plan = epoch_plan(config.schedule, len(self.parts), epochs)
+        self.total_epochs = len(self.plan) + (0 if config.schedule == "e2e" else config.finetune_epochs)
+        self.finetuner: PartTrainer | None = None
+        self.stream = BatchStream(data.train, config.batch_size, config.seed)
+        self.noise = torch.Generator().manual_seed(config.seed + 1)
+        self.state = RunState(part_time=[0.0] * len(self.parts))
+        self.log = RunLog(run_dir)
+        self.progress = Progress(config.progress)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def checkpoint(self) -> None:
+        save_checkpoint(
+            self.log.checkpoint_path,
+            {
+                "format": 1,
+                "config": self.config.model_dump_json(),
+                "spec": [list(b) for b in self.spec.bounds],
+                "model": self.glow.state_dict(),
+                "trainers": [t.state_dict() for t in self.trainers],
+                "finetuner": self.finetuner.state_dict() if self.finetuner else None,
+                "stream": self.stream.state(),
+                "noise": self.noise.get_state(),
+                "state": self.state.to_json(),
+            },
+        )
+
+    def restore(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        if [tuple(b) for b in ckpt["spec"]] != list(self.spec.bounds):
+            raise CheckpointError(f"{path}: its parts {ckpt['spec']} differ from this run's")
+        try:
+            self.glow.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"{path}: weights do not fit this model ({str(e).splitlines()[0]})"
+            ) from None
+        for trainer, state in zip(self.trainers, ckpt["trainers"]):
+            trainer.load_state_dict(state)
+        if ckpt["finetuner"] is not None:
+            self.finetuner = self._make_finetuner()
+            self.finetuner.load_state_dict(ckpt["finetuner"])
+        self.stream.restore(ckpt["stream"])
+        self.noise.set_state(ckpt["noise"])
+        self.state = RunState.from_json(ckpt["state"])
+
+    def _make_finetuner(self) -> PartTrainer:
+        lr = self.config.finetune_lr or min(self.config.lr)
+        return PartTrainer(self.glow.whole(), lr, self.config, index=len(self.parts))
+
+    # ------------------------------------------------------------ training
+
+    def evaluate(self) -> float:
+        images = self.data.test
+        return evaluate_bpd(self.glow, images, self.config.eval_batch_size, self.device)
+
+    def _record_eval(self, epoch_float: float) -> float:
+        bpd = self.evaluate()
+        self.state.curve.append(
+            {
+                "epoch": epoch_float,
+                "step": self.state.global_step,
+                "elapsed": self.state.elapsed,
+                "test_bpd": bpd,
+            }
+        )
+        self.log.scalar("model/test_bpd", bpd, self.state.global_step)
+        return bpd
+
+    def _log_step(self, results: dict[int, StepResult], epoch: int) -> None:
+        step = self.state.global_step
+        trainers = {k: self.trainers[k] for k in results} if self.finetuner is None else {}
+        if self.finetuner is not None:
+            trainers = {len(self.parts): self.finetuner}
+        for k, res in results.items():
+            t = trainers[k]
+            name = f"part{k + 1}" if k < len(self.parts) else "finetune"
+            self.log.scalar(f"{name}/local_loss", res.loss, step)
+            self.log.scalar(f"{name}/lr", t.lr, step)
+            self.log.scalar(f"{name}/rollbacks", t.rollbacks, step)
+            if res.grad_norm == res.grad_norm:
+                self.log.scalar(f"{name}/grad_norm", res.grad_norm, step)
+        losses = " ".join(f"{r.loss:.3f}" for r in results.values())
+        phase = "finetune" if self.finetuner is not None else f"parts {[k + 1 for k in results]}"
+        self.progress.update(
+            f"epoch {epoch + 1}/{self.total_epochs} {phase} "
+            f"batch {self.stream.position}/{len(self.stream)} local bpd {losses}"
+        )
+
+    def _report_events(self, results: dict[int, StepResult]) -> None:
+        for k, res in results.items():
+            if res.event:
+                t = self.trainers[k] if k < len(self.parts) else self.finetuner
+                name = f"part {k + 1}" if k < len(self.parts) else "fine-tune"
+                self.progress.update(
+                    f"ROLLBACK {name} at step {t.steps}: {res.event}; lr -> {t.base_lr:.3g} "
+                    f"({t.rollbacks} rollbacks)",
+                    force=True,
+                )
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.config
+        if cfg.resume:
+            self.restore(self.log.checkpoint_path)
+            self.progress.update(
+                f"resumed {self.log.dir} at epoch {self.stream.epoch + 1}, batch {self.stream.position}",
+                force=True,
+            )
+        else:
+            x0 = self.data.train[: cfg.init_batch_size].to(self.device)
+            initialize(self.parts, preprocess(x0, cfg.n_bits, self.noise))
+            (self.log.dir / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
+        prev_active: tuple[int, ...] = ()
+        stopped = None
+        while self.stream.epoch < self.total_epochs and stopped is None:
+            epoch = self.stream.epoch
+            finetune = epoch >= len(self.plan)
+            if finetune and self.finetuner is None:
+                self.finetuner = self._make_finetuner()
+            active = () if finetune else self.plan[epoch]
+            for k in active:
+                if k > 0 and k not in prev_active:
+                    self.trainers[k].guard.reset()  # its inputs changed while it waited
+            prev_active = active
+            epoch_losses: dict[int, list[float]] = {}
+            t_epoch = time.perf_counter()
+            while self.stream.position < len(self.stream):
+                t0 = time.perf_counter()
+                x = preprocess(self.stream.next().to(self.device), cfg.n_bits, self.noise)
+                if finetune:
+                    results = {len(self.parts): self.finetuner.step(x)}
+                else:
+                    results = train_batch(self.parts, self.trainers, active, x, self.state.part_time)
+                self.state.global_step += 1
+                dt = time.perf_counter() - t0
+                self.state.elapsed += dt
+                self.state.phase_time["finetune" if finetune else "parts"] += dt
+                for k, res in results.items():
+                    epoch_losses.setdefault(k, []).append(res.loss)
+                self._report_events(results)
+                if self.state.global_step % cfg.log_every == 0:
+                    self._log_step(results, epoch)
+                if cfg.eval_every and self.state.global_step % cfg.eval_every == 0:
+                    self._record_eval(epoch + self.stream.position / len(self.stream))
+                if cfg.checkpoint_every and self.state.global_step % cfg.checkpoint_every == 0:
+                    self.checkpoint()
+                if cfg.time_budget and self.state.elapsed >= cfg.time_budget:
+                    stopped = f"time budget of {cfg.time_budget:g}s reached"
+                    break
+            epoch_time = time.perf_counter() - t_epoch
+            done_fraction = self.stream.position / len(self.stream)
+            bpd = self._record_eval(epoch + done_fraction)
+            entry = {
+                "epoch": epoch + 1,
+                "phase": "finetune" if finetune else "parts",
+                "active": [k + 1 for k in active],
+                "test_bpd": bpd,
+                "local_loss": {str(k + 1): sum(v) / len(v) for k, v in epoch_losses.items() if v},
+                "epoch_time": epoch_time,
+                "elapsed": self.state.elapsed,
+                "rollbacks": [t.rollbacks for t in self.trainers],
+            }
+            self.state.history.append(entry)
+            self.log.scalar("epoch/wall_time", epoch_time, epoch + 1)
+            for k, t in enumerate(self.state.part_time):
+                self.log.scalar(f"part{k + 1}/time_total", t, epoch + 1)
+            self.log.samples(self.glow, cfg.samples, cfg.temperature, epoch + 1)
+            self.progress.update(
+                f"epoch {epoch + 1}/{self.total_epochs} ({entry['phase']}) test bpd {bpd:.4f} "
+                f"[{self.data.shape[0]}x{self.data.shape[1]}x{self.data.shape[2]}] "
+                f"epoch time {epoch_time:.1f}s",
+                force=True,
+            )
+            if stopped is None:
+                self.stream.restore({"epoch": epoch + 1, "position": 0})
+            self.checkpoint()
+        return self.finish(stopped)
+
+    def finish(self, stopped: str | None) -> dict[str, Any]:
+        final = self.state.curve[-1]["test_bpd"] if self.state.curve else self.evaluate()
+        samples = self.log.samples(
+            self.glow, self.config.samples, self.config.temperature, self.state.global_step
+        )
+        summary = {
+            "schedule": self.config.schedule,
+            "dataset": self.data.name,
+            "image_shape": list(self.data.shape),
+            "test_bpd": final,
+            "parts": self.spec.canonical(self.glow),
+            "n_parts": len(self.parts),
+            "epochs": self.config.epochs,
+            "finetune_epochs": self.config.finetune_epochs,
+            "steps": self.state.global_step,
+            "wall_time": self.state.elapsed,
+            "phase_time": self.state.phase_time,
+            "part_time": self.state.part_time,
+            "rollbacks": [t.rollbacks for t in self.trainers]
+            + ([self.finetuner.rollbacks] if self.finetuner else []),
+            "rollback_events": [
+                {"part": t.index + 1, "step": e.step, "reason": e.reason, "new_lr": e.new_lr}
+                for t in self.trainers + ([self.finetuner] if self.finetuner else [])
+                for e in t.events
+            ],
+            "images_per_s": self.state.global_step * self.config.batch_size / max(self.state.elapsed, 1e-9),
+            "stopped_early": stopped,
+            "history": self.state.history,
+            "curve": self.state.curve,
+            "run_dir": str(self.log.dir),
+            "checkpoint": str(self.log.checkpoint_path),
+            "samples": str(samples) if samples else None,
+            "tensorboard": str(self.log.dir / "tensorboard"),
+        }
+        write_json(self.log.dir / "summary.json", summary)
+        self.log.close()
+        return summary

@@ -1,0 +1,220 @@
+"""The one training step every schedule shares, with its stability guard.
+
+``PartTrainer`` owns one part's optimizer, LR schedule (per-part base LR with
+linear warmup) and guard. ``step(x)`` takes a (detached) input batch, trains
+the part on its local objective and returns the detached output for the next
+part. A non-finite loss or gradient, or a loss that jumps far above its running
+mean, rolls the part back to its last good snapshot and backs off its LR;
+every such event is counted and reported, never silently trained through.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from raylocal.config import RunConfig
+from raylocal.errors import ConfigError, DivergedError
+from raylocal.glow import Glow, Part
+from raylocal.objectives import local_nll, nll_bits, preprocess
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no GPU is visible to torch")
+    return torch.device(name)
+
+
+def build_glow(config: RunConfig, image_shape: tuple[int, int, int]) -> Glow:
+    """The model for ``config``; its initial weights depend only on the seed."""
+    c, h, w = image_shape
+    n = config.n_levels
+    if h % 2**n or w % 2**n:
+        raise ConfigError(
+            f"image size {h}x{w} is not divisible by 2^n_levels = {2**n} (n_levels={n}); use fewer levels"
+        )
+    torch.manual_seed(config.seed)
+    return Glow(image_shape, **config.glow_kwargs())
+
+
+@torch.no_grad()
+def initialize(parts: list[Part], x: Tensor) -> None:
+    """Data-dependent init: push one large batch through the parts in order, so
+    every ActNorm (of part k+1 too) initialises on the activations it will see."""
+    for part in parts:
+        x, _ = part(x)
+
+
+@torch.no_grad()
+def evaluate_bpd(
+    glow: Glow, images: Tensor, batch_size: int, device: torch.device, seed: int = 1234
+) -> float:
+    """Exact test BPD of the whole model, with fixed dequantisation noise so that
+    evaluations at different times are comparable."""
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for i in range(0, len(images), batch_size):
+        x = preprocess(images[i : i + batch_size].to(device), glow.n_bits, generator)
+        total += float(nll_bits(glow, x).double().sum())
+    return total / len(images)
+
+
+class StabilityGuard:
+    """Flags non-finite losses and upward jumps against running statistics.
+
+    A jump is a loss above the running mean by more than ``factor`` times the
+    running mean absolute deviation (with a floor of 0.01 bits/dim, and only
+    after ``warmup`` observations, so early rapid progress never triggers it).
+    """
+
+    def __init__(self, factor: float, warmup: int = 20, beta: float = 0.95) -> None:
+        self.factor, self.warmup, self.beta = factor, warmup, beta
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the statistics, e.g. when the part's input distribution changes."""
+        self.mean = 0.0
+        self.dev = 0.0
+        self.count = 0
+
+    def check(self, loss: float) -> str | None:
+        if not math.isfinite(loss):
+            return "non-finite loss"
+        if self.count >= self.warmup and loss - self.mean > self.factor * max(self.dev, 0.01):
+            return f"loss jumped to {loss:.3f} (running mean {self.mean:.3f})"
+        return None
+
+    def observe(self, loss: float) -> None:
+        if self.count == 0:
+            self.mean, self.dev = loss, 0.0
+        else:
+            self.dev = self.beta * self.dev + (1 - self.beta) * abs(loss - self.mean)
+            self.mean = self.beta * self.mean + (1 - self.beta) * loss
+        self.count += 1
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "dev": self.dev, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.dev, self.count = float(state["mean"]), float(state["dev"]), int(state["count"])
+
+
+@dataclass
+class StepResult:
+    output: Tensor  # the part's detached output for this batch (input of the next part)
+    loss: float  # local NLL in bits/dim, measured before the update
+    grad_norm: float = 0.0
+    event: str | None = None  # why this step was rolled back, if it was
+
+
+@dataclass
+class RollbackEvent:
+    step: int
+    reason: str
+    new_lr: float
+
+
+@dataclass
+class PartTrainer:
+    """One part, its optimizer and LR schedule, and the shared training step."""
+
+    part: Part
+    base_lr: float
+    config: RunConfig
+    index: int = 0
+    steps: int = 0  # batches processed (never rewound)
+    rollbacks: int = 0
+    events: list[RollbackEvent] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        params = list(self.part.parameters())
+        opt_cls = torch.optim.Adamax if self.config.optimizer == "adamax" else torch.optim.Adam
+        self.optimizer = opt_cls(params, lr=self.base_lr)
+        self.guard = StabilityGuard(self.config.rollback_factor)
+        self._snapshot: dict[str, Any] | None = None
+
+    @property
+    def lr(self) -> float:
+        warmup = self.config.warmup_steps
+        return self.base_lr * min(1.0, (self.steps + 1) / warmup) if warmup else self.base_lr
+
+    def step(self, x: Tensor) -> StepResult:
+        """Train the part one step on input x (detached inside local_nll)."""
+        if self._snapshot is None:
+            self._take_snapshot()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        nll, y = local_nll(self.part, x)
+        loss = nll.mean()
+        loss_value = float(loss.detach())
+        problem = self.guard.check(loss_value)
+        if problem is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            max_norm = self.config.grad_clip or float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.part.parameters(), max_norm))
+            if math.isfinite(grad_norm):
+                self.optimizer.step()
+                self.guard.observe(loss_value)
+                self.steps += 1
+                if self.steps % self.config.snapshot_every == 0:
+                    self._take_snapshot()
+                return StepResult(y.detach(), loss_value, grad_norm)
+            problem = "non-finite gradient"
+        return self._rollback(problem, x, loss_value)
+
+    def _take_snapshot(self) -> None:
+        self._snapshot = copy.deepcopy(
+            {
+                "part": self.part.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "guard": self.guard.state_dict(),
+            }
+        )
+
+    def _rollback(self, reason: str, x: Tensor, loss_value: float) -> StepResult:
+        """Restore the last good state, back off the LR, and recompute this batch's
+        output with the restored weights so that nothing bad flows downstream."""
+        assert self._snapshot is not None
+        self.rollbacks += 1
+        self.steps += 1
+        self.base_lr *= self.config.lr_backoff
+        self.events.append(RollbackEvent(self.steps, reason, self.base_lr))
+        if self.rollbacks > self.config.max_rollbacks:
+            raise DivergedError(
+                f"part {self.index + 1} diverged: {self.rollbacks} rollbacks "
+                f"(last: {reason}); lower its learning rate"
+            )
+        snap = copy.deepcopy(self._snapshot)
+        self.part.load_state_dict(snap["part"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self.guard.load_state_dict(snap["guard"])
+        with torch.no_grad():
+            y, _ = self.part(x.detach())
+        return StepResult(y, loss_value, float("nan"), reason)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "guard": self.guard.state_dict(),
+            "base_lr": self.base_lr,
+            "steps": self.steps,
+            "rollbacks": self.rollbacks,
+            "events": [[e.step, e.reason, e.new_lr] for e in self.events],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.guard.load_state_dict(state["guard"])
+        self.base_lr = float(state["base_lr"])
+        self.steps = int(state["steps"])
+        self.rollbacks = int(state["rollbacks"])
+        self.events = [RollbackEvent(int(s), str(r), float(lr)) for s, r, lr in state["events"]]
+        self._snapshot = None

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny models and data, and one Ray instance per test session."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+torch.set_num_threads(1)
+
+
+def write_idx_images(path: Path, images: np.ndarray, gz: bool = True, magic: int = 2051) -> None:
+    """Write uint8 images [N, H, W] in MNIST's IDX format."""
+    n, h, w = images.shape
+    raw = struct.pack(">IIII", magic, n, h, w) + images.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def synthetic_digits(n: int, size: int = 8, seed: int = 0) -> np.ndarray:
+    """Simple structured grey images (bright blobs on dark background), uint8."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    images = np.zeros((n, size, size), dtype=np.float64)
+    for i in range(n):
+        cy, cx = rng.uniform(1, size - 2, 2)
+        r = rng.uniform(1.0, size / 3)
+        images[i] = 230 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+    images += rng.uniform(0, 20, images.shape)
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def mnist_dir(tmp_path: Path) -> Path:
+    """A tiny MNIST-format dataset of 8x8 synthetic images (64 train, 32 test)."""
+    root = tmp_path / "mnist"
+    root.mkdir()
+    write_idx_images(root / "train-images-idx3-ubyte.gz", synthetic_digits(64, seed=1))
+    write_idx_images(root / "t10k-images-idx3-ubyte.gz", synthetic_digits(32, seed=2))
+    return root
+
+
+def tiny_options(mnist_dir: Path, storage: Path, **extra: object) -> list[str]:
+    """Command-line options for a fast run on the tiny dataset."""
+    opts = {
+        "data-root": mnist_dir, "n-levels": 2, "depth": 2, "hidden": 8, "batch-size": 16,
+        "init-batch-size": 64, "eval-batch-size": 32, "epochs": 1, "storage-path": storage,
+        "samples": 4, "warmup-steps": 2, "threads": 1, "log-every": 1,
+    }  # fmt: skip
+    opts.update({k.replace("_", "-"): v for k, v in extra.items()})
+    args = []
+    for k, v in opts.items():
+        if v is True:
+            args.append(f"--{k}")
+        elif v is False:
+            args.append(f"--no-{k}")
+        else:
+            args += [f"--{k}", str(v)]
+    return args
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The one Ray instance of the test session (2 CPUs, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

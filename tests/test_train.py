@@ -1,0 +1,154 @@
+"""The end-to-end trainer: learning, checkpoints, resume, stability guard."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_options
+
+from raylocal.checkpoint import load_checkpoint, save_checkpoint
+from raylocal.cli import main
+from raylocal.config import RunConfig
+from raylocal.data import load_dataset
+from raylocal.errors import CheckpointError, DivergedError
+from raylocal.glow import Glow
+from raylocal.objectives import preprocess
+from raylocal.train import PartTrainer, build_glow, evaluate_bpd, initialize
+
+
+def _summary(storage, name):
+    return json.loads((storage / name / "summary.json").read_text())
+
+
+def test_e2e_run_learns_and_writes_everything(mnist_dir, tmp_path, capsys):
+    storage = tmp_path / "runs"
+    rc = main(tiny_options(mnist_dir, storage, run_name="r", epochs=3, lr=3e-3))
+    assert rc == 0
+    s = _summary(storage, "r")
+    # untrained model's BPD, computed independently of the run
+    cfg = RunConfig(n_levels=2, depth=2, hidden=8, seed=0)
+    data = load_dataset("mnist", mnist_dir)
+    glow = build_glow(cfg, data.shape)
+    initialize([glow.whole()], preprocess(data.train[:64], 8, torch.Generator().manual_seed(1)))
+    start = evaluate_bpd(glow, data.test, 32, torch.device("cpu"))
+    assert s["test_bpd"] < start - 0.5, (s["test_bpd"], start)
+    assert s["image_shape"] == [1, 8, 8]
+    assert [h["epoch"] for h in s["history"]] == [1, 2, 3]
+    run = storage / "r"
+    assert (run / "samples.png").stat().st_size > 0
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # the checkpoint is a plain weights-only file, with the test BPD reproducible from it
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    glow.load_state_dict(ckpt["model"])
+    assert abs(evaluate_bpd(glow, data.test, 32, torch.device("cpu")) - s["test_bpd"]) < 1e-6
+    out = capsys.readouterr().out
+    assert "test BPD" in out and "1x8x8" in out
+
+
+def test_trained_model_reconstructs_in_float32(mnist_dir, tmp_path):
+    storage = tmp_path / "runs"
+    assert main(tiny_options(mnist_dir, storage, run_name="r", epochs=2, lr=3e-3)) == 0
+    glow = build_glow(RunConfig(n_levels=2, depth=2, hidden=8), (1, 8, 8))
+    glow.load_state_dict(load_checkpoint(storage / "r" / "checkpoint.pt")["model"])
+    x = preprocess(load_dataset("mnist", mnist_dir).test, 8)
+    with torch.no_grad():
+        err = (glow.reconstruct(x) - x).abs().max().item()
+    assert err < 1e-4
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(mnist_dir, tmp_path):
+    storage = tmp_path / "runs"
+    assert main(tiny_options(mnist_dir, storage, run_name="full", epochs=3)) == 0
+    # "interrupted": stops after one epoch, then resumes for the rest
+    assert main(tiny_options(mnist_dir, storage, run_name="cut", epochs=1)) == 0
+    assert main(tiny_options(mnist_dir, storage, run_name="cut", epochs=3, resume=True)) == 0
+    a, b = _weights(storage / "full/checkpoint.pt"), _weights(storage / "cut/checkpoint.pt")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mid_epoch_checkpoint_resume_is_exact(mnist_dir, tmp_path):
+    storage = tmp_path / "runs"
+    assert main(tiny_options(mnist_dir, storage, run_name="full", epochs=2)) == 0
+    # stop in the middle of epoch 1 through the time budget after a step checkpoint
+    opts = tiny_options(mnist_dir, storage, run_name="cut", epochs=2, checkpoint_every=1, time_budget=1e-9)
+    assert main(opts) == 0
+    assert load_checkpoint(storage / "cut/checkpoint.pt")["stream"]["position"] == 1
+    assert main(tiny_options(mnist_dir, storage, run_name="cut", epochs=2, resume=True, time_budget=1e9)) == 0
+    a, b = _weights(storage / "full/checkpoint.pt"), _weights(storage / "cut/checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_changed_model(mnist_dir, tmp_path, capsys):
+    storage = tmp_path / "runs"
+    assert main(tiny_options(mnist_dir, storage, run_name="r")) == 0
+    assert main(tiny_options(mnist_dir, storage, run_name="r", resume=True, hidden=16)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --hidden 16 differs from the checkpoint's 8")
+
+
+def test_checkpoint_corruption_is_refused(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"w": torch.arange(1000.0), "n": 3})
+    assert load_checkpoint(path)["n"] == 3
+    raw = bytearray(path.read_bytes())
+    path.write_bytes(bytes(raw[: len(raw) // 2]))
+    with pytest.raises(CheckpointError, match="c.pt: not a readable checkpoint"):
+        load_checkpoint(path)
+    # flip bytes inside the tensor data: the archive still parses, the checksum does not match
+    idx = bytes(raw).find(torch.arange(1000.0)[500:502].numpy().tobytes())
+    raw[idx : idx + 4] = b"\x00\x00\x80\x7f"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_checkpoint(path)
+
+
+def _trainer(**cfg):
+    torch.manual_seed(0)
+    glow = Glow((1, 8, 8), n_levels=2, depth=1, hidden=8)
+    config = RunConfig(warmup_steps=0, snapshot_every=1, **cfg)
+    part = glow.whole()
+    x = torch.rand(16, 1, 8, 8) - 0.5
+    initialize([part], x)
+    return PartTrainer(part, 1e-3, config), x
+
+
+def test_nonfinite_weights_are_rolled_back():
+    trainer, x = _trainer()
+    for _ in range(3):
+        assert trainer.step(x).event is None
+    good = {k: v.clone() for k, v in trainer.part.state_dict().items()}
+    with torch.no_grad():
+        trainer.part.layers["2"].log_s.fill_(float("nan"))  # inject into a weight
+    res = trainer.step(x)
+    assert res.event == "non-finite loss"
+    assert trainer.rollbacks == 1 and trainer.base_lr == pytest.approx(5e-4)
+    assert torch.isfinite(res.output).all()  # recomputed with the restored weights
+    assert all(torch.equal(v, good[k]) for k, v in trainer.part.state_dict().items())
+    assert trainer.step(x).event is None  # and training continues
+
+
+def test_loss_jump_rolls_back_and_backs_off():
+    trainer, x = _trainer(rollback_factor=5.0)
+    for _ in range(25):
+        trainer.step(x + 0.001 * torch.randn_like(x))
+    res = trainer.step(x * 50)  # a batch far outside what it has seen: a huge jump
+    assert res.event is not None and res.event.startswith("loss jumped")
+    assert trainer.events[-1].new_lr == pytest.approx(5e-4)
+
+
+def test_repeated_divergence_gives_up_with_clear_error():
+    trainer, x = _trainer(max_rollbacks=2)
+    with torch.no_grad():
+        for p in trainer.part.parameters():
+            p.fill_(float("nan"))
+    trainer._take_snapshot()  # even the snapshot is broken: nothing can repair it
+    with pytest.raises(DivergedError, match="part 1 diverged: 3 rollbacks"):
+        for _ in range(3):
+            trainer.step(x)
