@@ -270,6 +270,12 @@ class SingleProcessRun:
                 if cfg.time_budget and self.state.elapsed >= cfg.time_budget:
                     stopped = f"time budget of {cfg.time_budget:g}s reached"
                     break
+            for trainer in [self.finetuner] if finetune else [self.trainers[k] for k in active]:
+                problem = trainer.validate()
+                if problem:
+                    self._report_events(
+                        {trainer.index: StepResult(torch.empty(0), float("nan"), event=problem)}
+                    )
             epoch_time = time.perf_counter() - t_epoch
             done_fraction = self.stream.position / len(self.stream)
             bpd = self._record_eval(epoch + done_fraction)

@@ -139,6 +139,7 @@ class PartTrainer:
         self.optimizer = opt_cls(params, lr=self.base_lr)
         self.guard = StabilityGuard(self.config.rollback_factor)
         self._snapshot: dict[str, Any] | None = None
+        self._last_input: Tensor | None = None
 
     @property
     def lr(self) -> float:
@@ -147,15 +148,18 @@ class PartTrainer:
 
     def step(self, x: Tensor) -> StepResult:
         """Train the part one step on input x (detached inside local_nll)."""
-        if self._snapshot is None:
-            self._take_snapshot()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         nll, y = local_nll(self.part, x)
         loss = nll.mean()
         loss_value = float(loss.detach())
+        self._last_input = x
         problem = self.guard.check(loss_value)
         if problem is None:
+            # This batch's loss validates the current weights: snapshot them now,
+            # before the update, so that a snapshot is never of unchecked weights.
+            if self._snapshot is None or self.steps % self.config.snapshot_every == 0:
+                self._take_snapshot()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             max_norm = self.config.grad_clip or float("inf")
@@ -164,11 +168,22 @@ class PartTrainer:
                 self.optimizer.step()
                 self.guard.observe(loss_value)
                 self.steps += 1
-                if self.steps % self.config.snapshot_every == 0:
-                    self._take_snapshot()
                 return StepResult(y.detach(), loss_value, grad_norm)
             problem = "non-finite gradient"
         return self._rollback(problem, x, loss_value)
+
+    def validate(self) -> str | None:
+        """Check the weights left by the last update (which no later batch has
+        checked yet) on the last input; roll back if they fail. Called at the end
+        of an epoch or run, before the model is evaluated or saved."""
+        if self._last_input is None:
+            return None
+        with torch.no_grad():
+            loss_value = float(local_nll(self.part, self._last_input)[0].mean())
+        problem = self.guard.check(loss_value)
+        if problem is not None:
+            self._rollback(problem, self._last_input, loss_value)
+        return problem
 
     def _take_snapshot(self) -> None:
         self._snapshot = copy.deepcopy(
@@ -218,3 +233,4 @@ class PartTrainer:
         self.rollbacks = int(state["rollbacks"])
         self.events = [RollbackEvent(int(s), str(r), float(lr)) for s, r, lr in state["events"]]
         self._snapshot = None
+        self._last_input = None

@@ -1,0 +1,122 @@
+"""Single-process schedules: who trains, who runs, what changes, and divergence survival."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_options
+
+from raylocal.cli import main
+from raylocal.config import RunConfig
+from raylocal.glow import Glow
+from raylocal.parts import parse_part_spec
+from raylocal.schedules import epoch_plan, train_batch
+from raylocal.train import PartTrainer, initialize
+
+
+def test_epoch_plans():
+    assert epoch_plan("alternating", 2, 5) == [(0,), (1,), (0,), (1,), (0,)]
+    assert epoch_plan("sequential", 3, 2) == [(0,), (0,), (1,), (1,), (2,), (2,)]
+    assert epoch_plan("simultaneous", 2, 2) == [(0, 1), (0, 1)]
+    assert epoch_plan("e2e", 1, 2) == [(0,), (0,)]
+
+
+def _setup(n_parts_spec: str = "1|2"):
+    torch.manual_seed(0)
+    glow = Glow((1, 8, 8), n_levels=2, depth=2, hidden=8)
+    spec = parse_part_spec(n_parts_spec, glow)
+    parts = [glow.part(a, b) for a, b in spec.bounds]
+    cfg = RunConfig(warmup_steps=0, parts=len(parts))
+    trainers = [PartTrainer(p, 1e-2, cfg, k) for k, p in enumerate(parts)]
+    x = torch.rand(16, 1, 8, 8) - 0.5
+    initialize(parts, x)
+    return parts, trainers, x
+
+
+def _copy(part):
+    return {k: v.clone() for k, v in part.state_dict().items()}
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_alternating_epoch_of_part1_never_runs_part2():
+    parts, trainers, x = _setup()
+    calls = [0, 0]
+    for k, p in enumerate(parts):
+        p.register_forward_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1))
+    before = [_copy(p) for p in parts]
+    train_batch(parts, trainers, (0,), x)
+    assert calls == [1, 0]  # downstream not computed
+    assert not _same(_copy(parts[0]), before[0]) and _same(_copy(parts[1]), before[1])
+
+
+def test_alternating_epoch_of_part2_runs_part1_without_autograd():
+    parts, trainers, x = _setup()
+    before = [_copy(p) for p in parts]
+    grad_enabled = []
+    parts[0].register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+    res = train_batch(parts, trainers, (1,), x)
+    assert grad_enabled == [False]
+    assert all(p.grad is None for p in parts[0].parameters())
+    assert _same(_copy(parts[0]), before[0]) and not _same(_copy(parts[1]), before[1])
+    assert set(res) == {1}
+
+
+def test_simultaneous_trains_every_part_on_upstream_detached_output():
+    parts, trainers, x = _setup()
+    before = [_copy(p) for p in parts]
+    with torch.no_grad():
+        y1, _ = parts[0](x)  # what part 2 must see: part 1's output before its update
+    expected_loss = None
+    from raylocal.objectives import local_nll
+
+    with torch.no_grad():
+        expected_loss = float(local_nll(parts[1], y1)[0].mean())
+    res = train_batch(parts, trainers, (0, 1), x)
+    assert res[1].loss == pytest.approx(expected_loss, rel=1e-6)
+    assert all(not _same(_copy(p), b) for p, b in zip(parts, before))
+
+
+def _run(mnist_dir, tmp_path, **opts):
+    storage = tmp_path / "runs"
+    assert main(tiny_options(mnist_dir, storage, run_name="r", **opts)) == 0
+    return json.loads((storage / "r" / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "alternating", "simultaneous"])
+def test_parts_schedules_run_and_learn(schedule, mnist_dir, tmp_path):
+    s = _run(mnist_dir, tmp_path, schedule=schedule, parts=2, epochs=2, lr="3e-3,2e-3", finetune_epochs=1)
+    phases = [h["phase"] for h in s["history"]]
+    assert phases[-1] == "finetune" and phases.count("finetune") == 1
+    assert s["n_parts"] == 2 and len(s["part_time"]) == 2
+    assert s["curve"][-1]["test_bpd"] < s["curve"][0]["test_bpd"]
+    assert s["phase_time"]["finetune"] > 0
+
+
+def test_per_part_learning_rates_reach_the_trainers(mnist_dir, tmp_path):
+    from raylocal.cli import load_data
+    from raylocal.schedules import SingleProcessRun
+
+    cfg = RunConfig(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, parts=3, schedule="alternating",
+        lr=[1e-3, 5e-4, 1e-4], storage_path=str(tmp_path), init_batch_size=64,
+    )  # fmt: skip
+    run = SingleProcessRun(cfg, load_data(cfg), tmp_path / "x")
+    assert [t.base_lr for t in run.trainers] == [1e-3, 5e-4, 1e-4]
+
+
+def test_diverging_part_is_rolled_back_visibly_and_survives(mnist_dir, tmp_path, capsys):
+    # sequential: part 2 starts on part 1's frozen output with an absurd LR
+    s = _run(
+        mnist_dir, tmp_path, schedule="sequential", parts=2, epochs=2, lr="1e-3,30",
+        warmup_steps=0, max_rollbacks=50, snapshot_every=1, rollback_factor=3,
+    )  # fmt: skip
+    assert s["rollbacks"][1] > 0 and s["rollbacks"][0] == 0
+    assert all(e["part"] == 2 for e in s["rollback_events"])
+    assert s["rollback_events"][0]["new_lr"] == pytest.approx(15.0)
+    assert "ROLLBACK part 2" in capsys.readouterr().err
+    assert s["test_bpd"] == s["test_bpd"] and s["test_bpd"] < 100  # finite, sane
