@@ -46,6 +46,9 @@ class RunConfig(BaseModel):
     split: Literal["by-block", "across-blocks"] = Field(
         "across-blocks", description="automatic split: at block boundaries or balanced by compute"
     )
+    balance: Literal["estimate", "measure"] = Field(
+        "estimate", description="automatic split balances estimated FLOPs or measured layer times"
+    )
     part_spec: str | None = Field(
         None, description="explicit parts: '1|2,3', '1[:4]|1[4:],2' or 'layers:0-12|13-38'"
     )

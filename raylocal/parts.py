@@ -230,9 +230,12 @@ def automatic_spec(glow: Glow, n_parts: int, split: str, costs: list[float] | No
     return PartSpec(tuple(zip(cuts[:-1], cuts[1:])))
 
 
-def resolve_part_spec(glow: Glow, n_parts: int, split: str, text: str | None) -> PartSpec:
+def resolve_part_spec(
+    glow: Glow, n_parts: int, split: str, text: str | None, costs: list[float] | None = None
+) -> PartSpec:
     """The spec a run uses: the explicit one when given (it must agree with
-    ``n_parts`` unless that was left at 1), else the automatic one."""
+    ``n_parts`` unless that was left at 1), else the automatic one (balanced on
+    ``costs``, default: estimated)."""
     if n_parts > len(glow):
         raise SpecError(f"{n_parts} parts but the model has only {len(glow)} layers")
     if text:
@@ -240,4 +243,4 @@ def resolve_part_spec(glow: Glow, n_parts: int, split: str, text: str | None) ->
         if n_parts not in (1, len(spec)):
             raise SpecError(f"--parts {n_parts} but part spec {text!r} has {len(spec)} parts")
         return spec
-    return automatic_spec(glow, n_parts, split)
+    return automatic_spec(glow, n_parts, split, costs)

@@ -15,6 +15,7 @@ then ``finetune_epochs`` of end-to-end training of the assembled model.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from raylocal.data import BatchStream, ImageData
 from raylocal.errors import CheckpointError
 from raylocal.glow import Glow, Part
 from raylocal.objectives import preprocess
-from raylocal.parts import PartSpec, resolve_part_spec
+from raylocal.parts import PartSpec, measured_costs, resolve_part_spec
 from raylocal.runlog import Progress, RunLog, write_json
 from raylocal.train import (
     PartTrainer,
@@ -83,10 +84,18 @@ def train_batch(
     return results
 
 
-def part_spec_for(config: RunConfig, glow: Glow) -> PartSpec:
+def part_spec_for(config: RunConfig, glow: Glow, images: Tensor | None = None) -> PartSpec:
+    """The run's parts. With ``balance=measure`` the automatic split is balanced on
+    layer times measured on a copy of the model (so the model itself is untouched)."""
     if config.schedule == "e2e":
         return PartSpec(((0, len(glow)),))
-    return resolve_part_spec(glow, config.parts, config.split, config.part_spec)
+    costs = None
+    if config.balance == "measure" and config.part_spec is None and config.parts > 1 and images is not None:
+        probe = copy.deepcopy(glow)
+        x = images[: config.batch_size].to(next(glow.parameters()).device)
+        x = preprocess(x, config.n_bits, torch.Generator().manual_seed(config.seed))
+        costs = measured_costs(probe, x)
+    return resolve_part_spec(glow, config.parts, config.split, config.part_spec, costs)
 
 
 @dataclass
@@ -111,12 +120,14 @@ class RunState:
 class SingleProcessRun:
     """A whole run of one of the single-process schedules (see module doc)."""
 
-    def __init__(self, config: RunConfig, data: ImageData, run_dir: Path) -> None:
+    def __init__(
+        self, config: RunConfig, data: ImageData, run_dir: Path, spec: PartSpec | None = None
+    ) -> None:
         self.config = config
         self.data = data
         self.device = resolve_device(config.device)
         self.glow = build_glow(config, data.shape).to(self.device)
-        self.spec = part_spec_for(config, self.glow)
+        self.spec = spec or part_spec_for(config, self.glow, data.train)
         self.parts = [self.glow.part(a, b) for a, b in self.spec.bounds]
         lrs = config.part_lrs(len(self.parts)) if config.schedule != "e2e" else config.lr[:1]
         self.trainers = [PartTrainer(p, lr, config, k) for k, (p, lr) in enumerate(zip(self.parts, lrs))]
@@ -129,6 +140,7 @@ class SingleProcessRun:
         self.state = RunState(part_time=[0.0] * len(self.parts))
         self.log = RunLog(run_dir)
         self.progress = Progress(config.progress)
+        self._adopted = False  # weights came from a parts phase trained elsewhere
 
     # ------------------------------------------------------------ checkpoints
 
@@ -166,6 +178,36 @@ class SingleProcessRun:
         self.stream.restore(ckpt["stream"])
         self.noise.set_state(ckpt["noise"])
         self.state = RunState.from_json(ckpt["state"])
+
+    def adopt(
+        self, state: dict[str, Tensor], wall: float, part_time: list[float], stats: list[dict[str, Any]]
+    ) -> None:
+        """Continue after a parts phase trained elsewhere (the Ray async trainer):
+        take its assembled weights and timings; ``run`` then does the fine-tune
+        epochs, evaluation, checkpoint and summary."""
+        self.glow.load_state_dict(state)
+        self.stream.restore({"epoch": len(self.plan), "position": 0})
+        self.state.elapsed = wall
+        self.state.phase_time["parts"] = wall
+        self.state.part_time = list(part_time)
+        self.state.global_step = int(stats[0]["steps"])
+        self._adopted = True
+        bpd = self._record_eval(float(len(self.plan)))
+        self.state.history.append(
+            {
+                "epoch": len(self.plan),
+                "phase": "parts",
+                "active": [k + 1 for k in range(len(self.parts))],
+                "test_bpd": bpd,
+                "local_loss": {
+                    str(k + 1): sum(st["losses"][-50:]) / max(len(st["losses"][-50:]), 1)
+                    for k, st in enumerate(stats)
+                },
+                "epoch_time": wall / max(len(self.plan), 1),
+                "elapsed": wall,
+                "rollbacks": [st["rollbacks"] for st in stats],
+            }
+        )
 
     def _make_finetuner(self) -> PartTrainer:
         lr = self.config.finetune_lr or min(self.config.lr)
@@ -230,8 +272,9 @@ class SingleProcessRun:
                 force=True,
             )
         else:
-            x0 = self.data.train[: cfg.init_batch_size].to(self.device)
-            initialize(self.parts, preprocess(x0, cfg.n_bits, self.noise))
+            if not self._adopted:
+                x0 = self.data.train[: cfg.init_batch_size].to(self.device)
+                initialize(self.parts, preprocess(x0, cfg.n_bits, self.noise))
             (self.log.dir / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
         prev_active: tuple[int, ...] = ()
         stopped = None
@@ -306,6 +349,8 @@ class SingleProcessRun:
         return self.finish(stopped)
 
     def finish(self, stopped: str | None) -> dict[str, Any]:
+        if not self.log.checkpoint_path.is_file() or self._adopted:
+            self.checkpoint()  # a run with no epoch of its own still leaves its weights
         final = self.state.curve[-1]["test_bpd"] if self.state.curve else self.evaluate()
         samples = self.log.samples(
             self.glow, self.config.samples, self.config.temperature, self.state.global_step

@@ -69,9 +69,9 @@ def evaluate_bpd(
 class StabilityGuard:
     """Flags non-finite losses and upward jumps against running statistics.
 
-    A jump is a loss above the running mean by more than ``factor`` times the
-    running mean absolute deviation (with a floor of 0.01 bits/dim, and only
-    after ``warmup`` observations, so early rapid progress never triggers it).
+    A jump is a rise of more than ``factor`` times the running mean absolute
+    deviation (with a floor of 0.01 bits/dim, and only after ``warmup``
+    observations, so early rapid progress never triggers it).
     """
 
     def __init__(self, factor: float, warmup: int = 20, beta: float = 0.95) -> None:
@@ -84,10 +84,13 @@ class StabilityGuard:
         self.dev = 0.0
         self.count = 0
 
+    def is_jump(self, rise: float) -> bool:
+        return self.count >= self.warmup and rise > self.factor * max(self.dev, 0.01)
+
     def check(self, loss: float) -> str | None:
         if not math.isfinite(loss):
             return "non-finite loss"
-        if self.count >= self.warmup and loss - self.mean > self.factor * max(self.dev, 0.01):
+        if self.is_jump(loss - self.mean):
             return f"loss jumped to {loss:.3f} (running mean {self.mean:.3f})"
         return None
 
@@ -139,7 +142,7 @@ class PartTrainer:
         self.optimizer = opt_cls(params, lr=self.base_lr)
         self.guard = StabilityGuard(self.config.rollback_factor)
         self._snapshot: dict[str, Any] | None = None
-        self._last_input: Tensor | None = None
+        self._last: tuple[Tensor, float] | None = None  # last update's batch and loss before it
 
     @property
     def lr(self) -> float:
@@ -148,13 +151,20 @@ class PartTrainer:
 
     def step(self, x: Tensor) -> StepResult:
         """Train the part one step on input x (detached inside local_nll)."""
+        if self._snapshot is None:
+            self._take_snapshot()  # the initial weights: the state of last resort
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         nll, y = local_nll(self.part, x)
         loss = nll.mean()
         loss_value = float(loss.detach())
-        self._last_input = x
         problem = self.guard.check(loss_value)
+        if problem is not None and math.isfinite(loss_value) and not self._own_fault():
+            # The loss rose but the weights still do as well as before on the
+            # previous batch: the *input* moved (upstream parts changed), not
+            # this part's weights. Accept it and relearn the statistics.
+            self.guard.reset()
+            problem = None
         if problem is None:
             # This batch's loss validates the current weights: snapshot them now,
             # before the update, so that a snapshot is never of unchecked weights.
@@ -168,21 +178,33 @@ class PartTrainer:
                 self.optimizer.step()
                 self.guard.observe(loss_value)
                 self.steps += 1
+                self._last = (x.detach(), loss_value)
                 return StepResult(y.detach(), loss_value, grad_norm)
             problem = "non-finite gradient"
         return self._rollback(problem, x, loss_value)
 
+    def _recheck(self) -> tuple[float, float] | None:
+        """(loss before, loss now) on the batch of the last update."""
+        if self._last is None:
+            return None
+        x, before = self._last
+        with torch.no_grad():
+            return before, float(local_nll(self.part, x)[0].mean())
+
+    def _own_fault(self) -> bool:
+        """Did the last update make the part worse on the batch it was computed on?"""
+        r = self._recheck()
+        return r is None or not math.isfinite(r[1]) or self.guard.is_jump(r[1] - r[0])
+
     def validate(self) -> str | None:
         """Check the weights left by the last update (which no later batch has
-        checked yet) on the last input; roll back if they fail. Called at the end
-        of an epoch or run, before the model is evaluated or saved."""
-        if self._last_input is None:
+        checked yet) on that update's own batch; roll back if they fail. Called
+        at the end of an epoch or run, before the model is evaluated or saved."""
+        r = self._recheck()
+        if r is None or (math.isfinite(r[1]) and not self.guard.is_jump(r[1] - r[0])):
             return None
-        with torch.no_grad():
-            loss_value = float(local_nll(self.part, self._last_input)[0].mean())
-        problem = self.guard.check(loss_value)
-        if problem is not None:
-            self._rollback(problem, self._last_input, loss_value)
+        problem = f"last update raised its own batch's loss from {r[0]:.3f} to {r[1]:.3f}"
+        self._rollback(problem, self._last[0], r[1])
         return problem
 
     def _take_snapshot(self) -> None:
@@ -207,6 +229,7 @@ class PartTrainer:
                 f"part {self.index + 1} diverged: {self.rollbacks} rollbacks "
                 f"(last: {reason}); lower its learning rate"
             )
+        self._last = None  # its batch belongs to weights that are gone
         snap = copy.deepcopy(self._snapshot)
         self.part.load_state_dict(snap["part"])
         self.optimizer.load_state_dict(snap["optimizer"])
@@ -233,4 +256,4 @@ class PartTrainer:
         self.rollbacks = int(state["rollbacks"])
         self.events = [RollbackEvent(int(s), str(r), float(lr)) for s, r, lr in state["events"]]
         self._snapshot = None
-        self._last_input = None
+        self._last = None

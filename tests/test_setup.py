@@ -37,7 +37,7 @@ def test_readme_quick_start_has_exactly_two_commands_and_ci_runs_the_second():
     block = re.findall(r"```(?:bash|sh)?\n(.*?)```", section, re.S)
     commands = [c for b in block for c in b.splitlines() if c.strip() and not c.startswith("#")]
     assert len(commands) == 2, commands
-    assert "scripts/train.py" in commands[0]  # becomes run_async.py with the Ray trainer
+    assert "scripts/run_async.py --parts 3" in commands[0]
     ci = (ROOT / ".ci" / "run").read_text()
     assert commands[1].strip() in ci
 

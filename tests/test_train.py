@@ -136,13 +136,42 @@ def test_nonfinite_weights_are_rolled_back():
     assert trainer.step(x).event is None  # and training continues
 
 
-def test_loss_jump_rolls_back_and_backs_off():
+def test_loss_jump_from_own_update_rolls_back_and_backs_off():
     trainer, x = _trainer(rollback_factor=5.0)
     for _ in range(25):
         trainer.step(x + 0.001 * torch.randn_like(x))
-    res = trainer.step(x * 50)  # a batch far outside what it has seen: a huge jump
+    good = {k: v.clone() for k, v in trainer.part.state_dict().items()}
+    trainer.step(x)  # its pre-update weights are snapshotted (snapshot_every=1)
+    with torch.no_grad():  # a bad (finite) update: the weights themselves got worse
+        trainer.part.prior.mean.add_(5.0)  # a finite but much worse prior
+    res = trainer.step(x + 0.001 * torch.randn_like(x))
     assert res.event is not None and res.event.startswith("loss jumped")
     assert trainer.events[-1].new_lr == pytest.approx(5e-4)
+    restored = trainer.part.state_dict()
+    # back to the snapshot taken before the last update (validated by that step's batch)
+    assert all(torch.equal(restored[k], good[k]) for k in good)
+    assert torch.isfinite(res.output).all()
+
+
+def test_input_drift_is_not_blamed_on_the_part():
+    # the loss jumps because the input moved (as when upstream parts change),
+    # while the weights do as well as before on the previous batch: no rollback
+    trainer, x = _trainer(rollback_factor=5.0)
+    for _ in range(25):
+        trainer.step(x + 0.001 * torch.randn_like(x))
+    res = trainer.step(x * 50)
+    assert res.event is None and trainer.rollbacks == 0
+
+
+def test_validate_catches_a_bad_last_update():
+    trainer, x = _trainer(rollback_factor=5.0)
+    for _ in range(25):
+        trainer.step(x)
+    with torch.no_grad():
+        trainer.part.layers["3"].net.out.weight.fill_(float("nan"))
+    assert trainer.validate().startswith("last update raised its own batch's loss")
+    assert trainer.rollbacks == 1
+    assert trainer.validate() is None  # nothing left to check after the rollback
 
 
 def test_repeated_divergence_gives_up_with_clear_error():

@@ -1,0 +1,304 @@
+"""The asynchronous part trainer on Ray: one actor per part, object-store latent queues.
+
+A thin layer over ``raylocal.pipeline``: ``PartActor`` wraps a ``PartWorker``
+and runs ``run_part`` with a ``LatentQueue`` on each side. Latents go into the
+object store (``ray.put``); the bounded queue (one small Ray actor) carries only
+packets of references, and its bound is the backpressure: a producer blocks
+when its consumer is ``queue_size`` packets behind.
+
+The driver places the K actors in one placement group (PACK, or STRICT_SPREAD
+with ``--placement spread``), starts them all, shows per-part progress, then
+gathers the weights, assembles the Glow and hands it to the single-process
+machinery for the optional fine-tune phase, evaluation and the summary.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import asdict
+from typing import Any
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.queue import Queue
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from raylocal.config import RunConfig
+from raylocal.data import ImageData
+from raylocal.errors import ClusterError
+from raylocal.pipeline import PartWorker, check_links, run_part, tensor_bytes
+from raylocal.runlog import Progress, resolve_run_dir
+from raylocal.schedules import SingleProcessRun, part_spec_for
+from raylocal.train import build_glow
+
+
+class LatentQueue:
+    """A bounded FIFO of packets between two parts, held by one small Ray actor.
+
+    Only packets of object references pass through the queue actor; the
+    latents themselves stay in the object store.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._queue = Queue(maxsize=maxsize, actor_options={"num_cpus": 0})
+
+    @property
+    def actor(self) -> Any:
+        return self._queue.actor
+
+    def put(self, packet: dict[str, Any]) -> None:
+        self._queue.put(packet)
+
+    def get(self) -> dict[str, Any]:
+        return self._queue.get()
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
+
+    def shutdown(self) -> None:
+        self._queue.shutdown(force=True)
+
+
+@ray.remote(max_concurrency=2)  # a second thread answers weights()/progress() during run()
+class PartActor:
+    """A thin shell around ``PartWorker`` (all logic lives there)."""
+
+    def __init__(
+        self,
+        config_json: str,
+        bounds: list[tuple[int, int]],
+        index: int,
+        image_shape: tuple[int, int, int],
+        train_images: torch.Tensor,
+        threads: int,
+        device: str,
+    ) -> None:
+        torch.set_num_threads(threads)
+        config = RunConfig.model_validate_json(config_json)
+        self.worker = PartWorker(config, bounds, index, image_shape, train_images, device)
+        self.lock = threading.Lock()
+        self.threads = threads
+
+    def run(self, inbox: LatentQueue | None, outbox: LatentQueue | None, n_steps: int) -> dict[str, Any]:
+        # run() executes on one of the actor's threads; OpenMP's thread count is per thread
+        torch.set_num_threads(self.threads)
+        stats = run_part(self.worker, inbox, outbox, ray.put, ray.get, n_steps, lock=self.lock)
+        return asdict(stats)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        with self.lock:
+            return self.worker.weights()
+
+    def progress(self) -> dict[str, Any]:
+        st = self.worker.stats
+        recent = st.losses[-20:]
+        return {
+            "steps": st.steps,
+            "loss": sum(recent) / len(recent) if recent else float("nan"),
+            "rollbacks": self.worker.trainer.rollbacks,
+            "stale_steps": st.stale_steps,
+        }
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "threads": torch.get_num_threads(),
+            "device": str(self.worker.device),
+            "gpu_ids": ray.get_gpu_ids(),
+        }
+
+
+def connect(config: RunConfig) -> None:
+    """Join ``--address`` (or RAY_ADDRESS), else start an embedded local Ray."""
+    if ray.is_initialized():
+        return
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=True)
+    except Exception as e:  # Ray raises many types here, some of them bare Exception
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = f"reach Ray at {address!r}" if address else "start a local Ray instance"
+        raise ClusterError(f"cannot {where}: {first[:160]}") from None
+
+
+def part_resources(config: RunConfig, n_parts: int) -> tuple[float, float, int]:
+    """(CPUs, GPUs, torch threads) per part actor."""
+    total = ray.cluster_resources()
+    gpus = config.gpus_per_part
+    if gpus is None:
+        gpus = 1.0 if total.get("GPU", 0) >= n_parts and config.device != "cpu" else 0.0
+    cpus = config.cpus_per_part
+    if cpus is None:
+        cpus = max(min(total.get("CPU", 1) / n_parts, 4.0), 0.01)
+    threads = config.threads or max(1, int(cpus))
+    return cpus, gpus, threads
+
+
+def place_parts(
+    config: RunConfig, n_parts: int, cpus: float, gpus: float
+) -> tuple[PlacementGroup, int, bool]:
+    """The placement group for the parts and the bundle index of part 1.
+
+    Inside a Ray Tune trial the trial's own group is used (bundle 0 is the
+    trial's driver, bundles 1..K are its parts), so trials never starve each
+    other; otherwise a new group is created (and removed at the end).
+    """
+    current = ray.util.get_current_placement_group()
+    if current is not None and len(current.bundle_specs) > n_parts:
+        return current, len(current.bundle_specs) - n_parts, False
+    bundle = {"CPU": cpus}
+    if gpus:
+        bundle["GPU"] = gpus
+    strategy = "STRICT_SPREAD" if config.placement == "spread" else "PACK"
+    pg = placement_group([dict(bundle)] * n_parts, strategy=strategy)
+    ready, _ = ray.wait([pg.ready()], timeout=float(os.environ.get("RAYLOCAL_PLACEMENT_TIMEOUT", 60)))
+    if not ready:
+        remove_placement_group(pg)
+        nodes = len([n for n in ray.nodes() if n["Alive"]])
+        raise ClusterError(
+            f"cannot place {n_parts} parts of {bundle} with strategy {strategy} on this cluster "
+            f"({nodes} node(s), {ray.cluster_resources()}); lower --cpus-per-part or use --placement pack"
+        )
+    return pg, 0, True
+
+
+def _progress_line(progress: list[dict[str, Any]], n_steps: int) -> str:
+    parts = [
+        f"part {k + 1}: {p['steps']}/{n_steps} bpd {p['loss']:.3f}"
+        + (f" rb {p['rollbacks']}" if p["rollbacks"] else "")
+        + (f" stale {p['stale_steps']}" if p["stale_steps"] else "")
+        for k, p in enumerate(progress)
+    ]
+    return " | ".join(parts)
+
+
+def run_async_phase(
+    config: RunConfig, data: ImageData, bounds: list[tuple[int, int]], progress: Progress
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, Any]], float]:
+    """Train all parts at once on Ray; returns (assembled state dict, per-part
+    stats, per-part actor info, wall time)."""
+    connect(config)
+    n_parts = len(bounds)
+    check_links(config.link, n_parts)
+    cpus, gpus, threads = part_resources(config, n_parts)
+    pg, first_bundle, own_pg = place_parts(config, n_parts, cpus, gpus)
+    train_ref = ray.put(data.train)
+    queues = [LatentQueue(config.queue_size) for _ in range(n_parts - 1)]
+    actors = [
+        PartActor.options(
+            num_cpus=cpus,
+            num_gpus=gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=first_bundle + k
+            ),
+        ).remote(
+            config.model_dump_json(), bounds, k, data.shape, train_ref, threads, "cuda" if gpus else "cpu"
+        )
+        for k in range(n_parts)
+    ]
+    n_steps = config.epochs * (len(data.train) // config.batch_size)
+    try:
+        infos = ray.get([a.info.remote() for a in actors])
+        start = time.perf_counter()
+        runs = [
+            a.run.remote(queues[k - 1] if k > 0 else None, queues[k] if k < n_parts - 1 else None, n_steps)
+            for k, a in enumerate(actors)
+        ]
+        pending = list(runs)
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            if pending:
+                progress.update(_progress_line(ray.get([a.progress.remote() for a in actors]), n_steps))
+        stats = ray.get(runs)
+        wall = time.perf_counter() - start
+        progress.update(_progress_line(ray.get([a.progress.remote() for a in actors]), n_steps), force=True)
+        state: dict[str, torch.Tensor] = {}
+        for w in ray.get([a.weights.remote() for a in actors]):
+            state.update(w)
+    finally:
+        for a in actors:
+            ray.kill(a)
+        for q in queues:
+            q.shutdown()
+        if own_pg:
+            remove_placement_group(pg)
+    return state, stats, infos, wall
+
+
+def pipeline_report(
+    config: RunConfig,
+    stats: list[dict[str, Any]],
+    infos: list[dict[str, Any]],
+    wall: float,
+    glow: Any,
+    bounds,
+) -> dict[str, Any]:
+    """Communication and throughput figures of the async phase."""
+    n = len(stats)
+    bs = config.batch_size
+    staleness = [s for st in stats for s in st["staleness"]]
+    params = sum(p.numel() * p.element_size() for p in glow.parameters())
+    steps = stats[-1]["steps"]
+    forward = [st["bytes_forward"] for st in stats[:-1]]
+    return {
+        "part_images_per_s": [
+            st["steps"] * bs / max(st["end_time"] - st["start_time"], 1e-9) for st in stats
+        ],
+        "images_per_s_pipeline": steps * bs / max(wall, 1e-9),
+        "bytes_forward": forward,
+        "bytes_backward": sum(st["bytes_backward"] for st in stats),
+        "bytes_weight_sync": sum(st["bytes_weights"] for st in stats),
+        # what a model-parallel end-to-end pipeline would send: activations
+        # forward and gradients of the same size back, at every boundary
+        "e2e_pipeline_bytes": [2 * f for f in forward],
+        # data-parallel e2e: every worker all-reduces every gradient each step
+        "ddp_bytes_per_step": params * 2 * (n - 1) / n if n > 1 else 0,
+        "staleness": [
+            float(sum(staleness) / len(staleness)) if staleness else 0.0,
+            max(staleness) if staleness else 0,
+        ],
+        "stale_steps": [st["stale_steps"] for st in stats],
+        "queue_overhead": [(st["wait_s"] + st["put_s"]) / max(st["compute_s"], 1e-9) for st in stats],
+        "wait_s": [st["wait_s"] for st in stats],
+        "compute_s": [st["compute_s"] for st in stats],
+        "actor_pids": [i["pid"] for i in infos],
+        "actor_nodes": [i["node_id"] for i in infos],
+        "actor_devices": [i["device"] for i in infos],
+        "async_wall_time": wall,
+    }
+
+
+def run_async(config: RunConfig, data: ImageData) -> dict[str, Any]:
+    """The ``async`` schedule: parts on Ray, then fine-tune/evaluate in this process."""
+    run_dir = resolve_run_dir(config)
+    probe = build_glow(config, data.shape)
+    spec = part_spec_for(config, probe, data.train)
+    bounds = list(spec.bounds)
+    progress = Progress(config.progress)
+    progress.update(
+        f"async: {len(bounds)} parts {spec.canonical(probe)}, "
+        f"{config.epochs} epoch(s), queue bound {config.queue_size}, link {config.link}",
+        force=True,
+    )
+    state, stats, infos, wall = run_async_phase(config, data, bounds, progress)
+    report = pipeline_report(config, stats, infos, wall, probe, bounds)
+    finisher = SingleProcessRun(config, data, run_dir, spec)
+    finisher.adopt(state, wall, [st["compute_s"] for st in stats], stats)
+    summary = finisher.run()
+    summary.update(report)
+    summary["rollbacks"] = [st["rollbacks"] for st in stats] + summary["rollbacks"][len(stats) :]
+    from raylocal.runlog import write_json
+
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+__all__ = ["LatentQueue", "PartActor", "run_async", "tensor_bytes"]

@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Throughput of the async part trainer against end-to-end baselines, side by side.
+
+    python scripts/bench_async.py                  # 2 parts, CPU threads as issue 4 asks
+    python scripts/bench_async.py --gpu            # one actor per GPU when GPUs are present
+
+Measures on MNIST (1x28x28, L=2, K=8, width 64, batch 64):
+  - one end-to-end process with 1 thread, and with 2 threads (images/s, optimizer included)
+  - K part actors of 1 thread each (or 1 GPU each): images/s through the whole model
+  - the latent queue's own overhead per step (put + get of one latent, no contention)
+    against a part's mean step time
+  - end-to-end DDP on K Ray Train workers: images/s and bytes all-reduced per step,
+    against the bytes parts send forward per step
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import torch  # noqa: E402
+
+from raylocal.config import RunConfig  # noqa: E402
+from raylocal.data import load_dataset  # noqa: E402
+from raylocal.objectives import preprocess  # noqa: E402
+from raylocal.pipeline import tensor_bytes  # noqa: E402
+from raylocal.runlog import Progress  # noqa: E402
+from raylocal.schedules import part_spec_for  # noqa: E402
+from raylocal.train import PartTrainer, build_glow, initialize, resolve_device  # noqa: E402
+
+
+def e2e_throughput(config: RunConfig, images: torch.Tensor, threads: int, seconds: float) -> float:
+    torch.set_num_threads(threads)
+    device = resolve_device(config.device)
+    glow = build_glow(config, tuple(images.shape[1:])).to(device)
+    noise = torch.Generator().manual_seed(1)
+    initialize([glow.whole()], preprocess(images[:512].to(device), 8, noise))
+    trainer = PartTrainer(glow.whole(), 1e-3, config)
+    batches = [preprocess(images[i * 64 : (i + 1) * 64].to(device), 8, noise) for i in range(20)]
+    for b in batches[:3]:
+        trainer.step(b)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or n < 5:
+        trainer.step(batches[n % len(batches)])
+        n += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return n * 64 / (time.perf_counter() - start)
+
+
+def queue_overhead(latent: torch.Tensor, n: int = 200) -> float:
+    """Seconds per step of ray.put + queue put + queue get + ray.get, uncontended."""
+    import ray
+
+    from raylocal.ray_trainer import LatentQueue
+
+    q = LatentQueue(4)
+    start = time.perf_counter()
+    for i in range(n):
+        q.put({"kind": "data", "step": i, "latent": ray.put(latent), "weights": None})
+        ray.get(q.get()["latent"])
+    per_step = (time.perf_counter() - start) / n
+    q.shutdown()
+    return per_step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=30.0, help="timing window of the e2e baselines")
+    p.add_argument("--train-subset", type=int, default=6400, help="images the async run trains on")
+    p.add_argument("--gpu", action="store_true", help="one actor (and DDP worker) per GPU")
+    p.add_argument("--skip-ddp", action="store_true")
+    args = p.parse_args()
+
+    import ray
+
+    from raylocal.ddp import train_ddp
+    from raylocal.ray_trainer import connect, pipeline_report, run_async_phase
+
+    k = args.parts
+    device = "cuda" if args.gpu else "cpu"
+    base = dict(
+        n_levels=2, depth=8, hidden=64, batch_size=64, schedule="async", parts=k,
+        split="across-blocks", balance="measure", epochs=1, warmup_steps=50, device=device,
+        train_subset=args.train_subset, progress=True, queue_size=4,
+    )  # fmt: skip
+    cpu_config = RunConfig(**base, threads=1, cpus_per_part=1.0, gpus_per_part=1.0 if args.gpu else 0.0)
+    data = load_dataset("mnist").subset(args.train_subset, 1000)
+    name = torch.cuda.get_device_name() if args.gpu else f"CPU ({os.cpu_count()} cores)"
+    print(f"# bench_async on {name}, torch {torch.__version__}, ray {ray.__version__}")
+
+    e2e1 = e2e_throughput(cpu_config, data.train, 1, args.seconds)
+    print(f"e2e, 1 process, 1 thread:  {e2e1:.0f} images/s", flush=True)
+    e2e2 = e2e_throughput(cpu_config, data.train, 2, args.seconds)
+    print(f"e2e, 1 process, 2 threads: {e2e2:.0f} images/s", flush=True)
+
+    connect(cpu_config)
+    probe = build_glow(cpu_config, data.shape)
+    spec = part_spec_for(cpu_config, probe, data.train)
+    print(f"parts: {spec.canonical(probe)}", flush=True)
+    state, stats, infos, wall = run_async_phase(cpu_config, data, list(spec.bounds), Progress(True))
+    rep = pipeline_report(cpu_config, stats, infos, wall, probe, spec.bounds)
+    # steady state: images through the last part between its first and last step
+    last = stats[-1]
+    pipe = rep["images_per_s_pipeline"]
+    step_time = [st["compute_s"] / max(st["steps"], 1) for st in stats]
+    print(
+        f"async, {k} actors x 1 {'GPU' if args.gpu else 'thread'}: {pipe:.0f} images/s through the "
+        f"whole model ({last['steps']} steps in {wall:.1f}s incl. start-up); "
+        f"per part {', '.join(f'{v:.0f}' for v in rep['part_images_per_s'])} images/s"
+    )
+    print(f"  ratio to e2e 1 thread: {pipe / e2e1:.2f}x, to e2e 2 threads: {pipe / e2e2:.2f}x")
+    print(f"  part step time (s): {', '.join(f'{t:.4f}' for t in step_time)}")
+    print(f"  time waiting on upstream (s): {', '.join(f'{w:.1f}' for w in rep['wait_s'])}")
+    with torch.no_grad():
+        glow = build_glow(cpu_config, data.shape)
+        a, b = spec.bounds[0]
+        y, _ = glow.part(a, b)(preprocess(data.train[:64], 8))
+    overhead = queue_overhead(y)
+    print(
+        f"queue overhead: {overhead * 1e3:.2f} ms per step (latent {tensor_bytes(y) / 1e3:.0f} kB) = "
+        f"{100 * overhead / min(step_time):.1f}% of the fastest part's step"
+    )
+    fwd_per_step = tensor_bytes(y)
+    print(
+        f"bytes per step: parts send {fwd_per_step / 1e3:.0f} kB forward per boundary, 0 backward; "
+        f"DDP all-reduces {rep['ddp_bytes_per_step'] / 1e3:.0f} kB per worker "
+        f"({sum(p.numel() for p in probe.parameters())} parameters)"
+    )
+    if not args.skip_ddp:
+        with tempfile.TemporaryDirectory() as tmp:
+            _, history = train_ddp(cpu_config, data.train, k, 1, 1e-3, Path(tmp), cpus_per_worker=1.0)
+        ips = history[-1]["images_per_s"] if history else float("nan")
+        print(f"DDP e2e, {k} workers x 1 thread: {ips:.0f} images/s", flush=True)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
