@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from raylocal.checkpoint import load_checkpoint
-from raylocal.config import RunConfig, build_parser, config_from_args, validate_config
+from raylocal.config import RunConfig, build_parser, config_from_args, read_config_file, validate_config
 from raylocal.data import ImageData, load_dataset
 from raylocal.errors import ConfigError, RaylocalError
 from raylocal.runlog import CHECKPOINT, resolve_run_dir
@@ -31,7 +31,10 @@ RESUMABLE = {
 def resume_config(config: RunConfig, given: dict[str, Any]) -> RunConfig:
     """The checkpoint's configuration, updated with the resumable options given now."""
     run_dir = resolve_run_dir(config)
-    saved = RunConfig.model_validate_json(load_checkpoint(run_dir / CHECKPOINT)["config"])
+    if (run_dir / CHECKPOINT).is_file():
+        saved = RunConfig.model_validate_json(load_checkpoint(run_dir / CHECKPOINT)["config"])
+    else:  # an async run that stopped in its parts phase: only part checkpoints exist
+        saved = validate_config(read_config_file(run_dir / "config.json"), str(run_dir / "config.json"))
     values = saved.model_dump()
     for key in given:
         if key == "config":

@@ -96,6 +96,36 @@ class RunConfig(BaseModel):
     cpus_per_part: float | None = Field(None, gt=0, description="CPUs per part actor")
     gpus_per_part: float | None = Field(None, ge=0, description="GPUs per part actor (default 1 if any)")
     finetune_workers: int = Field(1, ge=1, description="DDP workers for the fine-tune phase")
+    max_restarts: int = Field(3, ge=0, description="times Ray restarts a dead part actor")
+    inject: str | None = Field(
+        None,
+        description="fault injection for reliability tests: ray-kill:PART@STEP, sigkill:PART@STEP, "
+        "nan:PART@STEP, slow:PART@SECONDS (comma-separated)",
+    )
+
+    @field_validator("link")
+    @classmethod
+    def _check_link(cls, v: str) -> str:
+        from raylocal.links import LinkModel
+
+        for boundary in range(len(v.split("|"))):
+            try:
+                LinkModel.parse(v, boundary)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("inject")
+    @classmethod
+    def _check_inject(cls, v: str | None) -> str | None:
+        from raylocal.faults import parse_faults
+
+        if v is not None:
+            try:
+                parse_faults(v)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return v
 
     @field_validator("lr", mode="before")
     @classmethod

@@ -19,12 +19,14 @@ with its last synced (stale) copy of the upstream weights.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
-import random
-import re
+import queue
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -32,7 +34,8 @@ from torch import Tensor
 
 from raylocal.config import RunConfig
 from raylocal.data import BatchStream
-from raylocal.errors import ConfigError
+from raylocal.errors import CheckpointError
+from raylocal.links import LinkModel
 from raylocal.objectives import preprocess
 from raylocal.train import PartTrainer, build_glow
 
@@ -43,63 +46,6 @@ def tensor_bytes(obj: Any) -> int:
     if isinstance(obj, dict):
         return sum(tensor_bytes(v) for v in obj.values())
     return 0
-
-
-@dataclass(frozen=True)
-class LinkModel:
-    """When the link from part k to part k+1 is up, as a function of the sender's step.
-
-    Spec (one per boundary, separated by ``|``; a single spec applies to all):
-      ``up``                      always up
-      ``p=0.9``                   up with probability 0.9 at each step (seeded)
-      ``outage=100:20,300:50``    down for steps 100-119 and 300-349
-    """
-
-    kind: str = "up"
-    p: float = 1.0
-    outages: tuple[tuple[int, int], ...] = ()
-    seed: int = 0
-
-    @classmethod
-    def parse(cls, text: str, boundary: int = 0, seed: int = 0) -> LinkModel:
-        specs = [s.strip() for s in text.split("|")]
-        spec = specs[0] if len(specs) == 1 else (specs[boundary] if boundary < len(specs) else None)
-        if spec is None:
-            raise ConfigError(f"link {text!r} has {len(specs)} boundaries, boundary {boundary + 1} has none")
-        if spec == "up":
-            return cls()
-        m = re.fullmatch(r"p=([0-9.eE+-]+)", spec)
-        if m:
-            try:
-                p = float(m.group(1))
-            except ValueError:
-                p = -1.0
-            if not 0 < p <= 1:
-                raise ConfigError(f"link {spec!r}: p must be in (0, 1]")
-            return cls("random", p=p, seed=seed * 1_000_003 + boundary)
-        m = re.fullmatch(r"outage=((?:\d+:\d+)(?:,\d+:\d+)*)", spec)
-        if m:
-            outages = tuple(tuple(int(v) for v in o.split(":")) for o in m.group(1).split(","))
-            if any(length <= 0 or start <= 0 for start, length in outages):
-                raise ConfigError(f"link {spec!r}: outages need a start >= 1 and a length >= 1")
-            return cls("outage", outages=outages)  # type: ignore[arg-type]
-        raise ConfigError(f"link {spec!r} is not 'up', 'p=<probability>' or 'outage=START:LEN,...'")
-
-    def is_up(self, step: int) -> bool:
-        if self.kind == "random":
-            return random.Random(self.seed * 7_919 + step).random() < self.p
-        if self.kind == "outage":
-            return not any(start <= step < start + length for start, length in self.outages)
-        return True
-
-
-def check_links(text: str, n_parts: int) -> None:
-    for b in range(max(n_parts - 1, 1)):
-        LinkModel.parse(text, b)
-    if "|" in text and len(text.split("|")) != n_parts - 1:
-        raise ConfigError(
-            f"link {text!r} names {len(text.split('|'))} boundaries, {n_parts} parts have {n_parts - 1}"
-        )
 
 
 @dataclass
@@ -117,7 +63,11 @@ class WorkerStats:
     staleness: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     rollbacks: int = 0
+    restarts: int = 0  # times this part's process died and was restored from its checkpoint
+    resumed_at: int = -1  # step this part continued from after a driver restart (--resume)
+    lost_packets: int = 0  # latents that died with a crashed upstream part (trained on stale instead)
     start_time: float = 0.0
+    first_step_time: float = 0.0  # end of the first step: steady state starts here
     end_time: float = 0.0
 
 
@@ -157,6 +107,10 @@ class PartWorker:
         self.versions: dict[int, int] = {}  # upstream part -> version of our copy of it
         self.weight_refs: dict[int, list[Any]] = {}  # upstream part -> [version, ref] to forward
         self.stats = WorkerStats()
+        self.initialized = False  # ActNorm data init done (skipped when restored)
+        self.step = 0
+        self.last_sync: float = -math.inf  # step of the last weights sent downstream
+        self.down_since_sync = False
 
     # ------------------------------------------------------------ data
 
@@ -171,6 +125,7 @@ class PartWorker:
     def initialize(self, x: Tensor) -> Tensor:
         """ActNorm data init of this part on its real input; returns the output."""
         y, _ = self.part(x)
+        self.initialized = True
         return y
 
     @torch.no_grad()
@@ -190,6 +145,120 @@ class PartWorker:
         self.upstream[j].load_state_dict(state)
         self.versions[j] = version
 
+    # ------------------------------------------------------------ checkpoints
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything needed to continue this part after its process died
+        (tensors and plain values only, for weights_only loading)."""
+        stats = asdict(self.stats)
+        return {
+            "format": 1,
+            "index": self.index,
+            "model": {k: v.detach().cpu() for k, v in self.glow.state_dict().items()},
+            "trainer": self.trainer.state_dict(),
+            "stream": self.stream.state(),
+            "noise": self.noise.get_state(),
+            "step": self.step,
+            "last_sync": self.last_sync if math.isfinite(self.last_sync) else -1,
+            "down_since_sync": self.down_since_sync,
+            "versions": {str(j): v for j, v in self.versions.items()},
+            "stats": json.dumps(stats),
+        }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        if int(state["index"]) != self.index:
+            found = int(state["index"]) + 1
+            raise CheckpointError(f"part checkpoint is for part {found}, not {self.index + 1}")
+        self.glow.load_state_dict(state["model"])
+        self.trainer.load_state_dict(state["trainer"])
+        self.stream.restore(state["stream"])
+        self.noise.set_state(state["noise"])
+        self.step = int(state["step"])
+        self.last_sync = float(state["last_sync"])
+        self.down_since_sync = bool(state["down_since_sync"])
+        self.versions = {int(j): int(v) for j, v in state["versions"].items()}
+        self.stats = WorkerStats(**json.loads(state["stats"]))
+        self.initialized = True
+
+
+class _Background:
+    """A daemon thread that forwards items between two blocking endpoints, in
+    order, through a local buffer of one; errors surface on the caller's side."""
+
+    def __init__(self, pull: Callable[[], Any], push: Callable[[Any], None], name: str) -> None:
+        self._pull, self._push = pull, push
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                item = self._pull()
+                self._push(item)
+                if item.get("kind") == "end":
+                    return
+        except BaseException as e:  # handed to the training thread
+            self.error = e
+            self._push({"kind": "error"})
+
+    def join(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+class PrefetchingInbox:
+    """Takes the next packet from the queue, and fetches its latent, on a
+    background thread while the part trains on the current one: communication
+    overlaps compute, and packets keep their order."""
+
+    def __init__(self, inbox: Any, store_get: Callable[[Any], Any]) -> None:
+        self._ready: queue.Queue = queue.Queue(maxsize=1)
+
+        def pull() -> dict[str, Any]:
+            packet = dict(inbox.get())
+            if packet.get("latent") is not None:
+                packet["latent"] = store_get(packet["latent"])
+                packet["resolved"] = True
+                packet["lost"] = packet["latent"] is None
+            return packet
+
+        self._worker = _Background(pull, self._ready.put, "raylocal-inbox")
+
+    def get(self) -> dict[str, Any]:
+        packet = self._ready.get()
+        if packet["kind"] == "error":
+            self._worker.join()
+        return packet
+
+
+class BackgroundOutbox:
+    """Puts packets into the queue on a background thread. ``put`` returns at
+    once unless the previous packet is still waiting for room in the queue,
+    so the queue's bound still throttles the producer."""
+
+    def __init__(self, outbox: Any) -> None:
+        self._pending: queue.Queue = queue.Queue(maxsize=1)
+        self._worker = _Background(self._pending.get, self._send(outbox), "raylocal-outbox")
+
+    @staticmethod
+    def _send(outbox: Any) -> Callable[[Any], None]:
+        def push(packet: dict[str, Any]) -> None:
+            if packet.get("kind") != "error":
+                outbox.put(packet)
+
+        return push
+
+    def put(self, packet: dict[str, Any]) -> None:
+        if self._worker.error is not None:
+            self._worker.join()
+        self._pending.put(packet)
+
+    def close(self) -> None:
+        """Wait until every packet (the end packet last) is in the queue."""
+        self._worker.join()
+
 
 def run_part(
     worker: PartWorker,
@@ -200,19 +269,25 @@ def run_part(
     n_steps: int,
     on_step: Callable[[PartWorker], None] | None = None,
     lock: Any = None,
+    overlap: bool = True,
 ) -> WorkerStats:
     """A part's whole life in the pipeline (see the module doc).
 
     The first part trains ``n_steps`` steps on its data; every other part
     trains one step per data packet until the end packet. ``lock`` (optional)
     is held during each step so that another thread can read consistent weights.
+    With ``overlap`` the queues are served by background threads, so that
+    sending and receiving overlap the training steps.
     """
+    if overlap and inbox is not None:
+        inbox = PrefetchingInbox(inbox, store_get)
+    if overlap and outbox is not None:
+        outbox = BackgroundOutbox(outbox)
     st = worker.stats
-    st.start_time = time.time()
+    st.start_time = st.start_time or time.time()
     k = worker.index
     sync_every = worker.config.sync_every
-    last_sync = -math.inf
-    down_since_sync = False
+    guard = lock if lock is not None else contextlib.nullcontext()
 
     def receive() -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -225,9 +300,14 @@ def run_part(
             j = int(j)
             if worker.versions.get(j, -1) < version:
                 t0 = time.perf_counter()
-                worker.load_upstream(j, version, store_get(ref))
+                state = store_get(ref)
                 st.wait_s += time.perf_counter() - t0
-                worker.weight_refs[j] = [version, ref]
+                if state is not None:  # None: lost with a crashed sender; the next sync will do
+                    worker.load_upstream(j, version, state)
+                    worker.weight_refs[j] = [version, ref]
+
+    def latent_of(packet: dict[str, Any]) -> Tensor:
+        return packet["latent"] if packet.get("resolved") else store_get(packet["latent"])
 
     def send(packet: dict[str, Any]) -> None:
         t0 = time.perf_counter()
@@ -241,25 +321,28 @@ def run_part(
         refs[k] = [version, store_put(state)]
         return refs
 
-    # -- initialisation: ActNorms see the real output of the part before them
-    if k == 0:
-        x = worker.init_batch()
-    else:
-        packet = receive()
-        assert packet["kind"] == "init", packet["kind"]
-        apply_weights(packet)
-        x = store_get(packet["latent"])
-    y = worker.initialize(x)
-    if outbox is not None:
-        st.bytes_forward += tensor_bytes(y)
-        send({"kind": "init", "latent": store_put(y), "weights": own_weights(0)})
-        last_sync = 0
+    # -- initialisation: ActNorms see the real output of the part before them.
+    # A worker restored from a checkpoint skips it: its neighbours already did.
+    if not worker.initialized:
+        if k == 0:
+            x = worker.init_batch()
+        else:
+            packet = receive()
+            assert packet["kind"] == "init", packet["kind"]
+            apply_weights(packet)
+            x = latent_of(packet)
+        y = worker.initialize(x)
+        if outbox is not None:
+            st.bytes_forward += tensor_bytes(y)
+            send({"kind": "init", "latent": store_put(y), "weights": own_weights(0)})
+            worker.last_sync = 0
+        if on_step is not None:
+            on_step(worker)  # step 0: e.g. a checkpoint, so that a restart never redoes the init
 
     # -- training: one step per batch (part 1) or per packet (the others)
-    step = 0
     while True:
         if k == 0:
-            if step >= n_steps:
+            if worker.step >= n_steps:
                 break
             t0 = time.perf_counter()
             x = worker.data_batch()
@@ -269,24 +352,27 @@ def run_part(
             if packet["kind"] == "end":
                 break
             apply_weights(packet)
+            x = None
             if packet["latent"] is not None:
                 t0 = time.perf_counter()
-                x = store_get(packet["latent"])
+                x = latent_of(packet)
                 st.wait_s += time.perf_counter() - t0
-            else:
+                if x is None:  # the latent died with a crashed sender
+                    st.lost_packets += 1
+            if x is None:
                 t0 = time.perf_counter()
                 x = worker.stale_input()
                 st.compute_s += time.perf_counter() - t0
                 st.stale_steps += 1
                 st.staleness.append(packet["step"] - worker.versions.get(k - 1, 0))
         t0 = time.perf_counter()
-        if lock is not None:
-            with lock:
-                result = worker.trainer.step(x)
-        else:
+        with guard:
             result = worker.trainer.step(x)
         st.compute_s += time.perf_counter() - t0
-        step += 1
+        if worker.step == 0:
+            st.first_step_time = time.time()
+        worker.step += 1
+        step = worker.step
         st.steps = step
         st.losses.append(result.loss)
         st.rollbacks = worker.trainer.rollbacks
@@ -296,21 +382,20 @@ def run_part(
             if up:
                 st.bytes_forward += tensor_bytes(result.output)
                 packet["latent"] = store_put(result.output)
-                if down_since_sync or step - last_sync >= sync_every:
+                if worker.down_since_sync or step - worker.last_sync >= sync_every:
                     packet["weights"] = own_weights(step)
-                    last_sync, down_since_sync = step, False
+                    worker.last_sync, worker.down_since_sync = step, False
             else:
-                down_since_sync = True
+                worker.down_since_sync = True
             send(packet)
         if on_step is not None:
             on_step(worker)
-    if lock is not None:
-        with lock:
-            worker.trainer.validate()
-    else:
+    with guard:
         worker.trainer.validate()
     st.rollbacks = worker.trainer.rollbacks
     if outbox is not None:
-        send({"kind": "end", "step": step})
+        send({"kind": "end", "step": worker.step})
+        if isinstance(outbox, BackgroundOutbox):
+            outbox.close()
     st.end_time = time.time()
     return st

@@ -14,10 +14,13 @@ machinery for the optional fine-tune phase, evaluation and the summary.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import threading
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -26,11 +29,14 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.queue import Queue
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from raylocal.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.config import RunConfig
 from raylocal.data import ImageData
-from raylocal.errors import ClusterError
-from raylocal.pipeline import PartWorker, check_links, run_part, tensor_bytes
-from raylocal.runlog import Progress, resolve_run_dir
+from raylocal.errors import CheckpointError, ClusterError
+from raylocal.faults import apply_worker_faults, parse_faults
+from raylocal.links import check_links
+from raylocal.pipeline import PartWorker, run_part, tensor_bytes
+from raylocal.runlog import Progress, resolve_run_dir, write_json
 from raylocal.schedules import SingleProcessRun, part_spec_for
 from raylocal.train import build_glow
 
@@ -63,6 +69,20 @@ class LatentQueue:
         self._queue.shutdown(force=True)
 
 
+def get_or_none(ref: Any) -> Any:
+    """ray.get, or None when the object died with the process that made it (an
+    upstream part that crashed after sending): the receiver then treats the
+    packet as a dropped one and trains on its own stale latents."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.ObjectLostError:
+        return None
+
+
+def part_checkpoint_path(run_dir: Path, index: int) -> Path:
+    return run_dir / "parts" / f"part{index + 1}.pt"
+
+
 @ray.remote(max_concurrency=2)  # a second thread answers weights()/progress() during run()
 class PartActor:
     """A thin shell around ``PartWorker`` (all logic lives there)."""
@@ -76,17 +96,46 @@ class PartActor:
         train_images: torch.Tensor,
         threads: int,
         device: str,
+        run_dir: str,
     ) -> None:
         torch.set_num_threads(threads)
         config = RunConfig.model_validate_json(config_json)
         self.worker = PartWorker(config, bounds, index, image_shape, train_images, device)
         self.lock = threading.Lock()
         self.threads = threads
+        self.faults = parse_faults(config.inject or "")
+        self.checkpoint_path = part_checkpoint_path(Path(run_dir), index)
+        self.checkpoint_every = config.checkpoint_every or len(self.worker.stream)
+        # Ray reruns __init__ when it restarts this actor: continue from the last
+        # checkpoint (also when the driver itself was restarted with --resume).
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if (restarted or config.resume) and self.checkpoint_path.is_file():
+            self.worker.restore_state(load_checkpoint(self.checkpoint_path))
+            if config.resume and not restarted:
+                self.worker.stats.resumed_at = self.worker.step
+        if restarted:
+            self.worker.stats.restarts += 1
+        self.first_life = not restarted
+
+    def _after_step(self, worker: PartWorker) -> None:
+        if worker.step % self.checkpoint_every == 0:
+            with self.lock:
+                save_checkpoint(self.checkpoint_path, worker.checkpoint_state())
+        apply_worker_faults(self.faults, worker, self.first_life)
 
     def run(self, inbox: LatentQueue | None, outbox: LatentQueue | None, n_steps: int) -> dict[str, Any]:
         # run() executes on one of the actor's threads; OpenMP's thread count is per thread
         torch.set_num_threads(self.threads)
-        stats = run_part(self.worker, inbox, outbox, ray.put, ray.get, n_steps, lock=self.lock)
+        stats = run_part(
+            self.worker,
+            inbox,
+            outbox,
+            ray.put,
+            get_or_none,
+            n_steps,
+            on_step=self._after_step,
+            lock=self.lock,
+        )
         return asdict(stats)
 
     def weights(self) -> dict[str, torch.Tensor]:
@@ -98,6 +147,7 @@ class PartActor:
         recent = st.losses[-20:]
         return {
             "steps": st.steps,
+            "restarts": st.restarts,
             "loss": sum(recent) / len(recent) if recent else float("nan"),
             "rollbacks": self.worker.trainer.rollbacks,
             "stale_steps": st.stale_steps,
@@ -113,11 +163,25 @@ class PartActor:
         }
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a host:port nobody listens on (ray.init would retry for minutes)."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        raise ClusterError(f"cannot reach Ray at {address!r}: {e.strerror or e}") from None
+
+
 def connect(config: RunConfig) -> None:
     """Join ``--address`` (or RAY_ADDRESS), else start an embedded local Ray."""
     if ray.is_initialized():
         return
     address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
@@ -175,16 +239,30 @@ def _progress_line(progress: list[dict[str, Any]], n_steps: int) -> str:
         f"part {k + 1}: {p['steps']}/{n_steps} bpd {p['loss']:.3f}"
         + (f" rb {p['rollbacks']}" if p["rollbacks"] else "")
         + (f" stale {p['stale_steps']}" if p["stale_steps"] else "")
+        + (f" restarts {p['restarts']}" if p["restarts"] else "")
         for k, p in enumerate(progress)
     ]
     return " | ".join(parts)
 
 
+def _poll(actors: list[Any]) -> list[dict[str, Any]] | None:
+    """Every part's progress, or None while one of them is being restarted."""
+    try:
+        return ray.get([a.progress.remote() for a in actors], timeout=30)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return None
+
+
 def run_async_phase(
-    config: RunConfig, data: ImageData, bounds: list[tuple[int, int]], progress: Progress
+    config: RunConfig,
+    data: ImageData,
+    bounds: list[tuple[int, int]],
+    progress: Progress,
+    run_dir: Path,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, Any]], float]:
     """Train all parts at once on Ray; returns (assembled state dict, per-part
-    stats, per-part actor info, wall time)."""
+    stats, per-part actor info, wall time). Part checkpoints go to
+    ``run_dir/parts``; with ``config.resume`` the parts continue from them."""
     connect(config)
     n_parts = len(bounds)
     check_links(config.link, n_parts)
@@ -196,15 +274,25 @@ def run_async_phase(
         PartActor.options(
             num_cpus=cpus,
             num_gpus=gpus,
+            max_restarts=config.max_restarts,
+            max_task_retries=config.max_restarts,  # replay run() on the restarted actor
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=first_bundle + k
             ),
         ).remote(
-            config.model_dump_json(), bounds, k, data.shape, train_ref, threads, "cuda" if gpus else "cpu"
-        )
+            config.model_dump_json(),
+            bounds,
+            k,
+            data.shape,
+            train_ref,
+            threads,
+            "cuda" if gpus else "cpu",
+            str(run_dir),
+        )  # fmt: skip
         for k in range(n_parts)
     ]
     n_steps = config.epochs * (len(data.train) // config.batch_size)
+    driver_faults = [f for f in parse_faults(config.inject or "") if f.kind == "ray-kill"]
     try:
         infos = ray.get([a.info.remote() for a in actors])
         start = time.perf_counter()
@@ -214,12 +302,19 @@ def run_async_phase(
         ]
         pending = list(runs)
         while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
-            if pending:
-                progress.update(_progress_line(ray.get([a.progress.remote() for a in actors]), n_steps))
+            poll_s = 0.05 if driver_faults else 1.0
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
+            ray.get(ready)  # a part that failed for good fails the run now, not at the end
+            polled = _poll(actors) if pending else None
+            if polled:
+                progress.update(_progress_line(polled, n_steps))
+                for f in list(driver_faults):
+                    if polled[f.part]["steps"] >= f.at:
+                        ray.kill(actors[f.part], no_restart=False)  # Ray restarts it
+                        driver_faults.remove(f)
         stats = ray.get(runs)
         wall = time.perf_counter() - start
-        progress.update(_progress_line(ray.get([a.progress.remote() for a in actors]), n_steps), force=True)
+        progress.update(_progress_line(_poll(actors) or [], n_steps), force=True)
         state: dict[str, torch.Tensor] = {}
         for w in ray.get([a.weights.remote() for a in actors]):
             state.update(w)
@@ -273,30 +368,46 @@ def pipeline_report(
         "actor_nodes": [i["node_id"] for i in infos],
         "actor_devices": [i["device"] for i in infos],
         "async_wall_time": wall,
+        "restarts": [st["restarts"] for st in stats],
+        "resumed_at": [st["resumed_at"] for st in stats],
     }
 
 
 def run_async(config: RunConfig, data: ImageData) -> dict[str, Any]:
-    """The ``async`` schedule: parts on Ray, then fine-tune/evaluate in this process."""
+    """The ``async`` schedule: parts on Ray, then fine-tune/evaluate in this process.
+
+    With ``--resume``: if the parts phase had finished, the fine-tune phase
+    continues from the run's checkpoint; otherwise the parts continue from
+    their own checkpoints under ``run_dir/parts``.
+    """
     run_dir = resolve_run_dir(config)
     probe = build_glow(config, data.shape)
     spec = part_spec_for(config, probe, data.train)
+    report_path = run_dir / "pipeline.json"
+    if config.resume and report_path.is_file() and (run_dir / "checkpoint.pt").is_file():
+        summary = SingleProcessRun(config, data, run_dir, spec).run()
+        summary.update(json.loads(report_path.read_text()))
+        write_json(run_dir / "summary.json", summary)
+        return summary
     bounds = list(spec.bounds)
+    if config.resume and not all(part_checkpoint_path(run_dir, k).is_file() for k in range(len(bounds))):
+        raise CheckpointError(f"--resume: {run_dir / 'parts'} does not hold a checkpoint of every part")
+    if not config.resume:
+        write_json(run_dir / "config.json", config.model_dump())
     progress = Progress(config.progress)
     progress.update(
-        f"async: {len(bounds)} parts {spec.canonical(probe)}, "
-        f"{config.epochs} epoch(s), queue bound {config.queue_size}, link {config.link}",
+        f"async: {len(bounds)} parts {spec.canonical(probe)}, {config.epochs} epoch(s), "
+        f"queue bound {config.queue_size}, link {config.link}" + (", resuming" if config.resume else ""),
         force=True,
     )
-    state, stats, infos, wall = run_async_phase(config, data, bounds, progress)
+    state, stats, infos, wall = run_async_phase(config, data, bounds, progress, run_dir)
     report = pipeline_report(config, stats, infos, wall, probe, bounds)
-    finisher = SingleProcessRun(config, data, run_dir, spec)
+    write_json(report_path, report)
+    finisher = SingleProcessRun(config.model_copy(update={"resume": False}), data, run_dir, spec)
     finisher.adopt(state, wall, [st["compute_s"] for st in stats], stats)
     summary = finisher.run()
     summary.update(report)
     summary["rollbacks"] = [st["rollbacks"] for st in stats] + summary["rollbacks"][len(stats) :]
-    from raylocal.runlog import write_json
-
     write_json(run_dir / "summary.json", summary)
     return summary
 

@@ -33,20 +33,27 @@ def _storage_root(config: RunConfig) -> Path:
     return root
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """A run that can be resumed: a run checkpoint, or (async) part checkpoints."""
+    return (run_dir / CHECKPOINT).is_file() or any((run_dir / "parts").glob("part*.pt"))
+
+
 def resolve_run_dir(config: RunConfig) -> Path:
     """storage_path/run_name. With --resume and no --run-name: the newest run
     under storage_path that has a checkpoint."""
     root = _storage_root(config)
     if config.run_name:
         run_dir = root / config.run_name
-        if config.resume and not (run_dir / CHECKPOINT).is_file():
+        if config.resume and not has_checkpoint(run_dir):
             raise CheckpointError(f"--resume: no checkpoint at {run_dir / CHECKPOINT}")
         return run_dir
     if config.resume:
-        runs = sorted(root.glob(f"*/{CHECKPOINT}"), key=lambda p: p.stat().st_mtime)
+        runs = sorted(
+            (d for d in root.iterdir() if d.is_dir() and has_checkpoint(d)), key=lambda d: d.stat().st_mtime
+        )
         if not runs:
             raise CheckpointError(f"--resume: no run with a checkpoint under {root}")
-        return runs[-1].parent
+        return runs[-1]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = root / f"{config.schedule}-{config.parts}p-{stamp}"
     suffix = 1

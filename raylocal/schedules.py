@@ -94,7 +94,12 @@ def part_spec_for(config: RunConfig, glow: Glow, images: Tensor | None = None) -
         probe = copy.deepcopy(glow)
         x = images[: config.batch_size].to(next(glow.parameters()).device)
         x = preprocess(x, config.n_bits, torch.Generator().manual_seed(config.seed))
-        costs = measured_costs(probe, x)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(config.threads or threads)  # time layers as the parts will run them
+        try:
+            costs = measured_costs(probe, x)
+        finally:
+            torch.set_num_threads(threads)
     return resolve_part_spec(glow, config.parts, config.split, config.part_spec, costs)
 
 

@@ -12,8 +12,9 @@ from raylocal.config import RunConfig
 from raylocal.data import load_dataset
 from raylocal.errors import ConfigError
 from raylocal.glow import Glow
+from raylocal.links import LinkModel, check_links
 from raylocal.parts import parse_part_spec
-from raylocal.pipeline import LinkModel, PartWorker, check_links, run_part
+from raylocal.pipeline import PartWorker, run_part
 from raylocal.schedules import SingleProcessRun
 
 

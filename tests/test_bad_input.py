@@ -1,0 +1,166 @@
+"""Every kind of bad input is one line on stderr, exit status 2, and nothing half-written."""
+# ruff: noqa: E501  (one case per line reads best as a table)
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import synthetic_digits, tiny_options, write_idx_images
+from PIL import Image
+
+from raylocal.cli import main
+
+
+def _folder(root: Path, sizes=((6, 6), (6, 6)), bad: str | None = None) -> Path:
+    for split in ("train", "test"):
+        d = root / split / "a"
+        d.mkdir(parents=True)
+        for i, size in enumerate(sizes):
+            Image.fromarray(np.zeros((*size, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    if bad:
+        (root / "train" / "a" / bad).write_text("this is not an image")
+    return root
+
+
+def _empty_folder(root: Path) -> Path:
+    (root / "train" / "a").mkdir(parents=True)
+    (root / "test" / "a").mkdir(parents=True)
+    return root
+
+
+def _bad_magic(root: Path) -> Path:
+    root.mkdir()
+    write_idx_images(root / "train-images-idx3-ubyte.gz", synthetic_digits(4), magic=2049)
+    write_idx_images(root / "t10k-images-idx3-ubyte.gz", synthetic_digits(4))
+    return root
+
+
+def _config_file(tmp: Path, text: str) -> Path:
+    path = tmp / "cfg.json"
+    path.write_text(text)
+    return path
+
+
+# (id, extra options or a function of tmp_path giving them, expected fragment of the message)
+CASES = [
+    # part specs
+    ("spec-empty-part", {"schedule": "alternating", "part_spec": "1||2"}, "part 2 of '1||2' is empty"),
+    ("spec-overlap", {"schedule": "alternating", "part_spec": "1,2|2"}, "overlaps: layers"),
+    ("spec-gap", {"schedule": "alternating", "part_spec": "layers:0-3|5-14"}, "gap: layers 4-4"),
+    ("spec-out-of-range", {"schedule": "alternating", "part_spec": "1|2,3"}, "block 3 is out of range"),
+    ("spec-syntax", {"schedule": "alternating", "part_spec": "first|second"}, "'first' is not a block"),
+    ("more-parts-than-layers", {"schedule": "alternating", "parts": 100}, "100 parts but the model has only"),
+    (
+        "by-block-too-many",
+        {"schedule": "alternating", "parts": 3, "split": "by-block"},
+        "need at least 3 blocks",
+    ),
+    # config values
+    ("negative-lr", {"lr": "-1"}, "every learning rate must be a positive number, got -1.0"),
+    ("zero-lr", {"lr": "0"}, "got 0.0"),
+    ("lr-not-number", {"lr": "fast"}, "expected numbers separated by commas, got 'fast'"),
+    (
+        "lr-count",
+        {"schedule": "alternating", "parts": 3, "lr": "1e-3,1e-3"},
+        "lr has 2 values but there are 3 parts",
+    ),
+    (
+        "batch-size-zero",
+        {"batch_size": 0},
+        "batch_size: Input should be greater than or equal to 1 (got '0')",
+    ),
+    ("batch-size-text", {"batch_size": "big"}, "batch_size: Input should be a valid integer"),
+    ("image-not-divisible", {"n_levels": 4}, "image size 8x8 is not divisible by 2^n_levels = 16"),
+    ("unknown-schedule", {"schedule": "sometimes"}, "schedule: Input should be 'e2e', 'sequential'"),
+    ("n-bits", {"n_bits": 9}, "n_bits: Input should be less than or equal to 8"),
+    ("negative-epochs", {"epochs": -1}, "epochs: Input should be greater than or equal to 0"),
+    ("bad-link", {"link": "sometimes"}, "link 'sometimes' is not 'up'"),
+    ("unknown-flag", ["--learning-rate", "1"], "unrecognized arguments: --learning-rate 1"),
+    ("batch-larger-than-data", {"batch_size": 1000}, "batch size 1000 is larger than the 64 training images"),
+    # config files
+    (
+        "config-unknown-key",
+        lambda t: {"config": _config_file(t, '{"learning_rate": 1}')},
+        "learning_rate: unknown option",
+    ),
+    (
+        "config-wrong-type",
+        lambda t: {"config": _config_file(t, '{"depth": [2]}')},
+        "depth: Input should be a valid integer",
+    ),
+    ("config-not-json", lambda t: {"config": _config_file(t, "depth = 2")}, "not valid JSON"),
+    ("config-missing", lambda t: {"config": t / "nope.json"}, "nope.json: config file does not exist"),
+    ("config-not-object", lambda t: {"config": _config_file(t, "[1, 2]")}, "must hold a JSON object"),
+    # data
+    ("data-missing-dir", lambda t: {"data_root": t / "absent"}, "absent: MNIST directory does not exist"),
+    ("data-bad-magic", lambda t: {"data_root": _bad_magic(t / "m")}, "magic number 2049, expected 2051"),
+    (
+        "folder-empty",
+        lambda t: {"dataset": "folder", "data_root": _empty_folder(t / "f"), "cache_dir": t / "c"},
+        "train: no images found",
+    ),
+    (
+        "folder-non-image",
+        lambda t: {"dataset": "folder", "data_root": _folder(t / "f", bad="x.jpg"), "cache_dir": t / "c"},
+        "x.jpg: not a readable image",
+    ),
+    (
+        "folder-mixed-sizes",
+        lambda t: {
+            "dataset": "folder",
+            "data_root": _folder(t / "f", sizes=((6, 6), (8, 8))),
+            "cache_dir": t / "c",
+        },
+        "all images must have the same size",
+    ),
+    ("cifar-missing", lambda t: {"dataset": "cifar10", "data_root": t}, "CIFAR-10 not found"),
+    # resume and storage
+    ("resume-no-checkpoint", {"resume": True, "run_name": "never"}, "--resume: no checkpoint at"),
+    (
+        "storage-not-writable",
+        {"storage_path": "/proc/raylocal"},
+        "storage_path '/proc/raylocal' is not writable",
+    ),
+]
+
+
+@pytest.mark.parametrize("case,extra,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, extra, message, mnist_dir, tmp_path, capsys):
+    storage = tmp_path / "runs"
+    if callable(extra):
+        extra = extra(tmp_path)
+    if isinstance(extra, list):
+        argv = tiny_options(mnist_dir, storage) + extra
+    else:
+        extra = dict(extra)
+        if "data_root" not in extra:
+            extra["data_root"] = mnist_dir
+        argv = tiny_options(mnist_dir, storage, **extra)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ")
+    assert message in err[0], err[0]
+    # nothing half-written: no run directory holds a checkpoint or summary
+    assert not list(storage.glob("*/checkpoint.pt")) and not list(storage.glob("*/summary.json"))
+
+
+def test_there_are_at_least_25_cases():
+    assert len(CASES) >= 25
+
+
+def test_unreachable_ray_address_is_one_line(mnist_dir, tmp_path):
+    import subprocess
+    import sys
+
+    argv = tiny_options(mnist_dir, tmp_path / "runs", schedule="async", parts=2, address="127.0.0.1:1")
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).parent.parent / "scripts" / "train.py"), *argv],
+        capture_output=True, text=True, timeout=180,
+        env={**__import__("os").environ, "RAY_ADDRESS": ""},
+    )  # fmt: skip
+    assert proc.returncode == 2
+    err = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "cannot reach Ray at '127.0.0.1:1'" in err[0], proc.stderr[-2000:]
