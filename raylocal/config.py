@@ -49,9 +49,7 @@ class RunConfig(BaseModel):
     balance: Literal["estimate", "measure"] = Field(
         "estimate", description="automatic split balances estimated FLOPs or measured layer times"
     )
-    part_spec: str | None = Field(
-        None, description="explicit parts: '1|2,3', '1[:4]|1[4:],2' or 'layers:0-12|13-38'"
-    )
+    part_spec: str | None = Field(None, description="explicit parts: '1|2,3', '1[:4]|1[4:],2' or 'layers:0-12|13-38'")
 
     # training
     schedule: Schedule = Field("e2e", description="e2e | sequential | alternating | simultaneous | async")

@@ -151,8 +151,7 @@ def load_cifar10(root: Path, download: bool = False) -> ImageData:
             raise DataError(f"{root}: CIFAR-10 download failed ({e})") from None
     if not folder.is_dir():
         raise DataError(
-            f"{folder}: CIFAR-10 not found (expected torchvision's cifar-10-batches-py; "
-            "pass --download when online)"
+            f"{folder}: CIFAR-10 not found (expected torchvision's cifar-10-batches-py; pass --download when online)"
         )
     train = [_read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
     test = _read_cifar_batch(folder / "test_batch")
@@ -174,8 +173,7 @@ def _list_images(split_dir: Path) -> list[Path]:
     )
     if not files:
         raise DataError(
-            f"{split_dir}: no images found (expected <class>/<image> with one of "
-            f"{', '.join(IMAGE_EXTENSIONS)})"
+            f"{split_dir}: no images found (expected <class>/<image> with one of {', '.join(IMAGE_EXTENSIONS)})"
         )
     return files
 

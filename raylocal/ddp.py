@@ -124,9 +124,7 @@ def train_ddp(
             "threads": threads,
             "state": state,
         },  # fmt: skip
-        scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
-        ),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
         run_config=TrainRunConfig(name="ddp", storage_path=str(storage.resolve())),
     )
     try:

@@ -32,9 +32,7 @@ def parse_faults(text: str) -> list[Fault]:
     for item in filter(None, (s.strip() for s in text.split(","))):
         m = re.fullmatch(r"(ray-kill|sigkill|nan|slow):(\d+)@([0-9.]+)", item)
         if not m or int(m.group(2)) < 1:
-            raise ConfigError(
-                f"inject {item!r} is not KIND:PART@STEP with KIND ray-kill, sigkill, nan or slow"
-            )
+            raise ConfigError(f"inject {item!r} is not KIND:PART@STEP with KIND ray-kill, sigkill, nan or slow")
         faults.append(Fault(m.group(1), int(m.group(2)) - 1, float(m.group(3))))
     return faults
 

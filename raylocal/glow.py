@@ -77,9 +77,7 @@ class Glow(nn.Module):
         super().__init__()
         c, h, w = image_shape
         if h % 2**n_levels or w % 2**n_levels:
-            raise ValueError(
-                f"image size {h}x{w} is not divisible by 2^n_levels = {2**n_levels} (n_levels={n_levels})"
-            )
+            raise ValueError(f"image size {h}x{w} is not divisible by 2^n_levels = {2**n_levels} (n_levels={n_levels})")
         self.image_shape = tuple(image_shape)
         self.n_bits = n_bits
         self.n_bins = 2**n_bits

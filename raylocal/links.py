@@ -66,6 +66,4 @@ def check_links(text: str, n_parts: int) -> None:
     for b in range(max(n_parts - 1, 1)):
         LinkModel.parse(text, b)
     if "|" in text and len(text.split("|")) != n_parts - 1:
-        raise ConfigError(
-            f"link {text!r} names {len(text.split('|'))} boundaries, {n_parts} parts have {n_parts - 1}"
-        )
+        raise ConfigError(f"link {text!r} names {len(text.split('|'))} boundaries, {n_parts} parts have {n_parts - 1}")

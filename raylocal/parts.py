@@ -134,17 +134,14 @@ def _parse_blocks(text: str, glow: Glow) -> PartSpec:
                 )
             block = int(m.group(1))
             if not 1 <= block <= glow.n_levels:
-                raise SpecError(
-                    f"{text!r}: block {block} is out of range (the model has blocks 1-{glow.n_levels})"
-                )
+                raise SpecError(f"{text!r}: block {block} is out of range (the model has blocks 1-{glow.n_levels})")
             lo, hi = 0, glow.depth
             if m.group(2) is not None:
                 lo = int(m.group(2)) if m.group(2) else 0
                 hi = int(m.group(3)) if m.group(3) else glow.depth
                 if not (0 <= lo < hi <= glow.depth):
                     raise SpecError(
-                        f"{text!r}: {item} selects no valid steps "
-                        f"(block {block} has steps 0-{glow.depth - 1})"
+                        f"{text!r}: {item} selects no valid steps (block {block} has steps 0-{glow.depth - 1})"
                     )
             sel = [s for s in steps if s[0] == block - 1 and lo <= s[1] < hi]
             rs.append((sel[0][2], sel[-1][3]))

@@ -19,6 +19,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -206,9 +207,7 @@ def part_resources(config: RunConfig, n_parts: int) -> tuple[float, float, int]:
     return cpus, gpus, threads
 
 
-def place_parts(
-    config: RunConfig, n_parts: int, cpus: float, gpus: float
-) -> tuple[PlacementGroup, int, bool]:
+def place_parts(config: RunConfig, n_parts: int, cpus: float, gpus: float) -> tuple[PlacementGroup, int, bool]:
     """The placement group for the parts and the bundle index of part 1.
 
     Inside a Ray Tune trial the trial's own group is used (bundle 0 is the
@@ -253,16 +252,27 @@ def _poll(actors: list[Any]) -> list[dict[str, Any]] | None:
         return None
 
 
+def gather_weights(actors: list[Any]) -> dict[str, torch.Tensor]:
+    """The assembled model's state dict, from every part's current weights."""
+    state: dict[str, torch.Tensor] = {}
+    for w in ray.get([a.weights.remote() for a in actors]):
+        state.update(w)
+    return state
+
+
 def run_async_phase(
     config: RunConfig,
     data: ImageData,
     bounds: list[tuple[int, int]],
     progress: Progress,
     run_dir: Path,
+    monitor: Callable[[Callable[[], dict[str, torch.Tensor]], list[dict[str, Any]]], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, Any]], float]:
     """Train all parts at once on Ray; returns (assembled state dict, per-part
     stats, per-part actor info, wall time). Part checkpoints go to
-    ``run_dir/parts``; with ``config.resume`` the parts continue from them."""
+    ``run_dir/parts``; with ``config.resume`` the parts continue from them.
+    ``monitor(gather_weights, progress)`` is called at every poll (Ray Tune
+    uses it to evaluate and report while the parts train)."""
     connect(config)
     n_parts = len(bounds)
     check_links(config.link, n_parts)
@@ -276,9 +286,7 @@ def run_async_phase(
             num_gpus=gpus,
             max_restarts=config.max_restarts,
             max_task_retries=config.max_restarts,  # replay run() on the restarted actor
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                pg, placement_group_bundle_index=first_bundle + k
-            ),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + k),
         ).remote(
             config.model_dump_json(),
             bounds,
@@ -308,6 +316,8 @@ def run_async_phase(
             polled = _poll(actors) if pending else None
             if polled:
                 progress.update(_progress_line(polled, n_steps))
+                if monitor is not None:
+                    monitor(lambda: gather_weights(actors), polled)
                 for f in list(driver_faults):
                     if polled[f.part]["steps"] >= f.at:
                         ray.kill(actors[f.part], no_restart=False)  # Ray restarts it
@@ -315,9 +325,7 @@ def run_async_phase(
         stats = ray.get(runs)
         wall = time.perf_counter() - start
         progress.update(_progress_line(_poll(actors) or [], n_steps), force=True)
-        state: dict[str, torch.Tensor] = {}
-        for w in ray.get([a.weights.remote() for a in actors]):
-            state.update(w)
+        state = gather_weights(actors)
     finally:
         for a in actors:
             ray.kill(a)
@@ -344,9 +352,7 @@ def pipeline_report(
     steps = stats[-1]["steps"]
     forward = [st["bytes_forward"] for st in stats[:-1]]
     return {
-        "part_images_per_s": [
-            st["steps"] * bs / max(st["end_time"] - st["start_time"], 1e-9) for st in stats
-        ],
+        "part_images_per_s": [st["steps"] * bs / max(st["end_time"] - st["start_time"], 1e-9) for st in stats],
         "images_per_s_pipeline": steps * bs / max(wall, 1e-9),
         "bytes_forward": forward,
         "bytes_backward": sum(st["bytes_backward"] for st in stats),

@@ -48,9 +48,7 @@ def resolve_run_dir(config: RunConfig) -> Path:
             raise CheckpointError(f"--resume: no checkpoint at {run_dir / CHECKPOINT}")
         return run_dir
     if config.resume:
-        runs = sorted(
-            (d for d in root.iterdir() if d.is_dir() and has_checkpoint(d)), key=lambda d: d.stat().st_mtime
-        )
+        runs = sorted((d for d in root.iterdir() if d.is_dir() and has_checkpoint(d)), key=lambda d: d.stat().st_mtime)
         if not runs:
             raise CheckpointError(f"--resume: no run with a checkpoint under {root}")
         return runs[-1]

@@ -125,9 +125,7 @@ class RunState:
 class SingleProcessRun:
     """A whole run of one of the single-process schedules (see module doc)."""
 
-    def __init__(
-        self, config: RunConfig, data: ImageData, run_dir: Path, spec: PartSpec | None = None
-    ) -> None:
+    def __init__(self, config: RunConfig, data: ImageData, run_dir: Path, spec: PartSpec | None = None) -> None:
         self.config = config
         self.data = data
         self.device = resolve_device(config.device)
@@ -172,9 +170,7 @@ class SingleProcessRun:
         try:
             self.glow.load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            raise CheckpointError(
-                f"{path}: weights do not fit this model ({str(e).splitlines()[0]})"
-            ) from None
+            raise CheckpointError(f"{path}: weights do not fit this model ({str(e).splitlines()[0]})") from None
         for trainer, state in zip(self.trainers, ckpt["trainers"]):
             trainer.load_state_dict(state)
         if ckpt["finetuner"] is not None:
@@ -184,9 +180,7 @@ class SingleProcessRun:
         self.noise.set_state(ckpt["noise"])
         self.state = RunState.from_json(ckpt["state"])
 
-    def adopt(
-        self, state: dict[str, Tensor], wall: float, part_time: list[float], stats: list[dict[str, Any]]
-    ) -> None:
+    def adopt(self, state: dict[str, Tensor], wall: float, part_time: list[float], stats: list[dict[str, Any]]) -> None:
         """Continue after a parts phase trained elsewhere (the Ray async trainer):
         take its assembled weights and timings; ``run`` then does the fine-tune
         epochs, evaluation, checkpoint and summary."""
@@ -205,8 +199,7 @@ class SingleProcessRun:
                 "active": [k + 1 for k in range(len(self.parts))],
                 "test_bpd": bpd,
                 "local_loss": {
-                    str(k + 1): sum(st["losses"][-50:]) / max(len(st["losses"][-50:]), 1)
-                    for k, st in enumerate(stats)
+                    str(k + 1): sum(st["losses"][-50:]) / max(len(st["losses"][-50:]), 1) for k, st in enumerate(stats)
                 },
                 "epoch_time": wall / max(len(self.plan), 1),
                 "elapsed": wall,
@@ -263,8 +256,7 @@ class SingleProcessRun:
                 t = self.trainers[k] if k < len(self.parts) else self.finetuner
                 name = f"part {k + 1}" if k < len(self.parts) else "fine-tune"
                 self.progress.update(
-                    f"ROLLBACK {name} at step {t.steps}: {res.event}; lr -> {t.base_lr:.3g} "
-                    f"({t.rollbacks} rollbacks)",
+                    f"ROLLBACK {name} at step {t.steps}: {res.event}; lr -> {t.base_lr:.3g} ({t.rollbacks} rollbacks)",
                     force=True,
                 )
 
@@ -321,9 +313,7 @@ class SingleProcessRun:
             for trainer in [self.finetuner] if finetune else [self.trainers[k] for k in active]:
                 problem = trainer.validate()
                 if problem:
-                    self._report_events(
-                        {trainer.index: StepResult(torch.empty(0), float("nan"), event=problem)}
-                    )
+                    self._report_events({trainer.index: StepResult(torch.empty(0), float("nan"), event=problem)})
             epoch_time = time.perf_counter() - t_epoch
             done_fraction = self.stream.position / len(self.stream)
             bpd = self._record_eval(epoch + done_fraction)
@@ -357,9 +347,7 @@ class SingleProcessRun:
         if not self.log.checkpoint_path.is_file() or self._adopted:
             self.checkpoint()  # a run with no epoch of its own still leaves its weights
         final = self.state.curve[-1]["test_bpd"] if self.state.curve else self.evaluate()
-        samples = self.log.samples(
-            self.glow, self.config.samples, self.config.temperature, self.state.global_step
-        )
+        samples = self.log.samples(self.glow, self.config.samples, self.config.temperature, self.state.global_step)
         summary = {
             "schedule": self.config.schedule,
             "dataset": self.data.name,
@@ -373,8 +361,7 @@ class SingleProcessRun:
             "wall_time": self.state.elapsed,
             "phase_time": self.state.phase_time,
             "part_time": self.state.part_time,
-            "rollbacks": [t.rollbacks for t in self.trainers]
-            + ([self.finetuner.rollbacks] if self.finetuner else []),
+            "rollbacks": [t.rollbacks for t in self.trainers] + ([self.finetuner.rollbacks] if self.finetuner else []),
             "rollback_events": [
                 {"part": t.index + 1, "step": e.step, "reason": e.reason, "new_lr": e.new_lr}
                 for t in self.trainers + ([self.finetuner] if self.finetuner else [])

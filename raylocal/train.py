@@ -53,9 +53,7 @@ def initialize(parts: list[Part], x: Tensor) -> None:
 
 
 @torch.no_grad()
-def evaluate_bpd(
-    glow: Glow, images: Tensor, batch_size: int, device: torch.device, seed: int = 1234
-) -> float:
+def evaluate_bpd(glow: Glow, images: Tensor, batch_size: int, device: torch.device, seed: int = 1234) -> float:
     """Exact test BPD of the whole model, with fixed dequantisation noise so that
     evaluations at different times are comparable."""
     generator = torch.Generator().manual_seed(seed)
@@ -226,8 +224,7 @@ class PartTrainer:
         self.events.append(RollbackEvent(self.steps, reason, self.base_lr))
         if self.rollbacks > self.config.max_rollbacks:
             raise DivergedError(
-                f"part {self.index + 1} diverged: {self.rollbacks} rollbacks "
-                f"(last: {reason}); lower its learning rate"
+                f"part {self.index + 1} diverged: {self.rollbacks} rollbacks (last: {reason}); lower its learning rate"
             )
         self._last = None  # its batch belongs to weights that are gone
         snap = copy.deepcopy(self._snapshot)

@@ -107,9 +107,7 @@ def main() -> None:
     spec = part_spec_for(cpu_config, probe, data.train)
     print(f"parts: {spec.canonical(probe)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        state, stats, infos, wall = run_async_phase(
-            cpu_config, data, list(spec.bounds), Progress(True), Path(tmp)
-        )
+        state, stats, infos, wall = run_async_phase(cpu_config, data, list(spec.bounds), Progress(True), Path(tmp))
     rep = pipeline_report(cpu_config, stats, infos, wall, probe, spec.bounds)
     # steady state: images through the last part between the end of its first step and its last
     last = stats[-1]

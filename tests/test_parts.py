@@ -94,10 +94,7 @@ def test_automatic_specs_balance_estimated_cost():
     # brute force over every cut between flow steps: the DP found the best one
     starts = sorted({a for a, _ in parse_part_spec("1[:1]|1[1:],2,3", g).bounds} | _step_starts(g))
     best = min(
-        max(sum(costs[a:b]) for a, b in zip([0, i, j], [i, j, len(g)]))
-        for i in starts
-        for j in starts
-        if 0 < i < j
+        max(sum(costs[a:b]) for a, b in zip([0, i, j], [i, j, len(g)])) for i in starts for j in starts if 0 < i < j
     )
     got = max(sum(costs[a:b]) for a, b in across.bounds)
     assert got == pytest.approx(best)

@@ -1,0 +1,13 @@
+"""An independent log-uniform learning rate per part (the widest search)."""
+
+from ray import tune
+
+LOW, HIGH = 1e-4, 3e-3
+
+
+def space(parts: int) -> dict:
+    return {f"lr_{k + 1}": tune.loguniform(LOW, HIGH) for k in range(parts)}
+
+
+def lrs(params: dict, parts: int) -> list[float]:
+    return [float(params[f"lr_{k + 1}"]) for k in range(parts)]
