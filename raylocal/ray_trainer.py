@@ -155,7 +155,16 @@ class PartActor:
         }
 
     def info(self) -> dict[str, Any]:
+        storage_error = None
+        try:  # checkpoints go here: it must be reachable from this node too
+            probe = self.checkpoint_path.parent / f".probe-{os.getpid()}"
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            storage_error = f"{e.strerror or e}"
         return {
+            "storage_error": storage_error,
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "threads": torch.get_num_threads(),
@@ -303,6 +312,13 @@ def run_async_phase(
     driver_faults = [f for f in parse_faults(config.inject or "") if f.kind == "ray-kill"]
     try:
         infos = ray.get([a.info.remote() for a in actors])
+        bad = [(k, i) for k, i in enumerate(infos) if i["storage_error"]]
+        if bad:
+            k, i = bad[0]
+            raise ClusterError(
+                f"storage_path {config.storage_path!r} is not writable from node {i['node_id'][:12]} "
+                f"(part {k + 1}: {i['storage_error']}); use a path every node can reach"
+            )
         start = time.perf_counter()
         runs = [
             a.run.remote(queues[k - 1] if k > 0 else None, queues[k] if k < n_parts - 1 else None, n_steps)
@@ -406,7 +422,16 @@ def run_async(config: RunConfig, data: ImageData) -> dict[str, Any]:
         f"queue bound {config.queue_size}, link {config.link}" + (", resuming" if config.resume else ""),
         force=True,
     )
-    state, stats, infos, wall = run_async_phase(config, data, bounds, progress, run_dir)
+    # Under `ray job submit` the job's working directory can be removed by Ray's
+    # runtime-env cleanup once the part actors are gone (seen with Ray 2.60);
+    # stand in the run directory so that nothing later depends on it.
+    cwd = os.getcwd()
+    os.chdir(run_dir)
+    try:
+        state, stats, infos, wall = run_async_phase(config, data, bounds, progress, run_dir)
+    finally:
+        if Path(cwd).is_dir():
+            os.chdir(cwd)
     report = pipeline_report(config, stats, infos, wall, probe, bounds)
     write_json(report_path, report)
     finisher = SingleProcessRun(config.model_copy(update={"resume": False}), data, run_dir, spec)

@@ -22,7 +22,7 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def _storage_root(config: RunConfig) -> Path:
-    root = Path(config.storage_path).expanduser()
+    root = Path(config.storage_path).expanduser().resolve()
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-test-{time.time_ns()}"

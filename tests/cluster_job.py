@@ -1,0 +1,57 @@
+"""Helper for tests/test_cluster.py, run in its own process: start a real
+multi-node Ray cluster on this machine (a head with the job server and two
+worker nodes), submit a job through the Job Submission API, wait for it, print
+a JSON report, and always tear the cluster down.
+
+    python tests/cluster_job.py <report.json> -- <job arguments for scripts/run_async.py>
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from ray.cluster_utils import Cluster
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    report_path = Path(sys.argv[1])
+    job_args = sys.argv[sys.argv.index("--") + 1 :]
+    report: dict = {"status": None}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1"},
+    )
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        report["nodes"] = len(cluster.list_all_nodes())
+        url = f"http://{cluster.head_node.webui_url}"
+        client = JobSubmissionClient(url)
+        runtime_env = yaml.safe_load((ROOT / "ray_runtime_env.yaml").read_text())
+        runtime_env["working_dir"] = str(ROOT)
+        entrypoint = "python scripts/run_async.py " + shlex.join(job_args)
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        deadline = time.time() + 300
+        status = client.get_job_status(job_id)
+        while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.time() < deadline:
+            time.sleep(1)
+            status = client.get_job_status(job_id)
+        report["status"] = str(status.value if hasattr(status, "value") else status)
+        report["logs"] = client.get_job_logs(job_id)[-4000:]
+    finally:
+        cluster.shutdown()
+        report_path.write_text(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
