@@ -10,6 +10,7 @@ single-process runs. Used for ``scripts/bench_async.py`` and, with
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from raylocal.objectives import nll_bits, preprocess
 from raylocal.train import build_glow, initialize
 
 WEIGHTS = "weights.pt"
+HISTORY = "history.json"
 
 
 class NLL(nn.Module):
@@ -65,6 +67,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     noise = torch.Generator().manual_seed(config.seed + 1 + rank)
     steps_per_epoch = len(stream) // world
     step = 0
+    history = []
     for epoch in range(loop_config["epochs"]):
         start = time.perf_counter()
         for i in range(len(stream)):
@@ -86,9 +89,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "epoch_time": time.perf_counter() - start,
             "images_per_s": steps_per_epoch * per_worker * world / (time.perf_counter() - start),
         }
+        history.append(metrics)
         if rank == 0 and epoch == loop_config["epochs"] - 1:
             with tempfile.TemporaryDirectory() as tmp:
                 torch.save({k: v.cpu() for k, v in glow.state_dict().items()}, Path(tmp) / WEIGHTS)
+                (Path(tmp) / HISTORY).write_text(json.dumps(history))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
@@ -135,5 +140,5 @@ def train_ddp(
         raise ClusterError("DDP training returned no checkpoint")
     with result.checkpoint.as_directory() as d:
         weights = torch.load(Path(d) / WEIGHTS, weights_only=True)
-    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+        history = json.loads((Path(d) / HISTORY).read_text())
     return weights, history

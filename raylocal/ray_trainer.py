@@ -436,6 +436,16 @@ def run_async(config: RunConfig, data: ImageData) -> dict[str, Any]:
     write_json(report_path, report)
     finisher = SingleProcessRun(config.model_copy(update={"resume": False}), data, run_dir, spec)
     finisher.adopt(state, wall, [st["compute_s"] for st in stats], stats)
+    if config.finetune_workers > 1 and config.finetune_epochs > 0:
+        # the fine-tune phase data-parallel on Ray Train workers (DDP)
+        from raylocal.ddp import train_ddp
+
+        t0 = time.perf_counter()
+        lr = config.finetune_lr or min(config.lr)
+        tuned, history = train_ddp(
+            config, data.train, config.finetune_workers, config.finetune_epochs, lr, run_dir / "ddp", state
+        )
+        finisher.adopt_finetune(tuned, time.perf_counter() - t0, history)
     summary = finisher.run()
     summary.update(report)
     summary["rollbacks"] = [st["rollbacks"] for st in stats] + summary["rollbacks"][len(stats) :]

@@ -207,6 +207,30 @@ class SingleProcessRun:
             }
         )
 
+    def adopt_finetune(self, state: dict[str, Tensor], seconds: float, history: list[dict[str, Any]]) -> None:
+        """Take a fine-tune phase trained elsewhere (DDP on Ray Train workers)."""
+        self.glow.load_state_dict(state)
+        self.stream.restore({"epoch": self.total_epochs, "position": 0})
+        self.state.elapsed += seconds
+        self.state.phase_time["finetune"] += seconds
+        for i, h in enumerate(history):
+            self.state.history.append(
+                {
+                    "epoch": len(self.plan) + i + 1,
+                    "phase": "finetune",
+                    "active": [],
+                    "test_bpd": float("nan"),
+                    "local_loss": {"finetune": h.get("loss", float("nan"))},
+                    "epoch_time": h.get("epoch_time", float("nan")),
+                    "elapsed": self.state.elapsed,
+                    "rollbacks": [t.rollbacks for t in self.trainers],
+                    "ddp_images_per_s": h.get("images_per_s", float("nan")),
+                }
+            )
+        bpd = self._record_eval(float(self.total_epochs))
+        if self.state.history:
+            self.state.history[-1]["test_bpd"] = bpd
+
     def _make_finetuner(self) -> PartTrainer:
         lr = self.config.finetune_lr or min(self.config.lr)
         return PartTrainer(self.glow.whole(), lr, self.config, index=len(self.parts))
