@@ -39,7 +39,7 @@ from raylocal.links import check_links
 from raylocal.pipeline import PartWorker, run_part, tensor_bytes
 from raylocal.runlog import Progress, resolve_run_dir, write_json
 from raylocal.schedules import SingleProcessRun, part_spec_for
-from raylocal.train import build_glow
+from raylocal.train import build_glow, evaluate_bpd
 
 
 class LatentQueue:
@@ -395,6 +395,28 @@ def pipeline_report(
     }
 
 
+def _evaluator(config: RunConfig, data: ImageData, glow: Any, curve: list, progress: Progress) -> Callable:
+    """A monitor that evaluates the assembled model every ``eval_every`` steps of
+    the last part, while the parts keep training (the driver's own CPU time)."""
+    steps_per_epoch = len(data.train) // config.batch_size
+    next_eval = [config.eval_every]
+    start = time.perf_counter()
+
+    def monitor(gather: Callable[[], dict[str, torch.Tensor]], polled: list[dict[str, Any]]) -> None:
+        step = polled[-1]["steps"]
+        if step < next_eval[0]:
+            return
+        next_eval[0] = step + config.eval_every
+        glow.load_state_dict(gather())
+        bpd = evaluate_bpd(glow, data.test, config.eval_batch_size, torch.device("cpu"))
+        curve.append(
+            {"epoch": step / steps_per_epoch, "step": step, "elapsed": time.perf_counter() - start, "test_bpd": bpd}
+        )
+        progress.update(f"step {step}: assembled model's test BPD {bpd:.4f}", force=True)
+
+    return monitor
+
+
 def run_async(config: RunConfig, data: ImageData) -> dict[str, Any]:
     """The ``async`` schedule: parts on Ray, then fine-tune/evaluate in this process.
 
@@ -427,15 +449,17 @@ def run_async(config: RunConfig, data: ImageData) -> dict[str, Any]:
     # stand in the run directory so that nothing later depends on it.
     cwd = os.getcwd()
     os.chdir(run_dir)
+    curve: list[dict[str, float]] = []
+    monitor = _evaluator(config, data, probe, curve, progress) if config.eval_every else None
     try:
-        state, stats, infos, wall = run_async_phase(config, data, bounds, progress, run_dir)
+        state, stats, infos, wall = run_async_phase(config, data, bounds, progress, run_dir, monitor)
     finally:
         if Path(cwd).is_dir():
             os.chdir(cwd)
     report = pipeline_report(config, stats, infos, wall, probe, bounds)
     write_json(report_path, report)
     finisher = SingleProcessRun(config.model_copy(update={"resume": False}), data, run_dir, spec)
-    finisher.adopt(state, wall, [st["compute_s"] for st in stats], stats)
+    finisher.adopt(state, wall, [st["compute_s"] for st in stats], stats, curve)
     if config.finetune_workers > 1 and config.finetune_epochs > 0:
         # the fine-tune phase data-parallel on Ray Train workers (DDP)
         from raylocal.ddp import train_ddp

@@ -180,7 +180,14 @@ class SingleProcessRun:
         self.noise.set_state(ckpt["noise"])
         self.state = RunState.from_json(ckpt["state"])
 
-    def adopt(self, state: dict[str, Tensor], wall: float, part_time: list[float], stats: list[dict[str, Any]]) -> None:
+    def adopt(
+        self,
+        state: dict[str, Tensor],
+        wall: float,
+        part_time: list[float],
+        stats: list[dict[str, Any]],
+        curve: list[dict[str, float]] | None = None,
+    ) -> None:
         """Continue after a parts phase trained elsewhere (the Ray async trainer):
         take its assembled weights and timings; ``run`` then does the fine-tune
         epochs, evaluation, checkpoint and summary."""
@@ -191,6 +198,9 @@ class SingleProcessRun:
         self.state.part_time = list(part_time)
         self.state.global_step = int(stats[0]["steps"])
         self._adopted = True
+        for point in curve or []:  # evaluations made while the parts trained
+            self.state.curve.append(point)
+            self.log.scalar("model/test_bpd", point["test_bpd"], int(point["step"]))
         bpd = self._record_eval(float(len(self.plan)))
         self.state.history.append(
             {

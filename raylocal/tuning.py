@@ -88,12 +88,15 @@ def run_trial(params: dict[str, Any], base_json: str, space_path: str, data: Ima
             "diverged": int(diverged),
             "rollbacks": rollbacks,
             "steps": polled[-1]["steps"] if polled else 0,
-            "done": int(done),
+            "finished": int(done),
         }
         out.update({f"lr_{k + 1}": lr for k, lr in enumerate(lrs)})
         return out
 
+    last_polled: list[dict[str, Any]] = []
+
     def monitor(gather, polled: list[dict[str, Any]]) -> None:
+        last_polled[:] = polled
         if polled[-1]["steps"] < next_report[0]:
             return
         next_report[0] += report_every
@@ -110,9 +113,9 @@ def run_trial(params: dict[str, Any], base_json: str, space_path: str, data: Ima
             {
                 "test_bpd": DIVERGED_BPD,
                 "diverged": 1,
-                "rollbacks": -1,
-                "steps": 0,
-                "done": 1,
+                "rollbacks": sum(p.get("rollbacks", 0) for p in last_polled),
+                "steps": last_polled[-1]["steps"] if last_polled else 0,
+                "finished": 1,
                 "error": str(e)[:200],
             }
             | {f"lr_{k + 1}": lr for k, lr in enumerate(lrs)}
@@ -192,7 +195,7 @@ def ranked_table(results: Any, parts: int) -> tuple[str, list[dict[str, Any]]]:
                 "rollbacks": m.get("rollbacks"),
                 "steps": m.get("steps"),
                 "time_s": m.get("time_total_s", 0.0),
-                "stopped_early": not m.get("done"),
+                "stopped_early": not m.get("finished"),
             }
         )
     rows.sort(key=lambda r: r["test_bpd"])

@@ -2,7 +2,7 @@
 
 from ray import tune
 
-LOW, HIGH = 1e-4, 3e-3
+LOW, HIGH = 3e-4, 2e-2
 
 
 def space(parts: int) -> dict:

@@ -6,8 +6,8 @@ from ray import tune
 
 
 def space(parts: int) -> dict:
-    params = {"lr": tune.loguniform(2e-4, 3e-3)}
-    params.update({f"mult_{k + 1}": tune.uniform(0.1, 1.0) for k in range(1, parts)})
+    params = {"lr": tune.loguniform(1e-3, 1e-2)}
+    params.update({f"mult_{k + 1}": tune.uniform(0.25, 2.0) for k in range(1, parts)})
     return params
 
 
