@@ -245,7 +245,11 @@ def load_image_folder(root: Path, cache_dir: Path | None) -> ImageData:
         raise DataError(f"{root}: ImageFolder directory does not exist")
     splits = {}
     for split in ("train", "test"):
-        splits[split] = _cached_decode(_list_images(root / split), cache_dir)
+        files = _list_images(root / split)
+        # ImageFolder trees are sorted by class; a fixed shuffle makes any prefix
+        # (--train-subset) a fair sample of every class, the same on every run.
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
+        splits[split] = _cached_decode([files[i] for i in order], cache_dir)
     if splits["train"].shape[1:] != splits["test"].shape[1:]:
         raise DataError(
             f"{root}: train images are {tuple(splits['train'].shape[1:])} but test images are "
