@@ -14,7 +14,10 @@ Packets (dicts, so that they pickle anywhere):
     {"kind": "end", "step": t}
 A data packet without a latent means the link was down at the sender's step t:
 the receiver then trains on latents it computes itself, from its own data,
-with its last synced (stale) copy of the upstream weights.
+with its last synced (stale) copy of the upstream weights. The same happens
+after the end packet for steps the receiver is still short of (their latents
+were in flight when the parts were checkpointed and restored), so that every
+part ends at the same step.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class WorkerStats:
     rollbacks: int = 0
     restarts: int = 0  # times this part's process died and was restored from its checkpoint
     resumed_at: int = -1  # step this part continued from after a driver restart (--resume)
-    lost_packets: int = 0  # latents that died with a crashed upstream part (trained on stale instead)
+    lost_packets: int = 0  # latents lost with a crashed part or in flight at a restore (trained on stale instead)
     start_time: float = 0.0
     first_step_time: float = 0.0  # end of the first step: steady state starts here
     end_time: float = 0.0
@@ -340,6 +343,7 @@ def run_part(
             on_step(worker)  # step 0: e.g. a checkpoint, so that a restart never redoes the init
 
     # -- training: one step per batch (part 1) or per packet (the others)
+    upstream_end: int | None = None  # the step the part before this one ended at
     while True:
         if k == 0:
             if worker.step >= n_steps:
@@ -348,8 +352,18 @@ def run_part(
             x = worker.data_batch()
             st.compute_s += time.perf_counter() - t0
         else:
-            packet = receive()
-            if packet["kind"] == "end":
+            if upstream_end is None:
+                packet = receive()
+                if packet["kind"] == "end":
+                    upstream_end = packet["step"]
+                    continue
+            elif worker.step < upstream_end:
+                # Latents in flight when the parts were checkpointed (a restart,
+                # --resume, a PBT restore) are gone; make up those steps on local
+                # inputs so that every part trains the same number of steps.
+                packet = {"kind": "data", "step": worker.step + 1, "latent": None, "weights": None}
+                st.lost_packets += 1
+            else:
                 break
             apply_weights(packet)
             x = None

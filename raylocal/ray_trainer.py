@@ -143,6 +143,11 @@ class PartActor:
         with self.lock:
             return self.worker.weights()
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """This part's checkpoint as of its last finished step (Tune's PBT saves it)."""
+        with self.lock:
+            return self.worker.checkpoint_state()
+
     def progress(self) -> dict[str, Any]:
         st = self.worker.stats
         recent = st.losses[-20:]
@@ -269,19 +274,28 @@ def gather_weights(actors: list[Any]) -> dict[str, torch.Tensor]:
     return state
 
 
+def gather_part_states(actors: list[Any]) -> list[dict[str, Any]]:
+    """Every part's checkpoint state, each taken between two of its steps."""
+    return ray.get([a.checkpoint_state.remote() for a in actors])
+
+
+Monitor = Callable[[list[Any], list[dict[str, Any]]], None]
+
+
 def run_async_phase(
     config: RunConfig,
     data: ImageData,
     bounds: list[tuple[int, int]],
     progress: Progress,
     run_dir: Path,
-    monitor: Callable[[Callable[[], dict[str, torch.Tensor]], list[dict[str, Any]]], None] | None = None,
+    monitor: Monitor | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, Any]], float]:
     """Train all parts at once on Ray; returns (assembled state dict, per-part
     stats, per-part actor info, wall time). Part checkpoints go to
     ``run_dir/parts``; with ``config.resume`` the parts continue from them.
-    ``monitor(gather_weights, progress)`` is called at every poll (Ray Tune
-    uses it to evaluate and report while the parts train)."""
+    ``monitor(actors, progress)`` is called at every poll with the live part
+    actors (for ``gather_weights`` / ``gather_part_states``): evaluation while
+    the parts train, and Ray Tune's reports and checkpoints."""
     connect(config)
     n_parts = len(bounds)
     check_links(config.link, n_parts)
@@ -333,7 +347,7 @@ def run_async_phase(
             if polled:
                 progress.update(_progress_line(polled, n_steps))
                 if monitor is not None:
-                    monitor(lambda: gather_weights(actors), polled)
+                    monitor(actors, polled)
                 for f in list(driver_faults):
                     if polled[f.part]["steps"] >= f.at:
                         ray.kill(actors[f.part], no_restart=False)  # Ray restarts it
@@ -402,12 +416,12 @@ def _evaluator(config: RunConfig, data: ImageData, glow: Any, curve: list, progr
     next_eval = [config.eval_every]
     start = time.perf_counter()
 
-    def monitor(gather: Callable[[], dict[str, torch.Tensor]], polled: list[dict[str, Any]]) -> None:
+    def monitor(actors: list[Any], polled: list[dict[str, Any]]) -> None:
         step = polled[-1]["steps"]
         if step < next_eval[0]:
             return
         next_eval[0] = step + config.eval_every
-        glow.load_state_dict(gather())
+        glow.load_state_dict(gather_weights(actors))
         bpd = evaluate_bpd(glow, data.test, config.eval_batch_size, torch.device("cpu"))
         curve.append(
             {"epoch": step / steps_per_epoch, "step": step, "elapsed": time.perf_counter() - start, "test_bpd": bpd}

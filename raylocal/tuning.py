@@ -5,7 +5,11 @@ placement group together with the trial itself
 (``PlacementGroupFactory([{trial}] + [{part}] * K)``), so concurrent trials
 never starve each other. While the parts train, the trial gathers their
 weights every ``report_every`` steps, evaluates the assembled model's test BPD
-and reports it; ASHA stops the weak trials early. A trial that diverges
+and reports it; ASHA stops the weak trials early. With ``scheduler="pbt"`` (Population Based
+Training) every report also carries the parts' checkpoints, and PBT restarts a
+weak trial from a strong trial's parts with perturbed per-part LRs: the trial
+then continues the stream from that step, Adam moments included, so the LRs
+become a schedule found during training. A trial that diverges
 (non-finite BPD, or a part beyond its rollback budget) reports it and stops:
 it never crashes the study.
 
@@ -18,12 +22,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
 
+from raylocal.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.config import RunConfig, write_config_file
 from raylocal.data import ImageData
 from raylocal.errors import ConfigError, DivergedError
@@ -32,6 +38,7 @@ from raylocal.schedules import part_spec_for
 from raylocal.train import build_glow, evaluate_bpd
 
 DIVERGED_BPD = 1e3  # what a diverged trial reports as its BPD: worse than any real model
+SCHEDULERS = ("asha", "pbt")
 
 
 def load_space(path: str | Path, parts: int) -> ModuleType:
@@ -52,6 +59,16 @@ def load_space(path: str | Path, parts: int) -> ModuleType:
     return module
 
 
+def check_study(space_path: str | Path, parts: int, scheduler: str) -> ModuleType:
+    """The space module, once the space and the scheduler are known to fit together."""
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"scheduler {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    space = load_space(space_path, parts)
+    if scheduler == "pbt" and getattr(space, "GRID", False):
+        raise ConfigError(f"{space_path}: PBT perturbs LRs drawn from distributions; a grid space cannot be used")
+    return space
+
+
 def trial_lrs(space: ModuleType, params: dict[str, Any], parts: int) -> list[float]:
     values = space.lrs(params, parts)
     if len(values) != parts or not all(v > 0 for v in values):
@@ -59,24 +76,57 @@ def trial_lrs(space: ModuleType, params: dict[str, Any], parts: int) -> list[flo
     return [float(v) for v in values]
 
 
-def run_trial(params: dict[str, Any], base_json: str, space_path: str, data: ImageData, report_every: int) -> None:
-    """One Tune trial: a whole async parts run, reporting test BPD as it goes."""
+def restore_parts(checkpoint_dir: Path, run_dir: Path, lrs: list[float]) -> int:
+    """Put the part checkpoints of a Tune checkpoint where the async trainer
+    resumes from, with this trial's LRs (PBT's explore step changed them);
+    returns the step the last part continues from."""
+    from raylocal.ray_trainer import part_checkpoint_path
+
+    step = 0
+    for k, lr in enumerate(lrs):
+        state = load_checkpoint(checkpoint_dir / f"part{k + 1}.pt")
+        state["trainer"]["base_lr"] = lr
+        save_checkpoint(part_checkpoint_path(run_dir, k), state)
+        step = int(state["step"])
+    return step
+
+
+def assembled(states: list[dict[str, Any]], glow: torch.nn.Module, bounds: tuple) -> dict[str, torch.Tensor]:
+    """The whole model's state dict from part checkpoints: each part's own layers
+    from its own checkpoint (the rest of a checkpoint is its stale upstream copy)."""
+    out: dict[str, torch.Tensor] = {}
+    for (start, stop), state in zip(bounds, states):
+        out.update({name: state["model"][name] for name in glow.part(start, stop).state_dict()})
+    return out
+
+
+def run_trial(
+    params: dict[str, Any], base_json: str, space_path: str, data: ImageData, report_every: int, checkpoints: bool
+) -> None:
+    """One Tune trial: a whole async parts run, reporting test BPD as it goes
+    (and, with ``checkpoints``, every part's state with each report)."""
     import ray
     from ray import tune
 
-    from raylocal.ray_trainer import run_async_phase
+    from raylocal.ray_trainer import gather_part_states, gather_weights, run_async_phase
 
     base = RunConfig.model_validate_json(base_json)
     space = load_space(space_path, base.parts)
     lrs = trial_lrs(space, params, base.parts)
     trial_dir = Path(tune.get_context().get_trial_dir())
     config = base.model_copy(update={"lr": lrs, "progress": False, "resume": False})
+    resumed_at, restored_from = 0, ""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # PBT restarted this trial from its own or another trial's parts
+        with checkpoint.as_directory() as d:
+            resumed_at = restore_parts(Path(d), trial_dir, lrs)
+        restored_from = str(checkpoint.path)
+        config = config.model_copy(update={"resume": True})
     torch.set_num_threads(1)
     glow = build_glow(config, data.shape)
     spec = part_spec_for(config, glow, data.train)
     device = torch.device("cpu")
-    next_report = [report_every]
-    reports = [0]
+    next_report = [resumed_at + report_every]
 
     def metrics(state: dict[str, torch.Tensor], polled: list[dict[str, Any]], done: bool) -> dict[str, Any]:
         glow.load_state_dict(state)
@@ -88,6 +138,8 @@ def run_trial(params: dict[str, Any], base_json: str, space_path: str, data: Ima
             "diverged": int(diverged),
             "rollbacks": rollbacks,
             "steps": polled[-1]["steps"] if polled else 0,
+            "resumed_at": resumed_at,
+            "restored_from": restored_from,
             "finished": int(done),
         }
         out.update({f"lr_{k + 1}": lr for k, lr in enumerate(lrs)})
@@ -95,14 +147,22 @@ def run_trial(params: dict[str, Any], base_json: str, space_path: str, data: Ima
 
     last_polled: list[dict[str, Any]] = []
 
-    def monitor(gather, polled: list[dict[str, Any]]) -> None:
+    def monitor(actors: list[Any], polled: list[dict[str, Any]]) -> None:
         last_polled[:] = polled
         if polled[-1]["steps"] < next_report[0]:
             return
         next_report[0] += report_every
-        m = metrics(gather(), polled, done=False)
-        reports[0] += 1
-        tune.report(m)
+        if not checkpoints:
+            m = metrics(gather_weights(actors), polled, done=False)
+            tune.report(m)
+        else:  # evaluate exactly the checkpointed parts: PBT copies what it ranked
+            states = gather_part_states(actors)
+            m = metrics(assembled(states, glow, spec.bounds), polled, done=False)
+            m["steps"] = int(states[-1]["step"])
+            with tempfile.TemporaryDirectory() as tmp:
+                for k, state in enumerate(states):
+                    save_checkpoint(Path(tmp) / f"part{k + 1}.pt", state)
+                tune.report(m, checkpoint=tune.Checkpoint.from_directory(tmp))
         if m["diverged"]:
             raise DivergedError(f"assembled model's BPD is not finite at step {m['steps']}")
 
@@ -115,6 +175,8 @@ def run_trial(params: dict[str, Any], base_json: str, space_path: str, data: Ima
                 "diverged": 1,
                 "rollbacks": sum(p.get("rollbacks", 0) for p in last_polled),
                 "steps": last_polled[-1]["steps"] if last_polled else 0,
+                "resumed_at": resumed_at,
+                "restored_from": restored_from,
                 "finished": 1,
                 "error": str(e)[:200],
             }
@@ -136,12 +198,16 @@ def tune_study(
     resume: bool = False,
     max_concurrent: int | None = None,
     cpus_per_trial: float = 0.5,
+    scheduler: str = "asha",
+    pbt_interval: int = 2,
 ) -> Any:
-    """Run (or continue) a study; returns Tune's ResultGrid."""
+    """Run (or continue) a study; returns Tune's ResultGrid. ``scheduler`` is
+    ``asha`` (stop weak trials early) or ``pbt`` (weak trials continue from
+    strong ones' parts with perturbed LRs every ``pbt_interval`` reports)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
-    space = load_space(space_path, base.parts)
+    space = check_study(space_path, base.parts, scheduler)
     param_space = space.space(base.parts)
     cpus_per_part = base.cpus_per_part or 0.5
     gpus_per_part = base.gpus_per_part or 0.0
@@ -156,6 +222,7 @@ def tune_study(
             space_path=str(Path(space_path).resolve()),
             data=data,
             report_every=report_every,
+            checkpoints=scheduler == "pbt",
         ),
         tune.PlacementGroupFactory([{"CPU": cpus_per_trial}] + [part_bundle] * base.parts),
     )
@@ -165,17 +232,33 @@ def tune_study(
             raise ConfigError(f"--resume: no Tune study to restore at {path}")
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
     else:
+        if scheduler == "pbt":
+            # Time is the last part's step, which a restored trial continues from.
+            # Synchronous: every trial reaches the perturbation step before the
+            # weak ones copy the strong ones, so a study does not depend on which
+            # trial happened to run faster.
+            chosen = PopulationBasedTraining(
+                time_attr="steps",
+                perturbation_interval=pbt_interval * report_every,
+                hyperparam_mutations=param_space,
+                quantile_fraction=0.5 if trials < 4 else 0.25,
+                synch=True,
+            )
+            keep = tune.CheckpointConfig(num_to_keep=4)  # PBT may copy a trial's older checkpoints
+        else:
+            chosen = ASHAScheduler(max_t=max_reports, grace_period=1, reduction_factor=2)
+            keep = None
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric="test_bpd",
                 mode="min",
-                scheduler=ASHAScheduler(max_t=max_reports, grace_period=1, reduction_factor=2),
+                scheduler=chosen,
                 num_samples=1 if getattr(space, "GRID", False) else trials,
                 max_concurrent_trials=max_concurrent,
             ),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage.resolve())),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage.resolve()), checkpoint_config=keep),
         )
     return tuner.fit()
 

@@ -71,7 +71,7 @@ def measure(config: RunConfig, data, spec) -> dict[str, float]:
             peaks["rss"] = max(peaks["rss"], rss_bytes())
             time.sleep(0.1)
 
-    def monitor(_gather, polled) -> None:
+    def monitor(_actors, polled) -> None:
         peaks["lag"] = max(peaks["lag"], polled[0]["steps"] - polled[1]["steps"])
 
     sampler = threading.Thread(target=sample, daemon=True)

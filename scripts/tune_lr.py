@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""Search per-part learning rates of the async trainer with Ray Tune (ASHA).
+"""Search per-part learning rates of the async trainer with Ray Tune (ASHA or PBT).
 
     python scripts/tune_lr.py --space tune_spaces/independent.py --parts 3 --trials 8
+    python scripts/tune_lr.py --space tune_spaces/independent.py --parts 3 --trials 4 --scheduler pbt
 
 Every option of scripts/run_async.py applies to the trials (model, data, epochs,
 --config FILE, ...). Writes, under --storage-path/<study>: Tune's own logs
 (TensorBoard-readable), ranking.md (the trials, best first) and best.json, a
 config that `python scripts/run_async.py --config .../best.json` accepts
-unchanged. --resume continues an interrupted study.
+unchanged. --resume continues an interrupted study. With --scheduler pbt every
+report carries the parts' checkpoints and weak trials continue from strong
+ones with perturbed LRs; best.json then holds the best trial's final LRs and
+Tune's pbt_policy_*.txt files the schedule that led there.
 """
 
 from __future__ import annotations
@@ -33,29 +37,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-every", default="50", help="steps between evaluations reported to Tune")
     parser.add_argument("--study", default=None, help="study name (default: tune-<space>-<parts>p)")
     parser.add_argument("--max-concurrent", default=None, help="most trials at once (default: as resources allow)")
+    parser.add_argument("--scheduler", default="asha", help="asha (early stopping) or pbt (population based training)")
+    parser.add_argument("--pbt-interval", default="2", help="reports between PBT's exploit/explore steps")
     try:
         args = parser.parse_args(argv)
-        extra = {k: vars(args).pop(k, None) for k in ("space", "trials", "report_every", "study", "max_concurrent")}
+        extra = {
+            k: vars(args).pop(k, None)
+            for k in ("space", "trials", "report_every", "study", "max_concurrent", "scheduler", "pbt_interval")
+        }
         resume = bool(vars(args).pop("resume", False))
         base = config_from_args(args, {**DEFAULTS, "samples": 0, "progress": False})
         try:
             trials, report_every = int(extra["trials"]), int(extra["report_every"])
             max_concurrent = int(extra["max_concurrent"]) if extra["max_concurrent"] else None
+            pbt_interval = int(extra["pbt_interval"])
         except ValueError as e:
-            raise RaylocalError(f"--trials, --report-every and --max-concurrent take integers ({e})") from None
-        if trials < 1 or report_every < 1:
-            raise RaylocalError("--trials and --report-every must be at least 1")
+            raise RaylocalError(
+                f"--trials, --report-every, --max-concurrent and --pbt-interval take integers ({e})"
+            ) from None
+        if trials < 1 or report_every < 1 or pbt_interval < 1:
+            raise RaylocalError("--trials, --report-every and --pbt-interval must be at least 1")
+        scheduler = extra["scheduler"]
         from raylocal.ray_trainer import connect
-        from raylocal.tuning import load_space, ranked_table, tune_study, write_best_config
+        from raylocal.tuning import check_study, ranked_table, tune_study, write_best_config
 
         space_path = extra["space"]
-        load_space(space_path, base.parts)  # a bad space fails here, before Ray starts
+        check_study(space_path, base.parts, scheduler)  # a bad space or scheduler fails here, before Ray starts
         set_threads(base)
         data = load_data(base)
         connect(base)
         name = extra["study"] or f"tune-{Path(space_path).stem}-{base.parts}p"
         storage = Path(base.storage_path)
-        results = tune_study(base, data, space_path, trials, report_every, storage, name, resume, max_concurrent)
+        results = tune_study(
+            base, data, space_path, trials, report_every, storage, name, resume, max_concurrent,
+            scheduler=scheduler, pbt_interval=pbt_interval,
+        )  # fmt: skip
         table, rows = ranked_table(results, base.parts)
         out = storage.resolve() / name
         (out / "ranking.md").write_text(table + "\n")

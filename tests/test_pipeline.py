@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 
@@ -143,3 +144,23 @@ def test_stale_input_uses_the_synced_copy_not_the_live_upstream(mnist_dir):
         expected, _ = reference_part(down.data_batch())
     assert torch.equal(x, expected)
     assert not all(torch.equal(old[k], v) for k, v in up.weights().items())
+
+
+def test_a_part_short_of_steps_at_the_end_makes_them_up_on_local_inputs(mnist_dir):
+    """After a restore, latents that were in flight are gone: the receiver gets
+    the end packet before it has trained as many steps as its sender did."""
+    config = _config(mnist_dir)
+    data = load_dataset("mnist", mnist_dir)
+    bounds = list(parse_part_spec("1|2", Glow((1, 8, 8), **config.glow_kwargs())).bounds)
+    up = PartWorker(config, bounds, 0, (1, 8, 8), data.train)
+    down = PartWorker(config, bounds, 1, (1, 8, 8), data.train)
+    inbox: queue.Queue = queue.Queue()
+    with torch.no_grad():
+        inbox.put({"kind": "init", "latent": up.part(up.init_batch())[0], "weights": None})
+        for t in range(1, 4):
+            inbox.put({"kind": "data", "step": t, "latent": up.part(up.data_batch())[0], "weights": None})
+    inbox.put({"kind": "end", "step": 6})  # the sender trained 6 steps; latents 4-6 were lost
+    st = run_part(down, inbox, None, lambda x: x, lambda r: r, n_steps=6, overlap=False)
+    assert down.step == st.steps == 6 and len(st.losses) == 6
+    assert st.lost_packets == 3 and st.stale_steps == 3 and st.staleness == [4, 5, 6]  # never synced: version 0
+    assert all(math.isfinite(v) for v in st.losses)

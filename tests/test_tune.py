@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_options
 
 from raylocal.cli import main as run_main
@@ -79,3 +81,120 @@ def test_tiny_study_survives_divergence_ranks_and_best_config_round_trips(
     # the best config runs unchanged
     assert run_main(["--config", str(study / "best.json"), "--run-name", "best"]) == 0
     assert (storage / "best" / "summary.json").is_file()  # the study's storage path is kept
+
+
+def test_restore_parts_hands_over_weights_and_optimizer_with_new_lrs(mnist_dir, tmp_path):
+    """PBT's exploit step: a trial continues from another trial's part checkpoints,
+    with its own (perturbed) LRs and everything else exactly as checkpointed."""
+    from raylocal.checkpoint import load_checkpoint, save_checkpoint
+    from raylocal.config import RunConfig
+    from raylocal.data import load_dataset
+    from raylocal.glow import Glow
+    from raylocal.parts import parse_part_spec
+    from raylocal.pipeline import PartWorker
+    from raylocal.ray_trainer import part_checkpoint_path
+    from raylocal.tuning import assembled, restore_parts
+
+    def config(seed: int) -> RunConfig:
+        return RunConfig(
+            data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
+            warmup_steps=2, threads=1, parts=2, part_spec="1|2", lr=[1e-3], samples=0, progress=False, seed=seed,
+        )  # fmt: skip
+
+    train = load_dataset("mnist", mnist_dir).train
+    bounds = list(parse_part_spec("1|2", Glow((1, 8, 8), **config(0).glow_kwargs())).bounds)
+    donors = [PartWorker(config(0), bounds, k, (1, 8, 8), train) for k in range(2)]
+    for _ in range(5):  # a few real steps, so that weights and Adam moments are not at their initial values
+        y = donors[0].trainer.step(donors[0].data_batch()).output.detach()
+        donors[1].trainer.step(y)
+    for k, w in enumerate(donors):
+        w.step = w.stats.steps = 5 + k
+    ckpt, run_dir = tmp_path / "tune-checkpoint", tmp_path / "trial"
+    for k, w in enumerate(donors):
+        save_checkpoint(ckpt / f"part{k + 1}.pt", w.checkpoint_state())
+
+    # the model PBT ranks is assembled from each part's own layers in its own checkpoint
+    whole = assembled([w.checkpoint_state() for w in donors], Glow((1, 8, 8), **config(0).glow_kwargs()), bounds)
+    expected = {**donors[0].weights(), **donors[1].weights()}
+    assert whole.keys() == expected.keys() == donors[0].glow.state_dict().keys()
+    assert all(torch.equal(whole[n], expected[n]) for n in expected)
+    assert not all(torch.equal(whole[n], donors[1].glow.state_dict()[n]) for n in expected)  # not part 2's copy
+
+    assert restore_parts(ckpt, run_dir, [0.5, 0.25]) == 6  # the last part's step
+    for k, (donor, lr) in enumerate(zip(donors, [0.5, 0.25])):
+        receiver = PartWorker(config(7), bounds, k, (1, 8, 8), train)  # another seed: other initial weights
+        before = {n: v.clone() for n, v in receiver.part.state_dict().items()}
+        receiver.restore_state(load_checkpoint(part_checkpoint_path(run_dir, k)))
+        after, expected = receiver.part.state_dict(), donor.part.state_dict()
+        assert not all(torch.equal(before[n], expected[n]) for n in expected)
+        assert all(torch.equal(after[n], expected[n]) for n in expected)
+        moments = [s["exp_avg_sq"] for s in receiver.trainer.optimizer.state.values()]
+        assert moments and all(
+            torch.equal(a, b["exp_avg_sq"]) for a, b in zip(moments, donor.trainer.optimizer.state.values())
+        )
+        assert receiver.step == 5 + k and receiver.trainer.base_lr == lr
+        x = receiver.data_batch() if k == 0 else y
+        receiver.trainer.step(x)
+        assert receiver.trainer.optimizer.param_groups[0]["lr"] == lr  # past warmup: exactly the new LR
+
+
+PBT_SPACE = """
+from ray import tune
+
+
+def space(parts):
+    return {f"lr_{k + 1}": tune.loguniform(3e-4, 1e-2) for k in range(parts)}
+
+
+def lrs(params, parts):
+    return [params[f"lr_{k + 1}"] for k in range(parts)]
+"""
+
+
+def test_pbt_study_continues_weak_trials_from_strong_ones(mnist_dir, tmp_path, monkeypatch, ray_session):
+    import tune_lr
+
+    monkeypatch.chdir(tmp_path)
+    space = tmp_path / "space.py"
+    space.write_text(PBT_SPACE)
+    storage = tmp_path / "studies"
+    # part 2 sleeps 0.2 s a step, so that the 1 s polls report before the run is over
+    opts = tiny_options(
+        mnist_dir, storage, parts=2, part_spec="1|2", epochs=6, progress=False, cpus_per_part=0.25, inject="slow:2@0.2"
+    )
+    argv = ["--space", str(space), "--trials", "2", "--report-every", "4", "--scheduler", "pbt", "--pbt-interval", "2"]
+    assert tune_lr.main([*argv, "--study", "p", *opts]) == 0
+    study = storage / "p"
+    ranking = (study / "ranking.md").read_text().splitlines()
+    assert len(ranking) == 2 + 2
+    results = {  # trial directory name -> its reported rows
+        trial.name: [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+        for trial in study.iterdir()
+        if trial.is_dir() and trial.name.startswith("run_trial")
+    }
+    # every trial trained to the end: 6 epochs of 4 steps, also across restores (lost latents made up)
+    assert len(results) == 2 and all(rows[-1]["finished"] and rows[-1]["steps"] == 24 for rows in results.values())
+    # Synchronous PBT: at a perturbation step the weaker trial continues from the stronger one's parts with
+    # perturbed copies of its LRs. Tune logs each as [target, clone, iterations, clone's config, new config];
+    # a trial's own rows say which checkpoint it continued from.
+    policy = [json.loads(line) for line in (study / "pbt_global.txt").read_text().splitlines()]
+    assert policy
+    new_lrs = {(new["lr_1"], new["lr_2"]) for *_, new in policy}
+    for *_, old, new in policy:
+        for k in (1, 2):  # perturbed by x0.8 / x1.2, or resampled from the space
+            ratio = new[f"lr_{k}"] / old[f"lr_{k}"]
+            assert math.isclose(ratio, 0.8) or math.isclose(ratio, 1.2) or 3e-4 <= new[f"lr_{k}"] <= 1e-2
+    exploits = [
+        row
+        for name, rows in results.items()
+        for row in rows
+        if row["restored_from"] and Path(row["restored_from"]).parent.name != name
+    ]
+    assert exploits, "PBT never continued a trial from another trial's checkpoint"
+    for row in exploits:
+        assert (row["lr_1"], row["lr_2"]) in new_lrs and 0 < row["resumed_at"] <= row["steps"]
+    assert (study / "best.json").is_file()
+    # a grid cannot be perturbed: refused before Ray is touched, one line, exit 2
+    grid = ROOT / "tune_spaces" / "grid.py"
+    assert tune_lr.main(["--space", str(grid), "--scheduler", "pbt", *opts]) == 2
+    assert tune_lr.main(["--space", str(space), "--scheduler", "hyperband", *opts]) == 2
