@@ -197,7 +197,7 @@ def tune_study(
     name: str,
     resume: bool = False,
     max_concurrent: int | None = None,
-    cpus_per_trial: float = 0.5,
+    cpus_per_trial: float | None = None,
     scheduler: str = "asha",
     pbt_interval: int = 2,
 ) -> Any:
@@ -210,6 +210,7 @@ def tune_study(
     space = check_study(space_path, base.parts, scheduler)
     param_space = space.space(base.parts)
     cpus_per_part = base.cpus_per_part or 0.5
+    cpus_per_trial = cpus_per_part if cpus_per_trial is None else cpus_per_trial  # it evaluates, a part's worth
     gpus_per_part = base.gpus_per_part or 0.0
     part_bundle = {"CPU": cpus_per_part} | ({"GPU": gpus_per_part} if gpus_per_part else {})
     base = base.model_copy(update={"cpus_per_part": cpus_per_part, "gpus_per_part": gpus_per_part})
@@ -285,7 +286,7 @@ def ranked_table(results: Any, parts: int) -> tuple[str, list[dict[str, Any]]]:
     lines = [
         "| rank | "
         + " | ".join(f"LR part {k + 1}" for k in range(parts))
-        + " | test BPD | diverged | rollbacks | steps | time (s) | stopped by ASHA |",
+        + " | test BPD | diverged | rollbacks | steps | time (s) | stopped early |",
         "|---" * (parts + 7) + "|",
     ]
     for i, r in enumerate(rows, 1):
