@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--train-subset", type=int, default=12800, help="images the async run trains on")
     p.add_argument("--gpu", action="store_true", help="one actor (and DDP worker) per GPU")
     p.add_argument("--skip-ddp", action="store_true")
+    p.add_argument("--part-spec", default=None, help="explicit parts (default: balanced on measured layer times)")
     args = p.parse_args()
 
     import ray
@@ -90,7 +91,7 @@ def main() -> None:
     base = dict(
         n_levels=2, depth=8, hidden=64, batch_size=64, schedule="async", parts=k,
         split="across-blocks", balance="measure", epochs=1, warmup_steps=50, device=device,
-        train_subset=args.train_subset, progress=True, queue_size=4,
+        train_subset=args.train_subset, progress=True, queue_size=4, part_spec=args.part_spec,
     )  # fmt: skip
     cpu_config = RunConfig(**base, threads=1, cpus_per_part=1.0, gpus_per_part=1.0 if args.gpu else 0.0)
     data = load_dataset("mnist").subset(args.train_subset, 1000)
