@@ -112,3 +112,24 @@ def test_queue_never_exceeds_its_bound():
     assert max(sizes) == 2 and min(sizes) >= 0
     assert [p["step"] for p in got] == list(range(12))
     assert torch.equal(ray.get(got[-1]["latent"]), torch.zeros(10))
+
+
+@pytest.mark.parametrize(
+    "cluster,options,expected",
+    [
+        ({"CPU": 16.0, "GPU": 3.0}, {}, (4.0, 1.0, 4)),  # one GPU per part when there is one for each
+        ({"CPU": 16.0, "GPU": 2.0}, {}, (4.0, 0.0, 4)),  # too few GPUs for 3 parts: all on CPUs
+        ({"CPU": 16.0, "GPU": 3.0}, {"device": "cpu"}, (4.0, 0.0, 4)),  # --device cpu keeps them off
+        ({"CPU": 2.0}, {}, (2 / 3, 0.0, 1)),  # fractional CPUs let 3 parts share 2 cores
+        ({"CPU": 2.0, "GPU": 1.0}, {"gpus_per_part": 0.25, "cpus_per_part": 0.5, "threads": 2}, (0.5, 0.25, 2)),
+    ],
+)
+def test_part_resources_ask_for_a_gpu_each_when_the_cluster_has_them(monkeypatch, cluster, options, expected):
+    import ray
+
+    from raylocal.ray_trainer import part_resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(cluster))
+    config = RunConfig(parts=3, **options)
+    cpus, gpus, threads = part_resources(config, 3)
+    assert (round(cpus, 6), gpus, threads) == (round(expected[0], 6), expected[1], expected[2])
