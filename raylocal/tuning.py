@@ -84,7 +84,7 @@ def restore_parts(checkpoint_dir: Path, run_dir: Path, lrs: list[float]) -> int:
 
     step = 0
     for k, lr in enumerate(lrs):
-        state = load_checkpoint(checkpoint_dir / f"part{k + 1}.pt")
+        state = load_checkpoint(part_checkpoint_path(checkpoint_dir, k))
         state["trainer"]["base_lr"] = lr
         save_checkpoint(part_checkpoint_path(run_dir, k), state)
         step = int(state["step"])
@@ -108,7 +108,7 @@ def run_trial(
     import ray
     from ray import tune
 
-    from raylocal.ray_trainer import gather_part_states, gather_weights, run_async_phase
+    from raylocal.ray_trainer import gather_part_states, gather_weights, part_checkpoint_path, run_async_phase
 
     base = RunConfig.model_validate_json(base_json)
     space = load_space(space_path, base.parts)
@@ -128,9 +128,8 @@ def run_trial(
     device = torch.device("cpu")
     next_report = [resumed_at + report_every]
 
-    def metrics(state: dict[str, torch.Tensor], polled: list[dict[str, Any]], done: bool) -> dict[str, Any]:
-        glow.load_state_dict(state)
-        bpd = evaluate_bpd(glow, data.test, config.eval_batch_size, device)
+    def row(bpd: float, polled: list[dict[str, Any]], done: bool) -> dict[str, Any]:
+        """One report; a non-finite BPD reports the trial as diverged."""
         rollbacks = sum(p.get("rollbacks", 0) for p in polled)
         diverged = not math.isfinite(bpd)
         out = {
@@ -144,6 +143,10 @@ def run_trial(
         }
         out.update({f"lr_{k + 1}": lr for k, lr in enumerate(lrs)})
         return out
+
+    def metrics(state: dict[str, torch.Tensor], polled: list[dict[str, Any]], done: bool) -> dict[str, Any]:
+        glow.load_state_dict(state)
+        return row(evaluate_bpd(glow, data.test, config.eval_batch_size, device), polled, done)
 
     last_polled: list[dict[str, Any]] = []
 
@@ -161,7 +164,7 @@ def run_trial(
             m["steps"] = int(states[-1]["step"])
             with tempfile.TemporaryDirectory() as tmp:
                 for k, state in enumerate(states):
-                    save_checkpoint(Path(tmp) / f"part{k + 1}.pt", state)
+                    save_checkpoint(part_checkpoint_path(Path(tmp), k), state)
                 tune.report(m, checkpoint=tune.Checkpoint.from_directory(tmp))
         if m["diverged"]:
             raise DivergedError(f"assembled model's BPD is not finite at step {m['steps']}")
@@ -169,19 +172,7 @@ def run_trial(
     try:
         state, stats, _, _ = run_async_phase(config, data, list(spec.bounds), Progress(False), trial_dir, monitor)
     except (DivergedError, ray.exceptions.RayTaskError) as e:
-        tune.report(
-            {
-                "test_bpd": DIVERGED_BPD,
-                "diverged": 1,
-                "rollbacks": sum(p.get("rollbacks", 0) for p in last_polled),
-                "steps": last_polled[-1]["steps"] if last_polled else 0,
-                "resumed_at": resumed_at,
-                "restored_from": restored_from,
-                "finished": 1,
-                "error": str(e)[:200],
-            }
-            | {f"lr_{k + 1}": lr for k, lr in enumerate(lrs)}
-        )
+        tune.report(row(math.nan, last_polled, done=True) | {"error": str(e)[:200]})
         return
     polled = [{"rollbacks": st["rollbacks"], "steps": st["steps"]} for st in stats]
     tune.report(metrics(state, polled, done=True))

@@ -111,7 +111,7 @@ def test_restore_parts_hands_over_weights_and_optimizer_with_new_lrs(mnist_dir, 
         w.step = w.stats.steps = 5 + k
     ckpt, run_dir = tmp_path / "tune-checkpoint", tmp_path / "trial"
     for k, w in enumerate(donors):
-        save_checkpoint(ckpt / f"part{k + 1}.pt", w.checkpoint_state())
+        save_checkpoint(part_checkpoint_path(ckpt, k), w.checkpoint_state())
 
     # the model PBT ranks is assembled from each part's own layers in its own checkpoint
     whole = assembled([w.checkpoint_state() for w in donors], Glow((1, 8, 8), **config(0).glow_kwargs()), bounds)
