@@ -23,7 +23,7 @@ from raylocal.config import RunConfig
 from raylocal.data import BatchStream
 from raylocal.errors import ClusterError
 from raylocal.objectives import nll_bits, preprocess
-from raylocal.train import build_glow, initialize
+from raylocal.train import build_glow, initialize, scheduled_lr
 
 WEIGHTS = "weights.pt"
 HISTORY = "history.json"
@@ -74,9 +74,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             batch = stream.next()
             if i % world != rank or i // world >= steps_per_epoch:
                 continue  # every K-th batch is this worker's
+            total = steps_per_epoch * loop_config["epochs"]
             for group in optimizer.param_groups:
-                warm = config.warmup_steps
-                group["lr"] = lr * min(1.0, (step + 1) / warm) if warm else lr
+                group["lr"] = scheduled_lr(lr, step, config.warmup_steps, total, config.lr_schedule)
             loss = model(preprocess(batch.to(device), config.n_bits, noise))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP all-reduces the gradients here

@@ -18,6 +18,7 @@ A split layer holds its own prior, so no boundary can separate the two.
 from __future__ import annotations
 
 import re
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -161,25 +162,29 @@ def estimated_costs(glow: Glow) -> list[float]:
     return [info.cost for info in glow.info]
 
 
-def measured_costs(glow: Glow, x: torch.Tensor, repeats: int = 3) -> list[float]:
-    """Seconds of forward + backward per layer on batch x (the layer's own input)."""
-    costs = []
+def measured_costs(glow: Glow, x: torch.Tensor, rounds: int = 5) -> list[float]:
+    """Seconds of forward + backward per layer on batch x (the layer's own input).
+
+    Every round times each layer once, and a layer's cost is its median over the
+    rounds: a burst of load on a shared machine then lands on every layer
+    alike instead of inflating a few neighbouring ones (which would move a
+    part boundary).
+    """
     with torch.no_grad():
         inputs = []
         for layer in glow.layers:
             inputs.append(x)
             x, _ = layer(x)
-    for layer, inp in zip(glow.layers, inputs):
-        inp = inp.clone().requires_grad_(True)
-        best = float("inf")
-        for _ in range(repeats):
+    inputs = [inp.clone().requires_grad_(True) for inp in inputs]
+    times: list[list[float]] = [[] for _ in inputs]
+    for _ in range(rounds + 1):  # the first round warms up and is dropped
+        for layer, inp, seen in zip(glow.layers, inputs, times):
             t = time.perf_counter()
             y, ld = layer(inp)
             (y.sum() + ld.sum()).backward()
-            best = min(best, time.perf_counter() - t)
-        costs.append(best)
+            seen.append(time.perf_counter() - t)
     glow.zero_grad(set_to_none=True)
-    return costs
+    return [statistics.median(seen[1:]) for seen in times]
 
 
 def _balanced(candidates: list[int], costs: list[float], n_parts: int, n_layers: int) -> list[int]:

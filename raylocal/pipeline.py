@@ -289,6 +289,7 @@ def run_part(
     st = worker.stats
     st.start_time = st.start_time or time.time()
     k = worker.index
+    worker.trainer.total_steps = n_steps  # every part trains n_steps steps (for LR decay)
     sync_every = worker.config.sync_every
     guard = lock if lock is not None else contextlib.nullcontext()
 

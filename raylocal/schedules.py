@@ -133,12 +133,15 @@ class SingleProcessRun:
         self.spec = spec or part_spec_for(config, self.glow, data.train)
         self.parts = [self.glow.part(a, b) for a, b in self.spec.bounds]
         lrs = config.part_lrs(len(self.parts)) if config.schedule != "e2e" else config.lr[:1]
-        self.trainers = [PartTrainer(p, lr, config, k) for k, (p, lr) in enumerate(zip(self.parts, lrs))]
         epochs = config.epochs + (config.finetune_epochs if config.schedule == "e2e" else 0)
         self.plan = epoch_plan(config.schedule, len(self.parts), epochs)
+        self.stream = BatchStream(data.train, config.batch_size, config.seed)
+        self.trainers = [
+            PartTrainer(p, lr, config, k, total_steps=len(self.stream) * sum(k in a for a in self.plan))
+            for k, (p, lr) in enumerate(zip(self.parts, lrs))
+        ]
         self.total_epochs = len(self.plan) + (0 if config.schedule == "e2e" else config.finetune_epochs)
         self.finetuner: PartTrainer | None = None
-        self.stream = BatchStream(data.train, config.batch_size, config.seed)
         self.noise = torch.Generator().manual_seed(config.seed + 1)
         self.state = RunState(part_time=[0.0] * len(self.parts))
         self.log = RunLog(run_dir)
@@ -243,7 +246,8 @@ class SingleProcessRun:
 
     def _make_finetuner(self) -> PartTrainer:
         lr = self.config.finetune_lr or min(self.config.lr)
-        return PartTrainer(self.glow.whole(), lr, self.config, index=len(self.parts))
+        total = len(self.stream) * self.config.finetune_epochs
+        return PartTrainer(self.glow.whole(), lr, self.config, index=len(self.parts), total_steps=total)
 
     # ------------------------------------------------------------ training
 

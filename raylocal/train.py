@@ -107,6 +107,17 @@ class StabilityGuard:
         self.mean, self.dev, self.count = float(state["mean"]), float(state["dev"]), int(state["count"])
 
 
+def scheduled_lr(base_lr: float, step: int, warmup: int, total: int, schedule: str) -> float:
+    """LR of update number ``step`` (0-based): linear warmup over ``warmup`` steps,
+    then constant, or (``cosine``) decayed along half a cosine to 0 at ``total``.
+    A ``total`` of 0 (not known) means constant."""
+    lr = base_lr * min(1.0, (step + 1) / warmup) if warmup else base_lr
+    if schedule == "cosine" and total > warmup:
+        progress = min(1.0, max(0.0, (step - warmup) / (total - warmup)))
+        lr *= 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr
+
+
 @dataclass
 class StepResult:
     output: Tensor  # the part's detached output for this batch (input of the next part)
@@ -130,6 +141,7 @@ class PartTrainer:
     base_lr: float
     config: RunConfig
     index: int = 0
+    total_steps: int = 0  # planned steps of this trainer's phase (for LR decay; 0: unknown)
     steps: int = 0  # batches processed (never rewound)
     rollbacks: int = 0
     events: list[RollbackEvent] = field(default_factory=list)
@@ -144,8 +156,8 @@ class PartTrainer:
 
     @property
     def lr(self) -> float:
-        warmup = self.config.warmup_steps
-        return self.base_lr * min(1.0, (self.steps + 1) / warmup) if warmup else self.base_lr
+        cfg = self.config
+        return scheduled_lr(self.base_lr, self.steps, cfg.warmup_steps, self.total_steps, cfg.lr_schedule)
 
     def step(self, x: Tensor) -> StepResult:
         """Train the part one step on input x (detached inside local_nll)."""

@@ -4,7 +4,7 @@
     python scripts/bench_async.py                  # 2 parts, CPU threads as issue 4 asks
     python scripts/bench_async.py --gpu            # one actor per GPU when GPUs are present
 
-Measures on MNIST (1x28x28, L=2, K=8, width 64, batch 64):
+Measures on MNIST (1x28x28, L=2, K=8 by default (--depth), width 64, batch 64):
   - one end-to-end process with 1 thread, and with 2 threads (images/s, optimizer included)
   - K part actors of 1 thread each (or 1 GPU each): images/s through the whole model
   - the latent queue's own overhead per step (put + get of one latent, no contention)
@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--train-subset", type=int, default=12800, help="images the async run trains on")
     p.add_argument("--gpu", action="store_true", help="one actor (and DDP worker) per GPU")
     p.add_argument("--skip-ddp", action="store_true")
+    p.add_argument("--depth", type=int, default=8, help="flow steps per block (K)")
     p.add_argument("--part-spec", default=None, help="explicit parts (default: balanced on measured layer times)")
     args = p.parse_args()
 
@@ -89,7 +90,7 @@ def main() -> None:
     k = args.parts
     device = "cuda" if args.gpu else "cpu"
     base = dict(
-        n_levels=2, depth=8, hidden=64, batch_size=64, schedule="async", parts=k,
+        n_levels=2, depth=args.depth, hidden=64, batch_size=64, schedule="async", parts=k,
         split="across-blocks", balance="measure", epochs=1, warmup_steps=50, device=device,
         train_subset=args.train_subset, progress=True, queue_size=4, part_spec=args.part_spec,
     )  # fmt: skip

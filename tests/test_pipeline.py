@@ -83,9 +83,11 @@ def _run_threads(config: RunConfig, train: torch.Tensor, queue_size: int = 1):
     return workers, results
 
 
-def test_threaded_pipeline_equals_simultaneous_schedule(mnist_dir, tmp_path):
+@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
+def test_threaded_pipeline_equals_simultaneous_schedule(mnist_dir, tmp_path, lr_schedule):
+    # with cosine decay this also checks that every worker decays over the same planned steps
     torch.set_num_threads(1)
-    config = _config(mnist_dir, storage_path=str(tmp_path))
+    config = _config(mnist_dir, storage_path=str(tmp_path), lr_schedule=lr_schedule)
     data = load_dataset("mnist", mnist_dir)
     workers, stats = _run_threads(config, data.train)
     reference = SingleProcessRun(config, data, tmp_path / "ref")

@@ -109,6 +109,26 @@ def test_per_part_learning_rates_reach_the_trainers(mnist_dir, tmp_path):
     assert [t.base_lr for t in run.trainers] == [1e-3, 5e-4, 1e-4]
 
 
+def test_cosine_decay_spans_each_parts_own_epochs_then_the_fine_tune(mnist_dir, tmp_path):
+    from raylocal.cli import load_data
+    from raylocal.schedules import SingleProcessRun
+
+    cfg = RunConfig(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, parts=3, schedule="alternating",
+        epochs=5, finetune_epochs=1, batch_size=16, lr_schedule="cosine", warmup_steps=2,
+        storage_path=str(tmp_path), init_batch_size=64, eval_batch_size=32, samples=0, progress=False,
+    )  # fmt: skip
+    run = SingleProcessRun(cfg, load_data(cfg), tmp_path / "x")
+    per_epoch = len(run.stream)
+    # alternating over 5 epochs: parts 1 and 2 train in two epochs each, part 3 in one
+    assert [t.total_steps for t in run.trainers] == [2 * per_epoch, 2 * per_epoch, per_epoch]
+    run.run()
+    assert [t.steps for t in run.trainers] == [t.total_steps for t in run.trainers]
+    assert run.finetuner.total_steps == per_epoch == run.finetuner.steps
+    # every trainer ends its phase with its LR decayed to zero
+    assert all(t.lr == pytest.approx(0.0, abs=1e-12) for t in [*run.trainers, run.finetuner])
+
+
 def test_diverging_part_is_rolled_back_visibly_and_survives(mnist_dir, tmp_path, capsys):
     # sequential: part 2 starts on part 1's frozen output with an absurd LR
     s = _run(

@@ -183,3 +183,17 @@ def test_repeated_divergence_gives_up_with_clear_error():
     with pytest.raises(DivergedError, match="part 1 diverged: 3 rollbacks"):
         for _ in range(3):
             trainer.step(x)
+
+
+def test_scheduled_lr_warms_up_then_follows_half_a_cosine_to_zero():
+    from raylocal.train import scheduled_lr
+
+    # warmup 10 steps, 110 in all: the cosine covers the 100 steps after warmup
+    assert scheduled_lr(1e-3, 4, 10, 110, "cosine") == pytest.approx(5e-4)  # (4+1)/10 of the way up
+    assert scheduled_lr(1e-3, 10, 10, 110, "cosine") == pytest.approx(1e-3)
+    assert scheduled_lr(1e-3, 60, 10, 110, "cosine") == pytest.approx(5e-4)  # half way: cos(pi/2) = 0
+    assert scheduled_lr(1e-3, 35, 10, 110, "cosine") == pytest.approx(1e-3 * (1 + 2**-0.5) / 2)
+    assert scheduled_lr(1e-3, 110, 10, 110, "cosine") == pytest.approx(0.0, abs=1e-15)
+    assert scheduled_lr(1e-3, 500, 10, 110, "cosine") == pytest.approx(0.0, abs=1e-15)
+    assert scheduled_lr(1e-3, 60, 10, 110, "constant") == 1e-3
+    assert scheduled_lr(1e-3, 60, 10, 0, "cosine") == 1e-3  # total unknown: constant
