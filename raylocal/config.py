@@ -61,8 +61,10 @@ class RunConfig(BaseModel):
     lr: list[float] = Field([1e-3], description="learning rate, or one per part: 1e-3,5e-4,1e-4")
     finetune_lr: float | None = Field(None, gt=0, description="fine-tune LR (default: smallest lr)")
     warmup_steps: int = Field(200, ge=0, description="linear LR warmup steps (per part)")
-    lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="LR after warmup: constant, or cosine decay to 0 over each trainer's steps"
+    lr_schedule: Literal["constant", "cosine", "cosine-run"] = Field(
+        "constant",
+        description="LR after warmup: constant; cosine: decay to 0 over each trainer's own steps; "
+        "cosine-run: one decay over the whole run (parts phase and fine-tune) that every trainer follows",
     )
     optimizer: Literal["adam", "adamax"] = Field("adam", description="optimizer")
     grad_clip: float = Field(50.0, ge=0, description="max gradient norm (0: no clipping)")

@@ -74,9 +74,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             batch = stream.next()
             if i % world != rank or i // world >= steps_per_epoch:
                 continue  # every K-th batch is this worker's
-            total = steps_per_epoch * loop_config["epochs"]
+            total = loop_config.get("lr_total") or steps_per_epoch * loop_config["epochs"]
+            position = loop_config.get("lr_clock", 0) + step
             for group in optimizer.param_groups:
-                group["lr"] = scheduled_lr(lr, step, config.warmup_steps, total, config.lr_schedule)
+                group["lr"] = scheduled_lr(lr, step, config.warmup_steps, total, config.lr_schedule, position)
             loss = model(preprocess(batch.to(device), config.n_bits, noise))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP all-reduces the gradients here
@@ -108,8 +109,13 @@ def train_ddp(
     storage: Path,
     state: dict[str, Tensor] | None = None,
     cpus_per_worker: float | None = None,
+    lr_clock: int = 0,
+    lr_total: int = 0,
 ) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
-    """Train end to end on ``workers`` DDP workers; returns (weights, per-epoch metrics)."""
+    """Train end to end on ``workers`` DDP workers; returns (weights, per-epoch metrics).
+
+    ``lr_clock`` and ``lr_total`` place this phase on a run-wide LR decay
+    (``cosine-run``): the first update is at ``lr_clock`` of ``lr_total`` steps."""
     import ray
     from ray.train import RunConfig as TrainRunConfig
     from ray.train import ScalingConfig
@@ -128,6 +134,8 @@ def train_ddp(
             "lr": lr,
             "threads": threads,
             "state": state,
+            "lr_clock": lr_clock,
+            "lr_total": lr_total,
         },  # fmt: skip
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
         run_config=TrainRunConfig(name="ddp", storage_path=str(storage.resolve())),

@@ -289,7 +289,10 @@ def run_part(
     st = worker.stats
     st.start_time = st.start_time or time.time()
     k = worker.index
-    worker.trainer.total_steps = n_steps  # every part trains n_steps steps (for LR decay)
+    # every part trains n_steps steps: its own steps are the run's clock
+    worker.trainer.total_steps = n_steps
+    if worker.config.lr_schedule == "cosine-run":  # the decay runs on through the fine-tune phase
+        worker.trainer.total_steps += worker.config.finetune_epochs * len(worker.stream)
     sync_every = worker.config.sync_every
     guard = lock if lock is not None else contextlib.nullcontext()
 

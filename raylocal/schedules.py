@@ -136,11 +136,20 @@ class SingleProcessRun:
         epochs = config.epochs + (config.finetune_epochs if config.schedule == "e2e" else 0)
         self.plan = epoch_plan(config.schedule, len(self.parts), epochs)
         self.stream = BatchStream(data.train, config.batch_size, config.seed)
+        self.total_epochs = len(self.plan) + (0 if config.schedule == "e2e" else config.finetune_epochs)
+        run_steps = len(self.stream) * self.total_epochs
         self.trainers = [
-            PartTrainer(p, lr, config, k, total_steps=len(self.stream) * sum(k in a for a in self.plan))
+            PartTrainer(
+                p,
+                lr,
+                config,
+                k,
+                total_steps=run_steps
+                if config.lr_schedule == "cosine-run"
+                else len(self.stream) * sum(k in a for a in self.plan),
+            )  # fmt: skip
             for k, (p, lr) in enumerate(zip(self.parts, lrs))
         ]
-        self.total_epochs = len(self.plan) + (0 if config.schedule == "e2e" else config.finetune_epochs)
         self.finetuner: PartTrainer | None = None
         self.noise = torch.Generator().manual_seed(config.seed + 1)
         self.state = RunState(part_time=[0.0] * len(self.parts))
@@ -246,7 +255,9 @@ class SingleProcessRun:
 
     def _make_finetuner(self) -> PartTrainer:
         lr = self.config.finetune_lr or min(self.config.lr)
-        total = len(self.stream) * self.config.finetune_epochs
+        total = len(self.stream) * (
+            self.total_epochs if self.config.lr_schedule == "cosine-run" else self.config.finetune_epochs
+        )
         return PartTrainer(self.glow.whole(), lr, self.config, index=len(self.parts), total_steps=total)
 
     # ------------------------------------------------------------ training
@@ -328,6 +339,9 @@ class SingleProcessRun:
             while self.stream.position < len(self.stream):
                 t0 = time.perf_counter()
                 x = preprocess(self.stream.next().to(self.device), cfg.n_bits, self.noise)
+                if cfg.lr_schedule == "cosine-run":  # every trainer follows the run's clock
+                    for t in [self.finetuner] if finetune else self.trainers:
+                        t.clock = self.state.global_step
                 if finetune:
                     results = {len(self.parts): self.finetuner.step(x)}
                 else:

@@ -107,13 +107,18 @@ class StabilityGuard:
         self.mean, self.dev, self.count = float(state["mean"]), float(state["dev"]), int(state["count"])
 
 
-def scheduled_lr(base_lr: float, step: int, warmup: int, total: int, schedule: str) -> float:
-    """LR of update number ``step`` (0-based): linear warmup over ``warmup`` steps,
-    then constant, or (``cosine``) decayed along half a cosine to 0 at ``total``.
+def scheduled_lr(
+    base_lr: float, step: int, warmup: int, total: int, schedule: str, position: int | None = None
+) -> float:
+    """LR of a trainer's update number ``step`` (0-based): linear warmup over
+    ``warmup`` steps, then constant, or (``cosine``, ``cosine-run``) decayed
+    along half a cosine to 0 at ``total``. ``position`` is where on the decay
+    this update is (default: ``step``; a run-wide clock for ``cosine-run``).
     A ``total`` of 0 (not known) means constant."""
     lr = base_lr * min(1.0, (step + 1) / warmup) if warmup else base_lr
-    if schedule == "cosine" and total > warmup:
-        progress = min(1.0, max(0.0, (step - warmup) / (total - warmup)))
+    if schedule != "constant" and total > warmup:
+        pos = step if position is None else position
+        progress = min(1.0, max(0.0, (pos - warmup) / (total - warmup)))
         lr *= 0.5 * (1.0 + math.cos(math.pi * progress))
     return lr
 
@@ -141,7 +146,8 @@ class PartTrainer:
     base_lr: float
     config: RunConfig
     index: int = 0
-    total_steps: int = 0  # planned steps of this trainer's phase (for LR decay; 0: unknown)
+    total_steps: int = 0  # length of the LR decay in steps (0: unknown, no decay)
+    clock: int | None = None  # position on the decay, set by the run (cosine-run); None: own steps
     steps: int = 0  # batches processed (never rewound)
     rollbacks: int = 0
     events: list[RollbackEvent] = field(default_factory=list)
@@ -157,7 +163,7 @@ class PartTrainer:
     @property
     def lr(self) -> float:
         cfg = self.config
-        return scheduled_lr(self.base_lr, self.steps, cfg.warmup_steps, self.total_steps, cfg.lr_schedule)
+        return scheduled_lr(self.base_lr, self.steps, cfg.warmup_steps, self.total_steps, cfg.lr_schedule, self.clock)
 
     def step(self, x: Tensor) -> StepResult:
         """Train the part one step on input x (detached inside local_nll)."""

@@ -197,3 +197,6 @@ def test_scheduled_lr_warms_up_then_follows_half_a_cosine_to_zero():
     assert scheduled_lr(1e-3, 500, 10, 110, "cosine") == pytest.approx(0.0, abs=1e-15)
     assert scheduled_lr(1e-3, 60, 10, 110, "constant") == 1e-3
     assert scheduled_lr(1e-3, 60, 10, 0, "cosine") == 1e-3  # total unknown: constant
+    # cosine-run: warmup on the trainer's own steps, decay at the run's position
+    assert scheduled_lr(1e-3, 0, 10, 110, "cosine-run", position=60) == pytest.approx(1e-4 * 0.5)
+    assert scheduled_lr(1e-3, 20, 10, 110, "cosine-run", position=60) == pytest.approx(5e-4)
