@@ -63,6 +63,10 @@ def table(ids: list[str], summaries: list[dict], configs: list[dict]) -> str:
     for i, s, c in zip(ids, summaries, configs):
         approach = s["schedule"] + (" + fine-tune" if s["finetune_epochs"] and s["schedule"] != "e2e" else "")
         lr = ",".join(f"{v:g}" for v in c.get("lr", [1e-3]))
+        if c.get("lr_schedule", "constant") != "constant":
+            lr += f" ({c['lr_schedule']})"
+        if c.get("finetune_lr"):
+            lr += f", fine-tune {c['finetune_lr']:g}"
         epochs = f"{s['epochs']}" + (f" + {s['finetune_epochs']}" if s["finetune_epochs"] else "")
         spec = s["parts"].replace("|", "\\|")  # a literal | would end the table cell
         rows.append(
