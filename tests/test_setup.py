@@ -51,3 +51,14 @@ def test_bundled_mnist_matches_shared_copy_checksums():
     }
     for name, digest in sums.items():
         assert hashlib.sha256((ROOT / "data" / "mnist" / name).read_bytes()).hexdigest() == digest
+
+
+def test_every_committed_config_file_validates():
+    from raylocal.config import read_config_file, validate_config
+
+    root = Path(__file__).resolve().parent.parent
+    files = sorted((root / "configs").glob("*/*.json"))
+    assert len(files) >= 10
+    for f in files:
+        config = validate_config(read_config_file(f), str(f))
+        assert config.run_name, f  # compare.py keys its reuse of finished runs on it
