@@ -68,13 +68,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     steps_per_epoch = len(stream) // world
     step = 0
     history = []
+    total = loop_config.get("lr_total") or steps_per_epoch * loop_config["epochs"]  # of the LR decay
     for epoch in range(loop_config["epochs"]):
         start = time.perf_counter()
         for i in range(len(stream)):
             batch = stream.next()
             if i % world != rank or i // world >= steps_per_epoch:
                 continue  # every K-th batch is this worker's
-            total = loop_config.get("lr_total") or steps_per_epoch * loop_config["epochs"]
             position = loop_config.get("lr_clock", 0) + step
             for group in optimizer.param_groups:
                 group["lr"] = scheduled_lr(lr, step, config.warmup_steps, total, config.lr_schedule, position)

@@ -40,7 +40,7 @@ from raylocal.data import BatchStream
 from raylocal.errors import CheckpointError
 from raylocal.links import LinkModel
 from raylocal.objectives import preprocess
-from raylocal.train import PartTrainer, build_glow
+from raylocal.train import PartTrainer, build_glow, decay_steps
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -289,10 +289,10 @@ def run_part(
     st = worker.stats
     st.start_time = st.start_time or time.time()
     k = worker.index
-    # every part trains n_steps steps: its own steps are the run's clock
-    worker.trainer.total_steps = n_steps
-    if worker.config.lr_schedule == "cosine-run":  # the decay runs on through the fine-tune phase
-        worker.trainer.total_steps += worker.config.finetune_epochs * len(worker.stream)
+    # every part trains n_steps steps, so its own steps are the run's clock; a
+    # run-wide decay runs on through the fine-tune phase
+    run_steps = n_steps + worker.config.finetune_epochs * len(worker.stream)
+    worker.trainer.total_steps = decay_steps(worker.config, n_steps, run_steps)
     sync_every = worker.config.sync_every
     guard = lock if lock is not None else contextlib.nullcontext()
 

@@ -482,8 +482,7 @@ def run_async(config: RunConfig, data: ImageData) -> dict[str, Any]:
         lr = config.finetune_lr or min(config.lr)
         run_clock = {}
         if config.lr_schedule == "cosine-run":  # continue the run's decay where the parts left it
-            per_epoch = len(data.train) // config.batch_size
-            run_clock = dict(lr_clock=finisher.state.global_step, lr_total=per_epoch * finisher.total_epochs)
+            run_clock = dict(lr_clock=finisher.state.global_step, lr_total=len(finisher.stream) * finisher.total_epochs)
         tuned, history = train_ddp(
             config, data.train, config.finetune_workers, config.finetune_epochs, lr, run_dir / "ddp", state,
             **run_clock,

@@ -37,6 +37,7 @@ from raylocal.train import (
     PartTrainer,
     StepResult,
     build_glow,
+    decay_steps,
     evaluate_bpd,
     initialize,
     resolve_device,
@@ -140,14 +141,8 @@ class SingleProcessRun:
         run_steps = len(self.stream) * self.total_epochs
         self.trainers = [
             PartTrainer(
-                p,
-                lr,
-                config,
-                k,
-                total_steps=run_steps
-                if config.lr_schedule == "cosine-run"
-                else len(self.stream) * sum(k in a for a in self.plan),
-            )  # fmt: skip
+                p, lr, config, k, total_steps=decay_steps(config, len(self.stream) * self.epochs_of(k), run_steps)
+            )
             for k, (p, lr) in enumerate(zip(self.parts, lrs))
         ]
         self.finetuner: PartTrainer | None = None
@@ -253,12 +248,16 @@ class SingleProcessRun:
         if self.state.history:
             self.state.history[-1]["test_bpd"] = bpd
 
+    def epochs_of(self, k: int) -> int:
+        """Epochs of the parts phase in which part k trains."""
+        return sum(k in active for active in self.plan)
+
     def _make_finetuner(self) -> PartTrainer:
-        lr = self.config.finetune_lr or min(self.config.lr)
-        total = len(self.stream) * (
-            self.total_epochs if self.config.lr_schedule == "cosine-run" else self.config.finetune_epochs
-        )
-        return PartTrainer(self.glow.whole(), lr, self.config, index=len(self.parts), total_steps=total)
+        cfg = self.config
+        lr = cfg.finetune_lr or min(cfg.lr)
+        per_epoch = len(self.stream)
+        total = decay_steps(cfg, per_epoch * cfg.finetune_epochs, per_epoch * self.total_epochs)
+        return PartTrainer(self.glow.whole(), lr, cfg, index=len(self.parts), total_steps=total)
 
     # ------------------------------------------------------------ training
 

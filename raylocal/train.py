@@ -123,6 +123,12 @@ def scheduled_lr(
     return lr
 
 
+def decay_steps(config: RunConfig, own_steps: int, run_steps: int) -> int:
+    """Steps a trainer's LR decay spans: its own (``cosine``) or the whole run's
+    (``cosine-run``, parts phase and fine-tune)."""
+    return run_steps if config.lr_schedule == "cosine-run" else own_steps
+
+
 @dataclass
 class StepResult:
     output: Tensor  # the part's detached output for this batch (input of the next part)
