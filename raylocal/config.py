@@ -67,6 +67,11 @@ class RunConfig(BaseModel):
         "cosine-run: one decay over the whole run (parts phase and fine-tune) that every trainer follows",
     )
     optimizer: Literal["adam", "adamax"] = Field("adam", description="optimizer")
+    compile: bool = Field(
+        False,
+        description="compile each part's training step with torch.compile (the first step compiles: "
+        "1-2 min on 2 CPU cores, seconds once cached; then about 1.2x faster on CPU)",
+    )
     grad_clip: float = Field(50.0, ge=0, description="max gradient norm (0: no clipping)")
     rollback_factor: float = Field(
         8.0, gt=0, description="roll back when loss exceeds its running mean by this many mean deviations"

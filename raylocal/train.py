@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,31 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' requested but no GPU is visible to torch")
     return torch.device(name)
+
+
+def require_compiler(device: torch.device) -> None:
+    """torch.compile on CPU generates C++: fail at the start, in one line, without a compiler."""
+    if device.type != "cpu":
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - inductor raises its own types for "none found"
+        raise ConfigError("--compile on CPU needs a C++ compiler (g++ or $CXX); none was found") from None
+
+
+def training_nll(config: RunConfig, device: torch.device) -> Callable[[Part, Tensor], tuple[Tensor, Tensor]]:
+    """The local objective a trainer differentiates: ``local_nll``, compiled when
+    ``config.compile`` asks for it (one graph for the forward, the log-dets and
+    the prior, fused element-wise work; the backward is compiled with it)."""
+    if not config.compile:
+        return local_nll
+    require_compiler(device)
+    # Every part is one entry in the compile cache of local_nll's code; past the
+    # default limit (8) torch would silently run the later parts eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(local_nll, dynamic=False)
 
 
 def build_glow(config: RunConfig, image_shape: tuple[int, int, int]) -> Glow:
@@ -163,6 +189,8 @@ class PartTrainer:
         opt_cls = torch.optim.Adamax if self.config.optimizer == "adamax" else torch.optim.Adam
         self.optimizer = opt_cls(params, lr=self.base_lr)
         self.guard = StabilityGuard(self.config.rollback_factor)
+        device = next(iter(params)).device if params else torch.device("cpu")
+        self._nll = training_nll(self.config, device)  # the rechecks and rollbacks stay eager
         self._snapshot: dict[str, Any] | None = None
         self._last: tuple[Tensor, float] | None = None  # last update's batch and loss before it
 
@@ -177,7 +205,7 @@ class PartTrainer:
             self._take_snapshot()  # the initial weights: the state of last resort
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        nll, y = local_nll(self.part, x)
+        nll, y = self._nll(self.part, x)
         loss = nll.mean()
         loss_value = float(loss.detach())
         problem = self.guard.check(loss_value)

@@ -147,6 +147,17 @@ def test_bad_input(case, extra, message, mnist_dir, tmp_path, capsys):
     assert not list(storage.glob("*/checkpoint.pt")) and not list(storage.glob("*/summary.json"))
 
 
+def test_compile_without_a_cxx_compiler_is_one_line(mnist_dir, tmp_path, capsys, monkeypatch):
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "no-such-c++"))
+    storage = tmp_path / "runs"
+    assert main(tiny_options(mnist_dir, storage, compile=True, device="cpu")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --compile on CPU needs a C++ compiler (g++ or $CXX); none was found"]
+    assert not list(storage.glob("*/checkpoint.pt"))
+
+
 def test_there_are_at_least_25_cases():
     assert len(CASES) >= 25
 
