@@ -147,12 +147,13 @@ def test_bad_input(case, extra, message, mnist_dir, tmp_path, capsys):
     assert not list(storage.glob("*/checkpoint.pt")) and not list(storage.glob("*/summary.json"))
 
 
-def test_compile_without_a_cxx_compiler_is_one_line(mnist_dir, tmp_path, capsys, monkeypatch):
+def test_compile_without_a_cxx_compiler_is_one_line(mnist_dir, tmp_path, capsys):
     import torch._inductor.config
 
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "no-such-c++"))
     storage = tmp_path / "runs"
-    assert main(tiny_options(mnist_dir, storage, compile=True, device="cpu")) == 2
+    # inductor's own patcher: pytest's monkeypatch would delete the setting on undo
+    with torch._inductor.config.patch({"cpp.cxx": (None, "no-such-c++")}):
+        assert main(tiny_options(mnist_dir, storage, compile=True, device="cpu")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --compile on CPU needs a C++ compiler (g++ or $CXX); none was found"]
     assert not list(storage.glob("*/checkpoint.pt"))
