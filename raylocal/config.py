@@ -69,7 +69,8 @@ class RunConfig(BaseModel):
     optimizer: Literal["adam", "adamax"] = Field("adam", description="optimizer")
     compile: bool = Field(
         False,
-        description="compile each part's training step with torch.compile (the first step compiles: "
+        description="compile the training step of every part and of the single-process fine-tune with "
+        "torch.compile; DDP workers run eagerly (the first step compiles: "
         "1-2 min on 2 CPU cores, seconds once cached; then about 1.2x faster on CPU)",
     )
     grad_clip: float = Field(50.0, ge=0, description="max gradient norm (0: no clipping)")

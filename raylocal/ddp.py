@@ -23,7 +23,7 @@ from raylocal.config import RunConfig
 from raylocal.data import BatchStream
 from raylocal.errors import ClusterError
 from raylocal.objectives import nll_bits, preprocess
-from raylocal.train import build_glow, initialize, require_compiler, scheduled_lr
+from raylocal.train import build_glow, initialize, scheduled_lr
 
 WEIGHTS = "weights.pt"
 HISTORY = "history.json"
@@ -59,9 +59,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         x0 = preprocess(images[: config.init_batch_size].to(device), config.n_bits, noise)
         initialize([glow.whole()], x0)  # identical on every worker: same data, same seed
     model = ray.train.torch.prepare_model(NLL(glow))
-    if config.compile:
-        require_compiler(device)
-        model = torch.compile(model, dynamic=False)  # DDP-aware: graphs split at gradient buckets
     opt_cls = torch.optim.Adamax if config.optimizer == "adamax" else torch.optim.Adam
     lr = loop_config["lr"]
     optimizer = opt_cls(model.parameters(), lr=lr)
