@@ -39,6 +39,7 @@ from raylocal.train import PartTrainer, build_glow, initialize, resolve_device  
 
 def e2e_throughput(config: RunConfig, images: torch.Tensor, threads: int, seconds: float) -> float:
     torch.set_num_threads(threads)
+    torch._dynamo.reset()  # (--compile) inductor's kernels fix their thread count when compiled
     device = resolve_device(config.device)
     glow = build_glow(config, tuple(images.shape[1:])).to(device)
     noise = torch.Generator().manual_seed(1)
@@ -46,7 +47,7 @@ def e2e_throughput(config: RunConfig, images: torch.Tensor, threads: int, second
     trainer = PartTrainer(glow.whole(), 1e-3, config)
     batches = [preprocess(images[i * 64 : (i + 1) * 64].to(device), 8, noise) for i in range(20)]
     for b in batches[:3]:
-        trainer.step(b)
+        trainer.step(b)  # (with --compile, the first of these compiles)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or n < 5:
         trainer.step(batches[n % len(batches)])
@@ -81,6 +82,7 @@ def main() -> None:
     p.add_argument("--skip-ddp", action="store_true")
     p.add_argument("--depth", type=int, default=8, help="flow steps per block (K)")
     p.add_argument("--part-spec", default=None, help="explicit parts (default: balanced on measured layer times)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the e2e and part steps alike")
     args = p.parse_args()
 
     import ray
@@ -94,6 +96,7 @@ def main() -> None:
         n_levels=2, depth=args.depth, hidden=64, batch_size=64, schedule="async", parts=k,
         split="across-blocks", balance="measure", epochs=1, warmup_steps=50, device=device,
         train_subset=args.train_subset, progress=True, queue_size=4, part_spec=args.part_spec,
+        compile=args.compile,
     )  # fmt: skip
     cpu_config = RunConfig(**base, threads=1, cpus_per_part=1.0, gpus_per_part=1.0 if args.gpu else 0.0)
     data = load_dataset("mnist").subset(args.train_subset, 1000)
