@@ -55,6 +55,9 @@ class RunConfig(BaseModel):
     schedule: Schedule = Field("e2e", description="e2e | sequential | alternating | simultaneous | async")
     epochs: int = Field(1, ge=0, description="epochs of the schedule (per part for sequential)")
     finetune_epochs: int = Field(0, ge=0, description="end-to-end fine-tune epochs afterwards")
+    alternate_every: int = Field(
+        0, ge=0, description="alternating: switch the trained part every N batches (0: every epoch, the reference)"
+    )
     batch_size: int = Field(64, ge=1, description="training batch size")
     eval_batch_size: int = Field(500, ge=1, description="evaluation batch size")
     init_batch_size: int = Field(512, ge=1, description="batch for ActNorm's data-dependent init")
@@ -162,6 +165,10 @@ class RunConfig(BaseModel):
     def _check_combination(self) -> RunConfig:
         if len(self.lr) not in (1, self.parts):
             raise ValueError(f"lr has {len(self.lr)} values but there are {self.parts} parts")
+        if self.alternate_every and self.schedule != "alternating":
+            raise ValueError(
+                f"alternate_every={self.alternate_every} applies to the alternating schedule, not {self.schedule!r}"
+            )
         return self
 
     def part_lrs(self, n_parts: int) -> list[float]:

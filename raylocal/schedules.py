@@ -7,7 +7,8 @@ active one run forward without autograd, parts downstream of it are not run.
 
 - e2e:          one part (the whole model), every epoch
 - sequential:   part 1 for ``epochs`` epochs, then part 2 on part 1's frozen output, ...
-- alternating:  epoch e trains part e mod K (the reference method)
+- alternating:  epoch e trains part e mod K (the reference method); with
+                ``alternate_every=N``, batch b of the parts phase trains part (b // N) mod K
 - simultaneous: every part steps on every batch, each on its upstream's
                 detached output for that batch (the single-process twin of async)
 then ``finetune_epochs`` of end-to-end training of the assembled model.
@@ -137,12 +138,12 @@ class SingleProcessRun:
         epochs = config.epochs + (config.finetune_epochs if config.schedule == "e2e" else 0)
         self.plan = epoch_plan(config.schedule, len(self.parts), epochs)
         self.stream = BatchStream(data.train, config.batch_size, config.seed)
+        if config.alternate_every:  # every epoch involves every part; active_at picks one per batch
+            self.plan = [tuple(range(len(self.parts)))] * len(self.plan)
         self.total_epochs = len(self.plan) + (0 if config.schedule == "e2e" else config.finetune_epochs)
         run_steps = len(self.stream) * self.total_epochs
         self.trainers = [
-            PartTrainer(
-                p, lr, config, k, total_steps=decay_steps(config, len(self.stream) * self.epochs_of(k), run_steps)
-            )
+            PartTrainer(p, lr, config, k, total_steps=decay_steps(config, self.steps_of(k), run_steps))
             for k, (p, lr) in enumerate(zip(self.parts, lrs))
         ]
         self.finetuner: PartTrainer | None = None
@@ -248,9 +249,19 @@ class SingleProcessRun:
         if self.state.history:
             self.state.history[-1]["test_bpd"] = bpd
 
-    def epochs_of(self, k: int) -> int:
-        """Epochs of the parts phase in which part k trains."""
-        return sum(k in active for active in self.plan)
+    def active_at(self, epoch: int, position: int) -> tuple[int, ...]:
+        """The parts that train on batch ``position`` of ``epoch`` (none in the fine-tune)."""
+        if epoch >= len(self.plan):
+            return ()
+        every = self.config.alternate_every
+        if every:
+            return ((epoch * len(self.stream) + position) // every % len(self.parts),)
+        return self.plan[epoch]
+
+    def steps_of(self, k: int) -> int:
+        """Batches of the parts phase on which part k trains."""
+        n = len(self.stream)
+        return sum(k in self.active_at(e, b) for e in range(len(self.plan)) for b in range(n))
 
     def _make_finetuner(self) -> PartTrainer:
         cfg = self.config
@@ -321,21 +332,26 @@ class SingleProcessRun:
                 x0 = self.data.train[: cfg.init_batch_size].to(self.device)
                 initialize(self.parts, preprocess(x0, cfg.n_bits, self.noise))
             (self.log.dir / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
-        prev_active: tuple[int, ...] = ()
+        last_step: dict[int, int] = {}  # global step at which each part last trained
         stopped = None
         while self.stream.epoch < self.total_epochs and stopped is None:
             epoch = self.stream.epoch
             finetune = epoch >= len(self.plan)
             if finetune and self.finetuner is None:
                 self.finetuner = self._make_finetuner()
-            active = () if finetune else self.plan[epoch]
-            for k in active:
-                if k > 0 and k not in prev_active:
-                    self.trainers[k].guard.reset()  # its inputs changed while it waited
-            prev_active = active
             epoch_losses: dict[int, list[float]] = {}
             t_epoch = time.perf_counter()
+            trained: set[int] = set()  # parts that trained in this epoch
             while self.stream.position < len(self.stream):
+                active = self.active_at(epoch, self.stream.position)
+                for k in active:
+                    last = last_step.get(k)  # None: first step of this part in this process
+                    if k > 0 and (last is None or self.state.global_step - last > len(self.stream)):
+                        # Its inputs changed while it waited an epoch. (After shorter
+                        # waits the trainer's own recheck tells input drift from harm.)
+                        self.trainers[k].guard.reset()
+                    last_step[k] = self.state.global_step
+                trained.update(active)
                 t0 = time.perf_counter()
                 x = preprocess(self.stream.next().to(self.device), cfg.n_bits, self.noise)
                 if cfg.lr_schedule == "cosine-run":  # every trainer follows the run's clock
@@ -361,7 +377,7 @@ class SingleProcessRun:
                 if cfg.time_budget and self.state.elapsed >= cfg.time_budget:
                     stopped = f"time budget of {cfg.time_budget:g}s reached"
                     break
-            for trainer in [self.finetuner] if finetune else [self.trainers[k] for k in active]:
+            for trainer in [self.finetuner] if finetune else [self.trainers[k] for k in sorted(trained)]:
                 problem = trainer.validate()
                 if problem:
                     self._report_events({trainer.index: StepResult(torch.empty(0), float("nan"), event=problem)})
@@ -371,7 +387,7 @@ class SingleProcessRun:
             entry = {
                 "epoch": epoch + 1,
                 "phase": "finetune" if finetune else "parts",
-                "active": [k + 1 for k in active],
+                "active": [k + 1 for k in sorted(trained)],
                 "test_bpd": bpd,
                 "local_loss": {str(k + 1): sum(v) / len(v) for k, v in epoch_losses.items() if v},
                 "epoch_time": epoch_time,

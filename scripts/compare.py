@@ -61,7 +61,10 @@ def table(ids: list[str], summaries: list[dict], configs: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for i, s, c in zip(ids, summaries, configs):
-        approach = s["schedule"] + (" + fine-tune" if s["finetune_epochs"] and s["schedule"] != "e2e" else "")
+        approach = s["schedule"]
+        if c.get("alternate_every"):
+            approach += f" every {c['alternate_every']} batches"
+        approach += " + fine-tune" if s["finetune_epochs"] and s["schedule"] != "e2e" else ""
         lr = ",".join(f"{v:g}" for v in c.get("lr", [1e-3]))
         if c.get("lr_schedule", "constant") != "constant":
             lr += f" ({c['lr_schedule']})"

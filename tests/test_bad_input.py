@@ -76,6 +76,11 @@ CASES = [
     ("unknown-schedule", {"schedule": "sometimes"}, "schedule: Input should be 'e2e', 'sequential'"),
     ("n-bits", {"n_bits": 9}, "n_bits: Input should be less than or equal to 8"),
     ("negative-epochs", {"epochs": -1}, "epochs: Input should be greater than or equal to 0"),
+    (
+        "alternate-every-wrong-schedule",
+        {"schedule": "simultaneous", "parts": 2, "alternate_every": 10},
+        "alternate_every=10 applies to the alternating schedule, not 'simultaneous'",
+    ),
     ("bad-link", {"link": "sometimes"}, "link 'sometimes' is not 'up'"),
     ("unknown-flag", ["--learning-rate", "1"], "unrecognized arguments: --learning-rate 1"),
     ("batch-larger-than-data", {"batch_size": 1000}, "batch size 1000 is larger than the 64 training images"),

@@ -26,13 +26,18 @@ def _summary(schedule, parts, bpd, wall, finetune=0):
 
 def test_table_names_lr_schedule_and_fine_tune_lr_and_escapes_the_spec():
     compare = _compare()
-    summaries = [_summary("e2e", "1,2", 1.91554, 339.4), _summary("simultaneous", "1[:5]|1[5:],2", 1.9382, 422.0, 3)]
-    configs = [{"lr": [1e-3], "lr_schedule": "cosine"}, {"lr": [1e-3], "finetune_lr": 5e-4}]
-    rows = compare.table(["1", "6"], summaries, configs).splitlines()
+    summaries = [
+        _summary("e2e", "1,2", 1.91554, 339.4),
+        _summary("simultaneous", "1[:5]|1[5:],2", 1.9382, 422.0, 3),
+        _summary("alternating", "1|2", 2.0, 250.0, 3),
+    ]
+    configs = [{"lr": [1e-3], "lr_schedule": "cosine"}, {"lr": [1e-3], "finetune_lr": 5e-4}, {"alternate_every": 50}]
+    rows = compare.table(["1", "6", "41"], summaries, configs).splitlines()
     assert rows[2] == "| 1 | e2e | 1 | 1,2 | 0.001 (cosine) | 9 | 1.9155 | 339 |"
     assert rows[3] == (
         "| 6 | simultaneous + fine-tune | 2 | 1[:5]\\|1[5:],2 | 0.001, fine-tune 0.0005 | 6 + 3 | 1.9382 | 422 |"
     )
+    assert rows[4] == "| 41 | alternating every 50 batches + fine-tune | 2 | 1\\|2 | 0.001 | 6 + 3 | 2.0000 | 250 |"
 
 
 def test_bpd_at_a_wall_time_interpolates_between_evaluations():

@@ -159,6 +159,35 @@ def test_cosine_run_gives_every_trainer_the_lr_of_the_runs_position(mnist_dir, t
     assert [lr for _, lr in applied] == pytest.approx(expected, rel=1e-9, abs=1e-15)
 
 
+def test_alternating_every_n_batches_switches_parts_mid_epoch(mnist_dir, tmp_path, monkeypatch):
+    from raylocal.cli import load_data
+    from raylocal.schedules import SingleProcessRun
+
+    trained = []  # trainer index of every step, in the order of the run's batches
+    original = PartTrainer.step
+
+    def recording(self, x):
+        trained.append(self.index)
+        return original(self, x)
+
+    monkeypatch.setattr(PartTrainer, "step", recording)
+    cfg = RunConfig(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, parts=2, schedule="alternating",
+        alternate_every=3, epochs=2, finetune_epochs=1, batch_size=16, lr_schedule="cosine", warmup_steps=0,
+        storage_path=str(tmp_path), init_batch_size=64, eval_batch_size=32, samples=0, progress=False,
+    )  # fmt: skip
+    run = SingleProcessRun(cfg, load_data(cfg), tmp_path / "x")
+    per_epoch = len(run.stream)
+    assert per_epoch == 4  # 64 training images / 16: so a switch falls inside each epoch
+    # parts-phase batches 0-2 -> part 1, 3-5 -> part 2, 6-7 -> part 1, across the epoch boundary
+    parts_phase = [0, 0, 0, 1, 1, 1, 0, 0]
+    assert [t.total_steps for t in run.trainers] == [5, 3]  # each part's cosine spans its own batches
+    s = run.run()
+    assert trained == parts_phase + [2] * per_epoch
+    assert [t.steps for t in run.trainers] == [5, 3]
+    assert [h["active"] for h in s["history"]] == [[1, 2], [1, 2], []]
+
+
 def test_diverging_part_is_rolled_back_visibly_and_survives(mnist_dir, tmp_path, capsys):
     # sequential: part 2 starts on part 1's frozen output with an absurd LR
     s = _run(
