@@ -189,7 +189,7 @@ class PartTrainer:
         opt_cls = torch.optim.Adamax if self.config.optimizer == "adamax" else torch.optim.Adam
         self.optimizer = opt_cls(params, lr=self.base_lr)
         self.guard = StabilityGuard(self.config.rollback_factor)
-        device = next(iter(params)).device if params else torch.device("cpu")
+        device = params[0].device if params else torch.device("cpu")
         self._nll = training_nll(self.config, device)  # the rechecks and rollbacks stay eager
         self._snapshot: dict[str, Any] | None = None
         self._last: tuple[Tensor, float] | None = None  # last update's batch and loss before it
