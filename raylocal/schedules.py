@@ -45,9 +45,11 @@ from raylocal.train import (
 )
 
 
-def epoch_plan(schedule: str, n_parts: int, epochs: int) -> list[tuple[int, ...]]:
-    """Which parts train in each epoch of the parts phase."""
-    if schedule in ("e2e", "simultaneous", "async"):
+def epoch_plan(schedule: str, n_parts: int, epochs: int, alternate_every: int = 0) -> list[tuple[int, ...]]:
+    """Which parts train in each epoch of the parts phase. Alternating every N
+    batches involves every part in every epoch (``SingleProcessRun.active_at``
+    picks one per batch)."""
+    if schedule in ("e2e", "simultaneous", "async") or (schedule == "alternating" and alternate_every):
         return [tuple(range(n_parts))] * epochs
     if schedule == "sequential":
         return [(k,) for k in range(n_parts) for _ in range(epochs)]
@@ -136,10 +138,8 @@ class SingleProcessRun:
         self.parts = [self.glow.part(a, b) for a, b in self.spec.bounds]
         lrs = config.part_lrs(len(self.parts)) if config.schedule != "e2e" else config.lr[:1]
         epochs = config.epochs + (config.finetune_epochs if config.schedule == "e2e" else 0)
-        self.plan = epoch_plan(config.schedule, len(self.parts), epochs)
+        self.plan = epoch_plan(config.schedule, len(self.parts), epochs, config.alternate_every)
         self.stream = BatchStream(data.train, config.batch_size, config.seed)
-        if config.alternate_every:  # every epoch involves every part; active_at picks one per batch
-            self.plan = [tuple(range(len(self.parts)))] * len(self.plan)
         self.total_epochs = len(self.plan) + (0 if config.schedule == "e2e" else config.finetune_epochs)
         run_steps = len(self.stream) * self.total_epochs
         self.trainers = [

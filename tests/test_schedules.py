@@ -18,6 +18,7 @@ from raylocal.train import PartTrainer, initialize
 
 def test_epoch_plans():
     assert epoch_plan("alternating", 2, 5) == [(0,), (1,), (0,), (1,), (0,)]
+    assert epoch_plan("alternating", 2, 2, alternate_every=50) == [(0, 1), (0, 1)]
     assert epoch_plan("sequential", 3, 2) == [(0,), (0,), (1,), (1,), (2,), (2,)]
     assert epoch_plan("simultaneous", 2, 2) == [(0, 1), (0, 1)]
     assert epoch_plan("e2e", 1, 2) == [(0,), (0,)]
