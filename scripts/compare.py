@@ -9,12 +9,20 @@ epoch-time ratios and the same-wall-clock comparison) and ``<out>.png`` (test
 BPD against epoch, one line per run, a dashed line where fine-tuning starts).
 A config's ID is the number its file name starts with (``3-alt-2p.json`` -> 3).
 Runs already finished under --storage-path are reused unless --rerun is given.
+
+With ``--seeds 0,1,2,3`` every config runs once per seed (a config's own seed,
+0 unless it sets one, keeps its run name; other seeds add ``-seed<N>``) and
+``<out>.md`` gains a table of paired differences from the e2e run of the same
+seed, with their mean, a 95% Student-t interval and what that interval decides
+about the targets: within 0.02 BPD of e2e at the same epochs, better than e2e
+at the same wall clock.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -25,12 +33,38 @@ import numpy as np  # noqa: E402
 
 from raylocal.cli import run, set_threads  # noqa: E402
 from raylocal.config import read_config_file, validate_config  # noqa: E402
-from raylocal.errors import RaylocalError  # noqa: E402
+from raylocal.errors import ConfigError, RaylocalError  # noqa: E402
 
 
-def run_config(path: Path, storage: str, rerun: bool) -> dict:
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` or ``"0-3"``; a one-line ConfigError naming the bad value otherwise."""
+    seeds: list[int] = []
+    for item in text.split(","):
+        first, _, last = item.strip().partition("-")
+        try:
+            lo, hi = int(first), int(last or first)
+        except ValueError:
+            raise ConfigError(f"--seeds: {item.strip()!r} is not a seed or a range like 0-3") from None
+        if lo < 0 or hi < lo:
+            raise ConfigError(f"--seeds: {item.strip()!r} is not a range of non-negative seeds")
+        seeds.extend(range(lo, hi + 1))
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: {text!r} names a seed twice")
+    return seeds
+
+
+def seeded(values: dict, seed: int) -> dict:
+    """The config run with another seed, under its own run name."""
+    if seed == values.get("seed", 0):
+        return values
+    return {**values, "seed": seed, "run_name": f"{values['run_name']}-seed{seed}"}
+
+
+def run_config(path: Path, storage: str, rerun: bool, seed: int | None = None) -> dict:
     values = read_config_file(path)
     values.setdefault("run_name", path.stem)
+    if seed is not None:
+        values = seeded(values, seed)
     values["storage_path"] = storage
     config = validate_config(values, str(path))
     summary_path = Path(storage) / config.run_name / "summary.json"
@@ -55,16 +89,19 @@ def bpd_at_time(summary: dict, seconds: float) -> float:
     return float(np.interp(seconds, times, [c["test_bpd"] for c in curve]))
 
 
+def approach(summary: dict, config: dict) -> str:
+    name = summary["schedule"]
+    if config.get("alternate_every"):
+        name += f" every {config['alternate_every']} batches"
+    return name + (" + fine-tune" if summary["finetune_epochs"] and summary["schedule"] != "e2e" else "")
+
+
 def table(ids: list[str], summaries: list[dict], configs: list[dict]) -> str:
     rows = [
         "| ID | approach | parts | spec | LR | epochs (+fine-tune) | test BPD | wall time (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for i, s, c in zip(ids, summaries, configs):
-        approach = s["schedule"]
-        if c.get("alternate_every"):
-            approach += f" every {c['alternate_every']} batches"
-        approach += " + fine-tune" if s["finetune_epochs"] and s["schedule"] != "e2e" else ""
         lr = ",".join(f"{v:g}" for v in c.get("lr", [1e-3]))
         if c.get("lr_schedule", "constant") != "constant":
             lr += f" ({c['lr_schedule']})"
@@ -73,7 +110,7 @@ def table(ids: list[str], summaries: list[dict], configs: list[dict]) -> str:
         epochs = f"{s['epochs']}" + (f" + {s['finetune_epochs']}" if s["finetune_epochs"] else "")
         spec = s["parts"].replace("|", "\\|")  # a literal | would end the table cell
         rows.append(
-            f"| {i} | {approach} | {s['n_parts']} | {spec} | {lr} | {epochs} | "
+            f"| {i} | {approach(s, c)} | {s['n_parts']} | {spec} | {lr} | {epochs} | "
             f"{s['test_bpd']:.4f} | {s['wall_time']:.0f} |"
         )
     return "\n".join(rows)
@@ -107,6 +144,89 @@ def analysis(ids: list[str], summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def t_quantile(p: float, dof: int) -> float:
+    """Student-t quantile, by bisection on the exact CDF for integer degrees of
+    freedom (Abramowitz & Stegun 26.7.3-4), so that no scipy is needed."""
+
+    def cdf(t: float) -> float:
+        theta = math.atan(abs(t) / math.sqrt(dof))
+        c2 = math.cos(theta) ** 2
+        if dof % 2:  # odd: (2/pi)(theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...))
+            term, total = 1.0, 1.0 if dof > 1 else 0.0
+            for k in range(1, (dof - 1) // 2):
+                term *= c2 * (2 * k) / (2 * k + 1)
+                total += term
+            a = 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+        else:  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
+            term, total = 1.0, 1.0
+            for k in range(1, dof // 2):
+                term *= c2 * (2 * k - 1) / (2 * k)
+                total += term
+            a = math.sin(theta) * total
+        return 0.5 + math.copysign(a / 2, t)
+
+    lo, hi = -1e3, 1e3
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and the two-sided Student-t interval of the mean (nan bounds for one value)."""
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = t_quantile(0.5 + level / 2, len(values) - 1) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def verdict(lo: float, hi: float, bound: float) -> str:
+    """What a 95% interval of (run - e2e) says about "at most ``bound``"."""
+    if math.isnan(lo):
+        return "one seed: no interval"
+    if hi <= bound:
+        return "**met**"
+    if lo > bound:
+        return "not met"
+    return "undecided"
+
+
+def difference_cells(diffs: list[float], bound: float) -> str:
+    """Table cells: the per-seed differences, their mean [95% interval], the verdict."""
+    m, lo, hi = mean_interval(diffs)
+    per_seed = ", ".join(f"{d:+.4f}" for d in diffs)
+    return f" {per_seed} | {m:+.4f} [{lo:+.4f}, {hi:+.4f}] | {verdict(lo, hi, bound)} |"
+
+
+def seeds_analysis(ids: list[str], runs: list[list[dict]], configs: list[dict], seeds: list[int]) -> str:
+    """Paired differences from the e2e run of the same seed (the e2e config with
+    the lowest mean BPD), with 95% intervals and what they decide."""
+    e2e = [k for k, r in enumerate(runs) if r[0]["schedule"] == "e2e"]
+    if not e2e or len(seeds) < 2:
+        return ""
+    ref = min(e2e, key=lambda k: np.mean([s["test_bpd"] for s in runs[k]]))
+    lines = [
+        f"Over seeds {', '.join(map(str, seeds))}; differences are paired with e2e run {ids[ref]} "
+        "of the same seed, intervals are 95% Student-t intervals of the mean difference.",
+        "",
+        "| ID | approach | test BPD per seed | mean ± std | − e2e per seed | mean − e2e [95%] "
+        "| within 0.02 | − e2e at the same wall time, per seed | mean [95%] | better at the same wall time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k, (i, r, c) in enumerate(zip(ids, runs, configs)):
+        bpd = [s["test_bpd"] for s in r]
+        row = f"| {i} | {approach(r[0], c)} | {', '.join(f'{b:.4f}' for b in bpd)} "
+        row += f"| {np.mean(bpd):.4f} ± {np.std(bpd, ddof=1):.4f} |"
+        if k == ref:
+            lines.append(row + " | | | | | |")
+            continue
+        diff = [s["test_bpd"] - e["test_bpd"] for s, e in zip(r, runs[ref])]
+        wall = [s["test_bpd"] - bpd_at_time(e, s["wall_time"]) for s, e in zip(r, runs[ref])]
+        lines.append(row + difference_cells(diff, 0.02) + difference_cells(wall, 0.0))
+    return "\n".join(lines)
+
+
 def figure(ids: list[str], summaries: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -137,19 +257,25 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True, help="output prefix for .md and .png")
     p.add_argument("--storage-path", default="runs/compare")
     p.add_argument("--rerun", action="store_true")
+    p.add_argument("--seeds", help='run every config once per seed ("0,1,2" or "0-3") and compare paired')
     args = p.parse_args()
     try:
+        seeds = parse_seeds(args.seeds) if args.seeds else [None]
         configs = [read_config_file(c) for c in args.configs]
-        summaries = [run_config(c, args.storage_path, args.rerun) for c in args.configs]
+        runs = [[run_config(c, args.storage_path, args.rerun, seed) for seed in seeds] for c in args.configs]
     except RaylocalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ids = [(re.match(r"\d+", c.stem) or re.match(r".*", c.stem)).group(0) for c in args.configs]
+    summaries = [r[0] for r in runs]  # the table and figure show the first seed
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    md = (
-        f"{table(ids, summaries, configs)}\n\n{analysis(ids, summaries)}\n\n"
-        f"Command: `python scripts/compare.py {' '.join(map(str, args.configs))} --out {args.out}`\n"
-    )
+    command = f"python scripts/compare.py {' '.join(map(str, args.configs))} --out {args.out}"
+    if args.seeds:
+        command += f" --seeds {args.seeds}"
+    md = f"{table(ids, summaries, configs)}\n\n{analysis(ids, summaries)}\n\n"
+    if args.seeds:
+        md += f"{seeds_analysis(ids, runs, configs, seeds)}\n\n"
+    md += f"Command: `{command}`\n"
     args.out.with_suffix(".md").write_text(md)
     figure(ids, summaries, args.out.with_suffix(".png"), args.out.name)
     print(md)

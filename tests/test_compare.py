@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
+
+from raylocal.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,3 +48,59 @@ def test_bpd_at_a_wall_time_interpolates_between_evaluations():
     run = {"curve": [{"elapsed": 10.0, "test_bpd": 4.0}, {"elapsed": 30.0, "test_bpd": 3.0}]}
     assert compare.bpd_at_time(run, 25.0) == pytest.approx(3.25)
     assert compare.bpd_at_time(run, 100.0) == pytest.approx(3.0)  # after the last evaluation: the last value
+
+
+def test_t_quantile_matches_closed_forms_and_the_table():
+    compare = _compare()
+    for p in (0.6, 0.9, 0.975, 0.995):
+        assert compare.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)  # Cauchy
+        assert compare.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9)
+    assert compare.t_quantile(0.975, 10) == pytest.approx(2.228, abs=1e-3)  # printed t tables
+    assert compare.t_quantile(0.975, 5) == pytest.approx(2.571, abs=1e-3)
+    assert compare.t_quantile(0.025, 5) == pytest.approx(-2.571, abs=1e-3)
+
+
+def test_mean_interval_by_hand():
+    compare = _compare()
+    mean, lo, hi = compare.mean_interval([1.0, 2.0, 3.0])  # std 1, se 1/sqrt(3), t(0.975, 2) = 4.3027
+    half = 4.302653 / math.sqrt(3)
+    assert (mean, lo, hi) == pytest.approx((2.0, 2.0 - half, 2.0 + half), abs=1e-5)
+    mean, lo, hi = compare.mean_interval([1.5])
+    assert mean == 1.5 and math.isnan(lo) and math.isnan(hi)
+
+
+def test_seeds_are_parsed_and_named():
+    compare = _compare()
+    assert compare.parse_seeds("0-3") == [0, 1, 2, 3]
+    assert compare.parse_seeds("0, 2,5") == [0, 2, 5]
+    for bad in ("a", "3-1", "0,0", "-1"):
+        with pytest.raises(ConfigError, match="--seeds"):
+            compare.parse_seeds(bad)
+    values = {"run_name": "r", "seed": 1}
+    assert compare.seeded(values, 1) == values  # a config's own seed keeps its run
+    assert compare.seeded(values, 2) == {"run_name": "r-seed2", "seed": 2}
+    assert compare.seeded({"run_name": "r"}, 0)["run_name"] == "r"
+
+
+def _seeded_run(schedule, bpd, wall):
+    curve = [{"elapsed": 0.0, "test_bpd": bpd + 1.0}, {"elapsed": 100.0, "test_bpd": bpd}]
+    return {"schedule": schedule, "finetune_epochs": 3, "test_bpd": bpd, "wall_time": wall, "curve": curve}
+
+
+def test_seed_table_pairs_runs_by_seed_and_decides_with_the_interval():
+    compare = _compare()
+    e2e = [_seeded_run("e2e", b, 100.0) for b in (2.0, 2.2, 1.9)]
+    close = [_seeded_run("simultaneous", b + d, 100.0) for b, d in zip((2.0, 2.2, 1.9), (0.010, 0.012, 0.011))]
+    noisy = [_seeded_run("async", b + d, 50.0) for b, d in zip((2.0, 2.2, 1.9), (0.1, -0.1, 0.05))]
+    behind = [_seeded_run("alternating", b + d, 100.0) for b, d in zip((2.0, 2.2, 1.9), (0.05, 0.06, 0.055))]
+    rows = compare.seeds_analysis(["1", "6", "9", "4"], [e2e, close, noisy, behind], [{}] * 4, [0, 1, 2]).splitlines()
+    cells = [[c.strip() for c in row.split("|")[1:-1]] for row in rows[4:]]
+    assert cells[0][:4] == ["1", "e2e", "2.0000, 2.2000, 1.9000", "2.0333 ± 0.1528"]
+    assert cells[1][1] == "simultaneous + fine-tune"
+    assert cells[1][4] == "+0.0100, +0.0120, +0.0110"  # paired with the e2e run of the same seed
+    assert cells[1][5].startswith("+0.0110 [") and cells[1][6] == "**met**"
+    assert cells[2][6] == "undecided"
+    assert cells[3][6] == "not met"
+    # at half the wall time, e2e stood 0.5 BPD higher (linear curve): the async run is ahead
+    assert cells[2][7] == "-0.4000, -0.6000, -0.4500" and cells[2][9] == "**met**"
+    assert cells[1][9] == "not met"  # same wall time, a little behind on every seed
