@@ -12,14 +12,19 @@ Measures on MNIST (1x28x28, L=2, K=8 by default (--depth), width 64, batch 64):
     against a part's mean step time
   - end-to-end DDP on K Ray Train workers: images/s and bytes all-reduced per step,
     against the bytes parts send forward per step
+  - on Linux, where the machine's CPU time went during the async steady state: the
+    part actors, the queue actors, the driver, Ray's own processes, anything else,
+    idle, and time the hypervisor took (steal)
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +40,84 @@ from raylocal.pipeline import tensor_bytes  # noqa: E402
 from raylocal.runlog import Progress  # noqa: E402
 from raylocal.schedules import part_spec_for  # noqa: E402
 from raylocal.train import PartTrainer, build_glow, initialize, resolve_device  # noqa: E402
+
+
+class CpuMeter:
+    """Samples every process's CPU time and the machine's idle and steal time
+    from /proc (Linux) on a background thread, so that the CPU time of a window
+    can be split by who used it. Elsewhere it records nothing."""
+
+    GROUPS = ("part actors", "queue actors", "driver", "raylet", "gcs_server", "other Ray", "other", "idle", "steal")
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.available = Path("/proc/stat").is_file()
+        self.ticks = os.sysconf("SC_CLK_TCK") if self.available else 100
+        self.samples: list[tuple[float, dict[int, tuple[str, float]], tuple[float, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True)
+
+    def __enter__(self) -> CpuMeter:
+        if self.available:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _loop(self, interval: float) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self.sample())
+            self._stop.wait(interval)
+        self.samples.append(self.sample())
+
+    def group(self, pid: int, comm: str, cmdline: str) -> str:
+        if pid == os.getpid():
+            return "driver"
+        if cmdline.startswith("ray::PartActor"):
+            return "part actors"
+        if cmdline.startswith("ray::_QueueActor"):
+            return "queue actors"
+        if comm in ("raylet", "gcs_server"):
+            return comm
+        # Ray's agents and monitors are Python scripts inside the ray package
+        return "other Ray" if cmdline.startswith("ray::") or "/ray/" in cmdline else "other"
+
+    def sample(self) -> tuple[float, dict[int, tuple[str, float]], tuple[float, float]]:
+        now = time.time()
+        procs: dict[int, tuple[str, float]] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:  # the process ended while we looked
+                continue
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
+            cpu = (int(fields[11]) + int(fields[12])) / self.ticks  # utime + stime
+            procs[int(entry.name)] = (self.group(int(entry.name), comm, cmdline), cpu)
+        total = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle, steal = (total[3] + total[4]) / self.ticks, total[7] / self.ticks  # idle + iowait, steal
+        return now, procs, (idle, steal)
+
+    def split(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds per group between the samples nearest to ``start`` and ``end``,
+        and the window's length (``"seconds"``); empty without two samples in it."""
+        times = [t for t, _, _ in self.samples]
+        i = min(bisect.bisect_left(times, start), len(times) - 1)
+        j = min(bisect.bisect_left(times, end), len(times) - 1)
+        if j <= i:
+            return {}
+        (t0, before, (idle0, steal0)), (t1, after, (idle1, steal1)) = self.samples[i], self.samples[j]
+        used = dict.fromkeys(self.GROUPS, 0.0)
+        for pid, (group, cpu) in after.items():
+            used[group] += cpu - (before[pid][1] if pid in before else 0.0)  # new processes count from 0
+        used["idle"], used["steal"] = idle1 - idle0, steal1 - steal0
+        used["seconds"] = t1 - t0
+        return used
 
 
 def e2e_throughput(config: RunConfig, images: torch.Tensor, threads: int, seconds: float) -> float:
@@ -112,12 +195,13 @@ def main() -> None:
     probe = build_glow(cpu_config, data.shape)
     spec = part_spec_for(cpu_config, probe, data.train)
     print(f"parts: {spec.canonical(probe)}", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, CpuMeter() as meter:
         state, stats, infos, wall = run_async_phase(cpu_config, data, list(spec.bounds), Progress(True), Path(tmp))
     rep = pipeline_report(cpu_config, stats, infos, wall, probe, spec.bounds)
     # steady state: images through the last part between the end of its first step and its last
     last = stats[-1]
     pipe = (last["steps"] - 1) * 64 / (last["end_time"] - last["first_step_time"])
+    cpu = meter.split(last["first_step_time"], last["end_time"])
     step_time = [st["compute_s"] / max(st["steps"], 1) for st in stats]
     unit = "GPU" if args.gpu else "thread"
     print(
@@ -135,6 +219,12 @@ def main() -> None:
         "(against the mean of the baselines before and after)"
     )
     print(f"  part compute per step (s): {', '.join(f'{t:.4f}' for t in step_time)}")
+    if cpu:
+        capacity = cpu.pop("seconds") * (os.cpu_count() or 1)
+        print(
+            f"  where the {os.cpu_count()} CPUs went in the steady state (% of {capacity:.0f} CPU-s): "
+            + ", ".join(f"{name} {100 * v / capacity:.1f}" for name, v in cpu.items())
+        )
     sends = [st["put_s"] / max(st["steps"], 1) for st in stats[:-1]]
     recvs = [st["wait_s"] / max(st["steps"], 1) for st in stats[1:]]
     print(

@@ -1,0 +1,60 @@
+"""scripts/bench_async.py's CPU meter: who used the CPUs during a window."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench_async():
+    spec = importlib.util.spec_from_file_location("bench_async", ROOT / "scripts" / "bench_async.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="the CPU meter reads Linux's /proc")
+def test_cpu_meter_charges_cpu_time_to_the_process_that_used_it():
+    class Meter(_bench_async().CpuMeter):
+        def group(self, pid: int, comm: str, cmdline: str) -> str:  # the child stands in for a part actor
+            return "part actors" if pid == child.pid else super().group(pid, comm, cmdline)
+
+    # a child that, inside the window, burns ~0.8 CPU-s, then stays alive (idle) until the window has closed
+    burn = "import time\ntime.sleep(0.6)\nt = time.process_time()\nwhile time.process_time() - t < 0.8: pass\n"
+    child = subprocess.Popen([sys.executable, "-c", burn + "time.sleep(30)"])
+    try:
+        with Meter(interval=0.1) as meter:
+            start = time.time()
+            time.sleep(0.3)  # past the first sample after start
+            t = time.process_time()
+            while time.process_time() - t < 0.4:  # the driver (this process) burns ~0.4 CPU-s
+                pass
+            time.sleep(1.5)
+            end = time.time()
+        split = meter.split(start, end)
+    finally:
+        child.kill()
+        child.wait()
+    assert split["seconds"] == pytest.approx(end - start, abs=0.3)
+    assert 0.3 <= split["driver"] <= 0.6
+    assert 0.6 <= split["part actors"] <= 1.2  # the child's 0.8 CPU-s, and nobody else's
+    assert split["queue actors"] == 0.0
+    # the accounting closes: every CPU-second of the window is used, idle or stolen
+    capacity = split.pop("seconds") * len(open("/proc/stat").read().split("\ncpu")[1:])
+    assert sum(split.values()) == pytest.approx(capacity, rel=0.15)
+
+
+def test_cpu_meter_groups_ray_processes():
+    meter = _bench_async().CpuMeter()
+    assert meter.group(1, "python", "ray::PartActor.run") == "part actors"
+    assert meter.group(1, "python", "ray::_QueueActor.get") == "queue actors"
+    assert meter.group(1, "raylet", "/x/ray/core/src/ray/raylet/raylet --flags") == "raylet"
+    assert meter.group(1, "python", "/usr/bin/python /x/site-packages/ray/dashboard/agent.py") == "other Ray"
+    assert meter.group(1, "python", "/work/raylocal/.venv/bin/python -c pass") == "other"
