@@ -19,6 +19,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -109,7 +110,11 @@ class PartActor:
         self.checkpoint_every = config.checkpoint_every or len(self.worker.stream)
         # Ray reruns __init__ when it restarts this actor: continue from the last
         # checkpoint (also when the driver itself was restarted with --resume).
-        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        with warnings.catch_warnings():
+            # Ray 2.60's own property reads its deprecated ``actor_id``: keep that
+            # warning (three lines per actor) out of the user's output
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
         if (restarted or config.resume) and self.checkpoint_path.is_file():
             self.worker.restore_state(load_checkpoint(self.checkpoint_path))
             if config.resume and not restarted:
