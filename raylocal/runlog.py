@@ -44,6 +44,8 @@ def resolve_run_dir(config: RunConfig) -> Path:
     root = _storage_root(config)
     if config.run_name:
         run_dir = root / config.run_name
+        if (run_dir.exists() or run_dir.is_symlink()) and not run_dir.is_dir():
+            raise ConfigError(f"run_name {config.run_name!r}: {run_dir} is not a directory (a file or a broken link)")
         if config.resume and not has_checkpoint(run_dir):
             raise CheckpointError(f"--resume: no checkpoint at {run_dir / CHECKPOINT}")
         return run_dir

@@ -43,6 +43,12 @@ def _config_file(tmp: Path, text: str) -> Path:
     return path
 
 
+def _broken_link(root: Path, name: str) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / name).symlink_to(root / "elsewhere")
+    return name
+
+
 # (id, extra options or a function of tmp_path giving them, expected fragment of the message)
 CASES = [
     # part specs
@@ -123,6 +129,11 @@ CASES = [
     ("cifar-missing", lambda t: {"dataset": "cifar10", "data_root": t}, "CIFAR-10 not found"),
     # resume and storage
     ("resume-no-checkpoint", {"resume": True, "run_name": "never"}, "--resume: no checkpoint at"),
+    (
+        "run-name-broken-link",
+        lambda t: {"run_name": _broken_link(t / "runs", "gone")},  # t / "runs" is the storage path
+        "run_name 'gone': ",
+    ),
     (
         "storage-not-writable",
         {"storage_path": "/proc/raylocal"},
