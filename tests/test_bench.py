@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _bench_async():
-    spec = importlib.util.spec_from_file_location("bench_async", ROOT / "scripts" / "bench_async.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 @pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="the CPU meter reads Linux's /proc")
 def test_cpu_meter_charges_cpu_time_to_the_process_that_used_it():
-    class Meter(_bench_async().CpuMeter):
+    class Meter(load_script("bench_async").CpuMeter):
         def group(self, pid: int, comm: str, cmdline: str) -> str:  # the child stands in for a part actor
             return "part actors" if pid == child.pid else super().group(pid, comm, cmdline)
 
@@ -52,7 +43,7 @@ def test_cpu_meter_charges_cpu_time_to_the_process_that_used_it():
 
 
 def test_cpu_meter_groups_ray_processes():
-    meter = _bench_async().CpuMeter()
+    meter = load_script("bench_async").CpuMeter()
     assert meter.group(1, "python", "ray::PartActor.run") == "part actors"
     assert meter.group(1, "python", "ray::_QueueActor.get") == "queue actors"
     assert meter.group(1, "raylet", "/x/ray/core/src/ray/raylet/raylet --flags") == "raylet"

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from raylocal.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _compare():
-    spec = importlib.util.spec_from_file_location("compare", ROOT / "scripts" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _summary(schedule, parts, bpd, wall, finetune=0):
@@ -28,7 +18,7 @@ def _summary(schedule, parts, bpd, wall, finetune=0):
 
 
 def test_table_names_lr_schedule_and_fine_tune_lr_and_escapes_the_spec():
-    compare = _compare()
+    compare = load_script("compare")
     summaries = [
         _summary("e2e", "1,2", 1.91554, 339.4),
         _summary("simultaneous", "1[:5]|1[5:],2", 1.9382, 422.0, 3),
@@ -44,14 +34,14 @@ def test_table_names_lr_schedule_and_fine_tune_lr_and_escapes_the_spec():
 
 
 def test_bpd_at_a_wall_time_interpolates_between_evaluations():
-    compare = _compare()
+    compare = load_script("compare")
     run = {"curve": [{"elapsed": 10.0, "test_bpd": 4.0}, {"elapsed": 30.0, "test_bpd": 3.0}]}
     assert compare.bpd_at_time(run, 25.0) == pytest.approx(3.25)
     assert compare.bpd_at_time(run, 100.0) == pytest.approx(3.0)  # after the last evaluation: the last value
 
 
 def test_t_quantile_matches_closed_forms_and_the_table():
-    compare = _compare()
+    compare = load_script("compare")
     for p in (0.6, 0.9, 0.975, 0.995):
         assert compare.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)  # Cauchy
         assert compare.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9)
@@ -61,7 +51,7 @@ def test_t_quantile_matches_closed_forms_and_the_table():
 
 
 def test_mean_interval_by_hand():
-    compare = _compare()
+    compare = load_script("compare")
     mean, lo, hi = compare.mean_interval([1.0, 2.0, 3.0])  # std 1, se 1/sqrt(3), t(0.975, 2) = 4.3027
     half = 4.302653 / math.sqrt(3)
     assert (mean, lo, hi) == pytest.approx((2.0, 2.0 - half, 2.0 + half), abs=1e-5)
@@ -70,7 +60,7 @@ def test_mean_interval_by_hand():
 
 
 def test_seeds_are_parsed_and_named():
-    compare = _compare()
+    compare = load_script("compare")
     assert compare.parse_seeds("0-3") == [0, 1, 2, 3]
     assert compare.parse_seeds("0, 2,5") == [0, 2, 5]
     for bad in ("a", "3-1", "0,0", "-1"):
@@ -88,7 +78,7 @@ def _seeded_run(schedule, bpd, wall):
 
 
 def test_seed_table_pairs_runs_by_seed_and_decides_with_the_interval():
-    compare = _compare()
+    compare = load_script("compare")
     e2e = [_seeded_run("e2e", b, 100.0) for b in (2.0, 2.2, 1.9)]
     close = [_seeded_run("simultaneous", b + d, 100.0) for b, d in zip((2.0, 2.2, 1.9), (0.010, 0.012, 0.011))]
     noisy = [_seeded_run("async", b + d, 50.0) for b, d in zip((2.0, 2.2, 1.9), (0.1, -0.1, 0.05))]
