@@ -60,9 +60,9 @@ def seeded(values: dict, seed: int) -> dict:
     return {**values, "seed": seed, "run_name": f"{values['run_name']}-seed{seed}"}
 
 
-def run_config(path: Path, storage: str, rerun: bool, seed: int | None = None) -> dict:
-    values = read_config_file(path)
-    values.setdefault("run_name", path.stem)
+def run_config(path: Path, values: dict, storage: str, rerun: bool, seed: int | None = None) -> dict:
+    """Run (or reuse) the config read from ``path`` as ``values``."""
+    values = {"run_name": path.stem, **values}
     if seed is not None:
         values = seeded(values, seed)
     values["storage_path"] = storage
@@ -262,7 +262,10 @@ def main() -> int:
     try:
         seeds = parse_seeds(args.seeds) if args.seeds else [None]
         configs = [read_config_file(c) for c in args.configs]
-        runs = [[run_config(c, args.storage_path, args.rerun, seed) for seed in seeds] for c in args.configs]
+        runs = [
+            [run_config(path, values, args.storage_path, args.rerun, seed) for seed in seeds]
+            for path, values in zip(args.configs, configs)
+        ]
     except RaylocalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
