@@ -81,6 +81,12 @@ class RunConfig(BaseModel):
         8.0, gt=0, description="roll back when loss exceeds its running mean by this many mean deviations"
     )
     lr_backoff: float = Field(0.5, gt=0, lt=1, description="LR multiplier after a rollback")
+    lr_recovery_steps: int = Field(
+        200,
+        ge=0,
+        description="steps over which a backed-off LR is warmed linearly back to its schedule, doubled "
+        "after each further rollback of the same part (0: the back-off is permanent)",
+    )
     max_rollbacks: int = Field(20, ge=0, description="give up on a part after this many rollbacks")
     snapshot_every: int = Field(50, ge=1, description="steps between last-good-state snapshots")
 

@@ -315,7 +315,8 @@ class SingleProcessRun:
                 t = self.trainers[k] if k < len(self.parts) else self.finetuner
                 name = f"part {k + 1}" if k < len(self.parts) else "fine-tune"
                 self.progress.update(
-                    f"ROLLBACK {name} at step {t.steps}: {res.event}; lr -> {t.base_lr:.3g} ({t.rollbacks} rollbacks)",
+                    f"ROLLBACK {name} at step {t.steps}: {res.event}; "
+                    f"lr -> {t.base_lr * t.backoff:.3g} ({t.rollbacks} rollbacks)",
                     force=True,
                 )
 

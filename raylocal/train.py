@@ -167,7 +167,7 @@ class StepResult:
 class RollbackEvent:
     step: int
     reason: str
-    new_lr: float
+    new_lr: float  # base LR times the back-off right after the rollback (the recovery starts here)
 
 
 @dataclass
@@ -182,6 +182,8 @@ class PartTrainer:
     clock: int | None = None  # position on the decay, set by the run (cosine-run); None: own steps
     steps: int = 0  # batches processed (never rewound)
     rollbacks: int = 0
+    backoff: float = 1.0  # LR multiplier right after the last rollback
+    backoff_step: int = 0  # step of the last rollback, where the recovery starts
     events: list[RollbackEvent] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -195,9 +197,23 @@ class PartTrainer:
         self._last: tuple[Tensor, float] | None = None  # last update's batch and loss before it
 
     @property
+    def lr_multiplier(self) -> float:
+        """How far the rollbacks hold the LR below its schedule: ``backoff`` right
+        after a rollback, back to 1 linearly over the recovery period. Each
+        further rollback doubles the period, so a part whose LR really is too
+        high rolls back ever more rarely (about log2(steps / period) times)
+        instead of cycling, while one early spike no longer costs a whole run
+        its LR (a permanent back-off did: two warmup spikes quartered it)."""
+        period = self.config.lr_recovery_steps * 2 ** max(self.rollbacks - 1, 0)
+        if self.backoff == 1.0 or period == 0:
+            return self.backoff
+        return self.backoff + (1.0 - self.backoff) * min(1.0, (self.steps - self.backoff_step) / period)
+
+    @property
     def lr(self) -> float:
         cfg = self.config
-        return scheduled_lr(self.base_lr, self.steps, cfg.warmup_steps, self.total_steps, cfg.lr_schedule, self.clock)
+        lr = scheduled_lr(self.base_lr, self.steps, cfg.warmup_steps, self.total_steps, cfg.lr_schedule, self.clock)
+        return lr * self.lr_multiplier
 
     def step(self, x: Tensor) -> StepResult:
         """Train the part one step on input x (detached inside local_nll)."""
@@ -270,10 +286,11 @@ class PartTrainer:
         """Restore the last good state, back off the LR, and recompute this batch's
         output with the restored weights so that nothing bad flows downstream."""
         assert self._snapshot is not None
+        self.backoff = self.lr_multiplier * self.config.lr_backoff
         self.rollbacks += 1
         self.steps += 1
-        self.base_lr *= self.config.lr_backoff
-        self.events.append(RollbackEvent(self.steps, reason, self.base_lr))
+        self.backoff_step = self.steps
+        self.events.append(RollbackEvent(self.steps, reason, self.base_lr * self.backoff))
         if self.rollbacks > self.config.max_rollbacks:
             raise DivergedError(
                 f"part {self.index + 1} diverged: {self.rollbacks} rollbacks (last: {reason}); lower its learning rate"
@@ -292,6 +309,8 @@ class PartTrainer:
             "optimizer": self.optimizer.state_dict(),
             "guard": self.guard.state_dict(),
             "base_lr": self.base_lr,
+            "backoff": self.backoff,
+            "backoff_step": self.backoff_step,
             "steps": self.steps,
             "rollbacks": self.rollbacks,
             "events": [[e.step, e.reason, e.new_lr] for e in self.events],
@@ -301,6 +320,8 @@ class PartTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.guard.load_state_dict(state["guard"])
         self.base_lr = float(state["base_lr"])
+        # checkpoints from before the recovering back-off kept it in base_lr
+        self.backoff, self.backoff_step = float(state.get("backoff", 1.0)), int(state.get("backoff_step", 0))
         self.steps = int(state["steps"])
         self.rollbacks = int(state["rollbacks"])
         self.events = [RollbackEvent(int(s), str(r), float(lr)) for s, r, lr in state["events"]]

@@ -130,7 +130,7 @@ def test_nonfinite_weights_are_rolled_back():
         trainer.part.layers["2"].log_s.fill_(float("nan"))  # inject into a weight
     res = trainer.step(x)
     assert res.event == "non-finite loss"
-    assert trainer.rollbacks == 1 and trainer.base_lr == pytest.approx(5e-4)
+    assert trainer.rollbacks == 1 and trainer.lr == pytest.approx(5e-4) and trainer.base_lr == 1e-3
     assert torch.isfinite(res.output).all()  # recomputed with the restored weights
     assert all(torch.equal(v, good[k]) for k, v in trainer.part.state_dict().items())
     assert trainer.step(x).event is None  # and training continues
@@ -172,6 +172,55 @@ def test_validate_catches_a_bad_last_update():
     assert trainer.validate().startswith("last update raised its own batch's loss")
     assert trainer.rollbacks == 1
     assert trainer.validate() is None  # nothing left to check after the rollback
+
+
+def _poison_and_step(trainer, x):
+    """One step on weights made non-finite: a rollback, by hand."""
+    with torch.no_grad():
+        trainer.part.layers["2"].log_s.fill_(float("nan"))
+    assert trainer.step(x).event == "non-finite loss"
+
+
+def test_backed_off_lr_is_warmed_back_to_its_schedule():
+    trainer, x = _trainer(lr_recovery_steps=10)  # warmup 0, constant LR 1e-3, back-off 0.5
+    for _ in range(3):
+        trainer.step(x)
+    _poison_and_step(trainer, x)
+    lrs = []
+    for _ in range(12):
+        lrs.append(trainer.lr)
+        assert trainer.step(x).event is None
+    # by hand: 0.5 + 0.5 * (steps since the rollback) / 10, then the schedule again
+    assert lrs == pytest.approx([1e-3 * (0.5 + 0.05 * i) for i in range(11)] + [1e-3])
+    for _ in range(2):
+        trainer.step(x)
+    # a rollback half way up backs off from where the LR stands; the next recovery takes twice as long
+    _poison_and_step(trainer, x)
+    assert trainer.lr == pytest.approx(5e-4)
+    for _ in range(5):
+        trainer.step(x)
+    assert trainer.lr == pytest.approx(1e-3 * (0.5 + 0.5 * 5 / 20))  # second recovery: 20 steps
+    _poison_and_step(trainer, x)
+    assert trainer.lr == pytest.approx(1e-3 * 0.625 * 0.5)
+    assert trainer.events[-1].new_lr == pytest.approx(3.125e-4)
+    for _ in range(20):
+        trainer.step(x)
+    assert trainer.lr == pytest.approx(1e-3 * (0.3125 + 0.6875 * 20 / 40))  # third: 40 steps
+    # the trainer's checkpoint carries the recovery: a resumed trainer continues it
+    state = trainer.state_dict()
+    twin, _ = _trainer(lr_recovery_steps=10)
+    twin.load_state_dict(state)
+    assert twin.lr == trainer.lr and twin.backoff == trainer.backoff and twin.rollbacks == 3
+
+
+def test_recovery_zero_keeps_the_back_off_for_good():
+    trainer, x = _trainer(lr_recovery_steps=0)
+    trainer.step(x)
+    _poison_and_step(trainer, x)
+    _poison_and_step(trainer, x)
+    for _ in range(30):
+        trainer.step(x)
+    assert trainer.lr == pytest.approx(2.5e-4)
 
 
 def test_repeated_divergence_gives_up_with_clear_error():
