@@ -227,6 +227,14 @@ def seeds_analysis(ids: list[str], runs: list[list[dict]], configs: list[dict], 
     return "\n".join(lines)
 
 
+def finetune_start(summary: dict) -> float | None:
+    """The epoch after which a parts run's fine-tune starts: its last parts-phase
+    epoch (the async trainer logs its whole parts phase as one history entry)."""
+    if summary["schedule"] == "e2e" or not summary["finetune_epochs"]:
+        return None
+    return max(h["epoch"] for h in summary["history"] if h["phase"] == "parts")
+
+
 def figure(ids: list[str], summaries: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -238,8 +246,8 @@ def figure(ids: list[str], summaries: list[dict], path: Path, title: str) -> Non
         xs = [c["epoch"] for c in s["curve"]]
         label = f"{i}: {s['schedule']}" + (f", {s['n_parts']} parts" if s["n_parts"] > 1 else "")
         (line,) = ax.plot(xs, [c["test_bpd"] for c in s["curve"]], marker=".", label=label)
-        if s["schedule"] != "e2e" and s["finetune_epochs"]:
-            start = len([h for h in s["history"] if h["phase"] == "parts"])
+        start = finetune_start(s)
+        if start is not None:
             ax.axvline(start, color=line.get_color(), linestyle="--", alpha=0.6)
     ax.set_xlabel("epoch")
     shape = "x".join(map(str, summaries[0]["image_shape"]))

@@ -33,6 +33,21 @@ def test_table_names_lr_schedule_and_fine_tune_lr_and_escapes_the_spec():
     assert rows[4] == "| 41 | alternating every 50 batches + fine-tune | 2 | 1\\|2 | 0.001 | 6 + 3 | 2.0000 | 250 |"
 
 
+def test_fine_tune_line_sits_after_the_last_parts_epoch():
+    compare = load_script("compare")
+
+    def history(parts, finetune):
+        return [{"phase": "parts", "epoch": e} for e in parts] + [{"phase": "finetune", "epoch": e} for e in finetune]
+
+    alternating = {"schedule": "alternating", "finetune_epochs": 2, "history": history([1, 2, 3], [4, 5])}
+    # the async trainer logs its parts phase as one entry, at its last epoch
+    async_run = {"schedule": "async", "finetune_epochs": 10, "history": history([20], range(21, 31))}
+    e2e = {"schedule": "e2e", "finetune_epochs": 0, "history": [{"phase": "e2e", "epoch": 1}]}
+    assert compare.finetune_start(alternating) == 3
+    assert compare.finetune_start(async_run) == 20
+    assert compare.finetune_start(e2e) is None
+
+
 def test_bpd_at_a_wall_time_interpolates_between_evaluations():
     compare = load_script("compare")
     run = {"curve": [{"elapsed": 10.0, "test_bpd": 4.0}, {"elapsed": 30.0, "test_bpd": 3.0}]}
