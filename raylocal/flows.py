@@ -238,27 +238,32 @@ class Coupling(FlowLayer):
         half = channels // 2
         self.net = CouplingNet(half, (channels - half) * (2 if affine else 1), hidden)
 
-    def _shift_scale(self, x1: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _shift_log_scale(self, x1: Tensor) -> tuple[Tensor, Tensor | None]:
         h = self.net(x1)
         if not self.affine:
             return h, None
-        return h[:, 0::2], torch.sigmoid(h[:, 1::2] + 2.0)
+        # log(sigmoid(.)) computed as logsigmoid: sigmoid underflows to 0 in
+        # float32 below about -88, and log(0) made one sample's log-det -inf
+        # (a 30-epoch run's part 1 then rolled back until it gave up); the
+        # logsigmoid of the same input is finite, so such a sample costs a
+        # large but finite loss whose gradient pushes the scale back up.
+        return h[:, 0::2], F.logsigmoid(h[:, 1::2] + 2.0)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x1, x2 = x.chunk(2, dim=1)
-        shift, scale = self._shift_scale(x1)
-        if scale is None:
+        shift, log_scale = self._shift_log_scale(x1)
+        if log_scale is None:
             return torch.cat([x1, x2 + shift], dim=1), x.new_zeros(x.shape[0])
-        y2 = (x2 + shift) * scale
-        return torch.cat([x1, y2], dim=1), torch.log(scale).flatten(1).sum(1)
+        y2 = (x2 + shift) * torch.exp(log_scale)
+        return torch.cat([x1, y2], dim=1), log_scale.flatten(1).sum(1)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         y1, y2 = y.chunk(2, dim=1)
-        shift, scale = self._shift_scale(y1)
-        if scale is None:
+        shift, log_scale = self._shift_log_scale(y1)
+        if log_scale is None:
             return torch.cat([y1, y2 - shift], dim=1), y.new_zeros(y.shape[0])
-        x2 = y2 / scale - shift
-        return torch.cat([y1, x2], dim=1), -torch.log(scale).flatten(1).sum(1)
+        x2 = y2 * torch.exp(-log_scale) - shift
+        return torch.cat([y1, x2], dim=1), -log_scale.flatten(1).sum(1)
 
 
 class Split(FlowLayer):

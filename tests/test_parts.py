@@ -140,6 +140,7 @@ def test_local_objectives_sum_to_end_to_end_log_prob_float64():
         total += -nll * d * math.log(2) - gauss
         h = y
     expected = g.log_prob(x) - d * math.log(g.n_bins)
+    assert torch.isfinite(expected).all()
     assert torch.allclose(total, expected, atol=1e-9), (total - expected).abs().max()
 
 
