@@ -34,7 +34,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raylocal.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.config import RunConfig
 from raylocal.data import ImageData
-from raylocal.errors import CheckpointError, ClusterError
+from raylocal.errors import CheckpointError, ClusterError, RaylocalError
 from raylocal.faults import apply_worker_faults, parse_faults
 from raylocal.links import check_links
 from raylocal.pipeline import PartWorker, run_part, tensor_bytes
@@ -361,6 +361,10 @@ def run_async_phase(
         wall = time.perf_counter() - start
         progress.update(_progress_line(_poll(actors) or [], n_steps), force=True)
         state = gather_weights(actors)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, RaylocalError):  # a part's own error (it diverged, ...): its one line,
+            raise e.cause from None  # not the actor's traceback that str(e) is
+        raise
     finally:
         for a in actors:
             ray.kill(a)

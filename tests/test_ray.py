@@ -52,6 +52,16 @@ def test_lockstep_async_equals_simultaneous_bit_for_bit(mnist_dir, tmp_path):
     assert s["e2e_pipeline_bytes"] == [2 * s["bytes_forward"][0]]
 
 
+def test_a_part_that_diverges_in_its_actor_fails_the_run_in_one_line(mnist_dir, tmp_path, capsys):
+    args = tiny_options(
+        mnist_dir, tmp_path / "runs", run_name="div", schedule="async", parts=2, part_spec="1|2", epochs=1,
+        lr="1e-3,1e9", warmup_steps=0, max_rollbacks=0,
+    )  # fmt: skip
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and err[0].startswith("error: part 2 diverged: 1 rollbacks"), err
+
+
 def test_outage_staleness_through_ray_matches_the_link_model(mnist_dir, tmp_path):
     s = _async(
         mnist_dir, tmp_path / "runs", "out", parts=2, part_spec="1|2", epochs=2, queue_size=2,
