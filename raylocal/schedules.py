@@ -316,7 +316,7 @@ class SingleProcessRun:
                 name = f"part {k + 1}" if k < len(self.parts) else "fine-tune"
                 self.progress.update(
                     f"ROLLBACK {name} at step {t.steps}: {res.event}; "
-                    f"lr -> {t.base_lr * t.backoff:.3g} ({t.rollbacks} rollbacks)",
+                    f"lr -> {t.events[-1].new_lr:.3g} ({t.rollbacks} rollbacks)",
                     force=True,
                 )
 

@@ -182,8 +182,7 @@ class PartTrainer:
     clock: int | None = None  # position on the decay, set by the run (cosine-run); None: own steps
     steps: int = 0  # batches processed (never rewound)
     rollbacks: int = 0
-    backoff: float = 1.0  # LR multiplier right after the last rollback
-    backoff_step: int = 0  # step of the last rollback, where the recovery starts
+    backoff: float = 1.0  # LR multiplier right after the last rollback (whose event's step starts the recovery)
     events: list[RollbackEvent] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -205,9 +204,10 @@ class PartTrainer:
         instead of cycling, while one early spike no longer costs a whole run
         its LR (a permanent back-off did: two warmup spikes quartered it)."""
         period = self.config.lr_recovery_steps * 2 ** max(self.rollbacks - 1, 0)
-        if self.backoff == 1.0 or period == 0:
+        if not self.events or period == 0:
             return self.backoff
-        return self.backoff + (1.0 - self.backoff) * min(1.0, (self.steps - self.backoff_step) / period)
+        since = self.steps - self.events[-1].step
+        return self.backoff + (1.0 - self.backoff) * min(1.0, since / period)
 
     @property
     def lr(self) -> float:
@@ -289,7 +289,6 @@ class PartTrainer:
         self.backoff = self.lr_multiplier * self.config.lr_backoff
         self.rollbacks += 1
         self.steps += 1
-        self.backoff_step = self.steps
         self.events.append(RollbackEvent(self.steps, reason, self.base_lr * self.backoff))
         if self.rollbacks > self.config.max_rollbacks:
             raise DivergedError(
@@ -310,7 +309,6 @@ class PartTrainer:
             "guard": self.guard.state_dict(),
             "base_lr": self.base_lr,
             "backoff": self.backoff,
-            "backoff_step": self.backoff_step,
             "steps": self.steps,
             "rollbacks": self.rollbacks,
             "events": [[e.step, e.reason, e.new_lr] for e in self.events],
@@ -321,7 +319,7 @@ class PartTrainer:
         self.guard.load_state_dict(state["guard"])
         self.base_lr = float(state["base_lr"])
         # checkpoints from before the recovering back-off kept it in base_lr
-        self.backoff, self.backoff_step = float(state.get("backoff", 1.0)), int(state.get("backoff_step", 0))
+        self.backoff = float(state.get("backoff", 1.0))
         self.steps = int(state["steps"])
         self.rollbacks = int(state["rollbacks"])
         self.events = [RollbackEvent(int(s), str(r), float(lr)) for s, r, lr in state["events"]]

@@ -119,6 +119,15 @@ def _trainer(**cfg):
     return PartTrainer(part, 1e-3, config), x
 
 
+def _poison_and_step(trainer, x):
+    """One step on weights made non-finite (injected into a weight): a rollback, by hand."""
+    with torch.no_grad():
+        trainer.part.layers["2"].log_s.fill_(float("nan"))
+    res = trainer.step(x)
+    assert res.event == "non-finite loss"
+    return res
+
+
 def test_nonfinite_weights_are_rolled_back():
     trainer, x = _trainer()
     for _ in range(2):
@@ -126,10 +135,7 @@ def test_nonfinite_weights_are_rolled_back():
     # snapshots are taken before an update, of weights that a batch has validated
     good = {k: v.clone() for k, v in trainer.part.state_dict().items()}
     assert trainer.step(x).event is None
-    with torch.no_grad():
-        trainer.part.layers["2"].log_s.fill_(float("nan"))  # inject into a weight
-    res = trainer.step(x)
-    assert res.event == "non-finite loss"
+    res = _poison_and_step(trainer, x)
     assert trainer.rollbacks == 1 and trainer.lr == pytest.approx(5e-4) and trainer.base_lr == 1e-3
     assert torch.isfinite(res.output).all()  # recomputed with the restored weights
     assert all(torch.equal(v, good[k]) for k, v in trainer.part.state_dict().items())
@@ -172,13 +178,6 @@ def test_validate_catches_a_bad_last_update():
     assert trainer.validate().startswith("last update raised its own batch's loss")
     assert trainer.rollbacks == 1
     assert trainer.validate() is None  # nothing left to check after the rollback
-
-
-def _poison_and_step(trainer, x):
-    """One step on weights made non-finite: a rollback, by hand."""
-    with torch.no_grad():
-        trainer.part.layers["2"].log_s.fill_(float("nan"))
-    assert trainer.step(x).event == "non-finite loss"
 
 
 def test_backed_off_lr_is_warmed_back_to_its_schedule():
