@@ -112,7 +112,7 @@ class RunConfig(BaseModel):
     link: str = Field("up", description="link model: up | p=0.9 | outage=START:LEN,... ; '|' per boundary")
     sync_every: int = Field(50, ge=1, description="upstream weight sync every N steps")
     cpus_per_part: float | None = Field(None, gt=0, description="CPUs per part actor")
-    gpus_per_part: float | None = Field(None, ge=0, description="GPUs per part actor (default 1 if any)")
+    gpus_per_part: float | None = Field(None, ge=0, description="GPUs per part actor (default: 1, or a share of fewer)")
     finetune_workers: int = Field(1, ge=1, description="DDP workers for the fine-tune phase")
     max_restarts: int = Field(3, ge=0, description="times Ray restarts a dead part actor")
     inject: str | None = Field(

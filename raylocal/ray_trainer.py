@@ -15,6 +15,7 @@ machinery for the optional fine-tune phase, evaluation and the summary.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -218,7 +219,13 @@ def part_resources(config: RunConfig, n_parts: int) -> tuple[float, float, int]:
     total = ray.cluster_resources()
     gpus = config.gpus_per_part
     if gpus is None:
-        gpus = 1.0 if total.get("GPU", 0) >= n_parts and config.device != "cpu" else 0.0
+        whole = int(total.get("GPU", 0)) if config.device != "cpu" else 0
+        # One GPU per part when there are enough. With fewer, the parts share
+        # them (one GPU is still far faster than CPUs for a part): Ray places a
+        # fractional GPU bundle on a single device, so ask for 1/ceil(K/G) each,
+        # which fits ceil(K/G) parts on every GPU (G/K each could leave a part
+        # with no device it fits on, e.g. 3 parts of 2/3 on 2 GPUs).
+        gpus = 1.0 / math.ceil(n_parts / whole) if whole else 0.0
     cpus = config.cpus_per_part
     if cpus is None:
         cpus = max(min(total.get("CPU", 1) / n_parts, 4.0), 0.01)

@@ -2,7 +2,7 @@
 """Throughput of the async part trainer against end-to-end baselines, side by side.
 
     python scripts/bench_async.py                  # 2 parts, CPU threads as issue 4 asks
-    python scripts/bench_async.py --gpu            # one actor per GPU when GPUs are present
+    python scripts/bench_async.py --gpu            # one GPU per actor (a share of one if too few)
 
 Measures on MNIST (1x28x28, L=2, K=8 by default (--depth), width 64, batch 64):
   - one end-to-end process with 1 thread, and with 2 threads (images/s, optimizer included),
@@ -161,7 +161,7 @@ def main() -> None:
     p.add_argument("--parts", type=int, default=2)
     p.add_argument("--seconds", type=float, default=30.0, help="timing window of the e2e baselines")
     p.add_argument("--train-subset", type=int, default=12800, help="images the async run trains on")
-    p.add_argument("--gpu", action="store_true", help="one actor (and DDP worker) per GPU")
+    p.add_argument("--gpu", action="store_true", help="parts on GPUs (one each, or a share of one)")
     p.add_argument("--skip-ddp", action="store_true")
     p.add_argument("--depth", type=int, default=8, help="flow steps per block (K)")
     p.add_argument("--part-spec", default=None, help="explicit parts (default: balanced on measured layer times)")
@@ -171,7 +171,7 @@ def main() -> None:
     import ray
 
     from raylocal.ddp import train_ddp
-    from raylocal.ray_trainer import connect, pipeline_report, run_async_phase
+    from raylocal.ray_trainer import connect, part_resources, pipeline_report, run_async_phase
 
     k = args.parts
     device = "cuda" if args.gpu else "cpu"
@@ -181,7 +181,8 @@ def main() -> None:
         train_subset=args.train_subset, progress=True, queue_size=4, part_spec=args.part_spec,
         compile=args.compile,
     )  # fmt: skip
-    cpu_config = RunConfig(**base, threads=1, cpus_per_part=1.0, gpus_per_part=1.0 if args.gpu else 0.0)
+    # --gpu: one GPU per part, or an equal share of one when there are fewer GPUs than parts
+    cpu_config = RunConfig(**base, threads=1, cpus_per_part=1.0, gpus_per_part=None if args.gpu else 0.0)
     data = load_dataset("mnist").subset(args.train_subset, 1000)
     name = torch.cuda.get_device_name() if args.gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"# bench_async on {name}, torch {torch.__version__}, ray {ray.__version__}")
@@ -203,7 +204,7 @@ def main() -> None:
     pipe = (last["steps"] - 1) * 64 / (last["end_time"] - last["first_step_time"])
     cpu = meter.split(last["first_step_time"], last["end_time"])
     step_time = [st["compute_s"] / max(st["steps"], 1) for st in stats]
-    unit = "GPU" if args.gpu else "thread"
+    unit = f"{part_resources(cpu_config, k)[1]:.3g} GPU" if args.gpu else "thread"
     print(
         f"async, {k} actors x 1 {unit}: {pipe:.0f} images/s through the whole model in steady state "
         f"({rep['images_per_s_pipeline']:.0f} including start-up: {last['steps']} steps in {wall:.1f}s)"
