@@ -4,8 +4,9 @@
 linear warmup) and guard. ``step(x)`` takes a (detached) input batch, trains
 the part on its local objective and returns the detached output for the next
 part. A non-finite loss or gradient, or a loss that jumps far above its running
-mean, rolls the part back to its last good snapshot and backs off its LR;
-every such event is counted and reported, never silently trained through.
+mean, rolls the part back to its last good snapshot (to the one before, when
+the restored one fails again) and backs off its LR; every such event is
+counted and reported, never silently trained through.
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ class PartTrainer:
         self.guard = StabilityGuard(self.config.rollback_factor)
         device = params[0].device if params else torch.device("cpu")
         self._nll = training_nll(self.config, device)  # the rechecks and rollbacks stay eager
-        self._snapshot: dict[str, Any] | None = None
+        self._snapshots: list[dict[str, Any]] = []  # last good states, the newest last (at most two)
+        self._restored = False  # the newest snapshot was restored and has not been replaced since
         self._last: tuple[Tensor, float] | None = None  # last update's batch and loss before it
 
     @property
@@ -217,7 +219,7 @@ class PartTrainer:
 
     def step(self, x: Tensor) -> StepResult:
         """Train the part one step on input x (detached inside local_nll)."""
-        if self._snapshot is None:
+        if not self._snapshots:
             self._take_snapshot()  # the initial weights: the state of last resort
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
@@ -234,7 +236,7 @@ class PartTrainer:
         if problem is None:
             # This batch's loss validates the current weights: snapshot them now,
             # before the update, so that a snapshot is never of unchecked weights.
-            if self._snapshot is None or self.steps % self.config.snapshot_every == 0:
+            if self.steps % self.config.snapshot_every == 0:
                 self._take_snapshot()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -274,18 +276,22 @@ class PartTrainer:
         return problem
 
     def _take_snapshot(self) -> None:
-        self._snapshot = copy.deepcopy(
-            {
-                "part": self.part.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "guard": self.guard.state_dict(),
-            }
-        )
+        state = {"part": self.part.state_dict(), "optimizer": self.optimizer.state_dict()}
+        self._snapshots.append(copy.deepcopy(state | {"guard": self.guard.state_dict()}))
+        del self._snapshots[:-2]
+        self._restored = False
 
     def _rollback(self, reason: str, x: Tensor, loss_value: float) -> StepResult:
         """Restore the last good state, back off the LR, and recompute this batch's
         output with the restored weights so that nothing bad flows downstream."""
-        assert self._snapshot is not None
+        assert self._snapshots
+        if self._restored and len(self._snapshots) > 1:
+            # The state restored last time failed again before a newer one
+            # replaced it: a batch validated it, but it can be bad on others (one
+            # sample's log-det underflowing, say), and restoring it again would
+            # loop until max_rollbacks. Fall back to the state before it.
+            self._snapshots.pop()
+            reason += "; the state restored last time failed again: restored the one before it"
         self.backoff = self.lr_multiplier * self.config.lr_backoff
         self.rollbacks += 1
         self.steps += 1
@@ -295,7 +301,8 @@ class PartTrainer:
                 f"part {self.index + 1} diverged: {self.rollbacks} rollbacks (last: {reason}); lower its learning rate"
             )
         self._last = None  # its batch belongs to weights that are gone
-        snap = copy.deepcopy(self._snapshot)
+        snap = copy.deepcopy(self._snapshots[-1])
+        self._restored = True
         self.part.load_state_dict(snap["part"])
         self.optimizer.load_state_dict(snap["optimizer"])
         self.guard.load_state_dict(snap["guard"])
@@ -323,5 +330,6 @@ class PartTrainer:
         self.steps = int(state["steps"])
         self.rollbacks = int(state["rollbacks"])
         self.events = [RollbackEvent(int(s), str(r), float(lr)) for s, r, lr in state["events"]]
-        self._snapshot = None
+        self._snapshots = []
+        self._restored = False
         self._last = None
