@@ -276,8 +276,12 @@ class PartTrainer:
         return problem
 
     def _take_snapshot(self) -> None:
-        state = {"part": self.part.state_dict(), "optimizer": self.optimizer.state_dict()}
-        self._snapshots.append(copy.deepcopy(state | {"guard": self.guard.state_dict()}))
+        state = {
+            "part": self.part.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "guard": self.guard.state_dict(),
+        }
+        self._snapshots.append(copy.deepcopy(state))
         del self._snapshots[:-2]
         self._restored = False
 
