@@ -87,12 +87,19 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("bytes_forward", "bytes forward per boundary"),
         ("bytes_backward", "bytes backward"),
         ("bytes_weight_sync", "bytes of weights synced"),
-        ("staleness", "staleness (mean/max steps)"),
+        ("stale_steps", "steps on stale inputs, parts 2.."),
+        ("dropped_latents", "latents dropped (queue full)"),
+        ("outage_latents", "latents lost to outages"),
+        ("idle_s", "idle seconds per part"),
         ("restarts", "actor restarts"),
     ]:
         if key in summary:
             value = summary[key]
             rows.append((label, ", ".join(map(_fmt, value)) if isinstance(value, list) else _fmt(value)))
+    for key, label in [("behind_steps", "upstream steps behind"), ("behind_s", "seconds behind upstream")]:
+        if summary.get(key):
+            per_part = [_fmt([b["mean"], b["p50"], b["p95"], b["max"]]) for b in summary[key]]
+            rows.append((f"{label} (mean/p50/p95/max)", ", ".join(per_part)))
     if summary.get("stopped_early"):
         rows.append(("stopped early", summary["stopped_early"]))
     rows += [

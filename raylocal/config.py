@@ -109,11 +109,35 @@ class RunConfig(BaseModel):
     address: str | None = Field(None, description="Ray address ('auto' joins a cluster; default: local)")
     placement: Literal["pack", "spread"] = Field("pack", description="placement of part actors")
     queue_size: int = Field(4, ge=1, description="bound of each latent queue")
-    link: str = Field("up", description="link model: up | p=0.9 | outage=START:LEN,... ; '|' per boundary")
+    link: str = Field(
+        "up",
+        description="link between neighbouring parts: up, or comma-separated bw=10Mbit, lat=20ms, p=0.9, "
+        "outage=START:LEN, mtbf=60s, mttr=15s; '|' per boundary",
+    )
+    starve: Literal["wait", "stale"] = Field(
+        "wait",
+        description="a part with no fresh latent from upstream: wait for one, or train on a latent computed "
+        "from its own data through its synced upstream copy",
+    )
+    full: Literal["block", "drop-oldest"] = Field(
+        "block", description="a part whose outbound queue is full: block, or replace the oldest latent"
+    )
+    wire_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="precision of latents on the wire (parts train in float32)"
+    )
     sync_every: int = Field(50, ge=1, description="upstream weight sync every N steps")
     cpus_per_part: float | None = Field(None, gt=0, description="CPUs per part actor")
     gpus_per_part: float | None = Field(None, ge=0, description="GPUs per part actor (default: 1, or a share of fewer)")
     finetune_workers: int = Field(1, ge=1, description="DDP workers for the fine-tune phase")
+    average_every: int = Field(
+        0,
+        ge=0,
+        description="data-parallel runs: local SGD, averaging parameters every H steps over the link, "
+        "instead of all-reducing gradients every step (0: DDP)",
+    )
+    outer_lr: float | None = Field(
+        None, gt=0, description="local SGD: DiLoCo's outer Nesterov step with this LR (default: plain averaging)"
+    )
     max_restarts: int = Field(3, ge=0, description="times Ray restarts a dead part actor")
     inject: str | None = Field(
         None,
@@ -124,14 +148,12 @@ class RunConfig(BaseModel):
     @field_validator("link")
     @classmethod
     def _check_link(cls, v: str) -> str:
-        from raylocal.links import LinkModel
+        from raylocal.links import parse_link
 
-        for boundary in range(len(v.split("|"))):
-            try:
-                LinkModel.parse(v, boundary)
-            except ConfigError as e:
-                raise ValueError(str(e)) from None
-        return v
+        try:
+            return parse_link(v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
 
     @field_validator("inject")
     @classmethod

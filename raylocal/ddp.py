@@ -1,18 +1,33 @@
-"""The fair distributed baseline: end-to-end training, data-parallel on K Ray Train workers.
+"""The data-parallel baselines: end-to-end training on K Ray Train workers.
 
-Ray Train's ``TorchTrainer`` runs ``train_loop`` on K workers with
-DistributedDataParallel (gloo on CPU, nccl on GPU): every step all-reduces
-every gradient. Each worker takes every K-th batch of the same shuffled
-stream, with batch_size // K images, so the global batch matches the
-single-process runs. Used for ``scripts/bench_async.py`` and, with
+Ray Train's ``TorchTrainer`` runs ``train_loop`` on K workers (gloo on CPU,
+nccl on GPU). Each worker takes every K-th batch of the same shuffled stream,
+with batch_size // K images, so the global batch matches the single-process
+runs. Two ways to keep the workers' models together:
+
+- DDP (``--average-every 0``): every step all-reduces every gradient. Over an
+  emulated link (``--link``), ``LinkedAllReduce`` is DDP's communication hook:
+  each gradient bucket is all-reduced as usual and completes no sooner than the
+  link would have carried its ring traffic, on the hook's own thread, so that
+  it overlaps the rest of the backward pass as real DDP does.
+- Local SGD (``--average-every H``): each worker trains on its own batches and
+  the workers average their parameters every H steps over the link; with
+  ``--outer-lr`` the average is DiLoCo's pseudo-gradient for an outer Nesterov
+  step (Douillard et al. 2023).
+
+Used for ``scripts/bench_links.py``, ``scripts/bench_async.py`` and, with
 ``--finetune-workers K``, for the fine-tune phase.
 """
 
 from __future__ import annotations
 
 import json
+import queue
+import resource
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +37,7 @@ from torch import Tensor, nn
 from raylocal.config import RunConfig
 from raylocal.data import BatchStream
 from raylocal.errors import ClusterError
+from raylocal.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.objectives import nll_bits, preprocess
 from raylocal.train import build_glow, initialize, scheduled_lr
 
@@ -40,64 +56,263 @@ class NLL(nn.Module):
         return nll_bits(self.glow, x).mean()
 
 
+def ring_bytes(nbytes: float, world: int) -> float:
+    """What each worker sends in a ring all-reduce of ``nbytes``: 2(N-1)/N of them."""
+    return 2 * (world - 1) / world * nbytes if world > 1 else 0.0
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _gloo_all_reduce(tensor: Tensor) -> torch.futures.Future:
+    import torch.distributed as dist
+
+    return dist.all_reduce(tensor, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+class LinkedAllReduce:
+    """DDP's communication hook over an emulated link.
+
+    Each bucket is averaged by a real all-reduce and handed back to DDP only
+    once the link has carried it: its ring traffic, ``ring_bytes``, occupies
+    the wire (buckets one after another) and arrives ``lat`` later; during an
+    outage it waits for the link. The waiting happens on the hook's thread, so
+    the backward pass goes on computing the next buckets meanwhile.
+    ``idle_s`` adds up, per step, how long the last bucket took from its
+    hand-over (the end of the backward pass) until DDP got it back: the
+    time the training thread waited for the link.
+    """
+
+    def __init__(
+        self,
+        spec: LinkSpec,
+        world: int,
+        clock: Clock = SYSTEM_CLOCK,
+        all_reduce: Callable[[Tensor], torch.futures.Future] = _gloo_all_reduce,
+    ) -> None:
+        self.spec, self.world, self.clock, self.all_reduce = spec, world, clock, all_reduce
+        self.wire = Wire(spec, clock)
+        self.bytes_sent = 0.0
+        self.idle_s = 0.0
+        self._jobs: queue.Queue = queue.Queue()  # buckets waiting for the wire
+        self._landing: queue.Queue = queue.Queue()  # buckets on their way (the latency overlaps the next)
+        threading.Thread(target=self._send, name="raylocal-ddp-wire", daemon=True).start()
+        threading.Thread(target=self._land, name="raylocal-ddp-arrivals", daemon=True).start()
+
+    def __call__(self, bucket: Any) -> torch.futures.Future:
+        tensor = bucket.buffer()
+        tensor.div_(self.world)
+        reduced = self.all_reduce(tensor)
+        done: torch.futures.Future = torch.futures.Future()
+        # the last bucket of a step is handed over when the backward pass has finished
+        self._jobs.put((tensor, reduced, done, bucket.is_last(), self.clock.now()))
+        return done
+
+    def _send(self) -> None:
+        while True:
+            tensor, reduced, done, last, submitted = job = self._jobs.get()
+            try:
+                nbytes = ring_bytes(tensor.numel() * tensor.element_size(), self.world)
+                arrival = self.wire.deliver(int(nbytes), at=submitted)
+                self.bytes_sent += nbytes
+                self._landing.put((arrival, job))
+            except BaseException as e:  # DDP raises it in the training thread
+                done.set_exception(e)
+
+    def _land(self) -> None:
+        while True:
+            arrival, (tensor, reduced, done, last, submitted) = self._landing.get()
+            try:
+                self.clock.sleep_until(arrival)
+                value = reduced.wait()
+                if last:  # from the end of the backward pass until now, DDP waited for the link
+                    self.idle_s += max(self.clock.now() - submitted, 0.0)
+                done.set_result(value)
+            except BaseException as e:
+                done.set_exception(e)
+
+
+def linked_all_reduce_hook(state, bucket):  # noqa: ANN001, ANN201
+    """The function DDP registers (``state`` is the ``LinkedAllReduce``). DDP
+    checks a hook's annotations against its own types and reads its
+    ``__name__``: a plain function without annotations passes both."""
+    return state(bucket)
+
+
+def average_parameters(params: list[Tensor], all_reduce_sum: Callable[[Tensor], None], world: int) -> int:
+    """Replace each worker's parameters by the mean over the workers (one
+    flattened all-reduce); returns the bytes reduced."""
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    all_reduce_sum(flat)
+    flat /= world
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+    return flat.numel() * flat.element_size()
+
+
+class OuterNesterov:
+    """DiLoCo's outer step: the change of the averaged parameters since the last
+    round is a pseudo-gradient for SGD with Nesterov momentum on a global copy."""
+
+    def __init__(self, params: list[Tensor], lr: float, momentum: float = 0.9) -> None:
+        self.anchor = [p.detach().clone().requires_grad_(True) for p in params]
+        self.optimizer = torch.optim.SGD(self.anchor, lr=lr, momentum=momentum, nesterov=True)
+
+    def step(self, averaged: list[Tensor]) -> None:
+        for a, p in zip(self.anchor, averaged):
+            a.grad = a.detach() - p.detach()
+        self.optimizer.step()
+        with torch.no_grad():
+            for a, p in zip(self.anchor, averaged):
+                p.copy_(a)
+
+
+class DataParallelWorker:
+    """One Ray Train worker of a DDP or local-SGD run (``train_loop`` runs it)."""
+
+    def __init__(self, loop_config: dict[str, Any]) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self.config = config = RunConfig.model_validate_json(loop_config["config"])
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(loop_config["threads"])
+        self.device = ray.train.torch.get_device()
+        images: Tensor = loop_config["images"]
+        self.glow = build_glow(config, tuple(images.shape[1:])).to(self.device)
+        if loop_config.get("state"):
+            self.glow.load_state_dict(loop_config["state"])
+        else:
+            noise = torch.Generator().manual_seed(config.seed + 1)
+            x0 = preprocess(images[: config.init_batch_size].to(self.device), config.n_bits, noise)
+            initialize([self.glow.whole()], x0)  # identical on every worker: same data, same seed
+        self.link = LinkSpec.parse(config.link, 0, config.seed)
+        self.hook: LinkedAllReduce | None = None
+        self.outer: OuterNesterov | None = None
+        if config.average_every:  # local SGD: each worker its own model, averaged now and then
+            self.model: nn.Module = NLL(self.glow)
+            self.wire = Wire(self.link)
+            if config.outer_lr:
+                self.outer = OuterNesterov(list(self.model.parameters()), config.outer_lr)
+        else:
+            self.model = ray.train.torch.prepare_model(NLL(self.glow))
+            if not self.link.ideal and hasattr(self.model, "register_comm_hook"):
+                self.hook = LinkedAllReduce(self.link, self.world)
+                self.model.register_comm_hook(self.hook, linked_all_reduce_hook)
+        opt_cls = torch.optim.Adamax if config.optimizer == "adamax" else torch.optim.Adam
+        self.lr = loop_config["lr"]
+        self.optimizer = opt_cls(self.model.parameters(), lr=self.lr)
+        self.per_worker = max(config.batch_size // self.world, 1)
+        self.stream = BatchStream(images, self.per_worker, config.seed)
+        self.noise = torch.Generator().manual_seed(config.seed + 1 + self.rank)
+        self.steps_per_epoch = len(self.stream) // self.world
+        self.step = 0
+        self.idle_s = 0.0  # waiting for the link: local-SGD rounds (DDP's is the hook's)
+        self.bytes_averaged = 0.0
+
+    def _all_reduce(self, tensor: Tensor, op: str = "sum") -> None:
+        import torch.distributed as dist
+
+        if self.world > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+
+    def average(self) -> None:
+        """A local-SGD round: the mean of the workers' parameters, over the link."""
+        start = time.perf_counter()
+        params = list(self.model.parameters())
+        nbytes = ring_bytes(average_parameters(params, self._all_reduce, self.world), self.world)
+        if not self.link.ideal:
+            SYSTEM_CLOCK.sleep_until(self.wire.deliver(int(nbytes)))
+        if self.outer is not None:
+            self.outer.step(params)
+        self.bytes_averaged += nbytes
+        self.idle_s += time.perf_counter() - start
+
+    def out_of_time(self, started: float, budget: float | None) -> bool:
+        """Every worker stops at the same step: the first one out of time decides."""
+        if not budget:
+            return False
+        flag = torch.tensor([1.0 if time.perf_counter() - started >= budget else 0.0])
+        self._all_reduce(flag, "max")
+        return bool(flag.item())
+
+    def train(self, loop_config: dict[str, Any]) -> None:
+        import ray.train
+
+        config = self.config
+        total = loop_config.get("lr_total") or self.steps_per_epoch * loop_config["epochs"]  # of the LR decay
+        history: list[dict[str, Any]] = []
+        started = time.perf_counter()
+        stop = False
+        for epoch in range(loop_config["epochs"]):
+            epoch_start, epoch_steps = time.perf_counter(), 0
+            for i in range(len(self.stream)):
+                batch = self.stream.next()
+                if i % self.world != self.rank or i // self.world >= self.steps_per_epoch:
+                    continue  # every K-th batch is this worker's
+                position = loop_config.get("lr_clock", 0) + self.step
+                lr = scheduled_lr(self.lr, self.step, config.warmup_steps, total, config.lr_schedule, position)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss = self.model(preprocess(batch.to(self.device), config.n_bits, self.noise))
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # DDP all-reduces the gradients here
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip or float("inf"))
+                self.optimizer.step()
+                self.step += 1
+                epoch_steps += 1
+                if config.average_every and self.step % config.average_every == 0:
+                    self.average()
+                stop = self.out_of_time(started, loop_config.get("time_budget"))
+                if stop:
+                    break
+            seconds = time.perf_counter() - epoch_start
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "loss": float(loss.detach()),
+                    "epoch_time": seconds,
+                    "images_per_s": epoch_steps * self.per_worker * self.world / max(seconds, 1e-9),
+                }
+            )
+            if stop or epoch == loop_config["epochs"] - 1:
+                break
+            ray.train.report(history[-1])
+        self._finish(history, time.perf_counter() - started)
+
+    def _finish(self, history: list[dict[str, Any]], seconds: float) -> None:
+        import ray.train
+
+        idle = self.idle_s + (self.hook.idle_s if self.hook else 0.0)
+        worst = torch.tensor([idle, peak_rss_mb()])
+        self._all_reduce(worst, "max")
+        sent = self.bytes_averaged + (self.hook.bytes_sent if self.hook else 0.0)
+        stats = {
+            "steps": self.step,
+            "images": self.step * self.per_worker * self.world,
+            "seconds": seconds,
+            "bytes_per_step": sent / max(self.step, 1),  # what each worker put on its link
+            "idle_s": float(worst[0]),  # the most idle worker
+            "peak_rss_mb": float(worst[1]),  # the largest worker
+        }
+        if self.rank != 0:
+            ray.train.report(history[-1])
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save({k: v.cpu() for k, v in self.glow.state_dict().items()}, Path(tmp) / WEIGHTS)
+            (Path(tmp) / HISTORY).write_text(json.dumps({"history": history, "stats": stats}))
+            ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
-    import ray.train
-    import ray.train.torch
-
-    config = RunConfig.model_validate_json(loop_config["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(loop_config["threads"])
-    device = ray.train.torch.get_device()
-    images: Tensor = loop_config["images"]
-    glow = build_glow(config, tuple(images.shape[1:])).to(device)
-    if loop_config.get("state"):
-        glow.load_state_dict(loop_config["state"])
-    else:
-        noise = torch.Generator().manual_seed(config.seed + 1)
-        x0 = preprocess(images[: config.init_batch_size].to(device), config.n_bits, noise)
-        initialize([glow.whole()], x0)  # identical on every worker: same data, same seed
-    model = ray.train.torch.prepare_model(NLL(glow))
-    opt_cls = torch.optim.Adamax if config.optimizer == "adamax" else torch.optim.Adam
-    lr = loop_config["lr"]
-    optimizer = opt_cls(model.parameters(), lr=lr)
-    per_worker = max(config.batch_size // world, 1)
-    stream = BatchStream(images, per_worker, config.seed)
-    noise = torch.Generator().manual_seed(config.seed + 1 + rank)
-    steps_per_epoch = len(stream) // world
-    step = 0
-    history = []
-    total = loop_config.get("lr_total") or steps_per_epoch * loop_config["epochs"]  # of the LR decay
-    for epoch in range(loop_config["epochs"]):
-        start = time.perf_counter()
-        for i in range(len(stream)):
-            batch = stream.next()
-            if i % world != rank or i // world >= steps_per_epoch:
-                continue  # every K-th batch is this worker's
-            position = loop_config.get("lr_clock", 0) + step
-            for group in optimizer.param_groups:
-                group["lr"] = scheduled_lr(lr, step, config.warmup_steps, total, config.lr_schedule, position)
-            loss = model(preprocess(batch.to(device), config.n_bits, noise))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # DDP all-reduces the gradients here
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-            optimizer.step()
-            step += 1
-        metrics = {
-            "epoch": epoch + 1,
-            "loss": float(loss.detach()),
-            "epoch_time": time.perf_counter() - start,
-            "images_per_s": steps_per_epoch * per_worker * world / (time.perf_counter() - start),
-        }
-        history.append(metrics)
-        if rank == 0 and epoch == loop_config["epochs"] - 1:
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save({k: v.cpu() for k, v in glow.state_dict().items()}, Path(tmp) / WEIGHTS)
-                (Path(tmp) / HISTORY).write_text(json.dumps(history))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+    DataParallelWorker(loop_config).train(loop_config)
 
 
 def train_ddp(
@@ -111,11 +326,16 @@ def train_ddp(
     cpus_per_worker: float | None = None,
     lr_clock: int = 0,
     lr_total: int = 0,
+    time_budget: float | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
-    """Train end to end on ``workers`` DDP workers; returns (weights, per-epoch metrics).
+    """Train end to end on ``workers`` data-parallel workers (DDP, or local SGD
+    with ``config.average_every``, over ``config.link``); returns (weights,
+    per-epoch metrics) and fills ``stats`` with the run's totals when given.
 
     ``lr_clock`` and ``lr_total`` place this phase on a run-wide LR decay
-    (``cosine-run``): the first update is at ``lr_clock`` of ``lr_total`` steps."""
+    (``cosine-run``): the first update is at ``lr_clock`` of ``lr_total`` steps.
+    With ``time_budget`` every worker stops at the first step past it."""
     import ray
     from ray.train import RunConfig as TrainRunConfig
     from ray.train import ScalingConfig
@@ -136,6 +356,7 @@ def train_ddp(
             "state": state,
             "lr_clock": lr_clock,
             "lr_total": lr_total,
+            "time_budget": time_budget,
         },  # fmt: skip
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
         run_config=TrainRunConfig(name="ddp", storage_path=str(storage.resolve())),
@@ -148,5 +369,7 @@ def train_ddp(
         raise ClusterError("DDP training returned no checkpoint")
     with result.checkpoint.as_directory() as d:
         weights = torch.load(Path(d) / WEIGHTS, weights_only=True)
-        history = json.loads((Path(d) / HISTORY).read_text())
-    return weights, history
+        record = json.loads((Path(d) / HISTORY).read_text())
+    if stats is not None:
+        stats.update(record["stats"])
+    return weights, record["history"]

@@ -1,69 +1,284 @@
-"""Link models: when the connection from part k to part k+1 is up.
+"""Emulated network links between neighbouring parts (and between DDP / local-SGD workers).
 
-Used to simulate intermittent communication: while a link is down, the
-downstream part trains on latents it computes itself with its last synced
-(stale) copy of the upstream weights.
+A link spec is a comma-separated list of properties; ``|`` gives one spec per
+boundary (a single spec applies to every boundary):
+
+  ``up``                       an ideal link: infinite bandwidth, no latency, never down
+  ``bw=10Mbit``                bandwidth (``Kbit``, ``Mbit``, ``Gbit``, ``bit``; ``inf``)
+  ``lat=20ms``                 one-way latency (``us``, ``ms``, ``s``)
+  ``p=0.9``                    up with probability 0.9 at each of the sender's steps (seeded)
+  ``outage=100:20,300:50``     down for the sender's steps 100-119 and 300-349
+  ``mtbf=60s,mttr=15s``        down at random times: exponential up and down periods (seeded)
+
+They compose: ``bw=10Mbit,lat=20ms,mtbf=60s,mttr=15s``. The step-based
+availabilities (``p``, ``outage``) are deterministic and meant for tests; the
+time-based one models a real intermittent connection.
+
+``Wire`` is the timing of one direction of a link: a message of B bytes
+occupies it for B/bw (messages are serialised: one wire) and arrives ``lat``
+after it left. Nothing crosses while the link is down: a message that starts
+in an outage, or that an outage interrupts, is lost. Time comes from a
+``Clock``, so that tests can inject one and never sleep.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 import random
 import re
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 
 from raylocal.errors import ConfigError
 
+_BITS = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0}
+
+
+class Clock:
+    """Wall-clock time, shared by every process on a host (a packet's arrival
+    time is set by its sender and awaited by its receiver)."""
+
+    def now(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds)
+
+    def sleep_until(self, when: float) -> None:
+        self.sleep(when - self.now())
+
+
+class FakeClock(Clock):
+    """A clock for tests: ``sleep`` advances time at once. Threads that share
+    it should wait with ``sleep_until``, which never moves time backwards."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.t = start
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self.t += max(seconds, 0.0)
+
+    def sleep_until(self, when: float) -> None:
+        with self._lock:
+            self.t = max(self.t, when)
+
+
+SYSTEM_CLOCK = Clock()
+
+
+def _number(text: str, key: str, spec: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"link {spec!r}: {key}={text} is not a number >= 0")
+    return value
+
+
+def _with_unit(text: str, key: str, spec: str, units: dict[str, float], example: str) -> float:
+    m = re.fullmatch(r"([0-9.eE+-]+)\s*([A-Za-z]+)", text)
+    if not m or m.group(2).lower() not in units:
+        raise ConfigError(f"link {spec!r}: {key}={text} needs a unit, e.g. {key}={example}")
+    return _number(m.group(1), key, spec) * units[m.group(2).lower()]
+
+
+@dataclass
+class TimedOutages:
+    """Alternating up and down periods with exponential lengths (mean ``mtbf`` up,
+    ``mttr`` down), starting up at time 0; generated lazily and reproducibly."""
+
+    mtbf: float
+    mttr: float
+    seed: int
+    _changes: list[float] = field(default_factory=list)  # times where the state flips; even index: goes down
+    _rng: random.Random | None = None
+
+    def _extend(self, t: float) -> None:
+        if self._rng is None:
+            self._rng = random.Random(self.seed)
+        while not self._changes or self._changes[-1] <= t:
+            last = self._changes[-1] if self._changes else 0.0
+            mean = self.mtbf if len(self._changes) % 2 == 0 else self.mttr
+            self._changes.append(last + self._rng.expovariate(1.0 / mean))
+
+    def is_up(self, t: float) -> bool:
+        self._extend(t)
+        return bisect.bisect_right(self._changes, t) % 2 == 0
+
+    def next_change(self, t: float) -> float:
+        """The first time after ``t`` at which the link goes down or comes back."""
+        self._extend(t)
+        return self._changes[bisect.bisect_right(self._changes, t)]
+
+    def down_fraction(self) -> float:
+        return self.mttr / (self.mtbf + self.mttr)
+
 
 @dataclass(frozen=True)
-class LinkModel:
-    """When the link from part k to part k+1 is up, as a function of the sender's step.
+class LinkSpec:
+    """What one link is: bandwidth, latency and when it is up."""
 
-    Spec (one per boundary, separated by ``|``; a single spec applies to all):
-      ``up``                      always up
-      ``p=0.9``                   up with probability 0.9 at each step (seeded)
-      ``outage=100:20,300:50``    down for steps 100-119 and 300-349
-    """
-
-    kind: str = "up"
-    p: float = 1.0
-    outages: tuple[tuple[int, int], ...] = ()
+    bandwidth: float = math.inf  # bits per second
+    latency: float = 0.0  # seconds, one way
+    p: float = 1.0  # per-step availability
+    outages: tuple[tuple[int, int], ...] = ()  # (first step, length)
+    mtbf: float | None = None  # seconds
+    mttr: float | None = None
     seed: int = 0
+    text: str = "up"
 
     @classmethod
-    def parse(cls, text: str, boundary: int = 0, seed: int = 0) -> LinkModel:
+    def parse(cls, text: str, boundary: int = 0, seed: int = 0) -> LinkSpec:
         specs = [s.strip() for s in text.split("|")]
-        spec = specs[0] if len(specs) == 1 else (specs[boundary] if boundary < len(specs) else None)
-        if spec is None:
+        if len(specs) > 1 and boundary >= len(specs):
             raise ConfigError(f"link {text!r} has {len(specs)} boundaries, boundary {boundary + 1} has none")
+        spec = specs[0] if len(specs) == 1 else specs[boundary]
+        values: dict = {"seed": seed * 1_000_003 + boundary, "text": spec}
         if spec == "up":
-            return cls()
-        m = re.fullmatch(r"p=([0-9.eE+-]+)", spec)
-        if m:
-            try:
-                p = float(m.group(1))
-            except ValueError:
-                p = -1.0
-            if not 0 < p <= 1:
-                raise ConfigError(f"link {spec!r}: p must be in (0, 1]")
-            return cls("random", p=p, seed=seed * 1_000_003 + boundary)
-        m = re.fullmatch(r"outage=((?:\d+:\d+)(?:,\d+:\d+)*)", spec)
-        if m:
-            outages = tuple(tuple(int(v) for v in o.split(":")) for o in m.group(1).split(","))
-            if any(length <= 0 or start <= 0 for start, length in outages):
-                raise ConfigError(f"link {spec!r}: outages need a start >= 1 and a length >= 1")
-            return cls("outage", outages=outages)  # type: ignore[arg-type]
-        raise ConfigError(f"link {spec!r} is not 'up', 'p=<probability>' or 'outage=START:LEN,...'")
+            return cls(**values)
+        items: list[list[str]] = []
+        for token in (t.strip() for t in spec.split(",")):
+            if re.fullmatch(r"\d+:\d+", token) and items and items[-1][0] == "outage":
+                items[-1][1] += "," + token  # outage=100:20,300:50 continues over the comma
+                continue
+            key, eq, value = token.partition("=")
+            if not eq or not value:
+                raise ConfigError(
+                    f"link {spec!r}: {token!r} is not KEY=VALUE (keys: bw, lat, p, outage, mtbf, mttr; or 'up')"
+                )
+            items.append([key.strip(), value.strip()])
+        keys = [key for key, _ in items]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise ConfigError(f"link {spec!r}: {key} is given twice")
+        for key, value in items:
+            if key == "bw":
+                values["bandwidth"] = math.inf if value == "inf" else _with_unit(value, key, spec, _BITS, "10Mbit")
+                if values["bandwidth"] <= 0:
+                    raise ConfigError(f"link {spec!r}: bw={value} must be more than 0")
+            elif key == "lat":
+                values["latency"] = _with_unit(value, key, spec, _SECONDS, "20ms")
+            elif key in ("mtbf", "mttr"):
+                values[key] = _with_unit(value, key, spec, _SECONDS, "60s")
+                if values[key] <= 0:
+                    raise ConfigError(f"link {spec!r}: {key}={value} must be more than 0")
+            elif key == "p":
+                values["p"] = _number(value, key, spec)
+                if not 0 < values["p"] <= 1:
+                    raise ConfigError(f"link {spec!r}: p must be in (0, 1]")
+            elif key == "outage":
+                if not re.fullmatch(r"\d+:\d+(,\d+:\d+)*", value):
+                    raise ConfigError(f"link {spec!r}: outage={value} is not START:LEN,START:LEN,...")
+                outages = tuple(tuple(int(v) for v in o.split(":")) for o in value.split(","))
+                if any(length <= 0 or start <= 0 for start, length in outages):
+                    raise ConfigError(f"link {spec!r}: outages need a start >= 1 and a length >= 1")
+                values["outages"] = outages
+            else:
+                raise ConfigError(f"link {spec!r}: unknown property {key!r} (bw, lat, p, outage, mtbf, mttr)")
+        if ("mtbf" in values) != ("mttr" in values):
+            raise ConfigError(f"link {spec!r}: random outages need both mtbf and mttr")
+        return cls(**values)
 
-    def is_up(self, step: int) -> bool:
-        if self.kind == "random":
-            return random.Random(self.seed * 7_919 + step).random() < self.p
-        if self.kind == "outage":
-            return not any(start <= step < start + length for start, length in self.outages)
-        return True
+    @property
+    def ideal(self) -> bool:
+        """Infinitely fast and never down: the wire needs no thread of its own."""
+        return math.isinf(self.bandwidth) and self.latency == 0 and self.always_up
+
+    @property
+    def always_up(self) -> bool:
+        return self.p == 1.0 and not self.outages and self.mtbf is None
+
+    def up_at_step(self, step: int) -> bool:
+        """The step-based availability at the sender's step."""
+        if self.outages and any(start <= step < start + length for start, length in self.outages):
+            return False
+        return self.p >= 1.0 or random.Random(self.seed * 7_919 + step).random() < self.p
+
+    def transfer_s(self, nbytes: int) -> float:
+        return nbytes * 8 / self.bandwidth
+
+    def timed_outages(self) -> TimedOutages | None:
+        if self.mtbf is None or self.mttr is None:
+            return None
+        return TimedOutages(self.mtbf, self.mttr, self.seed)
+
+
+class Wire:
+    """One direction of a link, used by one thread at a time. ``transmit``
+    schedules a message like a discrete-event simulation: it starts when it is
+    handed over or when the wire is free, whichever is later (messages are
+    serialised: one wire), occupies the wire for B/bw, and arrives ``lat``
+    after its last byte left. The calling thread sleeps until the wire is free
+    again; waiting out the latency is the receiver's business."""
+
+    def __init__(self, spec: LinkSpec, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.spec = spec
+        self.clock = clock
+        self.origin = clock.now()
+        self.outages = spec.timed_outages()
+        self.free_at = -math.inf  # when the last message's last byte left
+
+    def up(self, step: int | None = None, at: float | None = None) -> bool:
+        if step is not None and not self.spec.up_at_step(step):
+            return False
+        t = self.clock.now() if at is None else at
+        return self.outages is None or self.outages.is_up(t - self.origin)
+
+    def _start(self, at: float | None) -> float:
+        return max(self.clock.now() if at is None else at, self.free_at)
+
+    def transmit(self, nbytes: int, step: int | None = None, at: float | None = None) -> float | None:
+        """Send ``nbytes`` handed over at ``at`` (default: now); the arrival time,
+        or None when the link is down then or goes down before the last byte
+        is out (the message is lost)."""
+        start = self._start(at)
+        if not self.up(step, start):
+            return None
+        end = start + self.spec.transfer_s(nbytes)
+        if self.outages is not None:
+            cut = self.outages.next_change(start - self.origin) + self.origin  # the next change is a failure
+            if cut < end:
+                self.free_at = cut
+                self.clock.sleep_until(cut)
+                return None
+        self.free_at = end
+        self.clock.sleep_until(end)
+        return end + self.spec.latency
+
+    def deliver(self, nbytes: int, at: float | None = None) -> float:
+        """Like ``transmit``, but a message that an outage stops is sent again once
+        the link is back (weight syncs, DDP buckets): returns its arrival time.
+        Only the time-based availability applies (a step has no place here)."""
+        t = self._start(at)
+        while True:
+            if self.outages is not None and not self.outages.is_up(t - self.origin):
+                t = self.outages.next_change(t - self.origin) + self.origin
+                self.clock.sleep_until(t)
+            arrival = self.transmit(nbytes, at=t)
+            if arrival is not None:
+                return arrival
+            t = self.free_at
 
 
 def check_links(text: str, n_parts: int) -> None:
     for b in range(max(n_parts - 1, 1)):
-        LinkModel.parse(text, b)
+        LinkSpec.parse(text, b)
     if "|" in text and len(text.split("|")) != n_parts - 1:
         raise ConfigError(f"link {text!r} names {len(text.split('|'))} boundaries, {n_parts} parts have {n_parts - 1}")
+
+
+def parse_link(text: str) -> str:
+    """Validate every boundary of a link spec (for the config's validator)."""
+    for boundary in range(len(text.split("|"))):
+        LinkSpec.parse(text, boundary)
+    return text

@@ -1,33 +1,39 @@
-"""The asynchronous parts pipeline as plain Python: workers, packets, links.
+"""The asynchronous parts pipeline as plain Python: workers, links, the part loop.
 
 Nothing here imports Ray. A ``PartWorker`` holds one part (and a possibly
-stale copy of the parts upstream of it); ``run_part`` is its whole life in the
-pipeline: initialise on the first packet, then train one step per packet and
-send one packet on. Packets travel through any object with ``put``/``get``
-(a ``queue.Queue`` in tests, a Ray queue in ``ray_trainer``); tensors travel
-through ``store_put``/``store_get`` (identity in tests, Ray's object store in
-production), so a packet only carries references.
+stale copy of the parts upstream of it); ``PartLoop`` is its whole life in the
+pipeline: initialise on the first packet, then train its own ``n_steps``
+steps, each on the freshest latent its link delivered or, when there is none
+(``--starve stale``) or the upstream has finished, on latents it computes
+itself from its own data through its synced copy of the upstream weights.
+
+Between two parts runs a link: a ``LinkSender`` on the upstream side puts
+packets on an emulated wire (``raylocal.links``: bandwidth, latency, outages)
+from a thread of its own, and a ``LinkReceiver`` on the downstream side hands
+them over once they have arrived. Packets travel through a bounded
+``PacketChannel`` (in this process in tests, inside a small Ray actor in
+``ray_trainer``); tensors travel through ``store_put``/``store_get``
+(identity in tests, Ray's object store in production), so a packet only
+carries references.
 
 Packets (dicts, so that they pickle anywhere):
-    {"kind": "init", "latent": ref, "weights": {j: [version, ref]}}
-    {"kind": "data", "step": t, "latent": ref | None, "weights": {...} | None}
-    {"kind": "end", "step": t}
-A data packet without a latent means the link was down at the sender's step t:
-the receiver then trains on latents it computes itself, from its own data,
-with its last synced (stale) copy of the upstream weights. The same happens
-after the end packet for steps the receiver is still short of (their latents
-were in flight when the parts were checkpointed and restored), so that every
-part ends at the same step.
+    {"kind": "init", "step": 0, "latent": ref, "weights": {j: [version, ref, nbytes]}, "arrive_at": t}
+    {"kind": "data", "step": s, "latent": ref, "weights": {...} | None, "arrive_at": t}
+    {"kind": "end", "step": s, "weights": {...} | None, "arrive_at": t}
+A latent sent into an outage is lost (it would be stale when the link is back);
+a weight sync waits for the link and crosses with the next packet that does.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import math
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -38,7 +44,7 @@ from torch import Tensor
 from raylocal.config import RunConfig
 from raylocal.data import BatchStream
 from raylocal.errors import CheckpointError
-from raylocal.links import LinkModel
+from raylocal.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.objectives import preprocess
 from raylocal.train import PartTrainer, build_glow, decay_steps
 
@@ -57,18 +63,23 @@ class WorkerStats:
 
     steps: int = 0
     compute_s: float = 0.0  # training steps (and stale upstream recomputation)
-    wait_s: float = 0.0  # blocked on the inbound queue (upstream slower)
-    put_s: float = 0.0  # putting into the object store and queue (backpressure included)
-    bytes_forward: int = 0  # latents sent to the next part
-    bytes_weights: int = 0  # weights sent downstream for syncs
+    wait_s: float = 0.0  # idle: waiting for a latent from upstream (--starve wait)
+    put_s: float = 0.0  # idle: waiting for room to send (--full block)
+    bytes_forward: int = 0  # latents that crossed the link to the next part
+    bytes_weights: int = 0  # weights that crossed it for syncs (this part's and forwarded ones)
     bytes_backward: int = 0  # anything sent upstream: by design always 0
-    stale_steps: int = 0
-    staleness: list[int] = field(default_factory=list)
+    fresh_steps: int = 0  # steps trained on a latent that came over the link
+    stale_steps: int = 0  # steps trained on a latent computed here through the synced upstream copy
+    dropped_latents: int = 0  # sent latents replaced by newer ones in a full queue (--full drop-oldest)
+    outage_latents: int = 0  # sent latents lost because the link was down
+    lost_packets: int = 0  # latents that died with a crashed sender
+    # per own step: [upstream step whose weights made the input, time the step began]
+    inputs: list[list[float]] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)  # [i]: when step i ended (0: the init)
     losses: list[float] = field(default_factory=list)
     rollbacks: int = 0
     restarts: int = 0  # times this part's process died and was restored from its checkpoint
     resumed_at: int = -1  # step this part continued from after a driver restart (--resume)
-    lost_packets: int = 0  # latents lost with a crashed part or in flight at a restore (trained on stale instead)
     start_time: float = 0.0
     first_step_time: float = 0.0  # end of the first step: steady state starts here
     end_time: float = 0.0
@@ -106,14 +117,12 @@ class PartWorker:
         self.stream = BatchStream(train_images, config.batch_size, config.seed + offset)
         self.noise = torch.Generator().manual_seed(config.seed + 1 + offset)
         self.train_images = train_images
-        self.link = LinkModel.parse(config.link, index, config.seed) if index < len(bounds) - 1 else None
         self.versions: dict[int, int] = {}  # upstream part -> version of our copy of it
-        self.weight_refs: dict[int, list[Any]] = {}  # upstream part -> [version, ref] to forward
+        self.weight_refs: dict[int, list[Any]] = {}  # upstream part -> [version, ref, nbytes] to forward
         self.stats = WorkerStats()
         self.initialized = False  # ActNorm data init done (skipped when restored)
         self.step = 0
         self.last_sync: float = -math.inf  # step of the last weights sent downstream
-        self.down_since_sync = False
 
     # ------------------------------------------------------------ data
 
@@ -155,7 +164,7 @@ class PartWorker:
         (tensors and plain values only, for weights_only loading)."""
         stats = asdict(self.stats)
         return {
-            "format": 1,
+            "format": 2,
             "index": self.index,
             "model": {k: v.detach().cpu() for k, v in self.glow.state_dict().items()},
             "trainer": self.trainer.state_dict(),
@@ -163,12 +172,13 @@ class PartWorker:
             "noise": self.noise.get_state(),
             "step": self.step,
             "last_sync": self.last_sync if math.isfinite(self.last_sync) else -1,
-            "down_since_sync": self.down_since_sync,
             "versions": {str(j): v for j, v in self.versions.items()},
             "stats": json.dumps(stats),
         }
 
     def restore_state(self, state: dict[str, Any]) -> None:
+        if int(state.get("format", 1)) != 2:
+            raise CheckpointError("part checkpoint is from an older raylocal (format 1); start the run afresh")
         if int(state["index"]) != self.index:
             found = int(state["index"]) + 1
             raise CheckpointError(f"part checkpoint is for part {found}, not {self.index + 1}")
@@ -178,89 +188,372 @@ class PartWorker:
         self.noise.set_state(state["noise"])
         self.step = int(state["step"])
         self.last_sync = float(state["last_sync"])
-        self.down_since_sync = bool(state["down_since_sync"])
         self.versions = {int(j): int(v) for j, v in state["versions"].items()}
         self.stats = WorkerStats(**json.loads(state["stats"]))
         self.initialized = True
 
 
-class _Background:
-    """A daemon thread that forwards items between two blocking endpoints, in
-    order, through a local buffer of one; errors surface on the caller's side."""
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    def __init__(self, pull: Callable[[], Any], push: Callable[[Any], None], name: str) -> None:
-        self._pull, self._push = pull, push
+
+def _newer_weights(*groups: dict[int, list[Any]] | None) -> dict[int, list[Any]]:
+    """Merge {part: [version, payload, nbytes]} maps, keeping the newest version of each part."""
+    merged: dict[int, list[Any]] = {}
+    for group in groups:
+        for j, entry in (group or {}).items():
+            if int(j) not in merged or merged[int(j)][0] < entry[0]:
+                merged[int(j)] = list(entry)
+    return merged
+
+
+class LinkSender:
+    """The upstream end of a link.
+
+    ``send`` hands a packet to the link's own thread and returns: with
+    ``full="block"`` it waits while the previous packet has not been taken yet
+    (so a full queue downstream throttles the part, as a bounded queue should);
+    with ``full="drop-oldest"`` the newest packet replaces a waiting one, here
+    and in the queue, and the part never waits. The link's thread spends each
+    packet's time on the ``Wire``, puts its tensors into the store and the
+    packet into the channel; a latent that meets an outage is lost, its
+    weights wait for the next packet that crosses.
+    """
+
+    def __init__(
+        self,
+        channel: Any,
+        spec: LinkSpec,
+        store_put: Callable[[Any], Any],
+        stats: WorkerStats,
+        index: int,
+        full: str = "block",
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.channel, self.store_put, self.stats, self.index, self.full = channel, store_put, stats, index, full
+        self.wire = Wire(spec, clock)
+        self.clock = clock
+        self._slot: deque[dict[str, Any]] = deque()
+        self._cond = threading.Condition()
+        self._held: dict[int, list[Any]] = {}  # weights that met an outage: sent with the next packet
+        self._sent_versions: dict[int, int] = {}  # part -> newest version of its weights sent on this link
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="raylocal-link", daemon=True)
         self._thread.start()
 
-    def _loop(self) -> None:
-        try:
-            while True:
-                item = self._pull()
-                self._push(item)
-                if item.get("kind") == "end":
-                    return
-        except BaseException as e:  # handed to the training thread
-            self.error = e
-            self._push({"kind": "error"})
+    # ---------------------------------------------------------- the part's side
 
-    def join(self) -> None:
+    def send(self, packet: dict[str, Any]) -> float:
+        """Queue a packet for the wire; returns the seconds the part waited."""
+        start = time.perf_counter()
+        packet["handed_at"] = self.clock.now()
+        with self._cond:
+            while self._slot and self.error is None and (self.full == "block" or packet["kind"] != "data"):
+                self._cond.wait()
+            if self._slot:  # drop-oldest: the waiting latent is replaced, its weights travel on
+                old = self._slot.popleft()
+                packet["weights"] = _newer_weights(old.get("weights"), packet.get("weights"))
+                self.stats.dropped_latents += 1
+            self._slot.append(packet)
+            self._cond.notify_all()
+        self._raise()
+        return time.perf_counter() - start
+
+    def close(self) -> float:
+        """Send the end packet and wait until everything is in the channel."""
+        waited = self.send({"kind": "end", "step": self.stats.steps, "latent": None, "weights": None})
+        start = time.perf_counter()
         self._thread.join()
+        self._raise()
+        return waited + time.perf_counter() - start
+
+    def _raise(self) -> None:
         if self.error is not None:
             raise self.error
 
+    # ---------------------------------------------------------- the link's thread
 
-class PrefetchingInbox:
-    """Takes the next packet from the queue, and fetches its latent, on a
-    background thread while the part trains on the current one: communication
-    overlaps compute, and packets keep their order."""
-
-    def __init__(self, inbox: Any, store_get: Callable[[Any], Any]) -> None:
-        self._ready: queue.Queue = queue.Queue(maxsize=1)
-
-        def pull() -> dict[str, Any]:
-            packet = dict(inbox.get())
-            if packet.get("latent") is not None:
-                packet["latent"] = store_get(packet["latent"])
-                packet["resolved"] = True
-                packet["lost"] = packet["latent"] is None
+    def _take(self) -> dict[str, Any]:
+        with self._cond:
+            while not self._slot:
+                self._cond.wait()
+            packet = self._slot.popleft()
+            self._cond.notify_all()
             return packet
 
-        self._worker = _Background(pull, self._ready.put, "raylocal-inbox")
+    def _serve(self) -> None:
+        try:
+            while True:
+                packet = self._take()
+                self._transmit(packet)
+                if packet["kind"] == "end":
+                    return
+        except BaseException as e:  # handed to the part's thread
+            with self._cond:
+                self.error = e
+                self._cond.notify_all()
 
-    def get(self) -> dict[str, Any]:
-        packet = self._ready.get()
-        if packet["kind"] == "error":
-            self._worker.join()
-        return packet
+    def _transmit(self, packet: dict[str, Any]) -> None:
+        weights = _newer_weights(self._held, packet.get("weights"))
+        weights = {j: w for j, w in weights.items() if w[0] > self._sent_versions.get(j, -1)}
+        latent = packet.get("latent")
+        nbytes = tensor_bytes(latent) + sum(w[2] for w in weights.values())
+        handed_at = packet.pop("handed_at")
+        if packet["kind"] == "data":
+            arrival = self.wire.transmit(nbytes, packet["step"], at=handed_at)
+        else:  # the init and end packets wait for the link: the receiver cannot do without them
+            arrival = self.wire.deliver(nbytes, at=handed_at)
+        if arrival is None:
+            self.stats.outage_latents += 1
+            self._held = weights
+            return
+        self._held = {}
+        for j, (version, payload, size) in weights.items():
+            if j == self.index:  # this part's own weights: into the store now
+                weights[j] = [version, self.store_put(payload), size]
+            self._sent_versions[j] = version
+            self.stats.bytes_weights += size
+        if latent is not None:
+            self.stats.bytes_forward += tensor_bytes(latent)
+            packet["latent"] = self.store_put(latent)
+        packet["weights"] = weights or None
+        packet["arrive_at"] = arrival
+        self._put(packet)
+
+    def _put(self, packet: dict[str, Any]) -> None:
+        if self.full == "drop-oldest" and packet["kind"] == "data":
+            self.stats.dropped_latents += self.channel.put_latest(packet)
+        else:
+            self.channel.put(packet)
 
 
-class BackgroundOutbox:
-    """Puts packets into the queue on a background thread. ``put`` returns at
-    once unless the previous packet is still waiting for room in the queue,
-    so the queue's bound still throttles the producer."""
+class PacketChannel:
+    """The bounded FIFO of packets between two parts: the queue whose bound is
+    the pipeline's backpressure (plain Python; ``ray_trainer`` keeps one in a
+    small Ray actor). ``put`` waits for room; ``put_latest`` makes room by
+    dropping the oldest data packets (their weights travel on with the new one)."""
 
-    def __init__(self, outbox: Any) -> None:
-        self._pending: queue.Queue = queue.Queue(maxsize=1)
-        self._worker = _Background(self._pending.get, self._send(outbox), "raylocal-outbox")
-
-    @staticmethod
-    def _send(outbox: Any) -> Callable[[Any], None]:
-        def push(packet: dict[str, Any]) -> None:
-            if packet.get("kind") != "error":
-                outbox.put(packet)
-
-        return push
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: deque[dict[str, Any]] = deque()
+        self._cond = threading.Condition()
 
     def put(self, packet: dict[str, Any]) -> None:
-        if self._worker.error is not None:
-            self._worker.join()
-        self._pending.put(packet)
+        with self._cond:
+            while len(self._items) >= self.maxsize:
+                self._cond.wait()
+            self._items.append(packet)
+            self._cond.notify_all()
 
-    def close(self) -> None:
-        """Wait until every packet (the end packet last) is in the queue."""
-        self._worker.join()
+    def put_latest(self, packet: dict[str, Any]) -> int:
+        """Put without waiting for room held by data packets; returns how many it dropped."""
+        dropped = 0
+        with self._cond:
+            while len(self._items) >= self.maxsize:
+                oldest = next((p for p in self._items if p.get("kind") == "data"), None)
+                if oldest is None:  # only the init packet is there: it is taken at once
+                    self._cond.wait()
+                    continue
+                self._items.remove(oldest)
+                packet["weights"] = _newer_weights(oldest.get("weights"), packet.get("weights")) or None
+                dropped += 1
+            self._items.append(packet)
+            self._cond.notify_all()
+        return dropped
+
+    def get(self) -> dict[str, Any]:
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            packet = self._items.popleft()
+            self._cond.notify_all()
+            return packet
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+
+class LinkReceiver:
+    """The downstream end of a link: a thread takes packets from the channel,
+    waits until each has arrived (its latency), fetches its tensors from the
+    store and holds it for the part (one packet ahead of it)."""
+
+    def __init__(self, channel: Any, store_get: Callable[[Any], Any], clock: Clock = SYSTEM_CLOCK) -> None:
+        self.channel, self.store_get, self.clock = channel, store_get, clock
+        self._ready: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._serve, name="raylocal-inbox", daemon=True)
+        self._thread.start()
+
+    def get(self, block: bool = True) -> dict[str, Any] | None:
+        """The next packet that has arrived; None at once when none has and not ``block``."""
+        try:
+            packet = self._ready.get(block=block)
+        except queue.Empty:
+            return None
+        if packet["kind"] == "error":
+            raise self.error  # type: ignore[misc]
+        return packet
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                packet = dict(self.channel.get())
+                self.clock.sleep_until(packet.get("arrive_at", 0.0))
+                if packet.get("latent") is not None:
+                    latent = self.store_get(packet["latent"])  # None: it died with a crashed sender
+                    packet["latent"] = None if latent is None else latent.float()
+                    packet["lost"] = latent is None
+                packet["states"] = {
+                    int(j): self.store_get(ref) for j, (version, ref, size) in (packet.get("weights") or {}).items()
+                }
+                self._ready.put(packet)
+                if packet["kind"] == "end":
+                    return
+        except BaseException as e:  # handed to the part's thread
+            self.error = e
+            self._ready.put({"kind": "error"})
+
+
+class PartLoop:
+    """A part's whole life in the pipeline (see the module doc).
+
+    Every part trains ``n_steps`` steps of its own (or until ``--time-budget``).
+    Part 1 trains on its data; every other part on the next latent its link
+    delivers, waiting for one with ``--starve wait``, or, with ``--starve
+    stale`` (and always once the upstream has finished), on a latent it
+    computes itself through its synced upstream copy when none has arrived.
+    ``lock`` (optional) is held during each step, so that another thread can
+    read consistent weights.
+    """
+
+    def __init__(
+        self,
+        worker: PartWorker,
+        inbox: Any,
+        outbox: Any,
+        store_put: Callable[[Any], Any],
+        store_get: Callable[[Any], Any],
+        n_steps: int,
+        on_step: Callable[[PartWorker], None] | None = None,
+        lock: Any = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.worker, self.n_steps, self.on_step, self.clock = worker, n_steps, on_step, clock
+        config = worker.config
+        self.k = worker.index
+        self.guard = lock if lock is not None else contextlib.nullcontext()
+        self.wait_for_fresh = config.starve == "wait"
+        self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
+        self.receiver = LinkReceiver(inbox, store_get, clock) if inbox is not None else None
+        self.sender = None
+        if outbox is not None:
+            spec = LinkSpec.parse(config.link, self.k, config.seed)
+            self.sender = LinkSender(outbox, spec, store_put, worker.stats, self.k, config.full, clock)
+        self.upstream_ended = False
+        st = worker.stats
+        st.start_time = st.start_time or clock.now()
+        self.deadline = st.start_time + config.time_budget if config.time_budget else math.inf
+        # every part trains n_steps steps, so its own steps are the run's clock; a
+        # run-wide decay runs on through the fine-tune phase
+        run_steps = n_steps + config.finetune_epochs * len(worker.stream)
+        worker.trainer.total_steps = decay_steps(config, n_steps, run_steps)
+
+    def run(self) -> WorkerStats:
+        worker, st = self.worker, self.worker.stats
+        if not worker.initialized:  # a worker restored from a checkpoint skips it: its neighbours did it
+            self._initialize()
+        while worker.step < self.n_steps and self.clock.now() < self.deadline:
+            started = self.clock.now()
+            x, source = self._next_input()
+            t0 = time.perf_counter()
+            with self.guard:
+                result = worker.trainer.step(x)
+            st.compute_s += time.perf_counter() - t0
+            worker.step += 1
+            if worker.step == 1:
+                st.first_step_time = self.clock.now()
+            st.steps = worker.step
+            st.losses.append(result.loss)
+            st.rollbacks = worker.trainer.rollbacks
+            st.step_times.append(self.clock.now())
+            if source is not None:
+                st.inputs.append([source, started])
+            self._send("data", result.output)
+            if self.on_step is not None:
+                self.on_step(worker)
+        with self.guard:
+            worker.trainer.validate()
+        st.rollbacks = worker.trainer.rollbacks
+        if self.sender is not None:
+            st.put_s += self.sender.close()
+        st.end_time = self.clock.now()
+        return st
+
+    # ------------------------------------------------------------ steps
+
+    def _initialize(self) -> None:
+        """ActNorms see the real output of the part before them."""
+        worker = self.worker
+        if self.k == 0:
+            x = worker.init_batch()
+        else:
+            packet = self._receive(block=True)
+            assert packet is not None and packet["kind"] == "init", packet
+            x = packet["latent"]
+        y = worker.initialize(x)
+        worker.stats.step_times.append(self.clock.now())
+        self._send("init", y)
+        if self.on_step is not None:
+            self.on_step(worker)  # step 0: e.g. a checkpoint, so that a restart never redoes the init
+
+    def _next_input(self) -> tuple[Tensor, int | None]:
+        """The input of this step and the upstream step whose weights made it."""
+        worker, st = self.worker, self.worker.stats
+        if self.k == 0:
+            t0 = time.perf_counter()
+            x = worker.data_batch()
+            st.compute_s += time.perf_counter() - t0
+            return x, None
+        packet = None if self.upstream_ended else self._receive(block=self.wait_for_fresh)
+        if packet is not None and packet["kind"] == "data" and packet["latent"] is not None:
+            st.fresh_steps += 1
+            return packet["latent"].to(worker.device), int(packet["step"])
+        t0 = time.perf_counter()
+        x = worker.stale_input()
+        st.compute_s += time.perf_counter() - t0
+        st.stale_steps += 1
+        return x, worker.versions.get(self.k - 1, 0)
+
+    def _receive(self, block: bool) -> dict[str, Any] | None:
+        """The next packet (its weights applied), or None when none has arrived."""
+        assert self.receiver is not None
+        t0 = time.perf_counter()
+        packet = self.receiver.get(block)
+        self.worker.stats.wait_s += time.perf_counter() - t0
+        if packet is None:
+            return None
+        for j, state in packet["states"].items():
+            version, ref, size = packet["weights"][j]
+            if state is not None and self.worker.versions.get(j, -1) < version:  # None: lost with its sender
+                self.worker.load_upstream(j, version, state)
+                self.worker.weight_refs[j] = [version, ref, size]
+        if packet.get("lost"):
+            self.worker.stats.lost_packets += 1
+        if packet["kind"] == "end":
+            self.upstream_ended = True
+        return packet
+
+    def _send(self, kind: str, output: Tensor) -> None:
+        """Send this step's output on, with this part's weights when a sync is due."""
+        if self.sender is None:
+            return
+        worker = self.worker
+        packet: dict[str, Any] = {"kind": kind, "step": worker.step, "latent": output.to(self.wire_dtype)}
+        if kind == "init" or worker.step - worker.last_sync >= worker.config.sync_every:
+            state = worker.weights()
+            packet["weights"] = _newer_weights(worker.weight_refs, {self.k: [worker.step, state, tensor_bytes(state)]})
+            worker.last_sync = worker.step
+        worker.stats.put_s += self.sender.send(packet)
 
 
 def run_part(
@@ -272,148 +565,35 @@ def run_part(
     n_steps: int,
     on_step: Callable[[PartWorker], None] | None = None,
     lock: Any = None,
-    overlap: bool = True,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> WorkerStats:
-    """A part's whole life in the pipeline (see the module doc).
+    """Run one part's ``PartLoop`` to its end; returns what it measured."""
+    return PartLoop(worker, inbox, outbox, store_put, store_get, n_steps, on_step, lock, clock).run()
 
-    The first part trains ``n_steps`` steps on its data; every other part
-    trains one step per data packet until the end packet. ``lock`` (optional)
-    is held during each step so that another thread can read consistent weights.
-    With ``overlap`` the queues are served by background threads, so that
-    sending and receiving overlap the training steps.
-    """
-    if overlap and inbox is not None:
-        inbox = PrefetchingInbox(inbox, store_get)
-    if overlap and outbox is not None:
-        outbox = BackgroundOutbox(outbox)
-    st = worker.stats
-    st.start_time = st.start_time or time.time()
-    k = worker.index
-    # every part trains n_steps steps, so its own steps are the run's clock; a
-    # run-wide decay runs on through the fine-tune phase
-    run_steps = n_steps + worker.config.finetune_epochs * len(worker.stream)
-    worker.trainer.total_steps = decay_steps(worker.config, n_steps, run_steps)
-    sync_every = worker.config.sync_every
-    guard = lock if lock is not None else contextlib.nullcontext()
 
-    def receive() -> dict[str, Any]:
-        t0 = time.perf_counter()
-        packet = inbox.get()
-        st.wait_s += time.perf_counter() - t0
-        return packet
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(math.ceil(q * len(ordered))) - 1, len(ordered) - 1)] if ordered else 0.0
 
-    def apply_weights(packet: dict[str, Any]) -> None:
-        for j, (version, ref) in (packet.get("weights") or {}).items():
-            j = int(j)
-            if worker.versions.get(j, -1) < version:
-                t0 = time.perf_counter()
-                state = store_get(ref)
-                st.wait_s += time.perf_counter() - t0
-                if state is not None:  # None: lost with a crashed sender; the next sync will do
-                    worker.load_upstream(j, version, state)
-                    worker.weight_refs[j] = [version, ref]
 
-    def latent_of(packet: dict[str, Any]) -> Tensor:
-        return packet["latent"] if packet.get("resolved") else store_get(packet["latent"])
+def staleness_summary(upstream_times: list[float], inputs: list[list[float]]) -> dict[str, dict[str, float]]:
+    """How far behind the upstream part each input of a part was, in upstream
+    steps (steps the upstream had finished when the input was used, minus the
+    step whose weights made it) and in seconds (since that step ended)."""
+    steps, seconds = [], []
+    for source, used_at in inputs:
+        source = int(source)
+        done = bisect.bisect_right(upstream_times, used_at) - 1
+        steps.append(float(max(done - source, 0)))
+        if source < len(upstream_times):
+            seconds.append(max(used_at - upstream_times[source], 0.0))
 
-    def send(packet: dict[str, Any]) -> None:
-        t0 = time.perf_counter()
-        outbox.put(packet)
-        st.put_s += time.perf_counter() - t0
+    def describe(values: list[float]) -> dict[str, float]:
+        return {
+            "mean": sum(values) / len(values) if values else 0.0,
+            "p50": _percentile(values, 0.5),
+            "p95": _percentile(values, 0.95),
+            "max": max(values) if values else 0.0,
+        }
 
-    def own_weights(version: int) -> dict[int, list[Any]]:
-        state = worker.weights()
-        st.bytes_weights += tensor_bytes(state)
-        refs = dict(worker.weight_refs)
-        refs[k] = [version, store_put(state)]
-        return refs
-
-    # -- initialisation: ActNorms see the real output of the part before them.
-    # A worker restored from a checkpoint skips it: its neighbours already did.
-    if not worker.initialized:
-        if k == 0:
-            x = worker.init_batch()
-        else:
-            packet = receive()
-            assert packet["kind"] == "init", packet["kind"]
-            apply_weights(packet)
-            x = latent_of(packet)
-        y = worker.initialize(x)
-        if outbox is not None:
-            st.bytes_forward += tensor_bytes(y)
-            send({"kind": "init", "latent": store_put(y), "weights": own_weights(0)})
-            worker.last_sync = 0
-        if on_step is not None:
-            on_step(worker)  # step 0: e.g. a checkpoint, so that a restart never redoes the init
-
-    # -- training: one step per batch (part 1) or per packet (the others)
-    upstream_end: int | None = None  # the step the part before this one ended at
-    while True:
-        if k == 0:
-            if worker.step >= n_steps:
-                break
-            t0 = time.perf_counter()
-            x = worker.data_batch()
-            st.compute_s += time.perf_counter() - t0
-        else:
-            if upstream_end is None:
-                packet = receive()
-                if packet["kind"] == "end":
-                    upstream_end = packet["step"]
-                    continue
-            elif worker.step < upstream_end:
-                # Latents in flight when the parts were checkpointed (a restart,
-                # --resume, a PBT restore) are gone; make up those steps on local
-                # inputs so that every part trains the same number of steps.
-                packet = {"kind": "data", "step": worker.step + 1, "latent": None, "weights": None}
-                st.lost_packets += 1
-            else:
-                break
-            apply_weights(packet)
-            x = None
-            if packet["latent"] is not None:
-                t0 = time.perf_counter()
-                x = latent_of(packet)
-                st.wait_s += time.perf_counter() - t0
-                if x is None:  # the latent died with a crashed sender
-                    st.lost_packets += 1
-            if x is None:
-                t0 = time.perf_counter()
-                x = worker.stale_input()
-                st.compute_s += time.perf_counter() - t0
-                st.stale_steps += 1
-                st.staleness.append(packet["step"] - worker.versions.get(k - 1, 0))
-        t0 = time.perf_counter()
-        with guard:
-            result = worker.trainer.step(x)
-        st.compute_s += time.perf_counter() - t0
-        if worker.step == 0:
-            st.first_step_time = time.time()
-        worker.step += 1
-        step = worker.step
-        st.steps = step
-        st.losses.append(result.loss)
-        st.rollbacks = worker.trainer.rollbacks
-        if outbox is not None:
-            up = worker.link is None or worker.link.is_up(step)
-            packet = {"kind": "data", "step": step, "latent": None, "weights": None}
-            if up:
-                st.bytes_forward += tensor_bytes(result.output)
-                packet["latent"] = store_put(result.output)
-                if worker.down_since_sync or step - worker.last_sync >= sync_every:
-                    packet["weights"] = own_weights(step)
-                    worker.last_sync, worker.down_since_sync = step, False
-            else:
-                worker.down_since_sync = True
-            send(packet)
-        if on_step is not None:
-            on_step(worker)
-    with guard:
-        worker.trainer.validate()
-    st.rollbacks = worker.trainer.rollbacks
-    if outbox is not None:
-        send({"kind": "end", "step": worker.step})
-        if isinstance(outbox, BackgroundOutbox):
-            outbox.close()
-    st.end_time = time.time()
-    return st
+    return {"steps": describe(steps), "seconds": describe(seconds)}

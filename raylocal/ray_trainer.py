@@ -29,7 +29,6 @@ from typing import Any
 import ray
 import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.queue import Queue
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raylocal.checkpoint import load_checkpoint, save_checkpoint
@@ -38,38 +37,40 @@ from raylocal.data import ImageData
 from raylocal.errors import CheckpointError, ClusterError, RaylocalError
 from raylocal.faults import apply_worker_faults, parse_faults
 from raylocal.links import check_links
-from raylocal.pipeline import PartWorker, run_part, tensor_bytes
+from raylocal.pipeline import PacketChannel, PartWorker, run_part, staleness_summary, tensor_bytes
 from raylocal.runlog import Progress, resolve_run_dir, write_json
 from raylocal.schedules import SingleProcessRun, part_spec_for
 from raylocal.train import build_glow, evaluate_bpd
 
 
-class LatentQueue:
-    """A bounded FIFO of packets between two parts, held by one small Ray actor.
+@ray.remote(num_cpus=0, max_concurrency=8)  # blocked put()s and get()s each hold a thread
+class _ChannelActor(PacketChannel):
+    pass
 
-    Only packets of object references pass through the queue actor; the
-    latents themselves stay in the object store.
-    """
+
+class LatentQueue:
+    """A bounded FIFO of packets between two parts: a ``PacketChannel`` held by
+    one small Ray actor. Only packets of object references pass through it;
+    the latents themselves stay in the object store."""
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
-        self._queue = Queue(maxsize=maxsize, actor_options={"num_cpus": 0})
-
-    @property
-    def actor(self) -> Any:
-        return self._queue.actor
+        self.actor = _ChannelActor.remote(maxsize)
 
     def put(self, packet: dict[str, Any]) -> None:
-        self._queue.put(packet)
+        ray.get(self.actor.put.remote(packet))
+
+    def put_latest(self, packet: dict[str, Any]) -> int:
+        return ray.get(self.actor.put_latest.remote(packet))
 
     def get(self) -> dict[str, Any]:
-        return self._queue.get()
+        return ray.get(self.actor.get.remote())
 
     def qsize(self) -> int:
-        return self._queue.qsize()
+        return ray.get(self.actor.qsize.remote())
 
     def shutdown(self) -> None:
-        self._queue.shutdown(force=True)
+        ray.kill(self.actor)
 
 
 def get_or_none(ref: Any) -> Any:
@@ -261,9 +262,11 @@ def place_parts(config: RunConfig, n_parts: int, cpus: float, gpus: float) -> tu
 
 def _progress_line(progress: list[dict[str, Any]], n_steps: int) -> str:
     parts = [
-        f"part {k + 1}: {p['steps']}/{n_steps} bpd {p['loss']:.3f}"
+        # a part's own local loss (bits/dim of its objective), not the model's BPD
+        f"part {k + 1}: {p['steps']}/{n_steps} local "
+        + (f"{p['loss']:.3f}" if math.isfinite(p["loss"]) else "–")
         + (f" rb {p['rollbacks']}" if p["rollbacks"] else "")
-        + (f" stale {p['stale_steps']}" if p["stale_steps"] else "")
+        + (f" stale-input steps {p['stale_steps']}" if p["stale_steps"] else "")
         + (f" restarts {p['restarts']}" if p["restarts"] else "")
         for k, p in enumerate(progress)
     ]
@@ -393,10 +396,10 @@ def pipeline_report(
     """Communication and throughput figures of the async phase."""
     n = len(stats)
     bs = config.batch_size
-    staleness = [s for st in stats for s in st["staleness"]]
     params = sum(p.numel() * p.element_size() for p in glow.parameters())
     steps = stats[-1]["steps"]
     forward = [st["bytes_forward"] for st in stats[:-1]]
+    behind = [staleness_summary(stats[k - 1]["step_times"], stats[k]["inputs"]) for k in range(1, n)]
     return {
         "part_images_per_s": [st["steps"] * bs / max(st["end_time"] - st["start_time"], 1e-9) for st in stats],
         "images_per_s_pipeline": steps * bs / max(wall, 1e-9),
@@ -408,11 +411,17 @@ def pipeline_report(
         "e2e_pipeline_bytes": [2 * f for f in forward],
         # data-parallel e2e: every worker all-reduces every gradient each step
         "ddp_bytes_per_step": params * 2 * (n - 1) / n if n > 1 else 0,
-        "staleness": [
-            float(sum(staleness) / len(staleness)) if staleness else 0.0,
-            max(staleness) if staleness else 0,
-        ],
-        "stale_steps": [st["stale_steps"] for st in stats],
+        # per part from part 2 on: steps on fresh and on stale inputs, and how far
+        # behind its upstream part's training each input was
+        "fresh_steps": [st["fresh_steps"] for st in stats[1:]],
+        "stale_steps": [st["stale_steps"] for st in stats[1:]],
+        "behind_steps": [b["steps"] for b in behind],
+        "behind_s": [b["seconds"] for b in behind],
+        # per boundary: latents that never reached the next part
+        "dropped_latents": [st["dropped_latents"] for st in stats[:-1]],
+        "outage_latents": [st["outage_latents"] for st in stats[:-1]],
+        "idle_s": [st["wait_s"] + st["put_s"] for st in stats],
+        "idle_fraction": [(st["wait_s"] + st["put_s"]) / max(st["end_time"] - st["start_time"], 1e-9) for st in stats],
         "queue_overhead": [(st["wait_s"] + st["put_s"]) / max(st["compute_s"], 1e-9) for st in stats],
         "wait_s": [st["wait_s"] for st in stats],
         "compute_s": [st["compute_s"] for st in stats],
@@ -499,11 +508,13 @@ def run_async(config: RunConfig, data: ImageData) -> dict[str, Any]:
         run_clock = {}
         if config.lr_schedule == "cosine-run":  # continue the run's decay where the parts left it
             run_clock = dict(lr_clock=finisher.state.global_step, lr_total=len(finisher.stream) * finisher.total_epochs)
+        link_stats: dict[str, Any] = {}
         tuned, history = train_ddp(
             config, data.train, config.finetune_workers, config.finetune_epochs, lr, run_dir / "ddp", state,
-            **run_clock,
+            stats=link_stats, **run_clock,
         )  # fmt: skip
         finisher.adopt_finetune(tuned, time.perf_counter() - t0, history)
+        report["finetune_link"] = link_stats
     summary = finisher.run()
     summary.update(report)
     summary["rollbacks"] = [st["rollbacks"] for st in stats] + summary["rollbacks"][len(stats) :]

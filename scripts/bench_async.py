@@ -77,7 +77,7 @@ class CpuMeter:
             return "driver"
         if cmdline.startswith("ray::PartActor"):
             return "part actors"
-        if cmdline.startswith("ray::_QueueActor"):
+        if cmdline.startswith("ray::_ChannelActor"):
             return "queue actors"
         if comm in ("raylet", "gcs_server"):
             return comm

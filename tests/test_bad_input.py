@@ -87,7 +87,7 @@ CASES = [
         {"schedule": "simultaneous", "parts": 2, "alternate_every": 10},
         "alternate_every=10 applies to the alternating schedule, not 'simultaneous'",
     ),
-    ("bad-link", {"link": "sometimes"}, "link 'sometimes' is not 'up'"),
+    ("bad-link", {"link": "sometimes"}, "link 'sometimes': 'sometimes' is not KEY=VALUE"),
     ("unknown-flag", ["--learning-rate", "1"], "unrecognized arguments: --learning-rate 1"),
     ("batch-larger-than-data", {"batch_size": 1000}, "batch size 1000 is larger than the 64 training images"),
     # config files

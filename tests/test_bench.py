@@ -48,7 +48,7 @@ def test_cpu_meter_charges_cpu_time_to_the_process_that_used_it():
 def test_cpu_meter_groups_ray_processes():
     meter = load_script("bench_async").CpuMeter()
     assert meter.group(1, "python", "ray::PartActor.run") == "part actors"
-    assert meter.group(1, "python", "ray::_QueueActor.get") == "queue actors"
+    assert meter.group(1, "python", "ray::_ChannelActor.get") == "queue actors"
     assert meter.group(1, "raylet", "/x/ray/core/src/ray/raylet/raylet --flags") == "raylet"
     assert meter.group(1, "python", "/usr/bin/python /x/site-packages/ray/dashboard/agent.py") == "other Ray"
     assert meter.group(1, "python", "/work/raylocal/.venv/bin/python -c pass") == "other"

@@ -1,13 +1,18 @@
-"""The data-parallel baseline on Ray Train, used as the async trainer's fine-tune phase."""
+"""The data-parallel baselines on Ray Train (DDP and local SGD, over emulated links), and the
+async trainer's DDP fine-tune phase."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 from conftest import tiny_options
 
 from raylocal.cli import main
+from raylocal.config import RunConfig
+from raylocal.ddp import LinkedAllReduce, OuterNesterov, average_parameters, ring_bytes
+from raylocal.links import FakeClock, LinkSpec
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -16,13 +21,111 @@ def test_async_then_ddp_finetune_on_two_workers(mnist_dir, tmp_path):
     storage = tmp_path / "runs"
     args = tiny_options(
         mnist_dir, storage, run_name="d", schedule="async", parts=2, part_spec="1|2", epochs=2,
-        finetune_epochs=2, finetune_workers=2, lr=3e-3, progress=False,
+        finetune_epochs=2, finetune_workers=2, lr=3e-3, progress=False, link="bw=1Gbit,lat=5ms",
     )  # fmt: skip
     assert main(args) == 0
     s = json.loads((storage / "d" / "summary.json").read_text())
+    # the DDP workers all-reduced every gradient over the parts' link, through the hook
+    from raylocal.train import build_glow
+
+    config = RunConfig(n_levels=2, depth=2, hidden=8)
+    params = sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters())
+    assert s["finetune_link"]["bytes_per_step"] == pytest.approx(ring_bytes(params, 2), rel=1e-6)
+    assert s["finetune_link"]["idle_s"] > 0
     ft = [h for h in s["history"] if h["phase"] == "finetune"]
     assert len(ft) == 2 and all(h["ddp_images_per_s"] > 0 for h in ft)
     assert s["phase_time"]["finetune"] > 0
     # the DDP fine-tune improved the assembled model
     assert s["curve"][-1]["test_bpd"] < s["curve"][0]["test_bpd"]
     assert s["curve"][-1]["epoch"] == 4
+
+
+class _Bucket:
+    def __init__(self, n: int, last: bool) -> None:
+        self._buffer, self._last = torch.ones(n), last
+
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    def is_last(self) -> bool:
+        return self._last
+
+
+def _done_now(tensor: torch.Tensor) -> torch.futures.Future:
+    """An all-reduce that finished at once (one worker's view of it)."""
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(tensor)
+    return fut
+
+
+def test_the_ddp_hook_delays_a_bucket_by_latency_plus_ring_bytes_over_bandwidth():
+    clock = FakeClock(50.0)
+    hook = LinkedAllReduce(LinkSpec.parse("bw=8Mbit,lat=20ms"), world=4, clock=clock, all_reduce=_done_now)
+    # 250 000 float32 = 1 MB; a ring all-reduce over 4 workers sends 2*3/4 of it: 1.5 s at 8 Mbit/s
+    # 250 000 float32 = 1 MB; a ring all-reduce over 4 workers sends 2*3/4 of it: 1.5 s at 8 Mbit/s
+    assert ring_bytes(1_000_000, 4) == 1.5e6
+    reduced = hook(_Bucket(250_000, last=False)).wait()
+    assert torch.equal(reduced, torch.full((250_000,), 0.25))  # averaged over the 4 workers
+    assert clock.now() == pytest.approx(50.0 + 1.5 + 0.02)
+    # two buckets at once: one wire, so the second's bytes follow the first's; the latency overlaps
+    start = clock.now()
+    with clock._lock:  # both handed over at the same moment: time cannot move meanwhile
+        first, second = (hook(_Bucket(250_000, last=last)) for last in (False, True))
+    first.wait(), second.wait()
+    assert clock.now() == pytest.approx(start + 1.5 + 1.5 + 0.02)
+    assert hook.bytes_sent == pytest.approx(3 * 1.5e6)
+    # idle: from the hand-over of the step's last bucket until DDP got it back
+    assert hook.idle_s == pytest.approx(3.02)
+
+
+def test_the_ddp_hook_cannot_complete_a_bucket_during_an_outage():
+    clock = FakeClock(0.0)
+    spec = LinkSpec.parse("bw=8Mbit,mtbf=60s,mttr=15s", seed=2)
+    hook = LinkedAllReduce(spec, world=2, clock=clock, all_reduce=_done_now)
+    down_at = hook.wire.outages.next_change(0.0)
+    back_at = hook.wire.outages.next_change(down_at)
+    clock.t = down_at + 0.1
+    hook(_Bucket(250_000, last=True)).wait()
+    assert clock.now() == pytest.approx(back_at + 1.0)  # 1 MB over 2 workers: 1 MB on the ring, 1 s
+
+
+def test_local_sgd_averages_to_the_mean_computed_by_hand():
+    torch.manual_seed(0)
+    workers = [[torch.randn(3, 2), torch.randn(5)] for _ in range(3)]
+    expected = [torch.stack([w[i] for w in workers]).mean(0) for i in range(2)]
+    total = sum(torch.cat([p.reshape(-1) for p in w]) for w in workers)
+    for params in workers:
+        nbytes = average_parameters(params, lambda flat: flat.copy_(total), world=3)
+        assert nbytes == 11 * 4
+        assert all(torch.allclose(p, e, atol=1e-6) for p, e in zip(params, expected))
+
+
+def test_diloco_outer_step_is_nesterov_sgd_on_the_pseudo_gradient():
+    start = [torch.tensor([1.0, 2.0])]
+    outer = OuterNesterov(start, lr=0.7, momentum=0.9)
+    averaged = [torch.tensor([0.5, 2.5])]  # the workers moved by (-0.5, +0.5) on average
+    outer.step(averaged)
+    g = torch.tensor([0.5, -0.5])  # anchor - average
+    # first step of SGD with Nesterov: buffer = g, update = g + momentum * buffer
+    assert torch.allclose(averaged[0], torch.tensor([1.0, 2.0]) - 0.7 * (g + 0.9 * g))
+
+
+def test_local_sgd_over_a_link_sends_what_the_formula_says(mnist_dir, tmp_path):
+    from raylocal.data import load_dataset
+    from raylocal.ddp import train_ddp
+    from raylocal.train import build_glow
+
+    config = RunConfig(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
+        warmup_steps=2, threads=1, samples=0, progress=False, link="bw=1Gbit,lat=10ms", average_every=2,
+        outer_lr=0.7,
+    )  # fmt: skip
+    data = load_dataset("mnist", mnist_dir)
+    stats: dict = {}
+    weights, _ = train_ddp(config, data.train, 2, 1, 1e-3, tmp_path / "ddp", cpus_per_worker=0.5, stats=stats)
+    params = sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters())
+    # 64 images in global batches of 16: 4 steps; the parameters averaged every 2 of them
+    assert stats["steps"] == 4 and stats["images"] == 64
+    assert stats["bytes_per_step"] == pytest.approx(ring_bytes(params, 2) / 2, rel=1e-6)
+    assert stats["idle_s"] >= 2 * 0.01  # two rounds, each at least the latency
+    assert stats["peak_rss_mb"] > 50 and all(torch.isfinite(v).all() for v in weights.values())

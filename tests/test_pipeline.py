@@ -1,9 +1,11 @@
-"""The pipeline logic without Ray: links, packets, staleness, equivalence with `simultaneous`."""
+"""The pipeline logic without Ray: packets, staleness, equivalence with `simultaneous`.
+
+The link layer itself (bandwidth, latency, outages, the sender's policies) is
+tested in test_links.py."""
 
 from __future__ import annotations
 
 import math
-import queue
 import threading
 
 import pytest
@@ -11,43 +13,10 @@ import torch
 
 from raylocal.config import RunConfig
 from raylocal.data import load_dataset
-from raylocal.errors import ConfigError
 from raylocal.glow import Glow
-from raylocal.links import LinkModel, check_links
 from raylocal.parts import parse_part_spec
-from raylocal.pipeline import PartWorker, run_part
+from raylocal.pipeline import PacketChannel, PartWorker, run_part, staleness_summary
 from raylocal.schedules import SingleProcessRun
-
-
-def test_link_models():
-    assert all(LinkModel.parse("up").is_up(t) for t in range(1, 100))
-    outage = LinkModel.parse("outage=10:5,30:2")
-    assert [t for t in range(1, 40) if not outage.is_up(t)] == [10, 11, 12, 13, 14, 30, 31]
-    p = LinkModel.parse("p=0.7", boundary=1, seed=3)
-    ups = [p.is_up(t) for t in range(1, 4001)]
-    assert 0.67 < sum(ups) / len(ups) < 0.73
-    assert ups == [LinkModel.parse("p=0.7", boundary=1, seed=3).is_up(t) for t in range(1, 4001)]
-    per_boundary = "up|outage=3:1"
-    assert LinkModel.parse(per_boundary, 0).kind == "up"
-    assert not LinkModel.parse(per_boundary, 1).is_up(3)
-
-
-@pytest.mark.parametrize(
-    "text,message",
-    [
-        ("sometimes", "is not 'up', 'p=<probability>'"),
-        ("p=1.5", "p must be in (0, 1]"),
-        ("outage=0:5", "outages need a start >= 1"),
-    ],
-)
-def test_bad_links(text, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        check_links(text, 3)
-
-
-def test_link_count_must_match_boundaries():
-    with pytest.raises(ConfigError, match="names 3 boundaries, 3 parts have 2"):
-        check_links("up|up|up", 3)
 
 
 def _config(mnist_dir, **kw) -> RunConfig:
@@ -65,7 +34,7 @@ def _run_threads(config: RunConfig, train: torch.Tensor, queue_size: int = 1):
     glow = Glow((1, 8, 8), **config.glow_kwargs())
     bounds = list(parse_part_spec(config.part_spec, glow).bounds)
     workers = [PartWorker(config, bounds, k, (1, 8, 8), train) for k in range(len(bounds))]
-    queues = [queue.Queue(maxsize=queue_size) for _ in range(len(bounds) - 1)]
+    queues = [PacketChannel(queue_size) for _ in range(len(bounds) - 1)]
     n_steps = config.epochs * (len(train) // config.batch_size)
     results = [None] * len(workers)
 
@@ -104,19 +73,48 @@ def test_threaded_pipeline_equals_simultaneous_schedule(mnist_dir, tmp_path, lr_
     assert all(s.bytes_backward == 0 for s in stats)
 
 
-def test_outage_trains_on_stale_weights_with_the_modelled_staleness(mnist_dir, tmp_path):
+def test_latents_sent_into_an_outage_are_lost_and_weights_cross_when_the_link_is_back(mnist_dir):
     torch.set_num_threads(1)
     # 2 epochs of 4 batches = 8 steps; link down at sender steps 4, 5, 6; sync every 2 steps
     config = _config(mnist_dir, link="outage=4:3", sync_every=2, epochs=2)
     data = load_dataset("mnist", mnist_dir)
     workers, stats = _run_threads(config, data.train, queue_size=8)
-    down = stats[1]
-    assert down.stale_steps == 3
-    # weights were synced at steps 0 (init), 2; step 3 is up but not due; 4-6 are down:
-    # the copy is version 2 while the sender is at 4, 5, 6
-    assert down.staleness == [2, 3, 4]
-    # the first packet after the outage (step 7) refreshes the copy
-    assert workers[1].versions[0] == 7
+    up, down = stats
+    assert up.outage_latents == 3 and up.dropped_latents == 0
+    # --starve wait: the receiver trains on latents 1, 2, 3, 7, 8 as they come, then, once the
+    # sender has ended, on its own inputs through its copy of version 8 (synced with latent 8)
+    assert down.fresh_steps == 5 and down.stale_steps == 3 and down.steps == 8
+    assert [int(source) for source, _ in down.inputs] == [1, 2, 3, 7, 8, 8, 8, 8]
+    assert workers[1].versions[0] == 8
+    # one latent of 2x4x4 float32 per image: the init batch and the 5 batches that crossed
+    assert up.bytes_forward == (64 + 5 * 16) * 2 * 4 * 4 * 4
+
+
+def test_weights_held_by_an_outage_cross_with_the_first_latent_after_it(mnist_dir):
+    torch.set_num_threads(1)
+    # sync every 2: the syncs of steps 4 and 6 meet the outage; the newest (6) crosses with latent 7
+    config = _config(mnist_dir, link="outage=4:3", sync_every=2, epochs=2)
+    data = load_dataset("mnist", mnist_dir)
+    glow = Glow((1, 8, 8), **config.glow_kwargs())
+    bounds = list(parse_part_spec(config.part_spec, glow).bounds)
+    up = PartWorker(config, bounds, 0, (1, 8, 8), data.train)
+    channel = PacketChannel(100)
+    run_part(up, None, channel, lambda x: x, lambda r: r, n_steps=8)
+    packets = [channel.get() for _ in range(channel.qsize())]
+    assert [p["step"] for p in packets] == [0, 1, 2, 3, 7, 8, 8]  # init, data..., end
+    synced = {p["step"]: p["weights"][0][0] for p in packets if p["weights"]}
+    assert synced == {0: 0, 2: 2, 7: 6, 8: 8}
+
+
+def test_staleness_summary_against_a_hand_count():
+    upstream = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # upstream step i ended at time i
+    # used at 2.5 (upstream had done step 2) on the latent of step 1: 1 step, 1.5 s behind; at 5.0 on
+    # version 2: 3 steps, 3 s; at 0.5 on version 0 (the init): 0 steps, 0.5 s
+    inputs = [[1, 2.5], [2, 5.0], [0, 0.5]]
+    s = staleness_summary(upstream, inputs)
+    assert s["steps"] == {"mean": pytest.approx(4 / 3), "p50": 1.0, "p95": 3.0, "max": 3.0}
+    assert s["seconds"] == {"mean": pytest.approx(5 / 3), "p50": 1.5, "p95": 3.0, "max": 3.0}
+    assert staleness_summary(upstream, [])["steps"]["max"] == 0.0
 
 
 def test_stale_input_uses_the_synced_copy_not_the_live_upstream(mnist_dir):
@@ -148,7 +146,7 @@ def test_stale_input_uses_the_synced_copy_not_the_live_upstream(mnist_dir):
     assert not all(torch.equal(old[k], v) for k, v in up.weights().items())
 
 
-def test_a_part_short_of_steps_at_the_end_makes_them_up_on_local_inputs(mnist_dir):
+def test_a_part_short_of_steps_when_its_sender_ends_makes_them_up_on_local_inputs(mnist_dir):
     """After a restore, latents that were in flight are gone: the receiver gets
     the end packet before it has trained as many steps as its sender did."""
     config = _config(mnist_dir)
@@ -156,13 +154,14 @@ def test_a_part_short_of_steps_at_the_end_makes_them_up_on_local_inputs(mnist_di
     bounds = list(parse_part_spec("1|2", Glow((1, 8, 8), **config.glow_kwargs())).bounds)
     up = PartWorker(config, bounds, 0, (1, 8, 8), data.train)
     down = PartWorker(config, bounds, 1, (1, 8, 8), data.train)
-    inbox: queue.Queue = queue.Queue()
+    inbox = PacketChannel(10)
     with torch.no_grad():
-        inbox.put({"kind": "init", "latent": up.part(up.init_batch())[0], "weights": None})
+        inbox.put({"kind": "init", "step": 0, "latent": up.part(up.init_batch())[0], "weights": None})
         for t in range(1, 4):
             inbox.put({"kind": "data", "step": t, "latent": up.part(up.data_batch())[0], "weights": None})
-    inbox.put({"kind": "end", "step": 6})  # the sender trained 6 steps; latents 4-6 were lost
-    st = run_part(down, inbox, None, lambda x: x, lambda r: r, n_steps=6, overlap=False)
+    inbox.put({"kind": "end", "step": 6, "weights": None})  # the sender trained 6 steps; latents 4-6 were lost
+    st = run_part(down, inbox, None, lambda x: x, lambda r: r, n_steps=6)
     assert down.step == st.steps == 6 and len(st.losses) == 6
-    assert st.lost_packets == 3 and st.stale_steps == 3 and st.staleness == [4, 5, 6]  # never synced: version 0
+    assert st.fresh_steps == 3 and st.stale_steps == 3
+    assert [int(source) for source, _ in st.inputs] == [1, 2, 3, 0, 0, 0]  # never synced: version 0
     assert all(math.isfinite(v) for v in st.losses)

@@ -62,15 +62,31 @@ def test_a_part_that_diverges_in_its_actor_fails_the_run_in_one_line(mnist_dir, 
     assert len(err) == 1 and err[0].startswith("error: part 2 diverged: 1 rollbacks"), err
 
 
-def test_outage_staleness_through_ray_matches_the_link_model(mnist_dir, tmp_path):
+def test_outage_through_ray_loses_latents_and_the_receiver_makes_up_on_stale_inputs(mnist_dir, tmp_path):
     s = _async(
         mnist_dir, tmp_path / "runs", "out", parts=2, part_spec="1|2", epochs=2, queue_size=2,
         link="outage=4:3", sync_every=2,
     )  # fmt: skip
-    assert s["stale_steps"] == [0, 3]
-    # synced at steps 0 and 2, down at 4, 5, 6: staleness 2, 3, 4
-    assert s["staleness"] == [3.0, 4]
+    # the sender's latents 4, 5, 6 are lost; the receiver (--starve wait) trains on the other
+    # five as they come and, once its sender has ended, three steps on its own inputs
+    assert s["outage_latents"] == [3] and s["dropped_latents"] == [0]
+    assert s["fresh_steps"] == [5] and s["stale_steps"] == [3]
     assert s["bytes_weight_sync"] > 0
+    assert 0 <= s["behind_steps"][0]["p50"] <= s["behind_steps"][0]["max"] <= 8
+
+
+def test_parts_that_never_wait_over_a_slow_link(mnist_dir, tmp_path):
+    s = _async(
+        mnist_dir, tmp_path / "runs", "free", parts=2, part_spec="1|2", epochs=2, queue_size=1,
+        link="bw=20Mbit,lat=30ms", starve="stale", full="drop-oldest", wire_dtype="bfloat16",
+    )  # fmt: skip
+    # every part trained its own 8 steps, each on a fresh or a stale input, and the wire
+    # carried 2-byte latents: (64 + 16 per latent that crossed) images of 2x4x4
+    assert s["fresh_steps"][0] + s["stale_steps"][0] == 8
+    crossed = s["bytes_forward"][0] / (2 * 4 * 4 * 2)
+    assert crossed == 64 + 16 * (crossed - 64) // 16 and crossed >= 64
+    assert s["behind_s"][0]["max"] >= 0.03 or s["fresh_steps"][0] == 0  # a latent is at least the latency old
+    assert s["test_bpd"] < 8.0
 
 
 def test_three_parts_pipeline_and_assembled_bpd_falls(mnist_dir, tmp_path):

@@ -1,0 +1,239 @@
+"""The emulated links: bandwidth, latency, outages, and the sender's and receiver's policies.
+
+Time comes from an injected FakeClock: nothing here sleeps."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+
+from raylocal.config import RunConfig
+from raylocal.data import load_dataset
+from raylocal.errors import ConfigError
+from raylocal.glow import Glow
+from raylocal.links import FakeClock, LinkSpec, TimedOutages, Wire, check_links
+from raylocal.parts import parse_part_spec
+from raylocal.pipeline import LinkReceiver, LinkSender, PacketChannel, PartWorker, WorkerStats, run_part
+
+
+def test_specs_compose_and_name_their_units():
+    s = LinkSpec.parse("bw=10Mbit,lat=20ms,mtbf=60s,mttr=15s")
+    assert (s.bandwidth, s.latency, s.mtbf, s.mttr) == (10e6, 0.02, 60.0, 15.0)
+    assert LinkSpec.parse("bw=1Gbit").bandwidth == 1e9 and math.isinf(LinkSpec.parse("bw=inf").bandwidth)
+    s = LinkSpec.parse("outage=100:20,300:50,bw=100Kbit")
+    assert s.outages == ((100, 20), (300, 50)) and s.bandwidth == 1e5
+    assert LinkSpec.parse("up").ideal and not LinkSpec.parse("lat=1ms").ideal
+    per_boundary = "up|outage=3:1"
+    assert LinkSpec.parse(per_boundary, 0).always_up
+    assert not LinkSpec.parse(per_boundary, 1).up_at_step(3)
+
+
+def test_step_based_availability():
+    outage = LinkSpec.parse("outage=10:5,30:2")
+    assert [t for t in range(1, 40) if not outage.up_at_step(t)] == [10, 11, 12, 13, 14, 30, 31]
+    p = LinkSpec.parse("p=0.7", boundary=1, seed=3)
+    ups = [p.up_at_step(t) for t in range(1, 4001)]
+    assert 0.67 < sum(ups) / len(ups) < 0.73
+    assert ups == [LinkSpec.parse("p=0.7", boundary=1, seed=3).up_at_step(t) for t in range(1, 4001)]
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("sometimes", "'sometimes' is not KEY=VALUE"),
+        ("p=1.5", "p must be in (0, 1]"),
+        ("outage=0:5", "outages need a start >= 1"),
+        ("outage=5", "outage=5 is not START:LEN"),
+        ("bw=10", "bw=10 needs a unit, e.g. bw=10Mbit"),
+        ("bw=10Mbyte", "bw=10Mbyte needs a unit"),
+        ("bw=0Mbit", "bw=0Mbit must be more than 0"),
+        ("lat=fast", "lat=fast needs a unit, e.g. lat=20ms"),
+        ("lat=-5ms", "lat=-5 is not a number >= 0"),
+        ("mtbf=60s", "random outages need both mtbf and mttr"),
+        ("mtbf=60s,mttr=0s", "mttr=0s must be more than 0"),
+        ("jitter=5ms", "unknown property 'jitter'"),
+        ("bw=1Gbit,bw=10Mbit", "bw is given twice"),
+    ],
+)
+def test_bad_link_specs_say_what_is_wrong_in_one_line(text, message):
+    with pytest.raises(ConfigError) as e:
+        check_links(text, 3)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_link_count_must_match_boundaries():
+    with pytest.raises(ConfigError, match="names 3 boundaries, 3 parts have 2"):
+        check_links("up|up|up", 3)
+
+
+def test_a_message_takes_its_bytes_over_the_bandwidth_plus_the_latency():
+    clock = FakeClock(100.0)
+    wire = Wire(LinkSpec.parse("bw=8Mbit,lat=20ms"), clock)
+    arrival = wire.transmit(1_000_000)  # 8 Mbit at 8 Mbit/s: 1 s on the wire
+    assert arrival == pytest.approx(100.0 + 1.0 + 0.02)
+    assert clock.now() == pytest.approx(101.0)  # the sender's thread spent the wire time, not the latency
+    # one wire: the next message starts when the last one's bytes are out
+    assert wire.transmit(500_000) == pytest.approx(101.0 + 0.5 + 0.02)
+
+
+def test_nothing_crosses_a_link_that_is_down_by_step():
+    wire = Wire(LinkSpec.parse("outage=4:3,lat=5ms"), FakeClock())
+    assert [wire.transmit(100, step) is None for step in range(1, 9)] == [False] * 3 + [True] * 3 + [False] * 2
+
+
+def test_random_outages_are_seeded_and_down_as_often_as_mttr_says():
+    a, b = TimedOutages(60.0, 15.0, seed=1), TimedOutages(60.0, 15.0, seed=1)
+    times = [i * 0.5 for i in range(400_000)]  # 200 000 s: about 2 700 cycles
+    ups = [a.is_up(t) for t in times]
+    assert ups[:5000] == [b.is_up(t) for t in times[:5000]]
+    assert sum(not u for u in ups) / len(ups) == pytest.approx(15 / 75, abs=0.02)
+    assert ups[0]  # a link starts up
+
+
+def test_nothing_crosses_a_link_in_a_timed_outage_and_deliver_waits_for_it():
+    clock = FakeClock(0.0)
+    wire = Wire(LinkSpec.parse("bw=8Mbit,mtbf=60s,mttr=15s"), clock)
+    down_at = wire.outages.next_change(0.0)
+    back_at = wire.outages.next_change(down_at)
+    clock.t = down_at + 1e-6
+    assert not wire.up() and wire.transmit(10) is None
+    clock.t = down_at - 0.5  # a 1-second message that the outage cuts after 0.5 s is lost
+    assert wire.transmit(1_000_000) is None and clock.now() == pytest.approx(down_at)
+    # a message that must cross (a weight sync, a DDP bucket) waits for the link and is then sent
+    assert wire.deliver(1_000_000) == pytest.approx(back_at + 1.0)
+
+
+def _sender(full: str, clock: FakeClock, channel: PacketChannel, link: str = "up") -> tuple[LinkSender, WorkerStats]:
+    stats = WorkerStats()
+    return LinkSender(channel, LinkSpec.parse(link), lambda x: x, stats, index=0, full=full, clock=clock), stats
+
+
+def test_the_sender_stamps_arrival_times_of_back_to_back_messages():
+    clock = FakeClock(0.0)
+    channel = PacketChannel(10)
+    sender, stats = _sender("block", clock, channel, link="bw=8Mbit,lat=20ms")
+    latent = torch.zeros(250_000)  # 1 MB of float32: 1 s at 8 Mbit/s
+    for step in range(1, 4):
+        sender.send({"kind": "data", "step": step, "latent": latent, "weights": None})
+    sender.close()
+    packets = [channel.get() for _ in range(4)]
+    arrivals = [p["arrive_at"] for p in packets[:3]]
+    assert arrivals == pytest.approx([1.02, 2.02, 3.02])
+    assert stats.bytes_forward == 3 * 1_000_000 and packets[-1]["kind"] == "end"
+
+
+def _run_with_timeout(fn, seconds: float = 30.0) -> None:
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "blocked"
+
+
+def test_drop_oldest_never_blocks_counts_its_drops_and_keeps_their_weights():
+    channel = PacketChannel(2)  # nobody reads it
+    sender, stats = _sender("drop-oldest", FakeClock(), channel)
+    weights = {0: [1, {"w": torch.ones(3)}, 12]}
+
+    def produce():
+        for step in range(1, 21):
+            synced = weights if step == 1 else None
+            sender.send({"kind": "data", "step": step, "latent": torch.zeros(4), "weights": synced})
+
+    _run_with_timeout(produce)  # with --full block this would wait forever on the full queue
+    got: list[dict] = []
+
+    def read_until_end():
+        while not got or got[-1]["kind"] != "end":
+            got.append(channel.get())
+
+    reader = threading.Thread(target=read_until_end, daemon=True)
+    reader.start()
+    _run_with_timeout(sender.close)  # the end packet waits for room: the reader makes it
+    reader.join(10)
+    packets = got[:-1]
+    in_flight = len(packets)
+    assert stats.dropped_latents + in_flight == 20
+    assert packets[-1]["step"] == 20
+    # the sync of step 1 was dropped with its latent, yet still crosses with a newer one
+    assert any(p["weights"] and p["weights"][0][0] == 1 for p in packets)
+
+
+def test_block_waits_for_room():
+    channel = PacketChannel(1)
+    sender, stats = _sender("block", FakeClock(), channel)
+    sent = []
+
+    def produce():
+        for step in range(1, 6):
+            sender.send({"kind": "data", "step": step, "latent": torch.zeros(4), "weights": None})
+            sent.append(step)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    thread.join(0.5)
+    # one packet in the channel, one on the link's thread, one in its slot: the fourth send waits
+    assert thread.is_alive() and len(sent) == 3
+    got = [channel.get()["step"] for _ in range(5)]
+    thread.join(5)
+    assert got == [1, 2, 3, 4, 5] and stats.dropped_latents == 0
+
+
+def test_the_receiver_hands_over_a_packet_only_once_it_has_arrived():
+    clock = FakeClock(10.0)
+    channel = PacketChannel(4)
+    channel.put({"kind": "data", "step": 1, "latent": torch.ones(2, dtype=torch.bfloat16), "arrive_at": 12.5})
+    receiver = LinkReceiver(channel, lambda r: r, clock)
+    packet = receiver.get()
+    assert clock.now() == pytest.approx(12.5)  # its thread waited out the latency
+    assert packet["latent"].dtype == torch.float32  # the receiver trains in float32
+
+
+def _worker_pair(mnist_dir, **kw):
+    values = dict(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
+        warmup_steps=2, threads=1, parts=2, part_spec="1|2", schedule="async", epochs=2, samples=0,
+        progress=False,
+    )  # fmt: skip
+    values.update(kw)
+    config = RunConfig(**values)
+    data = load_dataset("mnist", mnist_dir)
+    bounds = list(parse_part_spec("1|2", Glow((1, 8, 8), **config.glow_kwargs())).bounds)
+    return [PartWorker(config, bounds, k, (1, 8, 8), data.train) for k in range(2)]
+
+
+def test_starve_stale_never_waits_for_a_latent(mnist_dir, monkeypatch):
+    torch.set_num_threads(1)
+    up, down = _worker_pair(mnist_dir, starve="stale")
+    inbox = PacketChannel(4)
+    with torch.no_grad():
+        inbox.put({"kind": "init", "step": 0, "latent": up.part(up.init_batch())[0], "weights": None})
+    blocking = []
+    original = LinkReceiver.get
+
+    def recording_get(self, block=True):
+        blocking.append(block)
+        return original(self, block)
+
+    monkeypatch.setattr(LinkReceiver, "get", recording_get)
+    stats = {}
+    _run_with_timeout(lambda: stats.update(st=run_part(down, inbox, None, lambda x: x, lambda r: r, n_steps=5)))
+    st = stats["st"]
+    # the upstream never sent a latent after the init: every step trained on a local input at once
+    assert st.steps == 5 and st.stale_steps == 5 and st.fresh_steps == 0
+    assert blocking == [True] + [False] * 5  # only the init was waited for
+
+
+def test_wire_dtype_halves_the_bytes_and_the_receiver_trains_in_float32(mnist_dir):
+    torch.set_num_threads(1)
+    sizes = {}
+    for dtype in ("float32", "bfloat16"):
+        up, down = _worker_pair(mnist_dir, wire_dtype=dtype)
+        channel = PacketChannel(64)
+        st_up = run_part(up, None, channel, lambda x: x, lambda r: r, n_steps=4)
+        st_down = run_part(down, channel, None, lambda x: x, lambda r: r, n_steps=4)
+        sizes[dtype] = st_up.bytes_forward
+        assert st_down.fresh_steps == 4 and all(math.isfinite(v) for v in st_down.losses)
+    assert sizes["bfloat16"] * 2 == sizes["float32"]
