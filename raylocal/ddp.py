@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import queue
-import resource
 import tempfile
 import threading
 import time
@@ -39,6 +38,7 @@ from raylocal.data import BatchStream
 from raylocal.errors import ClusterError
 from raylocal.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.objectives import nll_bits, preprocess
+from raylocal.runlog import peak_rss_mb
 from raylocal.train import build_glow, initialize, scheduled_lr
 
 WEIGHTS = "weights.pt"
@@ -59,11 +59,6 @@ class NLL(nn.Module):
 def ring_bytes(nbytes: float, world: int) -> float:
     """What each worker sends in a ring all-reduce of ``nbytes``: 2(N-1)/N of them."""
     return 2 * (world - 1) / world * nbytes if world > 1 else 0.0
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _gloo_all_reduce(tensor: Tensor) -> torch.futures.Future:

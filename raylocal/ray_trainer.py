@@ -38,7 +38,7 @@ from raylocal.errors import CheckpointError, ClusterError, RaylocalError
 from raylocal.faults import apply_worker_faults, parse_faults
 from raylocal.links import check_links
 from raylocal.pipeline import PacketChannel, PartWorker, run_part, staleness_summary, tensor_bytes
-from raylocal.runlog import Progress, resolve_run_dir, write_json
+from raylocal.runlog import Progress, peak_rss_mb, resolve_run_dir, write_json
 from raylocal.schedules import SingleProcessRun, part_spec_for
 from raylocal.train import build_glow, evaluate_bpd
 
@@ -144,7 +144,7 @@ class PartActor:
             on_step=self._after_step,
             lock=self.lock,
         )
-        return asdict(stats)
+        return {**asdict(stats), "peak_rss_mb": peak_rss_mb()}
 
     def weights(self) -> dict[str, torch.Tensor]:
         with self.lock:
@@ -431,6 +431,7 @@ def pipeline_report(
         "async_wall_time": wall,
         "restarts": [st["restarts"] for st in stats],
         "resumed_at": [st["resumed_at"] for st in stats],
+        "peak_rss_mb": [st["peak_rss_mb"] for st in stats],
     }
 
 

@@ -63,6 +63,13 @@ def resolve_run_dir(config: RunConfig) -> Path:
     return run_dir
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def write_json(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=2, default=float) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))

@@ -1,0 +1,47 @@
+"""scripts/bench_links.py: the projection from the config alone, the cell order, and resuming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import load_script
+
+from raylocal.config import RunConfig
+from raylocal.train import build_glow
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("bench_links")
+
+
+@pytest.mark.parametrize("wire_dtype,bytes_per_value", [("float32", 4), ("bfloat16", 2)])
+def test_projection_counts_latents_all_reduce_and_averaging_bytes_by_hand(bench, wire_dtype, bytes_per_value):
+    config = RunConfig(
+        n_levels=2, depth=2, hidden=8, batch_size=16, schedule="async", parts=2, part_spec="1|2",
+        average_every=10, wire_dtype=wire_dtype,
+    )  # fmt: skip
+    b = bench.wire_bytes_per_step(config, (1, 8, 8), workers=4)
+    # block 1 squeezes 1x8x8 to 4x4x4 and splits half off: part 1 sends 2x4x4 per image
+    assert b["parts"] == 16 * 2 * 4 * 4 * bytes_per_value
+    params = sum(p.numel() for p in build_glow(config, (1, 8, 8)).parameters())
+    assert b["parameters"] == params
+    assert b["ddp"] == pytest.approx(2 * 3 / 4 * params * 4)  # a ring all-reduce over 4 workers
+    assert b["local-sgd"] == pytest.approx(b["ddp"] / 10)
+    assert bench.link_bound_below(1e6, 0.5) == 16e6  # 1 MB per half-second step: 16 Mbit/s
+
+
+def test_cells_run_the_floor_first_and_each_fine_tune_after_what_it_chooses_from(bench):
+    order = bench.cells(["inf", "10Mbit"])
+    assert order[0] == ("one-device", None) and len(order) == 9
+    for link in ("inf", "10Mbit"):
+        ft = order.index(("parts+ft", link))
+        assert all(order.index((m, link)) < ft for m in ("ddp", "local-sgd", "parts"))
+
+
+def test_a_finished_cell_is_read_back_not_run_again(bench, tmp_path, monkeypatch):
+    (tmp_path / "ddp-10Mbit.json").write_text(json.dumps({"test_bpd": 3.5}))
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail("a finished cell ran again"))
+    opts = type("Opts", (), dict(budget=1.0, test_subset=10, train_subset=None, average_every=5, outer_lr=None))
+    assert bench.run_cell("ddp", "10Mbit", opts, tmp_path) == {"test_bpd": 3.5}
