@@ -321,7 +321,9 @@ class LinkSender:
 
     def _put(self, packet: dict[str, Any]) -> None:
         if self.full == "drop-oldest" and packet["kind"] == "data":
-            self.stats.dropped_latents += self.channel.put_latest(packet)
+            dropped = self.channel.put_latest(packet)
+            with self._cond:  # the part's thread counts its own drops under this lock too
+                self.stats.dropped_latents += dropped
         else:
             self.channel.put(packet)
 
