@@ -127,7 +127,7 @@ def main(
     runner: Callable[[RunConfig], dict[str, Any]] = run,
 ) -> int:
     try:
-        args = build_parser(description).parse_args(argv)
+        args = build_parser(description, defaults).parse_args(argv)
         config = config_from_args(args, defaults)
         if config.resume:
             config = resume_config(config, {k: v for k, v in vars(args).items() if k != "config"})

@@ -262,18 +262,22 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
+def build_parser(description: str, defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per RunConfig field.
 
     Values stay strings: pydantic converts and validates them, so a bad value
     gets the same message from the command line as from a config file. Flags
-    default to "not given" so that only what the user typed overrides the file.
+    default to "not given" so that only what the user typed overrides the file;
+    ``--help`` shows the defaults the calling script really uses.
     """
     parser = _Parser(description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="JSON file of options (command-line flags override it)")
     for name, field in RunConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        help_text = f"{field.description} (default: {field.default})"
+        default = (defaults or {}).get(name, field.default)
+        if isinstance(default, list):
+            default = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
+        help_text = f"{field.description} (default: {default})"
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:

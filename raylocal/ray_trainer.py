@@ -97,33 +97,42 @@ class PartActor:
         bounds: list[tuple[int, int]],
         index: int,
         image_shape: tuple[int, int, int],
-        train_images: torch.Tensor,
         threads: int,
         device: str,
         run_dir: str,
     ) -> None:
+        # Nothing here comes from the object store: Ray warns about (and cannot
+        # always restart) an actor whose constructor arguments live there. The
+        # images come with run(), which builds the worker.
         torch.set_num_threads(threads)
-        config = RunConfig.model_validate_json(config_json)
-        self.worker = PartWorker(config, bounds, index, image_shape, train_images, device)
+        self.config = RunConfig.model_validate_json(config_json)
+        self.bounds, self.index, self.image_shape, self.device = bounds, index, image_shape, device
+        self.worker: PartWorker | None = None
         self.lock = threading.Lock()
         self.threads = threads
-        self.faults = parse_faults(config.inject or "")
+        self.faults = parse_faults(self.config.inject or "")
         self.checkpoint_path = part_checkpoint_path(Path(run_dir), index)
-        self.checkpoint_every = config.checkpoint_every or len(self.worker.stream)
-        # Ray reruns __init__ when it restarts this actor: continue from the last
-        # checkpoint (also when the driver itself was restarted with --resume).
         with warnings.catch_warnings():
             # Ray 2.60's own property reads its deprecated ``actor_id``: keep that
             # warning (three lines per actor) out of the user's output
             warnings.simplefilter("ignore", DeprecationWarning)
-            restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        if (restarted or config.resume) and self.checkpoint_path.is_file():
-            self.worker.restore_state(load_checkpoint(self.checkpoint_path))
-            if config.resume and not restarted:
-                self.worker.stats.resumed_at = self.worker.step
-        if restarted:
-            self.worker.stats.restarts += 1
-        self.first_life = not restarted
+            self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self.first_life = not self.restarted
+
+    def _build(self, train_images: torch.Tensor) -> PartWorker:
+        """The part's worker; Ray reruns __init__ and replays run() when it restarts
+        this actor: continue from the last checkpoint (also when the driver itself
+        was restarted with --resume)."""
+        config = self.config
+        worker = PartWorker(config, self.bounds, self.index, self.image_shape, train_images, self.device)
+        if (self.restarted or config.resume) and self.checkpoint_path.is_file():
+            worker.restore_state(load_checkpoint(self.checkpoint_path))
+            if config.resume and not self.restarted:
+                worker.stats.resumed_at = worker.step
+        if self.restarted:
+            worker.stats.restarts += 1
+        self.checkpoint_every = config.checkpoint_every or len(worker.stream)
+        return worker
 
     def _after_step(self, worker: PartWorker) -> None:
         if worker.step % self.checkpoint_every == 0:
@@ -131,11 +140,16 @@ class PartActor:
                 save_checkpoint(self.checkpoint_path, worker.checkpoint_state())
         apply_worker_faults(self.faults, worker, self.first_life)
 
-    def run(self, inbox: LatentQueue | None, outbox: LatentQueue | None, n_steps: int) -> dict[str, Any]:
+    def run(
+        self, train_images: torch.Tensor, inbox: LatentQueue | None, outbox: LatentQueue | None, n_steps: int
+    ) -> dict[str, Any]:
         # run() executes on one of the actor's threads; OpenMP's thread count is per thread
         torch.set_num_threads(self.threads)
+        worker = self._build(train_images)
+        with self.lock:
+            self.worker = worker
         stats = run_part(
-            self.worker,
+            worker,
             inbox,
             outbox,
             ray.put,
@@ -146,19 +160,27 @@ class PartActor:
         )
         return {**asdict(stats), "peak_rss_mb": peak_rss_mb()}
 
+    def _built(self) -> PartWorker:
+        if self.worker is None:
+            raise ClusterError(f"part {self.index + 1} has not started yet")
+        return self.worker
+
     def weights(self) -> dict[str, torch.Tensor]:
         with self.lock:
-            return self.worker.weights()
+            return self._built().weights()
 
     def checkpoint_state(self) -> dict[str, Any]:
         """This part's checkpoint as of its last finished step (Tune's PBT saves it)."""
         with self.lock:
-            return self.worker.checkpoint_state()
+            return self._built().checkpoint_state()
 
     def progress(self) -> dict[str, Any]:
+        if self.worker is None:  # run() has not built it yet
+            return {"started": False}
         st = self.worker.stats
         recent = st.losses[-20:]
         return {
+            "started": True,
             "steps": st.steps,
             "restarts": st.restarts,
             "loss": sum(recent) / len(recent) if recent else float("nan"),
@@ -180,7 +202,7 @@ class PartActor:
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "threads": torch.get_num_threads(),
-            "device": str(self.worker.device),
+            "device": self.device,
             "gpu_ids": ray.get_gpu_ids(),
         }
 
@@ -274,11 +296,12 @@ def _progress_line(progress: list[dict[str, Any]], n_steps: int) -> str:
 
 
 def _poll(actors: list[Any]) -> list[dict[str, Any]] | None:
-    """Every part's progress, or None while one of them is being restarted."""
+    """Every part's progress, or None while one of them is starting or being restarted."""
     try:
-        return ray.get([a.progress.remote() for a in actors], timeout=30)
+        polled = ray.get([a.progress.remote() for a in actors], timeout=30)
     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
         return None
+    return polled if all(p["started"] for p in polled) else None
 
 
 def gather_weights(actors: list[Any]) -> dict[str, torch.Tensor]:
@@ -330,7 +353,6 @@ def run_async_phase(
             bounds,
             k,
             data.shape,
-            train_ref,
             threads,
             "cuda" if gpus else "cpu",
             str(run_dir),
@@ -350,7 +372,7 @@ def run_async_phase(
             )
         start = time.perf_counter()
         runs = [
-            a.run.remote(queues[k - 1] if k > 0 else None, queues[k] if k < n_parts - 1 else None, n_steps)
+            a.run.remote(train_ref, queues[k - 1] if k > 0 else None, queues[k] if k < n_parts - 1 else None, n_steps)
             for k, a in enumerate(actors)
         ]
         pending = list(runs)
@@ -435,6 +457,23 @@ def pipeline_report(
     }
 
 
+def log_link_report(log: Any, report: dict[str, Any], step: int) -> None:
+    """The parts phase's link figures into TensorBoard, per part (2.. for what
+    a part received, 1.. for what it sent or waited)."""
+    for k, idle in enumerate(report["idle_s"]):
+        log.scalar(f"part{k + 1}/idle_s", idle, step)
+    for k in range(len(report["fresh_steps"])):
+        tag = f"part{k + 2}"
+        log.scalar(f"{tag}/fresh_steps", report["fresh_steps"][k], step)
+        log.scalar(f"{tag}/stale_input_steps", report["stale_steps"][k], step)
+        for q in ("mean", "p50", "p95", "max"):
+            log.scalar(f"{tag}/upstream_steps_behind_{q}", report["behind_steps"][k][q], step)
+            log.scalar(f"{tag}/seconds_behind_upstream_{q}", report["behind_s"][k][q], step)
+    for k in range(len(report["dropped_latents"])):
+        log.scalar(f"part{k + 1}/latents_dropped_queue_full", report["dropped_latents"][k], step)
+        log.scalar(f"part{k + 1}/latents_lost_to_outages", report["outage_latents"][k], step)
+
+
 def _evaluator(config: RunConfig, data: ImageData, glow: Any, curve: list, progress: Progress) -> Callable:
     """A monitor that evaluates the assembled model every ``eval_every`` steps of
     the last part, while the parts keep training (the driver's own CPU time)."""
@@ -500,6 +539,7 @@ def run_async(config: RunConfig, data: ImageData) -> dict[str, Any]:
     write_json(report_path, report)
     finisher = SingleProcessRun(config.model_copy(update={"resume": False}), data, run_dir, spec)
     finisher.adopt(state, wall, [st["compute_s"] for st in stats], stats, curve)
+    log_link_report(finisher.log, report, int(stats[0]["steps"]))
     if config.finetune_workers > 1 and config.finetune_epochs > 0:
         # the fine-tune phase data-parallel on Ray Train workers (DDP)
         from raylocal.ddp import train_ddp

@@ -47,6 +47,8 @@ def load_space(path: str | Path, parts: int) -> ModuleType:
     if not path.is_file():
         raise ConfigError(f"{path}: tune space does not exist (see tune_spaces/)")
     spec = importlib.util.spec_from_file_location(f"tune_space_{path.stem}", path)
+    if spec is None or path.suffix != ".py":  # importlib has no loader for other suffixes
+        raise ConfigError(f"{path}: a tune space is a Python file (.py), see tune_spaces/")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)  # type: ignore[union-attr]

@@ -6,7 +6,8 @@
     python scripts/bench_links.py --project-only --step-time 0.2
 
 Contestants (each worker or part is one CPU thread, joined by the link):
-  parts       2 async parts that never wait (--starve stale, --full drop-oldest);
+  parts       2 async parts that never wait (--starve stale, --full drop-oldest, queue 1,
+              split balanced on measured layer times);
               also "parts + fine-tune": the weights at 2/3 of the budget, gathered
               over the link, fine-tuned end to end for the rest of it, on one device
               or by DDP over the link, whichever was faster in this run
@@ -213,7 +214,8 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
     data = _data(args)
     config = _config(
         args, schedule="async", parts=2, cpus_per_part=1.0, gpus_per_part=0.0, starve="stale",
-        full="drop-oldest", time_budget=args["budget"], wire_dtype=args.get("wire_dtype", "float32"),
+        full="drop-oldest", queue_size=1, balance="measure", time_budget=args["budget"],
+        wire_dtype=args.get("wire_dtype", "float32"),
     )  # fmt: skip
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     probe = build_glow(config, data.shape)

@@ -31,7 +31,8 @@ from run_async import DEFAULTS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(__doc__)
+    defaults = {**DEFAULTS, "samples": 0, "progress": False}
+    parser = build_parser(__doc__, defaults)
     parser.add_argument("--space", required=True, help="tune_spaces/<name>.py")
     parser.add_argument("--trials", default="4", help="trials to sample (grid spaces run each point once)")
     parser.add_argument("--report-every", default="50", help="steps between evaluations reported to Tune")
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             for k in ("space", "trials", "report_every", "study", "max_concurrent", "scheduler", "pbt_interval")
         }
         resume = bool(vars(args).pop("resume", False))
-        base = config_from_args(args, {**DEFAULTS, "samples": 0, "progress": False})
+        base = config_from_args(args, defaults)
         try:
             trials, report_every = int(extra["trials"]), int(extra["report_every"])
             max_concurrent = int(extra["max_concurrent"]) if extra["max_concurrent"] else None

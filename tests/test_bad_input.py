@@ -88,6 +88,9 @@ CASES = [
         "alternate_every=10 applies to the alternating schedule, not 'simultaneous'",
     ),
     ("bad-link", {"link": "sometimes"}, "link 'sometimes': 'sometimes' is not KEY=VALUE"),
+    ("link-without-unit", {"link": "bw=10,lat=20ms"}, "bw=10 needs a unit, e.g. bw=10Mbit"),
+    ("bad-starve", {"starve": "never"}, "starve: Input should be 'wait' or 'stale'"),
+    ("bad-wire-dtype", {"wire_dtype": "int8"}, "wire_dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
     ("unknown-flag", ["--learning-rate", "1"], "unrecognized arguments: --learning-rate 1"),
     ("batch-larger-than-data", {"batch_size": 1000}, "batch size 1000 is larger than the 64 training images"),
     # config files
@@ -192,3 +195,26 @@ def test_unreachable_ray_address_is_one_line(mnist_dir, tmp_path):
     assert proc.returncode == 2
     err = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "cannot reach Ray at '127.0.0.1:1'" in err[0], proc.stderr[-2000:]
+
+
+def test_a_tune_space_that_is_not_python_is_one_line(mnist_dir, tmp_path, capsys):
+    from conftest import load_script
+
+    notes = tmp_path / "space.txt"
+    notes.write_text("not python\n")
+    tune_lr = load_script("tune_lr")
+    assert tune_lr.main(["--space", str(notes), *tiny_options(mnist_dir, tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {notes}: a tune space is a Python file (.py), see tune_spaces/"]
+
+
+def test_run_async_help_shows_the_defaults_it_really_uses():
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "scripts" / "run_async.py"
+    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60).stdout
+    flat = " ".join(out.split())
+    assert "number of parts K (default: 3)" in flat
+    assert "| simultaneous | async (default: async)" in flat
+    assert "(per part for sequential) (default: 3)" in flat

@@ -52,6 +52,21 @@ def test_lockstep_async_equals_simultaneous_bit_for_bit(mnist_dir, tmp_path):
     assert s["e2e_pipeline_bytes"] == [2 * s["bytes_forward"][0]]
 
 
+def test_an_async_run_prints_no_ray_error_line_and_no_nan(mnist_dir, tmp_path, capfd):
+    # capfd: Ray's core worker writes its warnings from C++, straight to file descriptor 2
+    args = tiny_options(
+        mnist_dir, tmp_path / "runs", run_name="clean", schedule="async", parts=2, part_spec="1|2", epochs=1,
+        progress=True,
+    )  # fmt: skip
+    assert main(args) == 0
+    out, err = capfd.readouterr()
+    text = out + err
+    assert "constructor arguments in the object store" not in text
+    assert not [line for line in text.splitlines() if "core_worker" in line and " E " in line], text[-3000:]
+    assert "nan" not in text.lower().replace("nanny", ""), text[-3000:]
+    assert "local " in text  # the progress line names a part's number: its local loss
+
+
 def test_a_part_that_diverges_in_its_actor_fails_the_run_in_one_line(mnist_dir, tmp_path, capsys):
     args = tiny_options(
         mnist_dir, tmp_path / "runs", run_name="div", schedule="async", parts=2, part_spec="1|2", epochs=1,
@@ -87,6 +102,16 @@ def test_parts_that_never_wait_over_a_slow_link(mnist_dir, tmp_path):
     assert crossed == 64 + 16 * (crossed - 64) // 16 and crossed >= 64
     assert s["behind_s"][0]["max"] >= 0.03 or s["fresh_steps"][0] == 0  # a latent is at least the latency old
     assert s["test_bpd"] < 8.0
+    # the same figures in TensorBoard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "runs" / "free" / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"part2/stale_input_steps", "part2/upstream_steps_behind_p95", "part1/latents_dropped_queue_full"} <= set(
+        scalars
+    )
+    assert events.Scalars("part2/fresh_steps")[-1].value == s["fresh_steps"][0]
 
 
 def test_three_parts_pipeline_and_assembled_bpd_falls(mnist_dir, tmp_path):
