@@ -221,11 +221,13 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
     probe = build_glow(config, data.shape)
     spec = part_spec_for(config, probe, data.train)
     snapshot: dict[str, Any] = {}
-    started = time.perf_counter()
+    started: list[float] = []
 
     def take_snapshot(actors: list[Any], polled: list[dict[str, Any]]) -> None:
-        # the parts' weights at 2/3 of the budget: where "parts + fine-tune" starts its fine-tune
-        if not snapshot and time.perf_counter() - started >= FINETUNE_AT * args["budget"]:
+        # the parts' weights at 2/3 of the budget: where "parts + fine-tune" starts its fine-tune;
+        # the budget counts from the first poll that finds every part training (as the parts' own)
+        started.append(started[0] if started else time.perf_counter())
+        if not snapshot and time.perf_counter() - started[0] >= FINETUNE_AT * args["budget"]:
             snapshot.update(gather_weights(actors))
 
     with tempfile.TemporaryDirectory() as tmp:
