@@ -383,6 +383,7 @@ class LinkReceiver:
         self.channel, self.store_get, self.clock = channel, store_get, clock
         self._ready: queue.Queue = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
+        self._draining = False
         self._thread = threading.Thread(target=self._serve, name="raylocal-inbox", daemon=True)
         self._thread.start()
 
@@ -396,10 +397,23 @@ class LinkReceiver:
             raise self.error  # type: ignore[misc]
         return packet
 
+    def drain(self) -> None:
+        """Take and drop what is still coming, up to the sender's end packet, so
+        that a sender never waits for room on a part that has finished."""
+        self._draining = True
+        while True:
+            packet = self._ready.get()
+            if packet["kind"] == "error":
+                raise self.error  # type: ignore[misc]
+            if packet["kind"] == "end":
+                return
+
     def _serve(self) -> None:
         try:
             while True:
                 packet = dict(self.channel.get())
+                if self._draining and packet["kind"] != "end":
+                    continue
                 self.clock.sleep_until(packet.get("arrive_at", 0.0))
                 if packet.get("latent") is not None:
                     latent = self.store_get(packet["latent"])  # None: it died with a crashed sender
@@ -489,6 +503,9 @@ class PartLoop:
         if self.sender is not None:
             st.put_s += self.sender.close()
         st.end_time = self.clock.now()
+        if self.receiver is not None and not self.upstream_ended:
+            # done first (its own steps or --time-budget): its upstream may still be sending
+            self.receiver.drain()
         return st
 
     # ------------------------------------------------------------ steps

@@ -219,7 +219,16 @@ def test_starve_stale_never_waits_for_a_latent(mnist_dir, monkeypatch):
 
     monkeypatch.setattr(LinkReceiver, "get", recording_get)
     stats = {}
-    _run_with_timeout(lambda: stats.update(st=run_part(down, inbox, None, lambda x: x, lambda r: r, n_steps=5)))
+    thread = threading.Thread(
+        target=lambda: stats.update(st=run_part(down, inbox, None, lambda x: x, lambda r: r, n_steps=5)), daemon=True
+    )
+    thread.start()
+    for _ in range(3000):  # its 5 steps, none of them waiting for the upstream
+        if down.step == 5:
+            break
+        threading.Event().wait(0.01)
+    inbox.put({"kind": "end", "step": 0, "weights": None})  # then the upstream ends, and the part with it
+    thread.join(30)
     st = stats["st"]
     # the upstream never sent a latent after the init: every step trained on a local input at once
     assert st.steps == 5 and st.stale_steps == 5 and st.fresh_steps == 0
@@ -237,3 +246,22 @@ def test_wire_dtype_halves_the_bytes_and_the_receiver_trains_in_float32(mnist_di
         sizes[dtype] = st_up.bytes_forward
         assert st_down.fresh_steps == 4 and all(math.isfinite(v) for v in st_down.losses)
     assert sizes["bfloat16"] * 2 == sizes["float32"]
+
+
+def test_a_part_that_finishes_first_lets_its_sender_finish_too(mnist_dir):
+    """With --starve stale (or a time budget) the receiver can be done while its
+    sender still sends: it must take what comes, or the sender waits forever."""
+    torch.set_num_threads(1)
+    up, down = _worker_pair(mnist_dir, starve="stale")
+    channel = PacketChannel(1)
+    done = {}
+
+    def sender():
+        done["up"] = run_part(up, None, channel, lambda x: x, lambda r: r, n_steps=8)
+
+    thread = threading.Thread(target=sender, daemon=True)
+    thread.start()
+    _run_with_timeout(lambda: done.update(down=run_part(down, channel, None, lambda x: x, lambda r: r, n_steps=2)))
+    thread.join(30)
+    assert not thread.is_alive(), "the sender waited for room on a finished part"
+    assert done["up"].steps == 8 and done["down"].steps == 2
