@@ -575,21 +575,6 @@ class PartLoop:
         worker.stats.put_s += self.sender.send(packet)
 
 
-def run_part(
-    worker: PartWorker,
-    inbox: Any,
-    outbox: Any,
-    store_put: Callable[[Any], Any],
-    store_get: Callable[[Any], Any],
-    n_steps: int,
-    on_step: Callable[[PartWorker], None] | None = None,
-    lock: Any = None,
-    clock: Clock = SYSTEM_CLOCK,
-) -> WorkerStats:
-    """Run one part's ``PartLoop`` to its end; returns what it measured."""
-    return PartLoop(worker, inbox, outbox, store_put, store_get, n_steps, on_step, lock, clock).run()
-
-
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(int(math.ceil(q * len(ordered))) - 1, len(ordered) - 1)] if ordered else 0.0

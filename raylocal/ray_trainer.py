@@ -1,7 +1,7 @@
 """The asynchronous part trainer on Ray: one actor per part, object-store latent queues.
 
 A thin layer over ``raylocal.pipeline``: ``PartActor`` wraps a ``PartWorker``
-and runs ``run_part`` with a ``LatentQueue`` on each side. Latents go into the
+and runs its ``PartLoop`` with a ``LatentQueue`` on each side. Latents go into the
 object store (``ray.put``); the bounded queue (one small Ray actor) carries only
 packets of references, and its bound is the backpressure: a producer blocks
 when its consumer is ``queue_size`` packets behind.
@@ -37,7 +37,7 @@ from raylocal.data import ImageData
 from raylocal.errors import CheckpointError, ClusterError, RaylocalError
 from raylocal.faults import apply_worker_faults, parse_faults
 from raylocal.links import check_links
-from raylocal.pipeline import PacketChannel, PartWorker, run_part, staleness_summary, tensor_bytes
+from raylocal.pipeline import PacketChannel, PartLoop, PartWorker, staleness_summary, tensor_bytes
 from raylocal.runlog import Progress, peak_rss_mb, resolve_run_dir, write_json
 from raylocal.schedules import SingleProcessRun, part_spec_for
 from raylocal.train import build_glow, evaluate_bpd
@@ -148,16 +148,9 @@ class PartActor:
         worker = self._build(train_images)
         with self.lock:
             self.worker = worker
-        stats = run_part(
-            worker,
-            inbox,
-            outbox,
-            ray.put,
-            get_or_none,
-            n_steps,
-            on_step=self._after_step,
-            lock=self.lock,
-        )
+        stats = PartLoop(
+            worker, inbox, outbox, ray.put, get_or_none, n_steps, on_step=self._after_step, lock=self.lock
+        ).run()
         return {**asdict(stats), "peak_rss_mb": peak_rss_mb()}
 
     def _built(self) -> PartWorker:

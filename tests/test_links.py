@@ -16,7 +16,7 @@ from raylocal.errors import ConfigError
 from raylocal.glow import Glow
 from raylocal.links import FakeClock, LinkSpec, TimedOutages, Wire, check_links
 from raylocal.parts import parse_part_spec
-from raylocal.pipeline import LinkReceiver, LinkSender, PacketChannel, PartWorker, WorkerStats, run_part
+from raylocal.pipeline import LinkReceiver, LinkSender, PacketChannel, PartLoop, PartWorker, WorkerStats
 
 
 def test_specs_compose_and_name_their_units():
@@ -219,9 +219,8 @@ def test_starve_stale_never_waits_for_a_latent(mnist_dir, monkeypatch):
 
     monkeypatch.setattr(LinkReceiver, "get", recording_get)
     stats = {}
-    thread = threading.Thread(
-        target=lambda: stats.update(st=run_part(down, inbox, None, lambda x: x, lambda r: r, n_steps=5)), daemon=True
-    )
+    loop = PartLoop(down, inbox, None, lambda x: x, lambda r: r, n_steps=5)
+    thread = threading.Thread(target=lambda: stats.update(st=loop.run()), daemon=True)
     thread.start()
     for _ in range(3000):  # its 5 steps, none of them waiting for the upstream
         if down.step == 5:
@@ -241,8 +240,8 @@ def test_wire_dtype_halves_the_bytes_and_the_receiver_trains_in_float32(mnist_di
     for dtype in ("float32", "bfloat16"):
         up, down = _worker_pair(mnist_dir, wire_dtype=dtype)
         channel = PacketChannel(64)
-        st_up = run_part(up, None, channel, lambda x: x, lambda r: r, n_steps=4)
-        st_down = run_part(down, channel, None, lambda x: x, lambda r: r, n_steps=4)
+        st_up = PartLoop(up, None, channel, lambda x: x, lambda r: r, n_steps=4).run()
+        st_down = PartLoop(down, channel, None, lambda x: x, lambda r: r, n_steps=4).run()
         sizes[dtype] = st_up.bytes_forward
         assert st_down.fresh_steps == 4 and all(math.isfinite(v) for v in st_down.losses)
     assert sizes["bfloat16"] * 2 == sizes["float32"]
@@ -257,11 +256,12 @@ def test_a_part_that_finishes_first_lets_its_sender_finish_too(mnist_dir):
     done = {}
 
     def sender():
-        done["up"] = run_part(up, None, channel, lambda x: x, lambda r: r, n_steps=8)
+        done["up"] = PartLoop(up, None, channel, lambda x: x, lambda r: r, n_steps=8).run()
 
     thread = threading.Thread(target=sender, daemon=True)
     thread.start()
-    _run_with_timeout(lambda: done.update(down=run_part(down, channel, None, lambda x: x, lambda r: r, n_steps=2)))
+    receiver = PartLoop(down, channel, None, lambda x: x, lambda r: r, n_steps=2)
+    _run_with_timeout(lambda: done.update(down=receiver.run()))
     thread.join(30)
     assert not thread.is_alive(), "the sender waited for room on a finished part"
     assert done["up"].steps == 8 and done["down"].steps == 2

@@ -15,7 +15,7 @@ from raylocal.config import RunConfig
 from raylocal.data import load_dataset
 from raylocal.glow import Glow
 from raylocal.parts import parse_part_spec
-from raylocal.pipeline import PacketChannel, PartWorker, run_part, staleness_summary
+from raylocal.pipeline import PacketChannel, PartLoop, PartWorker, staleness_summary
 from raylocal.schedules import SingleProcessRun
 
 
@@ -42,7 +42,7 @@ def _run_threads(config: RunConfig, train: torch.Tensor, queue_size: int = 1):
         torch.set_num_threads(1)  # OpenMP's thread count is per calling thread
         inbox = queues[k - 1] if k > 0 else None
         outbox = queues[k] if k < len(workers) - 1 else None
-        results[k] = run_part(workers[k], inbox, outbox, lambda x: x, lambda r: r, n_steps)
+        results[k] = PartLoop(workers[k], inbox, outbox, lambda x: x, lambda r: r, n_steps).run()
 
     threads = [threading.Thread(target=go, args=(k,)) for k in range(len(workers))]
     for t in threads:
@@ -99,7 +99,7 @@ def test_weights_held_by_an_outage_cross_with_the_first_latent_after_it(mnist_di
     bounds = list(parse_part_spec(config.part_spec, glow).bounds)
     up = PartWorker(config, bounds, 0, (1, 8, 8), data.train)
     channel = PacketChannel(100)
-    run_part(up, None, channel, lambda x: x, lambda r: r, n_steps=8)
+    PartLoop(up, None, channel, lambda x: x, lambda r: r, n_steps=8).run()
     packets = [channel.get() for _ in range(channel.qsize())]
     assert [p["step"] for p in packets] == [0, 1, 2, 3, 7, 8, 8]  # init, data..., end
     synced = {p["step"]: p["weights"][0][0] for p in packets if p["weights"]}
@@ -160,7 +160,7 @@ def test_a_part_short_of_steps_when_its_sender_ends_makes_them_up_on_local_input
         for t in range(1, 4):
             inbox.put({"kind": "data", "step": t, "latent": up.part(up.data_batch())[0], "weights": None})
     inbox.put({"kind": "end", "step": 6, "weights": None})  # the sender trained 6 steps; latents 4-6 were lost
-    st = run_part(down, inbox, None, lambda x: x, lambda r: r, n_steps=6)
+    st = PartLoop(down, inbox, None, lambda x: x, lambda r: r, n_steps=6).run()
     assert down.step == st.steps == 6 and len(st.losses) == 6
     assert st.fresh_steps == 3 and st.stale_steps == 3
     assert [int(source) for source, _ in st.inputs] == [1, 2, 3, 0, 0, 0]  # never synced: version 0
