@@ -227,6 +227,7 @@ class Wire:
         self.origin = clock.now()
         self.outages = spec.timed_outages()
         self.free_at = -math.inf  # when the last message's last byte left
+        self._tried_at = -math.inf  # when the last message tried to start
 
     def up(self, step: int | None = None, at: float | None = None) -> bool:
         if step is not None and not self.spec.up_at_step(step):
@@ -242,6 +243,7 @@ class Wire:
         or None when the link is down then or goes down before the last byte
         is out (the message is lost)."""
         start = self._start(at)
+        self._tried_at = start
         if not self.up(step, start):
             return None
         end = start + self.spec.transfer_s(nbytes)
@@ -261,13 +263,17 @@ class Wire:
         Only the time-based availability applies (a step has no place here)."""
         t = self._start(at)
         while True:
-            if self.outages is not None and not self.outages.is_up(t - self.origin):
-                t = self.outages.next_change(t - self.origin) + self.origin
-                self.clock.sleep_until(t)
             arrival = self.transmit(nbytes, at=t)
             if arrival is not None:
                 return arrival
-            t = self.free_at
+            assert self.outages is not None  # only a timed outage stops a message here
+            # Try again once the outage that stopped it is over. Its end comes from the
+            # outage list itself, nudged past it: a time shifted by the origin can round
+            # to just before a change and would find the same outage again forever.
+            tried = self._tried_at - self.origin
+            down_at = tried if not self.outages.is_up(tried) else self.outages.next_change(tried)
+            t = self.origin + self.outages.next_change(down_at) + 1e-5
+            self.clock.sleep_until(t)
 
 
 def check_links(text: str, n_parts: int) -> None:

@@ -265,3 +265,20 @@ def test_a_part_that_finishes_first_lets_its_sender_finish_too(mnist_dir):
     thread.join(30)
     assert not thread.is_alive(), "the sender waited for room on a finished part"
     assert done["up"].steps == 8 and done["down"].steps == 2
+
+
+def test_deliver_through_many_outages_at_wall_clock_magnitudes_ends():
+    """At time.time()'s magnitude (1.8e9 s) a time shifted by the origin rounds;
+    a retry that landed just before an outage's change point found the same
+    outage forever (seen as a DDP run that never ended)."""
+    clock = FakeClock(1.764e9 + 0.123456789)
+    wire = Wire(LinkSpec.parse("bw=10Mbit,mtbf=2s,mttr=1s", seed=4), clock)
+    done = []
+
+    def send_many():
+        for _ in range(300):  # 0.5 s each: many are cut by an outage and sent again
+            done.append(wire.deliver(625_000))
+
+    _run_with_timeout(send_many, 20)
+    assert len(done) == 300 and done == sorted(done)
+    assert all(wire.outages.is_up(a - wire.origin - 1e-4) for a in done)  # each arrived over an up link
