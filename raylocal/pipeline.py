@@ -232,8 +232,8 @@ class LinkSender:
         self.channel, self.store_put, self.stats, self.index, self.full = channel, store_put, stats, index, full
         self.wire = Wire(spec, clock)
         self.clock = clock
-        self._slot: deque[dict[str, Any]] = deque()
-        self._cond = threading.Condition()
+        self._slot = PacketChannel(1)  # the packet waiting for the wire
+        self._count = threading.Lock()  # both threads count dropped latents
         self._held: dict[int, list[Any]] = {}  # weights that met an outage: sent with the next packet
         self._sent_versions: dict[int, int] = {}  # part -> newest version of its weights sent on this link
         self.error: BaseException | None = None
@@ -246,17 +246,17 @@ class LinkSender:
         """Queue a packet for the wire; returns the seconds the part waited."""
         start = time.perf_counter()
         packet["handed_at"] = self.clock.now()
-        with self._cond:
-            while self._slot and self.error is None and (self.full == "block" or packet["kind"] != "data"):
-                self._cond.wait()
-            if self._slot:  # drop-oldest: the waiting latent is replaced, its weights travel on
-                old = self._slot.popleft()
-                packet["weights"] = _newer_weights(old.get("weights"), packet.get("weights"))
-                self.stats.dropped_latents += 1
-            self._slot.append(packet)
-            self._cond.notify_all()
+        if self.full == "drop-oldest" and packet["kind"] == "data":
+            # the waiting latent is replaced, its weights travel on
+            self._count_drops(self._slot.put_latest(packet))
+        else:
+            self._slot.put(packet)
         self._raise()
         return time.perf_counter() - start
+
+    def _count_drops(self, dropped: int) -> None:
+        with self._count:
+            self.stats.dropped_latents += dropped
 
     def close(self) -> float:
         """Send the end packet and wait until everything is in the channel."""
@@ -272,25 +272,17 @@ class LinkSender:
 
     # ---------------------------------------------------------- the link's thread
 
-    def _take(self) -> dict[str, Any]:
-        with self._cond:
-            while not self._slot:
-                self._cond.wait()
-            packet = self._slot.popleft()
-            self._cond.notify_all()
-            return packet
-
     def _serve(self) -> None:
         try:
             while True:
-                packet = self._take()
+                packet = self._slot.get()
                 self._transmit(packet)
                 if packet["kind"] == "end":
                     return
         except BaseException as e:  # handed to the part's thread
-            with self._cond:
-                self.error = e
-                self._cond.notify_all()
+            self.error = e
+            while self._slot.get()["kind"] != "end":  # so that send() never waits on a dead link
+                pass
 
     def _transmit(self, packet: dict[str, Any]) -> None:
         weights = _newer_weights(self._held, packet.get("weights"))
@@ -321,9 +313,7 @@ class LinkSender:
 
     def _put(self, packet: dict[str, Any]) -> None:
         if self.full == "drop-oldest" and packet["kind"] == "data":
-            dropped = self.channel.put_latest(packet)
-            with self._cond:  # the part's thread counts its own drops under this lock too
-                self.stats.dropped_latents += dropped
+            self._count_drops(self.channel.put_latest(packet))
         else:
             self.channel.put(packet)
 
