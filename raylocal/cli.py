@@ -65,7 +65,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     set_threads(config)
     data = load_data(config)
     if config.schedule == "async":
-        from raylocal.ray_trainer import run_async
+        from raylocal.ray_run import run_async
 
         return run_async(config, data)
     from raylocal.schedules import SingleProcessRun

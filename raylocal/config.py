@@ -129,6 +129,12 @@ class RunConfig(BaseModel):
     cpus_per_part: float | None = Field(None, gt=0, description="CPUs per part actor")
     gpus_per_part: float | None = Field(None, ge=0, description="GPUs per part actor (default: 1, or a share of fewer)")
     finetune_workers: int = Field(1, ge=1, description="DDP workers for the fine-tune phase")
+    worker_resource: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z][A-Za-z0-9_.-]*$",
+        description="a custom Ray resource that marks the nodes to work on: parts, evaluations and the fine-tune "
+        "run only where it is (a head node without it only coordinates)",
+    )
     average_every: int = Field(
         0,
         ge=0,

@@ -22,6 +22,7 @@ Used for ``scripts/bench_links.py``, ``scripts/bench_async.py`` and, with
 from __future__ import annotations
 
 import json
+import os
 import queue
 import tempfile
 import threading
@@ -295,6 +296,11 @@ class DataParallelWorker:
             "bytes_per_step": sent / max(self.step, 1),  # what each worker put on its link
             "idle_s": float(worst[0]),  # the most idle worker
             "peak_rss_mb": float(worst[1]),  # the largest worker
+            "where": {
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid(),
+                "device": str(self.device),
+            },
         }
         if self.rank != 0:
             ray.train.report(history[-1])
@@ -336,6 +342,8 @@ def train_ddp(
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raylocal.ray_trainer import with_worker_resource
+
     total = ray.cluster_resources()
     use_gpu = total.get("GPU", 0) >= workers and config.device != "cpu"
     cpus = cpus_per_worker or max(total.get("CPU", 1) / workers, 0.01)
@@ -353,7 +361,9 @@ def train_ddp(
             "lr_total": lr_total,
             "time_budget": time_budget,
         },  # fmt: skip
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker=with_worker_resource(config, {"CPU": cpus})
+        ),
         run_config=TrainRunConfig(name="ddp", storage_path=str(storage.resolve())),
     )
     try:

@@ -2,7 +2,8 @@
 
 ``--inject`` takes comma-separated faults, parts 1-based:
   ray-kill:2@30   the driver kills part 2's actor with ``ray.kill`` once it passed step 30
-  sigkill:2@30    part 2's process sends itself SIGKILL after step 30 (first life only)
+  sigkill:2@30    part 2's process sends itself SIGKILL after step 30 (first life only);
+                  part K+1 is the fine-tune (once per run directory)
   nan:2@30        part 2's weights are overwritten with NaN after step 30 (once)
   slow:2@0.05     part 2 sleeps 0.05 s after every step (a deliberately slow part)
 """
@@ -14,6 +15,7 @@ import re
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -49,3 +51,15 @@ def apply_worker_faults(faults: list[Fault], worker, first_life: bool) -> None: 
                 next(worker.part.parameters()).fill_(float("nan"))
         elif f.kind == "sigkill" and worker.step == int(f.at) and first_life:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def apply_finetune_faults(faults: list[Fault], index: int, step: int, run_dir: Path) -> None:
+    """Called after each fine-tune step (the fine-tune is part ``index`` = K,
+    0-based). A sigkill fires once per run directory: the process that resumes
+    the run after it (a restarted Ray Train worker) goes on past that step."""
+    for f in faults:
+        if f.kind == "sigkill" and f.part == index and step == int(f.at):
+            marker = run_dir / f".fault-sigkill-{f.part + 1}@{int(f.at)}"
+            if not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)

@@ -112,6 +112,10 @@ class Glow(nn.Module):
     def __len__(self) -> int:
         return len(self.layers)
 
+    def param_bytes(self) -> int:
+        """Bytes of all parameters (what a data-parallel step all-reduces)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
     def part(self, start: int, stop: int) -> Part:
         """The slice layers[start:stop] as a Part sharing this model's modules."""
         if not 0 <= start < stop <= len(self):

@@ -6,15 +6,14 @@ object store (``ray.put``); the bounded queue (one small Ray actor) carries only
 packets of references, and its bound is the backpressure: a producer blocks
 when its consumer is ``queue_size`` packets behind.
 
-The driver places the K actors in one placement group (PACK, or STRICT_SPREAD
-with ``--placement spread``), starts them all, shows per-part progress, then
-gathers the weights, assembles the Glow and hands it to the single-process
-machinery for the optional fine-tune phase, evaluation and the summary.
+``run_async_phase`` places the K actors in one placement group (PACK, or
+STRICT_SPREAD with ``--placement spread``), starts them all, shows per-part
+progress and returns the assembled weights; ``ray_run.AsyncRun`` makes a whole
+run of it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -34,13 +33,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raylocal.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.config import RunConfig
 from raylocal.data import ImageData
-from raylocal.errors import CheckpointError, ClusterError, RaylocalError
+from raylocal.errors import ClusterError, RaylocalError
 from raylocal.faults import apply_worker_faults, parse_faults
 from raylocal.links import check_links
 from raylocal.pipeline import PacketChannel, PartLoop, PartWorker, staleness_summary, tensor_bytes
-from raylocal.runlog import Progress, peak_rss_mb, resolve_run_dir, write_json
-from raylocal.schedules import SingleProcessRun, part_spec_for
-from raylocal.train import build_glow, evaluate_bpd
+from raylocal.runlog import Progress, peak_rss_mb
 
 
 @ray.remote(num_cpus=0, max_concurrency=8)  # blocked put()s and get()s each hold a thread
@@ -230,23 +227,61 @@ def connect(config: RunConfig) -> None:
         raise ClusterError(f"cannot {where}: {first[:160]}") from None
 
 
+# What a service (the run's evaluations, a Tune trial's own process) reserves of
+# a GPU: the parts leave this much of theirs free, so it fits beside any of them.
+SERVICE_GPU_SHARE = 0.1
+# What every bundle asks of ``--worker-resource``: a token that keeps the work
+# on the nodes that carry it, whatever their number of units.
+WORKER_RESOURCE_SHARE = 0.001
+
+
+def _gpus(config: RunConfig) -> int:
+    return int(ray.cluster_resources().get("GPU", 0)) if config.device != "cpu" else 0
+
+
 def part_resources(config: RunConfig, n_parts: int) -> tuple[float, float, int]:
-    """(CPUs, GPUs, torch threads) per part actor."""
+    """(CPUs, GPUs, torch threads) per part actor. By default the CPUs are
+    shared by the parts and one service (the run's evaluations)."""
     total = ray.cluster_resources()
     gpus = config.gpus_per_part
     if gpus is None:
-        whole = int(total.get("GPU", 0)) if config.device != "cpu" else 0
+        whole = _gpus(config)
         # One GPU per part when there are enough. With fewer, the parts share
         # them (one GPU is still far faster than CPUs for a part): Ray places a
         # fractional GPU bundle on a single device, so ask for 1/ceil(K/G) each,
         # which fits ceil(K/G) parts on every GPU (G/K each could leave a part
-        # with no device it fits on, e.g. 3 parts of 2/3 on 2 GPUs).
-        gpus = 1.0 / math.ceil(n_parts / whole) if whole else 0.0
+        # with no device it fits on, e.g. 3 parts of 2/3 on 2 GPUs). The
+        # service's share is left free on every GPU.
+        gpus = (1.0 - SERVICE_GPU_SHARE) / math.ceil(n_parts / whole) if whole else 0.0
     cpus = config.cpus_per_part
     if cpus is None:
-        cpus = max(min(total.get("CPU", 1) / n_parts, 4.0), 0.01)
+        cpus = max(min(total.get("CPU", 1) / (n_parts + 1), 4.0), 0.01)
     threads = config.threads or max(1, int(cpus))
     return cpus, gpus, threads
+
+
+def with_worker_resource(config: RunConfig, bundle: dict[str, float]) -> dict[str, float]:
+    """``bundle``, pinned to the nodes that carry ``--worker-resource`` when it is set."""
+    if config.worker_resource:
+        return bundle | {config.worker_resource: WORKER_RESOURCE_SHARE}
+    return bundle
+
+
+def service_resources(config: RunConfig, n_parts: int) -> dict[str, float]:
+    """The bundle of the run's model service: a part's CPUs and, when the parts
+    have GPUs, a share of one."""
+    cpus, gpus, _ = part_resources(config, n_parts)
+    return with_worker_resource(config, {"CPU": cpus} | ({"GPU": SERVICE_GPU_SHARE} if gpus else {}))
+
+
+def work_resources(config: RunConfig) -> dict[str, float]:
+    """One worker's resources for a phase that has the cluster to itself (the
+    fine-tune): a whole GPU when there is one, and a node's CPUs (at most 8)."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if config.worker_resource:
+        nodes = [r for r in nodes if r.get(config.worker_resource)]
+    cpus = config.cpus_per_part or max([min(r.get("CPU", 0.0), 8.0) for r in nodes] + [1.0])
+    return with_worker_resource(config, {"CPU": cpus} | ({"GPU": 1.0} if _gpus(config) else {}))
 
 
 def place_parts(config: RunConfig, n_parts: int, cpus: float, gpus: float) -> tuple[PlacementGroup, int, bool]:
@@ -259,9 +294,7 @@ def place_parts(config: RunConfig, n_parts: int, cpus: float, gpus: float) -> tu
     current = ray.util.get_current_placement_group()
     if current is not None and len(current.bundle_specs) > n_parts:
         return current, len(current.bundle_specs) - n_parts, False
-    bundle = {"CPU": cpus}
-    if gpus:
-        bundle["GPU"] = gpus
+    bundle = with_worker_resource(config, {"CPU": cpus} | ({"GPU": gpus} if gpus else {}))
     strategy = "STRICT_SPREAD" if config.placement == "spread" else "PACK"
     pg = placement_group([dict(bundle)] * n_parts, strategy=strategy)
     ready, _ = ray.wait([pg.ready()], timeout=float(os.environ.get("RAYLOCAL_PLACEMENT_TIMEOUT", 60)))
@@ -320,6 +353,7 @@ def run_async_phase(
     progress: Progress,
     run_dir: Path,
     monitor: Monitor | None = None,
+    train_ref: Any = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, Any]], float]:
     """Train all parts at once on Ray; returns (assembled state dict, per-part
     stats, per-part actor info, wall time). Part checkpoints go to
@@ -332,7 +366,7 @@ def run_async_phase(
     check_links(config.link, n_parts)
     cpus, gpus, threads = part_resources(config, n_parts)
     pg, first_bundle, own_pg = place_parts(config, n_parts, cpus, gpus)
-    train_ref = ray.put(data.train)
+    train_ref = train_ref or ray.put(data.train)  # the images, once in the object store
     queues = [LatentQueue(config.queue_size) for _ in range(n_parts - 1)]
     actors = [
         PartActor.options(
@@ -405,13 +439,13 @@ def pipeline_report(
     stats: list[dict[str, Any]],
     infos: list[dict[str, Any]],
     wall: float,
-    glow: Any,
-    bounds,
+    param_bytes: int,
 ) -> dict[str, Any]:
-    """Communication and throughput figures of the async phase."""
+    """Communication and throughput figures of the async phase (``param_bytes``:
+    the whole model's, for what DDP would all-reduce)."""
     n = len(stats)
     bs = config.batch_size
-    params = sum(p.numel() * p.element_size() for p in glow.parameters())
+    params = param_bytes
     steps = stats[-1]["steps"]
     forward = [st["bytes_forward"] for st in stats[:-1]]
     behind = [staleness_summary(stats[k - 1]["step_times"], stats[k]["inputs"]) for k in range(1, n)]
@@ -450,110 +484,4 @@ def pipeline_report(
     }
 
 
-def log_link_report(log: Any, report: dict[str, Any], step: int) -> None:
-    """The parts phase's link figures into TensorBoard, per part (2.. for what
-    a part received, 1.. for what it sent or waited)."""
-    for k, idle in enumerate(report["idle_s"]):
-        log.scalar(f"part{k + 1}/idle_s", idle, step)
-    for k in range(len(report["fresh_steps"])):
-        tag = f"part{k + 2}"
-        log.scalar(f"{tag}/fresh_steps", report["fresh_steps"][k], step)
-        log.scalar(f"{tag}/stale_input_steps", report["stale_steps"][k], step)
-        for q in ("mean", "p50", "p95", "max"):
-            log.scalar(f"{tag}/upstream_steps_behind_{q}", report["behind_steps"][k][q], step)
-            log.scalar(f"{tag}/seconds_behind_upstream_{q}", report["behind_s"][k][q], step)
-    for k in range(len(report["dropped_latents"])):
-        log.scalar(f"part{k + 1}/latents_dropped_queue_full", report["dropped_latents"][k], step)
-        log.scalar(f"part{k + 1}/latents_lost_to_outages", report["outage_latents"][k], step)
-
-
-def _evaluator(config: RunConfig, data: ImageData, glow: Any, curve: list, progress: Progress) -> Callable:
-    """A monitor that evaluates the assembled model every ``eval_every`` steps of
-    the last part, while the parts keep training (the driver's own CPU time)."""
-    steps_per_epoch = len(data.train) // config.batch_size
-    next_eval = [config.eval_every]
-    start = time.perf_counter()
-
-    def monitor(actors: list[Any], polled: list[dict[str, Any]]) -> None:
-        step = polled[-1]["steps"]
-        if step < next_eval[0]:
-            return
-        next_eval[0] = step + config.eval_every
-        glow.load_state_dict(gather_weights(actors))
-        bpd = evaluate_bpd(glow, data.test, config.eval_batch_size, torch.device("cpu"))
-        curve.append(
-            {"epoch": step / steps_per_epoch, "step": step, "elapsed": time.perf_counter() - start, "test_bpd": bpd}
-        )
-        progress.update(f"step {step}: assembled model's test BPD {bpd:.4f}", force=True)
-
-    return monitor
-
-
-def run_async(config: RunConfig, data: ImageData) -> dict[str, Any]:
-    """The ``async`` schedule: parts on Ray, then fine-tune/evaluate in this process.
-
-    With ``--resume``: if the parts phase had finished, the fine-tune phase
-    continues from the run's checkpoint; otherwise the parts continue from
-    their own checkpoints under ``run_dir/parts``.
-    """
-    run_dir = resolve_run_dir(config)
-    probe = build_glow(config, data.shape)
-    spec = part_spec_for(config, probe, data.train)
-    report_path = run_dir / "pipeline.json"
-    if config.resume and report_path.is_file() and (run_dir / "checkpoint.pt").is_file():
-        summary = SingleProcessRun(config, data, run_dir, spec).run()
-        summary.update(json.loads(report_path.read_text()))
-        write_json(run_dir / "summary.json", summary)
-        return summary
-    bounds = list(spec.bounds)
-    if config.resume and not all(part_checkpoint_path(run_dir, k).is_file() for k in range(len(bounds))):
-        raise CheckpointError(f"--resume: {run_dir / 'parts'} does not hold a checkpoint of every part")
-    if not config.resume:
-        write_json(run_dir / "config.json", config.model_dump())
-    progress = Progress(config.progress)
-    progress.update(
-        f"async: {len(bounds)} parts {spec.canonical(probe)}, {config.epochs} epoch(s), "
-        f"queue bound {config.queue_size}, link {config.link}" + (", resuming" if config.resume else ""),
-        force=True,
-    )
-    # Under `ray job submit` the job's working directory can be removed by Ray's
-    # runtime-env cleanup once the part actors are gone (seen with Ray 2.60);
-    # stand in the run directory so that nothing later depends on it.
-    cwd = os.getcwd()
-    os.chdir(run_dir)
-    curve: list[dict[str, float]] = []
-    monitor = _evaluator(config, data, probe, curve, progress) if config.eval_every else None
-    try:
-        state, stats, infos, wall = run_async_phase(config, data, bounds, progress, run_dir, monitor)
-    finally:
-        if Path(cwd).is_dir():
-            os.chdir(cwd)
-    report = pipeline_report(config, stats, infos, wall, probe, bounds)
-    write_json(report_path, report)
-    finisher = SingleProcessRun(config.model_copy(update={"resume": False}), data, run_dir, spec)
-    finisher.adopt(state, wall, [st["compute_s"] for st in stats], stats, curve)
-    log_link_report(finisher.log, report, int(stats[0]["steps"]))
-    if config.finetune_workers > 1 and config.finetune_epochs > 0:
-        # the fine-tune phase data-parallel on Ray Train workers (DDP)
-        from raylocal.ddp import train_ddp
-
-        t0 = time.perf_counter()
-        lr = config.finetune_lr or min(config.lr)
-        run_clock = {}
-        if config.lr_schedule == "cosine-run":  # continue the run's decay where the parts left it
-            run_clock = dict(lr_clock=finisher.state.global_step, lr_total=len(finisher.stream) * finisher.total_epochs)
-        link_stats: dict[str, Any] = {}
-        tuned, history = train_ddp(
-            config, data.train, config.finetune_workers, config.finetune_epochs, lr, run_dir / "ddp", state,
-            stats=link_stats, **run_clock,
-        )  # fmt: skip
-        finisher.adopt_finetune(tuned, time.perf_counter() - t0, history)
-        report["finetune_link"] = link_stats
-    summary = finisher.run()
-    summary.update(report)
-    summary["rollbacks"] = [st["rollbacks"] for st in stats] + summary["rollbacks"][len(stats) :]
-    write_json(run_dir / "summary.json", summary)
-    return summary
-
-
-__all__ = ["LatentQueue", "PartActor", "run_async", "tensor_bytes"]
+__all__ = ["LatentQueue", "PartActor", "run_async_phase", "tensor_bytes"]

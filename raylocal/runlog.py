@@ -142,6 +142,22 @@ class RunLog:
         atomic_write(path, lambda f: save_image(grid, f, format="png"))
         return path
 
+    def link_report(self, report: dict[str, Any], step: int) -> None:
+        """A parts phase's link figures (its pipeline report), per part: 2.. for
+        what a part received, 1.. for what it sent or waited."""
+        for k, idle in enumerate(report.get("idle_s", [])):
+            self.scalar(f"part{k + 1}/idle_s", idle, step)
+        for k in range(len(report.get("fresh_steps", []))):
+            tag = f"part{k + 2}"
+            self.scalar(f"{tag}/fresh_steps", report["fresh_steps"][k], step)
+            self.scalar(f"{tag}/stale_input_steps", report["stale_steps"][k], step)
+            for q in ("mean", "p50", "p95", "max"):
+                self.scalar(f"{tag}/upstream_steps_behind_{q}", report["behind_steps"][k][q], step)
+                self.scalar(f"{tag}/seconds_behind_upstream_{q}", report["behind_s"][k][q], step)
+        for k in range(len(report.get("dropped_latents", []))):
+            self.scalar(f"part{k + 1}/latents_dropped_queue_full", report["dropped_latents"][k], step)
+            self.scalar(f"part{k + 1}/latents_lost_to_outages", report["outage_latents"][k], step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

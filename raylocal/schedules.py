@@ -30,6 +30,7 @@ from raylocal.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.config import RunConfig
 from raylocal.data import BatchStream, ImageData
 from raylocal.errors import CheckpointError
+from raylocal.faults import apply_finetune_faults, parse_faults
 from raylocal.glow import Glow, Part
 from raylocal.objectives import preprocess
 from raylocal.parts import PartSpec, measured_costs, resolve_part_spec
@@ -126,6 +127,33 @@ class RunState:
         return cls(**json.loads(text))
 
 
+PARTS_RESULT = "parts_result.pt"
+
+
+@dataclass
+class PartsResult:
+    """What a parts phase trained elsewhere (the Ray parts) hands to the rest of
+    its run: the assembled weights, per-part stats, the evaluations made while
+    it trained, and its pipeline report. Saved in the run directory, so that the
+    process that finishes the run (a Ray Train worker) reads it from there, and
+    a restarted one finds it again."""
+
+    state: dict[str, Tensor]
+    wall: float
+    stats: list[dict[str, Any]]
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        meta = {"wall": self.wall, "stats": self.stats, "curve": self.curve, "report": self.report}
+        save_checkpoint(path, {"format": 1, "state": self.state, "meta": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: Path) -> PartsResult:
+        payload = load_checkpoint(path)
+        return cls(state=payload["state"], **json.loads(payload["meta"]))
+
+
 class SingleProcessRun:
     """A whole run of one of the single-process schedules (see module doc)."""
 
@@ -152,6 +180,7 @@ class SingleProcessRun:
         self.log = RunLog(run_dir)
         self.progress = Progress(config.progress)
         self._adopted = False  # weights came from a parts phase trained elsewhere
+        self.faults = parse_faults(config.inject or "")
 
     # ------------------------------------------------------------ checkpoints
 
@@ -188,25 +217,19 @@ class SingleProcessRun:
         self.noise.set_state(ckpt["noise"])
         self.state = RunState.from_json(ckpt["state"])
 
-    def adopt(
-        self,
-        state: dict[str, Tensor],
-        wall: float,
-        part_time: list[float],
-        stats: list[dict[str, Any]],
-        curve: list[dict[str, float]] | None = None,
-    ) -> None:
-        """Continue after a parts phase trained elsewhere (the Ray async trainer):
-        take its assembled weights and timings; ``run`` then does the fine-tune
-        epochs, evaluation, checkpoint and summary."""
-        self.glow.load_state_dict(state)
+    def take_over(self, parts: PartsResult) -> None:
+        """Continue after a parts phase trained elsewhere (the Ray parts): take its
+        assembled weights, timings and evaluations; ``run`` then does the
+        fine-tune epochs, evaluation, checkpoint and summary."""
+        stats = parts.stats
+        self.glow.load_state_dict(parts.state)
         self.stream.restore({"epoch": len(self.plan), "position": 0})
-        self.state.elapsed = wall
-        self.state.phase_time["parts"] = wall
-        self.state.part_time = list(part_time)
+        self.state.elapsed = parts.wall
+        self.state.phase_time["parts"] = parts.wall
+        self.state.part_time = [st["compute_s"] for st in stats]
         self.state.global_step = int(stats[0]["steps"])
         self._adopted = True
-        for point in curve or []:  # evaluations made while the parts trained
+        for point in parts.curve:  # evaluations made while the parts trained
             self.state.curve.append(point)
             self.log.scalar("model/test_bpd", point["test_bpd"], int(point["step"]))
         bpd = self._record_eval(float(len(self.plan)))
@@ -219,8 +242,8 @@ class SingleProcessRun:
                 "local_loss": {
                     str(k + 1): sum(st["losses"][-50:]) / max(len(st["losses"][-50:]), 1) for k, st in enumerate(stats)
                 },
-                "epoch_time": wall / max(len(self.plan), 1),
-                "elapsed": wall,
+                "epoch_time": parts.wall / max(len(self.plan), 1),
+                "elapsed": parts.wall,
                 "rollbacks": [st["rollbacks"] for st in stats],
             }
         )
@@ -360,6 +383,7 @@ class SingleProcessRun:
                         t.clock = self.state.global_step
                 if finetune:
                     results = {len(self.parts): self.finetuner.step(x)}
+                    apply_finetune_faults(self.faults, len(self.parts), self.finetuner.steps, self.log.dir)
                 else:
                     results = train_batch(self.parts, self.trainers, active, x, self.state.part_time)
                 self.state.global_step += 1
@@ -447,3 +471,59 @@ class SingleProcessRun:
         write_json(self.log.dir / "summary.json", summary)
         self.log.close()
         return summary
+
+
+def finish_after_parts(
+    config: RunConfig,
+    data: ImageData,
+    run_dir: Path,
+    bounds: list[tuple[int, int]],
+    finetuned: tuple[dict[str, Tensor], float, list[dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """The rest of a run whose parts phase was trained elsewhere: the fine-tune
+    epochs, evaluation, samples, checkpoint and summary, in this process.
+
+    It continues from the run's checkpoint when there is one (the fine-tune had
+    started: a restart, or ``--resume``), else from the parts' ``PartsResult``.
+    ``finetuned`` is a fine-tune already trained elsewhere (DDP): its weights,
+    seconds and per-epoch history are taken instead of training one here."""
+    parts = PartsResult.load(run_dir / PARTS_RESULT)
+    spec = PartSpec(tuple(tuple(b) for b in bounds))
+    resume = finetuned is None and (run_dir / "checkpoint.pt").is_file()
+    run = SingleProcessRun(config.model_copy(update={"resume": resume}), data, run_dir, spec)
+    if not resume:
+        run.take_over(parts)
+        run.log.link_report(parts.report, int(parts.stats[0]["steps"]))
+        if finetuned is not None:
+            run.adopt_finetune(*finetuned)
+    summary = run.run()
+    summary.update(parts.report)
+    n = len(parts.stats)
+    summary["rollbacks"] = [st["rollbacks"] for st in parts.stats] + summary["rollbacks"][n:]
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+class ModelService:
+    """The whole model on one device, for a driver that does no tensor work of
+    its own: it plans the parts (``--balance measure`` times the layers on the
+    device that trains them) and evaluates weights trained elsewhere."""
+
+    def __init__(self, config: RunConfig, image_shape: tuple[int, int, int], device: str) -> None:
+        self.config = config
+        self.device = resolve_device(device)
+        self.glow = build_glow(config, image_shape).to(self.device)
+
+    def plan(self, train_images: Tensor) -> dict[str, Any]:
+        """The run's parts: their bounds, canonical form, and the model's parameter bytes."""
+        spec = part_spec_for(self.config, self.glow, train_images)
+        return {
+            "bounds": [list(b) for b in spec.bounds],
+            "canonical": spec.canonical(self.glow),
+            "param_bytes": self.glow.param_bytes(),
+        }
+
+    def evaluate(self, test_images: Tensor, state: dict[str, Tensor]) -> float:
+        """Test BPD of the assembled weights ``state``."""
+        self.glow.load_state_dict(state)
+        return evaluate_bpd(self.glow, test_images, self.config.eval_batch_size, self.device)

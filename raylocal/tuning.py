@@ -125,9 +125,10 @@ def run_trial(
         restored_from = str(checkpoint.path)
         config = config.model_copy(update={"resume": True})
     torch.set_num_threads(1)
-    glow = build_glow(config, data.shape)
+    # the trial's own process evaluates, on the GPU share its bundle reserved when it has one
+    device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+    glow = build_glow(config, data.shape).to(device)
     spec = part_spec_for(config, glow, data.train)
-    device = torch.device("cpu")
     next_report = [resumed_at + report_every]
 
     def row(bpd: float, polled: list[dict[str, Any]], done: bool) -> dict[str, Any]:
@@ -200,12 +201,16 @@ def tune_study(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
+    from raylocal.ray_trainer import SERVICE_GPU_SHARE
+
     space = check_study(space_path, base.parts, scheduler)
     param_space = space.space(base.parts)
     cpus_per_part = base.cpus_per_part or 0.5
     cpus_per_trial = cpus_per_part if cpus_per_trial is None else cpus_per_trial  # it evaluates, a part's worth
     gpus_per_part = base.gpus_per_part or 0.0
     part_bundle = {"CPU": cpus_per_part} | ({"GPU": gpus_per_part} if gpus_per_part else {})
+    # the trial evaluates: on a share of a GPU when its parts have GPUs
+    trial_bundle = {"CPU": cpus_per_trial} | ({"GPU": SERVICE_GPU_SHARE} if gpus_per_part else {})
     base = base.model_copy(update={"cpus_per_part": cpus_per_part, "gpus_per_part": gpus_per_part})
     n_steps = base.epochs * (len(data.train) // base.batch_size)
     max_reports = max(1, n_steps // report_every) + 1
@@ -218,7 +223,7 @@ def tune_study(
             report_every=report_every,
             checkpoints=scheduler == "pbt",
         ),
-        tune.PlacementGroupFactory([{"CPU": cpus_per_trial}] + [part_bundle] * base.parts),
+        tune.PlacementGroupFactory([trial_bundle] + [part_bundle] * base.parts),
     )
     path = storage.resolve() / name
     if resume:

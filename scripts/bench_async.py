@@ -198,7 +198,7 @@ def main() -> None:
     print(f"parts: {spec.canonical(probe)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp, CpuMeter() as meter:
         state, stats, infos, wall = run_async_phase(cpu_config, data, list(spec.bounds), Progress(True), Path(tmp))
-    rep = pipeline_report(cpu_config, stats, infos, wall, probe, spec.bounds)
+    rep = pipeline_report(cpu_config, stats, infos, wall, probe.param_bytes())
     # steady state: images through the last part between the end of its first step and its last
     last = stats[-1]
     pipe = (last["steps"] - 1) * 64 / (last["end_time"] - last["first_step_time"])

@@ -77,7 +77,7 @@ def wire_bytes_per_step(config: RunConfig, image_shape: tuple[int, int, int], wo
     ``config.wire_dtype``), a DDP worker's ring all-reduce of every gradient,
     and a local-SGD worker's ring all-reduce of the parameters every H steps."""
     glow = build_glow(config, image_shape)
-    params = sum(p.numel() * p.element_size() for p in glow.parameters())
+    params = glow.param_bytes()
     spec = part_spec_for(config, glow)
     latent = 0
     with torch.no_grad():
@@ -235,7 +235,7 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
             config, data, list(spec.bounds), Progress(False), Path(tmp), take_snapshot
         )
     ray.shutdown()
-    report = pipeline_report(config, stats, infos, wall, probe, spec.bounds)
+    report = pipeline_report(config, stats, infos, wall, probe.param_bytes())
     steps = [st["steps"] for st in stats]
     seconds = [st["end_time"] - st["start_time"] for st in stats]
     first = stats[0]

@@ -1,7 +1,9 @@
 """Helper for tests/test_cluster.py, run in its own process: start a real
-multi-node Ray cluster on this machine (a head with the job server and two
-worker nodes), submit a job through the Job Submission API, wait for it, print
-a JSON report, and always tear the cluster down.
+multi-node Ray cluster on this machine (a head with the job server and one CPU,
+as a GPU cluster's head would be, and two worker nodes that carry the custom
+resource ``worker``, as its GPU nodes would), submit a job through the Job
+Submission API, wait for it, print a JSON report, and always tear the cluster
+down.
 
     python tests/cluster_job.py <report.json> -- <job arguments for scripts/run_async.py>
 """
@@ -31,9 +33,10 @@ def main() -> int:
     )
     try:
         for _ in range(2):
-            cluster.add_node(num_cpus=1)
+            cluster.add_node(num_cpus=2, resources={"worker": 1})
         cluster.wait_for_nodes()
         report["nodes"] = len(cluster.list_all_nodes())
+        report["head_node_id"] = cluster.head_node.node_id
         url = f"http://{cluster.head_node.webui_url}"
         client = JobSubmissionClient(url)
         runtime_env = yaml.safe_load((ROOT / "ray_runtime_env.yaml").read_text())

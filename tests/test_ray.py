@@ -161,11 +161,12 @@ def test_queue_never_exceeds_its_bound():
 @pytest.mark.parametrize(
     "cluster,options,expected",
     [
-        ({"CPU": 16.0, "GPU": 3.0}, {}, (4.0, 1.0, 4)),  # one GPU per part when there is one for each
-        ({"CPU": 16.0, "GPU": 2.0}, {}, (4.0, 0.5, 4)),  # too few GPUs for 3 parts: two share one GPU
-        ({"CPU": 16.0, "GPU": 1.0}, {}, (4.0, 1 / 3, 4)),  # one GPU: all three share it
+        # one GPU per part when there is one for each, less the evaluations' share
+        ({"CPU": 16.0, "GPU": 3.0}, {}, (4.0, 0.9, 4)),
+        ({"CPU": 16.0, "GPU": 2.0}, {}, (4.0, 0.45, 4)),  # too few GPUs for 3 parts: two share one GPU
+        ({"CPU": 16.0, "GPU": 1.0}, {}, (4.0, 0.3, 4)),  # one GPU: all three share it
         ({"CPU": 16.0, "GPU": 3.0}, {"device": "cpu"}, (4.0, 0.0, 4)),  # --device cpu keeps them off
-        ({"CPU": 2.0}, {}, (2 / 3, 0.0, 1)),  # fractional CPUs let 3 parts share 2 cores
+        ({"CPU": 2.0}, {}, (0.5, 0.0, 1)),  # fractional CPUs: 3 parts and the evaluations share 2 cores
         ({"CPU": 2.0, "GPU": 1.0}, {"gpus_per_part": 0.25, "cpus_per_part": 0.5, "threads": 2}, (0.5, 0.25, 2)),
     ],
 )
@@ -177,23 +178,25 @@ def test_part_resources_give_each_part_a_gpu_or_a_share_of_one(monkeypatch, clus
     monkeypatch.setattr(ray, "cluster_resources", lambda: dict(cluster))
     config = RunConfig(parts=3, **options)
     cpus, gpus, threads = part_resources(config, 3)
-    assert (round(cpus, 6), gpus, threads) == (round(expected[0], 6), expected[1], expected[2])
+    assert (round(cpus, 6), round(gpus, 6), threads) == (round(expected[0], 6), expected[1], expected[2])
 
 
 @pytest.mark.parametrize("n_gpus", [1, 2, 3, 4])
 def test_shared_gpu_bundles_fit_on_the_gpus_there_are(monkeypatch, n_gpus):
-    """Ray puts a fractional GPU bundle on one device: every part must find room."""
+    """Ray puts a fractional GPU bundle on one device: every part, and then the
+    run's evaluation service, must find room."""
     import ray
 
-    from raylocal.ray_trainer import part_resources
+    from raylocal.ray_trainer import part_resources, service_resources
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": float(n_gpus)})
     for n_parts in range(1, 9):
-        _, share, _ = part_resources(RunConfig(parts=n_parts), n_parts)
+        config = RunConfig(parts=n_parts)
+        _, share, _ = part_resources(config, n_parts)
         # fill the GPUs one bundle at a time, as Ray's first fit would
         free = [1.0] * n_gpus
-        for _ in range(n_parts):
-            gpu = next((g for g, f in enumerate(free) if f >= share - 1e-9), None)
+        for need in [share] * n_parts + [service_resources(config, n_parts)["GPU"]]:
+            gpu = next((g for g, f in enumerate(free) if f >= need - 1e-9), None)
             assert gpu is not None, (n_gpus, n_parts, share)
-            free[gpu] -= share
-        assert 0 < share <= 1 and (share == 1.0 or n_parts > n_gpus)
+            free[gpu] -= need
+        assert 0 < share < 1 and (share >= 0.9 or n_parts > n_gpus)

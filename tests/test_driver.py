@@ -1,0 +1,88 @@
+"""The async run's driver only coordinates: planning, evaluations, the fine-tune
+and the final evaluation all run in Ray processes, where the work is."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import tiny_options
+
+import raylocal.schedules
+import raylocal.train
+from raylocal.checkpoint import load_checkpoint
+from raylocal.cli import main
+from raylocal.config import RunConfig
+from raylocal.data import load_dataset
+from raylocal.schedules import PARTS_RESULT, ModelService, finish_after_parts
+from raylocal.train import build_glow, evaluate_bpd
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _forbid(*_args, **_kwargs):
+    raise AssertionError("the driver did tensor work")
+
+
+def test_driver_only_coordinates_and_a_killed_fine_tune_resumes_to_the_same_weights(mnist_dir, tmp_path, monkeypatch):
+    storage = tmp_path / "runs"
+    opts = dict(
+        schedule="async", parts=2, part_spec="1|2", epochs=2, finetune_epochs=3, checkpoint_every=2,
+        inject="sigkill:3@5,slow:2@0.25", eval_every=2, run_name="a", progress=False,
+    )  # fmt: skip
+    # in this process (the driver) nothing may build an optimizer, train or evaluate
+    monkeypatch.setattr(torch.optim.Adam, "__init__", _forbid)
+    monkeypatch.setattr(torch.optim.Adamax, "__init__", _forbid)
+    monkeypatch.setattr(raylocal.train.PartTrainer, "step", _forbid)
+    monkeypatch.setattr(raylocal.schedules, "evaluate_bpd", _forbid)
+    monkeypatch.setattr(raylocal.train, "evaluate_bpd", _forbid)
+    assert main(tiny_options(mnist_dir, storage, **opts)) == 0
+    monkeypatch.undo()
+    assert not torch.cuda.is_initialized()
+    run_dir = storage / "a"
+    s = json.loads((run_dir / "summary.json").read_text())
+    where = s["where"]
+    assert where["driver"]["pid"] == os.getpid()
+    others = [p["pid"] for p in where["parts"]] + [where["service"]["pid"], where["finished"]["pid"]]
+    assert os.getpid() not in others and len(set(others)) == 4, where
+    assert where["finished"]["phase"] == "ray train worker"
+    # the evaluations while the parts trained (one per epoch of the last part) ran in the service
+    live = [p for p in s["curve"] if p["step"] < 8]
+    assert where["service"]["evaluations"] >= 1 and len(live) >= 1
+    # the worker was killed at its 5th fine-tune step and Ray Train restarted it
+    assert (run_dir / ".fault-sigkill-3@5").exists()
+    assert [h["phase"] for h in s["history"]] == ["parts", "finetune", "finetune", "finetune"]
+    # the same fine-tune, uninterrupted and in this process, from the same parts phase
+    ref_dir = storage / "ref"
+    ref_dir.mkdir()
+    shutil.copy(run_dir / PARTS_RESULT, ref_dir / PARTS_RESULT)
+    values = dict(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
+        eval_batch_size=32, warmup_steps=2, threads=1, parts=2, part_spec="1|2", epochs=2, finetune_epochs=3,
+        schedule="async", samples=4, progress=False, storage_path=str(storage), checkpoint_every=2,
+    )  # fmt: skip
+    config = RunConfig(**values)
+    data = load_dataset("mnist", mnist_dir)
+    bounds = raylocal.schedules.part_spec_for(config, build_glow(config, data.shape)).bounds
+    ref = finish_after_parts(config, data, ref_dir, bounds)
+    a = load_checkpoint(run_dir / "checkpoint.pt")["model"]
+    b = load_checkpoint(ref_dir / "checkpoint.pt")["model"]
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
+    assert s["test_bpd"] == pytest.approx(ref["test_bpd"], abs=0)
+
+
+def test_model_service_plans_and_evaluates_as_the_run_would(mnist_dir):
+    config = RunConfig(data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, parts=3, schedule="async")
+    data = load_dataset("mnist", mnist_dir)
+    service = ModelService(config, data.shape, "cpu")
+    plan = service.plan(data.train)
+    glow = build_glow(config, data.shape)
+    expected = raylocal.schedules.part_spec_for(config, glow, data.train)
+    assert plan["bounds"] == [list(b) for b in expected.bounds] and len(plan["bounds"]) == 3
+    assert plan["param_bytes"] == sum(p.numel() * 4 for p in glow.parameters())
+    state = {k: v.clone() for k, v in glow.state_dict().items()}
+    assert service.evaluate(data.test, state) == evaluate_bpd(glow, data.test, 500, torch.device("cpu"))
