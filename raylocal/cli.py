@@ -100,6 +100,19 @@ def format_summary(summary: dict[str, Any]) -> str:
         if summary.get(key):
             per_part = [_fmt([b["mean"], b["p50"], b["p95"], b["max"]]) for b in summary[key]]
             rows.append((f"{label} (mean/p50/p95/max)", ", ".join(per_part)))
+    where = summary.get("where")
+    if where:  # the async run: which process did what (the driver only coordinated)
+        parts = ", ".join(f"{p['pid']} ({p['device']})" for p in where.get("parts", []))
+        service, finished = where.get("service", {}), where.get("finished", {})
+        rows.append(("processes", f"driver {where['driver']['pid']}; parts {parts}"))
+        rows.append(
+            (
+                "live evaluations",
+                f"{service.get('evaluations', 0)} in {service.get('pid')} ({service.get('device')}), "
+                f"{service.get('evaluation_s', 0.0):.1f}s",
+            )
+        )
+        rows.append(("finished in", f"{finished.get('pid')} ({finished.get('device')}, {finished.get('phase')})"))
     if summary.get("stopped_early"):
         rows.append(("stopped early", summary["stopped_early"]))
     rows += [
@@ -125,7 +138,10 @@ def main(
     description: str = "Train a Glow, end to end or in parts.",
     defaults: dict[str, Any] | None = None,
     runner: Callable[[RunConfig], dict[str, Any]] = run,
+    epilogue: Callable[[RunConfig, dict[str, Any]], str | None] | None = None,
 ) -> int:
+    """The command line: parse, validate, run, print the summary (and
+    ``epilogue(config, summary)``'s line, when it has one)."""
     try:
         args = build_parser(description, defaults).parse_args(argv)
         config = config_from_args(args, defaults)
@@ -139,4 +155,7 @@ def main(
         print("interrupted: the last checkpoint is kept; rerun with --resume", file=sys.stderr)
         return 130
     print(format_summary(summary))
+    note = epilogue(config, summary) if epilogue else None
+    if note:
+        print(note)
     return 0

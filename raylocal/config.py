@@ -63,6 +63,9 @@ class RunConfig(BaseModel):
     init_batch_size: int = Field(512, ge=1, description="batch for ActNorm's data-dependent init")
     lr: list[float] = Field([1e-3], description="learning rate, or one per part: 1e-3,5e-4,1e-4")
     finetune_lr: float | None = Field(None, gt=0, description="fine-tune LR (default: smallest lr)")
+    finetune_scope: Literal["all", "boundary"] = Field(
+        "all", description="fine-tune every layer, or only the flow steps next to each part boundary (the rest frozen)"
+    )
     warmup_steps: int = Field(200, ge=0, description="linear LR warmup steps (per part)")
     lr_schedule: Literal["constant", "cosine", "cosine-run"] = Field(
         "constant",
@@ -203,6 +206,8 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"alternate_every={self.alternate_every} applies to the alternating schedule, not {self.schedule!r}"
             )
+        if self.finetune_scope == "boundary" and self.finetune_workers > 1:
+            raise ValueError("finetune_scope='boundary' is for a one-worker fine-tune; DDP trains every layer")
         return self
 
     def part_lrs(self, n_parts: int) -> list[float]:

@@ -246,3 +246,15 @@ def resolve_part_spec(
             raise SpecError(f"--parts {n_parts} but part spec {text!r} has {len(spec)} parts")
         return spec
     return automatic_spec(glow, n_parts, split, costs)
+
+
+def boundary_steps(glow: Glow, bounds: tuple[tuple[int, int], ...]) -> list[int]:
+    """Layer indices of the flow steps next to each part boundary: the last step
+    before it and the first after it (a boundary at a squeeze or split takes the
+    nearest step on each side). What ``--finetune-scope boundary`` trains."""
+    steps: set[tuple[int, int]] = set()
+    for start, _ in bounds[1:]:
+        before = next((i for i in glow.info[:start][::-1] if i.step is not None), None)
+        after = next((i for i in glow.info[start:] if i.step is not None), None)
+        steps.update((i.block, i.step) for i in (before, after) if i is not None)
+    return [i.index for i in glow.info if i.step is not None and (i.block, i.step) in steps]

@@ -71,11 +71,11 @@ class ServiceActor:
         self.config = RunConfig.model_validate_json(config_json)
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.service = ModelService(self.config, image_shape, device)
-        self.evaluations = 0
+        self.evaluations, self.evaluation_s = 0, 0.0
         importlib.import_module("torch.utils.tensorboard")  # what finishing a run needs, loaded while parts train
 
     def where(self) -> dict[str, Any]:
-        return here(str(self.service.device)) | {"evaluations": self.evaluations}
+        return here(str(self.service.device)) | {"evaluations": self.evaluations, "evaluation_s": self.evaluation_s}
 
     def plan(self, train_images: torch.Tensor) -> dict[str, Any]:
         return self.service.plan(train_images)
@@ -84,15 +84,18 @@ class ServiceActor:
         state: dict[str, torch.Tensor] = {}
         for w in weights:  # one dict per part
             state.update(w)
+        start = time.perf_counter()
+        bpd = self.service.evaluate(test_images, state)
         self.evaluations += 1
-        return self.service.evaluate(test_images, state)
+        self.evaluation_s += time.perf_counter() - start
+        return bpd
 
     def finish(
         self, name: str, train: torch.Tensor, test: torch.Tensor, run_dir: str, bounds: list, finetuned: Any = None
     ) -> dict[str, Any]:
         config = self.config.model_copy(update={"device": str(self.service.device)})
         summary = finish_after_parts(config, _data(name, train, test), Path(run_dir), bounds, finetuned)
-        return summary | {"where_finished": self.where()}
+        return summary | {"where_finished": self.where() | {"phase": "model service"}}
 
 
 class LiveEvaluation:

@@ -33,7 +33,7 @@ from raylocal.errors import CheckpointError
 from raylocal.faults import apply_finetune_faults, parse_faults
 from raylocal.glow import Glow, Part
 from raylocal.objectives import preprocess
-from raylocal.parts import PartSpec, measured_costs, resolve_part_spec
+from raylocal.parts import PartSpec, boundary_steps, measured_costs, resolve_part_spec
 from raylocal.runlog import Progress, RunLog, write_json
 from raylocal.train import (
     PartTrainer,
@@ -291,6 +291,11 @@ class SingleProcessRun:
         lr = cfg.finetune_lr or min(cfg.lr)
         per_epoch = len(self.stream)
         total = decay_steps(cfg, per_epoch * cfg.finetune_epochs, per_epoch * self.total_epochs)
+        if cfg.finetune_scope == "boundary":  # only the steps that meet at a boundary learn; the optimizer skips
+            trained = set(boundary_steps(self.glow, self.spec.bounds))  # parameters that never get a gradient
+            for index, layer in enumerate(self.glow.layers):
+                layer.requires_grad_(index in trained)
+            self.glow.prior.requires_grad_(False)
         return PartTrainer(self.glow.whole(), lr, cfg, index=len(self.parts), total_steps=total)
 
     # ------------------------------------------------------------ training

@@ -181,6 +181,18 @@ def run_trial(
     tune.report(metrics(state, polled, done=True))
 
 
+def trial_bundles(base: RunConfig, cpus_per_trial: float | None = None) -> list[dict[str, float]]:
+    """A trial's placement group: its own process first (it evaluates the
+    assembled model, a part's CPUs by default, and a share of a GPU when its
+    parts have GPUs), then one bundle per part."""
+    from raylocal.ray_trainer import SERVICE_GPU_SHARE
+
+    cpus = base.cpus_per_part or 0.5
+    gpus = base.gpus_per_part or 0.0
+    trial = {"CPU": cpus if cpus_per_trial is None else cpus_per_trial} | ({"GPU": SERVICE_GPU_SHARE} if gpus else {})
+    return [trial] + [{"CPU": cpus} | ({"GPU": gpus} if gpus else {})] * base.parts
+
+
 def tune_study(
     base: RunConfig,
     data: ImageData,
@@ -201,17 +213,12 @@ def tune_study(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
-    from raylocal.ray_trainer import SERVICE_GPU_SHARE
-
     space = check_study(space_path, base.parts, scheduler)
     param_space = space.space(base.parts)
-    cpus_per_part = base.cpus_per_part or 0.5
-    cpus_per_trial = cpus_per_part if cpus_per_trial is None else cpus_per_trial  # it evaluates, a part's worth
-    gpus_per_part = base.gpus_per_part or 0.0
-    part_bundle = {"CPU": cpus_per_part} | ({"GPU": gpus_per_part} if gpus_per_part else {})
-    # the trial evaluates: on a share of a GPU when its parts have GPUs
-    trial_bundle = {"CPU": cpus_per_trial} | ({"GPU": SERVICE_GPU_SHARE} if gpus_per_part else {})
-    base = base.model_copy(update={"cpus_per_part": cpus_per_part, "gpus_per_part": gpus_per_part})
+    # the trials' parts ask for fixed shares, so that the cluster holds whole trials
+    base = base.model_copy(
+        update={"cpus_per_part": base.cpus_per_part or 0.5, "gpus_per_part": base.gpus_per_part or 0.0}
+    )
     n_steps = base.epochs * (len(data.train) // base.batch_size)
     max_reports = max(1, n_steps // report_every) + 1
     trainable = tune.with_resources(
@@ -223,7 +230,7 @@ def tune_study(
             report_every=report_every,
             checkpoints=scheduler == "pbt",
         ),
-        tune.PlacementGroupFactory([trial_bundle] + [part_bundle] * base.parts),
+        tune.PlacementGroupFactory(trial_bundles(base, cpus_per_trial)),
     )
     path = storage.resolve() / name
     if resume:

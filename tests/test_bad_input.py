@@ -11,6 +11,7 @@ from conftest import synthetic_digits, tiny_options, write_idx_images
 from PIL import Image
 
 from raylocal.cli import main
+from raylocal.config import RunConfig
 
 
 def _folder(root: Path, sizes=((6, 6), (6, 6)), bad: str | None = None) -> Path:
@@ -218,3 +219,14 @@ def test_run_async_help_shows_the_defaults_it_really_uses():
     assert "number of parts K (default: 3)" in flat
     assert "| simultaneous | async (default: async)" in flat
     assert "(per part for sequential) (default: 3)" in flat
+
+
+def test_the_default_run_ends_with_what_its_numbers_mean():
+    from conftest import load_script
+
+    run_async = load_script("run_async")
+    config = RunConfig(**run_async.DEFAULTS)
+    line = run_async.reading(config, {"test_bpd": 2.5})
+    assert "2.50 BPD" in line and f"reaches {run_async.E2E_SAME_TIME_BPD:.2f}" in line
+    assert "docs/benchmarks.md" in line
+    assert run_async.reading(config.model_copy(update={"depth": 2}), {"test_bpd": 2.5}) is None

@@ -200,3 +200,36 @@ def test_diverging_part_is_rolled_back_visibly_and_survives(mnist_dir, tmp_path,
     assert s["rollback_events"][0]["new_lr"] == pytest.approx(15.0)
     assert "ROLLBACK part 2" in capsys.readouterr().err
     assert s["test_bpd"] == s["test_bpd"] and s["test_bpd"] < 100  # finite, sane
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        # layers: 0 squeeze, 1-3 and 4-6 the steps of block 1, 7 split, 8 squeeze, 9-11 and 12-14 block 2
+        ("1[:1]|1[1:],2", [1, 2, 3, 4, 5, 6]),  # inside a block: its step 1 and step 2
+        ("1|2", [4, 5, 6, 9, 10, 11]),  # at the blocks' edge: block 1's last step and block 2's first
+    ],
+)
+def test_boundary_scope_fine_tune_trains_exactly_the_steps_at_each_boundary(spec, expected, mnist_dir, tmp_path):
+    from raylocal.data import load_dataset
+    from raylocal.parts import boundary_steps, resolve_part_spec
+    from raylocal.schedules import SingleProcessRun
+
+    glow = Glow(n_levels=2, depth=2, hidden=8, image_shape=(1, 8, 8))
+    assert boundary_steps(glow, resolve_part_spec(glow, 2, "across-blocks", spec, None).bounds) == expected
+    # the same seeds with and without the fine-tune: exactly those layers moved, nothing else
+    weights = []
+    for finetune in (0, 1):
+        config = RunConfig(
+            data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
+            eval_batch_size=32, warmup_steps=2, threads=1, parts=2, part_spec=spec, schedule="simultaneous",
+            epochs=1, finetune_epochs=finetune, finetune_scope="boundary", samples=0, progress=False,
+            storage_path=str(tmp_path),
+        )  # fmt: skip
+        run = SingleProcessRun(config, load_dataset("mnist", mnist_dir), tmp_path / f"ft{finetune}")
+        run.run()
+        weights.append({k: v.clone() for k, v in run.glow.state_dict().items()})
+    before, after = weights
+    changed = sorted({int(k.split(".")[1]) for k in before if not torch.equal(before[k], after[k]) and "layers." in k})
+    assert changed == expected
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("layers."))  # the top prior

@@ -12,8 +12,9 @@ import torch
 from conftest import tiny_options
 
 from raylocal.cli import main as run_main
+from raylocal.config import RunConfig
 from raylocal.errors import ConfigError
-from raylocal.tuning import load_space, trial_lrs
+from raylocal.tuning import load_space, trial_bundles, trial_lrs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -198,3 +199,15 @@ def test_pbt_study_continues_weak_trials_from_strong_ones(mnist_dir, tmp_path, m
     grid = ROOT / "tune_spaces" / "grid.py"
     assert tune_lr.main(["--space", str(grid), "--scheduler", "pbt", *opts]) == 2
     assert tune_lr.main(["--space", str(space), "--scheduler", "hyperband", *opts]) == 2
+
+
+@pytest.mark.parametrize(
+    "options,expected",
+    [
+        ({}, [{"CPU": 0.5}] + [{"CPU": 0.5}] * 3),  # CPUs only: the trial evaluates on a part's CPUs
+        ({"gpus_per_part": 0.3, "cpus_per_part": 1.0}, [{"CPU": 1.0, "GPU": 0.1}] + [{"CPU": 1.0, "GPU": 0.3}] * 3),
+    ],
+)
+def test_a_trial_reserves_what_its_own_evaluations_need(options, expected):
+    assert trial_bundles(RunConfig(parts=3, **options)) == expected
+    assert trial_bundles(RunConfig(parts=3, **options), cpus_per_trial=2.0)[0]["CPU"] == 2.0
