@@ -1,0 +1,313 @@
+#!/usr/bin/env python
+"""The reference work's open questions, as studies that one command reproduces.
+
+    python scripts/study.py parts              # Q1: how many parts can a flow be split into?
+    python scripts/study.py finetune           # Q2: is the end-to-end phase needed?
+    python scripts/study.py parts --quick      # a reduced version, to check the direction
+    python scripts/study.py --spec FILE.json   # a study of your own (same format as `--show`)
+
+A study is a list of arms (configs that differ from a shared base) run over
+seeds. Every arm is paired, seed by seed, with its baseline arm (end to end
+with the same data, model and total epochs): the difference in test BPD at the
+same epochs and at the same wall clock, its mean, a 95% Student-t interval and
+a verdict: better, worse, within ±0.02 BPD, or undecided (with about how many
+seeds would decide it). The statistics are compare.py's.
+
+Runs go under --storage-path/<study>/; a finished run is read back, never
+trained again, so a stopped study resumes where it stopped. Written under
+--out/<study>/: ``table.md``, ``results.json`` (every number) and ``figure.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+from compare import bpd_at_time, mean_interval, parse_seeds, run_config, t_quantile  # noqa: E402
+
+from raylocal.errors import ConfigError, RaylocalError  # noqa: E402
+
+EQUIVALENCE = 0.02  # BPD: a difference inside ±this is "the same"
+
+
+@dataclass
+class Study:
+    """Arms (overrides of ``base``) over seeds, each paired with its baseline arm."""
+
+    name: str
+    question: str
+    base: dict[str, Any]
+    arms: dict[str, dict[str, Any]]
+    baseline: str
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    x: str = ""  # the figure's x axis: an override key every arm sets
+
+    def check(self) -> None:
+        if self.baseline not in self.arms:
+            raise ConfigError(f"study {self.name!r}: baseline {self.baseline!r} is not one of its arms")
+        if self.x and any(self.x not in a for a in self.arms.values()):
+            raise ConfigError(f"study {self.name!r}: x {self.x!r} is not set by every arm")
+
+    def run_name(self, arm: str, seed: int) -> str:
+        return f"{arm}-seed{seed}"
+
+
+# The model and data of the built-in studies: big enough that parts and e2e
+# separate, small enough for the full versions to fit about 10 hours of 2 cores.
+MNIST_BASE = {
+    "dataset": "mnist", "data_root": "data/mnist", "n_levels": 2, "depth": 4, "hidden": 64,
+    "batch_size": 64, "train_subset": 10000, "test_subset": 2000, "warmup_steps": 100,
+    "lr": [1e-3], "threads": 1, "samples": 0, "progress": False, "eval_batch_size": 1000,
+}  # fmt: skip
+
+
+def parts_study(quick: bool) -> Study:
+    """Q1: K parts across blocks, balanced, simultaneous (the async method's
+    single-process twin), a fixed number of epochs and a fixed fine-tune."""
+    epochs, finetune = (2, 1) if quick else (8, 2)
+    ks = [2, 4, 8] if quick else [2, 3, 4, 6, 8]
+    arms = {"e2e": {"schedule": "e2e", "parts": 1, "epochs": epochs + finetune}}
+    for k in ks:
+        arms[f"{k}-parts"] = {"schedule": "simultaneous", "parts": k, "epochs": epochs, "finetune_epochs": finetune}
+    for a in arms.values():
+        a.setdefault("finetune_epochs", 0)
+    return Study(
+        name="parts",
+        question="How many parts can a flow be split into?",
+        base=MNIST_BASE | ({"train_subset": 3000, "test_subset": 1000} if quick else {}),
+        arms=arms,
+        baseline="e2e",
+        seeds=[0, 1] if quick else [0, 1, 2],
+        x="parts",
+    )
+
+
+def finetune_study(quick: bool) -> Study:
+    """Q2: the fine-tune's share of a fixed epoch budget, and a boundary-only fine-tune."""
+    total = 3 if quick else 12
+    shares = [0, 33] if quick else [0, 10, 25, 33]
+    arms: dict[str, dict[str, Any]] = {"e2e": {"schedule": "e2e", "parts": 1, "epochs": total, "finetune_epochs": 0}}
+    for k in [2] if quick else [2, 4]:
+        for share in shares:
+            ft = round(total * share / 100)
+            arms[f"{k}-parts-ft{share}"] = {
+                "schedule": "simultaneous", "parts": k, "epochs": total - ft, "finetune_epochs": ft,
+            }  # fmt: skip
+        ft = round(total * shares[-1] / 100)
+        arms[f"{k}-parts-ft{shares[-1]}-boundary"] = {
+            "schedule": "simultaneous", "parts": k, "epochs": total - ft, "finetune_epochs": ft,
+            "finetune_scope": "boundary",
+        }  # fmt: skip
+    return Study(
+        name="finetune",
+        question="Is the last end-to-end phase needed?",
+        base=MNIST_BASE | ({"train_subset": 3000, "test_subset": 1000} if quick else {}),
+        arms=arms,
+        baseline="e2e",
+        seeds=[0, 1] if quick else [0, 1, 2],
+    )
+
+
+STUDIES = {"parts": parts_study, "finetune": finetune_study}
+
+
+def load_study(path: Path) -> Study:
+    try:
+        study = Study(**json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, TypeError) as e:
+        raise ConfigError(f"--spec {path}: not a study ({str(e).splitlines()[0]})") from None
+    study.check()
+    return study
+
+
+def run_study(study: Study, storage: Path) -> dict[str, dict[int, dict]]:
+    """Every arm over every seed: {arm: {seed: summary}}. Finished runs are read back."""
+    runs: dict[str, dict[int, dict]] = {}
+    for seed in study.seeds:  # seed-major: a stopped study has whole pairs to compare
+        for arm, overrides in study.arms.items():
+            values = {**study.base, **overrides, "seed": seed, "run_name": study.run_name(arm, seed)}
+            path = Path(f"{study.name}/{arm}")
+            runs.setdefault(arm, {})[seed] = run_config(path, values, str(storage / study.name), rerun=False)
+    return runs
+
+
+def parts_phase_bpd(summary: dict) -> float:
+    """Test BPD when the parts phase ended (the final one for a run without parts)."""
+    entries = [h for h in summary["history"] if h["phase"] == "parts"]
+    return entries[-1]["test_bpd"] if entries else summary["test_bpd"]
+
+
+def bpd_at_epoch(summary: dict, epoch: float) -> float:
+    """The run's test BPD after ``epoch`` epochs (its evaluation at that epoch)."""
+    points = [c for c in summary["curve"] if abs(c["epoch"] - epoch) < 1e-9]
+    if not points:
+        raise ConfigError(f"{summary['run_dir']}: no evaluation at epoch {epoch:g}")
+    return points[-1]["test_bpd"]
+
+
+def decide(diffs: list[float]) -> dict[str, Any]:
+    """Mean, 95% interval and verdict of paired differences (run − baseline). It is
+    decided when the interval excludes zero (better / worse) or lies inside
+    ±0.02 BPD; when undecided, about how many seeds would decide it, at the
+    spread seen so far."""
+    mean, lo, hi = mean_interval(diffs)
+    out: dict[str, Any] = {"n": len(diffs), "mean": mean, "lo": lo, "hi": hi, "seeds_to_decide": None}
+    if math.isnan(lo):
+        out["verdict"] = "one seed: no interval"
+        return out
+    inside = -EQUIVALENCE <= lo and hi <= EQUIVALENCE
+    if hi < 0 or lo > 0:
+        out["verdict"] = ("better" if hi < 0 else "worse") + (f", by less than {EQUIVALENCE}" if inside else "")
+    elif inside:
+        out["verdict"] = f"within ±{EQUIVALENCE}"
+    else:
+        out["verdict"] = "undecided"
+        sd = float(np.std(diffs, ddof=1))
+        margin = max(abs(mean), EQUIVALENCE - abs(mean))  # to exclude zero, or to fit inside ±0.02
+        n = len(diffs) + 1
+        while n < 1000 and t_quantile(0.975, n - 1) * sd / math.sqrt(n) >= margin:
+            n += 1
+        out["seeds_to_decide"] = n
+    return out
+
+
+def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, Any]]:
+    """Per arm: its numbers per seed, and each comparison with its baseline."""
+    base = runs[study.baseline]
+    rows = []
+    for arm, per_seed in runs.items():
+        seeds = sorted(set(per_seed) & set(base))
+        config = study.arms[arm]
+        parts_epochs = config.get("epochs", study.base.get("epochs", 1))
+        row: dict[str, Any] = {
+            "arm": arm,
+            "config": config,
+            "seeds": seeds,
+            "final": [per_seed[s]["test_bpd"] for s in seeds],
+            "after_parts": [parts_phase_bpd(per_seed[s]) for s in seeds],
+            "wall_time": [per_seed[s]["wall_time"] for s in seeds],
+            "rollbacks": [per_seed[s]["rollbacks"] for s in seeds],
+        }
+        if arm != study.baseline:
+            final = [per_seed[s]["test_bpd"] - base[s]["test_bpd"] for s in seeds]
+            parts = [parts_phase_bpd(per_seed[s]) - bpd_at_epoch(base[s], parts_epochs) for s in seeds]
+            wall = [per_seed[s]["test_bpd"] - bpd_at_time(base[s], per_seed[s]["wall_time"]) for s in seeds]
+            row["vs_baseline"] = {
+                "final_same_epochs": decide(final),
+                "after_parts_same_epochs": decide(parts),
+                "final_same_wall_clock": decide(wall),
+            }
+        rows.append(row)
+    return rows
+
+
+def _cell(d: dict[str, Any]) -> str:
+    text = f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] {d['verdict']}"
+    return text + (f" (~{d['seeds_to_decide']} seeds)" if d["seeds_to_decide"] else "")
+
+
+def table(study: Study, rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"**{study.question}** Seeds {', '.join(map(str, study.seeds))}; every difference is paired by seed "
+        f"with `{study.baseline}`: mean [95% interval] and the verdict (better, worse, within ±{EQUIVALENCE} "
+        "BPD, or undecided with about how many seeds would decide it).",
+        "",
+        "| arm | test BPD (mean) | after the parts phase (mean) | wall time (s) | rollbacks | "
+        "− baseline, same epochs | parts phase − baseline, same epochs | − baseline, same wall clock |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [
+            r["arm"],
+            f"{sum(r['final']) / len(r['final']):.4f}",
+            f"{sum(r['after_parts']) / len(r['after_parts']):.4f}",
+            f"{sum(r['wall_time']) / len(r['wall_time']):.0f}",
+            "; ".join(",".join(map(str, rb)) for rb in r["rollbacks"]),
+        ]
+        vs = r.get("vs_baseline")
+        keys = ("final_same_epochs", "after_parts_same_epochs", "final_same_wall_clock")
+        cells += [_cell(vs[k]) for k in keys] if vs else ["", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def figure(study: Study, rows: list[dict[str, Any]], path: Path) -> None:
+    """Test BPD minus the baseline's, per arm, with 95% intervals: after the parts
+    phase and at the end (same epochs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    compared = [r for r in rows if "vs_baseline" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    series = [(-0.15, "after_parts_same_epochs", "after the parts phase"), (0.15, "final_same_epochs", "at the end")]
+    for offset, key, label in series:
+        xs = [i + offset for i in range(len(compared))]
+        ds = [r["vs_baseline"][key] for r in compared]
+        means = [d["mean"] for d in ds]
+        errs = [[d["mean"] - d["lo"] for d in ds], [d["hi"] - d["mean"] for d in ds]]
+        errs = [[0 if math.isnan(e) else e for e in side] for side in errs]
+        ax.errorbar(xs, means, yerr=errs, fmt="o", capsize=3, label=label)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.axhspan(-EQUIVALENCE, EQUIVALENCE, color="grey", alpha=0.15, label=f"±{EQUIVALENCE} BPD")
+    ax.set_xticks(range(len(compared)), [r["arm"] for r in compared], rotation=30, ha="right")
+    ax.set_ylabel(f"test BPD − {study.baseline} (paired by seed)")
+    ax.set_title(study.question)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_outputs(study: Study, rows: list[dict[str, Any]], out: Path, command: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    md = f"{table(study, rows)}\n\nCommand: `{command}`\n"
+    (out / "table.md").write_text(md)
+    (out / "results.json").write_text(json.dumps({"study": asdict(study), "rows": rows}, indent=1) + "\n")
+    figure(study, rows, out / "figure.png")
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", nargs="?", choices=sorted(STUDIES), help="a built-in study")
+    p.add_argument("--spec", type=Path, help="a study of your own, as JSON (see --show)")
+    p.add_argument("--quick", action="store_true", help="the reduced version: the direction, in minutes")
+    p.add_argument("--seeds", help='override the study\'s seeds ("0,1,2" or "0-3")')
+    p.add_argument("--show", action="store_true", help="print the study as JSON and run nothing")
+    p.add_argument("--out", type=Path, default=Path("docs/study"))
+    p.add_argument("--storage-path", type=Path, default=Path("runs/study"))
+    args = p.parse_args(argv)
+    try:
+        if (args.name is None) == (args.spec is None):
+            raise ConfigError("name one built-in study or give --spec FILE, not both")
+        study = load_study(args.spec) if args.spec else STUDIES[args.name](args.quick)
+        if args.quick and args.spec is None:
+            study.name += "-quick"
+        if args.seeds:
+            study.seeds = parse_seeds(args.seeds)
+        study.check()
+        if args.show:
+            print(json.dumps(asdict(study), indent=1))
+            return 0
+        runs = run_study(study, args.storage_path)
+    except RaylocalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    command = "python scripts/study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(write_outputs(study, analyse(study, runs), args.out / study.name, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""scripts/study.py: paired statistics that decide, a study that resumes, a tiny study end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+from conftest import load_script
+
+study = load_script("study")
+compare = __import__("sys").modules["compare"]  # the module study.py imported, whose `run` trains
+
+
+def _summary(final: float, curve: list[tuple[float, float, float]], parts_bpd: float | None = None) -> dict:
+    """A run's summary as the trainer writes it: (epoch, elapsed, test BPD) evaluations."""
+    history = [{"phase": "parts", "test_bpd": parts_bpd}] if parts_bpd is not None else []
+    return {
+        "test_bpd": final, "wall_time": curve[-1][1], "rollbacks": [0], "history": history, "run_dir": "r",
+        "curve": [{"epoch": e, "elapsed": t, "test_bpd": b} for e, t, b in curve],
+    }  # fmt: skip
+
+
+def test_paired_differences_decide_as_their_interval_says():
+    worse = study.decide([0.051, 0.049, 0.050, 0.052])
+    assert worse["verdict"] == "worse" and worse["mean"] == pytest.approx(0.0505)
+    # the interval by hand: t(0.975, 3 dof) = 3.182446
+    half = 3.182446 * statistics.stdev([0.051, 0.049, 0.050, 0.052]) / 2
+    assert (worse["lo"], worse["hi"]) == pytest.approx((0.0505 - half, 0.0505 + half), abs=1e-6)
+    assert study.decide([0.004, -0.003, 0.001])["verdict"] == "within ±0.02"
+    assert study.decide([-0.030, -0.031, -0.029])["verdict"] == "better"
+    assert study.decide([0.010, 0.012, 0.011])["verdict"] == "worse, by less than 0.02"
+    noisy = study.decide([0.05, -0.03, 0.04])
+    assert noisy["verdict"] == "undecided" and noisy["seeds_to_decide"] > 3
+    assert study.decide([0.01])["verdict"] == "one seed: no interval" and math.isnan(study.decide([0.01])["lo"])
+
+
+def test_arms_are_paired_with_the_baseline_of_the_same_seed():
+    s = study.Study(
+        name="t", question="q", base={}, baseline="e2e", seeds=[0, 1],
+        arms={"e2e": {"epochs": 3}, "parts": {"epochs": 2, "finetune_epochs": 1}},
+    )  # fmt: skip
+    runs = {
+        "e2e": {0: _summary(3.0, [(1, 10, 5.0), (2, 20, 4.0), (3, 30, 3.0)]),
+                1: _summary(2.0, [(1, 10, 4.0), (2, 20, 3.0), (3, 30, 2.0)])},
+        "parts": {0: _summary(3.1, [(2, 10, 4.5), (3, 15, 3.1)], parts_bpd=4.5),
+                  1: _summary(2.2, [(2, 10, 3.4), (3, 15, 2.2)], parts_bpd=3.4)},
+    }  # fmt: skip
+    row = study.analyse(s, runs)[1]
+    vs = row["vs_baseline"]
+    assert vs["final_same_epochs"]["mean"] == pytest.approx((0.1 + 0.2) / 2)
+    assert vs["after_parts_same_epochs"]["mean"] == pytest.approx((0.5 + 0.4) / 2)  # against e2e's epoch 2
+    # at the same wall clock (15 s): e2e stood at 4.5 (seed 0) and 3.5 (seed 1)
+    assert vs["final_same_wall_clock"]["mean"] == pytest.approx((3.1 - 4.5 + 2.2 - 3.5) / 2)
+
+
+def test_a_tiny_study_runs_end_to_end_and_a_rerun_trains_nothing(mnist_dir, tmp_path, monkeypatch):
+    spec = {
+        "name": "tiny", "question": "Do two parts match e2e?", "baseline": "e2e", "seeds": [0, 1],
+        "base": {
+            "data_root": str(mnist_dir), "n_levels": 2, "depth": 2, "hidden": 8, "batch_size": 16,
+            "init_batch_size": 64, "eval_batch_size": 32, "warmup_steps": 2, "threads": 1, "samples": 0,
+            "progress": False,
+        },
+        "arms": {
+            "e2e": {"schedule": "e2e", "epochs": 2},
+            "2-parts": {"schedule": "simultaneous", "parts": 2, "part_spec": "1|2", "epochs": 1, "finetune_epochs": 1},
+        },
+    }  # fmt: skip
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(spec))
+    trained = []
+    real_run = compare.run
+    monkeypatch.setattr(compare, "run", lambda config: trained.append(config.run_name) or real_run(config))
+    argv = ["--spec", str(path), "--out", str(tmp_path / "out"), "--storage-path", str(tmp_path / "runs")]
+    assert study.main(argv) == 0
+    assert sorted(trained) == ["2-parts-seed0", "2-parts-seed1", "e2e-seed0", "e2e-seed1"]
+    results = json.loads((tmp_path / "out" / "tiny" / "results.json").read_text())
+    parts = results["rows"][1]
+    assert parts["arm"] == "2-parts" and parts["seeds"] == [0, 1]
+    assert parts["vs_baseline"]["final_same_epochs"]["n"] == 2
+    assert (tmp_path / "out" / "tiny" / "figure.png").stat().st_size > 0
+    assert "| 2-parts |" in (tmp_path / "out" / "tiny" / "table.md").read_text()
+    trained.clear()
+    assert study.main(argv) == 0  # resumed: every run was finished
+    assert trained == []
+
+
+def test_a_bad_study_is_one_line(tmp_path, capsys):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"name": "b", "question": "q", "base": {}, "arms": {"a": {}}, "baseline": "e2e"}))
+    assert study.main(["--spec", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: study 'b': baseline 'e2e' is not one of its arms"
