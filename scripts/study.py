@@ -49,12 +49,12 @@ class Study:
     arms: dict[str, dict[str, Any]]
     baseline: str
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    x: str = ""  # the figure's x axis: an override key every arm sets
+    x: str = ""  # the figure's x axis: an override key every arm sets, or "staleness" (measured)
 
     def check(self) -> None:
         if self.baseline not in self.arms:
             raise ConfigError(f"study {self.name!r}: baseline {self.baseline!r} is not one of its arms")
-        if self.x and any(self.x not in a for a in self.arms.values()):
+        if self.x and self.x != "staleness" and any(self.x not in a for a in self.arms.values()):
             raise ConfigError(f"study {self.name!r}: x {self.x!r} is not set by every arm")
 
     def run_name(self, arm: str, seed: int) -> str:
@@ -117,7 +117,49 @@ def finetune_study(quick: bool) -> Study:
     )
 
 
-STUDIES = {"parts": parts_study, "finetune": finetune_study}
+def outage_link(n_steps: int, down: float, length: int) -> tuple[str, int]:
+    """A link down for ``down`` of ``n_steps`` sender steps, in evenly spread
+    outages of about ``length`` steps (fewer, longer ones when the run is short):
+    the deterministic step-based spec, and the outage length it got."""
+    total = round(down * n_steps)
+    if total <= 0:
+        return "up", 0
+    count = max(1, round(total / length))
+    each, period = max(1, total // count), n_steps // count
+    starts = [i * period + (period - each) // 2 for i in range(count)]
+    return "outage=" + ",".join(f"{a}:{each}" for a in starts), each
+
+
+def staleness_study(quick: bool) -> Study:
+    """Q4: async parts whose link is down for a share of the steps, in short or
+    long outages, with weight syncs every 1, 50 or 500 steps; the downstream part
+    trains on its stale copy of the upstream part meanwhile."""
+    epochs, finetune = (2, 1) if quick else (8, 2)
+    base = MNIST_BASE | ({"train_subset": 3000, "test_subset": 1000} if quick else {})
+    n_steps = epochs * (base["train_subset"] // base["batch_size"])
+    shape = {"schedule": "async", "epochs": epochs, "finetune_epochs": finetune, "starve": "stale"}
+    arms: dict[str, dict[str, Any]] = {"e2e": {"schedule": "e2e", "parts": 1, "epochs": epochs + finetune}}
+    grid = [(0.3, 50)] if quick else [(0.1, 50), (0.3, 50), (0.6, 50), (0.1, 500), (0.3, 500), (0.6, 500)]
+    for k in [2] if quick else [2, 3]:
+        arms[f"{k}p-up"] = shape | {"parts": k, "link": "up"}
+        for down, length in grid:
+            link, each = outage_link(n_steps, down, length)
+            arms[f"{k}p-down{round(down * 100)}-len{each}"] = shape | {"parts": k, "link": link}
+        link, each = outage_link(n_steps, 0.3, 50)
+        for sync in [1, 500]:  # the weight syncs that keep a stale copy close, at one outage pattern
+            arms[f"{k}p-down30-len{each}-sync{sync}"] = shape | {"parts": k, "link": link, "sync_every": sync}
+    return Study(
+        name="staleness",
+        question="What does staleness cost?",
+        base=base,
+        arms=arms,
+        baseline="e2e",
+        seeds=[0, 1] if quick else [0, 1, 2],
+        x="staleness",
+    )
+
+
+STUDIES = {"parts": parts_study, "finetune": finetune_study, "staleness": staleness_study}
 
 
 def load_study(path: Path) -> Study:
@@ -196,6 +238,12 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
             "after_parts": [parts_phase_bpd(per_seed[s]) for s in seeds],
             "wall_time": [per_seed[s]["wall_time"] for s in seeds],
             "rollbacks": [per_seed[s]["rollbacks"] for s in seeds],
+            # async runs: mean upstream steps behind, averaged over the boundaries
+            "staleness": [
+                sum(b["mean"] for b in per_seed[s]["behind_steps"]) / len(per_seed[s]["behind_steps"])
+                for s in seeds
+                if per_seed[s].get("behind_steps")
+            ],
         }
         if arm != study.baseline:
             final = [per_seed[s]["test_bpd"] - base[s]["test_bpd"] for s in seeds]
@@ -250,6 +298,11 @@ def figure(study: Study, rows: list[dict[str, Any]], path: Path) -> None:
 
     compared = [r for r in rows if "vs_baseline" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
+    if study.x == "staleness":
+        _staleness_figure(study, [r for r in compared if r["staleness"]], ax)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        return
     series = [(-0.15, "after_parts_same_epochs", "after the parts phase"), (0.15, "final_same_epochs", "at the end")]
     for offset, key, label in series:
         xs = [i + offset for i in range(len(compared))]
@@ -267,6 +320,27 @@ def figure(study: Study, rows: list[dict[str, Any]], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _staleness_figure(study: Study, rows: list[dict[str, Any]], ax: Any) -> None:
+    """Q4's figure: BPD − baseline against measured staleness, one point per arm."""
+    for key, label, marker in [
+        ("after_parts_same_epochs", "after the parts phase", "o"),
+        ("final_same_epochs", "after the fine-tune", "s"),
+    ]:
+        xs = [sum(r["staleness"]) / len(r["staleness"]) for r in rows]
+        ds = [r["vs_baseline"][key] for r in rows]
+        errs = [[0 if math.isnan(d["mean"] - d["lo"]) else d["mean"] - d["lo"] for d in ds],
+                [0 if math.isnan(d["hi"] - d["mean"]) else d["hi"] - d["mean"] for d in ds]]  # fmt: skip
+        ax.errorbar(xs, [d["mean"] for d in ds], yerr=errs, fmt=marker, capsize=3, label=label)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.axhspan(-EQUIVALENCE, EQUIVALENCE, color="grey", alpha=0.15, label=f"±{EQUIVALENCE} BPD")
+    ax.set_xscale("symlog")
+    ax.set_xlabel("measured staleness: mean upstream steps behind")
+    ax.set_ylabel(f"test BPD − {study.baseline} (paired by seed)")
+    ax.set_title(study.question)
+    ax.grid(alpha=0.3)
+    ax.legend()
 
 
 def write_outputs(study: Study, rows: list[dict[str, Any]], out: Path, command: str) -> str:

@@ -93,3 +93,17 @@ def test_a_bad_study_is_one_line(tmp_path, capsys):
     assert study.main(["--spec", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: study 'b': baseline 'e2e' is not one of its arms"
+
+
+@pytest.mark.parametrize("n_steps,down,length", [(1250, 0.3, 50), (1250, 0.6, 500), (92, 0.3, 50), (1000, 0.1, 50)])
+def test_outage_links_are_down_for_the_share_asked(n_steps, down, length):
+    from raylocal.links import parse_link
+
+    spec, each = study.outage_link(n_steps, down, length)
+    parse_link(spec)  # a valid link
+    outages = [tuple(map(int, item.split(":"))) for item in spec.removeprefix("outage=").split(",")]
+    steps = [s for start, n in outages for s in range(start, start + n)]
+    assert len(steps) == len(set(steps)) and max(steps) < n_steps  # no overlap, inside the run
+    assert abs(len(steps) - down * n_steps) <= len(outages)  # the share, to a step per outage
+    assert all(n == each for _, n in outages)
+    assert study.outage_link(100, 0.0, 50) == ("up", 0)
