@@ -56,6 +56,16 @@ def test_trained_model_reconstructs_in_float32(mnist_dir, tmp_path):
     with torch.no_grad():
         err = (glow.reconstruct(x) - x).abs().max().item()
     assert err < 1e-4
+    # the README's pictures of this run: an 4x4 sample grid, and test images over their reconstructions
+    from conftest import load_script
+    from torchvision.io import read_image
+
+    samples, recon = load_script("pictures").pictures(storage / "r", tmp_path / "pic" / "r", n=4, temperature=0.7)
+    grid = read_image(str(recon))[0]  # 1 px borders: rows of 8 px images start at 1, 10, 19, 28
+    assert grid.shape == (37, 37) and read_image(str(samples)).shape[1:] == (37, 37)
+    for top in (1, 19):  # each row of test images equals the row of reconstructions below it
+        assert torch.equal(grid[top : top + 8], grid[top + 9 : top + 17])
+    assert grid[1:9].float().std() > 0  # and they are images, not blanks
 
 
 def _weights(path):
