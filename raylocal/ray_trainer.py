@@ -220,11 +220,6 @@ def connect(config: RunConfig) -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            # Token authentication, as Ray's default for a new local instance, but
-            # asked for explicitly: Ray then does not warn at every start about a
-            # mode left unset. The token is written to ~/.ray/auth_token. A mode
-            # the user set (RAY_AUTH_MODE) is kept.
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
             ray.init(include_dashboard=False, log_to_driver=True)
     except Exception as e:  # Ray raises many types here, some of them bare Exception
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -61,9 +61,9 @@ def test_nan_injected_into_a_part_is_rolled_back_and_run_continues(uninterrupted
     assert s["test_bpd"] == s["test_bpd"] and s["test_bpd"] < clean["test_bpd"] + 0.5
 
 
-def _start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+def _start(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
 
 
@@ -99,9 +99,7 @@ def test_killed_async_driver_resumes_from_part_checkpoints(mnist_dir, tmp_path):
         inject="slow:2@0.05", run_name="a",
     )  # fmt: skip
     env_args = [str(SCRIPTS / "train.py"), *tiny_options(mnist_dir, storage, **opts)]
-    # an embedded Ray as a user starts it: authentication mode left to raylocal
-    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
-    proc = _start(env_args, env)
+    proc = _start(env_args)
     ckpt = storage / "a" / "parts" / "part2.pt"
     _wait_for(ckpt, proc, timeout=180)
     deadline = time.time() + 60
@@ -109,8 +107,6 @@ def test_killed_async_driver_resumes_from_part_checkpoints(mnist_dir, tmp_path):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
     proc.wait()
-    output = proc.stdout.read().decode()
-    assert "authentication is" not in output.lower(), output[-2000:]  # on, and no warning about it
     assert not (storage / "a" / "summary.json").exists()
     assert main(tiny_options(mnist_dir, storage, resume=True, **opts)) == 0
     s = _summary(storage, "a")
