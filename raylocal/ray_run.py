@@ -57,10 +57,6 @@ def here(device: str) -> dict[str, Any]:
     return {"node_id": node, "host": socket.gethostname(), "pid": os.getpid(), "device": device}
 
 
-def _data(name: str, train: torch.Tensor, test: torch.Tensor) -> ImageData:
-    return ImageData(name, train, test)
-
-
 @ray.remote
 class ServiceActor:
     """A thin shell around ``ModelService``; it also finishes runs whose fine-tune
@@ -94,7 +90,7 @@ class ServiceActor:
         self, name: str, train: torch.Tensor, test: torch.Tensor, run_dir: str, bounds: list, finetuned: Any = None
     ) -> dict[str, Any]:
         config = self.config.model_copy(update={"device": str(self.service.device)})
-        summary = finish_after_parts(config, _data(name, train, test), Path(run_dir), bounds, finetuned)
+        summary = finish_after_parts(config, ImageData(name, train, test), Path(run_dir), bounds, finetuned)
         return summary | {"where_finished": self.where() | {"phase": "model service"}}
 
 
@@ -139,7 +135,7 @@ def _finish_loop(loop_config: dict[str, Any]) -> None:
 
     config = RunConfig.model_validate_json(loop_config["config"])
     torch.set_num_threads(loop_config["threads"])
-    data = _data(loop_config["name"], ray.get(loop_config["train"]), ray.get(loop_config["test"]))
+    data = ImageData(loop_config["name"], ray.get(loop_config["train"]), ray.get(loop_config["test"]))
     device = "cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"
     run_dir = Path(loop_config["run_dir"])
     summary = finish_after_parts(config.model_copy(update={"device": device}), data, run_dir, loop_config["bounds"])

@@ -70,6 +70,12 @@ MNIST_BASE = {
 }  # fmt: skip
 
 
+def _scale(quick: bool) -> dict[str, Any]:
+    """The data and seeds of a built-in study, full or ``--quick``."""
+    subset = {"train_subset": 3000, "test_subset": 1000} if quick else {}
+    return {"base": MNIST_BASE | subset, "seeds": [0, 1] if quick else [0, 1, 2]}
+
+
 def parts_study(quick: bool) -> Study:
     """Q1: K parts across blocks, balanced, simultaneous (the async method's
     single-process twin), a fixed number of epochs and a fixed fine-tune."""
@@ -83,11 +89,10 @@ def parts_study(quick: bool) -> Study:
     return Study(
         name="parts",
         question="How many parts can a flow be split into?",
-        base=MNIST_BASE | ({"train_subset": 3000, "test_subset": 1000} if quick else {}),
         arms=arms,
         baseline="e2e",
-        seeds=[0, 1] if quick else [0, 1, 2],
         x="parts",
+        **_scale(quick),
     )
 
 
@@ -110,10 +115,9 @@ def finetune_study(quick: bool) -> Study:
     return Study(
         name="finetune",
         question="Is the last end-to-end phase needed?",
-        base=MNIST_BASE | ({"train_subset": 3000, "test_subset": 1000} if quick else {}),
         arms=arms,
         baseline="e2e",
-        seeds=[0, 1] if quick else [0, 1, 2],
+        **_scale(quick),
     )
 
 
@@ -135,8 +139,8 @@ def staleness_study(quick: bool) -> Study:
     long outages, with weight syncs every 1, 50 or 500 steps; the downstream part
     trains on its stale copy of the upstream part meanwhile."""
     epochs, finetune = (2, 1) if quick else (8, 2)
-    base = MNIST_BASE | ({"train_subset": 3000, "test_subset": 1000} if quick else {})
-    n_steps = epochs * (base["train_subset"] // base["batch_size"])
+    scale = _scale(quick)
+    n_steps = epochs * (scale["base"]["train_subset"] // scale["base"]["batch_size"])
     shape = {"schedule": "async", "epochs": epochs, "finetune_epochs": finetune, "starve": "stale"}
     arms: dict[str, dict[str, Any]] = {"e2e": {"schedule": "e2e", "parts": 1, "epochs": epochs + finetune}}
     grid = [(0.3, 50)] if quick else [(0.1, 50), (0.3, 50), (0.6, 50), (0.1, 500), (0.3, 500), (0.6, 500)]
@@ -151,11 +155,10 @@ def staleness_study(quick: bool) -> Study:
     return Study(
         name="staleness",
         question="What does staleness cost?",
-        base=base,
         arms=arms,
         baseline="e2e",
-        seeds=[0, 1] if quick else [0, 1, 2],
         x="staleness",
+        **scale,
     )
 
 
