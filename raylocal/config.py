@@ -210,6 +210,10 @@ class RunConfig(BaseModel):
             raise ValueError("finetune_scope='boundary' is for a one-worker fine-tune; DDP trains every layer")
         return self
 
+    def part_count(self) -> int:
+        """How many parts the run trains: ``--part-spec`` names them, else ``--parts``."""
+        return self.parts if self.part_spec is None else self.part_spec.count("|") + 1
+
     def part_lrs(self, n_parts: int) -> list[float]:
         return self.lr * n_parts if len(self.lr) == 1 else list(self.lr)
 

@@ -11,8 +11,8 @@ Between two parts runs a link: a ``LinkSender`` on the upstream side puts
 packets on an emulated wire (``raylocal.links``: bandwidth, latency, outages)
 from a thread of its own, and a ``LinkReceiver`` on the downstream side hands
 them over once they have arrived. Packets travel through a bounded
-``PacketChannel`` (in this process in tests, inside a small Ray actor in
-``ray_trainer``); tensors travel through ``store_put``/``store_get``
+``PacketChannel`` (``raylocal.channel``: in this process in tests, inside a
+small Ray actor in ``latent_queue``); tensors travel through ``store_put``/``store_get``
 (identity in tests, Ray's object store in production), so a packet only
 carries references.
 
@@ -33,7 +33,6 @@ import math
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -41,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from raylocal.channel import PacketChannel, newer_weights
 from raylocal.config import RunConfig
 from raylocal.data import BatchStream
 from raylocal.errors import CheckpointError
@@ -196,16 +196,6 @@ class PartWorker:
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _newer_weights(*groups: dict[int, list[Any]] | None) -> dict[int, list[Any]]:
-    """Merge {part: [version, payload, nbytes]} maps, keeping the newest version of each part."""
-    merged: dict[int, list[Any]] = {}
-    for group in groups:
-        for j, entry in (group or {}).items():
-            if int(j) not in merged or merged[int(j)][0] < entry[0]:
-                merged[int(j)] = list(entry)
-    return merged
-
-
 class LinkSender:
     """The upstream end of a link.
 
@@ -285,7 +275,7 @@ class LinkSender:
                 pass
 
     def _transmit(self, packet: dict[str, Any]) -> None:
-        weights = _newer_weights(self._held, packet.get("weights"))
+        weights = newer_weights(self._held, packet.get("weights"))
         weights = {j: w for j, w in weights.items() if w[0] > self._sent_versions.get(j, -1)}
         latent = packet.get("latent")
         nbytes = tensor_bytes(latent) + sum(w[2] for w in weights.values())
@@ -316,52 +306,6 @@ class LinkSender:
             self._count_drops(self.channel.put_latest(packet))
         else:
             self.channel.put(packet)
-
-
-class PacketChannel:
-    """The bounded FIFO of packets between two parts: the queue whose bound is
-    the pipeline's backpressure (plain Python; ``ray_trainer`` keeps one in a
-    small Ray actor). ``put`` waits for room; ``put_latest`` makes room by
-    dropping the oldest data packets (their weights travel on with the new one)."""
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self._items: deque[dict[str, Any]] = deque()
-        self._cond = threading.Condition()
-
-    def put(self, packet: dict[str, Any]) -> None:
-        with self._cond:
-            while len(self._items) >= self.maxsize:
-                self._cond.wait()
-            self._items.append(packet)
-            self._cond.notify_all()
-
-    def put_latest(self, packet: dict[str, Any]) -> int:
-        """Put without waiting for room held by data packets; returns how many it dropped."""
-        dropped = 0
-        with self._cond:
-            while len(self._items) >= self.maxsize:
-                oldest = next((p for p in self._items if p.get("kind") == "data"), None)
-                if oldest is None:  # only the init packet is there: it is taken at once
-                    self._cond.wait()
-                    continue
-                self._items.remove(oldest)
-                packet["weights"] = _newer_weights(oldest.get("weights"), packet.get("weights")) or None
-                dropped += 1
-            self._items.append(packet)
-            self._cond.notify_all()
-        return dropped
-
-    def get(self) -> dict[str, Any]:
-        with self._cond:
-            while not self._items:
-                self._cond.wait()
-            packet = self._items.popleft()
-            self._cond.notify_all()
-            return packet
-
-    def qsize(self) -> int:
-        return len(self._items)
 
 
 class LinkReceiver:
@@ -560,7 +504,7 @@ class PartLoop:
         packet: dict[str, Any] = {"kind": kind, "step": worker.step, "latent": output.to(self.wire_dtype)}
         if kind == "init" or worker.step - worker.last_sync >= worker.config.sync_every:
             state = worker.weights()
-            packet["weights"] = _newer_weights(worker.weight_refs, {self.k: [worker.step, state, tensor_bytes(state)]})
+            packet["weights"] = newer_weights(worker.weight_refs, {self.k: [worker.step, state, tensor_bytes(state)]})
             worker.last_sync = worker.step
         worker.stats.put_s += self.sender.send(packet)
 

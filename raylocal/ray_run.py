@@ -10,8 +10,8 @@ moves state dicts around. Everything heavy runs where the work is:
   on the device that trains them) and evaluates the assembled model while the
   parts train, from weights passed by reference, one evaluation at a time,
   never stopping a part;
-- the **parts phase** (``run_async_phase`` in ray_trainer.py), which ends by
-  saving a ``PartsResult`` in the run directory;
+- the **parts phase** (``PartsPhase`` in ray_trainer.py; its actors start
+  while the service plans the parts), which ends by saving a ``PartsResult`` in the run directory;
 - the **rest of the run** (``finish_after_parts``: fine-tune, final evaluation,
   samples, checkpoint, summary) in a Ray Train worker (``TorchTrainer``, one
   worker, a GPU when the cluster has one); with ``--finetune-workers N`` the
@@ -40,10 +40,10 @@ from raylocal.config import RunConfig
 from raylocal.data import ImageData
 from raylocal.errors import CheckpointError, ClusterError
 from raylocal.ray_trainer import (
+    PartsPhase,
     connect,
     part_checkpoint_path,
     pipeline_report,
-    run_async_phase,
     service_resources,
     work_resources,
 )
@@ -229,9 +229,14 @@ class AsyncRun:
         refs = (ray.put(self.data.train), ray.put(self.data.test))
         service = self._start_service()
         try:
-            plan = ray.get(service.plan.remote(refs[0]))
-            if not (config.resume and (self.run_dir / PARTS_RESULT).is_file()):
-                self._parts_phase(service, plan, refs)
+            plan_ref = service.plan.remote(refs[0])
+            if config.resume and (self.run_dir / PARTS_RESULT).is_file():
+                plan = ray.get(plan_ref)
+            else:
+                # the part actors start (a process and a torch import each) while the service plans
+                with PartsPhase(config, self.data, self.run_dir, config.part_count(), refs[0]) as phase:
+                    plan = ray.get(plan_ref)
+                    self._parts_phase(phase, service, plan, refs)
             self.where["service"] = ray.get(service.where.remote())
             summary = self._finish(plan, refs)
         finally:
@@ -243,8 +248,7 @@ class AsyncRun:
     def _start_service(self) -> Any:
         """The model service, in a placement group of its own (released by ``_release``)."""
         config = self.config
-        n_parts = config.parts if config.part_spec is None else config.part_spec.count("|") + 1
-        bundle = service_resources(config, n_parts)
+        bundle = service_resources(config, config.part_count())
         self.service_pg = _reserve(bundle)
         self.service = ServiceActor.options(
             num_cpus=bundle["CPU"],
@@ -262,7 +266,7 @@ class AsyncRun:
             remove_placement_group(self.service_pg)
             self.service_pg = None
 
-    def _parts_phase(self, service: Any, plan: dict[str, Any], refs: tuple[Any, Any]) -> None:
+    def _parts_phase(self, phase: PartsPhase, service: Any, plan: dict[str, Any], refs: tuple[Any, Any]) -> None:
         config, run_dir = self.config, self.run_dir
         bounds = [tuple(b) for b in plan["bounds"]]
         if config.resume and not all(part_checkpoint_path(run_dir, k).is_file() for k in range(len(bounds))):
@@ -276,9 +280,7 @@ class AsyncRun:
         )
         steps_per_epoch = len(self.data.train) // config.batch_size
         live = LiveEvaluation(service, refs[1], config.eval_every or steps_per_epoch, steps_per_epoch, self.progress)
-        state, stats, infos, wall = run_async_phase(
-            config, self.data, bounds, self.progress, run_dir, live, train_ref=refs[0]
-        )
+        state, stats, infos, wall = phase.run(bounds, self.progress, live)
         live.collect(wait=True)  # the parts are done: waiting for it stalls nothing
         report = pipeline_report(config, stats, infos, wall, plan["param_bytes"])
         write_json(run_dir / "pipeline.json", report)

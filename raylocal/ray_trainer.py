@@ -35,39 +35,10 @@ from raylocal.config import RunConfig
 from raylocal.data import ImageData
 from raylocal.errors import ClusterError, RaylocalError
 from raylocal.faults import apply_worker_faults, parse_faults
+from raylocal.latent_queue import LatentQueue
 from raylocal.links import check_links
-from raylocal.pipeline import PacketChannel, PartLoop, PartWorker, staleness_summary, tensor_bytes
+from raylocal.pipeline import PartLoop, PartWorker, staleness_summary, tensor_bytes
 from raylocal.runlog import Progress, peak_rss_mb
-
-
-@ray.remote(num_cpus=0, max_concurrency=8)  # blocked put()s and get()s each hold a thread
-class _ChannelActor(PacketChannel):
-    pass
-
-
-class LatentQueue:
-    """A bounded FIFO of packets between two parts: a ``PacketChannel`` held by
-    one small Ray actor. Only packets of object references pass through it;
-    the latents themselves stay in the object store."""
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self.actor = _ChannelActor.remote(maxsize)
-
-    def put(self, packet: dict[str, Any]) -> None:
-        ray.get(self.actor.put.remote(packet))
-
-    def put_latest(self, packet: dict[str, Any]) -> int:
-        return ray.get(self.actor.put_latest.remote(packet))
-
-    def get(self) -> dict[str, Any]:
-        return ray.get(self.actor.get.remote())
-
-    def qsize(self) -> int:
-        return ray.get(self.actor.qsize.remote())
-
-    def shutdown(self) -> None:
-        ray.kill(self.actor)
 
 
 def get_or_none(ref: Any) -> Any:
@@ -91,7 +62,6 @@ class PartActor:
     def __init__(
         self,
         config_json: str,
-        bounds: list[tuple[int, int]],
         index: int,
         image_shape: tuple[int, int, int],
         threads: int,
@@ -100,10 +70,11 @@ class PartActor:
     ) -> None:
         # Nothing here comes from the object store: Ray warns about (and cannot
         # always restart) an actor whose constructor arguments live there. The
-        # images come with run(), which builds the worker.
+        # layers and the images come with run(), which builds the worker, so the
+        # actor can start while the parts are still being planned.
         torch.set_num_threads(threads)
         self.config = RunConfig.model_validate_json(config_json)
-        self.bounds, self.index, self.image_shape, self.device = bounds, index, image_shape, device
+        self.index, self.image_shape, self.device = index, image_shape, device
         self.worker: PartWorker | None = None
         self.lock = threading.Lock()
         self.threads = threads
@@ -116,12 +87,12 @@ class PartActor:
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.first_life = not self.restarted
 
-    def _build(self, train_images: torch.Tensor) -> PartWorker:
+    def _build(self, bounds: list[tuple[int, int]], train_images: torch.Tensor) -> PartWorker:
         """The part's worker; Ray reruns __init__ and replays run() when it restarts
         this actor: continue from the last checkpoint (also when the driver itself
         was restarted with --resume)."""
         config = self.config
-        worker = PartWorker(config, self.bounds, self.index, self.image_shape, train_images, self.device)
+        worker = PartWorker(config, bounds, self.index, self.image_shape, train_images, self.device)
         if (self.restarted or config.resume) and self.checkpoint_path.is_file():
             worker.restore_state(load_checkpoint(self.checkpoint_path))
             if config.resume and not self.restarted:
@@ -138,11 +109,16 @@ class PartActor:
         apply_worker_faults(self.faults, worker, self.first_life)
 
     def run(
-        self, train_images: torch.Tensor, inbox: LatentQueue | None, outbox: LatentQueue | None, n_steps: int
+        self,
+        bounds: list[tuple[int, int]],
+        train_images: torch.Tensor,
+        inbox: LatentQueue | None,
+        outbox: LatentQueue | None,
+        n_steps: int,
     ) -> dict[str, Any]:
         # run() executes on one of the actor's threads; OpenMP's thread count is per thread
         torch.set_num_threads(self.threads)
-        worker = self._build(train_images)
+        worker = self._build(bounds, train_images)
         with self.lock:
             self.worker = worker
         stats = PartLoop(
@@ -346,6 +322,107 @@ def gather_part_states(actors: list[Any]) -> list[dict[str, Any]]:
 Monitor = Callable[[list[Any], list[dict[str, Any]]], None]
 
 
+class PartsPhase:
+    """The parts phase on Ray: a placement group, one actor per part and a latent
+    queue per boundary, started at construction so that their processes start
+    (and import torch) while the caller still plans the parts; ``run`` trains
+    them, ``close`` releases them (``with`` does it too)."""
+
+    def __init__(self, config: RunConfig, data: ImageData, run_dir: Path, n_parts: int, train_ref: Any = None) -> None:
+        connect(config)
+        check_links(config.link, n_parts)
+        self.config, self.n_parts = config, n_parts
+        self.n_steps = config.epochs * (len(data.train) // config.batch_size)
+        self.train_ref = train_ref or ray.put(data.train)  # the images, once in the object store
+        cpus, gpus, threads = part_resources(config, n_parts)
+        self.pg, first_bundle, self.own_pg = place_parts(config, n_parts, cpus, gpus)
+        self.queues = [LatentQueue(config.queue_size) for _ in range(n_parts - 1)]
+        self.actors = [
+            PartActor.options(
+                num_cpus=cpus,
+                num_gpus=gpus,
+                max_restarts=config.max_restarts,
+                max_task_retries=config.max_restarts,  # replay run() on the restarted actor
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=first_bundle + k
+                ),
+            ).remote(config.model_dump_json(), k, data.shape, threads, "cuda" if gpus else "cpu", str(run_dir))
+            for k in range(n_parts)
+        ]
+
+    def __enter__(self) -> PartsPhase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        for q in self.queues:
+            q.shutdown()
+        if self.own_pg:
+            remove_placement_group(self.pg)
+        self.actors, self.queues, self.own_pg = [], [], False
+
+    def infos(self) -> list[dict[str, Any]]:
+        """Each part actor's process, node and device, once it runs; fails in one
+        line when a part's node cannot write the run's checkpoints."""
+        infos = ray.get([a.info.remote() for a in self.actors])
+        bad = [(k, i) for k, i in enumerate(infos) if i["storage_error"]]
+        if bad:
+            k, i = bad[0]
+            raise ClusterError(
+                f"storage_path {self.config.storage_path!r} is not writable from node {i['node_id'][:12]} "
+                f"(part {k + 1}: {i['storage_error']}); use a path every node can reach"
+            )
+        return infos
+
+    def run(
+        self, bounds: list[tuple[int, int]], progress: Progress, monitor: Monitor | None = None
+    ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, Any]], float]:
+        """Train every part its ``n_steps``; returns (assembled state dict, per-part
+        stats, per-part actor info, wall time). ``monitor(actors, progress)`` is
+        called at every poll with the live part actors (for ``gather_weights`` /
+        ``gather_part_states``): evaluation while the parts train, and Ray
+        Tune's reports and checkpoints."""
+        if len(bounds) != self.n_parts:
+            raise ClusterError(f"the plan has {len(bounds)} parts, the phase started {self.n_parts}")
+        actors, queues, n_steps, k_last = self.actors, self.queues, self.n_steps, self.n_parts - 1
+        driver_faults = [f for f in parse_faults(self.config.inject or "") if f.kind == "ray-kill"]
+        try:
+            infos = self.infos()
+            start = time.perf_counter()
+            runs = [
+                a.run.remote(
+                    bounds, self.train_ref, queues[k - 1] if k > 0 else None, queues[k] if k < k_last else None, n_steps
+                )
+                for k, a in enumerate(actors)
+            ]
+            pending = list(runs)
+            while pending:
+                poll_s = 0.05 if driver_faults else 1.0
+                ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
+                ray.get(ready)  # a part that failed for good fails the run now, not at the end
+                polled = _poll(actors) if pending else None
+                if polled:
+                    progress.update(_progress_line(polled, n_steps))
+                    if monitor is not None:
+                        monitor(actors, polled)
+                    for f in list(driver_faults):
+                        if polled[f.part]["steps"] >= f.at:
+                            ray.kill(actors[f.part], no_restart=False)  # Ray restarts it
+                            driver_faults.remove(f)
+            stats = ray.get(runs)
+            wall = time.perf_counter() - start
+            progress.update(_progress_line(_poll(actors) or [], n_steps), force=True)
+            return gather_weights(actors), stats, infos, wall
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, RaylocalError):  # a part's own error (it diverged, ...): its one line,
+                raise e.cause from None  # not the actor's traceback that str(e) is
+            raise
+
+
 def run_async_phase(
     config: RunConfig,
     data: ImageData,
@@ -353,85 +430,11 @@ def run_async_phase(
     progress: Progress,
     run_dir: Path,
     monitor: Monitor | None = None,
-    train_ref: Any = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, Any]], float]:
-    """Train all parts at once on Ray; returns (assembled state dict, per-part
-    stats, per-part actor info, wall time). Part checkpoints go to
-    ``run_dir/parts``; with ``config.resume`` the parts continue from them.
-    ``monitor(actors, progress)`` is called at every poll with the live part
-    actors (for ``gather_weights`` / ``gather_part_states``): evaluation while
-    the parts train, and Ray Tune's reports and checkpoints."""
-    connect(config)
-    n_parts = len(bounds)
-    check_links(config.link, n_parts)
-    cpus, gpus, threads = part_resources(config, n_parts)
-    pg, first_bundle, own_pg = place_parts(config, n_parts, cpus, gpus)
-    train_ref = train_ref or ray.put(data.train)  # the images, once in the object store
-    queues = [LatentQueue(config.queue_size) for _ in range(n_parts - 1)]
-    actors = [
-        PartActor.options(
-            num_cpus=cpus,
-            num_gpus=gpus,
-            max_restarts=config.max_restarts,
-            max_task_retries=config.max_restarts,  # replay run() on the restarted actor
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + k),
-        ).remote(
-            config.model_dump_json(),
-            bounds,
-            k,
-            data.shape,
-            threads,
-            "cuda" if gpus else "cpu",
-            str(run_dir),
-        )  # fmt: skip
-        for k in range(n_parts)
-    ]
-    n_steps = config.epochs * (len(data.train) // config.batch_size)
-    driver_faults = [f for f in parse_faults(config.inject or "") if f.kind == "ray-kill"]
-    try:
-        infos = ray.get([a.info.remote() for a in actors])
-        bad = [(k, i) for k, i in enumerate(infos) if i["storage_error"]]
-        if bad:
-            k, i = bad[0]
-            raise ClusterError(
-                f"storage_path {config.storage_path!r} is not writable from node {i['node_id'][:12]} "
-                f"(part {k + 1}: {i['storage_error']}); use a path every node can reach"
-            )
-        start = time.perf_counter()
-        runs = [
-            a.run.remote(train_ref, queues[k - 1] if k > 0 else None, queues[k] if k < n_parts - 1 else None, n_steps)
-            for k, a in enumerate(actors)
-        ]
-        pending = list(runs)
-        while pending:
-            poll_s = 0.05 if driver_faults else 1.0
-            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
-            ray.get(ready)  # a part that failed for good fails the run now, not at the end
-            polled = _poll(actors) if pending else None
-            if polled:
-                progress.update(_progress_line(polled, n_steps))
-                if monitor is not None:
-                    monitor(actors, polled)
-                for f in list(driver_faults):
-                    if polled[f.part]["steps"] >= f.at:
-                        ray.kill(actors[f.part], no_restart=False)  # Ray restarts it
-                        driver_faults.remove(f)
-        stats = ray.get(runs)
-        wall = time.perf_counter() - start
-        progress.update(_progress_line(_poll(actors) or [], n_steps), force=True)
-        state = gather_weights(actors)
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, RaylocalError):  # a part's own error (it diverged, ...): its one line,
-            raise e.cause from None  # not the actor's traceback that str(e) is
-        raise
-    finally:
-        for a in actors:
-            ray.kill(a)
-        for q in queues:
-            q.shutdown()
-        if own_pg:
-            remove_placement_group(pg)
-    return state, stats, infos, wall
+    """Train all parts at once on Ray (see ``PartsPhase.run``). Part checkpoints go
+    to ``run_dir/parts``; with ``config.resume`` the parts continue from them."""
+    with PartsPhase(config, data, run_dir, len(bounds)) as phase:
+        return phase.run(bounds, progress, monitor)
 
 
 def pipeline_report(
@@ -484,4 +487,4 @@ def pipeline_report(
     }
 
 
-__all__ = ["LatentQueue", "PartActor", "run_async_phase", "tensor_bytes"]
+__all__ = ["LatentQueue", "PartActor", "PartsPhase", "run_async_phase", "tensor_bytes"]

@@ -144,7 +144,7 @@ def queue_overhead(latent: torch.Tensor, n: int = 200) -> float:
     """Seconds per step of ray.put + queue put + queue get + ray.get, uncontended."""
     import ray
 
-    from raylocal.ray_trainer import LatentQueue
+    from raylocal.latent_queue import LatentQueue
 
     q = LatentQueue(4)
     start = time.perf_counter()

@@ -10,13 +10,14 @@ import threading
 import pytest
 import torch
 
+from raylocal.channel import PacketChannel
 from raylocal.config import RunConfig
 from raylocal.data import load_dataset
 from raylocal.errors import ConfigError
 from raylocal.glow import Glow
 from raylocal.links import FakeClock, LinkSpec, TimedOutages, Wire, check_links
 from raylocal.parts import parse_part_spec
-from raylocal.pipeline import LinkReceiver, LinkSender, PacketChannel, PartLoop, PartWorker, WorkerStats
+from raylocal.pipeline import LinkReceiver, LinkSender, PartLoop, PartWorker, WorkerStats
 
 
 def test_specs_compose_and_name_their_units():

@@ -11,11 +11,12 @@ import threading
 import pytest
 import torch
 
+from raylocal.channel import PacketChannel
 from raylocal.config import RunConfig
 from raylocal.data import load_dataset
 from raylocal.glow import Glow
 from raylocal.parts import parse_part_spec
-from raylocal.pipeline import PacketChannel, PartLoop, PartWorker, staleness_summary
+from raylocal.pipeline import PartLoop, PartWorker, staleness_summary
 from raylocal.schedules import SingleProcessRun
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 
@@ -126,7 +127,7 @@ def test_three_parts_pipeline_and_assembled_bpd_falls(mnist_dir, tmp_path):
 def test_queue_never_exceeds_its_bound():
     import ray
 
-    from raylocal.ray_trainer import LatentQueue
+    from raylocal.latent_queue import LatentQueue
 
     q = LatentQueue(2)
     sizes = []
@@ -153,6 +154,8 @@ def test_queue_never_exceeds_its_bound():
     producer.join()
     stop.set()
     watcher.join()
+    # the queue's process never imported torch (it would cost seconds per boundary per run)
+    assert not ray.get(q.actor.__ray_call__.remote(lambda _: "torch" in sys.modules))
     q.shutdown()
     assert max(sizes) == 2 and min(sizes) >= 0
     assert [p["step"] for p in got] == list(range(12))
