@@ -66,6 +66,12 @@ class RunConfig(BaseModel):
     finetune_scope: Literal["all", "boundary"] = Field(
         "all", description="fine-tune every layer, or only the flow steps next to each part boundary (the rest frozen)"
     )
+    lr_rule: Literal["none", "relative-update"] = Field(
+        "none",
+        description="per-part LRs from --lr: relative-update scales each part's LR, at the end of its warmup, so "
+        "that every part's weights move by the same relative amount per step (their geometric mean kept); "
+        "simultaneous and alternating schedules",
+    )
     warmup_steps: int = Field(200, ge=0, description="linear LR warmup steps (per part)")
     lr_schedule: Literal["constant", "cosine", "cosine-run"] = Field(
         "constant",
@@ -206,6 +212,13 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"alternate_every={self.alternate_every} applies to the alternating schedule, not {self.schedule!r}"
             )
+        if self.lr_rule != "none" and self.schedule not in ("simultaneous", "alternating"):
+            raise ValueError(
+                f"lr_rule={self.lr_rule!r} compares the parts while they train together: it applies to the "
+                f"simultaneous and alternating schedules, not {self.schedule!r}"
+            )
+        if self.lr_rule != "none" and len(self.lr) > 1:
+            raise ValueError(f"lr_rule={self.lr_rule!r} derives the per-part LRs from one --lr, got {len(self.lr)}")
         if self.finetune_scope == "boundary" and self.finetune_workers > 1:
             raise ValueError("finetune_scope='boundary' is for a one-worker fine-tune; DDP trains every layer")
         return self

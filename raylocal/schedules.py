@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from raylocal.runlog import Progress, RunLog, write_json
 from raylocal.train import (
     PartTrainer,
     StepResult,
+    UpdateMeter,
     build_glow,
     decay_steps,
     evaluate_bpd,
@@ -118,6 +120,7 @@ class RunState:
     part_time: list[float] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     curve: list[dict[str, float]] = field(default_factory=list)
+    lr_multipliers: list[float] | None = None  # what --lr-rule set, once it has
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -128,6 +131,42 @@ class RunState:
 
 
 PARTS_RESULT = "parts_result.pt"
+
+
+class RelativeUpdateRule:
+    """``--lr-rule relative-update``: one LR for every part moves some parts' weights
+    much further, relative to their size, than others'. Each part measures its
+    mean relative update ``r_k = ‖Δθ_k‖ / ‖θ_k‖`` over the second half of its
+    warmup (at least 10 steps); once every part has, part k's LR is multiplied by
+    ``g / r_k``, where ``g`` is the geometric mean of the ``r_k``: every part then
+    moves by about the same relative amount per step, and the parts' typical LR
+    is the one given. Adam's step is about the LR per weight whatever the
+    gradient's scale, so what differs between parts is the size of their weights
+    and how consistently their gradients point: this equalises the result."""
+
+    def __init__(self, trainers: list[PartTrainer], warmup_steps: int) -> None:
+        stop = max(warmup_steps, 20)
+        self.trainers = trainers
+        for t in trainers:
+            t.meter = UpdateMeter(stop // 2, stop)
+
+    def multipliers(self) -> list[float] | None:
+        """The LR multipliers once every part has measured (None before)."""
+        # done when past its window (a run resumed inside it measured fewer steps)
+        if not all(t.meter is not None and t.steps >= t.meter.stop and t.meter.count for t in self.trainers):
+            return None
+        rates = [max(t.meter.mean, 1e-12) for t in self.trainers]
+        g = math.exp(sum(math.log(r) for r in rates) / len(rates))
+        return [g / r for r in rates]
+
+    def apply(self, multipliers: list[float]) -> None:
+        for t, m in zip(self.trainers, multipliers):
+            t.base_lr *= m
+        self.stop_measuring()
+
+    def stop_measuring(self) -> None:
+        for t in self.trainers:
+            t.meter = None
 
 
 @dataclass
@@ -181,6 +220,7 @@ class SingleProcessRun:
         self.progress = Progress(config.progress)
         self._adopted = False  # weights came from a parts phase trained elsewhere
         self.faults = parse_faults(config.inject or "")
+        self.lr_rule = RelativeUpdateRule(self.trainers, config.warmup_steps) if config.lr_rule != "none" else None
 
     # ------------------------------------------------------------ checkpoints
 
@@ -337,6 +377,23 @@ class SingleProcessRun:
             f"batch {self.stream.position}/{len(self.stream)} local bpd {losses}"
         )
 
+    def _apply_lr_rule(self) -> None:
+        """Set the per-part LRs of ``--lr-rule`` once every part has measured (once per
+        run: they live on in the trainers' checkpointed base LRs)."""
+        if self.lr_rule is None:
+            return
+        if self.state.lr_multipliers is not None:  # set before a resume: in the restored base LRs
+            self.lr_rule.stop_measuring()
+            self.lr_rule = None
+            return
+        multipliers = self.lr_rule.multipliers()
+        if multipliers is None:
+            return
+        self.lr_rule.apply(multipliers)
+        self.state.lr_multipliers = multipliers
+        lrs = ", ".join(f"{t.base_lr:.3g}" for t in self.trainers)
+        self.progress.update(f"lr rule {self.config.lr_rule}: part LRs {lrs}", force=True)
+
     def _report_events(self, results: dict[int, StepResult]) -> None:
         for k, res in results.items():
             if res.event:
@@ -391,6 +448,7 @@ class SingleProcessRun:
                     apply_finetune_faults(self.faults, len(self.parts), self.finetuner.steps, self.log.dir)
                 else:
                     results = train_batch(self.parts, self.trainers, active, x, self.state.part_time)
+                    self._apply_lr_rule()
                 self.state.global_step += 1
                 dt = time.perf_counter() - t0
                 self.state.elapsed += dt
@@ -464,6 +522,8 @@ class SingleProcessRun:
                 for t in self.trainers + ([self.finetuner] if self.finetuner else [])
                 for e in t.events
             ],
+            "lr_multipliers": self.state.lr_multipliers,
+            "part_lrs": [t.base_lr for t in self.trainers],
             "images_per_s": self.state.global_step * self.config.batch_size / max(self.state.elapsed, 1e-9),
             "stopped_early": stopped,
             "history": self.state.history,

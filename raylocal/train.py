@@ -157,6 +157,30 @@ def decay_steps(config: RunConfig, own_steps: int, run_steps: int) -> int:
 
 
 @dataclass
+class UpdateMeter:
+    """The mean relative update ``‖Δθ‖ / ‖θ‖`` of a part's steps ``start`` to ``stop - 1``
+    (its own step numbers): how far, relative to their size, one step moves its weights."""
+
+    start: int
+    stop: int
+    total: float = 0.0
+    count: int = 0
+
+    def covers(self, step: int) -> bool:
+        return self.start <= step < self.stop
+
+    def add(self, before: list[Tensor], after: list[Tensor]) -> None:
+        moved = sum(float((a - b).pow(2).sum()) for a, b in zip(after, before))
+        size = sum(float(b.pow(2).sum()) for b in before)
+        self.total += math.sqrt(moved / size) if size > 0 else 0.0
+        self.count += 1
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+
+@dataclass
 class StepResult:
     output: Tensor  # the part's detached output for this batch (input of the next part)
     loss: float  # local NLL in bits/dim, measured before the update
@@ -185,6 +209,7 @@ class PartTrainer:
     rollbacks: int = 0
     backoff: float = 1.0  # LR multiplier right after the last rollback (whose event's step starts the recovery)
     events: list[RollbackEvent] = field(default_factory=list)
+    meter: UpdateMeter | None = None  # measures the relative update of the steps it covers
 
     def __post_init__(self) -> None:
         params = list(self.part.parameters())
@@ -243,13 +268,20 @@ class PartTrainer:
             max_norm = self.config.grad_clip or float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.part.parameters(), max_norm))
             if math.isfinite(grad_norm):
+                measured = self.meter is not None and self.meter.covers(self.steps)
+                before = [p.detach().clone() for p in self._trained()] if measured else []
                 self.optimizer.step()
+                if measured:
+                    self.meter.add(before, [p.detach() for p in self._trained()])
                 self.guard.observe(loss_value)
                 self.steps += 1
                 self._last = (x.detach(), loss_value)
                 return StepResult(y.detach(), loss_value, grad_norm)
             problem = "non-finite gradient"
         return self._rollback(problem, x, loss_value)
+
+    def _trained(self) -> list[Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _recheck(self) -> tuple[float, float] | None:
         """(loss before, loss now) on the batch of the last update."""

@@ -50,10 +50,14 @@ class Study:
     baseline: str
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     x: str = ""  # the figure's x axis: an override key every arm sets, or "staleness" (measured)
+    contrasts: dict[str, str] = field(default_factory=dict)  # arm -> another arm it is also paired with
 
     def check(self) -> None:
         if self.baseline not in self.arms:
             raise ConfigError(f"study {self.name!r}: baseline {self.baseline!r} is not one of its arms")
+        for arm, other in self.contrasts.items():
+            if arm not in self.arms or other not in self.arms:
+                raise ConfigError(f"study {self.name!r}: contrast {arm!r} - {other!r} names an arm it does not have")
         if self.x and self.x != "staleness" and any(self.x not in a for a in self.arms.values()):
             raise ConfigError(f"study {self.name!r}: x {self.x!r} is not set by every arm")
 
@@ -121,6 +125,30 @@ def finetune_study(quick: bool) -> Study:
     )
 
 
+def lr_study(quick: bool) -> Study:
+    """Q3: three parts trained together at one LR for every part, against the same
+    LR with ``--lr-rule relative-update``, at a safe LR and at a high one (where
+    one LR makes a part worse than it is at the safe LR)."""
+    epochs, finetune = (2, 1) if quick else (8, 2)
+    arms: dict[str, dict[str, Any]] = {"e2e": {"schedule": "e2e", "parts": 1, "epochs": epochs + finetune}}
+    contrasts = {}
+    for lr in ["1e-3", "1e-2"]:
+        shape = {"schedule": "simultaneous", "parts": 3, "epochs": epochs, "finetune_epochs": finetune}
+        shape["lr"] = [float(lr)]
+        arms[f"one-lr-{lr}"] = shape
+        arms[f"rule-{lr}"] = shape | {"lr_rule": "relative-update"}
+        contrasts[f"rule-{lr}"] = f"one-lr-{lr}"
+    arms["e2e"]["finetune_epochs"] = 0
+    return Study(
+        name="lr",
+        question="Is there a natural way to set each part's learning rate?",
+        arms=arms,
+        baseline="e2e",
+        contrasts=contrasts,
+        **_scale(quick),
+    )
+
+
 def outage_link(n_steps: int, down: float, length: int) -> tuple[str, int]:
     """A link down for ``down`` of ``n_steps`` sender steps, in evenly spread
     outages of about ``length`` steps (fewer, longer ones when the run is short):
@@ -162,7 +190,7 @@ def staleness_study(quick: bool) -> Study:
     )
 
 
-STUDIES = {"parts": parts_study, "finetune": finetune_study, "staleness": staleness_study}
+STUDIES = {"parts": parts_study, "finetune": finetune_study, "lr": lr_study, "staleness": staleness_study}
 
 
 def load_study(path: Path) -> Study:
@@ -241,6 +269,7 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
             "after_parts": [parts_phase_bpd(per_seed[s]) for s in seeds],
             "wall_time": [per_seed[s]["wall_time"] for s in seeds],
             "rollbacks": [per_seed[s]["rollbacks"] for s in seeds],
+            "part_lrs": [per_seed[s].get("part_lrs") for s in seeds],
             # async runs: mean upstream steps behind, averaged over the boundaries
             "staleness": [
                 sum(b["mean"] for b in per_seed[s]["behind_steps"]) / len(per_seed[s]["behind_steps"])
@@ -256,6 +285,14 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
                 "final_same_epochs": decide(final),
                 "after_parts_same_epochs": decide(parts),
                 "final_same_wall_clock": decide(wall),
+            }
+        other = study.contrasts.get(arm)
+        if other is not None:
+            pairs = sorted(set(per_seed) & set(runs[other]))
+            row["vs_contrast"] = {
+                "arm": other,
+                "final": decide([per_seed[s]["test_bpd"] - runs[other][s]["test_bpd"] for s in pairs]),
+                "after_parts": decide([parts_phase_bpd(per_seed[s]) - parts_phase_bpd(runs[other][s]) for s in pairs]),
             }
         rows.append(row)
     return rows
@@ -288,6 +325,19 @@ def table(study: Study, rows: list[dict[str, Any]]) -> str:
         keys = ("final_same_epochs", "after_parts_same_epochs", "final_same_wall_clock")
         cells += [_cell(vs[k]) for k in keys] if vs else ["", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
+    contrasted = [r for r in rows if "vs_contrast" in r]
+    if contrasted:
+        lines += [
+            "",
+            "Paired by seed with another arm:",
+            "",
+            "| arm | − arm | at the end | after the parts phase | its part LRs (seed by seed) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in contrasted:
+            c = r["vs_contrast"]
+            lrs = "; ".join(",".join(f"{x:.3g}" for x in v) for v in r["part_lrs"] if v)
+            lines.append(f"| {r['arm']} | {c['arm']} | {_cell(c['final'])} | {_cell(c['after_parts'])} | {lrs} |")
     return "\n".join(lines)
 
 

@@ -233,3 +233,45 @@ def test_boundary_scope_fine_tune_trains_exactly_the_steps_at_each_boundary(spec
     changed = sorted({int(k.split(".")[1]) for k in before if not torch.equal(before[k], after[k]) and "layers." in k})
     assert changed == expected
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("layers."))  # the top prior
+
+
+def test_relative_update_rule_scales_each_part_by_its_measured_step_size(mnist_dir, tmp_path):
+    """--lr-rule relative-update: over steps 10-19 (second half of a warmup of at most
+    20) each part's relative update is measured; then part k's LR is multiplied by
+    g / r_k (g: their geometric mean). The r_k are measured here independently, from
+    the optimizers' own step hooks."""
+    from raylocal.data import load_dataset
+    from raylocal.schedules import SingleProcessRun
+
+    config = RunConfig(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
+        eval_batch_size=32, warmup_steps=4, threads=1, parts=2, part_spec="1|2", schedule="simultaneous",
+        epochs=6, lr=[2e-3], lr_rule="relative-update", samples=0, progress=False, storage_path=str(tmp_path),
+    )  # fmt: skip
+    run = SingleProcessRun(config, load_dataset("mnist", mnist_dir), tmp_path / "rule")
+    seen: dict[int, list[float]] = {0: [], 1: []}
+    for k, t in enumerate(run.trainers):
+        params = [p for g in t.optimizer.param_groups for p in g["params"]]
+        held: list[torch.Tensor] = []
+
+        def before(opt, args, kwargs, params=params, held=held):
+            held[:] = [p.detach().clone() for p in params]
+
+        def after(opt, args, kwargs, k=k, t=t, params=params, held=held):
+            if 10 <= t.steps < 20:  # the trainer counts the step after the optimizer's
+                moved = sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(params, held))
+                seen[k].append((moved / sum(float(b.pow(2).sum()) for b in held)) ** 0.5)
+
+        t.optimizer.register_step_pre_hook(before)
+        t.optimizer.register_step_post_hook(after)
+    summary = run.run()
+    rates = [sum(v) / len(v) for v in seen.values()]
+    assert [len(v) for v in seen.values()] == [10, 10] and rates[0] != pytest.approx(rates[1], rel=0.05)
+    g = (rates[0] * rates[1]) ** 0.5
+    assert summary["lr_multipliers"] == pytest.approx([g / r for r in rates], rel=1e-6)
+    assert summary["part_lrs"] == pytest.approx([2e-3 * g / r for r in rates], rel=1e-6)
+    # the rule compares parts that train together, from one LR
+    with pytest.raises(ValueError, match="simultaneous and alternating schedules, not 'async'"):
+        RunConfig(parts=2, schedule="async", lr_rule="relative-update")
+    with pytest.raises(ValueError, match="from one --lr, got 2"):
+        RunConfig(parts=2, schedule="simultaneous", lr=[1e-3, 1e-3], lr_rule="relative-update")

@@ -53,6 +53,14 @@ def test_arms_are_paired_with_the_baseline_of_the_same_seed():
     assert vs["after_parts_same_epochs"]["mean"] == pytest.approx((0.5 + 0.4) / 2)  # against e2e's epoch 2
     # at the same wall clock (15 s): e2e stood at 4.5 (seed 0) and 3.5 (seed 1)
     assert vs["final_same_wall_clock"]["mean"] == pytest.approx((3.1 - 4.5 + 2.2 - 3.5) / 2)
+    # an arm contrasted with another arm (Q3: the LR rule against one LR) is also paired with it
+    s.arms["rule"], s.contrasts = {"epochs": 2, "finetune_epochs": 1}, {"rule": "parts"}
+    runs["rule"] = {0: _summary(3.0, [(2, 10, 4.4), (3, 15, 3.0)], parts_bpd=4.4),
+                    1: _summary(2.3, [(2, 10, 3.6), (3, 15, 2.3)], parts_bpd=3.6)}  # fmt: skip
+    rule = study.analyse(s, runs)[2]["vs_contrast"]
+    assert rule["arm"] == "parts" and rule["final"]["mean"] == pytest.approx((-0.1 + 0.1) / 2)
+    assert rule["after_parts"]["mean"] == pytest.approx((-0.1 + 0.2) / 2)
+    assert "| rule | parts |" in study.table(s, study.analyse(s, runs))
 
 
 def test_a_tiny_study_runs_end_to_end_and_a_rerun_trains_nothing(mnist_dir, tmp_path, monkeypatch):
