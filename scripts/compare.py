@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from raylocal.cli import run, set_threads  # noqa: E402
-from raylocal.config import read_config_file, validate_config  # noqa: E402
+from raylocal.config import RunConfig, read_config_file, validate_config  # noqa: E402
 from raylocal.errors import ConfigError, RaylocalError  # noqa: E402
 
 
@@ -69,6 +69,7 @@ def run_config(path: Path, values: dict, storage: str, rerun: bool, seed: int | 
     config = validate_config(values, str(path))
     summary_path = Path(storage) / config.run_name / "summary.json"
     if summary_path.is_file() and not rerun:
+        _check_same_settings(summary_path.parent, config)
         print(f"reusing {summary_path}", flush=True)
         return json.loads(summary_path.read_text())
     set_threads(config)
@@ -76,6 +77,26 @@ def run_config(path: Path, values: dict, storage: str, rerun: bool, seed: int | 
     summary = run(config)
     print(f"  test BPD {summary['test_bpd']:.4f} in {summary['wall_time']:.0f}s", flush=True)
     return summary
+
+
+# Settings that do not change what a run computes
+_NOT_RESULTS = {"progress", "resume", "storage_path", "log_every"}
+
+
+def _check_same_settings(run_dir: Path, config: RunConfig) -> None:
+    """A finished run is only read back for the settings it ran with: after a
+    config or a study changed, its old results must not pass for new ones."""
+    stored_path = run_dir / "config.json"
+    if not stored_path.is_file():
+        return
+    stored = RunConfig.model_validate_json(stored_path.read_text()).model_dump()
+    wanted = config.model_dump()
+    differ = sorted(k for k in wanted if k not in _NOT_RESULTS and stored.get(k) != wanted[k])
+    if differ:
+        shown = ", ".join(f"{k} {stored.get(k)!r} -> {wanted[k]!r}" for k in differ[:3])
+        raise ConfigError(
+            f"{run_dir} finished with other settings ({shown}); move it away or use another --storage-path"
+        )
 
 
 def epoch_times(summary: dict, phase: str) -> list[float]:

@@ -93,6 +93,11 @@ def test_a_tiny_study_runs_end_to_end_and_a_rerun_trains_nothing(mnist_dir, tmp_
     trained.clear()
     assert study.main(argv) == 0  # resumed: every run was finished
     assert trained == []
+    # a changed study is not answered with the old runs: one line, nothing trained
+    spec["base"]["hidden"] = 16
+    path.write_text(json.dumps(spec))
+    assert study.main(argv) == 2
+    assert trained == []
 
 
 def test_a_bad_study_is_one_line(tmp_path, capsys):
