@@ -108,6 +108,12 @@ class RunConfig(BaseModel):
     resume: bool = Field(False, description="continue the run in storage_path/run_name")
     checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: per epoch)")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: per epoch)")
+    live_eval_images: int = Field(
+        1000,
+        ge=0,
+        description="async runs: test images of each evaluation while the parts train (the first N, a fixed "
+        "subset, so that they cost little; 0: all); the evaluations after the parts phase and at the end use all",
+    )
     log_every: int = Field(10, ge=1, description="steps between progress/TensorBoard updates")
     samples: int = Field(64, ge=0, description="images in the sample grid")
     temperature: float = Field(0.7, gt=0, description="sampling temperature")

@@ -96,11 +96,15 @@ class ServiceActor:
 
 class LiveEvaluation:
     """A parts-phase monitor: every ``every`` steps of the last part, the service
-    evaluates the weights the parts hold then. At most one evaluation is in
+    evaluates the weights the parts hold then, on the first ``images`` test
+    images (``--live-eval-images``: a fixed subset, so that watching costs
+    little; its curve points say how many). At most one evaluation is in
     flight; the driver only collects its number when it has landed."""
 
-    def __init__(self, service: Any, test_ref: Any, every: int, steps_per_epoch: int, progress: Progress) -> None:
-        self.service, self.test_ref, self.every = service, test_ref, every
+    def __init__(
+        self, service: Any, test_ref: Any, images: int, every: int, steps_per_epoch: int, progress: Progress
+    ) -> None:
+        self.service, self.test_ref, self.images, self.every = service, test_ref, images, every
         self.steps_per_epoch, self.progress = steps_per_epoch, progress
         self.next_step = every
         self.pending: tuple[Any, int, float] | None = None
@@ -125,8 +129,12 @@ class LiveEvaluation:
             return
         self.pending = None
         bpd = ray.get(ref)
-        self.curve.append({"epoch": step / self.steps_per_epoch, "step": step, "elapsed": elapsed, "test_bpd": bpd})
-        self.progress.update(f"step {step}: assembled model's test BPD {bpd:.4f} (live)", force=True)
+        epoch = step / self.steps_per_epoch
+        point = {"epoch": epoch, "step": step, "elapsed": elapsed, "test_bpd": bpd, "live_images": self.images}
+        self.curve.append(point)
+        self.progress.update(
+            f"step {step}: assembled model's test BPD {bpd:.4f} (live, {self.images} test images)", force=True
+        )
 
 
 def _finish_loop(loop_config: dict[str, Any]) -> None:
@@ -279,7 +287,10 @@ class AsyncRun:
             force=True,
         )
         steps_per_epoch = len(self.data.train) // config.batch_size
-        live = LiveEvaluation(service, refs[1], config.eval_every or steps_per_epoch, steps_per_epoch, self.progress)
+        n_live = min(config.live_eval_images or len(self.data.test), len(self.data.test))
+        live_ref = refs[1] if n_live == len(self.data.test) else ray.put(self.data.test[:n_live])
+        every = config.eval_every or steps_per_epoch
+        live = LiveEvaluation(service, live_ref, n_live, every, steps_per_epoch, self.progress)
         state, stats, infos, wall = phase.run(bounds, self.progress, live)
         live.collect(wait=True)  # the parts are done: waiting for it stalls nothing
         report = pipeline_report(config, stats, infos, wall, plan["param_bytes"])

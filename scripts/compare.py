@@ -104,8 +104,9 @@ def epoch_times(summary: dict, phase: str) -> list[float]:
 
 
 def bpd_at_time(summary: dict, seconds: float) -> float:
-    """The run's test BPD at a wall-clock time (linear between evaluations)."""
-    curve = summary["curve"]
+    """The run's test BPD at a wall-clock time (linear between evaluations on the
+    whole test set: an async run's live evaluations on a subset are left out)."""
+    curve = [c for c in summary["curve"] if "live_images" not in c]
     times = [c["elapsed"] for c in curve]
     return float(np.interp(seconds, times, [c["test_bpd"] for c in curve]))
 

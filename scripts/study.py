@@ -222,7 +222,7 @@ def parts_phase_bpd(summary: dict) -> float:
 
 def bpd_at_epoch(summary: dict, epoch: float) -> float:
     """The run's test BPD after ``epoch`` epochs (its evaluation at that epoch)."""
-    points = [c for c in summary["curve"] if abs(c["epoch"] - epoch) < 1e-9]
+    points = [c for c in summary["curve"] if abs(c["epoch"] - epoch) < 1e-9 and "live_images" not in c]
     if not points:
         raise ConfigError(f"{summary['run_dir']}: no evaluation at epoch {epoch:g}")
     return points[-1]["test_bpd"]

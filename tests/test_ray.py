@@ -110,7 +110,7 @@ def test_parts_that_never_wait_over_a_slow_link(mnist_dir, tmp_path):
 
 def test_three_parts_pipeline_and_assembled_bpd_falls(mnist_dir, tmp_path):
     s = _async(
-        mnist_dir, tmp_path / "runs", "three", parts=3, epochs=3, lr=3e-3, eval_every=4,
+        mnist_dir, tmp_path / "runs", "three", parts=3, epochs=3, lr=3e-3, eval_every=4, live_eval_images=16,
         inject="slow:3@0.3",  # slow enough for the driver to see the run in progress
     )  # fmt: skip
     assert s["n_parts"] == 3 and len(s["bytes_forward"]) == 2
@@ -119,6 +119,8 @@ def test_three_parts_pipeline_and_assembled_bpd_falls(mnist_dir, tmp_path):
     mid = [c for c in s["curve"] if c["step"] < 12]
     assert mid and all(c["test_bpd"] < 9 for c in mid), s["curve"]
     assert [c["step"] for c in mid] == sorted(c["step"] for c in mid)
+    # live: on the first 16 of the 32 test images; after the parts phase: on all of them
+    assert all(c["live_images"] == 16 for c in mid) and "live_images" not in s["curve"][-1]
     assert s["curve"][-1]["test_bpd"] < s["curve"][0]["test_bpd"] < 8.0
     assert s["where"]["service"]["evaluations"] == len(s["curve"]) - 1  # all but the final one
     assert len(s["part_images_per_s"]) == 3 and all(v > 0 for v in s["part_images_per_s"])
