@@ -406,6 +406,13 @@ class SingleProcessRun:
                 )
 
     def run(self) -> dict[str, Any]:
+        self._start()
+        stopped = None
+        while self.stream.epoch < self.total_epochs and stopped is None:
+            stopped = self._epoch(self.stream.epoch)
+        return self.finish(stopped)
+
+    def _start(self) -> None:
         cfg = self.config
         if cfg.resume:
             self.restore(self.log.checkpoint_path)
@@ -418,85 +425,99 @@ class SingleProcessRun:
                 x0 = self.data.train[: cfg.init_batch_size].to(self.device)
                 initialize(self.parts, preprocess(x0, cfg.n_bits, self.noise))
             (self.log.dir / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
-        last_step: dict[int, int] = {}  # global step at which each part last trained
+        self._last_step: dict[int, int] = {}  # global step at which each part last trained, in this process
+
+    def _epoch(self, epoch: int) -> str | None:
+        """One epoch (what is left of it, after a resume): its batches, then its
+        evaluation, log and checkpoint. Returns why the run stopped early, if it did."""
+        finetune = epoch >= len(self.plan)
+        if finetune and self.finetuner is None:
+            self.finetuner = self._make_finetuner()
+        losses: dict[int, list[float]] = {}  # per trainer that trained in this epoch
+        t_epoch = time.perf_counter()
         stopped = None
-        while self.stream.epoch < self.total_epochs and stopped is None:
-            epoch = self.stream.epoch
-            finetune = epoch >= len(self.plan)
-            if finetune and self.finetuner is None:
-                self.finetuner = self._make_finetuner()
-            epoch_losses: dict[int, list[float]] = {}
-            t_epoch = time.perf_counter()
-            trained: set[int] = set()  # parts that trained in this epoch
-            while self.stream.position < len(self.stream):
-                active = self.active_at(epoch, self.stream.position)
-                for k in active:
-                    last = last_step.get(k)  # None: first step of this part in this process
-                    if k > 0 and (last is None or self.state.global_step - last > len(self.stream)):
-                        # Its inputs changed while it waited an epoch. (After shorter
-                        # waits the trainer's own recheck tells input drift from harm.)
-                        self.trainers[k].guard.reset()
-                    last_step[k] = self.state.global_step
-                trained.update(active)
-                t0 = time.perf_counter()
-                x = preprocess(self.stream.next().to(self.device), cfg.n_bits, self.noise)
-                if cfg.lr_schedule == "cosine-run":  # every trainer follows the run's clock
-                    for t in [self.finetuner] if finetune else self.trainers:
-                        t.clock = self.state.global_step
-                if finetune:
-                    results = {len(self.parts): self.finetuner.step(x)}
-                    apply_finetune_faults(self.faults, len(self.parts), self.finetuner.steps, self.log.dir)
-                else:
-                    results = train_batch(self.parts, self.trainers, active, x, self.state.part_time)
-                    self._apply_lr_rule()
-                self.state.global_step += 1
-                dt = time.perf_counter() - t0
-                self.state.elapsed += dt
-                self.state.phase_time["finetune" if finetune else "parts"] += dt
-                for k, res in results.items():
-                    epoch_losses.setdefault(k, []).append(res.loss)
-                self._report_events(results)
-                if self.state.global_step % cfg.log_every == 0:
-                    self._log_step(results, epoch)
-                if cfg.eval_every and self.state.global_step % cfg.eval_every == 0:
-                    self._record_eval(epoch + self.stream.position / len(self.stream))
-                if cfg.checkpoint_every and self.state.global_step % cfg.checkpoint_every == 0:
-                    self.checkpoint()
-                if cfg.time_budget and self.state.elapsed >= cfg.time_budget:
-                    stopped = f"time budget of {cfg.time_budget:g}s reached"
-                    break
-            for trainer in [self.finetuner] if finetune else [self.trainers[k] for k in sorted(trained)]:
-                problem = trainer.validate()
-                if problem:
-                    self._report_events({trainer.index: StepResult(torch.empty(0), float("nan"), event=problem)})
-            epoch_time = time.perf_counter() - t_epoch
-            done_fraction = self.stream.position / len(self.stream)
-            bpd = self._record_eval(epoch + done_fraction)
-            entry = {
-                "epoch": epoch + 1,
-                "phase": "finetune" if finetune else "parts",
-                "active": [k + 1 for k in sorted(trained)],
-                "test_bpd": bpd,
-                "local_loss": {str(k + 1): sum(v) / len(v) for k, v in epoch_losses.items() if v},
-                "epoch_time": epoch_time,
-                "elapsed": self.state.elapsed,
-                "rollbacks": [t.rollbacks for t in self.trainers],
-            }
-            self.state.history.append(entry)
-            self.log.scalar("epoch/wall_time", epoch_time, epoch + 1)
-            for k, t in enumerate(self.state.part_time):
-                self.log.scalar(f"part{k + 1}/time_total", t, epoch + 1)
-            self.log.samples(self.glow, cfg.samples, cfg.temperature, epoch + 1)
-            self.progress.update(
-                f"epoch {epoch + 1}/{self.total_epochs} ({entry['phase']}) test bpd {bpd:.4f} "
-                f"[{self.data.shape[0]}x{self.data.shape[1]}x{self.data.shape[2]}] "
-                f"epoch time {epoch_time:.1f}s",
-                force=True,
-            )
-            if stopped is None:
-                self.stream.restore({"epoch": epoch + 1, "position": 0})
+        while self.stream.position < len(self.stream) and stopped is None:
+            results = self._batch(epoch, finetune)
+            for k, res in results.items():
+                losses.setdefault(k, []).append(res.loss)
+            stopped = self._after_batch(epoch, results)
+        self._end_epoch(epoch, finetune, losses, time.perf_counter() - t_epoch)
+        if stopped is None:
+            self.stream.restore({"epoch": epoch + 1, "position": 0})
+        self.checkpoint()
+        return stopped
+
+    def _batch(self, epoch: int, finetune: bool) -> dict[int, StepResult]:
+        """Train the parts active on the next batch (or the whole model, in the fine-tune)."""
+        cfg = self.config
+        active = self.active_at(epoch, self.stream.position)
+        for k in active:
+            last = self._last_step.get(k)  # None: first step of this part in this process
+            if k > 0 and (last is None or self.state.global_step - last > len(self.stream)):
+                # Its inputs changed while it waited an epoch. (After shorter
+                # waits the trainer's own recheck tells input drift from harm.)
+                self.trainers[k].guard.reset()
+            self._last_step[k] = self.state.global_step
+        t0 = time.perf_counter()
+        x = preprocess(self.stream.next().to(self.device), cfg.n_bits, self.noise)
+        if cfg.lr_schedule == "cosine-run":  # every trainer follows the run's clock
+            for t in [self.finetuner] if finetune else self.trainers:
+                t.clock = self.state.global_step
+        if finetune:
+            results = {len(self.parts): self.finetuner.step(x)}
+            apply_finetune_faults(self.faults, len(self.parts), self.finetuner.steps, self.log.dir)
+        else:
+            results = train_batch(self.parts, self.trainers, active, x, self.state.part_time)
+            self._apply_lr_rule()
+        self.state.global_step += 1
+        dt = time.perf_counter() - t0
+        self.state.elapsed += dt
+        self.state.phase_time["finetune" if finetune else "parts"] += dt
+        return results
+
+    def _after_batch(self, epoch: int, results: dict[int, StepResult]) -> str | None:
+        """Report, log, evaluate and checkpoint as configured; why the run must stop now, if it must."""
+        cfg, step = self.config, self.state.global_step
+        self._report_events(results)
+        if step % cfg.log_every == 0:
+            self._log_step(results, epoch)
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            self._record_eval(epoch + self.stream.position / len(self.stream))
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             self.checkpoint()
-        return self.finish(stopped)
+        if cfg.time_budget and self.state.elapsed >= cfg.time_budget:
+            return f"time budget of {cfg.time_budget:g}s reached"
+        return None
+
+    def _end_epoch(self, epoch: int, finetune: bool, losses: dict[int, list[float]], epoch_time: float) -> None:
+        """Validate the trainers' last updates, evaluate, and record the epoch."""
+        trained = [] if finetune else sorted(losses)  # the parts that trained in this epoch
+        for trainer in [self.finetuner] if finetune else [self.trainers[k] for k in trained]:
+            problem = trainer.validate()
+            if problem:
+                self._report_events({trainer.index: StepResult(torch.empty(0), float("nan"), event=problem)})
+        bpd = self._record_eval(epoch + self.stream.position / len(self.stream))
+        entry = {
+            "epoch": epoch + 1,
+            "phase": "finetune" if finetune else "parts",
+            "active": [k + 1 for k in trained],
+            "test_bpd": bpd,
+            "local_loss": {str(k + 1): sum(v) / len(v) for k, v in losses.items() if v},
+            "epoch_time": epoch_time,
+            "elapsed": self.state.elapsed,
+            "rollbacks": [t.rollbacks for t in self.trainers],
+        }
+        self.state.history.append(entry)
+        self.log.scalar("epoch/wall_time", epoch_time, epoch + 1)
+        for k, t in enumerate(self.state.part_time):
+            self.log.scalar(f"part{k + 1}/time_total", t, epoch + 1)
+        self.log.samples(self.glow, self.config.samples, self.config.temperature, epoch + 1)
+        shape = "x".join(map(str, self.data.shape))
+        self.progress.update(
+            f"epoch {epoch + 1}/{self.total_epochs} ({entry['phase']}) test bpd {bpd:.4f} [{shape}] "
+            f"epoch time {epoch_time:.1f}s",
+            force=True,
+        )
 
     def finish(self, stopped: str | None) -> dict[str, Any]:
         if not self.log.checkpoint_path.is_file() or self._adopted:
