@@ -53,6 +53,8 @@ def resume_config(config: RunConfig, given: dict[str, Any]) -> RunConfig:
 
 def load_data(config: RunConfig) -> ImageData:
     data = load_dataset(config.dataset, config.data_root, config.download, config.cache_dir)
+    if config.validation:
+        data = data.held_out(config.validation)
     return data.subset(config.train_subset, config.test_subset)
 
 

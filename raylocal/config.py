@@ -31,6 +31,12 @@ class RunConfig(BaseModel):
     download: bool = Field(False, description="download CIFAR-10 if missing (needs internet)")
     train_subset: int | None = Field(None, gt=0, description="use only the first N training images")
     test_subset: int | None = Field(None, gt=0, description="use only the first N test images")
+    validation: int | None = Field(
+        None,
+        gt=0,
+        description="evaluate on the last N training images, held out from training, instead of the test set "
+        "(to choose settings, such as LRs, on data the final test never sees)",
+    )
     cache_dir: str | None = Field(None, description="where decoded ImageFolder tensors are cached")
 
     # model

@@ -47,6 +47,12 @@ class ImageData:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.train.shape[1:])  # type: ignore[return-value]
 
+    def held_out(self, n: int) -> ImageData:
+        """The last ``n`` training images in place of the test set, and only the rest to train on."""
+        if n >= len(self.train):
+            raise DataError(f"validation={n}: the training set has only {len(self.train)} images")
+        return ImageData(self.name, self.train[:-n], self.train[-n:])
+
     def subset(self, train: int | None, test: int | None) -> ImageData:
         """The first ``train``/``test`` images (deterministic, for quick runs)."""
         return ImageData(

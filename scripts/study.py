@@ -128,9 +128,16 @@ def finetune_study(quick: bool) -> Study:
 
 def lr_study(quick: bool) -> Study:
     """Q3: three parts trained together at one LR for every part, against the same
-    LR with ``--lr-rule relative-update``, at a safe LR and at a high one (where
-    one LR makes a part worse than it is at the safe LR)."""
+    LR with ``--lr-rule relative-update`` and against per-part LRs chosen by a Ray
+    Tune study (see ``tuned``), at a safe LR and at a high one (where one LR
+    makes a part worse than it is at the safe LR). The Tune study searches
+    3e-4 to 2e-2 for every part, so one of them serves both LRs."""
     epochs, finetune = (2, 1) if quick else (8, 2)
+    # the Tune study's trials: LRs per part from tune_spaces/independent.py, chosen on held-out training images
+    scale = _scale(quick)
+    tune = {"space": "tune_spaces/independent.py", "trials": 4 if quick else 8, "seed": 100}
+    tune["validation"] = 1000 if quick else 2000
+    tune["report_every"] = scale["base"]["train_subset"] // scale["base"]["batch_size"]  # once an epoch
     arms: dict[str, dict[str, Any]] = {"e2e": {"schedule": "e2e", "parts": 1, "epochs": epochs + finetune}}
     contrasts = {}
     for lr in ["1e-3", "1e-2"]:
@@ -139,6 +146,8 @@ def lr_study(quick: bool) -> Study:
         arms[f"one-lr-{lr}"] = shape
         arms[f"rule-{lr}"] = shape | {"lr_rule": "relative-update"}
         contrasts[f"rule-{lr}"] = f"one-lr-{lr}"
+    arms["tuned"] = shape | {"tune_lr": tune}  # the search spans both LRs: one Tune study
+    contrasts["tuned"] = "one-lr-1e-3"
     arms["e2e"]["finetune_epochs"] = 0
     return Study(
         name="lr",
@@ -146,7 +155,7 @@ def lr_study(quick: bool) -> Study:
         arms=arms,
         baseline="e2e",
         contrasts=contrasts,
-        **_scale(quick),
+        **scale,
     )
 
 
@@ -203,11 +212,42 @@ def load_study(path: Path) -> Study:
     return study
 
 
+def tuned(study: Study, arm: str, storage: Path) -> dict[str, Any]:
+    """The arm's overrides. An arm with ``tune_lr`` ({"space", "trials", "seed",
+    "validation", "report_every"}) takes its per-part LRs from a Ray Tune study of its own (ASHA,
+    scripts/tune_lr.py): its trials are the lockstep async twin of the
+    simultaneous schedule (queue 1) with no fine-tune, at a seed of their own, and
+    are evaluated on the last ``validation`` training images, held out from them,
+    so that the LRs are not chosen on the test set. It runs once; its best.json
+    is read back after."""
+    overrides = dict(study.arms[arm])
+    spec = overrides.pop("tune_lr", None)
+    if spec is None:
+        return overrides
+    root = storage / study.name
+    best = root / f"tune-{arm}" / "best.json"
+    if not best.is_file():
+        import tune_lr
+
+        values = {**study.base, **overrides, "schedule": "async", "queue_size": 1, "finetune_epochs": 0}
+        values |= {"seed": spec["seed"], "validation": spec["validation"], "storage_path": str(root)}
+        root.mkdir(parents=True, exist_ok=True)
+        config_path = root / f"tune-{arm}.json"
+        config_path.write_text(json.dumps(values, indent=1) + "\n")
+        argv = ["--config", str(config_path), "--space", spec["space"], "--trials", str(spec["trials"])]
+        argv += ["--report-every", str(spec["report_every"]), "--study", f"tune-{arm}"]
+        print(f"tuning {study.name}/{arm}: python scripts/tune_lr.py {' '.join(argv)}", flush=True)
+        if tune_lr.main(argv) != 0:
+            raise RaylocalError(f"the Tune study of arm {arm!r} failed (see {root / f'tune-{arm}'})")
+    return overrides | {"lr": json.loads(best.read_text())["lr"]}
+
+
 def run_study(study: Study, storage: Path) -> dict[str, dict[int, dict]]:
     """Every arm over every seed: {arm: {seed: summary}}. Finished runs are read back."""
     runs: dict[str, dict[int, dict]] = {}
     for seed in study.seeds:  # seed-major: a stopped study has whole pairs to compare
-        for arm, overrides in study.arms.items():
+        for arm in study.arms:
+            overrides = tuned(study, arm, storage)
             values = {**study.base, **overrides, "seed": seed, "run_name": study.run_name(arm, seed)}
             path = Path(f"{study.name}/{arm}")
             runs.setdefault(arm, {})[seed] = run_config(path, values, str(storage / study.name), rerun=False)

@@ -165,3 +165,16 @@ def test_batch_stream_resumes_exactly():
     c = BatchStream(images, 6, seed=3)
     c.restore(b.state())
     assert all(torch.equal(c.next(), s) for s in seen[9:])
+
+
+def test_validation_holds_out_the_last_training_images(mnist_dir):
+    from raylocal.cli import load_data
+    from raylocal.config import RunConfig
+
+    full = load_dataset("mnist", mnist_dir)
+    data = load_data(RunConfig(data_root=str(mnist_dir), validation=16, train_subset=40))
+    # evaluated on the last 16 training images; trained on the first 40 of the other 48
+    assert torch.equal(data.test, full.train[-16:]) and torch.equal(data.train, full.train[:40])
+    assert not any(torch.equal(t, v) for t in data.train for v in data.test)
+    with pytest.raises(DataError, match="validation=64: the training set has only 64 images"):
+        full.held_out(64)

@@ -120,3 +120,44 @@ def test_outage_links_are_down_for_the_share_asked(n_steps, down, length):
     assert abs(len(steps) - down * n_steps) <= len(outages)  # the share, to a step per outage
     assert all(n == each for _, n in outages)
     assert study.outage_link(100, 0.0, 50) == ("up", 0)
+
+
+def test_a_tuned_arm_takes_the_lrs_of_its_own_tune_study_once(mnist_dir, tmp_path, monkeypatch):
+    import tune_lr
+
+    tune = {"space": "tune_spaces/independent.py", "trials": 3, "seed": 100, "validation": 16, "report_every": 2}
+    spec = {
+        "name": "t", "question": "q", "baseline": "e2e", "seeds": [0],
+        "base": {
+            "data_root": str(mnist_dir), "n_levels": 2, "depth": 2, "hidden": 8, "batch_size": 16,
+            "init_batch_size": 32, "eval_batch_size": 32, "warmup_steps": 2, "threads": 1, "samples": 0,
+            "progress": False,
+        },
+        "arms": {
+            "e2e": {"schedule": "e2e", "epochs": 1},
+            "tuned": {"schedule": "simultaneous", "parts": 2, "part_spec": "1|2", "epochs": 1, "tune_lr": tune},
+        },
+    }  # fmt: skip
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(spec))
+    studies = []
+
+    def fake_tune(argv):  # what scripts/tune_lr.py is asked, and the best.json it would leave
+        args = dict(zip(argv[::2], argv[1::2]))
+        trial = json.loads(open(args["--config"]).read())
+        studies.append((trial, args))
+        out = tmp_path / "runs" / "t" / args["--study"]
+        out.mkdir(parents=True)
+        (out / "best.json").write_text(json.dumps({**trial, "lr": [2e-3, 5e-4]}))
+        return 0
+
+    monkeypatch.setattr(tune_lr, "main", fake_tune)
+    argv = ["--spec", str(path), "--out", str(tmp_path / "out"), "--storage-path", str(tmp_path / "runs")]
+    assert study.main(argv) == 0
+    [(trial, args)] = studies
+    # the trials: the lockstep async twin of the arm, no fine-tune, their own seed, held-out images
+    assert trial["schedule"] == "async" and trial["queue_size"] == 1 and trial["finetune_epochs"] == 0
+    assert trial["seed"] == 100 and trial["validation"] == 16 and args["--trials"] == "3"
+    ran = json.loads((tmp_path / "runs" / "t" / "tuned-seed0" / "config.json").read_text())
+    assert ran["lr"] == [2e-3, 5e-4] and ran["schedule"] == "simultaneous" and ran["validation"] is None
+    assert study.main(argv) == 0 and len(studies) == 1  # read back, not tuned again
