@@ -38,7 +38,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raylocal.config import RunConfig
 from raylocal.data import ImageData
-from raylocal.errors import CheckpointError, ClusterError
+from raylocal.errors import CheckpointError, ClusterError, DivergedError
 from raylocal.ray_trainer import (
     PartsPhase,
     connect,
@@ -137,6 +137,9 @@ class LiveEvaluation:
         )
 
 
+FINETUNE_DIVERGED = "finetune_diverged.txt"  # the Ray Train worker's word that the fine-tune diverged
+
+
 def _finish_loop(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker of a one-worker fine-tune: the rest of the run."""
     import ray.train
@@ -146,7 +149,14 @@ def _finish_loop(loop_config: dict[str, Any]) -> None:
     data = ImageData(loop_config["name"], ray.get(loop_config["train"]), ray.get(loop_config["test"]))
     device = "cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"
     run_dir = Path(loop_config["run_dir"])
-    summary = finish_after_parts(config.model_copy(update={"device": device}), data, run_dir, loop_config["bounds"])
+    try:
+        summary = finish_after_parts(config.model_copy(update={"device": device}), data, run_dir, loop_config["bounds"])
+    except DivergedError as e:
+        # a divergence is deterministic: written down, not raised, so that Ray
+        # Train does not rerun the fine-tune max_restarts times to diverge again
+        # (Ray Train V2 keeps reported metrics only with a checkpoint)
+        (run_dir / FINETUNE_DIVERGED).write_text(str(e))
+        return
     summary["where_finished"] = here(device) | {"phase": "ray train worker"}
     write_json(run_dir / "summary.json", summary)
     ray.train.report({"test_bpd": summary["test_bpd"]})
@@ -185,10 +195,14 @@ def finish_on_ray_train(config: RunConfig, name: str, refs: tuple[Any, Any], run
             failure_config=FailureConfig(max_failures=config.max_restarts),
         ),
     )
+    diverged = run_dir / FINETUNE_DIVERGED
+    diverged.unlink(missing_ok=True)
     try:
         trainer.fit()
     except Exception as e:  # Ray Train wraps worker errors in several types
         raise ClusterError(f"the fine-tune failed: {str(e).strip().splitlines()[0][:200]}") from None
+    if diverged.is_file():
+        raise DivergedError(diverged.read_text())
 
 
 def _reserve(bundle: dict[str, float]) -> PlacementGroup:

@@ -336,7 +336,7 @@ class SingleProcessRun:
             for index, layer in enumerate(self.glow.layers):
                 layer.requires_grad_(index in trained)
             self.glow.prior.requires_grad_(False)
-        return PartTrainer(self.glow.whole(), lr, cfg, index=len(self.parts), total_steps=total)
+        return PartTrainer(self.glow.whole(), lr, cfg, index=len(self.parts), total_steps=total, name="the fine-tune")
 
     # ------------------------------------------------------------ training
 

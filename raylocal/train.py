@@ -210,6 +210,7 @@ class PartTrainer:
     backoff: float = 1.0  # LR multiplier right after the last rollback (whose event's step starts the recovery)
     events: list[RollbackEvent] = field(default_factory=list)
     meter: UpdateMeter | None = None  # measures the relative update of the steps it covers
+    name: str = ""  # what errors call it (default: "part <index + 1>")
 
     def __post_init__(self) -> None:
         params = list(self.part.parameters())
@@ -334,7 +335,8 @@ class PartTrainer:
         self.events.append(RollbackEvent(self.steps, reason, self.base_lr * self.backoff))
         if self.rollbacks > self.config.max_rollbacks:
             raise DivergedError(
-                f"part {self.index + 1} diverged: {self.rollbacks} rollbacks (last: {reason}); lower its learning rate"
+                f"{self.name or f'part {self.index + 1}'} diverged: {self.rollbacks} rollbacks (last: {reason}); "
+                "lower its learning rate"
             )
         self._last = None  # its batch belongs to weights that are gone
         snap = copy.deepcopy(self._snapshots[-1])

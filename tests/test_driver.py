@@ -86,3 +86,14 @@ def test_model_service_plans_and_evaluates_as_the_run_would(mnist_dir):
     assert plan["param_bytes"] == sum(p.numel() * 4 for p in glow.parameters())
     state = {k: v.clone() for k, v in glow.state_dict().items()}
     assert service.evaluate(data.test, state) == evaluate_bpd(glow, data.test, 500, torch.device("cpu"))
+
+
+def test_a_fine_tune_that_diverges_fails_the_run_in_one_line_and_is_not_retried(mnist_dir, tmp_path, capsys):
+    args = tiny_options(
+        mnist_dir, tmp_path / "runs", run_name="ftdiv", schedule="async", parts=2, part_spec="1|2", epochs=1,
+        finetune_epochs=1, finetune_lr=1e9, warmup_steps=0, max_rollbacks=0, max_restarts=2, progress=False,
+    )  # fmt: skip
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    # the divergence itself, not Ray Train's wrapper around its third failure
+    assert len(err) == 1 and err[0].startswith("error: the fine-tune diverged: 1 rollbacks"), err
