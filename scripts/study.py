@@ -141,8 +141,9 @@ def lr_study(quick: bool) -> Study:
     arms: dict[str, dict[str, Any]] = {"e2e": {"schedule": "e2e", "parts": 1, "epochs": epochs + finetune}}
     contrasts = {}
     for lr in ["1e-3", "1e-2"]:
+        # the fine-tune at e2e's LR in every arm: the arms differ in their parts phase only
         shape = {"schedule": "simultaneous", "parts": 3, "epochs": epochs, "finetune_epochs": finetune}
-        shape["lr"] = [float(lr)]
+        shape |= {"lr": [float(lr)], "finetune_lr": 1e-3}
         arms[f"one-lr-{lr}"] = shape
         arms[f"rule-{lr}"] = shape | {"lr_rule": "relative-update"}
         contrasts[f"rule-{lr}"] = f"one-lr-{lr}"
