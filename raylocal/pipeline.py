@@ -43,7 +43,7 @@ from torch import Tensor
 from raylocal.channel import PacketChannel, newer_weights
 from raylocal.config import RunConfig
 from raylocal.data import BatchStream
-from raylocal.errors import CheckpointError
+from raylocal.errors import CheckpointError, ClusterError
 from raylocal.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.objectives import preprocess
 from raylocal.train import PartTrainer, build_glow, decay_steps
@@ -450,10 +450,17 @@ class PartLoop:
         if self.k == 0:
             x = worker.init_batch()
         else:
-            packet = self._receive(block=True)
-            assert packet is not None and packet["kind"] == "init", packet
-            x = packet["latent"]
-        y = worker.initialize(x)
+            x = None
+            while x is None:
+                # None: the init latent died with an upstream that crashed before this
+                # part fetched it (it restarts from its checkpoint and sends no init
+                # again): its next latent is as real an output of it
+                packet = self._receive(block=True)
+                assert packet is not None, "a blocking receive returned nothing"
+                if packet["kind"] == "end":
+                    raise ClusterError(f"part {self.k + 1}: its upstream ended before any of its latents arrived")
+                x = packet["latent"]
+        y = worker.initialize(x.to(worker.device))
         worker.stats.step_times.append(self.clock.now())
         self._send("init", y)
         if self.on_step is not None:

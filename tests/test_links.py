@@ -283,3 +283,23 @@ def test_deliver_through_many_outages_at_wall_clock_magnitudes_ends():
     _run_with_timeout(send_many, 20)
     assert len(done) == 300 and done == sorted(done)
     assert all(wire.outages.is_up(a - wire.origin - 1e-4) for a in done)  # each arrived over an up link
+
+
+def test_a_lost_init_latent_initialises_the_part_from_the_next_latent(mnist_dir):
+    """An upstream that crashed before its init latent was fetched restarts from its
+    checkpoint and sends no init again: the downstream initialises from its next latent."""
+    torch.set_num_threads(1)
+    up, down = _worker_pair(mnist_dir)
+    with torch.no_grad():
+        first = up.part(up.init_batch())[0]
+    inbox = PacketChannel(4)
+    inbox.put({"kind": "init", "step": 0, "latent": "gone", "weights": None})  # died with its owner
+    inbox.put({"kind": "data", "step": 1, "latent": first, "weights": None})
+    inbox.put({"kind": "end", "step": 1, "weights": None})
+    store_get = {"gone": None}.get  # what get_or_none gives for an object lost with its owner
+    st = PartLoop(down, inbox, None, lambda x: x, lambda r: r if torch.is_tensor(r) else store_get(r), 2).run()
+    assert st.lost_packets == 1 and st.steps == 2
+    # its ActNorms were initialised on that latent: the part's output is standardised on it
+    with torch.no_grad():
+        y = down.part(first)[0]
+    assert y.mean().abs() < 0.1 and (y.std() - 1).abs() < 0.2
