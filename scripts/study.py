@@ -243,13 +243,17 @@ def tuned(study: Study, arm: str, storage: Path) -> dict[str, Any]:
     return overrides | {"lr": json.loads(best.read_text())["lr"]}
 
 
-def run_study(study: Study, storage: Path) -> dict[str, dict[int, dict]]:
-    """Every arm over every seed: {arm: {seed: summary}}. Finished runs are read back."""
+def run_study(study: Study, storage: Path, finished_only: bool = False) -> dict[str, dict[int, dict]]:
+    """Every arm over every seed: {arm: {seed: summary}}. Finished runs are read
+    back; with ``finished_only`` nothing is trained (and nothing tuned)."""
     runs: dict[str, dict[int, dict]] = {}
     for seed in study.seeds:  # seed-major: a stopped study has whole pairs to compare
         for arm in study.arms:
+            name = study.run_name(arm, seed)
+            if finished_only and not (storage / study.name / name / "summary.json").is_file():
+                continue
             overrides = tuned(study, arm, storage)
-            values = {**study.base, **overrides, "seed": seed, "run_name": study.run_name(arm, seed)}
+            values = {**study.base, **overrides, "seed": seed, "run_name": name}
             path = Path(f"{study.name}/{arm}")
             runs.setdefault(arm, {})[seed] = run_config(path, values, str(storage / study.name), rerun=False)
     return runs
@@ -297,10 +301,12 @@ def decide(diffs: list[float]) -> dict[str, Any]:
 
 def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, Any]]:
     """Per arm: its numbers per seed, and each comparison with its baseline."""
-    base = runs[study.baseline]
+    base = runs.get(study.baseline, {})
     rows = []
     for arm, per_seed in runs.items():
         seeds = sorted(set(per_seed) & set(base))
+        if not seeds:  # --finished-only: no pair with the baseline yet
+            continue
         config = study.arms[arm]
         parts_epochs = config.get("epochs", study.base.get("epochs", 1))
         row: dict[str, Any] = {
@@ -329,7 +335,7 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
                 "final_same_wall_clock": decide(wall),
             }
         other = study.contrasts.get(arm)
-        if other is not None:
+        if other is not None and set(per_seed) & set(runs.get(other, {})):
             pairs = sorted(set(per_seed) & set(runs[other]))
             row["vs_contrast"] = {
                 "arm": other,
@@ -454,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the reduced version: the direction, in minutes")
     p.add_argument("--seeds", help='override the study\'s seeds ("0,1,2" or "0-3")')
     p.add_argument("--show", action="store_true", help="print the study as JSON and run nothing")
+    p.add_argument("--finished-only", action="store_true", help="tables from the runs finished so far; train nothing")
     p.add_argument("--out", type=Path, default=Path("docs/study"))
     p.add_argument("--storage-path", type=Path, default=Path("runs/study"))
     args = p.parse_args(argv)
@@ -469,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.show:
             print(json.dumps(asdict(study), indent=1))
             return 0
-        runs = run_study(study, args.storage_path)
+        runs = run_study(study, args.storage_path, args.finished_only)
     except RaylocalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

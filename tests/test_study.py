@@ -93,6 +93,11 @@ def test_a_tiny_study_runs_end_to_end_and_a_rerun_trains_nothing(mnist_dir, tmp_
     trained.clear()
     assert study.main(argv) == 0  # resumed: every run was finished
     assert trained == []
+    # --finished-only: the tables of what has finished, nothing trained
+    (tmp_path / "runs" / "tiny" / "2-parts-seed1" / "summary.json").unlink()
+    assert study.main([*argv, "--finished-only"]) == 0 and trained == []
+    results = json.loads((tmp_path / "out" / "tiny" / "results.json").read_text())
+    assert results["rows"][1]["seeds"] == [0]
     # a changed study is not answered with the old runs: one line, nothing trained
     spec["base"]["hidden"] = 16
     path.write_text(json.dumps(spec))
