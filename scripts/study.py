@@ -356,8 +356,12 @@ def _cell(d: dict[str, Any]) -> str:
 
 
 def table(study: Study, rows: list[dict[str, Any]]) -> str:
+    done = sorted({s for r in rows for s in r["seeds"]})
+    seeds = ", ".join(map(str, done))
+    if done != sorted(study.seeds):
+        seeds += f" finished (of {', '.join(map(str, study.seeds))})"
     lines = [
-        f"**{study.question}** Seeds {', '.join(map(str, study.seeds))}; every difference is paired by seed "
+        f"**{study.question}** Seeds {seeds}; every difference is paired by seed "
         f"with `{study.baseline}`: mean [95% interval] and the verdict (better, worse, within ±{EQUIVALENCE} "
         "BPD, or undecided with about how many seeds would decide it).",
         "",
