@@ -63,14 +63,19 @@ def test_arms_are_paired_with_the_baseline_of_the_same_seed():
     assert "| rule | parts |" in study.table(s, study.analyse(s, runs))
 
 
+def _tiny_base(mnist_dir) -> dict:
+    """A study base that trains in seconds on the tiny dataset."""
+    return {
+        "data_root": str(mnist_dir), "n_levels": 2, "depth": 2, "hidden": 8, "batch_size": 16,
+        "init_batch_size": 64, "eval_batch_size": 32, "warmup_steps": 2, "threads": 1, "samples": 0,
+        "progress": False,
+    }  # fmt: skip
+
+
 def test_a_tiny_study_runs_end_to_end_and_a_rerun_trains_nothing(mnist_dir, tmp_path, monkeypatch):
     spec = {
         "name": "tiny", "question": "Do two parts match e2e?", "baseline": "e2e", "seeds": [0, 1],
-        "base": {
-            "data_root": str(mnist_dir), "n_levels": 2, "depth": 2, "hidden": 8, "batch_size": 16,
-            "init_batch_size": 64, "eval_batch_size": 32, "warmup_steps": 2, "threads": 1, "samples": 0,
-            "progress": False,
-        },
+        "base": _tiny_base(mnist_dir),
         "arms": {
             "e2e": {"schedule": "e2e", "epochs": 2},
             "2-parts": {"schedule": "simultaneous", "parts": 2, "part_spec": "1|2", "epochs": 1, "finetune_epochs": 1},
@@ -133,11 +138,7 @@ def test_a_tuned_arm_takes_the_lrs_of_its_own_tune_study_once(mnist_dir, tmp_pat
     tune = {"space": "tune_spaces/independent.py", "trials": 3, "seed": 100, "validation": 16, "report_every": 2}
     spec = {
         "name": "t", "question": "q", "baseline": "e2e", "seeds": [0],
-        "base": {
-            "data_root": str(mnist_dir), "n_levels": 2, "depth": 2, "hidden": 8, "batch_size": 16,
-            "init_batch_size": 32, "eval_batch_size": 32, "warmup_steps": 2, "threads": 1, "samples": 0,
-            "progress": False,
-        },
+        "base": _tiny_base(mnist_dir),
         "arms": {
             "e2e": {"schedule": "e2e", "epochs": 1},
             "tuned": {"schedule": "simultaneous", "parts": 2, "part_spec": "1|2", "epochs": 1, "tune_lr": tune},
