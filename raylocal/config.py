@@ -76,7 +76,8 @@ class RunConfig(BaseModel):
         "none",
         description="per-part LRs from --lr: relative-update scales each part's LR, at the end of its warmup, so "
         "that every part's weights move by the same relative amount per step (their geometric mean kept); "
-        "simultaneous and alternating schedules",
+        "simultaneous and alternating schedules; it needs max(warmup, 20) steps of every part (a shorter run "
+        "keeps one LR: its summary's lr_multipliers is null)",
     )
     warmup_steps: int = Field(200, ge=0, description="linear LR warmup steps (per part)")
     lr_schedule: Literal["constant", "cosine", "cosine-run"] = Field(
