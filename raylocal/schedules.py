@@ -256,6 +256,9 @@ class SingleProcessRun:
         self.stream.restore(ckpt["stream"])
         self.noise.set_state(ckpt["noise"])
         self.state = RunState.from_json(ckpt["state"])
+        if self.state.lr_multipliers is not None and self.lr_rule is not None:  # in the restored base LRs
+            self.lr_rule.stop_measuring()
+            self.lr_rule = None
 
     def take_over(self, parts: PartsResult) -> None:
         """Continue after a parts phase trained elsewhere (the Ray parts): take its
@@ -382,14 +385,11 @@ class SingleProcessRun:
         run: they live on in the trainers' checkpointed base LRs)."""
         if self.lr_rule is None:
             return
-        if self.state.lr_multipliers is not None:  # set before a resume: in the restored base LRs
-            self.lr_rule.stop_measuring()
-            self.lr_rule = None
-            return
         multipliers = self.lr_rule.multipliers()
         if multipliers is None:
             return
         self.lr_rule.apply(multipliers)
+        self.lr_rule = None
         self.state.lr_multipliers = multipliers
         lrs = ", ".join(f"{t.base_lr:.3g}" for t in self.trainers)
         self.progress.update(f"lr rule {self.config.lr_rule}: part LRs {lrs}", force=True)
@@ -441,7 +441,7 @@ class SingleProcessRun:
             for k, res in results.items():
                 losses.setdefault(k, []).append(res.loss)
             stopped = self._after_batch(epoch, results)
-        self._end_epoch(epoch, finetune, losses, time.perf_counter() - t_epoch)
+        self._end_epoch(epoch, finetune, losses, t_epoch)
         if stopped is None:
             self.stream.restore({"epoch": epoch + 1, "position": 0})
         self.checkpoint()
@@ -489,13 +489,15 @@ class SingleProcessRun:
             return f"time budget of {cfg.time_budget:g}s reached"
         return None
 
-    def _end_epoch(self, epoch: int, finetune: bool, losses: dict[int, list[float]], epoch_time: float) -> None:
-        """Validate the trainers' last updates, evaluate, and record the epoch."""
+    def _end_epoch(self, epoch: int, finetune: bool, losses: dict[int, list[float]], t_epoch: float) -> None:
+        """Validate the trainers' last updates, evaluate, and record the epoch (its
+        time from ``t_epoch`` to the end of the validation)."""
         trained = [] if finetune else sorted(losses)  # the parts that trained in this epoch
         for trainer in [self.finetuner] if finetune else [self.trainers[k] for k in trained]:
             problem = trainer.validate()
             if problem:
                 self._report_events({trainer.index: StepResult(torch.empty(0), float("nan"), event=problem)})
+        epoch_time = time.perf_counter() - t_epoch
         bpd = self._record_eval(epoch + self.stream.position / len(self.stream))
         entry = {
             "epoch": epoch + 1,

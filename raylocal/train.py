@@ -270,19 +270,16 @@ class PartTrainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.part.parameters(), max_norm))
             if math.isfinite(grad_norm):
                 measured = self.meter is not None and self.meter.covers(self.steps)
-                before = [p.detach().clone() for p in self._trained()] if measured else []
+                before = [p.detach().clone() for p in self.part.parameters()] if measured else []
                 self.optimizer.step()
                 if measured:
-                    self.meter.add(before, [p.detach() for p in self._trained()])
+                    self.meter.add(before, [p.detach() for p in self.part.parameters()])
                 self.guard.observe(loss_value)
                 self.steps += 1
                 self._last = (x.detach(), loss_value)
                 return StepResult(y.detach(), loss_value, grad_norm)
             problem = "non-finite gradient"
         return self._rollback(problem, x, loss_value)
-
-    def _trained(self) -> list[Tensor]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _recheck(self) -> tuple[float, float] | None:
         """(loss before, loss now) on the batch of the last update."""
