@@ -335,20 +335,26 @@ class PartsPhase:
         self.n_steps = config.epochs * (len(data.train) // config.batch_size)
         self.train_ref = train_ref or ray.put(data.train)  # the images, once in the object store
         cpus, gpus, threads = part_resources(config, n_parts)
+        self.actors: list[Any] = []
+        self.queues: list[LatentQueue] = []
         self.pg, first_bundle, self.own_pg = place_parts(config, n_parts, cpus, gpus)
-        self.queues = [LatentQueue(config.queue_size) for _ in range(n_parts - 1)]
-        self.actors = [
-            PartActor.options(
-                num_cpus=cpus,
-                num_gpus=gpus,
-                max_restarts=config.max_restarts,
-                max_task_retries=config.max_restarts,  # replay run() on the restarted actor
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.pg, placement_group_bundle_index=first_bundle + k
-                ),
-            ).remote(config.model_dump_json(), k, data.shape, threads, "cuda" if gpus else "cpu", str(run_dir))
-            for k in range(n_parts)
-        ]
+        try:  # a start that fails half way releases what it started
+            for _ in range(n_parts - 1):
+                self.queues.append(LatentQueue(config.queue_size))
+            for k in range(n_parts):
+                strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + k)
+                self.actors.append(
+                    PartActor.options(
+                        num_cpus=cpus,
+                        num_gpus=gpus,
+                        max_restarts=config.max_restarts,
+                        max_task_retries=config.max_restarts,  # replay run() on the restarted actor
+                        scheduling_strategy=strategy,
+                    ).remote(config.model_dump_json(), k, data.shape, threads, "cuda" if gpus else "cpu", str(run_dir))
+                )
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> PartsPhase:
         return self

@@ -164,6 +164,39 @@ def test_queue_never_exceeds_its_bound():
     assert torch.equal(ray.get(got[-1]["latent"]), torch.zeros(10))
 
 
+def test_a_parts_phase_that_fails_to_start_releases_its_placement_group_and_queues(monkeypatch, mnist_dir):
+    from ray.util import placement_group_table
+
+    from raylocal import ray_trainer
+
+    shut = []
+
+    class FakeQueue:
+        def __init__(self, size: int) -> None:
+            self.size = size
+
+        def shutdown(self) -> None:
+            shut.append(self)
+
+    class ActorThatCannotStart:
+        @staticmethod
+        def options(**_: object):
+            raise RuntimeError("no such resource")
+
+    monkeypatch.setattr(ray_trainer, "LatentQueue", FakeQueue)
+    monkeypatch.setattr(ray_trainer, "PartActor", ActorThatCannotStart)
+    config = RunConfig(data_root=str(mnist_dir), parts=3, batch_size=16)
+    data = load_dataset("mnist", mnist_dir)
+    made = []
+    real_place = ray_trainer.place_parts
+    monkeypatch.setattr(ray_trainer, "place_parts", lambda *a: made.append(real_place(*a)) or made[-1])
+    with pytest.raises(RuntimeError, match="no such resource"):
+        ray_trainer.PartsPhase(config, data, mnist_dir, 3, train_ref="images")
+    pg = made[0][0]
+    assert placement_group_table(pg)["state"] == "REMOVED"
+    assert len(shut) == 2  # both boundaries' queues
+
+
 @pytest.mark.parametrize(
     "cluster,options,expected",
     [
