@@ -156,6 +156,106 @@ def queue_overhead(latent: torch.Tensor, n: int = 200) -> float:
     return per_step
 
 
+class AsyncBench:
+    """One side-by-side measurement: the e2e baselines, the async parts between
+    two rounds of them, the latent queue alone, and DDP on as many workers."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.k, self.gpu, self.seconds = args.parts, args.gpu, args.seconds
+        base = dict(
+            n_levels=2, depth=args.depth, hidden=64, batch_size=64, schedule="async", parts=self.k,
+            split="across-blocks", balance="measure", epochs=1, warmup_steps=50, device="cuda" if args.gpu else "cpu",
+            train_subset=args.train_subset, progress=True, queue_size=4, part_spec=args.part_spec,
+            compile=args.compile,
+        )  # fmt: skip
+        # --gpu: one GPU per part, or an equal share of one when there are fewer GPUs than parts
+        self.config = RunConfig(**base, threads=1, cpus_per_part=1.0, gpus_per_part=None if args.gpu else 0.0)
+        self.data = load_dataset("mnist").subset(args.train_subset, 1000)
+
+    def baselines(self) -> tuple[float, float]:
+        """images/s of one e2e process with 1 and with 2 threads."""
+        one = e2e_throughput(self.config, self.data.train, 1, self.seconds)
+        print(f"e2e, 1 process, 1 thread:  {one:.0f} images/s", flush=True)
+        two = e2e_throughput(self.config, self.data.train, 2, self.seconds)
+        print(f"e2e, 1 process, 2 threads: {two:.0f} images/s", flush=True)
+        return one, two
+
+    def run_parts(self) -> None:
+        """The async run, with the CPU meter on; keeps what the reports need."""
+        from raylocal.ray_trainer import connect, part_resources, pipeline_report, run_async_phase
+
+        connect(self.config)
+        self.probe = build_glow(self.config, self.data.shape)
+        self.spec = part_spec_for(self.config, self.probe, self.data.train)
+        print(f"parts: {self.spec.canonical(self.probe)}", flush=True)
+        with tempfile.TemporaryDirectory() as tmp, CpuMeter() as meter:
+            _, self.stats, infos, wall = run_async_phase(
+                self.config, self.data, list(self.spec.bounds), Progress(True), Path(tmp)
+            )
+        self.report = pipeline_report(self.config, self.stats, infos, wall, self.probe.param_bytes())
+        # steady state: images through the last part between the end of its first step and its last
+        last = self.stats[-1]
+        self.steady = (last["steps"] - 1) * 64 / (last["end_time"] - last["first_step_time"])
+        self.cpu = meter.split(last["first_step_time"], last["end_time"])
+        self.step_time = [st["compute_s"] / max(st["steps"], 1) for st in self.stats]
+        unit = f"{part_resources(self.config, self.k)[1]:.3g} GPU" if self.gpu else "thread"
+        print(
+            f"async, {self.k} actors x 1 {unit}: {self.steady:.0f} images/s through the whole model in steady "
+            f"state ({self.report['images_per_s_pipeline']:.0f} including start-up: {last['steps']} steps in "
+            f"{wall:.1f}s)"
+        )
+
+    def print_ratios(self, before: tuple[float, float], after: tuple[float, float]) -> None:
+        # The host's speed drifts over minutes: the baselines were measured before and
+        # after the async run, and the ratios use their mean, so that drift does not bias them.
+        e2e1, e2e2 = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+        print(
+            f"  ratio to e2e 1 thread: {self.steady / e2e1:.2f}x, to e2e 2 threads: {self.steady / e2e2:.2f}x "
+            "(against the mean of the baselines before and after)"
+        )
+        print(f"  part compute per step (s): {', '.join(f'{t:.4f}' for t in self.step_time)}")
+        cpu = dict(self.cpu)
+        if cpu:
+            capacity = cpu.pop("seconds") * (os.cpu_count() or 1)
+            print(
+                f"  where the {os.cpu_count()} CPUs went in the steady state (% of {capacity:.0f} CPU-s): "
+                + ", ".join(f"{name} {100 * v / capacity:.1f}" for name, v in cpu.items())
+            )
+        sends = [st["put_s"] / max(st["steps"], 1) for st in self.stats[:-1]]
+        recvs = [st["wait_s"] / max(st["steps"], 1) for st in self.stats[1:]]
+        print(
+            "  training thread blocked per step on sending (ms): "
+            + ", ".join(f"{1e3 * v:.2f} ({100 * v / t:.1f}%)" for v, t in zip(sends, self.step_time))
+            + "; on receiving (ms, includes waiting for a slower upstream): "
+            + ", ".join(f"{1e3 * v:.2f} ({100 * v / t:.1f}%)" for v, t in zip(recvs, self.step_time[1:]))
+        )
+
+    def print_traffic(self) -> None:
+        """The queue's own cost per step, and the bytes parts and DDP send per step."""
+        with torch.no_grad():
+            a, b = self.spec.bounds[0]
+            y, _ = build_glow(self.config, self.data.shape).part(a, b)(preprocess(self.data.train[:64], 8))
+        overhead = queue_overhead(y)
+        print(
+            f"queue round trip without overlap (ray.put + put + get + ray.get): {overhead * 1e3:.2f} ms "
+            f"per step (latent {tensor_bytes(y) / 1e3:.0f} kB) = {100 * overhead / min(self.step_time):.1f}% "
+            "of the fastest part's step; the trainer overlaps it with compute (above)"
+        )
+        print(
+            f"bytes per step: parts send {tensor_bytes(y) / 1e3:.0f} kB forward per boundary, 0 backward; "
+            f"DDP all-reduces {self.report['ddp_bytes_per_step'] / 1e3:.0f} kB per worker "
+            f"({sum(p.numel() for p in self.probe.parameters())} parameters)"
+        )
+
+    def run_ddp(self) -> None:
+        from raylocal.ddp import train_ddp
+
+        with tempfile.TemporaryDirectory() as tmp:
+            _, history = train_ddp(self.config, self.data.train, self.k, 1, 1e-3, Path(tmp), cpus_per_worker=1.0)
+        ips = history[-1]["images_per_s"] if history else float("nan")
+        print(f"DDP e2e, {self.k} workers x 1 thread: {ips:.0f} images/s", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", type=int, default=2)
@@ -170,91 +270,17 @@ def main() -> None:
 
     import ray
 
-    from raylocal.ddp import train_ddp
-    from raylocal.ray_trainer import connect, part_resources, pipeline_report, run_async_phase
-
-    k = args.parts
-    device = "cuda" if args.gpu else "cpu"
-    base = dict(
-        n_levels=2, depth=args.depth, hidden=64, batch_size=64, schedule="async", parts=k,
-        split="across-blocks", balance="measure", epochs=1, warmup_steps=50, device=device,
-        train_subset=args.train_subset, progress=True, queue_size=4, part_spec=args.part_spec,
-        compile=args.compile,
-    )  # fmt: skip
-    # --gpu: one GPU per part, or an equal share of one when there are fewer GPUs than parts
-    cpu_config = RunConfig(**base, threads=1, cpus_per_part=1.0, gpus_per_part=None if args.gpu else 0.0)
-    data = load_dataset("mnist").subset(args.train_subset, 1000)
+    bench = AsyncBench(args)
     name = torch.cuda.get_device_name() if args.gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"# bench_async on {name}, torch {torch.__version__}, ray {ray.__version__}")
-
-    e2e1 = e2e_throughput(cpu_config, data.train, 1, args.seconds)
-    print(f"e2e, 1 process, 1 thread:  {e2e1:.0f} images/s", flush=True)
-    e2e2 = e2e_throughput(cpu_config, data.train, 2, args.seconds)
-    print(f"e2e, 1 process, 2 threads: {e2e2:.0f} images/s", flush=True)
-
-    connect(cpu_config)
-    probe = build_glow(cpu_config, data.shape)
-    spec = part_spec_for(cpu_config, probe, data.train)
-    print(f"parts: {spec.canonical(probe)}", flush=True)
-    with tempfile.TemporaryDirectory() as tmp, CpuMeter() as meter:
-        state, stats, infos, wall = run_async_phase(cpu_config, data, list(spec.bounds), Progress(True), Path(tmp))
-    rep = pipeline_report(cpu_config, stats, infos, wall, probe.param_bytes())
-    # steady state: images through the last part between the end of its first step and its last
-    last = stats[-1]
-    pipe = (last["steps"] - 1) * 64 / (last["end_time"] - last["first_step_time"])
-    cpu = meter.split(last["first_step_time"], last["end_time"])
-    step_time = [st["compute_s"] / max(st["steps"], 1) for st in stats]
-    unit = f"{part_resources(cpu_config, k)[1]:.3g} GPU" if args.gpu else "thread"
-    print(
-        f"async, {k} actors x 1 {unit}: {pipe:.0f} images/s through the whole model in steady state "
-        f"({rep['images_per_s_pipeline']:.0f} including start-up: {last['steps']} steps in {wall:.1f}s)"
-    )
-    # The host's speed drifts over minutes: measure the baselines again after the
-    # async run and compare with their mean, so that drift does not bias the ratio.
-    after1 = e2e_throughput(cpu_config, data.train, 1, args.seconds)
-    after2 = e2e_throughput(cpu_config, data.train, 2, args.seconds)
-    print(f"e2e again after the async run: 1 thread {after1:.0f}, 2 threads {after2:.0f} images/s")
-    e2e1, e2e2 = (e2e1 + after1) / 2, (e2e2 + after2) / 2
-    print(
-        f"  ratio to e2e 1 thread: {pipe / e2e1:.2f}x, to e2e 2 threads: {pipe / e2e2:.2f}x "
-        "(against the mean of the baselines before and after)"
-    )
-    print(f"  part compute per step (s): {', '.join(f'{t:.4f}' for t in step_time)}")
-    if cpu:
-        capacity = cpu.pop("seconds") * (os.cpu_count() or 1)
-        print(
-            f"  where the {os.cpu_count()} CPUs went in the steady state (% of {capacity:.0f} CPU-s): "
-            + ", ".join(f"{name} {100 * v / capacity:.1f}" for name, v in cpu.items())
-        )
-    sends = [st["put_s"] / max(st["steps"], 1) for st in stats[:-1]]
-    recvs = [st["wait_s"] / max(st["steps"], 1) for st in stats[1:]]
-    print(
-        "  training thread blocked per step on sending (ms): "
-        + ", ".join(f"{1e3 * v:.2f} ({100 * v / t:.1f}%)" for v, t in zip(sends, step_time))
-        + "; on receiving (ms, includes waiting for a slower upstream): "
-        + ", ".join(f"{1e3 * v:.2f} ({100 * v / t:.1f}%)" for v, t in zip(recvs, step_time[1:]))
-    )
-    with torch.no_grad():
-        glow = build_glow(cpu_config, data.shape)
-        a, b = spec.bounds[0]
-        y, _ = glow.part(a, b)(preprocess(data.train[:64], 8))
-    overhead = queue_overhead(y)
-    print(
-        f"queue round trip without overlap (ray.put + put + get + ray.get): {overhead * 1e3:.2f} ms "
-        f"per step (latent {tensor_bytes(y) / 1e3:.0f} kB) = {100 * overhead / min(step_time):.1f}% "
-        "of the fastest part's step; the trainer overlaps it with compute (above)"
-    )
-    fwd_per_step = tensor_bytes(y)
-    print(
-        f"bytes per step: parts send {fwd_per_step / 1e3:.0f} kB forward per boundary, 0 backward; "
-        f"DDP all-reduces {rep['ddp_bytes_per_step'] / 1e3:.0f} kB per worker "
-        f"({sum(p.numel() for p in probe.parameters())} parameters)"
-    )
+    before = bench.baselines()
+    bench.run_parts()
+    print("e2e again after the async run:")
+    after = bench.baselines()
+    bench.print_ratios(before, after)
+    bench.print_traffic()
     if not args.skip_ddp:
-        with tempfile.TemporaryDirectory() as tmp:
-            _, history = train_ddp(cpu_config, data.train, k, 1, 1e-3, Path(tmp), cpus_per_worker=1.0)
-        ips = history[-1]["images_per_s"] if history else float("nan")
-        print(f"DDP e2e, {k} workers x 1 thread: {ips:.0f} images/s", flush=True)
+        bench.run_ddp()
     ray.shutdown()
 
 
