@@ -46,7 +46,7 @@ from raylocal.data import BatchStream
 from raylocal.errors import CheckpointError, ClusterError
 from raylocal.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.objectives import preprocess
-from raylocal.train import PartTrainer, build_glow, decay_steps
+from raylocal.train import WIRE_DTYPES, PartTrainer, build_glow, decay_steps
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -191,9 +191,6 @@ class PartWorker:
         self.versions = {int(j): int(v) for j, v in state["versions"].items()}
         self.stats = WorkerStats(**json.loads(state["stats"]))
         self.initialized = True
-
-
-WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class LinkSender:

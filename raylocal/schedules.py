@@ -37,6 +37,7 @@ from raylocal.objectives import preprocess
 from raylocal.parts import PartSpec, boundary_steps, measured_costs, resolve_part_spec
 from raylocal.runlog import Progress, RunLog, write_json
 from raylocal.train import (
+    WIRE_DTYPES,
     PartTrainer,
     StepResult,
     UpdateMeter,
@@ -44,6 +45,7 @@ from raylocal.train import (
     decay_steps,
     evaluate_bpd,
     initialize,
+    over_the_wire,
     resolve_device,
 )
 
@@ -72,13 +74,17 @@ def train_batch(
     active: tuple[int, ...],
     x: Tensor,
     part_time: list[float] | None = None,
+    wire: torch.dtype = torch.float32,
 ) -> dict[int, StepResult]:
-    """Run one batch through the parts for this epoch's active set (see module doc)."""
+    """Run one batch through the parts for this epoch's active set (see module
+    doc); each boundary rounds its latents as async's wire would (``wire``)."""
     results: dict[int, StepResult] = {}
     h = x
     device = x.device
     for k in range(max(active) + 1):
         t0 = time.perf_counter()
+        if k:
+            h = over_the_wire(h, wire)
         if k in active:
             results[k] = trainers[k].step(h)
             h = results[k].output
@@ -423,7 +429,7 @@ class SingleProcessRun:
         else:
             if not self._adopted:
                 x0 = self.data.train[: cfg.init_batch_size].to(self.device)
-                initialize(self.parts, preprocess(x0, cfg.n_bits, self.noise))
+                initialize(self.parts, preprocess(x0, cfg.n_bits, self.noise), WIRE_DTYPES[cfg.wire_dtype])
             (self.log.dir / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
         self._last_step: dict[int, int] = {}  # global step at which each part last trained, in this process
 
@@ -467,7 +473,9 @@ class SingleProcessRun:
             results = {len(self.parts): self.finetuner.step(x)}
             apply_finetune_faults(self.faults, len(self.parts), self.finetuner.steps, self.log.dir)
         else:
-            results = train_batch(self.parts, self.trainers, active, x, self.state.part_time)
+            results = train_batch(
+                self.parts, self.trainers, active, x, self.state.part_time, WIRE_DTYPES[cfg.wire_dtype]
+            )
             self._apply_lr_rule()
         self.state.global_step += 1
         dt = time.perf_counter() - t0

@@ -71,12 +71,21 @@ def build_glow(config: RunConfig, image_shape: tuple[int, int, int]) -> Glow:
     return Glow(image_shape, **config.glow_kwargs())
 
 
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def over_the_wire(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """A latent as the next part receives it: rounded to the wire's precision, trained on in float32."""
+    return x if dtype == torch.float32 else x.to(dtype).float()
+
+
 @torch.no_grad()
-def initialize(parts: list[Part], x: Tensor) -> None:
+def initialize(parts: list[Part], x: Tensor, wire: torch.dtype = torch.float32) -> None:
     """Data-dependent init: push one large batch through the parts in order, so
-    every ActNorm (of part k+1 too) initialises on the activations it will see."""
-    for part in parts:
-        x, _ = part(x)
+    every ActNorm (of part k+1 too) initialises on the activations it will see
+    (rounded at each boundary as the wire rounds them)."""
+    for k, part in enumerate(parts):
+        x, _ = part(over_the_wire(x, wire) if k else x)
 
 
 @torch.no_grad()

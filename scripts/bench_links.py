@@ -44,9 +44,8 @@ import torch  # noqa: E402
 from raylocal.config import RunConfig  # noqa: E402
 from raylocal.ddp import ring_bytes  # noqa: E402
 from raylocal.links import FakeClock, LinkSpec, Wire  # noqa: E402
-from raylocal.pipeline import WIRE_DTYPES  # noqa: E402
 from raylocal.schedules import part_spec_for  # noqa: E402
-from raylocal.train import build_glow  # noqa: E402
+from raylocal.train import WIRE_DTYPES, build_glow  # noqa: E402
 
 LINKS = {
     "inf": "bw=inf,lat=20ms",

@@ -53,11 +53,15 @@ def _run_threads(config: RunConfig, train: torch.Tensor, queue_size: int = 1):
     return workers, results
 
 
-@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
-def test_threaded_pipeline_equals_simultaneous_schedule(mnist_dir, tmp_path, lr_schedule):
-    # with cosine decay this also checks that every worker decays over the same planned steps
+@pytest.mark.parametrize(
+    "lr_schedule,wire_dtype,value_bytes",
+    [("constant", "float32", 4), ("cosine", "float32", 4), ("constant", "bfloat16", 2)],
+)
+def test_threaded_pipeline_equals_simultaneous_schedule(mnist_dir, tmp_path, lr_schedule, wire_dtype, value_bytes):
+    # with cosine decay this also checks that every worker decays over the same planned steps;
+    # with bfloat16 on the wire, that the single-process twin rounds its latents as the wire does
     torch.set_num_threads(1)
-    config = _config(mnist_dir, storage_path=str(tmp_path), lr_schedule=lr_schedule)
+    config = _config(mnist_dir, storage_path=str(tmp_path), lr_schedule=lr_schedule, wire_dtype=wire_dtype)
     data = load_dataset("mnist", mnist_dir)
     workers, stats = _run_threads(config, data.train)
     reference = SingleProcessRun(config, data, tmp_path / "ref")
@@ -69,8 +73,8 @@ def test_threaded_pipeline_equals_simultaneous_schedule(mnist_dir, tmp_path, lr_
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in got), "weights differ from the simultaneous run"
     assert [s.steps for s in stats] == [8, 8]
-    # part 1 outputs 2x4x4 float32 per image: the 64-image init batch, then 8 batches of 16
-    assert stats[0].bytes_forward == (64 + 8 * 16) * 2 * 4 * 4 * 4
+    # part 1 outputs 2x4x4 values per image: the 64-image init batch, then 8 batches of 16
+    assert stats[0].bytes_forward == (64 + 8 * 16) * 2 * 4 * 4 * value_bytes
     assert all(s.bytes_backward == 0 for s in stats)
 
 
