@@ -3,6 +3,7 @@
 
     python scripts/study.py parts              # Q1: how many parts can a flow be split into?
     python scripts/study.py finetune           # Q2: is the end-to-end phase needed?
+    python scripts/study.py wire               # bfloat16 latents on the wire against float32
     python scripts/study.py parts --quick      # a reduced version, to check the direction
     python scripts/study.py --spec FILE.json   # a study of your own (same format as `--show`)
 
@@ -205,7 +206,23 @@ def staleness_study(quick: bool) -> Study:
     )
 
 
-STUDIES = {"parts": parts_study, "finetune": finetune_study, "lr": lr_study, "staleness": staleness_study}
+def wire_study(quick: bool) -> Study:
+    """Issue 16's bfloat16 target: latents rounded to bfloat16 at the boundary (as
+    async's wire sends them) against float32, at the same steps, paired by seed."""
+    epochs = 2 if quick else 4
+    shape = {"schedule": "simultaneous", "parts": 2, "epochs": epochs, "finetune_epochs": 0}
+    return Study(
+        name="wire",
+        question="What does bfloat16 on the wire cost?",
+        arms={"float32": shape | {"wire_dtype": "float32"}, "bfloat16": shape | {"wire_dtype": "bfloat16"}},
+        baseline="float32",
+        **_scale(quick),
+    )
+
+
+STUDIES = {
+    "parts": parts_study, "finetune": finetune_study, "lr": lr_study, "staleness": staleness_study, "wire": wire_study,
+}  # fmt: skip
 
 
 def load_study(path: Path) -> Study:

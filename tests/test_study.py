@@ -118,6 +118,19 @@ def test_a_bad_study_is_one_line(tmp_path, capsys):
     assert err == "error: study 'b': baseline 'e2e' is not one of its arms"
 
 
+@pytest.mark.parametrize("quick", [False, True])
+@pytest.mark.parametrize("name", sorted(study.STUDIES))
+def test_every_arm_of_the_built_in_studies_is_a_valid_run(name, quick):
+    from raylocal.config import validate_config
+
+    s = study.STUDIES[name](quick)
+    s.check()
+    for arm, overrides in s.arms.items():
+        values = s.base | {k: v for k, v in overrides.items() if k != "tune_lr"}  # the tuned LRs come later
+        config = validate_config(values, f"{name} {arm}")  # unknown keys and bad values raise
+        assert config.model_dump(include=set(values)) == values, arm  # nothing was silently changed
+
+
 @pytest.mark.parametrize("n_steps,down,length", [(1250, 0.3, 50), (1250, 0.6, 500), (92, 0.3, 50), (1000, 0.1, 50)])
 def test_outage_links_are_down_for_the_share_asked(n_steps, down, length):
     from raylocal.links import parse_link
