@@ -158,7 +158,6 @@ class RelativeUpdateRule:
 
     def multipliers(self) -> list[float] | None:
         """The LR multipliers once every part has measured (None before)."""
-        # done when past its window (a run resumed inside it measured fewer steps)
         if not all(t.meter is not None and t.steps >= t.meter.stop and t.meter.count for t in self.trainers):
             return None
         rates = [max(t.meter.mean, 1e-12) for t in self.trainers]

@@ -363,6 +363,7 @@ class PartTrainer:
             "steps": self.steps,
             "rollbacks": self.rollbacks,
             "events": [[e.step, e.reason, e.new_lr] for e in self.events],
+            "meter": [self.meter.total, self.meter.count] if self.meter is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -374,6 +375,8 @@ class PartTrainer:
         self.steps = int(state["steps"])
         self.rollbacks = int(state["rollbacks"])
         self.events = [RollbackEvent(int(s), str(r), float(lr)) for s, r, lr in state["events"]]
+        if state.get("meter") is not None and self.meter is not None:  # resumed inside --lr-rule's window
+            self.meter.total, self.meter.count = float(state["meter"][0]), int(state["meter"][1])
         self._snapshots = []
         self._restored = False
         self._last = None

@@ -275,3 +275,35 @@ def test_relative_update_rule_scales_each_part_by_its_measured_step_size(mnist_d
         RunConfig(parts=2, schedule="async", lr_rule="relative-update")
     with pytest.raises(ValueError, match="from one --lr, got 2"):
         RunConfig(parts=2, schedule="simultaneous", lr=[1e-3, 1e-3], lr_rule="relative-update")
+
+
+@pytest.mark.parametrize("cut_at", [14, 28])  # inside the rule's window (steps 10-19), and after it
+def test_a_run_with_the_lr_rule_resumes_to_the_same_weights(mnist_dir, tmp_path, cut_at):
+    import shutil
+
+    from raylocal.data import load_dataset
+    from raylocal.schedules import SingleProcessRun
+
+    values = dict(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
+        eval_batch_size=32, warmup_steps=4, threads=1, parts=2, part_spec="1|2", schedule="simultaneous",
+        epochs=8, lr=[2e-3], lr_rule="relative-update", samples=0, progress=False, storage_path=str(tmp_path),
+        checkpoint_every=1,
+    )  # fmt: skip
+    data = load_dataset("mnist", mnist_dir)
+    full = SingleProcessRun(RunConfig(**values), data, tmp_path / "full")
+    write = full.checkpoint
+
+    def checkpoint_and_keep_one():
+        write()
+        if full.state.global_step == cut_at:
+            (tmp_path / "cut").mkdir(exist_ok=True)  # (an epoch end checkpoints this step twice)
+            shutil.copy(full.log.checkpoint_path, tmp_path / "cut" / full.log.checkpoint_path.name)
+
+    full.checkpoint = checkpoint_and_keep_one
+    expected = full.run()
+    resumed = SingleProcessRun(RunConfig(**values, resume=True), data, tmp_path / "cut")
+    got = resumed.run()
+    assert got["lr_multipliers"] == expected["lr_multipliers"] and expected["lr_multipliers"] is not None
+    a, b = full.glow.state_dict(), resumed.glow.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
