@@ -55,7 +55,12 @@ def part_checkpoint_path(run_dir: Path, index: int) -> Path:
     return run_dir / "parts" / f"part{index + 1}.pt"
 
 
-@ray.remote(max_concurrency=2)  # a second thread answers weights()/progress() during run()
+STARTUP_WAIT_S = 120.0  # how long weights() may wait for a (restarted) part's run() to build its worker
+
+
+# Threads: run(), and others that answer weights(), checkpoint_state() and progress() meanwhile
+# (on a restarted actor the first two may wait for the replayed run(): it must still find one)
+@ray.remote(max_concurrency=3)
 class PartActor:
     """A thin shell around ``PartWorker`` (all logic lives there)."""
 
@@ -76,6 +81,7 @@ class PartActor:
         self.config = RunConfig.model_validate_json(config_json)
         self.index, self.image_shape, self.device = index, image_shape, device
         self.worker: PartWorker | None = None
+        self.started = threading.Event()  # set once run() has built the worker
         self.lock = threading.Lock()
         self.threads = threads
         self.faults = parse_faults(self.config.inject or "")
@@ -121,24 +127,30 @@ class PartActor:
         worker = self._build(bounds, train_images)
         with self.lock:
             self.worker = worker
+        self.started.set()
         stats = PartLoop(
             worker, inbox, outbox, ray.put, get_or_none, n_steps, on_step=self._after_step, lock=self.lock
         ).run()
         return {**asdict(stats), "peak_rss_mb": peak_rss_mb()}
 
     def _built(self) -> PartWorker:
-        if self.worker is None:
-            raise ClusterError(f"part {self.index + 1} has not started yet")
+        """The worker, once run() has built it. A call that reaches an actor Ray has
+        just restarted can come before the replayed run(): it waits for it."""
+        if not self.started.wait(timeout=STARTUP_WAIT_S):
+            raise ClusterError(f"part {self.index + 1} has not started in {STARTUP_WAIT_S:g}s")
+        assert self.worker is not None
         return self.worker
 
     def weights(self) -> dict[str, torch.Tensor]:
+        worker = self._built()  # (waits without the lock, which run() needs to start)
         with self.lock:
-            return self._built().weights()
+            return worker.weights()
 
     def checkpoint_state(self) -> dict[str, Any]:
         """This part's checkpoint as of its last finished step (Tune's PBT saves it)."""
+        worker = self._built()
         with self.lock:
-            return self._built().checkpoint_state()
+            return worker.checkpoint_state()
 
     def progress(self) -> dict[str, Any]:
         if self.worker is None:  # run() has not built it yet

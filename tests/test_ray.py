@@ -164,6 +164,31 @@ def test_queue_never_exceeds_its_bound():
     assert torch.equal(ray.get(got[-1]["latent"]), torch.zeros(10))
 
 
+def test_weights_asked_of_a_part_before_its_run_wait_for_it(mnist_dir, tmp_path):
+    """What a restarted actor sees when a caller's retried weights() reaches it
+    before the replayed run(): the call waits for the worker instead of failing the run."""
+    import ray
+
+    from raylocal.glow import Glow
+    from raylocal.parts import parse_part_spec
+    from raylocal.ray_trainer import PartActor
+
+    config = RunConfig(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
+        parts=2, part_spec="1|2", schedule="async", storage_path=str(tmp_path), threads=1,
+    )  # fmt: skip
+    glow = Glow((1, 8, 8), **config.glow_kwargs())
+    bounds = list(parse_part_spec("1|2", glow).bounds)
+    actor = PartActor.remote(config.model_dump_json(), 0, (1, 8, 8), 1, "cpu", str(tmp_path))
+    early = actor.weights.remote()  # before run(): no worker yet
+    images = load_dataset("mnist", mnist_dir).train
+    stats = ray.get(actor.run.remote(bounds, images, None, None, 4))
+    weights = ray.get(early)
+    assert stats["steps"] == 4
+    assert weights and set(weights) == set(ray.get(actor.weights.remote()))  # the part's own weights
+    ray.kill(actor)
+
+
 def test_a_parts_phase_that_fails_to_start_releases_its_placement_group_and_queues(monkeypatch, mnist_dir):
     from ray.util import placement_group_table
 
