@@ -197,6 +197,38 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         raise ClusterError(f"cannot reach Ray at {address!r}: {e.strerror or e}") from None
 
 
+# Ray Train's placement-group cleaner asks the State API every second whether the
+# fine-tune's controller lives; the State API needs the dashboard, which an embedded
+# Ray does not start, so it warns every second of the fine-tune (hundreds of lines)
+# and can do nothing there. The driver leaves these lines out of what it prints.
+RAY_NOISE = ("Failed to query Ray Train Controller actor state",)
+
+
+def drop_ray_noise(dispatcher: Any = None) -> None:
+    """Filter the worker lines Ray prints in this driver (``log_to_driver``): every
+    line but those of ``RAY_NOISE``. Ray's dispatcher of worker output is
+    internal; where it is not what this expects, nothing changes."""
+    if dispatcher is None:
+        try:
+            from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        except ImportError:
+            return
+    handlers = getattr(dispatcher, "handlers", None)
+    if not isinstance(handlers, list):
+        return
+
+    def filtered(print_lines: Callable[[dict], None]) -> Callable[[dict], None]:
+        def emit(data: dict) -> None:
+            lines = [line for line in data.get("lines", []) if not any(n in line for n in RAY_NOISE)]
+            if lines:
+                print_lines({**data, "lines": lines})
+
+        emit.drops_ray_noise = True  # type: ignore[attr-defined]
+        return emit
+
+    dispatcher.handlers = [(name, h if getattr(h, "drops_ray_noise", False) else filtered(h)) for name, h in handlers]
+
+
 def connect(config: RunConfig) -> None:
     """Join ``--address`` (or RAY_ADDRESS), else start an embedded local Ray."""
     if ray.is_initialized():
@@ -213,6 +245,7 @@ def connect(config: RunConfig) -> None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = f"reach Ray at {address!r}" if address else "start a local Ray instance"
         raise ClusterError(f"cannot {where}: {first[:160]}") from None
+    drop_ray_noise()
 
 
 # What a service (the run's evaluations, a Tune trial's own process) reserves of

@@ -164,6 +164,25 @@ def test_queue_never_exceeds_its_bound():
     assert torch.equal(ray.get(got[-1]["latent"]), torch.zeros(10))
 
 
+def test_the_driver_leaves_ray_trains_state_api_warnings_out_of_what_it_prints():
+    from ray._private.ray_logging import WorkerStandardStreamDispatcher
+
+    from raylocal.ray_trainer import drop_ray_noise
+
+    printed = []
+    dispatcher = WorkerStandardStreamDispatcher()  # a fresh one, as ray.init sets up the driver's
+    dispatcher.add_handler("ray_print_logs", lambda data: printed.append(data["lines"]))
+    drop_ray_noise(dispatcher)
+    drop_ray_noise(dispatcher)  # (connect() may run it again: it filters once)
+    noise = (
+        "WARNING placement_group_cleaner.py:86 -- Failed to query Ray Train Controller actor state. "
+        "State API may be temporarily unavailable. Continuing to monitor."
+    )
+    dispatcher.emit({"lines": [noise, noise], "pid": 1, "is_err": True})
+    dispatcher.emit({"lines": [noise, "epoch 4/4 (finetune) test bpd 2.88"], "pid": 2, "is_err": False})
+    assert printed == [["epoch 4/4 (finetune) test bpd 2.88"]]
+
+
 def test_weights_asked_of_a_part_before_its_run_wait_for_it(mnist_dir, tmp_path):
     """What a restarted actor sees when a caller's retried weights() reaches it
     before the replayed run(): the call waits for the worker instead of failing the run."""
