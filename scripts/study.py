@@ -11,8 +11,9 @@ A study is a list of arms (configs that differ from a shared base) run over
 seeds. Every arm is paired, seed by seed, with its baseline arm (end to end
 with the same data, model and total epochs): the difference in test BPD at the
 same epochs and at the same wall clock (as measured, and for a simultaneous run
-also as it would be with its parts in parallel, one device each: the slowest
-part's time, communication not counted), its mean, a 95% Student-t interval and
+also at the time it would take with its parts in parallel, one device each:
+the slowest part's share of the parts phase, communication not counted), its
+mean, a 95% Student-t interval and
 a verdict: better, worse, within ±0.02 BPD, or undecided (with about how many
 seeds would decide it). The statistics are compare.py's.
 
@@ -288,17 +289,24 @@ def parts_phase_bpd(summary: dict) -> float:
     return entries[-1]["test_bpd"] if entries else summary["test_bpd"]
 
 
-def parallel_wall_time(summary: dict) -> float:
-    """The run's wall time had its parts run in parallel, one device each: a
-    simultaneous run's parts phase then takes as long as its slowest part (plus
-    what the phase spent outside the parts), then the fine-tune. Communication is
-    not counted. Other runs: their own wall time (an async run's parts already
-    ran in parallel)."""
-    part_time, phase = summary.get("part_time"), summary.get("phase_time")
-    if summary.get("schedule") != "simultaneous" or not part_time or not phase:
-        return summary["wall_time"]
-    outside = phase["parts"] - sum(part_time)
-    return max(part_time) + max(outside, 0.0) + phase["finetune"]
+def parallel_epochs(summary: dict) -> float | None:
+    """How long a simultaneous run would take with its parts in parallel, one
+    device each, in epochs of its own single-process time: its parts-phase epochs
+    scaled by the slowest part's share of the parts' compute, plus its fine-tune
+    epochs (communication not counted). In epochs rather than seconds because the
+    share is a ratio of times measured together, so it holds when the host's
+    speed changes between runs, and e2e does the same work per epoch. None for
+    other schedules (an async run's parts already ran in parallel)."""
+    part_time = summary.get("part_time")
+    if summary.get("schedule") != "simultaneous" or not part_time or sum(part_time) <= 0:
+        return None
+    return summary["epochs"] * max(part_time) / sum(part_time) + summary["finetune_epochs"]
+
+
+def bpd_at_epochs(summary: dict, epochs: float) -> float:
+    """The run's test BPD after a fractional number of epochs (linear between its evaluations)."""
+    curve = [c for c in summary["curve"] if "live_images" not in c]
+    return float(np.interp(epochs, [c["epoch"] for c in curve], [c["test_bpd"] for c in curve]))
 
 
 def bpd_at_epoch(summary: dict, epoch: float) -> float:
@@ -339,7 +347,8 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
     """Per arm: its numbers per seed, and each comparison with its baseline."""
     base = runs.get(study.baseline, {})
     rows = []
-    for arm, per_seed in runs.items():
+    for arm in [a for a in study.arms if a in runs]:  # the study's order, whichever seed finished first
+        per_seed = runs[arm]
         seeds = sorted(set(per_seed) & set(base))
         if not seeds:  # --finished-only: no pair with the baseline yet
             continue
@@ -352,7 +361,7 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
             "final": [per_seed[s]["test_bpd"] for s in seeds],
             "after_parts": [parts_phase_bpd(per_seed[s]) for s in seeds],
             "wall_time": [per_seed[s]["wall_time"] for s in seeds],
-            "parallel_wall_time": [parallel_wall_time(per_seed[s]) for s in seeds],
+            "parallel_epochs": [parallel_epochs(per_seed[s]) for s in seeds],
             "rollbacks": [per_seed[s]["rollbacks"] for s in seeds],
             "part_lrs": [per_seed[s].get("part_lrs") for s in seeds],
             # async runs: mean upstream steps behind, averaged over the boundaries
@@ -366,13 +375,18 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
             final = [per_seed[s]["test_bpd"] - base[s]["test_bpd"] for s in seeds]
             parts = [parts_phase_bpd(per_seed[s]) - bpd_at_epoch(base[s], parts_epochs) for s in seeds]
             wall = [per_seed[s]["test_bpd"] - bpd_at_time(base[s], per_seed[s]["wall_time"]) for s in seeds]
-            parallel = [per_seed[s]["test_bpd"] - bpd_at_time(base[s], parallel_wall_time(per_seed[s])) for s in seeds]
+            parallel = [
+                per_seed[s]["test_bpd"] - bpd_at_epochs(base[s], parallel_epochs(per_seed[s]))
+                for s in seeds
+                if parallel_epochs(per_seed[s]) is not None
+            ]
             row["vs_baseline"] = {
                 "final_same_epochs": decide(final),
                 "after_parts_same_epochs": decide(parts),
                 "final_same_wall_clock": decide(wall),
-                "final_same_parallel_wall_clock": decide(parallel),
             }
+            if parallel:
+                row["vs_baseline"]["final_same_parallel_time"] = decide(parallel)
         other = study.contrasts.get(arm)
         if other is not None and set(per_seed) & set(runs.get(other, {})):
             pairs = sorted(set(per_seed) & set(runs[other]))
@@ -383,6 +397,11 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
             }
         rows.append(row)
     return rows
+
+
+def _mean_or_blank(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    return f"{sum(known) / len(known):.2f}" if known else ""
 
 
 def _cell(d: dict[str, Any]) -> str:
@@ -400,9 +419,9 @@ def table(study: Study, rows: list[dict[str, Any]]) -> str:
         f"with `{study.baseline}`: mean [95% interval] and the verdict (better, worse, within ±{EQUIVALENCE} "
         "BPD, or undecided with about how many seeds would decide it).",
         "",
-        "| arm | test BPD (mean) | after the parts phase (mean) | wall time (s) | in parallel (s) | rollbacks | "
+        "| arm | test BPD (mean) | after the parts phase (mean) | wall time (s) | in parallel (epochs) | rollbacks | "
         "− baseline, same epochs | parts phase − baseline, same epochs | − baseline, same wall clock | "
-        "− baseline, same wall clock, parts in parallel |",
+        "− baseline, same time with the parts in parallel |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -411,13 +430,13 @@ def table(study: Study, rows: list[dict[str, Any]]) -> str:
             f"{sum(r['final']) / len(r['final']):.4f}",
             f"{sum(r['after_parts']) / len(r['after_parts']):.4f}",
             f"{sum(r['wall_time']) / len(r['wall_time']):.0f}",
-            f"{sum(r['parallel_wall_time']) / len(r['parallel_wall_time']):.0f}",
+            _mean_or_blank(r["parallel_epochs"]),
             "; ".join(",".join(map(str, rb)) for rb in r["rollbacks"]),
         ]
         vs = r.get("vs_baseline")
         keys = ("final_same_epochs", "after_parts_same_epochs", "final_same_wall_clock")
-        keys += ("final_same_parallel_wall_clock",)
-        cells += [_cell(vs[k]) for k in keys] if vs else [""] * len(keys)
+        keys += ("final_same_parallel_time",)
+        cells += [_cell(vs[k]) if vs and k in vs else "" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     contrasted = [r for r in rows if "vs_contrast" in r]
     if contrasted:

@@ -53,13 +53,14 @@ def test_arms_are_paired_with_the_baseline_of_the_same_seed():
     assert vs["after_parts_same_epochs"]["mean"] == pytest.approx((0.5 + 0.4) / 2)  # against e2e's epoch 2
     # at the same wall clock (15 s): e2e stood at 4.5 (seed 0) and 3.5 (seed 1)
     assert vs["final_same_wall_clock"]["mean"] == pytest.approx((3.1 - 4.5 + 2.2 - 3.5) / 2)
-    # with its two parts in parallel, the slowest part's 6 s, 0.5 s outside them and the 5 s fine-tune: 11.5 s,
-    # where e2e stood at 4.85 and 3.85
+    # with its two parts in parallel: 2 parts-phase epochs x the slowest part's 6 s of 9, then 1 of fine-tune:
+    # 2.333 epochs, where e2e stood at 4.0 - 1/3 = 3.667 (seed 0) and 2.667 (seed 1)
     for summary in runs["parts"].values():
-        summary |= {"schedule": "simultaneous", "part_time": [6.0, 3.0], "phase_time": {"parts": 9.5, "finetune": 5.0}}
+        summary |= {"schedule": "simultaneous", "part_time": [6.0, 3.0], "epochs": 2, "finetune_epochs": 1}
     vs = study.analyse(s, runs)[1]["vs_baseline"]
-    assert vs["final_same_parallel_wall_clock"]["mean"] == pytest.approx((3.1 - 4.85 + 2.2 - 3.85) / 2)
+    assert vs["final_same_parallel_time"]["mean"] == pytest.approx((3.1 - 11 / 3 + 2.2 - 8 / 3) / 2)
     assert vs["final_same_wall_clock"]["mean"] == pytest.approx((3.1 - 4.5 + 2.2 - 3.5) / 2)  # (unchanged)
+    assert "final_same_parallel_time" not in study.analyse(s, runs)[0].get("vs_baseline", {})
     # an arm contrasted with another arm (Q3: the LR rule against one LR) is also paired with it
     s.arms["rule"], s.contrasts = {"epochs": 2, "finetune_epochs": 1}, {"rule": "parts"}
     runs["rule"] = {0: _summary(3.0, [(2, 10, 4.4), (3, 15, 3.0)], parts_bpd=4.4),
