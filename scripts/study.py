@@ -378,7 +378,8 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
             parallel = [
                 per_seed[s]["test_bpd"] - bpd_at_epochs(base[s], parallel_epochs(per_seed[s]))
                 for s in seeds
-                if parallel_epochs(per_seed[s]) is not None
+                # against a baseline that trains as one model (e2e), not against another set of parts
+                if parallel_epochs(per_seed[s]) is not None and parallel_epochs(base[s]) is None
             ]
             row["vs_baseline"] = {
                 "final_same_epochs": decide(final),

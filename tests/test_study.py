@@ -61,6 +61,10 @@ def test_arms_are_paired_with_the_baseline_of_the_same_seed():
     assert vs["final_same_parallel_time"]["mean"] == pytest.approx((3.1 - 11 / 3 + 2.2 - 8 / 3) / 2)
     assert vs["final_same_wall_clock"]["mean"] == pytest.approx((3.1 - 4.5 + 2.2 - 3.5) / 2)  # (unchanged)
     assert "final_same_parallel_time" not in study.analyse(s, runs)[0].get("vs_baseline", {})
+    # parts against parts (the wire study's baseline is a simultaneous run too): no such comparison
+    for summary in runs["e2e"].values():
+        summary |= {"schedule": "simultaneous", "part_time": [1.0, 1.0], "epochs": 3, "finetune_epochs": 0}
+    assert "final_same_parallel_time" not in study.analyse(s, runs)[1]["vs_baseline"]
     # an arm contrasted with another arm (Q3: the LR rule against one LR) is also paired with it
     s.arms["rule"], s.contrasts = {"epochs": 2, "finetune_epochs": 1}, {"rule": "parts"}
     runs["rule"] = {0: _summary(3.0, [(2, 10, 4.4), (3, 15, 3.0)], parts_bpd=4.4),
