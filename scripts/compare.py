@@ -80,7 +80,7 @@ def run_config(path: Path, values: dict, storage: str, rerun: bool, seed: int | 
 
 
 # Settings that do not change what a run computes
-_NOT_RESULTS = {"progress", "resume", "storage_path", "log_every"}
+_NOT_RESULTS = {"progress", "resume", "storage_path", "log_every", "run_name"}
 
 
 def _check_same_settings(run_dir: Path, config: RunConfig) -> None:

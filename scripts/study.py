@@ -151,7 +151,7 @@ def lr_study(quick: bool) -> Study:
     for lr in ["1e-3", "1e-2"]:
         # the fine-tune at e2e's LR in every arm: the arms differ in their parts phase only
         shape = {"schedule": "simultaneous", "parts": 3, "epochs": epochs, "finetune_epochs": finetune}
-        shape |= {"lr": [float(lr)], "finetune_lr": 1e-3}
+        shape |= {"lr": [float(lr)]} | ({"finetune_lr": 1e-3} if lr != "1e-3" else {})  # (1e-3: the default)
         arms[f"one-lr-{lr}"] = shape
         arms[f"rule-{lr}"] = shape | {"lr_rule": "relative-update"}
         contrasts[f"rule-{lr}"] = f"one-lr-{lr}"
