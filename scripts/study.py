@@ -228,6 +228,16 @@ STUDIES = {
 }  # fmt: skip
 
 
+def keep_arms(study: Study, names: list[str]) -> None:
+    """Narrow a study to some of its arms (and its baseline): more seeds for one
+    comparison, without rerunning the rest."""
+    unknown = [n for n in names if n not in study.arms]
+    if unknown:
+        raise ConfigError(f"--arms: {unknown[0]!r} is not an arm of study {study.name!r} ({', '.join(study.arms)})")
+    study.arms = {a: o for a, o in study.arms.items() if a in names or a == study.baseline}
+    study.contrasts = {a: o for a, o in study.contrasts.items() if a in study.arms and o in study.arms}
+
+
 def load_study(path: Path) -> Study:
     try:
         study = Study(**json.loads(path.read_text()))
@@ -420,14 +430,15 @@ def table(study: Study, rows: list[dict[str, Any]]) -> str:
         f"with `{study.baseline}`: mean [95% interval] and the verdict (better, worse, within ±{EQUIVALENCE} "
         "BPD, or undecided with about how many seeds would decide it).",
         "",
-        "| arm | test BPD (mean) | after the parts phase (mean) | wall time (s) | in parallel (epochs) | rollbacks | "
-        "− baseline, same epochs | parts phase − baseline, same epochs | − baseline, same wall clock | "
+        "| arm | seeds | test BPD (mean) | after the parts phase (mean) | wall time (s) | in parallel (epochs) | "
+        "rollbacks | − baseline, same epochs | parts phase − baseline, same epochs | − baseline, same wall clock | "
         "− baseline, same time with the parts in parallel |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [
             r["arm"],
+            ",".join(map(str, r["seeds"])),
             f"{sum(r['final']) / len(r['final']):.4f}",
             f"{sum(r['after_parts']) / len(r['after_parts']):.4f}",
             f"{sum(r['wall_time']) / len(r['wall_time']):.0f}",
@@ -525,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", type=Path, help="a study of your own, as JSON (see --show)")
     p.add_argument("--quick", action="store_true", help="the reduced version: the direction, in minutes")
     p.add_argument("--seeds", help='override the study\'s seeds ("0,1,2" or "0-3")')
+    p.add_argument("--arms", help="only these arms, comma-separated (the baseline is always kept)")
     p.add_argument("--show", action="store_true", help="print the study as JSON and run nothing")
     p.add_argument("--finished-only", action="store_true", help="tables from the runs finished so far; train nothing")
     p.add_argument("--out", type=Path, default=Path("docs/study"))
@@ -538,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
             study.name += "-quick"
         if args.seeds:
             study.seeds = parse_seeds(args.seeds)
+        if args.arms:
+            keep_arms(study, args.arms.split(","))
         study.check()
         if args.show:
             print(json.dumps(asdict(study), indent=1))

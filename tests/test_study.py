@@ -122,6 +122,18 @@ def test_a_tiny_study_runs_end_to_end_and_a_rerun_trains_nothing(mnist_dir, tmp_
     assert trained == []
 
 
+def test_arms_narrow_a_study_and_keep_its_baseline(capsys):
+    assert study.main(["lr", "--arms", "rule-1e-2", "--show"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert list(shown["arms"]) == ["e2e", "rule-1e-2"] and shown["contrasts"] == {}  # its contrast arm left out
+    assert study.main(["lr", "--arms", "rule-1e-2,one-lr-1e-2", "--show"]) == 0
+    assert json.loads(capsys.readouterr().out)["contrasts"] == {"rule-1e-2": "one-lr-1e-2"}
+    assert study.main(["parts", "--arms", "5-parts"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --arms: '5-parts' is not an arm of study 'parts' (e2e, 2-parts, 3-parts, 4-parts, 6-parts, 8-parts)"
+    )
+
+
 def test_a_bad_study_is_one_line(tmp_path, capsys):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"name": "b", "question": "q", "base": {}, "arms": {"a": {}}, "baseline": "e2e"}))
