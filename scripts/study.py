@@ -158,6 +158,9 @@ def lr_study(quick: bool) -> Study:
     arms["tuned"] = shape | {"tune_lr": tune}  # the search spans both LRs: one Tune study
     contrasts["tuned"] = "one-lr-1e-3"
     arms["e2e"]["finetune_epochs"] = 0
+    # e2e at the high LR too: parts that gain from a higher LR are compared with e2e at its own better LR
+    arms["e2e-1e-2"] = arms["e2e"] | {"lr": [1e-2]}
+    contrasts["one-lr-1e-2"] = "e2e-1e-2"
     return Study(
         name="lr",
         question="Is there a natural way to set each part's learning rate?",
