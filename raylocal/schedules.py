@@ -205,6 +205,7 @@ class SingleProcessRun:
         self.config = config
         self.data = data
         self.device = resolve_device(config.device)
+        self.wire_dtype = WIRE_DTYPES[config.wire_dtype]  # how latents cross a boundary (as async's wire sends them)
         self.glow = build_glow(config, data.shape).to(self.device)
         self.spec = spec or part_spec_for(config, self.glow, data.train)
         self.parts = [self.glow.part(a, b) for a, b in self.spec.bounds]
@@ -428,7 +429,7 @@ class SingleProcessRun:
         else:
             if not self._adopted:
                 x0 = self.data.train[: cfg.init_batch_size].to(self.device)
-                initialize(self.parts, preprocess(x0, cfg.n_bits, self.noise), WIRE_DTYPES[cfg.wire_dtype])
+                initialize(self.parts, preprocess(x0, cfg.n_bits, self.noise), self.wire_dtype)
             (self.log.dir / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
         self._last_step: dict[int, int] = {}  # global step at which each part last trained, in this process
 
@@ -472,9 +473,7 @@ class SingleProcessRun:
             results = {len(self.parts): self.finetuner.step(x)}
             apply_finetune_faults(self.faults, len(self.parts), self.finetuner.steps, self.log.dir)
         else:
-            results = train_batch(
-                self.parts, self.trainers, active, x, self.state.part_time, WIRE_DTYPES[cfg.wire_dtype]
-            )
+            results = train_batch(self.parts, self.trainers, active, x, self.state.part_time, self.wire_dtype)
             self._apply_lr_rule()
         self.state.global_step += 1
         dt = time.perf_counter() - t0

@@ -389,10 +389,10 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
             parts = [parts_phase_bpd(per_seed[s]) - bpd_at_epoch(base[s], parts_epochs) for s in seeds]
             wall = [per_seed[s]["test_bpd"] - bpd_at_time(base[s], per_seed[s]["wall_time"]) for s in seeds]
             parallel = [
-                per_seed[s]["test_bpd"] - bpd_at_epochs(base[s], parallel_epochs(per_seed[s]))
-                for s in seeds
+                per_seed[s]["test_bpd"] - bpd_at_epochs(base[s], epochs)
+                for s, epochs in zip(seeds, row["parallel_epochs"])
                 # against a baseline that trains as one model (e2e), not against another set of parts
-                if parallel_epochs(per_seed[s]) is not None and parallel_epochs(base[s]) is None
+                if epochs is not None and parallel_epochs(base[s]) is None
             ]
             row["vs_baseline"] = {
                 "final_same_epochs": decide(final),
