@@ -134,6 +134,18 @@ def test_arms_narrow_a_study_and_keep_its_baseline(capsys):
     )
 
 
+def test_base_lr_moves_the_arms_without_an_lr_of_their_own_to_a_study_of_its_own(capsys):
+    assert study.main(["lr", "--base-lr", "3e-3", "--show"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["name"] == "lr-lr0.003" and shown["base"]["lr"] == [3e-3]
+    default = study.lr_study(False)
+    assert shown["arms"] == default.arms and default.base["lr"] != [3e-3]  # every lr arm sets its own
+    assert study.main(["parts", "--quick", "--base-lr", "1e-3", "--show"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "parts-quick-lr0.001"
+    assert study.main(["parts", "--base-lr", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --base-lr: -1 is not a positive LR"
+
+
 def test_a_bad_study_is_one_line(tmp_path, capsys):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"name": "b", "question": "q", "base": {}, "arms": {"a": {}}, "baseline": "e2e"}))
