@@ -111,6 +111,28 @@ def parts_study(quick: bool) -> Study:
     )
 
 
+def boundary_study(quick: bool) -> Study:
+    """Q1's follow-up: where one boundary goes. Two parts, the boundary after 1,
+    2 or 3 of block 1's flow steps, after block 1 (its split included) or 2
+    steps into block 2; otherwise Q1's two-part arm (which the balanced split
+    cuts after step 3). Q1 broke where its first part shrank to one or two flow
+    steps: is it the position of a boundary or the number of boundaries?"""
+    epochs, finetune = (2, 1) if quick else (8, 2)
+    shape = {"schedule": "simultaneous", "parts": 2, "epochs": epochs, "finetune_epochs": finetune}
+    specs = {"step-1": "1[:1]|1[1:],2", "step-2": "1[:2]|1[2:],2", "step-3": "1[:3]|1[3:],2", "block-1": "1|2"}
+    specs["step-6"] = "1,2[:2]|2[2:]"
+    arms: dict[str, dict[str, Any]] = {"e2e": {"schedule": "e2e", "parts": 1, "epochs": epochs + finetune}}
+    arms |= {f"after-{where}": shape | {"part_spec": spec} for where, spec in specs.items()}
+    arms["e2e"]["finetune_epochs"] = 0
+    return Study(
+        name="boundary",
+        question="Where can one boundary go?",
+        arms=arms,
+        baseline="e2e",
+        **_scale(quick),
+    )
+
+
 def finetune_study(quick: bool) -> Study:
     """Q2: the fine-tune's share of a fixed epoch budget, and a boundary-only fine-tune."""
     total = 3 if quick else 12
@@ -229,7 +251,8 @@ def wire_study(quick: bool) -> Study:
 
 
 STUDIES = {
-    "parts": parts_study, "finetune": finetune_study, "lr": lr_study, "staleness": staleness_study, "wire": wire_study,
+    "parts": parts_study, "boundary": boundary_study, "finetune": finetune_study, "lr": lr_study,
+    "staleness": staleness_study, "wire": wire_study,
 }  # fmt: skip
 
 

@@ -158,6 +158,8 @@ def test_a_bad_study_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("name", sorted(study.STUDIES))
 def test_every_arm_of_the_built_in_studies_is_a_valid_run(name, quick):
     from raylocal.config import validate_config
+    from raylocal.parts import parse_part_spec
+    from raylocal.train import build_glow
 
     s = study.STUDIES[name](quick)
     s.check()
@@ -165,6 +167,8 @@ def test_every_arm_of_the_built_in_studies_is_a_valid_run(name, quick):
         values = s.base | {k: v for k, v in overrides.items() if k != "tune_lr"}  # the tuned LRs come later
         config = validate_config(values, f"{name} {arm}")  # unknown keys and bad values raise
         assert config.model_dump(include=set(values)) == values, arm  # nothing was silently changed
+        if config.part_spec:  # a spec that does not fit the model would only fail when its run starts
+            assert len(parse_part_spec(config.part_spec, build_glow(config, (1, 28, 28))).bounds) == config.parts
 
 
 @pytest.mark.parametrize("n_steps,down,length", [(1250, 0.3, 50), (1250, 0.6, 500), (92, 0.3, 50), (1000, 0.1, 50)])
