@@ -417,18 +417,25 @@ def _met(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
+SPEEDS = {"inf": 1e10, "100Mbit": 1e8, "10Mbit": 1e7, "1Mbit": 1e6}  # bits/s, for the figure's x axis
+
+
+def by_bandwidth(links: list[str]) -> list[str]:
+    """The links without outages, slowest first (the order --links gave them in is the cells' order)."""
+    return sorted((link for link in links if link in SPEEDS), key=SPEEDS.__getitem__)
+
+
 def plot(results: dict, links: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    speeds = {"inf": 1e10, "100Mbit": 1e8, "10Mbit": 1e7, "1Mbit": 1e6}
-    plain = [link for link in links if link in speeds]
+    plain = by_bandwidth(links)  # each line drawn left to right
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method, label in [("parts", "2 parts"), ("parts+ft", "2 parts + fine-tune"), ("ddp", "2 DDP workers"),
                           ("local-sgd", "2 local-SGD workers")]:  # fmt: skip
-        xs = [speeds[link] for link in plain]
+        xs = [SPEEDS[link] for link in plain]
         ys = [results[(method, link)]["test_bpd"] for link in plain]
         line = ax.plot(xs, ys, marker="o", label=label)[0]
         if "10Mbit+outages" in links:
@@ -436,7 +443,7 @@ def plot(results: dict, links: list[str], path: Path) -> None:
             ax.plot([1e7], [y], marker="x", markersize=9, color=line.get_color())
     ax.axhline(results[("one-device", None)]["test_bpd"], color="gray", linestyle="--", label="1 device (no link)")
     ax.set_xscale("log")
-    ax.set_xticks([speeds[link] for link in plain], [link.replace("inf", "∞") for link in plain])
+    ax.set_xticks([SPEEDS[link] for link in plain], [link.replace("inf", "∞") for link in plain])
     ax.set_xlabel("link bandwidth (20 ms latency; x: 10 Mbit with outages)")
     ax.set_ylabel("test BPD at the same wall-clock budget")
     ax.legend(fontsize=8)

@@ -66,3 +66,9 @@ def test_the_inf_speedup_is_the_median_of_side_by_side_repeats(bench, tmp_path, 
     median = "inf: parts / one device = 1.75x (median of 3 runs: 1.50, 1.75, 1.90; target >= 1.75x, median of 3)"
     assert lines[-1] == f"{median}: met"
     assert bench.check_targets(results, ["inf"])[-1].startswith("inf: parts / one device = 1.50x (one run;")
+
+
+def test_the_figure_draws_each_method_from_the_slowest_link_to_the_fastest(bench):
+    assert bench.by_bandwidth(["10Mbit", "inf", "10Mbit+outages", "1Mbit", "100Mbit"]) == [
+        "1Mbit", "10Mbit", "100Mbit", "inf",
+    ]  # fmt: skip
