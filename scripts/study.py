@@ -119,11 +119,14 @@ def boundary_study(quick: bool) -> Study:
     steps: is it the position of a boundary or the number of boundaries?"""
     epochs, finetune = (2, 1) if quick else (8, 2)
     shape = {"schedule": "simultaneous", "parts": 2, "epochs": epochs, "finetune_epochs": finetune}
-    specs = {"step-1": "1[:1]|1[1:],2", "step-2": "1[:2]|1[2:],2", "step-3": "1[:3]|1[3:],2", "block-1": "1|2"}
-    specs["step-6"] = "1,2[:2]|2[2:]"
-    arms: dict[str, dict[str, Any]] = {"e2e": {"schedule": "e2e", "parts": 1, "epochs": epochs + finetune}}
+    specs = {
+        "step-1": "1[:1]|1[1:],2", "step-2": "1[:2]|1[2:],2", "step-3": "1[:3]|1[3:],2", "block-1": "1|2",
+        "step-6": "1,2[:2]|2[2:]",
+    }  # fmt: skip
+    arms: dict[str, dict[str, Any]] = {
+        "e2e": {"schedule": "e2e", "parts": 1, "epochs": epochs + finetune, "finetune_epochs": 0}
+    }
     arms |= {f"after-{where}": shape | {"part_spec": spec} for where, spec in specs.items()}
-    arms["e2e"]["finetune_epochs"] = 0
     return Study(
         name="boundary",
         question="Where can one boundary go?",
