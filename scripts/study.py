@@ -220,21 +220,25 @@ def staleness_study(quick: bool) -> Study:
     n_steps = epochs * (scale["base"]["train_subset"] // scale["base"]["batch_size"])
     shape = {"schedule": "async", "epochs": epochs, "finetune_epochs": finetune, "starve": "stale"}
     arms: dict[str, dict[str, Any]] = {"e2e": {"schedule": "e2e", "parts": 1, "epochs": epochs + finetune}}
+    contrasts: dict[str, str] = {}  # every outage arm against its parts with the link up: what staleness alone costs
     grid = [(0.3, 50)] if quick else [(0.1, 50), (0.3, 50), (0.6, 50), (0.1, 500), (0.3, 500), (0.6, 500)]
     for k in [2] if quick else [2, 3]:
         arms[f"{k}p-up"] = shape | {"parts": k, "link": "up"}
         for down, length in grid:
             link, each = outage_link(n_steps, down, length)
-            arms[f"{k}p-down{round(down * 100)}-len{each}"] = shape | {"parts": k, "link": link}
+            arm = f"{k}p-down{round(down * 100)}-len{each}"
+            arms[arm], contrasts[arm] = shape | {"parts": k, "link": link}, f"{k}p-up"
         link, each = outage_link(n_steps, 0.3, 50)
         for sync in [1, 500]:  # the weight syncs that keep a stale copy close, at one outage pattern
-            arms[f"{k}p-down30-len{each}-sync{sync}"] = shape | {"parts": k, "link": link, "sync_every": sync}
+            arm = f"{k}p-down30-len{each}-sync{sync}"
+            arms[arm], contrasts[arm] = shape | {"parts": k, "link": link, "sync_every": sync}, f"{k}p-up"
     return Study(
         name="staleness",
         question="What does staleness cost?",
         arms=arms,
         baseline="e2e",
         x="staleness",
+        contrasts=contrasts,
         **scale,
     )
 
@@ -460,7 +464,11 @@ def _cell(d: dict[str, Any]) -> str:
     return text + (f" (~{d['seeds_to_decide']} seeds)" if d["seeds_to_decide"] else "")
 
 
+STALENESS = "staleness (mean upstream steps behind, per seed)"
+
+
 def table(study: Study, rows: list[dict[str, Any]]) -> str:
+    stale = study.x == "staleness"
     done = sorted({s for r in rows for s in r["seeds"]})
     seeds = ", ".join(map(str, done))
     if done != sorted(study.seeds):
@@ -472,8 +480,8 @@ def table(study: Study, rows: list[dict[str, Any]]) -> str:
         "",
         "| arm | seeds | test BPD (mean) | after the parts phase (mean) | wall time (s) | in parallel (epochs) | "
         "rollbacks | − baseline, same epochs | parts phase − baseline, same epochs | − baseline, same wall clock | "
-        "− baseline, same time with the parts in parallel |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "− baseline, same time with the parts in parallel |" + (f" {STALENESS} |" if stale else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if stale else ""),
     ]
     for r in rows:
         cells = [
@@ -489,6 +497,7 @@ def table(study: Study, rows: list[dict[str, Any]]) -> str:
         keys = ("final_same_epochs", "after_parts_same_epochs", "final_same_wall_clock")
         keys += ("final_same_parallel_time",)
         cells += [_cell(vs[k]) if vs and k in vs else "" for k in keys]
+        cells += [", ".join(f"{x:.1f}" for x in r["staleness"])] if stale else []
         lines.append("| " + " | ".join(cells) + " |")
     contrasted = [r for r in rows if "vs_contrast" in r]
     if contrasted:
@@ -496,13 +505,15 @@ def table(study: Study, rows: list[dict[str, Any]]) -> str:
             "",
             "Paired by seed with another arm:",
             "",
-            "| arm | − arm | at the end | after the parts phase | its part LRs (seed by seed) |",
+            "| arm | − arm | at the end | after the parts phase | "
+            + (f"{STALENESS} |" if stale else "its part LRs (seed by seed) |"),
             "|---|---|---|---|---|",
         ]
         for r in contrasted:
             c = r["vs_contrast"]
             lrs = "; ".join(",".join(f"{x:.3g}" for x in v) for v in r["part_lrs"] if v)
-            lines.append(f"| {r['arm']} | {c['arm']} | {_cell(c['final'])} | {_cell(c['after_parts'])} | {lrs} |")
+            last = ", ".join(f"{x:.1f}" for x in r["staleness"]) if stale else lrs
+            lines.append(f"| {r['arm']} | {c['arm']} | {_cell(c['final'])} | {_cell(c['after_parts'])} | {last} |")
     return "\n".join(lines)
 
 

@@ -75,6 +75,29 @@ def test_arms_are_paired_with_the_baseline_of_the_same_seed():
     assert "| rule | parts |" in study.table(s, study.analyse(s, runs))
 
 
+def test_staleness_arms_are_paired_with_their_parts_on_an_up_link_and_tabled_with_their_staleness():
+    s = study.staleness_study(quick=False)
+    outage_arms = [a for a, o in s.arms.items() if o.get("link", "up") != "up"]
+    assert len(outage_arms) == 16 and s.contrasts == {a: f"{s.arms[a]['parts']}p-up" for a in outage_arms}
+    s.seeds, s.arms = [0, 1], {a: s.arms[a] for a in ("e2e", "2p-up", "2p-down30-len53")}
+    s.contrasts = {"2p-down30-len53": "2p-up"}
+    curve = [(8, 10, 3.0), (10, 15, 2.0)]
+    runs = {
+        "e2e": {seed: _summary(2.0, curve) for seed in (0, 1)},
+        "2p-up": {seed: _summary(2.1, curve, 3.1) | {"behind_steps": [{"mean": 1.0}]} for seed in (0, 1)},
+        "2p-down30-len53": {
+            0: _summary(2.3, curve, 3.4) | {"behind_steps": [{"mean": 20.0}]},
+            1: _summary(2.2, curve, 3.2) | {"behind_steps": [{"mean": 30.0}]},
+        },
+    }
+    rows = study.analyse(s, runs)
+    assert rows[2]["vs_contrast"]["final"]["mean"] == pytest.approx((0.2 + 0.1) / 2)
+    assert rows[2]["vs_contrast"]["after_parts"]["mean"] == pytest.approx((0.3 + 0.1) / 2)
+    text = study.table(s, rows)
+    assert "| 2p-down30-len53 | 2p-up |" in text and text.count("| 20.0, 30.0 |") == 2  # both tables
+    assert text.splitlines()[2].count("|") == text.splitlines()[3].count("|")  # header and rule agree
+
+
 def _tiny_base(mnist_dir) -> dict:
     """A study base that trains in seconds on the tiny dataset."""
     return {
