@@ -153,16 +153,17 @@ class PartActor:
             return worker.checkpoint_state()
 
     def progress(self) -> dict[str, Any]:
-        if self.worker is None:  # run() has not built it yet
+        if not self.started.is_set():  # run() has not built the worker yet (this call does not wait)
             return {"started": False}
-        st = self.worker.stats
+        worker = self._built()
+        st = worker.stats
         recent = st.losses[-20:]
         return {
             "started": True,
             "steps": st.steps,
             "restarts": st.restarts,
             "loss": sum(recent) / len(recent) if recent else float("nan"),
-            "rollbacks": self.worker.trainer.rollbacks,
+            "rollbacks": worker.trainer.rollbacks,
             "stale_steps": st.stale_steps,
         }
 
