@@ -78,6 +78,7 @@ class WorkerStats:
     step_times: list[float] = field(default_factory=list)  # [i]: when step i ended (0: the init)
     losses: list[float] = field(default_factory=list)
     rollbacks: int = 0
+    skipped: int = 0  # outlier batches the trainer did not learn from (part 1 only: PartTrainer.step)
     restarts: int = 0  # times this part's process died and was restored from its checkpoint
     resumed_at: int = -1  # step this part continued from after a driver restart (--resume)
     start_time: float = 0.0
@@ -421,7 +422,7 @@ class PartLoop:
                 st.first_step_time = self.clock.now()
             st.steps = worker.step
             st.losses.append(result.loss)
-            st.rollbacks = worker.trainer.rollbacks
+            st.rollbacks, st.skipped = worker.trainer.rollbacks, worker.trainer.skipped
             st.step_times.append(self.clock.now())
             if source is not None:
                 st.inputs.append([source, started])
@@ -430,7 +431,7 @@ class PartLoop:
                 self.on_step(worker)
         with self.guard:
             worker.trainer.validate()
-        st.rollbacks = worker.trainer.rollbacks
+        st.rollbacks, st.skipped = worker.trainer.rollbacks, worker.trainer.skipped
         if self.sender is not None:
             st.put_s += self.sender.close()
         st.end_time = self.clock.now()

@@ -345,7 +345,8 @@ class SingleProcessRun:
             for index, layer in enumerate(self.glow.layers):
                 layer.requires_grad_(index in trained)
             self.glow.prior.requires_grad_(False)
-        return PartTrainer(self.glow.whole(), lr, cfg, index=len(self.parts), total_steps=total, name="the fine-tune")
+        whole = self.glow.whole()
+        return PartTrainer(whole, lr, cfg, len(self.parts), total, name="the fine-tune", fed_images=True)
 
     # ------------------------------------------------------------ training
 
@@ -377,6 +378,7 @@ class SingleProcessRun:
             self.log.scalar(f"{name}/local_loss", res.loss, step)
             self.log.scalar(f"{name}/lr", t.lr, step)
             self.log.scalar(f"{name}/rollbacks", t.rollbacks, step)
+            self.log.scalar(f"{name}/skipped_batches", t.skipped, step)
             if res.grad_norm == res.grad_norm:
                 self.log.scalar(f"{name}/grad_norm", res.grad_norm, step)
         losses = " ".join(f"{r.loss:.3f}" for r in results.values())
@@ -546,6 +548,7 @@ class SingleProcessRun:
             "phase_time": self.state.phase_time,
             "part_time": self.state.part_time,
             "rollbacks": [t.rollbacks for t in self.trainers] + ([self.finetuner.rollbacks] if self.finetuner else []),
+            "skipped_batches": [t.skipped for t in self.trainers + ([self.finetuner] if self.finetuner else [])],
             "rollback_events": [
                 {"part": t.index + 1, "step": e.step, "reason": e.reason, "new_lr": e.new_lr}
                 for t in self.trainers + ([self.finetuner] if self.finetuner else [])
@@ -594,6 +597,7 @@ def finish_after_parts(
     summary.update(parts.report)
     n = len(parts.stats)
     summary["rollbacks"] = [st["rollbacks"] for st in parts.stats] + summary["rollbacks"][n:]
+    summary["skipped_batches"] = [st["skipped"] for st in parts.stats] + summary["skipped_batches"][n:]
     write_json(run_dir / "summary.json", summary)
     return summary
 

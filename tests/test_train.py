@@ -119,14 +119,14 @@ def test_checkpoint_corruption_is_refused(tmp_path):
         load_checkpoint(path)
 
 
-def _trainer(**cfg):
+def _trainer(index: int = 0, fed_images: bool = False, **cfg):
     torch.manual_seed(0)
     glow = Glow((1, 8, 8), n_levels=2, depth=1, hidden=8)
     config = RunConfig(warmup_steps=0, snapshot_every=1, **cfg)
     part = glow.whole()
     x = torch.rand(16, 1, 8, 8) - 0.5
     initialize([part], x)
-    return PartTrainer(part, 1e-3, config), x
+    return PartTrainer(part, 1e-3, config, index, fed_images=fed_images), x
 
 
 def _poison_and_step(trainer, x):
@@ -188,14 +188,37 @@ def test_a_restored_state_that_fails_again_gives_way_to_the_one_before():
     assert trainer.rollbacks == 2
 
 
-def test_input_drift_is_not_blamed_on_the_part():
+def test_input_drift_is_not_blamed_on_a_part_fed_by_another():
     # the loss jumps because the input moved (as when upstream parts change),
-    # while the weights do as well as before on the previous batch: no rollback
-    trainer, x = _trainer(rollback_factor=5.0)
+    # while the weights do as well as before on the previous batch: no rollback,
+    # and the part learns from the batch
+    trainer, x = _trainer(index=1, rollback_factor=5.0)
     for _ in range(25):
         trainer.step(x + 0.001 * torch.randn_like(x))
+    before = {k: v.clone() for k, v in trainer.part.state_dict().items()}
     res = trainer.step(x * 50)
-    assert res.event is None and trainer.rollbacks == 0
+    assert res.event is None and trainer.rollbacks == 0 and trainer.skipped == 0
+    assert any(not torch.equal(v, before[k]) for k, v in trainer.part.state_dict().items())
+
+
+@pytest.mark.parametrize("index,fed_images", [(0, False), (2, True)])  # part 1; the fine-tune
+def test_an_outlier_batch_of_the_data_itself_is_skipped(index, fed_images):
+    # the same jump where the input is the data, which never moves: weights fine
+    # on the previous batch meet a batch they fit far worse. Learning from it
+    # took a fine-tune to 168 test BPD; it is skipped, the weights kept
+    trainer, x = _trainer(index=index, fed_images=fed_images, rollback_factor=5.0)
+    for _ in range(25):
+        trainer.step(x + 0.001 * torch.randn_like(x))
+    before = {k: v.clone() for k, v in trainer.part.state_dict().items()}
+    guard, steps = trainer.guard.state_dict(), trainer.steps
+    res = trainer.step(x * 50)
+    assert res.event is None and trainer.rollbacks == 0 and trainer.skipped == 1 and trainer.steps == steps + 1
+    assert all(torch.equal(v, before[k]) for k, v in trainer.part.state_dict().items())
+    assert trainer.guard.state_dict() == guard  # its statistics are the data's, not the outlier's
+    with torch.no_grad():
+        assert torch.equal(res.output, trainer.part(x * 50)[0])  # the output of the kept weights
+    assert trainer.step(x).event is None and trainer.skipped == 1  # and training goes on
+    assert trainer.state_dict()["skipped"] == 1
 
 
 def test_validate_catches_a_bad_last_update():
