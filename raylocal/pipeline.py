@@ -421,7 +421,8 @@ class PartLoop:
             if worker.step == 1:
                 st.first_step_time = self.clock.now()
             st.steps = worker.step
-            st.losses.append(result.loss)
+            if not result.skipped:  # an outlier's loss (up to 1e11) is no measure of the part
+                st.losses.append(result.loss)
             st.rollbacks, st.skipped = worker.trainer.rollbacks, worker.trainer.skipped
             st.step_times.append(self.clock.now())
             if source is not None:

@@ -447,7 +447,8 @@ class SingleProcessRun:
         while self.stream.position < len(self.stream) and stopped is None:
             results = self._batch(epoch, finetune)
             for k, res in results.items():
-                losses.setdefault(k, []).append(res.loss)
+                if not res.skipped:  # an outlier's loss (up to 1e11) would be the epoch's mean
+                    losses.setdefault(k, []).append(res.loss)
             stopped = self._after_batch(epoch, results)
         self._end_epoch(epoch, finetune, losses, t_epoch)
         if stopped is None:

@@ -195,6 +195,7 @@ class StepResult:
     loss: float  # local NLL in bits/dim, measured before the update
     grad_norm: float = 0.0
     event: str | None = None  # why this step was rolled back, if it was
+    skipped: bool = False  # an outlier batch it did not learn from (its loss is no measure of the part)
 
 
 @dataclass
@@ -279,7 +280,7 @@ class PartTrainer:
                 # its loss: skip the batch and keep the weights.
                 self.skipped += 1
                 self.steps += 1
-                return StepResult(y.detach(), loss_value, float("nan"))
+                return StepResult(y.detach(), loss_value, float("nan"), skipped=True)
             # The loss rose but the weights still do as well as before on the
             # previous batch: the *input* moved (upstream parts changed), not
             # this part's weights. Accept it and relearn the statistics.

@@ -58,6 +58,7 @@ def test_nan_injected_into_a_part_is_rolled_back_and_run_continues(uninterrupted
     mnist_dir, clean = uninterrupted
     s = _async(mnist_dir, tmp_path, "nan", inject="nan:2@5")
     assert s["rollbacks"][1] >= 1 and s["rollbacks"][0] == 0
+    assert len(s["skipped_batches"]) == len(s["rollbacks"]) and s["skipped_batches"][1] == 0  # parts' counts, merged
     # it kept learning after the rollback: finite, and well below the untrained model's ~8
     assert s["test_bpd"] == s["test_bpd"] and s["test_bpd"] < clean["test_bpd"] + 0.5
 

@@ -196,6 +196,8 @@ def test_diverging_part_is_rolled_back_visibly_and_survives(mnist_dir, tmp_path,
         warmup_steps=0, max_rollbacks=50, snapshot_every=1, rollback_factor=3,
     )  # fmt: skip
     assert s["rollbacks"][1] > 0 and s["rollbacks"][0] == 0
+    # a part fed by another never skips a batch (its input moves); one count per trainer
+    assert len(s["skipped_batches"]) == len(s["rollbacks"]) and s["skipped_batches"][1] == 0
     assert all(e["part"] == 2 for e in s["rollback_events"])
     assert s["rollback_events"][0]["new_lr"] == pytest.approx(15.0)
     assert "ROLLBACK part 2" in capsys.readouterr().err
