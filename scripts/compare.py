@@ -91,6 +91,8 @@ def _check_same_settings(run_dir: Path, config: RunConfig) -> None:
         return
     stored = RunConfig.model_validate_json(stored_path.read_text()).model_dump()
     wanted = config.model_dump()
+    if wanted["device"] == "auto":  # an async run stores the device "auto" chose for it
+        wanted["device"] = stored["device"]
     differ = sorted(k for k in wanted if k not in _NOT_RESULTS and stored.get(k) != wanted[k])
     if differ:
         shown = ", ".join(f"{k} {stored.get(k)!r} -> {wanted[k]!r}" for k in differ[:3])

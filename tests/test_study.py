@@ -145,6 +145,20 @@ def test_a_tiny_study_runs_end_to_end_and_a_rerun_trains_nothing(mnist_dir, tmp_
     assert trained == []
 
 
+def test_a_run_on_the_device_auto_chose_is_read_back_for_auto(tmp_path):
+    from raylocal.config import RunConfig
+    from raylocal.errors import ConfigError
+
+    # an async run stores the device its driver resolved "auto" to (staleness's runs: "cpu")
+    (tmp_path / "config.json").write_text(RunConfig(device="cpu").model_dump_json())
+    compare._check_same_settings(tmp_path, RunConfig(device="auto"))
+    compare._check_same_settings(tmp_path, RunConfig(device="cpu"))
+    with pytest.raises(ConfigError, match="device 'cpu' -> 'cuda'"):
+        compare._check_same_settings(tmp_path, RunConfig(device="cuda"))
+    with pytest.raises(ConfigError, match="hidden 64 -> 16"):  # "auto" excuses the device only
+        compare._check_same_settings(tmp_path, RunConfig(device="auto", hidden=16))
+
+
 def test_arms_narrow_a_study_and_keep_its_baseline(capsys):
     assert study.main(["lr", "--arms", "rule-1e-2", "--show"]) == 0
     shown = json.loads(capsys.readouterr().out)
