@@ -141,22 +141,27 @@ def finetune_study(quick: bool) -> Study:
     total = 3 if quick else 12
     shares = [0, 33] if quick else [0, 10, 25, 33]
     arms: dict[str, dict[str, Any]] = {"e2e": {"schedule": "e2e", "parts": 1, "epochs": total, "finetune_epochs": 0}}
+    contrasts: dict[str, str] = {}  # each fine-tune against none (what it buys); the boundary scope against all
     for k in [2] if quick else [2, 4]:
         for share in shares:
             ft = round(total * share / 100)
             arms[f"{k}-parts-ft{share}"] = {
                 "schedule": "simultaneous", "parts": k, "epochs": total - ft, "finetune_epochs": ft,
             }  # fmt: skip
+            if share:
+                contrasts[f"{k}-parts-ft{share}"] = f"{k}-parts-ft0"
         ft = round(total * shares[-1] / 100)
         arms[f"{k}-parts-ft{shares[-1]}-boundary"] = {
             "schedule": "simultaneous", "parts": k, "epochs": total - ft, "finetune_epochs": ft,
             "finetune_scope": "boundary",
         }  # fmt: skip
+        contrasts[f"{k}-parts-ft{shares[-1]}-boundary"] = f"{k}-parts-ft{shares[-1]}"
     return Study(
         name="finetune",
         question="Is the last end-to-end phase needed?",
         arms=arms,
         baseline="e2e",
+        contrasts=contrasts,
         **_scale(quick),
     )
 

@@ -79,6 +79,12 @@ def test_staleness_arms_are_paired_with_their_parts_on_an_up_link_and_tabled_wit
     s = study.staleness_study(quick=False)
     outage_arms = [a for a, o in s.arms.items() if o.get("link", "up") != "up"]
     assert len(outage_arms) == 16 and s.contrasts == {a: f"{s.arms[a]['parts']}p-up" for a in outage_arms}
+    # Q2 likewise: each fine-tune against none, the boundary scope against the whole model's
+    assert study.finetune_study(quick=False).contrasts == {
+        "2-parts-ft10": "2-parts-ft0", "2-parts-ft25": "2-parts-ft0", "2-parts-ft33": "2-parts-ft0",
+        "2-parts-ft33-boundary": "2-parts-ft33", "4-parts-ft10": "4-parts-ft0", "4-parts-ft25": "4-parts-ft0",
+        "4-parts-ft33": "4-parts-ft0", "4-parts-ft33-boundary": "4-parts-ft33",
+    }  # fmt: skip
     s.seeds, s.arms = [0, 1], {a: s.arms[a] for a in ("e2e", "2p-up", "2p-down30-len53")}
     s.contrasts = {"2p-down30-len53": "2p-up"}
     curve = [(8, 10, 3.0), (10, 15, 2.0)]
