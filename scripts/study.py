@@ -569,7 +569,8 @@ def _staleness_figure(study: Study, rows: list[dict[str, Any]], ax: Any) -> None
         ax.errorbar(xs, [d["mean"] for d in ds], yerr=errs, fmt=marker, capsize=3, label=label)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.axhspan(-EQUIVALENCE, EQUIVALENCE, color="grey", alpha=0.15, label=f"±{EQUIVALENCE} BPD")
-    ax.set_xscale("symlog")
+    ax.set_xscale("symlog", linthresh=1.0)  # log beyond one step, and a run with none still shows
+    ax.set_xlim(0, 1.5 * max((sum(r["staleness"]) / len(r["staleness"]) for r in rows), default=1.0))
     ax.set_xlabel("measured staleness: mean upstream steps behind")
     ax.set_ylabel(f"test BPD − {study.baseline} (paired by seed)")
     ax.set_title(study.question)
