@@ -472,6 +472,10 @@ def _cell(d: dict[str, Any]) -> str:
 STALENESS = "staleness (mean upstream steps behind, per seed)"
 
 
+def _per_seed(values: list[float]) -> str:
+    return ", ".join(f"{x:.1f}" for x in values)
+
+
 def table(study: Study, rows: list[dict[str, Any]]) -> str:
     stale = study.x == "staleness"
     done = sorted({s for r in rows for s in r["seeds"]})
@@ -502,7 +506,7 @@ def table(study: Study, rows: list[dict[str, Any]]) -> str:
         keys = ("final_same_epochs", "after_parts_same_epochs", "final_same_wall_clock")
         keys += ("final_same_parallel_time",)
         cells += [_cell(vs[k]) if vs and k in vs else "" for k in keys]
-        cells += [", ".join(f"{x:.1f}" for x in r["staleness"])] if stale else []
+        cells += [_per_seed(r["staleness"])] if stale else []
         lines.append("| " + " | ".join(cells) + " |")
     contrasted = [r for r in rows if "vs_contrast" in r]
     if contrasted:
@@ -517,7 +521,7 @@ def table(study: Study, rows: list[dict[str, Any]]) -> str:
         for r in contrasted:
             c = r["vs_contrast"]
             lrs = "; ".join(",".join(f"{x:.3g}" for x in v) for v in r["part_lrs"] if v)
-            last = ", ".join(f"{x:.1f}" for x in r["staleness"]) if stale else lrs
+            last = _per_seed(r["staleness"]) if stale else lrs
             lines.append(f"| {r['arm']} | {c['arm']} | {_cell(c['final'])} | {_cell(c['after_parts'])} | {last} |")
     return "\n".join(lines)
 
@@ -558,11 +562,11 @@ def figure(study: Study, rows: list[dict[str, Any]], path: Path) -> None:
 
 def _staleness_figure(study: Study, rows: list[dict[str, Any]], ax: Any) -> None:
     """Q4's figure: BPD − baseline against measured staleness, one point per arm."""
+    xs = [sum(r["staleness"]) / len(r["staleness"]) for r in rows]
     for key, label, marker in [
         ("after_parts_same_epochs", "after the parts phase", "o"),
         ("final_same_epochs", "after the fine-tune", "s"),
     ]:
-        xs = [sum(r["staleness"]) / len(r["staleness"]) for r in rows]
         ds = [r["vs_baseline"][key] for r in rows]
         errs = [[0 if math.isnan(d["mean"] - d["lo"]) else d["mean"] - d["lo"] for d in ds],
                 [0 if math.isnan(d["hi"] - d["mean"]) else d["hi"] - d["mean"] for d in ds]]  # fmt: skip
@@ -570,7 +574,7 @@ def _staleness_figure(study: Study, rows: list[dict[str, Any]], ax: Any) -> None
     ax.axhline(0, color="black", linewidth=0.8)
     ax.axhspan(-EQUIVALENCE, EQUIVALENCE, color="grey", alpha=0.15, label=f"±{EQUIVALENCE} BPD")
     ax.set_xscale("symlog", linthresh=1.0)  # log beyond one step, and a run with none still shows
-    ax.set_xlim(0, 1.5 * max((sum(r["staleness"]) / len(r["staleness"]) for r in rows), default=1.0))
+    ax.set_xlim(0, 1.5 * max(xs, default=1.0))
     ax.set_xlabel("measured staleness: mean upstream steps behind")
     ax.set_ylabel(f"test BPD − {study.baseline} (paired by seed)")
     ax.set_title(study.question)
