@@ -510,19 +510,25 @@ def table(study: Study, rows: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     contrasted = [r for r in rows if "vs_contrast" in r]
     if contrasted:
+        # the last column says what tells the paired arms apart: their staleness, or
+        # their part LRs where some run gave its parts different LRs (else it is blank)
+        lrs_differ = any(len(set(v)) > 1 for r in contrasted for v in r["part_lrs"] if v)
+        last = STALENESS if stale else "its part LRs (seed by seed)" if lrs_differ else ""
         lines += [
             "",
             "Paired by seed with another arm:",
             "",
-            "| arm | − arm | at the end | after the parts phase | "
-            + (f"{STALENESS} |" if stale else "its part LRs (seed by seed) |"),
-            "|---|---|---|---|---|",
+            "| arm | − arm | at the end | after the parts phase |" + (f" {last} |" if last else ""),
+            "|---|---|---|---|" + ("---|" if last else ""),
         ]
         for r in contrasted:
             c = r["vs_contrast"]
-            lrs = "; ".join(",".join(f"{x:.3g}" for x in v) for v in r["part_lrs"] if v)
-            last = _per_seed(r["staleness"]) if stale else lrs
-            lines.append(f"| {r['arm']} | {c['arm']} | {_cell(c['final'])} | {_cell(c['after_parts'])} | {last} |")
+            cells = [r["arm"], c["arm"], _cell(c["final"]), _cell(c["after_parts"])]
+            if stale:
+                cells.append(_per_seed(r["staleness"]))
+            elif lrs_differ:
+                cells.append("; ".join(",".join(f"{x:.3g}" for x in v) for v in r["part_lrs"] if v))
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

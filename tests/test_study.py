@@ -73,6 +73,15 @@ def test_arms_are_paired_with_the_baseline_of_the_same_seed():
     assert rule["arm"] == "parts" and rule["final"]["mean"] == pytest.approx((-0.1 + 0.1) / 2)
     assert rule["after_parts"]["mean"] == pytest.approx((-0.1 + 0.2) / 2)
     assert "| rule | parts |" in study.table(s, study.analyse(s, runs))
+    # its last column shows part LRs only where some run gave its parts different ones (Q3, not Q2)
+    for summary in runs["rule"].values():
+        summary["part_lrs"] = [0.01, 0.01]
+    contrast_header = study.table(s, study.analyse(s, runs)).splitlines()[-3]
+    assert contrast_header == "| arm | − arm | at the end | after the parts phase |"
+    runs["rule"][1]["part_lrs"] = [0.01, 0.002]
+    text = study.table(s, study.analyse(s, runs)).splitlines()
+    assert text[-3].endswith("| its part LRs (seed by seed) |") and text[-1].endswith("| 0.01,0.01; 0.01,0.002 |")
+    assert text[-3].count("|") == text[-2].count("|") == text[-1].count("|")
 
 
 def test_staleness_arms_are_paired_with_their_parts_on_an_up_link_and_tabled_with_their_staleness():
