@@ -423,7 +423,7 @@ class PartLoop:
             st.steps = worker.step
             if not result.skipped:  # an outlier's loss (up to 1e11) is no measure of the part
                 st.losses.append(result.loss)
-            st.rollbacks, st.skipped = worker.trainer.rollbacks, worker.trainer.skipped
+            self._count_events()
             st.step_times.append(self.clock.now())
             if source is not None:
                 st.inputs.append([source, started])
@@ -432,7 +432,7 @@ class PartLoop:
                 self.on_step(worker)
         with self.guard:
             worker.trainer.validate()
-        st.rollbacks, st.skipped = worker.trainer.rollbacks, worker.trainer.skipped
+        self._count_events()  # the last validation may roll back
         if self.sender is not None:
             st.put_s += self.sender.close()
         st.end_time = self.clock.now()
@@ -440,6 +440,11 @@ class PartLoop:
             # done first (its own steps or --time-budget): its upstream may still be sending
             self.receiver.drain()
         return st
+
+    def _count_events(self) -> None:
+        """The trainer's rollbacks and skipped batches, where progress reports read them."""
+        trainer, st = self.worker.trainer, self.worker.stats
+        st.rollbacks, st.skipped = trainer.rollbacks, trainer.skipped
 
     # ------------------------------------------------------------ steps
 
