@@ -219,7 +219,9 @@ def outage_link(n_steps: int, down: float, length: int) -> tuple[str, int]:
 def staleness_study(quick: bool) -> Study:
     """Q4: async parts whose link is down for a share of the steps, in short or
     long outages, with weight syncs every 1, 50 or 500 steps; the downstream part
-    trains on its stale copy of the upstream part meanwhile."""
+    trains on its stale copy of the upstream part meanwhile. The evenly spread
+    outages end before the parts phase does; one more arm keeps the link down
+    for the last 60% of it, so that the parts phase ends on stale latents."""
     epochs, finetune = (2, 1) if quick else (8, 2)
     scale = _scale(quick)
     n_steps = epochs * (scale["base"]["train_subset"] // scale["base"]["batch_size"])
@@ -233,6 +235,11 @@ def staleness_study(quick: bool) -> Study:
             link, each = outage_link(n_steps, down, length)
             arm = f"{k}p-down{round(down * 100)}-len{each}"
             arms[arm], contrasts[arm] = shape | {"parts": k, "link": link}, f"{k}p-up"
+        if not quick:  # the centred outages leave the last steps fresh; this one runs to the parts phase's end
+            total = round(0.6 * n_steps)
+            arm = f"{k}p-down60-len{total}-at-end"
+            arms[arm] = shape | {"parts": k, "link": f"outage={n_steps - total}:{total}"}
+            contrasts[arm] = f"{k}p-up"
         link, each = outage_link(n_steps, 0.3, 50)
         for sync in [1, 500]:  # the weight syncs that keep a stale copy close, at one outage pattern
             arm = f"{k}p-down30-len{each}-sync{sync}"

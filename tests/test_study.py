@@ -87,7 +87,14 @@ def test_arms_are_paired_with_the_baseline_of_the_same_seed():
 def test_staleness_arms_are_paired_with_their_parts_on_an_up_link_and_tabled_with_their_staleness():
     s = study.staleness_study(quick=False)
     outage_arms = [a for a, o in s.arms.items() if o.get("link", "up") != "up"]
-    assert len(outage_arms) == 16 and s.contrasts == {a: f"{s.arms[a]['parts']}p-up" for a in outage_arms}
+    assert len(outage_arms) == 18 and s.contrasts == {a: f"{s.arms[a]['parts']}p-up" for a in outage_arms}
+    # the outage at the end: down for the last 60% of the parts phase's steps, up before (the others end earlier)
+    from raylocal.links import LinkSpec
+
+    n_steps = 8 * (10000 // 64)  # 8 epochs of 64-image batches
+    at_end = [LinkSpec.parse(s.arms["2p-down60-len749-at-end"]["link"]).up_at_step(i) for i in range(n_steps)]
+    assert at_end == [True] * (n_steps - 749) + [False] * 749 and n_steps - 749 == round(0.4 * n_steps)
+    assert LinkSpec.parse(s.arms["2p-down60-len749"]["link"]).up_at_step(n_steps - 1)
     # Q2 likewise: each fine-tune against none, the boundary scope against the whole model's
     assert study.finetune_study(quick=False).contrasts == {
         "2-parts-ft10": "2-parts-ft0", "2-parts-ft25": "2-parts-ft0", "2-parts-ft33": "2-parts-ft0",
