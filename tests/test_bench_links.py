@@ -72,3 +72,20 @@ def test_the_figure_draws_each_method_from_the_slowest_link_to_the_fastest(bench
     assert bench.by_bandwidth(["10Mbit", "inf", "10Mbit+outages", "1Mbit", "100Mbit"]) == [
         "1Mbit", "10Mbit", "100Mbit", "inf",
     ]  # fmt: skip
+
+
+def test_only_the_first_parts_cell_keeps_the_weights_a_fine_tune_starts_from(bench, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_subprocess_run(argv, **kwargs):  # runs the cell in this process, with a parts run that is instant
+        calls.append(argv)
+        bench.cell_main(json.loads(argv[-1]))
+        return type("Done", (), {"returncode": 0, "stdout": "", "stderr": ""})
+
+    monkeypatch.setattr(bench, "run_parts", lambda args: {"test_bpd": 3.0, "state": {"w": bench.torch.zeros(2)}})
+    monkeypatch.setattr(bench.subprocess, "run", fake_subprocess_run)
+    opts = type("Opts", (), dict(budget=1.0, test_subset=10, train_subset=None, average_every=5, outer_lr=None))
+    for run in (1, 2):
+        assert bench.run_cell("parts", "inf", opts, tmp_path, run) == {"test_bpd": 3.0}
+    assert len(calls) == 2 and (tmp_path / "parts-inf.pt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts-inf-run2.json", "parts-inf.json", "parts-inf.pt"]
