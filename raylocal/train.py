@@ -100,6 +100,11 @@ def evaluate_bpd(glow: Glow, images: Tensor, batch_size: int, device: torch.devi
     return total / len(images)
 
 
+# Outliers come alone: past this many skipped batches in a row, the next one
+# that looks like an outlier is taken for the data as it is, and learnt from.
+MAX_SKIPS_IN_A_ROW = 5
+
+
 class StabilityGuard:
     """Flags non-finite losses and upward jumps against running statistics.
 
@@ -234,6 +239,7 @@ class PartTrainer:
         self._snapshots: list[dict[str, Any]] = []  # last good states, the newest last (at most two)
         self._restored = False  # the newest snapshot was restored and has not been replaced since
         self._last: tuple[Tensor, float] | None = None  # last update's batch and loss before it
+        self._skips_in_a_row = 0
 
     @property
     def input_moves(self) -> bool:
@@ -271,19 +277,23 @@ class PartTrainer:
         loss = nll.mean()
         loss_value = float(loss.detach())
         problem = self.guard.check(loss_value)
-        if problem is not None and math.isfinite(loss_value) and not self._own_fault():
-            if not self.input_moves:
-                # Weights that do as well as before on the previous batch, fed data
-                # that never moves, fit this batch far worse: an outlier for them
-                # (a fine-tune met one at 3e11 bits/dim, learnt from it, and its test
+        last = self._recheck() if problem is not None and math.isfinite(loss_value) else None
+        if last is not None and not self._own_fault(last):
+            if self._is_outlier(loss_value, last):
+                # Fed data that never moves, weights that fit the previous batch
+                # as well as ever fit this one far worse: an outlier for them (a
+                # fine-tune met one at 3e11 bits/dim, learnt from it, and its test
                 # BPD went to 168 two epochs later). Its gradient is as far off as
                 # its loss: skip the batch and keep the weights.
                 self.skipped += 1
+                self._skips_in_a_row += 1
                 self.steps += 1
                 return StepResult(y.detach(), loss_value, float("nan"), skipped=True)
-            # The loss rose but the weights still do as well as before on the
-            # previous batch: the *input* moved (upstream parts changed), not
-            # this part's weights. Accept it and relearn the statistics.
+            # The loss rose, but the last update did not raise its own batch's
+            # loss: the input moved (upstream parts changed), or, fed the data,
+            # the weights fit the previous batch about as badly as this one:
+            # they drifted over updates none of which was a jump (skipping then
+            # froze a part 1 for 1,364 steps). Accept it, relearn the statistics.
             self.guard.reset()
             problem = None
         if problem is None:
@@ -303,6 +313,7 @@ class PartTrainer:
                     self.meter.add(before, [p.detach() for p in self.part.parameters()])
                 self.guard.observe(loss_value)
                 self.steps += 1
+                self._skips_in_a_row = 0
                 self._last = (x.detach(), loss_value)
                 return StepResult(y.detach(), loss_value, grad_norm)
             problem = "non-finite gradient"
@@ -316,10 +327,19 @@ class PartTrainer:
         with torch.no_grad():
             return before, float(local_nll(self.part, x)[0].mean())
 
-    def _own_fault(self) -> bool:
-        """Did the last update make the part worse on the batch it was computed on?"""
-        r = self._recheck()
-        return r is None or not math.isfinite(r[1]) or self.guard.is_jump(r[1] - r[0])
+    def _is_outlier(self, loss_value: float, last: tuple[float, float]) -> bool:
+        """Is this batch of the data far worse than the previous one (``last``, its
+        recheck) under the same weights? A part fed by another cannot tell an
+        outlier from its input moving. Outliers come alone: a run of them is the
+        data as it is."""
+        if self.input_moves or self._skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+            return False
+        return self.guard.is_jump(loss_value - last[1])
+
+    def _own_fault(self, last: tuple[float, float]) -> bool:
+        """Did the last update make the part worse on the batch it was computed on
+        (``last``: that batch's loss before it and now)?"""
+        return not math.isfinite(last[1]) or self.guard.is_jump(last[1] - last[0])
 
     def validate(self) -> str | None:
         """Check the weights left by the last update (which no later batch has
@@ -363,6 +383,7 @@ class PartTrainer:
                 "lower its learning rate"
             )
         self._last = None  # its batch belongs to weights that are gone
+        self._skips_in_a_row = 0
         snap = copy.deepcopy(self._snapshots[-1])
         self._restored = True
         self.part.load_state_dict(snap["part"])
@@ -400,3 +421,4 @@ class PartTrainer:
         self._snapshots = []
         self._restored = False
         self._last = None
+        self._skips_in_a_row = 0

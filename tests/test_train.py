@@ -14,8 +14,8 @@ from raylocal.config import RunConfig
 from raylocal.data import load_dataset
 from raylocal.errors import CheckpointError, DivergedError
 from raylocal.glow import Glow
-from raylocal.objectives import preprocess
-from raylocal.train import PartTrainer, build_glow, evaluate_bpd, initialize
+from raylocal.objectives import local_nll, preprocess
+from raylocal.train import MAX_SKIPS_IN_A_ROW, PartTrainer, build_glow, evaluate_bpd, initialize
 
 
 def _summary(storage, name):
@@ -220,6 +220,37 @@ def test_an_outlier_batch_of_the_data_itself_is_skipped(index, fed_images):
         assert torch.equal(res.output, trainer.part(x * 50)[0])  # the output of the kept weights
     assert trainer.step(x).event is None and trainer.skipped == 1  # and training goes on
     assert trainer.state_dict()["skipped"] == 1
+
+
+@pytest.mark.parametrize("index,fed_images", [(0, False), (2, True)])
+def test_a_batch_as_bad_as_the_previous_one_is_learnt_from_not_skipped(index, fed_images):
+    # part 1 of a study run froze for 1,364 steps: an update raised its own batch's
+    # loss by less than the threshold, every later batch then looked like an
+    # outlier and was skipped, the weights kept. The previous batch fits those
+    # weights as badly as this one: not an outlier; learnt from, as before the skip
+    trainer, x = _trainer(index=index, fed_images=fed_images, rollback_factor=5.0)
+    for _ in range(25):
+        trainer.step(x + 0.001 * torch.randn_like(x))
+    with torch.no_grad():
+        trainer.part.layers["2"].log_s.add_(0.5)  # worse on every batch, and finite
+        damaged = trainer.part.layers["2"].log_s.clone()
+        before = float(local_nll(trainer.part, x)[0].mean())
+    trainer._last = (x, before - 0.01)  # as if the last update had raised its own batch's loss by 0.01 only
+    threshold = trainer.guard.mean + 5 * max(trainer.guard.dev, 0.01)
+    res = trainer.step(x + 0.001 * torch.randn_like(x))
+    assert res.loss > threshold  # the guard flagged it ...
+    assert res.event is None and not res.skipped and trainer.rollbacks == 0 and trainer.skipped == 0
+    assert trainer.guard.count == 1  # ... and relearns its statistics from it
+    assert not torch.equal(trainer.part.layers["2"].log_s, damaged)  # it learnt
+
+
+def test_outliers_come_alone_a_run_of_them_is_learnt_from():
+    trainer, x = _trainer(rollback_factor=5.0)
+    for _ in range(25):
+        trainer.step(x + 0.001 * torch.randn_like(x))
+    results = [trainer.step(x * 50) for _ in range(MAX_SKIPS_IN_A_ROW + 1)]
+    assert [r.skipped for r in results] == [True] * MAX_SKIPS_IN_A_ROW + [False]
+    assert results[-1].event is None and trainer.rollbacks == 0 and trainer.guard.count == 1
 
 
 def test_validate_catches_a_bad_last_update():
