@@ -550,7 +550,7 @@ def figure(study: Study, rows: list[dict[str, Any]], path: Path) -> None:
     compared = [r for r in rows if "vs_baseline" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if study.x == "staleness":
-        _staleness_figure(study, [r for r in compared if r["staleness"]], ax)
+        _staleness_figure(study, rows, ax)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         return
@@ -573,26 +573,45 @@ def figure(study: Study, rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def staleness_points(rows: list[dict[str, Any]]) -> list[tuple[int, str, float, float]]:
+    """Q4's figure, point by point: (K, "after_parts" or "final", the run's
+    measured staleness, its test BPD minus the same parts' on an up link, same
+    seed) for every run of an arm contrasted with its up link."""
+    by_arm = {r["arm"]: r for r in rows}
+    points = []
+    for r in rows:
+        up = by_arm.get(r.get("vs_contrast", {}).get("arm", ""))
+        if up is None or len(r["staleness"]) != len(r["seeds"]):
+            continue
+        for key in ("after_parts", "final"):
+            reference = dict(zip(up["seeds"], up[key]))
+            for seed, stale, value in zip(r["seeds"], r["staleness"], r[key]):
+                if seed in reference:
+                    points.append((r["config"]["parts"], key, stale, value - reference[seed]))
+    return points
+
+
 def _staleness_figure(study: Study, rows: list[dict[str, Any]], ax: Any) -> None:
-    """Q4's figure: BPD − baseline against measured staleness, one point per arm."""
-    xs = [sum(r["staleness"]) / len(r["staleness"]) for r in rows]
-    for key, label, marker in [
-        ("after_parts_same_epochs", "after the parts phase", "o"),
-        ("final_same_epochs", "after the fine-tune", "s"),
-    ]:
-        ds = [r["vs_baseline"][key] for r in rows]
-        errs = [[0 if math.isnan(d["mean"] - d["lo"]) else d["mean"] - d["lo"] for d in ds],
-                [0 if math.isnan(d["hi"] - d["mean"]) else d["hi"] - d["mean"] for d in ds]]  # fmt: skip
-        ax.errorbar(xs, [d["mean"] for d in ds], yerr=errs, fmt=marker, capsize=3, label=label)
+    """Q4's figure: every outage run against its parts on an up link (what
+    staleness alone costs; the intervals are in the tables), one colour per K."""
+    points = staleness_points(rows)
+    for i, k in enumerate(sorted({p[0] for p in points})):
+        for key, label, marker, face in [
+            ("after_parts", "after the parts phase", "o", "none"),
+            ("final", "after the fine-tune", "s", f"C{i}"),
+        ]:
+            mine = [p for p in points if p[0] == k and p[1] == key]
+            ax.scatter([p[2] for p in mine], [p[3] for p in mine], marker=marker, facecolors=face,
+                       edgecolors=f"C{i}", label=f"{k} parts, {label}")  # fmt: skip
     ax.axhline(0, color="black", linewidth=0.8)
     ax.axhspan(-EQUIVALENCE, EQUIVALENCE, color="grey", alpha=0.15, label=f"±{EQUIVALENCE} BPD")
-    ax.set_xscale("symlog", linthresh=1.0)  # log beyond one step, and a run with none still shows
-    ax.set_xlim(0, 1.5 * max(xs, default=1.0))
+    ax.set_xscale("symlog", linthresh=1.0)  # log beyond one step
+    ax.set_xlim(0, 1.5 * max((p[2] for p in points), default=1.0))
     ax.set_xlabel("measured staleness: mean upstream steps behind")
-    ax.set_ylabel(f"test BPD − {study.baseline} (paired by seed)")
+    ax.set_ylabel("test BPD − the same parts on an up link (same seed)")
     ax.set_title(study.question)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
 
 
 def write_outputs(study: Study, rows: list[dict[str, Any]], out: Path, command: str) -> str:

@@ -117,6 +117,11 @@ def test_staleness_arms_are_paired_with_their_parts_on_an_up_link_and_tabled_wit
     assert rows[2]["vs_contrast"]["after_parts"]["mean"] == pytest.approx((0.3 + 0.1) / 2)
     text = study.table(s, rows)
     assert "| 2p-down30-len53 | 2p-up |" in text and text.count("| 20.0, 30.0 |") == 2  # both tables
+    # the figure's points: each outage run against the up link of its seed, at its own staleness
+    points = sorted(study.staleness_points(rows))
+    assert [p[:3] for p in points] == [(2, "after_parts", 20.0), (2, "after_parts", 30.0), (2, "final", 20.0),
+                                       (2, "final", 30.0)]  # fmt: skip
+    assert [p[3] for p in points] == pytest.approx([3.4 - 3.1, 3.2 - 3.1, 2.3 - 2.1, 2.2 - 2.1])
     assert text.splitlines()[2].count("|") == text.splitlines()[3].count("|")  # header and rule agree
 
 
