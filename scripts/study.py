@@ -547,13 +547,13 @@ def figure(study: Study, rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    compared = [r for r in rows if "vs_baseline" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if study.x == "staleness":
         _staleness_figure(study, rows, ax)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         return
+    compared = [r for r in rows if "vs_baseline" in r]
     series = [(-0.15, "after_parts_same_epochs", "after the parts phase"), (0.15, "final_same_epochs", "at the end")]
     for offset, key, label in series:
         xs = [i + offset for i in range(len(compared))]
