@@ -383,6 +383,13 @@ def bpd_at_epoch(summary: dict, epoch: float) -> float:
     return points[-1]["test_bpd"]
 
 
+def staleness(summary: dict) -> float | None:
+    """An async run's measured staleness: mean upstream steps behind, averaged
+    over its boundaries (None for a run that had no link between parts)."""
+    behind = summary.get("behind_steps")
+    return sum(b["mean"] for b in behind) / len(behind) if behind else None
+
+
 def decide(diffs: list[float]) -> dict[str, Any]:
     """Mean, 95% interval and verdict of paired differences (run − baseline). It is
     decided when the interval excludes zero (better / worse) or lies inside
@@ -430,12 +437,7 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
             "parallel_epochs": [parallel_epochs(per_seed[s]) for s in seeds],
             "rollbacks": [per_seed[s]["rollbacks"] for s in seeds],
             "part_lrs": [per_seed[s].get("part_lrs") for s in seeds],
-            # async runs: mean upstream steps behind, averaged over the boundaries
-            "staleness": [
-                sum(b["mean"] for b in per_seed[s]["behind_steps"]) / len(per_seed[s]["behind_steps"])
-                for s in seeds
-                if per_seed[s].get("behind_steps")
-            ],
+            "staleness": [v for v in (staleness(per_seed[s]) for s in seeds) if v is not None],
         }
         if arm != study.baseline:
             final = [per_seed[s]["test_bpd"] - base[s]["test_bpd"] for s in seeds]
@@ -457,11 +459,15 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
         other = study.contrasts.get(arm)
         if other is not None and set(per_seed) & set(runs.get(other, {})):
             pairs = sorted(set(per_seed) & set(runs[other]))
-            row["vs_contrast"] = {
-                "arm": other,
-                "final": decide([per_seed[s]["test_bpd"] - runs[other][s]["test_bpd"] for s in pairs]),
-                "after_parts": decide([parts_phase_bpd(per_seed[s]) - parts_phase_bpd(runs[other][s]) for s in pairs]),
+            diffs = {
+                "final": [per_seed[s]["test_bpd"] - runs[other][s]["test_bpd"] for s in pairs],
+                "after_parts": [parts_phase_bpd(per_seed[s]) - parts_phase_bpd(runs[other][s]) for s in pairs],
             }
+            # seed by seed as well: Q4's figure plots each run's difference at its own staleness
+            row["vs_contrast"] = {"arm": other, "seeds": pairs, "per_seed": diffs} | {
+                key: decide(values) for key, values in diffs.items()
+            }
+            row["vs_contrast"]["staleness"] = [staleness(per_seed[s]) for s in pairs]
         rows.append(row)
     return rows
 
@@ -576,18 +582,16 @@ def figure(study: Study, rows: list[dict[str, Any]], path: Path) -> None:
 def staleness_points(rows: list[dict[str, Any]]) -> list[tuple[int, str, float, float]]:
     """Q4's figure, point by point: (K, "after_parts" or "final", the run's
     measured staleness, its test BPD minus the same parts' on an up link, same
-    seed) for every run of an arm contrasted with its up link."""
-    by_arm = {r["arm"]: r for r in rows}
+    seed) for every async run of an arm contrasted with its up link."""
     points = []
     for r in rows:
-        up = by_arm.get(r.get("vs_contrast", {}).get("arm", ""))
-        if up is None or len(r["staleness"]) != len(r["seeds"]):
+        contrast = r.get("vs_contrast")
+        if contrast is None:
             continue
         for key in ("after_parts", "final"):
-            reference = dict(zip(up["seeds"], up[key]))
-            for seed, stale, value in zip(r["seeds"], r["staleness"], r[key]):
-                if seed in reference:
-                    points.append((r["config"]["parts"], key, stale, value - reference[seed]))
+            for stale, diff in zip(contrast["staleness"], contrast["per_seed"][key]):
+                if stale is not None:
+                    points.append((r["config"]["parts"], key, stale, diff))
     return points
 
 

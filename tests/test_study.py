@@ -122,6 +122,14 @@ def test_staleness_arms_are_paired_with_their_parts_on_an_up_link_and_tabled_wit
     assert [p[:3] for p in points] == [(2, "after_parts", 20.0), (2, "after_parts", 30.0), (2, "final", 20.0),
                                        (2, "final", 30.0)]  # fmt: skip
     assert [p[3] for p in points] == pytest.approx([3.4 - 3.1, 3.2 - 3.1, 2.3 - 2.1, 2.2 - 2.1])
+    # a seed whose e2e run has not finished: no pair with e2e, but a point of the figure all the same
+    runs["2p-up"][2] = runs["2p-up"][0]
+    runs["2p-down30-len53"][2] = _summary(2.5, curve, 3.6) | {"behind_steps": [{"mean": 40.0}, {"mean": 50.0}]}
+    rows = study.analyse(s, runs)
+    assert rows[2]["seeds"] == [0, 1] and rows[2]["vs_contrast"]["seeds"] == [0, 1, 2]
+    points = sorted(study.staleness_points(rows))
+    assert [p[2] for p in points] == [20.0, 30.0, 45.0] * 2  # its staleness: the mean of its two boundaries
+    assert [p[3] for p in points] == pytest.approx([0.3, 0.1, 0.5, 0.2, 0.1, 0.4])
     assert text.splitlines()[2].count("|") == text.splitlines()[3].count("|")  # header and rule agree
 
 
