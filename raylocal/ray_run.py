@@ -27,6 +27,7 @@ import importlib
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,10 @@ class ServiceActor:
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.service = ModelService(self.config, image_shape, device)
         self.evaluations, self.evaluation_s = 0, 0.0
-        importlib.import_module("torch.utils.tensorboard")  # what finishing a run needs, loaded while parts train
+        # what finishing a run needs (seconds of imports), loaded while the parts
+        # train: on a thread, so that planning the parts does not wait for it
+        modules = ["torch.utils.tensorboard"] + (["torchvision.utils"] if self.config.samples else [])
+        threading.Thread(target=lambda: [importlib.import_module(m) for m in modules], daemon=True).start()
 
     def where(self) -> dict[str, Any]:
         return here(str(self.service.device)) | {"evaluations": self.evaluations, "evaluation_s": self.evaluation_s}

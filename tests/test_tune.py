@@ -57,9 +57,11 @@ def test_tiny_study_survives_divergence_ranks_and_best_config_round_trips(
     space = tmp_path / "space.py"
     space.write_text(SPACE)
     storage = tmp_path / "studies"
+    # a quarter CPU a part: two trials at a time on the session's 2 CPUs
     opts = tiny_options(
-        mnist_dir, storage, parts=2, part_spec="1|2", epochs=2, progress=False, max_rollbacks=1, warmup_steps=0
-    )
+        mnist_dir, storage, parts=2, part_spec="1|2", epochs=2, progress=False, max_rollbacks=1, warmup_steps=0,
+        cpus_per_part=0.25,
+    )  # fmt: skip
     argv = ["--space", str(space), "--report-every", "4", "--study", "s", *opts]
     assert tune_lr.main(argv) == 0
     out = capsys.readouterr().out
@@ -79,9 +81,13 @@ def test_tiny_study_survives_divergence_ranks_and_best_config_round_trips(
     # --resume restores the (finished) study instead of starting a new one
     assert tune_lr.main([*argv, "--resume"]) == 0
     assert (study / "ranking.md").read_text().splitlines() == ranking
-    # the best config runs unchanged
-    assert run_main(["--config", str(study / "best.json"), "--run-name", "best"]) == 0
-    assert (storage / "best" / "summary.json").is_file()  # the study's storage path is kept
+    # the best config is the study's run with the best trial's LRs, and it runs (here as its
+    # single-process twin: the async run itself is test_ray.py's)
+    trial = RunConfig.model_validate(best)
+    assert trial.lr == best["lr"] and trial.epochs == 2 and trial.part_spec == "1|2" and trial.max_rollbacks == 1
+    assert run_main(["--config", str(study / "best.json"), "--run-name", "best", "--schedule", "simultaneous"]) == 0
+    summary = json.loads((storage / "best" / "summary.json").read_text())  # the study's storage path is kept
+    assert summary["schedule"] == "simultaneous" and summary["part_lrs"] == best["lr"]
 
 
 def test_restore_parts_hands_over_weights_and_optimizer_with_new_lrs(mnist_dir, tmp_path):
