@@ -16,6 +16,9 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray Train's controller looks at its workers every 2 s by default: each fit waits up to
+# that long to see its worker finish (or die). Tiny runs finish in seconds; look often.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 torch.set_num_threads(1)
 
