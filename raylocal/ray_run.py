@@ -58,6 +58,11 @@ def here(device: str) -> dict[str, Any]:
     return {"node_id": node, "host": socket.gethostname(), "pid": os.getpid(), "device": device}
 
 
+def _import_all(modules: list[str]) -> None:
+    for name in modules:
+        importlib.import_module(name)
+
+
 @ray.remote
 class ServiceActor:
     """A thin shell around ``ModelService``; it also finishes runs whose fine-tune
@@ -72,7 +77,7 @@ class ServiceActor:
         # what finishing a run needs (seconds of imports), loaded while the parts
         # train: on a thread, so that planning the parts does not wait for it
         modules = ["torch.utils.tensorboard"] + (["torchvision.utils"] if self.config.samples else [])
-        threading.Thread(target=lambda: [importlib.import_module(m) for m in modules], daemon=True).start()
+        threading.Thread(target=_import_all, args=(modules,), daemon=True).start()
 
     def where(self) -> dict[str, Any]:
         return here(str(self.service.device)) | {"evaluations": self.evaluations, "evaluation_s": self.evaluation_s}
