@@ -80,7 +80,7 @@ def run_config(path: Path, values: dict, storage: str, rerun: bool, seed: int | 
 
 
 # Settings that do not change what a run computes
-_NOT_RESULTS = {"progress", "resume", "storage_path", "log_every", "run_name"}
+NOT_RESULTS = {"progress", "resume", "storage_path", "log_every", "run_name"}
 
 
 def _check_same_settings(run_dir: Path, config: RunConfig) -> None:
@@ -93,7 +93,7 @@ def _check_same_settings(run_dir: Path, config: RunConfig) -> None:
     wanted = config.model_dump()
     if wanted["device"] == "auto":  # an async run stores the device "auto" chose for it
         wanted["device"] = stored["device"]
-    differ = sorted(k for k in wanted if k not in _NOT_RESULTS and stored.get(k) != wanted[k])
+    differ = sorted(k for k in wanted if k not in NOT_RESULTS and stored.get(k) != wanted[k])
     if differ:
         shown = ", ".join(f"{k} {stored.get(k)!r} -> {wanted[k]!r}" for k in differ[:3])
         raise ConfigError(

@@ -19,7 +19,12 @@ seeds would decide it). The statistics are compare.py's.
 
 Runs go under --storage-path/<study>/; a finished run is read back, never
 trained again, so a stopped study resumes where it stopped. Written under
---out/<study>/: ``table.md``, ``results.json`` (every number) and ``figure.png``.
+--out/<study>/: ``table.md``, ``results.json`` (every number, and a record of
+every run: its settings, results and test curve) and ``figure.png``. The
+records are read back too: a study whose results.json is committed reruns
+nothing on a fresh clone, and new runs (more seeds, more arms) join the
+published ones. ``--arms`` and ``--seeds`` narrow what is trained; the outputs
+always cover every finished run of the study.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from compare import bpd_at_time, mean_interval, parse_seeds, run_config, t_quantile  # noqa: E402
+from compare import NOT_RESULTS, bpd_at_time, mean_interval, parse_seeds, run_config, t_quantile  # noqa: E402
 
 from raylocal.errors import ConfigError, RaylocalError  # noqa: E402
 
@@ -333,20 +338,80 @@ def tuned(study: Study, arm: str, storage: Path) -> dict[str, Any]:
     return overrides | {"lr": json.loads(best.read_text())["lr"]}
 
 
-def run_study(study: Study, storage: Path, finished_only: bool = False) -> dict[str, dict[int, dict]]:
-    """Every arm over every seed: {arm: {seed: summary}}. Finished runs are read
-    back; with ``finished_only`` nothing is trained (and nothing tuned)."""
+def run_study(
+    study: Study, storage: Path, published: dict[str, dict[int, dict]], finished_only: bool = False
+) -> dict[str, dict[int, dict]]:
+    """Every arm over every seed: {arm: {seed: record}}. A run finished under
+    ``storage`` is read back; else one that ``published`` holds (the study's
+    results.json: what was run elsewhere, or before this machine's storage was
+    lost) for the same settings; the rest are trained, unless ``finished_only``
+    (then nothing is trained, and nothing tuned)."""
     runs: dict[str, dict[int, dict]] = {}
     for seed in study.seeds:  # seed-major: a stopped study has whole pairs to compare
         for arm in study.arms:
             name = study.run_name(arm, seed)
-            if finished_only and not (storage / study.name / name / "summary.json").is_file():
-                continue
+            values = {**study.base, **study.arms[arm], "seed": seed}
+            if not (storage / study.name / name / "summary.json").is_file():
+                old = published.get(arm, {}).get(seed)
+                if old is not None:
+                    _check_published(study, name, old, values)
+                    runs.setdefault(arm, {})[seed] = old
+                    continue
+                if finished_only:
+                    continue
             overrides = tuned(study, arm, storage)
-            values = {**study.base, **overrides, "seed": seed, "run_name": name}
             path = Path(f"{study.name}/{arm}")
-            runs.setdefault(arm, {})[seed] = run_config(path, values, str(storage / study.name), rerun=False)
+            summary = run_config(
+                path,
+                {**study.base, **overrides, "seed": seed, "run_name": name},
+                str(storage / study.name),
+                rerun=False,
+            )
+            runs.setdefault(arm, {})[seed] = record(summary, values)
     return runs
+
+
+def _check_published(study: Study, name: str, old: dict, values: dict) -> None:
+    """A published run stands for this one only if the study asked it for the same settings."""
+    wanted = json.loads(json.dumps(values))  # as results.json holds them
+    keys = sorted(k for k in set(wanted) | set(old["values"]) if k not in NOT_RESULTS)
+    differ = [k for k in keys if old["values"].get(k) != wanted.get(k)]
+    if differ:
+        shown = ", ".join(f"{k} {old['values'].get(k)!r} -> {wanted.get(k)!r}" for k in differ[:3])
+        raise ConfigError(f"{study.name}/{name} was published with other settings ({shown}); give another --out")
+
+
+def record(summary: dict, values: dict[str, Any]) -> dict[str, Any]:
+    """What a study keeps of a finished run, in its results.json: the settings the
+    study asked for (before a Tune study chose the LRs) and every number its
+    comparisons read, the test curve included, so that the run can be paired again
+    without its run directory."""
+    return {
+        "values": values,
+        "test_bpd": summary["test_bpd"],
+        "after_parts": parts_phase_bpd(summary),
+        "wall_time": summary["wall_time"],
+        "parallel_epochs": parallel_epochs(summary),
+        "rollbacks": summary["rollbacks"],
+        "part_lrs": summary.get("part_lrs"),
+        "staleness": staleness(summary),
+        "curve": [
+            {"epoch": c["epoch"], "elapsed": c["elapsed"], "test_bpd": c["test_bpd"]}
+            for c in summary["curve"]
+            if "live_images" not in c  # an async run's live evaluations on a subset
+        ],
+    }
+
+
+def published_runs(path: Path) -> dict[str, dict[int, dict]]:
+    """The runs a study's results.json holds: {arm: {seed: record}} ({} where there is none)."""
+    if not path.is_file():
+        return {}
+    try:
+        runs = json.loads(path.read_text()).get("runs", {})
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise ConfigError(f"{path}: not a study's results ({str(e).splitlines()[0]})") from None
+    return {arm: {int(seed): r for seed, r in per_seed.items()} for arm, per_seed in runs.items()}
 
 
 def parts_phase_bpd(summary: dict) -> float:
@@ -369,17 +434,17 @@ def parallel_epochs(summary: dict) -> float | None:
     return summary["epochs"] * max(part_time) / sum(part_time) + summary["finetune_epochs"]
 
 
-def bpd_at_epochs(summary: dict, epochs: float) -> float:
-    """The run's test BPD after a fractional number of epochs (linear between its evaluations)."""
-    curve = [c for c in summary["curve"] if "live_images" not in c]
+def bpd_at_epochs(run: dict, epochs: float) -> float:
+    """A run's test BPD after a fractional number of epochs (linear between its evaluations)."""
+    curve = run["curve"]
     return float(np.interp(epochs, [c["epoch"] for c in curve], [c["test_bpd"] for c in curve]))
 
 
-def bpd_at_epoch(summary: dict, epoch: float) -> float:
-    """The run's test BPD after ``epoch`` epochs (its evaluation at that epoch)."""
-    points = [c for c in summary["curve"] if abs(c["epoch"] - epoch) < 1e-9 and "live_images" not in c]
+def bpd_at_epoch(run: dict, epoch: float) -> float:
+    """A run's test BPD after ``epoch`` epochs (its evaluation at that epoch)."""
+    points = [c for c in run["curve"] if abs(c["epoch"] - epoch) < 1e-9]
     if not points:
-        raise ConfigError(f"{summary['run_dir']}: no evaluation at epoch {epoch:g}")
+        raise ConfigError(f"{run['values'].get('run_name', 'a run')}: no evaluation at epoch {epoch:g}")
     return points[-1]["test_bpd"]
 
 
@@ -417,7 +482,10 @@ def decide(diffs: list[float]) -> dict[str, Any]:
 
 
 def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, Any]]:
-    """Per arm: its numbers per seed, and each comparison with its baseline."""
+    """Per arm: its numbers per seed, and each comparison with its baseline. A
+    comparison that needs the baseline's test curve (after the parts phase, at
+    the same wall clock, in parallel) leaves out a seed whose baseline record has
+    none (runs published before results.json kept curves)."""
     base = runs.get(study.baseline, {})
     rows = []
     for arm in [a for a in study.arms if a in runs]:  # the study's order, whichever seed finished first
@@ -427,47 +495,40 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
             continue
         config = study.arms[arm]
         parts_epochs = config.get("epochs", study.base.get("epochs", 1))
-        row: dict[str, Any] = {
-            "arm": arm,
-            "config": config,
-            "seeds": seeds,
-            "final": [per_seed[s]["test_bpd"] for s in seeds],
-            "after_parts": [parts_phase_bpd(per_seed[s]) for s in seeds],
-            "wall_time": [per_seed[s]["wall_time"] for s in seeds],
-            "parallel_epochs": [parallel_epochs(per_seed[s]) for s in seeds],
-            "rollbacks": [per_seed[s]["rollbacks"] for s in seeds],
-            "part_lrs": [per_seed[s].get("part_lrs") for s in seeds],
-            "staleness": [v for v in (staleness(per_seed[s]) for s in seeds) if v is not None],
-        }
+        row: dict[str, Any] = {"arm": arm, "config": config, "seeds": seeds}
+        for key in ("after_parts", "wall_time", "parallel_epochs", "rollbacks", "part_lrs"):
+            row[key] = [per_seed[s][key] for s in seeds]
+        row["final"] = [per_seed[s]["test_bpd"] for s in seeds]
+        row["staleness"] = [v for v in (per_seed[s]["staleness"] for s in seeds) if v is not None]
         if arm != study.baseline:
-            final = [per_seed[s]["test_bpd"] - base[s]["test_bpd"] for s in seeds]
-            parts = [parts_phase_bpd(per_seed[s]) - bpd_at_epoch(base[s], parts_epochs) for s in seeds]
-            wall = [per_seed[s]["test_bpd"] - bpd_at_time(base[s], per_seed[s]["wall_time"]) for s in seeds]
-            parallel = [
-                per_seed[s]["test_bpd"] - bpd_at_epochs(base[s], epochs)
-                for s, epochs in zip(seeds, row["parallel_epochs"])
-                # against a baseline that trains as one model (e2e), not against another set of parts
-                if epochs is not None and parallel_epochs(base[s]) is None
-            ]
-            row["vs_baseline"] = {
-                "final_same_epochs": decide(final),
-                "after_parts_same_epochs": decide(parts),
-                "final_same_wall_clock": decide(wall),
+            curved = [s for s in seeds if base[s]["curve"]]
+            compared = {
+                "final_same_epochs": [per_seed[s]["test_bpd"] - base[s]["test_bpd"] for s in seeds],
+                "after_parts_same_epochs": [
+                    per_seed[s]["after_parts"] - bpd_at_epoch(base[s], parts_epochs) for s in curved
+                ],
+                "final_same_wall_clock": [
+                    per_seed[s]["test_bpd"] - bpd_at_time(base[s], per_seed[s]["wall_time"]) for s in curved
+                ],
+                "final_same_parallel_time": [
+                    per_seed[s]["test_bpd"] - bpd_at_epochs(base[s], per_seed[s]["parallel_epochs"])
+                    for s in curved
+                    # against a baseline that trains as one model (e2e), not against another set of parts
+                    if per_seed[s]["parallel_epochs"] is not None and base[s]["parallel_epochs"] is None
+                ],
             }
-            if parallel:
-                row["vs_baseline"]["final_same_parallel_time"] = decide(parallel)
+            row["vs_baseline"] = {key: decide(diffs) for key, diffs in compared.items() if diffs}
         other = study.contrasts.get(arm)
         if other is not None and set(per_seed) & set(runs.get(other, {})):
             pairs = sorted(set(per_seed) & set(runs[other]))
             diffs = {
-                "final": [per_seed[s]["test_bpd"] - runs[other][s]["test_bpd"] for s in pairs],
-                "after_parts": [parts_phase_bpd(per_seed[s]) - parts_phase_bpd(runs[other][s]) for s in pairs],
+                key: [per_seed[s][field] - runs[other][s][field] for s in pairs]
+                for key, field in (("final", "test_bpd"), ("after_parts", "after_parts"))
             }
             # seed by seed as well: Q4's figure plots each run's difference at its own staleness
-            row["vs_contrast"] = {"arm": other, "seeds": pairs, "per_seed": diffs} | {
-                key: decide(values) for key, values in diffs.items()
-            }
-            row["vs_contrast"]["staleness"] = [staleness(per_seed[s]) for s in pairs]
+            row["vs_contrast"] = {
+                "arm": other, "seeds": pairs, "per_seed": diffs, "staleness": [per_seed[s]["staleness"] for s in pairs]
+            } | {key: decide(values) for key, values in diffs.items()}  # fmt: skip
         rows.append(row)
     return rows
 
@@ -562,8 +623,9 @@ def figure(study: Study, rows: list[dict[str, Any]], path: Path) -> None:
     compared = [r for r in rows if "vs_baseline" in r]
     series = [(-0.15, "after_parts_same_epochs", "after the parts phase"), (0.15, "final_same_epochs", "at the end")]
     for offset, key, label in series:
-        xs = [i + offset for i in range(len(compared))]
-        ds = [r["vs_baseline"][key] for r in compared]
+        shown = [(i, r["vs_baseline"][key]) for i, r in enumerate(compared) if key in r["vs_baseline"]]
+        xs = [i + offset for i, _ in shown]
+        ds = [d for _, d in shown]
         means = [d["mean"] for d in ds]
         errs = [[d["mean"] - d["lo"] for d in ds], [d["hi"] - d["mean"] for d in ds]]
         errs = [[0 if math.isnan(e) else e for e in side] for side in errs]
@@ -618,11 +680,15 @@ def _staleness_figure(study: Study, rows: list[dict[str, Any]], ax: Any) -> None
     ax.legend(fontsize="small")
 
 
-def write_outputs(study: Study, rows: list[dict[str, Any]], out: Path, command: str) -> str:
+def write_outputs(
+    study: Study, runs: dict[str, dict[int, dict]], rows: list[dict[str, Any]], out: Path, command: str
+) -> str:
     out.mkdir(parents=True, exist_ok=True)
     md = f"{table(study, rows)}\n\nCommand: `{command}`\n"
     (out / "table.md").write_text(md)
-    (out / "results.json").write_text(json.dumps({"study": asdict(study), "rows": rows}, indent=1) + "\n")
+    kept = {arm: {str(seed): runs[arm][seed] for seed in sorted(runs[arm])} for arm in runs}
+    results = {"study": asdict(study), "rows": rows, "runs": kept}
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     figure(study, rows, out / "figure.png")
     return md
 
@@ -648,20 +714,28 @@ def main(argv: list[str] | None = None) -> int:
             study.name += "-quick"
         if args.base_lr is not None:
             rebase_lr(study, args.base_lr)
+        study.check()
+        whole = replace(study)  # what the outputs cover: every arm, every seed finished
         if args.seeds:
             study.seeds = parse_seeds(args.seeds)
         if args.arms:
             keep_arms(study, args.arms.split(","))
-        study.check()
         if args.show:
             print(json.dumps(asdict(study), indent=1))
             return 0
-        runs = run_study(study, args.storage_path, args.finished_only)
+        out = args.out / study.name
+        published = published_runs(out / "results.json")
+        run_study(study, args.storage_path, published, args.finished_only)
+        # the tables of the whole study, this command's runs among the rest: narrowing
+        # what is trained (--arms, --seeds) never drops a published run
+        known = {seed for per_seed in published.values() for seed in per_seed}
+        whole.seeds = sorted(set(whole.seeds) | set(study.seeds) | known)
+        runs = run_study(whole, args.storage_path, published, finished_only=True)
     except RaylocalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     command = "python scripts/study.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(write_outputs(study, analyse(study, runs), args.out / study.name, command))
+    print(write_outputs(whole, runs, analyse(whole, runs), out, command))
     return 0
 
 

@@ -22,6 +22,13 @@ def _summary(final: float, curve: list[tuple[float, float, float]], parts_bpd: f
     }  # fmt: skip
 
 
+def _records(runs: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict]]:
+    """What a study keeps of each run (its results.json), as analyse reads them."""
+    return {
+        arm: {seed: study.record(summary, {}) for seed, summary in per_seed.items()} for arm, per_seed in runs.items()
+    }
+
+
 def test_paired_differences_decide_as_their_interval_says():
     worse = study.decide([0.051, 0.049, 0.050, 0.052])
     assert worse["verdict"] == "worse" and worse["mean"] == pytest.approx(0.0505)
@@ -47,7 +54,7 @@ def test_arms_are_paired_with_the_baseline_of_the_same_seed():
         "parts": {0: _summary(3.1, [(2, 10, 4.5), (3, 15, 3.1)], parts_bpd=4.5),
                   1: _summary(2.2, [(2, 10, 3.4), (3, 15, 2.2)], parts_bpd=3.4)},
     }  # fmt: skip
-    row = study.analyse(s, runs)[1]
+    row = study.analyse(s, _records(runs))[1]
     vs = row["vs_baseline"]
     assert vs["final_same_epochs"]["mean"] == pytest.approx((0.1 + 0.2) / 2)
     assert vs["after_parts_same_epochs"]["mean"] == pytest.approx((0.5 + 0.4) / 2)  # against e2e's epoch 2
@@ -57,29 +64,29 @@ def test_arms_are_paired_with_the_baseline_of_the_same_seed():
     # 2.333 epochs, where e2e stood at 4.0 - 1/3 = 3.667 (seed 0) and 2.667 (seed 1)
     for summary in runs["parts"].values():
         summary |= {"schedule": "simultaneous", "part_time": [6.0, 3.0], "epochs": 2, "finetune_epochs": 1}
-    vs = study.analyse(s, runs)[1]["vs_baseline"]
+    vs = study.analyse(s, _records(runs))[1]["vs_baseline"]
     assert vs["final_same_parallel_time"]["mean"] == pytest.approx((3.1 - 11 / 3 + 2.2 - 8 / 3) / 2)
     assert vs["final_same_wall_clock"]["mean"] == pytest.approx((3.1 - 4.5 + 2.2 - 3.5) / 2)  # (unchanged)
-    assert "final_same_parallel_time" not in study.analyse(s, runs)[0].get("vs_baseline", {})
+    assert "final_same_parallel_time" not in study.analyse(s, _records(runs))[0].get("vs_baseline", {})
     # parts against parts (the wire study's baseline is a simultaneous run too): no such comparison
     for summary in runs["e2e"].values():
         summary |= {"schedule": "simultaneous", "part_time": [1.0, 1.0], "epochs": 3, "finetune_epochs": 0}
-    assert "final_same_parallel_time" not in study.analyse(s, runs)[1]["vs_baseline"]
+    assert "final_same_parallel_time" not in study.analyse(s, _records(runs))[1]["vs_baseline"]
     # an arm contrasted with another arm (Q3: the LR rule against one LR) is also paired with it
     s.arms["rule"], s.contrasts = {"epochs": 2, "finetune_epochs": 1}, {"rule": "parts"}
     runs["rule"] = {0: _summary(3.0, [(2, 10, 4.4), (3, 15, 3.0)], parts_bpd=4.4),
                     1: _summary(2.3, [(2, 10, 3.6), (3, 15, 2.3)], parts_bpd=3.6)}  # fmt: skip
-    rule = study.analyse(s, runs)[2]["vs_contrast"]
+    rule = study.analyse(s, _records(runs))[2]["vs_contrast"]
     assert rule["arm"] == "parts" and rule["final"]["mean"] == pytest.approx((-0.1 + 0.1) / 2)
     assert rule["after_parts"]["mean"] == pytest.approx((-0.1 + 0.2) / 2)
-    assert "| rule | parts |" in study.table(s, study.analyse(s, runs))
+    assert "| rule | parts |" in study.table(s, study.analyse(s, _records(runs)))
     # its last column shows part LRs only where some run gave its parts different ones (Q3, not Q2)
     for summary in runs["rule"].values():
         summary["part_lrs"] = [0.01, 0.01]
-    contrast_header = study.table(s, study.analyse(s, runs)).splitlines()[-3]
+    contrast_header = study.table(s, study.analyse(s, _records(runs))).splitlines()[-3]
     assert contrast_header == "| arm | − arm | at the end | after the parts phase |"
     runs["rule"][1]["part_lrs"] = [0.01, 0.002]
-    text = study.table(s, study.analyse(s, runs)).splitlines()
+    text = study.table(s, study.analyse(s, _records(runs))).splitlines()
     assert text[-3].endswith("| its part LRs (seed by seed) |") and text[-1].endswith("| 0.01,0.01; 0.01,0.002 |")
     assert text[-3].count("|") == text[-2].count("|") == text[-1].count("|")
 
@@ -112,7 +119,7 @@ def test_staleness_arms_are_paired_with_their_parts_on_an_up_link_and_tabled_wit
             1: _summary(2.2, curve, 3.2) | {"behind_steps": [{"mean": 30.0}]},
         },
     }
-    rows = study.analyse(s, runs)
+    rows = study.analyse(s, _records(runs))
     assert rows[2]["vs_contrast"]["final"]["mean"] == pytest.approx((0.2 + 0.1) / 2)
     assert rows[2]["vs_contrast"]["after_parts"]["mean"] == pytest.approx((0.3 + 0.1) / 2)
     text = study.table(s, rows)
@@ -125,7 +132,7 @@ def test_staleness_arms_are_paired_with_their_parts_on_an_up_link_and_tabled_wit
     # a seed whose e2e run has not finished: no pair with e2e, but a point of the figure all the same
     runs["2p-up"][2] = runs["2p-up"][0]
     runs["2p-down30-len53"][2] = _summary(2.5, curve, 3.6) | {"behind_steps": [{"mean": 40.0}, {"mean": 50.0}]}
-    rows = study.analyse(s, runs)
+    rows = study.analyse(s, _records(runs))
     assert rows[2]["seeds"] == [0, 1] and rows[2]["vs_contrast"]["seeds"] == [0, 1, 2]
     points = sorted(study.staleness_points(rows))
     assert [p[2] for p in points] == [20.0, 30.0, 45.0] * 2  # its staleness: the mean of its two boundaries
@@ -142,7 +149,7 @@ def _tiny_base(mnist_dir) -> dict:
     }  # fmt: skip
 
 
-def test_a_tiny_study_runs_end_to_end_and_a_rerun_trains_nothing(mnist_dir, tmp_path, monkeypatch):
+def test_a_tiny_study_runs_end_to_end_and_a_rerun_trains_nothing(mnist_dir, tmp_path, monkeypatch, capsys):
     spec = {
         "name": "tiny", "question": "Do two parts match e2e?", "baseline": "e2e", "seeds": [0, 1],
         "base": _tiny_base(mnist_dir),
@@ -165,19 +172,33 @@ def test_a_tiny_study_runs_end_to_end_and_a_rerun_trains_nothing(mnist_dir, tmp_
     assert parts["vs_baseline"]["final_same_epochs"]["n"] == 2
     assert (tmp_path / "out" / "tiny" / "figure.png").stat().st_size > 0
     assert "| 2-parts |" in (tmp_path / "out" / "tiny" / "table.md").read_text()
+    assert results["runs"]["e2e"]["1"]["values"] == spec["base"] | spec["arms"]["e2e"] | {"seed": 1}
     trained.clear()
     assert study.main(argv) == 0  # resumed: every run was finished
     assert trained == []
     # --finished-only: the tables of what has finished, nothing trained
+    fresh = ["--spec", str(path), "--out", str(tmp_path / "out2"), "--storage-path", str(tmp_path / "runs")]
     (tmp_path / "runs" / "tiny" / "2-parts-seed1" / "summary.json").unlink()
-    assert study.main([*argv, "--finished-only"]) == 0 and trained == []
-    results = json.loads((tmp_path / "out" / "tiny" / "results.json").read_text())
-    assert results["rows"][1]["seeds"] == [0]
-    # a changed study is not answered with the old runs: one line, nothing trained
+    assert study.main([*fresh, "--finished-only"]) == 0 and trained == []
+    assert json.loads((tmp_path / "out2" / "tiny" / "results.json").read_text())["rows"][1]["seeds"] == [0]
+    # its results.json holds every run: from it alone (the run directories gone) the same tables, nothing trained
+    moved = ["--spec", str(path), "--out", str(tmp_path / "out"), "--storage-path", str(tmp_path / "elsewhere")]
+    assert study.main(moved) == 0 and trained == []
+    assert json.loads((tmp_path / "out" / "tiny" / "results.json").read_text())["rows"] == results["rows"]
+    # narrowed to one new run: that run is trained, and the outputs still hold every run and every arm
+    assert study.main([*moved, "--arms", "e2e", "--seeds", "2"]) == 0 and trained == ["e2e-seed2"]
+    again = json.loads((tmp_path / "out" / "tiny" / "results.json").read_text())
+    assert {arm: sorted(r) for arm, r in again["runs"].items()} == {"e2e": ["0", "1", "2"], "2-parts": ["0", "1"]}
+    assert again["rows"][1] == results["rows"][1]
+    # a changed study is not answered with the old runs, stored or published: one line, nothing trained
     spec["base"]["hidden"] = 16
     path.write_text(json.dumps(spec))
-    assert study.main(argv) == 2
+    trained.clear()
+    assert study.main(argv) == 2 and study.main(moved) == 2
     assert trained == []
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: tiny/e2e-seed0 was published with other settings (hidden 8 -> 16); give another --out"
+    )
 
 
 def test_a_run_on_the_device_auto_chose_is_read_back_for_auto(tmp_path):
