@@ -22,6 +22,7 @@ Used for ``scripts/bench_links.py``, ``scripts/bench_async.py`` and, with
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import tempfile
@@ -36,11 +37,11 @@ from torch import Tensor, nn
 
 from raylocal.config import RunConfig
 from raylocal.data import BatchStream
-from raylocal.errors import ClusterError
+from raylocal.errors import ClusterError, DivergedError
 from raylocal.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.objectives import nll_bits, preprocess
 from raylocal.runlog import peak_rss_mb
-from raylocal.train import build_glow, initialize, scheduled_lr
+from raylocal.train import MAX_SKIPS_IN_A_ROW, build_glow, initialize, scheduled_lr
 
 WEIGHTS = "weights.pt"
 HISTORY = "history.json"
@@ -151,6 +152,39 @@ def average_parameters(params: list[Tensor], all_reduce_sum: Callable[[Tensor], 
     return flat.numel() * flat.element_size()
 
 
+class NonFiniteGuard:
+    """Each update, unless its gradient is not finite: then the weights and the
+    optimizer's state stay as they were, and the batch counts as skipped. Under
+    DDP the gradient is the all-reduced one, the same on every worker, so the
+    workers skip together without a word more on the link. A few in a row mean
+    the weights themselves are broken (a NaN weight makes every gradient NaN):
+    the run fails, in one line, instead of ending with NaN weights."""
+
+    def __init__(self, grad_clip: float, limit: int = MAX_SKIPS_IN_A_ROW) -> None:
+        self.grad_clip, self.limit = grad_clip or float("inf"), limit
+        self.skipped = 0
+        self.in_a_row = 0
+
+    def update(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor, step: int) -> bool:
+        """Backward and step from ``loss`` (the ``step``-th update); False where it was skipped."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # DDP all-reduces the gradients here
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip))
+        if math.isfinite(norm):
+            optimizer.step()
+            self.in_a_row = 0
+            return True
+        optimizer.zero_grad(set_to_none=True)
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row > self.limit:
+            raise DivergedError(
+                f"data-parallel training diverged: {self.in_a_row} steps in a row without a finite gradient "
+                f"(up to step {step}; loss {float(loss.detach()):.4g}); try a lower --lr or --finetune-lr"
+            )
+        return False
+
+
 class OuterNesterov:
     """DiLoCo's outer step: the change of the averaged parameters since the last
     round is a pseudo-gradient for SGD with Nesterov momentum on a global copy."""
@@ -209,6 +243,7 @@ class DataParallelWorker:
         self.noise = torch.Generator().manual_seed(config.seed + 1 + self.rank)
         self.steps_per_epoch = len(self.stream) // self.world
         self.step = 0
+        self.guard = NonFiniteGuard(config.grad_clip)
         self.idle_s = 0.0  # waiting for the link: local-SGD rounds (DDP's is the hook's)
         self.bytes_averaged = 0.0
 
@@ -257,10 +292,7 @@ class DataParallelWorker:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 loss = self.model(preprocess(batch.to(self.device), config.n_bits, self.noise))
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # DDP all-reduces the gradients here
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip or float("inf"))
-                self.optimizer.step()
+                self.guard.update(self.model, self.optimizer, loss, self.step)
                 self.step += 1
                 epoch_steps += 1
                 if config.average_every and self.step % config.average_every == 0:
@@ -294,6 +326,7 @@ class DataParallelWorker:
             "images": self.step * self.per_worker * self.world,
             "seconds": seconds,
             "bytes_per_step": sent / max(self.step, 1),  # what each worker put on its link
+            "skipped_batches": self.guard.skipped,  # rank 0's (under DDP every worker skips the same)
             "idle_s": float(worst[0]),  # the most idle worker
             "peak_rss_mb": float(worst[1]),  # the largest worker
             "where": {
@@ -369,6 +402,9 @@ def train_ddp(
     try:
         result = trainer.fit()
     except Exception as e:  # Ray Train wraps worker errors in several types
+        for failure in getattr(e, "worker_failures", {}).values():
+            if isinstance(failure, DivergedError) or isinstance(getattr(failure, "cause", None), DivergedError):
+                raise DivergedError(str(getattr(failure, "cause", failure))) from None
         raise ClusterError(f"DDP training failed: {str(e).strip().splitlines()[0][:200]}") from None
     if result.checkpoint is None:
         raise ClusterError("DDP training returned no checkpoint")

@@ -129,3 +129,41 @@ def test_local_sgd_over_a_link_sends_what_the_formula_says(mnist_dir, tmp_path):
     assert stats["bytes_per_step"] == pytest.approx(ring_bytes(params, 2) / 2, rel=1e-6)
     assert stats["idle_s"] >= 2 * 0.01  # two rounds, each at least the latency
     assert stats["peak_rss_mb"] > 50 and all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_the_data_parallel_guard_skips_a_step_without_a_finite_gradient_and_fails_after_a_run_of_them():
+    from raylocal.ddp import NonFiniteGuard
+    from raylocal.errors import DivergedError
+
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    guard = NonFiniteGuard(grad_clip=50.0, limit=2)
+    x = torch.ones(4, 3)
+    assert guard.update(model, optimizer, model(x).pow(2).mean(), step=0)
+    weights = [p.detach().clone() for p in model.parameters()]
+    adam_steps = [float(optimizer.state[p]["step"]) for p in model.parameters()]
+    for step in (1, 2):  # a NaN in the input: no update, and Adam's moments and step count untouched
+        assert not guard.update(model, optimizer, model(x * float("nan")).mean(), step=step)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert [float(optimizer.state[p]["step"]) for p in model.parameters()] == adam_steps
+    assert guard.skipped == 2 and guard.update(model, optimizer, model(x).pow(2).mean(), step=3)
+    assert guard.in_a_row == 0 and not all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    for step in (4, 5):
+        guard.update(model, optimizer, model(x * float("inf")).sum(), step=step)
+    with pytest.raises(DivergedError, match="3 steps in a row without a finite gradient \\(up to step 6"):
+        guard.update(model, optimizer, model(x * float("nan")).mean(), step=6)
+
+
+def test_ddp_training_that_diverges_fails_in_one_line_with_its_reason(mnist_dir, tmp_path):
+    from raylocal.data import load_dataset
+    from raylocal.ddp import train_ddp
+    from raylocal.errors import DivergedError
+
+    config = RunConfig(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
+        warmup_steps=0, threads=1, samples=0, progress=False,
+    )  # fmt: skip
+    data = load_dataset("mnist", mnist_dir)
+    with pytest.raises(DivergedError, match="^data-parallel training diverged: 6 steps in a row") as e:
+        train_ddp(config, data.train, 2, 3, 1e6, tmp_path / "ddp", cpus_per_worker=0.5)
+    assert len(str(e.value).splitlines()) == 1
