@@ -444,7 +444,7 @@ def bpd_at_epoch(run: dict, epoch: float) -> float:
     """A run's test BPD after ``epoch`` epochs (its evaluation at that epoch)."""
     points = [c for c in run["curve"] if abs(c["epoch"] - epoch) < 1e-9]
     if not points:
-        raise ConfigError(f"{run['values'].get('run_name', 'a run')}: no evaluation at epoch {epoch:g}")
+        raise ConfigError(f"the baseline of seed {run['values'].get('seed', '?')} has no evaluation at epoch {epoch:g}")
     return points[-1]["test_bpd"]
 
 
