@@ -375,7 +375,7 @@ def train_ddp(
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raylocal.ray_trainer import with_worker_resource
+    from raylocal.ray_trainer import fit_train_run, with_worker_resource
 
     total = ray.cluster_resources()
     use_gpu = total.get("GPU", 0) >= workers and config.device != "cpu"
@@ -400,7 +400,7 @@ def train_ddp(
         run_config=TrainRunConfig(name="ddp", storage_path=str(storage.resolve())),
     )
     try:
-        result = trainer.fit()
+        result = fit_train_run(trainer)
     except Exception as e:  # Ray Train wraps worker errors in several types
         for failure in getattr(e, "worker_failures", {}).values():
             if isinstance(failure, DivergedError) or isinstance(getattr(failure, "cause", None), DivergedError):

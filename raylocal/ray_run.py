@@ -43,6 +43,7 @@ from raylocal.errors import CheckpointError, ClusterError, DivergedError
 from raylocal.ray_trainer import (
     PartsPhase,
     connect,
+    fit_train_run,
     part_checkpoint_path,
     pipeline_report,
     service_resources,
@@ -207,7 +208,7 @@ def finish_on_ray_train(config: RunConfig, name: str, refs: tuple[Any, Any], run
     diverged = run_dir / FINETUNE_DIVERGED
     diverged.unlink(missing_ok=True)
     try:
-        trainer.fit()
+        fit_train_run(trainer)
     except Exception as e:  # Ray Train wraps worker errors in several types
         raise ClusterError(f"the fine-tune failed: {str(e).strip().splitlines()[0][:200]}") from None
     if diverged.is_file():

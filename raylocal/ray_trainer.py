@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import threading
 import time
@@ -287,6 +288,22 @@ def with_worker_resource(config: RunConfig, bundle: dict[str, float]) -> dict[st
     if config.worker_resource:
         return bundle | {config.worker_resource: WORKER_RESOURCE_SHARE}
     return bundle
+
+
+def fit_train_run(trainer: Any) -> Any:
+    """``trainer.fit()`` of a Ray Train trainer, then the SIGINT handler that was
+    there before it. Ray Train (2.60) installs its own on the main thread, to
+    abort the run on Ctrl-C, and leaves it installed: its closure keeps the
+    finished run's controller actor alive (for minutes, until the next fit), and
+    a later Ctrl-C would abort that finished run and exit 0 instead of stopping
+    ours."""
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def service_resources(config: RunConfig, n_parts: int) -> dict[str, float]:

@@ -4,6 +4,7 @@ async trainer's DDP fine-tune phase."""
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import torch
@@ -122,7 +123,10 @@ def test_local_sgd_over_a_link_sends_what_the_formula_says(mnist_dir, tmp_path):
     )  # fmt: skip
     data = load_dataset("mnist", mnist_dir)
     stats: dict = {}
+    before = signal.getsignal(signal.SIGINT)
     weights, _ = train_ddp(config, data.train, 2, 1, 1e-3, tmp_path / "ddp", cpus_per_worker=0.5, stats=stats)
+    # Ray Train's Ctrl-C handler, which holds the finished run's controller, is gone with the fit
+    assert signal.getsignal(signal.SIGINT) is before
     params = sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters())
     # 64 images in global batches of 16: 4 steps; the parameters averaged every 2 of them
     assert stats["steps"] == 4 and stats["images"] == 64
