@@ -598,8 +598,8 @@ def table(study: Study, rows: list[dict[str, Any]]) -> str:
         for r in contrasted:
             c = r["vs_contrast"]
             cells = [r["arm"], c["arm"], _cell(c["final"]), _cell(c["after_parts"])]
-            if stale:
-                cells.append(_per_seed(r["staleness"]))
+            if stale:  # of the seeds paired here (the row's are those paired with the baseline)
+                cells.append(_per_seed([v for v in c["staleness"] if v is not None]))
             elif lrs_differ:
                 cells.append("; ".join(",".join(f"{x:.3g}" for x in v) for v in r["part_lrs"] if v))
             lines.append("| " + " | ".join(cells) + " |")

@@ -136,6 +136,10 @@ def test_staleness_arms_are_paired_with_their_parts_on_an_up_link_and_tabled_wit
     assert rows[2]["seeds"] == [0, 1] and rows[2]["vs_contrast"]["seeds"] == [0, 1, 2]
     points = sorted(study.staleness_points(rows))
     assert [p[2] for p in points] == [20.0, 30.0, 45.0] * 2  # its staleness: the mean of its two boundaries
+    # each table lists the staleness of the seeds it pairs
+    lines = study.table(s, rows).splitlines()
+    assert [x for x in lines if x.startswith("| 2p-down30-len53 |")][0].endswith("| 20.0, 30.0 |")
+    assert [x for x in lines if x.startswith("| 2p-down30-len53 | 2p-up |")][0].endswith("| 20.0, 30.0, 45.0 |")
     assert [p[3] for p in points] == pytest.approx([0.3, 0.1, 0.5, 0.2, 0.1, 0.4])
     assert text.splitlines()[2].count("|") == text.splitlines()[3].count("|")  # header and rule agree
 
