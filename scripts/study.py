@@ -403,14 +403,21 @@ def record(summary: dict, values: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _read_results(path: Path) -> dict[str, Any]:
+    try:
+        results = json.loads(path.read_text())
+        if not isinstance(results, dict) or "rows" not in results:
+            raise ValueError("no rows")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a study's results.json ({str(e).splitlines()[0]})") from None
+    return results
+
+
 def published_runs(path: Path) -> dict[str, dict[int, dict]]:
     """The runs a study's results.json holds: {arm: {seed: record}} ({} where there is none)."""
     if not path.is_file():
         return {}
-    try:
-        runs = json.loads(path.read_text()).get("runs", {})
-    except (OSError, json.JSONDecodeError, AttributeError) as e:
-        raise ConfigError(f"{path}: not a study's results ({str(e).splitlines()[0]})") from None
+    runs = _read_results(path).get("runs", {})
     return {arm: {int(seed): r for seed, r in per_seed.items()} for arm, per_seed in runs.items()}
 
 
@@ -680,6 +687,37 @@ def _staleness_figure(study: Study, rows: list[dict[str, Any]], ax: Any) -> None
     ax.legend(fontsize="small")
 
 
+def pooled_contrasts(results: list[dict[str, Any]]) -> str:
+    """Each contrast (an arm against another arm) over the seeds of several
+    studies' results.json at once: their per-seed differences pooled, each
+    difference still a pair from one study (one machine, one commit), so pairs
+    made on different machines can decide together. A markdown table."""
+    pooled: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for result in results:
+        for r in result["rows"]:
+            c = r.get("vs_contrast")
+            if c is not None:
+                diffs = pooled.setdefault((r["arm"], c["arm"]), {"final": [], "after_parts": []})
+                for key, values in diffs.items():
+                    values.extend(c["per_seed"][key])
+    lines = [
+        f"Pooled over {', '.join(r['study']['name'] for r in results)}:",
+        "",
+        "| arm | − arm | pairs | at the end | after the parts phase |",
+        "|---|---|---|---|---|",
+    ]
+    for (arm, other), diffs in pooled.items():
+        cells = [
+            arm,
+            other,
+            str(len(diffs["final"])),
+            _cell(decide(diffs["final"])),
+            _cell(decide(diffs["after_parts"])),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_outputs(
     study: Study, runs: dict[str, dict[int, dict]], rows: list[dict[str, Any]], out: Path, command: str
 ) -> str:
@@ -702,11 +740,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", help="only these arms, comma-separated (the baseline is always kept)")
     p.add_argument("--base-lr", type=float, help="the LR of every arm that sets none; the study is renamed NAME-lrLR")
     p.add_argument("--show", action="store_true", help="print the study as JSON and run nothing")
+    p.add_argument("--pool", nargs="+", type=Path, metavar="RESULTS", help="pool the contrasts of these results.json")
     p.add_argument("--finished-only", action="store_true", help="tables from the runs finished so far; train nothing")
     p.add_argument("--out", type=Path, default=Path("docs/study"))
     p.add_argument("--storage-path", type=Path, default=Path("runs/study"))
     args = p.parse_args(argv)
     try:
+        if args.pool:
+            print(pooled_contrasts([_read_results(path) for path in args.pool]))
+            return 0
         if (args.name is None) == (args.spec is None):
             raise ConfigError("name one built-in study or give --spec FILE, not both")
         study = load_study(args.spec) if args.spec else STUDIES[args.name](args.quick)

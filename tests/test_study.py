@@ -317,3 +317,24 @@ def test_a_tuned_arm_takes_the_lrs_of_its_own_tune_study_once(mnist_dir, tmp_pat
     ran = json.loads((tmp_path / "runs" / "t" / "tuned-seed0" / "config.json").read_text())
     assert ran["lr"] == [2e-3, 5e-4] and ran["schedule"] == "simultaneous" and ran["validation"] is None
     assert study.main(argv) == 0 and len(studies) == 1  # read back, not tuned again
+
+
+def test_contrasts_pool_over_the_pairs_of_several_studies(tmp_path, capsys):
+    def results(name: str, final: list[float], parts: list[float]) -> dict:
+        contrast = {"arm": "up", "per_seed": {"final": final, "after_parts": parts}}
+        return {"study": {"name": name}, "rows": [{"arm": "up"}, {"arm": "down", "vs_contrast": contrast}]}
+
+    paths = []
+    for name, final, parts in [("a", [0.05, 0.07, 0.03], [0.2, 0.1, 0.1]), ("b", [0.05, 0.03], [0.1, 0.0])]:
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(results(name, final, parts)))
+    assert study.main(["--pool", *map(str, paths)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "Pooled over a, b:"
+    # five pairs: mean 0.046, sd 0.0167, t(0.975, 4) = 2.776445: half-width 0.0207
+    half = 2.776445 * statistics.stdev([0.05, 0.07, 0.03, 0.05, 0.03]) / math.sqrt(5)
+    assert out[-1].startswith(f"| down | up | 5 | +0.0460 [{0.046 - half:+.4f}, {0.046 + half:+.4f}] worse |")
+    assert "| +0.1000 [" in out[-1]  # after the parts phase: (0.2 + 0.1 + 0.1 + 0.1 + 0.0) / 5
+    paths[0].write_text("[]")
+    assert study.main(["--pool", *map(str, paths)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {paths[0]}: not a study's results.json")
