@@ -403,8 +403,9 @@ def train_ddp(
         result = fit_train_run(trainer)
     except Exception as e:  # Ray Train wraps worker errors in several types
         for failure in getattr(e, "worker_failures", {}).values():
-            if isinstance(failure, DivergedError) or isinstance(getattr(failure, "cause", None), DivergedError):
-                raise DivergedError(str(getattr(failure, "cause", failure))) from None
+            reason = getattr(failure, "cause", None) or failure  # a worker's own error, unwrapped
+            if isinstance(reason, DivergedError):
+                raise DivergedError(str(reason)) from None
         raise ClusterError(f"DDP training failed: {str(e).strip().splitlines()[0][:200]}") from None
     if result.checkpoint is None:
         raise ClusterError("DDP training returned no checkpoint")

@@ -80,7 +80,14 @@ def run_config(path: Path, values: dict, storage: str, rerun: bool, seed: int | 
 
 
 # Settings that do not change what a run computes
-NOT_RESULTS = {"progress", "resume", "storage_path", "log_every", "run_name"}
+_NOT_RESULTS = {"progress", "resume", "storage_path", "log_every", "run_name"}
+
+
+def changed_settings(stored: dict, wanted: dict) -> str:
+    """The settings that change what a run computes and differ between ``stored``
+    and ``wanted``, as "key old -> new" (the first three), or "" when none do."""
+    differ = sorted(k for k in set(stored) | set(wanted) if k not in _NOT_RESULTS and stored.get(k) != wanted.get(k))
+    return ", ".join(f"{k} {stored.get(k)!r} -> {wanted.get(k)!r}" for k in differ[:3])
 
 
 def _check_same_settings(run_dir: Path, config: RunConfig) -> None:
@@ -93,9 +100,8 @@ def _check_same_settings(run_dir: Path, config: RunConfig) -> None:
     wanted = config.model_dump()
     if wanted["device"] == "auto":  # an async run stores the device "auto" chose for it
         wanted["device"] = stored["device"]
-    differ = sorted(k for k in wanted if k not in NOT_RESULTS and stored.get(k) != wanted[k])
-    if differ:
-        shown = ", ".join(f"{k} {stored.get(k)!r} -> {wanted[k]!r}" for k in differ[:3])
+    shown = changed_settings(stored, wanted)
+    if shown:
         raise ConfigError(
             f"{run_dir} finished with other settings ({shown}); move it away or use another --storage-path"
         )

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from compare import NOT_RESULTS, bpd_at_time, mean_interval, parse_seeds, run_config, t_quantile  # noqa: E402
+from compare import bpd_at_time, changed_settings, mean_interval, parse_seeds, run_config, t_quantile  # noqa: E402
 
 from raylocal.errors import ConfigError, RaylocalError  # noqa: E402
 
@@ -339,13 +339,14 @@ def tuned(study: Study, arm: str, storage: Path) -> dict[str, Any]:
 
 
 def run_study(
-    study: Study, storage: Path, published: dict[str, dict[int, dict]], finished_only: bool = False
+    study: Study, storage: Path, published: dict[str, dict[int, dict]], train: Study | None = None
 ) -> dict[str, dict[int, dict]]:
     """Every arm over every seed: {arm: {seed: record}}. A run finished under
     ``storage`` is read back; else one that ``published`` holds (the study's
     results.json: what was run elsewhere, or before this machine's storage was
-    lost) for the same settings; the rest are trained, unless ``finished_only``
-    (then nothing is trained, and nothing tuned)."""
+    lost) for the same settings; else it is trained if ``train`` (the study,
+    or a narrowing of it) has its arm and seed, and left out otherwise (and
+    not tuned)."""
     runs: dict[str, dict[int, dict]] = {}
     for seed in study.seeds:  # seed-major: a stopped study has whole pairs to compare
         for arm in study.arms:
@@ -357,7 +358,7 @@ def run_study(
                     _check_published(study, name, old, values)
                     runs.setdefault(arm, {})[seed] = old
                     continue
-                if finished_only:
+                if train is None or arm not in train.arms or seed not in train.seeds:
                     continue
             overrides = tuned(study, arm, storage)
             path = Path(f"{study.name}/{arm}")
@@ -373,11 +374,8 @@ def run_study(
 
 def _check_published(study: Study, name: str, old: dict, values: dict) -> None:
     """A published run stands for this one only if the study asked it for the same settings."""
-    wanted = json.loads(json.dumps(values))  # as results.json holds them
-    keys = sorted(k for k in set(wanted) | set(old["values"]) if k not in NOT_RESULTS)
-    differ = [k for k in keys if old["values"].get(k) != wanted.get(k)]
-    if differ:
-        shown = ", ".join(f"{k} {old['values'].get(k)!r} -> {wanted.get(k)!r}" for k in differ[:3])
+    shown = changed_settings(old["values"], json.loads(json.dumps(values)))  # as results.json holds them
+    if shown:
         raise ConfigError(f"{study.name}/{name} was published with other settings ({shown}); give another --out")
 
 
@@ -767,12 +765,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         out = args.out / study.name
         published = published_runs(out / "results.json")
-        run_study(study, args.storage_path, published, args.finished_only)
         # the tables of the whole study, this command's runs among the rest: narrowing
         # what is trained (--arms, --seeds) never drops a published run
         known = {seed for per_seed in published.values() for seed in per_seed}
         whole.seeds = sorted(set(whole.seeds) | set(study.seeds) | known)
-        runs = run_study(whole, args.storage_path, published, finished_only=True)
+        runs = run_study(whole, args.storage_path, published, train=None if args.finished_only else study)
     except RaylocalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
