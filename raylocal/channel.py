@@ -32,6 +32,7 @@ class PacketChannel:
         self.maxsize = maxsize
         self._items: deque[dict[str, Any]] = deque()
         self._cond = threading.Condition()
+        self._end: dict[str, Any] | None = None  # the sender's end packet, once a consumer has taken it
 
     def put(self, packet: dict[str, Any]) -> None:
         with self._cond:
@@ -57,10 +58,17 @@ class PacketChannel:
         return dropped
 
     def get(self) -> dict[str, Any]:
+        """The oldest packet. Once the sender's end has been taken, an empty channel
+        answers with the end again: the sender is done for good, and a consumer
+        restarted after its previous life took the end must not wait forever."""
         with self._cond:
-            while not self._items:
+            while not self._items and self._end is None:
                 self._cond.wait()
+            if not self._items:
+                return dict(self._end)  # type: ignore[arg-type]
             packet = self._items.popleft()
+            if packet.get("kind") == "end":
+                self._end = packet
             self._cond.notify_all()
             return packet
 

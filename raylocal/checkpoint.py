@@ -67,8 +67,22 @@ def atomic_write(path: Path, write: Any) -> None:
         os.close(dir_fd)
 
 
+def host_copy(obj: Any, copy: bool = False) -> Any:
+    """``obj`` with every tensor detached and on the CPU (a fresh copy with
+    ``copy``, also of tensors already there), through dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=copy)
+    if isinstance(obj, dict):
+        return {k: host_copy(v, copy) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v, copy) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    payload = dict(payload)
+    """Write ``payload`` atomically, its tensors as CPU tensors: a checkpoint
+    made on a GPU loads on a machine without one."""
+    payload = host_copy(dict(payload))
     payload[CHECKSUM_KEY] = checksum(payload)
     atomic_write(Path(path), lambda f: torch.save(payload, f))
 

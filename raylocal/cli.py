@@ -24,7 +24,7 @@ from raylocal.runlog import CHECKPOINT, resolve_run_dir
 RESUMABLE = {
     "epochs", "finetune_epochs", "time_budget", "progress", "eval_every", "log_every",
     "checkpoint_every", "threads", "device", "address", "resume", "storage_path", "run_name",
-    "samples", "cache_dir", "data_root", "download", "max_rollbacks",
+    "samples", "cache_dir", "data_root", "download", "max_rollbacks", "tf32", "deterministic",
 }  # fmt: skip
 
 

@@ -46,6 +46,21 @@ class RunConfig(BaseModel):
     coupling: Literal["affine", "additive"] = Field("affine", description="coupling type")
     permutation: Literal["lu", "plain"] = Field("lu", description="1x1 conv parameterisation")
     n_bits: int = Field(8, ge=1, le=8, description="bits per pixel the model sees (8 or 5 usual)")
+    precision: Literal["float32", "bf16"] = Field(
+        "float32",
+        description="bf16: the coupling networks run under bfloat16 autocast; log-dets, priors and the "
+        "objective stay float32",
+    )
+    tf32: bool = Field(
+        False,
+        description="GPUs: let convolutions and matmuls use TF32 (faster on Ampere and later, ~1e-3 relative "
+        "error, so reconstructions are no longer exact); off: IEEE float32",
+    )
+    deterministic: bool = Field(
+        False,
+        description="GPUs: deterministic cuDNN kernels, no autotuning (repeatable bit for bit, slower); off: "
+        "cuDNN picks the fastest convolution for each shape",
+    )
 
     # parts
     parts: int = Field(1, ge=1, description="number of parts K")
@@ -253,6 +268,7 @@ class RunConfig(BaseModel):
             affine=self.coupling == "affine",
             lu=self.permutation == "lu",
             n_bits=self.n_bits,
+            bf16=self.precision == "bf16",
         )
 
 

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import queue
+import sys
 import tempfile
 import threading
 import time
@@ -39,7 +40,8 @@ from raylocal.config import RunConfig
 from raylocal.data import BatchStream
 from raylocal.errors import ClusterError, DivergedError
 from raylocal.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
-from raylocal.objectives import nll_bits, preprocess
+from raylocal.objectives import nll_bits, preprocess, to_device
+from raylocal.ray_trainer import check_torch_sees_gpus, fit_train_run, with_worker_resource
 from raylocal.runlog import peak_rss_mb
 from raylocal.train import MAX_SKIPS_IN_A_ROW, build_glow, initialize, scheduled_lr
 
@@ -102,7 +104,8 @@ class LinkedAllReduce:
         tensor = bucket.buffer()
         tensor.div_(self.world)
         reduced = self.all_reduce(tensor)
-        done: torch.futures.Future = torch.futures.Future()
+        # a CUDA future must name its device, or DDP cannot wait on it under NCCL
+        done: torch.futures.Future = torch.futures.Future(devices=[tensor.device] if tensor.is_cuda else None)
         # the last bucket of a step is handed over when the backward pass has finished
         self._jobs.put((tensor, reduced, done, bucket.is_last(), self.clock.now()))
         return done
@@ -213,6 +216,7 @@ class DataParallelWorker:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         torch.set_num_threads(loop_config["threads"])
+        check_torch_sees_gpus(ray.get_gpu_ids())
         self.device = ray.train.torch.get_device()
         images: Tensor = loop_config["images"]
         self.glow = build_glow(config, tuple(images.shape[1:])).to(self.device)
@@ -265,11 +269,17 @@ class DataParallelWorker:
         self.bytes_averaged += nbytes
         self.idle_s += time.perf_counter() - start
 
+    def control(self, values: list[float]) -> Tensor:
+        """A small tensor the workers all-reduce to agree (to stop, on totals): on
+        the worker's device, since NCCL, Ray Train's backend on GPUs, reduces
+        only CUDA tensors."""
+        return torch.tensor(values, dtype=torch.float64, device=self.device)
+
     def out_of_time(self, started: float, budget: float | None) -> bool:
         """Every worker stops at the same step: the first one out of time decides."""
         if not budget:
             return False
-        flag = torch.tensor([1.0 if time.perf_counter() - started >= budget else 0.0])
+        flag = self.control([1.0 if time.perf_counter() - started >= budget else 0.0])
         self._all_reduce(flag, "max")
         return bool(flag.item())
 
@@ -291,7 +301,7 @@ class DataParallelWorker:
                 lr = scheduled_lr(self.lr, self.step, config.warmup_steps, total, config.lr_schedule, position)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                loss = self.model(preprocess(batch.to(self.device), config.n_bits, self.noise))
+                loss = self.model(preprocess(to_device(batch, self.device), config.n_bits, self.noise))
                 self.guard.update(self.model, self.optimizer, loss, self.step)
                 self.step += 1
                 epoch_steps += 1
@@ -318,7 +328,7 @@ class DataParallelWorker:
         import ray.train
 
         idle = self.idle_s + (self.hook.idle_s if self.hook else 0.0)
-        worst = torch.tensor([idle, peak_rss_mb()])
+        worst = self.control([idle, peak_rss_mb()])
         self._all_reduce(worst, "max")
         sent = self.bytes_averaged + (self.hook.bytes_sent if self.hook else 0.0)
         stats = {
@@ -349,6 +359,20 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     DataParallelWorker(loop_config).train(loop_config)
 
 
+def data_parallel_uses_gpus(config: RunConfig, workers: int, gpus: float) -> bool:
+    """One whole GPU per worker, or none: DDP on fewer GPUs than workers is
+    refused with ``--device cuda`` and, with ``auto``, runs on CPUs and says so."""
+    if config.device == "cpu" or gpus == 0:
+        return False
+    if gpus >= workers:
+        return True
+    message = f"{workers} data-parallel workers need a GPU each, the cluster has {gpus:g}"
+    if config.device == "cuda":
+        raise ClusterError(f"{message}; use fewer workers (--finetune-workers) or --device cpu")
+    print(f"note: {message}: they train on CPUs", file=sys.stderr)
+    return False
+
+
 def train_ddp(
     config: RunConfig,
     images: Tensor,
@@ -375,10 +399,8 @@ def train_ddp(
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raylocal.ray_trainer import fit_train_run, with_worker_resource
-
     total = ray.cluster_resources()
-    use_gpu = total.get("GPU", 0) >= workers and config.device != "cpu"
+    use_gpu = data_parallel_uses_gpus(config, workers, total.get("GPU", 0))
     cpus = cpus_per_worker or max(total.get("CPU", 1) / workers, 0.01)
     threads = config.threads or max(1, int(cpus))
     trainer = TorchTrainer(

@@ -232,14 +232,20 @@ class Coupling(FlowLayer):
     (C/2) * H * W * log(sigmoid(2)).
     """
 
-    def __init__(self, channels: int, hidden: int, affine: bool = True) -> None:
+    def __init__(self, channels: int, hidden: int, affine: bool = True, bf16: bool = False) -> None:
         super().__init__()
         self.affine = affine
+        self.bf16 = bf16
         half = channels // 2
         self.net = CouplingNet(half, (channels - half) * (2 if affine else 1), hidden)
 
     def _shift_log_scale(self, x1: Tensor) -> tuple[Tensor, Tensor | None]:
-        h = self.net(x1)
+        if self.bf16:  # the network's convs in bfloat16; its output, the log-dets and all after them in float32
+            with torch.autocast(device_type=x1.device.type, dtype=torch.bfloat16):
+                h = self.net(x1)
+            h = h.float()
+        else:
+            h = self.net(x1)
         if not self.affine:
             return h, None
         # log(sigmoid(.)) computed as logsigmoid: sigmoid underflows to 0 in

@@ -61,6 +61,38 @@ def run_layers(layers: list[FlowLayer], x: Tensor) -> tuple[Tensor, Tensor]:
     return x, logdet
 
 
+@dataclass(frozen=True)
+class GlowLayout:
+    """The layer sequence of a Glow without its weights: what a part spec is
+    checked against before any tensor exists (the driver's start checks)."""
+
+    info: tuple[LayerInfo, ...]
+    n_levels: int
+    depth: int
+    latent_shape: tuple[int, int, int]
+
+    @classmethod
+    def of(cls, image_shape: tuple[int, int, int], n_levels: int, depth: int, hidden: int) -> GlowLayout:
+        info: list[LayerInfo] = []
+
+        def add(kind: str, block: int, step: int | None, out: tuple[int, int, int]) -> tuple[int, int, int]:
+            info.append(LayerInfo(len(info), kind, block, step, shape, out, hidden))
+            return out
+
+        shape = tuple(image_shape)
+        for b in range(n_levels):
+            shape = add("squeeze", b, None, (shape[0] * 4, shape[1] // 2, shape[2] // 2))
+            for k in range(depth):
+                for kind in ("actnorm", "invconv", "coupling"):
+                    add(kind, b, k, shape)
+            if b < n_levels - 1:
+                shape = add("split", b, None, (shape[0] // 2, shape[1], shape[2]))
+        return cls(tuple(info), n_levels, depth, shape)
+
+    def __len__(self) -> int:
+        return len(self.info)
+
+
 class Glow(nn.Module):
     """The whole multi-scale Glow (x -> z is ``forward``)."""
 
@@ -73,6 +105,7 @@ class Glow(nn.Module):
         affine: bool = True,
         lu: bool = True,
         n_bits: int = 8,
+        bf16: bool = False,
     ) -> None:
         super().__init__()
         c, h, w = image_shape
@@ -82,32 +115,20 @@ class Glow(nn.Module):
         self.n_bits = n_bits
         self.n_bins = 2**n_bits
         self.data_dims = c * h * w
-        layers: list[FlowLayer] = []
-        info: list[LayerInfo] = []
-
-        def add(layer: FlowLayer, kind: str, block: int, step: int | None, out: tuple) -> None:
-            info.append(LayerInfo(len(layers), kind, block, step, shape, out, hidden))
-            layers.append(layer)
-
-        shape = (c, h, w)
-        for b in range(n_levels):
-            out = (shape[0] * 4, shape[1] // 2, shape[2] // 2)
-            add(Squeeze(), "squeeze", b, None, out)
-            shape = out
-            for k in range(depth):
-                add(ActNorm(shape[0]), "actnorm", b, k, shape)
-                add(InvConv1x1(shape[0], lu=lu), "invconv", b, k, shape)
-                add(Coupling(shape[0], hidden, affine=affine), "coupling", b, k, shape)
-            if b < n_levels - 1:
-                out = (shape[0] // 2, shape[1], shape[2])
-                add(Split(shape[0]), "split", b, None, out)
-                shape = out
-        self.layers = nn.ModuleList(layers)
-        self.info = info
+        self.layout = GlowLayout.of(image_shape, n_levels, depth, hidden)
+        make = {
+            "squeeze": lambda i: Squeeze(),
+            "actnorm": lambda i: ActNorm(i.in_shape[0]),
+            "invconv": lambda i: InvConv1x1(i.in_shape[0], lu=lu),
+            "coupling": lambda i: Coupling(i.in_shape[0], hidden, affine=affine, bf16=bf16),
+            "split": lambda i: Split(i.in_shape[0]),
+        }
+        self.layers = nn.ModuleList([make[i.kind](i) for i in self.layout.info])
+        self.info = self.layout.info
         self.n_levels = n_levels
         self.depth = depth
-        self.latent_shape = shape
-        self.prior = TopPrior(shape[0])
+        self.latent_shape = self.layout.latent_shape
+        self.prior = TopPrior(self.latent_shape[0])
 
     def __len__(self) -> int:
         return len(self.layers)

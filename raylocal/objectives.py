@@ -29,8 +29,17 @@ def preprocess(x: Tensor, n_bits: int, generator: torch.Generator | None = None)
     """
     n_bins = 2**n_bits
     x = torch.floor(x.float() / 2 ** (8 - n_bits))
-    noise = torch.rand(x.shape, generator=generator).to(x.device)
+    noise = to_device(torch.rand(x.shape, generator=generator), x.device)
     return x / n_bins - 0.5 + noise / n_bins
+
+
+def to_device(x: Tensor, device: torch.device | str) -> Tensor:
+    """``x`` on ``device``; from the CPU to a GPU through pinned memory without
+    blocking, so that the CPU goes on preparing the step while it copies."""
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def postprocess(x: Tensor, n_bits: int) -> Tensor:

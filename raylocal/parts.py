@@ -25,7 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from raylocal.errors import SpecError
-from raylocal.glow import Glow
+from raylocal.glow import Glow, GlowLayout
+
+# what a spec is read against: a model, or its layout alone (no tensors)
+Layout = Glow | GlowLayout
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class PartSpec:
     def __len__(self) -> int:
         return len(self.bounds)
 
-    def canonical(self, glow: Glow) -> str:
+    def canonical(self, glow: Layout) -> str:
         """``<block notation>  (layers a-b|c-d)``; the block notation is omitted when a
         boundary falls inside a flow step (only possible with explicit layers)."""
         layers = "|".join(f"{a}-{b - 1}" for a, b in self.bounds)
@@ -45,7 +48,7 @@ class PartSpec:
         return f"{blocks}  (layers {layers})" if blocks else f"layers:{layers}"
 
 
-def _step_ranges(glow: Glow) -> list[tuple[int, int, int, int]]:
+def _step_ranges(glow: Layout) -> list[tuple[int, int, int, int]]:
     """(block, step, first layer, last layer + 1) for every flow step; the squeeze
     joins the block's first step and the split its last."""
     out = []
@@ -59,7 +62,7 @@ def _step_ranges(glow: Glow) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def _block_notation(spec: PartSpec, glow: Glow) -> str | None:
+def _block_notation(spec: PartSpec, glow: Layout) -> str | None:
     steps = _step_ranges(glow)
     starts = {s[2] for s in steps}
     if any(a not in starts for a, _ in spec.bounds):
@@ -79,7 +82,7 @@ def _block_notation(spec: PartSpec, glow: Glow) -> str | None:
     return "|".join(parts)
 
 
-def _check_cover(ranges: list[list[tuple[int, int]]], glow: Glow, what: str) -> PartSpec:
+def _check_cover(ranges: list[list[tuple[int, int]]], glow: Layout, what: str) -> PartSpec:
     """Each part is a list of layer ranges; together they must tile 0..n-1 in order."""
     n = len(glow)
     for k, rs in enumerate(ranges):
@@ -103,7 +106,7 @@ def _check_cover(ranges: list[list[tuple[int, int]]], glow: Glow, what: str) -> 
     return PartSpec(tuple(bounds))
 
 
-def _parse_layers(text: str, glow: Glow) -> PartSpec:
+def _parse_layers(text: str, glow: Layout) -> PartSpec:
     n = len(glow)
     body = text[len("layers:") :]
     ranges = []
@@ -122,7 +125,7 @@ def _parse_layers(text: str, glow: Glow) -> PartSpec:
     return _check_cover(ranges, glow, text)
 
 
-def _parse_blocks(text: str, glow: Glow) -> PartSpec:
+def _parse_blocks(text: str, glow: Layout) -> PartSpec:
     steps = _step_ranges(glow)
     ranges = []
     for k, chunk in enumerate(text.split("|")):
@@ -150,7 +153,7 @@ def _parse_blocks(text: str, glow: Glow) -> PartSpec:
     return _check_cover(ranges, glow, text)
 
 
-def parse_part_spec(text: str, glow: Glow) -> PartSpec:
+def parse_part_spec(text: str, glow: Layout) -> PartSpec:
     text = text.strip()
     if not text:
         raise SpecError("part spec is empty")
@@ -158,8 +161,13 @@ def parse_part_spec(text: str, glow: Glow) -> PartSpec:
     return spec
 
 
-def estimated_costs(glow: Glow) -> list[float]:
+def estimated_costs(glow: Layout) -> list[float]:
     return [info.cost for info in glow.info]
+
+
+def _wait_for(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def measured_costs(glow: Glow, x: torch.Tensor, rounds: int = 5) -> list[float]:
@@ -179,9 +187,11 @@ def measured_costs(glow: Glow, x: torch.Tensor, rounds: int = 5) -> list[float]:
     times: list[list[float]] = [[] for _ in inputs]
     for _ in range(rounds + 1):  # the first round warms up and is dropped
         for layer, inp, seen in zip(glow.layers, inputs, times):
+            _wait_for(x.device)  # a GPU runs ahead of the clock: time the layer's kernels, not their launch
             t = time.perf_counter()
             y, ld = layer(inp)
             (y.sum() + ld.sum()).backward()
+            _wait_for(x.device)
             seen.append(time.perf_counter() - t)
     glow.zero_grad(set_to_none=True)
     return [statistics.median(seen[1:]) for seen in times]
@@ -214,7 +224,7 @@ def _balanced(candidates: list[int], costs: list[float], n_parts: int, n_layers:
     return sorted(units[i] for i in cuts if i > 0)
 
 
-def automatic_spec(glow: Glow, n_parts: int, split: str, costs: list[float] | None = None) -> PartSpec:
+def automatic_spec(glow: Layout, n_parts: int, split: str, costs: list[float] | None = None) -> PartSpec:
     """Balanced boundaries between blocks (by-block) or between flow steps (across-blocks)."""
     costs = costs or estimated_costs(glow)
     if split == "by-block":
@@ -233,7 +243,7 @@ def automatic_spec(glow: Glow, n_parts: int, split: str, costs: list[float] | No
 
 
 def resolve_part_spec(
-    glow: Glow, n_parts: int, split: str, text: str | None, costs: list[float] | None = None
+    glow: Layout, n_parts: int, split: str, text: str | None, costs: list[float] | None = None
 ) -> PartSpec:
     """The spec a run uses: the explicit one when given (it must agree with
     ``n_parts`` unless that was left at 1), else the automatic one (balanced on
@@ -248,7 +258,7 @@ def resolve_part_spec(
     return automatic_spec(glow, n_parts, split, costs)
 
 
-def boundary_steps(glow: Glow, bounds: tuple[tuple[int, int], ...]) -> list[int]:
+def boundary_steps(glow: Layout, bounds: tuple[tuple[int, int], ...]) -> list[int]:
     """Layer indices of the flow steps next to each part boundary: the last step
     before it and the first after it (a boundary at a squeeze or split takes the
     nearest step on each side). What ``--finetune-scope boundary`` trains."""

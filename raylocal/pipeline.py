@@ -41,11 +41,12 @@ import torch
 from torch import Tensor
 
 from raylocal.channel import PacketChannel, newer_weights
+from raylocal.checkpoint import host_copy
 from raylocal.config import RunConfig
 from raylocal.data import BatchStream
 from raylocal.errors import CheckpointError, ClusterError
 from raylocal.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
-from raylocal.objectives import preprocess
+from raylocal.objectives import preprocess, to_device
 from raylocal.train import WIRE_DTYPES, PartTrainer, build_glow, decay_steps
 
 
@@ -55,6 +56,22 @@ def tensor_bytes(obj: Any) -> int:
     if isinstance(obj, dict):
         return sum(tensor_bytes(v) for v in obj.values())
     return 0
+
+
+def to_wire(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Any]:
+    """A latent as it goes on the wire: a CPU copy at the wire's dtype, and the
+    CUDA event after which that copy is complete (None on CPU). A latent put
+    into the object store on the GPU would be restored on the receiver's
+    ``cuda:0``, whatever GPU that process was given, and cost a synchronous
+    copy; from a GPU it is copied into pinned memory without blocking, and the
+    link's thread waits for the event, not the part."""
+    if x.device.type != "cuda":
+        return x.detach().to(dtype=dtype, copy=True), None
+    host = torch.empty(x.shape, dtype=dtype, pin_memory=True)
+    host.copy_(x.detach().to(dtype), non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 @dataclass
@@ -128,7 +145,7 @@ class PartWorker:
     # ------------------------------------------------------------ data
 
     def data_batch(self) -> Tensor:
-        return preprocess(self.stream.next().to(self.device), self.config.n_bits, self.noise)
+        return preprocess(to_device(self.stream.next(), self.device), self.config.n_bits, self.noise)
 
     def init_batch(self) -> Tensor:
         x = self.train_images[: self.config.init_batch_size].to(self.device)
@@ -164,11 +181,13 @@ class PartWorker:
         """Everything needed to continue this part after its process died
         (tensors and plain values only, for weights_only loading)."""
         stats = asdict(self.stats)
+        # copies, made now: the caller (an actor's lock) may release the part before
+        # the state is serialised, and the live Adam moments would move on meanwhile
         return {
             "format": 2,
             "index": self.index,
-            "model": {k: v.detach().cpu() for k, v in self.glow.state_dict().items()},
-            "trainer": self.trainer.state_dict(),
+            "model": host_copy(self.glow.state_dict(), copy=True),
+            "trainer": host_copy(self.trainer.state_dict(), copy=True),
             "stream": self.stream.state(),
             "noise": self.noise.get_state(),
             "step": self.step,
@@ -293,6 +312,9 @@ class LinkSender:
             self._sent_versions[j] = version
             self.stats.bytes_weights += size
         if latent is not None:
+            ready = packet.pop("ready", None)
+            if ready is not None:  # the copy off the GPU (to_wire) has landed
+                ready.synchronize()
             self.stats.bytes_forward += tensor_bytes(latent)
             packet["latent"] = self.store_put(latent)
         packet["weights"] = weights or None
@@ -512,7 +534,8 @@ class PartLoop:
         if self.sender is None:
             return
         worker = self.worker
-        packet: dict[str, Any] = {"kind": kind, "step": worker.step, "latent": output.to(self.wire_dtype)}
+        latent, ready = to_wire(output, self.wire_dtype)
+        packet: dict[str, Any] = {"kind": kind, "step": worker.step, "latent": latent, "ready": ready}
         if kind == "init" or worker.step - worker.last_sync >= worker.config.sync_every:
             state = worker.weights()
             packet["weights"] = newer_weights(worker.weight_refs, {self.k: [worker.step, state, tensor_bytes(state)]})

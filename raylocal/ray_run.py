@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -40,16 +41,21 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raylocal.config import RunConfig
 from raylocal.data import ImageData
 from raylocal.errors import CheckpointError, ClusterError, DivergedError
+from raylocal.preflight import check_run
 from raylocal.ray_trainer import (
     PartsPhase,
+    actor_device,
+    check_placement,
     connect,
+    errors_in_one_line,
     fit_train_run,
     part_checkpoint_path,
     pipeline_report,
     service_resources,
+    train_worker_device,
     work_resources,
 )
-from raylocal.runlog import Progress, resolve_run_dir, write_json
+from raylocal.runlog import Progress, has_checkpoint, resolve_run_dir, write_json
 from raylocal.schedules import PARTS_RESULT, ModelService, PartsResult, finish_after_parts
 
 
@@ -72,8 +78,7 @@ class ServiceActor:
     def __init__(self, config_json: str, image_shape: tuple[int, int, int], threads: int) -> None:
         torch.set_num_threads(threads)
         self.config = RunConfig.model_validate_json(config_json)
-        device = "cuda" if ray.get_gpu_ids() else "cpu"
-        self.service = ModelService(self.config, image_shape, device)
+        self.service = ModelService(self.config, image_shape, str(actor_device(self.config)))
         self.evaluations, self.evaluation_s = 0, 0.0
         # what finishing a run needs (seconds of imports), loaded while the parts
         # train: on a thread, so that planning the parts does not wait for it
@@ -157,7 +162,7 @@ def _finish_loop(loop_config: dict[str, Any]) -> None:
     config = RunConfig.model_validate_json(loop_config["config"])
     torch.set_num_threads(loop_config["threads"])
     data = ImageData(loop_config["name"], ray.get(loop_config["train"]), ray.get(loop_config["test"]))
-    device = "cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"
+    device = train_worker_device(config)
     run_dir = Path(loop_config["run_dir"])
     try:
         summary = finish_after_parts(config.model_copy(update={"device": device}), data, run_dir, loop_config["bounds"])
@@ -242,21 +247,33 @@ class AsyncRun:
         self.service_pg: PlacementGroup | None = None
 
     def run(self) -> dict[str, Any]:
+        # Everything that can be checked is, before anything starts or is written:
+        # the parts, links and faults from the config, then the cluster's totals.
         # Under `ray job submit` the job's working directory can be removed by Ray's
         # runtime-env cleanup while the job runs (seen with Ray 2.60): stand in the
         # run directory, so that nothing here depends on it.
         cwd = os.getcwd()
+        config = self.config
+        check_run(config, self.data.shape)
+        connect(config)
+        check_placement(config, config.part_count())
+        created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        os.chdir(self.run_dir)
         try:
-            return self._run()
-        finally:
-            if Path(cwd).is_dir():
-                os.chdir(cwd)
+            os.chdir(self.run_dir)
+            try:
+                with errors_in_one_line():
+                    return self._run()
+            finally:
+                if Path(cwd).is_dir():
+                    os.chdir(cwd)
+        except BaseException:
+            if created and not has_checkpoint(self.run_dir):  # nothing to resume: leave nothing behind
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
 
     def _run(self) -> dict[str, Any]:
         config = self.config
-        connect(config)
         self.where["driver"] = here("none")
         refs = (ray.put(self.data.train), ray.put(self.data.test))
         service = self._start_service()

@@ -14,14 +14,16 @@ run of it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
 import signal
 import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -71,7 +73,6 @@ class PartActor:
         index: int,
         image_shape: tuple[int, int, int],
         threads: int,
-        device: str,
         run_dir: str,
     ) -> None:
         # Nothing here comes from the object store: Ray warns about (and cannot
@@ -80,7 +81,8 @@ class PartActor:
         # actor can start while the parts are still being planned.
         torch.set_num_threads(threads)
         self.config = RunConfig.model_validate_json(config_json)
-        self.index, self.image_shape, self.device = index, image_shape, device
+        self.index, self.image_shape = index, image_shape
+        self.device = str(actor_device(self.config))
         self.worker: PartWorker | None = None
         self.started = threading.Event()  # set once run() has built the worker
         self.lock = threading.Lock()
@@ -187,6 +189,54 @@ class PartActor:
         }
 
 
+def _error_names(cls: type) -> set[str]:
+    return {cls.__name__}.union(*(_error_names(sub) for sub in cls.__subclasses__()))
+
+
+_RAYLOCAL_ERRORS = _error_names(RaylocalError)  # the names an actor's own errors print under
+
+
+def _last_error_line(text: str) -> tuple[str, str] | None:
+    """(exception class, message) of the last ``Name: message`` line of a traceback's text."""
+    for line in reversed(text.strip().splitlines()):
+        m = re.match(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception|Interrupt)): (.*)$", line)
+        if m:
+            return m.group(1), m.group(2).strip()
+    return None
+
+
+def actor_error(e: BaseException) -> RaylocalError | None:
+    """The one line for an error that Ray brought back from an actor or task: the
+    actor's own error when it is one of ours (``error: 500 parts but ...``),
+    else what failed where, with its first line, never Ray's traceback. None
+    for anything that is not Ray's report of a remote error."""
+    if isinstance(e, ray.exceptions.RayTaskError):
+        cause = e.cause
+        if isinstance(cause, RaylocalError):
+            return cause
+        if cause is not None:
+            first = (str(cause).strip().splitlines() or [""])[0][:200]
+            return ClusterError(f"{e.function_name} failed: {type(cause).__name__}: {first}".rstrip(": "))
+        found = _last_error_line(str(e))
+        return ClusterError(f"{e.function_name} failed" + (f": {found[0]}: {found[1]}" if found else ""))
+    if isinstance(e, ray.exceptions.RayActorError):
+        found = _last_error_line(str(e))
+        if found and found[0] in _RAYLOCAL_ERRORS:
+            return ClusterError(found[1])
+        first = (str(e).strip().splitlines() or ["an actor died"])[0][:200]
+        return ClusterError(f"{found[0]}: {found[1]}" if found else first)
+    return None
+
+
+@contextlib.contextmanager
+def errors_in_one_line() -> Iterator[None]:
+    """Errors raised inside actors reach the user as one line (``actor_error``)."""
+    try:
+        yield
+    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+        raise actor_error(e) from None  # type: ignore[misc]
+
+
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail fast on a host:port nobody listens on (ray.init would retry for minutes)."""
     if address == "auto" or "://" in address:
@@ -258,8 +308,66 @@ SERVICE_GPU_SHARE = 0.1
 WORKER_RESOURCE_SHARE = 0.001
 
 
-def _gpus(config: RunConfig) -> int:
-    return int(ray.cluster_resources().get("GPU", 0)) if config.device != "cpu" else 0
+def _gpus(config: RunConfig, nodes: list[dict[str, float]] | None = None) -> int:
+    """GPUs the run may use: the cluster's (or ``nodes``'), none with ``--device cpu``."""
+    if config.device == "cpu":
+        return 0
+    if nodes is None:
+        return int(ray.cluster_resources().get("GPU", 0))
+    return int(sum(n.get("GPU", 0) for n in nodes))
+
+
+def worker_nodes(config: RunConfig) -> list[dict[str, float]]:
+    """The total resources of every live node the run may work on (those that
+    carry ``--worker-resource`` when it is set)."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if config.worker_resource:
+        nodes = [r for r in nodes if r.get(config.worker_resource)]
+    return nodes
+
+
+def check_torch_sees_gpus(granted: list) -> None:
+    """In a process Ray granted GPUs: torch must see them. The pinned wheel is a
+    CUDA 13 build; on an older NVIDIA driver torch sees no GPU while Ray still
+    counts them, and the work would die on its first CUDA call."""
+    if granted and not torch.cuda.is_available():
+        raise ClusterError(
+            f"Ray granted GPU(s) {granted} but torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU: "
+            "the NVIDIA driver is too old for this wheel (README: GPUs); install a torch build for your driver, "
+            "or run with --device cpu"
+        )
+
+
+def assigned_device(gpu_ids: list, visible: str | None) -> torch.device:
+    """The torch device of the GPU Ray assigned to this process (its lowest id),
+    as ``ray.train.torch.get_device`` maps it: the position of that id in
+    CUDA_VISIBLE_DEVICES (Ray narrows it to the assigned ids; a process that
+    sees more GPUs than it was granted must still use its own). CPU when none."""
+    if not gpu_ids:
+        return torch.device("cpu")
+    first = str(min(gpu_ids, key=lambda g: int(g) if str(g).isdigit() else str(g)))
+    order = [v.strip() for v in visible.split(",")] if visible else []
+    index = order.index(first) if first in order else (int(first) if first.isdigit() and not order else 0)
+    return torch.device(f"cuda:{index}")
+
+
+def train_worker_device(config: RunConfig) -> str:
+    """The device of a Ray Train worker: the one Ray Train assigned it."""
+    import ray.train.torch
+
+    if config.device == "cpu":
+        return "cpu"
+    check_torch_sees_gpus(ray.get_gpu_ids())
+    return str(ray.train.torch.get_device())
+
+
+def actor_device(config: RunConfig) -> torch.device:
+    """The device of this Ray actor or task: the GPU Ray granted it, else CPU
+    (never ``torch.cuda.is_available()``: Ray 2.60 leaves the GPUs visible to a
+    process granted none)."""
+    granted = ray.get_gpu_ids() if config.device != "cpu" else []
+    check_torch_sees_gpus(granted)
+    return assigned_device(granted, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 def part_resources(config: RunConfig, n_parts: int) -> tuple[float, float, int]:
@@ -268,7 +376,7 @@ def part_resources(config: RunConfig, n_parts: int) -> tuple[float, float, int]:
     total = ray.cluster_resources()
     gpus = config.gpus_per_part
     if gpus is None:
-        whole = _gpus(config)
+        whole = _gpus(config, worker_nodes(config))
         # One GPU per part when there are enough. With fewer, the parts share
         # them (one GPU is still far faster than CPUs for a part): Ray places a
         # fractional GPU bundle on a single device, so ask for 1/ceil(K/G) each,
@@ -316,11 +424,9 @@ def service_resources(config: RunConfig, n_parts: int) -> dict[str, float]:
 def work_resources(config: RunConfig) -> dict[str, float]:
     """One worker's resources for a phase that has the cluster to itself (the
     fine-tune): a whole GPU when there is one, and a node's CPUs (at most 8)."""
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    if config.worker_resource:
-        nodes = [r for r in nodes if r.get(config.worker_resource)]
+    nodes = worker_nodes(config)
     cpus = config.cpus_per_part or max([min(r.get("CPU", 0.0), 8.0) for r in nodes] + [1.0])
-    return with_worker_resource(config, {"CPU": cpus} | ({"GPU": 1.0} if _gpus(config) else {}))
+    return with_worker_resource(config, {"CPU": cpus} | ({"GPU": 1.0} if _gpus(config, nodes) else {}))
 
 
 def place_parts(config: RunConfig, n_parts: int, cpus: float, gpus: float) -> tuple[PlacementGroup, int, bool]:
@@ -345,6 +451,52 @@ def place_parts(config: RunConfig, n_parts: int, cpus: float, gpus: float) -> tu
             f"({nodes} node(s), {ray.cluster_resources()}); lower --cpus-per-part or use --placement pack"
         )
     return pg, 0, True
+
+
+def _fits(bundle: dict[str, float], node: dict[str, float]) -> bool:
+    return all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
+
+
+def check_placement(config: RunConfig, n_parts: int) -> None:
+    """Can the run's bundles be placed on this cluster at all, by its totals?
+    Said at once, in one line, instead of after a placement timeout. (Whether
+    they are free now is another matter: a busy cluster queues the run.) A Tune
+    trial's parts live in the trial's own group, which Tune has placed."""
+    current = ray.util.get_current_placement_group()
+    if current is not None and len(current.bundle_specs) > n_parts:
+        return
+    cpus, gpus, _ = part_resources(config, n_parts)
+    part = with_worker_resource(config, {"CPU": cpus} | ({"GPU": gpus} if gpus else {}))
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    able = [n for n in nodes if _fits(part, n)]
+    shown = ", ".join(f"{k} {v:g}" for k, v in part.items())
+    if not able:
+        raise ClusterError(
+            f"a part needs {{{shown}}} and no node of this cluster has that much ({len(nodes)} node(s), "
+            f"totals {_totals(nodes)}); lower --cpus-per-part or --gpus-per-part"
+        )
+    if config.placement == "spread" and len(able) < n_parts:
+        raise ClusterError(
+            f"--placement spread puts each of the {n_parts} parts on its own node, but only {len(able)} node(s) "
+            f"can hold a part of {{{shown}}}; use --placement pack or more nodes"
+        )
+    service = service_resources(config, n_parts)
+    need = {k: v * n_parts for k, v in part.items()}
+    for k, v in service.items():
+        need[k] = need.get(k, 0.0) + v
+    have = {k: sum(n.get(k, 0.0) for n in nodes) for k in need}
+    short = [k for k in need if have[k] + 1e-9 < need[k]]
+    if short:
+        k = short[0]
+        raise ClusterError(
+            f"{n_parts} parts of {{{shown}}} and the model service need {k} {need[k]:g}, the cluster has {have[k]:g}; "
+            f"use fewer parts, or lower --cpus-per-part or --gpus-per-part"
+        )
+
+
+def _totals(nodes: list[dict[str, float]]) -> str:
+    keys = ("CPU", "GPU")
+    return ", ".join(f"{k} {sum(n.get(k, 0.0) for n in nodes):g}" for k in keys)
 
 
 def _progress_line(progress: list[dict[str, Any]], n_steps: int) -> str:
@@ -413,7 +565,7 @@ class PartsPhase:
                         max_restarts=config.max_restarts,
                         max_task_retries=config.max_restarts,  # replay run() on the restarted actor
                         scheduling_strategy=strategy,
-                    ).remote(config.model_dump_json(), k, data.shape, threads, "cuda" if gpus else "cpu", str(run_dir))
+                    ).remote(config.model_dump_json(), k, data.shape, threads, str(run_dir))
                 )
         except BaseException:
             self.close()
@@ -459,7 +611,7 @@ class PartsPhase:
             raise ClusterError(f"the plan has {len(bounds)} parts, the phase started {self.n_parts}")
         actors, queues, n_steps, k_last = self.actors, self.queues, self.n_steps, self.n_parts - 1
         driver_faults = [f for f in parse_faults(self.config.inject or "") if f.kind == "ray-kill"]
-        try:
+        with errors_in_one_line():
             infos = self.infos()
             start = time.perf_counter()
             runs = [
@@ -486,10 +638,6 @@ class PartsPhase:
             wall = time.perf_counter() - start
             progress.update(_progress_line(_poll(actors) or [], n_steps), force=True)
             return gather_weights(actors), stats, infos, wall
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, RaylocalError):  # a part's own error (it diverged, ...): its one line,
-                raise e.cause from None  # not the actor's traceback that str(e) is
-            raise
 
 
 def run_async_phase(

@@ -33,7 +33,7 @@ from raylocal.data import BatchStream, ImageData
 from raylocal.errors import CheckpointError
 from raylocal.faults import apply_finetune_faults, parse_faults
 from raylocal.glow import Glow, Part
-from raylocal.objectives import preprocess
+from raylocal.objectives import preprocess, to_device
 from raylocal.parts import PartSpec, boundary_steps, measured_costs, resolve_part_spec
 from raylocal.runlog import Progress, RunLog, write_json
 from raylocal.train import (
@@ -468,7 +468,7 @@ class SingleProcessRun:
                 self.trainers[k].guard.reset()
             self._last_step[k] = self.state.global_step
         t0 = time.perf_counter()
-        x = preprocess(self.stream.next().to(self.device), cfg.n_bits, self.noise)
+        x = preprocess(to_device(self.stream.next(), self.device), cfg.n_bits, self.noise)
         if cfg.lr_schedule == "cosine-run":  # every trainer follows the run's clock
             for t in [self.finetuner] if finetune else self.trainers:
                 t.clock = self.state.global_step

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +25,7 @@ from torch import Tensor
 from raylocal.config import RunConfig
 from raylocal.errors import ConfigError, DivergedError
 from raylocal.glow import Glow, Part
-from raylocal.objectives import local_nll, nll_bits, preprocess
+from raylocal.objectives import local_nll, nll_bits, preprocess, to_device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,7 +37,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def require_compiler(device: torch.device) -> None:
-    """torch.compile on CPU generates C++: fail at the start, in one line, without a compiler."""
+    """torch.compile generates C++ on CPU, and Triton builds its launchers with a
+    C compiler on CUDA: fail at the start, in one line, without one."""
+    if device.type == "cuda":
+        if not (os.environ.get("CC") or any(shutil.which(c) for c in ("cc", "gcc", "clang"))):
+            raise ConfigError(
+                "--compile on CUDA needs a C compiler for Triton (cc, gcc or clang, or $CC); none was found"
+            )
+        return
     if device.type != "cpu":
         return
     from torch._inductor.cpp_builder import get_cpp_compiler
@@ -59,14 +68,33 @@ def training_nll(config: RunConfig, device: torch.device) -> Callable[[Part, Ten
     return torch.compile(local_nll, dynamic=False)
 
 
-def build_glow(config: RunConfig, image_shape: tuple[int, int, int]) -> Glow:
-    """The model for ``config``; its initial weights depend only on the seed."""
+def check_image_shape(config: RunConfig, image_shape: tuple[int, int, int]) -> None:
+    """Every block squeezes the image by 2: its sides must divide by 2^n_levels."""
     c, h, w = image_shape
     n = config.n_levels
     if h % 2**n or w % 2**n:
         raise ConfigError(
             f"image size {h}x{w} is not divisible by 2^n_levels = {2**n} (n_levels={n}); use fewer levels"
         )
+
+
+def configure_kernels(config: RunConfig) -> None:
+    """This process's GPU kernels, as the config asks: IEEE float32 unless
+    ``--tf32`` (torch lets cuDNN convolutions use TF32 by default, which breaks
+    exact reconstructions), and cuDNN's autotuning unless ``--deterministic``.
+    (These are process-wide; on CPU they change nothing.)"""
+    torch.backends.cudnn.allow_tf32 = config.tf32
+    torch.backends.cuda.matmul.allow_tf32 = config.tf32
+    torch.backends.cudnn.benchmark = not config.deterministic
+    torch.backends.cudnn.deterministic = config.deterministic
+
+
+def build_glow(config: RunConfig, image_shape: tuple[int, int, int]) -> Glow:
+    """The model for ``config``; its initial weights depend only on the seed.
+    Every process that trains or evaluates builds its model here, so this is
+    also where its kernels are configured (``configure_kernels``)."""
+    check_image_shape(config, image_shape)
+    configure_kernels(config)
     torch.manual_seed(config.seed)
     return Glow(image_shape, **config.glow_kwargs())
 
@@ -95,7 +123,7 @@ def evaluate_bpd(glow: Glow, images: Tensor, batch_size: int, device: torch.devi
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
     for i in range(0, len(images), batch_size):
-        x = preprocess(images[i : i + batch_size].to(device), glow.n_bits, generator)
+        x = preprocess(to_device(images[i : i + batch_size], device), glow.n_bits, generator)
         total += float(nll_bits(glow, x).double().sum())
     return total / len(images)
 
@@ -275,7 +303,13 @@ class PartTrainer:
             group["lr"] = self.lr
         nll, y = self._nll(self.part, x)
         loss = nll.mean()
-        loss_value = float(loss.detach())
+        # The gradient is computed before the loss is read, so that a step waits
+        # for a GPU once, not twice; a step that is then refused never applies it.
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = self.config.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.part.parameters(), max_norm)
+        loss_value, grad_norm = torch.stack([loss.detach().float(), norm.float()]).tolist()
         problem = self.guard.check(loss_value)
         last = self._recheck() if problem is not None and math.isfinite(loss_value) else None
         if last is not None and not self._own_fault(last):
@@ -301,10 +335,6 @@ class PartTrainer:
             # before the update, so that a snapshot is never of unchecked weights.
             if self.steps % self.config.snapshot_every == 0:
                 self._take_snapshot()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            max_norm = self.config.grad_clip or float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.part.parameters(), max_norm))
             if math.isfinite(grad_norm):
                 measured = self.meter is not None and self.meter.covers(self.steps)
                 before = [p.detach().clone() for p in self.part.parameters()] if measured else []

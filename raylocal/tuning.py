@@ -110,7 +110,13 @@ def run_trial(
     import ray
     from ray import tune
 
-    from raylocal.ray_trainer import gather_part_states, gather_weights, part_checkpoint_path, run_async_phase
+    from raylocal.ray_trainer import (
+        actor_device,
+        gather_part_states,
+        gather_weights,
+        part_checkpoint_path,
+        run_async_phase,
+    )
 
     base = RunConfig.model_validate_json(base_json)
     space = load_space(space_path, base.parts)
@@ -126,7 +132,7 @@ def run_trial(
         config = config.model_copy(update={"resume": True})
     torch.set_num_threads(1)
     # the trial's own process evaluates, on the GPU share its bundle reserved when it has one
-    device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+    device = actor_device(config)
     glow = build_glow(config, data.shape).to(device)
     spec = part_spec_for(config, glow, data.train)
     next_report = [resumed_at + report_every]
@@ -189,8 +195,22 @@ def trial_bundles(base: RunConfig, cpus_per_trial: float | None = None) -> list[
 
     cpus = base.cpus_per_part or 0.5
     gpus = base.gpus_per_part or 0.0
-    trial = {"CPU": cpus if cpus_per_trial is None else cpus_per_trial} | ({"GPU": SERVICE_GPU_SHARE} if gpus else {})
+    trial_gpu = min(SERVICE_GPU_SHARE, gpus)
+    trial = {"CPU": cpus if cpus_per_trial is None else cpus_per_trial} | ({"GPU": trial_gpu} if gpus else {})
     return [trial] + [{"CPU": cpus} | ({"GPU": gpus} if gpus else {})] * base.parts
+
+
+def default_gpu_share(config: RunConfig, cluster_gpus: float, concurrent: int) -> float:
+    """Each part's GPU share when ``--gpus-per-part`` is not given: none without
+    GPUs (or with ``--device cpu``), else an equal share for every bundle of the
+    trials that run at once (K parts and the trial's own process each), rounded
+    down so that they fit the cluster's GPUs together."""
+    from raylocal.ray_trainer import SERVICE_GPU_SHARE
+
+    if config.device == "cpu" or cluster_gpus <= 0:
+        return 0.0
+    bundles = (config.parts + 1) * max(concurrent, 1)
+    return min(1.0 - SERVICE_GPU_SHARE, math.floor(1000 * cluster_gpus / bundles) / 1000)
 
 
 def tune_study(
@@ -210,15 +230,17 @@ def tune_study(
     """Run (or continue) a study; returns Tune's ResultGrid. ``scheduler`` is
     ``asha`` (stop weak trials early) or ``pbt`` (weak trials continue from
     strong ones' parts with perturbed LRs every ``pbt_interval`` reports)."""
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
     space = check_study(space_path, base.parts, scheduler)
     param_space = space.space(base.parts)
     # the trials' parts ask for fixed shares, so that the cluster holds whole trials
-    base = base.model_copy(
-        update={"cpus_per_part": base.cpus_per_part or 0.5, "gpus_per_part": base.gpus_per_part or 0.0}
-    )
+    gpus = base.gpus_per_part
+    if gpus is None:
+        gpus = default_gpu_share(base, ray.cluster_resources().get("GPU", 0.0), max_concurrent or trials)
+    base = base.model_copy(update={"cpus_per_part": base.cpus_per_part or 0.5, "gpus_per_part": gpus})
     n_steps = base.epochs * (len(data.train) // base.batch_size)
     max_reports = max(1, n_steps // report_every) + 1
     trainable = tune.with_resources(

@@ -185,7 +185,8 @@ class AsyncBench:
         from raylocal.ray_trainer import connect, part_resources, pipeline_report, run_async_phase
 
         connect(self.config)
-        self.probe = build_glow(self.config, self.data.shape)
+        # --balance measure times the layers on the probe's device: the one the parts train on
+        self.probe = build_glow(self.config, self.data.shape).to(resolve_device(self.config.device))
         self.spec = part_spec_for(self.config, self.probe, self.data.train)
         print(f"parts: {self.spec.canonical(self.probe)}", flush=True)
         with tempfile.TemporaryDirectory() as tmp, CpuMeter() as meter:

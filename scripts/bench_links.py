@@ -60,9 +60,11 @@ METHODS = ("one-device", "ddp", "local-sgd", "parts", "parts+ft")
 FINETUNE_AT = 2 / 3  # the share of the budget a parts run trains in parts before its fine-tune
 
 # The model every cell trains: MNIST 1x28x28, L=2, K=8, width 64, batch 64, constant LR.
+# Every contestant on CPU cores, also on a GPU host: a one-device cell on the GPU
+# against parts on CPUs would race devices, not methods.
 BENCH_MODEL = dict(
     n_levels=2, depth=8, hidden=64, batch_size=64, warmup_steps=50, lr=[1e-3], lr_schedule="constant",
-    threads=1, samples=0, progress=False, eval_batch_size=500,
+    threads=1, samples=0, progress=False, eval_batch_size=500, device="cpu",
 )  # fmt: skip
 # The reference work's Glow: CIFAR-10 3x32x32, L=3, K=32, width 512, batch 256.
 REFERENCE_MODEL = dict(n_levels=3, depth=32, hidden=512, batch_size=256)

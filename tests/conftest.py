@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+# The suite runs on the CPU, also on a GPU host: its bit-for-bit assertions hold
+# there, not under cuDNN's nondeterminism and TF32. Hidden before torch loads.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -68,7 +71,7 @@ def tiny_options(mnist_dir: Path, storage: Path, **extra: object) -> list[str]:
     opts = {
         "data-root": mnist_dir, "n-levels": 2, "depth": 2, "hidden": 8, "batch-size": 16,
         "init-batch-size": 64, "eval-batch-size": 32, "epochs": 1, "storage-path": storage,
-        "samples": 4, "warmup-steps": 2, "threads": 1, "log-every": 1,
+        "samples": 4, "warmup-steps": 2, "threads": 1, "log-every": 1, "device": "cpu",
     }  # fmt: skip
     opts.update({k.replace("_", "-"): v for k, v in extra.items()})
     args = []
@@ -84,10 +87,10 @@ def tiny_options(mnist_dir: Path, storage: Path, **extra: object) -> list[str]:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """The one Ray instance of the test session (2 CPUs, no dashboard)."""
+    """The one Ray instance of the test session (2 CPUs, no GPU, no dashboard)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

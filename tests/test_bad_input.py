@@ -230,3 +230,35 @@ def test_the_default_run_ends_with_what_its_numbers_mean():
     assert "2.50 BPD" in line and f"reaches {run_async.E2E_SAME_TIME_BPD:.2f}" in line
     assert "docs/benchmarks.md" in line
     assert run_async.reading(config.model_copy(update={"depth": 2}), {"test_bpd": 2.5}) is None
+
+
+# An async run checks what it can in the driver before anything starts on Ray: each
+# of these ends at once in one line, with no actor, placement group or run directory.
+ASYNC_CASES = [
+    ("parts-beyond-the-model", {"parts": 500}, "500 parts but the model has only 15 layers"),
+    ("spec-block-beyond-the-model", {"parts": 2, "part_spec": "1|9"}, "block 9 is out of range"),
+    ("spec-empty-slice", {"parts": 2, "part_spec": "1[5:2]|2"}, "1[5:2] selects no valid steps"),
+    ("link-for-too-many-boundaries", {"parts": 2, "link": "bw=1Mbit|bw=2Mbit"}, "names 2 boundaries"),
+    ("fault-for-a-missing-part", {"parts": 2, "inject": "ray-kill:5@3"}, "there is no part 5"),
+    ("part-larger-than-any-node", {"parts": 2, "cpus_per_part": 3}, "no node of this cluster has that much"),
+    ("spread-over-one-node", {"parts": 2, "placement": "spread"}, "only 1 node(s) can hold a part"),
+    ("too-many-cpus-in-all", {"parts": 2, "cpus_per_part": 0.8}, "the cluster has 2"),
+    ("storage-not-writable", {"parts": 2, "storage_path": "/proc/raylocal"}, "'/proc/raylocal' is not writable"),
+]
+
+
+@pytest.mark.parametrize("case,extra,message", ASYNC_CASES, ids=[c[0] for c in ASYNC_CASES])
+def test_an_async_run_fails_fast_before_anything_starts(case, extra, message, mnist_dir, tmp_path, capsys, ray_session):
+    import time
+
+    storage = tmp_path / "runs"
+    options = {"schedule": "async", "finetune_epochs": 1} | extra
+    start = time.perf_counter()
+    assert main(tiny_options(mnist_dir, storage, **options)) == 2
+    assert time.perf_counter() - start < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not storage.exists() or not [p for p in storage.iterdir() if not p.name.startswith(".")]
+    assert not ray_session.util.placement_group_table() or all(
+        pg["state"] == "REMOVED" for pg in ray_session.util.placement_group_table().values()
+    )

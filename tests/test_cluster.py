@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import tiny_options
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +41,7 @@ def test_job_on_three_nodes_spreads_the_parts_and_leaves_the_head_to_coordinate(
     assert report.is_file(), output.decode()[-3000:]
     r = json.loads(report.read_text())
     assert r["nodes"] == 3
-    assert r["status"] == "SUCCEEDED", r.get("logs", "")[-3000:]
+    assert r["status"] == "SUCCEEDED", (r.get("logs") or output.decode())[-3000:]
     summary = json.loads((storage / "job" / "summary.json").read_text())
     assert len(set(summary["actor_nodes"])) == 2, summary["actor_nodes"]  # spread: different nodes
     assert summary["test_bpd"] < 8.0
@@ -48,3 +51,60 @@ def test_job_on_three_nodes_spreads_the_parts_and_leaves_the_head_to_coordinate(
     workers = [p["node_id"] for p in where["parts"]] + [where["service"]["node_id"], where["finished"]["node_id"]]
     assert head not in workers, where
     assert where["finished"]["phase"] == "ray train worker"  # the fine-tune and the final evaluation
+
+
+def _readme_cluster_block() -> list[str]:
+    """The commands of the README's "Run on a cluster" block, continuation lines joined."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Run on a cluster") :]
+    start = section.index("```bash\n") + len("```bash\n")
+    block = section[start : section.index("```", start)]
+    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if shlex.split(line, comments=True)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_readmes_cluster_block_works_as_pasted_on_a_local_head_node(mnist_dir, tmp_path):
+    """Its commands, from the README's text, on one machine: a head node with token
+    authentication, the job submitted through the job server. Changed only where
+    one machine must: ports of their own (another Ray may hold the defaults), no
+    worker node (its line needs a second machine), the job's storage path and a
+    tiny model, no --placement spread (one node), and lines that name a
+    <placeholder> are left out."""
+    head, dashboard, agent = _free_port(), _free_port(), _free_port()
+    storage = tmp_path / "raylocal-runs"
+    tiny = shlex.join(tiny_options(mnist_dir, storage, epochs=1, finetune_epochs=0, progress=False))
+    script = ["set -ex"]
+    for line in _readme_cluster_block():
+        if "<" in line:
+            continue
+        line = line.replace(
+            "--port 6379", f"--port {head} --dashboard-port {dashboard} --dashboard-agent-listen-port {agent}"
+        )
+        line = line.replace("127.0.0.1:8265", f"127.0.0.1:{dashboard}").replace("/shared/raylocal-runs", str(storage))
+        if "run_async.py" in line:
+            line = line.replace(" --placement spread", "").split(" --storage-path")[0] + " " + tiny
+        script.append(line)
+    assert any(line.startswith("export RAY_AUTH_MODE=token") for line in script), script
+    # then: the head refuses a client with another token
+    script.append("if RAY_AUTH_TOKEN=0123456789abcdef ray job list; then exit 3; fi")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}  # as a user's shell
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    env["HOME"] = str(tmp_path / "home")  # the token goes to ~/.ray/auth_token: a home of its own
+    # In a PID namespace of its own: the block's `ray stop` stops every Ray it can
+    # see, which must not be this session's; and when the block ends, the kernel
+    # ends whatever it left running there.
+    isolated = ["unshare", "--pid", "--fork", "--mount-proc"]
+    if subprocess.run([*isolated, "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs a PID namespace (unshare --pid, as root) so that `ray stop` sees only its own cluster")
+    done = subprocess.run(
+        [*isolated, "bash", "-c", "\n".join(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "SUCCEEDED" in done.stdout + done.stderr
+    (run,) = storage.iterdir()
+    assert json.loads((run / "summary.json").read_text())["n_parts"] == 3

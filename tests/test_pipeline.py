@@ -170,3 +170,17 @@ def test_a_part_short_of_steps_when_its_sender_ends_makes_them_up_on_local_input
     assert st.fresh_steps == 3 and st.stale_steps == 3
     assert [int(source) for source, _ in st.inputs] == [1, 2, 3, 0, 0, 0]  # never synced: version 0
     assert all(math.isfinite(v) for v in st.losses)
+
+
+def test_a_consumer_restarted_after_its_sender_ended_still_finds_the_end():
+    """A part that dies after taking its upstream's end packet is restarted and
+    asks again: the channel answers with the end, instead of nothing forever."""
+    channel = PacketChannel(4)
+    channel.put({"kind": "data", "step": 1})
+    channel.put({"kind": "end", "step": 1, "weights": None})
+    assert channel.get()["kind"] == "data" and channel.get()["kind"] == "end"  # the first life
+    again: list[dict] = []
+    restarted = threading.Thread(target=lambda: again.append(channel.get()), daemon=True)
+    restarted.start()
+    restarted.join(timeout=10)  # (a bound on the failure only: it returns at once)
+    assert again == [{"kind": "end", "step": 1, "weights": None}]

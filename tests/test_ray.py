@@ -198,7 +198,7 @@ def test_weights_asked_of_a_part_before_its_run_wait_for_it(mnist_dir, tmp_path)
     )  # fmt: skip
     glow = Glow((1, 8, 8), **config.glow_kwargs())
     bounds = list(parse_part_spec("1|2", glow).bounds)
-    actor = PartActor.remote(config.model_dump_json(), 0, (1, 8, 8), 1, "cpu", str(tmp_path))
+    actor = PartActor.remote(config.model_dump_json(), 0, (1, 8, 8), 1, str(tmp_path))
     early = actor.weights.remote()  # before run(): no worker yet
     images = load_dataset("mnist", mnist_dir).train
     stats = ray.get(actor.run.remote(bounds, images, None, None, 4))
@@ -259,6 +259,7 @@ def test_part_resources_give_each_part_a_gpu_or_a_share_of_one(monkeypatch, clus
     from raylocal.ray_trainer import part_resources
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: dict(cluster))
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": dict(cluster)}])
     config = RunConfig(parts=3, **options)
     cpus, gpus, threads = part_resources(config, 3)
     assert (round(cpus, 6), round(gpus, 6), threads) == (round(expected[0], 6), expected[1], expected[2])
@@ -273,6 +274,7 @@ def test_shared_gpu_bundles_fit_on_the_gpus_there_are(monkeypatch, n_gpus):
     from raylocal.ray_trainer import part_resources, service_resources
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": float(n_gpus)})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 64.0, "GPU": float(n_gpus)}}])
     for n_parts in range(1, 9):
         config = RunConfig(parts=n_parts)
         _, share, _ = part_resources(config, n_parts)

@@ -1,0 +1,265 @@
+"""What a GPU cluster would show, checked on the CPU: devices, copies, control
+tensors and flags (the suite itself is pinned to the CPU: see conftest)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import ray
+import torch
+
+from raylocal import ray_trainer
+from raylocal.channel import PacketChannel
+from raylocal.checkpoint import host_copy, load_checkpoint, save_checkpoint
+from raylocal.config import RunConfig
+from raylocal.ddp import DataParallelWorker, data_parallel_uses_gpus
+from raylocal.errors import ClusterError, ConfigError, SpecError
+from raylocal.glow import Glow
+from raylocal.pipeline import PartLoop, PartWorker, to_wire
+from raylocal.ray_trainer import actor_error, assigned_device, check_torch_sees_gpus
+from raylocal.train import build_glow, local_nll, require_compiler
+from raylocal.tuning import default_gpu_share, trial_bundles
+
+
+def _config(**kw) -> RunConfig:
+    values = dict(
+        n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64, warmup_steps=2, threads=1,
+        parts=2, part_spec="1|2", schedule="async", epochs=1, samples=0, progress=False, device="cpu",
+    )  # fmt: skip
+    values.update(kw)
+    return RunConfig(**values)
+
+
+def _images(n: int = 64) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def test_the_suite_itself_runs_on_the_cpu(ray_session):
+    from conftest import tiny_options
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    assert not torch.cuda.is_available()
+    assert ray_session.cluster_resources().get("GPU", 0) == 0
+    options = tiny_options("data", "runs")
+    assert options[options.index("--device") + 1] == "cpu"
+
+
+@pytest.mark.parametrize("wire", ["float32", "bfloat16"])
+def test_what_reaches_the_object_store_is_a_cpu_copy_at_the_wire_dtype(wire):
+    config = _config(wire_dtype=wire, queue_size=100)
+    worker = PartWorker(config, [(0, 8), (8, 15)], 0, (1, 8, 8), _images())
+    outputs: list[torch.Tensor] = []
+    step = worker.trainer.step
+
+    def recording_step(x):
+        result = step(x)
+        outputs.append(result.output)
+        return result
+
+    worker.trainer.step = recording_step
+    put: list[torch.Tensor] = []
+    channel = PacketChannel(100)
+    PartLoop(worker, None, channel, lambda t: put.append(t) or t, lambda r: r, n_steps=4).run()
+    latents = [t for t in put if isinstance(t, torch.Tensor)]
+    syncs = [t for t in put if isinstance(t, dict)]  # the weight syncs' state dicts
+    assert len(latents) == 5 and syncs  # the init and 4 steps
+    assert all(v.device.type == "cpu" for state in syncs for v in state.values())
+    out_ptrs = {o.untyped_storage().data_ptr() for o in outputs}
+    for t in latents:
+        assert t.device.type == "cpu" and t.dtype == getattr(torch, wire)
+        assert t.untyped_storage().data_ptr() not in out_ptrs  # a copy, not the part's live output
+
+
+def test_to_wire_copies_even_what_is_already_on_the_cpu_in_float32():
+    x = torch.randn(2, 3)
+    sent, ready = to_wire(x, torch.float32)
+    x.add_(1.0)
+    assert ready is None and not torch.equal(sent, x) and torch.equal(sent + 1.0, x)
+
+
+def test_a_parts_checkpoint_state_is_a_copy_that_later_steps_do_not_move():
+    worker = PartWorker(_config(), [(0, 8), (8, 15)], 0, (1, 8, 8), _images())
+    worker.initialize(worker.init_batch())
+    for _ in range(3):
+        worker.trainer.step(worker.data_batch())
+    state = worker.checkpoint_state()
+    expected = copy.deepcopy(state)
+    for _ in range(2):  # Adam's moments and the weights move in place
+        worker.trainer.step(worker.data_batch())
+    moments = state["trainer"]["optimizer"]["state"]
+    assert moments and all(
+        torch.equal(v, expected["trainer"]["optimizer"]["state"][i][k])
+        for i, s in moments.items()
+        for k, v in s.items()
+    )
+    assert all(torch.equal(v, expected["model"][k]) for k, v in state["model"].items())
+
+
+def test_checkpoints_hold_cpu_tensors_and_host_copies_share_no_storage(tmp_path):
+    live = {"w": torch.ones(3), "nested": [torch.zeros(2), {"m": torch.arange(3.0)}], "n": 4}
+    copied = host_copy(live, copy=True)
+    live["w"].add_(1.0)
+    live["nested"][1]["m"].add_(1.0)
+    assert torch.equal(copied["w"], torch.ones(3)) and torch.equal(copied["nested"][1]["m"], torch.arange(3.0))
+    save_checkpoint(tmp_path / "c.pt", {"state": live})
+    raw = torch.load(tmp_path / "c.pt", weights_only=True)  # no map_location: as saved
+    assert raw["state"]["w"].device.type == "cpu"
+    assert torch.equal(load_checkpoint(tmp_path / "c.pt")["state"]["w"], 2 * torch.ones(3))
+
+
+class _Seen(Exception):
+    pass
+
+
+def test_the_data_parallel_control_tensors_are_made_on_the_workers_device():
+    """NCCL all-reduces only CUDA tensors: the stop flag and the totals must be
+    on the worker's device (here the meta device stands in for a GPU)."""
+    worker = DataParallelWorker.__new__(DataParallelWorker)
+    worker.device, worker.world, worker.idle_s, worker.hook = torch.device("meta"), 2, 0.0, None
+    seen: list[torch.device] = []
+
+    def all_reduce(tensor, op="sum"):
+        seen.append(tensor.device)
+        raise _Seen
+
+    worker._all_reduce = all_reduce
+    with pytest.raises(_Seen):
+        worker.out_of_time(started=0.0, budget=1.0)
+    with pytest.raises(_Seen):
+        worker._finish([{"loss": 1.0}], 1.0)
+    assert seen == [torch.device("meta")] * 2
+
+
+def test_torch_must_see_the_gpus_ray_granted(monkeypatch):
+    check_torch_sees_gpus([])  # nothing granted: nothing to see
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ClusterError, match=r"granted GPU\(s\) \['0'\] but torch .* sees no GPU"):
+        check_torch_sees_gpus(["0"])
+
+
+@pytest.mark.parametrize(
+    "ids,visible,expected",
+    [
+        ([], "0,1", "cpu"),
+        (["2"], "2,3", "cuda:0"),  # Ray narrowed the visible GPUs to this process's
+        (["2"], "0,1,2,3", "cuda:2"),  # it sees them all: its own is the third
+        (["3", "2"], "0,1,2,3", "cuda:2"),  # several: the lowest id
+        ([1], None, "cuda:1"),
+    ],
+)
+def test_the_gpu_ray_assigned_maps_to_a_device_index_as_ray_train_maps_it(ids, visible, expected):
+    assert assigned_device(ids, visible) == torch.device(expected)
+
+
+def test_gpus_are_counted_only_on_the_nodes_of_the_worker_resource(monkeypatch):
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 2.0}},  # a GPU node without the resource
+        {"Alive": True, "Resources": {"CPU": 4.0, "workers": 1.0}},
+    ]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    bundle = ray_trainer.work_resources(_config(device="auto", worker_resource="workers"))
+    assert "GPU" not in bundle and bundle["CPU"] == 4.0
+    assert ray_trainer.work_resources(_config(device="auto"))["GPU"] == 1.0
+
+
+def test_data_parallel_runs_refuse_or_say_so_on_fewer_gpus_than_workers(capsys):
+    assert data_parallel_uses_gpus(_config(device="auto"), 2, 2.0)
+    assert not data_parallel_uses_gpus(_config(device="cpu"), 2, 2.0)
+    assert not data_parallel_uses_gpus(_config(device="auto"), 2, 0.0)
+    assert not data_parallel_uses_gpus(_config(device="auto"), 2, 1.0)
+    assert capsys.readouterr().err.strip() == "note: 2 data-parallel workers need a GPU each, the cluster has 1: " \
+        "they train on CPUs"  # fmt: skip
+    with pytest.raises(ClusterError, match="2 data-parallel workers need a GPU each, the cluster has 1"):
+        data_parallel_uses_gpus(_config(device="cuda"), 2, 1.0)
+
+
+def test_tune_gives_every_bundle_a_gpu_share_by_default_and_they_fit_together():
+    base = _config(parts=3, part_spec=None, device="auto")
+    assert default_gpu_share(base, 0.0, 8) == 0.0
+    assert default_gpu_share(base.model_copy(update={"device": "cpu"}), 1.0, 8) == 0.0
+    share = default_gpu_share(base, 1.0, 8)
+    assert share == 0.031  # 8 trials x (3 parts + the trial's process) on one GPU, rounded down
+    bundles = trial_bundles(base.model_copy(update={"gpus_per_part": share}))
+    assert 8 * sum(b.get("GPU", 0.0) for b in bundles) <= 1.0
+    assert default_gpu_share(base, 4.0, 1) == 0.9  # one trial on 4 GPUs: a GPU per part, the service's share left
+
+
+def test_convolutions_are_ieee_float32_unless_tf32_is_asked_for():
+    build_glow(_config(), (1, 8, 8))
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+    build_glow(_config(tf32=True, deterministic=True), (1, 8, 8))
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+    build_glow(_config(), (1, 8, 8))  # (the flags are process-wide: leave the defaults)
+
+
+def test_compile_on_cuda_without_a_c_compiler_is_one_line(monkeypatch):
+    import shutil
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match=r"^--compile on CUDA needs a C compiler for Triton"):
+        require_compiler(torch.device("cuda"))
+
+
+def test_bf16_runs_the_coupling_networks_in_bfloat16_and_keeps_the_objective_in_float32():
+    kwargs = dict(n_levels=2, depth=2, hidden=16)
+    torch.manual_seed(0)
+    full = Glow((1, 8, 8), **kwargs)
+    torch.manual_seed(0)
+    half = Glow((1, 8, 8), **kwargs, bf16=True)
+    half.load_state_dict(full.state_dict())
+    for layer in list(full.layers) + list(half.layers):  # non-zero networks, so that their precision shows
+        if hasattr(layer, "net"):
+            torch.nn.init.normal_(layer.net.out.weight, std=0.05)
+    half.load_state_dict(full.state_dict())
+    x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)) - 0.5
+    nll_full, y_full = local_nll(full.whole(), x)
+    nll_half, y_half = local_nll(half.whole(), x)
+    assert nll_half.dtype == torch.float32 and y_half.dtype == torch.float32
+    gap = float((nll_half - nll_full).abs().max())
+    assert 0 < gap < 1e-2  # rounded (bfloat16 keeps 8 bits of mantissa), not broken
+
+
+def test_an_actors_own_error_reaches_the_user_as_its_one_line():
+    own = SpecError("500 parts but the model has only 27 layers")
+    task = ray.exceptions.RayTaskError("ServiceActor.plan", "Traceback ...", own)
+    assert actor_error(task) is own
+    bug = ray.exceptions.RayTaskError("PartActor.run", "Traceback ...\nValueError: boom", ValueError("boom\nmore"))
+    assert str(actor_error(bug)) == "PartActor.run failed: ValueError: boom"
+    died = ray.exceptions.RayActorError(
+        error_msg="The actor died because of an error raised in its creation task, ray::PartActor.__init__() "
+        '(pid=1, ip=1.2.3.4)\n  File "x.py", line 1, in __init__\n'
+        "raylocal.errors.ClusterError: Ray granted GPU(s) ['0'] but torch sees no GPU",
+        actor_init_failed=True,
+    )
+    assert str(actor_error(died)) == "Ray granted GPU(s) ['0'] but torch sees no GPU"
+    assert actor_error(ValueError("not Ray's")) is None
+
+
+def test_the_gpu_check_runs_its_cpu_path_and_says_what_it_skipped(mnist_dir, tmp_path):
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "gpu-check"
+    done = subprocess.run(
+        ["bash", str(root / "scripts" / "gpu_check.sh"), "--tiny", "--data-root", str(mnist_dir)],
+        env=dict(os.environ, OUT=str(out)), capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "sees no GPU: the CPU path" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["gpu"] is False and "runs on a GPU" in report["skipped"]
+    assert report["failures"] == []
+    assert not report["driver_initialised_cuda"] and report["every_phase_on"] == "cpu"
+    assert report["async"]["where"]["driver"] == "none"
+    assert report["faults"]["restarts"][1] >= 1 and report["faults"]["finetune_killed"]
+    assert report["checkpoints"]["loaded"] >= 5 and report["checkpoints"]["not_on_cpu"] == []
+    glow = report["glow"]
+    assert glow["fwd_bwd_images_per_s"] > 0 and glow["train_step_images_per_s"] > 0
+    assert glow["reconstruction_max_error_tf32_off"] < 1e-4  # IEEE float32 on the CPU: exact to rounding
