@@ -20,17 +20,22 @@ def test_cpu_meter_charges_cpu_time_to_the_process_that_used_it():
             found = super().group(pid, comm, cmdline)  # another Ray job's actors on this machine are not ours
             return "other" if found in ("part actors", "queue actors") else found
 
-    # a child that, inside the window, burns ~0.8 CPU-s, then stays alive (idle) until the window has closed
-    burn = "import time\ntime.sleep(0.6)\nt = time.process_time()\nwhile time.process_time() - t < 0.8: pass\n"
-    child = subprocess.Popen([sys.executable, "-c", burn + "time.sleep(30)"])
+    # A child that burns ~0.8 CPU-s when told to, says when it is done, then stays alive
+    # (idle) until the window has closed: the window holds its burn however slow the machine.
+    burn = "import sys, time\nsys.stdin.readline()\nt = time.process_time()\n"
+    burn += "while time.process_time() - t < 0.8: pass\nprint('done', flush=True)\ntime.sleep(60)\n"
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         with Meter(interval=0.1) as meter:
             start = time.time()
             time.sleep(0.3)  # past the first sample after start
+            child.stdin.write("go\n")
+            child.stdin.flush()
             t = time.process_time()
             while time.process_time() - t < 0.4:  # the driver (this process) burns ~0.4 CPU-s
                 pass
-            time.sleep(1.5)
+            assert child.stdout.readline().strip() == "done"
+            time.sleep(0.5)  # a few samples after both burns
             end = time.time()
         split = meter.split(start, end)
     finally:

@@ -234,3 +234,30 @@ def test_gaussian_log_prob_matches_torch():
     x, mean, logs = torch.randn(3, 2, 2, 2), torch.randn(3, 2, 2, 2), torch.randn(3, 2, 2, 2)
     expected = Normal(mean, torch.exp(logs)).log_prob(x).flatten(1).sum(1)
     assert torch.allclose(gaussian_log_prob(x, mean, logs), expected)
+
+
+def test_dequantisation_noise_fills_each_bin_uniformly():
+    """Uniform dequantisation: pixel value v lands uniformly in [v, v + 1) / 2^bits
+    (shifted by -0.5), for every bit depth: its mean half a bin above v, its spread
+    the whole bin (a uniform's variance: bin² / 12)."""
+    for bits in (8, 5):
+        values = torch.randint(0, 256, (200_000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        x = preprocess(values, bits, torch.Generator().manual_seed(1)).double()
+        level = torch.floor(values.double() / 2 ** (8 - bits))
+        offset = (x + 0.5) * 2**bits - level  # where in its bin, in bins
+        assert offset.min() >= 0 and offset.max() < 1
+        assert float(offset.mean()) == pytest.approx(0.5, abs=0.005)
+        assert float(offset.var()) == pytest.approx(1 / 12, rel=0.02)
+
+
+def test_samples_follow_their_temperature():
+    """At temperature T every latent, the top one and each split's, is drawn with T
+    times its prior's standard deviation: encoding samples gives them back."""
+    torch.manual_seed(0)
+    glow = Glow((1, 8, 8), n_levels=3, depth=1, hidden=8).double()  # zero-initialised priors: N(0, 1)
+    glow(torch.rand(64, 1, 8, 8) - 0.5)  # the ActNorms' data init, before anything is encoded
+    for temperature in (0.3, 1.0):
+        torch.manual_seed(1)
+        z, latents = glow.encode(glow.sample(4000, temperature))
+        for latent in [z, *latents]:
+            assert float(latent.std()) == pytest.approx(temperature, rel=0.03), temperature

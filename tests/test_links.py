@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 
 import pytest
 import torch
@@ -174,7 +175,10 @@ def test_block_waits_for_room():
 
     thread = threading.Thread(target=produce, daemon=True)
     thread.start()
-    thread.join(0.5)
+    deadline = time.monotonic() + 30  # however slow the machine: until three sends are through
+    while len(sent) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    thread.join(0.2)
     # one packet in the channel, one on the link's thread, one in its slot: the fourth send waits
     assert thread.is_alive() and len(sent) == 3
     got = [channel.get()["step"] for _ in range(5)]
@@ -303,3 +307,17 @@ def test_a_lost_init_latent_initialises_the_part_from_the_next_latent(mnist_dir)
     with torch.no_grad():
         y = down.part(first)[0]
     assert y.mean().abs() < 0.1 and (y.std() - 1).abs() < 0.2
+
+
+def test_drop_oldest_keeps_the_newest_packets():
+    """A full channel makes room by dropping its oldest data packet, never the newest:
+    what waits there is always the latest the sender produced."""
+    channel = PacketChannel(2)
+    dropped = [channel.put_latest({"kind": "data", "step": s, "weights": None}) for s in range(1, 6)]
+    assert dropped == [0, 0, 1, 1, 1]
+    assert [channel.get()["step"] for _ in range(2)] == [4, 5]
+    # the init packet is no data packet: it stays, whatever comes after it
+    channel.put({"kind": "init", "step": 0, "weights": None})
+    for s in range(1, 4):
+        channel.put_latest({"kind": "data", "step": s, "weights": None})
+    assert [channel.get()["kind"], channel.get()["step"]] == ["init", 3]

@@ -86,14 +86,22 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+def _wait_for_step(path: Path, proc: subprocess.Popen, step: int, timeout: float = 120) -> None:
+    """Until the run's checkpoint (written by atomic rename) is at ``step`` or later."""
+    deadline = time.time() + timeout
+    while not (path.exists() and json.loads(load_checkpoint(path)["state"])["global_step"] >= step):
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, f"{path} never reached step {step}"
+        time.sleep(0.02)
+
+
 def test_killed_single_process_driver_resumes_to_identical_weights(mnist_dir, tmp_path):
     storage = tmp_path / "runs"
     opts = dict(epochs=16, checkpoint_every=3, progress=False)
     assert main(tiny_options(mnist_dir, storage, run_name="full", **opts)) == 0
     proc = _start([str(SCRIPTS / "train.py"), *tiny_options(mnist_dir, storage, run_name="cut", **opts)])
-    _wait_for(storage / "cut" / "checkpoint.pt", proc)
-    time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, mid-run
+    _wait_for_step(storage / "cut" / "checkpoint.pt", proc, 6)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, mid-run: past its second checkpoint
     proc.wait()
     stopped_at = load_checkpoint(storage / "cut" / "checkpoint.pt")["state"]
     assert json.loads(stopped_at)["global_step"] < 16 * 4, "the run finished before it was killed"

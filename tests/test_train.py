@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_options
+from conftest import tiny_options, untrained_bpd
 
 from raylocal.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.cli import main
@@ -27,13 +27,11 @@ def test_e2e_run_learns_and_writes_everything(mnist_dir, tmp_path, capsys):
     rc = main(tiny_options(mnist_dir, storage, run_name="r", epochs=3, lr=3e-3))
     assert rc == 0
     s = _summary(storage, "r")
-    # untrained model's BPD, computed independently of the run
+    start = untrained_bpd(mnist_dir)
+    assert s["test_bpd"] < start - 0.5, (s["test_bpd"], start)
     cfg = RunConfig(n_levels=2, depth=2, hidden=8, seed=0)
     data = load_dataset("mnist", mnist_dir)
     glow = build_glow(cfg, data.shape)
-    initialize([glow.whole()], preprocess(data.train[:64], 8, torch.Generator().manual_seed(1)))
-    start = evaluate_bpd(glow, data.test, 32, torch.device("cpu"))
-    assert s["test_bpd"] < start - 0.5, (s["test_bpd"], start)
     assert s["image_shape"] == [1, 8, 8]
     assert [h["epoch"] for h in s["history"]] == [1, 2, 3]
     run = storage / "r"
@@ -122,7 +120,7 @@ def test_checkpoint_corruption_is_refused(tmp_path):
 def _trainer(index: int = 0, fed_images: bool = False, **cfg):
     torch.manual_seed(0)
     glow = Glow((1, 8, 8), n_levels=2, depth=1, hidden=8)
-    config = RunConfig(warmup_steps=0, snapshot_every=1, **cfg)
+    config = RunConfig(**({"warmup_steps": 0, "snapshot_every": 1} | cfg))
     part = glow.whole()
     x = torch.rand(16, 1, 8, 8) - 0.5
     initialize([part], x)
@@ -359,3 +357,34 @@ def test_compiled_training_step_matches_eager():
     assert counters["stats"]["unique_graphs"] > graphs  # it really ran a compiled graph
     for (name, p), q in zip(eager.part.named_parameters(), compiled.part.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_a_rollback_restores_the_optimizer_with_the_weights():
+    """Adam's moments belong to the weights they were computed for: a rollback that
+    restored the weights but kept the moments of the failed updates would push the
+    restored weights the same bad way again."""
+    trainer, x = _trainer(snapshot_every=1000)  # only the snapshot before the first update
+    initial = {k: v.clone() for k, v in trainer.part.state_dict().items()}
+    for _ in range(3):
+        assert trainer.step(x).event is None
+    assert trainer.optimizer.state_dict()["state"]  # Adam has moments now
+    assert trainer.guard.count == 3
+    _poison_and_step(trainer, x)
+    assert trainer.optimizer.state_dict()["state"] == {}  # as before the first update
+    assert trainer.guard.count == 0  # and so are the loss statistics of the guard
+    assert all(torch.equal(v, initial[k]) for k, v in trainer.part.state_dict().items())
+
+
+def test_gradients_are_clipped_to_grad_clip():
+    """The update is computed from gradients whose total norm is at most --grad-clip;
+    the step reports the norm before clipping."""
+    trainer, x = _trainer(grad_clip=1e-3)
+    result = trainer.step(x)
+    grads = [p.grad for p in trainer.part.parameters() if p.grad is not None]
+    clipped = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    assert result.grad_norm > 1e-3 * 10  # (this batch's gradient is far above the bound)
+    assert clipped == pytest.approx(1e-3, rel=1e-4)
+    unclipped, _ = _trainer(grad_clip=0.0)
+    unclipped.step(x)
+    norms = [torch.linalg.vector_norm(p.grad) for p in unclipped.part.parameters() if p.grad is not None]
+    assert float(torch.linalg.vector_norm(torch.stack(norms))) == pytest.approx(result.grad_norm, rel=1e-4)
