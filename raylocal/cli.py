@@ -91,6 +91,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("bytes_weight_sync", "bytes of weights synced"),
         ("stale_steps", "steps on stale inputs, parts 2.."),
         ("dropped_latents", "latents dropped (queue full)"),
+        ("superseded_latents", "latents superseded on arrival"),
         ("outage_latents", "latents lost to outages"),
         ("idle_s", "idle seconds per part"),
         ("restarts", "actor restarts"),

@@ -3,8 +3,9 @@
 It writes everything under ``--out`` and checks, in order:
 
 1. what torch sees: versions, the GPU (one line and the CPU path if none);
-2. Glow's throughput (``scripts/bench_glow.py --full``): forward+backward and
-   full training steps, peak memory, reconstruction error with TF32 off and on;
+2. Glow's throughput (``scripts/bench_glow.py --full``): forward+backward,
+   full training steps and evaluation, peak memory, reconstruction error with
+   TF32 off and on; on a GPU, the same again with ``--tf32`` (its speed);
 3. a 3-part async run on this host's GPU (fractional shares for the parts, the
    model service and the Ray Train fine-tune on it), whose driver never
    initialises CUDA and whose summary shows where every phase ran;
@@ -51,14 +52,15 @@ def versions() -> dict[str, Any]:
     }
 
 
-def bench(out: Path, gpu: bool, tiny: bool) -> dict[str, Any]:
+def bench(out: Path, gpu: bool, tiny: bool, tf32: bool = False) -> dict[str, Any]:
     """``bench_glow.py --full`` in its own process (this one stays free of CUDA)."""
     size = TINY if tiny else REFERENCE
-    seconds = "0.2" if tiny else ("10" if gpu else "2")
+    seconds = "0.2" if tiny else ("8" if gpu else "2")
+    figures = out / f"glow{'-tf32' if tf32 else ''}.json"
     command = [sys.executable, str(ROOT / "scripts" / "bench_glow.py"), "--budget", "0", "--full", *size]
-    command += ["--seconds", seconds, "--device", "cuda" if gpu else "cpu", "--json", str(out / "glow.json")]
-    subprocess.run(command, check=True, timeout=300)
-    return json.loads((out / "glow.json").read_text())["rows"][0]
+    command += ["--seconds", seconds, "--device", "cuda" if gpu else "cpu", "--json", str(figures)]
+    subprocess.run(command + (["--tf32"] if tf32 else []), check=True, timeout=300)
+    return json.loads(figures.read_text())["rows"][0]
 
 
 def async_run(out: Path, name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -149,6 +151,8 @@ def check(out: Path, tiny: bool, data_root: str | None) -> dict[str, Any]:
     if not gpu:
         print(f"gpu_check: torch {report['torch']} (CUDA {report['torch_cuda']}) sees no GPU: the CPU path", flush=True)
     report["glow"] = bench(out, gpu, tiny)
+    if gpu:  # what --tf32 gains in speed (its cost in exactness is in both rows)
+        report["glow_tf32"] = bench(out, gpu, tiny, tf32=True)
     data = dict(TINY_RUN if tiny else RUN) | ({"data_root": data_root} if data_root else {})
     if not gpu:
         data["device"] = "cpu"

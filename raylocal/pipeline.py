@@ -30,7 +30,6 @@ import bisect
 import contextlib
 import json
 import math
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -88,6 +87,7 @@ class WorkerStats:
     fresh_steps: int = 0  # steps trained on a latent that came over the link
     stale_steps: int = 0  # steps trained on a latent computed here through the synced upstream copy
     dropped_latents: int = 0  # sent latents replaced by newer ones in a full queue (--full drop-oldest)
+    superseded_latents: int = 0  # received latents replaced by newer ones before this part took them (drop-oldest)
     outage_latents: int = 0  # sent latents lost because the link was down
     lost_packets: int = 0  # latents that died with a crashed sender
     # per own step: [upstream step whose weights made the input, time the step began]
@@ -328,24 +328,80 @@ class LinkSender:
             self.channel.put(packet)
 
 
+def _carry_weights(older: dict[str, Any], newer: dict[str, Any]) -> dict[str, Any]:
+    """``newer``, with the weight syncs of ``older`` (which it replaces) that it lacks."""
+    weights = newer_weights(older.get("weights"), newer.get("weights"))
+    states = {}
+    for j, (version, _, _) in weights.items():
+        mine = (newer.get("weights") or {}).get(j)
+        states[j] = (newer if mine is not None and mine[0] == version else older)["states"][j]
+    return newer | {"weights": weights or None, "states": states}
+
+
+class ReadySlot:
+    """The one packet a receiver holds for its part. Normally a packet waits there
+    until the part takes it; with ``keep_latest`` (``--full drop-oldest``) a data
+    packet that arrives replaces a waiting data packet, its weight syncs carried
+    over, so that the part always takes the newest latent that has arrived: the
+    bound on how old a latent can be is the queue's, end to end. The init, end
+    and error packets are never replaced."""
+
+    def __init__(self, keep_latest: bool) -> None:
+        self.keep_latest = keep_latest
+        self.superseded = 0  # data packets replaced here by newer ones
+        self._item: dict[str, Any] | None = None
+        self._cond = threading.Condition()
+
+    def _replaceable(self, packet: dict[str, Any]) -> bool:
+        held = self._item
+        return held is None or (self.keep_latest and held["kind"] == "data" and packet["kind"] == "data")
+
+    def put(self, packet: dict[str, Any]) -> None:
+        with self._cond:
+            while not self._replaceable(packet):
+                self._cond.wait()
+            if self._item is not None:
+                packet = _carry_weights(self._item, packet)
+                self.superseded += 1
+            self._item = packet
+            self._cond.notify_all()
+
+    def get(self, block: bool = True) -> dict[str, Any] | None:
+        with self._cond:
+            while self._item is None:
+                if not block:
+                    return None
+                self._cond.wait()
+            packet, self._item = self._item, None
+            self._cond.notify_all()
+            return packet
+
+
 class LinkReceiver:
     """The downstream end of a link: a thread takes packets from the channel,
     waits until each has arrived (its latency), fetches its tensors from the
-    store and holds it for the part (one packet ahead of it)."""
+    store and holds it for the part in a ``ReadySlot`` (one packet ahead of it;
+    with ``keep_latest``, the newest that has arrived)."""
 
-    def __init__(self, channel: Any, store_get: Callable[[Any], Any], clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self, channel: Any, store_get: Callable[[Any], Any], clock: Clock = SYSTEM_CLOCK, keep_latest: bool = False
+    ) -> None:
         self.channel, self.store_get, self.clock = channel, store_get, clock
-        self._ready: queue.Queue = queue.Queue(maxsize=1)
+        self._ready = ReadySlot(keep_latest)
         self.error: BaseException | None = None
         self._draining = False
         self._thread = threading.Thread(target=self._serve, name="raylocal-inbox", daemon=True)
         self._thread.start()
 
+    @property
+    def superseded(self) -> int:
+        """Latents that arrived and were replaced by newer ones before the part took them."""
+        return self._ready.superseded
+
     def get(self, block: bool = True) -> dict[str, Any] | None:
         """The next packet that has arrived; None at once when none has and not ``block``."""
-        try:
-            packet = self._ready.get(block=block)
-        except queue.Empty:
+        packet = self._ready.get(block=block)
+        if packet is None:
             return None
         if packet["kind"] == "error":
             raise self.error  # type: ignore[misc]
@@ -414,7 +470,8 @@ class PartLoop:
         self.guard = lock if lock is not None else contextlib.nullcontext()
         self.wait_for_fresh = config.starve == "wait"
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
-        self.receiver = LinkReceiver(inbox, store_get, clock) if inbox is not None else None
+        keep_latest = config.full == "drop-oldest"  # the receiver too keeps only the newest latent
+        self.receiver = LinkReceiver(inbox, store_get, clock, keep_latest) if inbox is not None else None
         self.sender = None
         if outbox is not None:
             spec = LinkSpec.parse(config.link, self.k, config.seed)
@@ -461,6 +518,8 @@ class PartLoop:
         if self.receiver is not None and not self.upstream_ended:
             # done first (its own steps or --time-budget): its upstream may still be sending
             self.receiver.drain()
+        if self.receiver is not None:
+            st.superseded_latents = self.receiver.superseded
         return st
 
     def _count_events(self) -> None:

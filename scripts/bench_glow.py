@@ -27,7 +27,7 @@ from raylocal.glow import Glow  # noqa: E402
 from raylocal.objectives import local_nll, nll_bits  # noqa: E402
 from raylocal.runlog import peak_rss_mb  # noqa: E402
 from raylocal.schedules import SingleProcessRun  # noqa: E402
-from raylocal.train import PartTrainer, build_glow, resolve_device, training_nll  # noqa: E402
+from raylocal.train import PartTrainer, build_glow, configure_kernels, resolve_device, training_nll  # noqa: E402
 
 CONFIGS = [
     # (image shape, L, K, width, batch)
@@ -134,7 +134,7 @@ def reconstruction_error(config: RunConfig, shape, batch: int, device) -> dict[s
             glow(x)
             error = float((glow.reconstruct(x) - x).abs().max())
         out[f"reconstruction_max_error_tf32_{'on' if tf32 else 'off'}"] = error
-    build_glow(config, shape)  # the configured kernels again
+    configure_kernels(config)  # the configured kernels again
     return out
 
 
@@ -157,10 +157,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=int, default=512, help="with --shape: coupling width")
     p.add_argument("--batch", type=int, default=64, help="with --shape: batch size")
     p.add_argument("--precision", choices=["float32", "bf16"], default="float32")
+    p.add_argument("--tf32", action="store_true", help="let convolutions and matmuls use TF32 (GPUs)")
     p.add_argument("--full", action="store_true", help="also a full training step, peak memory, reconstruction error")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    configure_kernels(RunConfig(tf32=args.tf32))  # (the timed models are built with Glow directly)
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"# bench_glow on {name}, torch {torch.__version__}")
@@ -179,11 +181,12 @@ def main(argv: list[str] | None = None) -> None:
             row += f" {rates['compiled']:.0f} | {compile_s:.1f} |"
         print(row, flush=True)
         figures = {"shape": list(shape), "levels": levels, "depth": depth, "width": width, "batch": batch}
-        figures |= {"device": name, "precision": args.precision, "fwd_bwd_images_per_s": rates["eager"]}
+        figures |= {"device": name, "precision": args.precision, "tf32": args.tf32}
+        figures |= {"fwd_bwd_images_per_s": rates["eager"]}
         if args.full:
             config = RunConfig(
                 n_levels=levels, depth=depth, hidden=width, batch_size=batch, precision=args.precision,
-                device=str(device.type), warmup_steps=0,
+                device=str(device.type), warmup_steps=0, tf32=args.tf32,
             )  # fmt: skip
             figures |= training_step_rate(config, shape, batch, device, args.seconds)
             figures |= reconstruction_error(config, shape, min(batch, 16), device)

@@ -321,3 +321,41 @@ def test_drop_oldest_keeps_the_newest_packets():
     for s in range(1, 4):
         channel.put_latest({"kind": "data", "step": s, "weights": None})
     assert [channel.get()["kind"], channel.get()["step"]] == ["init", 3]
+
+
+def _arrived(step: int, weights: dict | None = None) -> dict:
+    return {"kind": "data", "step": step, "latent": torch.full((2,), float(step)), "weights": weights, "arrive_at": 0}
+
+
+@pytest.mark.parametrize("keep_latest", [True, False])
+def test_a_receiver_fed_faster_than_it_consumes_delivers_the_newest_under_drop_oldest(keep_latest):
+    """Under --full drop-oldest the part takes the newest latent that has arrived,
+    whatever waited before it (the weight syncs of those replaced carried on);
+    under --full block, every latent in order."""
+    channel = PacketChannel(8)
+    sync = {0: [3, {"w": torch.ones(1)}, 4]}
+    for step in range(1, 7):
+        channel.put(_arrived(step, sync if step == 3 else None))
+    receiver = LinkReceiver(channel, lambda r: r, FakeClock(10.0), keep_latest=keep_latest)
+    deadline = time.monotonic() + 30  # until the receiver has taken what it can: all, or two (slot and hand)
+
+    def settled() -> bool:
+        return receiver.superseded == 5 if keep_latest else channel.qsize() == 4
+
+    while not settled() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    packet = receiver.get()
+    if keep_latest:
+        assert packet["step"] == 6 and receiver.superseded == 5
+        assert packet["weights"] == {0: sync[0]} and torch.equal(packet["states"][0]["w"], torch.ones(1))
+    else:
+        assert [packet["step"], receiver.get()["step"]] == [1, 2] and receiver.superseded == 0
+
+
+def test_the_receiver_never_replaces_the_init_or_the_end():
+    channel = PacketChannel(8)
+    channel.put({"kind": "init", "step": 0, "latent": torch.zeros(2), "weights": None, "arrive_at": 0})
+    channel.put(_arrived(1))
+    channel.put({"kind": "end", "step": 1, "weights": None, "arrive_at": 0})
+    receiver = LinkReceiver(channel, lambda r: r, FakeClock(10.0), keep_latest=True)
+    assert [receiver.get()["kind"] for _ in range(3)] == ["init", "data", "end"]
