@@ -159,10 +159,11 @@ class RunConfig(BaseModel):
     full: Literal["block", "drop-oldest"] = Field(
         "block", description="a part whose outbound queue is full: block, or replace the oldest latent"
     )
-    wire_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+    wire_dtype: Literal["float32", "bfloat16", "float16", "int8"] = Field(
         "float32",
-        description="precision of latents between parts, on async's wire (parts train in float32); the "
-        "single-process schedules round them the same way, so that they stay async's twins",
+        description="precision of latents between parts, on async's wire (parts train in float32; int8: "
+        "symmetric, one float32 scale per channel); the single-process schedules round them the same way, so "
+        "that they stay async's twins",
     )
     sync_every: int = Field(50, ge=1, description="upstream weight sync every N steps")
     cpus_per_part: float | None = Field(None, gt=0, description="CPUs per part actor")

@@ -46,7 +46,7 @@ from raylocal.data import BatchStream
 from raylocal.errors import CheckpointError, ClusterError
 from raylocal.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.objectives import preprocess, to_device
-from raylocal.train import WIRE_DTYPES, PartTrainer, build_glow, decay_steps
+from raylocal.train import WIRE_DTYPES, PartTrainer, build_glow, decay_steps, from_wire, wire_payload
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -57,17 +57,22 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def to_wire(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Any]:
-    """A latent as it goes on the wire: a CPU copy at the wire's dtype, and the
+def to_wire(x: Tensor, dtype: torch.dtype) -> tuple[Tensor | dict[str, Tensor], Any]:
+    """A latent as it goes on the wire: a CPU copy at the wire's dtype (int8: with its scales), and the
     CUDA event after which that copy is complete (None on CPU). A latent put
     into the object store on the GPU would be restored on the receiver's
     ``cuda:0``, whatever GPU that process was given, and cost a synchronous
     copy; from a GPU it is copied into pinned memory without blocking, and the
     link's thread waits for the event, not the part."""
+    payload = wire_payload(x.detach(), dtype)
     if x.device.type != "cuda":
-        return x.detach().to(dtype=dtype, copy=True), None
-    host = torch.empty(x.shape, dtype=dtype, pin_memory=True)
-    host.copy_(x.detach().to(dtype), non_blocking=True)
+        return host_copy(payload, copy=True), None
+
+    def pinned(t: Tensor) -> Tensor:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
+
+    host = {k: pinned(v) for k, v in payload.items()} if isinstance(payload, dict) else pinned(payload)
     ready = torch.cuda.Event()
     ready.record()
     return host, ready
@@ -427,7 +432,7 @@ class LinkReceiver:
                 self.clock.sleep_until(packet.get("arrive_at", 0.0))
                 if packet.get("latent") is not None:
                     latent = self.store_get(packet["latent"])  # None: it died with a crashed sender
-                    packet["latent"] = None if latent is None else latent.float()
+                    packet["latent"] = None if latent is None else from_wire(latent)
                     packet["lost"] = latent is None
                 packet["states"] = {
                     int(j): self.store_get(ref) for j, (version, ref, size) in (packet.get("weights") or {}).items()

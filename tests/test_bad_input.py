@@ -91,7 +91,11 @@ CASES = [
     ("bad-link", {"link": "sometimes"}, "link 'sometimes': 'sometimes' is not KEY=VALUE"),
     ("link-without-unit", {"link": "bw=10,lat=20ms"}, "bw=10 needs a unit, e.g. bw=10Mbit"),
     ("bad-starve", {"starve": "never"}, "starve: Input should be 'wait' or 'stale'"),
-    ("bad-wire-dtype", {"wire_dtype": "int8"}, "wire_dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
+    (
+        "bad-wire-dtype",
+        {"wire_dtype": "int4"},
+        "wire_dtype: Input should be 'float32', 'bfloat16', 'float16' or 'int8'",
+    ),
     ("unknown-flag", ["--learning-rate", "1"], "unrecognized arguments: --learning-rate 1"),
     ("batch-larger-than-data", {"batch_size": 1000}, "batch size 1000 is larger than the 64 training images"),
     # config files

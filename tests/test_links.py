@@ -359,3 +359,22 @@ def test_the_receiver_never_replaces_the_init_or_the_end():
     channel.put({"kind": "end", "step": 1, "weights": None, "arrive_at": 0})
     receiver = LinkReceiver(channel, lambda r: r, FakeClock(10.0), keep_latest=True)
     assert [receiver.get()["kind"] for _ in range(3)] == ["init", "data", "end"]
+
+
+def test_int8_on_the_wire_is_within_half_a_scale_and_a_quarter_of_the_bytes():
+    from raylocal.pipeline import tensor_bytes, to_wire
+    from raylocal.train import from_wire
+
+    x = torch.randn(64, 4, 14, 14, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.1, 1, 10, 0]).view(
+        1, 4, 1, 1
+    )  # channels of very different sizes, one all zeros
+    payload, _ = to_wire(x, torch.int8)
+    assert payload["int8"].dtype == torch.int8 and payload["scale"].shape == (4,)
+    scale = payload["scale"].view(1, 4, 1, 1)
+    back = from_wire(payload)
+    assert back.dtype == torch.float32
+    assert bool(((back - x).abs() <= scale / 2 * (1 + 1e-6)).all())  # round to nearest: half a step at most
+    assert float((back - x).abs().max()) > 0  # (it really quantised)
+    assert torch.equal(back[:, 3], x[:, 3])  # zeros stay zeros
+    assert tensor_bytes(payload) == x.numel() + 4 * 4  # the scales are counted
+    assert tensor_bytes(payload) <= 0.27 * tensor_bytes(x)

@@ -55,7 +55,7 @@ def _run_threads(config: RunConfig, train: torch.Tensor, queue_size: int = 1):
 
 @pytest.mark.parametrize(
     "lr_schedule,wire_dtype,value_bytes",
-    [("constant", "float32", 4), ("cosine", "float32", 4), ("constant", "bfloat16", 2)],
+    [("constant", "float32", 4), ("cosine", "float32", 4), ("constant", "bfloat16", 2), ("constant", "int8", 1)],
 )
 def test_threaded_pipeline_equals_simultaneous_schedule(mnist_dir, tmp_path, lr_schedule, wire_dtype, value_bytes):
     # with cosine decay this also checks that every worker decays over the same planned steps;
@@ -74,7 +74,9 @@ def test_threaded_pipeline_equals_simultaneous_schedule(mnist_dir, tmp_path, lr_
     assert all(torch.equal(got[k], expected[k]) for k in got), "weights differ from the simultaneous run"
     assert [s.steps for s in stats] == [8, 8]
     # part 1 outputs 2x4x4 values per image: the 64-image init batch, then 8 batches of 16
-    assert stats[0].bytes_forward == (64 + 8 * 16) * 2 * 4 * 4 * value_bytes
+    # (int8: and a float32 scale for each of the 2 channels of each of the 9 latents)
+    scales = 9 * 2 * 4 if wire_dtype == "int8" else 0
+    assert stats[0].bytes_forward == (64 + 8 * 16) * 2 * 4 * 4 * value_bytes + scales
     assert all(s.bytes_backward == 0 for s in stats)
 
 
