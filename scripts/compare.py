@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 from raylocal.cli import run, set_threads  # noqa: E402
 from raylocal.config import RunConfig, read_config_file, validate_config  # noqa: E402
 from raylocal.errors import ConfigError, RaylocalError  # noqa: E402
+from raylocal.stats import mean_interval  # noqa: E402
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -172,43 +173,6 @@ def analysis(ids: list[str], summaries: list[dict]) -> str:
             f"| {s['test_bpd'] - same_time:+.4f} |"
         )
     return "\n".join(lines)
-
-
-def t_quantile(p: float, dof: int) -> float:
-    """Student-t quantile, by bisection on the exact CDF for integer degrees of
-    freedom (Abramowitz & Stegun 26.7.3-4), so that no scipy is needed."""
-
-    def cdf(t: float) -> float:
-        theta = math.atan(abs(t) / math.sqrt(dof))
-        c2 = math.cos(theta) ** 2
-        if dof % 2:  # odd: (2/pi)(theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...))
-            term, total = 1.0, 1.0 if dof > 1 else 0.0
-            for k in range(1, (dof - 1) // 2):
-                term *= c2 * (2 * k) / (2 * k + 1)
-                total += term
-            a = 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
-        else:  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
-            term, total = 1.0, 1.0
-            for k in range(1, dof // 2):
-                term *= c2 * (2 * k - 1) / (2 * k)
-                total += term
-            a = math.sin(theta) * total
-        return 0.5 + math.copysign(a / 2, t)
-
-    lo, hi = -1e3, 1e3
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
-def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and the two-sided Student-t interval of the mean (nan bounds for one value)."""
-    mean = float(np.mean(values))
-    if len(values) < 2:
-        return mean, math.nan, math.nan
-    half = t_quantile(0.5 + level / 2, len(values) - 1) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
 
 
 def verdict(lo: float, hi: float, bound: float) -> str:

@@ -41,11 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from compare import bpd_at_time, changed_settings, mean_interval, parse_seeds, run_config, t_quantile  # noqa: E402
+from compare import bpd_at_time, changed_settings, parse_seeds, run_config  # noqa: E402
 
 from raylocal.errors import ConfigError, RaylocalError  # noqa: E402
-
-EQUIVALENCE = 0.02  # BPD: a difference inside ±this is "the same"
+from raylocal.stats import EQUIVALENCE, adjust_family, decide  # noqa: E402
 
 
 @dataclass
@@ -460,32 +459,6 @@ def staleness(summary: dict) -> float | None:
     return sum(b["mean"] for b in behind) / len(behind) if behind else None
 
 
-def decide(diffs: list[float]) -> dict[str, Any]:
-    """Mean, 95% interval and verdict of paired differences (run − baseline). It is
-    decided when the interval excludes zero (better / worse) or lies inside
-    ±0.02 BPD; when undecided, about how many seeds would decide it, at the
-    spread seen so far."""
-    mean, lo, hi = mean_interval(diffs)
-    out: dict[str, Any] = {"n": len(diffs), "mean": mean, "lo": lo, "hi": hi, "seeds_to_decide": None}
-    if math.isnan(lo):
-        out["verdict"] = "one seed: no interval"
-        return out
-    inside = -EQUIVALENCE <= lo and hi <= EQUIVALENCE
-    if hi < 0 or lo > 0:
-        out["verdict"] = ("better" if hi < 0 else "worse") + (f", by less than {EQUIVALENCE}" if inside else "")
-    elif inside:
-        out["verdict"] = f"within ±{EQUIVALENCE}"
-    else:
-        out["verdict"] = "undecided"
-        sd = float(np.std(diffs, ddof=1))
-        margin = max(abs(mean), EQUIVALENCE - abs(mean))  # to exclude zero, or to fit inside ±0.02
-        n = len(diffs) + 1
-        while n < 1000 and t_quantile(0.975, n - 1) * sd / math.sqrt(n) >= margin:
-            n += 1
-        out["seeds_to_decide"] = n
-    return out
-
-
 def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, Any]]:
     """Per arm: its numbers per seed, and each comparison with its baseline. A
     comparison that needs the baseline's test curve (after the parts phase, at
@@ -535,7 +508,15 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
                 "arm": other, "seeds": pairs, "per_seed": diffs, "staleness": [per_seed[s]["staleness"] for s in pairs]
             } | {key: decide(values) for key, values in diffs.items()}  # fmt: skip
         rows.append(row)
+    adjust_family(family(rows))
     return rows
+
+
+def family(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every decided comparison of a study: its question's family, for Holm."""
+    found = [d for r in rows for d in r.get("vs_baseline", {}).values()]
+    found += [r["vs_contrast"][k] for r in rows if "vs_contrast" in r for k in ("final", "after_parts")]
+    return found
 
 
 def _mean_or_blank(values: list[float | None]) -> str:
@@ -545,7 +526,9 @@ def _mean_or_blank(values: list[float | None]) -> str:
 
 def _cell(d: dict[str, Any]) -> str:
     text = f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] {d['verdict']}"
-    return text + (f" (~{d['seeds_to_decide']} seeds)" if d["seeds_to_decide"] else "")
+    text += f" (~{d['seeds_to_decide']} seeds)" if d["seeds_to_decide"] else ""
+    adjusted = d.get("adjusted", d["verdict"])
+    return text + (f"; Holm: {adjusted}" if adjusted != d["verdict"] else "")
 
 
 STALENESS = "staleness (mean upstream steps behind, per seed)"
@@ -559,12 +542,17 @@ def table(study: Study, rows: list[dict[str, Any]]) -> str:
     stale = study.x == "staleness"
     done = sorted({s for r in rows for s in r["seeds"]})
     seeds = ", ".join(map(str, done))
-    if done != sorted(study.seeds):
+    extra = [s for s in done if s not in study.seeds]
+    if extra:
+        seeds += f" (**{', '.join(map(str, extra))} beyond the {len(study.seeds)} seeds the study declared**)"
+    elif done != sorted(study.seeds):
         seeds += f" finished (of {', '.join(map(str, study.seeds))})"
     lines = [
         f"**{study.question}** Seeds {seeds}; every difference is paired by seed "
-        f"with `{study.baseline}`: mean [95% interval] and the verdict (better, worse, within ±{EQUIVALENCE} "
-        "BPD, or undecided with about how many seeds would decide it).",
+        f"with `{study.baseline}`: mean [95% interval] and the verdict at level 0.05 (better or worse: a paired "
+        f"t-test; within ±{EQUIVALENCE} BPD: two one-sided tests; identical: every seed's difference is 0; else "
+        "undecided, with about how many seeds would decide it at 80% power), then, where it differs, the verdict "
+        "after Holm's adjustment over all of this table's comparisons.",
         "",
         "| arm | seeds | test BPD (mean) | after the parts phase (mean) | wall time (s) | in parallel (epochs) | "
         "rollbacks | − baseline, same epochs | parts phase − baseline, same epochs | − baseline, same wall clock | "
@@ -685,34 +673,55 @@ def _staleness_figure(study: Study, rows: list[dict[str, Any]], ax: Any) -> None
     ax.legend(fontsize="small")
 
 
+def _pooled_settings(result: dict[str, Any], arm: str) -> dict[str, Any]:
+    study = result["study"]
+    return json.loads(json.dumps(study.get("base", {}) | study.get("arms", {}).get(arm, {})))
+
+
 def pooled_contrasts(results: list[dict[str, Any]]) -> str:
-    """Each contrast (an arm against another arm) over the seeds of several
-    studies' results.json at once: their per-seed differences pooled, each
-    difference still a pair from one study (one machine, one commit), so pairs
-    made on different machines can decide together. A markdown table."""
-    pooled: dict[tuple[str, str], dict[str, list[float]]] = {}
+    """Each contrast (an arm against another arm) over several studies'
+    results.json at once, for the same question asked on several machines. A
+    seed run on more than one machine is one pair, not several: its differences
+    are averaged over the machines first (each difference still a pair made on
+    one machine, at one commit), then the per-seed means decide, Holm-adjusted
+    over the contrasts of the table. Refused: a study given twice, and an arm
+    that ran with other settings in one of them. A markdown table."""
+    names = [r["study"]["name"] for r in results]
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"--pool: study {twice!r} is given twice")
+    pooled: dict[tuple[str, str], dict[int, list[tuple[float, float]]]] = {}
+    settings: dict[str, tuple[str, dict[str, Any]]] = {}
     for result in results:
         for r in result["rows"]:
             c = r.get("vs_contrast")
-            if c is not None:
-                diffs = pooled.setdefault((r["arm"], c["arm"]), {"final": [], "after_parts": []})
-                for key, values in diffs.items():
-                    values.extend(c["per_seed"][key])
+            if c is None:
+                continue
+            for arm in (r["arm"], c["arm"]):
+                mine = _pooled_settings(result, arm)
+                first = settings.setdefault(arm, (result["study"]["name"], mine))
+                changed = changed_settings(first[1], mine)
+                if changed:
+                    raise ConfigError(f"--pool: {arm} ran with other settings in {first[0]} than in "
+                                      f"{result['study']['name']} ({changed})")  # fmt: skip
+            per_seed = pooled.setdefault((r["arm"], c["arm"]), {})
+            for k, seed in enumerate(c["seeds"]):
+                per_seed.setdefault(int(seed), []).append((c["per_seed"]["final"][k], c["per_seed"]["after_parts"][k]))
+    rows = []
+    for (arm, other), per_seed in pooled.items():
+        seeds = sorted(per_seed)
+        final = [float(np.mean([d[0] for d in per_seed[s]])) for s in seeds]
+        after = [float(np.mean([d[1] for d in per_seed[s]])) for s in seeds]
+        machines = sum(len(per_seed[s]) for s in seeds)
+        rows.append((arm, other, f"{len(seeds)} ({machines} pairs)", decide(final), decide(after)))
+    adjust_family([d for row in rows for d in row[3:]])
     lines = [
-        f"Pooled over {', '.join(r['study']['name'] for r in results)}:",
+        f"Pooled over {', '.join(names)} (each seed's differences averaged over the machines that ran it):",
         "",
-        "| arm | − arm | pairs | at the end | after the parts phase |",
+        "| arm | − arm | seeds (pairs) | at the end | after the parts phase |",
         "|---|---|---|---|---|",
     ]
-    for (arm, other), diffs in pooled.items():
-        cells = [
-            arm,
-            other,
-            str(len(diffs["final"])),
-            _cell(decide(diffs["final"])),
-            _cell(decide(diffs["after_parts"])),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join([arm, other, n, _cell(end), _cell(parts)]) + " |" for arm, other, n, end, parts in rows]
     return "\n".join(lines)
 
 

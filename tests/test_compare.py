@@ -58,16 +58,6 @@ def test_bpd_at_a_wall_time_interpolates_between_evaluations():
     assert compare.bpd_at_time(run, 25.0) == pytest.approx(3.25)
 
 
-def test_t_quantile_matches_closed_forms_and_the_table():
-    compare = load_script("compare")
-    for p in (0.6, 0.9, 0.975, 0.995):
-        assert compare.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)  # Cauchy
-        assert compare.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9)
-    assert compare.t_quantile(0.975, 10) == pytest.approx(2.228, abs=1e-3)  # printed t tables
-    assert compare.t_quantile(0.975, 5) == pytest.approx(2.571, abs=1e-3)
-    assert compare.t_quantile(0.025, 5) == pytest.approx(-2.571, abs=1e-3)
-
-
 def test_mean_interval_by_hand():
     compare = load_script("compare")
     mean, lo, hi = compare.mean_interval([1.0, 2.0, 3.0])  # std 1, se 1/sqrt(3), t(0.975, 2) = 4.3027

@@ -319,22 +319,35 @@ def test_a_tuned_arm_takes_the_lrs_of_its_own_tune_study_once(mnist_dir, tmp_pat
     assert study.main(argv) == 0 and len(studies) == 1  # read back, not tuned again
 
 
-def test_contrasts_pool_over_the_pairs_of_several_studies(tmp_path, capsys):
-    def results(name: str, final: list[float], parts: list[float]) -> dict:
-        contrast = {"arm": "up", "per_seed": {"final": final, "after_parts": parts}}
-        return {"study": {"name": name}, "rows": [{"arm": "up"}, {"arm": "down", "vs_contrast": contrast}]}
+def test_contrasts_pool_each_seed_once_averaged_over_the_studies_that_ran_it(tmp_path, capsys):
+    def results(name: str, seeds: list[int], final: list[float], parts: list[float], lr: float = 0.01) -> dict:
+        contrast = {"arm": "up", "seeds": seeds, "per_seed": {"final": final, "after_parts": parts}}
+        spec = {"name": name, "base": {"lr": [lr]}, "arms": {"up": {"link": "up"}, "down": {"link": "p=0.5"}}}
+        return {"study": spec, "rows": [{"arm": "up"}, {"arm": "down", "vs_contrast": contrast}]}
 
     paths = []
-    for name, final, parts in [("a", [0.05, 0.07, 0.03], [0.2, 0.1, 0.1]), ("b", [0.05, 0.03], [0.1, 0.0])]:
+    for name, seeds, final, parts in [
+        ("a", [0, 1, 2], [0.05, 0.07, 0.03], [0.2, 0.1, 0.1]),
+        ("b", [0, 1], [0.05, 0.03], [0.1, 0.0]),
+    ]:
         paths.append(tmp_path / f"{name}.json")
-        paths[-1].write_text(json.dumps(results(name, final, parts)))
+        paths[-1].write_text(json.dumps(results(name, seeds, final, parts)))
     assert study.main(["--pool", *map(str, paths)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "Pooled over a, b:"
-    # five pairs: mean 0.046, sd 0.0167, t(0.975, 4) = 2.776445: half-width 0.0207
-    half = 2.776445 * statistics.stdev([0.05, 0.07, 0.03, 0.05, 0.03]) / math.sqrt(5)
-    assert out[-1].startswith(f"| down | up | 5 | +0.0460 [{0.046 - half:+.4f}, {0.046 + half:+.4f}] worse |")
-    assert "| +0.1000 [" in out[-1]  # after the parts phase: (0.2 + 0.1 + 0.1 + 0.1 + 0.0) / 5
+    assert out[0].startswith("Pooled over a, b")
+    # three seeds, each once: seed 0 (0.05 + 0.05) / 2, seed 1 (0.07 + 0.03) / 2, seed 2 0.03
+    diffs = [0.05, 0.05, 0.03]
+    half = 4.302653 * statistics.stdev(diffs) / math.sqrt(3)  # t(0.975, 2 dof)
+    mean = sum(diffs) / 3
+    assert out[-1].startswith(f"| down | up | 3 (5 pairs) | {mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] ")
+    assert "| +0.1000 [" in out[-1]  # after the parts phase: seeds 0.15, 0.05, 0.1
+    # a study given twice, and an arm that ran with other settings, are refused
+    assert study.main(["--pool", str(paths[0]), str(paths[0])]) == 2
+    assert capsys.readouterr().err.strip() == "error: --pool: study 'a' is given twice"
+    other = tmp_path / "c.json"
+    other.write_text(json.dumps(results("c", [3], [0.01], [0.01], lr=0.001)))
+    assert study.main(["--pool", str(paths[0]), str(other)]) == 2
+    assert "--pool: down ran with other settings in a than in c (lr [0.01] -> [0.001])" in capsys.readouterr().err
     paths[0].write_text("[]")
     assert study.main(["--pool", *map(str, paths)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {paths[0]}: not a study's results.json")
