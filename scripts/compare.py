@@ -112,11 +112,16 @@ def epoch_times(summary: dict, phase: str) -> list[float]:
     return [h["epoch_time"] for h in summary["history"] if h["phase"] == phase]
 
 
-def bpd_at_time(summary: dict, seconds: float) -> float:
+def bpd_at_time(summary: dict, seconds: float) -> float | None:
     """The run's test BPD at a wall-clock time (linear between evaluations on the
-    whole test set: an async run's live evaluations on a subset are left out)."""
+    whole test set: an async run's live evaluations on a subset are left out);
+    None outside its evaluations: a run is never credited with time it did not
+    train (clamping at its last value compared a slower arm with a run that
+    never got the extra time)."""
     curve = [c for c in summary["curve"] if "live_images" not in c]
     times = [c["elapsed"] for c in curve]
+    if not times or not times[0] <= seconds <= times[-1]:
+        return None
     return float(np.interp(seconds, times, [c["test_bpd"] for c in curve]))
 
 
@@ -168,10 +173,9 @@ def analysis(ids: list[str], summaries: list[dict]) -> str:
             continue
         ratio = float(np.mean(epoch_times(s, "parts"))) / e2e_epoch
         same_time = bpd_at_time(best, s["wall_time"])
-        lines.append(
-            f"| {i} | {ratio:.3f} | {s['test_bpd'] - best['test_bpd']:+.4f} | {same_time:.4f} "
-            f"| {s['test_bpd'] - same_time:+.4f} |"
-        )
+        at_time = ("| beyond e2e's run | |" if same_time is None
+                   else f"| {same_time:.4f} | {s['test_bpd'] - same_time:+.4f} |")  # fmt: skip
+        lines.append(f"| {i} | {ratio:.3f} | {s['test_bpd'] - best['test_bpd']:+.4f} {at_time}")
     return "\n".join(lines)
 
 
@@ -216,8 +220,9 @@ def seeds_analysis(ids: list[str], runs: list[list[dict]], configs: list[dict], 
             lines.append(row + " | | | | | |")
             continue
         diff = [s["test_bpd"] - e["test_bpd"] for s, e in zip(r, runs[ref])]
-        wall = [s["test_bpd"] - bpd_at_time(e, s["wall_time"]) for s, e in zip(r, runs[ref])]
-        lines.append(row + difference_cells(diff, 0.02) + difference_cells(wall, 0.0))
+        at_time = [(s, bpd_at_time(e, s["wall_time"])) for s, e in zip(r, runs[ref])]
+        wall = [s["test_bpd"] - bpd for s, bpd in at_time if bpd is not None]  # seeds whose e2e ran that long
+        lines.append(row + difference_cells(diff, 0.02) + (difference_cells(wall, 0.0) if wall else " | | |"))
     return "\n".join(lines)
 
 

@@ -459,6 +459,22 @@ def staleness(summary: dict) -> float | None:
     return sum(b["mean"] for b in behind) / len(behind) if behind else None
 
 
+def processes(run: dict[str, Any]) -> int:
+    """How many processes computed a run at once: an async run's parts, else one."""
+    values = run.get("values", {})
+    if values.get("schedule") != "async":
+        return 1
+    return values["part_spec"].count("|") + 1 if values.get("part_spec") else int(values.get("parts", 1))
+
+
+def same_load(run: dict[str, Any], base: dict[str, Any]) -> bool:
+    """Were the two runs' wall clocks measured under the same load on the host
+    (processes and threads each)? Only then is "the same wall clock" a
+    comparison; async parts on K processes against e2e on one is not."""
+    threads = (run.get("values", {}).get("threads"), base.get("values", {}).get("threads"))
+    return processes(run) == processes(base) and threads[0] == threads[1]
+
+
 def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, Any]]:
     """Per arm: its numbers per seed, and each comparison with its baseline. A
     comparison that needs the baseline's test curve (after the parts phase, at
@@ -486,7 +502,10 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
                     per_seed[s]["after_parts"] - bpd_at_epoch(base[s], parts_epochs) for s in curved
                 ],
                 "final_same_wall_clock": [
-                    per_seed[s]["test_bpd"] - bpd_at_time(base[s], per_seed[s]["wall_time"]) for s in curved
+                    per_seed[s]["test_bpd"] - at_time
+                    for s in curved
+                    if same_load(per_seed[s], base[s])
+                    and (at_time := bpd_at_time(base[s], per_seed[s]["wall_time"])) is not None
                 ],
                 "final_same_parallel_time": [
                     per_seed[s]["test_bpd"] - bpd_at_epochs(base[s], per_seed[s]["parallel_epochs"])

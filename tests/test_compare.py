@@ -52,7 +52,8 @@ def test_bpd_at_a_wall_time_interpolates_between_evaluations():
     compare = load_script("compare")
     run = {"curve": [{"elapsed": 10.0, "test_bpd": 4.0}, {"elapsed": 30.0, "test_bpd": 3.0}]}
     assert compare.bpd_at_time(run, 25.0) == pytest.approx(3.25)
-    assert compare.bpd_at_time(run, 100.0) == pytest.approx(3.0)  # after the last evaluation: the last value
+    # outside its evaluations: no value (it never trained that long), never its last one
+    assert compare.bpd_at_time(run, 100.0) is None and compare.bpd_at_time(run, 5.0) is None
     # an async run's live evaluation on a subset of the test set is not one of them
     run["curve"].insert(1, {"elapsed": 20.0, "test_bpd": 9.0, "live_images": 16})
     assert compare.bpd_at_time(run, 25.0) == pytest.approx(3.25)

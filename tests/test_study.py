@@ -351,3 +351,22 @@ def test_contrasts_pool_each_seed_once_averaged_over_the_studies_that_ran_it(tmp
     paths[0].write_text("[]")
     assert study.main(["--pool", *map(str, paths)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {paths[0]}: not a study's results.json")
+
+
+def test_the_same_wall_clock_compares_runs_of_one_load_within_the_baselines_run():
+    s = study.Study(
+        name="t", question="q", base={"threads": 1}, baseline="e2e", seeds=[0, 1],
+        arms={"e2e": {"schedule": "e2e"}, "sim": {"schedule": "simultaneous", "parts": 2},
+              "async": {"schedule": "async", "parts": 2}},
+    )  # fmt: skip
+    e2e = {seed: _summary(3.0, [(1, 10, 5.0), (2, 20, 4.0), (3, 30, 3.0)]) for seed in (0, 1)}
+    sim = {0: _summary(3.1, [(3, 15, 3.1)]), 1: _summary(3.2, [(3, 45, 3.2)])}  # seed 1 outlasted e2e's 30 s
+    records = {
+        arm: {seed: study.record(summary, s.base | s.arms[arm] | {"seed": seed}) for seed, summary in runs.items()}
+        for arm, runs in (("e2e", e2e), ("sim", sim), ("async", sim))
+    }
+    rows = {r["arm"]: r for r in study.analyse(s, records)}
+    same_time = rows["sim"]["vs_baseline"]["final_same_wall_clock"]
+    assert same_time["n"] == 1 and same_time["mean"] == pytest.approx(3.1 - 4.5)  # seed 0 only: never clamped
+    # two processes against one: the wall clocks were not measured under one load
+    assert "final_same_wall_clock" not in rows["async"]["vs_baseline"]
