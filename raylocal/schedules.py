@@ -123,6 +123,8 @@ class RunState:
     global_step: int = 0
     elapsed: float = 0.0
     phase_time: dict[str, float] = field(default_factory=lambda: {"parts": 0.0, "finetune": 0.0})
+    # CPU seconds of this process (all its threads) per phase: a measure of work that a busy host does not inflate
+    phase_cpu: dict[str, float] = field(default_factory=lambda: {"parts": 0.0, "finetune": 0.0})
     part_time: list[float] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     curve: list[dict[str, float]] = field(default_factory=list)
@@ -467,7 +469,7 @@ class SingleProcessRun:
                 # waits the trainer's own recheck tells input drift from harm.)
                 self.trainers[k].guard.reset()
             self._last_step[k] = self.state.global_step
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         x = preprocess(to_device(self.stream.next(), self.device), cfg.n_bits, self.noise)
         if cfg.lr_schedule == "cosine-run":  # every trainer follows the run's clock
             for t in [self.finetuner] if finetune else self.trainers:
@@ -482,6 +484,7 @@ class SingleProcessRun:
         dt = time.perf_counter() - t0
         self.state.elapsed += dt
         self.state.phase_time["finetune" if finetune else "parts"] += dt
+        self.state.phase_cpu["finetune" if finetune else "parts"] += time.process_time() - cpu0
         return results
 
     def _after_batch(self, epoch: int, results: dict[int, StepResult]) -> str | None:
@@ -547,6 +550,7 @@ class SingleProcessRun:
             "steps": self.state.global_step,
             "wall_time": self.state.elapsed,
             "phase_time": self.state.phase_time,
+            "phase_cpu": self.state.phase_cpu,
             "part_time": self.state.part_time,
             "rollbacks": [t.rollbacks for t in self.trainers] + ([self.finetuner.rollbacks] if self.finetuner else []),
             "skipped_batches": [t.skipped for t in self.trainers + ([self.finetuner] if self.finetuner else [])],

@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 from compare import bpd_at_time, changed_settings, parse_seeds, run_config  # noqa: E402
 
 from raylocal.errors import ConfigError, RaylocalError  # noqa: E402
-from raylocal.stats import EQUIVALENCE, adjust_family, decide  # noqa: E402
+from raylocal.stats import EQUIVALENCE, adjust_family, decide, mean_interval  # noqa: E402
 
 
 @dataclass
@@ -68,6 +68,14 @@ class Study:
                 raise ConfigError(f"study {self.name!r}: contrast {arm!r} - {other!r} names an arm it does not have")
         if self.x and self.x != "staleness" and any(self.x not in a for a in self.arms.values()):
             raise ConfigError(f"study {self.name!r}: x {self.x!r} is not set by every arm")
+        names = list(self.arms)
+        for arm, values in self.arms.items():
+            other = values.get(EQUAL_TIME_OF)
+            if other is not None and (other not in names[: names.index(arm)] or self.baseline == arm):
+                raise ConfigError(
+                    f"study {self.name!r}: {arm} is planned for the time of {other!r}, which must be an arm "
+                    "listed before it (and it cannot be the baseline, whose epoch time plans it)"
+                )
 
     def run_name(self, arm: str, seed: int) -> str:
         return f"{arm}-seed{seed}"
@@ -273,9 +281,48 @@ def wire_study(quick: bool) -> Study:
     )
 
 
+# An arm {"equal_time_of": ARM}: e2e planned from the start for the time ARM took
+# (its own epochs, so its own warmup and decay), at the seed's e2e epoch time.
+EQUAL_TIME_OF = "equal_time_of"
+
+
+def reference_study(quick: bool, epochs: int | None = None, name: str = "reference") -> Study:
+    """Issue 31: the reference work's own protocol (its Table 1, rows 2, 3 and 5).
+    Two parts, across blocks or by block, alternating epochs for two thirds of
+    the epochs, then an end-to-end fine-tune for the last third, against e2e of
+    the same total epochs; three parts across blocks at a smaller LR, as the
+    reference ran them; and e2e planned for the time the 2-part run took. Every
+    trainer warms up and decays over its own steps (``cosine``), the fine-tune
+    from its own start, the same in every arm. The lengths: from the pilot
+    (docs/study.md, "The reference protocol"); seeds declared here, 8."""
+    total = epochs or (6 if quick else 24)
+    parts, finetune = 2 * total // 3, total - 2 * total // 3
+    alternating = {"schedule": "alternating", "epochs": parts, "finetune_epochs": finetune}
+    arms = {
+        "e2e": {"schedule": "e2e", "parts": 1, "epochs": total},
+        "2p-across": alternating | {"parts": 2, "split": "across-blocks"},
+        "2p-by-block": alternating | {"parts": 2, "split": "by-block"},
+        "3p-across": alternating | {"parts": 3, "split": "across-blocks", "lr": [3e-3]},
+        "e2e-equal-time": {"schedule": "e2e", "parts": 1, EQUAL_TIME_OF: "2p-across"},
+    }
+    quick_data = {"train_subset": 3000, "test_subset": 1000, "warmup_steps": 20} if quick else {}
+    return Study(
+        name=name,
+        question=f"Does the reference claim replicate at {total} epochs: 2 alternating parts + a third as fine-tune "
+        "within 0.01-0.02 BPD of e2e, in about 70% of the time?",
+        base=MNIST_BASE | {"lr_schedule": "cosine"} | quick_data,
+        arms=arms,
+        baseline="e2e",
+        seeds=[0, 1] if quick else list(range(8)),
+        contrasts={"2p-across": "e2e-equal-time"},
+    )
+
+
 STUDIES = {
     "parts": parts_study, "boundary": boundary_study, "finetune": finetune_study, "lr": lr_study,
-    "staleness": staleness_study, "wire": wire_study,
+    "staleness": staleness_study, "wire": wire_study, "reference": reference_study,
+    # the same protocol near convergence (both lengths to be set from the pilot)
+    "reference-converged": lambda quick: reference_study(quick, 9 if quick else 48, "reference-converged"),
 }  # fmt: skip
 
 
@@ -350,7 +397,10 @@ def run_study(
     for seed in study.seeds:  # seed-major: a stopped study has whole pairs to compare
         for arm in study.arms:
             name = study.run_name(arm, seed)
-            values = {**study.base, **study.arms[arm], "seed": seed}
+            arm_values = planned(study, arm, seed, runs)
+            if arm_values is None:  # planned for a run of this seed that is not there
+                continue
+            values = {**study.base, **arm_values, "seed": seed}
             if not (storage / study.name / name / "summary.json").is_file():
                 old = published.get(arm, {}).get(seed)
                 if old is not None:
@@ -359,7 +409,8 @@ def run_study(
                     continue
                 if train is None or arm not in train.arms or seed not in train.seeds:
                     continue
-            overrides = tuned(study, arm, storage)
+            overrides = tuned(study, arm, storage) | arm_values
+            overrides.pop(EQUAL_TIME_OF, None)
             path = Path(f"{study.name}/{arm}")
             summary = run_config(
                 path,
@@ -369,6 +420,21 @@ def run_study(
             )
             runs.setdefault(arm, {})[seed] = record(summary, values)
     return runs
+
+
+def planned(study: Study, arm: str, seed: int, runs: dict[str, dict[int, dict]]) -> dict[str, Any] | None:
+    """The arm's settings for this seed. An arm planned for another arm's time
+    gets the epochs that the seed's e2e (the baseline) would train in that
+    time, at the baseline's own epoch time (None while either run is missing)."""
+    values = dict(study.arms[arm])
+    other = values.get(EQUAL_TIME_OF)
+    if other is None:
+        return values
+    timed, base = runs.get(other, {}).get(seed), runs.get(study.baseline, {}).get(seed)
+    if timed is None or base is None:
+        return None
+    epoch_s = base["wall_time"] / (base["values"].get("epochs") or 1)
+    return values | {"epochs": max(1, round(timed["wall_time"] / epoch_s))}
 
 
 def _check_published(study: Study, name: str, old: dict, values: dict) -> None:
@@ -388,6 +454,7 @@ def record(summary: dict, values: dict[str, Any]) -> dict[str, Any]:
         "test_bpd": summary["test_bpd"],
         "after_parts": parts_phase_bpd(summary),
         "wall_time": summary["wall_time"],
+        "cpu_time": sum(summary.get("phase_cpu", {}).values()) or None,  # this process's, all threads
         "parallel_epochs": parallel_epochs(summary),
         "rollbacks": summary["rollbacks"],
         "part_lrs": summary.get("part_lrs"),
@@ -475,6 +542,28 @@ def same_load(run: dict[str, Any], base: dict[str, Any]) -> bool:
     return processes(run) == processes(base) and threads[0] == threads[1]
 
 
+def time_ratios(per_seed: dict[int, dict], base: dict[int, dict], seeds: list[int]) -> dict[str, list[float]]:
+    """Per seed, the arm's time over its baseline's: wall clock (only under the
+    same load) and CPU seconds (where both runs recorded them)."""
+    wall = [per_seed[s]["wall_time"] / base[s]["wall_time"] for s in seeds if same_load(per_seed[s], base[s])]
+    cpu = [
+        per_seed[s]["cpu_time"] / base[s]["cpu_time"]
+        for s in seeds
+        if per_seed[s].get("cpu_time") and base[s].get("cpu_time")
+    ]
+    return {"wall": wall, "cpu": cpu}
+
+
+def _ratio_cell(ratios: dict[str, list[float]]) -> str:
+    cells = []
+    for key in ("wall", "cpu"):
+        values = ratios.get(key) or []
+        if values:
+            mean, lo, hi = mean_interval(values)
+            cells.append(f"{key} {mean:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if len(values) > 1 else ""))
+    return "; ".join(cells)
+
+
 def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, Any]]:
     """Per arm: its numbers per seed, and each comparison with its baseline. A
     comparison that needs the baseline's test curve (after the parts phase, at
@@ -494,6 +583,7 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
             row[key] = [per_seed[s][key] for s in seeds]
         row["final"] = [per_seed[s]["test_bpd"] for s in seeds]
         row["staleness"] = [v for v in (per_seed[s]["staleness"] for s in seeds) if v is not None]
+        row["time_ratio"] = time_ratios(per_seed, base, seeds)
         if arm != study.baseline:
             curved = [s for s in seeds if base[s]["curve"]]
             compared = {
@@ -575,8 +665,9 @@ def table(study: Study, rows: list[dict[str, Any]]) -> str:
         "",
         "| arm | seeds | test BPD (mean) | after the parts phase (mean) | wall time (s) | in parallel (epochs) | "
         "rollbacks | − baseline, same epochs | parts phase − baseline, same epochs | − baseline, same wall clock | "
-        "− baseline, same time with the parts in parallel |" + (f" {STALENESS} |" if stale else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if stale else ""),
+        "− baseline, same time with the parts in parallel | time / baseline (mean [95%]) |"
+        + (f" {STALENESS} |" if stale else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if stale else ""),
     ]
     for r in rows:
         cells = [
@@ -592,6 +683,7 @@ def table(study: Study, rows: list[dict[str, Any]]) -> str:
         keys = ("final_same_epochs", "after_parts_same_epochs", "final_same_wall_clock")
         keys += ("final_same_parallel_time",)
         cells += [_cell(vs[k]) if vs and k in vs else "" for k in keys]
+        cells += [_ratio_cell(r.get("time_ratio", {})) if vs else ""]
         cells += [_per_seed(r["staleness"])] if stale else []
         lines.append("| " + " | ".join(cells) + " |")
     contrasted = [r for r in rows if "vs_contrast" in r]
