@@ -181,6 +181,17 @@ class RunConfig(BaseModel):
         description="data-parallel runs: local SGD, averaging parameters every H steps over the link, "
         "instead of all-reducing gradients every step (0: DDP)",
     )
+    bucket_cap_mb: float | None = Field(
+        None,
+        gt=0,
+        description="DDP: the largest gradient bucket, in MB (DDP's default: 25); buckets smaller than the "
+        "gradient let their all-reduces overlap the rest of the backward pass (DDP's first step is one bucket)",
+    )
+    ddp_compression: Literal["none", "bf16"] = Field(
+        "none",
+        description="DDP: all-reduce each gradient bucket in bfloat16 (as torch's bf16_compress_hook), over "
+        "--link too: the bytes on the wire are the compressed ones",
+    )
     outer_lr: float | None = Field(
         None, gt=0, description="local SGD: DiLoCo's outer Nesterov step with this LR (default: plain averaging)"
     )

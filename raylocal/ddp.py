@@ -90,10 +90,13 @@ class LinkedAllReduce:
         world: int,
         clock: Clock = SYSTEM_CLOCK,
         all_reduce: Callable[[Tensor], torch.futures.Future] = _gloo_all_reduce,
+        compress: torch.dtype | None = None,
     ) -> None:
         self.spec, self.world, self.clock, self.all_reduce = spec, world, clock, all_reduce
+        self.compress = compress  # the dtype buckets are all-reduced in (bf16_compress_hook's), None: as they are
         self.wire = Wire(spec, clock)
         self.bytes_sent = 0.0
+        self.buckets = 0  # buckets all-reduced
         self.idle_s = 0.0
         self._jobs: queue.Queue = queue.Queue()  # buckets waiting for the wire
         self._landing: queue.Queue = queue.Queue()  # buckets on their way (the latency overlaps the next)
@@ -102,17 +105,19 @@ class LinkedAllReduce:
 
     def __call__(self, bucket: Any) -> torch.futures.Future:
         tensor = bucket.buffer()
-        tensor.div_(self.world)
-        reduced = self.all_reduce(tensor)
+        self.buckets += 1
+        wire = tensor.to(self.compress) if self.compress is not None else tensor
+        wire.div_(self.world)
+        reduced = self.all_reduce(wire)
         # a CUDA future must name its device, or DDP cannot wait on it under NCCL
         done: torch.futures.Future = torch.futures.Future(devices=[tensor.device] if tensor.is_cuda else None)
         # the last bucket of a step is handed over when the backward pass has finished
-        self._jobs.put((tensor, reduced, done, bucket.is_last(), self.clock.now()))
+        self._jobs.put(((wire, tensor), reduced, done, bucket.is_last(), self.clock.now()))
         return done
 
     def _send(self) -> None:
         while True:
-            tensor, reduced, done, last, submitted = job = self._jobs.get()
+            (tensor, _), reduced, done, last, submitted = job = self._jobs.get()
             try:
                 nbytes = ring_bytes(tensor.numel() * tensor.element_size(), self.world)
                 arrival = self.wire.deliver(int(nbytes), at=submitted)
@@ -123,10 +128,12 @@ class LinkedAllReduce:
 
     def _land(self) -> None:
         while True:
-            arrival, (tensor, reduced, done, last, submitted) = self._landing.get()
+            arrival, ((wire, tensor), reduced, done, last, submitted) = self._landing.get()
             try:
                 self.clock.sleep_until(arrival)
                 value = reduced.wait()
+                if wire is not tensor:  # decompressed into the bucket DDP reads
+                    value = tensor.copy_(value)
                 if last:  # from the end of the backward pass until now, DDP waited for the link
                     self.idle_s += max(self.clock.now() - submitted, 0.0)
                 done.set_result(value)
@@ -235,10 +242,9 @@ class DataParallelWorker:
             if config.outer_lr:
                 self.outer = OuterNesterov(list(self.model.parameters()), config.outer_lr)
         else:
-            self.model = ray.train.torch.prepare_model(NLL(self.glow))
-            if not self.link.ideal and hasattr(self.model, "register_comm_hook"):
-                self.hook = LinkedAllReduce(self.link, self.world)
-                self.model.register_comm_hook(self.hook, linked_all_reduce_hook)
+            buckets = {"bucket_cap_mb": config.bucket_cap_mb} if config.bucket_cap_mb else {}
+            self.model = ray.train.torch.prepare_model(NLL(self.glow), parallel_strategy_kwargs=buckets)
+            self._register_hook(config)
         opt_cls = torch.optim.Adamax if config.optimizer == "adamax" else torch.optim.Adam
         self.lr = loop_config["lr"]
         self.optimizer = opt_cls(self.model.parameters(), lr=self.lr)
@@ -250,6 +256,20 @@ class DataParallelWorker:
         self.guard = NonFiniteGuard(config.grad_clip)
         self.idle_s = 0.0  # waiting for the link: local-SGD rounds (DDP's is the hook's)
         self.bytes_averaged = 0.0
+
+    def _register_hook(self, config: RunConfig) -> None:
+        """DDP's communication: over the emulated link (``LinkedAllReduce``, compressed
+        or not), else torch's own bf16 hook when compressing, else DDP's own."""
+        if not hasattr(self.model, "register_comm_hook"):  # (one worker: not wrapped)
+            return
+        compress = torch.bfloat16 if config.ddp_compression == "bf16" else None
+        if not self.link.ideal:
+            self.hook = LinkedAllReduce(self.link, self.world, compress=compress)
+            self.model.register_comm_hook(self.hook, linked_all_reduce_hook)
+        elif compress is not None:
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            self.model.register_comm_hook(None, default_hooks.bf16_compress_hook)
 
     def _all_reduce(self, tensor: Tensor, op: str = "sum") -> None:
         import torch.distributed as dist
@@ -336,6 +356,7 @@ class DataParallelWorker:
             "images": self.step * self.per_worker * self.world,
             "seconds": seconds,
             "bytes_per_step": sent / max(self.step, 1),  # what each worker put on its link
+            "buckets_per_step": (self.hook.buckets / max(self.step, 1)) if self.hook else None,
             "skipped_batches": self.guard.skipped,  # rank 0's (under DDP every worker skips the same)
             "idle_s": float(worst[0]),  # the most idle worker
             "peak_rss_mb": float(worst[1]),  # the largest worker

@@ -171,3 +171,37 @@ def test_ddp_training_that_diverges_fails_in_one_line_with_its_reason(mnist_dir,
     with pytest.raises(DivergedError, match="^data-parallel training diverged: 6 steps in a row") as e:
         train_ddp(config, data.train, 2, 3, 1e6, tmp_path / "ddp", cpus_per_worker=0.5)
     assert len(str(e.value).splitlines()) == 1
+
+
+def test_a_compressed_bucket_crosses_the_link_in_bfloat16_and_lands_decompressed():
+    clock = FakeClock(0.0)
+    hook = LinkedAllReduce(
+        LinkSpec.parse("bw=8Mbit"), world=2, clock=clock, all_reduce=_done_now, compress=torch.bfloat16
+    )
+    bucket = _Bucket(250_000, last=True)
+    bucket.buffer().copy_(torch.linspace(0, 1, 250_000))
+    expected = (bucket.buffer() / 2).to(torch.bfloat16).float()
+    reduced = hook(bucket).wait()
+    assert reduced.dtype == torch.float32 and torch.equal(reduced, expected) and reduced is bucket.buffer()
+    assert hook.bytes_sent == ring_bytes(250_000 * 2, 2) and clock.now() == pytest.approx(0.5)  # 0.5 MB at 1 MB/s
+
+
+def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compressed_bytes(mnist_dir, tmp_path):
+    """The tiny model's whole gradient fits one bucket under DDP's default; with a cap
+    DDP all-reduces several per step (after its first, which is always one), and in
+    bfloat16 each worker puts half the gradient's bytes on the link."""
+    from raylocal.data import load_dataset
+    from raylocal.ddp import train_ddp
+    from raylocal.train import build_glow
+
+    config = RunConfig(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
+        warmup_steps=2, threads=1, samples=0, progress=False, link="bw=1Gbit", bucket_cap_mb=0.001,
+        ddp_compression="bf16",
+    )  # fmt: skip
+    stats: dict = {}
+    train_ddp(config, load_dataset("mnist", mnist_dir).train, 2, 1, 1e-3, tmp_path / "ddp", cpus_per_worker=0.5,
+              stats=stats)  # fmt: skip
+    params = sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters())
+    assert stats["steps"] == 4 and stats["buckets_per_step"] > 2
+    assert stats["bytes_per_step"] == pytest.approx(ring_bytes(params / 2, 2), rel=1e-6)
