@@ -61,23 +61,31 @@ def equivalence_p(diffs: list[float], margin: float = EQUIVALENCE) -> float:
 def seeds_to_decide(mean: float, sd: float, margin: float = EQUIVALENCE) -> int | None:
     """Seeds at which a difference of ``mean`` with spread ``sd`` would be decided
     with 80% power: shown different from zero (two-sided t-test), or inside
-    ±margin (the binding one-sided test of TOST), whichever needs fewer."""
+    ±margin (the binding one-sided test of TOST), whichever needs fewer (at most
+    ``MAX_SEEDS``). The smallest such n, by bisection on statsmodels' power."""
     if sd == 0:
         return None
-    power = TTestPower()
-    needed = []
     targets = [(abs(mean), "two-sided")] + ([(margin - abs(mean), "larger")] if abs(mean) < margin else [])
-    for effect, alternative in targets:
-        if effect <= 0:
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                n = power.solve_power(effect_size=effect / sd, alpha=ALPHA, power=POWER, alternative=alternative)
-        except (ValueError, RuntimeError):  # no solution in range: more than anyone would run
-            n = math.nan
-        needed.append(MAX_SEEDS if not math.isfinite(float(n)) else math.ceil(float(n)))
-    return min(min(needed), MAX_SEEDS) if needed else MAX_SEEDS
+    needed = [_smallest_n(effect / sd, alternative) for effect, alternative in targets if effect > 0]
+    return min(needed) if needed else MAX_SEEDS
+
+
+def _smallest_n(effect: float, alternative: str) -> int:
+    power = TTestPower()
+
+    def enough(n: int) -> bool:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reached = power.power(effect_size=effect, nobs=n, alpha=ALPHA, alternative=alternative)
+        return not reached < POWER  # (statsmodels gives nan where the power is all but 1)
+
+    if not enough(MAX_SEEDS):
+        return MAX_SEEDS
+    lo, hi = 1, MAX_SEEDS  # enough(hi); lo: not (a t-test needs 2)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid, hi)
+    return max(hi, 2)
 
 
 def verdict(p_difference: float, p_equivalence: float, mean: float, margin: float = EQUIVALENCE) -> str:

@@ -409,8 +409,9 @@ def run_study(
                     continue
                 if train is None or arm not in train.arms or seed not in train.seeds:
                     continue
-            overrides = tuned(study, arm, storage) | arm_values
-            overrides.pop(EQUAL_TIME_OF, None)
+            overrides = tuned(study, arm, storage)
+            if overrides.pop(EQUAL_TIME_OF, None) is not None:
+                overrides["epochs"] = arm_values["epochs"]
             path = Path(f"{study.name}/{arm}")
             summary = run_config(
                 path,
@@ -589,7 +590,9 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
             compared = {
                 "final_same_epochs": [per_seed[s]["test_bpd"] - base[s]["test_bpd"] for s in seeds],
                 "after_parts_same_epochs": [
-                    per_seed[s]["after_parts"] - bpd_at_epoch(base[s], parts_epochs) for s in curved
+                    per_seed[s]["after_parts"] - bpd_at_epoch(base[s], parts_epochs)
+                    for s in curved
+                    if config.get("schedule") != "e2e"  # (an e2e arm has no parts phase)
                 ],
                 "final_same_wall_clock": [
                     per_seed[s]["test_bpd"] - at_time

@@ -261,7 +261,8 @@ def test_every_arm_of_the_built_in_studies_is_a_valid_run(name, quick):
     s = study.STUDIES[name](quick)
     s.check()
     for arm, overrides in s.arms.items():
-        values = s.base | {k: v for k, v in overrides.items() if k != "tune_lr"}  # the tuned LRs come later
+        # the tuned LRs and the planned epochs come later
+        values = s.base | {k: v for k, v in overrides.items() if k not in ("tune_lr", study.EQUAL_TIME_OF)}
         config = validate_config(values, f"{name} {arm}")  # unknown keys and bad values raise
         assert config.model_dump(include=set(values)) == values, arm  # nothing was silently changed
         if config.part_spec:  # a spec that does not fit the model would only fail when its run starts
@@ -370,3 +371,17 @@ def test_the_same_wall_clock_compares_runs_of_one_load_within_the_baselines_run(
     assert same_time["n"] == 1 and same_time["mean"] == pytest.approx(3.1 - 4.5)  # seed 0 only: never clamped
     # two processes against one: the wall clocks were not measured under one load
     assert "final_same_wall_clock" not in rows["async"]["vs_baseline"]
+
+
+def test_an_arm_planned_for_another_arms_time_gets_the_epochs_e2e_trains_in_it():
+    s = study.reference_study(quick=True)
+    runs = {
+        "e2e": {0: {"wall_time": 60.0, "values": {"epochs": 6}}},  # 10 s an epoch
+        "2p-across": {0: {"wall_time": 43.0, "values": {}}},
+    }
+    assert study.planned(s, "e2e-equal-time", 0, runs)["epochs"] == 4  # 43 s: 4 of e2e's epochs
+    assert study.planned(s, "e2e-equal-time", 1, runs) is None  # seed 1's runs are not there yet
+    assert study.planned(s, "e2e", 0, runs) == s.arms["e2e"]
+    s.arms = {"late": {"schedule": "e2e", study.EQUAL_TIME_OF: "e2e"}} | s.arms  # planned before its referent
+    with pytest.raises(study.ConfigError, match="late is planned for the time of 'e2e', which must be an arm"):
+        s.check()
