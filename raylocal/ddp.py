@@ -342,6 +342,10 @@ class DataParallelWorker:
             if stop or epoch == loop_config["epochs"] - 1:
                 break
             ray.train.report(history[-1])
+        if config.average_every and self.step % config.average_every:
+            # the model a local-SGD run hands on is the workers' average at the end of
+            # its budget, not rank 0's own, up to H - 1 steps past the last average
+            self.average()
         self._finish(history, time.perf_counter() - started)
 
     def _finish(self, history: list[dict[str, Any]], seconds: float) -> None:

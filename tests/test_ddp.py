@@ -131,6 +131,11 @@ def test_local_sgd_over_a_link_sends_what_the_formula_says(mnist_dir, tmp_path):
     # 64 images in global batches of 16: 4 steps; the parameters averaged every 2 of them
     assert stats["steps"] == 4 and stats["images"] == 64
     assert stats["bytes_per_step"] == pytest.approx(ring_bytes(params, 2) / 2, rel=1e-6)
+    # every 3 steps of 4: one round at step 3 and one at the end, so that the model handed on is the average
+    stats = {}
+    train_ddp(config.model_copy(update={"average_every": 3}), data.train, 2, 1, 1e-3, tmp_path / "ddp3",
+              cpus_per_worker=0.5, stats=stats)  # fmt: skip
+    assert stats["bytes_per_step"] == pytest.approx(2 * ring_bytes(params, 2) / 4, rel=1e-6)
     assert stats["idle_s"] >= 2 * 0.01  # two rounds, each at least the latency
     assert stats["peak_rss_mb"] > 50 and all(torch.isfinite(v).all() for v in weights.values())
 
