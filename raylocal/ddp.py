@@ -41,6 +41,7 @@ from raylocal.data import BatchStream
 from raylocal.errors import ClusterError, DivergedError
 from raylocal.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.objectives import nll_bits, preprocess, to_device
+from raylocal.projection import ring_bytes
 from raylocal.ray_trainer import check_torch_sees_gpus, fit_train_run, with_worker_resource
 from raylocal.runlog import peak_rss_mb
 from raylocal.train import MAX_SKIPS_IN_A_ROW, build_glow, initialize, scheduled_lr
@@ -58,11 +59,6 @@ class NLL(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return nll_bits(self.glow, x).mean()
-
-
-def ring_bytes(nbytes: float, world: int) -> float:
-    """What each worker sends in a ring all-reduce of ``nbytes``: 2(N-1)/N of them."""
-    return 2 * (world - 1) / world * nbytes if world > 1 else 0.0
 
 
 def _gloo_all_reduce(tensor: Tensor) -> torch.futures.Future:

@@ -43,10 +43,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import torch  # noqa: E402
 
 from raylocal.config import RunConfig  # noqa: E402
-from raylocal.ddp import ring_bytes  # noqa: E402
 from raylocal.links import FakeClock, LinkSpec, Wire  # noqa: E402
+from raylocal.projection import StepModel, bandwidth_losing, wire_bytes_per_step  # noqa: E402
 from raylocal.schedules import part_spec_for  # noqa: E402
-from raylocal.train import WIRE_DTYPES, build_glow  # noqa: E402
+from raylocal.train import build_glow  # noqa: E402
 
 LINKS = {
     "inf": "bw=inf,lat=20ms",
@@ -73,49 +73,30 @@ REFERENCE_MODEL = dict(n_levels=3, depth=32, hidden=512, batch_size=256)
 # ---------------------------------------------------------------- projection
 
 
-def wire_bytes_per_step(config: RunConfig, image_shape: tuple[int, int, int], workers: int = 2) -> dict[str, float]:
-    """Bytes each sender puts on its link per training step, from the config alone:
-    the latents at the busiest boundary of a ``config.parts``-way split (at
-    ``config.wire_dtype``), a DDP worker's ring all-reduce of every gradient,
-    and a local-SGD worker's ring all-reduce of the parameters every H steps."""
-    glow = build_glow(config, image_shape)
-    params = glow.param_bytes()
-    spec = part_spec_for(config, glow)
-    latent = 0
-    with torch.no_grad():
-        x = torch.zeros(1, *image_shape)
-        for a, b in spec.bounds[:-1]:
-            x, _ = glow.part(a, b)(x)
-            latent = max(latent, x.numel() * WIRE_DTYPES[config.wire_dtype].itemsize)
-    return {
-        "parameters": float(params // 4),
-        "parts": float(latent * config.batch_size),
-        "ddp": ring_bytes(params, workers),
-        "local-sgd": ring_bytes(params, workers) / max(config.average_every, 1),
-    }
-
-
-def link_bound_below(bytes_per_step: float, step_time: float) -> float:
-    """The bandwidth (bit/s) below which sending ``bytes_per_step`` takes longer than a step."""
-    return bytes_per_step * 8 / step_time
+PROJECTION_STEPS = 2000  # the run the init packet is amortised over
 
 
 def projection_table(step_time: float, average_every: int) -> str:
+    """Bytes per step on each method's busiest link and, from the step-time
+    models of ``raylocal.projection`` (one device's step: ``step_time`` s; no
+    latency), the bandwidth below which each method loses 10% of its throughput."""
+    methods = ("parts", "DDP", "local SGD", "pipeline")
     rows = [
-        f"| model | parts (latents) | DDP (all-reduce) | local SGD (every {average_every}) | "
-        "link-bound below: parts / DDP / local SGD |",
-        "|---|---|---|---|---|",
+        f"| model | bytes per step: parts (latents + syncs + init) / DDP / local SGD (every {average_every}) / "
+        "pipeline | loses 10% below: " + " / ".join(methods) + " |",
+        "|---|---|---|",
     ]
     for name, model, shape in [
         ("reference Glow (3x32x32, L=3, K=32, width 512, batch 256)", REFERENCE_MODEL, (3, 32, 32)),
         ("ours (1x28x28, L=2, K=8, width 64, batch 64)", BENCH_MODEL, (1, 28, 28)),
     ]:
         config = RunConfig(**{**BENCH_MODEL, **model}, schedule="async", parts=2, average_every=average_every)
-        b = wire_bytes_per_step(config, shape)
-        bound = [link_bound_below(b[m], step_time) for m in ("parts", "ddp", "local-sgd")]
+        b = wire_bytes_per_step(config, shape, PROJECTION_STEPS)
+        steps = StepModel(step_time, parts=2, average_every=average_every).methods()
+        bounds = [bandwidth_losing(lambda bw, f=f, b=b: f(b, bw, 0.0)) for f in steps.values()]
+        sent = " / ".join(_mb(v) for v in (b.parts, b.ddp, b.local_sgd, b.pipeline))
         rows.append(
-            f"| {name}, {b['parameters'] / 1e6:.2f}M parameters | {_mb(b['parts'])} | {_mb(b['ddp'])} | "
-            f"{_mb(b['local-sgd'])} | " + " / ".join(_bits(v) for v in bound) + " |"
+            f"| {name}, {b.parameters / 1e6:.2f}M parameters | {sent} | " + " / ".join(map(_bits, bounds)) + " |"
         )
     return "\n".join(rows)
 

@@ -8,6 +8,7 @@ import pytest
 from conftest import load_script
 
 from raylocal.config import RunConfig
+from raylocal.projection import StepModel, WireBytes, bandwidth_losing, wire_bytes_per_step
 from raylocal.train import build_glow
 
 
@@ -17,19 +18,40 @@ def bench():
 
 
 @pytest.mark.parametrize("wire_dtype,bytes_per_value", [("float32", 4), ("bfloat16", 2)])
-def test_projection_counts_latents_all_reduce_and_averaging_bytes_by_hand(bench, wire_dtype, bytes_per_value):
+def test_projection_counts_latents_syncs_init_all_reduce_and_averaging_bytes_by_hand(wire_dtype, bytes_per_value):
     config = RunConfig(
         n_levels=2, depth=2, hidden=8, batch_size=16, schedule="async", parts=2, part_spec="1|2",
-        average_every=10, wire_dtype=wire_dtype,
+        average_every=10, wire_dtype=wire_dtype, sync_every=50, init_batch_size=64,
     )  # fmt: skip
-    b = bench.wire_bytes_per_step(config, (1, 8, 8), workers=4)
-    # block 1 squeezes 1x8x8 to 4x4x4 and splits half off: part 1 sends 2x4x4 per image
-    assert b["parts"] == 16 * 2 * 4 * 4 * bytes_per_value
-    params = sum(p.numel() for p in build_glow(config, (1, 8, 8)).parameters())
-    assert b["parameters"] == params
-    assert b["ddp"] == pytest.approx(2 * 3 / 4 * params * 4)  # a ring all-reduce over 4 workers
-    assert b["local-sgd"] == pytest.approx(b["ddp"] / 10)
-    assert bench.link_bound_below(1e6, 0.5) == 16e6  # 1 MB per half-second step: 16 Mbit/s
+    b = wire_bytes_per_step(config, (1, 8, 8), steps=100, workers=4)
+    glow = build_glow(config, (1, 8, 8))
+    # block 1 squeezes 1x8x8 to 4x4x4 and splits half off: part 1 sends 2x4x4 per image; its weights
+    # every 50 steps; the init packet's 64 latents once in the 100 steps
+    latent = 2 * 4 * 4 * bytes_per_value
+    part1 = sum(p.numel() * 4 for p in glow.part(0, 8).parameters())
+    assert b.latents == 16 * latent
+    assert b.parts == pytest.approx(16 * latent + part1 / 50 + 64 * latent / 100)
+    params = sum(p.numel() for p in glow.parameters())
+    assert b.parameters == params
+    assert b.ddp == pytest.approx(2 * 3 / 4 * params * 4)  # a ring all-reduce over 4 workers
+    assert b.local_sgd == pytest.approx(b.ddp / 10) and b.local_sgd_round == b.ddp
+    assert b.pipeline == 2 * 16 * 2 * 4 * 4 * 4  # float32 activations forward, their gradients back
+
+
+def test_step_time_models_by_hand():
+    b = WireBytes(parameters=0, latents=0, parts=1e6, ddp=2e6, local_sgd=4e4, local_sgd_round=2e6, pipeline=5e5)
+    m = StepModel(compute=0.3, parts=2, forward_share=1 / 3, buckets=3, average_every=50, micro_batches=4)
+    bw, lat = 80e6, 0.01  # 10 MB/s
+    assert m.parts_step(b, bw, lat) == pytest.approx(max(0.15, 0.1))
+    assert m.ddp_step(b, bw, lat) == pytest.approx(0.1 + max(0.2, 0.2 + 3 * 0.01))
+    assert m.local_sgd_step(b, bw, lat) == pytest.approx(0.3 + (0.2 + 0.01) / 50)
+    assert m.pipeline_step(b, bw, lat) == pytest.approx(5 / 4 * 0.15 + 2 * (0.025 + 0.01))
+    # parts lose 10% where their 1 MB takes 0.15 / 0.9 s: at 8e6 x 0.9 / 0.15 bit/s
+    assert bandwidth_losing(lambda bw: m.parts_step(b, bw, 0.0)) == pytest.approx(8e6 * 0.9 / 0.15, rel=1e-6)
+    assert bandwidth_losing(lambda bw: 1.5) == 1.0  # never link-bound: the lowest bandwidth it tries
+    # against its own step on an infinitely fast link, latency included: 0.1 + 3 x 1.0 s; 10% more is
+    # 3.1 / 0.9 s, which 2 MB fill at 16e6 / (3.1 / 0.9 - 3.1) bit/s
+    assert bandwidth_losing(lambda bw: m.ddp_step(b, bw, 1.0)) == pytest.approx(16e6 / (3.1 / 0.9 - 3.1), rel=1e-6)
 
 
 def test_cells_run_the_floor_first_and_each_fine_tune_after_what_it_chooses_from(bench):

@@ -12,8 +12,9 @@ from conftest import tiny_options
 
 from raylocal.cli import main
 from raylocal.config import RunConfig
-from raylocal.ddp import LinkedAllReduce, OuterNesterov, average_parameters, ring_bytes
+from raylocal.ddp import LinkedAllReduce, OuterNesterov, average_parameters
 from raylocal.links import FakeClock, LinkSpec
+from raylocal.projection import ring_bytes
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
