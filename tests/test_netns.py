@@ -1,0 +1,97 @@
+"""A real network on one machine (raylocal/netns.py): namespaces, kernel-shaped links, teardown."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pytest
+
+from raylocal import netns
+
+WHY = netns.available()
+pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")
+
+SERVER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 5201)); s.listen(1); print("ready", flush=True)
+c, _ = s.accept(); n = 0
+while True:
+    b = c.recv(1 << 16)
+    if not b: break
+    n += len(b)
+print(n, flush=True)
+"""
+
+CLIENT = """
+import socket, sys, time
+payload = b"x" * int(sys.argv[2])
+c = socket.create_connection((sys.argv[1], 5201), timeout=30)
+t = time.perf_counter(); c.sendall(payload); c.shutdown(socket.SHUT_WR); c.recv(1); c.close()
+print(time.perf_counter() - t, flush=True)
+"""
+
+
+def test_a_transfer_crosses_a_shaped_link_at_its_rate_and_teardown_leaves_nothing():
+    size = 2_500_000  # 20 Mbit: 2 s at 10 Mbit/s
+    with netns.Network(["10mbit", "10mbit"]) as net:
+        tag = net.tag
+        assert sorted(netns.leftovers(tag)) != []  # (it is up)
+        server = net.popen(0, [sys.executable, "-c", SERVER, net.address(0)], stdout=-1, text=True)
+        assert server.stdout.readline().strip() == "ready"
+        start = time.perf_counter()
+        client = net.run(1, [sys.executable, "-c", CLIENT, net.address(0), str(size)], capture_output=True, text=True)
+        elapsed = time.perf_counter() - start
+        assert client.returncode == 0, client.stderr
+        assert int(server.stdout.readline()) == size
+        server.wait(10)
+    rate = size * 8 / elapsed
+    assert 8e6 <= rate <= 12e6, rate  # the shaped 10 Mbit/s, within 20%
+    assert netns.leftovers(tag) == []
+
+
+def test_teardown_happens_on_an_error_too():
+    with pytest.raises(RuntimeError), netns.Network([None]) as net:
+        tag = net.tag
+        raise RuntimeError("boom")
+    assert netns.leftovers(tag) == []
+
+
+def test_a_bad_rate_is_one_line():
+    with pytest.raises(netns.ClusterError, match="link rate '10 megabits' is not like 10mbit"):
+        netns.tbf_args("10 megabits")
+
+
+RUN_AND_REPORT = """
+import json, sys
+import ray
+from raylocal.cli import main
+assert main(sys.argv[2:]) == 0
+summary = json.load(open(sys.argv[1]))
+ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+print("PARTS ON", json.dumps([ips[node] for node in summary["actor_nodes"]]))
+"""
+
+
+def test_a_two_node_ray_cluster_in_namespaces_spreads_two_parts_over_its_node_addresses(mnist_dir, tmp_path):
+    from conftest import tiny_options
+
+    storage = tmp_path / "runs"
+    options = tiny_options(
+        mnist_dir, storage, schedule="async", parts=2, part_spec="1|2", placement="spread", finetune_epochs=0,
+        cpus_per_part=1, run_name="spread", progress=False,
+    )  # fmt: skip
+    summary = storage / "spread" / "summary.json"
+    with netns.Network(["100mbit", "100mbit"]) as net:
+        env = netns.start_ray(net, cpus=2)
+        done = net.run(
+            0, [sys.executable, "-c", RUN_AND_REPORT, str(summary), *options], env=env, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        tag = net.tag
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("PARTS ON"))
+    assert sorted(json.loads(line.removeprefix("PARTS ON "))) == [net.address(0), net.address(1)]
+    assert netns.leftovers(tag) == []
