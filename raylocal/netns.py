@@ -153,6 +153,44 @@ def leftovers(tag: str) -> list[str]:
     return [n for n in spaces if n.startswith(tag)] + re.findall(rf"\d+: ({re.escape(tag)}\S*?)[@:]", links)
 
 
+_SINK = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 5201)); s.listen(1); print("ready", flush=True)
+c, _ = s.accept(); n = 0
+while True:
+    b = c.recv(1 << 16)
+    if not b: break
+    n += len(b)
+print(n, flush=True)
+"""
+
+_SOURCE = """
+import socket, sys, time
+payload = b"x" * int(sys.argv[2])
+c = socket.create_connection((sys.argv[1], 5201), timeout=60)
+t = time.perf_counter(); c.sendall(payload); c.shutdown(socket.SHUT_WR); c.recv(1); c.close()
+print(time.perf_counter() - t, flush=True)
+"""
+
+
+def tcp_rate(net: Network, nbytes: int, sender: int = 1, receiver: int = 0) -> float:
+    """Bits per second of one TCP transfer of ``nbytes`` between two nodes, timed by
+    the sender from its first byte until the receiver has read the last one."""
+    sink = net.popen(receiver, [sys.executable, "-c", _SINK, net.address(receiver)], stdout=-1, text=True)
+    try:
+        if sink.stdout.readline().strip() != "ready":
+            raise ClusterError("the TCP sink did not start")
+        argv = [sys.executable, "-c", _SOURCE, net.address(receiver), str(nbytes)]
+        done = net.run(sender, argv, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0 or int(sink.stdout.readline()) != nbytes:
+            raise ClusterError(f"the TCP transfer failed: {done.stderr.strip()[-200:]}")
+        return nbytes * 8 / float(done.stdout.strip())
+    finally:
+        sink.kill()
+        sink.wait()
+
+
 def start_ray(net: Network, cpus: int, port: int = 6379) -> dict[str, str]:
     """A Ray head on node 0 and a worker on every other node, each bound to its
     namespace's address and carrying the resource ``node<k>``; returns the
@@ -180,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rates", default="10mbit,10mbit", help="one link rate per node (none: unshaped)")
     p.add_argument("--cpus", type=int, default=2, help="CPUs each Ray node offers")
+    p.add_argument("--tcp", type=float, metavar="SECONDS", help="no Ray: time a TCP transfer of about this long "
+                   "at each rate of --rates over a two-node link, and print the rate it reached")  # fmt: skip
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- the command to run on the head node")
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -188,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {why}", file=sys.stderr)
         return 2
     rates = [None if r in ("none", "") else r for r in args.rates.split(",")]
+    if args.tcp:
+        return _tcp_table(rates, args.tcp)
     try:
         with Network(rates) as net:
             try:
@@ -200,6 +242,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _tcp_table(rates: list[str | None], seconds: float) -> int:
+    print("| tbf rate | bytes | TCP reached | of the rate |\n|---|---|---|---|")
+    for rate in rates:
+        if rate is None:
+            continue
+        bits = float(re.match(r"[\d.]+", rate).group()) * {"k": 1e3, "m": 1e6, "g": 1e9}[rate.lower()[-4]]
+        nbytes = int(bits / 8 * seconds)
+        with Network([rate, rate]) as net:
+            reached = tcp_rate(net, nbytes)
+        print(f"| {rate} | {nbytes:,} | {reached / 1e6:.3g} Mbit/s | {reached / bits:.1%} |", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
