@@ -33,6 +33,13 @@ def preprocess(x: Tensor, n_bits: int, generator: torch.Generator | None = None)
     return x / n_bins - 0.5 + noise / n_bins
 
 
+def wait_for(device: torch.device) -> None:
+    """Wait until ``device`` has finished its queued work (a GPU runs ahead of the
+    host: a timer must not stop at a kernel's launch); nothing on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def to_device(x: Tensor, device: torch.device | str) -> Tensor:
     """``x`` on ``device``; from the CPU to a GPU through pinned memory without
     blocking, so that the CPU goes on preparing the step while it copies."""

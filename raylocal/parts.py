@@ -26,6 +26,7 @@ import torch
 
 from raylocal.errors import SpecError
 from raylocal.glow import Glow, GlowLayout
+from raylocal.objectives import wait_for
 
 # what a spec is read against: a model, or its layout alone (no tensors)
 Layout = Glow | GlowLayout
@@ -165,11 +166,6 @@ def estimated_costs(glow: Layout) -> list[float]:
     return [info.cost for info in glow.info]
 
 
-def _wait_for(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measured_costs(glow: Glow, x: torch.Tensor, rounds: int = 5) -> list[float]:
     """Seconds of forward + backward per layer on batch x (the layer's own input).
 
@@ -187,11 +183,11 @@ def measured_costs(glow: Glow, x: torch.Tensor, rounds: int = 5) -> list[float]:
     times: list[list[float]] = [[] for _ in inputs]
     for _ in range(rounds + 1):  # the first round warms up and is dropped
         for layer, inp, seen in zip(glow.layers, inputs, times):
-            _wait_for(x.device)  # a GPU runs ahead of the clock: time the layer's kernels, not their launch
+            wait_for(x.device)  # a GPU runs ahead of the clock: time the layer's kernels, not their launch
             t = time.perf_counter()
             y, ld = layer(inp)
             (y.sum() + ld.sum()).backward()
-            _wait_for(x.device)
+            wait_for(x.device)
             seen.append(time.perf_counter() - t)
     glow.zero_grad(set_to_none=True)
     return [statistics.median(seen[1:]) for seen in times]

@@ -65,8 +65,8 @@ def to_wire(x: Tensor, dtype: torch.dtype) -> tuple[Tensor | dict[str, Tensor], 
     copy; from a GPU it is copied into pinned memory without blocking, and the
     link's thread waits for the event, not the part."""
     payload = wire_payload(x.detach(), dtype)
-    if x.device.type != "cuda":
-        return host_copy(payload, copy=True), None
+    if x.device.type != "cuda":  # bfloat16 or int8 made new tensors; float32 is the output itself
+        return (x.detach().clone() if dtype == torch.float32 else payload), None
 
     def pinned(t: Tensor) -> Tensor:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)

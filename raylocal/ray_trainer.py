@@ -317,10 +317,15 @@ def _gpus(config: RunConfig, nodes: list[dict[str, float]] | None = None) -> int
     return int(sum(n.get("GPU", 0) for n in nodes))
 
 
+def live_nodes() -> list[dict[str, float]]:
+    """The total resources of every live node of the cluster."""
+    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
+
+
 def worker_nodes(config: RunConfig) -> list[dict[str, float]]:
     """The total resources of every live node the run may work on (those that
     carry ``--worker-resource`` when it is set)."""
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    nodes = live_nodes()
     if config.worker_resource:
         nodes = [r for r in nodes if r.get(config.worker_resource)]
     return nodes
@@ -391,6 +396,11 @@ def part_resources(config: RunConfig, n_parts: int) -> tuple[float, float, int]:
     return cpus, gpus, threads
 
 
+def part_bundle(config: RunConfig, cpus: float, gpus: float) -> dict[str, float]:
+    """One part actor's bundle."""
+    return with_worker_resource(config, {"CPU": cpus} | ({"GPU": gpus} if gpus else {}))
+
+
 def with_worker_resource(config: RunConfig, bundle: dict[str, float]) -> dict[str, float]:
     """``bundle``, pinned to the nodes that carry ``--worker-resource`` when it is set."""
     if config.worker_resource:
@@ -439,13 +449,13 @@ def place_parts(config: RunConfig, n_parts: int, cpus: float, gpus: float) -> tu
     current = ray.util.get_current_placement_group()
     if current is not None and len(current.bundle_specs) > n_parts:
         return current, len(current.bundle_specs) - n_parts, False
-    bundle = with_worker_resource(config, {"CPU": cpus} | ({"GPU": gpus} if gpus else {}))
+    bundle = part_bundle(config, cpus, gpus)
     strategy = "STRICT_SPREAD" if config.placement == "spread" else "PACK"
     pg = placement_group([dict(bundle)] * n_parts, strategy=strategy)
     ready, _ = ray.wait([pg.ready()], timeout=float(os.environ.get("RAYLOCAL_PLACEMENT_TIMEOUT", 60)))
     if not ready:
         remove_placement_group(pg)
-        nodes = len([n for n in ray.nodes() if n["Alive"]])
+        nodes = len(live_nodes())
         raise ClusterError(
             f"cannot place {n_parts} parts of {bundle} with strategy {strategy} on this cluster "
             f"({nodes} node(s), {ray.cluster_resources()}); lower --cpus-per-part or use --placement pack"
@@ -466,8 +476,8 @@ def check_placement(config: RunConfig, n_parts: int) -> None:
     if current is not None and len(current.bundle_specs) > n_parts:
         return
     cpus, gpus, _ = part_resources(config, n_parts)
-    part = with_worker_resource(config, {"CPU": cpus} | ({"GPU": gpus} if gpus else {}))
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    part = part_bundle(config, cpus, gpus)
+    nodes = live_nodes()
     able = [n for n in nodes if _fits(part, n)]
     shown = ", ".join(f"{k} {v:g}" for k, v in part.items())
     if not able:

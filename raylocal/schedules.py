@@ -33,7 +33,7 @@ from raylocal.data import BatchStream, ImageData
 from raylocal.errors import CheckpointError
 from raylocal.faults import apply_finetune_faults, parse_faults
 from raylocal.glow import Glow, Part
-from raylocal.objectives import preprocess, to_device
+from raylocal.objectives import preprocess, to_device, wait_for
 from raylocal.parts import PartSpec, boundary_steps, measured_costs, resolve_part_spec
 from raylocal.runlog import Progress, RunLog, write_json
 from raylocal.train import (
@@ -63,11 +63,6 @@ def epoch_plan(schedule: str, n_parts: int, epochs: int, alternate_every: int = 
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train_batch(
     parts: list[Part],
     trainers: list[PartTrainer],
@@ -92,7 +87,7 @@ def train_batch(
             with torch.no_grad():
                 h, _ = parts[k](h)
         if part_time is not None:
-            _sync(device)
+            wait_for(device)
             part_time[k] += time.perf_counter() - t0
     return results
 

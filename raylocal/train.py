@@ -102,6 +102,11 @@ def build_glow(config: RunConfig, image_shape: tuple[int, int, int]) -> Glow:
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
 
 
+def _per_channel(scale: Tensor, dims: int) -> Tensor:
+    """A channel's scale shaped to multiply a [B, C, ...] tensor of ``dims`` dimensions."""
+    return scale.view([1, -1] + [1] * (dims - 2))
+
+
 def quantize_int8(x: Tensor) -> dict[str, Tensor]:
     """``x`` [B, C, ...] as int8 with one float32 scale per channel (over the batch
     and the pixels): symmetric, rounded to nearest, so that every element comes
@@ -109,8 +114,7 @@ def quantize_int8(x: Tensor) -> dict[str, Tensor]:
     a batch of 64 the payload is 0.25x float32's, whatever the latent's size."""
     dims = [d for d in range(x.dim()) if d != 1]
     scale = (x.detach().abs().amax(dim=dims) / 127).clamp_min(torch.finfo(torch.float32).tiny).float()
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    q = torch.round(x.detach() / scale.view(shape)).clamp(-127, 127).to(torch.int8)
+    q = torch.round(x.detach() / _per_channel(scale, x.dim())).clamp(-127, 127).to(torch.int8)
     return {"int8": q, "scale": scale}
 
 
@@ -123,7 +127,7 @@ def from_wire(payload: Tensor | dict[str, Tensor]) -> Tensor:
     """The float32 latent a part trains on, from what crossed the wire."""
     if isinstance(payload, dict):
         q = payload["int8"]
-        return q.float() * payload["scale"].view([1, -1] + [1] * (q.dim() - 2))
+        return q.float() * _per_channel(payload["scale"], q.dim())
     return payload.float()
 
 

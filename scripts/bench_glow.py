@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from raylocal.cli import load_data  # noqa: E402
 from raylocal.config import RunConfig  # noqa: E402
 from raylocal.glow import Glow  # noqa: E402
-from raylocal.objectives import local_nll, nll_bits  # noqa: E402
+from raylocal.objectives import local_nll, nll_bits, wait_for  # noqa: E402
 from raylocal.runlog import peak_rss_mb  # noqa: E402
 from raylocal.schedules import SingleProcessRun  # noqa: E402
 from raylocal.train import PartTrainer, build_glow, configure_kernels, resolve_device, training_nll  # noqa: E402
@@ -34,11 +34,6 @@ CONFIGS = [
     ((1, 32, 32), 3, 8, 64, 64),
     ((3, 32, 32), 3, 8, 128, 64),
 ]
-
-
-def _wait(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def throughput(shape, levels, depth, width, batch, device, seconds: float, compiled: bool, rounds: int, **glow_kw):
@@ -58,7 +53,7 @@ def throughput(shape, levels, depth, width, batch, device, seconds: float, compi
     def step(loss_fn) -> None:
         glow.zero_grad(set_to_none=True)
         loss_fn(whole, x)[0].mean().backward()
-        _wait(device)
+        wait_for(device)
 
     compile_s = 0.0
     for name, fn in loss_fns.items():
@@ -99,7 +94,7 @@ def training_step_rate(config: RunConfig, shape, batch: int, device, seconds: fl
 
     def step() -> None:
         trainer.step(x)
-        _wait(device)
+        wait_for(device)
 
     rate = _rate(step, batch, seconds)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
@@ -107,7 +102,7 @@ def training_step_rate(config: RunConfig, shape, batch: int, device, seconds: fl
     @torch.no_grad()
     def evaluate() -> None:
         nll_bits(glow, x)
-        _wait(device)
+        wait_for(device)
 
     evaluation = _rate(evaluate, batch, seconds)
     return {
