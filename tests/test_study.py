@@ -385,3 +385,13 @@ def test_an_arm_planned_for_another_arms_time_gets_the_epochs_e2e_trains_in_it()
     s.arms = {"late": {"schedule": "e2e", study.EQUAL_TIME_OF: "e2e"}} | s.arms  # planned before its referent
     with pytest.raises(study.ConfigError, match="late is planned for the time of 'e2e', which must be an arm"):
         s.check()
+
+
+def test_each_seed_runs_its_arms_in_a_rotated_order_with_timed_arms_last():
+    s = study.reference_study(quick=False)
+    free = ["e2e", "2p-across", "2p-by-block", "3p-across"]
+    orders = [study.arm_order(s, seed) for seed in s.seeds]
+    assert orders[0] == free + ["e2e-equal-time"]
+    assert orders[1] == free[1:] + free[:1] + ["e2e-equal-time"]
+    assert [o[0] for o in orders[:4]] == free  # each arm leads once in four seeds
+    assert all(sorted(o) == sorted(s.arms) for o in orders)
