@@ -1,52 +1,12 @@
 #!/usr/bin/env python
-"""Train a Glow in parts on Ray, all parts at once: the entry point users type.
+"""Train a Glow in parts on Ray, all parts at once (the embedded default with no options).
 
-    python scripts/run_async.py --parts 3
-
-With no other option: an embedded local Ray, the bundled MNIST and a Glow
-small enough to finish in a few minutes on 2 CPU cores. ``--address auto``
-(or RAY_ADDRESS) joins an existing cluster; every option of scripts/train.py
-applies (``--help``), plus ``--config FILE``.
+The same as ``raylocal run-async``; see raylocal.cli.run_async (``--help``).
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from raylocal.cli import main  # noqa: E402
-from raylocal.config import RunConfig  # noqa: E402
-
-# The embedded default: small enough for a few minutes on 2 CPU cores.
-DEFAULTS = {
-    "schedule": "async",
-    "parts": 3,
-    "n_levels": 2,
-    "depth": 4,
-    "hidden": 64,
-    "epochs": 3,
-    "finetune_epochs": 1,
-    "train_subset": 20000,
-    "test_subset": 5000,
-    "warmup_steps": 100,
-    "lr": [1e-3],
-}
-
-# What the default run's numbers mean, from docs/benchmarks.md ("The embedded
-# default", and "120 epochs"), measured on 2 CPU cores.
-E2E_SAME_TIME_BPD = 2.47  # the same model end to end for the default run's wall time (2.4655)
-
-
-def reading(config: RunConfig, summary: dict) -> str | None:
-    """One line on what the default run's numbers mean (none for other runs)."""
-    if any(getattr(config, k) != v for k, v in DEFAULTS.items()):
-        return None
-    return (
-        f"reading it: a short run, {summary['test_bpd']:.2f} BPD. The same model trained end to end for the same "
-        f"time reaches {E2E_SAME_TIME_BPD:.2f}; a Glow twice as deep (K=8) trained for 120 epochs (1-2 hours on "
-        "one core) lands at 1.35 end to end and 1.41 in parts + fine-tune (docs/benchmarks.md)."
-    )
-
+from raylocal.cli.run_async import main
 
 if __name__ == "__main__":
-    sys.exit(main(description=__doc__, defaults=DEFAULTS, epilogue=reading))
+    sys.exit(main())

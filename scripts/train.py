@@ -1,15 +1,12 @@
 #!/usr/bin/env python
-"""Train a Glow: ``--schedule e2e|sequential|alternating|simultaneous|async``.
+"""Train a Glow: e2e, sequential, alternating, simultaneous or async.
 
-python scripts/train.py --schedule alternating --parts 2 --epochs 4 --finetune-epochs 2
+The same as ``raylocal train``; see raylocal.cli.train (``--help``).
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from raylocal.cli import main  # noqa: E402
+from raylocal.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import os
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +22,6 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 torch.set_num_threads(1)
-
-
-def load_script(name: str):
-    """A script under scripts/ imported as a module, so its helpers can be tested."""
-    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_idx_images(path: Path, images: np.ndarray, gz: bool = True, magic: int = 2051) -> None:
@@ -100,10 +88,10 @@ def untrained_bpd(mnist_dir: Path, seed: int = 0, **model: object) -> float:
     """Test BPD of the tiny model (``tiny_options``'s) before any training, computed
     here, independently of a run: ActNorm's data init on the first 64 training
     images, as a run makes it. What a run that learnt must end below."""
-    from raylocal.config import RunConfig
-    from raylocal.data import load_dataset
-    from raylocal.objectives import preprocess
-    from raylocal.train import build_glow, evaluate_bpd, initialize
+    from raylocal.core.config import RunConfig
+    from raylocal.core.data import load_dataset
+    from raylocal.model.objectives import preprocess
+    from raylocal.training.trainer import build_glow, evaluate_bpd, initialize
 
     config = RunConfig(**({"n_levels": 2, "depth": 2, "hidden": 8, "seed": seed} | model))
     data = load_dataset("mnist", str(mnist_dir))

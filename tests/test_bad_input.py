@@ -10,8 +10,10 @@ import pytest
 from conftest import synthetic_digits, tiny_options, write_idx_images
 from PIL import Image
 
-from raylocal.cli import main
-from raylocal.config import RunConfig
+from raylocal.cli import run_async
+from raylocal.cli.train import main
+from raylocal.core.config import RunConfig
+from raylocal.tune import cli as tune_lr
 
 
 def _folder(root: Path, sizes=((6, 6), (6, 6)), bad: str | None = None) -> Path:
@@ -203,11 +205,8 @@ def test_unreachable_ray_address_is_one_line(mnist_dir, tmp_path):
 
 
 def test_a_tune_space_that_is_not_python_is_one_line(mnist_dir, tmp_path, capsys):
-    from conftest import load_script
-
     notes = tmp_path / "space.txt"
     notes.write_text("not python\n")
-    tune_lr = load_script("tune_lr")
     assert tune_lr.main(["--space", str(notes), *tiny_options(mnist_dir, tmp_path / "runs")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {notes}: a tune space is a Python file (.py), see tune_spaces/"]
@@ -226,9 +225,6 @@ def test_run_async_help_shows_the_defaults_it_really_uses():
 
 
 def test_the_default_run_ends_with_what_its_numbers_mean():
-    from conftest import load_script
-
-    run_async = load_script("run_async")
     config = RunConfig(**run_async.DEFAULTS)
     line = run_async.reading(config, {"test_bpd": 2.5})
     assert "2.50 BPD" in line and f"reaches {run_async.E2E_SAME_TIME_BPD:.2f}" in line

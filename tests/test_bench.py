@@ -8,12 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import load_script
+
+from raylocal.bench import async_bench
 
 
 @pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="the CPU meter reads Linux's /proc")
 def test_cpu_meter_charges_cpu_time_to_the_process_that_used_it():
-    class Meter(load_script("bench_async").CpuMeter):
+    class Meter(async_bench.CpuMeter):
         def group(self, pid: int, comm: str, cmdline: str) -> str:  # the child stands in for a part actor
             if pid == child.pid:
                 return "part actors"
@@ -51,7 +52,7 @@ def test_cpu_meter_charges_cpu_time_to_the_process_that_used_it():
 
 
 def test_cpu_meter_groups_ray_processes():
-    meter = load_script("bench_async").CpuMeter()
+    meter = async_bench.CpuMeter()
     assert meter.group(1, "python", "ray::PartActor.run") == "part actors"
     assert meter.group(1, "python", "ray::_ChannelActor.get") == "queue actors"
     assert meter.group(1, "raylet", "/x/ray/core/src/ray/raylet/raylet --flags") == "raylet"

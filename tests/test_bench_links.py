@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import load_script
 
-from raylocal.config import RunConfig
-from raylocal.projection import StepModel, WireBytes, bandwidth_losing, wire_bytes_per_step
-from raylocal.train import build_glow
+from raylocal.baselines.projection import StepModel, WireBytes, bandwidth_losing, wire_bytes_per_step
+from raylocal.bench import links as bench_links
+from raylocal.core.config import RunConfig
+from raylocal.training.trainer import build_glow
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_script("bench_links")
+    return bench_links
 
 
 @pytest.mark.parametrize("wire_dtype,bytes_per_value", [("float32", 4), ("bfloat16", 2)])

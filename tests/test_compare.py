@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import load_script
 
 from raylocal.errors import ConfigError
+from raylocal.study import compare
 
 
 def _summary(schedule, parts, bpd, wall, finetune=0):
@@ -18,7 +18,6 @@ def _summary(schedule, parts, bpd, wall, finetune=0):
 
 
 def test_table_names_lr_schedule_and_fine_tune_lr_and_escapes_the_spec():
-    compare = load_script("compare")
     summaries = [
         _summary("e2e", "1,2", 1.91554, 339.4),
         _summary("simultaneous", "1[:5]|1[5:],2", 1.9382, 422.0, 3),
@@ -34,7 +33,6 @@ def test_table_names_lr_schedule_and_fine_tune_lr_and_escapes_the_spec():
 
 
 def test_fine_tune_line_sits_after_the_last_parts_epoch():
-    compare = load_script("compare")
 
     def history(parts, finetune):
         return [{"phase": "parts", "epoch": e} for e in parts] + [{"phase": "finetune", "epoch": e} for e in finetune]
@@ -49,7 +47,6 @@ def test_fine_tune_line_sits_after_the_last_parts_epoch():
 
 
 def test_bpd_at_a_wall_time_interpolates_between_evaluations():
-    compare = load_script("compare")
     run = {"curve": [{"elapsed": 10.0, "test_bpd": 4.0}, {"elapsed": 30.0, "test_bpd": 3.0}]}
     assert compare.bpd_at_time(run, 25.0) == pytest.approx(3.25)
     # outside its evaluations: no value (it never trained that long), never its last one
@@ -60,7 +57,6 @@ def test_bpd_at_a_wall_time_interpolates_between_evaluations():
 
 
 def test_mean_interval_by_hand():
-    compare = load_script("compare")
     mean, lo, hi = compare.mean_interval([1.0, 2.0, 3.0])  # std 1, se 1/sqrt(3), t(0.975, 2) = 4.3027
     half = 4.302653 / math.sqrt(3)
     assert (mean, lo, hi) == pytest.approx((2.0, 2.0 - half, 2.0 + half), abs=1e-5)
@@ -69,7 +65,6 @@ def test_mean_interval_by_hand():
 
 
 def test_seeds_are_parsed_and_named():
-    compare = load_script("compare")
     assert compare.parse_seeds("0-3") == [0, 1, 2, 3]
     assert compare.parse_seeds("0, 2,5") == [0, 2, 5]
     for bad in ("a", "3-1", "0,0", "-1"):
@@ -87,7 +82,6 @@ def _seeded_run(schedule, bpd, wall):
 
 
 def test_seed_table_pairs_runs_by_seed_and_decides_with_the_interval():
-    compare = load_script("compare")
     e2e = [_seeded_run("e2e", b, 100.0) for b in (2.0, 2.2, 1.9)]
     close = [_seeded_run("simultaneous", b + d, 100.0) for b, d in zip((2.0, 2.2, 1.9), (0.010, 0.012, 0.011))]
     noisy = [_seeded_run("async", b + d, 50.0) for b, d in zip((2.0, 2.2, 1.9), (0.1, -0.1, 0.05))]

@@ -11,7 +11,7 @@ import torch
 from conftest import synthetic_digits, write_idx_images
 from PIL import Image
 
-from raylocal.data import BUNDLED_MNIST, BatchStream, load_dataset, read_idx
+from raylocal.core.data import BUNDLED_MNIST, BatchStream, load_dataset, read_idx
 from raylocal.errors import DataError
 
 
@@ -168,8 +168,8 @@ def test_batch_stream_resumes_exactly():
 
 
 def test_validation_holds_out_the_last_training_images(mnist_dir):
-    from raylocal.cli import load_data
-    from raylocal.config import RunConfig
+    from raylocal.core.config import RunConfig
+    from raylocal.run.launch import load_data
 
     full = load_dataset("mnist", mnist_dir)
     data = load_data(RunConfig(data_root=str(mnist_dir), validation=16, train_subset=40))

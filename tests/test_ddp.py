@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import tiny_options
 
-from raylocal.cli import main
-from raylocal.config import RunConfig
-from raylocal.ddp import LinkedAllReduce, OuterNesterov, average_parameters
-from raylocal.links import FakeClock, LinkSpec
-from raylocal.projection import ring_bytes
+from raylocal.baselines.ddp import LinkedAllReduce, OuterNesterov, average_parameters
+from raylocal.baselines.projection import ring_bytes
+from raylocal.cli.train import main
+from raylocal.core.config import RunConfig
+from raylocal.core.links import FakeClock, LinkSpec
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -28,7 +28,7 @@ def test_async_then_ddp_finetune_on_two_workers(mnist_dir, tmp_path):
     assert main(args) == 0
     s = json.loads((storage / "d" / "summary.json").read_text())
     # the DDP workers all-reduced every gradient over the parts' link, through the hook
-    from raylocal.train import build_glow
+    from raylocal.training.trainer import build_glow
 
     config = RunConfig(n_levels=2, depth=2, hidden=8)
     params = sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters())
@@ -113,9 +113,9 @@ def test_diloco_outer_step_is_nesterov_sgd_on_the_pseudo_gradient():
 
 
 def test_local_sgd_over_a_link_sends_what_the_formula_says(mnist_dir, tmp_path):
-    from raylocal.data import load_dataset
-    from raylocal.ddp import train_ddp
-    from raylocal.train import build_glow
+    from raylocal.baselines.ddp import train_ddp
+    from raylocal.core.data import load_dataset
+    from raylocal.training.trainer import build_glow
 
     config = RunConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
@@ -138,7 +138,7 @@ def test_local_sgd_over_a_link_sends_what_the_formula_says(mnist_dir, tmp_path):
 
 
 def test_the_data_parallel_guard_skips_a_step_without_a_finite_gradient_and_fails_after_a_run_of_them():
-    from raylocal.ddp import NonFiniteGuard
+    from raylocal.baselines.ddp import NonFiniteGuard
     from raylocal.errors import DivergedError
 
     model = torch.nn.Linear(3, 1)
@@ -161,8 +161,8 @@ def test_the_data_parallel_guard_skips_a_step_without_a_finite_gradient_and_fail
 
 
 def test_ddp_training_that_diverges_fails_in_one_line_with_its_reason(mnist_dir, tmp_path):
-    from raylocal.data import load_dataset
-    from raylocal.ddp import train_ddp
+    from raylocal.baselines.ddp import train_ddp
+    from raylocal.core.data import load_dataset
     from raylocal.errors import DivergedError
 
     config = RunConfig(
@@ -192,9 +192,9 @@ def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compresse
     """The tiny model's whole gradient fits one bucket under DDP's default; with a cap
     DDP all-reduces several per step (after its first, which is always one), and in
     bfloat16 each worker puts half the gradient's bytes on the link."""
-    from raylocal.data import load_dataset
-    from raylocal.ddp import train_ddp
-    from raylocal.train import build_glow
+    from raylocal.baselines.ddp import train_ddp
+    from raylocal.core.data import load_dataset
+    from raylocal.training.trainer import build_glow
 
     config = RunConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,

@@ -11,14 +11,14 @@ import pytest
 import torch
 from conftest import tiny_options
 
-import raylocal.schedules
-import raylocal.train
-from raylocal.checkpoint import load_checkpoint
-from raylocal.cli import main
-from raylocal.config import RunConfig
-from raylocal.data import load_dataset
-from raylocal.schedules import PARTS_RESULT, ModelService, finish_after_parts
-from raylocal.train import build_glow, evaluate_bpd
+import raylocal.training.schedules
+import raylocal.training.trainer
+from raylocal.cli.train import main
+from raylocal.core.checkpoint import load_checkpoint
+from raylocal.core.config import RunConfig
+from raylocal.core.data import load_dataset
+from raylocal.training.schedules import PARTS_RESULT, ModelService, finish_after_parts
+from raylocal.training.trainer import build_glow, evaluate_bpd
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -36,9 +36,9 @@ def test_driver_only_coordinates_and_a_killed_fine_tune_resumes_to_the_same_weig
     # in this process (the driver) nothing may build an optimizer, train or evaluate
     monkeypatch.setattr(torch.optim.Adam, "__init__", _forbid)
     monkeypatch.setattr(torch.optim.Adamax, "__init__", _forbid)
-    monkeypatch.setattr(raylocal.train.PartTrainer, "step", _forbid)
-    monkeypatch.setattr(raylocal.schedules, "evaluate_bpd", _forbid)
-    monkeypatch.setattr(raylocal.train, "evaluate_bpd", _forbid)
+    monkeypatch.setattr(raylocal.training.trainer.PartTrainer, "step", _forbid)
+    monkeypatch.setattr(raylocal.training.schedules, "evaluate_bpd", _forbid)
+    monkeypatch.setattr(raylocal.training.trainer, "evaluate_bpd", _forbid)
     assert main(tiny_options(mnist_dir, storage, **opts)) == 0
     monkeypatch.undo()
     assert not torch.cuda.is_initialized()
@@ -66,7 +66,7 @@ def test_driver_only_coordinates_and_a_killed_fine_tune_resumes_to_the_same_weig
     )  # fmt: skip
     config = RunConfig(**values)
     data = load_dataset("mnist", mnist_dir)
-    bounds = raylocal.schedules.part_spec_for(config, build_glow(config, data.shape)).bounds
+    bounds = raylocal.training.schedules.part_spec_for(config, build_glow(config, data.shape)).bounds
     ref = finish_after_parts(config, data, ref_dir, bounds)
     a = load_checkpoint(run_dir / "checkpoint.pt")["model"]
     b = load_checkpoint(ref_dir / "checkpoint.pt")["model"]
@@ -81,7 +81,7 @@ def test_model_service_plans_and_evaluates_as_the_run_would(mnist_dir):
     service = ModelService(config, data.shape, "cpu")
     plan = service.plan(data.train)
     glow = build_glow(config, data.shape)
-    expected = raylocal.schedules.part_spec_for(config, glow, data.train)
+    expected = raylocal.training.schedules.part_spec_for(config, glow, data.train)
     assert plan["bounds"] == [list(b) for b in expected.bounds] and len(plan["bounds"]) == 3
     assert plan["param_bytes"] == sum(p.numel() * 4 for p in glow.parameters())
     state = {k: v.clone() for k, v in glow.state_dict().items()}

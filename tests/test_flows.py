@@ -10,7 +10,7 @@ import torch
 from torch.autograd.functional import jacobian
 from torch.distributions import Normal
 
-from raylocal.flows import (
+from raylocal.model.flows import (
     ActNorm,
     Coupling,
     InvConv1x1,
@@ -18,8 +18,8 @@ from raylocal.flows import (
     Squeeze,
     gaussian_log_prob,
 )
-from raylocal.glow import Glow
-from raylocal.objectives import nll_bits, preprocess
+from raylocal.model.glow import Glow
+from raylocal.model.objectives import nll_bits, preprocess
 
 
 @pytest.fixture(autouse=True)

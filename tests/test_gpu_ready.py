@@ -10,17 +10,17 @@ import pytest
 import ray
 import torch
 
-from raylocal import ray_trainer
-from raylocal.channel import PacketChannel
-from raylocal.checkpoint import host_copy, load_checkpoint, save_checkpoint
-from raylocal.config import RunConfig
-from raylocal.ddp import DataParallelWorker, data_parallel_uses_gpus
+from raylocal.baselines.ddp import DataParallelWorker, data_parallel_uses_gpus
+from raylocal.cluster import parts_phase as ray_trainer
+from raylocal.cluster.parts_phase import actor_error, assigned_device, check_torch_sees_gpus
+from raylocal.core.checkpoint import host_copy, load_checkpoint, save_checkpoint
+from raylocal.core.config import RunConfig
 from raylocal.errors import ClusterError, ConfigError, SpecError
-from raylocal.glow import Glow
-from raylocal.pipeline import PartLoop, PartWorker, to_wire
-from raylocal.ray_trainer import actor_error, assigned_device, check_torch_sees_gpus
-from raylocal.train import build_glow, local_nll, require_compiler
-from raylocal.tuning import default_gpu_share, trial_bundles
+from raylocal.model.glow import Glow
+from raylocal.pipeline.channel import PacketChannel
+from raylocal.pipeline.worker import PartLoop, PartWorker, to_wire
+from raylocal.training.trainer import build_glow, local_nll, require_compiler
+from raylocal.tune.tuning import default_gpu_share, trial_bundles
 
 
 def _config(**kw) -> RunConfig:

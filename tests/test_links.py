@@ -11,14 +11,14 @@ import time
 import pytest
 import torch
 
-from raylocal.channel import PacketChannel
-from raylocal.config import RunConfig
-from raylocal.data import load_dataset
+from raylocal.core.config import RunConfig
+from raylocal.core.data import load_dataset
+from raylocal.core.links import FakeClock, LinkSpec, TimedOutages, Wire, check_links
 from raylocal.errors import ConfigError
-from raylocal.glow import Glow
-from raylocal.links import FakeClock, LinkSpec, TimedOutages, Wire, check_links
-from raylocal.parts import parse_part_spec
-from raylocal.pipeline import LinkReceiver, LinkSender, PartLoop, PartWorker, WorkerStats
+from raylocal.model.glow import Glow
+from raylocal.model.parts import parse_part_spec
+from raylocal.pipeline.channel import PacketChannel
+from raylocal.pipeline.worker import LinkReceiver, LinkSender, PartLoop, PartWorker, WorkerStats
 
 
 def test_specs_compose_and_name_their_units():
@@ -362,8 +362,8 @@ def test_the_receiver_never_replaces_the_init_or_the_end():
 
 
 def test_int8_on_the_wire_is_within_half_a_scale_and_a_quarter_of_the_bytes():
-    from raylocal.pipeline import tensor_bytes, to_wire
-    from raylocal.train import from_wire
+    from raylocal.pipeline.worker import tensor_bytes, to_wire
+    from raylocal.training.trainer import from_wire
 
     x = torch.randn(64, 4, 14, 14, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.1, 1, 10, 0]).view(
         1, 4, 1, 1

@@ -1,4 +1,4 @@
-"""A real network on one machine (raylocal/netns.py): namespaces, kernel-shaped links, teardown."""
+"""A real network on one machine (raylocal/tools/netns.py): namespaces, kernel-shaped links, teardown."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from raylocal import netns
+from raylocal.tools import netns
 
 WHY = netns.available()
 pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")
@@ -37,7 +37,7 @@ def test_a_bad_rate_is_one_line():
 RUN_AND_REPORT = """
 import json, sys
 import ray
-from raylocal.cli import main
+from raylocal.cli.train import main
 assert main(sys.argv[2:]) == 0
 summary = json.load(open(sys.argv[1]))
 ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from raylocal.errors import SpecError
-from raylocal.flows import ActNorm, standard_normal_log_prob
-from raylocal.glow import Glow
-from raylocal.objectives import local_nll
-from raylocal.parts import (
+from raylocal.model.flows import ActNorm, standard_normal_log_prob
+from raylocal.model.glow import Glow
+from raylocal.model.objectives import local_nll
+from raylocal.model.parts import (
     PartSpec,
     automatic_spec,
     estimated_costs,
@@ -19,7 +19,7 @@ from raylocal.parts import (
     parse_part_spec,
     resolve_part_spec,
 )
-from raylocal.train import initialize
+from raylocal.training.trainer import initialize
 
 
 def glow3(depth: int = 4, dtype=torch.float32) -> Glow:

@@ -11,13 +11,13 @@ import threading
 import pytest
 import torch
 
-from raylocal.channel import PacketChannel
-from raylocal.config import RunConfig
-from raylocal.data import load_dataset
-from raylocal.glow import Glow
-from raylocal.parts import parse_part_spec
-from raylocal.pipeline import PartLoop, PartWorker, staleness_summary
-from raylocal.schedules import SingleProcessRun
+from raylocal.core.config import RunConfig
+from raylocal.core.data import load_dataset
+from raylocal.model.glow import Glow
+from raylocal.model.parts import parse_part_spec
+from raylocal.pipeline.channel import PacketChannel
+from raylocal.pipeline.worker import PartLoop, PartWorker, staleness_summary
+from raylocal.training.schedules import SingleProcessRun
 
 
 def _config(mnist_dir, **kw) -> RunConfig:

@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import tiny_options, untrained_bpd
 
-from raylocal.cli import main
-from raylocal.config import RunConfig
-from raylocal.data import load_dataset
-from raylocal.schedules import SingleProcessRun
+from raylocal.cli.train import main
+from raylocal.core.config import RunConfig
+from raylocal.core.data import load_dataset
+from raylocal.training.schedules import SingleProcessRun
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -131,7 +131,7 @@ def test_three_parts_pipeline_and_assembled_bpd_falls(mnist_dir, tmp_path):
 def test_queue_never_exceeds_its_bound():
     import ray
 
-    from raylocal.latent_queue import LatentQueue
+    from raylocal.cluster.queue import LatentQueue
 
     q = LatentQueue(2)
     sizes = []
@@ -169,7 +169,7 @@ def test_queue_never_exceeds_its_bound():
 def test_the_driver_leaves_ray_trains_state_api_warnings_out_of_what_it_prints():
     from ray._private.ray_logging import WorkerStandardStreamDispatcher
 
-    from raylocal.ray_trainer import drop_ray_noise
+    from raylocal.cluster.parts_phase import drop_ray_noise
 
     printed = []
     dispatcher = WorkerStandardStreamDispatcher()  # a fresh one, as ray.init sets up the driver's
@@ -190,9 +190,9 @@ def test_weights_asked_of_a_part_before_its_run_wait_for_it(mnist_dir, tmp_path)
     before the replayed run(): the call waits for the worker instead of failing the run."""
     import ray
 
-    from raylocal.glow import Glow
-    from raylocal.parts import parse_part_spec
-    from raylocal.ray_trainer import PartActor
+    from raylocal.cluster.parts_phase import PartActor
+    from raylocal.model.glow import Glow
+    from raylocal.model.parts import parse_part_spec
 
     config = RunConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
@@ -213,7 +213,7 @@ def test_weights_asked_of_a_part_before_its_run_wait_for_it(mnist_dir, tmp_path)
 def test_a_parts_phase_that_fails_to_start_releases_its_placement_group_and_queues(monkeypatch, mnist_dir):
     from ray.util import placement_group_table
 
-    from raylocal import ray_trainer
+    from raylocal.cluster import parts_phase as ray_trainer
 
     shut = []
 
@@ -258,7 +258,7 @@ def test_a_parts_phase_that_fails_to_start_releases_its_placement_group_and_queu
 def test_part_resources_give_each_part_a_gpu_or_a_share_of_one(monkeypatch, cluster, options, expected):
     import ray
 
-    from raylocal.ray_trainer import part_resources
+    from raylocal.cluster.parts_phase import part_resources
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: dict(cluster))
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": dict(cluster)}])
@@ -273,7 +273,7 @@ def test_shared_gpu_bundles_fit_on_the_gpus_there_are(monkeypatch, n_gpus):
     run's evaluation service, must find room."""
     import ray
 
-    from raylocal.ray_trainer import part_resources, service_resources
+    from raylocal.cluster.parts_phase import part_resources, service_resources
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": float(n_gpus)})
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 64.0, "GPU": float(n_gpus)}}])

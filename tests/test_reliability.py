@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import tiny_options
 
-from raylocal.checkpoint import load_checkpoint
-from raylocal.cli import main
+from raylocal.cli.train import main
+from raylocal.core.checkpoint import load_checkpoint
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 

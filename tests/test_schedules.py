@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import tiny_options
 
-from raylocal.cli import main
-from raylocal.config import RunConfig
-from raylocal.glow import Glow
-from raylocal.parts import parse_part_spec
-from raylocal.schedules import epoch_plan, train_batch
-from raylocal.train import PartTrainer, initialize
+from raylocal.cli.train import main
+from raylocal.core.config import RunConfig
+from raylocal.model.glow import Glow
+from raylocal.model.parts import parse_part_spec
+from raylocal.training.schedules import epoch_plan, train_batch
+from raylocal.training.trainer import PartTrainer, initialize
 
 
 def test_epoch_plans():
@@ -73,7 +73,7 @@ def test_simultaneous_trains_every_part_on_upstream_detached_output():
     with torch.no_grad():
         y1, _ = parts[0](x)  # what part 2 must see: part 1's output before its update
     expected_loss = None
-    from raylocal.objectives import local_nll
+    from raylocal.model.objectives import local_nll
 
     with torch.no_grad():
         expected_loss = float(local_nll(parts[1], y1)[0].mean())
@@ -99,8 +99,8 @@ def test_parts_schedules_run_and_learn(schedule, mnist_dir, tmp_path):
 
 
 def test_per_part_learning_rates_reach_the_trainers(mnist_dir, tmp_path):
-    from raylocal.cli import load_data
-    from raylocal.schedules import SingleProcessRun
+    from raylocal.run.launch import load_data
+    from raylocal.training.schedules import SingleProcessRun
 
     cfg = RunConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, parts=3, schedule="alternating",
@@ -111,8 +111,8 @@ def test_per_part_learning_rates_reach_the_trainers(mnist_dir, tmp_path):
 
 
 def test_cosine_decay_spans_each_parts_own_epochs_then_the_fine_tune(mnist_dir, tmp_path):
-    from raylocal.cli import load_data
-    from raylocal.schedules import SingleProcessRun
+    from raylocal.run.launch import load_data
+    from raylocal.training.schedules import SingleProcessRun
 
     cfg = RunConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, parts=3, schedule="alternating",
@@ -133,8 +133,8 @@ def test_cosine_decay_spans_each_parts_own_epochs_then_the_fine_tune(mnist_dir, 
 def test_cosine_run_gives_every_trainer_the_lr_of_the_runs_position(mnist_dir, tmp_path, monkeypatch):
     import math
 
-    from raylocal.cli import load_data
-    from raylocal.schedules import SingleProcessRun
+    from raylocal.run.launch import load_data
+    from raylocal.training.schedules import SingleProcessRun
 
     applied = []  # (trainer index, LR the optimizer used), in the order of the run's batches
     original = PartTrainer.step
@@ -161,8 +161,8 @@ def test_cosine_run_gives_every_trainer_the_lr_of_the_runs_position(mnist_dir, t
 
 
 def test_alternating_every_n_batches_switches_parts_mid_epoch(mnist_dir, tmp_path, monkeypatch):
-    from raylocal.cli import load_data
-    from raylocal.schedules import SingleProcessRun
+    from raylocal.run.launch import load_data
+    from raylocal.training.schedules import SingleProcessRun
 
     trained = []  # trainer index of every step, in the order of the run's batches
     original = PartTrainer.step
@@ -213,9 +213,9 @@ def test_diverging_part_is_rolled_back_visibly_and_survives(mnist_dir, tmp_path,
     ],
 )
 def test_boundary_scope_fine_tune_trains_exactly_the_steps_at_each_boundary(spec, expected, mnist_dir, tmp_path):
-    from raylocal.data import load_dataset
-    from raylocal.parts import boundary_steps, resolve_part_spec
-    from raylocal.schedules import SingleProcessRun
+    from raylocal.core.data import load_dataset
+    from raylocal.model.parts import boundary_steps, resolve_part_spec
+    from raylocal.training.schedules import SingleProcessRun
 
     glow = Glow(n_levels=2, depth=2, hidden=8, image_shape=(1, 8, 8))
     assert boundary_steps(glow, resolve_part_spec(glow, 2, "across-blocks", spec, None).bounds) == expected
@@ -242,8 +242,8 @@ def test_relative_update_rule_scales_each_part_by_its_measured_step_size(mnist_d
     20) each part's relative update is measured; then part k's LR is multiplied by
     g / r_k (g: their geometric mean). The r_k are measured here independently, from
     the optimizers' own step hooks."""
-    from raylocal.data import load_dataset
-    from raylocal.schedules import SingleProcessRun
+    from raylocal.core.data import load_dataset
+    from raylocal.training.schedules import SingleProcessRun
 
     config = RunConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
@@ -283,8 +283,8 @@ def test_relative_update_rule_scales_each_part_by_its_measured_step_size(mnist_d
 def test_a_run_with_the_lr_rule_resumes_to_the_same_weights(mnist_dir, tmp_path, cut_at):
     import shutil
 
-    from raylocal.data import load_dataset
-    from raylocal.schedules import SingleProcessRun
+    from raylocal.core.data import load_dataset
+    from raylocal.training.schedules import SingleProcessRun
 
     values = dict(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,

@@ -54,7 +54,7 @@ def test_bundled_mnist_matches_shared_copy_checksums():
 
 
 def test_every_committed_config_file_validates():
-    from raylocal.config import read_config_file, validate_config
+    from raylocal.core.config import read_config_file, validate_config
 
     root = Path(__file__).resolve().parent.parent
     files = sorted((root / "configs").glob("*/*.json"))
@@ -62,3 +62,60 @@ def test_every_committed_config_file_validates():
     for f in files:
         config = validate_config(read_config_file(f), str(f))
         assert config.run_name, f  # compare.py keys its reuse of finished runs on it
+
+
+# The sub-packages from the ground floor up: a package imports only packages below it.
+LAYERS = [
+    "core", "model", "training", "pipeline", "cluster", "baselines", "run", "tune", "study", "bench", "cli", "tools",
+]  # fmt: skip
+
+
+def package_imports() -> list[tuple[str, str, str]]:
+    """(file, its package, the raylocal package it imports) for every import of every module."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "raylocal").rglob("*.py")):
+        inside = path.relative_to(ROOT / "raylocal").parts
+        if len(inside) == 1:
+            continue  # raylocal/errors.py and __init__.py: imported by all, import nothing of ours
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                if name.startswith("raylocal.") and name.split(".")[1] != "errors":
+                    found.append((str(path.relative_to(ROOT)), inside[0], name.split(".")[1]))
+    return found
+
+
+def test_every_module_sits_in_a_layer_and_imports_only_layers_below_it():
+    imports = package_imports()
+    assert len(imports) > 100 and {here for _, here, _ in imports} == set(LAYERS)
+    upward = [f"{f}: {here} imports {there}" for f, here, there in imports if LAYERS.index(there) > LAYERS.index(here)]
+    assert upward == []
+
+
+def test_scripts_are_thin_wrappers_around_the_package():
+    from raylocal.cli import COMMANDS
+
+    modules = {module for module, _ in COMMANDS.values()}
+    for script in sorted((ROOT / "scripts").glob("*.py")):
+        text = script.read_text()
+        imported = re.findall(r"^from (raylocal[\w.]*) import main$", text, re.M)
+        assert len(imported) == 1 and imported[0] in modules, script.name
+        assert "sys.path" not in text and len(text.splitlines()) <= 15, script.name
+
+
+def test_the_raylocal_command_dispatches_and_refuses_an_unknown_command_in_one_line(capsys):
+    from raylocal.cli import COMMANDS, main
+
+    assert main(["study", "reference", "--show"]) == 0
+    shown = capsys.readouterr().out
+    assert '"name": "reference"' in shown and '"2p-across"' in shown
+    assert main(["trian"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: unknown command 'trian'; one of {', '.join(COMMANDS)}"]

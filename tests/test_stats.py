@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from raylocal.stats import adjust_family, decide, equivalence_p, holm, mean_interval, seeds_to_decide
+from raylocal.study.stats import adjust_family, decide, equivalence_p, holm, mean_interval, seeds_to_decide
 
 
 def _t3_upper_tail(t: float) -> float:

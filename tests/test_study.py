@@ -7,10 +7,9 @@ import math
 import statistics
 
 import pytest
-from conftest import load_script
 
-study = load_script("study")
-compare = __import__("sys").modules["compare"]  # the module study.py imported, whose `run` trains
+from raylocal.study import compare
+from raylocal.study import studies as study
 
 
 def _summary(final: float, curve: list[tuple[float, float, float]], parts_bpd: float | None = None) -> dict:
@@ -96,7 +95,7 @@ def test_staleness_arms_are_paired_with_their_parts_on_an_up_link_and_tabled_wit
     outage_arms = [a for a, o in s.arms.items() if o.get("link", "up") != "up"]
     assert len(outage_arms) == 18 and s.contrasts == {a: f"{s.arms[a]['parts']}p-up" for a in outage_arms}
     # the outage at the end: down for the last 60% of the parts phase's steps, up before (the others end earlier)
-    from raylocal.links import LinkSpec
+    from raylocal.core.links import LinkSpec
 
     n_steps = 8 * (10000 // 64)  # 8 epochs of 64-image batches
     at_end = [LinkSpec.parse(s.arms["2p-down60-len749-at-end"]["link"]).up_at_step(i) for i in range(n_steps)]
@@ -206,7 +205,7 @@ def test_a_tiny_study_runs_end_to_end_and_a_rerun_trains_nothing(mnist_dir, tmp_
 
 
 def test_a_run_on_the_device_auto_chose_is_read_back_for_auto(tmp_path):
-    from raylocal.config import RunConfig
+    from raylocal.core.config import RunConfig
     from raylocal.errors import ConfigError
 
     # an async run stores the device its driver resolved "auto" to (staleness's runs: "cpu")
@@ -254,9 +253,9 @@ def test_a_bad_study_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("quick", [False, True])
 @pytest.mark.parametrize("name", sorted(study.STUDIES))
 def test_every_arm_of_the_built_in_studies_is_a_valid_run(name, quick):
-    from raylocal.config import validate_config
-    from raylocal.parts import parse_part_spec
-    from raylocal.train import build_glow
+    from raylocal.core.config import validate_config
+    from raylocal.model.parts import parse_part_spec
+    from raylocal.training.trainer import build_glow
 
     s = study.STUDIES[name](quick)
     s.check()
@@ -271,7 +270,7 @@ def test_every_arm_of_the_built_in_studies_is_a_valid_run(name, quick):
 
 @pytest.mark.parametrize("n_steps,down,length", [(1250, 0.3, 50), (1250, 0.6, 500), (92, 0.3, 50), (1000, 0.1, 50)])
 def test_outage_links_are_down_for_the_share_asked(n_steps, down, length):
-    from raylocal.links import parse_link
+    from raylocal.core.links import parse_link
 
     spec, each = study.outage_link(n_steps, down, length)
     parse_link(spec)  # a valid link
@@ -284,7 +283,7 @@ def test_outage_links_are_down_for_the_share_asked(n_steps, down, length):
 
 
 def test_a_tuned_arm_takes_the_lrs_of_its_own_tune_study_once(mnist_dir, tmp_path, monkeypatch):
-    import tune_lr
+    from raylocal.tune import cli as tune_lr
 
     tune = {"space": "tune_spaces/independent.py", "trials": 3, "seed": 100, "validation": 16, "report_every": 2}
     spec = {

@@ -8,14 +8,15 @@ import pytest
 import torch
 from conftest import tiny_options, untrained_bpd
 
-from raylocal.checkpoint import load_checkpoint, save_checkpoint
-from raylocal.cli import main
-from raylocal.config import RunConfig
-from raylocal.data import load_dataset
+from raylocal.cli.train import main
+from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
+from raylocal.core.config import RunConfig
+from raylocal.core.data import load_dataset
 from raylocal.errors import CheckpointError, DivergedError
-from raylocal.glow import Glow
-from raylocal.objectives import local_nll, preprocess
-from raylocal.train import MAX_SKIPS_IN_A_ROW, PartTrainer, build_glow, evaluate_bpd, initialize
+from raylocal.model.glow import Glow
+from raylocal.model.objectives import local_nll, preprocess
+from raylocal.tools import pictures
+from raylocal.training.trainer import MAX_SKIPS_IN_A_ROW, PartTrainer, build_glow, evaluate_bpd, initialize
 
 
 def _summary(storage, name):
@@ -55,10 +56,9 @@ def test_trained_model_reconstructs_in_float32(mnist_dir, tmp_path):
         err = (glow.reconstruct(x) - x).abs().max().item()
     assert err < 1e-4
     # the README's pictures of this run: an 4x4 sample grid, and test images over their reconstructions
-    from conftest import load_script
     from torchvision.io import read_image
 
-    samples, recon = load_script("pictures").pictures(storage / "r", tmp_path / "pic" / "r", n=4, temperature=0.7)
+    samples, recon = pictures.pictures(storage / "r", tmp_path / "pic" / "r", n=4, temperature=0.7)
     grid = read_image(str(recon))[0]  # 1 px borders: rows of 8 px images start at 1, 10, 19, 28
     assert grid.shape == (37, 37) and read_image(str(samples)).shape[1:] == (37, 37)
     for top in (1, 19):  # each row of test images equals the row of reconstructions below it
@@ -316,7 +316,7 @@ def test_repeated_divergence_gives_up_with_clear_error():
 
 
 def test_scheduled_lr_warms_up_then_follows_half_a_cosine_to_zero():
-    from raylocal.train import scheduled_lr
+    from raylocal.training.trainer import scheduled_lr
 
     # warmup 10 steps, 110 in all: the cosine covers the 100 steps after warmup
     assert scheduled_lr(1e-3, 4, 10, 110, "cosine") == pytest.approx(5e-4)  # (4+1)/10 of the way up

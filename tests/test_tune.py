@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_options
 
-from raylocal.cli import main as run_main
-from raylocal.config import RunConfig
+from raylocal.cli.train import main as run_main
+from raylocal.core.config import RunConfig
 from raylocal.errors import ConfigError
-from raylocal.tuning import load_space, trial_bundles, trial_lrs
+from raylocal.tune.tuning import load_space, trial_bundles, trial_lrs
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def test_spaces_are_validated_against_the_part_count():
@@ -51,7 +49,7 @@ def lrs(params, parts):
 def test_tiny_study_survives_divergence_ranks_and_best_config_round_trips(
     mnist_dir, tmp_path, monkeypatch, ray_session, capsys
 ):
-    import tune_lr
+    from raylocal.tune import cli as tune_lr
 
     monkeypatch.chdir(tmp_path)
     space = tmp_path / "space.py"
@@ -93,14 +91,14 @@ def test_tiny_study_survives_divergence_ranks_and_best_config_round_trips(
 def test_restore_parts_hands_over_weights_and_optimizer_with_new_lrs(mnist_dir, tmp_path):
     """PBT's exploit step: a trial continues from another trial's part checkpoints,
     with its own (perturbed) LRs and everything else exactly as checkpointed."""
-    from raylocal.checkpoint import load_checkpoint, save_checkpoint
-    from raylocal.config import RunConfig
-    from raylocal.data import load_dataset
-    from raylocal.glow import Glow
-    from raylocal.parts import parse_part_spec
-    from raylocal.pipeline import PartWorker
-    from raylocal.ray_trainer import part_checkpoint_path
-    from raylocal.tuning import assembled, restore_parts
+    from raylocal.cluster.parts_phase import part_checkpoint_path
+    from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
+    from raylocal.core.config import RunConfig
+    from raylocal.core.data import load_dataset
+    from raylocal.model.glow import Glow
+    from raylocal.model.parts import parse_part_spec
+    from raylocal.pipeline.worker import PartWorker
+    from raylocal.tune.tuning import assembled, restore_parts
 
     def config(seed: int) -> RunConfig:
         return RunConfig(
@@ -159,7 +157,7 @@ def lrs(params, parts):
 
 
 def test_pbt_study_continues_weak_trials_from_strong_ones(mnist_dir, tmp_path, monkeypatch, ray_session):
-    import tune_lr
+    from raylocal.tune import cli as tune_lr
 
     monkeypatch.chdir(tmp_path)
     space = tmp_path / "space.py"

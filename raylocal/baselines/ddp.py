@@ -1,0 +1,460 @@
+"""The data-parallel baselines: end-to-end training on K Ray Train workers.
+
+Ray Train's ``TorchTrainer`` runs ``train_loop`` on K workers (gloo on CPU,
+nccl on GPU). Each worker takes every K-th batch of the same shuffled stream,
+with batch_size // K images, so the global batch matches the single-process
+runs. Two ways to keep the workers' models together:
+
+- DDP (``--average-every 0``): every step all-reduces every gradient. Over an
+  emulated link (``--link``), ``LinkedAllReduce`` is DDP's communication hook:
+  each gradient bucket is all-reduced as usual and completes no sooner than the
+  link would have carried its ring traffic, on the hook's own thread, so that
+  it overlaps the rest of the backward pass as real DDP does.
+- Local SGD (``--average-every H``): each worker trains on its own batches and
+  the workers average their parameters every H steps over the link; with
+  ``--outer-lr`` the average is DiLoCo's pseudo-gradient for an outer Nesterov
+  step (Douillard et al. 2023).
+
+Used for ``scripts/bench_links.py``, ``scripts/bench_async.py`` and, with
+``--finetune-workers K``, for the fine-tune phase.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from raylocal.baselines.projection import ring_bytes
+from raylocal.cluster.parts_phase import check_torch_sees_gpus, fit_train_run, with_worker_resource
+from raylocal.core.config import RunConfig
+from raylocal.core.data import BatchStream
+from raylocal.core.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
+from raylocal.core.runlog import peak_rss_mb
+from raylocal.errors import ClusterError, DivergedError
+from raylocal.model.objectives import nll_bits, preprocess, to_device
+from raylocal.training.trainer import MAX_SKIPS_IN_A_ROW, build_glow, initialize, scheduled_lr
+
+WEIGHTS = "weights.pt"
+HISTORY = "history.json"
+
+
+class NLL(nn.Module):
+    """Wraps a Glow so that DDP sees every parameter used inside ``forward``."""
+
+    def __init__(self, glow: nn.Module) -> None:
+        super().__init__()
+        self.glow = glow
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nll_bits(self.glow, x).mean()
+
+
+def _gloo_all_reduce(tensor: Tensor) -> torch.futures.Future:
+    import torch.distributed as dist
+
+    return dist.all_reduce(tensor, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+class LinkedAllReduce:
+    """DDP's communication hook over an emulated link.
+
+    Each bucket is averaged by a real all-reduce and handed back to DDP only
+    once the link has carried it: its ring traffic, ``ring_bytes``, occupies
+    the wire (buckets one after another) and arrives ``lat`` later; during an
+    outage it waits for the link. The waiting happens on the hook's thread, so
+    the backward pass goes on computing the next buckets meanwhile.
+    ``idle_s`` adds up, per step, how long the last bucket took from its
+    hand-over (the end of the backward pass) until DDP got it back: the
+    time the training thread waited for the link.
+    """
+
+    def __init__(
+        self,
+        spec: LinkSpec,
+        world: int,
+        clock: Clock = SYSTEM_CLOCK,
+        all_reduce: Callable[[Tensor], torch.futures.Future] = _gloo_all_reduce,
+        compress: torch.dtype | None = None,
+    ) -> None:
+        self.spec, self.world, self.clock, self.all_reduce = spec, world, clock, all_reduce
+        self.compress = compress  # the dtype buckets are all-reduced in (bf16_compress_hook's), None: as they are
+        self.wire = Wire(spec, clock)
+        self.bytes_sent = 0.0
+        self.buckets = 0  # buckets all-reduced
+        self.idle_s = 0.0
+        self._jobs: queue.Queue = queue.Queue()  # buckets waiting for the wire
+        self._landing: queue.Queue = queue.Queue()  # buckets on their way (the latency overlaps the next)
+        threading.Thread(target=self._send, name="raylocal-ddp-wire", daemon=True).start()
+        threading.Thread(target=self._land, name="raylocal-ddp-arrivals", daemon=True).start()
+
+    def __call__(self, bucket: Any) -> torch.futures.Future:
+        tensor = bucket.buffer()
+        self.buckets += 1
+        wire = tensor.to(self.compress) if self.compress is not None else tensor
+        wire.div_(self.world)
+        reduced = self.all_reduce(wire)
+        # a CUDA future must name its device, or DDP cannot wait on it under NCCL
+        done: torch.futures.Future = torch.futures.Future(devices=[tensor.device] if tensor.is_cuda else None)
+        # the last bucket of a step is handed over when the backward pass has finished
+        self._jobs.put(((wire, tensor), reduced, done, bucket.is_last(), self.clock.now()))
+        return done
+
+    def _send(self) -> None:
+        while True:
+            (tensor, _), reduced, done, last, submitted = job = self._jobs.get()
+            try:
+                nbytes = ring_bytes(tensor.numel() * tensor.element_size(), self.world)
+                arrival = self.wire.deliver(int(nbytes), at=submitted)
+                self.bytes_sent += nbytes
+                self._landing.put((arrival, job))
+            except BaseException as e:  # DDP raises it in the training thread
+                done.set_exception(e)
+
+    def _land(self) -> None:
+        while True:
+            arrival, ((wire, tensor), reduced, done, last, submitted) = self._landing.get()
+            try:
+                self.clock.sleep_until(arrival)
+                value = reduced.wait()
+                if wire is not tensor:  # decompressed into the bucket DDP reads
+                    value = tensor.copy_(value)
+                if last:  # from the end of the backward pass until now, DDP waited for the link
+                    self.idle_s += max(self.clock.now() - submitted, 0.0)
+                done.set_result(value)
+            except BaseException as e:
+                done.set_exception(e)
+
+
+def linked_all_reduce_hook(state, bucket):  # noqa: ANN001, ANN201
+    """The function DDP registers (``state`` is the ``LinkedAllReduce``). DDP
+    checks a hook's annotations against its own types and reads its
+    ``__name__``: a plain function without annotations passes both."""
+    return state(bucket)
+
+
+def average_parameters(params: list[Tensor], all_reduce_sum: Callable[[Tensor], None], world: int) -> int:
+    """Replace each worker's parameters by the mean over the workers (one
+    flattened all-reduce); returns the bytes reduced."""
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    all_reduce_sum(flat)
+    flat /= world
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+    return flat.numel() * flat.element_size()
+
+
+class NonFiniteGuard:
+    """Each update, unless its gradient is not finite: then the weights and the
+    optimizer's state stay as they were, and the batch counts as skipped. Under
+    DDP the gradient is the all-reduced one, the same on every worker, so the
+    workers skip together without a word more on the link. A few in a row mean
+    the weights themselves are broken (a NaN weight makes every gradient NaN):
+    the run fails, in one line, instead of ending with NaN weights."""
+
+    def __init__(self, grad_clip: float, limit: int = MAX_SKIPS_IN_A_ROW) -> None:
+        self.grad_clip, self.limit = grad_clip or float("inf"), limit
+        self.skipped = 0
+        self.in_a_row = 0
+
+    def update(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor, step: int) -> bool:
+        """Backward and step from ``loss`` (the ``step``-th update); False where it was skipped."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # DDP all-reduces the gradients here
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip))
+        if math.isfinite(norm):
+            optimizer.step()
+            self.in_a_row = 0
+            return True
+        optimizer.zero_grad(set_to_none=True)
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row > self.limit:
+            raise DivergedError(
+                f"data-parallel training diverged: {self.in_a_row} steps in a row without a finite gradient "
+                f"(up to step {step}; loss {float(loss.detach()):.4g}); try a lower --lr or --finetune-lr"
+            )
+        return False
+
+
+class OuterNesterov:
+    """DiLoCo's outer step: the change of the averaged parameters since the last
+    round is a pseudo-gradient for SGD with Nesterov momentum on a global copy."""
+
+    def __init__(self, params: list[Tensor], lr: float, momentum: float = 0.9) -> None:
+        self.anchor = [p.detach().clone().requires_grad_(True) for p in params]
+        self.optimizer = torch.optim.SGD(self.anchor, lr=lr, momentum=momentum, nesterov=True)
+
+    def step(self, averaged: list[Tensor]) -> None:
+        for a, p in zip(self.anchor, averaged):
+            a.grad = a.detach() - p.detach()
+        self.optimizer.step()
+        with torch.no_grad():
+            for a, p in zip(self.anchor, averaged):
+                p.copy_(a)
+
+
+class DataParallelWorker:
+    """One Ray Train worker of a DDP or local-SGD run (``train_loop`` runs it)."""
+
+    def __init__(self, loop_config: dict[str, Any]) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self.config = config = RunConfig.model_validate_json(loop_config["config"])
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(loop_config["threads"])
+        check_torch_sees_gpus(ray.get_gpu_ids())
+        self.device = ray.train.torch.get_device()
+        images: Tensor = loop_config["images"]
+        self.glow = build_glow(config, tuple(images.shape[1:])).to(self.device)
+        if loop_config.get("state"):
+            self.glow.load_state_dict(loop_config["state"])
+        else:
+            noise = torch.Generator().manual_seed(config.seed + 1)
+            x0 = preprocess(images[: config.init_batch_size].to(self.device), config.n_bits, noise)
+            initialize([self.glow.whole()], x0)  # identical on every worker: same data, same seed
+        self.link = LinkSpec.parse(config.link, 0, config.seed)
+        self.hook: LinkedAllReduce | None = None
+        self.outer: OuterNesterov | None = None
+        if config.average_every:  # local SGD: each worker its own model, averaged now and then
+            self.model: nn.Module = NLL(self.glow)
+            self.wire = Wire(self.link)
+            if config.outer_lr:
+                self.outer = OuterNesterov(list(self.model.parameters()), config.outer_lr)
+        else:
+            buckets = {"bucket_cap_mb": config.bucket_cap_mb} if config.bucket_cap_mb else {}
+            self.model = ray.train.torch.prepare_model(NLL(self.glow), parallel_strategy_kwargs=buckets)
+            self._register_hook(config)
+        opt_cls = torch.optim.Adamax if config.optimizer == "adamax" else torch.optim.Adam
+        self.lr = loop_config["lr"]
+        self.optimizer = opt_cls(self.model.parameters(), lr=self.lr)
+        self.per_worker = max(config.batch_size // self.world, 1)
+        self.stream = BatchStream(images, self.per_worker, config.seed)
+        self.noise = torch.Generator().manual_seed(config.seed + 1 + self.rank)
+        self.steps_per_epoch = len(self.stream) // self.world
+        self.step = 0
+        self.guard = NonFiniteGuard(config.grad_clip)
+        self.idle_s = 0.0  # waiting for the link: local-SGD rounds (DDP's is the hook's)
+        self.bytes_averaged = 0.0
+
+    def _register_hook(self, config: RunConfig) -> None:
+        """DDP's communication: over the emulated link (``LinkedAllReduce``, compressed
+        or not), else torch's own bf16 hook when compressing, else DDP's own."""
+        if not hasattr(self.model, "register_comm_hook"):  # (one worker: not wrapped)
+            return
+        compress = torch.bfloat16 if config.ddp_compression == "bf16" else None
+        if not self.link.ideal:
+            self.hook = LinkedAllReduce(self.link, self.world, compress=compress)
+            self.model.register_comm_hook(self.hook, linked_all_reduce_hook)
+        elif compress is not None:
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            self.model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+
+    def _all_reduce(self, tensor: Tensor, op: str = "sum") -> None:
+        import torch.distributed as dist
+
+        if self.world > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+
+    def average(self) -> None:
+        """A local-SGD round: the mean of the workers' parameters, over the link."""
+        start = time.perf_counter()
+        params = list(self.model.parameters())
+        nbytes = ring_bytes(average_parameters(params, self._all_reduce, self.world), self.world)
+        if not self.link.ideal:
+            SYSTEM_CLOCK.sleep_until(self.wire.deliver(int(nbytes)))
+        if self.outer is not None:
+            self.outer.step(params)
+        self.bytes_averaged += nbytes
+        self.idle_s += time.perf_counter() - start
+
+    def control(self, values: list[float]) -> Tensor:
+        """A small tensor the workers all-reduce to agree (to stop, on totals): on
+        the worker's device, since NCCL, Ray Train's backend on GPUs, reduces
+        only CUDA tensors."""
+        return torch.tensor(values, dtype=torch.float64, device=self.device)
+
+    def out_of_time(self, started: float, budget: float | None) -> bool:
+        """Every worker stops at the same step: the first one out of time decides."""
+        if not budget:
+            return False
+        flag = self.control([1.0 if time.perf_counter() - started >= budget else 0.0])
+        self._all_reduce(flag, "max")
+        return bool(flag.item())
+
+    def train(self, loop_config: dict[str, Any]) -> None:
+        import ray.train
+
+        config = self.config
+        total = loop_config.get("lr_total") or self.steps_per_epoch * loop_config["epochs"]  # of the LR decay
+        history: list[dict[str, Any]] = []
+        started = time.perf_counter()
+        stop = False
+        for epoch in range(loop_config["epochs"]):
+            epoch_start, epoch_steps = time.perf_counter(), 0
+            for i in range(len(self.stream)):
+                batch = self.stream.next()
+                if i % self.world != self.rank or i // self.world >= self.steps_per_epoch:
+                    continue  # every K-th batch is this worker's
+                position = loop_config.get("lr_clock", 0) + self.step
+                lr = scheduled_lr(self.lr, self.step, config.warmup_steps, total, config.lr_schedule, position)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss = self.model(preprocess(to_device(batch, self.device), config.n_bits, self.noise))
+                self.guard.update(self.model, self.optimizer, loss, self.step)
+                self.step += 1
+                epoch_steps += 1
+                if config.average_every and self.step % config.average_every == 0:
+                    self.average()
+                stop = self.out_of_time(started, loop_config.get("time_budget"))
+                if stop:
+                    break
+            seconds = time.perf_counter() - epoch_start
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "loss": float(loss.detach()),
+                    "epoch_time": seconds,
+                    "images_per_s": epoch_steps * self.per_worker * self.world / max(seconds, 1e-9),
+                }
+            )
+            if stop or epoch == loop_config["epochs"] - 1:
+                break
+            ray.train.report(history[-1])
+        if config.average_every and self.step % config.average_every:
+            # the model a local-SGD run hands on is the workers' average at the end of
+            # its budget, not rank 0's own, up to H - 1 steps past the last average
+            self.average()
+        self._finish(history, time.perf_counter() - started)
+
+    def _finish(self, history: list[dict[str, Any]], seconds: float) -> None:
+        import ray.train
+
+        idle = self.idle_s + (self.hook.idle_s if self.hook else 0.0)
+        worst = self.control([idle, peak_rss_mb()])
+        self._all_reduce(worst, "max")
+        sent = self.bytes_averaged + (self.hook.bytes_sent if self.hook else 0.0)
+        stats = {
+            "steps": self.step,
+            "images": self.step * self.per_worker * self.world,
+            "seconds": seconds,
+            "bytes_per_step": sent / max(self.step, 1),  # what each worker put on its link
+            "buckets_per_step": (self.hook.buckets / max(self.step, 1)) if self.hook else None,
+            "skipped_batches": self.guard.skipped,  # rank 0's (under DDP every worker skips the same)
+            "idle_s": float(worst[0]),  # the most idle worker
+            "peak_rss_mb": float(worst[1]),  # the largest worker
+            "where": {
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid(),
+                "device": str(self.device),
+            },
+        }
+        if self.rank != 0:
+            ray.train.report(history[-1])
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save({k: v.cpu() for k, v in self.glow.state_dict().items()}, Path(tmp) / WEIGHTS)
+            (Path(tmp) / HISTORY).write_text(json.dumps({"history": history, "stats": stats}))
+            ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    DataParallelWorker(loop_config).train(loop_config)
+
+
+def data_parallel_uses_gpus(config: RunConfig, workers: int, gpus: float) -> bool:
+    """One whole GPU per worker, or none: DDP on fewer GPUs than workers is
+    refused with ``--device cuda`` and, with ``auto``, runs on CPUs and says so."""
+    if config.device == "cpu" or gpus == 0:
+        return False
+    if gpus >= workers:
+        return True
+    message = f"{workers} data-parallel workers need a GPU each, the cluster has {gpus:g}"
+    if config.device == "cuda":
+        raise ClusterError(f"{message}; use fewer workers (--finetune-workers) or --device cpu")
+    print(f"note: {message}: they train on CPUs", file=sys.stderr)
+    return False
+
+
+def train_ddp(
+    config: RunConfig,
+    images: Tensor,
+    workers: int,
+    epochs: int,
+    lr: float,
+    storage: Path,
+    state: dict[str, Tensor] | None = None,
+    cpus_per_worker: float | None = None,
+    lr_clock: int = 0,
+    lr_total: int = 0,
+    time_budget: float | None = None,
+    stats: dict[str, Any] | None = None,
+) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
+    """Train end to end on ``workers`` data-parallel workers (DDP, or local SGD
+    with ``config.average_every``, over ``config.link``); returns (weights,
+    per-epoch metrics) and fills ``stats`` with the run's totals when given.
+
+    ``lr_clock`` and ``lr_total`` place this phase on a run-wide LR decay
+    (``cosine-run``): the first update is at ``lr_clock`` of ``lr_total`` steps.
+    With ``time_budget`` every worker stops at the first step past it."""
+    import ray
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    total = ray.cluster_resources()
+    use_gpu = data_parallel_uses_gpus(config, workers, total.get("GPU", 0))
+    cpus = cpus_per_worker or max(total.get("CPU", 1) / workers, 0.01)
+    threads = config.threads or max(1, int(cpus))
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": config.model_dump_json(),
+            "images": images,
+            "epochs": epochs,
+            "lr": lr,
+            "threads": threads,
+            "state": state,
+            "lr_clock": lr_clock,
+            "lr_total": lr_total,
+            "time_budget": time_budget,
+        },  # fmt: skip
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker=with_worker_resource(config, {"CPU": cpus})
+        ),
+        run_config=TrainRunConfig(name="ddp", storage_path=str(storage.resolve())),
+    )
+    try:
+        result = fit_train_run(trainer)
+    except Exception as e:  # Ray Train wraps worker errors in several types
+        for failure in getattr(e, "worker_failures", {}).values():
+            reason = getattr(failure, "cause", None) or failure  # a worker's own error, unwrapped
+            if isinstance(reason, DivergedError):
+                raise DivergedError(str(reason)) from None
+        raise ClusterError(f"DDP training failed: {str(e).strip().splitlines()[0][:200]}") from None
+    if result.checkpoint is None:
+        raise ClusterError("DDP training returned no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        weights = torch.load(Path(d) / WEIGHTS, weights_only=True)
+        record = json.loads((Path(d) / HISTORY).read_text())
+    if stats is not None:
+        stats.update(record["stats"])
+    return weights, record["history"]

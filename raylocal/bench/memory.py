@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Memory stays bounded when a downstream part is slow: the queue bound holds.
+
+    python scripts/bench_memory.py --queue-size 4 --slow 0.2
+
+Runs the same 2-part async job twice (MNIST, L=2, K=4, width 64, batch 64):
+normally, and with part 2 sleeping --slow seconds after every step. Samples,
+every 0.1 s: the bytes in Ray's object store, the summed RSS of the Ray
+worker processes and the driver, and how many steps part 1 is ahead of part 2
+(the latents in flight). Prints the peaks of both runs and their difference
+against the queue bound's worth of latents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from raylocal.core.config import RunConfig
+from raylocal.core.data import load_dataset
+from raylocal.core.runlog import Progress
+from raylocal.training.schedules import part_spec_for
+from raylocal.training.trainer import build_glow
+
+
+def rss_bytes() -> int:
+    """Summed resident memory of this process and every Ray process on the machine."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if int(pid) != os.getpid() and not cmd.startswith(b"ray::"):
+                continue
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def store_bytes() -> int:
+    """Bytes in Ray's object store, from the raylet's own accounting."""
+    import ray
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address))
+    return int(reply.store_stats.object_store_bytes_used)
+
+
+def measure(config: RunConfig, data, spec) -> dict[str, float]:
+    from raylocal.cluster.parts_phase import run_async_phase
+
+    peaks = {"shm": 0, "rss": 0, "lag": 0}
+    stop = threading.Event()
+    base_store = store_bytes()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peaks["shm"] = max(peaks["shm"], store_bytes() - base_store)
+            peaks["rss"] = max(peaks["rss"], rss_bytes())
+            time.sleep(0.1)
+
+    def monitor(_actors, polled) -> None:
+        peaks["lag"] = max(peaks["lag"], polled[0]["steps"] - polled[1]["steps"])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        run_async_phase(config, data, list(spec.bounds), Progress(False), Path(tmp), monitor)
+    stop.set()
+    sampler.join()
+    return peaks
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--queue-size", type=int, default=4)
+    p.add_argument("--slow", type=float, default=0.2, help="seconds part 2 sleeps after each step")
+    p.add_argument("--train-subset", type=int, default=3200)
+    args = p.parse_args(argv)
+    import ray
+
+    base = dict(
+        n_levels=2, depth=4, hidden=64, batch_size=64, schedule="async", parts=2, part_spec="1|2",
+        epochs=1, train_subset=args.train_subset, queue_size=args.queue_size, threads=1,
+        cpus_per_part=1.0, progress=False,
+    )  # fmt: skip
+    normal = RunConfig(**base)
+    slow = RunConfig(**base, inject=f"slow:2@{args.slow}")
+    data = load_dataset("mnist").subset(args.train_subset, 1000)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    glow = build_glow(normal, data.shape)
+    spec = part_spec_for(normal, glow)
+    latent = 64 * 2 * 14 * 14 * 4  # part 1's output per step: 2x14x14 float32 per image
+    a = measure(normal, data, spec)
+    b = measure(slow, data, spec)
+    mb = 1 / 2**20
+    print(f"# bench_memory: queue bound {args.queue_size}, latent {latent / 1e3:.0f} kB per step")
+    print("| run | peak object store (above idle) | peak RSS, Ray + driver | max steps part 1 ahead of part 2 |")
+    print("|---|---|---|---|")
+    print(f"| normal | {a['shm'] * mb:.1f} MiB | {a['rss'] * mb:.0f} MiB | {a['lag']} |")
+    print(f"| part 2 slowed by {args.slow} s/step | {b['shm'] * mb:.1f} MiB | {b['rss'] * mb:.0f} MiB | {b['lag']} |")
+    # in flight at most: the queue, two on the sender's side (the hand-off slot and
+    # the sending thread), two on the receiver's (fetched, and being fetched), one in training
+    in_flight = args.queue_size + 5
+    bound = in_flight * latent
+    print(
+        f"\nslow - normal: object store {(b['shm'] - a['shm']) * mb:+.1f} MiB, "
+        f"RSS {(b['rss'] - a['rss']) * mb:+.0f} MiB; "
+        f"the bound's worth of latents ({in_flight} = queue + 5 in flight): {bound * mb:.1f} MiB"
+    )
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,719 @@
+"""The asynchronous part trainer on Ray: one actor per part, object-store latent queues.
+
+A thin layer over ``raylocal.pipeline.worker``: ``PartActor`` wraps a ``PartWorker``
+and runs its ``PartLoop`` with a ``LatentQueue`` on each side. Latents go into the
+object store (``ray.put``); the bounded queue (one small Ray actor) carries only
+packets of references, and its bound is the backpressure: a producer blocks
+when its consumer is ``queue_size`` packets behind.
+
+``run_async_phase`` places the K actors in one placement group (PACK, or
+STRICT_SPREAD with ``--placement spread``), starts them all, shows per-part
+progress and returns the assembled weights; ``ray_run.AsyncRun`` makes a whole
+run of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from raylocal.cluster.queue import LatentQueue
+from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
+from raylocal.core.config import RunConfig
+from raylocal.core.data import ImageData
+from raylocal.core.faults import apply_worker_faults, parse_faults
+from raylocal.core.links import check_links
+from raylocal.core.runlog import Progress, peak_rss_mb
+from raylocal.errors import ClusterError, RaylocalError
+from raylocal.pipeline.worker import PartLoop, PartWorker, staleness_summary, tensor_bytes
+
+
+def get_or_none(ref: Any) -> Any:
+    """ray.get, or None when the object died with the process that made it (an
+    upstream part that crashed after sending): the receiver then treats the
+    packet as a dropped one and trains on its own stale latents."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.ObjectLostError:
+        return None
+
+
+def part_checkpoint_path(run_dir: Path, index: int) -> Path:
+    return run_dir / "parts" / f"part{index + 1}.pt"
+
+
+STARTUP_WAIT_S = 120.0  # how long weights() may wait for a (restarted) part's run() to build its worker
+
+
+# Threads: run(), and others that answer weights(), checkpoint_state() and progress() meanwhile
+# (on a restarted actor the first two may wait for the replayed run(): it must still find one)
+@ray.remote(max_concurrency=3)
+class PartActor:
+    """A thin shell around ``PartWorker`` (all logic lives there)."""
+
+    def __init__(
+        self,
+        config_json: str,
+        index: int,
+        image_shape: tuple[int, int, int],
+        threads: int,
+        run_dir: str,
+    ) -> None:
+        # Nothing here comes from the object store: Ray warns about (and cannot
+        # always restart) an actor whose constructor arguments live there. The
+        # layers and the images come with run(), which builds the worker, so the
+        # actor can start while the parts are still being planned.
+        torch.set_num_threads(threads)
+        self.config = RunConfig.model_validate_json(config_json)
+        self.index, self.image_shape = index, image_shape
+        self.device = str(actor_device(self.config))
+        self.worker: PartWorker | None = None
+        self.started = threading.Event()  # set once run() has built the worker
+        self.lock = threading.Lock()
+        self.threads = threads
+        self.faults = parse_faults(self.config.inject or "")
+        self.checkpoint_path = part_checkpoint_path(Path(run_dir), index)
+        with warnings.catch_warnings():
+            # Ray 2.60's own property reads its deprecated ``actor_id``: keep that
+            # warning (three lines per actor) out of the user's output
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self.first_life = not self.restarted
+
+    def _build(self, bounds: list[tuple[int, int]], train_images: torch.Tensor) -> PartWorker:
+        """The part's worker; Ray reruns __init__ and replays run() when it restarts
+        this actor: continue from the last checkpoint (also when the driver itself
+        was restarted with --resume)."""
+        config = self.config
+        worker = PartWorker(config, bounds, self.index, self.image_shape, train_images, self.device)
+        if (self.restarted or config.resume) and self.checkpoint_path.is_file():
+            worker.restore_state(load_checkpoint(self.checkpoint_path))
+            if config.resume and not self.restarted:
+                worker.stats.resumed_at = worker.step
+        if self.restarted:
+            worker.stats.restarts += 1
+        self.checkpoint_every = config.checkpoint_every or len(worker.stream)
+        return worker
+
+    def _after_step(self, worker: PartWorker) -> None:
+        if worker.step % self.checkpoint_every == 0:
+            with self.lock:
+                save_checkpoint(self.checkpoint_path, worker.checkpoint_state())
+        apply_worker_faults(self.faults, worker, self.first_life)
+
+    def run(
+        self,
+        bounds: list[tuple[int, int]],
+        train_images: torch.Tensor,
+        inbox: LatentQueue | None,
+        outbox: LatentQueue | None,
+        n_steps: int,
+    ) -> dict[str, Any]:
+        # run() executes on one of the actor's threads; OpenMP's thread count is per thread
+        torch.set_num_threads(self.threads)
+        worker = self._build(bounds, train_images)
+        with self.lock:
+            self.worker = worker
+        self.started.set()
+        stats = PartLoop(
+            worker, inbox, outbox, ray.put, get_or_none, n_steps, on_step=self._after_step, lock=self.lock
+        ).run()
+        return {**asdict(stats), "peak_rss_mb": peak_rss_mb()}
+
+    def _built(self) -> PartWorker:
+        """The worker, once run() has built it. A call that reaches an actor Ray has
+        just restarted can come before the replayed run(): it waits for it."""
+        if not self.started.wait(timeout=STARTUP_WAIT_S):
+            raise ClusterError(f"part {self.index + 1} has not started in {STARTUP_WAIT_S:g}s")
+        assert self.worker is not None
+        return self.worker
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        worker = self._built()  # (waits without the lock, which run() needs to start)
+        with self.lock:
+            return worker.weights()
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """This part's checkpoint as of its last finished step (Tune's PBT saves it)."""
+        worker = self._built()
+        with self.lock:
+            return worker.checkpoint_state()
+
+    def progress(self) -> dict[str, Any]:
+        if not self.started.is_set():  # run() has not built the worker yet (this call does not wait)
+            return {"started": False}
+        worker = self._built()
+        st = worker.stats
+        recent = st.losses[-20:]
+        return {
+            "started": True,
+            "steps": st.steps,
+            "restarts": st.restarts,
+            "loss": sum(recent) / len(recent) if recent else float("nan"),
+            "rollbacks": worker.trainer.rollbacks,
+            "stale_steps": st.stale_steps,
+        }
+
+    def info(self) -> dict[str, Any]:
+        storage_error = None
+        try:  # checkpoints go here: it must be reachable from this node too
+            probe = self.checkpoint_path.parent / f".probe-{os.getpid()}"
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            storage_error = f"{e.strerror or e}"
+        return {
+            "storage_error": storage_error,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "threads": torch.get_num_threads(),
+            "device": self.device,
+            "gpu_ids": ray.get_gpu_ids(),
+        }
+
+
+def _error_names(cls: type) -> set[str]:
+    return {cls.__name__}.union(*(_error_names(sub) for sub in cls.__subclasses__()))
+
+
+_RAYLOCAL_ERRORS = _error_names(RaylocalError)  # the names an actor's own errors print under
+
+
+def _last_error_line(text: str) -> tuple[str, str] | None:
+    """(exception class, message) of the last ``Name: message`` line of a traceback's text."""
+    for line in reversed(text.strip().splitlines()):
+        m = re.match(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception|Interrupt)): (.*)$", line)
+        if m:
+            return m.group(1), m.group(2).strip()
+    return None
+
+
+def actor_error(e: BaseException) -> RaylocalError | None:
+    """The one line for an error that Ray brought back from an actor or task: the
+    actor's own error when it is one of ours (``error: 500 parts but ...``),
+    else what failed where, with its first line, never Ray's traceback. None
+    for anything that is not Ray's report of a remote error."""
+    if isinstance(e, ray.exceptions.RayTaskError):
+        cause = e.cause
+        if isinstance(cause, RaylocalError):
+            return cause
+        if cause is not None:
+            first = (str(cause).strip().splitlines() or [""])[0][:200]
+            return ClusterError(f"{e.function_name} failed: {type(cause).__name__}: {first}".rstrip(": "))
+        found = _last_error_line(str(e))
+        return ClusterError(f"{e.function_name} failed" + (f": {found[0]}: {found[1]}" if found else ""))
+    if isinstance(e, ray.exceptions.RayActorError):
+        found = _last_error_line(str(e))
+        if found and found[0] in _RAYLOCAL_ERRORS:
+            return ClusterError(found[1])
+        first = (str(e).strip().splitlines() or ["an actor died"])[0][:200]
+        return ClusterError(f"{found[0]}: {found[1]}" if found else first)
+    return None
+
+
+@contextlib.contextmanager
+def errors_in_one_line() -> Iterator[None]:
+    """Errors raised inside actors reach the user as one line (``actor_error``)."""
+    try:
+        yield
+    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+        raise actor_error(e) from None  # type: ignore[misc]
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a host:port nobody listens on (ray.init would retry for minutes)."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        raise ClusterError(f"cannot reach Ray at {address!r}: {e.strerror or e}") from None
+
+
+# Ray Train's placement-group cleaner asks the State API every second whether the
+# fine-tune's controller lives; the State API needs the dashboard, which an embedded
+# Ray does not start, so it warns every second of the fine-tune (hundreds of lines)
+# and can do nothing there. The driver leaves these lines out of what it prints.
+RAY_NOISE = ("Failed to query Ray Train Controller actor state",)
+
+
+def drop_ray_noise(dispatcher: Any = None) -> None:
+    """Filter the worker lines Ray prints in this driver (``log_to_driver``): every
+    line but those of ``RAY_NOISE``. Ray's dispatcher of worker output is
+    internal; where it is not what this expects, nothing changes."""
+    if dispatcher is None:
+        try:
+            from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        except ImportError:
+            return
+    handlers = getattr(dispatcher, "handlers", None)
+    if not isinstance(handlers, list):
+        return
+
+    def filtered(print_lines: Callable[[dict], None]) -> Callable[[dict], None]:
+        def emit(data: dict) -> None:
+            lines = [line for line in data.get("lines", []) if not any(n in line for n in RAY_NOISE)]
+            if lines:
+                print_lines({**data, "lines": lines})
+
+        emit.drops_ray_noise = True  # type: ignore[attr-defined]
+        return emit
+
+    dispatcher.handlers = [(name, h if getattr(h, "drops_ray_noise", False) else filtered(h)) for name, h in handlers]
+
+
+def connect(config: RunConfig) -> None:
+    """Join ``--address`` (or RAY_ADDRESS), else start an embedded local Ray."""
+    if ray.is_initialized():
+        return
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=True)
+    except Exception as e:  # Ray raises many types here, some of them bare Exception
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = f"reach Ray at {address!r}" if address else "start a local Ray instance"
+        raise ClusterError(f"cannot {where}: {first[:160]}") from None
+    drop_ray_noise()
+
+
+# What a service (the run's evaluations, a Tune trial's own process) reserves of
+# a GPU: the parts leave this much of theirs free, so it fits beside any of them.
+SERVICE_GPU_SHARE = 0.1
+# What every bundle asks of ``--worker-resource``: a token that keeps the work
+# on the nodes that carry it, whatever their number of units.
+WORKER_RESOURCE_SHARE = 0.001
+
+
+def _gpus(config: RunConfig, nodes: list[dict[str, float]] | None = None) -> int:
+    """GPUs the run may use: the cluster's (or ``nodes``'), none with ``--device cpu``."""
+    if config.device == "cpu":
+        return 0
+    if nodes is None:
+        return int(ray.cluster_resources().get("GPU", 0))
+    return int(sum(n.get("GPU", 0) for n in nodes))
+
+
+def live_nodes() -> list[dict[str, float]]:
+    """The total resources of every live node of the cluster."""
+    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
+
+
+def worker_nodes(config: RunConfig) -> list[dict[str, float]]:
+    """The total resources of every live node the run may work on (those that
+    carry ``--worker-resource`` when it is set)."""
+    nodes = live_nodes()
+    if config.worker_resource:
+        nodes = [r for r in nodes if r.get(config.worker_resource)]
+    return nodes
+
+
+def check_torch_sees_gpus(granted: list) -> None:
+    """In a process Ray granted GPUs: torch must see them. The pinned wheel is a
+    CUDA 13 build; on an older NVIDIA driver torch sees no GPU while Ray still
+    counts them, and the work would die on its first CUDA call."""
+    if granted and not torch.cuda.is_available():
+        raise ClusterError(
+            f"Ray granted GPU(s) {granted} but torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU: "
+            "the NVIDIA driver is too old for this wheel (README: GPUs); install a torch build for your driver, "
+            "or run with --device cpu"
+        )
+
+
+def assigned_device(gpu_ids: list, visible: str | None) -> torch.device:
+    """The torch device of the GPU Ray assigned to this process (its lowest id),
+    as ``ray.train.torch.get_device`` maps it: the position of that id in
+    CUDA_VISIBLE_DEVICES (Ray narrows it to the assigned ids; a process that
+    sees more GPUs than it was granted must still use its own). CPU when none."""
+    if not gpu_ids:
+        return torch.device("cpu")
+    first = str(min(gpu_ids, key=lambda g: int(g) if str(g).isdigit() else str(g)))
+    order = [v.strip() for v in visible.split(",")] if visible else []
+    index = order.index(first) if first in order else (int(first) if first.isdigit() and not order else 0)
+    return torch.device(f"cuda:{index}")
+
+
+def train_worker_device(config: RunConfig) -> str:
+    """The device of a Ray Train worker: the one Ray Train assigned it."""
+    import ray.train.torch
+
+    if config.device == "cpu":
+        return "cpu"
+    check_torch_sees_gpus(ray.get_gpu_ids())
+    return str(ray.train.torch.get_device())
+
+
+def actor_device(config: RunConfig) -> torch.device:
+    """The device of this Ray actor or task: the GPU Ray granted it, else CPU
+    (never ``torch.cuda.is_available()``: Ray 2.60 leaves the GPUs visible to a
+    process granted none)."""
+    granted = ray.get_gpu_ids() if config.device != "cpu" else []
+    check_torch_sees_gpus(granted)
+    return assigned_device(granted, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def part_resources(config: RunConfig, n_parts: int) -> tuple[float, float, int]:
+    """(CPUs, GPUs, torch threads) per part actor. By default the CPUs are
+    shared by the parts and one service (the run's evaluations)."""
+    total = ray.cluster_resources()
+    gpus = config.gpus_per_part
+    if gpus is None:
+        whole = _gpus(config, worker_nodes(config))
+        # One GPU per part when there are enough. With fewer, the parts share
+        # them (one GPU is still far faster than CPUs for a part): Ray places a
+        # fractional GPU bundle on a single device, so ask for 1/ceil(K/G) each,
+        # which fits ceil(K/G) parts on every GPU (G/K each could leave a part
+        # with no device it fits on, e.g. 3 parts of 2/3 on 2 GPUs). The
+        # service's share is left free on every GPU.
+        gpus = (1.0 - SERVICE_GPU_SHARE) / math.ceil(n_parts / whole) if whole else 0.0
+    cpus = config.cpus_per_part
+    if cpus is None:
+        cpus = max(min(total.get("CPU", 1) / (n_parts + 1), 4.0), 0.01)
+    threads = config.threads or max(1, int(cpus))
+    return cpus, gpus, threads
+
+
+def part_bundle(config: RunConfig, cpus: float, gpus: float) -> dict[str, float]:
+    """One part actor's bundle."""
+    return with_worker_resource(config, {"CPU": cpus} | ({"GPU": gpus} if gpus else {}))
+
+
+def with_worker_resource(config: RunConfig, bundle: dict[str, float]) -> dict[str, float]:
+    """``bundle``, pinned to the nodes that carry ``--worker-resource`` when it is set."""
+    if config.worker_resource:
+        return bundle | {config.worker_resource: WORKER_RESOURCE_SHARE}
+    return bundle
+
+
+def fit_train_run(trainer: Any) -> Any:
+    """``trainer.fit()`` of a Ray Train trainer, then the SIGINT handler that was
+    there before it. Ray Train (2.60) installs its own on the main thread, to
+    abort the run on Ctrl-C, and leaves it installed: its closure keeps the
+    finished run's controller actor alive (for minutes, until the next fit), and
+    a later Ctrl-C would abort that finished run and exit 0 instead of stopping
+    ours."""
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def service_resources(config: RunConfig, n_parts: int) -> dict[str, float]:
+    """The bundle of the run's model service: a part's CPUs and, when the parts
+    have GPUs, a share of one."""
+    cpus, gpus, _ = part_resources(config, n_parts)
+    return with_worker_resource(config, {"CPU": cpus} | ({"GPU": SERVICE_GPU_SHARE} if gpus else {}))
+
+
+def work_resources(config: RunConfig) -> dict[str, float]:
+    """One worker's resources for a phase that has the cluster to itself (the
+    fine-tune): a whole GPU when there is one, and a node's CPUs (at most 8)."""
+    nodes = worker_nodes(config)
+    cpus = config.cpus_per_part or max([min(r.get("CPU", 0.0), 8.0) for r in nodes] + [1.0])
+    return with_worker_resource(config, {"CPU": cpus} | ({"GPU": 1.0} if _gpus(config, nodes) else {}))
+
+
+def place_parts(config: RunConfig, n_parts: int, cpus: float, gpus: float) -> tuple[PlacementGroup, int, bool]:
+    """The placement group for the parts and the bundle index of part 1.
+
+    Inside a Ray Tune trial the trial's own group is used (bundle 0 is the
+    trial's driver, bundles 1..K are its parts), so trials never starve each
+    other; otherwise a new group is created (and removed at the end).
+    """
+    current = ray.util.get_current_placement_group()
+    if current is not None and len(current.bundle_specs) > n_parts:
+        return current, len(current.bundle_specs) - n_parts, False
+    bundle = part_bundle(config, cpus, gpus)
+    strategy = "STRICT_SPREAD" if config.placement == "spread" else "PACK"
+    pg = placement_group([dict(bundle)] * n_parts, strategy=strategy)
+    ready, _ = ray.wait([pg.ready()], timeout=float(os.environ.get("RAYLOCAL_PLACEMENT_TIMEOUT", 60)))
+    if not ready:
+        remove_placement_group(pg)
+        nodes = len(live_nodes())
+        raise ClusterError(
+            f"cannot place {n_parts} parts of {bundle} with strategy {strategy} on this cluster "
+            f"({nodes} node(s), {ray.cluster_resources()}); lower --cpus-per-part or use --placement pack"
+        )
+    return pg, 0, True
+
+
+def _fits(bundle: dict[str, float], node: dict[str, float]) -> bool:
+    return all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
+
+
+def check_placement(config: RunConfig, n_parts: int) -> None:
+    """Can the run's bundles be placed on this cluster at all, by its totals?
+    Said at once, in one line, instead of after a placement timeout. (Whether
+    they are free now is another matter: a busy cluster queues the run.) A Tune
+    trial's parts live in the trial's own group, which Tune has placed."""
+    current = ray.util.get_current_placement_group()
+    if current is not None and len(current.bundle_specs) > n_parts:
+        return
+    cpus, gpus, _ = part_resources(config, n_parts)
+    part = part_bundle(config, cpus, gpus)
+    nodes = live_nodes()
+    able = [n for n in nodes if _fits(part, n)]
+    shown = ", ".join(f"{k} {v:g}" for k, v in part.items())
+    if not able:
+        raise ClusterError(
+            f"a part needs {{{shown}}} and no node of this cluster has that much ({len(nodes)} node(s), "
+            f"totals {_totals(nodes)}); lower --cpus-per-part or --gpus-per-part"
+        )
+    if config.placement == "spread" and len(able) < n_parts:
+        raise ClusterError(
+            f"--placement spread puts each of the {n_parts} parts on its own node, but only {len(able)} node(s) "
+            f"can hold a part of {{{shown}}}; use --placement pack or more nodes"
+        )
+    service = service_resources(config, n_parts)
+    need = {k: v * n_parts for k, v in part.items()}
+    for k, v in service.items():
+        need[k] = need.get(k, 0.0) + v
+    have = {k: sum(n.get(k, 0.0) for n in nodes) for k in need}
+    short = [k for k in need if have[k] + 1e-9 < need[k]]
+    if short:
+        k = short[0]
+        raise ClusterError(
+            f"{n_parts} parts of {{{shown}}} and the model service need {k} {need[k]:g}, the cluster has {have[k]:g}; "
+            f"use fewer parts, or lower --cpus-per-part or --gpus-per-part"
+        )
+
+
+def _totals(nodes: list[dict[str, float]]) -> str:
+    keys = ("CPU", "GPU")
+    return ", ".join(f"{k} {sum(n.get(k, 0.0) for n in nodes):g}" for k in keys)
+
+
+def _progress_line(progress: list[dict[str, Any]], n_steps: int) -> str:
+    parts = [
+        # a part's own local loss (bits/dim of its objective), not the model's BPD
+        f"part {k + 1}: {p['steps']}/{n_steps} local "
+        + (f"{p['loss']:.3f}" if math.isfinite(p["loss"]) else "–")
+        + (f" rb {p['rollbacks']}" if p["rollbacks"] else "")
+        + (f" stale-input steps {p['stale_steps']}" if p["stale_steps"] else "")
+        + (f" restarts {p['restarts']}" if p["restarts"] else "")
+        for k, p in enumerate(progress)
+    ]
+    return " | ".join(parts)
+
+
+def _poll(actors: list[Any]) -> list[dict[str, Any]] | None:
+    """Every part's progress, or None while one of them is starting or being restarted."""
+    try:
+        polled = ray.get([a.progress.remote() for a in actors], timeout=30)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return None
+    return polled if all(p["started"] for p in polled) else None
+
+
+def gather_weights(actors: list[Any]) -> dict[str, torch.Tensor]:
+    """The assembled model's state dict, from every part's current weights."""
+    state: dict[str, torch.Tensor] = {}
+    for w in ray.get([a.weights.remote() for a in actors]):
+        state.update(w)
+    return state
+
+
+def gather_part_states(actors: list[Any]) -> list[dict[str, Any]]:
+    """Every part's checkpoint state, each taken between two of its steps."""
+    return ray.get([a.checkpoint_state.remote() for a in actors])
+
+
+Monitor = Callable[[list[Any], list[dict[str, Any]]], None]
+
+
+class PartsPhase:
+    """The parts phase on Ray: a placement group, one actor per part and a latent
+    queue per boundary, started at construction so that their processes start
+    (and import torch) while the caller still plans the parts; ``run`` trains
+    them, ``close`` releases them (``with`` does it too)."""
+
+    def __init__(self, config: RunConfig, data: ImageData, run_dir: Path, n_parts: int, train_ref: Any = None) -> None:
+        connect(config)
+        check_links(config.link, n_parts)
+        self.config, self.n_parts = config, n_parts
+        self.n_steps = config.epochs * (len(data.train) // config.batch_size)
+        self.train_ref = train_ref or ray.put(data.train)  # the images, once in the object store
+        cpus, gpus, threads = part_resources(config, n_parts)
+        self.actors: list[Any] = []
+        self.queues: list[LatentQueue] = []
+        self.pg, first_bundle, self.own_pg = place_parts(config, n_parts, cpus, gpus)
+        try:  # a start that fails half way releases what it started
+            for _ in range(n_parts - 1):
+                self.queues.append(LatentQueue(config.queue_size))
+            for k in range(n_parts):
+                strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + k)
+                self.actors.append(
+                    PartActor.options(
+                        num_cpus=cpus,
+                        num_gpus=gpus,
+                        max_restarts=config.max_restarts,
+                        max_task_retries=config.max_restarts,  # replay run() on the restarted actor
+                        scheduling_strategy=strategy,
+                    ).remote(config.model_dump_json(), k, data.shape, threads, str(run_dir))
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> PartsPhase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        for q in self.queues:
+            q.shutdown()
+        if self.own_pg:
+            remove_placement_group(self.pg)
+        self.actors, self.queues, self.own_pg = [], [], False
+
+    def infos(self) -> list[dict[str, Any]]:
+        """Each part actor's process, node and device, once it runs; fails in one
+        line when a part's node cannot write the run's checkpoints."""
+        infos = ray.get([a.info.remote() for a in self.actors])
+        bad = [(k, i) for k, i in enumerate(infos) if i["storage_error"]]
+        if bad:
+            k, i = bad[0]
+            raise ClusterError(
+                f"storage_path {self.config.storage_path!r} is not writable from node {i['node_id'][:12]} "
+                f"(part {k + 1}: {i['storage_error']}); use a path every node can reach"
+            )
+        return infos
+
+    def run(
+        self, bounds: list[tuple[int, int]], progress: Progress, monitor: Monitor | None = None
+    ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, Any]], float]:
+        """Train every part its ``n_steps``; returns (assembled state dict, per-part
+        stats, per-part actor info, wall time). ``monitor(actors, progress)`` is
+        called at every poll with the live part actors (for ``gather_weights`` /
+        ``gather_part_states``): evaluation while the parts train, and Ray
+        Tune's reports and checkpoints."""
+        if len(bounds) != self.n_parts:
+            raise ClusterError(f"the plan has {len(bounds)} parts, the phase started {self.n_parts}")
+        actors, queues, n_steps, k_last = self.actors, self.queues, self.n_steps, self.n_parts - 1
+        driver_faults = [f for f in parse_faults(self.config.inject or "") if f.kind == "ray-kill"]
+        with errors_in_one_line():
+            infos = self.infos()
+            start = time.perf_counter()
+            runs = [
+                a.run.remote(
+                    bounds, self.train_ref, queues[k - 1] if k > 0 else None, queues[k] if k < k_last else None, n_steps
+                )
+                for k, a in enumerate(actors)
+            ]
+            pending = list(runs)
+            while pending:
+                poll_s = 0.05 if driver_faults else 1.0
+                ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
+                ray.get(ready)  # a part that failed for good fails the run now, not at the end
+                polled = _poll(actors) if pending else None
+                if polled:
+                    progress.update(_progress_line(polled, n_steps))
+                    if monitor is not None:
+                        monitor(actors, polled)
+                    for f in list(driver_faults):
+                        if polled[f.part]["steps"] >= f.at:
+                            ray.kill(actors[f.part], no_restart=False)  # Ray restarts it
+                            driver_faults.remove(f)
+            stats = ray.get(runs)
+            wall = time.perf_counter() - start
+            progress.update(_progress_line(_poll(actors) or [], n_steps), force=True)
+            return gather_weights(actors), stats, infos, wall
+
+
+def run_async_phase(
+    config: RunConfig,
+    data: ImageData,
+    bounds: list[tuple[int, int]],
+    progress: Progress,
+    run_dir: Path,
+    monitor: Monitor | None = None,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, Any]], float]:
+    """Train all parts at once on Ray (see ``PartsPhase.run``). Part checkpoints go
+    to ``run_dir/parts``; with ``config.resume`` the parts continue from them."""
+    with PartsPhase(config, data, run_dir, len(bounds)) as phase:
+        return phase.run(bounds, progress, monitor)
+
+
+def pipeline_report(
+    config: RunConfig,
+    stats: list[dict[str, Any]],
+    infos: list[dict[str, Any]],
+    wall: float,
+    param_bytes: int,
+) -> dict[str, Any]:
+    """Communication and throughput figures of the async phase (``param_bytes``:
+    the whole model's, for what DDP would all-reduce)."""
+    n = len(stats)
+    bs = config.batch_size
+    params = param_bytes
+    steps = stats[-1]["steps"]
+    forward = [st["bytes_forward"] for st in stats[:-1]]
+    behind = [staleness_summary(stats[k - 1]["step_times"], stats[k]["inputs"]) for k in range(1, n)]
+    return {
+        "part_images_per_s": [st["steps"] * bs / max(st["end_time"] - st["start_time"], 1e-9) for st in stats],
+        "images_per_s_pipeline": steps * bs / max(wall, 1e-9),
+        "bytes_forward": forward,
+        "bytes_backward": sum(st["bytes_backward"] for st in stats),
+        "bytes_weight_sync": sum(st["bytes_weights"] for st in stats),
+        # what a model-parallel end-to-end pipeline would send: activations
+        # forward and gradients of the same size back, at every boundary
+        "e2e_pipeline_bytes": [2 * f for f in forward],
+        # data-parallel e2e: every worker all-reduces every gradient each step
+        "ddp_bytes_per_step": params * 2 * (n - 1) / n if n > 1 else 0,
+        # per part from part 2 on: steps on fresh and on stale inputs, and how far
+        # behind its upstream part's training each input was
+        "fresh_steps": [st["fresh_steps"] for st in stats[1:]],
+        "stale_steps": [st["stale_steps"] for st in stats[1:]],
+        "behind_steps": [b["steps"] for b in behind],
+        "behind_s": [b["seconds"] for b in behind],
+        # per boundary: latents that never reached the next part
+        "dropped_latents": [st["dropped_latents"] for st in stats[:-1]],
+        # per boundary: latents that arrived but a newer one replaced before the part took them
+        "superseded_latents": [st.get("superseded_latents", 0) for st in stats[1:]],
+        "outage_latents": [st["outage_latents"] for st in stats[:-1]],
+        "idle_s": [st["wait_s"] + st["put_s"] for st in stats],
+        "idle_fraction": [(st["wait_s"] + st["put_s"]) / max(st["end_time"] - st["start_time"], 1e-9) for st in stats],
+        "queue_overhead": [(st["wait_s"] + st["put_s"]) / max(st["compute_s"], 1e-9) for st in stats],
+        "wait_s": [st["wait_s"] for st in stats],
+        "compute_s": [st["compute_s"] for st in stats],
+        "actor_pids": [i["pid"] for i in infos],
+        "actor_nodes": [i["node_id"] for i in infos],
+        "actor_devices": [i["device"] for i in infos],
+        "async_wall_time": wall,
+        "restarts": [st["restarts"] for st in stats],
+        "resumed_at": [st["resumed_at"] for st in stats],
+        "peak_rss_mb": [st["peak_rss_mb"] for st in stats],
+    }
+
+
+__all__ = ["LatentQueue", "PartActor", "PartsPhase", "run_async_phase", "tensor_bytes"]

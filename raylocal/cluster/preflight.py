@@ -1,0 +1,49 @@
+"""What a Ray run checks in the driver before it starts anything.
+
+Everything here reads the config (and the images' shape) alone: no tensor is
+made and Ray is not needed, so a spec that does not fit the model, a link or
+fault for a part that does not exist, fails in one line at once, before a
+placement group, an actor or a run directory exists. The cluster's side
+(can the bundles be placed at all?) is ``ray_trainer.check_placement``.
+"""
+
+from __future__ import annotations
+
+from raylocal.core.config import RunConfig
+from raylocal.core.faults import parse_faults
+from raylocal.core.links import check_links
+from raylocal.errors import ConfigError
+from raylocal.model.glow import GlowLayout
+from raylocal.model.parts import PartSpec, resolve_part_spec
+from raylocal.training.trainer import check_image_shape
+
+
+def planned_spec(config: RunConfig, image_shape: tuple[int, int, int]) -> PartSpec:
+    """The parts the run would train, read from the config against the model's
+    layout (an automatic split on estimated costs: ``--balance measure`` only
+    moves its boundaries, never makes a valid count invalid)."""
+    check_image_shape(config, image_shape)
+    layout = GlowLayout.of(image_shape, config.n_levels, config.depth, config.hidden)
+    if config.schedule == "e2e":
+        return PartSpec(((0, len(layout)),))
+    return resolve_part_spec(layout, config.parts, config.split, config.part_spec)
+
+
+def check_faults(config: RunConfig, n_parts: int) -> None:
+    """Every injected fault names a part that exists (part K+1, the fine-tune, takes a sigkill)."""
+    for fault in parse_faults(config.inject or ""):
+        finetune = fault.kind == "sigkill" and config.finetune_epochs > 0
+        if fault.part >= n_parts + finetune:
+            also = f", and the fine-tune as part {n_parts + 1}" if finetune else ""
+            raise ConfigError(
+                f"inject {fault.kind}:{fault.part + 1}@{fault.at:g}: there is no part {fault.part + 1} "
+                f"(the run has {n_parts} parts{also})"
+            )
+
+
+def check_run(config: RunConfig, image_shape: tuple[int, int, int]) -> PartSpec:
+    """All the driver can check of a run before Ray: parts, links and faults."""
+    spec = planned_spec(config, image_shape)
+    check_links(config.link, len(spec))
+    check_faults(config, len(spec))
+    return spec

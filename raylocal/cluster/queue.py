@@ -1,0 +1,43 @@
+"""The latent queue between two part actors: a ``PacketChannel`` in a small Ray actor.
+
+This module imports no torch, so the queue actor's process starts at once
+instead of spending seconds importing it (one per boundary, every run).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from raylocal.pipeline.channel import PacketChannel
+
+
+@ray.remote(num_cpus=0, max_concurrency=8)  # blocked put()s and get()s each hold a thread
+class _ChannelActor(PacketChannel):
+    pass
+
+
+class LatentQueue:
+    """A bounded FIFO of packets between two parts: a ``PacketChannel`` held by
+    one small Ray actor. Only packets of object references pass through it;
+    the latents themselves stay in the object store."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self.actor = _ChannelActor.remote(maxsize)
+
+    def put(self, packet: dict[str, Any]) -> None:
+        ray.get(self.actor.put.remote(packet))
+
+    def put_latest(self, packet: dict[str, Any]) -> int:
+        return ray.get(self.actor.put_latest.remote(packet))
+
+    def get(self) -> dict[str, Any]:
+        return ray.get(self.actor.get.remote())
+
+    def qsize(self) -> int:
+        return ray.get(self.actor.qsize.remote())
+
+    def shutdown(self) -> None:
+        ray.kill(self.actor)

@@ -1,0 +1,1 @@
+"""The run's ground floor: its configuration, data, checkpoints and log."""

@@ -1,0 +1,381 @@
+"""One flat run configuration, validated at the edge (command line and config files).
+
+``RunConfig`` is the single plain object every script and schedule reads. Each
+field is also a command-line flag (``n_levels`` -> ``--n-levels``) and a key of
+a JSON config file (``--config FILE``); command-line values override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raylocal.core.faults import parse_faults
+from raylocal.core.links import parse_link
+from raylocal.errors import ConfigError
+
+Schedule = Literal["e2e", "sequential", "alternating", "simultaneous", "async"]
+
+
+class RunConfig(BaseModel):
+    """Everything a run needs. Defaults are a short MNIST run on this machine."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # data
+    dataset: Literal["mnist", "cifar10", "folder"] = Field("mnist", description="which dataset")
+    data_root: str | None = Field(None, description="dataset directory (default: bundled MNIST)")
+    download: bool = Field(False, description="download CIFAR-10 if missing (needs internet)")
+    train_subset: int | None = Field(None, gt=0, description="use only the first N training images")
+    test_subset: int | None = Field(None, gt=0, description="use only the first N test images")
+    validation: int | None = Field(
+        None,
+        gt=0,
+        description="evaluate on the last N training images, held out from training, instead of the test set "
+        "(to choose settings, such as LRs, on data the final test never sees)",
+    )
+    cache_dir: str | None = Field(None, description="where decoded ImageFolder tensors are cached")
+
+    # model
+    n_levels: int = Field(2, ge=1, le=8, description="Glow blocks L")
+    depth: int = Field(8, ge=1, description="flow steps K per block")
+    hidden: int = Field(64, ge=1, description="width of the coupling networks")
+    coupling: Literal["affine", "additive"] = Field("affine", description="coupling type")
+    permutation: Literal["lu", "plain"] = Field("lu", description="1x1 conv parameterisation")
+    n_bits: int = Field(8, ge=1, le=8, description="bits per pixel the model sees (8 or 5 usual)")
+    precision: Literal["float32", "bf16"] = Field(
+        "float32",
+        description="bf16: the coupling networks run under bfloat16 autocast; log-dets, priors and the "
+        "objective stay float32",
+    )
+    tf32: bool = Field(
+        False,
+        description="GPUs: let convolutions and matmuls use TF32 (faster on Ampere and later, ~1e-3 relative "
+        "error, so reconstructions are no longer exact); off: IEEE float32",
+    )
+    deterministic: bool = Field(
+        False,
+        description="GPUs: deterministic cuDNN kernels, no autotuning (repeatable bit for bit, slower); off: "
+        "cuDNN picks the fastest convolution for each shape",
+    )
+
+    # parts
+    parts: int = Field(1, ge=1, description="number of parts K")
+    split: Literal["by-block", "across-blocks"] = Field(
+        "across-blocks", description="automatic split: at block boundaries or balanced by compute"
+    )
+    balance: Literal["estimate", "measure"] = Field(
+        "estimate", description="automatic split balances estimated FLOPs or measured layer times"
+    )
+    part_spec: str | None = Field(None, description="explicit parts: '1|2,3', '1[:4]|1[4:],2' or 'layers:0-12|13-38'")
+
+    # training
+    schedule: Schedule = Field("e2e", description="e2e | sequential | alternating | simultaneous | async")
+    epochs: int = Field(1, ge=0, description="epochs of the schedule (per part for sequential)")
+    finetune_epochs: int = Field(0, ge=0, description="end-to-end fine-tune epochs afterwards")
+    alternate_every: int = Field(
+        0, ge=0, description="alternating: switch the trained part every N batches (0: every epoch, the reference)"
+    )
+    batch_size: int = Field(64, ge=1, description="training batch size")
+    eval_batch_size: int = Field(500, ge=1, description="evaluation batch size")
+    init_batch_size: int = Field(512, ge=1, description="batch for ActNorm's data-dependent init")
+    lr: list[float] = Field([1e-3], description="learning rate, or one per part: 1e-3,5e-4,1e-4")
+    finetune_lr: float | None = Field(None, gt=0, description="fine-tune LR (default: smallest lr)")
+    finetune_scope: Literal["all", "boundary"] = Field(
+        "all", description="fine-tune every layer, or only the flow steps next to each part boundary (the rest frozen)"
+    )
+    lr_rule: Literal["none", "relative-update"] = Field(
+        "none",
+        description="per-part LRs from --lr: relative-update scales each part's LR, at the end of its warmup, so "
+        "that every part's weights move by the same relative amount per step (their geometric mean kept); "
+        "simultaneous and alternating schedules; it needs max(warmup, 20) steps of every part (a shorter run "
+        "keeps one LR: its summary's lr_multipliers is null)",
+    )
+    warmup_steps: int = Field(200, ge=0, description="linear LR warmup steps (per part)")
+    lr_schedule: Literal["constant", "cosine", "cosine-run"] = Field(
+        "constant",
+        description="LR after warmup: constant; cosine: decay to 0 over each trainer's own steps; "
+        "cosine-run: one decay over the whole run (parts phase and fine-tune) that every trainer follows",
+    )
+    optimizer: Literal["adam", "adamax"] = Field("adam", description="optimizer")
+    compile: bool = Field(
+        False,
+        description="compile the training step of every part and of the single-process fine-tune with "
+        "torch.compile; DDP workers run eagerly (the first step compiles: "
+        "1-2 min on 2 CPU cores, seconds once cached; then about 1.2x faster on CPU)",
+    )
+    grad_clip: float = Field(50.0, ge=0, description="max gradient norm (0: no clipping)")
+    rollback_factor: float = Field(
+        8.0, gt=0, description="roll back when loss exceeds its running mean by this many mean deviations"
+    )
+    lr_backoff: float = Field(0.5, gt=0, lt=1, description="LR multiplier after a rollback")
+    lr_recovery_steps: int = Field(
+        200,
+        ge=0,
+        description="steps over which a backed-off LR is warmed linearly back to its schedule, doubled "
+        "after each further rollback of the same part (0: the back-off is permanent)",
+    )
+    max_rollbacks: int = Field(20, ge=0, description="give up on a part after this many rollbacks")
+    snapshot_every: int = Field(50, ge=1, description="steps between last-good-state snapshots")
+
+    # run
+    seed: int = Field(0, ge=0, description="random seed")
+    threads: int | None = Field(None, ge=1, description="torch threads (default: all CPUs)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses a GPU when present")
+    storage_path: str = Field("runs", description="directory for run outputs (reachable by all nodes)")
+    run_name: str | None = Field(None, description="name of the run directory (default: generated)")
+    resume: bool = Field(False, description="continue the run in storage_path/run_name")
+    checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: per epoch)")
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: per epoch)")
+    live_eval_images: int = Field(
+        1000,
+        ge=0,
+        description="async runs: test images of each evaluation while the parts train (the first N, a fixed "
+        "subset, so that they cost little; 0: all); the evaluations after the parts phase and at the end use all",
+    )
+    log_every: int = Field(10, ge=1, description="steps between progress/TensorBoard updates")
+    samples: int = Field(64, ge=0, description="images in the sample grid")
+    temperature: float = Field(0.7, gt=0, description="sampling temperature")
+    time_budget: float | None = Field(None, gt=0, description="stop training after this many seconds")
+    progress: bool = Field(True, description="show a progress bar")
+
+    # ray (async schedule)
+    address: str | None = Field(None, description="Ray address ('auto' joins a cluster; default: local)")
+    placement: Literal["pack", "spread"] = Field("pack", description="placement of part actors")
+    queue_size: int = Field(4, ge=1, description="bound of each latent queue")
+    link: str = Field(
+        "up",
+        description="link between neighbouring parts: up, or comma-separated bw=10Mbit, lat=20ms, p=0.9, "
+        "outage=START:LEN, mtbf=60s, mttr=15s; '|' per boundary",
+    )
+    starve: Literal["wait", "stale"] = Field(
+        "wait",
+        description="a part with no fresh latent from upstream: wait for one, or train on a latent computed "
+        "from its own data through its synced upstream copy",
+    )
+    full: Literal["block", "drop-oldest"] = Field(
+        "block", description="a part whose outbound queue is full: block, or replace the oldest latent"
+    )
+    wire_dtype: Literal["float32", "bfloat16", "float16", "int8"] = Field(
+        "float32",
+        description="precision of latents between parts, on async's wire (parts train in float32; int8: "
+        "symmetric, one float32 scale per channel); the single-process schedules round them the same way, so "
+        "that they stay async's twins",
+    )
+    sync_every: int = Field(50, ge=1, description="upstream weight sync every N steps")
+    cpus_per_part: float | None = Field(None, gt=0, description="CPUs per part actor")
+    gpus_per_part: float | None = Field(None, ge=0, description="GPUs per part actor (default: 1, or a share of fewer)")
+    finetune_workers: int = Field(1, ge=1, description="DDP workers for the fine-tune phase")
+    worker_resource: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z][A-Za-z0-9_.-]*$",
+        description="a custom Ray resource that marks the nodes to work on: parts, evaluations and the fine-tune "
+        "run only where it is (a head node without it only coordinates)",
+    )
+    average_every: int = Field(
+        0,
+        ge=0,
+        description="data-parallel runs: local SGD, averaging parameters every H steps over the link, "
+        "instead of all-reducing gradients every step (0: DDP)",
+    )
+    bucket_cap_mb: float | None = Field(
+        None,
+        gt=0,
+        description="DDP: the largest gradient bucket, in MB (DDP's default: 25); buckets smaller than the "
+        "gradient let their all-reduces overlap the rest of the backward pass (DDP's first step is one bucket)",
+    )
+    ddp_compression: Literal["none", "bf16"] = Field(
+        "none",
+        description="DDP: all-reduce each gradient bucket in bfloat16 (as torch's bf16_compress_hook), over "
+        "--link too: the bytes on the wire are the compressed ones",
+    )
+    outer_lr: float | None = Field(
+        None, gt=0, description="local SGD: DiLoCo's outer Nesterov step with this LR (default: plain averaging)"
+    )
+    max_restarts: int = Field(3, ge=0, description="times Ray restarts a dead part actor")
+    inject: str | None = Field(
+        None,
+        description="fault injection for reliability tests: ray-kill:PART@STEP, sigkill:PART@STEP, "
+        "nan:PART@STEP, slow:PART@SECONDS (comma-separated)",
+    )
+
+    @field_validator("link")
+    @classmethod
+    def _check_link(cls, v: str) -> str:
+        try:
+            return parse_link(v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
+    @field_validator("inject")
+    @classmethod
+    def _check_inject(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                parse_faults(v)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _parse_lr(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                return [float(s) for s in v.split(",")]
+            except ValueError:
+                raise ValueError(f"expected numbers separated by commas, got {v!r}") from None
+        if isinstance(v, (int, float)):
+            return [float(v)]
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _check_lr(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("needs at least one value")
+        for x in v:
+            if not x > 0 or x != x or x == float("inf"):
+                raise ValueError(f"every learning rate must be a positive number, got {x}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> RunConfig:
+        if len(self.lr) not in (1, self.parts):
+            raise ValueError(f"lr has {len(self.lr)} values but there are {self.parts} parts")
+        if self.alternate_every and self.schedule != "alternating":
+            raise ValueError(
+                f"alternate_every={self.alternate_every} applies to the alternating schedule, not {self.schedule!r}"
+            )
+        if self.lr_rule != "none" and self.schedule not in ("simultaneous", "alternating"):
+            raise ValueError(
+                f"lr_rule={self.lr_rule!r} compares the parts while they train together: it applies to the "
+                f"simultaneous and alternating schedules, not {self.schedule!r}"
+            )
+        if self.lr_rule != "none" and len(self.lr) > 1:
+            raise ValueError(f"lr_rule={self.lr_rule!r} derives the per-part LRs from one --lr, got {len(self.lr)}")
+        if self.finetune_scope == "boundary" and self.finetune_workers > 1:
+            raise ValueError("finetune_scope='boundary' is for a one-worker fine-tune; DDP trains every layer")
+        return self
+
+    def part_count(self) -> int:
+        """How many parts the run trains: ``--part-spec`` names them, else ``--parts``."""
+        return self.parts if self.part_spec is None else self.part_spec.count("|") + 1
+
+    def part_lrs(self, n_parts: int) -> list[float]:
+        return self.lr * n_parts if len(self.lr) == 1 else list(self.lr)
+
+    def glow_kwargs(self) -> dict[str, Any]:
+        return dict(
+            n_levels=self.n_levels,
+            depth=self.depth,
+            hidden=self.hidden,
+            affine=self.coupling == "affine",
+            lu=self.permutation == "lu",
+            n_bits=self.n_bits,
+            bf16=self.precision == "bf16",
+        )
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """Pydantic's message, shown briefly: the first problem on one line."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown option"
+    text = f"{source}: {loc}: {msg}"
+    if "input" in first and first["type"] != "extra_forbidden" and not isinstance(first["input"], dict):
+        text += f" (got {first['input']!r})"
+    more = len(err.errors()) - 1
+    return text + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+
+
+def validate_config(values: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig(**values)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config file must hold a JSON object of options")
+    validate_config(values, str(path))  # report the file's own errors against the file
+    return values
+
+
+def write_config_file(config: RunConfig, path: str | Path, only_set: bool = False) -> None:
+    data = config.model_dump(exclude_unset=only_set)
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a one-line ConfigError, not usage + exit."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(message)
+
+
+def build_parser(description: str, defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per RunConfig field.
+
+    Values stay strings: pydantic converts and validates them, so a bad value
+    gets the same message from the command line as from a config file. Flags
+    default to "not given" so that only what the user typed overrides the file;
+    ``--help`` shows the defaults the calling script really uses.
+    """
+    parser = _Parser(description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="JSON file of options (command-line flags override it)")
+    for name, field in RunConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = (defaults or {}).get(name, field.default)
+        if isinstance(default, list):
+            default = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
+        help_text = f"{field.description} (default: {default})"
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, help=help_text, metavar=name.upper())
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> RunConfig:
+    """defaults < config file < command-line flags, validated together."""
+    values: dict[str, Any] = dict(defaults or {})
+    given = vars(args).copy()
+    config_file = given.pop("config", None)
+    if config_file:
+        values.update(read_config_file(config_file))
+    values.update(given)
+    return validate_config(values, "options")
+
+
+# The embedded default (scripts/run_async.py with no options): a few minutes on 2 CPU cores.
+EMBEDDED_DEFAULT = {
+    "schedule": "async",
+    "parts": 3,
+    "n_levels": 2,
+    "depth": 4,
+    "hidden": 64,
+    "epochs": 3,
+    "finetune_epochs": 1,
+    "train_subset": 20000,
+    "test_subset": 5000,
+    "warmup_steps": 100,
+    "lr": [1e-3],
+}

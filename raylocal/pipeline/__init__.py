@@ -1,0 +1,1 @@
+"""The Ray-free parts pipeline: the packet channel, emulated links, the part worker and its loop."""

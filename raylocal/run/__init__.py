@@ -1,0 +1,1 @@
+"""Whole runs: the async run on Ray (parts phase, then the rest of the run)."""

@@ -1,0 +1,393 @@
+"""The ``async`` schedule as a whole run on Ray, with a driver that only coordinates.
+
+On a GPU cluster the driver usually sits on a head node with no GPU, so it
+does no tensor work: it starts actors, streams progress, writes files and
+moves state dicts around. Everything heavy runs where the work is:
+
+- a **model service** (``ServiceActor``, a shell around ``ModelService``) in a
+  bundle of its own, reserved for the whole run (a share of a GPU when the
+  parts have GPUs): it plans the parts (``--balance measure`` times the layers
+  on the device that trains them) and evaluates the assembled model while the
+  parts train, from weights passed by reference, one evaluation at a time,
+  never stopping a part;
+- the **parts phase** (``PartsPhase`` in ray_trainer.py; its actors start
+  while the service plans the parts), which ends by saving a ``PartsResult`` in the run directory;
+- the **rest of the run** (``finish_after_parts``: fine-tune, final evaluation,
+  samples, checkpoint, summary) in a Ray Train worker (``TorchTrainer``, one
+  worker, a GPU when the cluster has one); with ``--finetune-workers N`` the
+  fine-tune is N DDP workers and the service finishes the run from their weights;
+  with no fine-tune epochs the service finishes it.
+
+The summary's ``where`` says which node, process and device ran each phase.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from raylocal.cluster.parts_phase import (
+    PartsPhase,
+    actor_device,
+    check_placement,
+    connect,
+    errors_in_one_line,
+    fit_train_run,
+    part_checkpoint_path,
+    pipeline_report,
+    service_resources,
+    train_worker_device,
+    work_resources,
+)
+from raylocal.cluster.preflight import check_run
+from raylocal.core.config import RunConfig
+from raylocal.core.data import ImageData
+from raylocal.core.runlog import Progress, has_checkpoint, resolve_run_dir, write_json
+from raylocal.errors import CheckpointError, ClusterError, DivergedError
+from raylocal.training.schedules import PARTS_RESULT, ModelService, PartsResult, finish_after_parts
+
+
+def here(device: str) -> dict[str, Any]:
+    """Where this process is: Ray node, host, pid and the device it computes on."""
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return {"node_id": node, "host": socket.gethostname(), "pid": os.getpid(), "device": device}
+
+
+def _import_all(modules: list[str]) -> None:
+    for name in modules:
+        importlib.import_module(name)
+
+
+@ray.remote
+class ServiceActor:
+    """A thin shell around ``ModelService``; it also finishes runs whose fine-tune
+    is not a single Ray Train worker's (none, or DDP)."""
+
+    def __init__(self, config_json: str, image_shape: tuple[int, int, int], threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.config = RunConfig.model_validate_json(config_json)
+        self.service = ModelService(self.config, image_shape, str(actor_device(self.config)))
+        self.evaluations, self.evaluation_s = 0, 0.0
+        # what finishing a run needs (seconds of imports), loaded while the parts
+        # train: on a thread, so that planning the parts does not wait for it
+        modules = ["torch.utils.tensorboard"] + (["torchvision.utils"] if self.config.samples else [])
+        threading.Thread(target=_import_all, args=(modules,), daemon=True).start()
+
+    def where(self) -> dict[str, Any]:
+        return here(str(self.service.device)) | {"evaluations": self.evaluations, "evaluation_s": self.evaluation_s}
+
+    def plan(self, train_images: torch.Tensor) -> dict[str, Any]:
+        return self.service.plan(train_images)
+
+    def evaluate(self, test_images: torch.Tensor, *weights: dict[str, torch.Tensor]) -> float:
+        state: dict[str, torch.Tensor] = {}
+        for w in weights:  # one dict per part
+            state.update(w)
+        start = time.perf_counter()
+        bpd = self.service.evaluate(test_images, state)
+        self.evaluations += 1
+        self.evaluation_s += time.perf_counter() - start
+        return bpd
+
+    def finish(
+        self, name: str, train: torch.Tensor, test: torch.Tensor, run_dir: str, bounds: list, finetuned: Any = None
+    ) -> dict[str, Any]:
+        config = self.config.model_copy(update={"device": str(self.service.device)})
+        summary = finish_after_parts(config, ImageData(name, train, test), Path(run_dir), bounds, finetuned)
+        return summary | {"where_finished": self.where() | {"phase": "model service"}}
+
+
+class LiveEvaluation:
+    """A parts-phase monitor: every ``every`` steps of the last part, the service
+    evaluates the weights the parts hold then, on the first ``images`` test
+    images (``--live-eval-images``: a fixed subset, so that watching costs
+    little; its curve points say how many). At most one evaluation is in
+    flight; the driver only collects its number when it has landed."""
+
+    def __init__(
+        self, service: Any, test_ref: Any, images: int, every: int, steps_per_epoch: int, progress: Progress
+    ) -> None:
+        self.service, self.test_ref, self.images, self.every = service, test_ref, images, every
+        self.steps_per_epoch, self.progress = steps_per_epoch, progress
+        self.next_step = every
+        self.pending: tuple[Any, int, float] | None = None
+        self.curve: list[dict[str, float]] = []
+        self.start = time.perf_counter()
+
+    def __call__(self, actors: list[Any], polled: list[dict[str, Any]]) -> None:
+        self.collect(wait=False)
+        step = polled[-1]["steps"]
+        if self.pending is None and step >= self.next_step:
+            self.next_step = step + self.every
+            weights = [a.weights.remote() for a in actors]  # references: no tensor passes through here
+            ref = self.service.evaluate.remote(self.test_ref, *weights)
+            self.pending = (ref, step, time.perf_counter() - self.start)
+
+    def collect(self, wait: bool) -> None:
+        if self.pending is None:
+            return
+        ref, step, elapsed = self.pending
+        ready, _ = ray.wait([ref], timeout=None if wait else 0)
+        if not ready:
+            return
+        self.pending = None
+        bpd = ray.get(ref)
+        epoch = step / self.steps_per_epoch
+        point = {"epoch": epoch, "step": step, "elapsed": elapsed, "test_bpd": bpd, "live_images": self.images}
+        self.curve.append(point)
+        self.progress.update(
+            f"step {step}: assembled model's test BPD {bpd:.4f} (live, {self.images} test images)", force=True
+        )
+
+
+FINETUNE_DIVERGED = "finetune_diverged.txt"  # the Ray Train worker's word that the fine-tune diverged
+
+
+def _finish_loop(loop_config: dict[str, Any]) -> None:
+    """The Ray Train worker of a one-worker fine-tune: the rest of the run."""
+    import ray.train
+
+    config = RunConfig.model_validate_json(loop_config["config"])
+    torch.set_num_threads(loop_config["threads"])
+    data = ImageData(loop_config["name"], ray.get(loop_config["train"]), ray.get(loop_config["test"]))
+    device = train_worker_device(config)
+    run_dir = Path(loop_config["run_dir"])
+    try:
+        summary = finish_after_parts(config.model_copy(update={"device": device}), data, run_dir, loop_config["bounds"])
+    except DivergedError as e:
+        # a divergence is deterministic: written down, not raised, so that Ray
+        # Train does not rerun the fine-tune max_restarts times to diverge again
+        # (Ray Train V2 keeps reported metrics only with a checkpoint)
+        (run_dir / FINETUNE_DIVERGED).write_text(str(e))
+        return
+    summary["where_finished"] = here(device) | {"phase": "ray train worker"}
+    write_json(run_dir / "summary.json", summary)
+    ray.train.report({"test_bpd": summary["test_bpd"]})
+
+
+def finish_on_ray_train(config: RunConfig, name: str, refs: tuple[Any, Any], run_dir: Path, bounds: list) -> None:
+    """The fine-tune and the rest of the run as a Ray Train run of one worker (a
+    GPU when the cluster has one, else CPUs and as many torch threads). Ray
+    Train restarts a dead worker up to ``max_restarts`` times; the new one
+    continues from the run's last checkpoint."""
+    from ray.train import FailureConfig, ScalingConfig
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = work_resources(config)
+    use_gpu = resources.pop("GPU", 0) > 0
+    threads = config.threads or max(1, int(resources["CPU"]))
+    # Ray Train's preemption watcher prints a core-worker error line at every start
+    # (its own actor, Ray issue 53727); our checkpoints already cover a lost worker
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    trainer = TorchTrainer(
+        _finish_loop,
+        train_loop_config={
+            "config": config.model_dump_json(),
+            "name": name,
+            "train": refs[0],
+            "test": refs[1],
+            "run_dir": str(run_dir),
+            "bounds": bounds,
+            "threads": threads,
+        },  # fmt: skip
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=TrainRunConfig(
+            name="finetune",
+            storage_path=str((run_dir / "ray_train").resolve()),
+            failure_config=FailureConfig(max_failures=config.max_restarts),
+        ),
+    )
+    diverged = run_dir / FINETUNE_DIVERGED
+    diverged.unlink(missing_ok=True)
+    try:
+        fit_train_run(trainer)
+    except Exception as e:  # Ray Train wraps worker errors in several types
+        raise ClusterError(f"the fine-tune failed: {str(e).strip().splitlines()[0][:200]}") from None
+    if diverged.is_file():
+        raise DivergedError(diverged.read_text())
+
+
+def _reserve(bundle: dict[str, float]) -> PlacementGroup:
+    pg = placement_group([bundle], strategy="PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=float(os.environ.get("RAYLOCAL_PLACEMENT_TIMEOUT", 60)))
+    if not ready:
+        remove_placement_group(pg)
+        raise ClusterError(
+            f"cannot reserve the model service's bundle {bundle} on this cluster ({ray.cluster_resources()})"
+        )
+    return pg
+
+
+class AsyncRun:
+    """One ``async`` run: plan, parts phase, then the rest of the run, each in Ray.
+
+    With ``--resume``: when the parts phase had finished (its ``PartsResult``
+    is saved) the run goes on to the fine-tune, which continues from the run's
+    checkpoint; otherwise the parts continue from their own checkpoints."""
+
+    def __init__(self, config: RunConfig, data: ImageData) -> None:
+        self.config, self.data = config, data
+        self.run_dir = resolve_run_dir(config)
+        self.progress = Progress(config.progress)
+        self.where: dict[str, Any] = {}
+        self.service: Any = None
+        self.service_pg: PlacementGroup | None = None
+
+    def run(self) -> dict[str, Any]:
+        # Everything that can be checked is, before anything starts or is written:
+        # the parts, links and faults from the config, then the cluster's totals.
+        # Under `ray job submit` the job's working directory can be removed by Ray's
+        # runtime-env cleanup while the job runs (seen with Ray 2.60): stand in the
+        # run directory, so that nothing here depends on it.
+        cwd = os.getcwd()
+        config = self.config
+        check_run(config, self.data.shape)
+        connect(config)
+        check_placement(config, config.part_count())
+        created = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            os.chdir(self.run_dir)
+            try:
+                with errors_in_one_line():
+                    return self._run()
+            finally:
+                if Path(cwd).is_dir():
+                    os.chdir(cwd)
+        except BaseException:
+            if created and not has_checkpoint(self.run_dir):  # nothing to resume: leave nothing behind
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+    def _run(self) -> dict[str, Any]:
+        config = self.config
+        self.where["driver"] = here("none")
+        refs = (ray.put(self.data.train), ray.put(self.data.test))
+        service = self._start_service()
+        try:
+            plan_ref = service.plan.remote(refs[0])
+            if config.resume and (self.run_dir / PARTS_RESULT).is_file():
+                plan = ray.get(plan_ref)
+            else:
+                # the part actors start (a process and a torch import each) while the service plans
+                with PartsPhase(config, self.data, self.run_dir, config.part_count(), refs[0]) as phase:
+                    plan = ray.get(plan_ref)
+                    self._parts_phase(phase, service, plan, refs)
+            self.where["service"] = ray.get(service.where.remote())
+            summary = self._finish(plan, refs)
+        finally:
+            self._release()
+        summary["where"] = self.where
+        write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    def _start_service(self) -> Any:
+        """The model service, in a placement group of its own (released by ``_release``)."""
+        config = self.config
+        bundle = service_resources(config, config.part_count())
+        self.service_pg = _reserve(bundle)
+        self.service = ServiceActor.options(
+            num_cpus=bundle["CPU"],
+            num_gpus=bundle.get("GPU", 0),
+            resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.service_pg, placement_group_bundle_index=0),
+        ).remote(config.model_dump_json(), self.data.shape, config.threads or max(1, int(bundle["CPU"])))
+        return self.service
+
+    def _release(self) -> None:
+        if self.service is not None:
+            ray.kill(self.service)
+            self.service = None
+        if self.service_pg is not None:
+            remove_placement_group(self.service_pg)
+            self.service_pg = None
+
+    def _parts_phase(self, phase: PartsPhase, service: Any, plan: dict[str, Any], refs: tuple[Any, Any]) -> None:
+        config, run_dir = self.config, self.run_dir
+        bounds = [tuple(b) for b in plan["bounds"]]
+        if config.resume and not all(part_checkpoint_path(run_dir, k).is_file() for k in range(len(bounds))):
+            raise CheckpointError(f"--resume: {run_dir / 'parts'} does not hold a checkpoint of every part")
+        if not config.resume:
+            write_json(run_dir / "config.json", config.model_dump())
+        self.progress.update(
+            f"async: {len(bounds)} parts {plan['canonical']}, {config.epochs} epoch(s), "
+            f"queue bound {config.queue_size}, link {config.link}" + (", resuming" if config.resume else ""),
+            force=True,
+        )
+        steps_per_epoch = len(self.data.train) // config.batch_size
+        n_live = min(config.live_eval_images or len(self.data.test), len(self.data.test))
+        live_ref = refs[1] if n_live == len(self.data.test) else ray.put(self.data.test[:n_live])
+        every = config.eval_every or steps_per_epoch
+        live = LiveEvaluation(service, live_ref, n_live, every, steps_per_epoch, self.progress)
+        state, stats, infos, wall = phase.run(bounds, self.progress, live)
+        live.collect(wait=True)  # the parts are done: waiting for it stalls nothing
+        report = pipeline_report(config, stats, infos, wall, plan["param_bytes"])
+        write_json(run_dir / "pipeline.json", report)
+        PartsResult(state, wall, stats, live.curve, report).save(run_dir / PARTS_RESULT)
+        self.where["parts"] = [{"node_id": i["node_id"], "pid": i["pid"], "device": i["device"]} for i in infos]
+
+    def _finish(self, plan: dict[str, Any], refs: tuple[Any, Any]) -> dict:
+        config, run_dir, name = self.config, self.run_dir, self.data.name
+        bounds = plan["bounds"]
+        if config.finetune_epochs == 0:
+            summary = ray.get(self.service.finish.remote(name, *refs, str(run_dir), bounds))
+        elif config.finetune_workers > 1:
+            # the DDP workers take the whole cluster; a fresh service finishes the run after them
+            self._release()
+            finetuned = self._ddp_finetune()
+            summary = ray.get(self._start_service().finish.remote(name, *refs, str(run_dir), bounds, finetuned))
+        else:
+            # the service's bundle is handed to the fine-tune: Ray Train always
+            # reserves its own placement group and cannot take over one of ours
+            self._release()
+            finish_on_ray_train(config, name, refs, run_dir, bounds)
+            summary = json.loads((run_dir / "summary.json").read_text())
+        self.where["finished"] = summary.pop("where_finished")
+        if "parts" not in self.where:  # resumed after the parts phase: from its report
+            report = json.loads((run_dir / "pipeline.json").read_text())
+            self.where["parts"] = [
+                {"node_id": n, "pid": p, "device": d}
+                for n, p, d in zip(report["actor_nodes"], report["actor_pids"], report["actor_devices"])
+            ]
+        return summary
+
+    def _ddp_finetune(self) -> tuple[dict[str, torch.Tensor], float, list[dict[str, Any]]]:
+        """The fine-tune data-parallel on Ray Train workers (DDP over ``--link``)."""
+        from raylocal.baselines.ddp import train_ddp
+
+        config = self.config
+        parts = PartsResult.load(self.run_dir / PARTS_RESULT)
+        t0 = time.perf_counter()
+        lr = config.finetune_lr or min(config.lr)
+        run_clock = {}
+        if config.lr_schedule == "cosine-run":  # continue the run's decay where the parts left it
+            per_epoch = len(self.data.train) // config.batch_size
+            steps = int(parts.stats[0]["steps"])
+            run_clock = dict(lr_clock=steps, lr_total=per_epoch * (config.epochs + config.finetune_epochs))
+        link_stats: dict[str, Any] = {}
+        tuned, history = train_ddp(
+            config, self.data.train, config.finetune_workers, config.finetune_epochs, lr, self.run_dir / "ddp",
+            parts.state, stats=link_stats, **run_clock,
+        )  # fmt: skip
+        self.where["finetune_ddp"] = link_stats.pop("where", None)
+        parts.report["finetune_link"] = link_stats
+        parts.save(self.run_dir / PARTS_RESULT)
+        return tuned, time.perf_counter() - t0, history
+
+
+def run_async(config: RunConfig, data: ImageData) -> dict[str, Any]:
+    """The ``async`` schedule: see ``AsyncRun``."""
+    return AsyncRun(config, data).run()

@@ -1,0 +1,69 @@
+"""Launching a run from its configuration: resuming, loading its data, and
+choosing where it runs (this process, or Ray for the async schedule)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from raylocal.core.checkpoint import load_checkpoint
+from raylocal.core.config import RunConfig, read_config_file, validate_config
+from raylocal.core.data import ImageData, load_dataset
+from raylocal.core.runlog import CHECKPOINT, resolve_run_dir
+from raylocal.errors import ConfigError
+from raylocal.training.schedules import SingleProcessRun
+
+# Options that may change when a run is resumed; any other must match the checkpoint.
+RESUMABLE = {
+    "epochs", "finetune_epochs", "time_budget", "progress", "eval_every", "log_every",
+    "checkpoint_every", "threads", "device", "address", "resume", "storage_path", "run_name",
+    "samples", "cache_dir", "data_root", "download", "max_rollbacks", "tf32", "deterministic",
+}  # fmt: skip
+
+
+def resume_config(config: RunConfig, given: dict[str, Any]) -> RunConfig:
+    """The checkpoint's configuration, updated with the resumable options given now."""
+    run_dir = resolve_run_dir(config)
+    if (run_dir / CHECKPOINT).is_file():
+        saved = RunConfig.model_validate_json(load_checkpoint(run_dir / CHECKPOINT)["config"])
+    else:  # an async run that stopped in its parts phase: only part checkpoints exist
+        saved = validate_config(read_config_file(run_dir / "config.json"), str(run_dir / "config.json"))
+    values = saved.model_dump()
+    for key in given:
+        if key == "config":
+            continue
+        new = getattr(config, key)
+        if key in RESUMABLE:
+            values[key] = new
+        elif new != values[key]:
+            raise ConfigError(
+                f"--{key.replace('_', '-')} {new} differs from the checkpoint's {values[key]} "
+                f"({run_dir}); a resumed run keeps its settings"
+            )
+    values.update(resume=True, run_name=run_dir.name)
+    return validate_config(values)
+
+
+def load_data(config: RunConfig) -> ImageData:
+    data = load_dataset(config.dataset, config.data_root, config.download, config.cache_dir)
+    if config.validation:
+        data = data.held_out(config.validation)
+    return data.subset(config.train_subset, config.test_subset)
+
+
+def set_threads(config: RunConfig) -> None:
+    torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
+
+
+def run(config: RunConfig) -> dict[str, Any]:
+    """Run ``config`` in this process (or, for the async schedule, on Ray)."""
+    set_threads(config)
+    data = load_data(config)
+    if config.schedule == "async":
+        from raylocal.run.async_run import run_async  # imports Ray: only the async schedule pays for it
+
+        return run_async(config, data)
+    run_dir = resolve_run_dir(config)
+    return SingleProcessRun(config, data, run_dir).run()

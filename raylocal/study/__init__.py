@@ -1,0 +1,1 @@
+"""Studies: paired, multi-seed comparisons of arms, their statistics, tables and figures."""

@@ -1,0 +1,1 @@
+"""Tools around runs: network namespaces, the GPU check, pictures from a run."""

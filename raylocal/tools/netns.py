@@ -1,0 +1,261 @@
+"""A real network on one machine: network namespaces joined by kernel-shaped links.
+
+Each node is a network namespace with one address in 198.51.100.0/24 (TEST-NET-2,
+reserved for documentation: no real host uses it) on a veth pair whose other end
+sits on a bridge in a hub namespace. Each node's link is shaped in the kernel
+with ``tbf`` at its own rate, in both directions (the node's end shapes what it
+sends, the hub's end what it receives). Nothing is routed out: the namespaces
+reach each other and nothing else. Everything is torn down on exit, on an
+error and on Ctrl-C, processes first.
+
+    node 1 ──veth (tbf 10mbit)──┐
+    node 2 ──veth (tbf 10mbit)──┤ br0 (hub namespace)
+    node 3 ──veth (tbf 100mbit)─┘
+
+Needs root (``ip netns``); ``available()`` says whether this machine allows it.
+``python -m raylocal.tools.netns`` starts a Ray cluster across such nodes and runs a
+command on its head (``scripts/real_cluster.sh``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raylocal.errors import ClusterError
+
+# the ray command of this Python's environment (a venv's bin need not be on PATH)
+RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
+SUBNET = "198.51.100"  # TEST-NET-2 (RFC 5737): documentation only, never a real host
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise ClusterError(f"ip {' '.join(args)}: {done.stderr.strip() or done.returncode}")
+    return done
+
+
+def available() -> str | None:
+    """None where namespaces can be made here, else why not (one line)."""
+    probe = f"rl-probe-{os.getpid()}"
+    try:
+        done = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    except FileNotFoundError:
+        return "network namespaces need iproute2's `ip`, which is not installed"
+    if done.returncode != 0:
+        return f"network namespaces are not permitted here ({done.stderr.strip()}); they need root"
+    _ip("netns", "del", probe, check=False)
+    return None
+
+
+def tbf_args(rate: str) -> list[str]:
+    """``tc`` arguments of a token bucket at ``rate`` (e.g. 10mbit): a burst of a
+    tick's worth of bytes (at least 32 kB, so that a fast link is not held below
+    its rate), and a queue of at most 100 ms."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(kbit|mbit|gbit)", rate.lower())
+    if not m:
+        raise ClusterError(f"link rate {rate!r} is not like 10mbit, 500kbit or 1gbit")
+    bits = float(m.group(1)) * {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[m.group(2)]
+    burst = max(int(bits / 8 / 100), 32 * 1024)
+    return ["tbf", "rate", rate, "burst", str(burst), "latency", "100ms"]
+
+
+@dataclass
+class Network:
+    """``len(rates)`` nodes, node k's link shaped at ``rates[k]`` (None: unshaped).
+    A context manager: ``with Network(["10mbit", "10mbit"]) as net: ...``."""
+
+    rates: Sequence[str | None]
+    tag: str = field(default_factory=lambda: f"rl{os.getpid() % 100000}")
+    made: list[str] = field(default_factory=list)  # namespaces, in the order made
+
+    @property
+    def hub(self) -> str:
+        return f"{self.tag}-hub"
+
+    def node(self, k: int) -> str:
+        return f"{self.tag}-n{k}"
+
+    @staticmethod
+    def address(k: int) -> str:
+        return f"{SUBNET}.{k + 1}"
+
+    def __enter__(self) -> Network:
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def _add(self, name: str) -> None:
+        _ip("netns", "add", name)
+        self.made.append(name)
+        _ip("-n", name, "link", "set", "lo", "up")
+
+    def up(self) -> None:
+        self._add(self.hub)
+        _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.hub, "link", "set", "br0", "up")
+        for k, rate in enumerate(self.rates):
+            self._add(self.node(k))
+            inner, outer = f"{self.tag}n{k}i", f"{self.tag}n{k}o"
+            _ip("link", "add", inner, "netns", self.node(k), "type", "veth", "peer", "name", outer, "netns", self.hub)
+            _ip("-n", self.node(k), "addr", "add", f"{self.address(k)}/24", "dev", inner)
+            _ip("-n", self.node(k), "link", "set", inner, "up")
+            _ip("-n", self.hub, "link", "set", outer, "master", "br0")
+            _ip("-n", self.hub, "link", "set", outer, "up")
+            if rate:
+                for ns, dev in ((self.node(k), inner), (self.hub, outer)):
+                    done = subprocess.run(
+                        ["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", *tbf_args(rate)],
+                        capture_output=True, text=True,
+                    )  # fmt: skip
+                    if done.returncode != 0:
+                        raise ClusterError(f"tc tbf {rate} on {dev}: {done.stderr.strip()}")
+
+    def down(self) -> None:
+        """Every process in the namespaces, then the namespaces (their links go with them)."""
+        for name in reversed(self.made):
+            pids = _ip("netns", "pids", name, check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            _ip("netns", "del", name, check=False)
+        self.made = []
+
+    def popen(self, k: int, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+        """``argv`` in node k's namespace."""
+        return subprocess.Popen(["ip", "netns", "exec", self.node(k), *argv], **kwargs)
+
+    def run(self, k: int, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.node(k), *argv], **kwargs)
+
+
+def leftovers(tag: str) -> list[str]:
+    """Namespaces and links of ``tag`` that still exist (none after ``down``)."""
+    spaces = [line.split()[0] for line in _ip("netns", "list", check=False).stdout.splitlines() if line.strip()]
+    links = _ip("-o", "link", check=False).stdout
+    return [n for n in spaces if n.startswith(tag)] + re.findall(rf"\d+: ({re.escape(tag)}\S*?)[@:]", links)
+
+
+_SINK = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 5201)); s.listen(1); print("ready", flush=True)
+c, _ = s.accept(); n = 0
+while True:
+    b = c.recv(1 << 16)
+    if not b: break
+    n += len(b)
+print(n, flush=True)
+"""
+
+_SOURCE = """
+import socket, sys, time
+payload = b"x" * int(sys.argv[2])
+c = socket.create_connection((sys.argv[1], 5201), timeout=60)
+t = time.perf_counter(); c.sendall(payload); c.shutdown(socket.SHUT_WR); c.recv(1); c.close()
+print(time.perf_counter() - t, flush=True)
+"""
+
+
+def tcp_rate(net: Network, nbytes: int, sender: int = 1, receiver: int = 0) -> float:
+    """Bits per second of one TCP transfer of ``nbytes`` between two nodes, timed by
+    the sender from its first byte until the receiver has read the last one."""
+    sink = net.popen(receiver, [sys.executable, "-c", _SINK, net.address(receiver)], stdout=-1, text=True)
+    try:
+        if sink.stdout.readline().strip() != "ready":
+            raise ClusterError("the TCP sink did not start")
+        argv = [sys.executable, "-c", _SOURCE, net.address(receiver), str(nbytes)]
+        done = net.run(sender, argv, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0 or int(sink.stdout.readline()) != nbytes:
+            raise ClusterError(f"the TCP transfer failed: {done.stderr.strip()[-200:]}")
+        return nbytes * 8 / float(done.stdout.strip())
+    finally:
+        sink.kill()
+        sink.wait()
+
+
+def start_ray(net: Network, cpus: int, port: int = 6379) -> dict[str, str]:
+    """A Ray head on node 0 and a worker on every other node, each bound to its
+    namespace's address and carrying the resource ``node<k>``; returns the
+    environment in which a command joins the cluster. Authentication stays off:
+    these addresses are reachable from these namespaces only."""
+    head = f"{net.address(0)}:{port}"
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": head}
+    temp = f"/tmp/raylocal-{net.tag}"
+    common = ["--num-cpus", str(cpus), "--disable-usage-stats"]
+    for k in range(len(net.rates)):
+        where = ["--head", "--port", str(port), "--temp-dir", temp, "--include-dashboard", "false"] if k == 0 else []
+        where += [] if k == 0 else ["--address", head]
+        argv = [RAY, "start", *where, "--node-ip-address", net.address(k), "--resources", f'{{"node{k}": 1}}']
+        done = net.run(k, [*argv, *common], env=env, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise ClusterError(f"ray start on node {k}: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m raylocal.tools.netns --rates 10mbit,10mbit -- COMMAND...``: a Ray
+    cluster across shaped namespaces, COMMAND on its head, then everything torn down."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rates", default="10mbit,10mbit", help="one link rate per node (none: unshaped)")
+    p.add_argument("--cpus", type=int, default=2, help="CPUs each Ray node offers")
+    p.add_argument("--tcp", type=float, metavar="SECONDS", help="no Ray: time a TCP transfer of about this long "
+                   "at each rate of --rates over a two-node link, and print the rate it reached")  # fmt: skip
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- the command to run on the head node")
+    args = p.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    why = available()
+    if why is not None:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    rates = [None if r in ("none", "") else r for r in args.rates.split(",")]
+    if args.tcp:
+        return _tcp_table(rates, args.tcp)
+    try:
+        with Network(rates) as net:
+            try:
+                env = start_ray(net, args.cpus)
+                return net.run(0, command or [RAY, "status"], env=env).returncode
+            finally:
+                shutil.rmtree(f"/tmp/raylocal-{net.tag}", ignore_errors=True)
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _tcp_table(rates: list[str | None], seconds: float) -> int:
+    print("| tbf rate | bytes | TCP reached | of the rate |\n|---|---|---|---|")
+    for rate in rates:
+        if rate is None:
+            continue
+        bits = float(re.match(r"[\d.]+", rate).group()) * {"k": 1e3, "m": 1e6, "g": 1e9}[rate.lower()[-4]]
+        nbytes = int(bits / 8 * seconds)
+        with Network([rate, rate]) as net:
+            reached = tcp_rate(net, nbytes)
+        print(f"| {rate} | {nbytes:,} | {reached / 1e6:.3g} Mbit/s | {reached / bits:.1%} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,632 @@
+"""Single-process schedules: e2e, sequential, alternating, simultaneous, then fine-tune.
+
+Every schedule is a plan of epochs, each naming the parts that train in it;
+one function (``train_batch``) runs a batch through the parts for any plan:
+active parts take a step with ``PartTrainer.step``, parts upstream of the last
+active one run forward without autograd, parts downstream of it are not run.
+
+- e2e:          one part (the whole model), every epoch
+- sequential:   part 1 for ``epochs`` epochs, then part 2 on part 1's frozen output, ...
+- alternating:  epoch e trains part e mod K (the reference method); with
+                ``alternate_every=N``, batch b of the parts phase trains part (b // N) mod K
+- simultaneous: every part steps on every batch, each on its upstream's
+                detached output for that batch (the single-process twin of async)
+then ``finetune_epochs`` of end-to-end training of the assembled model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
+from raylocal.core.config import RunConfig
+from raylocal.core.data import BatchStream, ImageData
+from raylocal.core.faults import apply_finetune_faults, parse_faults
+from raylocal.core.runlog import Progress, RunLog, write_json
+from raylocal.errors import CheckpointError
+from raylocal.model.glow import Glow, Part
+from raylocal.model.objectives import preprocess, sample_images, to_device, wait_for
+from raylocal.model.parts import PartSpec, boundary_steps, measured_costs, resolve_part_spec
+from raylocal.training.trainer import (
+    WIRE_DTYPES,
+    PartTrainer,
+    StepResult,
+    UpdateMeter,
+    build_glow,
+    decay_steps,
+    evaluate_bpd,
+    initialize,
+    over_the_wire,
+    resolve_device,
+)
+
+
+def epoch_plan(schedule: str, n_parts: int, epochs: int, alternate_every: int = 0) -> list[tuple[int, ...]]:
+    """Which parts train in each epoch of the parts phase. Alternating every N
+    batches involves every part in every epoch (``SingleProcessRun.active_at``
+    picks one per batch)."""
+    if schedule in ("e2e", "simultaneous", "async") or (schedule == "alternating" and alternate_every):
+        return [tuple(range(n_parts))] * epochs
+    if schedule == "sequential":
+        return [(k,) for k in range(n_parts) for _ in range(epochs)]
+    if schedule == "alternating":
+        return [(e % n_parts,) for e in range(epochs)]
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def train_batch(
+    parts: list[Part],
+    trainers: list[PartTrainer],
+    active: tuple[int, ...],
+    x: Tensor,
+    part_time: list[float] | None = None,
+    wire: torch.dtype = torch.float32,
+) -> dict[int, StepResult]:
+    """Run one batch through the parts for this epoch's active set (see module
+    doc); each boundary rounds its latents as async's wire would (``wire``)."""
+    results: dict[int, StepResult] = {}
+    h = x
+    device = x.device
+    for k in range(max(active) + 1):
+        t0 = time.perf_counter()
+        if k:
+            h = over_the_wire(h, wire)
+        if k in active:
+            results[k] = trainers[k].step(h)
+            h = results[k].output
+        else:
+            with torch.no_grad():
+                h, _ = parts[k](h)
+        if part_time is not None:
+            wait_for(device)
+            part_time[k] += time.perf_counter() - t0
+    return results
+
+
+def part_spec_for(config: RunConfig, glow: Glow, images: Tensor | None = None) -> PartSpec:
+    """The run's parts. With ``balance=measure`` the automatic split is balanced on
+    layer times measured on a copy of the model (so the model itself is untouched)."""
+    if config.schedule == "e2e":
+        return PartSpec(((0, len(glow)),))
+    costs = None
+    if config.balance == "measure" and config.part_spec is None and config.parts > 1 and images is not None:
+        probe = copy.deepcopy(glow)
+        x = images[: config.batch_size].to(next(glow.parameters()).device)
+        x = preprocess(x, config.n_bits, torch.Generator().manual_seed(config.seed))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(config.threads or threads)  # time layers as the parts will run them
+        try:
+            costs = measured_costs(probe, x)
+        finally:
+            torch.set_num_threads(threads)
+    return resolve_part_spec(glow, config.parts, config.split, config.part_spec, costs)
+
+
+@dataclass
+class RunState:
+    """Everything besides weights and optimizers that a checkpoint must restore."""
+
+    global_step: int = 0
+    elapsed: float = 0.0
+    phase_time: dict[str, float] = field(default_factory=lambda: {"parts": 0.0, "finetune": 0.0})
+    # CPU seconds of this process (all its threads) per phase: a measure of work that a busy host does not inflate
+    phase_cpu: dict[str, float] = field(default_factory=lambda: {"parts": 0.0, "finetune": 0.0})
+    part_time: list[float] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    curve: list[dict[str, float]] = field(default_factory=list)
+    lr_multipliers: list[float] | None = None  # what --lr-rule set, once it has
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunState:
+        return cls(**json.loads(text))
+
+
+PARTS_RESULT = "parts_result.pt"
+
+
+class RelativeUpdateRule:
+    """``--lr-rule relative-update``: one LR for every part moves some parts' weights
+    much further, relative to their size, than others'. Each part measures its
+    mean relative update ``r_k = ‖Δθ_k‖ / ‖θ_k‖`` over the second half of its
+    warmup (at least 10 steps); once every part has, part k's LR is multiplied by
+    ``g / r_k``, where ``g`` is the geometric mean of the ``r_k``: every part then
+    moves by about the same relative amount per step, and the parts' typical LR
+    is the one given. Adam's step is about the LR per weight whatever the
+    gradient's scale, so what differs between parts is the size of their weights
+    and how consistently their gradients point: this equalises the result."""
+
+    def __init__(self, trainers: list[PartTrainer], warmup_steps: int) -> None:
+        stop = max(warmup_steps, 20)
+        self.trainers = trainers
+        for t in trainers:
+            t.meter = UpdateMeter(stop // 2, stop)
+
+    def multipliers(self) -> list[float] | None:
+        """The LR multipliers once every part has measured (None before)."""
+        if not all(t.meter is not None and t.steps >= t.meter.stop and t.meter.count for t in self.trainers):
+            return None
+        rates = [max(t.meter.mean, 1e-12) for t in self.trainers]
+        g = math.exp(sum(math.log(r) for r in rates) / len(rates))
+        return [g / r for r in rates]
+
+    def apply(self, multipliers: list[float]) -> None:
+        for t, m in zip(self.trainers, multipliers):
+            t.base_lr *= m
+        self.stop_measuring()
+
+    def stop_measuring(self) -> None:
+        for t in self.trainers:
+            t.meter = None
+
+
+@dataclass
+class PartsResult:
+    """What a parts phase trained elsewhere (the Ray parts) hands to the rest of
+    its run: the assembled weights, per-part stats, the evaluations made while
+    it trained, and its pipeline report. Saved in the run directory, so that the
+    process that finishes the run (a Ray Train worker) reads it from there, and
+    a restarted one finds it again."""
+
+    state: dict[str, Tensor]
+    wall: float
+    stats: list[dict[str, Any]]
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        meta = {"wall": self.wall, "stats": self.stats, "curve": self.curve, "report": self.report}
+        save_checkpoint(path, {"format": 1, "state": self.state, "meta": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: Path) -> PartsResult:
+        payload = load_checkpoint(path)
+        return cls(state=payload["state"], **json.loads(payload["meta"]))
+
+
+class SingleProcessRun:
+    """A whole run of one of the single-process schedules (see module doc)."""
+
+    def __init__(self, config: RunConfig, data: ImageData, run_dir: Path, spec: PartSpec | None = None) -> None:
+        self.config = config
+        self.data = data
+        self.device = resolve_device(config.device)
+        self.wire_dtype = WIRE_DTYPES[config.wire_dtype]  # how latents cross a boundary (as async's wire sends them)
+        self.glow = build_glow(config, data.shape).to(self.device)
+        self.spec = spec or part_spec_for(config, self.glow, data.train)
+        self.parts = [self.glow.part(a, b) for a, b in self.spec.bounds]
+        lrs = config.part_lrs(len(self.parts)) if config.schedule != "e2e" else config.lr[:1]
+        epochs = config.epochs + (config.finetune_epochs if config.schedule == "e2e" else 0)
+        self.plan = epoch_plan(config.schedule, len(self.parts), epochs, config.alternate_every)
+        self.stream = BatchStream(data.train, config.batch_size, config.seed)
+        self.total_epochs = len(self.plan) + (0 if config.schedule == "e2e" else config.finetune_epochs)
+        run_steps = len(self.stream) * self.total_epochs
+        self.trainers = [
+            PartTrainer(p, lr, config, k, total_steps=decay_steps(config, self.steps_of(k), run_steps))
+            for k, (p, lr) in enumerate(zip(self.parts, lrs))
+        ]
+        self.finetuner: PartTrainer | None = None
+        self.noise = torch.Generator().manual_seed(config.seed + 1)
+        self.state = RunState(part_time=[0.0] * len(self.parts))
+        self.log = RunLog(run_dir)
+        self.progress = Progress(config.progress)
+        self._adopted = False  # weights came from a parts phase trained elsewhere
+        self.faults = parse_faults(config.inject or "")
+        self.lr_rule = RelativeUpdateRule(self.trainers, config.warmup_steps) if config.lr_rule != "none" else None
+
+    # ------------------------------------------------------------ checkpoints
+
+    def checkpoint(self) -> None:
+        save_checkpoint(
+            self.log.checkpoint_path,
+            {
+                "format": 1,
+                "config": self.config.model_dump_json(),
+                "spec": [list(b) for b in self.spec.bounds],
+                "model": self.glow.state_dict(),
+                "trainers": [t.state_dict() for t in self.trainers],
+                "finetuner": self.finetuner.state_dict() if self.finetuner else None,
+                "stream": self.stream.state(),
+                "noise": self.noise.get_state(),
+                "state": self.state.to_json(),
+            },
+        )
+
+    def restore(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        if [tuple(b) for b in ckpt["spec"]] != list(self.spec.bounds):
+            raise CheckpointError(f"{path}: its parts {ckpt['spec']} differ from this run's")
+        try:
+            self.glow.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: weights do not fit this model ({str(e).splitlines()[0]})") from None
+        for trainer, state in zip(self.trainers, ckpt["trainers"]):
+            trainer.load_state_dict(state)
+        if ckpt["finetuner"] is not None:
+            self.finetuner = self._make_finetuner()
+            self.finetuner.load_state_dict(ckpt["finetuner"])
+        self.stream.restore(ckpt["stream"])
+        self.noise.set_state(ckpt["noise"])
+        self.state = RunState.from_json(ckpt["state"])
+        if self.state.lr_multipliers is not None and self.lr_rule is not None:  # in the restored base LRs
+            self.lr_rule.stop_measuring()
+            self.lr_rule = None
+
+    def take_over(self, parts: PartsResult) -> None:
+        """Continue after a parts phase trained elsewhere (the Ray parts): take its
+        assembled weights, timings and evaluations; ``run`` then does the
+        fine-tune epochs, evaluation, checkpoint and summary."""
+        stats = parts.stats
+        self.glow.load_state_dict(parts.state)
+        self.stream.restore({"epoch": len(self.plan), "position": 0})
+        self.state.elapsed = parts.wall
+        self.state.phase_time["parts"] = parts.wall
+        self.state.part_time = [st["compute_s"] for st in stats]
+        self.state.global_step = int(stats[0]["steps"])
+        self._adopted = True
+        for point in parts.curve:  # evaluations made while the parts trained
+            self.state.curve.append(point)
+            self.log.scalar("model/test_bpd", point["test_bpd"], int(point["step"]))
+        bpd = self._record_eval(float(len(self.plan)))
+        self.state.history.append(
+            {
+                "epoch": len(self.plan),
+                "phase": "parts",
+                "active": [k + 1 for k in range(len(self.parts))],
+                "test_bpd": bpd,
+                "local_loss": {
+                    str(k + 1): sum(st["losses"][-50:]) / max(len(st["losses"][-50:]), 1) for k, st in enumerate(stats)
+                },
+                "epoch_time": parts.wall / max(len(self.plan), 1),
+                "elapsed": parts.wall,
+                "rollbacks": [st["rollbacks"] for st in stats],
+            }
+        )
+
+    def adopt_finetune(self, state: dict[str, Tensor], seconds: float, history: list[dict[str, Any]]) -> None:
+        """Take a fine-tune phase trained elsewhere (DDP on Ray Train workers)."""
+        self.glow.load_state_dict(state)
+        self.stream.restore({"epoch": self.total_epochs, "position": 0})
+        self.state.elapsed += seconds
+        self.state.phase_time["finetune"] += seconds
+        for i, h in enumerate(history):
+            self.state.history.append(
+                {
+                    "epoch": len(self.plan) + i + 1,
+                    "phase": "finetune",
+                    "active": [],
+                    "test_bpd": float("nan"),
+                    "local_loss": {"finetune": h.get("loss", float("nan"))},
+                    "epoch_time": h.get("epoch_time", float("nan")),
+                    "elapsed": self.state.elapsed,
+                    "rollbacks": [t.rollbacks for t in self.trainers],
+                    "ddp_images_per_s": h.get("images_per_s", float("nan")),
+                }
+            )
+        bpd = self._record_eval(float(self.total_epochs))
+        if self.state.history:
+            self.state.history[-1]["test_bpd"] = bpd
+
+    def active_at(self, epoch: int, position: int) -> tuple[int, ...]:
+        """The parts that train on batch ``position`` of ``epoch`` (none in the fine-tune)."""
+        if epoch >= len(self.plan):
+            return ()
+        every = self.config.alternate_every
+        if every:
+            return ((epoch * len(self.stream) + position) // every % len(self.parts),)
+        return self.plan[epoch]
+
+    def steps_of(self, k: int) -> int:
+        """Batches of the parts phase on which part k trains."""
+        n = len(self.stream)
+        return sum(k in self.active_at(e, b) for e in range(len(self.plan)) for b in range(n))
+
+    def _make_finetuner(self) -> PartTrainer:
+        cfg = self.config
+        lr = cfg.finetune_lr or min(cfg.lr)
+        per_epoch = len(self.stream)
+        total = decay_steps(cfg, per_epoch * cfg.finetune_epochs, per_epoch * self.total_epochs)
+        if cfg.finetune_scope == "boundary":  # only the steps that meet at a boundary learn; the optimizer skips
+            trained = set(boundary_steps(self.glow, self.spec.bounds))  # parameters that never get a gradient
+            for index, layer in enumerate(self.glow.layers):
+                layer.requires_grad_(index in trained)
+            self.glow.prior.requires_grad_(False)
+        whole = self.glow.whole()
+        return PartTrainer(whole, lr, cfg, len(self.parts), total, name="the fine-tune", fed_images=True)
+
+    # ------------------------------------------------------------ training
+
+    def evaluate(self) -> float:
+        images = self.data.test
+        return evaluate_bpd(self.glow, images, self.config.eval_batch_size, self.device)
+
+    def _record_eval(self, epoch_float: float) -> float:
+        bpd = self.evaluate()
+        self.state.curve.append(
+            {
+                "epoch": epoch_float,
+                "step": self.state.global_step,
+                "elapsed": self.state.elapsed,
+                "test_bpd": bpd,
+            }
+        )
+        self.log.scalar("model/test_bpd", bpd, self.state.global_step)
+        return bpd
+
+    def _log_step(self, results: dict[int, StepResult], epoch: int) -> None:
+        step = self.state.global_step
+        trainers = {k: self.trainers[k] for k in results} if self.finetuner is None else {}
+        if self.finetuner is not None:
+            trainers = {len(self.parts): self.finetuner}
+        for k, res in results.items():
+            t = trainers[k]
+            name = f"part{k + 1}" if k < len(self.parts) else "finetune"
+            self.log.scalar(f"{name}/local_loss", res.loss, step)
+            self.log.scalar(f"{name}/lr", t.lr, step)
+            self.log.scalar(f"{name}/rollbacks", t.rollbacks, step)
+            self.log.scalar(f"{name}/skipped_batches", t.skipped, step)
+            if res.grad_norm == res.grad_norm:
+                self.log.scalar(f"{name}/grad_norm", res.grad_norm, step)
+        losses = " ".join(f"{r.loss:.3f}" for r in results.values())
+        phase = "finetune" if self.finetuner is not None else f"parts {[k + 1 for k in results]}"
+        self.progress.update(
+            f"epoch {epoch + 1}/{self.total_epochs} {phase} "
+            f"batch {self.stream.position}/{len(self.stream)} local bpd {losses}"
+        )
+
+    def _apply_lr_rule(self) -> None:
+        """Set the per-part LRs of ``--lr-rule`` once every part has measured (once per
+        run: they live on in the trainers' checkpointed base LRs)."""
+        if self.lr_rule is None:
+            return
+        multipliers = self.lr_rule.multipliers()
+        if multipliers is None:
+            return
+        self.lr_rule.apply(multipliers)
+        self.lr_rule = None
+        self.state.lr_multipliers = multipliers
+        lrs = ", ".join(f"{t.base_lr:.3g}" for t in self.trainers)
+        self.progress.update(f"lr rule {self.config.lr_rule}: part LRs {lrs}", force=True)
+
+    def _report_events(self, results: dict[int, StepResult]) -> None:
+        for k, res in results.items():
+            if res.event:
+                t = self.trainers[k] if k < len(self.parts) else self.finetuner
+                name = f"part {k + 1}" if k < len(self.parts) else "fine-tune"
+                self.progress.update(
+                    f"ROLLBACK {name} at step {t.steps}: {res.event}; "
+                    f"lr -> {t.events[-1].new_lr:.3g} ({t.rollbacks} rollbacks)",
+                    force=True,
+                )
+
+    def run(self) -> dict[str, Any]:
+        self._start()
+        stopped = None
+        while self.stream.epoch < self.total_epochs and stopped is None:
+            stopped = self._epoch(self.stream.epoch)
+        return self.finish(stopped)
+
+    def _start(self) -> None:
+        cfg = self.config
+        if cfg.resume:
+            self.restore(self.log.checkpoint_path)
+            self.progress.update(
+                f"resumed {self.log.dir} at epoch {self.stream.epoch + 1}, batch {self.stream.position}",
+                force=True,
+            )
+        else:
+            if not self._adopted:
+                x0 = self.data.train[: cfg.init_batch_size].to(self.device)
+                initialize(self.parts, preprocess(x0, cfg.n_bits, self.noise), self.wire_dtype)
+            (self.log.dir / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
+        self._last_step: dict[int, int] = {}  # global step at which each part last trained, in this process
+
+    def _epoch(self, epoch: int) -> str | None:
+        """One epoch (what is left of it, after a resume): its batches, then its
+        evaluation, log and checkpoint. Returns why the run stopped early, if it did."""
+        finetune = epoch >= len(self.plan)
+        if finetune and self.finetuner is None:
+            self.finetuner = self._make_finetuner()
+        losses: dict[int, list[float]] = {}  # per trainer that trained in this epoch
+        t_epoch = time.perf_counter()
+        stopped = None
+        while self.stream.position < len(self.stream) and stopped is None:
+            results = self._batch(epoch, finetune)
+            for k, res in results.items():
+                if not res.skipped:  # an outlier's loss (up to 1e11) would be the epoch's mean
+                    losses.setdefault(k, []).append(res.loss)
+            stopped = self._after_batch(epoch, results)
+        self._end_epoch(epoch, finetune, losses, t_epoch)
+        if stopped is None:
+            self.stream.restore({"epoch": epoch + 1, "position": 0})
+        self.checkpoint()
+        return stopped
+
+    def _batch(self, epoch: int, finetune: bool) -> dict[int, StepResult]:
+        """Train the parts active on the next batch (or the whole model, in the fine-tune)."""
+        cfg = self.config
+        active = self.active_at(epoch, self.stream.position)
+        for k in active:
+            last = self._last_step.get(k)  # None: first step of this part in this process
+            if k > 0 and (last is None or self.state.global_step - last > len(self.stream)):
+                # Its inputs changed while it waited an epoch. (After shorter
+                # waits the trainer's own recheck tells input drift from harm.)
+                self.trainers[k].guard.reset()
+            self._last_step[k] = self.state.global_step
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        x = preprocess(to_device(self.stream.next(), self.device), cfg.n_bits, self.noise)
+        if cfg.lr_schedule == "cosine-run":  # every trainer follows the run's clock
+            for t in [self.finetuner] if finetune else self.trainers:
+                t.clock = self.state.global_step
+        if finetune:
+            results = {len(self.parts): self.finetuner.step(x)}
+            apply_finetune_faults(self.faults, len(self.parts), self.finetuner.steps, self.log.dir)
+        else:
+            results = train_batch(self.parts, self.trainers, active, x, self.state.part_time, self.wire_dtype)
+            self._apply_lr_rule()
+        self.state.global_step += 1
+        dt = time.perf_counter() - t0
+        self.state.elapsed += dt
+        self.state.phase_time["finetune" if finetune else "parts"] += dt
+        self.state.phase_cpu["finetune" if finetune else "parts"] += time.process_time() - cpu0
+        return results
+
+    def _after_batch(self, epoch: int, results: dict[int, StepResult]) -> str | None:
+        """Report, log, evaluate and checkpoint as configured; why the run must stop now, if it must."""
+        cfg, step = self.config, self.state.global_step
+        self._report_events(results)
+        if step % cfg.log_every == 0:
+            self._log_step(results, epoch)
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            self._record_eval(epoch + self.stream.position / len(self.stream))
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            self.checkpoint()
+        if cfg.time_budget and self.state.elapsed >= cfg.time_budget:
+            return f"time budget of {cfg.time_budget:g}s reached"
+        return None
+
+    def _end_epoch(self, epoch: int, finetune: bool, losses: dict[int, list[float]], t_epoch: float) -> None:
+        """Validate the trainers' last updates, evaluate, and record the epoch (its
+        time from ``t_epoch`` to the end of the validation)."""
+        trained = [] if finetune else sorted(losses)  # the parts that trained in this epoch
+        for trainer in [self.finetuner] if finetune else [self.trainers[k] for k in trained]:
+            problem = trainer.validate()
+            if problem:
+                self._report_events({trainer.index: StepResult(torch.empty(0), float("nan"), event=problem)})
+        epoch_time = time.perf_counter() - t_epoch
+        bpd = self._record_eval(epoch + self.stream.position / len(self.stream))
+        entry = {
+            "epoch": epoch + 1,
+            "phase": "finetune" if finetune else "parts",
+            "active": [k + 1 for k in trained],
+            "test_bpd": bpd,
+            "local_loss": {str(k + 1): sum(v) / len(v) for k, v in losses.items() if v},
+            "epoch_time": epoch_time,
+            "elapsed": self.state.elapsed,
+            "rollbacks": [t.rollbacks for t in self.trainers],
+        }
+        self.state.history.append(entry)
+        self.log.scalar("epoch/wall_time", epoch_time, epoch + 1)
+        for k, t in enumerate(self.state.part_time):
+            self.log.scalar(f"part{k + 1}/time_total", t, epoch + 1)
+        self._samples(epoch + 1)
+        shape = "x".join(map(str, self.data.shape))
+        self.progress.update(
+            f"epoch {epoch + 1}/{self.total_epochs} ({entry['phase']}) test bpd {bpd:.4f} [{shape}] "
+            f"epoch time {epoch_time:.1f}s",
+            force=True,
+        )
+
+    def _samples(self, step: int) -> Path | None:
+        n, temperature = self.config.samples, self.config.temperature
+        images = sample_images(self.glow, n, temperature) if n > 0 else None
+        return self.log.samples(images, step, f"samples/T={temperature}")
+
+    def finish(self, stopped: str | None) -> dict[str, Any]:
+        if not self.log.checkpoint_path.is_file() or self._adopted:
+            self.checkpoint()  # a run with no epoch of its own still leaves its weights
+        final = self.state.curve[-1]["test_bpd"] if self.state.curve else self.evaluate()
+        samples = self._samples(self.state.global_step)
+        summary = {
+            "schedule": self.config.schedule,
+            "dataset": self.data.name,
+            "image_shape": list(self.data.shape),
+            "test_bpd": final,
+            "parts": self.spec.canonical(self.glow),
+            "n_parts": len(self.parts),
+            "epochs": self.config.epochs,
+            "finetune_epochs": self.config.finetune_epochs,
+            "steps": self.state.global_step,
+            "wall_time": self.state.elapsed,
+            "phase_time": self.state.phase_time,
+            "phase_cpu": self.state.phase_cpu,
+            "part_time": self.state.part_time,
+            "rollbacks": [t.rollbacks for t in self.trainers] + ([self.finetuner.rollbacks] if self.finetuner else []),
+            "skipped_batches": [t.skipped for t in self.trainers + ([self.finetuner] if self.finetuner else [])],
+            "rollback_events": [
+                {"part": t.index + 1, "step": e.step, "reason": e.reason, "new_lr": e.new_lr}
+                for t in self.trainers + ([self.finetuner] if self.finetuner else [])
+                for e in t.events
+            ],
+            "lr_multipliers": self.state.lr_multipliers,
+            "part_lrs": [t.base_lr for t in self.trainers],
+            "images_per_s": self.state.global_step * self.config.batch_size / max(self.state.elapsed, 1e-9),
+            "stopped_early": stopped,
+            "history": self.state.history,
+            "curve": self.state.curve,
+            "run_dir": str(self.log.dir),
+            "checkpoint": str(self.log.checkpoint_path),
+            "samples": str(samples) if samples else None,
+            "tensorboard": str(self.log.dir / "tensorboard"),
+        }
+        write_json(self.log.dir / "summary.json", summary)
+        self.log.close()
+        return summary
+
+
+def finish_after_parts(
+    config: RunConfig,
+    data: ImageData,
+    run_dir: Path,
+    bounds: list[tuple[int, int]],
+    finetuned: tuple[dict[str, Tensor], float, list[dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """The rest of a run whose parts phase was trained elsewhere: the fine-tune
+    epochs, evaluation, samples, checkpoint and summary, in this process.
+
+    It continues from the run's checkpoint when there is one (the fine-tune had
+    started: a restart, or ``--resume``), else from the parts' ``PartsResult``.
+    ``finetuned`` is a fine-tune already trained elsewhere (DDP): its weights,
+    seconds and per-epoch history are taken instead of training one here."""
+    parts = PartsResult.load(run_dir / PARTS_RESULT)
+    spec = PartSpec(tuple(tuple(b) for b in bounds))
+    resume = finetuned is None and (run_dir / "checkpoint.pt").is_file()
+    run = SingleProcessRun(config.model_copy(update={"resume": resume}), data, run_dir, spec)
+    if not resume:
+        run.take_over(parts)
+        run.log.link_report(parts.report, int(parts.stats[0]["steps"]))
+        if finetuned is not None:
+            run.adopt_finetune(*finetuned)
+    summary = run.run()
+    summary.update(parts.report)
+    n = len(parts.stats)
+    summary["rollbacks"] = [st["rollbacks"] for st in parts.stats] + summary["rollbacks"][n:]
+    summary["skipped_batches"] = [st["skipped"] for st in parts.stats] + summary["skipped_batches"][n:]
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+class ModelService:
+    """The whole model on one device, for a driver that does no tensor work of
+    its own: it plans the parts (``--balance measure`` times the layers on the
+    device that trains them) and evaluates weights trained elsewhere."""
+
+    def __init__(self, config: RunConfig, image_shape: tuple[int, int, int], device: str) -> None:
+        self.config = config
+        self.device = resolve_device(device)
+        self.glow = build_glow(config, image_shape).to(self.device)
+
+    def plan(self, train_images: Tensor) -> dict[str, Any]:
+        """The run's parts: their bounds, canonical form, and the model's parameter bytes."""
+        spec = part_spec_for(self.config, self.glow, train_images)
+        return {
+            "bounds": [list(b) for b in spec.bounds],
+            "canonical": spec.canonical(self.glow),
+            "param_bytes": self.glow.param_bytes(),
+        }
+
+    def evaluate(self, test_images: Tensor, state: dict[str, Tensor]) -> float:
+        """Test BPD of the assembled weights ``state``."""
+        self.glow.load_state_dict(state)
+        return evaluate_bpd(self.glow, test_images, self.config.eval_batch_size, self.device)

@@ -1,0 +1,1 @@
+"""Ray Tune over per-part learning rates."""

@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Search per-part learning rates of the async trainer with Ray Tune (ASHA or PBT).
+
+    python scripts/tune_lr.py --space tune_spaces/independent.py --parts 3 --trials 8
+    python scripts/tune_lr.py --space tune_spaces/independent.py --parts 3 --trials 4 --scheduler pbt
+
+Every option of scripts/run_async.py applies to the trials (model, data, epochs,
+--config FILE, ...). Writes, under --storage-path/<study>: Tune's own logs
+(TensorBoard-readable), ranking.md (the trials, best first) and best.json, a
+config that `python scripts/run_async.py --config .../best.json` accepts
+unchanged. --resume continues an interrupted study. With --scheduler pbt every
+report carries the parts' checkpoints and weak trials continue from strong
+ones with perturbed LRs; best.json then holds the best trial's final LRs and
+Tune's pbt_policy_*.txt files the schedule that led there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from raylocal.core.config import EMBEDDED_DEFAULT as DEFAULTS
+from raylocal.core.config import build_parser, config_from_args
+from raylocal.errors import RaylocalError
+from raylocal.run.launch import load_data, set_threads
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = {**DEFAULTS, "samples": 0, "progress": False}
+    parser = build_parser(__doc__, defaults)
+    parser.add_argument("--space", required=True, help="tune_spaces/<name>.py")
+    parser.add_argument("--trials", default="4", help="trials to sample (grid spaces run each point once)")
+    parser.add_argument("--report-every", default="50", help="steps between evaluations reported to Tune")
+    parser.add_argument("--study", default=None, help="study name (default: tune-<space>-<parts>p)")
+    parser.add_argument("--max-concurrent", default=None, help="most trials at once (default: as resources allow)")
+    parser.add_argument("--scheduler", default="asha", help="asha (early stopping) or pbt (population based training)")
+    parser.add_argument("--pbt-interval", default="2", help="reports between PBT's exploit/explore steps")
+    try:
+        args = parser.parse_args(argv)
+        extra = {
+            k: vars(args).pop(k, None)
+            for k in ("space", "trials", "report_every", "study", "max_concurrent", "scheduler", "pbt_interval")
+        }
+        resume = bool(vars(args).pop("resume", False))
+        base = config_from_args(args, defaults)
+        try:
+            trials, report_every = int(extra["trials"]), int(extra["report_every"])
+            max_concurrent = int(extra["max_concurrent"]) if extra["max_concurrent"] else None
+            pbt_interval = int(extra["pbt_interval"])
+        except ValueError as e:
+            raise RaylocalError(
+                f"--trials, --report-every, --max-concurrent and --pbt-interval take integers ({e})"
+            ) from None
+        if trials < 1 or report_every < 1 or pbt_interval < 1:
+            raise RaylocalError("--trials, --report-every and --pbt-interval must be at least 1")
+        scheduler = extra["scheduler"]
+        from raylocal.cluster.parts_phase import connect
+        from raylocal.tune.tuning import check_study, ranked_table, tune_study, write_best_config
+
+        space_path = extra["space"]
+        check_study(space_path, base.parts, scheduler)  # a bad space or scheduler fails here, before Ray starts
+        set_threads(base)
+        data = load_data(base)
+        connect(base)
+        name = extra["study"] or f"tune-{Path(space_path).stem}-{base.parts}p"
+        storage = Path(base.storage_path)
+        results = tune_study(
+            base, data, space_path, trials, report_every, storage, name, resume, max_concurrent,
+            scheduler=scheduler, pbt_interval=pbt_interval,
+        )  # fmt: skip
+        table, rows = ranked_table(results, base.parts)
+        out = storage.resolve() / name
+        (out / "ranking.md").write_text(table + "\n")
+        print(table)
+        ok = [r for r in rows if not r["diverged"]]
+        if not ok:
+            raise RaylocalError(f"every trial diverged; see {out}")
+        write_best_config(base, ok[0], out / "best.json")
+        print(f"\nbest: LRs {ok[0]['lrs']}, test BPD {ok[0]['test_bpd']:.4f}")
+        print(f"config: {out / 'best.json'}  (python scripts/run_async.py --config {out / 'best.json'})")
+        print(f"Tune logs: {out}")
+    except RaylocalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "token"))
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Ray Tune: search per-part learning rates of the async trainer for stability.
+
+Each trial is a whole parts run. Its K part actors are reserved for it in one
+placement group together with the trial itself
+(``PlacementGroupFactory([{trial}] + [{part}] * K)``), so concurrent trials
+never starve each other. While the parts train, the trial gathers their
+weights every ``report_every`` steps, evaluates the assembled model's test BPD
+and reports it; ASHA stops the weak trials early. With ``scheduler="pbt"`` (Population Based
+Training) every report also carries the parts' checkpoints, and PBT restarts a
+weak trial from a strong trial's parts with perturbed per-part LRs: the trial
+then continues the stream from that step, Adam moments included, so the LRs
+become a schedule found during training. A trial that diverges
+(non-finite BPD, or a part beyond its rollback budget) reports it and stops:
+it never crashes the study.
+
+Search spaces live in ``tune_spaces/<name>.py``: ``space(parts) -> dict`` (a
+Tune param space, which may refuse a part count) and ``lrs(params, parts) ->
+list[float]``; ``GRID = True`` marks a grid (each point once).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
+from raylocal.core.config import RunConfig, write_config_file
+from raylocal.core.data import ImageData
+from raylocal.core.runlog import Progress
+from raylocal.errors import ConfigError, DivergedError
+from raylocal.training.schedules import part_spec_for
+from raylocal.training.trainer import build_glow, evaluate_bpd
+
+DIVERGED_BPD = 1e3  # what a diverged trial reports as its BPD: worse than any real model
+SCHEDULERS = ("asha", "pbt")
+
+
+def load_space(path: str | Path, parts: int) -> ModuleType:
+    """Import a search space module and check it against the part count."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: tune space does not exist (see tune_spaces/)")
+    spec = importlib.util.spec_from_file_location(f"tune_space_{path.stem}", path)
+    if spec is None or path.suffix != ".py":  # importlib has no loader for other suffixes
+        raise ConfigError(f"{path}: a tune space is a Python file (.py), see tune_spaces/")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as e:
+        raise ConfigError(f"{path}: cannot import tune space ({type(e).__name__}: {e})") from None
+    for name in ("space", "lrs"):
+        if not callable(getattr(module, name, None)):
+            raise ConfigError(f"{path}: a tune space defines space(parts) and lrs(params, parts); {name} is missing")
+    module.space(parts)  # may raise ConfigError for a part count it does not support
+    return module
+
+
+def check_study(space_path: str | Path, parts: int, scheduler: str) -> ModuleType:
+    """The space module, once the space and the scheduler are known to fit together."""
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"scheduler {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    space = load_space(space_path, parts)
+    if scheduler == "pbt" and getattr(space, "GRID", False):
+        raise ConfigError(f"{space_path}: PBT perturbs LRs drawn from distributions; a grid space cannot be used")
+    return space
+
+
+def trial_lrs(space: ModuleType, params: dict[str, Any], parts: int) -> list[float]:
+    values = space.lrs(params, parts)
+    if len(values) != parts or not all(v > 0 for v in values):
+        raise ConfigError(f"tune space gave learning rates {values} for {parts} parts")
+    return [float(v) for v in values]
+
+
+def restore_parts(checkpoint_dir: Path, run_dir: Path, lrs: list[float]) -> int:
+    """Put the part checkpoints of a Tune checkpoint where the async trainer
+    resumes from, with this trial's LRs (PBT's explore step changed them);
+    returns the step the last part continues from."""
+    from raylocal.cluster.parts_phase import part_checkpoint_path
+
+    step = 0
+    for k, lr in enumerate(lrs):
+        state = load_checkpoint(part_checkpoint_path(checkpoint_dir, k))
+        state["trainer"]["base_lr"] = lr
+        save_checkpoint(part_checkpoint_path(run_dir, k), state)
+        step = int(state["step"])
+    return step
+
+
+def assembled(states: list[dict[str, Any]], glow: torch.nn.Module, bounds: tuple) -> dict[str, torch.Tensor]:
+    """The whole model's state dict from part checkpoints: each part's own layers
+    from its own checkpoint (the rest of a checkpoint is its stale upstream copy)."""
+    out: dict[str, torch.Tensor] = {}
+    for (start, stop), state in zip(bounds, states):
+        out.update({name: state["model"][name] for name in glow.part(start, stop).state_dict()})
+    return out
+
+
+def run_trial(
+    params: dict[str, Any], base_json: str, space_path: str, data: ImageData, report_every: int, checkpoints: bool
+) -> None:
+    """One Tune trial: a whole async parts run, reporting test BPD as it goes
+    (and, with ``checkpoints``, every part's state with each report)."""
+    import ray
+    from ray import tune
+
+    from raylocal.cluster.parts_phase import (
+        actor_device,
+        gather_part_states,
+        gather_weights,
+        part_checkpoint_path,
+        run_async_phase,
+    )
+
+    base = RunConfig.model_validate_json(base_json)
+    space = load_space(space_path, base.parts)
+    lrs = trial_lrs(space, params, base.parts)
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    config = base.model_copy(update={"lr": lrs, "progress": False, "resume": False})
+    resumed_at, restored_from = 0, ""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # PBT restarted this trial from its own or another trial's parts
+        with checkpoint.as_directory() as d:
+            resumed_at = restore_parts(Path(d), trial_dir, lrs)
+        restored_from = str(checkpoint.path)
+        config = config.model_copy(update={"resume": True})
+    torch.set_num_threads(1)
+    # the trial's own process evaluates, on the GPU share its bundle reserved when it has one
+    device = actor_device(config)
+    glow = build_glow(config, data.shape).to(device)
+    spec = part_spec_for(config, glow, data.train)
+    next_report = [resumed_at + report_every]
+
+    def row(bpd: float, polled: list[dict[str, Any]], done: bool) -> dict[str, Any]:
+        """One report; a non-finite BPD reports the trial as diverged."""
+        rollbacks = sum(p.get("rollbacks", 0) for p in polled)
+        diverged = not math.isfinite(bpd)
+        out = {
+            "test_bpd": DIVERGED_BPD if diverged else bpd,
+            "diverged": int(diverged),
+            "rollbacks": rollbacks,
+            "steps": polled[-1]["steps"] if polled else 0,
+            "resumed_at": resumed_at,
+            "restored_from": restored_from,
+            "finished": int(done),
+        }
+        out.update({f"lr_{k + 1}": lr for k, lr in enumerate(lrs)})
+        return out
+
+    def metrics(state: dict[str, torch.Tensor], polled: list[dict[str, Any]], done: bool) -> dict[str, Any]:
+        glow.load_state_dict(state)
+        return row(evaluate_bpd(glow, data.test, config.eval_batch_size, device), polled, done)
+
+    last_polled: list[dict[str, Any]] = []
+
+    def monitor(actors: list[Any], polled: list[dict[str, Any]]) -> None:
+        last_polled[:] = polled
+        if polled[-1]["steps"] < next_report[0]:
+            return
+        next_report[0] += report_every
+        if not checkpoints:
+            m = metrics(gather_weights(actors), polled, done=False)
+            tune.report(m)
+        else:  # evaluate exactly the checkpointed parts: PBT copies what it ranked
+            states = gather_part_states(actors)
+            m = metrics(assembled(states, glow, spec.bounds), polled, done=False)
+            m["steps"] = int(states[-1]["step"])
+            with tempfile.TemporaryDirectory() as tmp:
+                for k, state in enumerate(states):
+                    save_checkpoint(part_checkpoint_path(Path(tmp), k), state)
+                tune.report(m, checkpoint=tune.Checkpoint.from_directory(tmp))
+        if m["diverged"]:
+            raise DivergedError(f"assembled model's BPD is not finite at step {m['steps']}")
+
+    try:
+        state, stats, _, _ = run_async_phase(config, data, list(spec.bounds), Progress(False), trial_dir, monitor)
+    except (DivergedError, ray.exceptions.RayTaskError) as e:
+        tune.report(row(math.nan, last_polled, done=True) | {"error": str(e)[:200]})
+        return
+    polled = [{"rollbacks": st["rollbacks"], "steps": st["steps"]} for st in stats]
+    tune.report(metrics(state, polled, done=True))
+
+
+def trial_bundles(base: RunConfig, cpus_per_trial: float | None = None) -> list[dict[str, float]]:
+    """A trial's placement group: its own process first (it evaluates the
+    assembled model, a part's CPUs by default, and a share of a GPU when its
+    parts have GPUs), then one bundle per part."""
+    from raylocal.cluster.parts_phase import SERVICE_GPU_SHARE
+
+    cpus = base.cpus_per_part or 0.5
+    gpus = base.gpus_per_part or 0.0
+    trial_gpu = min(SERVICE_GPU_SHARE, gpus)
+    trial = {"CPU": cpus if cpus_per_trial is None else cpus_per_trial} | ({"GPU": trial_gpu} if gpus else {})
+    return [trial] + [{"CPU": cpus} | ({"GPU": gpus} if gpus else {})] * base.parts
+
+
+def default_gpu_share(config: RunConfig, cluster_gpus: float, concurrent: int) -> float:
+    """Each part's GPU share when ``--gpus-per-part`` is not given: none without
+    GPUs (or with ``--device cpu``), else an equal share for every bundle of the
+    trials that run at once (K parts and the trial's own process each), rounded
+    down so that they fit the cluster's GPUs together."""
+    from raylocal.cluster.parts_phase import SERVICE_GPU_SHARE
+
+    if config.device == "cpu" or cluster_gpus <= 0:
+        return 0.0
+    bundles = (config.parts + 1) * max(concurrent, 1)
+    return min(1.0 - SERVICE_GPU_SHARE, math.floor(1000 * cluster_gpus / bundles) / 1000)
+
+
+def tune_study(
+    base: RunConfig,
+    data: ImageData,
+    space_path: str,
+    trials: int,
+    report_every: int,
+    storage: Path,
+    name: str,
+    resume: bool = False,
+    max_concurrent: int | None = None,
+    cpus_per_trial: float | None = None,
+    scheduler: str = "asha",
+    pbt_interval: int = 2,
+) -> Any:
+    """Run (or continue) a study; returns Tune's ResultGrid. ``scheduler`` is
+    ``asha`` (stop weak trials early) or ``pbt`` (weak trials continue from
+    strong ones' parts with perturbed LRs every ``pbt_interval`` reports)."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+
+    space = check_study(space_path, base.parts, scheduler)
+    param_space = space.space(base.parts)
+    # the trials' parts ask for fixed shares, so that the cluster holds whole trials
+    gpus = base.gpus_per_part
+    if gpus is None:
+        gpus = default_gpu_share(base, ray.cluster_resources().get("GPU", 0.0), max_concurrent or trials)
+    base = base.model_copy(update={"cpus_per_part": base.cpus_per_part or 0.5, "gpus_per_part": gpus})
+    n_steps = base.epochs * (len(data.train) // base.batch_size)
+    max_reports = max(1, n_steps // report_every) + 1
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            base_json=base.model_dump_json(),
+            space_path=str(Path(space_path).resolve()),
+            data=data,
+            report_every=report_every,
+            checkpoints=scheduler == "pbt",
+        ),
+        tune.PlacementGroupFactory(trial_bundles(base, cpus_per_trial)),
+    )
+    path = storage.resolve() / name
+    if resume:
+        if not tune.Tuner.can_restore(str(path)):
+            raise ConfigError(f"--resume: no Tune study to restore at {path}")
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    else:
+        if scheduler == "pbt":
+            # Time is the last part's step, which a restored trial continues from.
+            # Synchronous: every trial reaches the perturbation step before the
+            # weak ones copy the strong ones, so a study does not depend on which
+            # trial happened to run faster.
+            chosen = PopulationBasedTraining(
+                time_attr="steps",
+                perturbation_interval=pbt_interval * report_every,
+                hyperparam_mutations=param_space,
+                quantile_fraction=0.5 if trials < 4 else 0.25,
+                synch=True,
+            )
+            keep = tune.CheckpointConfig(num_to_keep=4)  # PBT may copy a trial's older checkpoints
+        else:
+            chosen = ASHAScheduler(max_t=max_reports, grace_period=1, reduction_factor=2)
+            keep = None
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric="test_bpd",
+                mode="min",
+                scheduler=chosen,
+                num_samples=1 if getattr(space, "GRID", False) else trials,
+                max_concurrent_trials=max_concurrent,
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage.resolve()), checkpoint_config=keep),
+        )
+    return tuner.fit()
+
+
+def ranked_table(results: Any, parts: int) -> tuple[str, list[dict[str, Any]]]:
+    """Markdown table of the trials, best first, and the rows behind it."""
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        if "test_bpd" not in m:
+            continue
+        rows.append(
+            {
+                "lrs": [m.get(f"lr_{k + 1}") for k in range(parts)],
+                "test_bpd": m["test_bpd"],
+                "diverged": bool(m.get("diverged")),
+                "rollbacks": m.get("rollbacks"),
+                "steps": m.get("steps"),
+                "time_s": m.get("time_total_s", 0.0),
+                "stopped_early": not m.get("finished"),
+            }
+        )
+    rows.sort(key=lambda r: r["test_bpd"])
+    lines = [
+        "| rank | "
+        + " | ".join(f"LR part {k + 1}" for k in range(parts))
+        + " | test BPD | diverged | rollbacks | steps | time (s) | stopped early |",
+        "|---" * (parts + 7) + "|",
+    ]
+    for i, r in enumerate(rows, 1):
+        lrs = " | ".join(f"{v:.3g}" if v else "-" for v in r["lrs"])
+        lines.append(
+            f"| {i} | {lrs} | {r['test_bpd']:.4f} | {'yes' if r['diverged'] else 'no'} | {r['rollbacks']} "
+            f"| {r['steps']} | {r['time_s']:.0f} | {'yes' if r['stopped_early'] else 'no'} |"
+        )
+    return "\n".join(lines), rows
+
+
+def write_best_config(base: RunConfig, best: dict[str, Any], path: Path) -> RunConfig:
+    """The best trial as a config file that ``run_async.py --config`` accepts unchanged."""
+    config = base.model_copy(
+        update={"lr": [float(v) for v in best["lrs"]], "schedule": "async", "run_name": None, "resume": False}
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_config_file(config, path)
+    return config
