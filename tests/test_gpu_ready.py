@@ -10,9 +10,16 @@ import pytest
 import ray
 import torch
 
-from raylocal.baselines.ddp import DataParallelWorker, data_parallel_uses_gpus
-from raylocal.cluster import parts_phase as ray_trainer
-from raylocal.cluster.parts_phase import actor_error, assigned_device, check_torch_sees_gpus
+from raylocal.baselines.ddp import DataParallelWorker
+from raylocal.cluster.connect import actor_error
+from raylocal.cluster.placement import (
+    Placement,
+    assigned_device,
+    check_torch_sees_gpus,
+    data_parallel_uses_gpus,
+    default_gpu_share,
+    trial_bundles,
+)
 from raylocal.core.checkpoint import host_copy, load_checkpoint, save_checkpoint
 from raylocal.core.config import RunConfig
 from raylocal.errors import ClusterError, ConfigError, SpecError
@@ -20,7 +27,6 @@ from raylocal.model.glow import Glow
 from raylocal.pipeline.channel import PacketChannel
 from raylocal.pipeline.worker import PartLoop, PartWorker, to_wire
 from raylocal.training.trainer import build_glow, local_nll, require_compiler
-from raylocal.tune.tuning import default_gpu_share, trial_bundles
 
 
 def _config(**kw) -> RunConfig:
@@ -159,9 +165,9 @@ def test_gpus_are_counted_only_on_the_nodes_of_the_worker_resource(monkeypatch):
         {"Alive": True, "Resources": {"CPU": 4.0, "workers": 1.0}},
     ]
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
-    bundle = ray_trainer.work_resources(_config(device="auto", worker_resource="workers"))
+    bundle = Placement.plan(_config(device="auto", worker_resource="workers"), 3).work
     assert "GPU" not in bundle and bundle["CPU"] == 4.0
-    assert ray_trainer.work_resources(_config(device="auto"))["GPU"] == 1.0
+    assert Placement.plan(_config(device="auto"), 3).work["GPU"] == 1.0
 
 
 def test_data_parallel_runs_refuse_or_say_so_on_fewer_gpus_than_workers(capsys):

@@ -169,7 +169,7 @@ def test_queue_never_exceeds_its_bound():
 def test_the_driver_leaves_ray_trains_state_api_warnings_out_of_what_it_prints():
     from ray._private.ray_logging import WorkerStandardStreamDispatcher
 
-    from raylocal.cluster.parts_phase import drop_ray_noise
+    from raylocal.cluster.connect import drop_ray_noise
 
     printed = []
     dispatcher = WorkerStandardStreamDispatcher()  # a fresh one, as ray.init sets up the driver's
@@ -213,7 +213,7 @@ def test_weights_asked_of_a_part_before_its_run_wait_for_it(mnist_dir, tmp_path)
 def test_a_parts_phase_that_fails_to_start_releases_its_placement_group_and_queues(monkeypatch, mnist_dir):
     from ray.util import placement_group_table
 
-    from raylocal.cluster import parts_phase as ray_trainer
+    from raylocal.cluster import parts_phase
 
     shut = []
 
@@ -229,15 +229,15 @@ def test_a_parts_phase_that_fails_to_start_releases_its_placement_group_and_queu
         def options(**_: object):
             raise RuntimeError("no such resource")
 
-    monkeypatch.setattr(ray_trainer, "LatentQueue", FakeQueue)
-    monkeypatch.setattr(ray_trainer, "PartActor", ActorThatCannotStart)
+    monkeypatch.setattr(parts_phase, "LatentQueue", FakeQueue)
+    monkeypatch.setattr(parts_phase, "PartActor", ActorThatCannotStart)
     config = RunConfig(data_root=str(mnist_dir), parts=3, batch_size=16)
     data = load_dataset("mnist", mnist_dir)
     made = []
-    real_place = ray_trainer.place_parts
-    monkeypatch.setattr(ray_trainer, "place_parts", lambda *a: made.append(real_place(*a)) or made[-1])
+    real_place = parts_phase.place_parts
+    monkeypatch.setattr(parts_phase, "place_parts", lambda *a: made.append(real_place(*a)) or made[-1])
     with pytest.raises(RuntimeError, match="no such resource"):
-        ray_trainer.PartsPhase(config, data, mnist_dir, 3, train_ref="images")
+        parts_phase.PartsPhase(config, data, mnist_dir, 3, train_ref="images")
     pg = made[0][0]
     assert placement_group_table(pg)["state"] == "REMOVED"
     assert len(shut) == 2  # both boundaries' queues
@@ -258,12 +258,11 @@ def test_a_parts_phase_that_fails_to_start_releases_its_placement_group_and_queu
 def test_part_resources_give_each_part_a_gpu_or_a_share_of_one(monkeypatch, cluster, options, expected):
     import ray
 
-    from raylocal.cluster.parts_phase import part_resources
+    from raylocal.cluster.placement import Placement
 
-    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(cluster))
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": dict(cluster)}])
-    config = RunConfig(parts=3, **options)
-    cpus, gpus, threads = part_resources(config, 3)
+    placement = Placement.plan(RunConfig(parts=3, **options), 3)
+    cpus, gpus, threads = placement.part_cpus, placement.part_gpus, placement.threads
     assert (round(cpus, 6), round(gpus, 6), threads) == (round(expected[0], 6), expected[1], expected[2])
 
 
@@ -271,18 +270,16 @@ def test_part_resources_give_each_part_a_gpu_or_a_share_of_one(monkeypatch, clus
 def test_shared_gpu_bundles_fit_on_the_gpus_there_are(monkeypatch, n_gpus):
     """Ray puts a fractional GPU bundle on one device: every part, and then the
     run's evaluation service, must find room."""
-    import ray
 
-    from raylocal.cluster.parts_phase import part_resources, service_resources
+    from raylocal.cluster.placement import Placement
 
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": float(n_gpus)})
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 64.0, "GPU": float(n_gpus)}}])
+    nodes = [{"CPU": 64.0, "GPU": float(n_gpus)}]
     for n_parts in range(1, 9):
-        config = RunConfig(parts=n_parts)
-        _, share, _ = part_resources(config, n_parts)
+        placement = Placement.plan(RunConfig(parts=n_parts), n_parts, nodes)
+        share = placement.part_gpus
         # fill the GPUs one bundle at a time, as Ray's first fit would
         free = [1.0] * n_gpus
-        for need in [share] * n_parts + [service_resources(config, n_parts)["GPU"]]:
+        for need in [share] * n_parts + [placement.service["GPU"]]:
             gpu = next((g for g, f in enumerate(free) if f >= need - 1e-9), None)
             assert gpu is not None, (n_gpus, n_parts, share)
             free[gpu] -= need

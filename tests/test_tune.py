@@ -11,9 +11,10 @@ import torch
 from conftest import tiny_options
 
 from raylocal.cli.train import main as run_main
+from raylocal.cluster.placement import trial_bundles
 from raylocal.core.config import RunConfig
 from raylocal.errors import ConfigError
-from raylocal.tune.tuning import load_space, trial_bundles, trial_lrs
+from raylocal.tune.tuning import load_space, trial_lrs
 
 ROOT = Path(__file__).resolve().parent.parent
 

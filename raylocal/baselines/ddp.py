@@ -25,7 +25,6 @@ import json
 import math
 import os
 import queue
-import sys
 import tempfile
 import threading
 import time
@@ -37,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from raylocal.baselines.projection import ring_bytes
-from raylocal.cluster.parts_phase import check_torch_sees_gpus, fit_train_run, with_worker_resource
+from raylocal.cluster.connect import fit_train_run
+from raylocal.cluster.placement import DataParallelPlacement, check_torch_sees_gpus
 from raylocal.core.config import RunConfig
 from raylocal.core.data import BatchStream
 from raylocal.core.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
@@ -380,20 +380,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     DataParallelWorker(loop_config).train(loop_config)
 
 
-def data_parallel_uses_gpus(config: RunConfig, workers: int, gpus: float) -> bool:
-    """One whole GPU per worker, or none: DDP on fewer GPUs than workers is
-    refused with ``--device cuda`` and, with ``auto``, runs on CPUs and says so."""
-    if config.device == "cpu" or gpus == 0:
-        return False
-    if gpus >= workers:
-        return True
-    message = f"{workers} data-parallel workers need a GPU each, the cluster has {gpus:g}"
-    if config.device == "cuda":
-        raise ClusterError(f"{message}; use fewer workers (--finetune-workers) or --device cpu")
-    print(f"note: {message}: they train on CPUs", file=sys.stderr)
-    return False
-
-
 def train_ddp(
     config: RunConfig,
     images: Tensor,
@@ -415,15 +401,11 @@ def train_ddp(
     ``lr_clock`` and ``lr_total`` place this phase on a run-wide LR decay
     (``cosine-run``): the first update is at ``lr_clock`` of ``lr_total`` steps.
     With ``time_budget`` every worker stops at the first step past it."""
-    import ray
     from ray.train import RunConfig as TrainRunConfig
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    total = ray.cluster_resources()
-    use_gpu = data_parallel_uses_gpus(config, workers, total.get("GPU", 0))
-    cpus = cpus_per_worker or max(total.get("CPU", 1) / workers, 0.01)
-    threads = config.threads or max(1, int(cpus))
+    placement = DataParallelPlacement.plan(config, workers, cpus_per_worker)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -431,14 +413,14 @@ def train_ddp(
             "images": images,
             "epochs": epochs,
             "lr": lr,
-            "threads": threads,
+            "threads": placement.threads,
             "state": state,
             "lr_clock": lr_clock,
             "lr_total": lr_total,
             "time_budget": time_budget,
         },  # fmt: skip
         scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu, resources_per_worker=with_worker_resource(config, {"CPU": cpus})
+            num_workers=workers, use_gpu=placement.use_gpu, resources_per_worker=placement.worker
         ),
         run_config=TrainRunConfig(name="ddp", storage_path=str(storage.resolve())),
     )

@@ -180,7 +180,9 @@ class AsyncBench:
 
     def run_parts(self) -> None:
         """The async run, with the CPU meter on; keeps what the reports need."""
-        from raylocal.cluster.parts_phase import connect, part_resources, pipeline_report, run_async_phase
+        from raylocal.cluster.connect import connect
+        from raylocal.cluster.parts_phase import pipeline_report, run_async_phase
+        from raylocal.cluster.placement import Placement
 
         connect(self.config)
         # --balance measure times the layers on the probe's device: the one the parts train on
@@ -197,7 +199,7 @@ class AsyncBench:
         self.steady = (last["steps"] - 1) * 64 / (last["end_time"] - last["first_step_time"])
         self.cpu = meter.split(last["first_step_time"], last["end_time"])
         self.step_time = [st["compute_s"] / max(st["steps"], 1) for st in self.stats]
-        unit = f"{part_resources(self.config, self.k)[1]:.3g} GPU" if self.gpu else "thread"
+        unit = f"{Placement.plan(self.config, self.k).part_gpus:.3g} GPU" if self.gpu else "thread"
         print(
             f"async, {self.k} actors x 1 {unit}: {self.steady:.0f} images/s through the whole model in steady "
             f"state ({self.report['images_per_s_pipeline']:.0f} including start-up: {last['steps']} steps in "

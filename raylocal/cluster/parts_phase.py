@@ -14,25 +14,23 @@ run of it.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import re
-import signal
-import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from raylocal.cluster.connect import connect, errors_in_one_line
+from raylocal.cluster.placement import Placement, actor_device
 from raylocal.cluster.queue import LatentQueue
 from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.core.config import RunConfig
@@ -40,7 +38,7 @@ from raylocal.core.data import ImageData
 from raylocal.core.faults import apply_worker_faults, parse_faults
 from raylocal.core.links import check_links
 from raylocal.core.runlog import Progress, peak_rss_mb
-from raylocal.errors import ClusterError, RaylocalError
+from raylocal.errors import ClusterError
 from raylocal.pipeline.worker import PartLoop, PartWorker, staleness_summary, tensor_bytes
 
 
@@ -189,326 +187,6 @@ class PartActor:
         }
 
 
-def _error_names(cls: type) -> set[str]:
-    return {cls.__name__}.union(*(_error_names(sub) for sub in cls.__subclasses__()))
-
-
-_RAYLOCAL_ERRORS = _error_names(RaylocalError)  # the names an actor's own errors print under
-
-
-def _last_error_line(text: str) -> tuple[str, str] | None:
-    """(exception class, message) of the last ``Name: message`` line of a traceback's text."""
-    for line in reversed(text.strip().splitlines()):
-        m = re.match(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception|Interrupt)): (.*)$", line)
-        if m:
-            return m.group(1), m.group(2).strip()
-    return None
-
-
-def actor_error(e: BaseException) -> RaylocalError | None:
-    """The one line for an error that Ray brought back from an actor or task: the
-    actor's own error when it is one of ours (``error: 500 parts but ...``),
-    else what failed where, with its first line, never Ray's traceback. None
-    for anything that is not Ray's report of a remote error."""
-    if isinstance(e, ray.exceptions.RayTaskError):
-        cause = e.cause
-        if isinstance(cause, RaylocalError):
-            return cause
-        if cause is not None:
-            first = (str(cause).strip().splitlines() or [""])[0][:200]
-            return ClusterError(f"{e.function_name} failed: {type(cause).__name__}: {first}".rstrip(": "))
-        found = _last_error_line(str(e))
-        return ClusterError(f"{e.function_name} failed" + (f": {found[0]}: {found[1]}" if found else ""))
-    if isinstance(e, ray.exceptions.RayActorError):
-        found = _last_error_line(str(e))
-        if found and found[0] in _RAYLOCAL_ERRORS:
-            return ClusterError(found[1])
-        first = (str(e).strip().splitlines() or ["an actor died"])[0][:200]
-        return ClusterError(f"{found[0]}: {found[1]}" if found else first)
-    return None
-
-
-@contextlib.contextmanager
-def errors_in_one_line() -> Iterator[None]:
-    """Errors raised inside actors reach the user as one line (``actor_error``)."""
-    try:
-        yield
-    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
-        raise actor_error(e) from None  # type: ignore[misc]
-
-
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast on a host:port nobody listens on (ray.init would retry for minutes)."""
-    if address == "auto" or "://" in address:
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
-            pass
-    except (OSError, ValueError) as e:
-        raise ClusterError(f"cannot reach Ray at {address!r}: {e.strerror or e}") from None
-
-
-# Ray Train's placement-group cleaner asks the State API every second whether the
-# fine-tune's controller lives; the State API needs the dashboard, which an embedded
-# Ray does not start, so it warns every second of the fine-tune (hundreds of lines)
-# and can do nothing there. The driver leaves these lines out of what it prints.
-RAY_NOISE = ("Failed to query Ray Train Controller actor state",)
-
-
-def drop_ray_noise(dispatcher: Any = None) -> None:
-    """Filter the worker lines Ray prints in this driver (``log_to_driver``): every
-    line but those of ``RAY_NOISE``. Ray's dispatcher of worker output is
-    internal; where it is not what this expects, nothing changes."""
-    if dispatcher is None:
-        try:
-            from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-        except ImportError:
-            return
-    handlers = getattr(dispatcher, "handlers", None)
-    if not isinstance(handlers, list):
-        return
-
-    def filtered(print_lines: Callable[[dict], None]) -> Callable[[dict], None]:
-        def emit(data: dict) -> None:
-            lines = [line for line in data.get("lines", []) if not any(n in line for n in RAY_NOISE)]
-            if lines:
-                print_lines({**data, "lines": lines})
-
-        emit.drops_ray_noise = True  # type: ignore[attr-defined]
-        return emit
-
-    dispatcher.handlers = [(name, h if getattr(h, "drops_ray_noise", False) else filtered(h)) for name, h in handlers]
-
-
-def connect(config: RunConfig) -> None:
-    """Join ``--address`` (or RAY_ADDRESS), else start an embedded local Ray."""
-    if ray.is_initialized():
-        return
-    address = config.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        _check_reachable(address)
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=True)
-    except Exception as e:  # Ray raises many types here, some of them bare Exception
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        where = f"reach Ray at {address!r}" if address else "start a local Ray instance"
-        raise ClusterError(f"cannot {where}: {first[:160]}") from None
-    drop_ray_noise()
-
-
-# What a service (the run's evaluations, a Tune trial's own process) reserves of
-# a GPU: the parts leave this much of theirs free, so it fits beside any of them.
-SERVICE_GPU_SHARE = 0.1
-# What every bundle asks of ``--worker-resource``: a token that keeps the work
-# on the nodes that carry it, whatever their number of units.
-WORKER_RESOURCE_SHARE = 0.001
-
-
-def _gpus(config: RunConfig, nodes: list[dict[str, float]] | None = None) -> int:
-    """GPUs the run may use: the cluster's (or ``nodes``'), none with ``--device cpu``."""
-    if config.device == "cpu":
-        return 0
-    if nodes is None:
-        return int(ray.cluster_resources().get("GPU", 0))
-    return int(sum(n.get("GPU", 0) for n in nodes))
-
-
-def live_nodes() -> list[dict[str, float]]:
-    """The total resources of every live node of the cluster."""
-    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
-
-
-def worker_nodes(config: RunConfig) -> list[dict[str, float]]:
-    """The total resources of every live node the run may work on (those that
-    carry ``--worker-resource`` when it is set)."""
-    nodes = live_nodes()
-    if config.worker_resource:
-        nodes = [r for r in nodes if r.get(config.worker_resource)]
-    return nodes
-
-
-def check_torch_sees_gpus(granted: list) -> None:
-    """In a process Ray granted GPUs: torch must see them. The pinned wheel is a
-    CUDA 13 build; on an older NVIDIA driver torch sees no GPU while Ray still
-    counts them, and the work would die on its first CUDA call."""
-    if granted and not torch.cuda.is_available():
-        raise ClusterError(
-            f"Ray granted GPU(s) {granted} but torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU: "
-            "the NVIDIA driver is too old for this wheel (README: GPUs); install a torch build for your driver, "
-            "or run with --device cpu"
-        )
-
-
-def assigned_device(gpu_ids: list, visible: str | None) -> torch.device:
-    """The torch device of the GPU Ray assigned to this process (its lowest id),
-    as ``ray.train.torch.get_device`` maps it: the position of that id in
-    CUDA_VISIBLE_DEVICES (Ray narrows it to the assigned ids; a process that
-    sees more GPUs than it was granted must still use its own). CPU when none."""
-    if not gpu_ids:
-        return torch.device("cpu")
-    first = str(min(gpu_ids, key=lambda g: int(g) if str(g).isdigit() else str(g)))
-    order = [v.strip() for v in visible.split(",")] if visible else []
-    index = order.index(first) if first in order else (int(first) if first.isdigit() and not order else 0)
-    return torch.device(f"cuda:{index}")
-
-
-def train_worker_device(config: RunConfig) -> str:
-    """The device of a Ray Train worker: the one Ray Train assigned it."""
-    import ray.train.torch
-
-    if config.device == "cpu":
-        return "cpu"
-    check_torch_sees_gpus(ray.get_gpu_ids())
-    return str(ray.train.torch.get_device())
-
-
-def actor_device(config: RunConfig) -> torch.device:
-    """The device of this Ray actor or task: the GPU Ray granted it, else CPU
-    (never ``torch.cuda.is_available()``: Ray 2.60 leaves the GPUs visible to a
-    process granted none)."""
-    granted = ray.get_gpu_ids() if config.device != "cpu" else []
-    check_torch_sees_gpus(granted)
-    return assigned_device(granted, os.environ.get("CUDA_VISIBLE_DEVICES"))
-
-
-def part_resources(config: RunConfig, n_parts: int) -> tuple[float, float, int]:
-    """(CPUs, GPUs, torch threads) per part actor. By default the CPUs are
-    shared by the parts and one service (the run's evaluations)."""
-    total = ray.cluster_resources()
-    gpus = config.gpus_per_part
-    if gpus is None:
-        whole = _gpus(config, worker_nodes(config))
-        # One GPU per part when there are enough. With fewer, the parts share
-        # them (one GPU is still far faster than CPUs for a part): Ray places a
-        # fractional GPU bundle on a single device, so ask for 1/ceil(K/G) each,
-        # which fits ceil(K/G) parts on every GPU (G/K each could leave a part
-        # with no device it fits on, e.g. 3 parts of 2/3 on 2 GPUs). The
-        # service's share is left free on every GPU.
-        gpus = (1.0 - SERVICE_GPU_SHARE) / math.ceil(n_parts / whole) if whole else 0.0
-    cpus = config.cpus_per_part
-    if cpus is None:
-        cpus = max(min(total.get("CPU", 1) / (n_parts + 1), 4.0), 0.01)
-    threads = config.threads or max(1, int(cpus))
-    return cpus, gpus, threads
-
-
-def part_bundle(config: RunConfig, cpus: float, gpus: float) -> dict[str, float]:
-    """One part actor's bundle."""
-    return with_worker_resource(config, {"CPU": cpus} | ({"GPU": gpus} if gpus else {}))
-
-
-def with_worker_resource(config: RunConfig, bundle: dict[str, float]) -> dict[str, float]:
-    """``bundle``, pinned to the nodes that carry ``--worker-resource`` when it is set."""
-    if config.worker_resource:
-        return bundle | {config.worker_resource: WORKER_RESOURCE_SHARE}
-    return bundle
-
-
-def fit_train_run(trainer: Any) -> Any:
-    """``trainer.fit()`` of a Ray Train trainer, then the SIGINT handler that was
-    there before it. Ray Train (2.60) installs its own on the main thread, to
-    abort the run on Ctrl-C, and leaves it installed: its closure keeps the
-    finished run's controller actor alive (for minutes, until the next fit), and
-    a later Ctrl-C would abort that finished run and exit 0 instead of stopping
-    ours."""
-    if threading.current_thread() is not threading.main_thread():
-        return trainer.fit()
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        return trainer.fit()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def service_resources(config: RunConfig, n_parts: int) -> dict[str, float]:
-    """The bundle of the run's model service: a part's CPUs and, when the parts
-    have GPUs, a share of one."""
-    cpus, gpus, _ = part_resources(config, n_parts)
-    return with_worker_resource(config, {"CPU": cpus} | ({"GPU": SERVICE_GPU_SHARE} if gpus else {}))
-
-
-def work_resources(config: RunConfig) -> dict[str, float]:
-    """One worker's resources for a phase that has the cluster to itself (the
-    fine-tune): a whole GPU when there is one, and a node's CPUs (at most 8)."""
-    nodes = worker_nodes(config)
-    cpus = config.cpus_per_part or max([min(r.get("CPU", 0.0), 8.0) for r in nodes] + [1.0])
-    return with_worker_resource(config, {"CPU": cpus} | ({"GPU": 1.0} if _gpus(config, nodes) else {}))
-
-
-def place_parts(config: RunConfig, n_parts: int, cpus: float, gpus: float) -> tuple[PlacementGroup, int, bool]:
-    """The placement group for the parts and the bundle index of part 1.
-
-    Inside a Ray Tune trial the trial's own group is used (bundle 0 is the
-    trial's driver, bundles 1..K are its parts), so trials never starve each
-    other; otherwise a new group is created (and removed at the end).
-    """
-    current = ray.util.get_current_placement_group()
-    if current is not None and len(current.bundle_specs) > n_parts:
-        return current, len(current.bundle_specs) - n_parts, False
-    bundle = part_bundle(config, cpus, gpus)
-    strategy = "STRICT_SPREAD" if config.placement == "spread" else "PACK"
-    pg = placement_group([dict(bundle)] * n_parts, strategy=strategy)
-    ready, _ = ray.wait([pg.ready()], timeout=float(os.environ.get("RAYLOCAL_PLACEMENT_TIMEOUT", 60)))
-    if not ready:
-        remove_placement_group(pg)
-        nodes = len(live_nodes())
-        raise ClusterError(
-            f"cannot place {n_parts} parts of {bundle} with strategy {strategy} on this cluster "
-            f"({nodes} node(s), {ray.cluster_resources()}); lower --cpus-per-part or use --placement pack"
-        )
-    return pg, 0, True
-
-
-def _fits(bundle: dict[str, float], node: dict[str, float]) -> bool:
-    return all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
-
-
-def check_placement(config: RunConfig, n_parts: int) -> None:
-    """Can the run's bundles be placed on this cluster at all, by its totals?
-    Said at once, in one line, instead of after a placement timeout. (Whether
-    they are free now is another matter: a busy cluster queues the run.) A Tune
-    trial's parts live in the trial's own group, which Tune has placed."""
-    current = ray.util.get_current_placement_group()
-    if current is not None and len(current.bundle_specs) > n_parts:
-        return
-    cpus, gpus, _ = part_resources(config, n_parts)
-    part = part_bundle(config, cpus, gpus)
-    nodes = live_nodes()
-    able = [n for n in nodes if _fits(part, n)]
-    shown = ", ".join(f"{k} {v:g}" for k, v in part.items())
-    if not able:
-        raise ClusterError(
-            f"a part needs {{{shown}}} and no node of this cluster has that much ({len(nodes)} node(s), "
-            f"totals {_totals(nodes)}); lower --cpus-per-part or --gpus-per-part"
-        )
-    if config.placement == "spread" and len(able) < n_parts:
-        raise ClusterError(
-            f"--placement spread puts each of the {n_parts} parts on its own node, but only {len(able)} node(s) "
-            f"can hold a part of {{{shown}}}; use --placement pack or more nodes"
-        )
-    service = service_resources(config, n_parts)
-    need = {k: v * n_parts for k, v in part.items()}
-    for k, v in service.items():
-        need[k] = need.get(k, 0.0) + v
-    have = {k: sum(n.get(k, 0.0) for n in nodes) for k in need}
-    short = [k for k in need if have[k] + 1e-9 < need[k]]
-    if short:
-        k = short[0]
-        raise ClusterError(
-            f"{n_parts} parts of {{{shown}}} and the model service need {k} {need[k]:g}, the cluster has {have[k]:g}; "
-            f"use fewer parts, or lower --cpus-per-part or --gpus-per-part"
-        )
-
-
-def _totals(nodes: list[dict[str, float]]) -> str:
-    keys = ("CPU", "GPU")
-    return ", ".join(f"{k} {sum(n.get(k, 0.0) for n in nodes):g}" for k in keys)
-
-
 def _progress_line(progress: list[dict[str, Any]], n_steps: int) -> str:
     parts = [
         # a part's own local loss (bits/dim of its objective), not the model's BPD
@@ -553,16 +231,24 @@ class PartsPhase:
     (and import torch) while the caller still plans the parts; ``run`` trains
     them, ``close`` releases them (``with`` does it too)."""
 
-    def __init__(self, config: RunConfig, data: ImageData, run_dir: Path, n_parts: int, train_ref: Any = None) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        data: ImageData,
+        run_dir: Path,
+        n_parts: int,
+        train_ref: Any = None,
+        placement: Placement | None = None,
+    ) -> None:
         connect(config)
         check_links(config.link, n_parts)
         self.config, self.n_parts = config, n_parts
         self.n_steps = config.epochs * (len(data.train) // config.batch_size)
         self.train_ref = train_ref or ray.put(data.train)  # the images, once in the object store
-        cpus, gpus, threads = part_resources(config, n_parts)
+        placement = placement or Placement.plan(config, n_parts)
         self.actors: list[Any] = []
         self.queues: list[LatentQueue] = []
-        self.pg, first_bundle, self.own_pg = place_parts(config, n_parts, cpus, gpus)
+        self.pg, first_bundle, self.own_pg = place_parts(placement)
         try:  # a start that fails half way releases what it started
             for _ in range(n_parts - 1):
                 self.queues.append(LatentQueue(config.queue_size))
@@ -570,12 +256,12 @@ class PartsPhase:
                 strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + k)
                 self.actors.append(
                     PartActor.options(
-                        num_cpus=cpus,
-                        num_gpus=gpus,
+                        num_cpus=placement.part_cpus,
+                        num_gpus=placement.part_gpus,
                         max_restarts=config.max_restarts,
                         max_task_retries=config.max_restarts,  # replay run() on the restarted actor
                         scheduling_strategy=strategy,
-                    ).remote(config.model_dump_json(), k, data.shape, threads, str(run_dir))
+                    ).remote(config.model_dump_json(), k, data.shape, placement.threads, str(run_dir))
                 )
         except BaseException:
             self.close()
@@ -648,6 +334,11 @@ class PartsPhase:
             wall = time.perf_counter() - start
             progress.update(_progress_line(_poll(actors) or [], n_steps), force=True)
             return gather_weights(actors), stats, infos, wall
+
+
+def place_parts(placement: Placement) -> tuple[PlacementGroup, int, bool]:
+    """The parts' placement group (see ``Placement.reserve_parts``): a seam for tests."""
+    return placement.reserve_parts()
 
 
 def run_async_phase(

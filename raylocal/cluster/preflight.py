@@ -4,7 +4,7 @@ Everything here reads the config (and the images' shape) alone: no tensor is
 made and Ray is not needed, so a spec that does not fit the model, a link or
 fault for a part that does not exist, fails in one line at once, before a
 placement group, an actor or a run directory exists. The cluster's side
-(can the bundles be placed at all?) is ``ray_trainer.check_placement``.
+(can the bundles be placed at all?) is ``Placement.check`` (raylocal/cluster/placement.py).
 """
 
 from __future__ import annotations

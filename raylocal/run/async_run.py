@@ -10,7 +10,7 @@ moves state dicts around. Everything heavy runs where the work is:
   on the device that trains them) and evaluates the assembled model while the
   parts train, from weights passed by reference, one evaluation at a time,
   never stopping a part;
-- the **parts phase** (``PartsPhase`` in ray_trainer.py; its actors start
+- the **parts phase** (``PartsPhase`` in raylocal/cluster/parts_phase.py; its actors start
   while the service plans the parts), which ends by saving a ``PartsResult`` in the run directory;
 - the **rest of the run** (``finish_after_parts``: fine-tune, final evaluation,
   samples, checkpoint, summary) in a Ray Train worker (``TorchTrainer``, one
@@ -35,22 +35,12 @@ from typing import Any
 
 import ray
 import torch
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raylocal.cluster.parts_phase import (
-    PartsPhase,
-    actor_device,
-    check_placement,
-    connect,
-    errors_in_one_line,
-    fit_train_run,
-    part_checkpoint_path,
-    pipeline_report,
-    service_resources,
-    train_worker_device,
-    work_resources,
-)
+from raylocal.cluster.connect import connect, errors_in_one_line, fit_train_run
+from raylocal.cluster.parts_phase import PartsPhase, part_checkpoint_path, pipeline_report
+from raylocal.cluster.placement import Placement, actor_device, train_worker_device
 from raylocal.cluster.preflight import check_run
 from raylocal.core.config import RunConfig
 from raylocal.core.data import ImageData
@@ -177,7 +167,9 @@ def _finish_loop(loop_config: dict[str, Any]) -> None:
     ray.train.report({"test_bpd": summary["test_bpd"]})
 
 
-def finish_on_ray_train(config: RunConfig, name: str, refs: tuple[Any, Any], run_dir: Path, bounds: list) -> None:
+def finish_on_ray_train(
+    config: RunConfig, placement: Placement, name: str, refs: tuple[Any, Any], run_dir: Path, bounds: list
+) -> None:
     """The fine-tune and the rest of the run as a Ray Train run of one worker (a
     GPU when the cluster has one, else CPUs and as many torch threads). Ray
     Train restarts a dead worker up to ``max_restarts`` times; the new one
@@ -186,7 +178,7 @@ def finish_on_ray_train(config: RunConfig, name: str, refs: tuple[Any, Any], run
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
 
-    resources = work_resources(config)
+    resources = dict(placement.work)
     use_gpu = resources.pop("GPU", 0) > 0
     threads = config.threads or max(1, int(resources["CPU"]))
     # Ray Train's preemption watcher prints a core-worker error line at every start
@@ -220,17 +212,6 @@ def finish_on_ray_train(config: RunConfig, name: str, refs: tuple[Any, Any], run
         raise DivergedError(diverged.read_text())
 
 
-def _reserve(bundle: dict[str, float]) -> PlacementGroup:
-    pg = placement_group([bundle], strategy="PACK")
-    ready, _ = ray.wait([pg.ready()], timeout=float(os.environ.get("RAYLOCAL_PLACEMENT_TIMEOUT", 60)))
-    if not ready:
-        remove_placement_group(pg)
-        raise ClusterError(
-            f"cannot reserve the model service's bundle {bundle} on this cluster ({ray.cluster_resources()})"
-        )
-    return pg
-
-
 class AsyncRun:
     """One ``async`` run: plan, parts phase, then the rest of the run, each in Ray.
 
@@ -245,6 +226,7 @@ class AsyncRun:
         self.where: dict[str, Any] = {}
         self.service: Any = None
         self.service_pg: PlacementGroup | None = None
+        self.placement: Placement | None = None  # planned once the cluster is joined
 
     def run(self) -> dict[str, Any]:
         # Everything that can be checked is, before anything starts or is written:
@@ -256,7 +238,8 @@ class AsyncRun:
         config = self.config
         check_run(config, self.data.shape)
         connect(config)
-        check_placement(config, config.part_count())
+        self.placement = Placement.plan(config, config.part_count())
+        self.placement.check()
         created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -283,7 +266,7 @@ class AsyncRun:
                 plan = ray.get(plan_ref)
             else:
                 # the part actors start (a process and a torch import each) while the service plans
-                with PartsPhase(config, self.data, self.run_dir, config.part_count(), refs[0]) as phase:
+                with PartsPhase(config, self.data, self.run_dir, config.part_count(), refs[0], self.placement) as phase:
                     plan = ray.get(plan_ref)
                     self._parts_phase(phase, service, plan, refs)
             self.where["service"] = ray.get(service.where.remote())
@@ -297,8 +280,8 @@ class AsyncRun:
     def _start_service(self) -> Any:
         """The model service, in a placement group of its own (released by ``_release``)."""
         config = self.config
-        bundle = service_resources(config, config.part_count())
-        self.service_pg = _reserve(bundle)
+        bundle = self.placement.service
+        self.service_pg = self.placement.reserve_service()
         self.service = ServiceActor.options(
             num_cpus=bundle["CPU"],
             num_gpus=bundle.get("GPU", 0),
@@ -353,7 +336,7 @@ class AsyncRun:
             # the service's bundle is handed to the fine-tune: Ray Train always
             # reserves its own placement group and cannot take over one of ours
             self._release()
-            finish_on_ray_train(config, name, refs, run_dir, bounds)
+            finish_on_ray_train(config, self.placement, name, refs, run_dir, bounds)
             summary = json.loads((run_dir / "summary.json").read_text())
         self.where["finished"] = summary.pop("where_finished")
         if "parts" not in self.where:  # resumed after the parts phase: from its report

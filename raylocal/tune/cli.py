@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         if trials < 1 or report_every < 1 or pbt_interval < 1:
             raise RaylocalError("--trials, --report-every and --pbt-interval must be at least 1")
         scheduler = extra["scheduler"]
-        from raylocal.cluster.parts_phase import connect
+        from raylocal.cluster.connect import connect
         from raylocal.tune.tuning import check_study, ranked_table, tune_study, write_best_config
 
         space_path = extra["space"]

@@ -111,12 +111,12 @@ def run_trial(
     from ray import tune
 
     from raylocal.cluster.parts_phase import (
-        actor_device,
         gather_part_states,
         gather_weights,
         part_checkpoint_path,
         run_async_phase,
     )
+    from raylocal.cluster.placement import actor_device
 
     base = RunConfig.model_validate_json(base_json)
     space = load_space(space_path, base.parts)
@@ -187,32 +187,6 @@ def run_trial(
     tune.report(metrics(state, polled, done=True))
 
 
-def trial_bundles(base: RunConfig, cpus_per_trial: float | None = None) -> list[dict[str, float]]:
-    """A trial's placement group: its own process first (it evaluates the
-    assembled model, a part's CPUs by default, and a share of a GPU when its
-    parts have GPUs), then one bundle per part."""
-    from raylocal.cluster.parts_phase import SERVICE_GPU_SHARE
-
-    cpus = base.cpus_per_part or 0.5
-    gpus = base.gpus_per_part or 0.0
-    trial_gpu = min(SERVICE_GPU_SHARE, gpus)
-    trial = {"CPU": cpus if cpus_per_trial is None else cpus_per_trial} | ({"GPU": trial_gpu} if gpus else {})
-    return [trial] + [{"CPU": cpus} | ({"GPU": gpus} if gpus else {})] * base.parts
-
-
-def default_gpu_share(config: RunConfig, cluster_gpus: float, concurrent: int) -> float:
-    """Each part's GPU share when ``--gpus-per-part`` is not given: none without
-    GPUs (or with ``--device cpu``), else an equal share for every bundle of the
-    trials that run at once (K parts and the trial's own process each), rounded
-    down so that they fit the cluster's GPUs together."""
-    from raylocal.cluster.parts_phase import SERVICE_GPU_SHARE
-
-    if config.device == "cpu" or cluster_gpus <= 0:
-        return 0.0
-    bundles = (config.parts + 1) * max(concurrent, 1)
-    return min(1.0 - SERVICE_GPU_SHARE, math.floor(1000 * cluster_gpus / bundles) / 1000)
-
-
 def tune_study(
     base: RunConfig,
     data: ImageData,
@@ -233,6 +207,8 @@ def tune_study(
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+
+    from raylocal.cluster.placement import default_gpu_share, trial_bundles
 
     space = check_study(space_path, base.parts, scheduler)
     param_space = space.space(base.parts)

@@ -1,0 +1,277 @@
+"""One ``Placement``: what a run asks of the cluster (bundles, threads, devices),
+decided once from its config and the cluster's live nodes.
+
+Every Ray entry point asks it: the async run (its parts, its model service, its
+fine-tune worker), Ray Tune (a trial's bundles), DDP (GPUs or CPUs). ``plan``
+is a pure function of the config and the nodes, so it is tested without Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+
+from raylocal.core.config import RunConfig
+from raylocal.errors import ClusterError
+
+# What a service (the run's evaluations, a Tune trial's own process) reserves of
+# a GPU: the parts leave this much of theirs free, so it fits beside any of them.
+SERVICE_GPU_SHARE = 0.1
+# What every bundle asks of ``--worker-resource``: a token that keeps the work
+# on the nodes that carry it, whatever their number of units.
+WORKER_RESOURCE_SHARE = 0.001
+FINETUNE_MAX_CPUS = 8.0  # a worker that has the cluster to itself takes a node's CPUs, up to this
+PART_MAX_CPUS = 4.0  # a part's default share of the CPUs, at most
+
+
+def live_nodes() -> list[dict[str, float]]:
+    """The total resources of every live node of the cluster."""
+    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
+
+
+def worker_nodes(config: RunConfig, nodes: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The nodes the run may work on: those that carry ``--worker-resource`` when it is set."""
+    return [r for r in nodes if r.get(config.worker_resource)] if config.worker_resource else nodes
+
+
+def _pinned(config: RunConfig, bundle: dict[str, float]) -> dict[str, float]:
+    """``bundle``, kept to the nodes that carry ``--worker-resource`` when it is set."""
+    return bundle | {config.worker_resource: WORKER_RESOURCE_SHARE} if config.worker_resource else bundle
+
+
+def _sum(nodes: list[dict[str, float]], key: str) -> float:
+    return sum(n.get(key, 0.0) for n in nodes)
+
+
+def _fits(bundle: dict[str, float], node: dict[str, float]) -> bool:
+    return all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
+
+
+def _shown(bundle: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k} {v:g}" for k, v in bundle.items()) + "}"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A run's resources on one cluster: a bundle per part actor, the model
+    service's bundle, the bundle of a worker that has the cluster to itself (the
+    fine-tune), torch threads per part, and how the parts spread over nodes."""
+
+    n_parts: int
+    part: dict[str, float]
+    service: dict[str, float]
+    work: dict[str, float]
+    threads: int
+    strategy: str  # PACK, or STRICT_SPREAD: one part per node
+    nodes: list[dict[str, float]] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def plan(cls, config: RunConfig, n_parts: int, nodes: list[dict[str, float]] | None = None) -> Placement:
+        """The placement of ``n_parts`` parts on ``nodes`` (the live ones by default).
+        By default the parts and one service share the CPUs; each part gets a GPU
+        when there is one for each, else a share of one."""
+        nodes = live_nodes() if nodes is None else nodes
+        usable = worker_nodes(config, nodes)
+        whole_gpus = 0 if config.device == "cpu" else int(_sum(usable, "GPU"))
+        gpus = config.gpus_per_part
+        if gpus is None:
+            # With fewer GPUs than parts the parts share them (one GPU is still far
+            # faster than CPUs for a part). Ray places a fractional GPU bundle on a
+            # single device, so ask for 1/ceil(K/G) each, which fits ceil(K/G) parts
+            # on every GPU (G/K each could leave a part with no device it fits on,
+            # e.g. 3 parts of 2/3 on 2 GPUs). The service's share stays free on every GPU.
+            gpus = (1.0 - SERVICE_GPU_SHARE) / math.ceil(n_parts / whole_gpus) if whole_gpus else 0.0
+        cpus = config.cpus_per_part
+        if cpus is None:
+            cpus = max(min((_sum(nodes, "CPU") or 1.0) / (n_parts + 1), PART_MAX_CPUS), 0.01)
+        work_cpus = config.cpus_per_part or max([min(r.get("CPU", 0.0), FINETUNE_MAX_CPUS) for r in usable] + [1.0])
+        return cls(
+            n_parts=n_parts,
+            part=_pinned(config, {"CPU": cpus} | ({"GPU": gpus} if gpus else {})),
+            service=_pinned(config, {"CPU": cpus} | ({"GPU": SERVICE_GPU_SHARE} if gpus else {})),
+            work=_pinned(config, {"CPU": work_cpus} | ({"GPU": 1.0} if whole_gpus else {})),
+            threads=config.threads or max(1, int(cpus)),
+            strategy="STRICT_SPREAD" if config.placement == "spread" else "PACK",
+            nodes=nodes,
+        )
+
+    @property
+    def part_cpus(self) -> float:
+        return self.part["CPU"]
+
+    @property
+    def part_gpus(self) -> float:
+        return self.part.get("GPU", 0.0)
+
+    def check(self) -> None:
+        """Can the bundles be placed on this cluster at all, by its totals? Said at
+        once, in one line, instead of after a placement timeout. (Whether they are
+        free now is another matter: a busy cluster queues the run.)"""
+        if in_trial(self.n_parts):
+            return  # the parts live in the trial's own group, which Tune has placed
+        nodes, n = self.nodes, self.n_parts
+        able = [node for node in nodes if _fits(self.part, node)]
+        shown = _shown(self.part)
+        if not able:
+            totals = ", ".join(f"{k} {_sum(nodes, k):g}" for k in ("CPU", "GPU"))
+            raise ClusterError(
+                f"a part needs {shown} and no node of this cluster has that much ({len(nodes)} node(s), "
+                f"totals {totals}); lower --cpus-per-part or --gpus-per-part"
+            )
+        if self.strategy == "STRICT_SPREAD" and len(able) < n:
+            raise ClusterError(
+                f"--placement spread puts each of the {n} parts on its own node, but only {len(able)} node(s) "
+                f"can hold a part of {shown}; use --placement pack or more nodes"
+            )
+        need = {k: v * n for k, v in self.part.items()}
+        for k, v in self.service.items():
+            need[k] = need.get(k, 0.0) + v
+        short = [k for k in need if _sum(nodes, k) + 1e-9 < need[k]]
+        if short:
+            k = short[0]
+            raise ClusterError(
+                f"{n} parts of {shown} and the model service need {k} {need[k]:g}, the cluster has "
+                f"{_sum(nodes, k):g}; use fewer parts, or lower --cpus-per-part or --gpus-per-part"
+            )
+
+    def reserve_parts(self) -> tuple[PlacementGroup, int, bool]:
+        """The placement group of the parts, the bundle index of part 1, and whether
+        the group is ours to remove. Inside a Ray Tune trial the trial's own group
+        is used (bundle 0 is the trial's driver, bundles 1..K its parts), so trials
+        never starve each other."""
+        current = ray.util.get_current_placement_group()
+        if in_trial(self.n_parts):
+            return current, len(current.bundle_specs) - self.n_parts, False
+        pg = placement_group([dict(self.part)] * self.n_parts, strategy=self.strategy)
+        what = f"{self.n_parts} parts of {self.part} with strategy {self.strategy}"
+        _wait_ready(pg, f"{what} on this cluster ({len(self.nodes)} node(s), {ray.cluster_resources()}); "
+                    "lower --cpus-per-part or use --placement pack")  # fmt: skip
+        return pg, 0, True
+
+    def reserve_service(self) -> PlacementGroup:
+        """A placement group of the model service's one bundle."""
+        pg = placement_group([self.service], strategy="PACK")
+        _wait_ready(pg, f"the model service's bundle {self.service} on this cluster ({ray.cluster_resources()})")
+        return pg
+
+
+def in_trial(n_parts: int) -> bool:
+    """Is this process a Ray Tune trial whose group already holds the parts' bundles?"""
+    current = ray.util.get_current_placement_group()
+    return current is not None and len(current.bundle_specs) > n_parts
+
+
+def _wait_ready(pg: PlacementGroup, what: str) -> None:
+    ready, _ = ray.wait([pg.ready()], timeout=float(os.environ.get("RAYLOCAL_PLACEMENT_TIMEOUT", 60)))
+    if not ready:
+        remove_placement_group(pg)
+        raise ClusterError(f"cannot place {what}")
+
+
+def trial_bundles(base: RunConfig, cpus_per_trial: float | None = None) -> list[dict[str, float]]:
+    """A Tune trial's placement group: its own process first (it evaluates the
+    assembled model, a part's CPUs by default, and a share of a GPU when its
+    parts have GPUs), then one bundle per part."""
+    cpus = base.cpus_per_part or 0.5
+    gpus = base.gpus_per_part or 0.0
+    trial = {"CPU": cpus if cpus_per_trial is None else cpus_per_trial} | (
+        {"GPU": min(SERVICE_GPU_SHARE, gpus)} if gpus else {}
+    )
+    return [trial] + [{"CPU": cpus} | ({"GPU": gpus} if gpus else {})] * base.parts
+
+
+def default_gpu_share(config: RunConfig, cluster_gpus: float, concurrent: int) -> float:
+    """Each part's GPU share in a Tune study when ``--gpus-per-part`` is not given:
+    none without GPUs (or with ``--device cpu``), else an equal share for every
+    bundle of the trials that run at once (K parts and the trial's own process
+    each), rounded down so that they fit the cluster's GPUs together."""
+    if config.device == "cpu" or cluster_gpus <= 0:
+        return 0.0
+    bundles = (config.parts + 1) * max(concurrent, 1)
+    return min(1.0 - SERVICE_GPU_SHARE, math.floor(1000 * cluster_gpus / bundles) / 1000)
+
+
+def data_parallel_uses_gpus(config: RunConfig, workers: int, gpus: float) -> bool:
+    """One whole GPU per worker, or none: DDP on fewer GPUs than workers is
+    refused with ``--device cuda`` and, with ``auto``, runs on CPUs and says so."""
+    if config.device == "cpu" or gpus == 0:
+        return False
+    if gpus >= workers:
+        return True
+    message = f"{workers} data-parallel workers need a GPU each, the cluster has {gpus:g}"
+    if config.device == "cuda":
+        raise ClusterError(f"{message}; use fewer workers (--finetune-workers) or --device cpu")
+    print(f"note: {message}: they train on CPUs", file=sys.stderr)
+    return False
+
+
+@dataclass(frozen=True)
+class DataParallelPlacement:
+    """N data-parallel workers (a DDP or local-SGD run): each one's bundle and threads, GPUs or not."""
+
+    use_gpu: bool
+    worker: dict[str, float]
+    threads: int
+
+    @classmethod
+    def plan(
+        cls, config: RunConfig, workers: int, cpus_per_worker: float | None = None, nodes: list | None = None
+    ) -> DataParallelPlacement:
+        """By default the workers share the cluster's CPUs equally."""
+        nodes = live_nodes() if nodes is None else nodes
+        use_gpu = data_parallel_uses_gpus(config, workers, _sum(nodes, "GPU"))
+        cpus = cpus_per_worker or max((_sum(nodes, "CPU") or 1.0) / workers, 0.01)
+        return cls(use_gpu, _pinned(config, {"CPU": cpus}), config.threads or max(1, int(cpus)))
+
+
+# ------------------------------------------------------------ devices
+
+
+def check_torch_sees_gpus(granted: list) -> None:
+    """In a process Ray granted GPUs: torch must see them. The pinned wheel is a
+    CUDA 13 build; on an older NVIDIA driver torch sees no GPU while Ray still
+    counts them, and the work would die on its first CUDA call."""
+    if granted and not torch.cuda.is_available():
+        raise ClusterError(
+            f"Ray granted GPU(s) {granted} but torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU: "
+            "the NVIDIA driver is too old for this wheel (README: GPUs); install a torch build for your driver, "
+            "or run with --device cpu"
+        )
+
+
+def assigned_device(gpu_ids: list, visible: str | None) -> torch.device:
+    """The torch device of the GPU Ray assigned to this process (its lowest id),
+    as ``ray.train.torch.get_device`` maps it: the position of that id in
+    CUDA_VISIBLE_DEVICES (Ray narrows it to the assigned ids; a process that
+    sees more GPUs than it was granted must still use its own). CPU when none."""
+    if not gpu_ids:
+        return torch.device("cpu")
+    first = str(min(gpu_ids, key=lambda g: int(g) if str(g).isdigit() else str(g)))
+    order = [v.strip() for v in visible.split(",")] if visible else []
+    index = order.index(first) if first in order else (int(first) if first.isdigit() and not order else 0)
+    return torch.device(f"cuda:{index}")
+
+
+def train_worker_device(config: RunConfig) -> str:
+    """The device of a Ray Train worker: the one Ray Train assigned it."""
+    import ray.train.torch
+
+    if config.device == "cpu":
+        return "cpu"
+    check_torch_sees_gpus(ray.get_gpu_ids())
+    return str(ray.train.torch.get_device())
+
+
+def actor_device(config: RunConfig) -> torch.device:
+    """The device of this Ray actor or task: the GPU Ray granted it, else CPU
+    (never ``torch.cuda.is_available()``: Ray 2.60 leaves the GPUs visible to a
+    process granted none)."""
+    granted = ray.get_gpu_ids() if config.device != "cpu" else []
+    check_torch_sees_gpus(granted)
+    return assigned_device(granted, os.environ.get("CUDA_VISIBLE_DEVICES"))
