@@ -17,7 +17,9 @@ from raylocal.cli.train import main
 from raylocal.core.checkpoint import load_checkpoint
 from raylocal.core.config import RunConfig
 from raylocal.core.data import load_dataset
-from raylocal.training.schedules import PARTS_RESULT, ModelService, finish_after_parts
+from raylocal.run.finish import finish_after_parts
+from raylocal.training.schedules import PARTS_RESULT
+from raylocal.training.service import ModelService
 from raylocal.training.trainer import build_glow, evaluate_bpd
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -45,6 +45,7 @@ from raylocal.baselines.projection import StepModel, bandwidth_losing, wire_byte
 from raylocal.core.config import RunConfig
 from raylocal.core.links import FakeClock, LinkSpec, Wire
 from raylocal.training.schedules import part_spec_for
+from raylocal.training.service import ModelService
 from raylocal.training.trainer import build_glow
 
 LINKS = {
@@ -127,11 +128,7 @@ def _config(args: dict[str, Any], **extra: Any) -> RunConfig:
 
 
 def _evaluate(config: RunConfig, data, state: dict[str, torch.Tensor]) -> float:
-    from raylocal.training.trainer import evaluate_bpd
-
-    glow = build_glow(config, data.shape)
-    glow.load_state_dict(state)
-    return evaluate_bpd(glow, data.test, config.eval_batch_size, torch.device("cpu"))
+    return ModelService(config, data.shape, "cpu").evaluate(data.test, state)
 
 
 def run_one_device(args: dict[str, Any]) -> dict[str, Any]:

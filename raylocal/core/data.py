@@ -30,7 +30,7 @@ from torch import Tensor
 
 from raylocal.errors import DataError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # raylocal/core/data.py -> the repository
 BUNDLED_MNIST = REPO_ROOT / "data" / "mnist"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 

@@ -42,11 +42,14 @@ from raylocal.cluster.connect import connect, errors_in_one_line, fit_train_run
 from raylocal.cluster.parts_phase import PartsPhase, part_checkpoint_path, pipeline_report
 from raylocal.cluster.placement import Placement, actor_device, train_worker_device
 from raylocal.cluster.preflight import check_run
+from raylocal.cluster.queue import LatentQueue
 from raylocal.core.config import RunConfig
 from raylocal.core.data import ImageData
 from raylocal.core.runlog import Progress, has_checkpoint, resolve_run_dir, write_json
 from raylocal.errors import CheckpointError, ClusterError, DivergedError
-from raylocal.training.schedules import PARTS_RESULT, ModelService, PartsResult, finish_after_parts
+from raylocal.run.finish import finish_after_parts
+from raylocal.training.schedules import PARTS_RESULT, PartsResult
+from raylocal.training.service import ModelService
 
 
 def here(device: str) -> dict[str, Any]:
@@ -92,10 +95,18 @@ class ServiceActor:
         return bpd
 
     def finish(
-        self, name: str, train: torch.Tensor, test: torch.Tensor, run_dir: str, bounds: list, finetuned: Any = None
+        self,
+        name: str,
+        train: torch.Tensor,
+        test: torch.Tensor,
+        run_dir: str,
+        bounds: list,
+        parts: PartsResult | None,
+        finetuned: Any = None,
     ) -> dict[str, Any]:
         config = self.config.model_copy(update={"device": str(self.service.device)})
-        summary = finish_after_parts(config, ImageData(name, train, test), Path(run_dir), bounds, finetuned)
+        data = ImageData(name, train, test)
+        summary = finish_after_parts(config, data, Path(run_dir), bounds, finetuned, parts)
         return summary | {"where_finished": self.where() | {"phase": "model service"}}
 
 
@@ -142,9 +153,6 @@ class LiveEvaluation:
         )
 
 
-FINETUNE_DIVERGED = "finetune_diverged.txt"  # the Ray Train worker's word that the fine-tune diverged
-
-
 def _finish_loop(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker of a one-worker fine-tune: the rest of the run."""
     import ray.train
@@ -154,26 +162,35 @@ def _finish_loop(loop_config: dict[str, Any]) -> None:
     data = ImageData(loop_config["name"], ray.get(loop_config["train"]), ray.get(loop_config["test"]))
     device = train_worker_device(config)
     run_dir = Path(loop_config["run_dir"])
+    parts = ray.get(loop_config["parts"]) if loop_config["parts"] is not None else None
+    mailbox = loop_config["mailbox"]  # the driver's: the summary goes back in memory, not through a file
     try:
-        summary = finish_after_parts(config.model_copy(update={"device": device}), data, run_dir, loop_config["bounds"])
+        summary = finish_after_parts(
+            config.model_copy(update={"device": device}), data, run_dir, loop_config["bounds"], parts=parts
+        )
     except DivergedError as e:
-        # a divergence is deterministic: written down, not raised, so that Ray
-        # Train does not rerun the fine-tune max_restarts times to diverge again
-        # (Ray Train V2 keeps reported metrics only with a checkpoint)
-        (run_dir / FINETUNE_DIVERGED).write_text(str(e))
+        # a divergence is deterministic: reported, not raised, so that Ray Train
+        # does not rerun the fine-tune max_restarts times to diverge again
+        mailbox.put_latest({"diverged": str(e)})
         return
     summary["where_finished"] = here(device) | {"phase": "ray train worker"}
-    write_json(run_dir / "summary.json", summary)
+    mailbox.put_latest({"summary": summary})  # a restarted worker's replaces an earlier one's
     ray.train.report({"test_bpd": summary["test_bpd"]})
 
 
 def finish_on_ray_train(
-    config: RunConfig, placement: Placement, name: str, refs: tuple[Any, Any], run_dir: Path, bounds: list
-) -> None:
+    config: RunConfig,
+    placement: Placement,
+    name: str,
+    refs: tuple[Any, Any],
+    run_dir: Path,
+    bounds: list,
+    parts: PartsResult | None,
+) -> dict[str, Any]:
     """The fine-tune and the rest of the run as a Ray Train run of one worker (a
     GPU when the cluster has one, else CPUs and as many torch threads). Ray
     Train restarts a dead worker up to ``max_restarts`` times; the new one
-    continues from the run's last checkpoint."""
+    continues from the run's last checkpoint. Returns the run's summary."""
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
@@ -184,6 +201,7 @@ def finish_on_ray_train(
     # Ray Train's preemption watcher prints a core-worker error line at every start
     # (its own actor, Ray issue 53727); our checkpoints already cover a lost worker
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    mailbox = LatentQueue(1)
     trainer = TorchTrainer(
         _finish_loop,
         train_loop_config={
@@ -194,6 +212,8 @@ def finish_on_ray_train(
             "run_dir": str(run_dir),
             "bounds": bounds,
             "threads": threads,
+            "parts": ray.put(parts) if parts is not None else None,
+            "mailbox": mailbox,
         },  # fmt: skip
         scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=TrainRunConfig(
@@ -202,14 +222,19 @@ def finish_on_ray_train(
             failure_config=FailureConfig(max_failures=config.max_restarts),
         ),
     )
-    diverged = run_dir / FINETUNE_DIVERGED
-    diverged.unlink(missing_ok=True)
     try:
-        fit_train_run(trainer)
-    except Exception as e:  # Ray Train wraps worker errors in several types
-        raise ClusterError(f"the fine-tune failed: {str(e).strip().splitlines()[0][:200]}") from None
-    if diverged.is_file():
-        raise DivergedError(diverged.read_text())
+        try:
+            fit_train_run(trainer)
+        except Exception as e:  # Ray Train wraps worker errors in several types
+            raise ClusterError(f"the fine-tune failed: {str(e).strip().splitlines()[0][:200]}") from None
+        if mailbox.qsize() == 0:
+            raise ClusterError("the fine-tune's worker ended without a summary")
+        result = mailbox.get()
+    finally:
+        mailbox.shutdown()
+    if "diverged" in result:
+        raise DivergedError(result["diverged"])
+    return result["summary"]
 
 
 class AsyncRun:
@@ -227,6 +252,8 @@ class AsyncRun:
         self.service: Any = None
         self.service_pg: PlacementGroup | None = None
         self.placement: Placement | None = None  # planned once the cluster is joined
+        self.parts: PartsResult | None = None  # the parts phase's result, once it ran in this process
+        self.finetune_link: dict[str, Any] | None = None  # a DDP fine-tune's link figures
 
     def run(self) -> dict[str, Any]:
         # Everything that can be checked is, before anything starts or is written:
@@ -319,25 +346,27 @@ class AsyncRun:
         live.collect(wait=True)  # the parts are done: waiting for it stalls nothing
         report = pipeline_report(config, stats, infos, wall, plan["param_bytes"])
         write_json(run_dir / "pipeline.json", report)
-        PartsResult(state, wall, stats, live.curve, report).save(run_dir / PARTS_RESULT)
+        self.parts = PartsResult(state, wall, stats, live.curve, report)
+        self.parts.save(run_dir / PARTS_RESULT)  # what --resume continues from
         self.where["parts"] = [{"node_id": i["node_id"], "pid": i["pid"], "device": i["device"]} for i in infos]
 
     def _finish(self, plan: dict[str, Any], refs: tuple[Any, Any]) -> dict:
         config, run_dir, name = self.config, self.run_dir, self.data.name
         bounds = plan["bounds"]
         if config.finetune_epochs == 0:
-            summary = ray.get(self.service.finish.remote(name, *refs, str(run_dir), bounds))
+            summary = ray.get(self.service.finish.remote(name, *refs, str(run_dir), bounds, self.parts))
         elif config.finetune_workers > 1:
             # the DDP workers take the whole cluster; a fresh service finishes the run after them
             self._release()
             finetuned = self._ddp_finetune()
-            summary = ray.get(self._start_service().finish.remote(name, *refs, str(run_dir), bounds, finetuned))
+            service = self._start_service()
+            summary = ray.get(service.finish.remote(name, *refs, str(run_dir), bounds, self.parts, finetuned))
+            summary["finetune_link"] = self.finetune_link
         else:
             # the service's bundle is handed to the fine-tune: Ray Train always
             # reserves its own placement group and cannot take over one of ours
             self._release()
-            finish_on_ray_train(config, self.placement, name, refs, run_dir, bounds)
-            summary = json.loads((run_dir / "summary.json").read_text())
+            summary = finish_on_ray_train(config, self.placement, name, refs, run_dir, bounds, self.parts)
         self.where["finished"] = summary.pop("where_finished")
         if "parts" not in self.where:  # resumed after the parts phase: from its report
             report = json.loads((run_dir / "pipeline.json").read_text())
@@ -352,7 +381,7 @@ class AsyncRun:
         from raylocal.baselines.ddp import train_ddp
 
         config = self.config
-        parts = PartsResult.load(self.run_dir / PARTS_RESULT)
+        parts = self.parts or PartsResult.load(self.run_dir / PARTS_RESULT)  # resumed after the parts phase
         t0 = time.perf_counter()
         lr = config.finetune_lr or min(config.lr)
         run_clock = {}
@@ -366,8 +395,7 @@ class AsyncRun:
             parts.state, stats=link_stats, **run_clock,
         )  # fmt: skip
         self.where["finetune_ddp"] = link_stats.pop("where", None)
-        parts.report["finetune_link"] = link_stats
-        parts.save(self.run_dir / PARTS_RESULT)
+        self.finetune_link = link_stats
         return tuned, time.perf_counter() - t0, history
 
 

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
 # The reference work's Glow (CIFAR-10: 3x32x32, L=3, K=32, width 512) for throughput,
 # and the embedded default's model for the runs (MNIST, which L=3 cannot divide).
 REFERENCE = ["--shape", "3x32x32", "--levels", "3", "--depth", "32", "--width", "512", "--batch", "64"]
@@ -57,7 +56,7 @@ def bench(out: Path, gpu: bool, tiny: bool, tf32: bool = False) -> dict[str, Any
     size = TINY if tiny else REFERENCE
     seconds = "0.2" if tiny else ("8" if gpu else "2")
     figures = out / f"glow{'-tf32' if tf32 else ''}.json"
-    command = [sys.executable, str(ROOT / "scripts" / "bench_glow.py"), "--budget", "0", "--full", *size]
+    command = [sys.executable, "-m", "raylocal.bench.glow_bench", "--budget", "0", "--full", *size]
     command += ["--seconds", seconds, "--device", "cuda" if gpu else "cpu", "--json", str(figures)]
     subprocess.run(command + (["--tf32"] if tf32 else []), check=True, timeout=300)
     return json.loads(figures.read_text())["rows"][0]

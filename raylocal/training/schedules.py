@@ -198,8 +198,11 @@ class PartsResult:
 class SingleProcessRun:
     """A whole run of one of the single-process schedules (see module doc)."""
 
-    def __init__(self, config: RunConfig, data: ImageData, run_dir: Path, spec: PartSpec | None = None) -> None:
+    def __init__(
+        self, config: RunConfig, data: ImageData, run_dir: Path, spec: PartSpec | None = None, record: bool = True
+    ) -> None:
         self.config = config
+        self.record = record  # write summary.json (else the run that this one finishes writes it)
         self.data = data
         self.device = resolve_device(config.device)
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]  # how latents cross a boundary (as async's wire sends them)
@@ -570,63 +573,7 @@ class SingleProcessRun:
             "samples": str(samples) if samples else None,
             "tensorboard": str(self.log.dir / "tensorboard"),
         }
-        write_json(self.log.dir / "summary.json", summary)
+        if self.record:
+            write_json(self.log.dir / "summary.json", summary)
         self.log.close()
         return summary
-
-
-def finish_after_parts(
-    config: RunConfig,
-    data: ImageData,
-    run_dir: Path,
-    bounds: list[tuple[int, int]],
-    finetuned: tuple[dict[str, Tensor], float, list[dict[str, Any]]] | None = None,
-) -> dict[str, Any]:
-    """The rest of a run whose parts phase was trained elsewhere: the fine-tune
-    epochs, evaluation, samples, checkpoint and summary, in this process.
-
-    It continues from the run's checkpoint when there is one (the fine-tune had
-    started: a restart, or ``--resume``), else from the parts' ``PartsResult``.
-    ``finetuned`` is a fine-tune already trained elsewhere (DDP): its weights,
-    seconds and per-epoch history are taken instead of training one here."""
-    parts = PartsResult.load(run_dir / PARTS_RESULT)
-    spec = PartSpec(tuple(tuple(b) for b in bounds))
-    resume = finetuned is None and (run_dir / "checkpoint.pt").is_file()
-    run = SingleProcessRun(config.model_copy(update={"resume": resume}), data, run_dir, spec)
-    if not resume:
-        run.take_over(parts)
-        run.log.link_report(parts.report, int(parts.stats[0]["steps"]))
-        if finetuned is not None:
-            run.adopt_finetune(*finetuned)
-    summary = run.run()
-    summary.update(parts.report)
-    n = len(parts.stats)
-    summary["rollbacks"] = [st["rollbacks"] for st in parts.stats] + summary["rollbacks"][n:]
-    summary["skipped_batches"] = [st["skipped"] for st in parts.stats] + summary["skipped_batches"][n:]
-    write_json(run_dir / "summary.json", summary)
-    return summary
-
-
-class ModelService:
-    """The whole model on one device, for a driver that does no tensor work of
-    its own: it plans the parts (``--balance measure`` times the layers on the
-    device that trains them) and evaluates weights trained elsewhere."""
-
-    def __init__(self, config: RunConfig, image_shape: tuple[int, int, int], device: str) -> None:
-        self.config = config
-        self.device = resolve_device(device)
-        self.glow = build_glow(config, image_shape).to(self.device)
-
-    def plan(self, train_images: Tensor) -> dict[str, Any]:
-        """The run's parts: their bounds, canonical form, and the model's parameter bytes."""
-        spec = part_spec_for(self.config, self.glow, train_images)
-        return {
-            "bounds": [list(b) for b in spec.bounds],
-            "canonical": spec.canonical(self.glow),
-            "param_bytes": self.glow.param_bytes(),
-        }
-
-    def evaluate(self, test_images: Tensor, state: dict[str, Tensor]) -> float:
-        """Test BPD of the assembled weights ``state``."""
-        self.glow.load_state_dict(state)
-        return evaluate_bpd(self.glow, test_images, self.config.eval_batch_size, self.device)

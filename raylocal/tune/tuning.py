@@ -34,8 +34,7 @@ from raylocal.core.config import RunConfig, write_config_file
 from raylocal.core.data import ImageData
 from raylocal.core.runlog import Progress
 from raylocal.errors import ConfigError, DivergedError
-from raylocal.training.schedules import part_spec_for
-from raylocal.training.trainer import build_glow, evaluate_bpd
+from raylocal.training.service import ModelService
 
 DIVERGED_BPD = 1e3  # what a diverged trial reports as its BPD: worse than any real model
 SCHEDULERS = ("asha", "pbt")
@@ -132,9 +131,8 @@ def run_trial(
         config = config.model_copy(update={"resume": True})
     torch.set_num_threads(1)
     # the trial's own process evaluates, on the GPU share its bundle reserved when it has one
-    device = actor_device(config)
-    glow = build_glow(config, data.shape).to(device)
-    spec = part_spec_for(config, glow, data.train)
+    service = ModelService(config, data.shape, str(actor_device(config)))
+    bounds = [tuple(b) for b in service.plan(data.train)["bounds"]]
     next_report = [resumed_at + report_every]
 
     def row(bpd: float, polled: list[dict[str, Any]], done: bool) -> dict[str, Any]:
@@ -154,8 +152,7 @@ def run_trial(
         return out
 
     def metrics(state: dict[str, torch.Tensor], polled: list[dict[str, Any]], done: bool) -> dict[str, Any]:
-        glow.load_state_dict(state)
-        return row(evaluate_bpd(glow, data.test, config.eval_batch_size, device), polled, done)
+        return row(service.evaluate(data.test, state), polled, done)
 
     last_polled: list[dict[str, Any]] = []
 
@@ -169,7 +166,7 @@ def run_trial(
             tune.report(m)
         else:  # evaluate exactly the checkpointed parts: PBT copies what it ranked
             states = gather_part_states(actors)
-            m = metrics(assembled(states, glow, spec.bounds), polled, done=False)
+            m = metrics(assembled(states, service.glow, bounds), polled, done=False)
             m["steps"] = int(states[-1]["step"])
             with tempfile.TemporaryDirectory() as tmp:
                 for k, state in enumerate(states):
@@ -179,7 +176,7 @@ def run_trial(
             raise DivergedError(f"assembled model's BPD is not finite at step {m['steps']}")
 
     try:
-        state, stats, _, _ = run_async_phase(config, data, list(spec.bounds), Progress(False), trial_dir, monitor)
+        state, stats, _, _ = run_async_phase(config, data, bounds, Progress(False), trial_dir, monitor)
     except (DivergedError, ray.exceptions.RayTaskError) as e:
         tune.report(row(math.nan, last_polled, done=True) | {"error": str(e)[:200]})
         return

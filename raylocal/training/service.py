@@ -1,0 +1,38 @@
+"""The whole model on one device, for weights trained elsewhere: it plans the
+parts and evaluates assembled weights. The async run's model service, a Tune
+trial's evaluations and the benchmarks' final evaluations are all this one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from raylocal.core.config import RunConfig
+from raylocal.training.schedules import part_spec_for
+from raylocal.training.trainer import build_glow, evaluate_bpd, resolve_device
+
+
+class ModelService:
+    """The whole model on one device, for a driver that does no tensor work of
+    its own: it plans the parts (``--balance measure`` times the layers on the
+    device that trains them) and evaluates weights trained elsewhere."""
+
+    def __init__(self, config: RunConfig, image_shape: tuple[int, int, int], device: str) -> None:
+        self.config = config
+        self.device = resolve_device(device)
+        self.glow = build_glow(config, image_shape).to(self.device)
+
+    def plan(self, train_images: Tensor) -> dict[str, Any]:
+        """The run's parts: their bounds, canonical form, and the model's parameter bytes."""
+        spec = part_spec_for(self.config, self.glow, train_images)
+        return {
+            "bounds": [list(b) for b in spec.bounds],
+            "canonical": spec.canonical(self.glow),
+            "param_bytes": self.glow.param_bytes(),
+        }
+
+    def evaluate(self, test_images: Tensor, state: dict[str, Tensor]) -> float:
+        """Test BPD of the assembled weights ``state``."""
+        self.glow.load_state_dict(state)
+        return evaluate_bpd(self.glow, test_images, self.config.eval_batch_size, self.device)
