@@ -88,12 +88,12 @@ def untrained_bpd(mnist_dir: Path, seed: int = 0, **model: object) -> float:
     """Test BPD of the tiny model (``tiny_options``'s) before any training, computed
     here, independently of a run: ActNorm's data init on the first 64 training
     images, as a run makes it. What a run that learnt must end below."""
-    from raylocal.core.config import RunConfig
+    from raylocal.core.config import RaylocalConfig
     from raylocal.core.data import load_dataset
     from raylocal.model.objectives import preprocess
     from raylocal.training.trainer import build_glow, evaluate_bpd, initialize
 
-    config = RunConfig(**({"n_levels": 2, "depth": 2, "hidden": 8, "seed": seed} | model))
+    config = RaylocalConfig(**({"n_levels": 2, "depth": 2, "hidden": 8, "seed": seed} | model))
     data = load_dataset("mnist", str(mnist_dir))
     glow = build_glow(config, data.shape)
     initialize([glow.whole()], preprocess(data.train[:64], 8, torch.Generator().manual_seed(seed + 1)))

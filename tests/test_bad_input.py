@@ -12,7 +12,7 @@ from PIL import Image
 
 from raylocal.cli import run_async
 from raylocal.cli.train import main
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.tune import cli as tune_lr
 
 
@@ -225,7 +225,7 @@ def test_run_async_help_shows_the_defaults_it_really_uses():
 
 
 def test_the_default_run_ends_with_what_its_numbers_mean():
-    config = RunConfig(**run_async.DEFAULTS)
+    config = RaylocalConfig(**run_async.DEFAULTS)
     line = run_async.reading(config, {"test_bpd": 2.5})
     assert "2.50 BPD" in line and f"reaches {run_async.E2E_SAME_TIME_BPD:.2f}" in line
     assert "docs/benchmarks.md" in line
@@ -262,3 +262,48 @@ def test_an_async_run_fails_fast_before_anything_starts(case, extra, message, mn
     assert not ray_session.util.placement_group_table() or all(
         pg["state"] == "REMOVED" for pg in ray_session.util.placement_group_table().values()
     )
+
+
+def test_every_option_is_in_one_section_and_help_lists_them_by_section():
+    from raylocal.core.config import SECTIONS, build_parser
+
+    names = [name for section in SECTIONS.values() for name in section]
+    assert sorted(names) == sorted(RaylocalConfig.model_fields)  # each once
+    text = build_parser("t").format_help()
+    heads = [text.index(f"{section} options:") for section in SECTIONS]
+    assert heads == sorted(heads)
+    for section, fields in SECTIONS.items():  # every flag under its own section's heading
+        start = text.index(f"{section} options:")
+        end = min([h for h in heads if h > start] + [len(text)])
+        assert all(f"--{f.replace('_', '-')}" in text[start:end] for f in fields), section
+
+
+def test_a_config_file_by_section_is_the_flat_one_and_a_misplaced_key_is_one_line(mnist_dir, tmp_path, capsys):
+    import json
+
+    from raylocal.core.config import load_config_file, write_config_file
+
+    flat = {"depth": 2, "hidden": 8, "lr": [2e-3], "link": "bw=10Mbit", "parts": 2, "seed": 3}
+    (tmp_path / "flat.json").write_text(json.dumps(flat))
+    sectioned = {
+        "model": {"depth": 2, "hidden": 8},
+        "schedule": {"lr": [2e-3], "seed": 3},
+        "links": {"link": "bw=10Mbit"},
+    }
+    (tmp_path / "sectioned.json").write_text(json.dumps(sectioned | {"parts": 2}))  # sections and flat keys mix
+    a, b = load_config_file(tmp_path / "flat.json"), load_config_file(tmp_path / "sectioned.json")
+    assert a == b and a.depth == 2 and a.link == "bw=10Mbit" and a != RaylocalConfig()
+    write_config_file(b, tmp_path / "out.json")  # written by section, read back the same
+    assert json.loads((tmp_path / "out.json").read_text())["model"]["depth"] == 2
+    assert load_config_file(tmp_path / "out.json") == b
+    for bad, message in [
+        ({"model": {"lr": [1e-3]}}, "model.lr: belongs to section 'schedule'"),
+        ({"model": {"depth": 2}, "depth": 3}, "depth is given twice"),
+        ({"model": {"depht": 2}}, "depht: unknown option"),
+    ]:
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps(bad))
+        assert main(tiny_options(mnist_dir, tmp_path / "runs", config=str(path))) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {path}: {message}"], err
+    assert not (tmp_path / "runs").exists()

@@ -8,7 +8,7 @@ import pytest
 
 from raylocal.baselines.projection import StepModel, WireBytes, bandwidth_losing, wire_bytes_per_step
 from raylocal.bench import links as bench_links
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.training.trainer import build_glow
 
 
@@ -19,7 +19,7 @@ def bench():
 
 @pytest.mark.parametrize("wire_dtype,bytes_per_value", [("float32", 4), ("bfloat16", 2)])
 def test_projection_counts_latents_syncs_init_all_reduce_and_averaging_bytes_by_hand(wire_dtype, bytes_per_value):
-    config = RunConfig(
+    config = RaylocalConfig(
         n_levels=2, depth=2, hidden=8, batch_size=16, schedule="async", parts=2, part_spec="1|2",
         average_every=10, wire_dtype=wire_dtype, sync_every=50, init_batch_size=64,
     )  # fmt: skip

@@ -168,11 +168,11 @@ def test_batch_stream_resumes_exactly():
 
 
 def test_validation_holds_out_the_last_training_images(mnist_dir):
-    from raylocal.core.config import RunConfig
+    from raylocal.core.config import RaylocalConfig
     from raylocal.run.launch import load_data
 
     full = load_dataset("mnist", mnist_dir)
-    data = load_data(RunConfig(data_root=str(mnist_dir), validation=16, train_subset=40))
+    data = load_data(RaylocalConfig(data_root=str(mnist_dir), validation=16, train_subset=40))
     # evaluated on the last 16 training images; trained on the first 40 of the other 48
     assert torch.equal(data.test, full.train[-16:]) and torch.equal(data.train, full.train[:40])
     assert not any(torch.equal(t, v) for t in data.train for v in data.test)

@@ -13,7 +13,7 @@ from conftest import tiny_options
 from raylocal.baselines.ddp import LinkedAllReduce, OuterNesterov, average_parameters
 from raylocal.baselines.projection import ring_bytes
 from raylocal.cli.train import main
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.core.links import FakeClock, LinkSpec
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -30,7 +30,7 @@ def test_async_then_ddp_finetune_on_two_workers(mnist_dir, tmp_path):
     # the DDP workers all-reduced every gradient over the parts' link, through the hook
     from raylocal.training.trainer import build_glow
 
-    config = RunConfig(n_levels=2, depth=2, hidden=8)
+    config = RaylocalConfig(n_levels=2, depth=2, hidden=8)
     params = sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters())
     assert s["finetune_link"]["bytes_per_step"] == pytest.approx(ring_bytes(params, 2), rel=1e-6)
     assert s["finetune_link"]["idle_s"] > 0
@@ -117,7 +117,7 @@ def test_local_sgd_over_a_link_sends_what_the_formula_says(mnist_dir, tmp_path):
     from raylocal.core.data import load_dataset
     from raylocal.training.trainer import build_glow
 
-    config = RunConfig(
+    config = RaylocalConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
         warmup_steps=2, threads=1, samples=0, progress=False, link="bw=1Gbit,lat=10ms", average_every=3,
         outer_lr=0.7,
@@ -165,7 +165,7 @@ def test_ddp_training_that_diverges_fails_in_one_line_with_its_reason(mnist_dir,
     from raylocal.core.data import load_dataset
     from raylocal.errors import DivergedError
 
-    config = RunConfig(
+    config = RaylocalConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
         warmup_steps=0, threads=1, samples=0, progress=False,
     )  # fmt: skip
@@ -196,7 +196,7 @@ def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compresse
     from raylocal.core.data import load_dataset
     from raylocal.training.trainer import build_glow
 
-    config = RunConfig(
+    config = RaylocalConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
         warmup_steps=2, threads=1, samples=0, progress=False, link="bw=1Gbit", bucket_cap_mb=0.001,
         ddp_compression="bf16",

@@ -15,7 +15,7 @@ import raylocal.training.schedules
 import raylocal.training.trainer
 from raylocal.cli.train import main
 from raylocal.core.checkpoint import load_checkpoint
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.run.finish import finish_after_parts
 from raylocal.training.schedules import PARTS_RESULT
@@ -66,7 +66,7 @@ def test_driver_only_coordinates_and_a_killed_fine_tune_resumes_to_the_same_weig
         eval_batch_size=32, warmup_steps=2, threads=1, parts=2, part_spec="1|2", epochs=2, finetune_epochs=3,
         schedule="async", samples=4, progress=False, storage_path=str(storage), checkpoint_every=2,
     )  # fmt: skip
-    config = RunConfig(**values)
+    config = RaylocalConfig(**values)
     data = load_dataset("mnist", mnist_dir)
     bounds = raylocal.training.schedules.part_spec_for(config, build_glow(config, data.shape)).bounds
     ref = finish_after_parts(config, data, ref_dir, bounds)
@@ -78,7 +78,7 @@ def test_driver_only_coordinates_and_a_killed_fine_tune_resumes_to_the_same_weig
 
 
 def test_model_service_plans_and_evaluates_as_the_run_would(mnist_dir):
-    config = RunConfig(data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, parts=3, schedule="async")
+    config = RaylocalConfig(data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, parts=3, schedule="async")
     data = load_dataset("mnist", mnist_dir)
     service = ModelService(config, data.shape, "cpu")
     plan = service.plan(data.train)

@@ -21,7 +21,7 @@ from raylocal.cluster.placement import (
     trial_bundles,
 )
 from raylocal.core.checkpoint import host_copy, load_checkpoint, save_checkpoint
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.errors import ClusterError, ConfigError, SpecError
 from raylocal.model.glow import Glow
 from raylocal.pipeline.channel import PacketChannel
@@ -29,13 +29,13 @@ from raylocal.pipeline.worker import PartLoop, PartWorker, to_wire
 from raylocal.training.trainer import build_glow, local_nll, require_compiler
 
 
-def _config(**kw) -> RunConfig:
+def _config(**kw) -> RaylocalConfig:
     values = dict(
         n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64, warmup_steps=2, threads=1,
         parts=2, part_spec="1|2", schedule="async", epochs=1, samples=0, progress=False, device="cpu",
     )  # fmt: skip
     values.update(kw)
-    return RunConfig(**values)
+    return RaylocalConfig(**values)
 
 
 def _images(n: int = 64) -> torch.Tensor:

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.core.links import FakeClock, LinkSpec, TimedOutages, Wire, check_links
 from raylocal.errors import ConfigError
@@ -203,7 +203,7 @@ def _worker_pair(mnist_dir, **kw):
         progress=False,
     )  # fmt: skip
     values.update(kw)
-    config = RunConfig(**values)
+    config = RaylocalConfig(**values)
     data = load_dataset("mnist", mnist_dir)
     bounds = list(parse_part_spec("1|2", Glow((1, 8, 8), **config.glow_kwargs())).bounds)
     return [PartWorker(config, bounds, k, (1, 8, 8), data.train) for k in range(2)]

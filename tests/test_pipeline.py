@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.model.glow import Glow
 from raylocal.model.parts import parse_part_spec
@@ -20,17 +20,17 @@ from raylocal.pipeline.worker import PartLoop, PartWorker, staleness_summary
 from raylocal.training.schedules import SingleProcessRun
 
 
-def _config(mnist_dir, **kw) -> RunConfig:
+def _config(mnist_dir, **kw) -> RaylocalConfig:
     values = dict(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
         warmup_steps=2, threads=1, parts=2, part_spec="1|2", schedule="simultaneous", epochs=2,
         samples=0, progress=False, eval_batch_size=32,
     )  # fmt: skip
     values.update(kw)
-    return RunConfig(**values)
+    return RaylocalConfig(**values)
 
 
-def _run_threads(config: RunConfig, train: torch.Tensor, queue_size: int = 1):
+def _run_threads(config: RaylocalConfig, train: torch.Tensor, queue_size: int = 1):
     """Run the pipeline with one thread per part and in-memory queues."""
     glow = Glow((1, 8, 8), **config.glow_kwargs())
     bounds = list(parse_part_spec(config.part_spec, glow).bounds)

@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_options, untrained_bpd
 
 from raylocal.cli.train import main
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.training.schedules import SingleProcessRun
 
@@ -44,7 +44,7 @@ def test_lockstep_async_equals_simultaneous_bit_for_bit(mnist_dir, tmp_path, cap
         eval_batch_size=32, warmup_steps=2, threads=1, parts=2, part_spec="1|2", epochs=2,
         schedule="simultaneous", lr=[3e-3, 2e-3], samples=0, progress=False, storage_path=str(storage),
     )  # fmt: skip
-    config = RunConfig(**values)
+    config = RaylocalConfig(**values)
     ref = SingleProcessRun(config, load_dataset("mnist", mnist_dir), storage / "ref")
     ref_summary = ref.run()
     expected = ref.glow.state_dict()
@@ -194,7 +194,7 @@ def test_weights_asked_of_a_part_before_its_run_wait_for_it(mnist_dir, tmp_path)
     from raylocal.model.glow import Glow
     from raylocal.model.parts import parse_part_spec
 
-    config = RunConfig(
+    config = RaylocalConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
         parts=2, part_spec="1|2", schedule="async", storage_path=str(tmp_path), threads=1,
     )  # fmt: skip
@@ -231,7 +231,7 @@ def test_a_parts_phase_that_fails_to_start_releases_its_placement_group_and_queu
 
     monkeypatch.setattr(parts_phase, "LatentQueue", FakeQueue)
     monkeypatch.setattr(parts_phase, "PartActor", ActorThatCannotStart)
-    config = RunConfig(data_root=str(mnist_dir), parts=3, batch_size=16)
+    config = RaylocalConfig(data_root=str(mnist_dir), parts=3, batch_size=16)
     data = load_dataset("mnist", mnist_dir)
     made = []
     real_place = parts_phase.place_parts
@@ -261,7 +261,7 @@ def test_part_resources_give_each_part_a_gpu_or_a_share_of_one(monkeypatch, clus
     from raylocal.cluster.placement import Placement
 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": dict(cluster)}])
-    placement = Placement.plan(RunConfig(parts=3, **options), 3)
+    placement = Placement.plan(RaylocalConfig(parts=3, **options), 3)
     cpus, gpus, threads = placement.part_cpus, placement.part_gpus, placement.threads
     assert (round(cpus, 6), round(gpus, 6), threads) == (round(expected[0], 6), expected[1], expected[2])
 
@@ -275,7 +275,7 @@ def test_shared_gpu_bundles_fit_on_the_gpus_there_are(monkeypatch, n_gpus):
 
     nodes = [{"CPU": 64.0, "GPU": float(n_gpus)}]
     for n_parts in range(1, 9):
-        placement = Placement.plan(RunConfig(parts=n_parts), n_parts, nodes)
+        placement = Placement.plan(RaylocalConfig(parts=n_parts), n_parts, nodes)
         share = placement.part_gpus
         # fill the GPUs one bundle at a time, as Ray's first fit would
         free = [1.0] * n_gpus

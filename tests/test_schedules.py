@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_options
 
 from raylocal.cli.train import main
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.model.glow import Glow
 from raylocal.model.parts import parse_part_spec
 from raylocal.training.schedules import epoch_plan, train_batch
@@ -29,7 +29,7 @@ def _setup(n_parts_spec: str = "1|2"):
     glow = Glow((1, 8, 8), n_levels=2, depth=2, hidden=8)
     spec = parse_part_spec(n_parts_spec, glow)
     parts = [glow.part(a, b) for a, b in spec.bounds]
-    cfg = RunConfig(warmup_steps=0, parts=len(parts))
+    cfg = RaylocalConfig(warmup_steps=0, parts=len(parts))
     trainers = [PartTrainer(p, 1e-2, cfg, k) for k, p in enumerate(parts)]
     x = torch.rand(16, 1, 8, 8) - 0.5
     initialize(parts, x)
@@ -102,7 +102,7 @@ def test_per_part_learning_rates_reach_the_trainers(mnist_dir, tmp_path):
     from raylocal.run.launch import load_data
     from raylocal.training.schedules import SingleProcessRun
 
-    cfg = RunConfig(
+    cfg = RaylocalConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, parts=3, schedule="alternating",
         lr=[1e-3, 5e-4, 1e-4], storage_path=str(tmp_path), init_batch_size=64,
     )  # fmt: skip
@@ -114,7 +114,7 @@ def test_cosine_decay_spans_each_parts_own_epochs_then_the_fine_tune(mnist_dir, 
     from raylocal.run.launch import load_data
     from raylocal.training.schedules import SingleProcessRun
 
-    cfg = RunConfig(
+    cfg = RaylocalConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, parts=3, schedule="alternating",
         epochs=5, finetune_epochs=1, batch_size=16, lr_schedule="cosine", warmup_steps=2,
         storage_path=str(tmp_path), init_batch_size=64, eval_batch_size=32, samples=0, progress=False,
@@ -145,7 +145,7 @@ def test_cosine_run_gives_every_trainer_the_lr_of_the_runs_position(mnist_dir, t
         return result
 
     monkeypatch.setattr(PartTrainer, "step", recording)
-    cfg = RunConfig(
+    cfg = RaylocalConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, parts=2, schedule="alternating",
         epochs=2, finetune_epochs=1, batch_size=16, lr=[1e-2], lr_schedule="cosine-run", warmup_steps=0,
         storage_path=str(tmp_path), init_batch_size=64, eval_batch_size=32, samples=0, progress=False,
@@ -172,7 +172,7 @@ def test_alternating_every_n_batches_switches_parts_mid_epoch(mnist_dir, tmp_pat
         return original(self, x)
 
     monkeypatch.setattr(PartTrainer, "step", recording)
-    cfg = RunConfig(
+    cfg = RaylocalConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, parts=2, schedule="alternating",
         alternate_every=3, epochs=2, finetune_epochs=1, batch_size=16, lr_schedule="cosine", warmup_steps=0,
         storage_path=str(tmp_path), init_batch_size=64, eval_batch_size=32, samples=0, progress=False,
@@ -222,7 +222,7 @@ def test_boundary_scope_fine_tune_trains_exactly_the_steps_at_each_boundary(spec
     # the same seeds with and without the fine-tune: exactly those layers moved, nothing else
     weights = []
     for finetune in (0, 1):
-        config = RunConfig(
+        config = RaylocalConfig(
             data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
             eval_batch_size=32, warmup_steps=2, threads=1, parts=2, part_spec=spec, schedule="simultaneous",
             epochs=1, finetune_epochs=finetune, finetune_scope="boundary", samples=0, progress=False,
@@ -245,7 +245,7 @@ def test_relative_update_rule_scales_each_part_by_its_measured_step_size(mnist_d
     from raylocal.core.data import load_dataset
     from raylocal.training.schedules import SingleProcessRun
 
-    config = RunConfig(
+    config = RaylocalConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
         eval_batch_size=32, warmup_steps=4, threads=1, parts=2, part_spec="1|2", schedule="simultaneous",
         epochs=6, lr=[2e-3], lr_rule="relative-update", samples=0, progress=False, storage_path=str(tmp_path),
@@ -274,9 +274,9 @@ def test_relative_update_rule_scales_each_part_by_its_measured_step_size(mnist_d
     assert summary["part_lrs"] == pytest.approx([2e-3 * g / r for r in rates], rel=1e-6)
     # the rule compares parts that train together, from one LR
     with pytest.raises(ValueError, match="simultaneous and alternating schedules, not 'async'"):
-        RunConfig(parts=2, schedule="async", lr_rule="relative-update")
+        RaylocalConfig(parts=2, schedule="async", lr_rule="relative-update")
     with pytest.raises(ValueError, match="from one --lr, got 2"):
-        RunConfig(parts=2, schedule="simultaneous", lr=[1e-3, 1e-3], lr_rule="relative-update")
+        RaylocalConfig(parts=2, schedule="simultaneous", lr=[1e-3, 1e-3], lr_rule="relative-update")
 
 
 @pytest.mark.parametrize("cut_at", [14, 28])  # inside the rule's window (steps 10-19), and after it
@@ -293,7 +293,7 @@ def test_a_run_with_the_lr_rule_resumes_to_the_same_weights(mnist_dir, tmp_path,
         checkpoint_every=1,
     )  # fmt: skip
     data = load_dataset("mnist", mnist_dir)
-    full = SingleProcessRun(RunConfig(**values), data, tmp_path / "full")
+    full = SingleProcessRun(RaylocalConfig(**values), data, tmp_path / "full")
     write = full.checkpoint
 
     def checkpoint_and_keep_one():
@@ -304,7 +304,7 @@ def test_a_run_with_the_lr_rule_resumes_to_the_same_weights(mnist_dir, tmp_path,
 
     full.checkpoint = checkpoint_and_keep_one
     expected = full.run()
-    resumed = SingleProcessRun(RunConfig(**values, resume=True), data, tmp_path / "cut")
+    resumed = SingleProcessRun(RaylocalConfig(**values, resume=True), data, tmp_path / "cut")
     got = resumed.run()
     assert got["lr_multipliers"] == expected["lr_multipliers"] and expected["lr_multipliers"] is not None
     a, b = full.glow.state_dict(), resumed.glow.state_dict()

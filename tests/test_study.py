@@ -8,6 +8,7 @@ import statistics
 
 import pytest
 
+from raylocal.core.config import load_config_file
 from raylocal.study import compare
 from raylocal.study import studies as study
 
@@ -205,17 +206,17 @@ def test_a_tiny_study_runs_end_to_end_and_a_rerun_trains_nothing(mnist_dir, tmp_
 
 
 def test_a_run_on_the_device_auto_chose_is_read_back_for_auto(tmp_path):
-    from raylocal.core.config import RunConfig
+    from raylocal.core.config import RaylocalConfig
     from raylocal.errors import ConfigError
 
     # an async run stores the device its driver resolved "auto" to (staleness's runs: "cpu")
-    (tmp_path / "config.json").write_text(RunConfig(device="cpu").model_dump_json())
-    compare._check_same_settings(tmp_path, RunConfig(device="auto"))
-    compare._check_same_settings(tmp_path, RunConfig(device="cpu"))
+    (tmp_path / "config.json").write_text(RaylocalConfig(device="cpu").model_dump_json())
+    compare._check_same_settings(tmp_path, RaylocalConfig(device="auto"))
+    compare._check_same_settings(tmp_path, RaylocalConfig(device="cpu"))
     with pytest.raises(ConfigError, match="device 'cpu' -> 'cuda'"):
-        compare._check_same_settings(tmp_path, RunConfig(device="cuda"))
+        compare._check_same_settings(tmp_path, RaylocalConfig(device="cuda"))
     with pytest.raises(ConfigError, match="hidden 64 -> 16"):  # "auto" excuses the device only
-        compare._check_same_settings(tmp_path, RunConfig(device="auto", hidden=16))
+        compare._check_same_settings(tmp_path, RaylocalConfig(device="auto", hidden=16))
 
 
 def test_arms_narrow_a_study_and_keep_its_baseline(capsys):
@@ -314,8 +315,8 @@ def test_a_tuned_arm_takes_the_lrs_of_its_own_tune_study_once(mnist_dir, tmp_pat
     # the trials: the lockstep async twin of the arm, no fine-tune, their own seed, held-out images
     assert trial["schedule"] == "async" and trial["queue_size"] == 1 and trial["finetune_epochs"] == 0
     assert trial["seed"] == 100 and trial["validation"] == 16 and args["--trials"] == "3"
-    ran = json.loads((tmp_path / "runs" / "t" / "tuned-seed0" / "config.json").read_text())
-    assert ran["lr"] == [2e-3, 5e-4] and ran["schedule"] == "simultaneous" and ran["validation"] is None
+    ran = load_config_file(tmp_path / "runs" / "t" / "tuned-seed0" / "config.json")
+    assert ran.lr == [2e-3, 5e-4] and ran.schedule == "simultaneous" and ran.validation is None
     assert study.main(argv) == 0 and len(studies) == 1  # read back, not tuned again
 
 

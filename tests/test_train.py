@@ -10,7 +10,7 @@ from conftest import tiny_options, untrained_bpd
 
 from raylocal.cli.train import main
 from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.errors import CheckpointError, DivergedError
 from raylocal.model.glow import Glow
@@ -30,7 +30,7 @@ def test_e2e_run_learns_and_writes_everything(mnist_dir, tmp_path, capsys):
     s = _summary(storage, "r")
     start = untrained_bpd(mnist_dir)
     assert s["test_bpd"] < start - 0.5, (s["test_bpd"], start)
-    cfg = RunConfig(n_levels=2, depth=2, hidden=8, seed=0)
+    cfg = RaylocalConfig(n_levels=2, depth=2, hidden=8, seed=0)
     data = load_dataset("mnist", mnist_dir)
     glow = build_glow(cfg, data.shape)
     assert s["image_shape"] == [1, 8, 8]
@@ -49,7 +49,7 @@ def test_e2e_run_learns_and_writes_everything(mnist_dir, tmp_path, capsys):
 def test_trained_model_reconstructs_in_float32(mnist_dir, tmp_path):
     storage = tmp_path / "runs"
     assert main(tiny_options(mnist_dir, storage, run_name="r", epochs=2, lr=3e-3)) == 0
-    glow = build_glow(RunConfig(n_levels=2, depth=2, hidden=8), (1, 8, 8))
+    glow = build_glow(RaylocalConfig(n_levels=2, depth=2, hidden=8), (1, 8, 8))
     glow.load_state_dict(load_checkpoint(storage / "r" / "checkpoint.pt")["model"])
     x = preprocess(load_dataset("mnist", mnist_dir).test, 8)
     with torch.no_grad():
@@ -117,10 +117,39 @@ def test_checkpoint_corruption_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+def test_checkpoints_name_their_kind_and_format_and_a_foreign_one_is_one_line(mnist_dir, tmp_path, capsys):
+
+    storage = tmp_path / "runs"
+    assert main(tiny_options(mnist_dir, storage, run_name="r")) == 0
+    run_ckpt = storage / "r" / "checkpoint.pt"
+    payload = load_checkpoint(run_ckpt, kind="run")
+    assert (payload["kind"], payload["format"]) == ("run", 2)
+    with pytest.raises(CheckpointError, match="checkpoint.pt: a run checkpoint, not a part checkpoint$"):
+        load_checkpoint(run_ckpt, kind="part")
+    # written before checkpoints carried a kind: a run's (format 1, this layout) is read, an old part's is not
+    legacy = {k: v for k, v in payload.items() if k not in ("kind", "sha256")} | {"format": 1}
+    save_checkpoint(tmp_path / "legacy.pt", legacy)
+    assert load_checkpoint(tmp_path / "legacy.pt", kind="run")["model"].keys() == payload["model"].keys()
+    save_checkpoint(tmp_path / "part.pt", {"index": 0, "format": 1})
+    with pytest.raises(
+        CheckpointError, match=r"a part checkpoint from an older raylocal \(format 1; this version reads 2\)"
+    ):
+        load_checkpoint(tmp_path / "part.pt", kind="part")
+    save_checkpoint(tmp_path / "new.pt", {"kind": "run", "format": 3})
+    with pytest.raises(CheckpointError, match=r"from a newer raylocal \(format 3; .*upgrade raylocal"):
+        load_checkpoint(tmp_path / "new.pt", kind="run")
+    # resuming from a checkpoint of another kind: one line, no traceback
+    save_checkpoint(run_ckpt, {"index": 0}, kind="part")
+    capsys.readouterr()  # the first run's progress
+    assert main(tiny_options(mnist_dir, storage, run_name="r", resume=True, epochs=2)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {run_ckpt}: a part checkpoint, not a run checkpoint"]
+
+
 def _trainer(index: int = 0, fed_images: bool = False, **cfg):
     torch.manual_seed(0)
     glow = Glow((1, 8, 8), n_levels=2, depth=1, hidden=8)
-    config = RunConfig(**({"warmup_steps": 0, "snapshot_every": 1} | cfg))
+    config = RaylocalConfig(**({"warmup_steps": 0, "snapshot_every": 1} | cfg))
     part = glow.whole()
     x = torch.rand(16, 1, 8, 8) - 0.5
     initialize([part], x)
@@ -345,7 +374,7 @@ def test_compiled_training_step_matches_eager():
         with torch.no_grad():
             for p in glow.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-        return PartTrainer(glow.whole(), 1e-3, RunConfig(warmup_steps=0, **cfg)), x
+        return PartTrainer(glow.whole(), 1e-3, RaylocalConfig(warmup_steps=0, **cfg)), x
 
     (eager, x), (compiled, _) = trainer(), trainer(compile=True)
     graphs = counters["stats"]["unique_graphs"]

@@ -12,7 +12,7 @@ from conftest import tiny_options
 
 from raylocal.cli.train import main as run_main
 from raylocal.cluster.placement import trial_bundles
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.errors import ConfigError
 from raylocal.tune.tuning import load_space, trial_lrs
 
@@ -72,8 +72,8 @@ def test_tiny_study_survives_divergence_ranks_and_best_config_round_trips(
     assert bpds == sorted(bpds)
     assert cells[-1][2:4] == ["50", "50"] and cells[-1][5] == "yes"  # the diverged trial: reported, last
     assert [c[5] for c in cells[:2]] == ["no", "no"]
-    best = json.loads((study / "best.json").read_text())
-    assert best["schedule"] == "async" and best["lr"] in ([2e-3, 5e-4], [1e-3, 1e-3])
+    best = json.loads((study / "best.json").read_text())  # by section
+    assert best["schedule"]["schedule"] == "async" and best["schedule"]["lr"] in ([2e-3, 5e-4], [1e-3, 1e-3])
     assert "best: LRs" in out
     # Tune's own logs are there, one directory per trial
     assert len([p for p in study.iterdir() if p.is_dir() and p.name.startswith("run_trial")]) == 3
@@ -82,7 +82,7 @@ def test_tiny_study_survives_divergence_ranks_and_best_config_round_trips(
     assert (study / "ranking.md").read_text().splitlines() == ranking
     # the best config is the study's run with the best trial's LRs, and it runs (here as its
     # single-process twin: the async run itself is test_ray.py's)
-    trial = RunConfig.model_validate(best)
+    trial = RaylocalConfig.model_validate(best)
     assert trial.epochs == 2 and trial.part_spec == "1|2" and trial.max_rollbacks == 1 and trial.schedule == "async"
     assert run_main(["--config", str(study / "best.json"), "--run-name", "best", "--schedule", "simultaneous"]) == 0
     summary = json.loads((storage / "best" / "summary.json").read_text())  # the study's storage path is kept
@@ -94,15 +94,15 @@ def test_restore_parts_hands_over_weights_and_optimizer_with_new_lrs(mnist_dir, 
     with its own (perturbed) LRs and everything else exactly as checkpointed."""
     from raylocal.cluster.parts_phase import part_checkpoint_path
     from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
-    from raylocal.core.config import RunConfig
+    from raylocal.core.config import RaylocalConfig
     from raylocal.core.data import load_dataset
     from raylocal.model.glow import Glow
     from raylocal.model.parts import parse_part_spec
     from raylocal.pipeline.worker import PartWorker
     from raylocal.tune.tuning import assembled, restore_parts
 
-    def config(seed: int) -> RunConfig:
-        return RunConfig(
+    def config(seed: int) -> RaylocalConfig:
+        return RaylocalConfig(
             data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
             warmup_steps=2, threads=1, parts=2, part_spec="1|2", lr=[1e-3], samples=0, progress=False, seed=seed,
         )  # fmt: skip
@@ -214,5 +214,5 @@ def test_pbt_study_continues_weak_trials_from_strong_ones(mnist_dir, tmp_path, m
     ],
 )
 def test_a_trial_reserves_what_its_own_evaluations_need(options, expected):
-    assert trial_bundles(RunConfig(parts=3, **options)) == expected
-    assert trial_bundles(RunConfig(parts=3, **options), cpus_per_trial=2.0)[0]["CPU"] == 2.0
+    assert trial_bundles(RaylocalConfig(parts=3, **options)) == expected
+    assert trial_bundles(RaylocalConfig(parts=3, **options), cpus_per_trial=2.0)[0]["CPU"] == 2.0

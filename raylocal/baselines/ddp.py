@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from raylocal.baselines.projection import ring_bytes
 from raylocal.cluster.connect import fit_train_run
 from raylocal.cluster.placement import DataParallelPlacement, check_torch_sees_gpus
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import BatchStream
 from raylocal.core.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.core.runlog import peak_rss_mb
@@ -215,7 +215,7 @@ class DataParallelWorker:
         import ray.train
         import ray.train.torch
 
-        self.config = config = RunConfig.model_validate_json(loop_config["config"])
+        self.config = config = RaylocalConfig.model_validate_json(loop_config["config"])
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         torch.set_num_threads(loop_config["threads"])
@@ -253,7 +253,7 @@ class DataParallelWorker:
         self.idle_s = 0.0  # waiting for the link: local-SGD rounds (DDP's is the hook's)
         self.bytes_averaged = 0.0
 
-    def _register_hook(self, config: RunConfig) -> None:
+    def _register_hook(self, config: RaylocalConfig) -> None:
         """DDP's communication: over the emulated link (``LinkedAllReduce``, compressed
         or not), else torch's own bf16 hook when compressing, else DDP's own."""
         if not hasattr(self.model, "register_comm_hook"):  # (one worker: not wrapped)
@@ -381,7 +381,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
 
 def train_ddp(
-    config: RunConfig,
+    config: RaylocalConfig,
     images: Tensor,
     workers: int,
     epochs: int,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.model.parts import resolve_part_spec
 from raylocal.training.trainer import WIRE_DTYPES, build_glow
 
@@ -52,7 +52,7 @@ class WireBytes:
 
 
 def wire_bytes_per_step(
-    config: RunConfig, image_shape: tuple[int, int, int], steps: int, workers: int = 2
+    config: RaylocalConfig, image_shape: tuple[int, int, int], steps: int, workers: int = 2
 ) -> WireBytes:
     """Bytes per step from the config: at the busiest boundary of a
     ``config.parts``-way split, the latents (at ``config.wire_dtype``), the

@@ -31,7 +31,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import torch
 
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.core.runlog import Progress
 from raylocal.model.objectives import preprocess
@@ -118,7 +118,7 @@ class CpuMeter:
         return used
 
 
-def e2e_throughput(config: RunConfig, images: torch.Tensor, threads: int, seconds: float) -> float:
+def e2e_throughput(config: RaylocalConfig, images: torch.Tensor, threads: int, seconds: float) -> float:
     torch.set_num_threads(threads)
     torch._dynamo.reset()  # (--compile) inductor's kernels fix their thread count when compiled
     device = resolve_device(config.device)
@@ -167,7 +167,7 @@ class AsyncBench:
             compile=args.compile,
         )  # fmt: skip
         # --gpu: one GPU per part, or an equal share of one when there are fewer GPUs than parts
-        self.config = RunConfig(**base, threads=1, cpus_per_part=1.0, gpus_per_part=None if args.gpu else 0.0)
+        self.config = RaylocalConfig(**base, threads=1, cpus_per_part=1.0, gpus_per_part=None if args.gpu else 0.0)
         self.data = load_dataset("mnist").subset(args.train_subset, 1000)
 
     def baselines(self) -> tuple[float, float]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.core.runlog import peak_rss_mb
 from raylocal.model.glow import Glow
 from raylocal.model.objectives import local_nll, nll_bits, wait_for
@@ -44,7 +44,7 @@ def throughput(shape, levels, depth, width, batch, device, seconds: float, compi
         glow(x)  # ActNorm data init
     loss_fns = {"eager": local_nll}
     if compiled:
-        loss_fns["compiled"] = training_nll(RunConfig(compile=True), device)
+        loss_fns["compiled"] = training_nll(RaylocalConfig(compile=True), device)
     whole = glow.whole()
 
     def step(loss_fn) -> None:
@@ -75,7 +75,7 @@ def _rate(step, batch: int, seconds: float) -> float:
     return n * batch / (time.perf_counter() - start)
 
 
-def training_step_rate(config: RunConfig, shape, batch: int, device, seconds: float) -> dict[str, float]:
+def training_step_rate(config: RaylocalConfig, shape, batch: int, device, seconds: float) -> dict[str, float]:
     """A full training step (``PartTrainer.step``: forward, backward, guard, clipping,
     Adam) of the whole model: images/s, and the peak memory it took (GPU: torch's
     allocator; CPU: the process's peak resident set)."""
@@ -112,7 +112,7 @@ def training_step_rate(config: RunConfig, shape, batch: int, device, seconds: fl
     }
 
 
-def reconstruction_error(config: RunConfig, shape, batch: int, device) -> dict[str, float]:
+def reconstruction_error(config: RaylocalConfig, shape, batch: int, device) -> dict[str, float]:
     """Max |x - inverse(forward(x))| of a model with non-zero couplings, with
     TF32 off (IEEE float32, the default) and on: what ``--tf32`` costs."""
     out = {}
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    configure_kernels(RunConfig(tf32=args.tf32))  # (the timed models are built with Glow directly)
+    configure_kernels(RaylocalConfig(tf32=args.tf32))  # (the timed models are built with Glow directly)
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"# bench_glow on {name}, torch {torch.__version__}")
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         figures |= {"device": name, "precision": args.precision, "tf32": args.tf32}
         figures |= {"fwd_bwd_images_per_s": rates["eager"]}
         if args.full:
-            config = RunConfig(
+            config = RaylocalConfig(
                 n_levels=levels, depth=depth, hidden=width, batch_size=batch, precision=args.precision,
                 device=str(device.type), warmup_steps=0, tf32=args.tf32,
             )  # fmt: skip
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2) + "\n")
     if args.budget > 0:
-        config = RunConfig(
+        config = RaylocalConfig(
             n_levels=2, depth=8, hidden=64, batch_size=64, epochs=100, lr=[1e-3],
             time_budget=args.budget, threads=args.threads, device=args.device,
             samples=0, progress=False, eval_batch_size=1000, compile=args.compile,

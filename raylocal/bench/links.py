@@ -42,7 +42,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import torch
 
 from raylocal.baselines.projection import StepModel, bandwidth_losing, wire_bytes_per_step
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.core.links import FakeClock, LinkSpec, Wire
 from raylocal.training.schedules import part_spec_for
 from raylocal.training.service import ModelService
@@ -90,7 +90,7 @@ def projection_table(step_time: float, average_every: int) -> str:
         ("reference Glow (3x32x32, L=3, K=32, width 512, batch 256)", REFERENCE_MODEL, (3, 32, 32)),
         ("ours (1x28x28, L=2, K=8, width 64, batch 64)", BENCH_MODEL, (1, 28, 28)),
     ]:
-        config = RunConfig(**{**BENCH_MODEL, **model}, schedule="async", parts=2, average_every=average_every)
+        config = RaylocalConfig(**{**BENCH_MODEL, **model}, schedule="async", parts=2, average_every=average_every)
         b = wire_bytes_per_step(config, shape, PROJECTION_STEPS)
         steps = StepModel(step_time, parts=2, average_every=average_every).methods()
         bounds = [bandwidth_losing(lambda bw, f=f, b=b: f(b, bw, 0.0)) for f in steps.values()]
@@ -121,13 +121,13 @@ def _data(args: dict[str, Any]):
     return load_dataset("mnist").subset(args.get("train_subset"), args["test_subset"])
 
 
-def _config(args: dict[str, Any], **extra: Any) -> RunConfig:
+def _config(args: dict[str, Any], **extra: Any) -> RaylocalConfig:
     values = {**BENCH_MODEL, "link": LINKS[args["link"]] if args.get("link") else "up", "epochs": 1000}
     values.update(extra)
-    return RunConfig(**values)
+    return RaylocalConfig(**values)
 
 
-def _evaluate(config: RunConfig, data, state: dict[str, torch.Tensor]) -> float:
+def _evaluate(config: RaylocalConfig, data, state: dict[str, torch.Tensor]) -> float:
     return ModelService(config, data.shape, "cpu").evaluate(data.test, state)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.core.runlog import Progress
 from raylocal.training.schedules import part_spec_for
@@ -56,7 +56,7 @@ def store_bytes() -> int:
     return int(reply.store_stats.object_store_bytes_used)
 
 
-def measure(config: RunConfig, data, spec) -> dict[str, float]:
+def measure(config: RaylocalConfig, data, spec) -> dict[str, float]:
     from raylocal.cluster.parts_phase import run_async_phase
 
     peaks = {"shm": 0, "rss": 0, "lag": 0}
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         epochs=1, train_subset=args.train_subset, queue_size=args.queue_size, threads=1,
         cpus_per_part=1.0, progress=False,
     )  # fmt: skip
-    normal = RunConfig(**base)
-    slow = RunConfig(**base, inject=f"slow:2@{args.slow}")
+    normal = RaylocalConfig(**base)
+    slow = RaylocalConfig(**base, inject=f"slow:2@{args.slow}")
     data = load_dataset("mnist").subset(args.train_subset, 1000)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     glow = build_glow(normal, data.shape)

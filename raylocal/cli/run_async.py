@@ -13,14 +13,14 @@ import sys
 
 from raylocal.cli import train
 from raylocal.core.config import EMBEDDED_DEFAULT as DEFAULTS
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 
 # What the default run's numbers mean, from docs/benchmarks.md ("The embedded
 # default", and "120 epochs"), measured on 2 CPU cores.
 E2E_SAME_TIME_BPD = 2.47  # the same model end to end for the default run's wall time (2.4655)
 
 
-def reading(config: RunConfig, summary: dict) -> str | None:
+def reading(config: RaylocalConfig, summary: dict) -> str | None:
     """One line on what the default run's numbers mean (none for other runs)."""
     if any(getattr(config, k) != v for k, v in DEFAULTS.items()):
         return None

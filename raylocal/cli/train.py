@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from raylocal.core.config import RunConfig, build_parser, config_from_args
+from raylocal.core.config import RaylocalConfig, build_parser, config_from_args
 from raylocal.errors import RaylocalError
 from raylocal.run.launch import resume_config, run
 
@@ -80,8 +80,8 @@ def main(
     argv: list[str] | None = None,
     description: str = "Train a Glow, end to end or in parts.",
     defaults: dict[str, Any] | None = None,
-    runner: Callable[[RunConfig], dict[str, Any]] = run,
-    epilogue: Callable[[RunConfig, dict[str, Any]], str | None] | None = None,
+    runner: Callable[[RaylocalConfig], dict[str, Any]] = run,
+    epilogue: Callable[[RaylocalConfig, dict[str, Any]], str | None] | None = None,
 ) -> int:
     """The command line: parse, validate, run, print the summary (and
     ``epilogue(config, summary)``'s line, when it has one)."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.errors import ClusterError, RaylocalError
 
 
@@ -109,7 +109,7 @@ def drop_ray_noise(dispatcher: Any = None) -> None:
     dispatcher.handlers = [(name, h if getattr(h, "drops_ray_noise", False) else filtered(h)) for name, h in handlers]
 
 
-def connect(config: RunConfig) -> None:
+def connect(config: RaylocalConfig) -> None:
     """Join ``--address`` (or RAY_ADDRESS), else start an embedded local Ray."""
     if ray.is_initialized():
         return

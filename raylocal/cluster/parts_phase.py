@@ -33,7 +33,7 @@ from raylocal.cluster.connect import connect, errors_in_one_line
 from raylocal.cluster.placement import Placement, actor_device
 from raylocal.cluster.queue import LatentQueue
 from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData
 from raylocal.core.faults import apply_worker_faults, parse_faults
 from raylocal.core.links import check_links
@@ -78,7 +78,7 @@ class PartActor:
         # layers and the images come with run(), which builds the worker, so the
         # actor can start while the parts are still being planned.
         torch.set_num_threads(threads)
-        self.config = RunConfig.model_validate_json(config_json)
+        self.config = RaylocalConfig.model_validate_json(config_json)
         self.index, self.image_shape = index, image_shape
         self.device = str(actor_device(self.config))
         self.worker: PartWorker | None = None
@@ -101,7 +101,7 @@ class PartActor:
         config = self.config
         worker = PartWorker(config, bounds, self.index, self.image_shape, train_images, self.device)
         if (self.restarted or config.resume) and self.checkpoint_path.is_file():
-            worker.restore_state(load_checkpoint(self.checkpoint_path))
+            worker.restore_state(load_checkpoint(self.checkpoint_path, kind="part"))
             if config.resume and not self.restarted:
                 worker.stats.resumed_at = worker.step
         if self.restarted:
@@ -112,7 +112,7 @@ class PartActor:
     def _after_step(self, worker: PartWorker) -> None:
         if worker.step % self.checkpoint_every == 0:
             with self.lock:
-                save_checkpoint(self.checkpoint_path, worker.checkpoint_state())
+                save_checkpoint(self.checkpoint_path, worker.checkpoint_state(), kind="part")
         apply_worker_faults(self.faults, worker, self.first_life)
 
     def run(
@@ -233,7 +233,7 @@ class PartsPhase:
 
     def __init__(
         self,
-        config: RunConfig,
+        config: RaylocalConfig,
         data: ImageData,
         run_dir: Path,
         n_parts: int,
@@ -342,7 +342,7 @@ def place_parts(placement: Placement) -> tuple[PlacementGroup, int, bool]:
 
 
 def run_async_phase(
-    config: RunConfig,
+    config: RaylocalConfig,
     data: ImageData,
     bounds: list[tuple[int, int]],
     progress: Progress,
@@ -356,7 +356,7 @@ def run_async_phase(
 
 
 def pipeline_report(
-    config: RunConfig,
+    config: RaylocalConfig,
     stats: list[dict[str, Any]],
     infos: list[dict[str, Any]],
     wall: float,

@@ -17,7 +17,7 @@ import ray
 import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.errors import ClusterError
 
 # What a service (the run's evaluations, a Tune trial's own process) reserves of
@@ -35,12 +35,12 @@ def live_nodes() -> list[dict[str, float]]:
     return [n["Resources"] for n in ray.nodes() if n["Alive"]]
 
 
-def worker_nodes(config: RunConfig, nodes: list[dict[str, float]]) -> list[dict[str, float]]:
+def worker_nodes(config: RaylocalConfig, nodes: list[dict[str, float]]) -> list[dict[str, float]]:
     """The nodes the run may work on: those that carry ``--worker-resource`` when it is set."""
     return [r for r in nodes if r.get(config.worker_resource)] if config.worker_resource else nodes
 
 
-def _pinned(config: RunConfig, bundle: dict[str, float]) -> dict[str, float]:
+def _pinned(config: RaylocalConfig, bundle: dict[str, float]) -> dict[str, float]:
     """``bundle``, kept to the nodes that carry ``--worker-resource`` when it is set."""
     return bundle | {config.worker_resource: WORKER_RESOURCE_SHARE} if config.worker_resource else bundle
 
@@ -72,7 +72,7 @@ class Placement:
     nodes: list[dict[str, float]] = field(default_factory=list, repr=False)
 
     @classmethod
-    def plan(cls, config: RunConfig, n_parts: int, nodes: list[dict[str, float]] | None = None) -> Placement:
+    def plan(cls, config: RaylocalConfig, n_parts: int, nodes: list[dict[str, float]] | None = None) -> Placement:
         """The placement of ``n_parts`` parts on ``nodes`` (the live ones by default).
         By default the parts and one service share the CPUs; each part gets a GPU
         when there is one for each, else a share of one."""
@@ -174,7 +174,7 @@ def _wait_ready(pg: PlacementGroup, what: str) -> None:
         raise ClusterError(f"cannot place {what}")
 
 
-def trial_bundles(base: RunConfig, cpus_per_trial: float | None = None) -> list[dict[str, float]]:
+def trial_bundles(base: RaylocalConfig, cpus_per_trial: float | None = None) -> list[dict[str, float]]:
     """A Tune trial's placement group: its own process first (it evaluates the
     assembled model, a part's CPUs by default, and a share of a GPU when its
     parts have GPUs), then one bundle per part."""
@@ -186,7 +186,7 @@ def trial_bundles(base: RunConfig, cpus_per_trial: float | None = None) -> list[
     return [trial] + [{"CPU": cpus} | ({"GPU": gpus} if gpus else {})] * base.parts
 
 
-def default_gpu_share(config: RunConfig, cluster_gpus: float, concurrent: int) -> float:
+def default_gpu_share(config: RaylocalConfig, cluster_gpus: float, concurrent: int) -> float:
     """Each part's GPU share in a Tune study when ``--gpus-per-part`` is not given:
     none without GPUs (or with ``--device cpu``), else an equal share for every
     bundle of the trials that run at once (K parts and the trial's own process
@@ -197,7 +197,7 @@ def default_gpu_share(config: RunConfig, cluster_gpus: float, concurrent: int) -
     return min(1.0 - SERVICE_GPU_SHARE, math.floor(1000 * cluster_gpus / bundles) / 1000)
 
 
-def data_parallel_uses_gpus(config: RunConfig, workers: int, gpus: float) -> bool:
+def data_parallel_uses_gpus(config: RaylocalConfig, workers: int, gpus: float) -> bool:
     """One whole GPU per worker, or none: DDP on fewer GPUs than workers is
     refused with ``--device cuda`` and, with ``auto``, runs on CPUs and says so."""
     if config.device == "cpu" or gpus == 0:
@@ -221,7 +221,7 @@ class DataParallelPlacement:
 
     @classmethod
     def plan(
-        cls, config: RunConfig, workers: int, cpus_per_worker: float | None = None, nodes: list | None = None
+        cls, config: RaylocalConfig, workers: int, cpus_per_worker: float | None = None, nodes: list | None = None
     ) -> DataParallelPlacement:
         """By default the workers share the cluster's CPUs equally."""
         nodes = live_nodes() if nodes is None else nodes
@@ -258,7 +258,7 @@ def assigned_device(gpu_ids: list, visible: str | None) -> torch.device:
     return torch.device(f"cuda:{index}")
 
 
-def train_worker_device(config: RunConfig) -> str:
+def train_worker_device(config: RaylocalConfig) -> str:
     """The device of a Ray Train worker: the one Ray Train assigned it."""
     import ray.train.torch
 
@@ -268,7 +268,7 @@ def train_worker_device(config: RunConfig) -> str:
     return str(ray.train.torch.get_device())
 
 
-def actor_device(config: RunConfig) -> torch.device:
+def actor_device(config: RaylocalConfig) -> torch.device:
     """The device of this Ray actor or task: the GPU Ray granted it, else CPU
     (never ``torch.cuda.is_available()``: Ray 2.60 leaves the GPUs visible to a
     process granted none)."""

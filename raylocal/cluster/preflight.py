@@ -9,7 +9,7 @@ placement group, an actor or a run directory exists. The cluster's side
 
 from __future__ import annotations
 
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.core.faults import parse_faults
 from raylocal.core.links import check_links
 from raylocal.errors import ConfigError
@@ -18,7 +18,7 @@ from raylocal.model.parts import PartSpec, resolve_part_spec
 from raylocal.training.trainer import check_image_shape
 
 
-def planned_spec(config: RunConfig, image_shape: tuple[int, int, int]) -> PartSpec:
+def planned_spec(config: RaylocalConfig, image_shape: tuple[int, int, int]) -> PartSpec:
     """The parts the run would train, read from the config against the model's
     layout (an automatic split on estimated costs: ``--balance measure`` only
     moves its boundaries, never makes a valid count invalid)."""
@@ -29,7 +29,7 @@ def planned_spec(config: RunConfig, image_shape: tuple[int, int, int]) -> PartSp
     return resolve_part_spec(layout, config.parts, config.split, config.part_spec)
 
 
-def check_faults(config: RunConfig, n_parts: int) -> None:
+def check_faults(config: RaylocalConfig, n_parts: int) -> None:
     """Every injected fault names a part that exists (part K+1, the fine-tune, takes a sigkill)."""
     for fault in parse_faults(config.inject or ""):
         finetune = fault.kind == "sigkill" and config.finetune_epochs > 0
@@ -41,7 +41,7 @@ def check_faults(config: RunConfig, n_parts: int) -> None:
             )
 
 
-def check_run(config: RunConfig, image_shape: tuple[int, int, int]) -> PartSpec:
+def check_run(config: RaylocalConfig, image_shape: tuple[int, int, int]) -> PartSpec:
     """All the driver can check of a run before Ray: parts, links and faults."""
     spec = planned_spec(config, image_shape)
     check_links(config.link, len(spec))

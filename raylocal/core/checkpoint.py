@@ -7,6 +7,10 @@ never half of one. A SHA-256 over every tensor's bytes and every plain value
 is stored inside; loading recomputes it, so a truncated or corrupted file is
 refused with a one-line error instead of silently training on damage.
 Nothing is ever unpickled beyond tensors and plain containers.
+
+One format for every checkpoint a run writes: a ``kind`` (a run's, a part's,
+a parts phase's result) and the ``format`` of this version. Reading one of
+another kind, or of a format this version cannot read, fails in one line.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ import torch
 from raylocal.errors import CheckpointError
 
 CHECKSUM_KEY = "sha256"
+FORMAT = 2  # the checkpoint format this version writes
+KINDS = ("run", "part", "parts-result")
+# Checkpoints written before they carried a kind: the format each kind had then,
+# when its layout is this version's (those are read; any other is refused).
+UNMARKED_FORMATS = {"run": 1, "parts-result": 1, "part": 2}
 
 
 def _digest(obj: Any, h: Any) -> None:
@@ -79,15 +88,22 @@ def host_copy(obj: Any, copy: bool = False) -> Any:
     return obj
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+def save_checkpoint(path: str | Path, payload: dict[str, Any], kind: str | None = None) -> None:
     """Write ``payload`` atomically, its tensors as CPU tensors: a checkpoint
-    made on a GPU loads on a machine without one."""
+    made on a GPU loads on a machine without one. A run's own checkpoints name
+    their ``kind`` (see ``KINDS``) and get this version's format."""
     payload = host_copy(dict(payload))
+    if kind is not None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown checkpoint kind {kind!r}")
+        payload.update(kind=kind, format=FORMAT)
     payload[CHECKSUM_KEY] = checksum(payload)
     atomic_write(Path(path), lambda f: torch.save(payload, f))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]:
+    """The checkpoint at ``path``, checked whole; with ``kind``, also that it is
+    one of that kind, in a format this version reads."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint does not exist")
@@ -100,4 +116,27 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a raylocal checkpoint (no checksum)")
     if checksum(payload) != payload[CHECKSUM_KEY]:
         raise CheckpointError(f"{path}: checkpoint is corrupted (checksum mismatch)")
+    if kind is not None:
+        check_kind(path, payload, kind)
     return payload
+
+
+def check_kind(path: Path, payload: dict[str, Any], kind: str) -> None:
+    """A checkpoint of ``kind`` this version reads, or one line that says why not."""
+    found_format = int(payload.get("format", 1))
+    found = payload.get("kind")
+    if found is None:  # written before checkpoints carried their kind
+        if found_format == UNMARKED_FORMATS[kind]:
+            return
+        raise CheckpointError(
+            f"{path}: a {kind} checkpoint from an older raylocal (format {found_format}; this version reads "
+            f"{FORMAT}); start the run afresh"
+        )
+    if found != kind:
+        raise CheckpointError(f"{path}: a {found} checkpoint, not a {kind} checkpoint")
+    if found_format != FORMAT:
+        age = "newer" if found_format > FORMAT else "older"
+        raise CheckpointError(
+            f"{path}: a {kind} checkpoint from a {age} raylocal (format {found_format}; this version reads "
+            f"{FORMAT}); {'upgrade raylocal' if age == 'newer' else 'start the run afresh'}"
+        )

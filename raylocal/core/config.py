@@ -1,8 +1,11 @@
-"""One flat run configuration, validated at the edge (command line and config files).
+"""One run configuration, validated at the edge (command line and config files).
 
-``RunConfig`` is the single plain object every script and schedule reads. Each
-field is also a command-line flag (``n_levels`` -> ``--n-levels``) and a key of
-a JSON config file (``--config FILE``); command-line values override the file.
+``RaylocalConfig`` is the single plain object every script and schedule reads. Its
+fields fall in ``SECTIONS`` (data, model, parts, schedule, links, cluster, run):
+``--help`` lists the flags by section, and a JSON config file (``--config
+FILE``) may group its keys by section (``{"model": {"depth": 4}}``) or give
+them flat (``{"depth": 4}``), as runs write and read them. Each field is a flag
+(``n_levels`` -> ``--n-levels``); command-line values override the file.
 """
 
 from __future__ import annotations
@@ -21,8 +24,32 @@ from raylocal.errors import ConfigError
 
 Schedule = Literal["e2e", "sequential", "alternating", "simultaneous", "async"]
 
+# Every field in exactly one section, in the order ``--help`` shows them.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "data": ("dataset", "data_root", "download", "train_subset", "test_subset", "validation", "cache_dir"),
+    "model": ("n_levels", "depth", "hidden", "coupling", "permutation", "n_bits", "precision", "tf32", "deterministic"),
+    "parts": ("parts", "split", "balance", "part_spec"),
+    "schedule": (
+        "schedule", "epochs", "finetune_epochs", "alternate_every", "batch_size", "eval_batch_size",
+        "init_batch_size", "lr", "finetune_lr", "finetune_scope", "lr_rule", "warmup_steps", "lr_schedule",
+        "optimizer", "compile", "grad_clip", "rollback_factor", "lr_backoff", "lr_recovery_steps", "max_rollbacks",
+        "snapshot_every", "seed",
+    ),
+    "links": ("link", "queue_size", "starve", "full", "wire_dtype", "sync_every"),
+    # where the work runs: Ray, devices, resources, and the data-parallel workers (fine-tune and baselines)
+    "cluster": (
+        "address", "placement", "device", "threads", "cpus_per_part", "gpus_per_part", "worker_resource",
+        "max_restarts", "finetune_workers", "average_every", "bucket_cap_mb", "ddp_compression", "outer_lr",
+    ),
+    "run": (
+        "storage_path", "run_name", "resume", "checkpoint_every", "eval_every", "live_eval_images", "log_every",
+        "samples", "temperature", "time_budget", "progress", "inject",
+    ),
+}  # fmt: skip
+SECTION_OF = {name: section for section, names in SECTIONS.items() for name in names}
 
-class RunConfig(BaseModel):
+
+class RaylocalConfig(BaseModel):
     """Everything a run needs. Defaults are a short MNIST run on this machine."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -245,7 +272,7 @@ class RunConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _check_combination(self) -> RunConfig:
+    def _check_combination(self) -> RaylocalConfig:
         if len(self.lr) not in (1, self.parts):
             raise ValueError(f"lr has {len(self.lr)} values but there are {self.parts} parts")
         if self.alternate_every and self.schedule != "alternating":
@@ -269,6 +296,11 @@ class RunConfig(BaseModel):
 
     def part_lrs(self, n_parts: int) -> list[float]:
         return self.lr * n_parts if len(self.lr) == 1 else list(self.lr)
+
+    def sectioned(self) -> dict[str, dict[str, Any]]:
+        """The settings grouped by section, as run directories and Tune's best.json hold them."""
+        values = self.model_dump()
+        return {section: {name: values[name] for name in names} for section, names in SECTIONS.items()}
 
     def glow_kwargs(self) -> dict[str, Any]:
         return dict(
@@ -296,9 +328,29 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return text + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
 
-def validate_config(values: dict[str, Any], source: str = "config") -> RunConfig:
+def flatten_sections(values: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Options given by section (``{"model": {"depth": 4}}``), flat, or both: flat.
+    A key under a section it does not belong to is refused in one line."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for name, inner in value.items():
+                if SECTION_OF.get(name, key) != key:
+                    raise ConfigError(f"{source}: {key}.{name}: belongs to section {SECTION_OF[name]!r}")
+                if name in flat:
+                    raise ConfigError(f"{source}: {name} is given twice")
+                flat[name] = inner
+        elif key in flat:
+            raise ConfigError(f"{source}: {key} is given twice")
+        else:
+            flat[key] = value
+    return flat
+
+
+def validate_config(values: dict[str, Any], source: str = "config") -> RaylocalConfig:
+    values = flatten_sections(values, source)
     try:
-        return RunConfig(**values)
+        return RaylocalConfig(**values)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source)) from None
 
@@ -315,13 +367,19 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a config file must hold a JSON object of options")
+    values = flatten_sections(values, str(path))
     validate_config(values, str(path))  # report the file's own errors against the file
     return values
 
 
-def write_config_file(config: RunConfig, path: str | Path, only_set: bool = False) -> None:
-    data = config.model_dump(exclude_unset=only_set)
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+def write_config_file(config: RaylocalConfig, path: str | Path) -> None:
+    """``config`` as a config file, by section (what ``read_config_file`` reads back)."""
+    Path(path).write_text(json.dumps(config.sectioned(), indent=2) + "\n")
+
+
+def load_config_file(path: str | Path) -> RaylocalConfig:
+    """The config a file holds (a run directory's config.json, a Tune study's best.json)."""
+    return validate_config(read_config_file(path), str(path))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -332,7 +390,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(description: str, defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per RunConfig field.
+    """An argparse parser with one flag per RaylocalConfig field.
 
     Values stay strings: pydantic converts and validates them, so a bad value
     gets the same message from the command line as from a config file. Flags
@@ -340,21 +398,23 @@ def build_parser(description: str, defaults: dict[str, Any] | None = None) -> ar
     ``--help`` shows the defaults the calling script really uses.
     """
     parser = _Parser(description=description, argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help="JSON file of options (command-line flags override it)")
-    for name, field in RunConfig.model_fields.items():
+    parser.add_argument("--config", help="JSON file of options, flat or by section (command-line flags override it)")
+    groups = {section: parser.add_argument_group(f"{section} options") for section in SECTIONS}
+    for name, field in RaylocalConfig.model_fields.items():
+        group = groups[SECTION_OF[name]]
         flag = "--" + name.replace("_", "-")
         default = (defaults or {}).get(name, field.default)
         if isinstance(default, list):
             default = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
         help_text = f"{field.description} (default: {default})"
         if field.annotation is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(flag, help=help_text, metavar=name.upper())
+            group.add_argument(flag, help=help_text, metavar=name.upper())
     return parser
 
 
-def config_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> RunConfig:
+def config_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> RaylocalConfig:
     """defaults < config file < command-line flags, validated together."""
     values: dict[str, Any] = dict(defaults or {})
     given = vars(args).copy()

@@ -13,13 +13,13 @@ from typing import Any
 import torch
 
 from raylocal.core.checkpoint import atomic_write
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.errors import CheckpointError, ConfigError
 
 CHECKPOINT = "checkpoint.pt"
 
 
-def _storage_root(config: RunConfig) -> Path:
+def _storage_root(config: RaylocalConfig) -> Path:
     root = Path(config.storage_path).expanduser().resolve()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -36,7 +36,7 @@ def has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / CHECKPOINT).is_file() or any((run_dir / "parts").glob("part*.pt"))
 
 
-def resolve_run_dir(config: RunConfig) -> Path:
+def resolve_run_dir(config: RaylocalConfig) -> Path:
     """storage_path/run_name. With --resume and no --run-name: the newest run
     under storage_path that has a checkpoint."""
     root = _storage_root(config)

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from raylocal.core.checkpoint import host_copy
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import BatchStream
 from raylocal.core.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.errors import CheckpointError, ClusterError
@@ -118,7 +118,7 @@ class PartWorker:
 
     def __init__(
         self,
-        config: RunConfig,
+        config: RaylocalConfig,
         bounds: list[tuple[int, int]],
         index: int,
         image_shape: tuple[int, int, int],
@@ -189,7 +189,6 @@ class PartWorker:
         # copies, made now: the caller (an actor's lock) may release the part before
         # the state is serialised, and the live Adam moments would move on meanwhile
         return {
-            "format": 2,
             "index": self.index,
             "model": host_copy(self.glow.state_dict(), copy=True),
             "trainer": host_copy(self.trainer.state_dict(), copy=True),
@@ -202,8 +201,6 @@ class PartWorker:
         }
 
     def restore_state(self, state: dict[str, Any]) -> None:
-        if int(state.get("format", 1)) != 2:
-            raise CheckpointError("part checkpoint is from an older raylocal (format 1); start the run afresh")
         if int(state["index"]) != self.index:
             found = int(state["index"]) + 1
             raise CheckpointError(f"part checkpoint is for part {found}, not {self.index + 1}")

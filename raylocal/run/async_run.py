@@ -43,7 +43,7 @@ from raylocal.cluster.parts_phase import PartsPhase, part_checkpoint_path, pipel
 from raylocal.cluster.placement import Placement, actor_device, train_worker_device
 from raylocal.cluster.preflight import check_run
 from raylocal.cluster.queue import LatentQueue
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData
 from raylocal.core.runlog import Progress, has_checkpoint, resolve_run_dir, write_json
 from raylocal.errors import CheckpointError, ClusterError, DivergedError
@@ -70,7 +70,7 @@ class ServiceActor:
 
     def __init__(self, config_json: str, image_shape: tuple[int, int, int], threads: int) -> None:
         torch.set_num_threads(threads)
-        self.config = RunConfig.model_validate_json(config_json)
+        self.config = RaylocalConfig.model_validate_json(config_json)
         self.service = ModelService(self.config, image_shape, str(actor_device(self.config)))
         self.evaluations, self.evaluation_s = 0, 0.0
         # what finishing a run needs (seconds of imports), loaded while the parts
@@ -157,7 +157,7 @@ def _finish_loop(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker of a one-worker fine-tune: the rest of the run."""
     import ray.train
 
-    config = RunConfig.model_validate_json(loop_config["config"])
+    config = RaylocalConfig.model_validate_json(loop_config["config"])
     torch.set_num_threads(loop_config["threads"])
     data = ImageData(loop_config["name"], ray.get(loop_config["train"]), ray.get(loop_config["test"]))
     device = train_worker_device(config)
@@ -179,7 +179,7 @@ def _finish_loop(loop_config: dict[str, Any]) -> None:
 
 
 def finish_on_ray_train(
-    config: RunConfig,
+    config: RaylocalConfig,
     placement: Placement,
     name: str,
     refs: tuple[Any, Any],
@@ -244,7 +244,7 @@ class AsyncRun:
     is saved) the run goes on to the fine-tune, which continues from the run's
     checkpoint; otherwise the parts continue from their own checkpoints."""
 
-    def __init__(self, config: RunConfig, data: ImageData) -> None:
+    def __init__(self, config: RaylocalConfig, data: ImageData) -> None:
         self.config, self.data = config, data
         self.run_dir = resolve_run_dir(config)
         self.progress = Progress(config.progress)
@@ -331,7 +331,7 @@ class AsyncRun:
         if config.resume and not all(part_checkpoint_path(run_dir, k).is_file() for k in range(len(bounds))):
             raise CheckpointError(f"--resume: {run_dir / 'parts'} does not hold a checkpoint of every part")
         if not config.resume:
-            write_json(run_dir / "config.json", config.model_dump())
+            write_json(run_dir / "config.json", config.sectioned())
         self.progress.update(
             f"async: {len(bounds)} parts {plan['canonical']}, {config.epochs} epoch(s), "
             f"queue bound {config.queue_size}, link {config.link}" + (", resuming" if config.resume else ""),
@@ -399,6 +399,6 @@ class AsyncRun:
         return tuned, time.perf_counter() - t0, history
 
 
-def run_async(config: RunConfig, data: ImageData) -> dict[str, Any]:
+def run_async(config: RaylocalConfig, data: ImageData) -> dict[str, Any]:
     """The ``async`` schedule: see ``AsyncRun``."""
     return AsyncRun(config, data).run()

@@ -7,14 +7,14 @@ from typing import Any
 
 from torch import Tensor
 
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData
 from raylocal.model.parts import PartSpec
 from raylocal.training.schedules import PARTS_RESULT, PartsResult, SingleProcessRun
 
 
 def finish_after_parts(
-    config: RunConfig,
+    config: RaylocalConfig,
     data: ImageData,
     run_dir: Path,
     bounds: list[tuple[int, int]],

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from raylocal.core.checkpoint import load_checkpoint
-from raylocal.core.config import RunConfig, read_config_file, validate_config
+from raylocal.core.config import RaylocalConfig, load_config_file, validate_config
 from raylocal.core.data import ImageData, load_dataset
 from raylocal.core.runlog import CHECKPOINT, resolve_run_dir
 from raylocal.errors import ConfigError
@@ -23,13 +23,13 @@ RESUMABLE = {
 }  # fmt: skip
 
 
-def resume_config(config: RunConfig, given: dict[str, Any]) -> RunConfig:
+def resume_config(config: RaylocalConfig, given: dict[str, Any]) -> RaylocalConfig:
     """The checkpoint's configuration, updated with the resumable options given now."""
     run_dir = resolve_run_dir(config)
     if (run_dir / CHECKPOINT).is_file():
-        saved = RunConfig.model_validate_json(load_checkpoint(run_dir / CHECKPOINT)["config"])
+        saved = RaylocalConfig.model_validate_json(load_checkpoint(run_dir / CHECKPOINT, kind="run")["config"])
     else:  # an async run that stopped in its parts phase: only part checkpoints exist
-        saved = validate_config(read_config_file(run_dir / "config.json"), str(run_dir / "config.json"))
+        saved = load_config_file(run_dir / "config.json")
     values = saved.model_dump()
     for key in given:
         if key == "config":
@@ -46,18 +46,18 @@ def resume_config(config: RunConfig, given: dict[str, Any]) -> RunConfig:
     return validate_config(values)
 
 
-def load_data(config: RunConfig) -> ImageData:
+def load_data(config: RaylocalConfig) -> ImageData:
     data = load_dataset(config.dataset, config.data_root, config.download, config.cache_dir)
     if config.validation:
         data = data.held_out(config.validation)
     return data.subset(config.train_subset, config.test_subset)
 
 
-def set_threads(config: RunConfig) -> None:
+def set_threads(config: RaylocalConfig) -> None:
     torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
 
 
-def run(config: RunConfig) -> dict[str, Any]:
+def run(config: RaylocalConfig) -> dict[str, Any]:
     """Run ``config`` in this process (or, for the async schedule, on Ray)."""
     set_threads(config)
     data = load_data(config)

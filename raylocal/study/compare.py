@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raylocal.core.config import RunConfig, read_config_file, validate_config
+from raylocal.core.config import RaylocalConfig, load_config_file, read_config_file, validate_config
 from raylocal.errors import ConfigError, RaylocalError
 from raylocal.run.launch import run, set_threads
 from raylocal.study.stats import mean_interval
@@ -89,13 +89,13 @@ def changed_settings(stored: dict, wanted: dict) -> str:
     return ", ".join(f"{k} {stored.get(k)!r} -> {wanted.get(k)!r}" for k in differ[:3])
 
 
-def _check_same_settings(run_dir: Path, config: RunConfig) -> None:
+def _check_same_settings(run_dir: Path, config: RaylocalConfig) -> None:
     """A finished run is only read back for the settings it ran with: after a
     config or a study changed, its old results must not pass for new ones."""
     stored_path = run_dir / "config.json"
     if not stored_path.is_file():
         return
-    stored = RunConfig.model_validate_json(stored_path.read_text()).model_dump()
+    stored = load_config_file(stored_path).model_dump()
     wanted = config.model_dump()
     if wanted["device"] == "auto":  # an async run stores the device "auto" chose for it
         wanted["device"] = stored["device"]

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from raylocal.core.config import load_config_file
 from raylocal.errors import ConfigError, RaylocalError
 from raylocal.study.compare import bpd_at_time, changed_settings, parse_seeds, run_config
 from raylocal.study.stats import EQUIVALENCE, adjust_family, decide, mean_interval
@@ -380,7 +381,7 @@ def tuned(study: Study, arm: str, storage: Path) -> dict[str, Any]:
         print(f"tuning {study.name}/{arm}: python scripts/tune_lr.py {' '.join(argv)}", flush=True)
         if tune_lr.main(argv) != 0:
             raise RaylocalError(f"the Tune study of arm {arm!r} failed (see {root / f'tune-{arm}'})")
-    return overrides | {"lr": json.loads(best.read_text())["lr"]}
+    return overrides | {"lr": load_config_file(best).lr}
 
 
 def run_study(

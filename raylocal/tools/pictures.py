@@ -20,7 +20,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from raylocal.core.checkpoint import load_checkpoint
-from raylocal.core.config import read_config_file, validate_config
+from raylocal.core.config import load_config_file
 from raylocal.errors import RaylocalError
 from raylocal.model.objectives import postprocess, preprocess
 from raylocal.run.launch import load_data
@@ -29,10 +29,10 @@ from raylocal.training.trainer import build_glow
 
 def pictures(run_dir: Path, out: Path, n: int, temperature: float, seed: int = 0) -> tuple[Path, Path]:
     """Write the two grids of the run in ``run_dir``; returns their paths."""
-    config = validate_config(read_config_file(run_dir / "config.json"), str(run_dir / "config.json"))
+    config = load_config_file(run_dir / "config.json")
     data = load_data(config)
     glow = build_glow(config, data.shape)
-    glow.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["model"])
+    glow.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt", kind="run")["model"])
     glow.eval()
     torch.manual_seed(seed)
     samples = postprocess(glow.sample(n * n, temperature), glow.n_bits).float()

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import BatchStream, ImageData
 from raylocal.core.faults import apply_finetune_faults, parse_faults
 from raylocal.core.runlog import Progress, RunLog, write_json
@@ -92,7 +92,7 @@ def train_batch(
     return results
 
 
-def part_spec_for(config: RunConfig, glow: Glow, images: Tensor | None = None) -> PartSpec:
+def part_spec_for(config: RaylocalConfig, glow: Glow, images: Tensor | None = None) -> PartSpec:
     """The run's parts. With ``balance=measure`` the automatic split is balanced on
     layer times measured on a copy of the model (so the model itself is untouched)."""
     if config.schedule == "e2e":
@@ -187,11 +187,11 @@ class PartsResult:
 
     def save(self, path: Path) -> None:
         meta = {"wall": self.wall, "stats": self.stats, "curve": self.curve, "report": self.report}
-        save_checkpoint(path, {"format": 1, "state": self.state, "meta": json.dumps(meta)})
+        save_checkpoint(path, {"state": self.state, "meta": json.dumps(meta)}, kind="parts-result")
 
     @classmethod
     def load(cls, path: Path) -> PartsResult:
-        payload = load_checkpoint(path)
+        payload = load_checkpoint(path, kind="parts-result")
         return cls(state=payload["state"], **json.loads(payload["meta"]))
 
 
@@ -199,7 +199,7 @@ class SingleProcessRun:
     """A whole run of one of the single-process schedules (see module doc)."""
 
     def __init__(
-        self, config: RunConfig, data: ImageData, run_dir: Path, spec: PartSpec | None = None, record: bool = True
+        self, config: RaylocalConfig, data: ImageData, run_dir: Path, spec: PartSpec | None = None, record: bool = True
     ) -> None:
         self.config = config
         self.record = record  # write summary.json (else the run that this one finishes writes it)
@@ -234,7 +234,6 @@ class SingleProcessRun:
         save_checkpoint(
             self.log.checkpoint_path,
             {
-                "format": 1,
                 "config": self.config.model_dump_json(),
                 "spec": [list(b) for b in self.spec.bounds],
                 "model": self.glow.state_dict(),
@@ -244,10 +243,11 @@ class SingleProcessRun:
                 "noise": self.noise.get_state(),
                 "state": self.state.to_json(),
             },
+            kind="run",
         )
 
     def restore(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, kind="run")
         if [tuple(b) for b in ckpt["spec"]] != list(self.spec.bounds):
             raise CheckpointError(f"{path}: its parts {ckpt['spec']} differ from this run's")
         try:
@@ -432,7 +432,7 @@ class SingleProcessRun:
             if not self._adopted:
                 x0 = self.data.train[: cfg.init_batch_size].to(self.device)
                 initialize(self.parts, preprocess(x0, cfg.n_bits, self.noise), self.wire_dtype)
-            (self.log.dir / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
+            write_json(self.log.dir / "config.json", cfg.sectioned())
         self._last_step: dict[int, int] = {}  # global step at which each part last trained, in this process
 
     def _epoch(self, epoch: int) -> str | None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.training.schedules import part_spec_for
 from raylocal.training.trainer import build_glow, evaluate_bpd, resolve_device
 
@@ -18,7 +18,7 @@ class ModelService:
     its own: it plans the parts (``--balance measure`` times the layers on the
     device that trains them) and evaluates weights trained elsewhere."""
 
-    def __init__(self, config: RunConfig, image_shape: tuple[int, int, int], device: str) -> None:
+    def __init__(self, config: RaylocalConfig, image_shape: tuple[int, int, int], device: str) -> None:
         self.config = config
         self.device = resolve_device(device)
         self.glow = build_glow(config, image_shape).to(self.device)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from raylocal.core.config import RunConfig
+from raylocal.core.config import RaylocalConfig
 from raylocal.errors import ConfigError, DivergedError
 from raylocal.model.glow import Glow, Part
 from raylocal.model.objectives import local_nll, nll_bits, preprocess, to_device
@@ -55,7 +55,7 @@ def require_compiler(device: torch.device) -> None:
         raise ConfigError("--compile on CPU needs a C++ compiler (g++ or $CXX); none was found") from None
 
 
-def training_nll(config: RunConfig, device: torch.device) -> Callable[[Part, Tensor], tuple[Tensor, Tensor]]:
+def training_nll(config: RaylocalConfig, device: torch.device) -> Callable[[Part, Tensor], tuple[Tensor, Tensor]]:
     """The local objective a trainer differentiates: ``local_nll``, compiled when
     ``config.compile`` asks for it (one graph for the forward, the log-dets and
     the prior, fused element-wise work; the backward is compiled with it)."""
@@ -68,7 +68,7 @@ def training_nll(config: RunConfig, device: torch.device) -> Callable[[Part, Ten
     return torch.compile(local_nll, dynamic=False)
 
 
-def check_image_shape(config: RunConfig, image_shape: tuple[int, int, int]) -> None:
+def check_image_shape(config: RaylocalConfig, image_shape: tuple[int, int, int]) -> None:
     """Every block squeezes the image by 2: its sides must divide by 2^n_levels."""
     c, h, w = image_shape
     n = config.n_levels
@@ -78,7 +78,7 @@ def check_image_shape(config: RunConfig, image_shape: tuple[int, int, int]) -> N
         )
 
 
-def configure_kernels(config: RunConfig) -> None:
+def configure_kernels(config: RaylocalConfig) -> None:
     """This process's GPU kernels, as the config asks: IEEE float32 unless
     ``--tf32`` (torch lets cuDNN convolutions use TF32 by default, which breaks
     exact reconstructions), and cuDNN's autotuning unless ``--deterministic``.
@@ -89,7 +89,7 @@ def configure_kernels(config: RunConfig) -> None:
     torch.backends.cudnn.deterministic = config.deterministic
 
 
-def build_glow(config: RunConfig, image_shape: tuple[int, int, int]) -> Glow:
+def build_glow(config: RaylocalConfig, image_shape: tuple[int, int, int]) -> Glow:
     """The model for ``config``; its initial weights depend only on the seed.
     Every process that trains or evaluates builds its model here, so this is
     also where its kernels are configured (``configure_kernels``)."""
@@ -221,7 +221,7 @@ def scheduled_lr(
     return lr
 
 
-def decay_steps(config: RunConfig, own_steps: int, run_steps: int) -> int:
+def decay_steps(config: RaylocalConfig, own_steps: int, run_steps: int) -> int:
     """Steps a trainer's LR decay spans: its own (``cosine``) or the whole run's
     (``cosine-run``, parts phase and fine-tune)."""
     return run_steps if config.lr_schedule == "cosine-run" else own_steps
@@ -273,7 +273,7 @@ class PartTrainer:
 
     part: Part
     base_lr: float
-    config: RunConfig
+    config: RaylocalConfig
     index: int = 0
     total_steps: int = 0  # length of the LR decay in steps (0: unknown, no decay)
     clock: int | None = None  # position on the decay, set by the run (cosine-run); None: own steps

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
-from raylocal.core.config import RunConfig, write_config_file
+from raylocal.core.config import RaylocalConfig, write_config_file
 from raylocal.core.data import ImageData
 from raylocal.core.runlog import Progress
 from raylocal.errors import ConfigError, DivergedError
@@ -85,9 +85,9 @@ def restore_parts(checkpoint_dir: Path, run_dir: Path, lrs: list[float]) -> int:
 
     step = 0
     for k, lr in enumerate(lrs):
-        state = load_checkpoint(part_checkpoint_path(checkpoint_dir, k))
+        state = load_checkpoint(part_checkpoint_path(checkpoint_dir, k), kind="part")
         state["trainer"]["base_lr"] = lr
-        save_checkpoint(part_checkpoint_path(run_dir, k), state)
+        save_checkpoint(part_checkpoint_path(run_dir, k), state, kind="part")
         step = int(state["step"])
     return step
 
@@ -117,7 +117,7 @@ def run_trial(
     )
     from raylocal.cluster.placement import actor_device
 
-    base = RunConfig.model_validate_json(base_json)
+    base = RaylocalConfig.model_validate_json(base_json)
     space = load_space(space_path, base.parts)
     lrs = trial_lrs(space, params, base.parts)
     trial_dir = Path(tune.get_context().get_trial_dir())
@@ -170,7 +170,7 @@ def run_trial(
             m["steps"] = int(states[-1]["step"])
             with tempfile.TemporaryDirectory() as tmp:
                 for k, state in enumerate(states):
-                    save_checkpoint(part_checkpoint_path(Path(tmp), k), state)
+                    save_checkpoint(part_checkpoint_path(Path(tmp), k), state, kind="part")
                 tune.report(m, checkpoint=tune.Checkpoint.from_directory(tmp))
         if m["diverged"]:
             raise DivergedError(f"assembled model's BPD is not finite at step {m['steps']}")
@@ -185,7 +185,7 @@ def run_trial(
 
 
 def tune_study(
-    base: RunConfig,
+    base: RaylocalConfig,
     data: ImageData,
     space_path: str,
     trials: int,
@@ -259,7 +259,7 @@ def tune_study(
                 num_samples=1 if getattr(space, "GRID", False) else trials,
                 max_concurrent_trials=max_concurrent,
             ),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage.resolve()), checkpoint_config=keep),
+            run_config=tune.RaylocalConfig(name=name, storage_path=str(storage.resolve()), checkpoint_config=keep),
         )
     return tuner.fit()
 
@@ -298,7 +298,7 @@ def ranked_table(results: Any, parts: int) -> tuple[str, list[dict[str, Any]]]:
     return "\n".join(lines), rows
 
 
-def write_best_config(base: RunConfig, best: dict[str, Any], path: Path) -> RunConfig:
+def write_best_config(base: RaylocalConfig, best: dict[str, Any], path: Path) -> RaylocalConfig:
     """The best trial as a config file that ``run_async.py --config`` accepts unchanged."""
     config = base.model_copy(
         update={"lr": [float(v) for v in best["lrs"]], "schedule": "async", "run_name": None, "resume": False}
