@@ -8,8 +8,9 @@ import statistics
 
 import pytest
 
+from raylocal import errors
 from raylocal.core.config import load_config_file
-from raylocal.study import compare
+from raylocal.study import catalog, compare, runner, spec, stats, tables
 from raylocal.study import studies as study
 
 
@@ -25,26 +26,26 @@ def _summary(final: float, curve: list[tuple[float, float, float]], parts_bpd: f
 def _records(runs: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict]]:
     """What a study keeps of each run (its results.json), as analyse reads them."""
     return {
-        arm: {seed: study.record(summary, {}) for seed, summary in per_seed.items()} for arm, per_seed in runs.items()
+        arm: {seed: runner.record(summary, {}) for seed, summary in per_seed.items()} for arm, per_seed in runs.items()
     }
 
 
 def test_paired_differences_decide_as_their_interval_says():
-    worse = study.decide([0.051, 0.049, 0.050, 0.052])
+    worse = stats.decide([0.051, 0.049, 0.050, 0.052])
     assert worse["verdict"] == "worse" and worse["mean"] == pytest.approx(0.0505)
     # the interval by hand: t(0.975, 3 dof) = 3.182446
     half = 3.182446 * statistics.stdev([0.051, 0.049, 0.050, 0.052]) / 2
     assert (worse["lo"], worse["hi"]) == pytest.approx((0.0505 - half, 0.0505 + half), abs=1e-6)
-    assert study.decide([0.004, -0.003, 0.001])["verdict"] == "within ±0.02"
-    assert study.decide([-0.030, -0.031, -0.029])["verdict"] == "better"
-    assert study.decide([0.010, 0.012, 0.011])["verdict"] == "worse, by less than 0.02"
-    noisy = study.decide([0.05, -0.03, 0.04])
+    assert stats.decide([0.004, -0.003, 0.001])["verdict"] == "within ±0.02"
+    assert stats.decide([-0.030, -0.031, -0.029])["verdict"] == "better"
+    assert stats.decide([0.010, 0.012, 0.011])["verdict"] == "worse, by less than 0.02"
+    noisy = stats.decide([0.05, -0.03, 0.04])
     assert noisy["verdict"] == "undecided" and noisy["seeds_to_decide"] > 3
-    assert study.decide([0.01])["verdict"] == "one seed: no interval" and math.isnan(study.decide([0.01])["lo"])
+    assert stats.decide([0.01])["verdict"] == "one seed: no interval" and math.isnan(stats.decide([0.01])["lo"])
 
 
 def test_arms_are_paired_with_the_baseline_of_the_same_seed():
-    s = study.Study(
+    s = spec.Study(
         name="t", question="q", base={}, baseline="e2e", seeds=[0, 1],
         arms={"e2e": {"epochs": 3}, "parts": {"epochs": 2, "finetune_epochs": 1}},
     )  # fmt: skip
@@ -54,7 +55,7 @@ def test_arms_are_paired_with_the_baseline_of_the_same_seed():
         "parts": {0: _summary(3.1, [(2, 10, 4.5), (3, 15, 3.1)], parts_bpd=4.5),
                   1: _summary(2.2, [(2, 10, 3.4), (3, 15, 2.2)], parts_bpd=3.4)},
     }  # fmt: skip
-    row = study.analyse(s, _records(runs))[1]
+    row = tables.analyse(s, _records(runs))[1]
     vs = row["vs_baseline"]
     assert vs["final_same_epochs"]["mean"] == pytest.approx((0.1 + 0.2) / 2)
     assert vs["after_parts_same_epochs"]["mean"] == pytest.approx((0.5 + 0.4) / 2)  # against e2e's epoch 2
@@ -64,35 +65,35 @@ def test_arms_are_paired_with_the_baseline_of_the_same_seed():
     # 2.333 epochs, where e2e stood at 4.0 - 1/3 = 3.667 (seed 0) and 2.667 (seed 1)
     for summary in runs["parts"].values():
         summary |= {"schedule": "simultaneous", "part_time": [6.0, 3.0], "epochs": 2, "finetune_epochs": 1}
-    vs = study.analyse(s, _records(runs))[1]["vs_baseline"]
+    vs = tables.analyse(s, _records(runs))[1]["vs_baseline"]
     assert vs["final_same_parallel_time"]["mean"] == pytest.approx((3.1 - 11 / 3 + 2.2 - 8 / 3) / 2)
     assert vs["final_same_wall_clock"]["mean"] == pytest.approx((3.1 - 4.5 + 2.2 - 3.5) / 2)  # (unchanged)
-    assert "final_same_parallel_time" not in study.analyse(s, _records(runs))[0].get("vs_baseline", {})
+    assert "final_same_parallel_time" not in tables.analyse(s, _records(runs))[0].get("vs_baseline", {})
     # parts against parts (the wire study's baseline is a simultaneous run too): no such comparison
     for summary in runs["e2e"].values():
         summary |= {"schedule": "simultaneous", "part_time": [1.0, 1.0], "epochs": 3, "finetune_epochs": 0}
-    assert "final_same_parallel_time" not in study.analyse(s, _records(runs))[1]["vs_baseline"]
+    assert "final_same_parallel_time" not in tables.analyse(s, _records(runs))[1]["vs_baseline"]
     # an arm contrasted with another arm (Q3: the LR rule against one LR) is also paired with it
     s.arms["rule"], s.contrasts = {"epochs": 2, "finetune_epochs": 1}, {"rule": "parts"}
     runs["rule"] = {0: _summary(3.0, [(2, 10, 4.4), (3, 15, 3.0)], parts_bpd=4.4),
                     1: _summary(2.3, [(2, 10, 3.6), (3, 15, 2.3)], parts_bpd=3.6)}  # fmt: skip
-    rule = study.analyse(s, _records(runs))[2]["vs_contrast"]
+    rule = tables.analyse(s, _records(runs))[2]["vs_contrast"]
     assert rule["arm"] == "parts" and rule["final"]["mean"] == pytest.approx((-0.1 + 0.1) / 2)
     assert rule["after_parts"]["mean"] == pytest.approx((-0.1 + 0.2) / 2)
-    assert "| rule | parts |" in study.table(s, study.analyse(s, _records(runs)))
+    assert "| rule | parts |" in tables.table(s, tables.analyse(s, _records(runs)))
     # its last column shows part LRs only where some run gave its parts different ones (Q3, not Q2)
     for summary in runs["rule"].values():
         summary["part_lrs"] = [0.01, 0.01]
-    contrast_header = study.table(s, study.analyse(s, _records(runs))).splitlines()[-3]
+    contrast_header = tables.table(s, tables.analyse(s, _records(runs))).splitlines()[-3]
     assert contrast_header == "| arm | − arm | at the end | after the parts phase |"
     runs["rule"][1]["part_lrs"] = [0.01, 0.002]
-    text = study.table(s, study.analyse(s, _records(runs))).splitlines()
+    text = tables.table(s, tables.analyse(s, _records(runs))).splitlines()
     assert text[-3].endswith("| its part LRs (seed by seed) |") and text[-1].endswith("| 0.01,0.01; 0.01,0.002 |")
     assert text[-3].count("|") == text[-2].count("|") == text[-1].count("|")
 
 
 def test_staleness_arms_are_paired_with_their_parts_on_an_up_link_and_tabled_with_their_staleness():
-    s = study.staleness_study(quick=False)
+    s = catalog.staleness_study(quick=False)
     outage_arms = [a for a, o in s.arms.items() if o.get("link", "up") != "up"]
     assert len(outage_arms) == 18 and s.contrasts == {a: f"{s.arms[a]['parts']}p-up" for a in outage_arms}
     # the outage at the end: down for the last 60% of the parts phase's steps, up before (the others end earlier)
@@ -103,7 +104,7 @@ def test_staleness_arms_are_paired_with_their_parts_on_an_up_link_and_tabled_wit
     assert at_end == [True] * (n_steps - 749) + [False] * 749 and n_steps - 749 == round(0.4 * n_steps)
     assert LinkSpec.parse(s.arms["2p-down60-len749"]["link"]).up_at_step(n_steps - 1)
     # Q2 likewise: each fine-tune against none, the boundary scope against the whole model's
-    assert study.finetune_study(quick=False).contrasts == {
+    assert catalog.finetune_study(quick=False).contrasts == {
         "2-parts-ft10": "2-parts-ft0", "2-parts-ft25": "2-parts-ft0", "2-parts-ft33": "2-parts-ft0",
         "2-parts-ft33-boundary": "2-parts-ft33", "4-parts-ft10": "4-parts-ft0", "4-parts-ft25": "4-parts-ft0",
         "4-parts-ft33": "4-parts-ft0", "4-parts-ft33-boundary": "4-parts-ft33",
@@ -119,25 +120,25 @@ def test_staleness_arms_are_paired_with_their_parts_on_an_up_link_and_tabled_wit
             1: _summary(2.2, curve, 3.2) | {"behind_steps": [{"mean": 30.0}]},
         },
     }
-    rows = study.analyse(s, _records(runs))
+    rows = tables.analyse(s, _records(runs))
     assert rows[2]["vs_contrast"]["final"]["mean"] == pytest.approx((0.2 + 0.1) / 2)
     assert rows[2]["vs_contrast"]["after_parts"]["mean"] == pytest.approx((0.3 + 0.1) / 2)
-    text = study.table(s, rows)
+    text = tables.table(s, rows)
     assert "| 2p-down30-len53 | 2p-up |" in text and text.count("| 20.0, 30.0 |") == 2  # both tables
     # the figure's points: each outage run against the up link of its seed, at its own staleness
-    points = sorted(study.staleness_points(rows))
+    points = sorted(tables.staleness_points(rows))
     assert [p[:3] for p in points] == [(2, "after_parts", 20.0), (2, "after_parts", 30.0), (2, "final", 20.0),
                                        (2, "final", 30.0)]  # fmt: skip
     assert [p[3] for p in points] == pytest.approx([3.4 - 3.1, 3.2 - 3.1, 2.3 - 2.1, 2.2 - 2.1])
     # a seed whose e2e run has not finished: no pair with e2e, but a point of the figure all the same
     runs["2p-up"][2] = runs["2p-up"][0]
     runs["2p-down30-len53"][2] = _summary(2.5, curve, 3.6) | {"behind_steps": [{"mean": 40.0}, {"mean": 50.0}]}
-    rows = study.analyse(s, _records(runs))
+    rows = tables.analyse(s, _records(runs))
     assert rows[2]["seeds"] == [0, 1] and rows[2]["vs_contrast"]["seeds"] == [0, 1, 2]
-    points = sorted(study.staleness_points(rows))
+    points = sorted(tables.staleness_points(rows))
     assert [p[2] for p in points] == [20.0, 30.0, 45.0] * 2  # its staleness: the mean of its two boundaries
     # each table lists the staleness of the seeds it pairs
-    lines = study.table(s, rows).splitlines()
+    lines = tables.table(s, rows).splitlines()
     assert [x for x in lines if x.startswith("| 2p-down30-len53 |")][0].endswith("| 20.0, 30.0 |")
     assert [x for x in lines if x.startswith("| 2p-down30-len53 | 2p-up |")][0].endswith("| 20.0, 30.0, 45.0 |")
     assert [p[3] for p in points] == pytest.approx([0.3, 0.1, 0.5, 0.2, 0.1, 0.4])
@@ -235,7 +236,7 @@ def test_base_lr_moves_the_arms_without_an_lr_of_their_own_to_a_study_of_its_own
     assert study.main(["lr", "--base-lr", "3e-3", "--show"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["name"] == "lr-lr0.003" and shown["base"]["lr"] == [3e-3]
-    default = study.lr_study(False)
+    default = catalog.lr_study(False)
     assert shown["arms"] == default.arms and default.base["lr"] != [3e-3]  # every lr arm sets its own
     assert study.main(["parts", "--quick", "--base-lr", "1e-3", "--show"]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "parts-quick-lr0.001"
@@ -252,17 +253,17 @@ def test_a_bad_study_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("quick", [False, True])
-@pytest.mark.parametrize("name", sorted(study.STUDIES))
+@pytest.mark.parametrize("name", sorted(catalog.STUDIES))
 def test_every_arm_of_the_built_in_studies_is_a_valid_run(name, quick):
     from raylocal.core.config import validate_config
     from raylocal.model.parts import parse_part_spec
     from raylocal.training.trainer import build_glow
 
-    s = study.STUDIES[name](quick)
+    s = catalog.STUDIES[name](quick)
     s.check()
     for arm, overrides in s.arms.items():
         # the tuned LRs and the planned epochs come later
-        values = s.base | {k: v for k, v in overrides.items() if k not in ("tune_lr", study.EQUAL_TIME_OF)}
+        values = s.base | {k: v for k, v in overrides.items() if k not in ("tune_lr", spec.EQUAL_TIME_OF)}
         config = validate_config(values, f"{name} {arm}")  # unknown keys and bad values raise
         assert config.model_dump(include=set(values)) == values, arm  # nothing was silently changed
         if config.part_spec:  # a spec that does not fit the model would only fail when its run starts
@@ -273,14 +274,14 @@ def test_every_arm_of_the_built_in_studies_is_a_valid_run(name, quick):
 def test_outage_links_are_down_for_the_share_asked(n_steps, down, length):
     from raylocal.core.links import parse_link
 
-    spec, each = study.outage_link(n_steps, down, length)
+    spec, each = catalog.outage_link(n_steps, down, length)
     parse_link(spec)  # a valid link
     outages = [tuple(map(int, item.split(":"))) for item in spec.removeprefix("outage=").split(",")]
     steps = [s for start, n in outages for s in range(start, start + n)]
     assert len(steps) == len(set(steps)) and max(steps) < n_steps  # no overlap, inside the run
     assert abs(len(steps) - down * n_steps) <= len(outages)  # the share, to a step per outage
     assert all(n == each for _, n in outages)
-    assert study.outage_link(100, 0.0, 50) == ("up", 0)
+    assert catalog.outage_link(100, 0.0, 50) == ("up", 0)
 
 
 def test_a_tuned_arm_takes_the_lrs_of_its_own_tune_study_once(mnist_dir, tmp_path, monkeypatch):
@@ -355,7 +356,7 @@ def test_contrasts_pool_each_seed_once_averaged_over_the_studies_that_ran_it(tmp
 
 
 def test_the_same_wall_clock_compares_runs_of_one_load_within_the_baselines_run():
-    s = study.Study(
+    s = spec.Study(
         name="t", question="q", base={"threads": 1}, baseline="e2e", seeds=[0, 1],
         arms={"e2e": {"schedule": "e2e"}, "sim": {"schedule": "simultaneous", "parts": 2},
               "async": {"schedule": "async", "parts": 2}},
@@ -363,10 +364,10 @@ def test_the_same_wall_clock_compares_runs_of_one_load_within_the_baselines_run(
     e2e = {seed: _summary(3.0, [(1, 10, 5.0), (2, 20, 4.0), (3, 30, 3.0)]) for seed in (0, 1)}
     sim = {0: _summary(3.1, [(3, 15, 3.1)]), 1: _summary(3.2, [(3, 45, 3.2)])}  # seed 1 outlasted e2e's 30 s
     records = {
-        arm: {seed: study.record(summary, s.base | s.arms[arm] | {"seed": seed}) for seed, summary in runs.items()}
+        arm: {seed: runner.record(summary, s.base | s.arms[arm] | {"seed": seed}) for seed, summary in runs.items()}
         for arm, runs in (("e2e", e2e), ("sim", sim), ("async", sim))
     }
-    rows = {r["arm"]: r for r in study.analyse(s, records)}
+    rows = {r["arm"]: r for r in tables.analyse(s, records)}
     same_time = rows["sim"]["vs_baseline"]["final_same_wall_clock"]
     assert same_time["n"] == 1 and same_time["mean"] == pytest.approx(3.1 - 4.5)  # seed 0 only: never clamped
     # two processes against one: the wall clocks were not measured under one load
@@ -374,23 +375,23 @@ def test_the_same_wall_clock_compares_runs_of_one_load_within_the_baselines_run(
 
 
 def test_an_arm_planned_for_another_arms_time_gets_the_epochs_e2e_trains_in_it():
-    s = study.reference_study(quick=True)
+    s = catalog.reference_study(quick=True)
     runs = {
         "e2e": {0: {"wall_time": 60.0, "values": {"epochs": 6}}},  # 10 s an epoch
         "2p-across": {0: {"wall_time": 43.0, "values": {}}},
     }
-    assert study.planned(s, "e2e-equal-time", 0, runs)["epochs"] == 4  # 43 s: 4 of e2e's epochs
-    assert study.planned(s, "e2e-equal-time", 1, runs) is None  # seed 1's runs are not there yet
-    assert study.planned(s, "e2e", 0, runs) == s.arms["e2e"]
-    s.arms = {"late": {"schedule": "e2e", study.EQUAL_TIME_OF: "e2e"}} | s.arms  # planned before its referent
-    with pytest.raises(study.ConfigError, match="late is planned for the time of 'e2e', which must be an arm"):
+    assert runner.planned(s, "e2e-equal-time", 0, runs)["epochs"] == 4  # 43 s: 4 of e2e's epochs
+    assert runner.planned(s, "e2e-equal-time", 1, runs) is None  # seed 1's runs are not there yet
+    assert runner.planned(s, "e2e", 0, runs) == s.arms["e2e"]
+    s.arms = {"late": {"schedule": "e2e", spec.EQUAL_TIME_OF: "e2e"}} | s.arms  # planned before its referent
+    with pytest.raises(errors.ConfigError, match="late is planned for the time of 'e2e', which must be an arm"):
         s.check()
 
 
 def test_each_seed_runs_its_arms_in_a_rotated_order_with_timed_arms_last():
-    s = study.reference_study(quick=False)
+    s = catalog.reference_study(quick=False)
     free = ["e2e", "2p-across", "2p-by-block", "3p-across"]
-    orders = [study.arm_order(s, seed) for seed in s.seeds]
+    orders = [runner.arm_order(s, seed) for seed in s.seeds]
     assert orders[0] == free + ["e2e-equal-time"]
     assert orders[1] == free[1:] + free[:1] + ["e2e-equal-time"]
     assert [o[0] for o in orders[:4]] == free  # each arm leads once in four seeds
