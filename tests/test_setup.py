@@ -119,3 +119,16 @@ def test_the_raylocal_command_dispatches_and_refuses_an_unknown_command_in_one_l
     assert main(["trian"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: unknown command 'trian'; one of {', '.join(COMMANDS)}"]
+
+
+def test_no_function_is_past_about_60_lines_and_no_class_past_300():
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "raylocal").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                size, limit = node.end_lineno - node.lineno + 1, 300 if isinstance(node, ast.ClassDef) else 65
+                if size > limit:
+                    long.append(f"{path.relative_to(ROOT)}: {node.name} is {size} lines")
+    assert long == []

@@ -187,19 +187,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2) + "\n")
     if args.budget > 0:
-        config = RaylocalConfig(
-            n_levels=2, depth=8, hidden=64, batch_size=64, epochs=100, lr=[1e-3],
-            time_budget=args.budget, threads=args.threads, device=args.device,
-            samples=0, progress=False, eval_batch_size=1000, compile=args.compile,
-        )  # fmt: skip
-        with tempfile.TemporaryDirectory() as tmp:
-            s = SingleProcessRun(config, load_data(config), Path(tmp) / "run").run()
-        how = ", compiled" if args.compile else ""
-        print(
-            f"\nMNIST (1x28x28, L=2, K=8, width 64, batch 64, Adam 1e-3{how}): test BPD "
-            f"{s['test_bpd']:.4f} after {s['wall_time']:.0f}s of training "
-            f"({s['steps']} steps, {s['images_per_s']:.0f} images/s incl. optimizer)"
-        )
+        mnist_run(args.budget, args.threads, args.device, args.compile)
+
+
+def mnist_run(budget: float, threads: int, device: str, compiled: bool) -> None:
+    """A short MNIST training run (what the kernels' speed buys), printed in one line."""
+    config = RaylocalConfig(
+        n_levels=2, depth=8, hidden=64, batch_size=64, epochs=100, lr=[1e-3],
+        time_budget=budget, threads=threads, device=device,
+        samples=0, progress=False, eval_batch_size=1000, compile=compiled,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        s = SingleProcessRun(config, load_data(config), Path(tmp) / "run").run()
+    how = ", compiled" if compiled else ""
+    print(
+        f"\nMNIST (1x28x28, L=2, K=8, width 64, batch 64, Adam 1e-3{how}): test BPD "
+        f"{s['test_bpd']:.4f} after {s['wall_time']:.0f}s of training "
+        f"({s['steps']} steps, {s['images_per_s']:.0f} images/s incl. optimizer)"
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,65 @@ from raylocal.model.parts import PartSpec
 from raylocal.training.schedules import PARTS_RESULT, PartsResult, SingleProcessRun
 
 
+def take_over(run: SingleProcessRun, parts: PartsResult) -> None:
+    """Continue after a parts phase trained elsewhere (the Ray parts): take its
+    assembled weights, timings and evaluations; ``run.run()`` then does the
+    fine-tune epochs, evaluation, checkpoint and summary."""
+    stats = parts.stats
+    run.glow.load_state_dict(parts.state)
+    run.stream.restore({"epoch": len(run.plan), "position": 0})
+    run.state.elapsed = parts.wall
+    run.state.phase_time["parts"] = parts.wall
+    run.state.part_time = [st["compute_s"] for st in stats]
+    run.state.global_step = int(stats[0]["steps"])
+    run.adopted = True
+    for point in parts.curve:  # evaluations made while the parts trained
+        run.state.curve.append(point)
+        run.log.scalar("model/test_bpd", point["test_bpd"], int(point["step"]))
+    bpd = run.record_eval(float(len(run.plan)))
+    run.state.history.append(
+        {
+            "epoch": len(run.plan),
+            "phase": "parts",
+            "active": [k + 1 for k in range(len(run.parts))],
+            "test_bpd": bpd,
+            "local_loss": {
+                str(k + 1): sum(st["losses"][-50:]) / max(len(st["losses"][-50:]), 1) for k, st in enumerate(stats)
+            },
+            "epoch_time": parts.wall / max(len(run.plan), 1),
+            "elapsed": parts.wall,
+            "rollbacks": [st["rollbacks"] for st in stats],
+        }
+    )
+
+
+def adopt_finetune(
+    run: SingleProcessRun, state: dict[str, Tensor], seconds: float, history: list[dict[str, Any]]
+) -> None:
+    """Take a fine-tune phase trained elsewhere (DDP on Ray Train workers)."""
+    run.glow.load_state_dict(state)
+    run.stream.restore({"epoch": run.total_epochs, "position": 0})
+    run.state.elapsed += seconds
+    run.state.phase_time["finetune"] += seconds
+    for i, h in enumerate(history):
+        run.state.history.append(
+            {
+                "epoch": len(run.plan) + i + 1,
+                "phase": "finetune",
+                "active": [],
+                "test_bpd": float("nan"),
+                "local_loss": {"finetune": h.get("loss", float("nan"))},
+                "epoch_time": h.get("epoch_time", float("nan")),
+                "elapsed": run.state.elapsed,
+                "rollbacks": [t.rollbacks for t in run.trainers],
+                "ddp_images_per_s": h.get("images_per_s", float("nan")),
+            }
+        )
+    bpd = run.record_eval(float(run.total_epochs))
+    if run.state.history:
+        run.state.history[-1]["test_bpd"] = bpd
+
+
 def finish_after_parts(
     config: RaylocalConfig,
     data: ImageData,
@@ -35,10 +94,10 @@ def finish_after_parts(
     resume = finetuned is None and (run_dir / "checkpoint.pt").is_file()
     run = SingleProcessRun(config.model_copy(update={"resume": resume}), data, run_dir, spec, record=False)
     if not resume:
-        run.take_over(parts)
+        take_over(run, parts)
         run.log.link_report(parts.report, int(parts.stats[0]["steps"]))
         if finetuned is not None:
-            run.adopt_finetune(*finetuned)
+            adopt_finetune(run, *finetuned)
     summary = run.run()
     summary.update(parts.report)
     n = len(parts.stats)

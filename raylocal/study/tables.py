@@ -179,28 +179,34 @@ def table(study: Study, rows: list[dict[str, Any]]) -> str:
         cells += [_ratio_cell(r.get("time_ratio", {})) if vs else ""]
         cells += [_per_seed(r["staleness"])] if stale else []
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + _contrast_lines(rows, stale))
+
+
+def _contrast_lines(rows: list[dict[str, Any]], stale: bool) -> list[str]:
+    """The table of arms paired with another arm than the baseline (none: no lines)."""
     contrasted = [r for r in rows if "vs_contrast" in r]
-    if contrasted:
-        # the last column says what tells the paired arms apart: their staleness, or
-        # their part LRs where some run gave its parts different LRs (else it is blank)
-        lrs_differ = any(len(set(v)) > 1 for r in contrasted for v in r["part_lrs"] if v)
-        last = STALENESS if stale else "its part LRs (seed by seed)" if lrs_differ else ""
-        lines += [
-            "",
-            "Paired by seed with another arm:",
-            "",
-            "| arm | − arm | at the end | after the parts phase |" + (f" {last} |" if last else ""),
-            "|---|---|---|---|" + ("---|" if last else ""),
-        ]
-        for r in contrasted:
-            c = r["vs_contrast"]
-            cells = [r["arm"], c["arm"], _cell(c["final"]), _cell(c["after_parts"])]
-            if stale:  # of the seeds paired here (the row's are those paired with the baseline)
-                cells.append(_per_seed([v for v in c["staleness"] if v is not None]))
-            elif lrs_differ:
-                cells.append("; ".join(",".join(f"{x:.3g}" for x in v) for v in r["part_lrs"] if v))
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    if not contrasted:
+        return []
+    # the last column says what tells the paired arms apart: their staleness, or
+    # their part LRs where some run gave its parts different LRs (else it is blank)
+    lrs_differ = any(len(set(v)) > 1 for r in contrasted for v in r["part_lrs"] if v)
+    last = STALENESS if stale else "its part LRs (seed by seed)" if lrs_differ else ""
+    lines = [
+        "",
+        "Paired by seed with another arm:",
+        "",
+        "| arm | − arm | at the end | after the parts phase |" + (f" {last} |" if last else ""),
+        "|---|---|---|---|" + ("---|" if last else ""),
+    ]
+    for r in contrasted:
+        c = r["vs_contrast"]
+        cells = [r["arm"], c["arm"], _cell(c["final"]), _cell(c["after_parts"])]
+        if stale:  # of the seeds paired here (the row's are those paired with the baseline)
+            cells.append(_per_seed([v for v in c["staleness"] if v is not None]))
+        elif lrs_differ:
+            cells.append("; ".join(",".join(f"{x:.3g}" for x in v) for v in r["part_lrs"] if v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def figure(study: Study, rows: list[dict[str, Any]], path: Path) -> None:

@@ -224,7 +224,7 @@ class SingleProcessRun:
         self.state = RunState(part_time=[0.0] * len(self.parts))
         self.log = RunLog(run_dir)
         self.progress = Progress(config.progress)
-        self._adopted = False  # weights came from a parts phase trained elsewhere
+        self.adopted = False  # weights came from a parts phase trained elsewhere
         self.faults = parse_faults(config.inject or "")
         self.lr_rule = RelativeUpdateRule(self.trainers, config.warmup_steps) if config.lr_rule != "none" else None
 
@@ -266,61 +266,6 @@ class SingleProcessRun:
             self.lr_rule.stop_measuring()
             self.lr_rule = None
 
-    def take_over(self, parts: PartsResult) -> None:
-        """Continue after a parts phase trained elsewhere (the Ray parts): take its
-        assembled weights, timings and evaluations; ``run`` then does the
-        fine-tune epochs, evaluation, checkpoint and summary."""
-        stats = parts.stats
-        self.glow.load_state_dict(parts.state)
-        self.stream.restore({"epoch": len(self.plan), "position": 0})
-        self.state.elapsed = parts.wall
-        self.state.phase_time["parts"] = parts.wall
-        self.state.part_time = [st["compute_s"] for st in stats]
-        self.state.global_step = int(stats[0]["steps"])
-        self._adopted = True
-        for point in parts.curve:  # evaluations made while the parts trained
-            self.state.curve.append(point)
-            self.log.scalar("model/test_bpd", point["test_bpd"], int(point["step"]))
-        bpd = self._record_eval(float(len(self.plan)))
-        self.state.history.append(
-            {
-                "epoch": len(self.plan),
-                "phase": "parts",
-                "active": [k + 1 for k in range(len(self.parts))],
-                "test_bpd": bpd,
-                "local_loss": {
-                    str(k + 1): sum(st["losses"][-50:]) / max(len(st["losses"][-50:]), 1) for k, st in enumerate(stats)
-                },
-                "epoch_time": parts.wall / max(len(self.plan), 1),
-                "elapsed": parts.wall,
-                "rollbacks": [st["rollbacks"] for st in stats],
-            }
-        )
-
-    def adopt_finetune(self, state: dict[str, Tensor], seconds: float, history: list[dict[str, Any]]) -> None:
-        """Take a fine-tune phase trained elsewhere (DDP on Ray Train workers)."""
-        self.glow.load_state_dict(state)
-        self.stream.restore({"epoch": self.total_epochs, "position": 0})
-        self.state.elapsed += seconds
-        self.state.phase_time["finetune"] += seconds
-        for i, h in enumerate(history):
-            self.state.history.append(
-                {
-                    "epoch": len(self.plan) + i + 1,
-                    "phase": "finetune",
-                    "active": [],
-                    "test_bpd": float("nan"),
-                    "local_loss": {"finetune": h.get("loss", float("nan"))},
-                    "epoch_time": h.get("epoch_time", float("nan")),
-                    "elapsed": self.state.elapsed,
-                    "rollbacks": [t.rollbacks for t in self.trainers],
-                    "ddp_images_per_s": h.get("images_per_s", float("nan")),
-                }
-            )
-        bpd = self._record_eval(float(self.total_epochs))
-        if self.state.history:
-            self.state.history[-1]["test_bpd"] = bpd
-
     def active_at(self, epoch: int, position: int) -> tuple[int, ...]:
         """The parts that train on batch ``position`` of ``epoch`` (none in the fine-tune)."""
         if epoch >= len(self.plan):
@@ -354,7 +299,7 @@ class SingleProcessRun:
         images = self.data.test
         return evaluate_bpd(self.glow, images, self.config.eval_batch_size, self.device)
 
-    def _record_eval(self, epoch_float: float) -> float:
+    def record_eval(self, epoch_float: float) -> float:
         bpd = self.evaluate()
         self.state.curve.append(
             {
@@ -429,7 +374,7 @@ class SingleProcessRun:
                 force=True,
             )
         else:
-            if not self._adopted:
+            if not self.adopted:
                 x0 = self.data.train[: cfg.init_batch_size].to(self.device)
                 initialize(self.parts, preprocess(x0, cfg.n_bits, self.noise), self.wire_dtype)
             write_json(self.log.dir / "config.json", cfg.sectioned())
@@ -492,7 +437,7 @@ class SingleProcessRun:
         if step % cfg.log_every == 0:
             self._log_step(results, epoch)
         if cfg.eval_every and step % cfg.eval_every == 0:
-            self._record_eval(epoch + self.stream.position / len(self.stream))
+            self.record_eval(epoch + self.stream.position / len(self.stream))
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             self.checkpoint()
         if cfg.time_budget and self.state.elapsed >= cfg.time_budget:
@@ -508,7 +453,7 @@ class SingleProcessRun:
             if problem:
                 self._report_events({trainer.index: StepResult(torch.empty(0), float("nan"), event=problem)})
         epoch_time = time.perf_counter() - t_epoch
-        bpd = self._record_eval(epoch + self.stream.position / len(self.stream))
+        bpd = self.record_eval(epoch + self.stream.position / len(self.stream))
         entry = {
             "epoch": epoch + 1,
             "phase": "finetune" if finetune else "parts",
@@ -537,43 +482,49 @@ class SingleProcessRun:
         return self.log.samples(images, step, f"samples/T={temperature}")
 
     def finish(self, stopped: str | None) -> dict[str, Any]:
-        if not self.log.checkpoint_path.is_file() or self._adopted:
+        if not self.log.checkpoint_path.is_file() or self.adopted:
             self.checkpoint()  # a run with no epoch of its own still leaves its weights
         final = self.state.curve[-1]["test_bpd"] if self.state.curve else self.evaluate()
         samples = self._samples(self.state.global_step)
-        summary = {
-            "schedule": self.config.schedule,
-            "dataset": self.data.name,
-            "image_shape": list(self.data.shape),
-            "test_bpd": final,
-            "parts": self.spec.canonical(self.glow),
-            "n_parts": len(self.parts),
-            "epochs": self.config.epochs,
-            "finetune_epochs": self.config.finetune_epochs,
-            "steps": self.state.global_step,
-            "wall_time": self.state.elapsed,
-            "phase_time": self.state.phase_time,
-            "phase_cpu": self.state.phase_cpu,
-            "part_time": self.state.part_time,
-            "rollbacks": [t.rollbacks for t in self.trainers] + ([self.finetuner.rollbacks] if self.finetuner else []),
-            "skipped_batches": [t.skipped for t in self.trainers + ([self.finetuner] if self.finetuner else [])],
-            "rollback_events": [
-                {"part": t.index + 1, "step": e.step, "reason": e.reason, "new_lr": e.new_lr}
-                for t in self.trainers + ([self.finetuner] if self.finetuner else [])
-                for e in t.events
-            ],
-            "lr_multipliers": self.state.lr_multipliers,
-            "part_lrs": [t.base_lr for t in self.trainers],
-            "images_per_s": self.state.global_step * self.config.batch_size / max(self.state.elapsed, 1e-9),
-            "stopped_early": stopped,
-            "history": self.state.history,
-            "curve": self.state.curve,
-            "run_dir": str(self.log.dir),
-            "checkpoint": str(self.log.checkpoint_path),
-            "samples": str(samples) if samples else None,
-            "tensorboard": str(self.log.dir / "tensorboard"),
-        }
+        summary = run_summary(self, final, stopped, samples)
         if self.record:
             write_json(self.log.dir / "summary.json", summary)
         self.log.close()
         return summary
+
+
+def run_summary(run: SingleProcessRun, final: float, stopped: str | None, samples: Path | None) -> dict[str, Any]:
+    """What a run's summary.json holds: its result, times, rollbacks, history and where its files are."""
+    trainers = run.trainers + ([run.finetuner] if run.finetuner else [])
+    return {
+        "schedule": run.config.schedule,
+        "dataset": run.data.name,
+        "image_shape": list(run.data.shape),
+        "test_bpd": final,
+        "parts": run.spec.canonical(run.glow),
+        "n_parts": len(run.parts),
+        "epochs": run.config.epochs,
+        "finetune_epochs": run.config.finetune_epochs,
+        "steps": run.state.global_step,
+        "wall_time": run.state.elapsed,
+        "phase_time": run.state.phase_time,
+        "phase_cpu": run.state.phase_cpu,
+        "part_time": run.state.part_time,
+        "rollbacks": [t.rollbacks for t in trainers],
+        "skipped_batches": [t.skipped for t in trainers],
+        "rollback_events": [
+            {"part": t.index + 1, "step": e.step, "reason": e.reason, "new_lr": e.new_lr}
+            for t in trainers
+            for e in t.events
+        ],
+        "lr_multipliers": run.state.lr_multipliers,
+        "part_lrs": [t.base_lr for t in run.trainers],
+        "images_per_s": run.state.global_step * run.config.batch_size / max(run.state.elapsed, 1e-9),
+        "stopped_early": stopped,
+        "history": run.state.history,
+        "curve": run.state.curve,
+        "run_dir": str(run.log.dir),
+        "checkpoint": str(run.log.checkpoint_path),
+        "samples": str(samples) if samples else None,
+        "tensorboard": str(run.log.dir / "tensorboard"),
+    }

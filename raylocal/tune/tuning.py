@@ -101,72 +101,56 @@ def assembled(states: list[dict[str, Any]], glow: torch.nn.Module, bounds: tuple
     return out
 
 
-def run_trial(
-    params: dict[str, Any], base_json: str, space_path: str, data: ImageData, report_every: int, checkpoints: bool
-) -> None:
-    """One Tune trial: a whole async parts run, reporting test BPD as it goes
-    (and, with ``checkpoints``, every part's state with each report)."""
-    import ray
-    from ray import tune
+class TrialReporter:
+    """A Tune trial's reports, as the parts phase's monitor: every ``report_every``
+    steps of the last part, the assembled model's test BPD (with ``checkpoints``,
+    for PBT, every part's state with it); a non-finite BPD reports the trial as
+    diverged and stops it."""
 
-    from raylocal.cluster.parts_phase import (
-        gather_part_states,
-        gather_weights,
-        part_checkpoint_path,
-        run_async_phase,
-    )
-    from raylocal.cluster.placement import actor_device
+    def __init__(
+        self, service: ModelService, data: ImageData, lrs: list[float], bounds: list, every: int, checkpoints: bool
+    ) -> None:
+        self.service, self.data, self.lrs, self.bounds = service, data, lrs, bounds
+        self.every, self.checkpoints = every, checkpoints
+        self.resumed_at, self.restored_from = 0, ""
+        self.next_report = every
+        self.last_polled: list[dict[str, Any]] = []
 
-    base = RaylocalConfig.model_validate_json(base_json)
-    space = load_space(space_path, base.parts)
-    lrs = trial_lrs(space, params, base.parts)
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    config = base.model_copy(update={"lr": lrs, "progress": False, "resume": False})
-    resumed_at, restored_from = 0, ""
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:  # PBT restarted this trial from its own or another trial's parts
-        with checkpoint.as_directory() as d:
-            resumed_at = restore_parts(Path(d), trial_dir, lrs)
-        restored_from = str(checkpoint.path)
-        config = config.model_copy(update={"resume": True})
-    torch.set_num_threads(1)
-    # the trial's own process evaluates, on the GPU share its bundle reserved when it has one
-    service = ModelService(config, data.shape, str(actor_device(config)))
-    bounds = [tuple(b) for b in service.plan(data.train)["bounds"]]
-    next_report = [resumed_at + report_every]
+    def resume_from(self, step: int, checkpoint_path: str) -> None:
+        self.resumed_at, self.restored_from = step, checkpoint_path
+        self.next_report = step + self.every
 
-    def row(bpd: float, polled: list[dict[str, Any]], done: bool) -> dict[str, Any]:
-        """One report; a non-finite BPD reports the trial as diverged."""
-        rollbacks = sum(p.get("rollbacks", 0) for p in polled)
+    def row(self, bpd: float, polled: list[dict[str, Any]], done: bool) -> dict[str, Any]:
         diverged = not math.isfinite(bpd)
         out = {
             "test_bpd": DIVERGED_BPD if diverged else bpd,
             "diverged": int(diverged),
-            "rollbacks": rollbacks,
+            "rollbacks": sum(p.get("rollbacks", 0) for p in polled),
             "steps": polled[-1]["steps"] if polled else 0,
-            "resumed_at": resumed_at,
-            "restored_from": restored_from,
+            "resumed_at": self.resumed_at,
+            "restored_from": self.restored_from,
             "finished": int(done),
         }
-        out.update({f"lr_{k + 1}": lr for k, lr in enumerate(lrs)})
-        return out
+        return out | {f"lr_{k + 1}": lr for k, lr in enumerate(self.lrs)}
 
-    def metrics(state: dict[str, torch.Tensor], polled: list[dict[str, Any]], done: bool) -> dict[str, Any]:
-        return row(service.evaluate(data.test, state), polled, done)
+    def metrics(self, state: dict[str, torch.Tensor], polled: list[dict[str, Any]], done: bool) -> dict[str, Any]:
+        return self.row(self.service.evaluate(self.data.test, state), polled, done)
 
-    last_polled: list[dict[str, Any]] = []
+    def __call__(self, actors: list[Any], polled: list[dict[str, Any]]) -> None:
+        from ray import tune
 
-    def monitor(actors: list[Any], polled: list[dict[str, Any]]) -> None:
-        last_polled[:] = polled
-        if polled[-1]["steps"] < next_report[0]:
+        from raylocal.cluster.parts_phase import gather_part_states, gather_weights, part_checkpoint_path
+
+        self.last_polled[:] = polled
+        if polled[-1]["steps"] < self.next_report:
             return
-        next_report[0] += report_every
-        if not checkpoints:
-            m = metrics(gather_weights(actors), polled, done=False)
+        self.next_report += self.every
+        if not self.checkpoints:
+            m = self.metrics(gather_weights(actors), polled, done=False)
             tune.report(m)
         else:  # evaluate exactly the checkpointed parts: PBT copies what it ranked
             states = gather_part_states(actors)
-            m = metrics(assembled(states, service.glow, bounds), polled, done=False)
+            m = self.metrics(assembled(states, self.service.glow, self.bounds), polled, done=False)
             m["steps"] = int(states[-1]["step"])
             with tempfile.TemporaryDirectory() as tmp:
                 for k, state in enumerate(states):
@@ -175,13 +159,39 @@ def run_trial(
         if m["diverged"]:
             raise DivergedError(f"assembled model's BPD is not finite at step {m['steps']}")
 
+
+def run_trial(
+    params: dict[str, Any], base_json: str, space_path: str, data: ImageData, report_every: int, checkpoints: bool
+) -> None:
+    """One Tune trial: a whole async parts run, reporting test BPD as it goes
+    (see ``TrialReporter``)."""
+    import ray
+    from ray import tune
+
+    from raylocal.cluster.parts_phase import run_async_phase
+    from raylocal.cluster.placement import actor_device
+
+    base = RaylocalConfig.model_validate_json(base_json)
+    lrs = trial_lrs(load_space(space_path, base.parts), params, base.parts)
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    config = base.model_copy(update={"lr": lrs, "progress": False, "resume": False})
+    torch.set_num_threads(1)
+    # the trial's own process evaluates, on the GPU share its bundle reserved when it has one
+    service = ModelService(config, data.shape, str(actor_device(config)))
+    bounds = [tuple(b) for b in service.plan(data.train)["bounds"]]
+    reporter = TrialReporter(service, data, lrs, bounds, report_every, checkpoints)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # PBT restarted this trial from its own or another trial's parts
+        with checkpoint.as_directory() as d:
+            reporter.resume_from(restore_parts(Path(d), trial_dir, lrs), str(checkpoint.path))
+        config = config.model_copy(update={"resume": True})
     try:
-        state, stats, _, _ = run_async_phase(config, data, bounds, Progress(False), trial_dir, monitor)
+        state, stats, _, _ = run_async_phase(config, data, bounds, Progress(False), trial_dir, reporter)
     except (DivergedError, ray.exceptions.RayTaskError) as e:
-        tune.report(row(math.nan, last_polled, done=True) | {"error": str(e)[:200]})
+        tune.report(reporter.row(math.nan, reporter.last_polled, done=True) | {"error": str(e)[:200]})
         return
     polled = [{"rollbacks": st["rollbacks"], "steps": st["steps"]} for st in stats]
-    tune.report(metrics(state, polled, done=True))
+    tune.report(reporter.metrics(state, polled, done=True))
 
 
 def tune_study(
@@ -203,7 +213,6 @@ def tune_study(
     strong ones' parts with perturbed LRs every ``pbt_interval`` reports)."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
     from raylocal.cluster.placement import default_gpu_share, trial_bundles
 
@@ -214,8 +223,7 @@ def tune_study(
     if gpus is None:
         gpus = default_gpu_share(base, ray.cluster_resources().get("GPU", 0.0), max_concurrent or trials)
     base = base.model_copy(update={"cpus_per_part": base.cpus_per_part or 0.5, "gpus_per_part": gpus})
-    n_steps = base.epochs * (len(data.train) // base.batch_size)
-    max_reports = max(1, n_steps // report_every) + 1
+    max_reports = max(1, base.epochs * (len(data.train) // base.batch_size) // report_every) + 1
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
@@ -233,22 +241,7 @@ def tune_study(
             raise ConfigError(f"--resume: no Tune study to restore at {path}")
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
     else:
-        if scheduler == "pbt":
-            # Time is the last part's step, which a restored trial continues from.
-            # Synchronous: every trial reaches the perturbation step before the
-            # weak ones copy the strong ones, so a study does not depend on which
-            # trial happened to run faster.
-            chosen = PopulationBasedTraining(
-                time_attr="steps",
-                perturbation_interval=pbt_interval * report_every,
-                hyperparam_mutations=param_space,
-                quantile_fraction=0.5 if trials < 4 else 0.25,
-                synch=True,
-            )
-            keep = tune.CheckpointConfig(num_to_keep=4)  # PBT may copy a trial's older checkpoints
-        else:
-            chosen = ASHAScheduler(max_t=max_reports, grace_period=1, reduction_factor=2)
-            keep = None
+        chosen, keep = _scheduler(scheduler, param_space, trials, pbt_interval * report_every, max_reports)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
@@ -259,9 +252,30 @@ def tune_study(
                 num_samples=1 if getattr(space, "GRID", False) else trials,
                 max_concurrent_trials=max_concurrent,
             ),
-            run_config=tune.RaylocalConfig(name=name, storage_path=str(storage.resolve()), checkpoint_config=keep),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage.resolve()), checkpoint_config=keep),
         )
     return tuner.fit()
+
+
+def _scheduler(name: str, param_space: dict, trials: int, pbt_steps: int, max_reports: int) -> tuple[Any, Any]:
+    """Tune's trial scheduler and the checkpoints each trial keeps."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+
+    if name != "pbt":
+        return ASHAScheduler(max_t=max_reports, grace_period=1, reduction_factor=2), None
+    # Time is the last part's step, which a restored trial continues from.
+    # Synchronous: every trial reaches the perturbation step before the weak
+    # ones copy the strong ones, so a study does not depend on which trial
+    # happened to run faster.
+    pbt = PopulationBasedTraining(
+        time_attr="steps",
+        perturbation_interval=pbt_steps,
+        hyperparam_mutations=param_space,
+        quantile_fraction=0.5 if trials < 4 else 0.25,
+        synch=True,
+    )
+    return pbt, tune.CheckpointConfig(num_to_keep=4)  # PBT may copy a trial's older checkpoints
 
 
 def ranked_table(results: Any, parts: int) -> tuple[str, list[dict[str, Any]]]:
