@@ -417,3 +417,28 @@ def test_gradients_are_clipped_to_grad_clip():
     unclipped.step(x)
     norms = [torch.linalg.vector_norm(p.grad) for p in unclipped.part.parameters() if p.grad is not None]
     assert float(torch.linalg.vector_norm(torch.stack(norms))) == pytest.approx(result.grad_norm, rel=1e-4)
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(mnist_dir, tmp_path, monkeypatch, capsys):
+    from raylocal.training import schedules
+
+    real_epoch = schedules.SingleProcessRun._epoch
+
+    def diverge_in(epoch_to_fail: int):
+        def epoch(self, epoch: int):
+            if epoch == epoch_to_fail:
+                raise DivergedError("part 1 diverged: planted")
+            return real_epoch(self, epoch)
+
+        return epoch
+
+    storage = tmp_path / "runs"
+    monkeypatch.setattr(schedules.SingleProcessRun, "_epoch", diverge_in(0))
+    assert main(tiny_options(mnist_dir, storage, run_name="first")) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: part 1 diverged: planted"]
+    assert not (storage / "first").exists()
+    # after an epoch's checkpoint the run can be resumed: its directory stays, without a summary
+    monkeypatch.setattr(schedules.SingleProcessRun, "_epoch", diverge_in(1))
+    assert main(tiny_options(mnist_dir, storage, run_name="second", epochs=2)) == 2
+    assert (storage / "second" / "checkpoint.pt").is_file() and (storage / "second" / "config.json").is_file()
+    assert not (storage / "second" / "summary.json").exists()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
 import socket
 import threading
 import time
@@ -45,7 +44,7 @@ from raylocal.cluster.preflight import check_run
 from raylocal.cluster.queue import LatentQueue
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData
-from raylocal.core.runlog import Progress, has_checkpoint, resolve_run_dir, write_json
+from raylocal.core.runlog import Progress, write_json
 from raylocal.errors import CheckpointError, ClusterError, DivergedError
 from raylocal.run.finish import finish_after_parts
 from raylocal.training.schedules import PARTS_RESULT, PartsResult
@@ -238,15 +237,16 @@ def finish_on_ray_train(
 
 
 class AsyncRun:
-    """One ``async`` run: plan, parts phase, then the rest of the run, each in Ray.
+    """The phases of one ``async`` run (``Run`` owns its directory and record):
+    plan, parts phase, then the rest of the run, each in Ray.
 
     With ``--resume``: when the parts phase had finished (its ``PartsResult``
     is saved) the run goes on to the fine-tune, which continues from the run's
     checkpoint; otherwise the parts continue from their own checkpoints."""
 
-    def __init__(self, config: RaylocalConfig, data: ImageData) -> None:
+    def __init__(self, config: RaylocalConfig, data: ImageData, run_dir: Path) -> None:
         self.config, self.data = config, data
-        self.run_dir = resolve_run_dir(config)
+        self.run_dir = run_dir
         self.progress = Progress(config.progress)
         self.where: dict[str, Any] = {}
         self.service: Any = None
@@ -255,32 +255,27 @@ class AsyncRun:
         self.parts: PartsResult | None = None  # the parts phase's result, once it ran in this process
         self.finetune_link: dict[str, Any] | None = None  # a DDP fine-tune's link figures
 
-    def run(self) -> dict[str, Any]:
-        # Everything that can be checked is, before anything starts or is written:
-        # the parts, links and faults from the config, then the cluster's totals.
-        # Under `ray job submit` the job's working directory can be removed by Ray's
-        # runtime-env cleanup while the job runs (seen with Ray 2.60): stand in the
-        # run directory, so that nothing here depends on it.
-        cwd = os.getcwd()
-        config = self.config
-        check_run(config, self.data.shape)
-        connect(config)
-        self.placement = Placement.plan(config, config.part_count())
+    def prepare(self) -> None:
+        """Everything that can be checked, before anything starts or is written:
+        the parts, links and faults from the config, then the cluster's totals."""
+        check_run(self.config, self.data.shape)
+        connect(self.config)
+        self.placement = Placement.plan(self.config, self.config.part_count())
         self.placement.check()
-        created = not self.run_dir.exists()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def run(self) -> dict[str, Any]:
+        """The run's phases, in its (existing) directory; returns its summary."""
+        # Under `ray job submit` the job's working directory can be removed by Ray's
+        # runtime-env cleanup while the job runs: stand in the run directory, so
+        # that nothing here depends on it.
+        cwd = os.getcwd()
+        os.chdir(self.run_dir)
         try:
-            os.chdir(self.run_dir)
-            try:
-                with errors_in_one_line():
-                    return self._run()
-            finally:
-                if Path(cwd).is_dir():
-                    os.chdir(cwd)
-        except BaseException:
-            if created and not has_checkpoint(self.run_dir):  # nothing to resume: leave nothing behind
-                shutil.rmtree(self.run_dir, ignore_errors=True)
-            raise
+            with errors_in_one_line():
+                return self._run()
+        finally:
+            if Path(cwd).is_dir():
+                os.chdir(cwd)
 
     def _run(self) -> dict[str, Any]:
         config = self.config
@@ -301,7 +296,6 @@ class AsyncRun:
         finally:
             self._release()
         summary["where"] = self.where
-        write_json(self.run_dir / "summary.json", summary)
         return summary
 
     def _start_service(self) -> Any:
@@ -330,8 +324,6 @@ class AsyncRun:
         bounds = [tuple(b) for b in plan["bounds"]]
         if config.resume and not all(part_checkpoint_path(run_dir, k).is_file() for k in range(len(bounds))):
             raise CheckpointError(f"--resume: {run_dir / 'parts'} does not hold a checkpoint of every part")
-        if not config.resume:
-            write_json(run_dir / "config.json", config.sectioned())
         self.progress.update(
             f"async: {len(bounds)} parts {plan['canonical']}, {config.epochs} epoch(s), "
             f"queue bound {config.queue_size}, link {config.link}" + (", resuming" if config.resume else ""),
@@ -397,8 +389,3 @@ class AsyncRun:
         self.where["finetune_ddp"] = link_stats.pop("where", None)
         self.finetune_link = link_stats
         return tuned, time.perf_counter() - t0, history
-
-
-def run_async(config: RaylocalConfig, data: ImageData) -> dict[str, Any]:
-    """The ``async`` schedule: see ``AsyncRun``."""
-    return AsyncRun(config, data).run()

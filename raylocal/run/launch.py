@@ -13,7 +13,7 @@ from raylocal.core.config import RaylocalConfig, load_config_file, validate_conf
 from raylocal.core.data import ImageData, load_dataset
 from raylocal.core.runlog import CHECKPOINT, resolve_run_dir
 from raylocal.errors import ConfigError
-from raylocal.training.schedules import SingleProcessRun
+from raylocal.run.run import Run
 
 # Options that may change when a run is resumed; any other must match the checkpoint.
 RESUMABLE = {
@@ -58,12 +58,6 @@ def set_threads(config: RaylocalConfig) -> None:
 
 
 def run(config: RaylocalConfig) -> dict[str, Any]:
-    """Run ``config`` in this process (or, for the async schedule, on Ray)."""
+    """Run ``config``: in this process, or on Ray for the async schedule (see ``Run``)."""
     set_threads(config)
-    data = load_data(config)
-    if config.schedule == "async":
-        from raylocal.run.async_run import run_async  # imports Ray: only the async schedule pays for it
-
-        return run_async(config, data)
-    run_dir = resolve_run_dir(config)
-    return SingleProcessRun(config, data, run_dir).run()
+    return Run(config, load_data(config)).execute()

@@ -377,7 +377,8 @@ class SingleProcessRun:
             if not self.adopted:
                 x0 = self.data.train[: cfg.init_batch_size].to(self.device)
                 initialize(self.parts, preprocess(x0, cfg.n_bits, self.noise), self.wire_dtype)
-            write_json(self.log.dir / "config.json", cfg.sectioned())
+            if self.record:
+                write_json(self.log.dir / "config.json", cfg.sectioned())
         self._last_step: dict[int, int] = {}  # global step at which each part last trained, in this process
 
     def _epoch(self, epoch: int) -> str | None:

@@ -1,0 +1,57 @@
+"""One run: its directory, its phases and its one record.
+
+``Run`` is what every entry point that trains a configured run composes (the
+command line, the studies through it). It resolves the run directory, checks
+what can be checked before anything is written, writes ``config.json`` once
+when the run starts and ``summary.json`` once when it ends, and removes a
+directory it created if the run fails before its first checkpoint (nothing to
+resume, nothing half-written). Between those, its phases train:
+
+- the single-process schedules (``SingleProcessRun``): the parts' epochs, then
+  the fine-tune, in this process;
+- the async schedule on Ray (``AsyncRun``): the Ray parts, then the fine-tune
+  in a Ray Train worker, on DDP workers, or in the model service.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from raylocal.core.config import RaylocalConfig
+from raylocal.core.data import ImageData
+from raylocal.core.runlog import has_checkpoint, resolve_run_dir, write_json
+from raylocal.training.schedules import SingleProcessRun
+
+
+class Run:
+    """A configured run (see the module doc)."""
+
+    def __init__(self, config: RaylocalConfig, data: ImageData) -> None:
+        self.config, self.data = config, data
+        self.dir = resolve_run_dir(config)
+
+    def execute(self) -> dict[str, Any]:
+        """Train the run's phases; returns its summary (also written to summary.json)."""
+        created = not self.dir.exists()
+        try:
+            phases = self._phases()
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if not self.config.resume:
+                write_json(self.dir / "config.json", self.config.sectioned())
+            summary = phases.run()
+        except BaseException:
+            if created and not has_checkpoint(self.dir):  # nothing to resume: leave nothing behind
+                shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        write_json(self.dir / "summary.json", summary)
+        return summary
+
+    def _phases(self) -> Any:
+        if self.config.schedule != "async":
+            return SingleProcessRun(self.config, self.data, self.dir, record=False)
+        from raylocal.run.async_run import AsyncRun  # imports Ray: only the async schedule pays for it
+
+        phases = AsyncRun(self.config, self.data, self.dir)
+        phases.prepare()
+        return phases
