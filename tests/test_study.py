@@ -396,3 +396,25 @@ def test_each_seed_runs_its_arms_in_a_rotated_order_with_timed_arms_last():
     assert orders[1] == free[1:] + free[:1] + ["e2e-equal-time"]
     assert [o[0] for o in orders[:4]] == free  # each arm leads once in four seeds
     assert all(sorted(o) == sorted(s.arms) for o in orders)
+
+
+def test_studies_without_run_records_are_rechecked_from_their_per_seed_values_and_holm_adjusted_together():
+    from pathlib import Path
+
+    from raylocal.study.recheck import recheck, recheck_tables
+
+    root = Path(__file__).resolve().parent.parent / "docs" / "study"
+    question = [runner._read_results(root / name / "results.json") for name in ("parts", "boundary")]
+    checked = 0
+    for results in question + [runner._read_results(root / "finetune" / "results.json")]:
+        rows = {r["arm"]: r for r in results["rows"]}
+        for d in recheck(results):  # the published raw intervals, recomputed from the per-seed values
+            published = rows[d["arm"]]["vs_baseline"]["final_same_epochs"] if d["vs"] == results["study"]["baseline"] \
+                else rows[d["arm"]]["vs_contrast"]["final"]  # fmt: skip
+            assert (d["mean"], d["lo"], d["hi"]) == pytest.approx((published["mean"], published["lo"], published["hi"]))
+            checked += 1
+    assert checked == 28
+    alone, together = recheck_tables(question[:1]), recheck_tables(question)
+    two_parts = "| 2-parts | e2e | 3 | +0.208 [+0.083, +0.333] | worse |"
+    assert f"{two_parts} worse |" in alone and "over the question's 5 comparisons" in alone
+    assert f"{two_parts} undecided |" in together and "over the question's 10 comparisons" in together

@@ -37,6 +37,7 @@ from pathlib import Path
 from raylocal.errors import ConfigError, RaylocalError
 from raylocal.study.catalog import STUDIES
 from raylocal.study.compare import parse_seeds
+from raylocal.study.recheck import recheck_tables
 from raylocal.study.runner import _read_results, published_runs, run_study
 from raylocal.study.spec import keep_arms, load_study, rebase_lr
 from raylocal.study.tables import analyse, pooled_contrasts, write_outputs
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-lr", type=float, help="the LR of every arm that sets none; the study is renamed NAME-lrLR")
     p.add_argument("--show", action="store_true", help="print the study as JSON and run nothing")
     p.add_argument("--pool", nargs="+", type=Path, metavar="RESULTS", help="pool the contrasts of these results.json")
+    p.add_argument(
+        "--recheck", nargs="+", type=Path, metavar="RESULTS",
+        help="the end-of-run comparisons of studies published without run records, Holm-adjusted over them all",
+    )  # fmt: skip
     p.add_argument("--finished-only", action="store_true", help="tables from the runs finished so far; train nothing")
     p.add_argument("--out", type=Path, default=Path("docs/study"))
     p.add_argument("--storage-path", type=Path, default=Path("runs/study"))
@@ -59,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.pool:
             print(pooled_contrasts([_read_results(path) for path in args.pool]))
+            return 0
+        if args.recheck:
+            print(recheck_tables([_read_results(path) for path in args.recheck]))
             return 0
         if (args.name is None) == (args.spec is None):
             raise ConfigError("name one built-in study or give --spec FILE, not both")
