@@ -418,3 +418,22 @@ def test_studies_without_run_records_are_rechecked_from_their_per_seed_values_an
     two_parts = "| 2-parts | e2e | 3 | +0.208 [+0.083, +0.333] | worse |"
     assert f"{two_parts} worse |" in alone and "over the question's 5 comparisons" in alone
     assert f"{two_parts} undecided |" in together and "over the question's 10 comparisons" in together
+
+
+def test_a_study_with_a_tight_margin_decides_equivalence_against_it_too():
+    s = spec.Study(
+        name="t", question="q", base={}, baseline="e2e", seeds=[0, 1, 2], tight_margin=0.01,
+        arms={"e2e": {"epochs": 3}, "parts": {"epochs": 2, "finetune_epochs": 1}},
+    )  # fmt: skip
+    gaps = {0: 0.012, 1: 0.013, 2: 0.011}  # within ±0.02 for sure, not within ±0.01
+    runs = {
+        "e2e": {k: _summary(2.0, [(2, 20, 2.5), (3, 30, 2.0)]) for k in gaps},
+        "parts": {k: _summary(2.0 + g, [(3, 20, 2.0 + g)], parts_bpd=2.5) for k, g in gaps.items()},
+    }
+    rows = tables.analyse(s, _records(runs))
+    vs = rows[1]["vs_baseline"]
+    assert vs["final_same_epochs"]["verdict"] == "worse, by less than 0.02"
+    assert vs["final_same_epochs_tight"]["verdict"] == "worse" and vs["final_same_epochs_tight"]["margin"] == 0.01
+    text = tables.table(s, rows)
+    assert "− baseline, same epochs, against ±0.01 |" in text and text.count("worse, by less than 0.02") == 1
+    assert catalog.reference_study(quick=False).tight_margin == 0.01

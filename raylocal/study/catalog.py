@@ -237,6 +237,7 @@ def reference_study(quick: bool, epochs: int | None = None, name: str = "referen
         baseline="e2e",
         seeds=[0, 1] if quick else list(range(8)),
         contrasts={"2p-across": "e2e-equal-time"},
+        tight_margin=0.01,
     )
 
 

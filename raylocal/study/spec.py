@@ -22,6 +22,7 @@ class Study:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     x: str = ""  # the figure's x axis: an override key every arm sets, or "staleness" (measured)
     contrasts: dict[str, str] = field(default_factory=dict)  # arm -> another arm it is also paired with
+    tight_margin: float | None = None  # a second equivalence margin for the end-of-run comparison (TOST)
 
     def check(self) -> None:
         if self.baseline not in self.arms:

@@ -98,6 +98,10 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
                 ],
             }
             row["vs_baseline"] = {key: decide(diffs) for key, diffs in compared.items() if diffs}
+            if study.tight_margin and compared["final_same_epochs"]:
+                row["vs_baseline"]["final_same_epochs_tight"] = decide(
+                    compared["final_same_epochs"], study.tight_margin
+                )
         other = study.contrasts.get(arm)
         if other is not None and set(per_seed) & set(runs.get(other, {})):
             pairs = sorted(set(per_seed) & set(runs[other]))
@@ -159,8 +163,11 @@ def table(study: Study, rows: list[dict[str, Any]]) -> str:
         "| arm | seeds | test BPD (mean) | after the parts phase (mean) | wall time (s) | in parallel (epochs) | "
         "rollbacks | − baseline, same epochs | parts phase − baseline, same epochs | − baseline, same wall clock | "
         "− baseline, same time with the parts in parallel | time / baseline (mean [95%]) |"
-        + (f" {STALENESS} |" if stale else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if stale else ""),
+        + (f" {STALENESS} |" if stale else "")
+        + (f" − baseline, same epochs, against ±{study.tight_margin:g} |" if study.tight_margin else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+        + ("---|" if stale else "")
+        + ("---|" if study.tight_margin else ""),
     ]
     for r in rows:
         cells = [
@@ -178,6 +185,8 @@ def table(study: Study, rows: list[dict[str, Any]]) -> str:
         cells += [_cell(vs[k]) if vs and k in vs else "" for k in keys]
         cells += [_ratio_cell(r.get("time_ratio", {})) if vs else ""]
         cells += [_per_seed(r["staleness"])] if stale else []
+        if study.tight_margin:
+            cells += [_cell(vs["final_same_epochs_tight"]) if vs and "final_same_epochs_tight" in vs else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines + _contrast_lines(rows, stale))
 
