@@ -1,0 +1,114 @@
+"""The pipeline-parallel rival: its gradients are end to end's, under both schedules, and it crosses a link."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+
+from raylocal.baselines.pipeline_parallel import PipelineStage, StageLinks, stage_ops, train_stage
+from raylocal.core.config import RaylocalConfig
+from raylocal.core.links import FakeClock, LinkSpec
+from raylocal.model.objectives import nll_bits, preprocess
+from raylocal.pipeline.channel import PacketChannel
+from raylocal.pipeline.worker import LinkReceiver, LinkSender, WorkerStats
+from raylocal.training.trainer import build_glow, initialize
+
+CONFIG = RaylocalConfig(n_levels=2, depth=2, hidden=8, batch_size=8, warmup_steps=0, grad_clip=0.0)
+
+
+def _glow_and_batch(dtype: torch.dtype = torch.float64):
+    torch.manual_seed(0)
+    glow = build_glow(CONFIG, (1, 8, 8)).to(dtype)
+    x = preprocess(torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8), 8, torch.Generator().manual_seed(1))
+    x = x.to(dtype)
+    initialize([glow.whole()], x)
+    return glow, x
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("bounds", [((0, 3), (3, None)), ((0, 2), (2, 5), (5, None))])
+def test_its_gradients_are_end_to_end_gradients_under_both_schedules(schedule, bounds):
+    glow, x = _glow_and_batch()
+    reference = copy.deepcopy(glow)
+    nll_bits(reference, x).mean().backward()
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    parts = [glow.part(a, b if b is not None else len(glow)) for a, b in bounds]
+    stages = [PipelineStage(p, CONFIG, 1e-3, 0, micro=4) for p in parts]
+    ops = [stage_ops(schedule, k, len(stages), 4) for k in range(len(stages))]
+    # the stages' work in an order every schedule allows: each op as soon as its input exists
+    done, acts, grads, pending = set(), {}, {}, [list(o) for o in ops]
+    while any(pending):
+        for k, queue in enumerate(pending):
+            while queue:
+                op, m = queue[0]
+                if op == "F" and (k == 0 or (k - 1, m) in acts):
+                    acts[(k, m)] = stages[k].forward(m, x.chunk(4)[m] if k == 0 else acts[(k - 1, m)])
+                elif op == "B" and (k == len(stages) - 1 or (k + 1, m) in grads):
+                    grads[(k, m)] = stages[k].backward(m, grads.get((k + 1, m)))
+                else:
+                    break
+                done.add((k, op, m))
+                queue.pop(0)
+    got = {n: p.grad for n, p in glow.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys() and len(got) > 10
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+    losses = sum(s._loss for s in stages)
+    assert losses == pytest.approx(float(nll_bits(reference, x).mean()), rel=1e-12)
+
+
+def test_schedules_order_each_stage_as_gpipe_and_1f1b_do():
+    assert stage_ops("gpipe", 0, 2, 3) == [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("B", 1), ("B", 2)]
+    assert stage_ops("1f1b", 0, 2, 3) == [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("B", 2)]
+    assert stage_ops("1f1b", 1, 2, 3) == [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2)]
+    assert stage_ops("1f1b", 0, 4, 2) == [("F", 0), ("F", 1), ("B", 0), ("B", 1)]  # fewer micro-batches than warmup
+    with pytest.raises(ValueError, match="unknown pipeline schedule 'zb'"):
+        stage_ops("zb", 0, 2, 2)
+
+
+def test_two_stages_train_over_an_emulated_link_as_one_model_would():
+    """Float32 stages in two threads, joined by links both ways: the same updates as
+    the stages run in one thread, and every activation and gradient counted on the wire."""
+    glow, x = _glow_and_batch(torch.float32)
+    twin = copy.deepcopy(glow)
+    batches = [x, x.flip(0), x * 0.5]
+
+    def stages_of(model):
+        return [PipelineStage(model.part(a, b), CONFIG, 1e-3, 0, micro=2) for a, b in ((0, 3), (3, len(model)))]
+
+    linked = stages_of(glow)
+    clock = FakeClock()
+    channels = [PacketChannel(2), PacketChannel(2)]  # activations forward, gradients back
+    spec = LinkSpec.parse("bw=10Mbit,lat=5ms")
+    forward = LinkSender(channels[0], spec, lambda t: t, WorkerStats(), 0, clock=clock)
+    backward = LinkSender(channels[1], spec, lambda t: t, WorkerStats(), 1, clock=clock)
+    links = [
+        StageLinks(activations_out=forward, gradients_in=LinkReceiver(channels[1], lambda t: t, clock)),
+        StageLinks(activations_in=LinkReceiver(channels[0], lambda t: t, clock), gradients_out=backward),
+    ]
+    ops = [stage_ops("1f1b", k, 2, 2) for k in range(2)]
+    start = clock.now()
+    second = threading.Thread(target=train_stage, args=(linked[1], ops[1], links[1], None, 3))
+    second.start()
+    train_stage(linked[0], ops[0], links[0], iter(batches), 3)
+    second.join(timeout=60)
+    assert not second.is_alive()
+    forward.close(), backward.close()
+    alone = stages_of(twin)
+    for batch in batches:  # the same updates, in one thread without links
+        acts = [alone[0].forward(m, xm) for m, xm in enumerate(batch.chunk(2))]
+        for m, a in enumerate(acts):
+            alone[1].forward(m, a)
+            alone[0].backward(m, alone[1].backward(m))
+        for s in alone:
+            s.update()
+    for (name, a), b in zip(glow.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    boundary = glow.part(0, 3)(x.chunk(2)[0])[0]
+    sent = 3 * 2 * boundary.numel() * 4  # 3 batches of 2 micro-batches, float32 activations
+    assert linked[0].stats.bytes_forward == linked[1].stats.bytes_backward == sent
+    assert forward.stats.bytes_forward == backward.stats.bytes_forward == sent  # as the links counted them
+    assert clock.now() - start >= 2 * sent * 8 / 10e6  # both directions' bytes went through the 10 Mbit wires
