@@ -91,12 +91,11 @@ def test_two_stages_train_over_an_emulated_link_as_one_model_would():
     ]
     ops = [stage_ops("1f1b", k, 2, 2) for k in range(2)]
     start = clock.now()
-    second = threading.Thread(target=train_stage, args=(linked[1], ops[1], links[1], None, 3))
+    second = threading.Thread(target=train_stage, args=(linked[1], ops[1], links[1], None))
     second.start()
-    train_stage(linked[0], ops[0], links[0], iter(batches), 3)
+    train_stage(linked[0], ops[0], links[0], iter(batches), steps=3)  # its end stops the second stage
     second.join(timeout=60)
-    assert not second.is_alive()
-    forward.close(), backward.close()
+    assert not second.is_alive() and linked[1].stats.steps == 3
     alone = stages_of(twin)
     for batch in batches:  # the same updates, in one thread without links
         acts = [alone[0].forward(m, xm) for m, xm in enumerate(batch.chunk(2))]

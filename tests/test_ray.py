@@ -16,6 +16,7 @@ from raylocal.cli.train import main
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.training.schedules import SingleProcessRun
+from raylocal.training.trainer import build_glow
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -284,3 +285,30 @@ def test_shared_gpu_bundles_fit_on_the_gpus_there_are(monkeypatch, n_gpus):
             assert gpu is not None, (n_gpus, n_parts, share)
             free[gpu] -= need
         assert 0 < share < 1 and (share >= 0.9 or n_parts > n_gpus)
+
+
+def test_the_pipeline_parallel_rival_on_ray_trains_as_its_stages_do_in_one_process(ray_session, mnist_dir):
+    from raylocal.baselines.pipeline_on_ray import build_stage, train_pipeline_parallel
+
+    config = RaylocalConfig(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, warmup_steps=0,
+        link="bw=100Mbit,lat=1ms", cpus_per_part=0.5, device="cpu",
+    )  # fmt: skip
+    data = load_dataset("mnist", mnist_dir).subset(256, 64)
+    bounds = [(0, 3), (3, len(build_glow(config, data.shape)))]
+    state, results = train_pipeline_parallel(config, data, bounds, "1f1b", micro=2, steps=3)
+    stages = [build_stage(config, bounds, k, data.train, 2, torch.device("cpu")) for k in range(2)]
+    (first, batches), (second, _) = stages
+    for _ in range(3):  # the same stages in one process, without links
+        acts = [first.forward(m, xm) for m, xm in enumerate(next(batches).chunk(2))]
+        for m, a in enumerate(acts):
+            second.forward(m, a)
+            first.backward(m, second.backward(m))
+        first.update(), second.update()
+    expected = first.part.state_dict() | second.part.state_dict()
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, msg=name)
+    sent, returned = results[0]["stats"]["bytes_forward"], results[1]["stats"]["bytes_backward"]
+    assert results[0]["stats"]["steps"] == results[1]["stats"]["steps"] == 3
+    assert sent == returned == results[0]["wire_bytes"] == results[1]["wire_bytes"] > 0  # as the links counted

@@ -80,6 +80,7 @@ class PipelineStage:
         self.saved: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # micro-batch -> (input, output, its terms)
         self.stats = StageStats()
         self._loss = 0.0
+        self.device = next(part.parameters()).device
 
     @property
     def is_first(self) -> bool:
@@ -149,37 +150,64 @@ class StageLinks:
     gradients_out: Any = None
 
 
-def _received(link: Any, stats: StageStats) -> Tensor:
+def _received(link: Any, stats: StageStats) -> Tensor | None:
+    """The next tensor a link delivers; None once its sender has ended."""
     start = time.perf_counter()
     packet = link.get()
     stats.wait_s += time.perf_counter() - start
-    return packet["latent"]
+    return None if packet["kind"] == "end" else packet["latent"]
 
 
 def _send(link: Any, tensor: Tensor, step: int) -> int:
-    link.send({"kind": "data", "step": step, "latent": tensor, "weights": None})
+    link.send({"kind": "data", "step": step, "latent": tensor.detach().cpu(), "weights": None})
     return tensor.numel() * tensor.element_size()
 
 
 def train_stage(
-    stage: PipelineStage, ops: list[tuple[str, int]], links: StageLinks, batches: Iterator[Tensor] | None, steps: int
+    stage: PipelineStage,
+    ops: list[tuple[str, int]],
+    links: StageLinks,
+    batches: Iterator[Tensor] | None,
+    steps: int | None = None,
+    budget: float | None = None,
 ) -> StageStats:
-    """A stage's whole training: ``steps`` batches, each as ``ops`` orders it.
-    The first stage cuts the batches of ``batches`` into its micro-batches; the
-    others take their inputs from ``links``."""
-    for step in range(steps):
-        micro = list(next(batches).chunk(stage.micro)) if batches is not None else []
-        for op, m in ops:
-            tag = step * stage.micro + m
-            if op == "F":
-                x = micro[m] if stage.is_first else _received(links.activations_in, stage.stats)
-                y = stage.forward(m, x)
-                if not stage.is_last:
-                    stage.stats.bytes_forward += _send(links.activations_out, y, tag)
-            else:
-                grad = None if stage.is_last else _received(links.gradients_in, stage.stats)
-                grad_input = stage.backward(m, grad)
-                if not stage.is_first:
-                    stage.stats.bytes_backward += _send(links.gradients_out, grad_input, tag)
-        stage.update()
+    """A stage's whole training, each batch as ``ops`` orders it. The first stage
+    cuts the batches of ``batches`` into its micro-batches and decides when to
+    stop (after ``steps`` batches, or the first batch past ``budget`` seconds);
+    its end goes down the activation links, and every other stage stops when it
+    arrives. A stage closes the links it sends on."""
+    start = time.perf_counter()
+    try:
+        while _batch(stage, ops, links, batches):
+            if steps is not None and stage.stats.steps >= steps:
+                break
+            if budget is not None and time.perf_counter() - start >= budget:
+                break
+    finally:
+        for link in (links.activations_out, links.gradients_out):
+            if link is not None:
+                link.close()
     return stage.stats
+
+
+def _batch(
+    stage: PipelineStage, ops: list[tuple[str, int]], links: StageLinks, batches: Iterator[Tensor] | None
+) -> bool:
+    """One batch through this stage; False when upstream has ended instead."""
+    micro = list(next(batches).chunk(stage.micro)) if batches is not None else []
+    for op, m in ops:
+        tag = stage.stats.steps * stage.micro + m
+        if op == "F":
+            x = micro[m] if stage.is_first else _received(links.activations_in, stage.stats)
+            if x is None:
+                return False
+            y = stage.forward(m, x.to(stage.device))
+            if not stage.is_last:
+                stage.stats.bytes_forward += _send(links.activations_out, y, tag)
+        else:
+            grad = None if stage.is_last else _received(links.gradients_in, stage.stats)
+            grad_input = stage.backward(m, None if grad is None else grad.to(stage.device))
+            if not stage.is_first:
+                stage.stats.bytes_backward += _send(links.gradients_out, grad_input, tag)
+    stage.update()
+    return True

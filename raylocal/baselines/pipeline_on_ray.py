@@ -1,0 +1,134 @@
+"""The pipeline-parallel rival on Ray: one actor per stage, placed as the parts
+are (``Placement``), and at every boundary two latent queues, activations
+forward and gradients back, each behind the parts' emulated link
+(``LinkSender`` and ``LinkReceiver`` on ``--link``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+import ray
+import torch
+from ray.util.placement_group import remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from raylocal.baselines.pipeline_parallel import PipelineStage, StageLinks, stage_ops, train_stage
+from raylocal.cluster.connect import connect, errors_in_one_line
+from raylocal.cluster.parts_phase import get_or_none
+from raylocal.cluster.placement import Placement, actor_device
+from raylocal.cluster.queue import LatentQueue
+from raylocal.core.config import RaylocalConfig
+from raylocal.core.data import BatchStream, ImageData
+from raylocal.core.links import LinkSpec
+from raylocal.model.objectives import preprocess
+from raylocal.pipeline.worker import LinkReceiver, LinkSender, WorkerStats
+from raylocal.training.trainer import build_glow, decay_steps, initialize
+
+
+def build_stage(
+    config: RaylocalConfig, bounds: list[tuple[int, int]], index: int, images: torch.Tensor, micro: int, device: Any
+) -> tuple[PipelineStage, Iterator[torch.Tensor] | None]:
+    """Stage ``index`` as every process builds it: the whole model from the seed,
+    ActNorm's data init through every stage in order (as e2e's run makes it), then
+    its own slice; the first stage also gets the run's batches (e2e's, in order)."""
+    glow = build_glow(config, tuple(images.shape[1:])).to(device)
+    parts = [glow.part(a, b) for a, b in bounds]
+    noise = torch.Generator().manual_seed(config.seed + 1)
+    initialize(parts, preprocess(images[: config.init_batch_size].to(device), config.n_bits, noise))
+    stream = BatchStream(images, config.batch_size, config.seed)
+    total = decay_steps(config, config.epochs * len(stream), config.epochs * len(stream))
+    lr = config.part_lrs(len(parts))[index] if len(config.lr) > 1 else config.lr[0]
+    stage = PipelineStage(parts[index], config, lr, total, micro)
+
+    def batches() -> Iterator[torch.Tensor]:
+        while True:
+            yield preprocess(stream.next().to(device), config.n_bits, noise)
+
+    return stage, batches() if index == 0 else None
+
+
+@ray.remote
+class StageActor:
+    """A thin shell around one ``PipelineStage`` and its links."""
+
+    def __init__(self, config_json: str, index: int, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.config = RaylocalConfig.model_validate_json(config_json)
+        self.index, self.threads = index, threads
+
+    def run(
+        self,
+        bounds: list[tuple[int, int]],
+        images: torch.Tensor,
+        queues: list[LatentQueue],
+        plan: dict[str, Any],
+    ) -> dict[str, Any]:
+        torch.set_num_threads(self.threads)
+        k, n = self.index, len(bounds)
+        stage, batches = build_stage(self.config, bounds, k, images, plan["micro"], actor_device(self.config))
+        link_stats = WorkerStats()
+        links = StageLinks()
+        if k > 0:  # boundary k-1: its activations come in, their gradients go back
+            spec = LinkSpec.parse(self.config.link, k - 1, self.config.seed)
+            links.activations_in = LinkReceiver(queues[2 * (k - 1)], get_or_none)
+            links.gradients_out = LinkSender(queues[2 * (k - 1) + 1], spec, ray.put, link_stats, k)
+        if k < n - 1:
+            spec = LinkSpec.parse(self.config.link, k, self.config.seed)
+            links.activations_out = LinkSender(queues[2 * k], spec, ray.put, link_stats, k)
+            links.gradients_in = LinkReceiver(queues[2 * k + 1], get_or_none)
+        ops = stage_ops(plan["schedule"], k, n, plan["micro"])
+        start = time.perf_counter()
+        stats = train_stage(stage, ops, links, batches, plan.get("steps"), plan.get("budget"))
+        seconds = time.perf_counter() - start
+        state = {name: t.detach().cpu() for name, t in stage.part.state_dict().items()}
+        return {"stats": asdict(stats), "seconds": seconds, "wire_bytes": link_stats.bytes_forward, "state": state}
+
+
+def train_pipeline_parallel(
+    config: RaylocalConfig,
+    data: ImageData,
+    bounds: list[tuple[int, int]],
+    schedule: str = "1f1b",
+    micro: int = 4,
+    steps: int | None = None,
+    budget: float | None = None,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Train the model end to end as a pipeline of ``len(bounds)`` stages on Ray,
+    for ``steps`` batches or ``budget`` seconds; returns the assembled weights
+    and each stage's figures (its stats, seconds and bytes its links sent)."""
+    if config.batch_size % micro:
+        raise ValueError(f"a batch of {config.batch_size} does not split into {micro} micro-batches")
+    connect(config)
+    n = len(bounds)
+    placement = Placement.plan(config, n)
+    placement.check()
+    pg, first, own = placement.reserve_parts()
+    queues = [LatentQueue(config.queue_size) for _ in range(2 * (n - 1))]
+    actors = []
+    try:
+        for k in range(n):
+            strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first + k)
+            options = {
+                "num_cpus": placement.part_cpus,
+                "num_gpus": placement.part_gpus,
+                "scheduling_strategy": strategy,
+            }
+            actors.append(StageActor.options(**options).remote(config.model_dump_json(), k, placement.threads))
+        images = ray.put(data.train)
+        plan = {"schedule": schedule, "micro": micro, "steps": steps, "budget": budget}
+        with errors_in_one_line():
+            results = ray.get([a.run.remote(bounds, images, queues, plan) for a in actors])
+    finally:
+        for a in actors:
+            ray.kill(a)
+        for q in queues:
+            q.shutdown()
+        if own:
+            remove_placement_group(pg)
+    state: dict[str, torch.Tensor] = {}
+    for r in results:
+        state.update(r.pop("state"))
+    return state, results
