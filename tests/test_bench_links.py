@@ -56,17 +56,39 @@ def test_step_time_models_by_hand():
 
 def test_cells_run_the_floor_first_and_each_fine_tune_after_what_it_chooses_from(bench):
     order = bench.cells(["inf", "10Mbit"])
-    assert order[0] == ("one-device", None) and len(order) == 9
+    assert order[0] == ("one-device", None) and len(order) == 11
     for link in ("inf", "10Mbit"):
         ft = order.index(("parts+ft", link))
-        assert all(order.index((m, link)) < ft for m in ("ddp", "local-sgd", "parts"))
+        assert all(order.index((m, link)) < ft for m in ("ddp", "local-sgd", "pipeline", "parts"))
 
 
-def test_a_finished_cell_is_read_back_not_run_again(bench, tmp_path, monkeypatch):
-    (tmp_path / "ddp-10Mbit.json").write_text(json.dumps({"test_bpd": 3.5}))
+OPTS = type("Opts", (), dict(budget=1.0, test_subset=10, train_subset=None, average_every=5, outer_lr=None))
+
+
+def _cell(bench, method: str, link: str | None, **result) -> dict:
+    """A finished cell's JSON, as a cell writes it: its result, its settings and its host."""
+    return result | {"settings": bench.cell_settings(method, link, OPTS), "host": {"commit": "c", "cpu": "x"}}
+
+
+def test_a_finished_cell_is_read_back_and_one_with_other_settings_is_refused_in_one_line(bench, tmp_path, monkeypatch):
+    stored = _cell(bench, "ddp", "10Mbit", test_bpd=3.5)
+    (tmp_path / "ddp-10Mbit.json").write_text(json.dumps(stored))
     monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail("a finished cell ran again"))
-    opts = type("Opts", (), dict(budget=1.0, test_subset=10, train_subset=None, average_every=5, outer_lr=None))
-    assert bench.run_cell("ddp", "10Mbit", opts, tmp_path) == {"test_bpd": 3.5}
+    assert bench.run_cell("ddp", "10Mbit", OPTS, tmp_path) == stored
+    (tmp_path / "local-sgd-10Mbit.json").write_text(json.dumps(_cell(bench, "local-sgd", "10Mbit", test_bpd=3.4)))
+    other = type("Opts", (OPTS,), dict(average_every=50))  # H 50 now, 5 when the cell ran
+    with pytest.raises(SystemExit, match=r"local-sgd-10Mbit.json was run with other settings \(average_every 5 here, "
+                       r"50 now\); move it away or use another --out$"):  # fmt: skip
+        bench.run_cell("local-sgd", "10Mbit", other, tmp_path)
+    (tmp_path / "parts-10Mbit.json").write_text(json.dumps({"test_bpd": 3.0}))  # from before cells recorded theirs
+    with pytest.raises(SystemExit, match=r"parts-10Mbit.json was run with other settings \(none recorded\)"):
+        bench.run_cell("parts", "10Mbit", OPTS, tmp_path)
+
+
+def test_the_host_figures_name_the_commit_the_cpu_and_a_speed_probe(bench):
+    host = bench.host_figures(0.2)
+    assert len(host["commit"]) >= 7 and host["cpu"] != "" and 10 < host["probe_images_per_s"] < 1e5
+    assert bench.host_figures(0)["probe_images_per_s"] is None
 
 
 def test_the_inf_speedup_is_the_median_of_side_by_side_repeats(bench, tmp_path, monkeypatch):
@@ -74,10 +96,9 @@ def test_the_inf_speedup_is_the_median_of_side_by_side_repeats(bench, tmp_path, 
     order = bench.repeat_cells(["10Mbit", "inf"], 3)
     assert order == [("one-device", None, 2), ("parts", "inf", 2), ("one-device", None, 3), ("parts", "inf", 3)]
     # a repeat is a cell of its own: its own file, read back once finished
-    (tmp_path / "parts-inf-run2.json").write_text(json.dumps({"images_per_s": 350.0}))
+    (tmp_path / "parts-inf-run2.json").write_text(json.dumps(_cell(bench, "parts", "inf", images_per_s=350.0)))
     monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail("a finished cell ran again"))
-    opts = type("Opts", (), dict(budget=1.0, test_subset=10, train_subset=None, average_every=5, outer_lr=None))
-    assert bench.run_cell("parts", "inf", opts, tmp_path, 2) == {"images_per_s": 350.0}
+    assert bench.run_cell("parts", "inf", OPTS, tmp_path, 2)["images_per_s"] == 350.0
     results = {("one-device", None): {"images_per_s": 100.0}, ("parts", "inf"): {"images_per_s": 150.0, "idle": 0.01}}
     again = {
         ("one-device", None, 2): {"images_per_s": 200.0}, ("parts", "inf", 2): {"images_per_s": 350.0},
@@ -106,8 +127,8 @@ def test_only_the_first_parts_cell_keeps_the_weights_a_fine_tune_starts_from(ben
 
     monkeypatch.setattr(bench, "run_parts", lambda args: {"test_bpd": 3.0, "state": {"w": bench.torch.zeros(2)}})
     monkeypatch.setattr(bench.subprocess, "run", fake_subprocess_run)
-    opts = type("Opts", (), dict(budget=1.0, test_subset=10, train_subset=None, average_every=5, outer_lr=None))
     for run in (1, 2):
-        assert bench.run_cell("parts", "inf", opts, tmp_path, run) == {"test_bpd": 3.0}
+        cell = bench.run_cell("parts", "inf", OPTS, tmp_path, run, host={"commit": "c"})
+        assert cell == {"test_bpd": 3.0, "settings": bench.cell_settings("parts", "inf", OPTS), "host": {"commit": "c"}}
     assert len(calls) == 2 and (tmp_path / "parts-inf.pt").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["parts-inf-run2.json", "parts-inf.json", "parts-inf.pt"]

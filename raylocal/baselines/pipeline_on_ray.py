@@ -23,6 +23,7 @@ from raylocal.cluster.queue import LatentQueue
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import BatchStream, ImageData
 from raylocal.core.links import LinkSpec
+from raylocal.core.runlog import peak_rss_mb
 from raylocal.model.objectives import preprocess
 from raylocal.pipeline.worker import LinkReceiver, LinkSender, WorkerStats
 from raylocal.training.trainer import build_glow, decay_steps, initialize
@@ -84,7 +85,8 @@ class StageActor:
         stats = train_stage(stage, ops, links, batches, plan.get("steps"), plan.get("budget"))
         seconds = time.perf_counter() - start
         state = {name: t.detach().cpu() for name, t in stage.part.state_dict().items()}
-        return {"stats": asdict(stats), "seconds": seconds, "wire_bytes": link_stats.bytes_forward, "state": state}
+        figures = {"stats": asdict(stats), "seconds": seconds, "wire_bytes": link_stats.bytes_forward}
+        return figures | {"peak_rss_mb": peak_rss_mb(), "state": state}
 
 
 def train_pipeline_parallel(

@@ -13,10 +13,15 @@ Contestants (each worker or part is one CPU thread, joined by the link):
               or by DDP over the link, whichever was faster in this run
   ddp         2 DDP workers, every gradient all-reduced over the link (a comm hook)
   local-sgd   2 workers averaging their parameters every --average-every steps
+  pipeline    the same model cut where the parts cut it, trained end to end as a
+              2-stage pipeline (1F1B, 4 micro-batches): activations forward, gradients back
   one-device  end to end on one thread, no link: the floor
 Every cell runs in a fresh process (its own Ray instance and peak memory) and
-writes a JSON under --out; a rerun reads finished cells back instead of
-training them again, so the full run can be stopped and resumed. The table and
+writes a JSON under --out that describes itself: every setting that shapes it,
+and the host it ran on (commit, CPU model, and a host-speed probe measured at
+the start of the command: one device's images/s over --probe seconds). A rerun
+reads a finished cell back when its settings are the same and refuses, in one
+line, one run with other settings; so the full run can be stopped and resumed. The table and
 the figure (test BPD at the budget against bandwidth) are written at the end.
 
 The projection (also printed first) needs no training: from the model config
@@ -56,7 +61,8 @@ LINKS = {
     "10Mbit+outages": "bw=10Mbit,lat=20ms,mtbf=60s,mttr=15s",
 }
 QUICK_LINKS = ("inf", "10Mbit")
-METHODS = ("one-device", "ddp", "local-sgd", "parts", "parts+ft")
+METHODS = ("one-device", "ddp", "local-sgd", "pipeline", "parts", "parts+ft")
+PIPELINE_MICRO = 4  # micro-batches per batch of the pipeline-parallel rival (1F1B)
 FINETUNE_AT = 2 / 3  # the share of the budget a parts run trains in parts before its fine-tune
 
 # The model every cell trains: MNIST 1x28x28, L=2, K=8, width 64, batch 64, constant LR.
@@ -238,6 +244,35 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline-parallel rival: the model cut where the parts cut it, trained
+    end to end over the link (1F1B, activations forward, their gradients back)."""
+    import ray
+
+    from raylocal.baselines.pipeline_on_ray import train_pipeline_parallel
+
+    data = _data(args)
+    config = _config(args, parts=2, cpus_per_part=1.0, gpus_per_part=0.0, balance="measure", queue_size=PIPELINE_MICRO)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    spec = part_spec_for(config, build_glow(config, data.shape), data.train)
+    state, stages = train_pipeline_parallel(
+        config, data, list(spec.bounds), "1f1b", PIPELINE_MICRO, budget=args["budget"]
+    )
+    ray.shutdown()
+    first = stages[0]["stats"]
+    seconds = max(s["seconds"] for s in stages)
+    steps = first["steps"]
+    return {
+        "images_per_s": steps * config.batch_size / seconds,
+        "steps": steps,
+        "seconds": seconds,
+        "bytes_per_step": (first["bytes_forward"] + stages[-1]["stats"]["bytes_backward"]) / max(steps, 1),
+        "idle": max(s["stats"]["wait_s"] / s["seconds"] for s in stages),
+        "peak_rss_mb": max(s["peak_rss_mb"] for s in stages),
+        "test_bpd": _evaluate(config, data, state),
+    }
+
+
 def _in_part(glow, spec, index: int, key: str) -> bool:
     a, b = spec.bounds[index]
     layer = int(key.split(".")[1]) if key.startswith("layers.") else -1
@@ -275,12 +310,48 @@ def run_finetune(args: dict[str, Any]) -> dict[str, Any]:
     return {"test_bpd": result["test_bpd"], "finetune_on": on, "gather_s": gather, "finetune_s": budget}
 
 
+def cell_settings(method: str, link: str | None, opts: argparse.Namespace) -> dict[str, Any]:
+    """Every setting that shapes a cell: what its JSON records, and what a stored
+    cell must match to be read back instead of run."""
+    return {
+        "method": method, "link": LINKS[link] if link else None, "budget": opts.budget, "model": BENCH_MODEL,
+        "train_subset": opts.train_subset, "test_subset": opts.test_subset,
+        "average_every": opts.average_every if method == "local-sgd" else None,
+        "outer_lr": opts.outer_lr if method == "local-sgd" else None,
+        "micro_batches": PIPELINE_MICRO if method == "pipeline" else None,
+        "finetune_at": FINETUNE_AT if method == "parts+ft" else None,
+    }  # fmt: skip
+
+
+def host_figures(probe_s: float) -> dict[str, Any]:
+    """What a cell's numbers depend on besides its settings: the commit, the CPU
+    model, and the host's speed now (one device's images/s, one thread, over
+    ``probe_s`` seconds of random images; 0 skips the probe)."""
+    from raylocal.bench.async_bench import e2e_throughput
+
+    root = Path(__file__).resolve().parents[2]
+    git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "unknown")
+    probe = None
+    if probe_s > 0:
+        images = torch.randint(0, 256, (1280, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        probe = e2e_throughput(RaylocalConfig(**BENCH_MODEL), images, 1, probe_s)
+    return {"commit": git.stdout.strip() or None, "cpu": cpu, "probe_images_per_s": probe}
+
+
+def _cpuinfo() -> list[str]:
+    path = Path("/proc/cpuinfo")
+    return path.read_text().splitlines() if path.is_file() else []
+
+
 def cell_main(args: dict[str, Any]) -> None:
     method = args["method"]
     if method == "one-device":
         result = run_one_device(args)
     elif method in ("ddp", "local-sgd"):
         result = run_data_parallel(args, args["average_every"] if method == "local-sgd" else 0)
+    elif method == "pipeline":
+        result = run_pipeline(args)
     elif method == "parts":
         result = run_parts(args)
     else:
@@ -289,6 +360,7 @@ def cell_main(args: dict[str, Any]) -> None:
     out = Path(args["out"])
     if method == "parts" and state is not None and args["save_state"]:
         torch.save(state, out.with_suffix(".pt"))  # parts-LINK.pt: what its fine-tune starts from
+    result |= {"settings": args["settings"], "host": args["host"]}
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out)  # a cell's file exists only once it is whole
@@ -298,11 +370,12 @@ def cell_main(args: dict[str, Any]) -> None:
 
 
 def cells(links: list[str]) -> list[tuple[str, str | None]]:
-    """In the order they run: the floor first, then per link the baselines, the
-    parts, and the parts' fine-tune (which needs all three)."""
+    """In the order they run: the floor first, then per link the baselines (DDP,
+    local SGD, pipeline parallelism), the parts, and the parts' fine-tune (which
+    chooses between the one device and DDP)."""
     order: list[tuple[str, str | None]] = [("one-device", None)]
     for link in links:
-        order += [("ddp", link), ("local-sgd", link), ("parts", link), ("parts+ft", link)]
+        order += [("ddp", link), ("local-sgd", link), ("pipeline", link), ("parts", link), ("parts+ft", link)]
     return order
 
 
@@ -321,15 +394,26 @@ def speedups(results: dict, again: dict) -> list[float]:
     return [parts["images_per_s"] / one["images_per_s"] for one, parts in runs]
 
 
-def run_cell(method: str, link: str | None, opts: argparse.Namespace, out: Path, run: int = 1) -> dict[str, Any]:
+def run_cell(
+    method: str, link: str | None, opts: argparse.Namespace, out: Path, run: int = 1, host: dict | None = None
+) -> dict[str, Any]:
     again = f"-run{run}" if run > 1 else ""
     path = out / f"{method}-{link or 'none'}{again}.json"
+    settings = cell_settings(method, link, opts)
     if path.is_file():
-        return json.loads(path.read_text())
+        stored = json.loads(path.read_text())
+        if stored.get("settings") != json.loads(json.dumps(settings)):
+            shown = "none recorded" if "settings" not in stored else ", ".join(
+                f"{k} {stored['settings'].get(k)!r} here, {v!r} now" for k, v in settings.items()
+                if stored["settings"].get(k) != json.loads(json.dumps(v))
+            )  # fmt: skip
+            raise SystemExit(f"error: {path} was run with other settings ({shown}); move it away or use another --out")
+        return stored
     args = {
         "method": method, "link": link, "budget": opts.budget, "out": str(path), "test_subset": opts.test_subset,
         "train_subset": opts.train_subset, "average_every": opts.average_every, "outer_lr": opts.outer_lr,
         "save_state": run == 1,  # a repeat measures speed only: no fine-tune starts from its weights
+        "settings": settings, "host": host,
     }  # fmt: skip
     print(f"-- {method} over {link or 'no link'}{f' (run {run})' if again else ''}: {opts.budget:.0f} s", flush=True)
     start = time.perf_counter()
@@ -354,7 +438,9 @@ def results_table(results: dict[tuple[str, str | None], dict[str, Any]], links: 
         f"| none | one device | {one['images_per_s']:.0f} | 0 | 0 | {one['peak_rss_mb']:.0f} | {one['test_bpd']:.4f} |"
     )
     for link in links:
-        for method in ("ddp", "local-sgd", "parts"):
+        for method in ("ddp", "local-sgd", "pipeline", "parts"):
+            if (method, link) not in results:  # (a race run before the pipeline rival existed)
+                continue
             r = results[(method, link)]
             slower = " (slower than one device)" if r["images_per_s"] < one["images_per_s"] else ""
             rows.append(
@@ -418,7 +504,9 @@ def plot(results: dict, links: list[str], path: Path) -> None:
     plain = by_bandwidth(links)  # each line drawn left to right
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method, label in [("parts", "2 parts"), ("parts+ft", "2 parts + fine-tune"), ("ddp", "2 DDP workers"),
-                          ("local-sgd", "2 local-SGD workers")]:  # fmt: skip
+                          ("local-sgd", "2 local-SGD workers"), ("pipeline", "2-stage pipeline (1F1B)")]:  # fmt: skip
+        if any((method, link) not in results for link in plain):
+            continue
         xs = [SPEEDS[link] for link in plain]
         ys = [results[(method, link)]["test_bpd"] for link in plain]
         line = ax.plot(xs, ys, marker="o", label=label)[0]
@@ -446,6 +534,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test-subset", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=1, help="runs of the ∞ speed-up's cells (target: median of 3)")
     p.add_argument("--step-time", type=float, default=0.2, help="seconds per step for the projection")
+    p.add_argument("--probe", type=float, default=10.0, help="seconds of the host-speed probe at the start (0: none)")
     p.add_argument("--project-only", action="store_true", help="print the projection and stop")
     p.add_argument("--out", default=None, help="directory of the cells' results (default bench_runs/links[-quick])")
     p.add_argument("--cell", help=argparse.SUPPRESS)
@@ -465,8 +554,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --repeats {opts.repeats}: needs at least 1")
     out = Path(opts.out or f"bench_runs/links{'-quick' if opts.quick else ''}")
     out.mkdir(parents=True, exist_ok=True)
-    results = {(m, link): run_cell(m, link, opts, out) for m, link in cells(links)}
-    again = {(m, link, r): run_cell(m, link, opts, out, r) for m, link, r in repeat_cells(links, opts.repeats)}
+    host = host_figures(opts.probe)
+    print(f"host: {host}", flush=True)
+    results = {(m, link): run_cell(m, link, opts, out, host=host) for m, link in cells(links)}
+    again = {(m, link, r): run_cell(m, link, opts, out, r, host) for m, link, r in repeat_cells(links, opts.repeats)}
     table = results_table(results, links)
     print(f"\n# {opts.budget:.0f} s per cell, {os.cpu_count()} cores here, "
           f"local SGD every {opts.average_every} steps\n{table}\n")  # fmt: skip
