@@ -138,27 +138,27 @@ def _evaluate(config: RaylocalConfig, data, state: dict[str, torch.Tensor]) -> f
 
 
 def run_one_device(args: dict[str, Any]) -> dict[str, Any]:
+    from raylocal.core.checkpoint import load_checkpoint
     from raylocal.core.runlog import peak_rss_mb
-    from raylocal.training.schedules import SingleProcessRun
+    from raylocal.run.run import Run
 
     torch.set_num_threads(1)
     data = _data(args)
     config = _config(args, schedule="e2e", time_budget=args["budget"], link="up")
     with tempfile.TemporaryDirectory() as tmp:
-        run = SingleProcessRun(config.model_copy(update={"storage_path": tmp}), data, Path(tmp) / "run")
         start = time.perf_counter()
-        summary = run.run()
+        summary = Run(config.model_copy(update={"storage_path": tmp, "run_name": "run"}), data).execute()
         seconds = time.perf_counter() - start
-        steps = run.state.global_step
+        state = load_checkpoint(Path(summary["checkpoint"]), kind="run")["model"]
     return {
         "images_per_s": summary["images_per_s"],
-        "steps": steps,
+        "steps": summary["steps"],
         "seconds": seconds,
         "bytes_per_step": 0.0,
         "idle": 0.0,
         "peak_rss_mb": peak_rss_mb(),
         "test_bpd": summary["test_bpd"],
-        "state": {k: v.clone() for k, v in run.glow.state_dict().items()},
+        "state": state,
     }
 
 
