@@ -102,6 +102,28 @@ def test_local_sgd_averages_to_the_mean_computed_by_hand():
         assert all(torch.allclose(p, e, atol=1e-6) for p, e in zip(params, expected))
 
 
+def test_an_overlapped_round_lands_one_step_late_as_a_correction_that_keeps_that_step():
+    from raylocal.baselines.ddp import OverlappedRound, apply_round
+
+    torch.manual_seed(0)
+    workers = [[torch.randn(3, 2), torch.randn(5)] for _ in range(2)]
+    at_round = [torch.cat([p.reshape(-1) for p in w]) for w in workers]
+    mean = (at_round[0] + at_round[1]) / 2
+    moved = [[p + 0.1 * (k + 1) for p in w] for k, w in enumerate(workers)]  # the step trained meanwhile
+    for k, params in enumerate(moved):
+        apply_round(params, at_round[k], mean)
+        flat = torch.cat([p.reshape(-1) for p in params])
+        assert torch.allclose(flat, mean + 0.1 * (k + 1))  # the mean, plus this worker's own last step
+    alone = [torch.ones(4)]
+    one = OverlappedRound(alone, world=1, wire=None)  # one worker: the round changes nothing
+    alone[0].add_(1.0)
+    assert one.apply() >= 0.0 and torch.equal(alone[0], torch.full((4,), 2.0))
+    with pytest.raises(ValueError, match="average_overlap applies to local SGD"):
+        RaylocalConfig(average_overlap=True)
+    with pytest.raises(ValueError, match="without DiLoCo's outer_lr"):
+        RaylocalConfig(average_overlap=True, average_every=5, outer_lr=0.7)
+
+
 def test_diloco_outer_step_is_nesterov_sgd_on_the_pseudo_gradient():
     start = [torch.tensor([1.0, 2.0])]
     outer = OuterNesterov(start, lr=0.7, momentum=0.9)
@@ -135,6 +157,25 @@ def test_local_sgd_over_a_link_sends_what_the_formula_says(mnist_dir, tmp_path):
     assert stats["bytes_per_step"] == pytest.approx(2 * ring_bytes(params, 2) / 4, rel=1e-6)
     assert stats["idle_s"] >= 2 * 0.01  # two rounds, each at least the latency
     assert stats["peak_rss_mb"] > 50 and all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_overlapped_local_sgd_sends_the_same_rounds_and_hands_on_the_workers_average(mnist_dir, tmp_path):
+    from raylocal.baselines.ddp import train_ddp
+    from raylocal.core.data import load_dataset
+    from raylocal.training.trainer import build_glow
+
+    config = RaylocalConfig(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
+        warmup_steps=2, threads=1, samples=0, progress=False, link="bw=1Gbit,lat=10ms", average_every=3,
+        average_overlap=True,
+    )  # fmt: skip
+    stats: dict = {}
+    weights, _ = train_ddp(config, load_dataset("mnist", mnist_dir).train, 2, 1, 1e-3, tmp_path / "ddp",
+                           cpus_per_worker=0.5, stats=stats)  # fmt: skip
+    params = sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters())
+    # 4 steps: the round of step 3, landed after step 4, and the final average
+    assert stats["steps"] == 4 and stats["bytes_per_step"] == pytest.approx(2 * ring_bytes(params, 2) / 4, rel=1e-6)
+    assert all(torch.isfinite(v).all() for v in weights.values())
 
 
 def test_the_data_parallel_guard_skips_a_step_without_a_finite_gradient_and_fails_after_a_run_of_them():

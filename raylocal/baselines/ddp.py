@@ -191,6 +191,56 @@ class NonFiniteGuard:
         return False
 
 
+def apply_round(params: list[Tensor], at_round: Tensor, mean_at_round: Tensor) -> None:
+    """An overlapped local-SGD round, one step late: each parameter moves by the
+    mean of the workers' weights at the round minus its own weights then, so the
+    step trained meanwhile is kept (both flat, in ``params``' order)."""
+    delta = mean_at_round - at_round
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            p.add_(delta[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+class OverlappedRound:
+    """One local-SGD round that runs while the next step trains: the all-reduce
+    of a copy of the weights is started at once; a thread waits for it and for
+    the link to carry its ring bytes; ``apply`` waits (idle) only for what is
+    left of that, then applies the round (``apply_round``)."""
+
+    def __init__(self, params: list[Tensor], world: int, wire: Wire | None) -> None:
+        import torch.distributed as dist
+
+        self.params, self.world = params, world
+        self.at_round = torch.cat([p.detach().reshape(-1) for p in params])
+        self.mean = self.at_round.clone()
+        self.work = dist.all_reduce(self.mean, async_op=True) if world > 1 else None
+        self.nbytes = ring_bytes(self.mean.numel() * self.mean.element_size(), world)
+        self.landed = threading.Event()
+        self.error: BaseException | None = None
+        threading.Thread(target=self._carry, args=(wire,), name="raylocal-local-sgd", daemon=True).start()
+
+    def _carry(self, wire: Wire | None) -> None:
+        try:
+            if self.work is not None:
+                self.work.wait()
+            if wire is not None:
+                SYSTEM_CLOCK.sleep_until(wire.deliver(int(self.nbytes)))
+        except BaseException as e:  # raised by apply, in the training thread
+            self.error = e
+        self.landed.set()
+
+    def apply(self) -> float:
+        """Apply the round; returns the seconds the training thread waited for it."""
+        start = time.perf_counter()
+        self.landed.wait()
+        if self.error is not None:
+            raise self.error
+        apply_round(self.params, self.at_round, self.mean / self.world)
+        return time.perf_counter() - start
+
+
 class OuterNesterov:
     """DiLoCo's outer step: the change of the averaged parameters since the last
     round is a pseudo-gradient for SGD with Nesterov momentum on a global copy."""
@@ -252,6 +302,7 @@ class DataParallelWorker:
         self.guard = NonFiniteGuard(config.grad_clip)
         self.idle_s = 0.0  # waiting for the link: local-SGD rounds (DDP's is the hook's)
         self.bytes_averaged = 0.0
+        self.round: OverlappedRound | None = None  # an overlapped round on its way
 
     def _register_hook(self, config: RaylocalConfig) -> None:
         """DDP's communication: over the emulated link (``LinkedAllReduce``, compressed
@@ -284,6 +335,17 @@ class DataParallelWorker:
             self.outer.step(params)
         self.bytes_averaged += nbytes
         self.idle_s += time.perf_counter() - start
+
+    def start_round(self) -> None:
+        """An overlapped local-SGD round (``--average-overlap``), applied after the next step."""
+        params = list(self.model.parameters())
+        self.round = OverlappedRound(params, self.world, None if self.link.ideal else self.wire)
+        self.bytes_averaged += self.round.nbytes
+
+    def land_round(self) -> None:
+        if self.round is not None:
+            self.idle_s += self.round.apply()
+            self.round = None
 
     def control(self, values: list[float]) -> Tensor:
         """A small tensor the workers all-reduce to agree (to stop, on totals): on
@@ -321,7 +383,10 @@ class DataParallelWorker:
                 self.guard.update(self.model, self.optimizer, loss, self.step)
                 self.step += 1
                 epoch_steps += 1
-                if config.average_every and self.step % config.average_every == 0:
+                self.land_round()  # an overlapped round started one step ago
+                if config.average_every and self.step % config.average_every == 0 and config.average_overlap:
+                    self.start_round()
+                elif config.average_every and self.step % config.average_every == 0:
                     self.average()
                 stop = self.out_of_time(started, loop_config.get("time_budget"))
                 if stop:
@@ -338,7 +403,8 @@ class DataParallelWorker:
             if stop or epoch == loop_config["epochs"] - 1:
                 break
             ray.train.report(history[-1])
-        if config.average_every and self.step % config.average_every:
+        self.land_round()
+        if config.average_every and (self.step % config.average_every or config.average_overlap):
             # the model a local-SGD run hands on is the workers' average at the end of
             # its budget, not rank 0's own, up to H - 1 steps past the last average
             self.average()

@@ -169,7 +169,8 @@ def run_data_parallel(args: dict[str, Any], average_every: int, state=None, budg
 
     data = _data(args)
     outer = args.get("outer_lr") if average_every else None
-    config = _config(args, average_every=average_every, outer_lr=outer)
+    overlap = bool(average_every and args.get("average_overlap"))
+    config = _config(args, average_every=average_every, outer_lr=outer, average_overlap=overlap)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     stats: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -318,6 +319,7 @@ def cell_settings(method: str, link: str | None, opts: argparse.Namespace) -> di
         "train_subset": opts.train_subset, "test_subset": opts.test_subset,
         "average_every": opts.average_every if method == "local-sgd" else None,
         "outer_lr": opts.outer_lr if method == "local-sgd" else None,
+        "average_overlap": getattr(opts, "average_overlap", False) if method == "local-sgd" else None,
         "micro_batches": PIPELINE_MICRO if method == "pipeline" else None,
         "finetune_at": FINETUNE_AT if method == "parts+ft" else None,
     }  # fmt: skip
@@ -412,6 +414,7 @@ def run_cell(
     args = {
         "method": method, "link": link, "budget": opts.budget, "out": str(path), "test_subset": opts.test_subset,
         "train_subset": opts.train_subset, "average_every": opts.average_every, "outer_lr": opts.outer_lr,
+        "average_overlap": getattr(opts, "average_overlap", False),
         "save_state": run == 1,  # a repeat measures speed only: no fine-tune starts from its weights
         "settings": settings, "host": host,
     }  # fmt: skip
@@ -530,6 +533,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--links", default=None, help=f"comma-separated, of {', '.join(LINKS)}")
     p.add_argument("--average-every", type=int, default=50, help="local SGD's H")
     p.add_argument("--outer-lr", type=float, default=None, help="local SGD with DiLoCo's outer Nesterov step")
+    p.add_argument("--average-overlap", action="store_true", help="local SGD's rounds overlap the next step")
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--test-subset", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=1, help="runs of the ∞ speed-up's cells (target: median of 3)")

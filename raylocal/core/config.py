@@ -40,6 +40,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "cluster": (
         "address", "placement", "device", "threads", "cpus_per_part", "gpus_per_part", "worker_resource",
         "max_restarts", "finetune_workers", "average_every", "bucket_cap_mb", "ddp_compression", "outer_lr",
+        "average_overlap",
     ),
     "run": (
         "storage_path", "run_name", "resume", "checkpoint_every", "eval_every", "live_eval_images", "log_every",
@@ -224,6 +225,11 @@ class RaylocalConfig(BaseModel):
     outer_lr: float | None = Field(
         None, gt=0, description="local SGD: DiLoCo's outer Nesterov step with this LR (default: plain averaging)"
     )
+    average_overlap: bool = Field(
+        False,
+        description="local SGD: average while the next step trains, and apply the round one step late, as a "
+        "correction (weights += mean of the weights at the round - own weights at the round)",
+    )
     max_restarts: int = Field(3, ge=0, description="times Ray restarts a dead part actor")
     inject: str | None = Field(
         None,
@@ -286,6 +292,8 @@ class RaylocalConfig(BaseModel):
             )
         if self.lr_rule != "none" and len(self.lr) > 1:
             raise ValueError(f"lr_rule={self.lr_rule!r} derives the per-part LRs from one --lr, got {len(self.lr)}")
+        if self.average_overlap and (not self.average_every or self.outer_lr):
+            raise ValueError("average_overlap applies to local SGD (average_every > 0) without DiLoCo's outer_lr")
         if self.finetune_scope == "boundary" and self.finetune_workers > 1:
             raise ValueError("finetune_scope='boundary' is for a one-worker fine-tune; DDP trains every layer")
         return self
