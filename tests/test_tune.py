@@ -12,7 +12,7 @@ from conftest import tiny_options
 
 from raylocal.cli.train import main as run_main
 from raylocal.cluster.placement import trial_bundles
-from raylocal.core.config import RaylocalConfig
+from raylocal.core.config import RaylocalConfig, load_config_file
 from raylocal.errors import ConfigError
 from raylocal.tune.tuning import load_space, trial_lrs
 
@@ -82,11 +82,11 @@ def test_tiny_study_survives_divergence_ranks_and_best_config_round_trips(
     assert (study / "ranking.md").read_text().splitlines() == ranking
     # the best config is the study's run with the best trial's LRs, and it runs (here as its
     # single-process twin: the async run itself is test_ray.py's)
-    trial = RaylocalConfig.model_validate(best)
+    trial = load_config_file(study / "best.json")
     assert trial.epochs == 2 and trial.part_spec == "1|2" and trial.max_rollbacks == 1 and trial.schedule == "async"
     assert run_main(["--config", str(study / "best.json"), "--run-name", "best", "--schedule", "simultaneous"]) == 0
     summary = json.loads((storage / "best" / "summary.json").read_text())  # the study's storage path is kept
-    assert summary["schedule"] == "simultaneous" and summary["part_lrs"] == best["lr"]
+    assert summary["schedule"] == "simultaneous" and summary["part_lrs"] == best["schedule"]["lr"]
 
 
 def test_restore_parts_hands_over_weights_and_optimizer_with_new_lrs(mnist_dir, tmp_path):
@@ -117,7 +117,7 @@ def test_restore_parts_hands_over_weights_and_optimizer_with_new_lrs(mnist_dir, 
         w.step = w.stats.steps = 5 + k
     ckpt, run_dir = tmp_path / "tune-checkpoint", tmp_path / "trial"
     for k, w in enumerate(donors):
-        save_checkpoint(part_checkpoint_path(ckpt, k), w.checkpoint_state())
+        save_checkpoint(part_checkpoint_path(ckpt, k), w.checkpoint_state(), kind="part")
 
     # the model PBT ranks is assembled from each part's own layers in its own checkpoint
     whole = assembled([w.checkpoint_state() for w in donors], Glow((1, 8, 8), **config(0).glow_kwargs()), bounds)

@@ -8,7 +8,7 @@ when its consumer is ``queue_size`` packets behind.
 
 ``run_async_phase`` places the K actors in one placement group (PACK, or
 STRICT_SPREAD with ``--placement spread``), starts them all, shows per-part
-progress and returns the assembled weights; ``ray_run.AsyncRun`` makes a whole
+progress and returns the assembled weights; ``raylocal.run.async_run.AsyncRun`` makes a whole
 run of it.
 """
 
