@@ -312,3 +312,13 @@ def test_the_pipeline_parallel_rival_on_ray_trains_as_its_stages_do_in_one_proce
     sent, returned = results[0]["stats"]["bytes_forward"], results[1]["stats"]["bytes_backward"]
     assert results[0]["stats"]["steps"] == results[1]["stats"]["steps"] == 3
     assert sent == returned == results[0]["wire_bytes"] == results[1]["wire_bytes"] > 0  # as the links counted
+
+
+def test_the_placement_check_counts_the_model_service_only_for_runs_that_have_one():
+    from raylocal.cluster.placement import Placement
+    from raylocal.errors import ClusterError
+
+    placement = Placement.plan(RaylocalConfig(parts=2, cpus_per_part=1.0), 2, [{"CPU": 2.0}])
+    with pytest.raises(ClusterError, match=r"2 parts of \{CPU 1\} and the model service need CPU 3, the cluster has 2"):
+        placement.check()
+    placement.check(with_service=False)  # the pipeline rival's two stages fit

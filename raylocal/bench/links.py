@@ -253,9 +253,18 @@ def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
     from raylocal.baselines.pipeline_on_ray import train_pipeline_parallel
 
     data = _data(args)
-    config = _config(args, parts=2, cpus_per_part=1.0, gpus_per_part=0.0, balance="measure", queue_size=PIPELINE_MICRO)
+    config = _config(
+        args,
+        schedule="async",
+        parts=2,
+        cpus_per_part=1.0,
+        gpus_per_part=0.0,
+        balance="measure",
+        queue_size=PIPELINE_MICRO,
+    )  # fmt: skip (the parts' split: part_spec_for gives an e2e config one part)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     spec = part_spec_for(config, build_glow(config, data.shape), data.train)
+    assert len(spec.bounds) == 2, spec.bounds
     state, stages = train_pipeline_parallel(
         config, data, list(spec.bounds), "1f1b", PIPELINE_MICRO, budget=args["budget"]
     )

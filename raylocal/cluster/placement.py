@@ -109,10 +109,11 @@ class Placement:
     def part_gpus(self) -> float:
         return self.part.get("GPU", 0.0)
 
-    def check(self) -> None:
+    def check(self, with_service: bool = True) -> None:
         """Can the bundles be placed on this cluster at all, by its totals? Said at
         once, in one line, instead of after a placement timeout. (Whether they are
-        free now is another matter: a busy cluster queues the run.)"""
+        free now is another matter: a busy cluster queues the run.) ``with_service``:
+        the run's model service needs its bundle too (the pipeline rival has none)."""
         if in_trial(self.n_parts):
             return  # the parts live in the trial's own group, which Tune has placed
         nodes, n = self.nodes, self.n_parts
@@ -130,13 +131,15 @@ class Placement:
                 f"can hold a part of {shown}; use --placement pack or more nodes"
             )
         need = {k: v * n for k, v in self.part.items()}
-        for k, v in self.service.items():
+        for k, v in (self.service if with_service else {}).items():
             need[k] = need.get(k, 0.0) + v
         short = [k for k in need if _sum(nodes, k) + 1e-9 < need[k]]
         if short:
             k = short[0]
             raise ClusterError(
-                f"{n} parts of {shown} and the model service need {k} {need[k]:g}, the cluster has "
+                f"{n} parts of {shown}"
+                + (" and the model service" if with_service else "")
+                + f" need {k} {need[k]:g}, the cluster has "
                 f"{_sum(nodes, k):g}; use fewer parts, or lower --cpus-per-part or --gpus-per-part"
             )
 
