@@ -309,3 +309,19 @@ def test_a_run_with_the_lr_rule_resumes_to_the_same_weights(mnist_dir, tmp_path,
     assert got["lr_multipliers"] == expected["lr_multipliers"] and expected["lr_multipliers"] is not None
     a, b = full.glow.state_dict(), resumed.glow.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lr_clock_is_one_decay_over_the_run_or_each_trainers_own():
+    import math
+
+    from raylocal.training.trainer import LRClock, scheduled_lr
+
+    run_wide = LRClock.of(RaylocalConfig(lr_schedule="cosine-run"), 10, 4, 2)
+    assert (run_wide.decay(7), run_wide.position(13)) == (60, 13)
+    # a fine-tune trained elsewhere after 40 batches of parts goes on along the run's curve
+    args = run_wide.finetune_elsewhere(40)
+    assert args == {"lr_clock": 40, "lr_total": 60}
+    on = [scheduled_lr(1.0, s, 0, args["lr_total"], "cosine-run", args["lr_clock"] + s) for s in range(20)]
+    assert on == pytest.approx([0.5 * (1 + math.cos(math.pi * (40 + s) / 60)) for s in range(20)])
+    own = LRClock.of(RaylocalConfig(lr_schedule="cosine"), 10, 4, 2)
+    assert (own.decay(7), own.position(13), own.finetune_elsewhere(40)) == (7, None, {})

@@ -26,7 +26,7 @@ from raylocal.core.links import LinkSpec
 from raylocal.core.runlog import peak_rss_mb
 from raylocal.model.objectives import preprocess
 from raylocal.pipeline.worker import LinkReceiver, LinkSender, WorkerStats
-from raylocal.training.trainer import build_glow, decay_steps, initialize
+from raylocal.training.trainer import LRClock, build_glow, initialize
 
 
 def build_stage(
@@ -40,7 +40,7 @@ def build_stage(
     noise = torch.Generator().manual_seed(config.seed + 1)
     initialize(parts, preprocess(images[: config.init_batch_size].to(device), config.n_bits, noise))
     stream = BatchStream(images, config.batch_size, config.seed)
-    total = decay_steps(config, config.epochs * len(stream), config.epochs * len(stream))
+    total = LRClock.of(config, len(stream), config.epochs, 0).decay(config.epochs * len(stream))
     lr = config.part_lrs(len(parts))[index] if len(config.lr) > 1 else config.lr[0]
     stage = PipelineStage(parts[index], config, lr, total, micro)
 

@@ -36,7 +36,7 @@ from raylocal.core.data import load_dataset
 from raylocal.core.runlog import Progress
 from raylocal.model.objectives import preprocess
 from raylocal.pipeline.worker import tensor_bytes
-from raylocal.training.schedules import part_spec_for
+from raylocal.training.service import ModelService
 from raylocal.training.trainer import PartTrainer, build_glow, initialize, resolve_device
 
 
@@ -181,19 +181,17 @@ class AsyncBench:
     def run_parts(self) -> None:
         """The async run, with the CPU meter on; keeps what the reports need."""
         from raylocal.cluster.connect import connect
-        from raylocal.cluster.parts_phase import pipeline_report, run_async_phase
+        from raylocal.cluster.parts_phase import run_parts_phase
         from raylocal.cluster.placement import Placement
 
         connect(self.config)
-        # --balance measure times the layers on the probe's device: the one the parts train on
-        self.probe = build_glow(self.config, self.data.shape).to(resolve_device(self.config.device))
-        self.spec = part_spec_for(self.config, self.probe, self.data.train)
-        print(f"parts: {self.spec.canonical(self.probe)}", flush=True)
+        # --balance measure times the layers on the service's device: the one the parts train on
+        self.service = ModelService(self.config, self.data.shape, self.config.device)
+        self.plan = self.service.plan(self.data.train)
+        print(f"parts: {self.plan['canonical']}", flush=True)
         with tempfile.TemporaryDirectory() as tmp, CpuMeter() as meter:
-            _, self.stats, infos, wall = run_async_phase(
-                self.config, self.data, list(self.spec.bounds), Progress(True), Path(tmp)
-            )
-        self.report = pipeline_report(self.config, self.stats, infos, wall, self.probe.param_bytes())
+            parts = run_parts_phase(self.config, self.data, self.plan, Progress(True), Path(tmp))
+        self.stats, self.report, wall = parts.stats, parts.report, parts.wall
         # steady state: images through the last part between the end of its first step and its last
         last = self.stats[-1]
         self.steady = (last["steps"] - 1) * 64 / (last["end_time"] - last["first_step_time"])
@@ -234,7 +232,7 @@ class AsyncBench:
     def print_traffic(self) -> None:
         """The queue's own cost per step, and the bytes parts and DDP send per step."""
         with torch.no_grad():
-            a, b = self.spec.bounds[0]
+            a, b = self.plan["bounds"][0]
             y, _ = build_glow(self.config, self.data.shape).part(a, b)(preprocess(self.data.train[:64], 8))
         overhead = queue_overhead(y)
         print(
@@ -245,7 +243,7 @@ class AsyncBench:
         print(
             f"bytes per step: parts send {tensor_bytes(y) / 1e3:.0f} kB forward per boundary, 0 backward; "
             f"DDP all-reduces {self.report['ddp_bytes_per_step'] / 1e3:.0f} kB per worker "
-            f"({sum(p.numel() for p in self.probe.parameters())} parameters)"
+            f"({sum(p.numel() for p in self.service.glow.parameters())} parameters)"
         )
 
     def run_ddp(self) -> None:

@@ -49,9 +49,7 @@ import torch
 from raylocal.baselines.projection import StepModel, bandwidth_losing, wire_bytes_per_step
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.links import FakeClock, LinkSpec, Wire
-from raylocal.training.schedules import part_spec_for
 from raylocal.training.service import ModelService
-from raylocal.training.trainer import build_glow
 
 LINKS = {
     "inf": "bw=inf,lat=20ms",
@@ -194,7 +192,7 @@ def run_data_parallel(args: dict[str, Any], average_every: int, state=None, budg
 def run_parts(args: dict[str, Any]) -> dict[str, Any]:
     import ray
 
-    from raylocal.cluster.parts_phase import gather_weights, pipeline_report, run_async_phase
+    from raylocal.cluster.parts_phase import gather_weights, run_parts_phase
     from raylocal.core.runlog import Progress
 
     data = _data(args)
@@ -204,8 +202,8 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
         wire_dtype=args.get("wire_dtype", "float32"),
     )  # fmt: skip
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    probe = build_glow(config, data.shape)
-    spec = part_spec_for(config, probe, data.train)
+    service = ModelService(config, data.shape, "cpu")
+    plan = service.plan(data.train)
     snapshot: dict[str, Any] = {}
     started: list[float] = []
 
@@ -217,14 +215,14 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
             snapshot.update(gather_weights(actors))
 
     with tempfile.TemporaryDirectory() as tmp:
-        state, stats, infos, wall = run_async_phase(
-            config, data, list(spec.bounds), Progress(False), Path(tmp), take_snapshot
-        )
+        parts = run_parts_phase(config, data, plan, Progress(False), Path(tmp), take_snapshot)
     ray.shutdown()
-    report = pipeline_report(config, stats, infos, wall, probe.param_bytes())
+    stats, report = parts.stats, parts.report
     steps = [st["steps"] for st in stats]
     seconds = [st["end_time"] - st["start_time"] for st in stats]
     first = stats[0]
+    start, stop = plan["bounds"][0]
+    first_part = service.glow.part(start, stop).state_dict()
     return {
         # every image trains every layer once: the slowest part sets the model's rate
         "images_per_s": min(n * config.batch_size / s for n, s in zip(steps, seconds)),
@@ -233,15 +231,15 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
         "bytes_per_step": (first["bytes_forward"] + first["bytes_weights"]) / max(first["steps"], 1),
         "idle": max(report["idle_fraction"]),
         "peak_rss_mb": max(report["peak_rss_mb"]),
-        "test_bpd": _evaluate(config, data, state),
+        "test_bpd": service.evaluate(data.test, parts.state),
         "fresh_steps": report["fresh_steps"],
         "stale_steps": report["stale_steps"],
         "behind_steps": report["behind_steps"],
         "behind_s": report["behind_s"],
         "dropped_latents": report["dropped_latents"],
         "outage_latents": report["outage_latents"],
-        "part_weight_bytes": sum(v.numel() * v.element_size() for k, v in state.items() if _in_part(probe, spec, 0, k)),
-        "state": snapshot or state,
+        "part_weight_bytes": sum(v.numel() * v.element_size() for k, v in parts.state.items() if k in first_part),
+        "state": snapshot or parts.state,
     }
 
 
@@ -261,13 +259,10 @@ def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
         gpus_per_part=0.0,
         balance="measure",
         queue_size=PIPELINE_MICRO,
-    )  # fmt: skip (the parts' split: part_spec_for gives an e2e config one part)
+    )  # fmt: skip (an async config: the plan cuts it where the parts cut it; an e2e one has one part)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    spec = part_spec_for(config, build_glow(config, data.shape), data.train)
-    assert len(spec.bounds) == 2, spec.bounds
-    state, stages = train_pipeline_parallel(
-        config, data, list(spec.bounds), "1f1b", PIPELINE_MICRO, budget=args["budget"]
-    )
+    bounds = [tuple(b) for b in ModelService(config, data.shape, "cpu").plan(data.train)["bounds"]]
+    state, stages = train_pipeline_parallel(config, data, bounds, "1f1b", PIPELINE_MICRO, budget=args["budget"])
     ray.shutdown()
     first = stages[0]["stats"]
     seconds = max(s["seconds"] for s in stages)
@@ -281,12 +276,6 @@ def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": max(s["peak_rss_mb"] for s in stages),
         "test_bpd": _evaluate(config, data, state),
     }
-
-
-def _in_part(glow, spec, index: int, key: str) -> bool:
-    a, b = spec.bounds[index]
-    layer = int(key.split(".")[1]) if key.startswith("layers.") else -1
-    return a <= layer < b
 
 
 def run_finetune(args: dict[str, Any]) -> dict[str, Any]:

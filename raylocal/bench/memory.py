@@ -25,8 +25,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.core.runlog import Progress
-from raylocal.training.schedules import part_spec_for
-from raylocal.training.trainer import build_glow
+from raylocal.training.service import ModelService
 
 
 def rss_bytes() -> int:
@@ -56,8 +55,8 @@ def store_bytes() -> int:
     return int(reply.store_stats.object_store_bytes_used)
 
 
-def measure(config: RaylocalConfig, data, spec) -> dict[str, float]:
-    from raylocal.cluster.parts_phase import run_async_phase
+def measure(config: RaylocalConfig, data, plan: dict) -> dict[str, float]:
+    from raylocal.cluster.parts_phase import run_parts_phase
 
     peaks = {"shm": 0, "rss": 0, "lag": 0}
     stop = threading.Event()
@@ -75,7 +74,7 @@ def measure(config: RaylocalConfig, data, spec) -> dict[str, float]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     with tempfile.TemporaryDirectory() as tmp:
-        run_async_phase(config, data, list(spec.bounds), Progress(False), Path(tmp), monitor)
+        run_parts_phase(config, data, plan, Progress(False), Path(tmp), monitor)
     stop.set()
     sampler.join()
     return peaks
@@ -98,11 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     slow = RaylocalConfig(**base, inject=f"slow:2@{args.slow}")
     data = load_dataset("mnist").subset(args.train_subset, 1000)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    glow = build_glow(normal, data.shape)
-    spec = part_spec_for(normal, glow)
+    plan = ModelService(normal, data.shape, "cpu").plan(data.train)
     latent = 64 * 2 * 14 * 14 * 4  # part 1's output per step: 2x14x14 float32 per image
-    a = measure(normal, data, spec)
-    b = measure(slow, data, spec)
+    a = measure(normal, data, plan)
+    b = measure(slow, data, plan)
     mb = 1 / 2**20
     print(f"# bench_memory: queue bound {args.queue_size}, latent {latent / 1e3:.0f} kB per step")
     print("| run | peak object store (above idle) | peak RSS, Ray + driver | max steps part 1 ahead of part 2 |")

@@ -6,10 +6,10 @@ object store (``ray.put``); the bounded queue (one small Ray actor) carries only
 packets of references, and its bound is the backpressure: a producer blocks
 when its consumer is ``queue_size`` packets behind.
 
-``run_async_phase`` places the K actors in one placement group (PACK, or
-STRICT_SPREAD with ``--placement spread``), starts them all, shows per-part
-progress and returns the assembled weights; ``raylocal.run.async_run.AsyncRun`` makes a whole
-run of it.
+``PartsPhase`` places the K actors in one placement group (PACK, or
+STRICT_SPREAD with ``--placement spread``), starts them all and shows per-part
+progress; ``train_parts`` is the parts phase every entry point runs (the async
+run, Tune trials, the benchmarks): it returns a ``PartsResult``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from raylocal.core.links import check_links
 from raylocal.core.runlog import Progress, peak_rss_mb
 from raylocal.errors import ClusterError
 from raylocal.pipeline.worker import PartLoop, PartWorker, staleness_summary, tensor_bytes
+from raylocal.training.schedules import PartsResult
 
 
 def get_or_none(ref: Any) -> Any:
@@ -341,18 +342,34 @@ def place_parts(placement: Placement) -> tuple[PlacementGroup, int, bool]:
     return placement.reserve_parts()
 
 
-def run_async_phase(
+def train_parts(
+    phase: PartsPhase, plan: dict[str, Any], progress: Progress, monitor: Monitor | None = None
+) -> PartsResult:
+    """The parts phase of every entry point: train the planned parts (``plan`` is
+    ``ModelService.plan``'s) on the phase's actors and return their
+    ``PartsResult``: assembled weights, per-part stats, the monitor's curve (when
+    it keeps one) and the pipeline report. A monitor with a ``finish`` method
+    has it called once the parts are done (a last evaluation still in flight)."""
+    state, stats, infos, wall = phase.run([tuple(b) for b in plan["bounds"]], progress, monitor)
+    if hasattr(monitor, "finish"):
+        monitor.finish()
+    report = pipeline_report(phase.config, stats, infos, wall, plan["param_bytes"])
+    return PartsResult(state, wall, stats, list(getattr(monitor, "curve", [])), report)
+
+
+def run_parts_phase(
     config: RaylocalConfig,
     data: ImageData,
-    bounds: list[tuple[int, int]],
+    plan: dict[str, Any],
     progress: Progress,
     run_dir: Path,
     monitor: Monitor | None = None,
-) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, Any]], float]:
-    """Train all parts at once on Ray (see ``PartsPhase.run``). Part checkpoints go
-    to ``run_dir/parts``; with ``config.resume`` the parts continue from them."""
-    with PartsPhase(config, data, run_dir, len(bounds)) as phase:
-        return phase.run(bounds, progress, monitor)
+) -> PartsResult:
+    """Start the parts' actors, train them (``train_parts``) and release them. Part
+    checkpoints go to ``run_dir/parts``; with ``config.resume`` the parts
+    continue from them."""
+    with PartsPhase(config, data, run_dir, len(plan["bounds"])) as phase:
+        return train_parts(phase, plan, progress, monitor)
 
 
 def pipeline_report(
@@ -407,4 +424,4 @@ def pipeline_report(
     }
 
 
-__all__ = ["LatentQueue", "PartActor", "PartsPhase", "run_async_phase", "tensor_bytes"]
+__all__ = ["LatentQueue", "PartActor", "PartsPhase", "run_parts_phase", "tensor_bytes", "train_parts"]

@@ -81,11 +81,8 @@ class Placement:
         whole_gpus = 0 if config.device == "cpu" else int(_sum(usable, "GPU"))
         gpus = config.gpus_per_part
         if gpus is None:
-            # With fewer GPUs than parts the parts share them (one GPU is still far
-            # faster than CPUs for a part). Ray places a fractional GPU bundle on a
-            # single device, so ask for 1/ceil(K/G) each, which fits ceil(K/G) parts
-            # on every GPU (G/K each could leave a part with no device it fits on,
-            # e.g. 3 parts of 2/3 on 2 GPUs). The service's share stays free on every GPU.
+            # Fewer GPUs than parts: share them. A fractional bundle sits on one device,
+            # so 1/ceil(K/G) each fits (G/K may not: 3 parts of 2/3 on 2 GPUs)
             gpus = (1.0 - SERVICE_GPU_SHARE) / math.ceil(n_parts / whole_gpus) if whole_gpus else 0.0
         cpus = config.cpus_per_part
         if cpus is None:

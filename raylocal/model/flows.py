@@ -248,11 +248,8 @@ class Coupling(FlowLayer):
             h = self.net(x1)
         if not self.affine:
             return h, None
-        # log(sigmoid(.)) computed as logsigmoid: sigmoid underflows to 0 in
-        # float32 below about -88, and log(0) made one sample's log-det -inf
-        # (a 30-epoch run's part 1 then rolled back until it gave up); the
-        # logsigmoid of the same input is finite, so such a sample costs a
-        # large but finite loss whose gradient pushes the scale back up.
+        # logsigmoid, not log(sigmoid): sigmoid underflows to 0 in float32 below
+        # about -88, and one -inf log-det stops a run (docs/benchmarks.md)
         return h[:, 0::2], F.logsigmoid(h[:, 1::2] + 2.0)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -46,7 +46,7 @@ from raylocal.core.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.errors import CheckpointError, ClusterError
 from raylocal.model.objectives import preprocess, to_device
 from raylocal.pipeline.channel import PacketChannel, newer_weights
-from raylocal.training.trainer import WIRE_DTYPES, PartTrainer, build_glow, decay_steps, from_wire, wire_payload
+from raylocal.training.trainer import WIRE_DTYPES, LRClock, PartTrainer, build_glow, from_wire, wire_payload
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -484,8 +484,8 @@ class PartLoop:
         self.deadline = st.start_time + config.time_budget if config.time_budget else math.inf
         # every part trains n_steps steps, so its own steps are the run's clock; a
         # run-wide decay runs on through the fine-tune phase
-        run_steps = n_steps + config.finetune_epochs * len(worker.stream)
-        worker.trainer.total_steps = decay_steps(config, n_steps, run_steps)
+        clock = LRClock(config.lr_schedule == "cosine-run", n_steps, config.finetune_epochs * len(worker.stream))
+        worker.trainer.total_steps = clock.decay(n_steps)
 
     def run(self) -> WorkerStats:
         worker, st = self.worker, self.worker.stats

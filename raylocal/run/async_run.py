@@ -38,7 +38,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raylocal.cluster.connect import connect, errors_in_one_line, fit_train_run
-from raylocal.cluster.parts_phase import PartsPhase, part_checkpoint_path, pipeline_report
+from raylocal.cluster.parts_phase import PartsPhase, part_checkpoint_path, train_parts
 from raylocal.cluster.placement import Placement, actor_device, train_worker_device
 from raylocal.cluster.preflight import check_run
 from raylocal.cluster.queue import LatentQueue
@@ -49,12 +49,19 @@ from raylocal.errors import CheckpointError, ClusterError, DivergedError
 from raylocal.run.finish import finish_after_parts
 from raylocal.training.schedules import PARTS_RESULT, PartsResult
 from raylocal.training.service import ModelService
+from raylocal.training.trainer import LRClock
 
 
 def here(device: str) -> dict[str, Any]:
     """Where this process is: Ray node, host, pid and the device it computes on."""
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     return {"node_id": node, "host": socket.gethostname(), "pid": os.getpid(), "device": device}
+
+
+def parts_where(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Where each part ran, from the parts phase's pipeline report."""
+    keys = zip(report["actor_nodes"], report["actor_pids"], report["actor_devices"])
+    return [{"node_id": n, "pid": p, "device": d} for n, p, d in keys]
 
 
 def _import_all(modules: list[str]) -> None:
@@ -134,6 +141,10 @@ class LiveEvaluation:
             weights = [a.weights.remote() for a in actors]  # references: no tensor passes through here
             ref = self.service.evaluate.remote(self.test_ref, *weights)
             self.pending = (ref, step, time.perf_counter() - self.start)
+
+    def finish(self) -> None:
+        """The parts are done: wait for the last evaluation (it stalls nothing now)."""
+        self.collect(wait=True)
 
     def collect(self, wait: bool) -> None:
         if self.pending is None:
@@ -334,13 +345,10 @@ class AsyncRun:
         live_ref = refs[1] if n_live == len(self.data.test) else ray.put(self.data.test[:n_live])
         every = config.eval_every or steps_per_epoch
         live = LiveEvaluation(service, live_ref, n_live, every, steps_per_epoch, self.progress)
-        state, stats, infos, wall = phase.run(bounds, self.progress, live)
-        live.collect(wait=True)  # the parts are done: waiting for it stalls nothing
-        report = pipeline_report(config, stats, infos, wall, plan["param_bytes"])
-        write_json(run_dir / "pipeline.json", report)
-        self.parts = PartsResult(state, wall, stats, live.curve, report)
+        self.parts = train_parts(phase, plan, self.progress, live)
+        write_json(run_dir / "pipeline.json", self.parts.report)
         self.parts.save(run_dir / PARTS_RESULT)  # what --resume continues from
-        self.where["parts"] = [{"node_id": i["node_id"], "pid": i["pid"], "device": i["device"]} for i in infos]
+        self.where["parts"] = parts_where(self.parts.report)
 
     def _finish(self, plan: dict[str, Any], refs: tuple[Any, Any]) -> dict:
         config, run_dir, name = self.config, self.run_dir, self.data.name
@@ -361,11 +369,7 @@ class AsyncRun:
             summary = finish_on_ray_train(config, self.placement, name, refs, run_dir, bounds, self.parts)
         self.where["finished"] = summary.pop("where_finished")
         if "parts" not in self.where:  # resumed after the parts phase: from its report
-            report = json.loads((run_dir / "pipeline.json").read_text())
-            self.where["parts"] = [
-                {"node_id": n, "pid": p, "device": d}
-                for n, p, d in zip(report["actor_nodes"], report["actor_pids"], report["actor_devices"])
-            ]
+            self.where["parts"] = parts_where(json.loads((run_dir / "pipeline.json").read_text()))
         return summary
 
     def _ddp_finetune(self) -> tuple[dict[str, torch.Tensor], float, list[dict[str, Any]]]:
@@ -376,11 +380,9 @@ class AsyncRun:
         parts = self.parts or PartsResult.load(self.run_dir / PARTS_RESULT)  # resumed after the parts phase
         t0 = time.perf_counter()
         lr = config.finetune_lr or min(config.lr)
-        run_clock = {}
-        if config.lr_schedule == "cosine-run":  # continue the run's decay where the parts left it
-            per_epoch = len(self.data.train) // config.batch_size
-            steps = int(parts.stats[0]["steps"])
-            run_clock = dict(lr_clock=steps, lr_total=per_epoch * (config.epochs + config.finetune_epochs))
+        per_epoch = len(self.data.train) // config.batch_size
+        clock = LRClock.of(config, per_epoch, config.epochs, config.finetune_epochs)
+        run_clock = clock.finetune_elsewhere(int(parts.stats[0]["steps"]))  # on from where the parts left it
         link_stats: dict[str, Any] = {}
         tuned, history = train_ddp(
             config, self.data.train, config.finetune_workers, config.finetune_epochs, lr, self.run_dir / "ddp",

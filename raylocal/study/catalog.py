@@ -6,13 +6,9 @@ from typing import Any
 
 from raylocal.study.spec import EQUAL_TIME_OF, Study
 
-# The model and data of the built-in studies: big enough that parts and e2e
-# separate, small enough for the full versions to fit about 10 hours of 2 cores.
-# The LR decays (one cosine over the whole run, parts phase and fine-tune): at a
-# constant LR the test BPD of the last epochs swung by up to 0.5 from one epoch to
-# the next (docs/study.md), which no affordable number of seeds could pair away.
-# The LR is e2e's better one: at 1e-3 e2e ended 0.62 BPD behind e2e at 1e-2 (the
-# lr study, docs/study.md), so parts compared at 1e-3 were compared with a poor e2e.
+# The built-in studies' model and data: big enough that parts and e2e separate,
+# small enough to fit about 10 hours of 2 cores. Why the LR decays over the run:
+# docs/study.md, "A first full attempt"; why 1e-2 (e2e's better LR): its Q3.
 MNIST_BASE = {
     "dataset": "mnist", "data_root": "data/mnist", "n_levels": 2, "depth": 4, "hidden": 64,
     "batch_size": 64, "train_subset": 10000, "test_subset": 2000, "warmup_steps": 100,

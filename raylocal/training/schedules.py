@@ -38,11 +38,11 @@ from raylocal.model.objectives import preprocess, sample_images, to_device, wait
 from raylocal.model.parts import PartSpec, boundary_steps, measured_costs, resolve_part_spec
 from raylocal.training.trainer import (
     WIRE_DTYPES,
+    LRClock,
     PartTrainer,
     StepResult,
     UpdateMeter,
     build_glow,
-    decay_steps,
     evaluate_bpd,
     initialize,
     over_the_wire,
@@ -214,9 +214,9 @@ class SingleProcessRun:
         self.plan = epoch_plan(config.schedule, len(self.parts), epochs, config.alternate_every)
         self.stream = BatchStream(data.train, config.batch_size, config.seed)
         self.total_epochs = len(self.plan) + (0 if config.schedule == "e2e" else config.finetune_epochs)
-        run_steps = len(self.stream) * self.total_epochs
+        self.lr_clock = LRClock.of(config, len(self.stream), len(self.plan), self.total_epochs - len(self.plan))
         self.trainers = [
-            PartTrainer(p, lr, config, k, total_steps=decay_steps(config, self.steps_of(k), run_steps))
+            PartTrainer(p, lr, config, k, total_steps=self.lr_clock.decay(self.steps_of(k)))
             for k, (p, lr) in enumerate(zip(self.parts, lrs))
         ]
         self.finetuner: PartTrainer | None = None
@@ -283,8 +283,7 @@ class SingleProcessRun:
     def _make_finetuner(self) -> PartTrainer:
         cfg = self.config
         lr = cfg.finetune_lr or min(cfg.lr)
-        per_epoch = len(self.stream)
-        total = decay_steps(cfg, per_epoch * cfg.finetune_epochs, per_epoch * self.total_epochs)
+        total = self.lr_clock.decay(self.lr_clock.finetune_batches)
         if cfg.finetune_scope == "boundary":  # only the steps that meet at a boundary learn; the optimizer skips
             trained = set(boundary_steps(self.glow, self.spec.bounds))  # parameters that never get a gradient
             for index, layer in enumerate(self.glow.layers):
@@ -415,9 +414,8 @@ class SingleProcessRun:
             self._last_step[k] = self.state.global_step
         t0, cpu0 = time.perf_counter(), time.process_time()
         x = preprocess(to_device(self.stream.next(), self.device), cfg.n_bits, self.noise)
-        if cfg.lr_schedule == "cosine-run":  # every trainer follows the run's clock
-            for t in [self.finetuner] if finetune else self.trainers:
-                t.clock = self.state.global_step
+        for t in [self.finetuner] if finetune else self.trainers:
+            t.clock = self.lr_clock.position(self.state.global_step)
         if finetune:
             results = {len(self.parts): self.finetuner.step(x)}
             apply_finetune_faults(self.faults, len(self.parts), self.finetuner.steps, self.log.dir)

@@ -221,10 +221,40 @@ def scheduled_lr(
     return lr
 
 
-def decay_steps(config: RaylocalConfig, own_steps: int, run_steps: int) -> int:
-    """Steps a trainer's LR decay spans: its own (``cosine``) or the whole run's
-    (``cosine-run``, parts phase and fine-tune)."""
-    return run_steps if config.lr_schedule == "cosine-run" else own_steps
+@dataclass(frozen=True)
+class LRClock:
+    """A run's LR clock, counted in batches. Under ``cosine-run`` one decay spans
+    the whole run, the parts phase's batches and then the fine-tune's, and every
+    trainer reads where it is on that one decay; otherwise each trainer decays
+    over its own updates. Every phase (single-process, the Ray parts, a DDP
+    fine-tune) asks this one object."""
+
+    run_wide: bool
+    parts_batches: int
+    finetune_batches: int
+
+    @classmethod
+    def of(cls, config: RaylocalConfig, batches_per_epoch: int, parts_epochs: int, finetune_epochs: int) -> LRClock:
+        run_wide = config.lr_schedule == "cosine-run"
+        return cls(run_wide, batches_per_epoch * parts_epochs, batches_per_epoch * finetune_epochs)
+
+    @property
+    def run_batches(self) -> int:
+        return self.parts_batches + self.finetune_batches
+
+    def decay(self, own_updates: int) -> int:
+        """How many steps a trainer's decay spans: the run's, or its own updates."""
+        return self.run_batches if self.run_wide else own_updates
+
+    def position(self, run_batch: int) -> int | None:
+        """Where an update made on the run's batch ``run_batch`` sits on the decay
+        (None: at the trainer's own update count)."""
+        return run_batch if self.run_wide else None
+
+    def finetune_elsewhere(self, parts_done: int) -> dict[str, int]:
+        """``train_ddp``'s ``lr_clock``/``lr_total`` for a fine-tune trained after
+        ``parts_done`` batches of parts (nothing: it decays over its own steps)."""
+        return {"lr_clock": parts_done, "lr_total": self.run_batches} if self.run_wide else {}
 
 
 @dataclass
@@ -343,20 +373,14 @@ class PartTrainer:
         last = self._recheck() if problem is not None and math.isfinite(loss_value) else None
         if last is not None and not self._own_fault(last):
             if self._is_outlier(loss_value, last):
-                # Fed data that never moves, weights that fit the previous batch
-                # as well as ever fit this one far worse: an outlier for them (a
-                # fine-tune met one at 3e11 bits/dim, learnt from it, and its test
-                # BPD went to 168 two epochs later). Its gradient is as far off as
-                # its loss: skip the batch and keep the weights.
+                # Fixed inputs, weights that still fit the previous batch: this batch
+                # is an outlier, and its gradient is as far off as its loss (README)
                 self.skipped += 1
                 self._skips_in_a_row += 1
                 self.steps += 1
                 return StepResult(y.detach(), loss_value, float("nan"), skipped=True)
-            # The loss rose, but the last update did not raise its own batch's
-            # loss: the input moved (upstream parts changed), or, fed the data,
-            # the weights fit the previous batch about as badly as this one:
-            # they drifted over updates none of which was a jump (skipping then
-            # froze a part 1 for 1,364 steps). Accept it, relearn the statistics.
+            # The loss rose but the last update did not cause it: the input moved,
+            # or the weights drifted; skipping would freeze the part (docs/study.md)
             self.guard.reset()
             problem = None
         if problem is None:
@@ -426,10 +450,8 @@ class PartTrainer:
         output with the restored weights so that nothing bad flows downstream."""
         assert self._snapshots
         if self._restored and len(self._snapshots) > 1:
-            # The state restored last time failed again before a newer one
-            # replaced it: a batch validated it, but it can be bad on others (one
-            # sample's log-det underflowing, say), and restoring it again would
-            # loop until max_rollbacks. Fall back to the state before it.
+            # The state restored last time failed again: restoring it once more
+            # would loop until max_rollbacks, so fall back to the one before it
             self._snapshots.pop()
             reason += "; the state restored last time failed again: restored the one before it"
         self.backoff = self.lr_multiplier * self.config.lr_backoff

@@ -168,7 +168,7 @@ def run_trial(
     import ray
     from ray import tune
 
-    from raylocal.cluster.parts_phase import run_async_phase
+    from raylocal.cluster.parts_phase import run_parts_phase
     from raylocal.cluster.placement import actor_device
 
     base = RaylocalConfig.model_validate_json(base_json)
@@ -178,20 +178,20 @@ def run_trial(
     torch.set_num_threads(1)
     # the trial's own process evaluates, on the GPU share its bundle reserved when it has one
     service = ModelService(config, data.shape, str(actor_device(config)))
-    bounds = [tuple(b) for b in service.plan(data.train)["bounds"]]
-    reporter = TrialReporter(service, data, lrs, bounds, report_every, checkpoints)
+    plan = service.plan(data.train)
+    reporter = TrialReporter(service, data, lrs, [tuple(b) for b in plan["bounds"]], report_every, checkpoints)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # PBT restarted this trial from its own or another trial's parts
         with checkpoint.as_directory() as d:
             reporter.resume_from(restore_parts(Path(d), trial_dir, lrs), str(checkpoint.path))
         config = config.model_copy(update={"resume": True})
     try:
-        state, stats, _, _ = run_async_phase(config, data, bounds, Progress(False), trial_dir, reporter)
+        parts = run_parts_phase(config, data, plan, Progress(False), trial_dir, reporter)
     except (DivergedError, ray.exceptions.RayTaskError) as e:
         tune.report(reporter.row(math.nan, reporter.last_polled, done=True) | {"error": str(e)[:200]})
         return
-    polled = [{"rollbacks": st["rollbacks"], "steps": st["steps"]} for st in stats]
-    tune.report(reporter.metrics(state, polled, done=True))
+    polled = [{"rollbacks": st["rollbacks"], "steps": st["steps"]} for st in parts.stats]
+    tune.report(reporter.metrics(parts.state, polled, done=True))
 
 
 def tune_study(
