@@ -1,4 +1,4 @@
-"""scripts/bench_links.py: the projection from the config alone, the cell order, and resuming."""
+"""scripts/bench_links.py: the projection from the config alone, the race's blocks and paired verdicts, resuming."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 
 from raylocal.baselines.projection import StepModel, WireBytes, bandwidth_losing, wire_bytes_per_step
 from raylocal.bench import links as bench_links
+from raylocal.bench import race
 from raylocal.core.config import RaylocalConfig
 from raylocal.training.trainer import build_glow
 
@@ -54,35 +55,65 @@ def test_step_time_models_by_hand():
     assert bandwidth_losing(lambda bw: m.ddp_step(b, bw, 1.0)) == pytest.approx(16e6 / (3.1 / 0.9 - 3.1), rel=1e-6)
 
 
-def test_cells_run_the_floor_first_and_each_fine_tune_after_what_it_chooses_from(bench):
-    order = bench.cells(["inf", "10Mbit"])
-    assert order[0] == ("one-device", None) and len(order) == 11
-    for link in ("inf", "10Mbit"):
-        ft = order.index(("parts+ft", link))
-        assert all(order.index((m, link)) < ft for m in ("ddp", "local-sgd", "pipeline", "parts"))
+def test_each_block_runs_every_contestant_in_an_order_that_rotates_and_the_fine_tune_last():
+    cells = race.race_cells(["inf", "10Mbit"], [0, 1, 2])
+    assert len(cells) == 2 * 3 * 6 and len(set(cells)) == len(cells)
+    blocks = [cells[i : i + 6] for i in range(0, len(cells), 6)]
+    # whole seeds first: seed 0 at both links, then seed 1, ...
+    assert [(b[0].seed, b[0].link) for b in blocks] == [(s, link) for s in (0, 1, 2) for link in ("inf", "10Mbit")]
+    for b in blocks:
+        assert {c.method for c in b} == set(race.METHODS) and {(c.seed, c.link) for c in b} == {(b[0].seed, b[0].link)}
+        assert b[-1].method == "parts+ft"  # after the parts, DDP and one device it starts from and chooses between
+    five = [race.block_order(k)[:5] for k in range(5)]
+    for position in range(5):  # over five blocks every contestant runs once in every position
+        assert sorted(order[position] for order in five) == sorted(race.CONTESTANTS)
 
 
-OPTS = type("Opts", (), dict(budget=1.0, test_subset=10, train_subset=None, average_every=5, outer_lr=None))
+OPTS = type("Opts", (), dict(
+    budget=1.0, test_subset=10, train_subset=None, average_every=5, outer_lr=None, average_overlap=False,
+    bucket_cap_mb=None, ddp_compression="none", sync_every=50, queue_size=1,
+))  # fmt: skip
+SPLIT = "layers:0-9|10-20"
 
 
-def _cell(bench, method: str, link: str | None, **result) -> dict:
+def _cell(bench, cell, **result) -> dict:
     """A finished cell's JSON, as a cell writes it: its result, its settings and its host."""
-    return result | {"settings": bench.cell_settings(method, link, OPTS), "host": {"commit": "c", "cpu": "x"}}
+    return result | {"settings": bench.cell_settings(cell, OPTS, SPLIT), "host": {"commit": "c", "cpu": "x"}}
 
 
 def test_a_finished_cell_is_read_back_and_one_with_other_settings_is_refused_in_one_line(bench, tmp_path, monkeypatch):
-    stored = _cell(bench, "ddp", "10Mbit", test_bpd=3.5)
-    (tmp_path / "ddp-10Mbit.json").write_text(json.dumps(stored))
+    ddp = race.Cell("ddp", "10Mbit", 0)
+    stored = _cell(bench, ddp, test_bpd=3.5)
+    (tmp_path / "ddp-10Mbit-s0.json").write_text(json.dumps(stored))
     monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail("a finished cell ran again"))
-    assert bench.run_cell("ddp", "10Mbit", OPTS, tmp_path) == stored
-    (tmp_path / "local-sgd-10Mbit.json").write_text(json.dumps(_cell(bench, "local-sgd", "10Mbit", test_bpd=3.4)))
+    assert bench.run_cell(ddp, OPTS, tmp_path, None, SPLIT) == stored
+    sgd = race.Cell("local-sgd", "10Mbit", 1)
+    (tmp_path / "local-sgd-10Mbit-s1.json").write_text(json.dumps(_cell(bench, sgd, test_bpd=3.4)))
     other = type("Opts", (OPTS,), dict(average_every=50))  # H 50 now, 5 when the cell ran
-    with pytest.raises(SystemExit, match=r"local-sgd-10Mbit.json was run with other settings \(average_every 5 here, "
-                       r"50 now\); move it away or use another --out$"):  # fmt: skip
-        bench.run_cell("local-sgd", "10Mbit", other, tmp_path)
-    (tmp_path / "parts-10Mbit.json").write_text(json.dumps({"test_bpd": 3.0}))  # from before cells recorded theirs
-    with pytest.raises(SystemExit, match=r"parts-10Mbit.json was run with other settings \(none recorded\)"):
-        bench.run_cell("parts", "10Mbit", OPTS, tmp_path)
+    with pytest.raises(SystemExit, match=r"local-sgd-10Mbit-s1.json was run with other settings \(average_every 5 "
+                       r"here, 50 now\); move it away or use another --out$"):  # fmt: skip
+        bench.run_cell(sgd, other, tmp_path, None, SPLIT)
+    parts = race.Cell("parts", "10Mbit", 0)
+    (tmp_path / "parts-10Mbit-s0.json").write_text(json.dumps(_cell(bench, parts, test_bpd=3.0)))
+    with pytest.raises(SystemExit, match=r"split 'layers:0-9\|10-20' here, 'layers:0-11\|12-20' now"):
+        bench.run_cell(parts, OPTS, tmp_path, None, "layers:0-11|12-20")  # another split: another race
+    (tmp_path / "pipeline-10Mbit-s0.json").write_text(json.dumps({"test_bpd": 3.0}))  # from before cells recorded
+    with pytest.raises(SystemExit, match=r"pipeline-10Mbit-s0.json was run with other settings \(none recorded\)"):
+        bench.run_cell(race.Cell("pipeline", "10Mbit", 0), OPTS, tmp_path, None, SPLIT)
+
+
+def test_the_race_split_is_measured_once_and_kept_for_a_resumed_race(bench, tmp_path, monkeypatch):
+    calls = []
+
+    def plan(self, images):
+        calls.append(1)
+        return {"bounds": [[0, 12], [12, 21]]}
+
+    monkeypatch.setattr(bench.ModelService, "plan", plan)
+    opts = type("Opts", (OPTS,), dict(train_subset=64, test_subset=16))
+    assert bench.race_split(opts, tmp_path) == "layers:0-11|12-20"
+    monkeypatch.setattr(bench.ModelService, "plan", lambda *a: pytest.fail("measured again"))
+    assert bench.race_split(opts, tmp_path) == "layers:0-11|12-20" and calls == [1]
 
 
 def test_the_host_figures_name_the_commit_the_cpu_and_a_speed_probe(bench):
@@ -91,44 +122,76 @@ def test_the_host_figures_name_the_commit_the_cpu_and_a_speed_probe(bench):
     assert bench.host_figures(0)["probe_images_per_s"] is None
 
 
-def test_the_inf_speedup_is_the_median_of_side_by_side_repeats(bench, tmp_path, monkeypatch):
-    assert bench.repeat_cells(["10Mbit"], 3) == []  # the speed-up is measured at ∞ only
-    order = bench.repeat_cells(["10Mbit", "inf"], 3)
-    assert order == [("one-device", None, 2), ("parts", "inf", 2), ("one-device", None, 3), ("parts", "inf", 3)]
-    # a repeat is a cell of its own: its own file, read back once finished
-    (tmp_path / "parts-inf-run2.json").write_text(json.dumps(_cell(bench, "parts", "inf", images_per_s=350.0)))
-    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail("a finished cell ran again"))
-    assert bench.run_cell("parts", "inf", OPTS, tmp_path, 2)["images_per_s"] == 350.0
-    results = {("one-device", None): {"images_per_s": 100.0}, ("parts", "inf"): {"images_per_s": 150.0, "idle": 0.01}}
-    again = {
-        ("one-device", None, 2): {"images_per_s": 200.0}, ("parts", "inf", 2): {"images_per_s": 350.0},
-        ("one-device", None, 3): {"images_per_s": 100.0}, ("parts", "inf", 3): {"images_per_s": 190.0},
+def _race(bpd: dict[str, list[float]], speed: dict[str, list[float]], link: str = "10Mbit") -> dict:
+    return {
+        race.Cell(m, link, s): {"test_bpd": bpd[m][s], "images_per_s": speed.get(m, [1.0] * 3)[s], "idle": 0.01,
+                                "bytes_per_step": 1e5}
+        for m in bpd for s in range(3)
     }  # fmt: skip
-    assert bench.speedups(results, again) == [1.5, 1.75, 1.9]
-    lines = bench.check_targets(results, ["inf"], again)
-    median = "inf: parts / one device = 1.75x (median of 3 runs: 1.50, 1.75, 1.90; target >= 1.75x, median of 3)"
-    assert lines[-1] == f"{median}: met"
-    assert bench.check_targets(results, ["inf"])[-1].startswith("inf: parts / one device = 1.50x (one run;")
 
 
-def test_the_figure_draws_each_method_from_the_slowest_link_to_the_fastest(bench):
-    assert bench.by_bandwidth(["10Mbit", "inf", "10Mbit+outages", "1Mbit", "100Mbit"]) == [
+def test_each_method_is_paired_by_seed_with_the_best_other_and_holm_adjusted_within_the_link():
+    from scipy import stats as scipy_stats
+    from statsmodels.stats.multitest import multipletests
+
+    bpd = {
+        "one-device": [3.00, 3.10, 3.05], "ddp": [3.20, 3.30, 3.22], "local-sgd": [3.11, 3.19, 3.16],
+        "pipeline": [3.50, 3.40, 3.45], "parts": [2.90, 3.05, 2.99], "parts+ft": [2.95, 3.02, 3.00],
+    }  # fmt: skip
+    rows = {r["method"]: r for r in race.compare_at_link(_race(bpd, {}), "10Mbit", [0, 1, 2])}
+    # means: parts 2.98, parts+ft 2.99, one device 3.05: each compared with the best of the others
+    assert rows["parts"]["against"] == "parts+ft" and rows["ddp"]["against"] == "parts"
+    diffs = [a - b for a, b in zip(bpd["ddp"], bpd["parts"])]
+    t = scipy_stats.t.ppf(0.975, 2) * scipy_stats.tstd(diffs) / 3**0.5
+    assert rows["ddp"]["lo"] == pytest.approx(sum(diffs) / 3 - t)
+    assert rows["ddp"]["hi"] == pytest.approx(sum(diffs) / 3 + t)
+    p = [rows[m]["p_difference"] for m in race.METHODS]
+    assert p[1] == pytest.approx(scipy_stats.ttest_1samp(diffs, 0).pvalue)
+    adjusted = multipletests(p, method="holm")[1]
+    for m, a in zip(race.METHODS, adjusted):  # decided different after Holm exactly where its adjusted p is small
+        assert rows[m]["adjusted"].startswith(("better", "worse")) == (a < 0.05), m
+    assert rows["pipeline"]["verdict"].startswith("worse")
+    assert (rows["one-device"]["verdict"], rows["one-device"]["adjusted"]) == ("worse", "undecided")  # Holm bites
+    table = race.results_table(_race(bpd, {}), ["10Mbit"], [0, 1, 2]).splitlines()
+    ddp_row = next(line for line in table if "| 2 DDP workers |" in line)
+    assert f"| {sum(bpd['ddp']) / 3:.4f} | +0.260 [" in ddp_row and ddp_row.endswith("| worse | worse |")
+
+
+def test_the_targets_come_from_ratios_within_each_block():
+    bpd = {m: [3.0, 3.0, 3.0] for m in race.METHODS}
+    # the host was twice as fast in block 1: per-block ratios stay 1.5x, 2.0x, 1.8x
+    speed = {"one-device": [100.0, 200.0, 100.0], "parts": [150.0, 400.0, 180.0], "ddp": [50.0, 100.0, 60.0]}
+    results = _race(bpd, speed, "inf") | _race(bpd, speed, "10Mbit")
+    lines = race.check_targets(results, ["inf", "10Mbit"], [0, 1, 2])
+    assert lines[0].startswith("10 Mbit: parts / DDP images/s = 3.33 [") and lines[0].endswith("met")
+    assert lines[-1].startswith("inf: parts / one device = 1.80x median of 3 blocks (1.50, 2.00, 1.80;")
+    assert lines[-1].endswith("target >= 1.75x): met")
+    assert "identical" in lines[1]  # equal BPDs in every block: no difference, and said so
+
+
+def test_the_figure_draws_each_method_from_the_slowest_link_to_the_fastest():
+    assert race.by_bandwidth(["10Mbit", "inf", "10Mbit+outages", "1Mbit", "100Mbit"]) == [
         "1Mbit", "10Mbit", "100Mbit", "inf",
     ]  # fmt: skip
 
 
-def test_only_the_first_parts_cell_keeps_the_weights_a_fine_tune_starts_from(bench, tmp_path, monkeypatch):
-    calls = []
-
+def test_every_parts_cell_keeps_its_weights_and_the_fine_tune_chooses_from_its_own_block(bench, tmp_path, monkeypatch):
     def fake_subprocess_run(argv, **kwargs):  # runs the cell in this process, with a parts run that is instant
-        calls.append(argv)
         bench.cell_main(json.loads(argv[-1]))
         return type("Done", (), {"returncode": 0, "stdout": "", "stderr": ""})
 
-    monkeypatch.setattr(bench, "run_parts", lambda args: {"test_bpd": 3.0, "state": {"w": bench.torch.zeros(2)}})
+    monkeypatch.setattr(bench, "run_parts", lambda args: {"test_bpd": 3.0, "part_weight_bytes": 8,
+                                                          "state": {"w": bench.torch.zeros(2)}})  # fmt: skip
     monkeypatch.setattr(bench.subprocess, "run", fake_subprocess_run)
-    for run in (1, 2):
-        cell = bench.run_cell("parts", "inf", OPTS, tmp_path, run, host={"commit": "c"})
-        assert cell == {"test_bpd": 3.0, "settings": bench.cell_settings("parts", "inf", OPTS), "host": {"commit": "c"}}
-    assert len(calls) == 2 and (tmp_path / "parts-inf.pt").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts-inf-run2.json", "parts-inf.json", "parts-inf.pt"]
+    for seed, ddp_speed in ((0, 300.0), (1, 50.0)):  # DDP beat one device in block 0, not in block 1
+        for method, speed in (("one-device", 100.0), ("ddp", ddp_speed)):
+            cell = race.Cell(method, "10Mbit", seed)
+            (tmp_path / f"{cell.name}.json").write_text(json.dumps(_cell(bench, cell, images_per_s=speed)))
+        bench.run_cell(race.Cell("parts", "10Mbit", seed), OPTS, tmp_path, {"commit": "c"}, SPLIT)
+        assert (tmp_path / f"parts-10Mbit-s{seed}.pt").is_file()
+    budget_spent = type("Opts", (OPTS,), dict(budget=0.0))  # no time left: the choice, and no training
+    chosen = [
+        bench.run_cell(race.Cell("parts+ft", "10Mbit", seed), budget_spent, tmp_path, None, SPLIT)["finetune_on"]
+        for seed in (0, 1)
+    ]
+    assert chosen == ["ddp", "one device"]

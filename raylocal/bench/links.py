@@ -1,28 +1,36 @@
 #!/usr/bin/env python
-"""Parts against DDP, local SGD and one device, over the same emulated links, at equal wall-clock budgets.
+"""Parts against DDP, local SGD, a pipeline and one device, over the same emulated links, at equal wall-clock budgets.
 
-    python scripts/bench_links.py --quick          # a few minutes: 30 s per cell, two links
-    python scripts/bench_links.py                  # the full run: 5 minutes per cell, five links
+    python scripts/bench_links.py --quick          # 10 s per cell, links inf and 10Mbit, 3 seeds
+    python scripts/bench_links.py                  # the full race: 5 minutes per cell, five links, 3 seeds
     python scripts/bench_links.py --project-only --step-time 0.2
 
 Contestants (each worker or part is one CPU thread, joined by the link):
-  parts       2 async parts that never wait (--starve stale, --full drop-oldest, queue 1,
-              split balanced on measured layer times);
+  parts       2 async parts that never wait (--starve stale, --full drop-oldest, --queue-size 1,
+              upstream weights every --sync-every steps);
               also "parts + fine-tune": the weights at 2/3 of the budget, gathered
               over the link, fine-tuned end to end for the rest of it, on one device
-              or by DDP over the link, whichever was faster in this run
-  ddp         2 DDP workers, every gradient all-reduced over the link (a comm hook)
+              or by DDP over the link, whichever was faster in its block
+  ddp         2 DDP workers, every gradient all-reduced over the link (a comm hook;
+              --bucket-cap-mb, --ddp-compression)
   local-sgd   2 workers averaging their parameters every --average-every steps
+              (--outer-lr: DiLoCo's outer step; --average-overlap)
   pipeline    the same model cut where the parts cut it, trained end to end as a
               2-stage pipeline (1F1B, 4 micro-batches): activations forward, gradients back
   one-device  end to end on one thread, no link: the floor
-Every cell runs in a fresh process (its own Ray instance and peak memory) and
-writes a JSON under --out that describes itself: every setting that shapes it,
-and the host it ran on (commit, CPU model, and a host-speed probe measured at
-the start of the command: one device's images/s over --probe seconds). A rerun
-reads a finished cell back when its settings are the same and refuses, in one
-line, one run with other settings; so the full run can be stopped and resumed. The table and
-the figure (test BPD at the budget against bandwidth) are written at the end.
+Every parts and pipeline cell uses one split, measured once per race (split.json).
+
+The race is a study (raylocal.bench.race): for each seed and link, one block
+runs every contestant back to back, one device included, in an order that
+rotates from block to block; every comparison pairs cells by seed and uses only
+cells of the same block. Every cell runs in a fresh process (its own Ray
+instance and peak memory) and writes a JSON under --out that describes itself:
+every setting that shapes it, and the host of its block (commit, CPU model,
+and a host-speed probe measured at the start of the block: one device's
+images/s over --probe seconds). A rerun reads a finished cell back when its
+settings are the same and refuses, in one line, one run with other settings; so
+a race can be stopped and resumed. The table and the figure (mean test BPD at
+the budget against bandwidth, 95% intervals) are written at the end.
 
 The projection (also printed first) needs no training: from the model config
 alone, the bytes per step each method puts on the wire, and the bandwidth
@@ -34,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,6 +54,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import torch
 
 from raylocal.baselines.projection import StepModel, bandwidth_losing, wire_bytes_per_step
+from raylocal.bench.race import Cell, check_targets, plot, race_cells, results_table
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.links import FakeClock, LinkSpec, Wire
 from raylocal.training.service import ModelService
@@ -59,7 +67,8 @@ LINKS = {
     "10Mbit+outages": "bw=10Mbit,lat=20ms,mtbf=60s,mttr=15s",
 }
 QUICK_LINKS = ("inf", "10Mbit")
-METHODS = ("one-device", "ddp", "local-sgd", "pipeline", "parts", "parts+ft")
+QUICK_BUDGET = 10.0  # seconds per cell of --quick: 36 cells (2 links, 3 seeds) in about 15 minutes
+RACE_SEEDS = 3  # blocks per link, paired by seed
 PIPELINE_MICRO = 4  # micro-batches per batch of the pipeline-parallel rival (1F1B)
 FINETUNE_AT = 2 / 3  # the share of the budget a parts run trains in parts before its fine-tune
 
@@ -126,7 +135,8 @@ def _data(args: dict[str, Any]):
 
 
 def _config(args: dict[str, Any], **extra: Any) -> RaylocalConfig:
-    values = {**BENCH_MODEL, "link": LINKS[args["link"]] if args.get("link") else "up", "epochs": 1000}
+    link = LINKS[args["link"]] if args.get("link") else "up"
+    values = {**BENCH_MODEL, "link": link, "epochs": 1000, "seed": args.get("seed", 0)}
     values.update(extra)
     return RaylocalConfig(**values)
 
@@ -168,7 +178,10 @@ def run_data_parallel(args: dict[str, Any], average_every: int, state=None, budg
     data = _data(args)
     outer = args.get("outer_lr") if average_every else None
     overlap = bool(average_every and args.get("average_overlap"))
-    config = _config(args, average_every=average_every, outer_lr=outer, average_overlap=overlap)
+    config = _config(
+        args, average_every=average_every, outer_lr=outer, average_overlap=overlap,
+        bucket_cap_mb=args.get("bucket_cap_mb"), ddp_compression=args.get("ddp_compression") or "none",
+    )  # fmt: skip
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     stats: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,8 +211,8 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
     data = _data(args)
     config = _config(
         args, schedule="async", parts=2, cpus_per_part=1.0, gpus_per_part=0.0, starve="stale",
-        full="drop-oldest", queue_size=1, balance="measure", time_budget=args["budget"],
-        wire_dtype=args.get("wire_dtype", "float32"),
+        full="drop-oldest", queue_size=args.get("queue_size") or 1, sync_every=args.get("sync_every") or 50,
+        part_spec=args["split"], time_budget=args["budget"], wire_dtype=args.get("wire_dtype", "float32"),
     )  # fmt: skip
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     service = ModelService(config, data.shape, "cpu")
@@ -257,7 +270,7 @@ def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
         parts=2,
         cpus_per_part=1.0,
         gpus_per_part=0.0,
-        balance="measure",
+        part_spec=args["split"],
         queue_size=PIPELINE_MICRO,
     )  # fmt: skip (an async config: the plan cuts it where the parts cut it; an e2e one has one part)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -281,15 +294,14 @@ def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
 def run_finetune(args: dict[str, Any]) -> dict[str, Any]:
     """Parts + fine-tune: the parts' weights at 2/3 of the budget, part 1's sent
     over the link to the fine-tune's machine, then the rest of the budget end to
-    end on whichever was faster in this run: one device, or DDP over the link."""
-    out = Path(args["out"]).parent
-    parts = torch.load(out / f"parts-{args['link']}.pt", weights_only=True)
-    cells = {m: json.loads((out / f"{m}-{args['link']}.json").read_text()) for m in ("parts", "ddp")}
-    one = json.loads((out / "one-device-none.json").read_text())
-    spec = LinkSpec.parse(LINKS[args["link"]], seed=1)
+    end on whichever was faster in its block: one device, or DDP over the link."""
+    block = {m: Path(path) for m, path in args["block"].items()}  # this block's cells (file names without .json)
+    parts = torch.load(block["parts"].with_suffix(".pt"), weights_only=True)
+    cells = {m: json.loads(path.with_suffix(".json").read_text()) for m, path in block.items()}
+    spec = LinkSpec.parse(LINKS[args["link"]], seed=args["seed"])
     gather = Wire(spec, FakeClock(0.0)).deliver(cells["parts"]["part_weight_bytes"])
     budget = args["budget"] * (1 - FINETUNE_AT) - gather
-    on = "ddp" if cells["ddp"]["images_per_s"] > one["images_per_s"] else "one device"
+    on = "ddp" if cells["ddp"]["images_per_s"] > cells["one-device"]["images_per_s"] else "one device"
     if budget <= 0:
         return {"test_bpd": float("nan"), "finetune_on": on, "gather_s": gather, "note": "no time left"}
     if on == "ddp":
@@ -309,17 +321,26 @@ def run_finetune(args: dict[str, Any]) -> dict[str, Any]:
     return {"test_bpd": result["test_bpd"], "finetune_on": on, "gather_s": gather, "finetune_s": budget}
 
 
-def cell_settings(method: str, link: str | None, opts: argparse.Namespace) -> dict[str, Any]:
-    """Every setting that shapes a cell: what its JSON records, and what a stored
-    cell must match to be read back instead of run."""
+def cell_settings(cell: Cell, opts: argparse.Namespace, split: str) -> dict[str, Any]:
+    """Every setting that shapes a cell: what its JSON records, what its process
+    runs, and what a stored cell must match to be read back instead of run."""
+    m = cell.method
+    local, parts = m == "local-sgd", m in ("parts", "parts+ft")
+    ddp = m == "ddp" or m == "parts+ft"  # a parts fine-tune may run on DDP
     return {
-        "method": method, "link": LINKS[link] if link else None, "budget": opts.budget, "model": BENCH_MODEL,
+        "method": m, "link": None if m == "one-device" else cell.link, "block": cell.link, "seed": cell.seed,
+        "budget": opts.budget, "model": BENCH_MODEL, "threads": 1,
         "train_subset": opts.train_subset, "test_subset": opts.test_subset,
-        "average_every": opts.average_every if method == "local-sgd" else None,
-        "outer_lr": opts.outer_lr if method == "local-sgd" else None,
-        "average_overlap": getattr(opts, "average_overlap", False) if method == "local-sgd" else None,
-        "micro_batches": PIPELINE_MICRO if method == "pipeline" else None,
-        "finetune_at": FINETUNE_AT if method == "parts+ft" else None,
+        "split": split if parts or m == "pipeline" else None,
+        "average_every": opts.average_every if local else None,
+        "outer_lr": opts.outer_lr if local else None,
+        "average_overlap": opts.average_overlap if local else None,
+        "bucket_cap_mb": opts.bucket_cap_mb if ddp else None,
+        "ddp_compression": opts.ddp_compression if ddp else None,
+        "sync_every": opts.sync_every if parts else None,
+        "queue_size": opts.queue_size if parts else None,
+        "micro_batches": PIPELINE_MICRO if m == "pipeline" else None,
+        "finetune_at": FINETUNE_AT if m == "parts+ft" else None,
     }  # fmt: skip
 
 
@@ -349,7 +370,7 @@ def cell_main(args: dict[str, Any]) -> None:
     if method == "one-device":
         result = run_one_device(args)
     elif method in ("ddp", "local-sgd"):
-        result = run_data_parallel(args, args["average_every"] if method == "local-sgd" else 0)
+        result = run_data_parallel(args, args["average_every"] or 0)
     elif method == "pipeline":
         result = run_pipeline(args)
     elif method == "parts":
@@ -358,48 +379,38 @@ def cell_main(args: dict[str, Any]) -> None:
         result = run_finetune(args)
     state = result.pop("state", None)
     out = Path(args["out"])
-    if method == "parts" and state is not None and args["save_state"]:
-        torch.save(state, out.with_suffix(".pt"))  # parts-LINK.pt: what its fine-tune starts from
+    if method == "parts" and state is not None:
+        torch.save(state, out.with_suffix(".pt"))  # what the block's fine-tune starts from
     result |= {"settings": args["settings"], "host": args["host"]}
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out)  # a cell's file exists only once it is whole
 
 
-# ---------------------------------------------------------------- the study
+# ---------------------------------------------------------------- the race
 
 
-def cells(links: list[str]) -> list[tuple[str, str | None]]:
-    """In the order they run: the floor first, then per link the baselines (DDP,
-    local SGD, pipeline parallelism), the parts, and the parts' fine-tune (which
-    chooses between the one device and DDP)."""
-    order: list[tuple[str, str | None]] = [("one-device", None)]
-    for link in links:
-        order += [("ddp", link), ("local-sgd", link), ("pipeline", link), ("parts", link), ("parts+ft", link)]
-    return order
+def race_split(opts: argparse.Namespace, out: Path) -> str:
+    """The split of every parts and pipeline cell of a race: measured once, from
+    this host's layer times, and kept in ``out/split.json``, so that a resumed
+    race cuts the model where it did before."""
+    path = out / "split.json"
+    if path.is_file():
+        return json.loads(path.read_text())["split"]
+    config = RaylocalConfig(**BENCH_MODEL, schedule="async", parts=2, balance="measure")
+    data = _data({"train_subset": opts.train_subset, "test_subset": opts.test_subset})
+    bounds = ModelService(config, data.shape, "cpu").plan(data.train)["bounds"]
+    split = "layers:" + "|".join(f"{a}-{b - 1}" for a, b in bounds)
+    path.with_suffix(".tmp").write_text(json.dumps({"split": split, "measured": "balance measure, on this host"}))
+    path.with_suffix(".tmp").replace(path)
+    return split
 
 
-def repeat_cells(links: list[str], repeats: int) -> list[tuple[str, str | None, int]]:
-    """The ∞ target's speed-up is a median of ``repeats`` runs: its two cells
-    again, each pair side by side in time (the host's speed drifts)."""
-    if "inf" not in links:
-        return []
-    return [cell for r in range(2, repeats + 1) for cell in [("one-device", None, r), ("parts", "inf", r)]]
-
-
-def speedups(results: dict, again: dict) -> list[float]:
-    """Parts at ∞ over one device, run by run (the first run's cells, then the repeats')."""
-    runs = [(results[("one-device", None)], results[("parts", "inf")])]
-    runs += [(again[("one-device", None, r)], again[("parts", "inf", r)]) for r in sorted({k[2] for k in again})]
-    return [parts["images_per_s"] / one["images_per_s"] for one, parts in runs]
-
-
-def run_cell(
-    method: str, link: str | None, opts: argparse.Namespace, out: Path, run: int = 1, host: dict | None = None
-) -> dict[str, Any]:
-    again = f"-run{run}" if run > 1 else ""
-    path = out / f"{method}-{link or 'none'}{again}.json"
-    settings = cell_settings(method, link, opts)
+def run_cell(cell: Cell, opts: argparse.Namespace, out: Path, host: dict | None, split: str) -> dict[str, Any]:
+    """A cell's result: read back when it finished before with the same settings,
+    else run in a process of its own (its own Ray instance and peak memory)."""
+    path = out / f"{cell.name}.json"
+    settings = cell_settings(cell, opts, split)
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored.get("settings") != json.loads(json.dumps(settings)):
@@ -409,162 +420,90 @@ def run_cell(
             )  # fmt: skip
             raise SystemExit(f"error: {path} was run with other settings ({shown}); move it away or use another --out")
         return stored
-    args = {
-        "method": method, "link": link, "budget": opts.budget, "out": str(path), "test_subset": opts.test_subset,
-        "train_subset": opts.train_subset, "average_every": opts.average_every, "outer_lr": opts.outer_lr,
-        "average_overlap": getattr(opts, "average_overlap", False),
-        "save_state": run == 1,  # a repeat measures speed only: no fine-tune starts from its weights
-        "settings": settings, "host": host,
-    }  # fmt: skip
-    print(f"-- {method} over {link or 'no link'}{f' (run {run})' if again else ''}: {opts.budget:.0f} s", flush=True)
+    block = {m: str(out / Cell(m, cell.link, cell.seed).name) for m in ("parts", "ddp", "one-device")}
+    args = settings | {"out": str(path), "settings": settings, "host": host, "block": block}
+    where = "no link" if settings["link"] is None else cell.link
+    print(f"-- seed {cell.seed}, block {cell.link}: {cell.method} over {where}, {opts.budget:.0f} s", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "raylocal.bench.links", "--cell", json.dumps(args)], capture_output=True, text=True
     )
     if proc.returncode != 0 or not path.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise SystemExit(f"error: cell {method} over {link} failed:\n" + "\n".join(tail))
+        raise SystemExit(f"error: cell {cell.name} failed:\n" + "\n".join(tail))
     result = json.loads(path.read_text())
     print(f"   done in {time.perf_counter() - start:.0f} s: test BPD {result['test_bpd']:.4f}", flush=True)
     return result
 
 
-def results_table(results: dict[tuple[str, str | None], dict[str, Any]], links: list[str]) -> str:
-    rows = [
-        "| link | method | images/s | bytes/step on the wire | idle % | peak MB per worker | test BPD at the budget |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    one = results[("one-device", None)]
-    rows.append(
-        f"| none | one device | {one['images_per_s']:.0f} | 0 | 0 | {one['peak_rss_mb']:.0f} | {one['test_bpd']:.4f} |"
-    )
-    for link in links:
-        for method in ("ddp", "local-sgd", "pipeline", "parts"):
-            if (method, link) not in results:  # (a race run before the pipeline rival existed)
-                continue
-            r = results[(method, link)]
-            slower = " (slower than one device)" if r["images_per_s"] < one["images_per_s"] else ""
-            rows.append(
-                f"| {link} | {method} | {r['images_per_s']:.0f}{slower} | {_mb(r['bytes_per_step'])} | "
-                f"{100 * r['idle']:.1f} | {r['peak_rss_mb']:.0f} | {r['test_bpd']:.4f} |"
-            )
-        ft = results[("parts+ft", link)]
-        rows.append(
-            f"| {link} | parts + fine-tune (last {100 * (1 - FINETUNE_AT):.0f}% on {ft['finetune_on']}, "
-            f"gather {ft['gather_s']:.2f} s) | | | | | {ft['test_bpd']:.4f} |"
-        )
-    return "\n".join(rows)
-
-
-def check_targets(results: dict, links: list[str], again: dict | None = None) -> list[str]:
-    """The issue's targets, met or missed; ``again`` holds the repeats of the ∞ speed-up's cells."""
-    lines = []
-    if "10Mbit" in links:
-        parts, ddp, sgd = (results[(m, "10Mbit")] for m in ("parts", "ddp", "local-sgd"))
-        ratio = parts["images_per_s"] / ddp["images_per_s"]
-        lines.append(f"10 Mbit: parts / DDP images/s = {ratio:.2f}x (target >= 1.5x): {_met(ratio >= 1.5)}")
-        best = min(parts["test_bpd"], results[("parts+ft", "10Mbit")]["test_bpd"])
-        lines.append(
-            f"10 Mbit: parts BPD {best:.4f} vs DDP {ddp['test_bpd']:.4f}, local SGD {sgd['test_bpd']:.4f} "
-            f"(target: lower than both): {_met(best < min(ddp['test_bpd'], sgd['test_bpd']))}"
-        )
-    if "10Mbit" in links and "10Mbit+outages" in links:
-        kept = results[("parts", "10Mbit+outages")]["images_per_s"] / results[("parts", "10Mbit")]["images_per_s"]
-        lines.append(f"10 Mbit with outages: parts keep {100 * kept:.0f}% of their images/s (target >= 90%): "
-                     f"{_met(kept >= 0.9)}")  # fmt: skip
-    if "inf" in links:
-        parts = results[("parts", "inf")]
-        ratios = speedups(results, again or {})
-        ratio = statistics.median(ratios)
-        each = ", ".join(f"{r:.2f}" for r in ratios)
-        runs = f"median of {len(ratios)} runs: {each}" if len(ratios) > 1 else "one run"
-        lines.append(f"inf: parts idle {100 * parts['idle']:.1f}% (target < 2%): {_met(parts['idle'] < 0.02)}")
-        lines.append(f"inf: parts / one device = {ratio:.2f}x ({runs}; target >= 1.75x, median of 3): "
-                     f"{_met(ratio >= 1.75)}")  # fmt: skip
-    return lines
-
-
-def _met(ok: bool) -> str:
-    return "met" if ok else "MISSED"
-
-
-SPEEDS = {"inf": 1e10, "100Mbit": 1e8, "10Mbit": 1e7, "1Mbit": 1e6}  # bits/s, for the figure's x axis
-
-
-def by_bandwidth(links: list[str]) -> list[str]:
-    """The links without outages, slowest first (the order --links gave them in is the cells' order)."""
-    return sorted((link for link in links if link in SPEEDS), key=SPEEDS.__getitem__)
-
-
-def plot(results: dict, links: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plain = by_bandwidth(links)  # each line drawn left to right
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method, label in [("parts", "2 parts"), ("parts+ft", "2 parts + fine-tune"), ("ddp", "2 DDP workers"),
-                          ("local-sgd", "2 local-SGD workers"), ("pipeline", "2-stage pipeline (1F1B)")]:  # fmt: skip
-        if any((method, link) not in results for link in plain):
-            continue
-        xs = [SPEEDS[link] for link in plain]
-        ys = [results[(method, link)]["test_bpd"] for link in plain]
-        line = ax.plot(xs, ys, marker="o", label=label)[0]
-        if "10Mbit+outages" in links:
-            y = results[(method, "10Mbit+outages")]["test_bpd"]
-            ax.plot([1e7], [y], marker="x", markersize=9, color=line.get_color())
-    ax.axhline(results[("one-device", None)]["test_bpd"], color="gray", linestyle="--", label="1 device (no link)")
-    ax.set_xscale("log")
-    ax.set_xticks([SPEEDS[link] for link in plain], [link.replace("inf", "∞") for link in plain])
-    ax.set_xlabel("link bandwidth (20 ms latency; x: 10 Mbit with outages)")
-    ax.set_ylabel("test BPD at the same wall-clock budget")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def main(argv: list[str] | None = None) -> None:
+def _options(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="30 s per cell, links inf and 10Mbit")
-    p.add_argument("--budget", type=float, default=None, help="seconds per cell (default 300, quick 30)")
+    p.add_argument("--quick", action="store_true", help=f"{QUICK_BUDGET:.0f} s per cell, links inf and 10Mbit")
+    p.add_argument("--budget", type=float, default=None, help="seconds per cell (default 300)")
     p.add_argument("--links", default=None, help=f"comma-separated, of {', '.join(LINKS)}")
+    p.add_argument("--seeds", default=None, help='the blocks\' seeds, "0,1,2" or "0-2" (default: 3 seeds)')
+    p.add_argument("--repeats", type=int, default=None, help="as --seeds 0-(N-1)")
     p.add_argument("--average-every", type=int, default=50, help="local SGD's H")
     p.add_argument("--outer-lr", type=float, default=None, help="local SGD with DiLoCo's outer Nesterov step")
     p.add_argument("--average-overlap", action="store_true", help="local SGD's rounds overlap the next step")
+    p.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP's largest gradient bucket (MB)")
+    p.add_argument("--ddp-compression", choices=("none", "bf16"), default="none", help="DDP's all-reduce dtype")
+    p.add_argument("--sync-every", type=int, default=50, help="the parts' upstream weight syncs (steps)")
+    p.add_argument("--queue-size", type=int, default=1, help="the parts' latent queue bound")
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--test-subset", type=int, default=2000)
-    p.add_argument("--repeats", type=int, default=1, help="runs of the ∞ speed-up's cells (target: median of 3)")
     p.add_argument("--step-time", type=float, default=0.2, help="seconds per step for the projection")
-    p.add_argument("--probe", type=float, default=10.0, help="seconds of the host-speed probe at the start (0: none)")
+    p.add_argument("--probe", type=float, default=10.0, help="seconds of the host-speed probe of each block (0: none)")
     p.add_argument("--project-only", action="store_true", help="print the projection and stop")
     p.add_argument("--out", default=None, help="directory of the cells' results (default bench_runs/links[-quick])")
     p.add_argument("--cell", help=argparse.SUPPRESS)
-    opts = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def race_plan(opts: argparse.Namespace) -> tuple[list[str], list[int]]:
+    """The race's links and seeds, checked before anything runs."""
+    from raylocal.errors import ConfigError
+    from raylocal.study.compare import parse_seeds
+
+    links = opts.links.split(",") if opts.links else list(QUICK_LINKS if opts.quick else LINKS)
+    bad = [link for link in links if link not in LINKS]
+    if bad:
+        raise SystemExit(f"error: unknown link {bad[0]!r} (one of {', '.join(LINKS)})")
+    if opts.repeats is not None and opts.repeats < 1:
+        raise SystemExit(f"error: --repeats {opts.repeats}: needs at least 1")
+    try:
+        seeds = parse_seeds(opts.seeds) if opts.seeds else list(range(opts.repeats or RACE_SEEDS))
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    return links, seeds
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = _options(argv)
     if opts.cell:
         return cell_main(json.loads(opts.cell))
     print(f"# projection: bytes per step on each sender's link; link-bound at {opts.step_time} s per step")
     print(projection_table(opts.step_time, opts.average_every), flush=True)
     if opts.project_only:
         return None
-    opts.budget = opts.budget or (30.0 if opts.quick else 300.0)
-    links = opts.links.split(",") if opts.links else list(QUICK_LINKS if opts.quick else LINKS)
-    bad = [link for link in links if link not in LINKS]
-    if bad:
-        raise SystemExit(f"error: unknown link {bad[0]!r} (one of {', '.join(LINKS)})")
-    if opts.repeats < 1:
-        raise SystemExit(f"error: --repeats {opts.repeats}: needs at least 1")
+    opts.budget = opts.budget or (QUICK_BUDGET if opts.quick else 300.0)
+    links, seeds = race_plan(opts)
     out = Path(opts.out or f"bench_runs/links{'-quick' if opts.quick else ''}")
     out.mkdir(parents=True, exist_ok=True)
-    host = host_figures(opts.probe)
-    print(f"host: {host}", flush=True)
-    results = {(m, link): run_cell(m, link, opts, out, host=host) for m, link in cells(links)}
-    again = {(m, link, r): run_cell(m, link, opts, out, r, host) for m, link, r in repeat_cells(links, opts.repeats)}
-    table = results_table(results, links)
-    print(f"\n# {opts.budget:.0f} s per cell, {os.cpu_count()} cores here, "
+    split = race_split(opts, out)
+    print(f"split of every parts and pipeline cell: {split}", flush=True)
+    results, hosts = {}, {}
+    for cell in race_cells(links, seeds):
+        block = (cell.seed, cell.link)
+        if block not in hosts and not (out / f"{cell.name}.json").is_file():
+            hosts[block] = host_figures(opts.probe)  # at the start of the block: its host speed
+            print(f"block seed {cell.seed}, {cell.link}: host {hosts[block]}", flush=True)
+        results[cell] = run_cell(cell, opts, out, hosts.get(block), split)
+    table = results_table(results, links, seeds)
+    print(f"\n# {opts.budget:.0f} s per cell, {len(seeds)} seeds, {os.cpu_count()} cores here, "
           f"local SGD every {opts.average_every} steps\n{table}\n")  # fmt: skip
-    print("\n".join(check_targets(results, links, again)))
-    plot(results, links, out / "links.png")
+    print("\n".join(check_targets(results, links, seeds)))
+    plot(results, links, seeds, out / "links.png")
     (out / "table.md").write_text(table + "\n")
     print(f"figure: {out / 'links.png'}")
     return None

@@ -1,0 +1,201 @@
+"""The weak-link race as a study: blocks run side by side, seeds paired, the
+verdicts decided by the studies' own statistics (``raylocal.study.stats``).
+
+A **block** is one link and one seed: every contestant, one device included,
+back to back, so that every comparison inside it sees the same host speed. The
+order rotates by one place from block to block (no method always runs first,
+or last); the parts' fine-tune runs last, since it starts from the block's
+parts weights and chooses between the block's one-device and DDP cells.
+
+Across seeds, each method is compared at each link with the best other method
+there (the lowest mean test BPD): paired by seed, the mean difference with its
+95% interval, a t-test and TOST against ±0.02, Holm-adjusted within the link.
+Speeds are compared as per-block ratios (parts over DDP, over one device), so
+a slow hour of the host cancels.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raylocal.study.stats import adjust_family, decide, mean_interval
+
+CONTESTANTS = ("one-device", "ddp", "local-sgd", "pipeline", "parts")
+AFTER_ALL = "parts+ft"  # needs the block's parts weights and its one-device and DDP speeds
+METHODS = CONTESTANTS + (AFTER_ALL,)
+LABELS = {
+    "one-device": "one device", "ddp": "2 DDP workers", "local-sgd": "2 local-SGD workers",
+    "pipeline": "2-stage pipeline (1F1B)", "parts": "2 parts", AFTER_ALL: "2 parts + fine-tune",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One contestant in one block."""
+
+    method: str
+    link: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{self.link}-s{self.seed}"
+
+
+def block_order(block: int) -> list[str]:
+    """The contestants of the ``block``-th block in the order they run."""
+    shift = block % len(CONTESTANTS)
+    return list(CONTESTANTS[shift:] + CONTESTANTS[:shift]) + [AFTER_ALL]
+
+
+def race_cells(links: list[str], seeds: list[int]) -> list[Cell]:
+    """Every cell of the race, in the order it runs: block by block, per seed
+    every link (so that an interrupted race has whole seeds first)."""
+    blocks = [(seed, link) for seed in seeds for link in links]
+    return [Cell(m, link, seed) for b, (seed, link) in enumerate(blocks) for m in block_order(b)]
+
+
+def _bpd(result: dict[str, Any]) -> float:
+    return float(result["test_bpd"])
+
+
+def compare_at_link(results: dict[Cell, dict[str, Any]], link: str, seeds: list[int]) -> list[dict[str, Any]]:
+    """Each method against the best other method at ``link`` (lowest mean test
+    BPD over the seeds), paired by seed; one Holm family."""
+    methods = [m for m in METHODS if all(Cell(m, link, s) in results for s in seeds)]
+    means = {m: statistics.fmean(_bpd(results[Cell(m, link, s)]) for s in seeds) for m in methods}
+    rows = []
+    for m in methods:
+        others = [o for o in methods if o != m]
+        if not others:
+            continue
+        best = min(others, key=means.__getitem__)
+        diffs = [_bpd(results[Cell(m, link, s)]) - _bpd(results[Cell(best, link, s)]) for s in seeds]
+        rows.append({"link": link, "method": m, "mean_bpd": means[m], "against": best} | decide(diffs))
+    adjust_family(rows)
+    return rows
+
+
+def block_ratio(results: dict[Cell, dict[str, Any]], link: str, seeds: list[int], top: str, bottom: str) -> list[float]:
+    """``top``'s images/s over ``bottom``'s, block by block."""
+    return [results[Cell(top, link, s)]["images_per_s"] / results[Cell(bottom, link, s)]["images_per_s"] for s in seeds]
+
+
+def _interval(values: list[float], digits: int = 2) -> str:
+    mean, lo, hi = mean_interval(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def results_table(results: dict[Cell, dict[str, Any]], links: list[str], seeds: list[int]) -> str:
+    """Per link and method: means over the seeds, and the paired verdict against
+    the best other method there (raw, and Holm-adjusted within the link)."""
+    rows = [
+        f"| link | method | images/s (mean of {len(seeds)}) | slower than one device | bytes/step | idle % | "
+        "test BPD (mean) | − best other (95% interval) | verdict | Holm |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for link in links:
+        for c in compare_at_link(results, link, seeds):
+            cells = [results[Cell(c["method"], link, s)] for s in seeds]
+            speed = bytes_ = idle = slower = ""
+            if c["method"] != AFTER_ALL:
+                speed = f"{statistics.fmean(r['images_per_s'] for r in cells):.0f}"
+                ones = [results[Cell("one-device", link, s)]["images_per_s"] for s in seeds]
+                slower = f"{sum(r['images_per_s'] < o for r, o in zip(cells, ones))} of {len(seeds)} blocks"
+                bytes_ = _mb(statistics.fmean(r["bytes_per_step"] for r in cells))
+                idle = f"{100 * statistics.fmean(r['idle'] for r in cells):.1f}"
+            diff = f"{c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] vs {c['against']}"
+            rows.append(
+                f"| {link} | {LABELS[c['method']]} | {speed} | {slower} | {bytes_} | {idle} | {c['mean_bpd']:.4f} | "
+                f"{diff} | {c['verdict']} | {c['adjusted']} |"
+            )
+    return "\n".join(rows)
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.3g} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.3g} kB"
+
+
+def check_targets(results: dict[Cell, dict[str, Any]], links: list[str], seeds: list[int]) -> list[str]:
+    """The issue's targets, each from per-block ratios or paired differences."""
+    lines = []
+    if "10Mbit" in links:
+        ratio = block_ratio(results, "10Mbit", seeds, "parts", "ddp")
+        lines.append(f"10 Mbit: parts / DDP images/s = {_interval(ratio)} (target >= 1.5x): "
+                     f"{_met(statistics.fmean(ratio) >= 1.5)}")  # fmt: skip
+        for rival in ("ddp", "local-sgd"):
+            best = [
+                min(_bpd(results[Cell("parts", "10Mbit", s)]), _bpd(results[Cell(AFTER_ALL, "10Mbit", s)]))
+                - _bpd(results[Cell(rival, "10Mbit", s)])
+                for s in seeds
+            ]
+            d = decide(best)
+            lines.append(
+                f"10 Mbit: the better parts cell − {rival} test BPD {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+                f" (target: lower): {_met(d['verdict'].startswith('better'))} ({d['verdict']})"
+            )
+    if "10Mbit" in links and "10Mbit+outages" in links:
+        # each link's parts speed over its own block's one device: the host's drift cancels
+        down = block_ratio(results, "10Mbit+outages", seeds, "parts", "one-device")
+        up = block_ratio(results, "10Mbit", seeds, "parts", "one-device")
+        kept = [d / u for d, u in zip(down, up)]
+        lines.append(f"10 Mbit with outages: parts keep {_interval([100 * k for k in kept], 0)}% of their images/s "
+                     f"(target >= 90%): {_met(statistics.fmean(kept) >= 0.9)}")  # fmt: skip
+    if "inf" in links:
+        idle = [results[Cell("parts", "inf", s)]["idle"] for s in seeds]
+        speedup = block_ratio(results, "inf", seeds, "parts", "one-device")
+        lines.append(f"inf: parts idle {_interval([100 * i for i in idle], 1)}% (target < 2%): "
+                     f"{_met(statistics.fmean(idle) < 0.02)}")  # fmt: skip
+        each = ", ".join(f"{r:.2f}" for r in speedup)
+        lines.append(
+            f"inf: parts / one device = {statistics.median(speedup):.2f}x median of {len(seeds)} blocks ({each}; "
+            f"mean {_interval(speedup)}; target >= 1.75x): {_met(statistics.median(speedup) >= 1.75)}"
+        )
+    return lines
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+SPEEDS = {"inf": 1e10, "100Mbit": 1e8, "10Mbit": 1e7, "1Mbit": 1e6}  # bits/s, for the figure's x axis
+
+
+def by_bandwidth(links: list[str]) -> list[str]:
+    """The links without outages, slowest first (the order --links gave them in is the cells' order)."""
+    return sorted((link for link in links if link in SPEEDS), key=SPEEDS.__getitem__)
+
+
+def plot(results: dict[Cell, dict[str, Any]], links: list[str], seeds: list[int], path: Path) -> None:
+    """Mean test BPD at the budget against bandwidth, with 95% intervals over the seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plain = by_bandwidth(links)  # each line drawn left to right
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method in METHODS:
+        if not plain or any(Cell(method, link, s) not in results for link in plain for s in seeds):
+            continue
+        stats = [mean_interval([_bpd(results[Cell(method, link, s)]) for s in seeds]) for link in plain]
+        ys = [m for m, _, _ in stats]
+        errors = [[m - lo for m, lo, _ in stats], [hi - m for m, _, hi in stats]]
+        xs = [SPEEDS[link] for link in plain]
+        line = ax.errorbar(xs, ys, yerr=errors if len(seeds) > 1 else None, marker="o", capsize=3,
+                           label=LABELS[method])[0]  # fmt: skip
+        if "10Mbit+outages" in links:
+            y = statistics.fmean(_bpd(results[Cell(method, "10Mbit+outages", s)]) for s in seeds)
+            ax.plot([1e7], [y], marker="x", markersize=9, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xticks([SPEEDS[link] for link in plain], [link.replace("inf", "∞") for link in plain])
+    ax.set_xlabel("link bandwidth (20 ms latency; x: 10 Mbit with outages)")
+    ax.set_ylabel(f"test BPD at the same wall-clock budget (mean of {len(seeds)} seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
