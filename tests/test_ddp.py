@@ -248,3 +248,71 @@ def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compresse
     params = sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters())
     assert stats["steps"] == 4 and stats["buckets_per_step"] > 2
     assert stats["bytes_per_step"] == pytest.approx(ring_bytes(params / 2, 2), rel=1e-6)
+
+
+def test_a_bucket_of_several_messages_sends_each_after_the_one_before_is_back():
+    clock = FakeClock(0.0)
+
+    def two_messages(bucket):  # as PowerSGD: the P's (and uncompressed tensors), then the Q's
+        return _done_now(bucket.buffer()), [500_000, 250_000]
+
+    hook = LinkedAllReduce(LinkSpec.parse("bw=8Mbit,lat=20ms"), world=2, clock=clock, reduce=two_messages)
+    bucket = _Bucket(1000, last=True)
+    assert hook(bucket).wait() is bucket.buffer()
+    # ring bytes of a 2-worker all-reduce equal the message: 0.5 s + 20 ms, then 0.25 s + 20 ms
+    assert hook.bytes_sent == ring_bytes(750_000, 2) and clock.now() == pytest.approx(0.79)
+    assert hook.idle_s == pytest.approx(0.79)
+
+
+def test_powersgd_messages_count_what_torchs_own_powersgd_hook_counts(tmp_path):
+    """One DDP process over gloo with torch's powerSGD_hook: from its start step on,
+    the elements ``powersgd_messages`` puts on the wire for each bucket equal what
+    the hook's own statistics say it all-reduced, and compression shrinks them."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from raylocal.baselines.ddp import PowerSGDReduce
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Conv2d(8, 64, 3), torch.nn.Flatten(), torch.nn.Linear(64 * 36, 10))
+        ddp = DistributedDataParallel(model, bucket_cap_mb=0.05)
+        reduce = PowerSGDReduce(rank=2, start=2)
+        counted = []
+
+        def hook(state, bucket):
+            before = reduce.state.total_numel_after_compression
+            fut, messages = reduce(bucket)
+            counted.append(
+                (sum(messages) // 4, reduce.state.total_numel_after_compression - before, bucket.buffer().numel())
+            )
+            return fut
+
+        ddp.register_comm_hook(None, hook)
+        for _ in range(4):
+            ddp(torch.randn(4, 8, 8, 8)).sum().backward()
+    finally:
+        dist.destroy_process_group()
+    compressed = [c for c in counted if c[1] > 0]  # (the hook counts nothing before its start step)
+    assert len(compressed) >= 2 and all(sent == own for sent, own, _ in compressed)
+    big = [(sent, whole) for sent, _, whole in compressed if whole > 10_000]  # the linear layer's 10 x 2304
+    assert big and all(sent < whole / 4 for sent, whole in big)
+
+
+def test_ddp_with_powersgd_over_the_link_sends_fewer_bytes_once_it_compresses(mnist_dir, tmp_path):
+    from raylocal.baselines.ddp import train_ddp
+    from raylocal.core.data import load_dataset
+    from raylocal.training.trainer import build_glow
+
+    config = RaylocalConfig(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
+        warmup_steps=2, threads=1, samples=0, progress=False, link="bw=1Gbit", ddp_compression="powersgd",
+        powersgd_rank=1, powersgd_start=2,
+    )  # fmt: skip
+    stats: dict = {}
+    weights, _ = train_ddp(config, load_dataset("mnist", mnist_dir).train, 2, 1, 1e-3, tmp_path / "ddp",
+                           cpus_per_worker=0.5, stats=stats)  # fmt: skip
+    whole = ring_bytes(sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters()), 2)
+    # 4 steps: 2 of plain all-reduces, then 2 compressed to well under half the gradient
+    assert stats["steps"] == 4 and whole / 2 < stats["bytes_per_step"] < 3 / 4 * whole
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values())

@@ -67,12 +67,53 @@ def _gloo_all_reduce(tensor: Tensor) -> torch.futures.Future:
     return dist.all_reduce(tensor, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
+def powersgd_messages(gradients: list[Tensor], rank: int, min_compression_rate: float = 2.0) -> list[int]:
+    """The elements of the two all-reduces torch's ``powerSGD_hook`` makes for a
+    bucket once it compresses: the tensors it leaves uncompressed with every
+    compressed matrix's P, then every Q (sent after the P's are back). Its own
+    rule: a gradient viewed as (rows, rest) of rank r = min(rows, rest, ``rank``)
+    is compressed when (rows + rest) r ``min_compression_rate`` < rows rest."""
+    first = second = 0
+    for g in gradients:
+        n = g.shape[0] if g.dim() else 1
+        m = g.numel() // n
+        r = min(n, m, rank)
+        if (n + m) * r * min_compression_rate < n * m:
+            first, second = first + n * r, second + m * r
+        else:
+            first += g.numel()
+    return [first, second]
+
+
+class PowerSGDReduce:
+    """A bucket's all-reduce by torch's own ``powerSGD_hook`` (its compression,
+    error feedback and warm start), with the messages it puts on the wire."""
+
+    def __init__(self, rank: int, start: int) -> None:
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+        self.hook = powerSGD_hook.powerSGD_hook
+        self.state = powerSGD_hook.PowerSGDState(None, matrix_approximation_rank=rank, start_powerSGD_iter=start)
+
+    def __call__(self, bucket: Any) -> tuple[torch.futures.Future, list[int]]:
+        tensor = bucket.buffer()
+        if self.state.iter < self.state.start_powerSGD_iter:  # plain all-reduces until then
+            elements = [tensor.numel()]
+        else:
+            elements = powersgd_messages(
+                bucket.gradients(), self.state.matrix_approximation_rank, self.state.min_compression_rate
+            )
+        return self.hook(self.state, bucket), [n * tensor.element_size() for n in elements]
+
+
 class LinkedAllReduce:
     """DDP's communication hook over an emulated link.
 
-    Each bucket is averaged by a real all-reduce and handed back to DDP only
-    once the link has carried it: its ring traffic, ``ring_bytes``, occupies
-    the wire (buckets one after another) and arrives ``lat`` later; during an
+    Each bucket is averaged by a real all-reduce (``reduce``: PowerSGD's, say;
+    by default a plain one, in ``compress``'s dtype when given) and handed back
+    to DDP only once the link has carried it: the ring traffic of each of its
+    messages, ``ring_bytes``, occupies the wire (buckets one after another), a
+    message after the one before it has arrived, ``lat`` later; during an
     outage it waits for the link. The waiting happens on the hook's thread, so
     the backward pass goes on computing the next buckets meanwhile.
     ``idle_s`` adds up, per step, how long the last bucket took from its
@@ -87,9 +128,11 @@ class LinkedAllReduce:
         clock: Clock = SYSTEM_CLOCK,
         all_reduce: Callable[[Tensor], torch.futures.Future] = _gloo_all_reduce,
         compress: torch.dtype | None = None,
+        reduce: Callable[[Any], tuple[torch.futures.Future, list[int]]] | None = None,
     ) -> None:
         self.spec, self.world, self.clock, self.all_reduce = spec, world, clock, all_reduce
         self.compress = compress  # the dtype buckets are all-reduced in (bf16_compress_hook's), None: as they are
+        self.reduce = reduce
         self.wire = Wire(spec, clock)
         self.bytes_sent = 0.0
         self.buckets = 0  # buckets all-reduced
@@ -102,29 +145,35 @@ class LinkedAllReduce:
     def __call__(self, bucket: Any) -> torch.futures.Future:
         tensor = bucket.buffer()
         self.buckets += 1
-        wire = tensor.to(self.compress) if self.compress is not None else tensor
-        wire.div_(self.world)
-        reduced = self.all_reduce(wire)
+        if self.reduce is not None:
+            reduced, messages = self.reduce(bucket)
+            wire = tensor
+        else:
+            wire = tensor.to(self.compress) if self.compress is not None else tensor
+            wire.div_(self.world)
+            reduced, messages = self.all_reduce(wire), [wire.numel() * wire.element_size()]
         # a CUDA future must name its device, or DDP cannot wait on it under NCCL
         done: torch.futures.Future = torch.futures.Future(devices=[tensor.device] if tensor.is_cuda else None)
         # the last bucket of a step is handed over when the backward pass has finished
-        self._jobs.put(((wire, tensor), reduced, done, bucket.is_last(), self.clock.now()))
+        self._jobs.put(((wire, tensor), messages, reduced, done, bucket.is_last(), self.clock.now()))
         return done
 
     def _send(self) -> None:
         while True:
-            (tensor, _), reduced, done, last, submitted = job = self._jobs.get()
+            _, messages, _, done, _, submitted = job = self._jobs.get()
             try:
-                nbytes = ring_bytes(tensor.numel() * tensor.element_size(), self.world)
-                arrival = self.wire.deliver(int(nbytes), at=submitted)
-                self.bytes_sent += nbytes
+                arrival = submitted
+                for message in messages:  # each after the one before it is back
+                    nbytes = ring_bytes(message, self.world)
+                    arrival = self.wire.deliver(int(nbytes), at=arrival)
+                    self.bytes_sent += nbytes
                 self._landing.put((arrival, job))
             except BaseException as e:  # DDP raises it in the training thread
                 done.set_exception(e)
 
     def _land(self) -> None:
         while True:
-            arrival, ((wire, tensor), reduced, done, last, submitted) = self._landing.get()
+            arrival, ((wire, tensor), _, reduced, done, last, submitted) = self._landing.get()
             try:
                 self.clock.sleep_until(arrival)
                 value = reduced.wait()
@@ -310,9 +359,14 @@ class DataParallelWorker:
         if not hasattr(self.model, "register_comm_hook"):  # (one worker: not wrapped)
             return
         compress = torch.bfloat16 if config.ddp_compression == "bf16" else None
+        powersgd = None
+        if config.ddp_compression == "powersgd":
+            powersgd = PowerSGDReduce(config.powersgd_rank, config.powersgd_start)
         if not self.link.ideal:
-            self.hook = LinkedAllReduce(self.link, self.world, compress=compress)
+            self.hook = LinkedAllReduce(self.link, self.world, compress=compress, reduce=powersgd)
             self.model.register_comm_hook(self.hook, linked_all_reduce_hook)
+        elif powersgd is not None:
+            self.model.register_comm_hook(powersgd.state, powersgd.hook)
         elif compress is not None:
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 

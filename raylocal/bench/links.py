@@ -69,6 +69,7 @@ LINKS = {
 QUICK_LINKS = ("inf", "10Mbit")
 QUICK_BUDGET = 10.0  # seconds per cell of --quick: 36 cells (2 links, 3 seeds) in about 15 minutes
 RACE_SEEDS = 3  # blocks per link, paired by seed
+DEFAULTS = RaylocalConfig()  # what a cell leaves at the config's default (PowerSGD's rank and start)
 PIPELINE_MICRO = 4  # micro-batches per batch of the pipeline-parallel rival (1F1B)
 FINETUNE_AT = 2 / 3  # the share of the budget a parts run trains in parts before its fine-tune
 
@@ -337,6 +338,9 @@ def cell_settings(cell: Cell, opts: argparse.Namespace, split: str) -> dict[str,
         "average_overlap": opts.average_overlap if local else None,
         "bucket_cap_mb": opts.bucket_cap_mb if ddp else None,
         "ddp_compression": opts.ddp_compression if ddp else None,
+        "powersgd": [DEFAULTS.powersgd_rank, DEFAULTS.powersgd_start]
+        if ddp and opts.ddp_compression == "powersgd"
+        else None,
         "sync_every": opts.sync_every if parts else None,
         "queue_size": opts.queue_size if parts else None,
         "micro_batches": PIPELINE_MICRO if m == "pipeline" else None,
@@ -447,7 +451,8 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--outer-lr", type=float, default=None, help="local SGD with DiLoCo's outer Nesterov step")
     p.add_argument("--average-overlap", action="store_true", help="local SGD's rounds overlap the next step")
     p.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP's largest gradient bucket (MB)")
-    p.add_argument("--ddp-compression", choices=("none", "bf16"), default="none", help="DDP's all-reduce dtype")
+    p.add_argument("--ddp-compression", choices=("none", "bf16", "powersgd"), default="none",
+                   help="DDP's compression (powersgd: torch's hook, rank 2 after 100 plain steps)")  # fmt: skip
     p.add_argument("--sync-every", type=int, default=50, help="the parts' upstream weight syncs (steps)")
     p.add_argument("--queue-size", type=int, default=1, help="the parts' latent queue bound")
     p.add_argument("--train-subset", type=int, default=None)

@@ -39,7 +39,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     # where the work runs: Ray, devices, resources, and the data-parallel workers (fine-tune and baselines)
     "cluster": (
         "address", "placement", "device", "threads", "cpus_per_part", "gpus_per_part", "worker_resource",
-        "max_restarts", "finetune_workers", "average_every", "bucket_cap_mb", "ddp_compression", "outer_lr",
+        "max_restarts", "finetune_workers", "average_every", "bucket_cap_mb", "ddp_compression", "powersgd_rank",
+        "powersgd_start", "outer_lr",
         "average_overlap",
     ),
     "run": (
@@ -217,10 +218,18 @@ class RaylocalConfig(BaseModel):
         description="DDP: the largest gradient bucket, in MB (DDP's default: 25); buckets smaller than the "
         "gradient let their all-reduces overlap the rest of the backward pass (DDP's first step is one bucket)",
     )
-    ddp_compression: Literal["none", "bf16"] = Field(
+    ddp_compression: Literal["none", "bf16", "powersgd"] = Field(
         "none",
-        description="DDP: all-reduce each gradient bucket in bfloat16 (as torch's bf16_compress_hook), over "
-        "--link too: the bytes on the wire are the compressed ones",
+        description="DDP: all-reduce each gradient bucket in bfloat16 (as torch's bf16_compress_hook), or "
+        "low-rank by torch's powerSGD_hook (--powersgd-rank, --powersgd-start); over --link too: the bytes "
+        "on the wire are the compressed ones",
+    )
+    powersgd_rank: int = Field(2, ge=1, description="DDP with --ddp-compression powersgd: the approximation's rank")
+    powersgd_start: int = Field(
+        100,
+        ge=2,
+        description="DDP with --ddp-compression powersgd: steps of plain all-reduce before compressing "
+        "(torch's start_powerSGD_iter)",
     )
     outer_lr: float | None = Field(
         None, gt=0, description="local SGD: DiLoCo's outer Nesterov step with this LR (default: plain averaging)"
