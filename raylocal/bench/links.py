@@ -129,6 +129,14 @@ def _bits(bps: float) -> str:
 # ---------------------------------------------------------------- one cell, in its own process
 
 
+def _own_ray() -> None:
+    """A Ray instance of the cell's own, 2 CPUs, even where another runs on this host
+    (a plain ``ray.init`` would join that one)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
 def _data(args: dict[str, Any]):
     from raylocal.core.data import load_dataset
 
@@ -183,7 +191,7 @@ def run_data_parallel(args: dict[str, Any], average_every: int, state=None, budg
         args, average_every=average_every, outer_lr=outer, average_overlap=overlap,
         bucket_cap_mb=args.get("bucket_cap_mb"), ddp_compression=args.get("ddp_compression") or "none",
     )  # fmt: skip
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    _own_ray()
     stats: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         weights, _ = train_ddp(
@@ -215,7 +223,7 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
         full="drop-oldest", queue_size=args.get("queue_size") or 1, sync_every=args.get("sync_every") or 50,
         part_spec=args["split"], time_budget=args["budget"], wire_dtype=args.get("wire_dtype", "float32"),
     )  # fmt: skip
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    _own_ray()
     service = ModelService(config, data.shape, "cpu")
     plan = service.plan(data.train)
     snapshot: dict[str, Any] = {}
@@ -274,7 +282,7 @@ def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
         part_spec=args["split"],
         queue_size=PIPELINE_MICRO,
     )  # fmt: skip (an async config: the plan cuts it where the parts cut it; an e2e one has one part)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    _own_ray()
     bounds = [tuple(b) for b in ModelService(config, data.shape, "cpu").plan(data.train)["bounds"]]
     state, stages = train_pipeline_parallel(config, data, bounds, "1f1b", PIPELINE_MICRO, budget=args["budget"])
     ray.shutdown()

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     normal = RaylocalConfig(**base)
     slow = RaylocalConfig(**base, inject=f"slow:2@{args.slow}")
     data = load_dataset("mnist").subset(args.train_subset, 1000)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     plan = ModelService(normal, data.shape, "cpu").plan(data.train)
     latent = 64 * 2 * 14 * 14 * 4  # part 1's output per step: 2x14x14 float32 per image
     a = measure(normal, data, plan)

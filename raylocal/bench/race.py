@@ -16,6 +16,7 @@ a slow hour of the host cancels.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,8 @@ def results_table(results: dict[Cell, dict[str, Any]], links: list[str], seeds: 
                 slower = f"{sum(r['images_per_s'] < o for r, o in zip(cells, ones))} of {len(seeds)} blocks"
                 bytes_ = _mb(statistics.fmean(r["bytes_per_step"] for r in cells))
                 idle = f"{100 * statistics.fmean(r['idle'] for r in cells):.1f}"
-            diff = f"{c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] vs {c['against']}"
+            interval = "" if math.isnan(c["lo"]) else f" [{c['lo']:+.3f}, {c['hi']:+.3f}]"
+            diff = f"{c['mean']:+.3f}{interval} vs {c['against']}"
             rows.append(
                 f"| {link} | {LABELS[c['method']]} | {speed} | {slower} | {bytes_} | {idle} | {c['mean_bpd']:.4f} | "
                 f"{diff} | {c['verdict']} | {c['adjusted']} |"
