@@ -264,39 +264,25 @@ def test_a_bucket_of_several_messages_sends_each_after_the_one_before_is_back():
     assert hook.idle_s == pytest.approx(0.79)
 
 
-def test_powersgd_messages_count_what_torchs_own_powersgd_hook_counts(tmp_path):
-    """One DDP process over gloo with torch's powerSGD_hook: from its start step on,
-    the elements ``powersgd_messages`` puts on the wire for each bucket equal what
-    the hook's own statistics say it all-reduced, and compression shrinks them."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
+def test_powersgd_messages_follow_torchs_own_compression_rule():
+    """For each gradient, torch's ``_should_compress`` (the rule ``powerSGD_hook``
+    applies) decides whether it crosses whole or as P (rows x r) then Q (rest x r)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
 
-    from raylocal.baselines.ddp import PowerSGDReduce
+    from raylocal.baselines.ddp import powersgd_messages
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        model = torch.nn.Sequential(torch.nn.Conv2d(8, 64, 3), torch.nn.Flatten(), torch.nn.Linear(64 * 36, 10))
-        ddp = DistributedDataParallel(model, bucket_cap_mb=0.05)
-        reduce = PowerSGDReduce(rank=2, start=2)
-        counted = []
-
-        def hook(state, bucket):
-            before = reduce.state.total_numel_after_compression
-            fut, messages = reduce(bucket)
-            counted.append(
-                (sum(messages) // 4, reduce.state.total_numel_after_compression - before, bucket.buffer().numel())
-            )
-            return fut
-
-        ddp.register_comm_hook(None, hook)
-        for _ in range(4):
-            ddp(torch.randn(4, 8, 8, 8)).sum().backward()
-    finally:
-        dist.destroy_process_group()
-    compressed = [c for c in counted if c[1] > 0]  # (the hook counts nothing before its start step)
-    assert len(compressed) >= 2 and all(sent == own for sent, own, _ in compressed)
-    big = [(sent, whole) for sent, _, whole in compressed if whole > 10_000]  # the linear layer's 10 x 2304
-    assert big and all(sent < whole / 4 for sent, whole in big)
+    grads = [torch.zeros(64, 8, 3, 3), torch.zeros(64), torch.zeros(10, 2304), torch.zeros(3, 3), torch.zeros(4, 1)]
+    first = second = 0
+    for g in grads:
+        n, m = g.shape[0], g.numel() // g.shape[0]
+        r = min(n, m, 2)
+        if _should_compress(n, m, r, 2)[0]:
+            first, second = first + n * r, second + m * r
+        else:
+            first += g.numel()
+    assert powersgd_messages(grads, rank=2) == [first, second]
+    # the conv (64 x 72) and the linear layer (10 x 2304) compress; the bias and the small ones cross whole
+    assert [first, second] == [64 * 2 + 64 + 10 * 2 + 9 + 4, 72 * 2 + 2304 * 2]
 
 
 def test_ddp_with_powersgd_over_the_link_sends_fewer_bytes_once_it_compresses(mnist_dir, tmp_path):
