@@ -70,15 +70,17 @@ def _gloo_all_reduce(tensor: Tensor) -> torch.futures.Future:
 def powersgd_messages(gradients: list[Tensor], rank: int, min_compression_rate: float = 2.0) -> list[int]:
     """The elements of the two all-reduces torch's ``powerSGD_hook`` makes for a
     bucket once it compresses: the tensors it leaves uncompressed with every
-    compressed matrix's P, then every Q (sent after the P's are back). Its own
-    rule: a gradient viewed as (rows, rest) of rank r = min(rows, rest, ``rank``)
-    is compressed when (rows + rest) r ``min_compression_rate`` < rows rest."""
+    compressed matrix's P, then every Q (sent after the P's are back). Which
+    gradients it compresses, viewed as (rows, rest) at rank min(rows, rest,
+    ``rank``), is torch's own ``_should_compress``."""
+    from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
+
     first = second = 0
     for g in gradients:
         n = g.shape[0] if g.dim() else 1
         m = g.numel() // n
         r = min(n, m, rank)
-        if (n + m) * r * min_compression_rate < n * m:
+        if _should_compress(n, m, r, min_compression_rate)[0]:
             first, second = first + n * r, second + m * r
         else:
             first += g.numel()

@@ -129,7 +129,7 @@ def _bits(bps: float) -> str:
 # ---------------------------------------------------------------- one cell, in its own process
 
 
-def _own_ray() -> None:
+def own_ray() -> None:
     """A Ray instance of the cell's own, 2 CPUs, even where another runs on this host
     (a plain ``ray.init`` would join that one)."""
     import ray
@@ -191,7 +191,7 @@ def run_data_parallel(args: dict[str, Any], average_every: int, state=None, budg
         args, average_every=average_every, outer_lr=outer, average_overlap=overlap,
         bucket_cap_mb=args.get("bucket_cap_mb"), ddp_compression=args.get("ddp_compression") or "none",
     )  # fmt: skip
-    _own_ray()
+    own_ray()
     stats: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         weights, _ = train_ddp(
@@ -223,7 +223,7 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
         full="drop-oldest", queue_size=args.get("queue_size") or 1, sync_every=args.get("sync_every") or 50,
         part_spec=args["split"], time_budget=args["budget"], wire_dtype=args.get("wire_dtype", "float32"),
     )  # fmt: skip
-    _own_ray()
+    own_ray()
     service = ModelService(config, data.shape, "cpu")
     plan = service.plan(data.train)
     snapshot: dict[str, Any] = {}
@@ -282,7 +282,7 @@ def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
         part_spec=args["split"],
         queue_size=PIPELINE_MICRO,
     )  # fmt: skip (an async config: the plan cuts it where the parts cut it; an e2e one has one part)
-    _own_ray()
+    own_ray()
     bounds = [tuple(b) for b in ModelService(config, data.shape, "cpu").plan(data.train)["bounds"]]
     state, stages = train_pipeline_parallel(config, data, bounds, "1f1b", PIPELINE_MICRO, budget=args["budget"])
     ray.shutdown()
@@ -460,7 +460,8 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--average-overlap", action="store_true", help="local SGD's rounds overlap the next step")
     p.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP's largest gradient bucket (MB)")
     p.add_argument("--ddp-compression", choices=("none", "bf16", "powersgd"), default="none",
-                   help="DDP's compression (powersgd: torch's hook, rank 2 after 100 plain steps)")  # fmt: skip
+                   help=f"DDP's compression (powersgd: torch's hook, rank {DEFAULTS.powersgd_rank} after "
+                   f"{DEFAULTS.powersgd_start} plain steps)")  # fmt: skip
     p.add_argument("--sync-every", type=int, default=50, help="the parts' upstream weight syncs (steps)")
     p.add_argument("--queue-size", type=int, default=1, help="the parts' latent queue bound")
     p.add_argument("--train-subset", type=int, default=None)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+from raylocal.bench.links import own_ray
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.core.runlog import Progress
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     normal = RaylocalConfig(**base)
     slow = RaylocalConfig(**base, inject=f"slow:2@{args.slow}")
     data = load_dataset("mnist").subset(args.train_subset, 1000)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    own_ray()
     plan = ModelService(normal, data.shape, "cpu").plan(data.train)
     latent = 64 * 2 * 14 * 14 * 4  # part 1's output per step: 2x14x14 float32 per image
     a = measure(normal, data, plan)
