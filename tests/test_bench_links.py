@@ -71,7 +71,7 @@ def test_each_block_runs_every_contestant_in_an_order_that_rotates_and_the_fine_
 
 OPTS = type("Opts", (), dict(
     budget=1.0, test_subset=10, train_subset=None, average_every=5, outer_lr=None, average_overlap=False,
-    bucket_cap_mb=None, ddp_compression="none", sync_every=50, queue_size=1,
+    bucket_cap_mb=None, ddp_compression="none", sync_every=50, queue_size=1, micro_batches=4,
 ))  # fmt: skip
 SPLIT = "layers:0-9|10-20"
 
@@ -195,3 +195,57 @@ def test_every_parts_cell_keeps_its_weights_and_the_fine_tune_chooses_from_its_o
         for seed in (0, 1)
     ]
     assert chosen == ["ddp", "one device"]
+
+
+def test_the_sweep_tunes_each_rival_per_link_and_the_race_runs_each_at_its_best(bench, tmp_path, monkeypatch):
+    from raylocal.bench import sweep
+
+    ran = []
+
+    def fake_run_cell(cell, opts, out, host, split, tuned=None):  # BPD from the setting: a known winner per link
+        settings = bench.cell_settings(cell, opts, split, tuned)
+        ran.append((cell, opts.budget, settings))
+        h = settings["average_every"] or 0
+        bpd = {"10Mbit": abs(h - 250), "1Mbit": abs(h - 1000)}[cell.link] / 1000 + 3.0
+        if cell.method == "ddp":
+            bpd = (
+                3.0 if (cell.link, settings["ddp_compression"]) in (("10Mbit", "bf16"), ("1Mbit", "powersgd")) else 3.5
+            )
+        if cell.method == "parts":
+            bpd = 3.0  # every setting ties: the grid's first wins
+        return {"test_bpd": bpd, "images_per_s": 10.0, "bytes_per_step": 1e3, "idle": 0.0}
+
+    monkeypatch.setattr(bench, "run_cell", fake_run_cell)
+    monkeypatch.setattr(bench, "host_figures", lambda probe: {"commit": "c"})
+    opts = type("Opts", (OPTS,), dict(sweep_budget=0.5, probe=0.0))
+    opts = bench.argparse.Namespace(**{k: getattr(opts, k) for k in dir(opts) if not k.startswith("_")})
+    best = bench.run_sweep(opts, ["10Mbit", "1Mbit"], 7, tmp_path, SPLIT)
+    per_link = sum(len(grid) for grid in sweep.SWEEP_GRID.values())
+    assert len(ran) == 2 * per_link and {(c.seed, budget) for c, budget, _ in ran} == {(7, 0.5)}
+    assert best["10Mbit"]["local-sgd"]["variant"] == "H250" and best["1Mbit"]["local-sgd"]["variant"] == "H1000"
+    assert best["10Mbit"]["ddp"]["ddp_compression"] == "bf16" and best["1Mbit"]["ddp"]["variant"] == "cap0.1MB-powersgd"
+    assert best["10Mbit"]["parts"]["variant"] == "sync50-q1"
+    assert json.loads((tmp_path / "sweep" / "best.json").read_text()) == json.loads(json.dumps(best))
+    table = (tmp_path / "sweep" / "table.md").read_text().splitlines()
+    assert len(table) == 2 + 2 * per_link and sum("**yes**" in row for row in table) == 2 * len(sweep.SWEEP_GRID)
+    assert "| 1Mbit | 2 local-SGD workers | H1000 | 10 | 1.0 kB | 0.0 | 3.0000 | **yes** |" in table
+    # the race: each cell at its link's best, the flags where the sweep has nothing to say
+    sgd = bench.cell_settings(race.Cell("local-sgd", "1Mbit", 0), OPTS, SPLIT, sweep.race_settings(best, race.Cell(
+        "local-sgd", "1Mbit", 0)))  # fmt: skip
+    assert (sgd["average_every"], sgd["variant"], sgd["bucket_cap_mb"]) == (1000, "H1000", None)
+    ft = sweep.race_settings(best, race.Cell("parts+ft", "1Mbit", 0))
+    assert (ft["sync_every"], ft["ddp_compression"], ft["variant"]) == (50, "powersgd", "sync50-q1+cap0.1MB-powersgd")
+    assert sweep.race_settings({}, race.Cell("ddp", "1Mbit", 0)) == {}
+    with pytest.raises(ValueError, match="not a setting of a cell: \\['lr'\\]"):
+        bench.cell_settings(race.Cell("ddp", "1Mbit", 0), OPTS, SPLIT, {"lr": 1.0})
+
+
+def test_a_race_cell_run_at_another_sweep_choice_is_refused(bench, tmp_path, monkeypatch):
+    cell = race.Cell("local-sgd", "10Mbit", 0)
+    chosen = {"average_every": 250, "outer_lr": None, "average_overlap": False, "variant": "H250"}
+    stored = {"test_bpd": 3.0, "settings": bench.cell_settings(cell, OPTS, SPLIT, chosen)}
+    (tmp_path / f"{cell.name}.json").write_text(json.dumps(stored))
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail("a finished cell ran again"))
+    assert bench.run_cell(cell, OPTS, tmp_path, None, SPLIT, chosen) == stored
+    with pytest.raises(SystemExit, match=r"variant 'H250' here, 'H10' now, average_every 250 here, 10 now"):
+        bench.run_cell(cell, OPTS, tmp_path, None, SPLIT, chosen | {"average_every": 10, "variant": "H10"})

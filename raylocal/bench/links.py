@@ -16,7 +16,7 @@ Contestants (each worker or part is one CPU thread, joined by the link):
   local-sgd   2 workers averaging their parameters every --average-every steps
               (--outer-lr: DiLoCo's outer step; --average-overlap)
   pipeline    the same model cut where the parts cut it, trained end to end as a
-              2-stage pipeline (1F1B, 4 micro-batches): activations forward, gradients back
+              2-stage pipeline (1F1B, --micro-batches): activations forward, gradients back
   one-device  end to end on one thread, no link: the floor
 Every parts and pipeline cell uses one split, measured once per race (split.json).
 
@@ -55,6 +55,7 @@ import torch
 
 from raylocal.baselines.projection import StepModel, bandwidth_losing, wire_bytes_per_step
 from raylocal.bench.race import Cell, check_targets, plot, race_cells, results_table
+from raylocal.bench.sweep import SWEEP_GRID, best_settings, race_settings, sweep_cells, sweep_table
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.links import FakeClock, LinkSpec, Wire
 from raylocal.training.service import ModelService
@@ -70,7 +71,6 @@ QUICK_LINKS = ("inf", "10Mbit")
 QUICK_BUDGET = 10.0  # seconds per cell of --quick: 36 cells (2 links, 3 seeds) in about 15 minutes
 RACE_SEEDS = 3  # blocks per link, paired by seed
 DEFAULTS = RaylocalConfig()  # what a cell leaves at the config's default (PowerSGD's rank and start)
-PIPELINE_MICRO = 4  # micro-batches per batch of the pipeline-parallel rival (1F1B)
 FINETUNE_AT = 2 / 3  # the share of the budget a parts run trains in parts before its fine-tune
 
 # The model every cell trains: MNIST 1x28x28, L=2, K=8, width 64, batch 64, constant LR.
@@ -280,11 +280,11 @@ def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
         cpus_per_part=1.0,
         gpus_per_part=0.0,
         part_spec=args["split"],
-        queue_size=PIPELINE_MICRO,
+        queue_size=args["micro_batches"],
     )  # fmt: skip (an async config: the plan cuts it where the parts cut it; an e2e one has one part)
     own_ray()
     bounds = [tuple(b) for b in ModelService(config, data.shape, "cpu").plan(data.train)["bounds"]]
-    state, stages = train_pipeline_parallel(config, data, bounds, "1f1b", PIPELINE_MICRO, budget=args["budget"])
+    state, stages = train_pipeline_parallel(config, data, bounds, "1f1b", args["micro_batches"], budget=args["budget"])
     ray.shutdown()
     first = stages[0]["stats"]
     seconds = max(s["seconds"] for s in stages)
@@ -330,30 +330,44 @@ def run_finetune(args: dict[str, Any]) -> dict[str, Any]:
     return {"test_bpd": result["test_bpd"], "finetune_on": on, "gather_s": gather, "finetune_s": budget}
 
 
-def cell_settings(cell: Cell, opts: argparse.Namespace, split: str) -> dict[str, Any]:
+def cell_settings(cell: Cell, opts: argparse.Namespace, split: str, tuned: dict[str, Any] | None = None) -> dict:
     """Every setting that shapes a cell: what its JSON records, what its process
-    runs, and what a stored cell must match to be read back instead of run."""
+    runs, and what a stored cell must match to be read back instead of run.
+    ``tuned`` (the sweep's setting for this cell) overrides the command line's."""
+    tuned = tuned or {}
+    unknown = set(tuned) - set(SWEPT) - {"variant"}
+    if unknown:
+        raise ValueError(f"not a setting of a cell: {sorted(unknown)}")
+
+    def option(key: str) -> Any:
+        return tuned[key] if key in tuned else getattr(opts, key)
+
     m = cell.method
     local, parts = m == "local-sgd", m in ("parts", "parts+ft")
     ddp = m == "ddp" or m == "parts+ft"  # a parts fine-tune may run on DDP
     return {
         "method": m, "link": None if m == "one-device" else cell.link, "block": cell.link, "seed": cell.seed,
-        "budget": opts.budget, "model": BENCH_MODEL, "threads": 1,
+        "variant": tuned.get("variant"), "budget": opts.budget, "model": BENCH_MODEL, "threads": 1,
         "train_subset": opts.train_subset, "test_subset": opts.test_subset,
         "split": split if parts or m == "pipeline" else None,
-        "average_every": opts.average_every if local else None,
-        "outer_lr": opts.outer_lr if local else None,
-        "average_overlap": opts.average_overlap if local else None,
-        "bucket_cap_mb": opts.bucket_cap_mb if ddp else None,
-        "ddp_compression": opts.ddp_compression if ddp else None,
+        "average_every": option("average_every") if local else None,
+        "outer_lr": option("outer_lr") if local else None,
+        "average_overlap": option("average_overlap") if local else None,
+        "bucket_cap_mb": option("bucket_cap_mb") if ddp else None,
+        "ddp_compression": option("ddp_compression") if ddp else None,
         "powersgd": [DEFAULTS.powersgd_rank, DEFAULTS.powersgd_start]
-        if ddp and opts.ddp_compression == "powersgd"
+        if ddp and option("ddp_compression") == "powersgd"
         else None,
-        "sync_every": opts.sync_every if parts else None,
-        "queue_size": opts.queue_size if parts else None,
-        "micro_batches": PIPELINE_MICRO if m == "pipeline" else None,
+        "sync_every": option("sync_every") if parts else None,
+        "queue_size": option("queue_size") if parts else None,
+        "micro_batches": option("micro_batches") if m == "pipeline" else None,
         "finetune_at": FINETUNE_AT if m == "parts+ft" else None,
     }  # fmt: skip
+
+
+# the settings a sweep may tune (each a command-line option of the same name)
+SWEPT = ("average_every", "outer_lr", "average_overlap", "bucket_cap_mb", "ddp_compression", "sync_every",
+         "queue_size", "micro_batches")  # fmt: skip
 
 
 def host_figures(probe_s: float) -> dict[str, Any]:
@@ -418,11 +432,13 @@ def race_split(opts: argparse.Namespace, out: Path) -> str:
     return split
 
 
-def run_cell(cell: Cell, opts: argparse.Namespace, out: Path, host: dict | None, split: str) -> dict[str, Any]:
+def run_cell(
+    cell: Cell, opts: argparse.Namespace, out: Path, host: dict | None, split: str, tuned: dict | None = None
+) -> dict[str, Any]:
     """A cell's result: read back when it finished before with the same settings,
     else run in a process of its own (its own Ray instance and peak memory)."""
     path = out / f"{cell.name}.json"
-    settings = cell_settings(cell, opts, split)
+    settings = cell_settings(cell, opts, split, tuned)
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored.get("settings") != json.loads(json.dumps(settings)):
@@ -435,7 +451,9 @@ def run_cell(cell: Cell, opts: argparse.Namespace, out: Path, host: dict | None,
     block = {m: str(out / Cell(m, cell.link, cell.seed).name) for m in ("parts", "ddp", "one-device")}
     args = settings | {"out": str(path), "settings": settings, "host": host, "block": block}
     where = "no link" if settings["link"] is None else cell.link
-    print(f"-- seed {cell.seed}, block {cell.link}: {cell.method} over {where}, {opts.budget:.0f} s", flush=True)
+    variant = f" ({settings['variant']})" if settings["variant"] else ""
+    print(f"-- seed {cell.seed}, block {cell.link}: {cell.method}{variant} over {where}, {opts.budget:.0f} s",
+          flush=True)  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "raylocal.bench.links", "--cell", json.dumps(args)], capture_output=True, text=True
@@ -448,6 +466,27 @@ def run_cell(cell: Cell, opts: argparse.Namespace, out: Path, host: dict | None,
     return result
 
 
+def run_sweep(opts: argparse.Namespace, links: list[str], seed: int, out: Path, split: str) -> dict[str, Any]:
+    """Each rival's grid (raylocal.bench.sweep) at each link, at one seed and
+    --sweep-budget seconds a cell; its table and choices go to ``out/sweep``.
+    Returns the choices: per link and method, the settings the race runs."""
+    where = out / "sweep"
+    where.mkdir(exist_ok=True)
+    short = argparse.Namespace(**vars(opts) | {"budget": opts.sweep_budget})
+    results, hosts = {}, {}
+    for cell in sweep_cells(links, seed):
+        if cell.link not in hosts and not (where / f"{cell.name}.json").is_file():
+            hosts[cell.link] = host_figures(opts.probe)
+        grid = SWEEP_GRID[cell.method][cell.variant] | {"variant": cell.variant}
+        results[cell] = run_cell(cell, short, where, hosts.get(cell.link), split, grid)
+    table = sweep_table(results, links)
+    best = best_settings(results, links)
+    (where / "table.md").write_text(table + "\n")
+    (where / "best.json").write_text(json.dumps(best, indent=1) + "\n")
+    print(f"\n# the sweep: seed {seed}, {opts.sweep_budget:.0f} s per cell\n{table}\n", flush=True)
+    return best
+
+
 def _options(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"{QUICK_BUDGET:.0f} s per cell, links inf and 10Mbit")
@@ -455,6 +494,9 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--links", default=None, help=f"comma-separated, of {', '.join(LINKS)}")
     p.add_argument("--seeds", default=None, help='the blocks\' seeds, "0,1,2" or "0-2" (default: 3 seeds)')
     p.add_argument("--repeats", type=int, default=None, help="as --seeds 0-(N-1)")
+    p.add_argument("--sweep-budget", type=float, default=None,
+                   help="seconds per cell of the sweep that tunes each rival per link before the race, at the "
+                   "first seed (default 60; --quick: 0, no sweep, the options below as given)")  # fmt: skip
     p.add_argument("--average-every", type=int, default=50, help="local SGD's H")
     p.add_argument("--outer-lr", type=float, default=None, help="local SGD with DiLoCo's outer Nesterov step")
     p.add_argument("--average-overlap", action="store_true", help="local SGD's rounds overlap the next step")
@@ -464,6 +506,7 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
                    f"{DEFAULTS.powersgd_start} plain steps)")  # fmt: skip
     p.add_argument("--sync-every", type=int, default=50, help="the parts' upstream weight syncs (steps)")
     p.add_argument("--queue-size", type=int, default=1, help="the parts' latent queue bound")
+    p.add_argument("--micro-batches", type=int, default=4, help="the pipeline's micro-batches per batch")
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--test-subset", type=int, default=2000)
     p.add_argument("--step-time", type=float, default=0.2, help="seconds per step for the projection")
@@ -501,21 +544,24 @@ def main(argv: list[str] | None = None) -> None:
     if opts.project_only:
         return None
     opts.budget = opts.budget or (QUICK_BUDGET if opts.quick else 300.0)
+    if opts.sweep_budget is None:
+        opts.sweep_budget = 0.0 if opts.quick else 60.0
     links, seeds = race_plan(opts)
     out = Path(opts.out or f"bench_runs/links{'-quick' if opts.quick else ''}")
     out.mkdir(parents=True, exist_ok=True)
     split = race_split(opts, out)
     print(f"split of every parts and pipeline cell: {split}", flush=True)
+    best = run_sweep(opts, links, seeds[0], out, split) if opts.sweep_budget > 0 else {}
     results, hosts = {}, {}
     for cell in race_cells(links, seeds):
         block = (cell.seed, cell.link)
         if block not in hosts and not (out / f"{cell.name}.json").is_file():
             hosts[block] = host_figures(opts.probe)  # at the start of the block: its host speed
             print(f"block seed {cell.seed}, {cell.link}: host {hosts[block]}", flush=True)
-        results[cell] = run_cell(cell, opts, out, hosts.get(block), split)
+        results[cell] = run_cell(cell, opts, out, hosts.get(block), split, race_settings(best, cell))
     table = results_table(results, links, seeds)
-    print(f"\n# {opts.budget:.0f} s per cell, {len(seeds)} seeds, {os.cpu_count()} cores here, "
-          f"local SGD every {opts.average_every} steps\n{table}\n")  # fmt: skip
+    tuning = "each rival at its best setting of the sweep" if best else "the options as given, no sweep"
+    print(f"\n# {opts.budget:.0f} s per cell, {len(seeds)} seeds, {os.cpu_count()} cores here, {tuning}\n{table}\n")
     print("\n".join(check_targets(results, links, seeds)))
     plot(results, links, seeds, out / "links.png")
     (out / "table.md").write_text(table + "\n")

@@ -35,15 +35,16 @@ LABELS = {
 
 @dataclass(frozen=True)
 class Cell:
-    """One contestant in one block."""
+    """One contestant in one block (or, with a ``variant``, one setting of the sweep before the race)."""
 
     method: str
     link: str
     seed: int
+    variant: str = ""
 
     @property
     def name(self) -> str:
-        return f"{self.method}-{self.link}-s{self.seed}"
+        return f"{self.method}-{self.link}-s{self.seed}" + (f"-{self.variant}" if self.variant else "")
 
 
 def block_order(block: int) -> list[str]:
