@@ -40,6 +40,7 @@ from raylocal.cluster.connect import fit_train_run
 from raylocal.cluster.placement import DataParallelPlacement, check_torch_sees_gpus
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import BatchStream
+from raylocal.core.faults import Straggler, parse_faults
 from raylocal.core.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.core.runlog import peak_rss_mb
 from raylocal.errors import ClusterError, DivergedError
@@ -354,6 +355,7 @@ class DataParallelWorker:
         self.idle_s = 0.0  # waiting for the link: local-SGD rounds (DDP's is the hook's)
         self.bytes_averaged = 0.0
         self.round: OverlappedRound | None = None  # an overlapped round on its way
+        self.straggler = Straggler(parse_faults(config.inject or ""), self.rank)
 
     def _register_hook(self, config: RaylocalConfig) -> None:
         """DDP's communication: over the emulated link (``LinkedAllReduce``, compressed
@@ -417,6 +419,10 @@ class DataParallelWorker:
         self._all_reduce(flag, "max")
         return bool(flag.item())
 
+    def link_wait(self) -> float:
+        """Seconds DDP's backward passes waited for the link so far."""
+        return self.hook.idle_s if self.hook is not None else 0.0
+
     def train(self, loop_config: dict[str, Any]) -> None:
         import ray.train
 
@@ -435,8 +441,11 @@ class DataParallelWorker:
                 lr = scheduled_lr(self.lr, self.step, config.warmup_steps, total, config.lr_schedule, position)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
+                began, waited = time.perf_counter(), self.link_wait()
                 loss = self.model(preprocess(to_device(batch, self.device), config.n_bits, self.noise))
                 self.guard.update(self.model, self.optimizer, loss, self.step)
+                # a straggler is slower at computing, not at sending: the hook's wait is left out
+                self.straggler.after(time.perf_counter() - began - (self.link_wait() - waited))
                 self.step += 1
                 epoch_steps += 1
                 self.land_round()  # an overlapped round started one step ago

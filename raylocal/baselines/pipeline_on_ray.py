@@ -22,6 +22,7 @@ from raylocal.cluster.placement import Placement, actor_device
 from raylocal.cluster.queue import LatentQueue
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import BatchStream, ImageData
+from raylocal.core.faults import Straggler, parse_faults
 from raylocal.core.links import LinkSpec
 from raylocal.core.runlog import peak_rss_mb
 from raylocal.model.objectives import preprocess
@@ -43,6 +44,7 @@ def build_stage(
     total = LRClock.of(config, len(stream), config.epochs, 0).decay(config.epochs * len(stream))
     lr = config.part_lrs(len(parts))[index] if len(config.lr) > 1 else config.lr[0]
     stage = PipelineStage(parts[index], config, lr, total, micro)
+    stage.straggler = Straggler(parse_faults(config.inject or ""), index)
 
     def batches() -> Iterator[torch.Tensor]:
         while True:

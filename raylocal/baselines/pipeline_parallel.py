@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from raylocal.core.config import RaylocalConfig
+from raylocal.core.faults import Straggler
 from raylocal.model.glow import Part
 from raylocal.model.objectives import LN2
 from raylocal.training.trainer import scheduled_lr
@@ -81,6 +82,7 @@ class PipelineStage:
         self.stats = StageStats()
         self._loss = 0.0
         self.device = next(part.parameters()).device
+        self.straggler = Straggler([], 0)  # build_stage gives a straggling stage its own
 
     @property
     def is_first(self) -> bool:
@@ -107,7 +109,9 @@ class PipelineStage:
         own = self.terms(y, logdet).mean() / self.micro  # the batch's loss is the mean over its micro-batches
         self.saved[m] = (x, y, own)
         self._loss += float(own.detach())
-        self.stats.compute_s += time.perf_counter() - start
+        computed = time.perf_counter() - start
+        self.stats.compute_s += computed
+        self.straggler.after(computed)
         return y.detach()
 
     def backward(self, m: int, grad_output: Tensor | None = None) -> Tensor | None:
@@ -120,7 +124,9 @@ class PipelineStage:
             own.backward()
         else:
             torch.autograd.backward([own, y], [torch.ones_like(own), grad_output.to(y.dtype)])
-        self.stats.compute_s += time.perf_counter() - start
+        computed = time.perf_counter() - start
+        self.stats.compute_s += computed
+        self.straggler.after(computed)
         return None if self.is_first else x.grad
 
     def update(self) -> None:

@@ -66,7 +66,10 @@ LINKS = {
     "10Mbit": "bw=10Mbit,lat=20ms",
     "1Mbit": "bw=1Mbit,lat=20ms",
     "10Mbit+outages": "bw=10Mbit,lat=20ms,mtbf=60s,mttr=15s",
+    "10Mbit+straggler": "bw=10Mbit,lat=20ms",
 }
+# conditions in which the second worker, part or stage runs 2x slower than its hardware
+STRAGGLERS = {"10Mbit+straggler": "straggle:2@2"}
 QUICK_LINKS = ("inf", "10Mbit")
 QUICK_BUDGET = 10.0  # seconds per cell of --quick: 36 cells (2 links, 3 seeds) in about 15 minutes
 RACE_SEEDS = 3  # blocks per link, paired by seed
@@ -147,6 +150,8 @@ def _config(args: dict[str, Any], **extra: Any) -> RaylocalConfig:
     link = LINKS[args["link"]] if args.get("link") else "up"
     values = {**BENCH_MODEL, "link": link, "epochs": 1000, "seed": args.get("seed", 0)}
     values.update(extra)
+    if values.get("schedule") != "e2e":  # two workers, parts or stages: one of them may straggle
+        values["inject"] = STRAGGLERS.get(args.get("link"))
     return RaylocalConfig(**values)
 
 
@@ -248,6 +253,7 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
     return {
         # every image trains every layer once: the slowest part sets the model's rate
         "images_per_s": min(n * config.batch_size / s for n, s in zip(steps, seconds)),
+        "part_images_per_s": [n * config.batch_size / s for n, s in zip(steps, seconds)],
         "steps": steps,
         "seconds": max(seconds),
         "bytes_per_step": (first["bytes_forward"] + first["bytes_weights"]) / max(first["steps"], 1),
@@ -362,6 +368,7 @@ def cell_settings(cell: Cell, opts: argparse.Namespace, split: str, tuned: dict[
         "queue_size": option("queue_size") if parts else None,
         "micro_batches": option("micro_batches") if m == "pipeline" else None,
         "finetune_at": FINETUNE_AT if m == "parts+ft" else None,
+        "straggler": STRAGGLERS.get(cell.link) if m != "one-device" else None,
     }  # fmt: skip
 
 
@@ -441,12 +448,9 @@ def run_cell(
     settings = cell_settings(cell, opts, split, tuned)
     if path.is_file():
         stored = json.loads(path.read_text())
-        if stored.get("settings") != json.loads(json.dumps(settings)):
-            shown = "none recorded" if "settings" not in stored else ", ".join(
-                f"{k} {stored['settings'].get(k)!r} here, {v!r} now" for k, v in settings.items()
-                if stored["settings"].get(k) != json.loads(json.dumps(v))
-            )  # fmt: skip
-            raise SystemExit(f"error: {path} was run with other settings ({shown}); move it away or use another --out")
+        differ = _differing(stored.get("settings"), settings)
+        if differ:
+            raise SystemExit(f"error: {path} was run with other settings ({differ}); move it away or use another --out")
         return stored
     block = {m: str(out / Cell(m, cell.link, cell.seed).name) for m in ("parts", "ddp", "one-device")}
     args = settings | {"out": str(path), "settings": settings, "host": host, "block": block}
@@ -485,6 +489,19 @@ def run_sweep(opts: argparse.Namespace, links: list[str], seed: int, out: Path, 
     (where / "best.json").write_text(json.dumps(best, indent=1) + "\n")
     print(f"\n# the sweep: seed {seed}, {opts.sweep_budget:.0f} s per cell\n{table}\n", flush=True)
     return best
+
+
+def _differing(stored: dict[str, Any] | None, settings: dict[str, Any]) -> str:
+    """How a stored cell's settings differ from ``settings`` ("" when they do
+    not). A setting added after the cell ran counts as the same when its value
+    now is None: the cell's behaviour without it."""
+    if stored is None:
+        return "none recorded"
+    now = json.loads(json.dumps(settings))
+    return ", ".join(
+        f"{k} {stored.get(k)!r} here, {v!r} now" for k, v in now.items()
+        if stored.get(k) != v and (k in stored or v is not None)
+    )  # fmt: skip
 
 
 def _options(argv: list[str] | None) -> argparse.Namespace:

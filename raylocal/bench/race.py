@@ -149,6 +149,8 @@ def check_targets(results: dict[Cell, dict[str, Any]], links: list[str], seeds: 
         kept = [d / u for d, u in zip(down, up)]
         lines.append(f"10 Mbit with outages: parts keep {_interval([100 * k for k in kept], 0)}% of their images/s "
                      f"(target >= 90%): {_met(statistics.fmean(kept) >= 0.9)}")  # fmt: skip
+    if "10Mbit" in links and "10Mbit+straggler" in links:
+        lines += straggler_lines(results, seeds)
     if "inf" in links:
         idle = [results[Cell("parts", "inf", s)]["idle"] for s in seeds]
         speedup = block_ratio(results, "inf", seeds, "parts", "one-device")
@@ -160,6 +162,36 @@ def check_targets(results: dict[Cell, dict[str, Any]], links: list[str], seeds: 
             f"mean {_interval(speedup)}; target >= 1.75x): {_met(statistics.median(speedup) >= 1.75)}"
         )
     return lines
+
+
+def straggler_lines(results: dict[Cell, dict[str, Any]], seeds: list[int]) -> list[str]:
+    """What each method keeps of its 10 Mbit images/s when its second worker,
+    part or stage runs 2x slower: per block over its own one device, then
+    straggler over plain. The parts' images/s is their slowest part's; the
+    first part's own rate is shown beside it (it never waits for the second)."""
+
+    def kept(method: str, rate: Any = None) -> list[float]:
+        def speed(link: str, s: int) -> float:  # over the block's own one device: the host's drift cancels
+            r = results[Cell(method, link, s)]
+            return (rate(r) if rate else r["images_per_s"]) / results[Cell("one-device", link, s)]["images_per_s"]
+
+        return [100 * speed("10Mbit+straggler", s) / speed("10Mbit", s) for s in seeds]
+
+    parts = kept("parts")
+    lines = [f"10 Mbit with a 2x straggler: parts keep {_percent(parts)} of their images/s (target >= 90%): "
+             f"{_met(statistics.fmean(parts) >= 90)}"]  # fmt: skip
+    if all("part_images_per_s" in results[Cell("parts", link, s)] for link in ("10Mbit", "10Mbit+straggler")
+           for s in seeds):  # fmt: skip
+        first = kept("parts", lambda r: r["part_images_per_s"][0])
+        lines.append(f"10 Mbit with a 2x straggler: the parts' first part keeps {_percent(first)} of its own")
+    others = ", ".join(f"{m} {_percent(kept(m))}" for m in ("ddp", "local-sgd", "pipeline"))
+    lines.append(f"10 Mbit with a 2x straggler, the rivals keep: {others}")
+    return lines
+
+
+def _percent(values: list[float]) -> str:
+    mean, lo, hi = mean_interval(values)
+    return f"{mean:.0f}%" if len(values) < 2 else f"{mean:.0f}% [{lo:.0f}, {hi:.0f}]"
 
 
 def _met(ok: bool) -> str:
@@ -182,7 +214,9 @@ def plot(results: dict[Cell, dict[str, Any]], links: list[str], seeds: list[int]
     import matplotlib.pyplot as plt
 
     plain = by_bandwidth(links)  # each line drawn left to right
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    straggler = "10Mbit+straggler" in links and "10Mbit" in links
+    fig, axes = plt.subplots(1, 2 if straggler else 1, figsize=(11.5 if straggler else 6.4, 4.2), squeeze=False)
+    ax = axes[0][0]
     for method in METHODS:
         if not plain or any(Cell(method, link, s) not in results for link in plain for s in seeds):
             continue
@@ -200,5 +234,22 @@ def plot(results: dict[Cell, dict[str, Any]], links: list[str], seeds: list[int]
     ax.set_xlabel("link bandwidth (20 ms latency; x: 10 Mbit with outages)")
     ax.set_ylabel(f"test BPD at the same wall-clock budget (mean of {len(seeds)} seeds)")
     ax.legend(fontsize=8)
+    if straggler:
+        _straggler_panel(axes[0][1], results, seeds)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _straggler_panel(ax: Any, results: dict[Cell, dict[str, Any]], seeds: list[int]) -> None:
+    """Each method's mean test BPD at 10 Mbit, without and with a 2x straggler (95% intervals)."""
+    links = ("10Mbit", "10Mbit+straggler")
+    methods = [m for m in METHODS if all(Cell(m, k, s) in results for k in links for s in seeds)]
+    for offset, (link, marker) in enumerate(zip(links, "os")):
+        stats = [mean_interval([_bpd(results[Cell(m, link, s)]) for s in seeds]) for m in methods]
+        xs = [i + 0.15 * (2 * offset - 1) for i in range(len(methods))]
+        errors = [[m - lo for m, lo, _ in stats], [hi - m for m, _, hi in stats]]
+        ax.errorbar(xs, [m for m, _, _ in stats], yerr=errors if len(seeds) > 1 else None, marker=marker,
+                    linestyle="none", capsize=3, label="no straggler" if offset == 0 else "a 2x straggler")  # fmt: skip
+    ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("test BPD at the budget, 10 Mbit")
+    ax.legend(fontsize=8)

@@ -6,6 +6,8 @@
                   part K+1 is the fine-tune (once per run directory)
   nan:2@30        part 2's weights are overwritten with NaN after step 30 (once)
   slow:2@0.05     part 2 sleeps 0.05 s after every step (a deliberately slow part)
+  straggle:2@2    part 2 (or DDP worker 2, or pipeline stage 2) runs 2x slower than its
+                  hardware: after each piece of compute it waits once more as long
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +35,33 @@ class Fault:
 def parse_faults(text: str) -> list[Fault]:
     faults = []
     for item in filter(None, (s.strip() for s in text.split(","))):
-        m = re.fullmatch(r"(ray-kill|sigkill|nan|slow):(\d+)@([0-9.]+)", item)
+        m = re.fullmatch(r"(ray-kill|sigkill|nan|slow|straggle):(\d+)@([0-9.]+)", item)
         if not m or int(m.group(2)) < 1:
-            raise ConfigError(f"inject {item!r} is not KIND:PART@STEP with KIND ray-kill, sigkill, nan or slow")
+            raise ConfigError(
+                f"inject {item!r} is not KIND:PART@STEP with KIND ray-kill, sigkill, nan, slow or straggle"
+            )
+        if m.group(1) == "straggle" and float(m.group(3)) < 1:
+            raise ConfigError(f"inject {item!r}: a straggler's factor is at least 1 (2: twice as slow)")
         faults.append(Fault(m.group(1), int(m.group(2)) - 1, float(m.group(3))))
     return faults
+
+
+class Straggler:
+    """Worker, part or stage ``index`` (0-based) made ``factor`` times slower
+    than its hardware, as a ``straggle`` fault says (factor 1: no straggler).
+    After each piece of compute it waits ``factor - 1`` times as long; the
+    caller times the compute alone, so a slow link is not slowed again."""
+
+    def __init__(self, faults: list[Fault], index: int, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.factor = next((f.at for f in faults if f.kind == "straggle" and f.part == index), 1.0)
+        self.sleep = sleep
+        self.waited_s = 0.0
+
+    def after(self, compute_s: float) -> None:
+        wait = (self.factor - 1.0) * max(compute_s, 0.0)
+        if wait > 0:
+            self.sleep(wait)
+            self.waited_s += wait
 
 
 def apply_worker_faults(faults: list[Fault], worker, first_life: bool) -> None:  # noqa: ANN001

@@ -42,6 +42,7 @@ from torch import Tensor
 from raylocal.core.checkpoint import host_copy
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import BatchStream
+from raylocal.core.faults import Straggler, parse_faults
 from raylocal.core.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.errors import CheckpointError, ClusterError
 from raylocal.model.objectives import preprocess, to_device
@@ -479,6 +480,7 @@ class PartLoop:
             spec = LinkSpec.parse(config.link, self.k, config.seed)
             self.sender = LinkSender(outbox, spec, store_put, worker.stats, self.k, config.full, clock)
         self.upstream_ended = False
+        self.straggler = Straggler(parse_faults(config.inject or ""), self.k, clock.sleep)
         st = worker.stats
         st.start_time = st.start_time or clock.now()
         self.deadline = st.start_time + config.time_budget if config.time_budget else math.inf
@@ -497,7 +499,9 @@ class PartLoop:
             t0 = time.perf_counter()
             with self.guard:
                 result = worker.trainer.step(x)
-            st.compute_s += time.perf_counter() - t0
+            computed = time.perf_counter() - t0
+            st.compute_s += computed
+            self.straggler.after(computed)
             worker.step += 1
             if worker.step == 1:
                 st.first_step_time = self.clock.now()
