@@ -219,7 +219,7 @@ def test_the_sweep_tunes_each_rival_per_link_and_the_race_runs_each_at_its_best(
     monkeypatch.setattr(bench, "host_figures", lambda probe: {"commit": "c"})
     opts = type("Opts", (OPTS,), dict(sweep_budget=0.5, probe=0.0))
     opts = bench.argparse.Namespace(**{k: getattr(opts, k) for k in dir(opts) if not k.startswith("_")})
-    best = bench.run_sweep(opts, ["10Mbit", "1Mbit"], 7, tmp_path, SPLIT)
+    best = bench.run_sweep(opts, ["10Mbit", "1Mbit", "10Mbit+straggler"], 7, tmp_path, SPLIT)  # tuned as 10Mbit
     per_link = sum(len(grid) for grid in sweep.SWEEP_GRID.values())
     assert len(ran) == 2 * per_link and {(c.seed, budget) for c, budget, _ in ran} == {(7, 0.5)}
     assert best["10Mbit"]["local-sgd"]["variant"] == "H250" and best["1Mbit"]["local-sgd"]["variant"] == "H1000"
@@ -236,6 +236,7 @@ def test_the_sweep_tunes_each_rival_per_link_and_the_race_runs_each_at_its_best(
     ft = sweep.race_settings(best, race.Cell("parts+ft", "1Mbit", 0))
     assert (ft["sync_every"], ft["ddp_compression"], ft["variant"]) == (50, "powersgd", "sync50-q1+cap0.1MB-powersgd")
     assert sweep.race_settings({}, race.Cell("ddp", "1Mbit", 0)) == {}
+    assert sweep.race_settings(best, race.Cell("ddp", "10Mbit+straggler", 0)) == best["10Mbit"]["ddp"]
     with pytest.raises(ValueError, match="not a setting of a cell: \\['lr'\\]"):
         bench.cell_settings(race.Cell("ddp", "1Mbit", 0), OPTS, SPLIT, {"lr": 1.0})
 

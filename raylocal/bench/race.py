@@ -233,7 +233,8 @@ def plot(results: dict[Cell, dict[str, Any]], links: list[str], seeds: list[int]
     ax.set_xticks([SPEEDS[link] for link in plain], [link.replace("inf", "∞") for link in plain])
     ax.set_xlabel("link bandwidth (20 ms latency; x: 10 Mbit with outages)")
     ax.set_ylabel(f"test BPD at the same wall-clock budget (mean of {len(seeds)} seeds)")
-    ax.legend(fontsize=8)
+    if plain:
+        ax.legend(fontsize=8)
     if straggler:
         _straggler_panel(axes[0][1], results, seeds)
     fig.tight_layout()

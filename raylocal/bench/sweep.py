@@ -36,8 +36,15 @@ SWEEP_GRID: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def tuned_at(link: str) -> str:
+    """The link whose sweep tunes a condition: a link with outages or a straggler
+    runs as it was tuned for the plain link (users tune for their link, not its faults)."""
+    return link.split("+")[0]
+
+
 def sweep_cells(links: list[str], seed: int) -> list[Cell]:
-    """Every cell of the sweep, link by link, each method's grid in order."""
+    """Every cell of the sweep, link by link (each plain link once), each method's grid in order."""
+    links = list(dict.fromkeys(tuned_at(link) for link in links))
     return [
         Cell(method, link, seed, variant) for link in links for method, grid in SWEEP_GRID.items() for variant in grid
     ]
@@ -47,7 +54,7 @@ def best_settings(results: dict[Cell, dict[str, Any]], links: list[str]) -> dict
     """Per link and method, the grid setting with the lowest test BPD (the first
     in the grid on a tie; a method none of whose cells finished keeps its first)."""
     best: dict[str, dict[str, dict[str, Any]]] = {}
-    for link in links:
+    for link in dict.fromkeys(tuned_at(link) for link in links):
         best[link] = {}
         for method, grid in SWEEP_GRID.items():
             ran = [(results[c]["test_bpd"], i, c.variant) for i, c in enumerate(_cells(method, link, results))]
@@ -65,7 +72,7 @@ def race_settings(best: dict[str, dict[str, dict[str, Any]]], cell: Cell) -> dic
     """The tuned settings a race cell runs with: its method's best at its link;
     the parts' fine-tune takes the parts' and DDP's (it may fine-tune on DDP).
     Without a sweep (no ``best``) the command line's settings stand."""
-    at = best.get(cell.link)
+    at = best.get(tuned_at(cell.link))
     if not at:
         return {}
     if cell.method == "parts+ft":
@@ -76,6 +83,7 @@ def race_settings(best: dict[str, dict[str, dict[str, Any]]], cell: Cell) -> dic
 def sweep_table(results: dict[Cell, dict[str, Any]], links: list[str]) -> str:
     """One row per setting tried: its speed, traffic and test BPD, the winner marked."""
     best = best_settings(results, links)
+    links = list(best)
     rows = [
         "| link | method | setting | images/s | bytes/step | idle % | test BPD | chosen |",
         "|---|---|---|---|---|---|---|---|",
