@@ -232,7 +232,8 @@ def test_a_compressed_bucket_crosses_the_link_in_bfloat16_and_lands_decompressed
 def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compressed_bytes(mnist_dir, tmp_path):
     """The tiny model's whole gradient fits one bucket under DDP's default; with a cap
     DDP all-reduces several per step (after its first, which is always one), and in
-    bfloat16 each worker puts half the gradient's bytes on the link."""
+    bfloat16 each worker puts half the gradient's bytes on the link. Worker 2
+    straggles (1.5x): it waits, beside its compute, half as long as that."""
     from raylocal.baselines.ddp import train_ddp
     from raylocal.core.data import load_dataset
     from raylocal.training.trainer import build_glow
@@ -240,13 +241,14 @@ def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compresse
     config = RaylocalConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
         warmup_steps=2, threads=1, samples=0, progress=False, link="bw=1Gbit", bucket_cap_mb=0.001,
-        ddp_compression="bf16",
+        ddp_compression="bf16", inject="straggle:2@1.5",
     )  # fmt: skip
     stats: dict = {}
     train_ddp(config, load_dataset("mnist", mnist_dir).train, 2, 1, 1e-3, tmp_path / "ddp", cpus_per_worker=0.5,
               stats=stats)  # fmt: skip
     params = sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters())
     assert stats["steps"] == 4 and stats["buckets_per_step"] > 2
+    assert 0 < stats["straggled_s"] < stats["seconds"] / 3  # 0.5 of its compute, a third of its time at most
     assert stats["bytes_per_step"] == pytest.approx(ring_bytes(params / 2, 2), rel=1e-6)
 
 

@@ -479,7 +479,7 @@ class DataParallelWorker:
         import ray.train
 
         idle = self.idle_s + (self.hook.idle_s if self.hook else 0.0)
-        worst = self.control([idle, peak_rss_mb()])
+        worst = self.control([idle, peak_rss_mb(), self.straggler.waited_s])
         self._all_reduce(worst, "max")
         sent = self.bytes_averaged + (self.hook.bytes_sent if self.hook else 0.0)
         stats = {
@@ -491,6 +491,7 @@ class DataParallelWorker:
             "skipped_batches": self.guard.skipped,  # rank 0's (under DDP every worker skips the same)
             "idle_s": float(worst[0]),  # the most idle worker
             "peak_rss_mb": float(worst[1]),  # the largest worker
+            "straggled_s": float(worst[2]),  # what a straggler (--inject straggle) added to its compute
             "where": {
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(),

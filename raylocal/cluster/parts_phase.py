@@ -31,12 +31,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raylocal.cluster.connect import connect, errors_in_one_line
 from raylocal.cluster.placement import Placement, actor_device
+from raylocal.cluster.preflight import check_run
 from raylocal.cluster.queue import LatentQueue
 from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData
 from raylocal.core.faults import apply_worker_faults, parse_faults
-from raylocal.core.links import check_links
 from raylocal.core.runlog import Progress, peak_rss_mb
 from raylocal.errors import ClusterError
 from raylocal.pipeline.worker import PartLoop, PartWorker, staleness_summary, tensor_bytes
@@ -241,8 +241,8 @@ class PartsPhase:
         train_ref: Any = None,
         placement: Placement | None = None,
     ) -> None:
+        check_run(config, data.shape)  # what the driver can check, before Ray starts anything
         connect(config)
-        check_links(config.link, n_parts)
         self.config, self.n_parts = config, n_parts
         self.n_steps = config.epochs * (len(data.train) // config.batch_size)
         self.train_ref = train_ref or ray.put(data.train)  # the images, once in the object store

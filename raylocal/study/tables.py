@@ -68,7 +68,6 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
         if not seeds:  # --finished-only: no pair with the baseline yet
             continue
         config = study.arms[arm]
-        parts_epochs = config.get("epochs", study.base.get("epochs", 1))
         row: dict[str, Any] = {"arm": arm, "config": config, "seeds": seeds}
         for key in ("after_parts", "wall_time", "parallel_epochs", "rollbacks", "part_lrs"):
             row[key] = [per_seed[s][key] for s in seeds]
@@ -76,46 +75,61 @@ def analyse(study: Study, runs: dict[str, dict[int, dict]]) -> list[dict[str, An
         row["staleness"] = [v for v in (per_seed[s]["staleness"] for s in seeds) if v is not None]
         row["time_ratio"] = time_ratios(per_seed, base, seeds)
         if arm != study.baseline:
-            curved = [s for s in seeds if base[s]["curve"]]
-            compared = {
-                "final_same_epochs": [per_seed[s]["test_bpd"] - base[s]["test_bpd"] for s in seeds],
-                "after_parts_same_epochs": [
-                    per_seed[s]["after_parts"] - bpd_at_epoch(base[s], parts_epochs)
-                    for s in curved
-                    if config.get("schedule") != "e2e"  # (an e2e arm has no parts phase)
-                ],
-                "final_same_wall_clock": [
-                    per_seed[s]["test_bpd"] - at_time
-                    for s in curved
-                    if same_load(per_seed[s], base[s])
-                    and (at_time := bpd_at_time(base[s], per_seed[s]["wall_time"])) is not None
-                ],
-                "final_same_parallel_time": [
-                    per_seed[s]["test_bpd"] - bpd_at_epochs(base[s], per_seed[s]["parallel_epochs"])
-                    for s in curved
-                    # against a baseline that trains as one model (e2e), not against another set of parts
-                    if per_seed[s]["parallel_epochs"] is not None and base[s]["parallel_epochs"] is None
-                ],
-            }
-            row["vs_baseline"] = {key: decide(diffs) for key, diffs in compared.items() if diffs}
-            if study.tight_margin and compared["final_same_epochs"]:
-                row["vs_baseline"]["final_same_epochs_tight"] = decide(
-                    compared["final_same_epochs"], study.tight_margin
-                )
-        other = study.contrasts.get(arm)
-        if other is not None and set(per_seed) & set(runs.get(other, {})):
-            pairs = sorted(set(per_seed) & set(runs[other]))
-            diffs = {
-                key: [per_seed[s][field] - runs[other][s][field] for s in pairs]
-                for key, field in (("final", "test_bpd"), ("after_parts", "after_parts"))
-            }
-            # seed by seed as well: Q4's figure plots each run's difference at its own staleness
-            row["vs_contrast"] = {
-                "arm": other, "seeds": pairs, "per_seed": diffs, "staleness": [per_seed[s]["staleness"] for s in pairs]
-            } | {key: decide(values) for key, values in diffs.items()}  # fmt: skip
+            row["vs_baseline"] = versus_baseline(study, config, per_seed, base, seeds)
+        contrast = versus_contrast(per_seed, runs, study.contrasts.get(arm))
+        if contrast is not None:
+            row["vs_contrast"] = contrast
         rows.append(row)
     adjust_family(family(rows))
     return rows
+
+
+def versus_baseline(
+    study: Study, config: dict[str, Any], per_seed: dict[int, dict], base: dict[int, dict], seeds: list[int]
+) -> dict[str, dict[str, Any]]:
+    """An arm against the study's baseline, paired by seed: at the same epochs (at
+    the end, and after the parts phase), the same wall clock and the same parallel time."""
+    parts_epochs = config.get("epochs", study.base.get("epochs", 1))
+    curved = [s for s in seeds if base[s]["curve"]]
+    compared = {
+        "final_same_epochs": [per_seed[s]["test_bpd"] - base[s]["test_bpd"] for s in seeds],
+        "after_parts_same_epochs": [
+            per_seed[s]["after_parts"] - bpd_at_epoch(base[s], parts_epochs)
+            for s in curved
+            if config.get("schedule") != "e2e"  # (an e2e arm has no parts phase)
+        ],
+        "final_same_wall_clock": [
+            per_seed[s]["test_bpd"] - at_time
+            for s in curved
+            if same_load(per_seed[s], base[s])
+            and (at_time := bpd_at_time(base[s], per_seed[s]["wall_time"])) is not None
+        ],
+        "final_same_parallel_time": [
+            per_seed[s]["test_bpd"] - bpd_at_epochs(base[s], per_seed[s]["parallel_epochs"])
+            for s in curved
+            # against a baseline that trains as one model (e2e), not against another set of parts
+            if per_seed[s]["parallel_epochs"] is not None and base[s]["parallel_epochs"] is None
+        ],
+    }
+    decided = {key: decide(diffs) for key, diffs in compared.items() if diffs}
+    if study.tight_margin and compared["final_same_epochs"]:
+        decided["final_same_epochs_tight"] = decide(compared["final_same_epochs"], study.tight_margin)
+    return decided
+
+
+def versus_contrast(per_seed: dict[int, dict], runs: dict[str, dict[int, dict]], other: str | None) -> dict | None:
+    """An arm against its contrast arm, paired by seed (None without one, or without a common seed)."""
+    if other is None or not set(per_seed) & set(runs.get(other, {})):
+        return None
+    pairs = sorted(set(per_seed) & set(runs[other]))
+    diffs = {
+        key: [per_seed[s][field] - runs[other][s][field] for s in pairs]
+        for key, field in (("final", "test_bpd"), ("after_parts", "after_parts"))
+    }
+    # seed by seed as well: Q4's figure plots each run's difference at its own staleness
+    return {
+        "arm": other, "seeds": pairs, "per_seed": diffs, "staleness": [per_seed[s]["staleness"] for s in pairs]
+    } | {key: decide(values) for key, values in diffs.items()}  # fmt: skip
 
 
 def family(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -194,6 +194,33 @@ def run_trial(
     tune.report(reporter.metrics(parts.state, polled, done=True))
 
 
+def _trainable(
+    base: RaylocalConfig,
+    data: ImageData,
+    space_path: str,
+    report_every: int,
+    checkpoints: bool,
+    cpus_per_trial: float | None,
+) -> Any:
+    """``run_trial`` with the study's fixed arguments, reserving each trial's
+    part actors in its placement group."""
+    from ray import tune
+
+    from raylocal.cluster.placement import trial_bundles
+
+    return tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            base_json=base.model_dump_json(),
+            space_path=str(Path(space_path).resolve()),
+            data=data,
+            report_every=report_every,
+            checkpoints=checkpoints,
+        ),
+        tune.PlacementGroupFactory(trial_bundles(base, cpus_per_trial)),
+    )
+
+
 def tune_study(
     base: RaylocalConfig,
     data: ImageData,
@@ -214,7 +241,7 @@ def tune_study(
     import ray
     from ray import tune
 
-    from raylocal.cluster.placement import default_gpu_share, trial_bundles
+    from raylocal.cluster.placement import default_gpu_share
 
     space = check_study(space_path, base.parts, scheduler)
     param_space = space.space(base.parts)
@@ -224,17 +251,7 @@ def tune_study(
         gpus = default_gpu_share(base, ray.cluster_resources().get("GPU", 0.0), max_concurrent or trials)
     base = base.model_copy(update={"cpus_per_part": base.cpus_per_part or 0.5, "gpus_per_part": gpus})
     max_reports = max(1, base.epochs * (len(data.train) // base.batch_size) // report_every) + 1
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            run_trial,
-            base_json=base.model_dump_json(),
-            space_path=str(Path(space_path).resolve()),
-            data=data,
-            report_every=report_every,
-            checkpoints=scheduler == "pbt",
-        ),
-        tune.PlacementGroupFactory(trial_bundles(base, cpus_per_trial)),
-    )
+    trainable = _trainable(base, data, space_path, report_every, scheduler == "pbt", cpus_per_trial)
     path = storage.resolve() / name
     if resume:
         if not tune.Tuner.can_restore(str(path)):
