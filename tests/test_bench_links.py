@@ -166,7 +166,26 @@ def test_the_targets_come_from_ratios_within_each_block():
     assert lines[0].startswith("10 Mbit: parts / DDP images/s = 3.33 [") and lines[0].endswith("met")
     assert lines[-1].startswith("inf: parts / one device = 1.80x median of 3 blocks (1.50, 2.00, 1.80;")
     assert lines[-1].endswith("target >= 1.75x): met")
-    assert "identical" in lines[1]  # equal BPDs in every block: no difference, and said so
+    assert lines[1].startswith("10Mbit: 2 parts − the best rival (2 DDP workers), test BPD +0.000")
+    assert lines[1].endswith("(target: lower, decided): MISSED (identical)")  # equal BPDs: no difference, said so
+
+
+def test_the_weak_link_target_takes_the_better_parts_and_the_best_rival_by_their_means():
+    bpd = {
+        "one-device": [3.0, 3.1, 3.0], "ddp": [3.3, 3.4, 3.35], "local-sgd": [3.20, 3.05, 3.30],
+        "pipeline": [3.5, 3.5, 3.5], "parts": [3.10, 3.15, 3.12], "parts+ft": [3.00, 3.20, 3.02],
+    }  # fmt: skip
+    # parts+ft's mean 3.073 beats the parts' 3.123 (though not in seed 1); local SGD's 3.183 is the best rival
+    line = race.parts_against_rivals(_race(bpd, {}, "1Mbit"), "1Mbit", [0, 1, 2])
+    diffs = [a - b for a, b in zip(bpd["parts+ft"], bpd["local-sgd"])]
+    from scipy import stats as scipy_stats
+
+    t = scipy_stats.t.ppf(0.975, 2) * scipy_stats.tstd(diffs) / 3**0.5
+    mean = sum(diffs) / 3
+    assert line.startswith(
+        f"1Mbit: 2 parts + fine-tune − the best rival (2 local-SGD workers), test BPD {mean:+.3f} "
+        f"[{mean - t:+.3f}, {mean + t:+.3f}] (target: lower, decided): MISSED (undecided; about "
+    )
 
 
 def test_the_figure_draws_each_method_from_the_slowest_link_to_the_fastest():
