@@ -132,12 +132,16 @@ def _bits(bps: float) -> str:
 # ---------------------------------------------------------------- one cell, in its own process
 
 
-def own_ray() -> None:
+def own_ray(join: bool = False) -> None:
     """A Ray instance of the cell's own, 2 CPUs, even where another runs on this host
-    (a plain ``ray.init`` would join that one)."""
+    (a plain ``ray.init`` would join that one); with ``join``, the cluster at
+    RAY_ADDRESS instead (the calibration's real network, ``raylocal.bench.calibrate``)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if join:
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 
 
 def _data(args: dict[str, Any]):
@@ -147,7 +151,7 @@ def _data(args: dict[str, Any]):
 
 
 def _config(args: dict[str, Any], **extra: Any) -> RaylocalConfig:
-    link = LINKS[args["link"]] if args.get("link") else "up"
+    link = args.get("link_spec") or (LINKS[args["link"]] if args.get("link") else "up")
     values = {**BENCH_MODEL, "link": link, "epochs": 1000, "seed": args.get("seed", 0)}
     values.update(extra)
     if values.get("schedule") != "e2e":  # two workers, parts or stages: one of them may straggle
@@ -196,7 +200,7 @@ def run_data_parallel(args: dict[str, Any], average_every: int, state=None, budg
         args, average_every=average_every, outer_lr=outer, average_overlap=overlap,
         bucket_cap_mb=args.get("bucket_cap_mb"), ddp_compression=args.get("ddp_compression") or "none",
     )  # fmt: skip
-    own_ray()
+    own_ray(args.get("join", False))
     stats: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         weights, _ = train_ddp(
@@ -227,8 +231,9 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
         args, schedule="async", parts=2, cpus_per_part=1.0, gpus_per_part=0.0, starve="stale",
         full="drop-oldest", queue_size=args.get("queue_size") or 1, sync_every=args.get("sync_every") or 50,
         part_spec=args["split"], time_budget=args["budget"], wire_dtype=args.get("wire_dtype", "float32"),
+        placement=args.get("placement", "pack"),
     )  # fmt: skip
-    own_ray()
+    own_ray(args.get("join", False))
     service = ModelService(config, data.shape, "cpu")
     plan = service.plan(data.train)
     snapshot: dict[str, Any] = {}
@@ -288,7 +293,7 @@ def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
         part_spec=args["split"],
         queue_size=args["micro_batches"],
     )  # fmt: skip (an async config: the plan cuts it where the parts cut it; an e2e one has one part)
-    own_ray()
+    own_ray(args.get("join", False))
     bounds = [tuple(b) for b in ModelService(config, data.shape, "cpu").plan(data.train)["bounds"]]
     state, stages = train_pipeline_parallel(config, data, bounds, "1f1b", args["micro_batches"], budget=args["budget"])
     ray.shutdown()

@@ -204,7 +204,9 @@ def start_ray(net: Network, cpus: int, port: int = 6379) -> dict[str, str]:
         where = ["--head", "--port", str(port), "--temp-dir", temp, "--include-dashboard", "false"] if k == 0 else []
         where += [] if k == 0 else ["--address", head]
         argv = [RAY, "start", *where, "--node-ip-address", net.address(k), "--resources", f'{{"node{k}": 1}}']
-        done = net.run(k, [*argv, *common], env=env, capture_output=True, text=True, timeout=120)
+        # gloo binds where the host name resolves, outside the namespace: name the node's own veth
+        here = env | {"GLOO_SOCKET_IFNAME": f"{net.tag}n{k}i"}
+        done = net.run(k, [*argv, *common], env=here, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise ClusterError(f"ray start on node {k}: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     return env

@@ -1,0 +1,200 @@
+"""The link emulator against real links (issue 34).
+
+Each method runs twice at each rate, back to back: over a real link, on two
+Ray nodes in network namespaces joined by veths that ``tbf`` shapes in the
+kernel (``raylocal.tools.netns``), and beside it as its emulated twin, on one
+Ray node of this host with the link emulated at the same bandwidth and no
+latency (the kernel here cannot delay: no ``netem``).
+
+    python -m raylocal.bench.calibrate                        # 100, 10 and 1 Mbit, 30 s per cell
+    python -m raylocal.bench.calibrate --rates 10mbit --methods parts --budget 20
+
+A cell is one of the race's own contestants (``raylocal.bench.links``):
+
+- ``parts``: 2 async parts; on the real network one per node (``--placement
+  spread``), so that latents and weight syncs cross Ray's object manager over
+  the shaped veth;
+- ``ddp``: 2 DDP workers, one per node, gloo all-reducing over the veth;
+- ``local-sgd``: 2 workers averaging every 50 steps over it.
+
+Each node offers one CPU, so the two workers or parts sit one per node. The
+kernel's interface counters on both nodes count what really crossed; over the
+same seconds before the cell, the idle cluster's own traffic (Ray's control
+messages) is measured and reported beside it. Results: ``OUT/calibration/``,
+one JSON per cell and ``table.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+RATES = ("100mbit", "10mbit", "1mbit")
+METHODS = ("parts", "ddp", "local-sgd")
+IDLE_S = 10.0  # seconds of the idle cluster's traffic measured before each real cell
+
+
+def emulated_link(rate: str) -> str:
+    """The emulator's twin of a ``tbf`` rate: the same bandwidth, no latency."""
+    m = re.fullmatch(r"([\d.]+)([kmg])bit", rate.lower())
+    if not m:
+        raise ValueError(f"rate {rate!r} is not like 10mbit")
+    return f"bw={m.group(1)}{m.group(2).upper()}bit,lat=0ms"
+
+
+def cell_args(method: str, rate: str, real: bool, budget: float, seed: int) -> dict[str, Any]:
+    """What ``raylocal.bench.links``' contestant runs with: the race's model and
+    settings, over no emulated link when the link is real."""
+    return {
+        "method": method, "link_spec": "up" if real else emulated_link(rate), "seed": seed, "budget": budget,
+        "train_subset": None, "test_subset": 2000, "split": None, "join": real,
+        "placement": "spread" if real else "pack",
+        "average_every": 50 if method == "local-sgd" else 0, "outer_lr": None, "average_overlap": False,
+        "bucket_cap_mb": None, "ddp_compression": "none", "sync_every": 50, "queue_size": 1,
+    }  # fmt: skip
+
+
+def run_contestant(args: dict[str, Any]) -> dict[str, Any]:
+    """One contestant in this process (it joins RAY_ADDRESS when set, else starts its own Ray)."""
+    from raylocal.bench import links
+
+    if args["method"] == "parts":
+        result = links.run_parts(args)
+    else:
+        result = links.run_data_parallel(args, args["average_every"])
+    result.pop("state", None)
+    return result
+
+
+def interface_bytes(net: Any) -> int:
+    """Bytes sent by every node's veth so far (what crossed the bridge), from the kernel."""
+    total = 0
+    for k in range(len(net.rates)):
+        shown = subprocess.run(
+            ["ip", "-n", net.node(k), "-s", "-j", "link", "show", "dev", f"{net.tag}n{k}i"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        total += json.loads(shown.stdout)[0]["stats64"]["tx"]["bytes"]
+    return total
+
+
+def real_cell(method: str, rate: str, budget: float, seed: int) -> dict[str, Any]:
+    """``method`` over a real ``rate`` link between two namespaced Ray nodes."""
+    from raylocal.tools import netns
+
+    with netns.Network([rate, rate]) as net:
+        env = netns.start_ray(net, cpus=1)
+        idle_from = interface_bytes(net)
+        time.sleep(IDLE_S)
+        idle = (interface_bytes(net) - idle_from) / IDLE_S
+        start = interface_bytes(net)
+        argv = [sys.executable, "-m", "raylocal.bench.calibrate", "--cell", json.dumps(cell_args(method, rate, True,
+                budget, seed))]  # fmt: skip
+        done = net.run(0, argv, env=env, capture_output=True, text=True, timeout=int(budget) + 600)
+        crossed = interface_bytes(net) - start
+    return _result(done, method) | {"kernel_bytes": crossed, "idle_bytes_per_s": idle}
+
+
+def emulated_cell(method: str, rate: str, budget: float, seed: int) -> dict[str, Any]:
+    """``method``'s twin: one Ray node of this host, the link emulated."""
+    argv = [sys.executable, "-m", "raylocal.bench.calibrate", "--cell", json.dumps(cell_args(method, rate, False,
+            budget, seed))]  # fmt: skip
+    return _result(subprocess.run(argv, capture_output=True, text=True, timeout=int(budget) + 600), method)
+
+
+def _result(done: subprocess.CompletedProcess, method: str) -> dict[str, Any]:
+    line = next((x for x in done.stdout.splitlines() if x.startswith("CELL ")), None)
+    if done.returncode != 0 or line is None:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise SystemExit(f"error: the {method} cell failed: " + " | ".join(tail))
+    return json.loads(line.removeprefix("CELL "))
+
+
+def figures(method: str, cell: dict[str, Any]) -> dict[str, float]:
+    """What the calibration compares of a cell: its rate, and its time waiting on the link."""
+    steps = cell["steps"] if isinstance(cell["steps"], int) else max(cell["steps"])
+    out = {"images/s": cell["images_per_s"], "s per step": cell["seconds"] / max(steps, 1)}
+    if method == "parts":
+        out["idle %"] = 100 * cell["idle"]
+        out["upstream steps behind"] = cell["behind_steps"][0] if cell.get("behind_steps") else float("nan")
+    elif method == "local-sgd":  # its averaging, over the link (DDP's real all-reduce has no hook to time it)
+        out["averaging %"] = 100 * cell["idle"]
+    return out
+
+
+def table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
+    """Per rate and method, each figure real against emulated, and the kernel's bytes against the project's."""
+    rows = [
+        "| rate | method | figure | real link | emulated | real / emulated |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (rate, method, kind), cell in cells.items():
+        if kind != "real" or (rate, method, "emulated") not in cells:
+            continue
+        twin = cells[(rate, method, "emulated")]
+        ours, theirs = figures(method, cell), figures(method, twin)
+        for name, value in ours.items():
+            ratio = value / theirs[name] if theirs[name] else float("nan")
+            rows.append(f"| {rate} | {method} | {name} | {value:.3g} | {theirs[name]:.3g} | {ratio:.2f} |")
+        # the emulator's count for as many steps as the real cell trained (the real DDP has no hook to count)
+        steps = cell["steps"] if isinstance(cell["steps"], int) else cell["steps"][0]
+        counted = twin["bytes_per_step"] * steps * (2 if method != "parts" else 1)
+        control = cell["idle_bytes_per_s"] * cell["seconds"]
+        rows.append(
+            f"| {rate} | {method} | bytes: kernel (Ray's idle traffic {control / 1e3:.0f} kB of it) against "
+            f"ours | {cell['kernel_bytes'] / 1e6:.3g} MB | {counted / 1e6:.3g} MB | "
+            f"{cell['kernel_bytes'] / counted if counted else float('nan'):.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rates", default=",".join(RATES), help="tbf rates, comma-separated (like 10mbit)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"of {', '.join(METHODS)}")
+    p.add_argument("--budget", type=float, default=30.0, help="seconds of training per cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench_runs", help="results go to OUT/calibration/")
+    p.add_argument("--cell", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.cell:
+        print("CELL " + json.dumps(run_contestant(json.loads(args.cell))), flush=True)
+        return 0
+    from raylocal.tools import netns
+
+    rates, methods = args.rates.split(","), args.methods.split(",")
+    bad = [m for m in methods if m not in METHODS] or [r for r in rates if not re.fullmatch(r"[\d.]+[kmg]bit", r)]
+    if bad:
+        print(f"error: {bad[0]!r} is not a method ({', '.join(METHODS)}) or a rate like 10mbit", file=sys.stderr)
+        return 2
+    why = netns.available()
+    if why is not None:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    out = Path(args.out) / "calibration"
+    out.mkdir(parents=True, exist_ok=True)
+    cells: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for rate in rates:
+        for method in methods:
+            for kind, run in (("real", real_cell), ("emulated", emulated_cell)):
+                path = out / f"{method}-{rate}-{kind}.json"
+                if not path.is_file():
+                    print(f"-- {method} at {rate}, {kind}", flush=True)
+                    path.write_text(json.dumps(run(method, rate, args.budget, args.seed), indent=1))
+                cells[(rate, method, kind)] = json.loads(path.read_text())
+    (out / "table.md").write_text(table(cells) + "\n")
+    print(table(cells))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""raylocal/bench/calibrate.py: the emulated twin of a shaped link, the comparison table, bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from raylocal.bench import calibrate
+
+
+def test_the_twin_of_a_tbf_rate_is_the_same_bandwidth_without_latency():
+    from raylocal.core.links import LinkSpec
+
+    assert calibrate.emulated_link("10mbit") == "bw=10Mbit,lat=0ms"
+    assert LinkSpec.parse(calibrate.emulated_link("1mbit")).bandwidth == 1e6  # bits/s
+    assert LinkSpec.parse(calibrate.emulated_link("512kbit")).bandwidth == 512e3
+    assert LinkSpec.parse(calibrate.emulated_link("1mbit")).latency == 0
+    with pytest.raises(ValueError, match="rate '10 megabits' is not like 10mbit"):
+        calibrate.emulated_link("10 megabits")
+
+
+def test_the_table_sets_each_real_figure_beside_its_twin_and_the_kernel_bytes_beside_the_emulators():
+    real = {"images_per_s": 90.0, "seconds": 30.0, "steps": 600, "idle": 0.2, "bytes_per_step": 0.0,
+            "kernel_bytes": 2.5e6, "idle_bytes_per_s": 1000.0}  # fmt: skip
+    twin = {"images_per_s": 100.0, "seconds": 30.0, "steps": 700, "idle": 0.1, "bytes_per_step": 2000.0}
+    rows = calibrate.table({("10mbit", "local-sgd", "real"): real, ("10mbit", "local-sgd", "emulated"): twin})
+    lines = rows.splitlines()
+    assert "| 10mbit | local-sgd | images/s | 90 | 100 | 0.90 |" in lines
+    assert "| 10mbit | local-sgd | s per step | 0.05 | 0.0429 | 1.17 |" in lines  # 30/600 against 30/700
+    assert "| 10mbit | local-sgd | averaging % | 20 | 10 | 2.00 |" in lines
+    # the emulator counts 2000 bytes a step per worker: 600 steps x 2 workers = 2.4 MB; the kernel saw 2.5
+    assert lines[-1] == (
+        "| 10mbit | local-sgd | bytes: kernel (Ray's idle traffic 30 kB of it) against ours | 2.5 MB | 2.4 MB | 1.04 |"
+    )
+
+
+def test_a_bad_method_or_rate_is_one_line_before_anything_starts(capsys):
+    assert calibrate.main(["--methods", "parts,allreduce"]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: 'allreduce' is not a method (parts, ddp, local-sgd) or a rate like 10mbit"
+    )
+    assert calibrate.main(["--rates", "10mbps"]) == 2
+    assert "'10mbps' is not a method" in capsys.readouterr().err
