@@ -224,6 +224,8 @@ def test_the_sweep_tunes_each_rival_per_link_and_the_race_runs_each_at_its_best(
     def fake_run_cell(cell, opts, out, host, split, tuned=None):  # BPD from the setting: a known winner per link
         settings = bench.cell_settings(cell, opts, split, tuned)
         ran.append((cell, opts.budget, settings))
+        if cell.variant == "micro2":  # a failure is kept, and never chosen
+            raise bench.CellFailed(f"error: cell {cell.name} failed: boom")
         h = settings["average_every"] or 0
         bpd = {"10Mbit": abs(h - 250), "1Mbit": abs(h - 1000)}[cell.link] / 1000 + 3.0
         if cell.method == "ddp":
@@ -232,6 +234,8 @@ def test_the_sweep_tunes_each_rival_per_link_and_the_race_runs_each_at_its_best(
             )
         if cell.method == "parts":
             bpd = 3.0  # every setting ties: the grid's first wins
+        if cell.method == "pipeline":
+            bpd = 3.0 if settings["micro_batches"] == 4 else 3.1
         return {"test_bpd": bpd, "images_per_s": 10.0, "bytes_per_step": 1e3, "idle": 0.0}
 
     monkeypatch.setattr(bench, "run_cell", fake_run_cell)
@@ -243,11 +247,20 @@ def test_the_sweep_tunes_each_rival_per_link_and_the_race_runs_each_at_its_best(
     assert len(ran) == 2 * per_link and {(c.seed, budget) for c, budget, _ in ran} == {(7, 0.5)}
     assert best["10Mbit"]["local-sgd"]["variant"] == "H250" and best["1Mbit"]["local-sgd"]["variant"] == "H1000"
     assert best["10Mbit"]["ddp"]["ddp_compression"] == "bf16" and best["1Mbit"]["ddp"]["variant"] == "cap0.1MB-powersgd"
-    assert best["10Mbit"]["parts"]["variant"] == "sync50-q1"
+    assert best["10Mbit"]["parts"]["variant"] == "sync50-q1" and best["1Mbit"]["pipeline"]["variant"] == "micro4"
+    stored = json.loads((tmp_path / "sweep" / "pipeline-1Mbit-s7-micro2.json").read_text())
+    assert (
+        stored["failed"] == "error: cell pipeline-1Mbit-s7-micro2 failed: boom"
+        and stored["settings"]["micro_batches"] == 2
+    )
     assert json.loads((tmp_path / "sweep" / "best.json").read_text()) == json.loads(json.dumps(best))
     table = (tmp_path / "sweep" / "table.md").read_text().splitlines()
     assert len(table) == 2 + 2 * per_link and sum("**yes**" in row for row in table) == 2 * len(sweep.SWEEP_GRID)
     assert "| 1Mbit | 2 local-SGD workers | H1000 | 10 | 1.0 kB | 0.0 | 3.0000 | **yes** |" in table
+    assert (
+        "| 1Mbit | 2-stage pipeline (1F1B) | micro2 | failed: error: cell pipeline-1Mbit-s7-micro2 failed: boom |"
+        in "\n".join(table)
+    )
     # the race: each cell at its link's best, the flags where the sweep has nothing to say
     sgd = bench.cell_settings(race.Cell("local-sgd", "1Mbit", 0), OPTS, SPLIT, sweep.race_settings(best, race.Cell(
         "local-sgd", "1Mbit", 0)))  # fmt: skip

@@ -268,23 +268,24 @@ def test_a_bucket_of_several_messages_sends_each_after_the_one_before_is_back():
 
 def test_powersgd_messages_follow_torchs_own_compression_rule():
     """For each gradient, torch's ``_should_compress`` (the rule ``powerSGD_hook``
-    applies) decides whether it crosses whole or as P (rows x r) then Q (rest x r)."""
+    applies) decides whether it crosses whole (the first all-reduce) or as P (rows x r, the
+    second) and Q (rest x r, the third)."""
     from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
 
     from raylocal.baselines.ddp import powersgd_messages
 
     grads = [torch.zeros(64, 8, 3, 3), torch.zeros(64), torch.zeros(10, 2304), torch.zeros(3, 3), torch.zeros(4, 1)]
-    first = second = 0
+    whole = ps = qs = 0
     for g in grads:
         n, m = g.shape[0], g.numel() // g.shape[0]
         r = min(n, m, 2)
         if _should_compress(n, m, r, 2)[0]:
-            first, second = first + n * r, second + m * r
+            ps, qs = ps + n * r, qs + m * r
         else:
-            first += g.numel()
-    assert powersgd_messages(grads, rank=2) == [first, second]
+            whole += g.numel()
+    assert powersgd_messages(grads, rank=2) == [whole, ps, qs]
     # the conv (64 x 72) and the linear layer (10 x 2304) compress; the bias and the small ones cross whole
-    assert [first, second] == [64 * 2 + 64 + 10 * 2 + 9 + 4, 72 * 2 + 2304 * 2]
+    assert [whole, ps, qs] == [64 + 9 + 4, 64 * 2 + 10 * 2, 72 * 2 + 2304 * 2]
 
 
 def test_ddp_with_powersgd_over_the_link_sends_fewer_bytes_once_it_compresses(mnist_dir, tmp_path):

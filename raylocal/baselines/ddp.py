@@ -69,28 +69,32 @@ def _gloo_all_reduce(tensor: Tensor) -> torch.futures.Future:
 
 
 def powersgd_messages(gradients: list[Tensor], rank: int, min_compression_rate: float = 2.0) -> list[int]:
-    """The elements of the two all-reduces torch's ``powerSGD_hook`` makes for a
-    bucket once it compresses: the tensors it leaves uncompressed with every
-    compressed matrix's P, then every Q (sent after the P's are back). Which
-    gradients it compresses, viewed as (rows, rest) at rank min(rows, rest,
-    ``rank``), is torch's own ``_should_compress``."""
+    """The elements of the three all-reduces torch's ``powerSGD_hook`` makes for a
+    bucket once it compresses, each after the one before it is back: the tensors
+    it leaves uncompressed (possibly none: the round trip is still made), every
+    compressed matrix's P, then every Q. Which gradients it compresses, viewed
+    as (rows, rest) at rank min(rows, rest, ``rank``), is torch's own
+    ``_should_compress``."""
     from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
 
-    first = second = 0
+    whole = ps = qs = 0
     for g in gradients:
         n = g.shape[0] if g.dim() else 1
         m = g.numel() // n
         r = min(n, m, rank)
         if _should_compress(n, m, r, min_compression_rate)[0]:
-            first, second = first + n * r, second + m * r
+            ps, qs = ps + n * r, qs + m * r
         else:
-            first += g.numel()
-    return [first, second]
+            whole += g.numel()
+    return [whole, ps, qs]
 
 
 class PowerSGDReduce:
     """A bucket's all-reduce by torch's own ``powerSGD_hook`` (its compression,
-    error feedback and warm start), with the messages it puts on the wire."""
+    error feedback and warm start), with the messages it puts on the wire. The
+    hook chains its three all-reduces in callbacks, so buckets in flight at once
+    could issue their collectives in another order on each worker (gloo then
+    hangs): ``LinkedAllReduce`` runs one bucket's chain at a time."""
 
     def __init__(self, rank: int, start: int) -> None:
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
@@ -107,6 +111,13 @@ class PowerSGDReduce:
                 bucket.gradients(), self.state.matrix_approximation_rank, self.state.min_compression_rate
             )
         return self.hook(self.state, bucket), [n * tensor.element_size() for n in elements]
+
+    def forget(self) -> None:
+        """Drop the error feedback and warm start: after a skipped step they hold
+        the non-finite gradient, which would make every later one non-finite."""
+        self.state.error_dict.clear()
+        self.state.p_memory_dict.clear()
+        self.state.q_memory_dict.clear()
 
 
 class LinkedAllReduce:
@@ -148,9 +159,8 @@ class LinkedAllReduce:
     def __call__(self, bucket: Any) -> torch.futures.Future:
         tensor = bucket.buffer()
         self.buckets += 1
-        if self.reduce is not None:
-            reduced, messages = self.reduce(bucket)
-            wire = tensor
+        if self.reduce is not None:  # started on the wire's thread, one bucket after another
+            reduced, messages, wire = bucket, [], tensor
         else:
             wire = tensor.to(self.compress) if self.compress is not None else tensor
             wire.div_(self.world)
@@ -163,8 +173,13 @@ class LinkedAllReduce:
 
     def _send(self) -> None:
         while True:
-            _, messages, _, done, _, submitted = job = self._jobs.get()
+            job = self._jobs.get()
+            tensors, messages, reduced, done, last, submitted = job
             try:
+                if self.reduce is not None:  # this bucket's collectives, all done before the next bucket's
+                    reduced, messages = self.reduce(reduced)
+                    reduced.wait()
+                    job = (tensors, messages, reduced, done, last, submitted)
                 arrival = submitted
                 for message in messages:  # each after the one before it is back
                     nbytes = ring_bytes(message, self.world)
@@ -333,6 +348,7 @@ class DataParallelWorker:
             initialize([self.glow.whole()], x0)  # identical on every worker: same data, same seed
         self.link = LinkSpec.parse(config.link, 0, config.seed)
         self.hook: LinkedAllReduce | None = None
+        self.powersgd: PowerSGDReduce | None = None  # its state, to forget after a skipped step
         self.outer: OuterNesterov | None = None
         if config.average_every:  # local SGD: each worker its own model, averaged now and then
             self.model: nn.Module = NLL(self.glow)
@@ -366,11 +382,10 @@ class DataParallelWorker:
         powersgd = None
         if config.ddp_compression == "powersgd":
             powersgd = PowerSGDReduce(config.powersgd_rank, config.powersgd_start)
-        if not self.link.ideal:
+        self.powersgd = powersgd
+        if not self.link.ideal or powersgd is not None:  # PowerSGD's buckets one at a time, also on an ideal link
             self.hook = LinkedAllReduce(self.link, self.world, compress=compress, reduce=powersgd)
             self.model.register_comm_hook(self.hook, linked_all_reduce_hook)
-        elif powersgd is not None:
-            self.model.register_comm_hook(powersgd.state, powersgd.hook)
         elif compress is not None:
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -443,7 +458,8 @@ class DataParallelWorker:
                     group["lr"] = lr
                 began, waited = time.perf_counter(), self.link_wait()
                 loss = self.model(preprocess(to_device(batch, self.device), config.n_bits, self.noise))
-                self.guard.update(self.model, self.optimizer, loss, self.step)
+                if not self.guard.update(self.model, self.optimizer, loss, self.step) and self.powersgd:
+                    self.powersgd.forget()
                 # a straggler is slower at computing, not at sending: the hook's wait is left out
                 self.straggler.after(time.perf_counter() - began - (self.link_wait() - waited))
                 self.step += 1

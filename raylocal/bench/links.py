@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -444,6 +445,10 @@ def race_split(opts: argparse.Namespace, out: Path) -> str:
     return split
 
 
+class CellFailed(SystemExit):
+    """A cell's process failed: the race stops in one line; the sweep records it."""
+
+
 def run_cell(
     cell: Cell, opts: argparse.Namespace, out: Path, host: dict | None, split: str, tuned: dict | None = None
 ) -> dict[str, Any]:
@@ -468,8 +473,8 @@ def run_cell(
         [sys.executable, "-m", "raylocal.bench.links", "--cell", json.dumps(args)], capture_output=True, text=True
     )
     if proc.returncode != 0 or not path.is_file():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise SystemExit(f"error: cell {cell.name} failed:\n" + "\n".join(tail))
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+        raise CellFailed(f"error: cell {cell.name} failed: " + " ".join(tail))
     result = json.loads(path.read_text())
     print(f"   done in {time.perf_counter() - start:.0f} s: test BPD {result['test_bpd']:.4f}", flush=True)
     return result
@@ -487,7 +492,13 @@ def run_sweep(opts: argparse.Namespace, links: list[str], seed: int, out: Path, 
         if cell.link not in hosts and not (where / f"{cell.name}.json").is_file():
             hosts[cell.link] = host_figures(opts.probe)
         grid = SWEEP_GRID[cell.method][cell.variant] | {"variant": cell.variant}
-        results[cell] = run_cell(cell, short, where, hosts.get(cell.link), split, grid)
+        try:
+            results[cell] = run_cell(cell, short, where, hosts.get(cell.link), split, grid)
+        except CellFailed as e:  # a setting that fails is a result of the sweep, kept, and never chosen
+            failed = {"test_bpd": math.nan, "images_per_s": math.nan, "bytes_per_step": math.nan, "idle": math.nan,
+                      "failed": str(e), "settings": cell_settings(cell, short, split, grid)}  # fmt: skip
+            (where / f"{cell.name}.json").write_text(json.dumps(failed, indent=1))
+            results[cell] = failed
     table = sweep_table(results, links)
     best = best_settings(results, links)
     (where / "table.md").write_text(table + "\n")

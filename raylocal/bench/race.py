@@ -60,6 +60,11 @@ def race_cells(links: list[str], seeds: list[int]) -> list[Cell]:
     return [Cell(m, link, seed) for b, (seed, link) in enumerate(blocks) for m in block_order(b)]
 
 
+def _ranked(bpd: float) -> float:
+    """A mean BPD as ``min`` ranks it: a failed method's NaN is never the best."""
+    return math.inf if math.isnan(bpd) else bpd
+
+
 def _bpd(result: dict[str, Any]) -> float:
     return float(result["test_bpd"])
 
@@ -74,7 +79,7 @@ def compare_at_link(results: dict[Cell, dict[str, Any]], link: str, seeds: list[
         others = [o for o in methods if o != m]
         if not others:
             continue
-        best = min(others, key=means.__getitem__)
+        best = min(others, key=lambda o: _ranked(means[o]))
         diffs = [_bpd(results[Cell(m, link, s)]) - _bpd(results[Cell(best, link, s)]) for s in seeds]
         rows.append({"link": link, "method": m, "mean_bpd": means[m], "against": best} | decide(diffs))
     adjust_family(rows)
@@ -165,7 +170,7 @@ def parts_against_rivals(results: dict[Cell, dict[str, Any]], link: str, seeds: 
     paired by seed. Both choices are made on the means, never seed by seed."""
 
     def mean(method: str) -> float:
-        return statistics.fmean(_bpd(results[Cell(method, link, s)]) for s in seeds)
+        return _ranked(statistics.fmean(_bpd(results[Cell(method, link, s)]) for s in seeds))
 
     parts = min(("parts", AFTER_ALL), key=mean)
     rival = min(RIVALS, key=mean)

@@ -93,6 +93,9 @@ def sweep_table(results: dict[Cell, dict[str, Any]], links: list[str]) -> str:
             for c in _cells(method, link, results):
                 r = results[c]
                 chosen = "**yes**" if best[link][method]["variant"] == c.variant else ""
+                if "failed" in r:
+                    rows.append(f"| {link} | {LABELS[method]} | {c.variant} | failed: {r['failed']} |  |  |  |  |")
+                    continue
                 rows.append(
                     f"| {link} | {LABELS[method]} | {c.variant} | {r['images_per_s']:.0f} | "
                     f"{r['bytes_per_step'] / 1e3:.1f} kB | {100 * r['idle']:.1f} | {r['test_bpd']:.4f} | {chosen} |"
