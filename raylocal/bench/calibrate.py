@@ -125,7 +125,8 @@ def figures(method: str, cell: dict[str, Any]) -> dict[str, float]:
     out = {"images/s": cell["images_per_s"], "s per step": cell["seconds"] / max(steps, 1)}
     if method == "parts":
         out["idle %"] = 100 * cell["idle"]
-        out["upstream steps behind"] = cell["behind_steps"][0] if cell.get("behind_steps") else float("nan")
+        behind = cell.get("behind_steps") or [{"mean": float("nan")}]
+        out["upstream steps behind"] = behind[0]["mean"]
     elif method == "local-sgd":  # its averaging, over the link (DDP's real all-reduce has no hook to time it)
         out["averaging %"] = 100 * cell["idle"]
     return out
