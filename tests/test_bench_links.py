@@ -282,3 +282,16 @@ def test_a_race_cell_run_at_another_sweep_choice_is_refused(bench, tmp_path, mon
     assert bench.run_cell(cell, OPTS, tmp_path, None, SPLIT, chosen) == stored
     with pytest.raises(SystemExit, match=r"variant 'H250' here, 'H10' now, average_every 250 here, 10 now"):
         bench.run_cell(cell, OPTS, tmp_path, None, SPLIT, chosen | {"average_every": 10, "variant": "H10"})
+
+
+def test_the_race_seeds_are_1_to_3_and_never_the_sweeps(bench):
+    opts = bench._options([])
+    opts.sweep_budget = 30.0
+    assert bench.race_plan(opts)[1] == [1, 2, 3] and opts.sweep_seed == 0
+    assert bench.race_plan(bench._options(["--repeats", "5"]))[1] == [1, 2, 3, 4, 5]
+    clash = bench._options(["--seeds", "0-2"])
+    clash.sweep_budget = 30.0
+    with pytest.raises(SystemExit, match=r"^error: --sweep-seed 0 is also a race seed"):
+        bench.race_plan(clash)
+    clash.sweep_budget = 0.0  # no sweep: any seeds
+    assert bench.race_plan(clash)[1] == [0, 1, 2]

@@ -73,7 +73,7 @@ LINKS = {
 STRAGGLERS = {"10Mbit+straggler": "straggle:2@2"}
 QUICK_LINKS = ("inf", "10Mbit")
 QUICK_BUDGET = 10.0  # seconds per cell of --quick: 36 cells (2 links, 3 seeds) in about 15 minutes
-RACE_SEEDS = 3  # blocks per link, paired by seed
+RACE_SEEDS = 3  # blocks per link, paired by seed: seeds 1-3 (seed 0 is the sweep's)
 DEFAULTS = RaylocalConfig()  # what a cell leaves at the config's default (PowerSGD's rank and start)
 FINETUNE_AT = 2 / 3  # the share of the budget a parts run trains in parts before its fine-tune
 
@@ -525,11 +525,12 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help=f"{QUICK_BUDGET:.0f} s per cell, links inf and 10Mbit")
     p.add_argument("--budget", type=float, default=None, help="seconds per cell (default 300)")
     p.add_argument("--links", default=None, help=f"comma-separated, of {', '.join(LINKS)}")
-    p.add_argument("--seeds", default=None, help='the blocks\' seeds, "0,1,2" or "0-2" (default: 3 seeds)')
-    p.add_argument("--repeats", type=int, default=None, help="as --seeds 0-(N-1)")
+    p.add_argument("--seeds", default=None, help='the blocks\' seeds, "1,2,3" or "1-3" (default: 1-3)')
+    p.add_argument("--repeats", type=int, default=None, help="as --seeds 1-N")
+    p.add_argument("--sweep-seed", type=int, default=0, help="the sweep's seed, never one of the race's")
     p.add_argument("--sweep-budget", type=float, default=None,
-                   help="seconds per cell of the sweep that tunes each rival per link before the race, at the "
-                   "first seed (default 60; --quick: 0, no sweep, the options below as given)")  # fmt: skip
+                   help="seconds per cell of the sweep that tunes each rival per link before the race, at "
+                   "--sweep-seed (default 60; --quick: 0, no sweep, the options below as given)")  # fmt: skip
     p.add_argument("--average-every", type=int, default=50, help="local SGD's H")
     p.add_argument("--outer-lr", type=float, default=None, help="local SGD with DiLoCo's outer Nesterov step")
     p.add_argument("--average-overlap", action="store_true", help="local SGD's rounds overlap the next step")
@@ -562,9 +563,12 @@ def race_plan(opts: argparse.Namespace) -> tuple[list[str], list[int]]:
     if opts.repeats is not None and opts.repeats < 1:
         raise SystemExit(f"error: --repeats {opts.repeats}: needs at least 1")
     try:
-        seeds = parse_seeds(opts.seeds) if opts.seeds else list(range(opts.repeats or RACE_SEEDS))
+        seeds = parse_seeds(opts.seeds) if opts.seeds else list(range(1, (opts.repeats or RACE_SEEDS) + 1))
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
+    if getattr(opts, "sweep_budget", 0) and opts.sweep_seed in seeds:
+        raise SystemExit(f"error: --sweep-seed {opts.sweep_seed} is also a race seed: the sweep's choice would be "
+                         "judged on its own runs")  # fmt: skip
     return links, seeds
 
 
@@ -584,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     split = race_split(opts, out)
     print(f"split of every parts and pipeline cell: {split}", flush=True)
-    best = run_sweep(opts, links, seeds[0], out, split) if opts.sweep_budget > 0 else {}
+    best = run_sweep(opts, links, opts.sweep_seed, out, split) if opts.sweep_budget > 0 else {}
     results, hosts = {}, {}
     for cell in race_cells(links, seeds):
         block = (cell.seed, cell.link)
