@@ -430,8 +430,10 @@ class DataParallelWorker:
         """Every worker stops at the same step: the first one out of time decides."""
         if not budget:
             return False
-        flag = self.control([1.0 if time.perf_counter() - started >= budget else 0.0])
+        asked = time.perf_counter()
+        flag = self.control([1.0 if asked - started >= budget else 0.0])
         self._all_reduce(flag, "max")
+        self.idle_s += time.perf_counter() - asked  # a sync point: here a fast worker waits for a slow one
         return bool(flag.item())
 
     def link_wait(self) -> float:

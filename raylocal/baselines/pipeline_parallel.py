@@ -131,6 +131,7 @@ class PipelineStage:
 
     def update(self) -> None:
         """The batch's update, once every micro-batch has come back (GPipe's flush)."""
+        start = time.perf_counter()
         params = [p for p in self.part.parameters() if p.grad is not None]
         if self.config.grad_clip > 0 and params:
             torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
@@ -143,6 +144,9 @@ class PipelineStage:
         self.stats.losses.append(self._loss)
         self.stats.steps += 1
         self._loss = 0.0
+        computed = time.perf_counter() - start
+        self.stats.compute_s += computed
+        self.straggler.after(computed)
 
 
 @dataclass

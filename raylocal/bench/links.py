@@ -238,14 +238,16 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
     service = ModelService(config, data.shape, "cpu")
     plan = service.plan(data.train)
     snapshot: dict[str, Any] = {}
-    started: list[float] = []
+    clock: dict[str, float] = {}
 
     def take_snapshot(actors: list[Any], polled: list[dict[str, Any]]) -> None:
         # the parts' weights at 2/3 of the budget: where "parts + fine-tune" starts its fine-tune;
         # the budget counts from the first poll that finds every part training (as the parts' own)
-        started.append(started[0] if started else time.perf_counter())
-        if not snapshot and time.perf_counter() - started[0] >= FINETUNE_AT * args["budget"]:
+        now = time.perf_counter()
+        clock.setdefault("start", now)
+        if not snapshot and now - clock["start"] >= FINETUNE_AT * args["budget"]:
             snapshot.update(gather_weights(actors))
+            clock["snapshot_s"] = time.perf_counter() - clock["start"]  # the fine-tune has the rest
 
     with tempfile.TemporaryDirectory() as tmp:
         parts = run_parts_phase(config, data, plan, Progress(False), Path(tmp), take_snapshot)
@@ -273,7 +275,8 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
         "dropped_latents": report["dropped_latents"],
         "outage_latents": report["outage_latents"],
         "part_weight_bytes": sum(v.numel() * v.element_size() for k, v in parts.state.items() if k in first_part),
-        "state": snapshot or parts.state,
+        "snapshot_s": clock.get("snapshot_s"),  # None: the parts ended before 2/3 of the budget
+        "state": snapshot or None,
     }
 
 
@@ -321,7 +324,12 @@ def run_finetune(args: dict[str, Any]) -> dict[str, Any]:
     cells = {m: json.loads(path.with_suffix(".json").read_text()) for m, path in block.items()}
     spec = LinkSpec.parse(LINKS[args["link"]], seed=args["seed"])
     gather = Wire(spec, FakeClock(0.0)).deliver(cells["parts"]["part_weight_bytes"])
-    budget = args["budget"] * (1 - FINETUNE_AT) - gather
+    snapshot_s = cells["parts"].get("snapshot_s", FINETUNE_AT * args["budget"])  # (cells from before it was kept)
+    if snapshot_s is None:
+        raise SystemExit(
+            f"error: the block's parts ended before {FINETUNE_AT:.0%} of the budget: no weights to fine-tune"
+        )
+    budget = args["budget"] - snapshot_s - gather
     on = "ddp" if cells["ddp"]["images_per_s"] > cells["one-device"]["images_per_s"] else "one device"
     if budget <= 0:
         return {"test_bpd": float("nan"), "finetune_on": on, "gather_s": gather, "note": "no time left"}

@@ -499,9 +499,7 @@ class PartLoop:
             t0 = time.perf_counter()
             with self.guard:
                 result = worker.trainer.step(x)
-            computed = time.perf_counter() - t0
-            st.compute_s += computed
-            self.straggler.after(computed)
+            self._computed(time.perf_counter() - t0)
             worker.step += 1
             if worker.step == 1:
                 st.first_step_time = self.clock.now()
@@ -557,13 +555,18 @@ class PartLoop:
         if self.on_step is not None:
             self.on_step(worker)  # step 0: e.g. a checkpoint, so that a restart never redoes the init
 
+    def _computed(self, seconds: float) -> None:
+        """Compute time, counted, and as long again for each extra factor of a straggler."""
+        self.worker.stats.compute_s += seconds
+        self.straggler.after(seconds)
+
     def _next_input(self) -> tuple[Tensor, int | None]:
         """The input of this step and the upstream step whose weights made it."""
         worker, st = self.worker, self.worker.stats
         if self.k == 0:
             t0 = time.perf_counter()
             x = worker.data_batch()
-            st.compute_s += time.perf_counter() - t0
+            self._computed(time.perf_counter() - t0)
             return x, None
         packet = None if self.upstream_ended else self._receive(block=self.wait_for_fresh)
         if packet is not None and packet["kind"] == "data" and packet["latent"] is not None:
@@ -571,7 +574,7 @@ class PartLoop:
             return packet["latent"].to(worker.device), int(packet["step"])
         t0 = time.perf_counter()
         x = worker.stale_input()
-        st.compute_s += time.perf_counter() - t0
+        self._computed(time.perf_counter() - t0)
         st.stale_steps += 1
         return x, worker.versions.get(self.k - 1, 0)
 
