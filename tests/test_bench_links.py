@@ -71,7 +71,7 @@ def test_each_block_runs_every_contestant_in_an_order_that_rotates_and_the_fine_
 
 OPTS = type("Opts", (), dict(
     budget=1.0, test_subset=10, train_subset=None, average_every=5, outer_lr=None, average_overlap=False,
-    bucket_cap_mb=None, ddp_compression="none", sync_every=50, queue_size=1, micro_batches=4,
+    bucket_cap_mb=None, ddp_compression="none", sync_every=50, queue_size=1, micro_batches=4, finished_only=False,
 ))  # fmt: skip
 SPLIT = "layers:0-9|10-20"
 
@@ -295,3 +295,22 @@ def test_the_race_seeds_are_1_to_3_and_never_the_sweeps(bench):
         bench.race_plan(clash)
     clash.sweep_budget = 0.0  # no sweep: any seeds
     assert bench.race_plan(clash)[1] == [0, 1, 2]
+
+
+def test_finished_only_runs_nothing_and_tables_only_whole_seeds(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail("a cell ran"))
+    monkeypatch.setattr(bench, "host_figures", lambda probe: pytest.fail("a probe ran"))
+    (tmp_path / "split.json").write_text(json.dumps({"split": SPLIT}))
+    argv = ["--finished-only", "--out", str(tmp_path), "--links", "10Mbit", "--seeds", "1,2", "--sweep-budget", "0",
+            "--budget", "1"]  # fmt: skip
+    opts = bench._options(argv)
+    opts.budget, opts.sweep_budget = 1.0, 0.0
+    for seed in (1, 2):  # seed 1 whole, seed 2 without its fine-tune
+        for m in race.METHODS[: None if seed == 1 else -1]:
+            cell = race.Cell(m, "10Mbit", seed)
+            result = {"test_bpd": 3.0 + seed, "images_per_s": 1.0, "bytes_per_step": 1.0, "idle": 0.0}
+            result |= {"settings": bench.cell_settings(cell, opts, SPLIT), "host": None}
+            (tmp_path / f"{cell.name}.json").write_text(json.dumps(result))
+    bench.main(argv)
+    out = capsys.readouterr().out
+    assert "# 1 s per cell, 1 seeds" in out and "| 10Mbit | 2 parts | 1 | 0 of 1 blocks |" in out

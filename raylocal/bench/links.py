@@ -55,7 +55,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import torch
 
 from raylocal.baselines.projection import StepModel, bandwidth_losing, wire_bytes_per_step
-from raylocal.bench.race import Cell, check_targets, plot, race_cells, results_table
+from raylocal.bench.race import METHODS, Cell, check_targets, plot, race_cells, results_table
 from raylocal.bench.sweep import SWEEP_GRID, best_settings, race_settings, sweep_cells, sweep_table
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.links import FakeClock, LinkSpec, Wire
@@ -497,6 +497,8 @@ def run_sweep(opts: argparse.Namespace, links: list[str], seed: int, out: Path, 
     short = argparse.Namespace(**vars(opts) | {"budget": opts.sweep_budget})
     results, hosts = {}, {}
     for cell in sweep_cells(links, seed):
+        if opts.finished_only and not (where / f"{cell.name}.json").is_file():
+            continue
         if cell.link not in hosts and not (where / f"{cell.name}.json").is_file():
             hosts[cell.link] = host_figures(opts.probe)
         grid = SWEEP_GRID[cell.method][cell.variant] | {"variant": cell.variant}
@@ -554,6 +556,8 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--step-time", type=float, default=0.2, help="seconds per step for the projection")
     p.add_argument("--probe", type=float, default=10.0, help="seconds of the host-speed probe of each block (0: none)")
     p.add_argument("--project-only", action="store_true", help="print the projection and stop")
+    p.add_argument("--finished-only", action="store_true",
+                   help="run nothing: the tables of the seeds whose every block has finished")  # fmt: skip
     p.add_argument("--out", default=None, help="directory of the cells' results (default bench_runs/links[-quick])")
     p.add_argument("--cell", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -599,11 +603,17 @@ def main(argv: list[str] | None = None) -> None:
     best = run_sweep(opts, links, opts.sweep_seed, out, split) if opts.sweep_budget > 0 else {}
     results, hosts = {}, {}
     for cell in race_cells(links, seeds):
+        if opts.finished_only and not (out / f"{cell.name}.json").is_file():
+            continue
         block = (cell.seed, cell.link)
         if block not in hosts and not (out / f"{cell.name}.json").is_file():
             hosts[block] = host_figures(opts.probe)  # at the start of the block: its host speed
             print(f"block seed {cell.seed}, {cell.link}: host {hosts[block]}", flush=True)
         results[cell] = run_cell(cell, opts, out, hosts.get(block), split, race_settings(best, cell))
+    seeds = [s for s in seeds if all(Cell(m, link, s) in results for m in METHODS for link in links)]
+    if not seeds:
+        print("no seed has finished every block yet")
+        return None
     table = results_table(results, links, seeds)
     tuning = "each rival at its best setting of the sweep" if best else "the options as given, no sweep"
     print(f"\n# {opts.budget:.0f} s per cell, {len(seeds)} seeds, {os.cpu_count()} cores here, {tuning}\n{table}\n")
