@@ -486,8 +486,8 @@ class PartLoop:
         self.deadline = st.start_time + config.time_budget if config.time_budget else math.inf
         # every part trains n_steps steps, so its own steps are the run's clock; a
         # run-wide decay runs on through the fine-tune phase
-        clock = LRClock(config.lr_schedule == "cosine-run", n_steps, config.finetune_epochs * len(worker.stream))
-        worker.trainer.total_steps = clock.decay(n_steps)
+        lr_clock = LRClock(config.lr_schedule == "cosine-run", n_steps, config.finetune_epochs * len(worker.stream))
+        worker.trainer.total_steps = lr_clock.decay(n_steps)
 
     def run(self) -> WorkerStats:
         worker, st = self.worker, self.worker.stats
@@ -496,10 +496,11 @@ class PartLoop:
         while worker.step < self.n_steps and self.clock.now() < self.deadline:
             started = self.clock.now()
             x, source = self._next_input()
-            t0 = time.perf_counter()
-            with self.guard:
+            with self.guard:  # (the wait for the lock is not compute)
+                t0 = time.perf_counter()
                 result = worker.trainer.step(x)
-            self._computed(time.perf_counter() - t0)
+                computed = time.perf_counter() - t0
+            self._computed(computed)
             worker.step += 1
             if worker.step == 1:
                 st.first_step_time = self.clock.now()

@@ -227,7 +227,8 @@ class LRClock:
     the whole run, the parts phase's batches and then the fine-tune's, and every
     trainer reads where it is on that one decay; otherwise each trainer decays
     over its own updates. Every phase (single-process, the Ray parts, a DDP
-    fine-tune) asks this one object."""
+    fine-tune, the pipeline's stages) builds one from its own counts and reads
+    the decay from it; none computes it another way."""
 
     run_wide: bool
     parts_batches: int
