@@ -85,7 +85,7 @@ def test_a_finished_cell_is_read_back_and_one_with_other_settings_is_refused_in_
     ddp = race.Cell("ddp", "10Mbit", 0)
     stored = _cell(bench, ddp, test_bpd=3.5)
     (tmp_path / "ddp-10Mbit-s0.json").write_text(json.dumps(stored))
-    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail("a finished cell ran again"))
+    monkeypatch.setattr(bench, "_run_cell_process", lambda *a, **k: pytest.fail("a finished cell ran again"))
     assert bench.run_cell(ddp, OPTS, tmp_path, None, SPLIT) == stored
     sgd = race.Cell("local-sgd", "10Mbit", 1)
     (tmp_path / "local-sgd-10Mbit-s1.json").write_text(json.dumps(_cell(bench, sgd, test_bpd=3.4)))
@@ -195,13 +195,13 @@ def test_the_figure_draws_each_method_from_the_slowest_link_to_the_fastest():
 
 
 def test_every_parts_cell_keeps_its_weights_and_the_fine_tune_chooses_from_its_own_block(bench, tmp_path, monkeypatch):
-    def fake_subprocess_run(argv, **kwargs):  # runs the cell in this process, with a parts run that is instant
-        bench.cell_main(json.loads(argv[-1]))
+    def fake_cell_process(args, timeout):  # runs the cell in this process, with a parts run that is instant
+        bench.cell_main(args)
         return type("Done", (), {"returncode": 0, "stdout": "", "stderr": ""})
 
     monkeypatch.setattr(bench, "run_parts", lambda args: {"test_bpd": 3.0, "part_weight_bytes": 8,
                                                           "state": {"w": bench.torch.zeros(2)}})  # fmt: skip
-    monkeypatch.setattr(bench.subprocess, "run", fake_subprocess_run)
+    monkeypatch.setattr(bench, "_run_cell_process", fake_cell_process)
     for seed, ddp_speed in ((0, 300.0), (1, 50.0)):  # DDP beat one device in block 0, not in block 1
         for method, speed in (("one-device", 100.0), ("ddp", ddp_speed)):
             cell = race.Cell(method, "10Mbit", seed)
@@ -278,7 +278,7 @@ def test_a_race_cell_run_at_another_sweep_choice_is_refused(bench, tmp_path, mon
     chosen = {"average_every": 250, "outer_lr": None, "average_overlap": False, "variant": "H250"}
     stored = {"test_bpd": 3.0, "settings": bench.cell_settings(cell, OPTS, SPLIT, chosen)}
     (tmp_path / f"{cell.name}.json").write_text(json.dumps(stored))
-    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail("a finished cell ran again"))
+    monkeypatch.setattr(bench, "_run_cell_process", lambda *a, **k: pytest.fail("a finished cell ran again"))
     assert bench.run_cell(cell, OPTS, tmp_path, None, SPLIT, chosen) == stored
     with pytest.raises(SystemExit, match=r"variant 'H250' here, 'H10' now, average_every 250 here, 10 now"):
         bench.run_cell(cell, OPTS, tmp_path, None, SPLIT, chosen | {"average_every": 10, "variant": "H10"})
@@ -298,7 +298,7 @@ def test_the_race_seeds_are_1_to_3_and_never_the_sweeps(bench):
 
 
 def test_finished_only_runs_nothing_and_tables_only_whole_seeds(bench, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail("a cell ran"))
+    monkeypatch.setattr(bench, "_run_cell_process", lambda *a, **k: pytest.fail("a cell ran"))
     monkeypatch.setattr(bench, "host_figures", lambda probe: pytest.fail("a probe ran"))
     (tmp_path / "split.json").write_text(json.dumps({"split": SPLIT}))
     argv = ["--finished-only", "--out", str(tmp_path), "--links", "10Mbit", "--seeds", "1,2", "--sweep-budget", "0",

@@ -69,6 +69,32 @@ def test_schedules_order_each_stage_as_gpipe_and_1f1b_do():
         stage_ops("zb", 0, 2, 2)
 
 
+def test_only_the_first_stage_keeps_the_budget_so_the_last_never_stops_first():
+    """The second stage is handed a budget already spent; it must still train every
+    batch the first sends and stop at its end (stopping on its own clock left the
+    first stage waiting for gradients forever, the race's hung pipeline cell)."""
+    glow, x = _glow_and_batch(torch.float32)
+    stages = [PipelineStage(glow.part(a, b), CONFIG, 1e-3, 0, micro=2) for a, b in ((0, 3), (3, len(glow)))]
+    channels = [PacketChannel(2), PacketChannel(2)]
+    spec = LinkSpec.parse("up")
+    links = [
+        StageLinks(activations_out=LinkSender(channels[0], spec, lambda t: t, WorkerStats(), 0),
+                   gradients_in=LinkReceiver(channels[1], lambda t: t)),
+        StageLinks(activations_in=LinkReceiver(channels[0], lambda t: t),
+                   gradients_out=LinkSender(channels[1], spec, lambda t: t, WorkerStats(), 1)),
+    ]  # fmt: skip
+    ops = [stage_ops("1f1b", k, 2, 2) for k in range(2)]
+    second = threading.Thread(target=train_stage, args=(stages[1], ops[1], links[1], None), kwargs={"budget": 0.0})
+    second.start()
+    first = threading.Thread(target=train_stage, args=(stages[0], ops[0], links[0], iter([x, x, x, x])),
+                             kwargs={"steps": 4, "budget": 60.0})  # fmt: skip
+    first.start()
+    first.join(timeout=60)
+    second.join(timeout=60)
+    assert not first.is_alive() and not second.is_alive(), "a stage is still waiting"
+    assert stages[0].stats.steps == stages[1].stats.steps == 4
+
+
 def test_two_stages_train_over_an_emulated_link_as_one_model_would():
     """Float32 stages in two threads, joined by links both ways: the same updates as
     the stages run in one thread, and every activation and gradient counted on the wire."""

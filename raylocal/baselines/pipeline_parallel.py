@@ -191,7 +191,9 @@ def train_stage(
         while _batch(stage, ops, links, batches):
             if steps is not None and stage.stats.steps >= steps:
                 break
-            if budget is not None and time.perf_counter() - start >= budget:
+            # only the first stage keeps time: a later one that stopped on its own clock
+            # would leave the first waiting for gradients of a batch it already sent
+            if budget is not None and batches is not None and time.perf_counter() - start >= budget:
                 break
     finally:
         for link in (links.activations_out, links.gradients_out):

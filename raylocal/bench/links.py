@@ -43,6 +43,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -453,6 +454,20 @@ def race_split(opts: argparse.Namespace, out: Path) -> str:
     return split
 
 
+def _run_cell_process(args: dict[str, Any], timeout: float) -> subprocess.CompletedProcess:
+    """The cell's process; past ``timeout`` (a hung cell) it is killed with every
+    process it started (its own Ray), and the cell has failed."""
+    argv = [sys.executable, "-m", "raylocal.bench.links", "--cell", json.dumps(args)]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            return subprocess.CompletedProcess(argv, -9, "", f"hung: killed after {timeout:.0f} s")
+    return subprocess.CompletedProcess(argv, p.returncode, out, err)
+
+
 class CellFailed(SystemExit):
     """A cell's process failed: the race stops in one line; the sweep records it."""
 
@@ -477,9 +492,7 @@ def run_cell(
     print(f"-- seed {cell.seed}, block {cell.link}: {cell.method}{variant} over {where}, {opts.budget:.0f} s",
           flush=True)  # fmt: skip
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "raylocal.bench.links", "--cell", json.dumps(args)], capture_output=True, text=True
-    )
+    proc = _run_cell_process(args, timeout=4 * opts.budget + 300)
     if proc.returncode != 0 or not path.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
         raise CellFailed(f"error: cell {cell.name} failed: " + " ".join(tail))
