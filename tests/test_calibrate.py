@@ -1,10 +1,10 @@
-"""raylocal/bench/calibrate.py: the emulated twin of a shaped link, the comparison table, bad input."""
+"""raylocal/tools/calibrate.py: the emulated twin of a shaped link, the comparison table, bad input."""
 
 from __future__ import annotations
 
 import pytest
 
-from raylocal.bench import calibrate
+from raylocal.tools import calibrate
 
 
 def test_the_twin_of_a_tbf_rate_is_the_same_bandwidth_without_latency():

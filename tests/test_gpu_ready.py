@@ -22,6 +22,7 @@ from raylocal.cluster.placement import (
 )
 from raylocal.core.checkpoint import host_copy, load_checkpoint, save_checkpoint
 from raylocal.core.config import RaylocalConfig
+from raylocal.core.faults import Straggler
 from raylocal.errors import ClusterError, ConfigError, SpecError
 from raylocal.model.glow import Glow
 from raylocal.pipeline.channel import PacketChannel
@@ -124,6 +125,7 @@ def test_the_data_parallel_control_tensors_are_made_on_the_workers_device():
     on the worker's device (here the meta device stands in for a GPU)."""
     worker = DataParallelWorker.__new__(DataParallelWorker)
     worker.device, worker.world, worker.idle_s, worker.hook = torch.device("meta"), 2, 0.0, None
+    worker.straggler = Straggler([], 0)
     seen: list[torch.device] = []
 
     def all_reduce(tensor, op="sum"):

@@ -137,7 +137,7 @@ def _bits(bps: float) -> str:
 def own_ray(join: bool = False) -> None:
     """A Ray instance of the cell's own, 2 CPUs, even where another runs on this host
     (a plain ``ray.init`` would join that one); with ``join``, the cluster at
-    RAY_ADDRESS instead (the calibration's real network, ``raylocal.bench.calibrate``)."""
+    RAY_ADDRESS instead (the calibration's real network, ``raylocal.tools.calibrate``)."""
     import ray
 
     if join:

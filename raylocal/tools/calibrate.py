@@ -6,8 +6,8 @@ kernel (``raylocal.tools.netns``), and beside it as its emulated twin, on one
 Ray node of this host with the link emulated at the same bandwidth and no
 latency (the kernel here cannot delay: no ``netem``).
 
-    python -m raylocal.bench.calibrate                        # 100, 10 and 1 Mbit, 30 s per cell
-    python -m raylocal.bench.calibrate --rates 10mbit --methods parts --budget 20
+    python -m raylocal.tools.calibrate                        # 100, 10 and 1 Mbit, 30 s per cell
+    python -m raylocal.tools.calibrate --rates 10mbit --methods parts --budget 20
 
 A cell is one of the race's own contestants (``raylocal.bench.links``):
 
@@ -97,7 +97,7 @@ def real_cell(method: str, rate: str, budget: float, seed: int) -> dict[str, Any
         time.sleep(IDLE_S)
         idle = (interface_bytes(net) - idle_from) / IDLE_S
         start = interface_bytes(net)
-        argv = [sys.executable, "-m", "raylocal.bench.calibrate", "--cell", json.dumps(cell_args(method, rate, True,
+        argv = [sys.executable, "-m", "raylocal.tools.calibrate", "--cell", json.dumps(cell_args(method, rate, True,
                 budget, seed))]  # fmt: skip
         done = net.run(0, argv, env=env, capture_output=True, text=True, timeout=int(budget) + 600)
         crossed = interface_bytes(net) - start
@@ -106,7 +106,7 @@ def real_cell(method: str, rate: str, budget: float, seed: int) -> dict[str, Any
 
 def emulated_cell(method: str, rate: str, budget: float, seed: int) -> dict[str, Any]:
     """``method``'s twin: one Ray node of this host, the link emulated."""
-    argv = [sys.executable, "-m", "raylocal.bench.calibrate", "--cell", json.dumps(cell_args(method, rate, False,
+    argv = [sys.executable, "-m", "raylocal.tools.calibrate", "--cell", json.dumps(cell_args(method, rate, False,
             budget, seed))]  # fmt: skip
     return _result(subprocess.run(argv, capture_output=True, text=True, timeout=int(budget) + 600), method)
 
