@@ -80,7 +80,7 @@ def interface_bytes(net: Any) -> int:
     total = 0
     for k in range(len(net.rates)):
         shown = subprocess.run(
-            ["ip", "-n", net.node(k), "-s", "-j", "link", "show", "dev", f"{net.tag}n{k}i"],
+            ["ip", "-n", net.node(k), "-s", "-j", "link", "show", "dev", net.veth(k)],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         total += json.loads(shown.stdout)[0]["stats64"]["tx"]["bytes"]

@@ -85,6 +85,10 @@ class Network:
     def node(self, k: int) -> str:
         return f"{self.tag}-n{k}"
 
+    def veth(self, k: int) -> str:
+        """Node k's end of its veth pair (the hub's end adds an ``o``)."""
+        return f"{self.tag}n{k}i"
+
     @staticmethod
     def address(k: int) -> str:
         return f"{SUBNET}.{k + 1}"
@@ -111,7 +115,8 @@ class Network:
         _ip("-n", self.hub, "link", "set", "br0", "up")
         for k, rate in enumerate(self.rates):
             self._add(self.node(k))
-            inner, outer = f"{self.tag}n{k}i", f"{self.tag}n{k}o"
+            inner = self.veth(k)
+            outer = inner[:-1] + "o"
             _ip("link", "add", inner, "netns", self.node(k), "type", "veth", "peer", "name", outer, "netns", self.hub)
             _ip("-n", self.node(k), "addr", "add", f"{self.address(k)}/24", "dev", inner)
             _ip("-n", self.node(k), "link", "set", inner, "up")
@@ -205,7 +210,7 @@ def start_ray(net: Network, cpus: int, port: int = 6379) -> dict[str, str]:
         where += [] if k == 0 else ["--address", head]
         argv = [RAY, "start", *where, "--node-ip-address", net.address(k), "--resources", f'{{"node{k}": 1}}']
         # gloo binds where the host name resolves, outside the namespace: name the node's own veth
-        here = env | {"GLOO_SOCKET_IFNAME": f"{net.tag}n{k}i"}
+        here = env | {"GLOO_SOCKET_IFNAME": net.veth(k)}
         done = net.run(k, [*argv, *common], env=here, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise ClusterError(f"ray start on node {k}: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
