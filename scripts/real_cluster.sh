@@ -5,4 +5,4 @@
 #     scripts/real_cluster.sh --rates 10mbit,10mbit -- python scripts/run_async.py --parts 2 --placement spread
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec scripts/with_env.sh python -m raylocal.tools.netns "$@"
+exec scripts/with_env.sh python -m raylocal.cluster.netns "$@"

@@ -314,3 +314,40 @@ def test_finished_only_runs_nothing_and_tables_only_whole_seeds(bench, tmp_path,
     bench.main(argv)
     out = capsys.readouterr().out
     assert "# 1 s per cell, 1 seeds" in out and "| 10Mbit | 2 parts | 1 | 0 of 1 blocks |" in out
+
+
+def test_real_links_are_shaped_at_the_links_bandwidth_keep_its_latency_and_never_read_emulated_cells(
+    bench, tmp_path, monkeypatch
+):
+    assert bench.real_link("10Mbit") == ("10000kbit", "bw=inf,lat=20ms")
+    assert bench.real_link("1Mbit") == ("1000kbit", "bw=inf,lat=20ms")
+    assert bench.real_link("inf") == (None, "bw=inf,lat=20ms")  # an unshaped veth
+    with pytest.raises(SystemExit, match=r"^error: --real cannot run link '10Mbit\+outages': the kernel's links"):
+        bench.real_link("10Mbit+outages")
+    monkeypatch.setattr("raylocal.cluster.netns.available", lambda: "network namespaces are not permitted here")
+    with pytest.raises(SystemExit, match=r"^error: --real: network namespaces are not permitted here$"):
+        bench.race_plan(bench._options(["--real", "--links", "10Mbit"]))
+    with pytest.raises(SystemExit, match=r"^error: --real cannot run link '10Mbit\+outages'"):
+        bench.race_plan(bench._options(["--real", "--links", "10Mbit,10Mbit+outages"]))
+    # a cell run over the emulated link is never read back as a real one, nor the other way round
+    ddp = race.Cell("ddp", "10Mbit", 1)
+    (tmp_path / "ddp-10Mbit-s1.json").write_text(json.dumps(_cell(bench, ddp, test_bpd=3.5)))
+    real = type("Opts", (OPTS,), dict(real=True))
+    assert bench.cell_settings(ddp, real, SPLIT)["network"] == "real"
+    with pytest.raises(SystemExit, match=r"\(network None here, 'real' now\)"):
+        bench.run_cell(ddp, real, tmp_path, None, SPLIT)
+
+
+def test_a_race_may_take_another_races_sweep_choices_and_a_bad_choice_file_is_one_line(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "run_sweep", lambda *a, **k: pytest.fail("a sweep ran"))
+    best = {"10Mbit": {"ddp": {"bucket_cap_mb": 0.1, "ddp_compression": "bf16", "variant": "cap0.1MB-bf16"}}}
+    path = tmp_path / "best.json"
+    path.write_text(json.dumps(best))
+    opts = bench._options(["--sweep-from", str(path), "--links", "10Mbit+straggler"])
+    bench.race_plan(opts)  # the straggler's block is tuned at its plain link
+    assert bench.chosen_settings(opts, ["10Mbit+straggler"], tmp_path, SPLIT) == best
+    with pytest.raises(SystemExit, match=r"^error: --sweep-from .*best.json has no choices for link '1Mbit'$"):
+        bench.race_plan(bench._options(["--sweep-from", str(path), "--links", "10Mbit,1Mbit"]))
+    path.write_text("{not json")
+    with pytest.raises(SystemExit, match=r"^error: --sweep-from .*best.json: not a sweep's best.json \("):
+        bench.race_plan(opts)

@@ -178,3 +178,32 @@ def test_validation_holds_out_the_last_training_images(mnist_dir):
     assert not any(torch.equal(t, v) for t in data.train for v in data.test)
     with pytest.raises(DataError, match="validation=64: the training set has only 64 images"):
         full.held_out(64)
+
+
+def test_an_actor_sent_node_images_loads_the_drivers_exact_images_and_refuses_other_files(
+    mnist_dir, tmp_path, monkeypatch
+):
+    import ray
+
+    from raylocal.cluster.connect import actor_images
+    from raylocal.core.config import RaylocalConfig
+    from raylocal.core.data import NodeImages, training_images
+    from raylocal.run.launch import load_data
+
+    def no_object_store(value):
+        raise AssertionError("the images went to the object store")
+
+    monkeypatch.setattr(ray, "put", no_object_store)
+    monkeypatch.chdir(mnist_dir.parent)
+    config = RaylocalConfig(data_root="mnist", validation=8, train_subset=40, images_from="node")
+    driver = load_data(config)
+    sent = actor_images(config, driver.train)  # what crosses the network: a description, not the images
+    assert isinstance(sent, NodeImages) and len(pickle.dumps(sent)) < 1000 < driver.train.numel()
+    # what the actor's node loads, standing in another directory: the driver's relative root made absolute
+    monkeypatch.chdir(tmp_path.parent)
+    assert torch.equal(training_images(sent), driver.train)
+    # a node whose files hold other images is refused in one line, never trained on
+    other = NodeImages(sent.source, 48, sent.shape)
+    with pytest.raises(DataError, match=r"holds 40 training images of \(1, 8, 8\); the driver's hold 48 of"):
+        other.load()
+    assert training_images(driver.train) is driver.train  # the driver's copy passes through

@@ -142,7 +142,7 @@ def test_local_sgd_over_a_link_sends_what_the_formula_says(mnist_dir, tmp_path):
     config = RaylocalConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
         warmup_steps=2, threads=1, samples=0, progress=False, link="bw=1Gbit,lat=10ms", average_every=3,
-        outer_lr=0.7,
+        outer_lr=0.7, images_from="node",  # each worker loads the 64 images itself
     )  # fmt: skip
     data = load_dataset("mnist", mnist_dir)
     stats: dict = {}

@@ -1,4 +1,4 @@
-"""A real network on one machine (raylocal/tools/netns.py): namespaces, kernel-shaped links, teardown."""
+"""A real network on one machine (raylocal/cluster/netns.py): namespaces, kernel-shaped links, teardown."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from raylocal.tools import netns
+from raylocal.cluster import netns
 
 WHY = netns.available()
 pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")
@@ -51,7 +51,7 @@ def test_a_two_node_ray_cluster_in_namespaces_spreads_two_parts_over_its_node_ad
     storage = tmp_path / "runs"
     options = tiny_options(
         mnist_dir, storage, schedule="async", parts=2, part_spec="1|2", placement="spread", finetune_epochs=0,
-        cpus_per_part=1, run_name="spread", progress=False,
+        cpus_per_part=1, run_name="spread", progress=False, images_from="node",  # each node loads its own
     )  # fmt: skip
     summary = storage / "spread" / "summary.json"
     with netns.Network(["100mbit", "100mbit"]) as net:
@@ -65,3 +65,25 @@ def test_a_two_node_ray_cluster_in_namespaces_spreads_two_parts_over_its_node_ad
     line = next(x for x in done.stdout.splitlines() if x.startswith("PARTS ON"))
     assert sorted(json.loads(line.removeprefix("PARTS ON "))) == [net.address(0), net.address(1)]
     assert netns.leftovers(tag) == []
+
+
+def test_a_race_cell_over_real_links_trains_its_parts_on_two_namespaced_nodes_and_leaves_nothing(tmp_path):
+    import os
+
+    from raylocal.bench import links as bench
+    from raylocal.bench import race
+
+    cell = race.Cell("parts", "10Mbit", 1)
+    opts = type("Opts", (), dict(
+        budget=4.0, test_subset=64, train_subset=1024, average_every=50, outer_lr=None, average_overlap=False,
+        bucket_cap_mb=None, ddp_compression="none", sync_every=50, queue_size=1, micro_batches=4, real=True,
+    ))  # fmt: skip
+    settings = bench.cell_settings(cell, opts, "layers:0-9|10-20")
+    out = tmp_path / f"{cell.name}.json"
+    args = settings | {"out": str(out), "settings": settings, "host": None, "block": {}}
+    done = bench._run_cell_process(args, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    result = json.loads(out.read_text())
+    # both parts trained, on nodes of one CPU each: one part per node, latents over the shaped veth
+    assert result["settings"]["network"] == "real" and min(result["steps"]) > 0 and result["bytes_per_step"] > 0
+    assert netns.leftovers(f"rl{os.getpid() % 100000}") == []

@@ -29,7 +29,10 @@ def _async(mnist_dir, storage, name, **opts):
 
 def test_lockstep_async_equals_simultaneous_bit_for_bit(mnist_dir, tmp_path, capfd):
     storage = tmp_path / "runs"
-    s = _async(mnist_dir, storage, "ray", parts=2, part_spec="1|2", epochs=2, queue_size=1, lr="3e-3,2e-3")
+    # each part loads its images on its own node: the same bits as the twin that was given them
+    s = _async(
+        mnist_dir, storage, "ray", parts=2, part_spec="1|2", epochs=2, queue_size=1, lr="3e-3,2e-3", images_from="node"
+    )
     # what the user saw (capfd: Ray's core worker writes from C++, straight to file descriptor 2):
     # no Ray error line at start, no nan, and the parts' numbers named as their local losses
     out, err = capfd.readouterr()

@@ -39,7 +39,7 @@ from raylocal.baselines.projection import ring_bytes
 from raylocal.cluster.connect import fit_train_run
 from raylocal.cluster.placement import DataParallelPlacement, check_torch_sees_gpus
 from raylocal.core.config import RaylocalConfig
-from raylocal.core.data import BatchStream
+from raylocal.core.data import BatchStream, training_images
 from raylocal.core.faults import Straggler, parse_faults
 from raylocal.core.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.core.runlog import peak_rss_mb
@@ -338,7 +338,7 @@ class DataParallelWorker:
         torch.set_num_threads(loop_config["threads"])
         check_torch_sees_gpus(ray.get_gpu_ids())
         self.device = ray.train.torch.get_device()
-        images: Tensor = loop_config["images"]
+        images = training_images(loop_config["images"])
         self.glow = build_glow(config, tuple(images.shape[1:])).to(self.device)
         if loop_config.get("state"):
             self.glow.load_state_dict(loop_config["state"])
@@ -560,7 +560,7 @@ def train_ddp(
         train_loop,
         train_loop_config={
             "config": config.model_dump_json(),
-            "images": images,
+            "images": config.node_images(images) or images,
             "epochs": epochs,
             "lr": lr,
             "threads": placement.threads,

@@ -16,12 +16,12 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raylocal.baselines.pipeline_parallel import PipelineStage, StageLinks, stage_ops, train_stage
-from raylocal.cluster.connect import connect, errors_in_one_line
+from raylocal.cluster.connect import actor_images, connect, errors_in_one_line
 from raylocal.cluster.parts_phase import get_or_none
 from raylocal.cluster.placement import Placement, actor_device
 from raylocal.cluster.queue import LatentQueue
 from raylocal.core.config import RaylocalConfig
-from raylocal.core.data import BatchStream, ImageData
+from raylocal.core.data import BatchStream, ImageData, NodeImages, training_images
 from raylocal.core.faults import Straggler, parse_faults
 from raylocal.core.links import LinkSpec
 from raylocal.core.runlog import peak_rss_mb
@@ -65,13 +65,14 @@ class StageActor:
     def run(
         self,
         bounds: list[tuple[int, int]],
-        images: torch.Tensor,
+        images: torch.Tensor | NodeImages,
         queues: list[LatentQueue],
         plan: dict[str, Any],
     ) -> dict[str, Any]:
         torch.set_num_threads(self.threads)
         k, n = self.index, len(bounds)
-        stage, batches = build_stage(self.config, bounds, k, images, plan["micro"], actor_device(self.config))
+        device = actor_device(self.config)
+        stage, batches = build_stage(self.config, bounds, k, training_images(images), plan["micro"], device)
         link_stats = WorkerStats()
         links = StageLinks()
         if k > 0:  # boundary k-1: its activations come in, their gradients go back
@@ -121,7 +122,7 @@ def train_pipeline_parallel(
                 "scheduling_strategy": strategy,
             }
             actors.append(StageActor.options(**options).remote(config.model_dump_json(), k, placement.threads))
-        images = ray.put(data.train)
+        images = actor_images(config, data.train)
         plan = {"schedule": schedule, "micro": micro, "steps": steps, "budget": budget}
         with errors_in_one_line():
             results = ray.get([a.run.remote(bounds, images, queues, plan) for a in actors])

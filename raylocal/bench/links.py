@@ -4,6 +4,7 @@
     python scripts/bench_links.py --quick          # 10 s per cell, links inf and 10Mbit, 3 seeds
     python scripts/bench_links.py                  # the full race: 5 minutes per cell, five links, 3 seeds
     python scripts/bench_links.py --project-only --step-time 0.2
+    python scripts/bench_links.py --real --links 10Mbit,1Mbit    # over kernel-shaped links (root)
 
 Contestants (each worker or part is one CPU thread, joined by the link):
   parts       2 async parts that never wait (--starve stale, --full drop-oldest, --queue-size 1,
@@ -57,7 +58,7 @@ import torch
 
 from raylocal.baselines.projection import StepModel, bandwidth_losing, wire_bytes_per_step
 from raylocal.bench.race import METHODS, Cell, check_targets, plot, race_cells, results_table
-from raylocal.bench.sweep import SWEEP_GRID, best_settings, race_settings, sweep_cells, sweep_table
+from raylocal.bench.sweep import SWEEP_GRID, best_settings, race_settings, sweep_cells, sweep_table, tuned_at
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.links import FakeClock, LinkSpec, Wire
 from raylocal.training.service import ModelService
@@ -147,14 +148,15 @@ def own_ray(join: bool = False) -> None:
 
 
 def _data(args: dict[str, Any]):
-    from raylocal.core.data import load_dataset
-
-    return load_dataset("mnist").subset(args.get("train_subset"), args["test_subset"])
+    return _config(args).data_source().load()
 
 
 def _config(args: dict[str, Any], **extra: Any) -> RaylocalConfig:
     link = args.get("link_spec") or (LINKS[args["link"]] if args.get("link") else "up")
     values = {**BENCH_MODEL, "link": link, "epochs": 1000, "seed": args.get("seed", 0)}
+    # the config names the cell's data, so that an actor can load the same images on its own node
+    values |= {"train_subset": args.get("train_subset"), "test_subset": args.get("test_subset")}
+    values["images_from"] = args.get("images_from", "driver")
     values.update(extra)
     if values.get("schedule") != "e2e":  # two workers, parts or stages: one of them may straggle
         values["inject"] = STRAGGLERS.get(args.get("link"))
@@ -297,6 +299,7 @@ def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
         gpus_per_part=0.0,
         part_spec=args["split"],
         queue_size=args["micro_batches"],
+        placement=args.get("placement", "pack"),
     )  # fmt: skip (an async config: the plan cuts it where the parts cut it; an e2e one has one part)
     own_ray(args.get("join", False))
     bounds = [tuple(b) for b in ModelService(config, data.shape, "cpu").plan(data.train)["bounds"]]
@@ -384,6 +387,8 @@ def cell_settings(cell: Cell, opts: argparse.Namespace, split: str, tuned: dict[
         "micro_batches": option("micro_batches") if m == "pipeline" else None,
         "finetune_at": FINETUNE_AT if m == "parts+ft" else None,
         "straggler": STRAGGLERS.get(cell.link) if m != "one-device" else None,
+        # None: the emulated link; "real": two namespaced Ray nodes, the bandwidth shaped by the kernel
+        "network": "real" if getattr(opts, "real", False) else None,
     }  # fmt: skip
 
 
@@ -454,18 +459,48 @@ def race_split(opts: argparse.Namespace, out: Path) -> str:
     return split
 
 
+def real_link(link: str) -> tuple[str | None, str]:
+    """How ``--real`` runs a race link: (the ``tbf`` rate of each node's veth,
+    None where unshaped; the link the cell still emulates). The kernel shapes
+    the bandwidth; it cannot delay here (no ``netem``), so the latency stays emulated."""
+    spec = LinkSpec.parse(LINKS[link])
+    if spec.mtbf or spec.outages or spec.p < 1:
+        raise SystemExit(f"error: --real cannot run link {link!r}: the kernel's links here have no outages")
+    rate = None if math.isinf(spec.bandwidth) else f"{spec.bandwidth / 1e3:g}kbit"
+    return rate, f"bw=inf,lat={spec.latency * 1e3:g}ms"
+
+
 def _run_cell_process(args: dict[str, Any], timeout: float) -> subprocess.CompletedProcess:
     """The cell's process; past ``timeout`` (a hung cell) it is killed with every
-    process it started (its own Ray), and the cell has failed."""
-    argv = [sys.executable, "-m", "raylocal.bench.links", "--cell", json.dumps(args)]
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as p:
+    process it started (its own Ray), and the cell has failed. On a real network
+    (``args["network"] == "real"``) it runs on the first of two Ray nodes in
+    network namespaces, each node one CPU, joined at the link's bandwidth, so
+    that each worker, part or stage sits on a node of its own and loads its
+    images there; the network is torn down after the cell."""
+    argv = [sys.executable, "-m", "raylocal.bench.links", "--cell"]
+    if args.get("network") != "real":
+        return _wait(subprocess.Popen([*argv, json.dumps(args)], **_PIPES), timeout)
+    from raylocal.cluster import netns
+
+    rate, emulated = real_link(args["settings"]["block"])
+    args = args | {"link_spec": emulated, "join": True, "placement": "spread", "images_from": "node"}
+    with netns.Network([rate, rate]) as net:
+        env = netns.start_ray(net, cpus=1)
+        return _wait(net.popen(0, [*argv, json.dumps(args)], env=env, **_PIPES), timeout)
+
+
+_PIPES: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "start_new_session": True}
+
+
+def _wait(p: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    with p:
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             p.communicate()
-            return subprocess.CompletedProcess(argv, -9, "", f"hung: killed after {timeout:.0f} s")
-    return subprocess.CompletedProcess(argv, p.returncode, out, err)
+            return subprocess.CompletedProcess(p.args, -9, "", f"hung: killed after {timeout:.0f} s")
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 class CellFailed(SystemExit):
@@ -530,6 +565,16 @@ def run_sweep(opts: argparse.Namespace, links: list[str], seed: int, out: Path, 
     return best
 
 
+def chosen_settings(opts: argparse.Namespace, links: list[str], out: Path, split: str) -> dict[str, Any]:
+    """Each rival's settings per link: another race's sweep (``--sweep-from``), a
+    sweep here, or none (the command line's options)."""
+    if opts.sweep_from:
+        best = json.loads(Path(opts.sweep_from).read_text())
+        print(f"each rival at its best of the sweep in {opts.sweep_from}", flush=True)
+        return best
+    return run_sweep(opts, links, opts.sweep_seed, out, split) if opts.sweep_budget > 0 else {}
+
+
 def _differing(stored: dict[str, Any] | None, settings: dict[str, Any]) -> str:
     """How a stored cell's settings differ from ``settings`` ("" when they do
     not). A setting added after the cell ran counts as the same when its value
@@ -572,8 +617,25 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--finished-only", action="store_true",
                    help="run nothing: the tables of the seeds whose every block has finished")  # fmt: skip
     p.add_argument("--out", default=None, help="directory of the cells' results (default bench_runs/links[-quick])")
+    p.add_argument("--real", action="store_true",
+                   help="over real links: each worker, part or stage on a Ray node of its own in a network "
+                   "namespace, the bandwidth shaped by the kernel (tbf), the latency still emulated; needs root "
+                   "(raylocal.cluster.netns), and links without outages")  # fmt: skip
+    p.add_argument("--sweep-from", default=None,
+                   help="the best.json of another race's sweep (OUT/sweep/best.json): its choices, in place of a "
+                   "sweep here (a --real race run at the emulated race's tuned settings)")  # fmt: skip
     p.add_argument("--cell", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def _check_sweep_from(path: Path, links: list[str]) -> None:
+    try:
+        best = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --sweep-from {path}: not a sweep's best.json ({e})") from None
+    missing = [link for link in links if link not in best]
+    if missing:
+        raise SystemExit(f"error: --sweep-from {path} has no choices for link {missing[0]!r}")
 
 
 def race_plan(opts: argparse.Namespace) -> tuple[list[str], list[int]]:
@@ -585,6 +647,16 @@ def race_plan(opts: argparse.Namespace) -> tuple[list[str], list[int]]:
     bad = [link for link in links if link not in LINKS]
     if bad:
         raise SystemExit(f"error: unknown link {bad[0]!r} (one of {', '.join(LINKS)})")
+    if getattr(opts, "sweep_from", None):
+        _check_sweep_from(Path(opts.sweep_from), [tuned_at(link) for link in links])
+    if getattr(opts, "real", False):
+        from raylocal.cluster import netns
+
+        for link in links:
+            real_link(link)
+        why = netns.available()
+        if why is not None:
+            raise SystemExit(f"error: --real: {why}")
     if opts.repeats is not None and opts.repeats < 1:
         raise SystemExit(f"error: --repeats {opts.repeats}: needs at least 1")
     try:
@@ -609,11 +681,11 @@ def main(argv: list[str] | None = None) -> None:
     if opts.sweep_budget is None:
         opts.sweep_budget = 0.0 if opts.quick else 60.0
     links, seeds = race_plan(opts)
-    out = Path(opts.out or f"bench_runs/links{'-quick' if opts.quick else ''}")
+    out = Path(opts.out or f"bench_runs/links{'-real' if opts.real else ''}{'-quick' if opts.quick else ''}")
     out.mkdir(parents=True, exist_ok=True)
     split = race_split(opts, out)
     print(f"split of every parts and pipeline cell: {split}", flush=True)
-    best = run_sweep(opts, links, opts.sweep_seed, out, split) if opts.sweep_budget > 0 else {}
+    best = chosen_settings(opts, links, out, split)
     results, hosts = {}, {}
     for cell in race_cells(links, seeds):
         if opts.finished_only and not (out / f"{cell.name}.json").is_file():

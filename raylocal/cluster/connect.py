@@ -12,9 +12,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
+import torch
 
 from raylocal.core.config import RaylocalConfig
 from raylocal.errors import ClusterError, RaylocalError
+
+
+def actor_images(config: RaylocalConfig, train: torch.Tensor) -> Any:
+    """What each training actor is sent for its images: the description that its
+    own node loads them from (``images_from="node"``), else the driver's copy, put
+    in the object store once (Ray resolves the reference where it is an argument)."""
+    return config.node_images(train) or ray.put(train)
 
 
 def _error_names(cls: type) -> set[str]:

@@ -29,13 +29,13 @@ import torch
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raylocal.cluster.connect import connect, errors_in_one_line
+from raylocal.cluster.connect import actor_images, connect, errors_in_one_line
 from raylocal.cluster.placement import Placement, actor_device
 from raylocal.cluster.preflight import check_run
 from raylocal.cluster.queue import LatentQueue
 from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.core.config import RaylocalConfig
-from raylocal.core.data import ImageData
+from raylocal.core.data import ImageData, NodeImages, training_images
 from raylocal.core.faults import apply_worker_faults, parse_faults
 from raylocal.core.runlog import Progress, peak_rss_mb
 from raylocal.errors import ClusterError
@@ -95,12 +95,12 @@ class PartActor:
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.first_life = not self.restarted
 
-    def _build(self, bounds: list[tuple[int, int]], train_images: torch.Tensor) -> PartWorker:
+    def _build(self, bounds: list[tuple[int, int]], train_images: torch.Tensor | NodeImages) -> PartWorker:
         """The part's worker; Ray reruns __init__ and replays run() when it restarts
         this actor: continue from the last checkpoint (also when the driver itself
         was restarted with --resume)."""
         config = self.config
-        worker = PartWorker(config, bounds, self.index, self.image_shape, train_images, self.device)
+        worker = PartWorker(config, bounds, self.index, self.image_shape, training_images(train_images), self.device)
         if (self.restarted or config.resume) and self.checkpoint_path.is_file():
             worker.restore_state(load_checkpoint(self.checkpoint_path, kind="part"))
             if config.resume and not self.restarted:
@@ -119,7 +119,7 @@ class PartActor:
     def run(
         self,
         bounds: list[tuple[int, int]],
-        train_images: torch.Tensor,
+        train_images: torch.Tensor | NodeImages,
         inbox: LatentQueue | None,
         outbox: LatentQueue | None,
         n_steps: int,
@@ -245,7 +245,7 @@ class PartsPhase:
         connect(config)
         self.config, self.n_parts = config, n_parts
         self.n_steps = config.epochs * (len(data.train) // config.batch_size)
-        self.train_ref = train_ref or ray.put(data.train)  # the images, once in the object store
+        self.train_ref = train_ref or actor_images(config, data.train)
         placement = placement or Placement.plan(config, n_parts)
         self.actors: list[Any] = []
         self.queues: list[LatentQueue] = []

@@ -14,19 +14,25 @@ import argparse
 import json
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raylocal.core.data import DataSource, NodeImages
 from raylocal.core.faults import parse_faults
 from raylocal.core.links import parse_link
 from raylocal.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 Schedule = Literal["e2e", "sequential", "alternating", "simultaneous", "async"]
 
 # Every field in exactly one section, in the order ``--help`` shows them.
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "data": ("dataset", "data_root", "download", "train_subset", "test_subset", "validation", "cache_dir"),
+    "data": (
+        "dataset", "data_root", "download", "train_subset", "test_subset", "validation", "cache_dir", "images_from",
+    ),
     "model": ("n_levels", "depth", "hidden", "coupling", "permutation", "n_bits", "precision", "tf32", "deterministic"),
     "parts": ("parts", "split", "balance", "part_spec"),
     "schedule": (
@@ -69,6 +75,12 @@ class RaylocalConfig(BaseModel):
         "(to choose settings, such as LRs, on data the final test never sees)",
     )
     cache_dir: str | None = Field(None, description="where decoded ImageFolder tensors are cached")
+    images_from: Literal["driver", "node"] = Field(
+        "driver",
+        description="how Ray actors get their training images: the driver's copy, through Ray's object store "
+        "(crossing the network to every other node), or each actor loads them from --data-root on its own "
+        "node (the same files must be there)",
+    )
 
     # model
     n_levels: int = Field(2, ge=1, le=8, description="Glow blocks L")
@@ -310,6 +322,21 @@ class RaylocalConfig(BaseModel):
     def part_count(self) -> int:
         """How many parts the run trains: ``--part-spec`` names them, else ``--parts``."""
         return self.parts if self.part_spec is None else self.part_spec.count("|") + 1
+
+    def data_source(self) -> DataSource:
+        """The data section as a loadable description (a relative root made absolute,
+        so that an actor whose working directory differs finds the same files)."""
+        root = str(Path(self.data_root).resolve()) if self.data_root else None
+        cache = str(Path(self.cache_dir).resolve()) if self.cache_dir else None
+        return DataSource(
+            self.dataset, root, self.download, cache, self.validation, self.train_subset, self.test_subset
+        )
+
+    def node_images(self, train: Tensor) -> NodeImages | None:
+        """What an actor loads on its own node in place of ``train`` (``images_from="node"``), else None."""
+        if self.images_from != "node":
+            return None
+        return NodeImages(self.data_source(), len(train), tuple(train.shape[1:]))
 
     def part_lrs(self, n_parts: int) -> list[float]:
         return self.lr * n_parts if len(self.lr) == 1 else list(self.lr)

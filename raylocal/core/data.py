@@ -62,6 +62,54 @@ class ImageData:
         )
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """Which images a run trains and evaluates on: the config's data section as
+    plain values, loadable anywhere (on the driver, or on an actor's own node)."""
+
+    dataset: str = "mnist"
+    root: str | None = None
+    download: bool = False
+    cache_dir: str | None = None
+    validation: int | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+
+    def load(self) -> ImageData:
+        data = load_dataset(self.dataset, self.root, self.download, self.cache_dir)
+        if self.validation:
+            data = data.held_out(self.validation)
+        return data.subset(self.train_subset, self.test_subset)
+
+
+@dataclass(frozen=True)
+class NodeImages:
+    """Training images that an actor loads from its own node's disk, in place of
+    the driver's copy through Ray's object store (``--images-from node``): only
+    this small description crosses the network. ``count`` and ``shape`` are the
+    driver's, so that a node whose files differ is refused, not trained on."""
+
+    source: DataSource
+    count: int
+    shape: tuple[int, ...]
+
+    def load(self) -> Tensor:
+        train = self.source.load().train
+        if len(train) != self.count or tuple(train.shape[1:]) != self.shape:
+            where = self.source.root or f"the bundled {self.source.dataset}"
+            raise DataError(
+                f"{where} on this node holds {len(train)} training images of {tuple(train.shape[1:])}; "
+                f"the driver's hold {self.count} of {self.shape} (--images-from node needs the same files on every "
+                "node)"
+            )
+        return train
+
+
+def training_images(images: Tensor | NodeImages) -> Tensor:
+    """An actor's training images, from whichever form it was sent."""
+    return images.load() if isinstance(images, NodeImages) else images
+
+
 # ---------------------------------------------------------------- MNIST (IDX)
 
 _IDX_MAGIC = {"images": 2051, "labels": 2049}

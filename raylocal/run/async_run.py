@@ -37,13 +37,13 @@ import torch
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raylocal.cluster.connect import connect, errors_in_one_line, fit_train_run
+from raylocal.cluster.connect import actor_images, connect, errors_in_one_line, fit_train_run
 from raylocal.cluster.parts_phase import PartsPhase, part_checkpoint_path, train_parts
 from raylocal.cluster.placement import Placement, actor_device, train_worker_device
 from raylocal.cluster.preflight import check_run
 from raylocal.cluster.queue import LatentQueue
 from raylocal.core.config import RaylocalConfig
-from raylocal.core.data import ImageData
+from raylocal.core.data import ImageData, NodeImages, training_images
 from raylocal.core.runlog import Progress, write_json
 from raylocal.errors import CheckpointError, ClusterError, DivergedError
 from raylocal.run.finish import finish_after_parts
@@ -87,8 +87,8 @@ class ServiceActor:
     def where(self) -> dict[str, Any]:
         return here(str(self.service.device)) | {"evaluations": self.evaluations, "evaluation_s": self.evaluation_s}
 
-    def plan(self, train_images: torch.Tensor) -> dict[str, Any]:
-        return self.service.plan(train_images)
+    def plan(self, train_images: torch.Tensor | NodeImages) -> dict[str, Any]:
+        return self.service.plan(training_images(train_images))
 
     def evaluate(self, test_images: torch.Tensor, *weights: dict[str, torch.Tensor]) -> float:
         state: dict[str, torch.Tensor] = {}
@@ -291,7 +291,7 @@ class AsyncRun:
     def _run(self) -> dict[str, Any]:
         config = self.config
         self.where["driver"] = here("none")
-        refs = (ray.put(self.data.train), ray.put(self.data.test))
+        refs = (actor_images(config, self.data.train), ray.put(self.data.test))
         service = self._start_service()
         try:
             plan_ref = service.plan.remote(refs[0])

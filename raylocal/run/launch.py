@@ -10,7 +10,7 @@ import torch
 
 from raylocal.core.checkpoint import load_checkpoint
 from raylocal.core.config import RaylocalConfig, load_config_file, validate_config
-from raylocal.core.data import ImageData, load_dataset
+from raylocal.core.data import ImageData
 from raylocal.core.runlog import CHECKPOINT, resolve_run_dir
 from raylocal.errors import ConfigError
 from raylocal.run.run import Run
@@ -47,10 +47,7 @@ def resume_config(config: RaylocalConfig, given: dict[str, Any]) -> RaylocalConf
 
 
 def load_data(config: RaylocalConfig) -> ImageData:
-    data = load_dataset(config.dataset, config.data_root, config.download, config.cache_dir)
-    if config.validation:
-        data = data.held_out(config.validation)
-    return data.subset(config.train_subset, config.test_subset)
+    return config.data_source().load()
 
 
 def set_threads(config: RaylocalConfig) -> None:

@@ -13,7 +13,7 @@ error and on Ctrl-C, processes first.
     node 3 ──veth (tbf 100mbit)─┘
 
 Needs root (``ip netns``); ``available()`` says whether this machine allows it.
-``python -m raylocal.tools.netns`` starts a Ray cluster across such nodes and runs a
+``python -m raylocal.cluster.netns`` starts a Ray cluster across such nodes and runs a
 command on its head (``scripts/real_cluster.sh``).
 """
 
@@ -218,7 +218,7 @@ def start_ray(net: Network, cpus: int, port: int = 6379) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m raylocal.tools.netns --rates 10mbit,10mbit -- COMMAND...``: a Ray
+    """``python -m raylocal.cluster.netns --rates 10mbit,10mbit -- COMMAND...``: a Ray
     cluster across shaped namespaces, COMMAND on its head, then everything torn down."""
     import argparse
 
