@@ -43,3 +43,18 @@ def test_a_bad_method_or_rate_is_one_line_before_anything_starts(capsys):
     )
     assert calibrate.main(["--rates", "10mbps"]) == 2
     assert "'10mbps' is not a method" in capsys.readouterr().err
+
+
+def test_the_parts_rate_is_the_slower_parts_and_their_bytes_the_first_parts_sends():
+    real = {"images_per_s": 50.0, "seconds": 30.0, "steps": [600, 500], "idle": 0.3, "bytes_per_step": 0.0,
+            "behind_steps": [{"mean": 2.5}], "kernel_bytes": 7.0e6, "idle_bytes_per_s": 0.0}  # fmt: skip
+    twin = {"images_per_s": 60.0, "seconds": 30.0, "steps": [700, 750], "idle": 0.1, "bytes_per_step": 10000.0,
+            "behind_steps": [{"mean": 1.0}]}  # fmt: skip
+    lines = calibrate.table({("1mbit", "parts", "real"): real, ("1mbit", "parts", "emulated"): twin}).splitlines()
+    assert "| 1mbit | parts | s per step | 0.06 | 0.0429 | 1.40 |" in lines  # 30/500 (part 2) against 30/700
+    assert "| 1mbit | parts | idle % | 30 | 10 | 3.00 |" in lines
+    assert "| 1mbit | parts | upstream steps behind | 2.5 | 1 | 2.50 |" in lines
+    # part 1 sent 600 steps of 10 kB by the emulator's count: 6 MB against the kernel's 7; 1 MB over 600 steps
+    bytes_row = "| 1mbit | parts | bytes: kernel (Ray's idle traffic 0 kB of it) against ours | 7 MB | 6 MB | 1.17 |"
+    assert bytes_row in lines
+    assert lines[-1] == "| 1mbit | parts | kernel bytes per step beyond ours and the idle traffic | 1667 | | |"

@@ -393,8 +393,7 @@ def cell_settings(cell: Cell, opts: argparse.Namespace, split: str, tuned: dict[
 
 
 # the settings a sweep may tune (each a command-line option of the same name)
-SWEPT = ("average_every", "outer_lr", "average_overlap", "bucket_cap_mb", "ddp_compression", "sync_every",
-         "queue_size", "micro_batches")  # fmt: skip
+SWEPT = sorted({key for grid in SWEEP_GRID.values() for setting in grid.values() for key in setting})
 
 
 def host_figures(probe_s: float) -> dict[str, Any]:

@@ -125,7 +125,8 @@ def _result(done: subprocess.CompletedProcess, method: str) -> dict[str, Any]:
 
 def figures(method: str, cell: dict[str, Any]) -> dict[str, float]:
     """What the calibration compares of a cell: its rate, and its time waiting on the link."""
-    steps = cell["steps"] if isinstance(cell["steps"], int) else max(cell["steps"])
+    # the parts' steps: the slower part's, which sets the model's rate (as its images/s does)
+    steps = cell["steps"] if isinstance(cell["steps"], int) else min(cell["steps"])
     out = {"images/s": cell["images_per_s"], "s per step": cell["seconds"] / max(steps, 1)}
     if method == "parts":
         out["idle %"] = 100 * cell["idle"]
@@ -150,7 +151,8 @@ def table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
         for name, value in ours.items():
             ratio = value / theirs[name] if theirs[name] else float("nan")
             rows.append(f"| {rate} | {method} | {name} | {value:.3g} | {theirs[name]:.3g} | {ratio:.2f} |")
-        # the emulator's count for as many steps as the real cell trained (the real DDP has no hook to count)
+        # the emulator's count for as many steps as the real cell trained (the real DDP has no hook to count);
+        # the parts' bytes are the first part's sends, so its steps
         steps = cell["steps"] if isinstance(cell["steps"], int) else cell["steps"][0]
         counted = twin["bytes_per_step"] * steps * (2 if method != "parts" else 1)
         control = cell["idle_bytes_per_s"] * cell["seconds"]
