@@ -341,13 +341,26 @@ def test_real_links_are_shaped_at_the_links_bandwidth_keep_its_latency_and_never
 def test_a_race_may_take_another_races_sweep_choices_and_a_bad_choice_file_is_one_line(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_sweep", lambda *a, **k: pytest.fail("a sweep ran"))
     best = {"10Mbit": {"ddp": {"bucket_cap_mb": 0.1, "ddp_compression": "bf16", "variant": "cap0.1MB-bf16"}}}
-    path = tmp_path / "best.json"
+    (tmp_path / "race" / "sweep").mkdir(parents=True)
+    path = tmp_path / "race" / "sweep" / "best.json"
     path.write_text(json.dumps(best))
+    with pytest.raises(SystemExit, match=r"^error: --sweep-from .*best.json: its race's split.json \(.*race\) is"):
+        bench.race_plan(bench._options(["--sweep-from", str(path), "--links", "10Mbit"]))
+    (tmp_path / "race" / "split.json").write_text(json.dumps({"split": SPLIT}))
     opts = bench._options(["--sweep-from", str(path), "--links", "10Mbit+straggler"])
     bench.race_plan(opts)  # the straggler's block is tuned at its plain link
     assert bench.chosen_settings(opts, ["10Mbit+straggler"], tmp_path, SPLIT) == best
+    # the parts and the pipeline are cut where the tuned race cut them, never measured anew
+    monkeypatch.setattr(bench, "ModelService", lambda *a: pytest.fail("a split was measured"))
+    here = tmp_path / "real"
+    here.mkdir()
+    assert bench.race_split(opts, here) == SPLIT and bench.race_split(opts, here) == SPLIT
+    (here / "split.json").write_text(json.dumps({"split": "layers:0-11|12-20"}))
+    with pytest.raises(SystemExit, match=r"split.json cuts at layers:0-11\|12-20, the race of --sweep-from at layers"):
+        bench.race_split(opts, here)
     with pytest.raises(SystemExit, match=r"^error: --sweep-from .*best.json has no choices for link '1Mbit'$"):
         bench.race_plan(bench._options(["--sweep-from", str(path), "--links", "10Mbit,1Mbit"]))
-    path.write_text("{not json")
-    with pytest.raises(SystemExit, match=r"^error: --sweep-from .*best.json: not a sweep's best.json \("):
-        bench.race_plan(opts)
+    for bad in ("{not json", '{"10Mbit": [1, 2]}'):
+        path.write_text(bad)
+        with pytest.raises(SystemExit, match=r"^error: --sweep-from .*best.json: not a sweep's best.json \("):
+            bench.race_plan(opts)

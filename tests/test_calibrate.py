@@ -51,7 +51,8 @@ def test_the_parts_rate_is_the_slower_parts_and_their_bytes_the_first_parts_send
     twin = {"images_per_s": 60.0, "seconds": 30.0, "steps": [700, 750], "idle": 0.1, "bytes_per_step": 10000.0,
             "behind_steps": [{"mean": 1.0}]}  # fmt: skip
     lines = calibrate.table({("1mbit", "parts", "real"): real, ("1mbit", "parts", "emulated"): twin}).splitlines()
-    assert "| 1mbit | parts | s per step | 0.06 | 0.0429 | 1.40 |" in lines  # 30/500 (part 2) against 30/700
+    # a step of the whole model at the slower part's rate: 64 images at 50/s against 64 at 60/s
+    assert "| 1mbit | parts | s per step | 1.28 | 1.07 | 1.20 |" in lines
     assert "| 1mbit | parts | idle % | 30 | 10 | 3.00 |" in lines
     assert "| 1mbit | parts | upstream steps behind | 2.5 | 1 | 2.50 |" in lines
     # part 1 sent 600 steps of 10 kB by the emulator's count: 6 MB against the kernel's 7; 1 MB over 600 steps

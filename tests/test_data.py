@@ -196,14 +196,19 @@ def test_an_actor_sent_node_images_loads_the_drivers_exact_images_and_refuses_ot
     monkeypatch.setattr(ray, "put", no_object_store)
     monkeypatch.chdir(mnist_dir.parent)
     config = RaylocalConfig(data_root="mnist", validation=8, train_subset=40, images_from="node")
+    assert config.data_root == str(mnist_dir)  # the driver's directory, made absolute for the actors
     driver = load_data(config)
     sent = actor_images(config, driver.train)  # what crosses the network: a description, not the images
     assert isinstance(sent, NodeImages) and len(pickle.dumps(sent)) < 1000 < driver.train.numel()
-    # what the actor's node loads, standing in another directory: the driver's relative root made absolute
+    # what the actor's node loads, standing in another directory (as a Ray worker or the async run does)
     monkeypatch.chdir(tmp_path.parent)
     assert torch.equal(training_images(sent), driver.train)
-    # a node whose files hold other images is refused in one line, never trained on
-    other = NodeImages(sent.source, 48, sent.shape)
-    with pytest.raises(DataError, match=r"holds 40 training images of \(1, 8, 8\); the driver's hold 48 of"):
-        other.load()
+    # a node whose files hold other images is refused in one line, never trained on: here the same
+    # count and shape, one pixel changed
+    other = driver.train.clone()
+    other[3, 0, 2, 2] ^= 1
+    with pytest.raises(DataError, match=r"holds other training images than the driver's \(40 of \(1, 8, 8\), digest"):
+        NodeImages.of(sent.source, other).load()
     assert training_images(driver.train) is driver.train  # the driver's copy passes through
+    with pytest.raises(AssertionError, match="the images went to the object store"):  # the default: they do
+        actor_images(RaylocalConfig(data_root="mnist"), driver.train)

@@ -164,10 +164,12 @@ def test_pbt_study_continues_weak_trials_from_strong_ones(mnist_dir, tmp_path, m
     space = tmp_path / "space.py"
     space.write_text(PBT_SPACE)
     storage = tmp_path / "studies"
-    # part 2 sleeps 0.2 s a step, so that the 1 s polls report before the run is over
+    # part 2 sleeps 0.2 s a step, so that the 1 s polls report before the run is over; each trial and
+    # each part loads its images itself (--images-from node), from the same files
     opts = tiny_options(
-        mnist_dir, storage, parts=2, part_spec="1|2", epochs=4, progress=False, cpus_per_part=0.25, inject="slow:2@0.2"
-    )
+        mnist_dir, storage, parts=2, part_spec="1|2", epochs=4, progress=False, cpus_per_part=0.25, inject="slow:2@0.2",
+        images_from="node",
+    )  # fmt: skip
     argv = ["--space", str(space), "--trials", "2", "--report-every", "4", "--scheduler", "pbt", "--pbt-interval", "2"]
     assert tune_lr.main([*argv, "--study", "p", *opts]) == 0
     study = storage / "p"

@@ -61,6 +61,7 @@ from raylocal.bench.race import METHODS, Cell, check_targets, plot, race_cells, 
 from raylocal.bench.sweep import SWEEP_GRID, best_settings, race_settings, sweep_cells, sweep_table, tuned_at
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.links import FakeClock, LinkSpec, Wire
+from raylocal.errors import ClusterError
 from raylocal.training.service import ModelService
 
 LINKS = {
@@ -279,6 +280,7 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
         "outage_latents": report["outage_latents"],
         "part_weight_bytes": sum(v.numel() * v.element_size() for k, v in parts.state.items() if k in first_part),
         "snapshot_s": clock.get("snapshot_s"),  # None: the parts ended before 2/3 of the budget
+        "actor_nodes": report["actor_nodes"],  # where each part ran (Ray's node ids)
         "state": snapshot or None,
     }
 
@@ -447,6 +449,14 @@ def race_split(opts: argparse.Namespace, out: Path) -> str:
     this host's layer times, and kept in ``out/split.json``, so that a resumed
     race cuts the model where it did before."""
     path = out / "split.json"
+    if getattr(opts, "sweep_from", None):  # tuned in another race: cut where that race cut
+        theirs = json.loads((Path(opts.sweep_from).parent.parent / "split.json").read_text())["split"]
+        ours = json.loads(path.read_text())["split"] if path.is_file() else theirs
+        if ours != theirs:
+            raise SystemExit(f"error: {path} cuts at {ours}, the race of --sweep-from at {theirs}")
+        if not path.is_file():
+            path.write_text(json.dumps({"split": theirs, "measured": f"the race of {opts.sweep_from}"}))
+        return theirs
     if path.is_file():
         return json.loads(path.read_text())["split"]
     config = RaylocalConfig(**BENCH_MODEL, schedule="async", parts=2, balance="measure")
@@ -465,7 +475,7 @@ def real_link(link: str) -> tuple[str | None, str]:
     spec = LinkSpec.parse(LINKS[link])
     if spec.mtbf or spec.outages or spec.p < 1:
         raise SystemExit(f"error: --real cannot run link {link!r}: the kernel's links here have no outages")
-    rate = None if math.isinf(spec.bandwidth) else f"{spec.bandwidth / 1e3:g}kbit"
+    rate = None if math.isinf(spec.bandwidth) else f"{spec.bandwidth / 1e3:.0f}kbit"
     return rate, f"bw=inf,lat={spec.latency * 1e3:g}ms"
 
 
@@ -477,15 +487,17 @@ def _run_cell_process(args: dict[str, Any], timeout: float) -> subprocess.Comple
     that each worker, part or stage sits on a node of its own and loads its
     images there; the network is torn down after the cell."""
     argv = [sys.executable, "-m", "raylocal.bench.links", "--cell"]
-    if args.get("network") != "real":
+    if args.get("network") != "real" or args["method"] == "one-device":  # one device: no link to be real
         return _wait(subprocess.Popen([*argv, json.dumps(args)], **_PIPES), timeout)
     from raylocal.cluster import netns
 
     rate, emulated = real_link(args["settings"]["block"])
     args = args | {"link_spec": emulated, "join": True, "placement": "spread", "images_from": "node"}
-    with netns.Network([rate, rate]) as net:
-        env = netns.start_ray(net, cpus=1)
-        return _wait(net.popen(0, [*argv, json.dumps(args)], env=env, **_PIPES), timeout)
+    try:
+        with netns.Network([rate, rate]) as net, netns.ray_cluster(net, cpus=1) as env:
+            return _wait(net.popen(0, [*argv, json.dumps(args)], env=env, **_PIPES), timeout)
+    except ClusterError as e:  # the network or its Ray did not start: the cell failed
+        return subprocess.CompletedProcess(argv, -1, "", f"the real network: {e}")
 
 
 _PIPES: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "start_new_session": True}
@@ -630,11 +642,15 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
 def _check_sweep_from(path: Path, links: list[str]) -> None:
     try:
         best = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        if not all(isinstance(m, dict) and all(isinstance(s, dict) for s in m.values()) for m in best.values()):
+            raise ValueError("not {link: {method: settings}}")
+    except (OSError, ValueError, AttributeError) as e:
         raise SystemExit(f"error: --sweep-from {path}: not a sweep's best.json ({e})") from None
     missing = [link for link in links if link not in best]
     if missing:
         raise SystemExit(f"error: --sweep-from {path} has no choices for link {missing[0]!r}")
+    if not (path.parent.parent / "split.json").is_file():
+        raise SystemExit(f"error: --sweep-from {path}: its race's split.json ({path.parent.parent}) is missing")
 
 
 def race_plan(opts: argparse.Namespace) -> tuple[list[str], list[int]]:

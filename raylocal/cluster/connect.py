@@ -9,13 +9,15 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
-import torch
 
 from raylocal.core.config import RaylocalConfig
 from raylocal.errors import ClusterError, RaylocalError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def actor_images(config: RaylocalConfig, train: torch.Tensor) -> Any:

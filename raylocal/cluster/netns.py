@@ -19,13 +19,14 @@ command on its head (``scripts/real_cluster.sh``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,17 @@ def start_ray(net: Network, cpus: int, port: int = 6379) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def ray_cluster(net: Network, cpus: int) -> Iterator[dict[str, str]]:
+    """``start_ray`` on ``net``; yields the environment that joins it. After, the
+    network comes down (its processes first) and then Ray's session files go."""
+    try:
+        yield start_ray(net, cpus)
+    finally:
+        net.down()
+        shutil.rmtree(f"/tmp/raylocal-{net.tag}", ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m raylocal.cluster.netns --rates 10mbit,10mbit -- COMMAND...``: a Ray
     cluster across shaped namespaces, COMMAND on its head, then everything torn down."""
@@ -238,12 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tcp:
         return _tcp_table(rates, args.tcp)
     try:
-        with Network(rates) as net:
-            try:
-                env = start_ray(net, args.cpus)
-                return net.run(0, command or [RAY, "status"], env=env).returncode
-            finally:
-                shutil.rmtree(f"/tmp/raylocal-{net.tag}", ignore_errors=True)
+        with Network(rates) as net, ray_cluster(net, args.cpus) as env:
+            return net.run(0, command or [RAY, "status"], env=env).returncode
     except ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import typing
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -298,6 +299,17 @@ class RaylocalConfig(BaseModel):
                 raise ValueError(f"every learning rate must be a positive number, got {x}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _absolute_paths_for_nodes(cls, values: Any) -> Any:
+        # actors that load their own images stand in other working directories: a relative path
+        # would name other files there (the driver's directory is the one the user meant)
+        if isinstance(values, dict) and values.get("images_from") == "node":
+            for key in ("data_root", "cache_dir"):
+                if values.get(key):
+                    values = values | {key: str(Path(values[key]).resolve())}
+        return values
+
     @model_validator(mode="after")
     def _check_combination(self) -> RaylocalConfig:
         if len(self.lr) not in (1, self.parts):
@@ -324,19 +336,18 @@ class RaylocalConfig(BaseModel):
         return self.parts if self.part_spec is None else self.part_spec.count("|") + 1
 
     def data_source(self) -> DataSource:
-        """The data section as a loadable description (a relative root made absolute,
-        so that an actor whose working directory differs finds the same files)."""
-        root = str(Path(self.data_root).resolve()) if self.data_root else None
-        cache = str(Path(self.cache_dir).resolve()) if self.cache_dir else None
+        """The data section as a loadable description."""
         return DataSource(
-            self.dataset, root, self.download, cache, self.validation, self.train_subset, self.test_subset
-        )
+            self.dataset, self.data_root, self.download, self.cache_dir, self.validation, self.train_subset,
+            self.test_subset,
+        )  # fmt: skip
 
     def node_images(self, train: Tensor) -> NodeImages | None:
-        """What an actor loads on its own node in place of ``train`` (``images_from="node"``), else None."""
+        """What an actor loads on its own node in place of ``train`` (``images_from="node"``), else None.
+        The actors never download: the driver did, where it had to."""
         if self.images_from != "node":
             return None
-        return NodeImages(self.data_source(), len(train), tuple(train.shape[1:]))
+        return NodeImages.of(replace(self.data_source(), download=False), train)
 
     def part_lrs(self, n_parts: int) -> list[float]:
         return self.lr * n_parts if len(self.lr) == 1 else list(self.lr)

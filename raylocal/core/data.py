@@ -86,23 +86,34 @@ class DataSource:
 class NodeImages:
     """Training images that an actor loads from its own node's disk, in place of
     the driver's copy through Ray's object store (``--images-from node``): only
-    this small description crosses the network. ``count`` and ``shape`` are the
-    driver's, so that a node whose files differ is refused, not trained on."""
+    this small description crosses the network. ``digest`` is the driver's
+    images' own, so that a node whose files hold other images is refused, not
+    trained on."""
 
     source: DataSource
-    count: int
-    shape: tuple[int, ...]
+    digest: str
+
+    @classmethod
+    def of(cls, source: DataSource, train: Tensor) -> NodeImages:
+        return cls(source, images_digest(train))
 
     def load(self) -> Tensor:
         train = self.source.load().train
-        if len(train) != self.count or tuple(train.shape[1:]) != self.shape:
+        if images_digest(train) != self.digest:
             where = self.source.root or f"the bundled {self.source.dataset}"
             raise DataError(
-                f"{where} on this node holds {len(train)} training images of {tuple(train.shape[1:])}; "
-                f"the driver's hold {self.count} of {self.shape} (--images-from node needs the same files on every "
-                "node)"
+                f"{where} on this node holds other training images than the driver's ({len(train)} of "
+                f"{tuple(train.shape[1:])}, digest {images_digest(train)[:12]} against {self.digest[:12]}); "
+                "--images-from node needs the same files on every node"
             )
         return train
+
+
+def images_digest(images: Tensor) -> str:
+    """What a set of images is: its shape and every pixel, hashed (0.1 s for MNIST's 47 MB)."""
+    h = hashlib.sha256(str(tuple(images.shape)).encode())
+    h.update(images.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def training_images(images: Tensor | NodeImages) -> Tensor:

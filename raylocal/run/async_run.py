@@ -103,7 +103,7 @@ class ServiceActor:
     def finish(
         self,
         name: str,
-        train: torch.Tensor,
+        train: torch.Tensor | NodeImages,
         test: torch.Tensor,
         run_dir: str,
         bounds: list,
@@ -111,7 +111,7 @@ class ServiceActor:
         finetuned: Any = None,
     ) -> dict[str, Any]:
         config = self.config.model_copy(update={"device": str(self.service.device)})
-        data = ImageData(name, train, test)
+        data = ImageData(name, training_images(train), test)
         summary = finish_after_parts(config, data, Path(run_dir), bounds, finetuned, parts)
         return summary | {"where_finished": self.where() | {"phase": "model service"}}
 
@@ -169,7 +169,9 @@ def _finish_loop(loop_config: dict[str, Any]) -> None:
 
     config = RaylocalConfig.model_validate_json(loop_config["config"])
     torch.set_num_threads(loop_config["threads"])
-    data = ImageData(loop_config["name"], ray.get(loop_config["train"]), ray.get(loop_config["test"]))
+    train = loop_config["train"]  # the driver's images in the object store, or what this node loads
+    train = training_images(train) if isinstance(train, NodeImages) else ray.get(train)
+    data = ImageData(loop_config["name"], train, ray.get(loop_config["test"]))
     device = train_worker_device(config)
     run_dir = Path(loop_config["run_dir"])
     parts = ray.get(loop_config["parts"]) if loop_config["parts"] is not None else None

@@ -40,6 +40,8 @@ from typing import Any
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+from raylocal.bench.links import BENCH_MODEL  # noqa: E402 (after the auth setting, as links.py's own)
+
 RATES = ("100mbit", "10mbit", "1mbit")
 METHODS = ("parts", "ddp", "local-sgd")
 IDLE_S = 10.0  # seconds of the idle cluster's traffic measured before each real cell
@@ -95,8 +97,7 @@ def real_cell(method: str, rate: str, budget: float, seed: int) -> dict[str, Any
     """``method`` over a real ``rate`` link between two namespaced Ray nodes."""
     from raylocal.cluster import netns
 
-    with netns.Network([rate, rate]) as net:
-        env = netns.start_ray(net, cpus=1)
+    with netns.Network([rate, rate]) as net, netns.ray_cluster(net, cpus=1) as env:
         idle_from = interface_bytes(net)
         time.sleep(IDLE_S)
         idle = (interface_bytes(net) - idle_from) / IDLE_S
@@ -125,9 +126,12 @@ def _result(done: subprocess.CompletedProcess, method: str) -> dict[str, Any]:
 
 def figures(method: str, cell: dict[str, Any]) -> dict[str, float]:
     """What the calibration compares of a cell: its rate, and its time waiting on the link."""
-    # the parts' steps: the slower part's, which sets the model's rate (as its images/s does)
-    steps = cell["steps"] if isinstance(cell["steps"], int) else min(cell["steps"])
-    out = {"images/s": cell["images_per_s"], "s per step": cell["seconds"] / max(steps, 1)}
+    # a step of the whole model: for the parts, of the slower part (the rate its images/s is)
+    if method == "parts":
+        per_step = BENCH_MODEL["batch_size"] / cell["images_per_s"] if cell["images_per_s"] else float("inf")
+    else:
+        per_step = cell["seconds"] / max(cell["steps"], 1)
+    out = {"images/s": cell["images_per_s"], "s per step": per_step}
     if method == "parts":
         out["idle %"] = 100 * cell["idle"]
         behind = cell.get("behind_steps") or [{"mean": float("nan")}]
@@ -161,7 +165,8 @@ def table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
             f"ours | {cell['kernel_bytes'] / 1e6:.3g} MB | {counted / 1e6:.3g} MB | "
             f"{cell['kernel_bytes'] / counted if counted else float('nan'):.2f} |"
         )
-        # what the emulator does not count: framing, Ray's per-object messages, TCP's acks, per step
+        # everything else that crossed during the cell, per step: start-up (Ray's exports, the actors'
+        # arguments), the parts' weight gathers, and the framing, per-object messages and acks of it all
         beyond = (cell["kernel_bytes"] - control - counted) / max(steps, 1)
         rows.append(
             f"| {rate} | {method} | kernel bytes per step beyond ours and the idle traffic | {beyond:.0f} | | |"

@@ -31,7 +31,7 @@ import torch
 
 from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.core.config import RaylocalConfig, write_config_file
-from raylocal.core.data import ImageData
+from raylocal.core.data import DataSource, ImageData
 from raylocal.core.runlog import Progress
 from raylocal.errors import ConfigError, DivergedError
 from raylocal.training.service import ModelService
@@ -161,10 +161,16 @@ class TrialReporter:
 
 
 def run_trial(
-    params: dict[str, Any], base_json: str, space_path: str, data: ImageData, report_every: int, checkpoints: bool
+    params: dict[str, Any],
+    base_json: str,
+    space_path: str,
+    data: ImageData | DataSource,
+    report_every: int,
+    checkpoints: bool,
 ) -> None:
     """One Tune trial: a whole async parts run, reporting test BPD as it goes
-    (see ``TrialReporter``)."""
+    (see ``TrialReporter``). ``data`` is the driver's, or with ``--images-from
+    node`` what the trial's node loads (its parts then load their own too)."""
     import ray
     from ray import tune
 
@@ -172,6 +178,7 @@ def run_trial(
     from raylocal.cluster.placement import actor_device
 
     base = RaylocalConfig.model_validate_json(base_json)
+    data = data.load() if isinstance(data, DataSource) else data
     lrs = trial_lrs(load_space(space_path, base.parts), params, base.parts)
     trial_dir = Path(tune.get_context().get_trial_dir())
     config = base.model_copy(update={"lr": lrs, "progress": False, "resume": False})
@@ -213,7 +220,7 @@ def _trainable(
             run_trial,
             base_json=base.model_dump_json(),
             space_path=str(Path(space_path).resolve()),
-            data=data,
+            data=data if base.images_from == "driver" else base.data_source(),
             report_every=report_every,
             checkpoints=checkpoints,
         ),
