@@ -78,7 +78,7 @@ def test_a_race_cell_over_real_links_trains_its_parts_on_two_namespaced_nodes_an
         budget=4.0, test_subset=64, train_subset=1024, average_every=50, outer_lr=None, average_overlap=False,
         bucket_cap_mb=None, ddp_compression="none", sync_every=50, queue_size=1, micro_batches=4, real=True,
     ))  # fmt: skip
-    settings = bench.cell_settings(cell, opts, "layers:0-9|10-20")
+    settings = bench.cell_settings(cell, opts, "layers:0-18|19-50")  # the race model's 51 layers
     out = tmp_path / f"{cell.name}.json"
     args = settings | {"out": str(out), "settings": settings, "host": None, "block": {}}
     done = bench._run_cell_process(args, timeout=300)
