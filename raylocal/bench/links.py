@@ -281,6 +281,8 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
         "part_weight_bytes": sum(v.numel() * v.element_size() for k, v in parts.state.items() if k in first_part),
         "snapshot_s": clock.get("snapshot_s"),  # None: the parts ended before 2/3 of the budget
         "actor_nodes": report["actor_nodes"],  # where each part ran (Ray's node ids)
+        "part_wait_s": report["wait_s"],  # per part: waiting for latents, and computing
+        "part_compute_s": report["compute_s"],
         "state": snapshot or None,
     }
 
