@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from raylocal.baselines.projection import ring_bytes
-from raylocal.cluster.connect import fit_train_run
+from raylocal.cluster.connect import fit_train_run, node_images
 from raylocal.cluster.placement import DataParallelPlacement, check_torch_sees_gpus
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import BatchStream, training_images
@@ -560,7 +560,7 @@ def train_ddp(
         train_loop,
         train_loop_config={
             "config": config.model_dump_json(),
-            "images": config.node_images(images) or images,
+            "images": node_images(config, images) or images,
             "epochs": epochs,
             "lr": lr,
             "threads": placement.threads,

@@ -59,7 +59,7 @@ import torch
 from raylocal.baselines.projection import StepModel, bandwidth_losing, wire_bytes_per_step
 from raylocal.bench.race import METHODS, Cell, check_targets, plot, race_cells, results_table
 from raylocal.bench.sweep import SWEEP_GRID, best_settings, race_settings, sweep_cells, sweep_table, tuned_at
-from raylocal.core.config import RaylocalConfig
+from raylocal.core.config import RaylocalConfig, data_source
 from raylocal.core.links import FakeClock, LinkSpec, Wire
 from raylocal.errors import ClusterError
 from raylocal.training.service import ModelService
@@ -149,7 +149,7 @@ def own_ray(join: bool = False) -> None:
 
 
 def _data(args: dict[str, Any]):
-    return _config(args).data_source().load()
+    return data_source(_config(args)).load()
 
 
 def _config(args: dict[str, Any], **extra: Any) -> RaylocalConfig:

@@ -9,22 +9,32 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import ray
 
-from raylocal.core.config import RaylocalConfig
+from raylocal.core.config import RaylocalConfig, data_source
+from raylocal.core.data import NodeImages
 from raylocal.errors import ClusterError, RaylocalError
 
 if TYPE_CHECKING:
     import torch
 
 
+def node_images(config: RaylocalConfig, train: torch.Tensor) -> NodeImages | None:
+    """What an actor loads on its own node in place of ``train`` (``images_from="node"``), else None.
+    The actors never download: the driver did, where it had to."""
+    if config.images_from != "node":
+        return None
+    return NodeImages.of(replace(data_source(config), download=False), train)
+
+
 def actor_images(config: RaylocalConfig, train: torch.Tensor) -> Any:
     """What each training actor is sent for its images: the description that its
     own node loads them from (``images_from="node"``), else the driver's copy, put
     in the object store once (Ray resolves the reference where it is an argument)."""
-    return config.node_images(train) or ray.put(train)
+    return node_images(config, train) or ray.put(train)
 
 
 def _error_names(cls: type) -> set[str]:

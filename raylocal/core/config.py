@@ -13,19 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import typing
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from raylocal.core.data import DataSource, NodeImages
+from raylocal.core.data import DataSource
 from raylocal.core.faults import parse_faults
 from raylocal.core.links import parse_link
 from raylocal.errors import ConfigError
-
-if TYPE_CHECKING:
-    from torch import Tensor
 
 Schedule = Literal["e2e", "sequential", "alternating", "simultaneous", "async"]
 
@@ -302,8 +298,7 @@ class RaylocalConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _absolute_paths_for_nodes(cls, values: Any) -> Any:
-        # actors that load their own images stand in other working directories: a relative path
-        # would name other files there (the driver's directory is the one the user meant)
+        # actors that load their own images stand elsewhere: a relative path is the driver's directory's
         if isinstance(values, dict) and values.get("images_from") == "node":
             for key in ("data_root", "cache_dir"):
                 if values.get(key):
@@ -335,20 +330,6 @@ class RaylocalConfig(BaseModel):
         """How many parts the run trains: ``--part-spec`` names them, else ``--parts``."""
         return self.parts if self.part_spec is None else self.part_spec.count("|") + 1
 
-    def data_source(self) -> DataSource:
-        """The data section as a loadable description."""
-        return DataSource(
-            self.dataset, self.data_root, self.download, self.cache_dir, self.validation, self.train_subset,
-            self.test_subset,
-        )  # fmt: skip
-
-    def node_images(self, train: Tensor) -> NodeImages | None:
-        """What an actor loads on its own node in place of ``train`` (``images_from="node"``), else None.
-        The actors never download: the driver did, where it had to."""
-        if self.images_from != "node":
-            return None
-        return NodeImages.of(replace(self.data_source(), download=False), train)
-
     def part_lrs(self, n_parts: int) -> list[float]:
         return self.lr * n_parts if len(self.lr) == 1 else list(self.lr)
 
@@ -367,6 +348,14 @@ class RaylocalConfig(BaseModel):
             n_bits=self.n_bits,
             bf16=self.precision == "bf16",
         )
+
+
+def data_source(config: RaylocalConfig) -> DataSource:
+    """The config's data section as a loadable description."""
+    return DataSource(
+        config.dataset, config.data_root, config.download, config.cache_dir, config.validation, config.train_subset,
+        config.test_subset,
+    )  # fmt: skip
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

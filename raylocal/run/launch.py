@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from raylocal.core.checkpoint import load_checkpoint
-from raylocal.core.config import RaylocalConfig, load_config_file, validate_config
+from raylocal.core.config import RaylocalConfig, data_source, load_config_file, validate_config
 from raylocal.core.data import ImageData
 from raylocal.core.runlog import CHECKPOINT, resolve_run_dir
 from raylocal.errors import ConfigError
@@ -47,7 +47,7 @@ def resume_config(config: RaylocalConfig, given: dict[str, Any]) -> RaylocalConf
 
 
 def load_data(config: RaylocalConfig) -> ImageData:
-    return config.data_source().load()
+    return data_source(config).load()
 
 
 def set_threads(config: RaylocalConfig) -> None:

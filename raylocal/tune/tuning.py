@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
-from raylocal.core.config import RaylocalConfig, write_config_file
+from raylocal.core.config import RaylocalConfig, data_source, write_config_file
 from raylocal.core.data import DataSource, ImageData
 from raylocal.core.runlog import Progress
 from raylocal.errors import ConfigError, DivergedError
@@ -220,7 +220,7 @@ def _trainable(
             run_trial,
             base_json=base.model_dump_json(),
             space_path=str(Path(space_path).resolve()),
-            data=data if base.images_from == "driver" else base.data_source(),
+            data=data if base.images_from == "driver" else data_source(base),
             report_every=report_every,
             checkpoints=checkpoints,
         ),
