@@ -452,7 +452,7 @@ def race_split(opts: argparse.Namespace, out: Path) -> str:
     race cuts the model where it did before."""
     path = out / "split.json"
     if getattr(opts, "sweep_from", None):  # tuned in another race: cut where that race cut
-        theirs = json.loads((Path(opts.sweep_from).parent.parent / "split.json").read_text())["split"]
+        theirs = json.loads(swept_race_split(Path(opts.sweep_from)).read_text())["split"]
         ours = json.loads(path.read_text())["split"] if path.is_file() else theirs
         if ours != theirs:
             raise SystemExit(f"error: {path} cuts at {ours}, the race of --sweep-from at {theirs}")
@@ -641,6 +641,11 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def swept_race_split(best: Path) -> Path:
+    """The split.json of the race whose sweep chose ``best`` (``OUT/sweep/best.json``)."""
+    return best.parent.parent / "split.json"
+
+
 def _check_sweep_from(path: Path, links: list[str]) -> None:
     try:
         best = json.loads(path.read_text())
@@ -651,7 +656,7 @@ def _check_sweep_from(path: Path, links: list[str]) -> None:
     missing = [link for link in links if link not in best]
     if missing:
         raise SystemExit(f"error: --sweep-from {path} has no choices for link {missing[0]!r}")
-    if not (path.parent.parent / "split.json").is_file():
+    if not swept_race_split(path).is_file():
         raise SystemExit(f"error: --sweep-from {path}: its race's split.json ({path.parent.parent}) is missing")
 
 
