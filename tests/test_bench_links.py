@@ -289,6 +289,7 @@ def test_the_race_seeds_are_1_to_3_and_never_the_sweeps(bench):
     opts.sweep_budget = 30.0
     assert bench.race_plan(opts)[1] == [1, 2, 3] and opts.sweep_seed == 0
     assert bench.race_plan(bench._options(["--repeats", "5"]))[1] == [1, 2, 3, 4, 5]
+    assert bench.race_plan(bench._options(["--quick"]))[1] == [1, 2]  # a smoke run that fits 15 minutes
     clash = bench._options(["--seeds", "0-2"])
     clash.sweep_budget = 30.0
     with pytest.raises(SystemExit, match=r"^error: --sweep-seed 0 is also a race seed"):

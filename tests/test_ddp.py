@@ -248,7 +248,9 @@ def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compresse
               stats=stats)  # fmt: skip
     params = sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters())
     assert stats["steps"] == 4 and stats["buckets_per_step"] > 2
-    assert 0 < stats["straggled_s"] < stats["seconds"] / 3  # 0.5 of its compute, a third of its time at most
+    # wired in: 0.5 of its compute, so a third of its time on an idle host (the exact
+    # sleeps are test_straggler.py's); a loaded host's time-sharing inflates what it measures
+    assert 0 < stats["straggled_s"] < stats["seconds"] / 2
     assert stats["bytes_per_step"] == pytest.approx(ring_bytes(params / 2, 2), rel=1e-6)
 
 

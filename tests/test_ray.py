@@ -325,3 +325,56 @@ def test_the_placement_check_counts_the_model_service_only_for_runs_that_have_on
     with pytest.raises(ClusterError, match=r"2 parts of \{CPU 1\} and the model service need CPU 3, the cluster has 2"):
         placement.check()
     placement.check(with_service=False)  # the pipeline rival's two stages fit
+
+
+def test_a_run_whose_caller_holds_its_bundle_serves_in_the_callers_process_and_is_watched_by_its_monitor(
+    mnist_dir, tmp_path
+):
+    from raylocal.run.run import Run
+    from raylocal.training.service import ModelService
+
+    # 2 parts of 1 CPU fill the session's 2 CPUs: no room for a service actor's bundle
+    config = RaylocalConfig(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
+        eval_batch_size=32, warmup_steps=2, threads=1, schedule="async", parts=2, part_spec="1|2", epochs=2,
+        cpus_per_part=1.0, samples=0, progress=False, storage_path=str(tmp_path), run_name="here",
+        inject="slow:2@0.3",  # slow enough for the driver to poll while the parts train
+    )  # fmt: skip
+    data = load_dataset("mnist", mnist_dir)
+    plans, polls = [], []
+
+    def watch(service, plan):
+        plans.append(plan)
+        return lambda actors, polled: polls.append([p["steps"] for p in polled])
+
+    run = Run(config, data, service_here=True, monitor=watch)
+    summary = run.execute()
+    assert plans == [run.phases.plan] and len(plans[0]["bounds"]) == 2
+    assert polls and all(0 <= last <= 8 for _, last in polls)
+    # the monitor replaced the live evaluation: one evaluation, after the parts
+    assert len(summary["curve"]) == 1
+    assert summary["where"]["service"]["pid"] == os.getpid()
+    # its BPD is that of the parts' weights, evaluated here independently
+    parts = run.phases.parts
+    assert [st["steps"] for st in parts.stats] == [8, 8]
+    expected = ModelService(config, data.shape, "cpu").evaluate(data.test, parts.state)
+    assert summary["test_bpd"] == pytest.approx(expected, abs=1e-6)
+    # each part's bytes, and together the whole model's state
+    whole = build_glow(config, data.shape).state_dict()
+    assert sum(plans[0]["part_param_bytes"]) == sum(v.numel() * v.element_size() for v in whole.values())
+    assert json.loads((tmp_path / "here" / "summary.json").read_text())["test_bpd"] == summary["test_bpd"]
+
+
+def test_a_plain_object_called_as_an_actor_gets_its_arguments_values_and_returns_a_reference():
+    import ray
+
+    from raylocal.cluster.handle import InProcess
+
+    class Adder:
+        def add(self, a, b):
+            return a + b
+
+    handle = InProcess(Adder())
+    ref = handle.add.remote(ray.put(torch.ones(3)), torch.full((3,), 2.0))
+    assert isinstance(ref, ray.ObjectRef)
+    assert torch.equal(ray.get(ref), torch.full((3,), 3.0))

@@ -99,7 +99,8 @@ def test_restore_parts_hands_over_weights_and_optimizer_with_new_lrs(mnist_dir, 
     from raylocal.model.glow import Glow
     from raylocal.model.parts import parse_part_spec
     from raylocal.pipeline.worker import PartWorker
-    from raylocal.tune.tuning import assembled, restore_parts
+    from raylocal.training.service import assembled
+    from raylocal.tune.tuning import restore_parts
 
     def config(seed: int) -> RaylocalConfig:
         return RaylocalConfig(

@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -33,10 +34,8 @@ import torch
 
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
-from raylocal.core.runlog import Progress
 from raylocal.model.objectives import preprocess
 from raylocal.pipeline.worker import tensor_bytes
-from raylocal.training.service import ModelService
 from raylocal.training.trainer import PartTrainer, build_glow, initialize, resolve_device
 
 
@@ -164,7 +163,7 @@ class AsyncBench:
             n_levels=2, depth=args.depth, hidden=64, batch_size=64, schedule="async", parts=self.k,
             split="across-blocks", balance="measure", epochs=1, warmup_steps=50, device="cuda" if args.gpu else "cpu",
             train_subset=args.train_subset, progress=True, queue_size=4, part_spec=args.part_spec,
-            compile=args.compile,
+            compile=args.compile, samples=0,
         )  # fmt: skip
         # --gpu: one GPU per part, or an equal share of one when there are fewer GPUs than parts
         self.config = RaylocalConfig(**base, threads=1, cpus_per_part=1.0, gpus_per_part=None if args.gpu else 0.0)
@@ -179,18 +178,16 @@ class AsyncBench:
         return one, two
 
     def run_parts(self) -> None:
-        """The async run, with the CPU meter on; keeps what the reports need."""
-        from raylocal.cluster.connect import connect
-        from raylocal.cluster.parts_phase import run_parts_phase
+        """The async run's parts (a parts-only ``Run``, its model service in this
+        process), with the CPU meter on; keeps what the reports need."""
         from raylocal.cluster.placement import Placement
+        from raylocal.run.run import Run
 
-        connect(self.config)
-        # --balance measure times the layers on the service's device: the one the parts train on
-        self.service = ModelService(self.config, self.data.shape, self.config.device)
-        self.plan = self.service.plan(self.data.train)
-        print(f"parts: {self.plan['canonical']}", flush=True)
         with tempfile.TemporaryDirectory() as tmp, CpuMeter() as meter:
-            parts = run_parts_phase(self.config, self.data, self.plan, Progress(True), Path(tmp))
+            config = self.config.model_copy(update={"storage_path": tmp, "run_name": "run"})
+            run = Run(config, self.data, service_here=True, monitor=self._announce)
+            run.execute()
+        parts, self.plan = run.phases.parts, run.phases.plan
         self.stats, self.report, wall = parts.stats, parts.report, parts.wall
         # steady state: images through the last part between the end of its first step and its last
         last = self.stats[-1]
@@ -203,6 +200,10 @@ class AsyncBench:
             f"state ({self.report['images_per_s_pipeline']:.0f} including start-up: {last['steps']} steps in "
             f"{wall:.1f}s)"
         )
+
+    def _announce(self, service: Any, plan: dict[str, Any]) -> None:
+        # --balance measure timed the layers on the service's device: the one the parts train on
+        print(f"parts: {plan['canonical']}", flush=True)
 
     def print_ratios(self, before: tuple[float, float], after: tuple[float, float]) -> None:
         # The host's speed drifts over minutes: the baselines were measured before and
@@ -233,7 +234,8 @@ class AsyncBench:
         """The queue's own cost per step, and the bytes parts and DDP send per step."""
         with torch.no_grad():
             a, b = self.plan["bounds"][0]
-            y, _ = build_glow(self.config, self.data.shape).part(a, b)(preprocess(self.data.train[:64], 8))
+            glow = build_glow(self.config, self.data.shape)
+            y, _ = glow.part(a, b)(preprocess(self.data.train[:64], 8))
         overhead = queue_overhead(y)
         print(
             f"queue round trip without overlap (ray.put + put + get + ray.get): {overhead * 1e3:.2f} ms "
@@ -243,7 +245,7 @@ class AsyncBench:
         print(
             f"bytes per step: parts send {tensor_bytes(y) / 1e3:.0f} kB forward per boundary, 0 backward; "
             f"DDP all-reduces {self.report['ddp_bytes_per_step'] / 1e3:.0f} kB per worker "
-            f"({sum(p.numel() for p in self.service.glow.parameters())} parameters)"
+            f"({sum(p.numel() for p in glow.parameters())} parameters)"
         )
 
     def run_ddp(self) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Parts against DDP, local SGD, a pipeline and one device, over the same emulated links, at equal wall-clock budgets.
 
-    python scripts/bench_links.py --quick          # 10 s per cell, links inf and 10Mbit, 3 seeds
+    python scripts/bench_links.py --quick          # 10 s per cell, links inf and 10Mbit, 2 seeds
     python scripts/bench_links.py                  # the full race: 5 minutes per cell, five links, 3 seeds
     python scripts/bench_links.py --project-only --step-time 0.2
     python scripts/bench_links.py --real --links 10Mbit,1Mbit    # over kernel-shaped links (root)
@@ -75,7 +75,10 @@ LINKS = {
 # conditions in which the second worker, part or stage runs 2x slower than its hardware
 STRAGGLERS = {"10Mbit+straggler": "straggle:2@2"}
 QUICK_LINKS = ("inf", "10Mbit")
-QUICK_BUDGET = 10.0  # seconds per cell of --quick: 36 cells (2 links, 3 seeds) in about 15 minutes
+# --quick: 24 cells (2 links, 2 seeds) of 10 s each; a cell takes 20-45 s with its process's start
+# (its own Ray instance, Ray Train's for DDP and local SGD), about 14 minutes in all
+QUICK_BUDGET = 10.0
+QUICK_SEEDS = 2
 RACE_SEEDS = 3  # blocks per link, paired by seed: seeds 1-3 (seed 0 is the sweep's)
 DEFAULTS = RaylocalConfig()  # what a cell leaves at the config's default (PowerSGD's rank and start)
 FINETUNE_AT = 2 / 3  # the share of the budget a parts run trains in parts before its fine-tune
@@ -226,21 +229,22 @@ def run_data_parallel(args: dict[str, Any], average_every: int, state=None, budg
 
 
 def run_parts(args: dict[str, Any]) -> dict[str, Any]:
+    """The parts: a parts-only ``Run`` whose model service is this process (the
+    cell's two CPUs are the parts'), watched by a monitor that takes the weights
+    at 2/3 of the budget for "parts + fine-tune"."""
     import ray
 
-    from raylocal.cluster.parts_phase import gather_weights, run_parts_phase
-    from raylocal.core.runlog import Progress
+    from raylocal.cluster.parts_phase import gather_weights
+    from raylocal.run.run import Run
 
     data = _data(args)
     config = _config(
         args, schedule="async", parts=2, cpus_per_part=1.0, gpus_per_part=0.0, starve="stale",
         full="drop-oldest", queue_size=args.get("queue_size") or 1, sync_every=args.get("sync_every") or 50,
         part_spec=args["split"], time_budget=args["budget"], wire_dtype=args.get("wire_dtype", "float32"),
-        placement=args.get("placement", "pack"),
+        placement=args.get("placement", "pack"), finetune_epochs=0,
     )  # fmt: skip
     own_ray(args.get("join", False))
-    service = ModelService(config, data.shape, "cpu")
-    plan = service.plan(data.train)
     snapshot: dict[str, Any] = {}
     clock: dict[str, float] = {}
 
@@ -254,14 +258,17 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
             clock["snapshot_s"] = time.perf_counter() - clock["start"]  # the fine-tune has the rest
 
     with tempfile.TemporaryDirectory() as tmp:
-        parts = run_parts_phase(config, data, plan, Progress(False), Path(tmp), take_snapshot)
+        run = Run(
+            config.model_copy(update={"storage_path": tmp, "run_name": "run"}), data,
+            service_here=True, monitor=lambda service, plan: take_snapshot,
+        )  # fmt: skip
+        summary = run.execute()
     ray.shutdown()
+    parts, plan = run.phases.parts, run.phases.plan
     stats, report = parts.stats, parts.report
     steps = [st["steps"] for st in stats]
     seconds = [st["end_time"] - st["start_time"] for st in stats]
     first = stats[0]
-    start, stop = plan["bounds"][0]
-    first_part = service.glow.part(start, stop).state_dict()
     return {
         # every image trains every layer once: the slowest part sets the model's rate
         "images_per_s": min(n * config.batch_size / s for n, s in zip(steps, seconds)),
@@ -271,14 +278,14 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
         "bytes_per_step": (first["bytes_forward"] + first["bytes_weights"]) / max(first["steps"], 1),
         "idle": max(report["idle_fraction"]),
         "peak_rss_mb": max(report["peak_rss_mb"]),
-        "test_bpd": service.evaluate(data.test, parts.state),
+        "test_bpd": summary["test_bpd"],
         "fresh_steps": report["fresh_steps"],
         "stale_steps": report["stale_steps"],
         "behind_steps": report["behind_steps"],
         "behind_s": report["behind_s"],
         "dropped_latents": report["dropped_latents"],
         "outage_latents": report["outage_latents"],
-        "part_weight_bytes": sum(v.numel() * v.element_size() for k, v in parts.state.items() if k in first_part),
+        "part_weight_bytes": plan["part_param_bytes"][0],
         "snapshot_s": clock.get("snapshot_s"),  # None: the parts ended before 2/3 of the budget
         "actor_nodes": report["actor_nodes"],  # where each part ran (Ray's node ids)
         "part_wait_s": report["wait_s"],  # per part: waiting for latents, and computing
@@ -603,7 +610,9 @@ def _differing(stored: dict[str, Any] | None, settings: dict[str, Any]) -> str:
 
 def _options(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help=f"{QUICK_BUDGET:.0f} s per cell, links inf and 10Mbit")
+    p.add_argument(
+        "--quick", action="store_true", help=f"{QUICK_BUDGET:.0f} s per cell, links inf and 10Mbit, seeds 1-2"
+    )
     p.add_argument("--budget", type=float, default=None, help="seconds per cell (default 300)")
     p.add_argument("--links", default=None, help=f"comma-separated, of {', '.join(LINKS)}")
     p.add_argument("--seeds", default=None, help='the blocks\' seeds, "1,2,3" or "1-3" (default: 1-3)')
@@ -682,7 +691,8 @@ def race_plan(opts: argparse.Namespace) -> tuple[list[str], list[int]]:
     if opts.repeats is not None and opts.repeats < 1:
         raise SystemExit(f"error: --repeats {opts.repeats}: needs at least 1")
     try:
-        seeds = parse_seeds(opts.seeds) if opts.seeds else list(range(1, (opts.repeats or RACE_SEEDS) + 1))
+        n = opts.repeats or (QUICK_SEEDS if opts.quick else RACE_SEEDS)
+        seeds = parse_seeds(opts.seeds) if opts.seeds else list(range(1, n + 1))
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     if getattr(opts, "sweep_budget", 0) and opts.sweep_seed in seeds:

@@ -14,6 +14,7 @@ against the queue bound's worth of latents.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import tempfile
 import threading
@@ -25,8 +26,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from raylocal.bench.links import own_ray
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
-from raylocal.core.runlog import Progress
-from raylocal.training.service import ModelService
 
 
 def rss_bytes() -> int:
@@ -56,12 +55,27 @@ def store_bytes() -> int:
     return int(reply.store_stats.object_store_bytes_used)
 
 
-def measure(config: RaylocalConfig, data, plan: dict) -> dict[str, float]:
-    from raylocal.cluster.parts_phase import run_parts_phase
+def settled_store_bytes(timeout: float = 10.0) -> int:
+    """The object store's bytes once an earlier run's objects are freed (Ray frees
+    them shortly after their last reference goes): the idle level to measure above."""
+    gc.collect()
+    last, deadline = store_bytes(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = store_bytes()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def measure(config: RaylocalConfig, data) -> dict[str, float]:
+    """Peaks of a parts-only ``Run`` (its model service in this process)."""
+    from raylocal.run.run import Run
 
     peaks = {"shm": 0, "rss": 0, "lag": 0}
     stop = threading.Event()
-    base_store = store_bytes()
+    base_store = settled_store_bytes()
 
     def sample() -> None:
         while not stop.is_set():
@@ -75,7 +89,8 @@ def measure(config: RaylocalConfig, data, plan: dict) -> dict[str, float]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     with tempfile.TemporaryDirectory() as tmp:
-        run_parts_phase(config, data, plan, Progress(False), Path(tmp), monitor)
+        config = config.model_copy(update={"storage_path": tmp, "run_name": "run"})
+        Run(config, data, service_here=True, monitor=lambda service, plan: monitor).execute()
     stop.set()
     sampler.join()
     return peaks
@@ -92,16 +107,15 @@ def main(argv: list[str] | None = None) -> None:
     base = dict(
         n_levels=2, depth=4, hidden=64, batch_size=64, schedule="async", parts=2, part_spec="1|2",
         epochs=1, train_subset=args.train_subset, queue_size=args.queue_size, threads=1,
-        cpus_per_part=1.0, progress=False,
+        cpus_per_part=1.0, progress=False, samples=0,
     )  # fmt: skip
     normal = RaylocalConfig(**base)
     slow = RaylocalConfig(**base, inject=f"slow:2@{args.slow}")
     data = load_dataset("mnist").subset(args.train_subset, 1000)
     own_ray()
-    plan = ModelService(normal, data.shape, "cpu").plan(data.train)
     latent = 64 * 2 * 14 * 14 * 4  # part 1's output per step: 2x14x14 float32 per image
-    a = measure(normal, data, plan)
-    b = measure(slow, data, plan)
+    a = measure(normal, data)
+    b = measure(slow, data)
     mb = 1 / 2**20
     print(f"# bench_memory: queue bound {args.queue_size}, latent {latent / 1e3:.0f} kB per step")
     print("| run | peak object store (above idle) | peak RSS, Ray + driver | max steps part 1 ahead of part 2 |")

@@ -357,21 +357,6 @@ def train_parts(
     return PartsResult(state, wall, stats, list(getattr(monitor, "curve", [])), report)
 
 
-def run_parts_phase(
-    config: RaylocalConfig,
-    data: ImageData,
-    plan: dict[str, Any],
-    progress: Progress,
-    run_dir: Path,
-    monitor: Monitor | None = None,
-) -> PartsResult:
-    """Start the parts' actors, train them (``train_parts``) and release them. Part
-    checkpoints go to ``run_dir/parts``; with ``config.resume`` the parts
-    continue from them."""
-    with PartsPhase(config, data, run_dir, len(plan["bounds"])) as phase:
-        return train_parts(phase, plan, progress, monitor)
-
-
 def pipeline_report(
     config: RaylocalConfig,
     stats: list[dict[str, Any]],
@@ -424,4 +409,4 @@ def pipeline_report(
     }
 
 
-__all__ = ["LatentQueue", "PartActor", "PartsPhase", "run_parts_phase", "tensor_bytes", "train_parts"]
+__all__ = ["LatentQueue", "PartActor", "PartsPhase", "tensor_bytes", "train_parts"]

@@ -29,6 +29,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raylocal.cluster.connect import actor_images, connect, errors_in_one_line, fit_train_run
-from raylocal.cluster.parts_phase import PartsPhase, part_checkpoint_path, train_parts
+from raylocal.cluster.handle import InProcess
+from raylocal.cluster.parts_phase import Monitor, PartsPhase, part_checkpoint_path, train_parts
 from raylocal.cluster.placement import Placement, actor_device, train_worker_device
 from raylocal.cluster.preflight import check_run
 from raylocal.cluster.queue import LatentQueue
@@ -50,6 +52,10 @@ from raylocal.run.finish import finish_after_parts
 from raylocal.training.schedules import PARTS_RESULT, PartsResult
 from raylocal.training.service import ModelService
 from raylocal.training.trainer import LRClock
+
+# What a caller watches the parts phase with, in place of the live evaluation:
+# made from the run's model service and the parts' plan once both exist.
+MonitorFactory = Callable[[Any, dict[str, Any]], Monitor]
 
 
 def here(device: str) -> dict[str, Any]:
@@ -69,20 +75,25 @@ def _import_all(modules: list[str]) -> None:
         importlib.import_module(name)
 
 
-@ray.remote
-class ServiceActor:
-    """A thin shell around ``ModelService``; it also finishes runs whose fine-tune
-    is not a single Ray Train worker's (none, or DDP)."""
+class RunService:
+    """A thin shell around ``ModelService`` that also finishes runs whose
+    fine-tune is not a single Ray Train worker's (none, or DDP). The async run
+    holds it as an actor (``ServiceActor``), or in the caller's own process
+    (``InProcess``) when the caller already holds a bundle: a Tune trial, a
+    benchmark's cell."""
 
-    def __init__(self, config_json: str, image_shape: tuple[int, int, int], threads: int) -> None:
+    def __init__(
+        self, config_json: str, image_shape: tuple[int, int, int], threads: int, prefetch: bool = True
+    ) -> None:
         torch.set_num_threads(threads)
         self.config = RaylocalConfig.model_validate_json(config_json)
         self.service = ModelService(self.config, image_shape, str(actor_device(self.config)))
         self.evaluations, self.evaluation_s = 0, 0.0
-        # what finishing a run needs (seconds of imports), loaded while the parts
-        # train: on a thread, so that planning the parts does not wait for it
-        modules = ["torch.utils.tensorboard"] + (["torchvision.utils"] if self.config.samples else [])
-        threading.Thread(target=_import_all, args=(modules,), daemon=True).start()
+        if prefetch:
+            # what finishing a run needs (seconds of imports), loaded while the parts
+            # train: on a thread, so that planning the parts does not wait for it
+            modules = ["torch.utils.tensorboard"] + (["torchvision.utils"] if self.config.samples else [])
+            threading.Thread(target=_import_all, args=(modules,), daemon=True).start()
 
     def where(self) -> dict[str, Any]:
         return here(str(self.service.device)) | {"evaluations": self.evaluations, "evaluation_s": self.evaluation_s}
@@ -100,6 +111,10 @@ class ServiceActor:
         self.evaluation_s += time.perf_counter() - start
         return bpd
 
+    def evaluate_parts(self, test_images: torch.Tensor, bounds: list, states: list[dict[str, Any]]) -> float:
+        """Test BPD of the model assembled from part checkpoints (what PBT copies)."""
+        return self.service.evaluate_parts(test_images, bounds, states)
+
     def finish(
         self,
         name: str,
@@ -114,6 +129,9 @@ class ServiceActor:
         data = ImageData(name, training_images(train), test)
         summary = finish_after_parts(config, data, Path(run_dir), bounds, finetuned, parts)
         return summary | {"where_finished": self.where() | {"phase": "model service"}}
+
+
+ServiceActor = ray.remote(RunService)
 
 
 class LiveEvaluation:
@@ -255,11 +273,26 @@ class AsyncRun:
 
     With ``--resume``: when the parts phase had finished (its ``PartsResult``
     is saved) the run goes on to the fine-tune, which continues from the run's
-    checkpoint; otherwise the parts continue from their own checkpoints."""
+    checkpoint; otherwise the parts continue from their own checkpoints.
 
-    def __init__(self, config: RaylocalConfig, data: ImageData, run_dir: Path) -> None:
+    ``service_here`` runs the model service in this process rather than in an
+    actor of its own (a caller that holds a bundle: a Tune trial, a benchmark's
+    cell); ``monitor`` watches the parts phase in place of the live evaluation
+    (see ``MonitorFactory``). After ``run``, ``plan`` and ``parts`` hold the
+    parts' plan and the parts phase's result."""
+
+    def __init__(
+        self,
+        config: RaylocalConfig,
+        data: ImageData,
+        run_dir: Path,
+        service_here: bool = False,
+        monitor: MonitorFactory | None = None,
+    ) -> None:
         self.config, self.data = config, data
         self.run_dir = run_dir
+        self.service_here, self.monitor = service_here, monitor
+        self.plan: dict[str, Any] | None = None
         self.progress = Progress(config.progress)
         self.where: dict[str, Any] = {}
         self.service: Any = None
@@ -274,7 +307,7 @@ class AsyncRun:
         check_run(self.config, self.data.shape)
         connect(self.config)
         self.placement = Placement.plan(self.config, self.config.part_count())
-        self.placement.check()
+        self.placement.check(with_service=not self.service_here)
 
     def run(self) -> dict[str, Any]:
         """The run's phases, in its (existing) directory; returns its summary."""
@@ -298,11 +331,11 @@ class AsyncRun:
         try:
             plan_ref = service.plan.remote(refs[0])
             if config.resume and (self.run_dir / PARTS_RESULT).is_file():
-                plan = ray.get(plan_ref)
+                plan = self.plan = ray.get(plan_ref)
             else:
                 # the part actors start (a process and a torch import each) while the service plans
                 with PartsPhase(config, self.data, self.run_dir, config.part_count(), refs[0], self.placement) as phase:
-                    plan = ray.get(plan_ref)
+                    plan = self.plan = ray.get(plan_ref)
                     self._parts_phase(phase, service, plan, refs)
             self.where["service"] = ray.get(service.where.remote())
             summary = self._finish(plan, refs)
@@ -315,6 +348,10 @@ class AsyncRun:
         """The model service, in a placement group of its own (released by ``_release``)."""
         config = self.config
         bundle = self.placement.service
+        if self.service_here:
+            shell = RunService(config.model_dump_json(), self.data.shape, config.threads or 1, prefetch=False)
+            self.service = InProcess(shell)
+            return self.service
         self.service_pg = self.placement.reserve_service()
         self.service = ServiceActor.options(
             num_cpus=bundle["CPU"],
@@ -325,9 +362,9 @@ class AsyncRun:
         return self.service
 
     def _release(self) -> None:
-        if self.service is not None:
+        if self.service is not None and not self.service_here:
             ray.kill(self.service)
-            self.service = None
+        self.service = None
         if self.service_pg is not None:
             remove_placement_group(self.service_pg)
             self.service_pg = None
@@ -342,15 +379,19 @@ class AsyncRun:
             f"queue bound {config.queue_size}, link {config.link}" + (", resuming" if config.resume else ""),
             force=True,
         )
-        steps_per_epoch = len(self.data.train) // config.batch_size
-        n_live = min(config.live_eval_images or len(self.data.test), len(self.data.test))
-        live_ref = refs[1] if n_live == len(self.data.test) else ray.put(self.data.test[:n_live])
-        every = config.eval_every or steps_per_epoch
-        live = LiveEvaluation(service, live_ref, n_live, every, steps_per_epoch, self.progress)
-        self.parts = train_parts(phase, plan, self.progress, live)
+        watch = self.monitor(service, plan) if self.monitor is not None else self._live_evaluation(service, refs[1])
+        self.parts = train_parts(phase, plan, self.progress, watch)
         write_json(run_dir / "pipeline.json", self.parts.report)
         self.parts.save(run_dir / PARTS_RESULT)  # what --resume continues from
         self.where["parts"] = parts_where(self.parts.report)
+
+    def _live_evaluation(self, service: Any, test_ref: Any) -> LiveEvaluation:
+        config, test = self.config, self.data.test
+        steps_per_epoch = len(self.data.train) // config.batch_size
+        n_live = min(config.live_eval_images or len(test), len(test))
+        live_ref = test_ref if n_live == len(test) else ray.put(test[:n_live])
+        every = config.eval_every or steps_per_epoch
+        return LiveEvaluation(service, live_ref, n_live, every, steps_per_epoch, self.progress)
 
     def _finish(self, plan: dict[str, Any], refs: tuple[Any, Any]) -> dict:
         config, run_dir, name = self.config, self.run_dir, self.data.name

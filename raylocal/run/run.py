@@ -11,31 +11,47 @@ resume, nothing half-written). Between those, its phases train:
   the fine-tune, in this process;
 - the async schedule on Ray (``AsyncRun``): the Ray parts, then the fine-tune
   in a Ray Train worker, on DDP workers, or in the model service.
+
+A caller that holds a bundle of its own and watches the parts itself (a Tune
+trial, a benchmark's cell) composes the same run with ``service_here`` and a
+``monitor`` (see ``AsyncRun``), and reads ``phases`` afterwards: the parts'
+plan and result, beside the summary.
 """
 
 from __future__ import annotations
 
 import shutil
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData
 from raylocal.core.runlog import has_checkpoint, resolve_run_dir, write_json
 from raylocal.training.schedules import SingleProcessRun
 
+if TYPE_CHECKING:  # the async run imports Ray: only the async schedule pays for it
+    from raylocal.run.async_run import MonitorFactory
+
 
 class Run:
     """A configured run (see the module doc)."""
 
-    def __init__(self, config: RaylocalConfig, data: ImageData) -> None:
+    def __init__(
+        self,
+        config: RaylocalConfig,
+        data: ImageData,
+        service_here: bool = False,
+        monitor: MonitorFactory | None = None,
+    ) -> None:
         self.config, self.data = config, data
         self.dir = resolve_run_dir(config)
+        self.service_here, self.monitor = service_here, monitor
+        self.phases: Any = None
 
     def execute(self) -> dict[str, Any]:
         """Train the run's phases; returns its summary (also written to summary.json)."""
         created = not self.dir.exists()
         try:
-            phases = self._phases()
+            phases = self.phases = self._phases()
             self.dir.mkdir(parents=True, exist_ok=True)
             if not self.config.resume:
                 write_json(self.dir / "config.json", self.config.sectioned())
@@ -52,6 +68,6 @@ class Run:
             return SingleProcessRun(self.config, self.data, self.dir, record=False)
         from raylocal.run.async_run import AsyncRun  # imports Ray: only the async schedule pays for it
 
-        phases = AsyncRun(self.config, self.data, self.dir)
+        phases = AsyncRun(self.config, self.data, self.dir, self.service_here, self.monitor)
         phases.prepare()
         return phases

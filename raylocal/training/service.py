@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from raylocal.core.config import RaylocalConfig
@@ -30,9 +31,27 @@ class ModelService:
             "bounds": [list(b) for b in spec.bounds],
             "canonical": spec.canonical(self.glow),
             "param_bytes": self.glow.param_bytes(),
+            "part_param_bytes": [_bytes(self.glow.part(start, stop).state_dict()) for start, stop in spec.bounds],
         }
 
     def evaluate(self, test_images: Tensor, state: dict[str, Tensor]) -> float:
         """Test BPD of the assembled weights ``state``."""
         self.glow.load_state_dict(state)
         return evaluate_bpd(self.glow, test_images, self.config.eval_batch_size, self.device)
+
+    def evaluate_parts(self, test_images: Tensor, bounds: list, states: list[dict[str, Any]]) -> float:
+        """Test BPD of the model assembled from part checkpoints (``assembled``)."""
+        return self.evaluate(test_images, assembled(states, self.glow, bounds))
+
+
+def assembled(states: list[dict[str, Any]], glow: torch.nn.Module, bounds: list) -> dict[str, Tensor]:
+    """The whole model's state dict from part checkpoints: each part's own layers
+    from its own checkpoint (the rest of a checkpoint is its stale upstream copy)."""
+    out: dict[str, Tensor] = {}
+    for (start, stop), state in zip(bounds, states):
+        out.update({name: state["model"][name] for name in glow.part(start, stop).state_dict()})
+    return out
+
+
+def _bytes(state: dict[str, Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in state.values())

@@ -32,9 +32,7 @@ import torch
 from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.core.config import RaylocalConfig, data_source, write_config_file
 from raylocal.core.data import DataSource, ImageData
-from raylocal.core.runlog import Progress
-from raylocal.errors import ConfigError, DivergedError
-from raylocal.training.service import ModelService
+from raylocal.errors import ClusterError, ConfigError, DivergedError
 
 DIVERGED_BPD = 1e3  # what a diverged trial reports as its BPD: worse than any real model
 SCHEDULERS = ("asha", "pbt")
@@ -92,29 +90,26 @@ def restore_parts(checkpoint_dir: Path, run_dir: Path, lrs: list[float]) -> int:
     return step
 
 
-def assembled(states: list[dict[str, Any]], glow: torch.nn.Module, bounds: tuple) -> dict[str, torch.Tensor]:
-    """The whole model's state dict from part checkpoints: each part's own layers
-    from its own checkpoint (the rest of a checkpoint is its stale upstream copy)."""
-    out: dict[str, torch.Tensor] = {}
-    for (start, stop), state in zip(bounds, states):
-        out.update({name: state["model"][name] for name in glow.part(start, stop).state_dict()})
-    return out
-
-
 class TrialReporter:
     """A Tune trial's reports, as the parts phase's monitor: every ``report_every``
     steps of the last part, the assembled model's test BPD (with ``checkpoints``,
     for PBT, every part's state with it); a non-finite BPD reports the trial as
     diverged and stops it."""
 
-    def __init__(
-        self, service: ModelService, data: ImageData, lrs: list[float], bounds: list, every: int, checkpoints: bool
-    ) -> None:
-        self.service, self.data, self.lrs, self.bounds = service, data, lrs, bounds
+    def __init__(self, test: torch.Tensor, lrs: list[float], every: int, checkpoints: bool) -> None:
+        self.test, self.lrs = test, lrs
+        self.service: Any = None
+        self.bounds: list[tuple[int, int]] = []
         self.every, self.checkpoints = every, checkpoints
         self.resumed_at, self.restored_from = 0, ""
         self.next_report = every
         self.last_polled: list[dict[str, Any]] = []
+
+    def watch(self, service: Any, plan: dict[str, Any]) -> TrialReporter:
+        """This reporter as the run's monitor (a ``MonitorFactory``): it evaluates
+        with the run's model service (an actor handle, or ``InProcess``)."""
+        self.service, self.bounds = service, [tuple(b) for b in plan["bounds"]]
+        return self
 
     def resume_from(self, step: int, checkpoint_path: str) -> None:
         self.resumed_at, self.restored_from = step, checkpoint_path
@@ -134,9 +129,12 @@ class TrialReporter:
         return out | {f"lr_{k + 1}": lr for k, lr in enumerate(self.lrs)}
 
     def metrics(self, state: dict[str, torch.Tensor], polled: list[dict[str, Any]], done: bool) -> dict[str, Any]:
-        return self.row(self.service.evaluate(self.data.test, state), polled, done)
+        import ray
+
+        return self.row(ray.get(self.service.evaluate.remote(self.test, state)), polled, done)
 
     def __call__(self, actors: list[Any], polled: list[dict[str, Any]]) -> None:
+        import ray
         from ray import tune
 
         from raylocal.cluster.parts_phase import gather_part_states, gather_weights, part_checkpoint_path
@@ -150,7 +148,8 @@ class TrialReporter:
             tune.report(m)
         else:  # evaluate exactly the checkpointed parts: PBT copies what it ranked
             states = gather_part_states(actors)
-            m = self.metrics(assembled(states, self.service.glow, self.bounds), polled, done=False)
+            bpd = ray.get(self.service.evaluate_parts.remote(self.test, self.bounds, states))
+            m = self.row(bpd, polled, done=False)
             m["steps"] = int(states[-1]["step"])
             with tempfile.TemporaryDirectory() as tmp:
                 for k, state in enumerate(states):
@@ -168,37 +167,34 @@ def run_trial(
     report_every: int,
     checkpoints: bool,
 ) -> None:
-    """One Tune trial: a whole async parts run, reporting test BPD as it goes
+    """One Tune trial: a whole async parts run (``Run``, in the trial's directory,
+    its model service in the trial's own process), reporting test BPD as it goes
     (see ``TrialReporter``). ``data`` is the driver's, or with ``--images-from
     node`` what the trial's node loads (its parts then load their own too)."""
-    import ray
     from ray import tune
 
-    from raylocal.cluster.parts_phase import run_parts_phase
-    from raylocal.cluster.placement import actor_device
+    from raylocal.run.run import Run
 
     base = RaylocalConfig.model_validate_json(base_json)
     data = data.load() if isinstance(data, DataSource) else data
     lrs = trial_lrs(load_space(space_path, base.parts), params, base.parts)
     trial_dir = Path(tune.get_context().get_trial_dir())
-    config = base.model_copy(update={"lr": lrs, "progress": False, "resume": False})
-    torch.set_num_threads(1)
-    # the trial's own process evaluates, on the GPU share its bundle reserved when it has one
-    service = ModelService(config, data.shape, str(actor_device(config)))
-    plan = service.plan(data.train)
-    reporter = TrialReporter(service, data, lrs, [tuple(b) for b in plan["bounds"]], report_every, checkpoints)
+    trial = {"lr": lrs, "progress": False, "resume": False, "finetune_epochs": 0, "samples": 0}
+    config = base.model_copy(update=trial | {"storage_path": str(trial_dir.parent), "run_name": trial_dir.name})
+    reporter = TrialReporter(data.test, lrs, report_every, checkpoints)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # PBT restarted this trial from its own or another trial's parts
         with checkpoint.as_directory() as d:
             reporter.resume_from(restore_parts(Path(d), trial_dir, lrs), str(checkpoint.path))
         config = config.model_copy(update={"resume": True})
+    run = Run(config, data, service_here=True, monitor=reporter.watch)
     try:
-        parts = run_parts_phase(config, data, plan, Progress(False), trial_dir, reporter)
-    except (DivergedError, ray.exceptions.RayTaskError) as e:
+        summary = run.execute()
+    except (DivergedError, ClusterError) as e:
         tune.report(reporter.row(math.nan, reporter.last_polled, done=True) | {"error": str(e)[:200]})
         return
-    polled = [{"rollbacks": st["rollbacks"], "steps": st["steps"]} for st in parts.stats]
-    tune.report(reporter.metrics(parts.state, polled, done=True))
+    polled = [{"rollbacks": st["rollbacks"], "steps": st["steps"]} for st in run.phases.parts.stats]
+    tune.report(reporter.row(summary["test_bpd"], polled, done=True))
 
 
 def _trainable(
