@@ -66,6 +66,36 @@ def test_trained_model_reconstructs_in_float32(mnist_dir, tmp_path):
     assert grid[1:9].float().std() > 0  # and they are images, not blanks
 
 
+def test_the_outliers_tool_takes_the_test_bpd_apart_image_by_image(mnist_dir, tmp_path, capsys):
+    from raylocal.tools import outliers
+
+    storage = tmp_path / "runs"
+    assert main(tiny_options(mnist_dir, storage, run_name="r", epochs=1, lr=3e-3, samples=0)) == 0
+    found = outliers.outliers(storage / "r", held_out=40, worst=3)
+    # each image's BPD again, independently: the run's fixed evaluation noise, batch by batch
+    glow = build_glow(RaylocalConfig(n_levels=2, depth=2, hidden=8), (1, 8, 8))
+    glow.load_state_dict(load_checkpoint(storage / "r" / "checkpoint.pt")["model"])
+    data = load_dataset("mnist", mnist_dir)
+    for name, images in (("test", data.test), ("held-out", data.train[-40:])):
+        noise = torch.Generator().manual_seed(1234)
+        with torch.no_grad():
+            per = torch.cat([local_nll(glow.whole(), preprocess(images[i : i + 32], 8, noise))[0].double()
+                             for i in range(0, len(images), 32)])  # fmt: skip
+        s, order = found[name], per.argsort(descending=True)
+        assert s["images"] == len(images) and s["mean"] == pytest.approx(per.mean().item(), abs=1e-9)
+        assert s["median"] == pytest.approx(per.median().item(), abs=1e-9)
+        assert [i for i, _ in s["worst"]] == order[:3].tolist()
+        assert s["mean_without_worst"] == pytest.approx(per[order[3:]].mean().item(), abs=1e-9)
+    assert found["test"]["mean"] == pytest.approx(_summary(storage, "r")["test_bpd"], abs=1e-9)
+    capsys.readouterr()  # the run's own output
+    assert outliers.main([str(storage / "r"), "--worst", "2"]) == 0
+    assert capsys.readouterr().out.startswith(f"test ({len(data.test)} images): BPD ")
+    assert outliers.main([str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'none' / 'config.json'} does not exist (a finished run's directory holds it)"
+    ]
+
+
 def _weights(path):
     return load_checkpoint(path)["model"]
 

@@ -20,6 +20,7 @@ COMMANDS = {
     "bench-glow": ("raylocal.bench.glow_bench", "Glow kernel throughput: compiled or not, CPU or GPU."),
     "bench-memory": ("raylocal.bench.memory", "Memory of the parts phase: per-process RSS and the object store."),
     "pictures": ("raylocal.tools.pictures", "Samples and reconstructions from a finished run."),
+    "outliers": ("raylocal.tools.outliers", "A finished run's test BPD image by image: its median and worst images."),
     "netns": ("raylocal.cluster.netns", "Ray nodes in network namespaces joined by shaped links, around a command."),
     "gpu-check": ("raylocal.tools.gpu_check", "The GPU check: kernels, a short run and their figures."),
 }
