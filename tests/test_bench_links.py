@@ -214,6 +214,11 @@ def test_every_parts_cell_keeps_its_weights_and_the_fine_tune_chooses_from_its_o
         for seed in (0, 1)
     ]
     assert chosen == ["ddp", "one device"]
+    # the weights' gather: part 1's bytes over the emulated link (1 Mbit, 20 ms); over a real
+    # link the parts' snapshot has already waited for them, so it is not charged twice
+    weights = {"part_weight_bytes": 125_000}  # 1e6 bits
+    assert bench.gather_seconds({"link": "1Mbit", "seed": 1}, weights) == pytest.approx(1.02)
+    assert bench.gather_seconds({"link": "1Mbit", "seed": 1, "network": "real"}, weights) == 0.0
 
 
 def test_the_sweep_tunes_each_rival_per_link_and_the_race_runs_each_at_its_best(bench, tmp_path, monkeypatch):

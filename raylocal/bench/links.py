@@ -330,6 +330,16 @@ def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def gather_seconds(args: dict[str, Any], parts_cell: dict[str, Any]) -> float:
+    """What the fine-tune's start waits for part 1's weights to cross the emulated
+    link to the fine-tune's machine (part 2's). Over real links nothing: the parts
+    cell's snapshot ended only once the weights had crossed the real link."""
+    if args.get("network") == "real":
+        return 0.0
+    spec = LinkSpec.parse(LINKS[args["link"]], seed=args["seed"])
+    return Wire(spec, FakeClock(0.0)).deliver(parts_cell["part_weight_bytes"])
+
+
 def run_finetune(args: dict[str, Any]) -> dict[str, Any]:
     """Parts + fine-tune: the parts' weights at 2/3 of the budget, part 1's sent
     over the link to the fine-tune's machine, then the rest of the budget end to
@@ -337,8 +347,7 @@ def run_finetune(args: dict[str, Any]) -> dict[str, Any]:
     block = {m: Path(path) for m, path in args["block"].items()}  # this block's cells (file names without .json)
     parts = torch.load(block["parts"].with_suffix(".pt"), weights_only=True)
     cells = {m: json.loads(path.with_suffix(".json").read_text()) for m, path in block.items()}
-    spec = LinkSpec.parse(LINKS[args["link"]], seed=args["seed"])
-    gather = Wire(spec, FakeClock(0.0)).deliver(cells["parts"]["part_weight_bytes"])
+    gather = gather_seconds(args, cells["parts"])
     snapshot_s = cells["parts"].get("snapshot_s", FINETUNE_AT * args["budget"])  # (cells from before it was kept)
     if snapshot_s is None:
         raise SystemExit(
