@@ -378,3 +378,16 @@ def test_a_plain_object_called_as_an_actor_gets_its_arguments_values_and_returns
     ref = handle.add.remote(ray.put(torch.ones(3)), torch.full((3,), 2.0))
     assert isinstance(ref, ray.ObjectRef)
     assert torch.equal(ray.get(ref), torch.full((3,), 3.0))
+
+
+def test_a_service_here_takes_the_configs_device_in_a_driver_not_rays_grant(monkeypatch, mnist_dir, tmp_path):
+    from raylocal.run import async_run
+
+    made = []
+    monkeypatch.setattr(async_run, "ModelService", lambda config, shape, device: made.append(device))
+    monkeypatch.setattr(async_run, "actor_device", lambda config: torch.device("cpu"))  # a driver is granted nothing
+    config = RaylocalConfig(schedule="async", parts=2, device="cuda")
+    phases = async_run.AsyncRun(config, load_dataset("mnist", mnist_dir), tmp_path, service_here=True)
+    phases.placement = type("Placement", (), {"service": {"CPU": 1.0}})()
+    phases._start_service()  # a benchmark's driver plans and evaluates where its parts train
+    assert made == ["cuda"]

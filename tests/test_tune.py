@@ -219,3 +219,15 @@ def test_pbt_study_continues_weak_trials_from_strong_ones(mnist_dir, tmp_path, m
 def test_a_trial_reserves_what_its_own_evaluations_need(options, expected):
     assert trial_bundles(RaylocalConfig(parts=3, **options)) == expected
     assert trial_bundles(RaylocalConfig(parts=3, **options), cpus_per_trial=2.0)[0]["CPU"] == 2.0
+
+
+def test_a_trial_started_again_in_its_directory_trains_its_parts_anew(tmp_path):
+    from raylocal.tune.tuning import FINISHED_FILES, clear_finish
+
+    for name in FINISHED_FILES:  # what an earlier attempt finished: its run would skip its parts
+        (tmp_path / name).write_text("old")
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "part1.pt").write_text("restored by PBT")
+    clear_finish(tmp_path)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["part1.pt", "parts"]
+    assert {"parts_result.pt", "checkpoint.pt"} <= set(FINISHED_FILES)

@@ -55,7 +55,7 @@ from raylocal.training.trainer import LRClock
 
 # What a caller watches the parts phase with, in place of the live evaluation:
 # made from the run's model service and the parts' plan once both exist.
-MonitorFactory = Callable[[Any, dict[str, Any]], Monitor]
+MonitorFactory = Callable[[Any, dict[str, Any]], Monitor | None]
 
 
 def here(device: str) -> dict[str, Any]:
@@ -83,11 +83,18 @@ class RunService:
     benchmark's cell."""
 
     def __init__(
-        self, config_json: str, image_shape: tuple[int, int, int], threads: int, prefetch: bool = True
+        self,
+        config_json: str,
+        image_shape: tuple[int, int, int],
+        threads: int,
+        prefetch: bool = True,
+        device: str | None = None,
     ) -> None:
         torch.set_num_threads(threads)
         self.config = RaylocalConfig.model_validate_json(config_json)
-        self.service = ModelService(self.config, image_shape, str(actor_device(self.config)))
+        # an actor's (a Tune trial's) device is the one Ray granted it; a driver's is the config's
+        device = device or str(actor_device(self.config))
+        self.service = ModelService(self.config, image_shape, device)
         self.evaluations, self.evaluation_s = 0, 0.0
         if prefetch:
             # what finishing a run needs (seconds of imports), loaded while the parts
@@ -113,7 +120,11 @@ class RunService:
 
     def evaluate_parts(self, test_images: torch.Tensor, bounds: list, states: list[dict[str, Any]]) -> float:
         """Test BPD of the model assembled from part checkpoints (what PBT copies)."""
-        return self.service.evaluate_parts(test_images, bounds, states)
+        start = time.perf_counter()
+        bpd = self.service.evaluate_parts(test_images, bounds, states)
+        self.evaluations += 1
+        self.evaluation_s += time.perf_counter() - start
+        return bpd
 
     def finish(
         self,
@@ -329,7 +340,7 @@ class AsyncRun:
         refs = (actor_images(config, self.data.train), ray.put(self.data.test))
         service = self._start_service()
         try:
-            plan_ref = service.plan.remote(refs[0])
+            plan_ref = service.plan.remote(self._images(refs)[0])
             if config.resume and (self.run_dir / PARTS_RESULT).is_file():
                 plan = self.plan = ray.get(plan_ref)
             else:
@@ -348,9 +359,10 @@ class AsyncRun:
         """The model service, in a placement group of its own (released by ``_release``)."""
         config = self.config
         bundle = self.placement.service
-        if self.service_here:
-            shell = RunService(config.model_dump_json(), self.data.shape, config.threads or 1, prefetch=False)
-            self.service = InProcess(shell)
+        if self.service_here:  # in a process that holds one bundle's CPUs: one thread
+            in_actor = ray.get_runtime_context().get_actor_id() is not None
+            device = None if in_actor else config.device
+            self.service = InProcess(RunService(config.model_dump_json(), self.data.shape, 1, False, device))
             return self.service
         self.service_pg = self.placement.reserve_service()
         self.service = ServiceActor.options(
@@ -360,6 +372,11 @@ class AsyncRun:
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.service_pg, placement_group_bundle_index=0),
         ).remote(config.model_dump_json(), self.data.shape, config.threads or max(1, int(bundle["CPU"])))
         return self.service
+
+    def _images(self, refs: tuple[Any, Any]) -> tuple[Any, Any]:
+        """The images as the service takes them: by reference in an actor, this
+        process's own tensors when it serves here (no second copy of them)."""
+        return (self.data.train, self.data.test) if self.service_here else refs
 
     def _release(self) -> None:
         if self.service is not None and not self.service_here:
@@ -397,13 +414,14 @@ class AsyncRun:
         config, run_dir, name = self.config, self.run_dir, self.data.name
         bounds = plan["bounds"]
         if config.finetune_epochs == 0:
-            summary = ray.get(self.service.finish.remote(name, *refs, str(run_dir), bounds, self.parts))
+            summary = ray.get(self.service.finish.remote(name, *self._images(refs), str(run_dir), bounds, self.parts))
         elif config.finetune_workers > 1:
             # the DDP workers take the whole cluster; a fresh service finishes the run after them
             self._release()
             finetuned = self._ddp_finetune()
             service = self._start_service()
-            summary = ray.get(service.finish.remote(name, *refs, str(run_dir), bounds, self.parts, finetuned))
+            images = self._images(refs)
+            summary = ray.get(service.finish.remote(name, *images, str(run_dir), bounds, self.parts, finetuned))
             summary["finetune_link"] = self.finetune_link
         else:
             # the service's bundle is handed to the fine-tune: Ray Train always

@@ -32,7 +32,9 @@ import torch
 from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.core.config import RaylocalConfig, data_source, write_config_file
 from raylocal.core.data import DataSource, ImageData
-from raylocal.errors import ClusterError, ConfigError, DivergedError
+from raylocal.core.runlog import CHECKPOINT
+from raylocal.errors import ConfigError, DivergedError
+from raylocal.training.schedules import PARTS_RESULT
 
 DIVERGED_BPD = 1e3  # what a diverged trial reports as its BPD: worse than any real model
 SCHEDULERS = ("asha", "pbt")
@@ -159,6 +161,18 @@ class TrialReporter:
             raise DivergedError(f"assembled model's BPD is not finite at step {m['steps']}")
 
 
+# What a trial's run leaves once it has finished: a trial that Tune starts again in
+# the same directory (PBT taking it over, a restored study) trains its parts anew
+FINISHED_FILES = (PARTS_RESULT, CHECKPOINT, "pipeline.json", "summary.json")
+
+
+def clear_finish(trial_dir: Path) -> None:
+    """Remove what an earlier attempt of this trial finished, so that its run
+    neither skips its parts nor resumes a fine-tune from them."""
+    for name in FINISHED_FILES:
+        (trial_dir / name).unlink(missing_ok=True)
+
+
 def run_trial(
     params: dict[str, Any],
     base_json: str,
@@ -182,6 +196,7 @@ def run_trial(
     trial = {"lr": lrs, "progress": False, "resume": False, "finetune_epochs": 0, "samples": 0}
     config = base.model_copy(update=trial | {"storage_path": str(trial_dir.parent), "run_name": trial_dir.name})
     reporter = TrialReporter(data.test, lrs, report_every, checkpoints)
+    clear_finish(trial_dir)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # PBT restarted this trial from its own or another trial's parts
         with checkpoint.as_directory() as d:
@@ -190,7 +205,7 @@ def run_trial(
     run = Run(config, data, service_here=True, monitor=reporter.watch)
     try:
         summary = run.execute()
-    except (DivergedError, ClusterError) as e:
+    except DivergedError as e:  # reported, so that the study ranks it; any other failure fails the trial
         tune.report(reporter.row(math.nan, reporter.last_polled, done=True) | {"error": str(e)[:200]})
         return
     polled = [{"rollbacks": st["rollbacks"], "steps": st["steps"]} for st in run.phases.parts.stats]
