@@ -228,13 +228,34 @@ def run_data_parallel(args: dict[str, Any], average_every: int, state=None, budg
     }
 
 
+class WeightsSnapshot:
+    """A parts-phase monitor: the parts' weights once they have trained ``at``
+    seconds, where "parts + fine-tune" starts its fine-tune. The seconds count
+    from the first poll that finds every part training (as the parts' own budget
+    does); ``seconds`` is when the weights were in hand (None: never)."""
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.start: float | None = None
+        self.seconds: float | None = None
+        self.state: dict[str, torch.Tensor] = {}
+
+    def __call__(self, actors: list[Any], polled: list[dict[str, Any]]) -> None:
+        from raylocal.cluster.parts_phase import gather_weights
+
+        now = time.perf_counter()
+        self.start = now if self.start is None else self.start
+        if not self.state and now - self.start >= self.at:
+            self.state = gather_weights(actors)
+            self.seconds = time.perf_counter() - self.start  # the fine-tune has the rest
+
+
 def run_parts(args: dict[str, Any]) -> dict[str, Any]:
     """The parts: a parts-only ``Run`` whose model service is this process (the
     cell's two CPUs are the parts'), watched by a monitor that takes the weights
     at 2/3 of the budget for "parts + fine-tune"."""
     import ray
 
-    from raylocal.cluster.parts_phase import gather_weights
     from raylocal.run.run import Run
 
     data = _data(args)
@@ -245,22 +266,11 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
         placement=args.get("placement", "pack"), finetune_epochs=0,
     )  # fmt: skip
     own_ray(args.get("join", False))
-    snapshot: dict[str, Any] = {}
-    clock: dict[str, float] = {}
-
-    def take_snapshot(actors: list[Any], polled: list[dict[str, Any]]) -> None:
-        # the parts' weights at 2/3 of the budget: where "parts + fine-tune" starts its fine-tune;
-        # the budget counts from the first poll that finds every part training (as the parts' own)
-        now = time.perf_counter()
-        clock.setdefault("start", now)
-        if not snapshot and now - clock["start"] >= FINETUNE_AT * args["budget"]:
-            snapshot.update(gather_weights(actors))
-            clock["snapshot_s"] = time.perf_counter() - clock["start"]  # the fine-tune has the rest
-
+    snapshot = WeightsSnapshot(FINETUNE_AT * args["budget"])
     with tempfile.TemporaryDirectory() as tmp:
         run = Run(
             config.model_copy(update={"storage_path": tmp, "run_name": "run"}), data,
-            service_here=True, monitor=lambda service, plan: take_snapshot,
+            service_here=True, monitor=lambda service, plan: snapshot,
         )  # fmt: skip
         summary = run.execute()
     ray.shutdown()
@@ -286,11 +296,11 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
         "dropped_latents": report["dropped_latents"],
         "outage_latents": report["outage_latents"],
         "part_weight_bytes": plan["part_param_bytes"][0],
-        "snapshot_s": clock.get("snapshot_s"),  # None: the parts ended before 2/3 of the budget
+        "snapshot_s": snapshot.seconds,  # None: the parts ended before 2/3 of the budget
         "actor_nodes": report["actor_nodes"],  # where each part ran (Ray's node ids)
         "part_wait_s": report["wait_s"],  # per part: waiting for latents, and computing
         "part_compute_s": report["compute_s"],
-        "state": snapshot or None,
+        "state": snapshot.state or None,
     }
 
 

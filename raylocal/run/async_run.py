@@ -50,7 +50,7 @@ from raylocal.core.runlog import Progress, write_json
 from raylocal.errors import CheckpointError, ClusterError, DivergedError
 from raylocal.run.finish import finish_after_parts
 from raylocal.training.schedules import PARTS_RESULT, PartsResult
-from raylocal.training.service import ModelService
+from raylocal.training.service import ModelService, assembled
 from raylocal.training.trainer import LRClock
 
 # What a caller watches the parts phase with, in place of the live evaluation:
@@ -120,11 +120,7 @@ class RunService:
 
     def evaluate_parts(self, test_images: torch.Tensor, bounds: list, states: list[dict[str, Any]]) -> float:
         """Test BPD of the model assembled from part checkpoints (what PBT copies)."""
-        start = time.perf_counter()
-        bpd = self.service.evaluate_parts(test_images, bounds, states)
-        self.evaluations += 1
-        self.evaluation_s += time.perf_counter() - start
-        return bpd
+        return self.evaluate(test_images, assembled(states, self.service.glow, bounds))
 
     def finish(
         self,

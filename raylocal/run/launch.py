@@ -4,6 +4,7 @@ choosing where it runs (this process, or Ray for the async schedule)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +14,9 @@ from raylocal.core.config import RaylocalConfig, data_source, load_config_file, 
 from raylocal.core.data import ImageData
 from raylocal.core.runlog import CHECKPOINT, resolve_run_dir
 from raylocal.errors import ConfigError
+from raylocal.model.glow import Glow
 from raylocal.run.run import Run
+from raylocal.training.trainer import build_glow
 
 # Options that may change when a run is resumed; any other must match the checkpoint.
 RESUMABLE = {
@@ -48,6 +51,19 @@ def resume_config(config: RaylocalConfig, given: dict[str, Any]) -> RaylocalConf
 
 def load_data(config: RaylocalConfig) -> ImageData:
     return data_source(config).load()
+
+
+def finished_run(run_dir: Path) -> tuple[RaylocalConfig, ImageData, Glow]:
+    """A finished run's config, images and trained model (in eval mode), from its directory."""
+    for name in ("config.json", CHECKPOINT):
+        if not (run_dir / name).is_file():
+            raise ConfigError(f"{run_dir / name} does not exist (a finished run's directory holds it)")
+    config = load_config_file(run_dir / "config.json")
+    data = load_data(config)
+    glow = build_glow(config, data.shape)
+    glow.load_state_dict(load_checkpoint(run_dir / CHECKPOINT, kind="run")["model"])
+    glow.eval()
+    return config, data, glow
 
 
 def set_threads(config: RaylocalConfig) -> None:

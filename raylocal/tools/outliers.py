@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from raylocal.core.checkpoint import load_checkpoint
-from raylocal.core.config import data_source, load_config_file
+from raylocal.core.config import data_source
 from raylocal.errors import RaylocalError
-from raylocal.training.trainer import build_glow, evaluate_bpd, image_bpds
+from raylocal.run.launch import finished_run
+from raylocal.training.trainer import image_bpds, mean_bpd
 
 
 def summary(bpds: torch.Tensor, mean: float, worst: int) -> dict[str, object]:
@@ -39,18 +39,14 @@ def summary(bpds: torch.Tensor, mean: float, worst: int) -> dict[str, object]:
 
 def outliers(run_dir: Path, held_out: int | None, worst: int) -> dict[str, dict[str, object]]:
     """``summary`` of the run's test images, and of its last ``held_out`` training images."""
-    config = load_config_file(run_dir / "config.json")
-    device = torch.device("cpu")
-    sets = {"test": data_source(config).load().test}
+    config, data, glow = finished_run(run_dir)
+    sets = {"test": data.test}
     if held_out:
         sets["held-out"] = data_source(config.model_copy(update={"validation": held_out})).load().test
-    glow = build_glow(config, sets["test"].shape[1:])
-    glow.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt", kind="run")["model"])
-    glow.eval()
     out = {}
     for name, images in sets.items():
-        bpds = image_bpds(glow, images, config.eval_batch_size, device)
-        out[name] = summary(bpds, evaluate_bpd(glow, images, config.eval_batch_size, device), worst)
+        bpds = image_bpds(glow, images, config.eval_batch_size, torch.device("cpu"))
+        out[name] = summary(bpds, mean_bpd(bpds, config.eval_batch_size), worst)
     return out
 
 
@@ -60,10 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--held-out", type=int, default=None, help="also the last N training images")
     p.add_argument("--worst", type=int, default=5, help="how many of the worst images to list")
     args = p.parse_args(argv)
-    for name in ("config.json", "checkpoint.pt"):
-        if not (args.run_dir / name).is_file():
-            print(f"error: {args.run_dir / name} does not exist (a finished run's directory holds it)", file=sys.stderr)
-            return 2
     try:
         found = outliers(args.run_dir, args.held_out, args.worst)
     except RaylocalError as e:

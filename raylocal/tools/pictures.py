@@ -19,21 +19,14 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from raylocal.core.checkpoint import load_checkpoint
-from raylocal.core.config import load_config_file
 from raylocal.errors import RaylocalError
 from raylocal.model.objectives import postprocess, preprocess
-from raylocal.run.launch import load_data
-from raylocal.training.trainer import build_glow
+from raylocal.run.launch import finished_run
 
 
 def pictures(run_dir: Path, out: Path, n: int, temperature: float, seed: int = 0) -> tuple[Path, Path]:
     """Write the two grids of the run in ``run_dir``; returns their paths."""
-    config = load_config_file(run_dir / "config.json")
-    data = load_data(config)
-    glow = build_glow(config, data.shape)
-    glow.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt", kind="run")["model"])
-    glow.eval()
+    _, data, glow = finished_run(run_dir)
     torch.manual_seed(seed)
     samples = postprocess(glow.sample(n * n, temperature), glow.n_bits).float()
     x = data.test[: n * max(n // 2, 1)]

@@ -39,10 +39,6 @@ class ModelService:
         self.glow.load_state_dict(state)
         return evaluate_bpd(self.glow, test_images, self.config.eval_batch_size, self.device)
 
-    def evaluate_parts(self, test_images: Tensor, bounds: list, states: list[dict[str, Any]]) -> float:
-        """Test BPD of the model assembled from part checkpoints (``assembled``)."""
-        return self.evaluate(test_images, assembled(states, self.glow, bounds))
-
 
 def assembled(states: list[dict[str, Any]], glow: torch.nn.Module, bounds: list) -> dict[str, Tensor]:
     """The whole model's state dict from part checkpoints: each part's own layers

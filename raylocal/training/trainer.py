@@ -158,9 +158,13 @@ def image_bpds(glow: Glow, images: Tensor, batch_size: int, device: torch.device
 
 
 def evaluate_bpd(glow: Glow, images: Tensor, batch_size: int, device: torch.device, seed: int = 1234) -> float:
-    """Exact test BPD of the whole model: the mean of ``image_bpds`` (summed batch by batch)."""
-    bpds = image_bpds(glow, images, batch_size, device, seed)
-    return sum(float(bpds[i : i + batch_size].sum()) for i in range(0, len(bpds), batch_size)) / len(images)
+    """Exact test BPD of the whole model: the mean of ``image_bpds``."""
+    return mean_bpd(image_bpds(glow, images, batch_size, device, seed), batch_size)
+
+
+def mean_bpd(bpds: Tensor, batch_size: int) -> float:
+    """The mean of per-image BPDs, summed batch by batch as evaluation sums them."""
+    return sum(float(bpds[i : i + batch_size].sum()) for i in range(0, len(bpds), batch_size)) / len(bpds)
 
 
 # Outliers come alone: past this many skipped batches in a row, the next one
