@@ -134,29 +134,60 @@ def test_diloco_outer_step_is_nesterov_sgd_on_the_pseudo_gradient():
     assert torch.allclose(averaged[0], torch.tensor([1.0, 2.0]) - 0.7 * (g + 0.9 * g))
 
 
-def test_local_sgd_over_a_link_sends_what_the_formula_says(mnist_dir, tmp_path):
-    from raylocal.baselines.ddp import train_ddp
-    from raylocal.core.data import load_dataset
-    from raylocal.training.trainer import build_glow
+def test_a_local_sgd_run_over_a_link_sends_what_the_formula_says_and_records_its_model(mnist_dir, tmp_path):
+    """The data-parallel schedule as a run of its own (``raylocal train --schedule
+    data-parallel``): local SGD's bytes as the formula says, and a record whose
+    BPD is its checkpoint's, evaluated independently."""
+    from raylocal.run.launch import finished_run
+    from raylocal.training.trainer import build_glow, evaluate_bpd
 
-    config = RaylocalConfig(
-        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
-        warmup_steps=2, threads=1, samples=0, progress=False, link="bw=1Gbit,lat=10ms", average_every=3,
-        outer_lr=0.7, images_from="node",  # each worker loads the 64 images itself
-    )  # fmt: skip
-    data = load_dataset("mnist", mnist_dir)
-    stats: dict = {}
+    storage = tmp_path / "runs"
+    args = tiny_options(
+        mnist_dir,
+        storage,
+        run_name="local",
+        schedule="data-parallel",
+        workers=2,
+        cpus_per_part=0.5,
+        link="bw=1Gbit,lat=10ms",
+        average_every=3,
+        outer_lr=0.7,
+        images_from="node",
+        samples=0,
+    )  # fmt: skip  (each worker loads the 64 images itself)
     before = signal.getsignal(signal.SIGINT)
-    weights, _ = train_ddp(config, data.train, 2, 1, 1e-3, tmp_path / "ddp", cpus_per_worker=0.5, stats=stats)
+    assert main(args) == 0
     # Ray Train's Ctrl-C handler, which holds the finished run's controller, is gone with the fit
     assert signal.getsignal(signal.SIGINT) is before
+    summary = json.loads((storage / "local" / "summary.json").read_text())
+    stats = summary["data_parallel"]
+    config = RaylocalConfig(n_levels=2, depth=2, hidden=8)
     params = sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters())
     # 64 images in global batches of 16: 4 steps; the parameters averaged at step 3 and once more at
     # the end, so that the model handed on is the workers' average
     assert stats["steps"] == 4 and stats["images"] == 64
     assert stats["bytes_per_step"] == pytest.approx(2 * ring_bytes(params, 2) / 4, rel=1e-6)
     assert stats["idle_s"] >= 2 * 0.01  # two rounds, each at least the latency
-    assert stats["peak_rss_mb"] > 50 and all(torch.isfinite(v).all() for v in weights.values())
+    assert stats["peak_rss_mb"] > 50
+    assert summary["schedule"] == "data-parallel" and summary["steps"] == 4
+    run_config, data, glow = finished_run(storage / "local")
+    assert all(torch.isfinite(v).all() for v in glow.state_dict().values())
+    expected = evaluate_bpd(glow, data.test, 32, torch.device("cpu"))
+    assert summary["test_bpd"] == pytest.approx(expected, abs=1e-9) and run_config.average_every == 3
+
+
+def test_a_rival_run_refuses_what_it_cannot_do_in_one_line(mnist_dir, tmp_path, capsys):
+    storage = tmp_path / "runs"
+    for extra, message in [
+        ({"schedule": "data-parallel", "finetune_epochs": 1}, "the data-parallel schedule trains end to end"),
+        ({"schedule": "pipeline", "parts": 2, "micro_batches": 3}, "batch_size=16 does not split into micro_batches=3"),
+        ({"schedule": "data-parallel", "workers": 3, "cpus_per_part": 1}, "3 data-parallel workers of {CPU 1} need"),
+        ({"schedule": "data-parallel", "inject": "slow:3@1"}, "there is no worker 3 (the run has 2 workers)"),
+    ]:
+        assert main(tiny_options(mnist_dir, storage, run_name="r", **extra)) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not (storage / "r").exists()
 
 
 def test_overlapped_local_sgd_sends_the_same_rounds_and_hands_on_the_workers_average(mnist_dir, tmp_path):

@@ -290,16 +290,36 @@ def test_shared_gpu_bundles_fit_on_the_gpus_there_are(monkeypatch, n_gpus):
         assert 0 < share < 1 and (share >= 0.9 or n_parts > n_gpus)
 
 
-def test_the_pipeline_parallel_rival_on_ray_trains_as_its_stages_do_in_one_process(ray_session, mnist_dir):
-    from raylocal.baselines.pipeline_on_ray import build_stage, train_pipeline_parallel
+def test_the_pipeline_parallel_rival_on_ray_trains_as_its_stages_do_in_one_process(ray_session, mnist_dir, tmp_path):
+    """The pipeline schedule as a run of its own (``raylocal train --schedule
+    pipeline``): its stages on Ray end with the weights the same stages reach in
+    one process without links, and its record's BPD is those weights'."""
+    from raylocal.baselines.pipeline_on_ray import build_stage
+    from raylocal.core.checkpoint import load_checkpoint
+    from raylocal.core.config import load_config_file
+    from raylocal.training.trainer import evaluate_bpd
 
-    config = RaylocalConfig(
-        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, warmup_steps=0,
-        link="bw=100Mbit,lat=1ms", cpus_per_part=0.5, device="cpu",
-    )  # fmt: skip
-    data = load_dataset("mnist", mnist_dir).subset(256, 64)
-    bounds = [(0, 3), (3, len(build_glow(config, data.shape)))]
-    state, results = train_pipeline_parallel(config, data, bounds, "1f1b", micro=2, steps=3)
+    storage = tmp_path / "runs"
+    n_layers = len(build_glow(RaylocalConfig(n_levels=2, depth=2, hidden=8), (1, 8, 8)))
+    args = tiny_options(
+        mnist_dir,
+        storage,
+        run_name="pp",
+        schedule="pipeline",
+        parts=2,
+        part_spec=f"layers:0-2|3-{n_layers - 1}",
+        micro_batches=2,
+        train_subset=48,
+        link="bw=100Mbit,lat=1ms",
+        cpus_per_part=0.5,
+        samples=0,
+    )  # fmt: skip  (48 images: 3 batches of 16)
+    assert main(args) == 0
+    summary = json.loads((storage / "pp" / "summary.json").read_text())
+    state = load_checkpoint(storage / "pp" / "checkpoint.pt", kind="run")["model"]
+    config = load_config_file(storage / "pp" / "config.json")
+    data = load_dataset("mnist", mnist_dir).subset(48, 32)
+    bounds = [(0, 3), (3, n_layers)]
     stages = [build_stage(config, bounds, k, data.train, 2, torch.device("cpu")) for k in range(2)]
     (first, batches), (second, _) = stages
     for _ in range(3):  # the same stages in one process, without links
@@ -312,9 +332,14 @@ def test_the_pipeline_parallel_rival_on_ray_trains_as_its_stages_do_in_one_proce
     assert state.keys() == expected.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(state[name], tensor, msg=name)
+    results = summary["pipeline"]["per_stage"]
     sent, returned = results[0]["stats"]["bytes_forward"], results[1]["stats"]["bytes_backward"]
-    assert results[0]["stats"]["steps"] == results[1]["stats"]["steps"] == 3
+    assert results[0]["stats"]["steps"] == results[1]["stats"]["steps"] == summary["steps"] == 3
     assert sent == returned == results[0]["wire_bytes"] == results[1]["wire_bytes"] > 0  # as the links counted
+    glow = build_glow(config, data.shape)
+    glow.load_state_dict(expected)
+    assert summary["test_bpd"] == pytest.approx(evaluate_bpd(glow, data.test, 32, torch.device("cpu")), abs=1e-9)
+    assert summary["schedule"] == "pipeline" and summary["pipeline"]["stages"].count("|") == 1
 
 
 def test_the_placement_check_counts_the_model_service_only_for_runs_that_have_one():

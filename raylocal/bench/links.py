@@ -59,6 +59,7 @@ import torch
 from raylocal.baselines.projection import StepModel, bandwidth_losing, wire_bytes_per_step
 from raylocal.bench.race import METHODS, Cell, check_targets, plot, race_cells, results_table
 from raylocal.bench.sweep import SWEEP_GRID, best_settings, race_settings, sweep_cells, sweep_table, tuned_at
+from raylocal.core.checkpoint import load_checkpoint
 from raylocal.core.config import RaylocalConfig, data_source
 from raylocal.core.links import FakeClock, LinkSpec, Wire
 from raylocal.errors import ClusterError
@@ -167,12 +168,7 @@ def _config(args: dict[str, Any], **extra: Any) -> RaylocalConfig:
     return RaylocalConfig(**values)
 
 
-def _evaluate(config: RaylocalConfig, data, state: dict[str, torch.Tensor]) -> float:
-    return ModelService(config, data.shape, "cpu").evaluate(data.test, state)
-
-
 def run_one_device(args: dict[str, Any]) -> dict[str, Any]:
-    from raylocal.core.checkpoint import load_checkpoint
     from raylocal.core.runlog import peak_rss_mb
     from raylocal.run.run import Run
 
@@ -197,25 +193,27 @@ def run_one_device(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_data_parallel(args: dict[str, Any], average_every: int, state=None, budget=None) -> dict[str, Any]:
+    """DDP (``average_every`` 0) or local SGD: a data-parallel ``Run`` of two
+    workers of one CPU each, from ``state`` when given (the parts' weights)."""
     import ray
 
-    from raylocal.baselines.ddp import train_ddp
+    from raylocal.run.run import Run
 
     data = _data(args)
     outer = args.get("outer_lr") if average_every else None
     overlap = bool(average_every and args.get("average_overlap"))
     config = _config(
-        args, average_every=average_every, outer_lr=outer, average_overlap=overlap,
+        args, schedule="data-parallel", workers=2, cpus_per_part=1.0, time_budget=budget or args["budget"],
+        average_every=average_every, outer_lr=outer, average_overlap=overlap,
         bucket_cap_mb=args.get("bucket_cap_mb"), ddp_compression=args.get("ddp_compression") or "none",
     )  # fmt: skip
     own_ray(args.get("join", False))
-    stats: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        weights, _ = train_ddp(
-            config, data.train, 2, config.epochs, 1e-3, Path(tmp), state, cpus_per_worker=1.0,
-            time_budget=budget or args["budget"], stats=stats,
-        )  # fmt: skip
+        run = Run(config.model_copy(update={"storage_path": tmp, "run_name": "run"}), data, start_from=state)
+        summary = run.execute()
+        weights = load_checkpoint(Path(summary["checkpoint"]), kind="run")["model"]
     ray.shutdown()
+    stats = summary["data_parallel"]
     return {
         "images_per_s": stats["images"] / stats["seconds"],
         "steps": stats["steps"],
@@ -223,7 +221,7 @@ def run_data_parallel(args: dict[str, Any], average_every: int, state=None, budg
         "bytes_per_step": stats["bytes_per_step"],
         "idle": stats["idle_s"] / stats["seconds"],
         "peak_rss_mb": stats["peak_rss_mb"],
-        "test_bpd": _evaluate(config, data, weights),
+        "test_bpd": summary["test_bpd"],
         "state": weights,
     }
 
@@ -305,27 +303,24 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
-    """The pipeline-parallel rival: the model cut where the parts cut it, trained
-    end to end over the link (1F1B, activations forward, their gradients back)."""
+    """The pipeline-parallel rival: a pipeline ``Run``, the model cut where the
+    parts cut it, trained end to end over the link (1F1B, activations forward,
+    their gradients back)."""
     import ray
 
-    from raylocal.baselines.pipeline_on_ray import train_pipeline_parallel
+    from raylocal.run.run import Run
 
     data = _data(args)
+    micro = args["micro_batches"]
     config = _config(
-        args,
-        schedule="async",
-        parts=2,
-        cpus_per_part=1.0,
-        gpus_per_part=0.0,
-        part_spec=args["split"],
-        queue_size=args["micro_batches"],
-        placement=args.get("placement", "pack"),
-    )  # fmt: skip (an async config: the plan cuts it where the parts cut it; an e2e one has one part)
+        args, schedule="pipeline", parts=2, cpus_per_part=1.0, gpus_per_part=0.0, part_spec=args["split"],
+        micro_batches=micro, queue_size=micro, placement=args.get("placement", "pack"), time_budget=args["budget"],
+    )  # fmt: skip
     own_ray(args.get("join", False))
-    bounds = [tuple(b) for b in ModelService(config, data.shape, "cpu").plan(data.train)["bounds"]]
-    state, stages = train_pipeline_parallel(config, data, bounds, "1f1b", args["micro_batches"], budget=args["budget"])
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = Run(config.model_copy(update={"storage_path": tmp, "run_name": "run"}), data).execute()
     ray.shutdown()
+    stages = summary["pipeline"]["per_stage"]
     first = stages[0]["stats"]
     seconds = max(s["seconds"] for s in stages)
     steps = first["steps"]
@@ -336,7 +331,7 @@ def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
         "bytes_per_step": (first["bytes_forward"] + stages[-1]["stats"]["bytes_backward"]) / max(steps, 1),
         "idle": max(s["stats"]["wait_s"] / s["seconds"] for s in stages),
         "peak_rss_mb": max(s["peak_rss_mb"] for s in stages),
-        "test_bpd": _evaluate(config, data, state),
+        "test_bpd": summary["test_bpd"],
     }
 
 
@@ -371,15 +366,13 @@ def run_finetune(args: dict[str, Any]) -> dict[str, Any]:
         result = run_data_parallel(args, 0, state=parts, budget=budget)
     else:
         from raylocal.core.runlog import peak_rss_mb
-        from raylocal.training.schedules import SingleProcessRun
+        from raylocal.run.run import Run
 
         torch.set_num_threads(1)
-        data = _data(args)
         config = _config(args, schedule="e2e", time_budget=budget)  # e2e from the parts' weights
         with tempfile.TemporaryDirectory() as tmp:
-            run = SingleProcessRun(config.model_copy(update={"storage_path": tmp}), data, Path(tmp) / "run")
-            run.glow.load_state_dict(parts)
-            summary = run.run()
+            run = Run(config.model_copy(update={"storage_path": tmp, "run_name": "run"}), _data(args), start_from=parts)
+            summary = run.execute()
         result = {"test_bpd": summary["test_bpd"], "peak_rss_mb": peak_rss_mb()}
     return {"test_bpd": result["test_bpd"], "finetune_on": on, "gather_s": gather, "finetune_s": budget}
 

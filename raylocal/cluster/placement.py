@@ -229,6 +229,16 @@ class DataParallelPlacement:
         cpus = cpus_per_worker or max((_sum(nodes, "CPU") or 1.0) / workers, 0.01)
         return cls(use_gpu, _pinned(config, {"CPU": cpus}), config.threads or max(1, int(cpus)))
 
+    def check(self, workers: int, nodes: list | None = None) -> None:
+        """Can ``workers`` of these bundles be placed on this cluster at all, by its totals?"""
+        nodes = live_nodes() if nodes is None else nodes
+        need, have = self.worker["CPU"] * workers, _sum(nodes, "CPU")
+        if need > have + 1e-9:
+            raise ClusterError(
+                f"{workers} data-parallel workers of {_shown(self.worker)} need CPU {need:g}, the cluster has "
+                f"{have:g}; use fewer --workers or lower --cpus-per-part"
+            )
+
 
 # ------------------------------------------------------------ devices
 

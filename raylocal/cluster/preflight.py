@@ -24,20 +24,21 @@ def planned_spec(config: RaylocalConfig, image_shape: tuple[int, int, int]) -> P
     moves its boundaries, never makes a valid count invalid)."""
     check_image_shape(config, image_shape)
     layout = GlowLayout.of(image_shape, config.n_levels, config.depth, config.hidden)
-    if config.schedule == "e2e":
+    if config.one_part():
         return PartSpec(((0, len(layout)),))
     return resolve_part_spec(layout, config.parts, config.split, config.part_spec)
 
 
-def check_faults(config: RaylocalConfig, n_parts: int) -> None:
-    """Every injected fault names a part that exists (part K+1, the fine-tune, takes a sigkill)."""
+def check_faults(config: RaylocalConfig, n_parts: int, unit: str = "part") -> None:
+    """Every injected fault names a part (or a data-parallel ``unit``: a worker)
+    that exists (part K+1, the fine-tune, takes a sigkill)."""
     for fault in parse_faults(config.inject or ""):
         finetune = fault.kind == "sigkill" and config.finetune_epochs > 0
         if fault.part >= n_parts + finetune:
             also = f", and the fine-tune as part {n_parts + 1}" if finetune else ""
             raise ConfigError(
-                f"inject {fault.kind}:{fault.part + 1}@{fault.at:g}: there is no part {fault.part + 1} "
-                f"(the run has {n_parts} parts{also})"
+                f"inject {fault.kind}:{fault.part + 1}@{fault.at:g}: there is no {unit} {fault.part + 1} "
+                f"(the run has {n_parts} {unit}s{also})"
             )
 
 

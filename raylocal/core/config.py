@@ -23,7 +23,9 @@ from raylocal.core.faults import parse_faults
 from raylocal.core.links import parse_link
 from raylocal.errors import ConfigError
 
-Schedule = Literal["e2e", "sequential", "alternating", "simultaneous", "async"]
+Schedule = Literal["e2e", "sequential", "alternating", "simultaneous", "async", "data-parallel", "pipeline"]
+# The rivals, trained end to end on Ray as runs of their own (raylocal/run/baseline_run.py)
+RIVAL_SCHEDULES = ("data-parallel", "pipeline")
 
 # Every field in exactly one section, in the order ``--help`` shows them.
 SECTIONS: dict[str, tuple[str, ...]] = {
@@ -42,9 +44,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     # where the work runs: Ray, devices, resources, and the data-parallel workers (fine-tune and baselines)
     "cluster": (
         "address", "placement", "device", "threads", "cpus_per_part", "gpus_per_part", "worker_resource",
-        "max_restarts", "finetune_workers", "average_every", "bucket_cap_mb", "ddp_compression", "powersgd_rank",
-        "powersgd_start", "outer_lr",
-        "average_overlap",
+        "max_restarts", "finetune_workers", "workers", "average_every", "bucket_cap_mb", "ddp_compression",
+        "powersgd_rank", "powersgd_start", "outer_lr", "average_overlap", "micro_batches", "pipeline_order",
     ),
     "run": (
         "storage_path", "run_name", "resume", "checkpoint_every", "eval_every", "live_eval_images", "log_every",
@@ -113,7 +114,11 @@ class RaylocalConfig(BaseModel):
     part_spec: str | None = Field(None, description="explicit parts: '1|2,3', '1[:4]|1[4:],2' or 'layers:0-12|13-38'")
 
     # training
-    schedule: Schedule = Field("e2e", description="e2e | sequential | alternating | simultaneous | async")
+    schedule: Schedule = Field(
+        "e2e",
+        description="the rivals on Ray, end to end: data-parallel (DDP; local SGD with --average-every) | "
+        "pipeline (the parts' cut as stages); or ours: e2e | sequential | alternating | simultaneous | async",
+    )
     epochs: int = Field(1, ge=0, description="epochs of the schedule (per part for sequential)")
     finetune_epochs: int = Field(0, ge=0, description="end-to-end fine-tune epochs afterwards")
     alternate_every: int = Field(
@@ -209,6 +214,7 @@ class RaylocalConfig(BaseModel):
     cpus_per_part: float | None = Field(None, gt=0, description="CPUs per part actor")
     gpus_per_part: float | None = Field(None, ge=0, description="GPUs per part actor (default: 1, or a share of fewer)")
     finetune_workers: int = Field(1, ge=1, description="DDP workers for the fine-tune phase")
+    workers: int = Field(2, ge=1, description="the data-parallel schedule's workers")
     worker_resource: str | None = Field(
         None,
         pattern=r"^[A-Za-z][A-Za-z0-9_.-]*$",
@@ -247,6 +253,10 @@ class RaylocalConfig(BaseModel):
         False,
         description="local SGD: average while the next step trains, and apply the round one step late, as a "
         "correction (weights += mean of the weights at the round - own weights at the round)",
+    )
+    micro_batches: int = Field(4, ge=1, description="the pipeline schedule: micro-batches per batch")
+    pipeline_order: Literal["1f1b", "gpipe"] = Field(
+        "1f1b", description="the pipeline schedule: 1F1B, or GPipe (every forward, then every backward)"
     )
     max_restarts: int = Field(3, ge=0, description="times Ray restarts a dead part actor")
     inject: str | None = Field(
@@ -307,24 +317,12 @@ class RaylocalConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_combination(self) -> RaylocalConfig:
-        if len(self.lr) not in (1, self.parts):
-            raise ValueError(f"lr has {len(self.lr)} values but there are {self.parts} parts")
-        if self.alternate_every and self.schedule != "alternating":
-            raise ValueError(
-                f"alternate_every={self.alternate_every} applies to the alternating schedule, not {self.schedule!r}"
-            )
-        if self.lr_rule != "none" and self.schedule not in ("simultaneous", "alternating"):
-            raise ValueError(
-                f"lr_rule={self.lr_rule!r} compares the parts while they train together: it applies to the "
-                f"simultaneous and alternating schedules, not {self.schedule!r}"
-            )
-        if self.lr_rule != "none" and len(self.lr) > 1:
-            raise ValueError(f"lr_rule={self.lr_rule!r} derives the per-part LRs from one --lr, got {len(self.lr)}")
-        if self.average_overlap and (not self.average_every or self.outer_lr):
-            raise ValueError("average_overlap applies to local SGD (average_every > 0) without DiLoCo's outer_lr")
-        if self.finetune_scope == "boundary" and self.finetune_workers > 1:
-            raise ValueError("finetune_scope='boundary' is for a one-worker fine-tune; DDP trains every layer")
+        check_combination(self)
         return self
+
+    def one_part(self) -> bool:
+        """Whether the run trains the whole model as one part (its split plays no role)."""
+        return self.schedule in ("e2e", "data-parallel")
 
     def part_count(self) -> int:
         """How many parts the run trains: ``--part-spec`` names them, else ``--parts``."""
@@ -348,6 +346,37 @@ class RaylocalConfig(BaseModel):
             n_bits=self.n_bits,
             bf16=self.precision == "bf16",
         )
+
+
+def check_combination(c: RaylocalConfig) -> None:
+    """Settings that are valid alone but not together (pydantic shows the ValueError in one line)."""
+    if len(c.lr) not in (1, c.parts):
+        raise ValueError(f"lr has {len(c.lr)} values but there are {c.parts} parts")
+    if c.alternate_every and c.schedule != "alternating":
+        raise ValueError(f"alternate_every={c.alternate_every} applies to the alternating schedule, not {c.schedule!r}")
+    if c.lr_rule != "none" and c.schedule not in ("simultaneous", "alternating"):
+        raise ValueError(
+            f"lr_rule={c.lr_rule!r} compares the parts while they train together: it applies to the "
+            f"simultaneous and alternating schedules, not {c.schedule!r}"
+        )
+    if c.lr_rule != "none" and len(c.lr) > 1:
+        raise ValueError(f"lr_rule={c.lr_rule!r} derives the per-part LRs from one --lr, got {len(c.lr)}")
+    if c.average_overlap and (not c.average_every or c.outer_lr):
+        raise ValueError("average_overlap applies to local SGD (average_every > 0) without DiLoCo's outer_lr")
+    if c.finetune_scope == "boundary" and c.finetune_workers > 1:
+        raise ValueError("finetune_scope='boundary' is for a one-worker fine-tune; DDP trains every layer")
+    if c.schedule in RIVAL_SCHEDULES:
+        check_rival(c)
+
+
+def check_rival(c: RaylocalConfig) -> None:
+    """A rival's run trains end to end from its first step, and once."""
+    if c.finetune_epochs:
+        raise ValueError(f"finetune_epochs={c.finetune_epochs}: the {c.schedule} schedule trains end to end throughout")
+    if c.resume:
+        raise ValueError(f"resume: a {c.schedule} run does not resume; start it again")
+    if c.schedule == "pipeline" and c.batch_size % c.micro_batches:
+        raise ValueError(f"batch_size={c.batch_size} does not split into micro_batches={c.micro_batches}")
 
 
 def data_source(config: RaylocalConfig) -> DataSource:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,27 +50,60 @@ def adopt_finetune(
     run: SingleProcessRun, state: dict[str, Tensor], seconds: float, history: list[dict[str, Any]]
 ) -> None:
     """Take a fine-tune phase trained elsewhere (DDP on Ray Train workers)."""
+    adopt_trained(run, state, seconds, history, "finetune")
+
+
+def adopt_trained(
+    run: SingleProcessRun, state: dict[str, Tensor], seconds: float, history: list[dict[str, Any]], phase: str
+) -> None:
+    """Take the weights, seconds and per-epoch history of training done elsewhere:
+    the run's last ``len(history)`` epochs, as its ``phase``."""
     run.glow.load_state_dict(state)
     run.stream.restore({"epoch": run.total_epochs, "position": 0})
     run.state.elapsed += seconds
-    run.state.phase_time["finetune"] += seconds
+    run.state.phase_time[phase] = run.state.phase_time.get(phase, 0.0) + seconds
+    first = run.total_epochs - len(history)
     for i, h in enumerate(history):
         run.state.history.append(
             {
-                "epoch": len(run.plan) + i + 1,
-                "phase": "finetune",
+                "epoch": first + i + 1,
+                "phase": phase,
                 "active": [],
                 "test_bpd": float("nan"),
-                "local_loss": {"finetune": h.get("loss", float("nan"))},
+                "local_loss": {phase: h.get("loss", float("nan"))},
                 "epoch_time": h.get("epoch_time", float("nan")),
                 "elapsed": run.state.elapsed,
                 "rollbacks": [t.rollbacks for t in run.trainers],
-                "ddp_images_per_s": h.get("images_per_s", float("nan")),
+                "ddp_images_per_s": h.get("images_per_s", float("nan")),  # the only ones with a history
             }
         )
     bpd = run.record_eval(float(run.total_epochs))
     if run.state.history:
         run.state.history[-1]["test_bpd"] = bpd
+
+
+def finish_trained_elsewhere(
+    config: RaylocalConfig, data: ImageData, run_dir: Path, trained: TrainedElsewhere
+) -> dict[str, Any]:
+    """The rest of a run trained end to end elsewhere (a rival on Ray): the
+    evaluation, samples, checkpoint (of the whole model, as e2e's) and summary,
+    in this process. The summary is returned, for the run to write once."""
+    whole = config.model_copy(update={"schedule": "e2e", "parts": 1, "part_spec": None, "lr": config.lr[:1]})
+    run = SingleProcessRun(whole, data, run_dir, record=False, start_from=trained.state)
+    run.state.global_step = trained.steps
+    adopt_trained(run, trained.state, trained.seconds, trained.history, config.schedule)
+    return run.run() | {"schedule": config.schedule}
+
+
+@dataclass
+class TrainedElsewhere:
+    """What a rival's training hands back: the weights, its batches (global,
+    each of ``batch_size`` images), its seconds and its per-epoch history."""
+
+    state: dict[str, Tensor]
+    steps: int
+    seconds: float
+    history: list[dict[str, Any]]
 
 
 def finish_after_parts(

@@ -10,12 +10,15 @@ resume, nothing half-written). Between those, its phases train:
 - the single-process schedules (``SingleProcessRun``): the parts' epochs, then
   the fine-tune, in this process;
 - the async schedule on Ray (``AsyncRun``): the Ray parts, then the fine-tune
-  in a Ray Train worker, on DDP workers, or in the model service.
+  in a Ray Train worker, on DDP workers, or in the model service;
+- the rivals on Ray (``RivalRun``): data-parallel workers, or pipeline stages.
 
 A caller that holds a bundle of its own and watches the parts itself (a Tune
 trial, a benchmark's cell) composes the same run with ``service_here`` and a
 ``monitor`` (see ``AsyncRun``), and reads ``phases`` afterwards: the parts'
-plan and result, beside the summary.
+plan and result, beside the summary. A caller may also hand a run the weights
+it starts from (``start_from``: the race's parts + fine-tune) instead of the
+data-dependent initialisation (the single-process and data-parallel runs).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from __future__ import annotations
 import shutil
 from typing import TYPE_CHECKING, Any
 
-from raylocal.core.config import RaylocalConfig
+from torch import Tensor
+
+from raylocal.core.config import RIVAL_SCHEDULES, RaylocalConfig
 from raylocal.core.data import ImageData
 from raylocal.core.runlog import has_checkpoint, resolve_run_dir, write_json
 from raylocal.training.schedules import SingleProcessRun
@@ -41,8 +46,11 @@ class Run:
         data: ImageData,
         service_here: bool = False,
         monitor: MonitorFactory | None = None,
+        start_from: dict[str, Tensor] | None = None,
     ) -> None:
-        self.config, self.data = config, data
+        if start_from is not None and config.schedule in ("async", "pipeline"):
+            raise ValueError(f"a run of the {config.schedule} schedule starts from its own initialisation")
+        self.config, self.data, self.start_from = config, data, start_from
         self.dir = resolve_run_dir(config)
         self.service_here, self.monitor = service_here, monitor
         self.phases: Any = None
@@ -64,8 +72,14 @@ class Run:
         return summary
 
     def _phases(self) -> Any:
+        if self.config.schedule in RIVAL_SCHEDULES:
+            from raylocal.run.rival_run import RivalRun  # imports Ray: only the Ray schedules pay for it
+
+            phases = RivalRun(self.config, self.data, self.dir, self.start_from)
+            phases.prepare()
+            return phases
         if self.config.schedule != "async":
-            return SingleProcessRun(self.config, self.data, self.dir, record=False)
+            return SingleProcessRun(self.config, self.data, self.dir, record=False, start_from=self.start_from)
         from raylocal.run.async_run import AsyncRun  # imports Ray: only the async schedule pays for it
 
         phases = AsyncRun(self.config, self.data, self.dir, self.service_here, self.monitor)

@@ -95,7 +95,7 @@ def train_batch(
 def part_spec_for(config: RaylocalConfig, glow: Glow, images: Tensor | None = None) -> PartSpec:
     """The run's parts. With ``balance=measure`` the automatic split is balanced on
     layer times measured on a copy of the model (so the model itself is untouched)."""
-    if config.schedule == "e2e":
+    if config.one_part():
         return PartSpec(((0, len(glow)),))
     costs = None
     if config.balance == "measure" and config.part_spec is None and config.parts > 1 and images is not None:
@@ -199,8 +199,9 @@ class SingleProcessRun:
     """A whole run of one of the single-process schedules (see module doc)."""
 
     def __init__(
-        self, config: RaylocalConfig, data: ImageData, run_dir: Path, spec: PartSpec | None = None, record: bool = True
-    ) -> None:
+        self, config: RaylocalConfig, data: ImageData, run_dir: Path, spec: PartSpec | None = None,
+        record: bool = True, start_from: dict[str, Tensor] | None = None,
+    ) -> None:  # fmt: skip
         self.config = config
         self.record = record  # write summary.json (else the run that this one finishes writes it)
         self.data = data
@@ -224,7 +225,9 @@ class SingleProcessRun:
         self.state = RunState(part_time=[0.0] * len(self.parts))
         self.log = RunLog(run_dir)
         self.progress = Progress(config.progress)
-        self.adopted = False  # weights came from a parts phase trained elsewhere
+        self.adopted = start_from is not None  # weights from elsewhere: a parts phase, a caller's
+        if start_from is not None:
+            self.glow.load_state_dict(start_from)
         self.faults = parse_faults(config.inject or "")
         self.lr_rule = RelativeUpdateRule(self.trainers, config.warmup_steps) if config.lr_rule != "none" else None
 

@@ -1,0 +1,91 @@
+"""The rivals as runs: the model trained end to end on Ray over the run's ``--link``.
+
+- ``data-parallel``: ``--workers`` Ray Train workers (``DataParallelPlacement``),
+  DDP (``--bucket-cap-mb``, ``--ddp-compression``), or local SGD with
+  ``--average-every`` (``--outer-lr``: DiLoCo's outer step);
+- ``pipeline``: one actor per stage, the model cut where the parts would cut it
+  (``--parts``, ``--split``, ``--part-spec``), ``--micro-batches`` per batch in
+  ``--pipeline-order`` (1F1B or GPipe), placed as the parts are (``Placement``).
+
+Each trains ``--epochs`` (or until ``--time-budget``) from the run's own
+initialisation, or, data-parallel, from weights its caller hands it (the race's
+parts + fine-tune). ``finish_trained_elsewhere`` then evaluates, checkpoints and
+summarises the model as an e2e run's; the summary adds the rival's own figures
+(``data_parallel``, or ``pipeline`` with each stage's). Neither resumes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from raylocal.baselines.ddp import train_ddp
+from raylocal.baselines.pipeline_on_ray import train_pipeline_parallel
+from raylocal.cluster.connect import connect
+from raylocal.cluster.placement import DataParallelPlacement, Placement
+from raylocal.cluster.preflight import check_faults, check_run
+from raylocal.core.config import RaylocalConfig
+from raylocal.core.data import ImageData
+from raylocal.core.links import check_links
+from raylocal.model.parts import PartSpec
+from raylocal.run.finish import TrainedElsewhere, finish_trained_elsewhere
+from raylocal.training.schedules import part_spec_for
+from raylocal.training.trainer import build_glow, check_image_shape
+
+
+class RivalRun:
+    """The phases of one ``data-parallel`` or ``pipeline`` run (``Run`` owns its
+    directory and record). After ``run``, ``figures`` holds the rival's own:
+    the data-parallel workers' totals, or each pipeline stage's."""
+
+    def __init__(
+        self, config: RaylocalConfig, data: ImageData, run_dir: Path, start_from: dict[str, Tensor] | None = None
+    ) -> None:
+        if start_from is not None and config.schedule == "pipeline":
+            raise ValueError("a pipeline run starts from its own initialisation")
+        self.config, self.data, self.run_dir, self.start_from = config, data, run_dir, start_from
+        self.figures: Any = None
+
+    def prepare(self) -> None:
+        """Everything that can be checked before anything starts: the model, the
+        links and faults (a fault names a stage, or a worker), then the cluster."""
+        config = self.config
+        if config.schedule == "pipeline":
+            spec = check_run(config, self.data.shape)
+            connect(config)
+            Placement.plan(config, len(spec)).check(with_service=False)
+        else:
+            check_image_shape(config, self.data.shape)
+            check_links(config.link, 2)  # one link between any two workers
+            check_faults(config, config.workers, "worker")
+            connect(config)
+            DataParallelPlacement.plan(config, config.workers, config.cpus_per_part).check(config.workers)
+
+    def run(self) -> dict[str, Any]:
+        trained = self._pipeline() if self.config.schedule == "pipeline" else self._data_parallel()
+        summary = finish_trained_elsewhere(self.config, self.data, self.run_dir, trained)
+        key = "pipeline" if self.config.schedule == "pipeline" else "data_parallel"
+        return summary | {key: self.figures}
+
+    def _data_parallel(self) -> TrainedElsewhere:
+        config, stats = self.config, {}
+        state, history = train_ddp(
+            config, self.data.train, config.workers, config.epochs, config.lr[0], self.run_dir / "ddp",
+            self.start_from, config.cpus_per_part, time_budget=config.time_budget, stats=stats,
+        )  # fmt: skip
+        self.figures = stats
+        return TrainedElsewhere(state, int(stats["steps"]), float(stats["seconds"]), history)
+
+    def _pipeline(self) -> TrainedElsewhere:
+        config, data = self.config, self.data
+        glow = build_glow(config, data.shape)
+        bounds = list(part_spec_for(config, glow, data.train).bounds)  # --balance measure times the layers
+        steps = config.epochs * (len(data.train) // config.batch_size)
+        state, stages = train_pipeline_parallel(
+            config, data, bounds, config.pipeline_order, config.micro_batches, steps, config.time_budget
+        )
+        self.figures = {"stages": PartSpec(tuple(bounds)).canonical(glow), "per_stage": stages}
+        first = stages[0]["stats"]
+        return TrainedElsewhere(state, int(first["steps"]), max(s["seconds"] for s in stages), [])
