@@ -73,10 +73,10 @@ def test_threaded_pipeline_equals_simultaneous_schedule(mnist_dir, tmp_path, lr_
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in got), "weights differ from the simultaneous run"
     assert [s.steps for s in stats] == [8, 8]
-    # part 1 outputs 2x4x4 values per image: the 64-image init batch, then 8 batches of 16
-    # (int8: and a float32 scale for each of the 2 channels of each of the 9 latents)
-    scales = 9 * 2 * 4 if wire_dtype == "int8" else 0
-    assert stats[0].bytes_forward == (64 + 8 * 16) * 2 * 4 * 4 * value_bytes + scales
+    # part 1 outputs 2x4x4 values per image: 8 batches of 16 (the init packet carries weights, no
+    # latent: part 2 computes its init input itself; int8: and a float32 scale per channel per latent)
+    scales = 8 * 2 * 4 if wire_dtype == "int8" else 0
+    assert stats[0].bytes_forward == 8 * 16 * 2 * 4 * 4 * value_bytes + scales
     assert all(s.bytes_backward == 0 for s in stats)
 
 
@@ -93,8 +93,37 @@ def test_latents_sent_into_an_outage_are_lost_and_weights_cross_when_the_link_is
     assert down.fresh_steps == 5 and down.stale_steps == 3 and down.steps == 8
     assert [int(source) for source, _ in down.inputs] == [1, 2, 3, 7, 8, 8, 8, 8]
     assert workers[1].versions[0] == 8
-    # one latent of 2x4x4 float32 per image: the init batch and the 5 batches that crossed
-    assert up.bytes_forward == (64 + 5 * 16) * 2 * 4 * 4 * 4
+    # one latent of 2x4x4 float32 per image of the 5 batches that crossed (the init crossed as weights)
+    assert up.bytes_forward == 5 * 16 * 2 * 4 * 4 * 4
+
+
+def test_three_parts_compute_their_init_inputs_from_their_upstream_copies_as_the_single_process_run_does(
+    mnist_dir, tmp_path
+):
+    """No latent crosses a link for the init: parts 2 and 3 compute their init
+    inputs through their copies of the initialised upstream parts (part 3 through
+    two, rounded to bfloat16 at each boundary), and the run still equals its
+    single-process twin bit for bit; the init packets carry the weights alone."""
+    torch.set_num_threads(1)
+    config = _config(
+        mnist_dir, storage_path=str(tmp_path), parts=3, part_spec="1[:1]|1[1:]|2", wire_dtype="bfloat16"
+    )
+    data = load_dataset("mnist", mnist_dir)
+    workers, stats = _run_threads(config, data.train)
+    reference = SingleProcessRun(config, data, tmp_path / "ref")
+    reference.run()
+    got = {}
+    for w in workers:
+        got.update(w.weights())
+    expected = reference.glow.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in got), "weights differ from the simultaneous run"
+    with torch.no_grad():
+        y1, _ = workers[0].part(torch.zeros(1, 1, 8, 8))
+        y2, _ = workers[1].part(y1)
+    for k, y in enumerate((y1, y2)):  # what crossed each boundary: 8 latents of 16 images, bfloat16; no init latent
+        assert stats[k].bytes_forward == 8 * 16 * y.numel() * 2
+        assert stats[k].bytes_weights > 0
 
 
 def test_weights_held_by_an_outage_cross_with_the_first_latent_after_it(mnist_dir):
@@ -132,9 +161,9 @@ def test_stale_input_uses_the_synced_copy_not_the_live_upstream(mnist_dir):
     bounds = list(parse_part_spec("1|2", glow).bounds)
     up = PartWorker(config, bounds, 0, (1, 8, 8), data.train)
     down = PartWorker(config, bounds, 1, (1, 8, 8), data.train)
-    y = up.initialize(up.init_batch())
+    up.initialize(up.init_batch())
     down.load_upstream(0, 0, up.weights())
-    down.initialize(y)
+    down.initialize(down.init_input(torch.float32))
     old = up.weights()
     for _ in range(3):
         up.trainer.step(up.data_batch())

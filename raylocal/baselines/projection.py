@@ -57,7 +57,7 @@ def wire_bytes_per_step(
     """Bytes per step from the config: at the busiest boundary of a
     ``config.parts``-way split, the latents (at ``config.wire_dtype``), the
     weights of every part upstream of it every ``sync_every`` steps, and the
-    init packet (``init_batch_size`` latents) over ``steps``; a DDP worker's
+    init packet (those weights once more) over ``steps``; a DDP worker's
     ring all-reduce of every gradient; a local-SGD worker's of the parameters
     every H steps; a pipeline's activations and their float32 gradients."""
     glow = build_glow(config, image_shape)
@@ -74,7 +74,7 @@ def wire_bytes_per_step(
             upstream += sum(p.numel() * p.element_size() for p in part.parameters())
             latent = x.numel() * itemsize
             per_step = latent * config.batch_size + upstream / config.sync_every
-            per_step += latent * config.init_batch_size / max(steps, 1)
+            per_step += upstream / max(steps, 1)  # the init packet: the upstream weights, once
             if per_step > busiest:
                 busiest, latents = per_step, latent * config.batch_size
             activations = max(activations, x.numel() * 4 * config.batch_size)

@@ -2,7 +2,8 @@
 
 Nothing here imports Ray. A ``PartWorker`` holds one part (and a possibly
 stale copy of the parts upstream of it); ``PartLoop`` is its whole life in the
-pipeline: initialise on the first packet, then train its own ``n_steps``
+pipeline: initialise on the first packet (the upstream parts' initialised
+weights, from which it computes its own init input), then train its own ``n_steps``
 steps, each on the freshest latent its link delivered or, when there is none
 (``--starve stale``) or the upstream has finished, on latents it computes
 itself from its own data through its synced copy of the upstream weights.
@@ -17,7 +18,7 @@ small Ray actor in ``latent_queue``); tensors travel through ``store_put``/``sto
 carries references.
 
 Packets (dicts, so that they pickle anywhere):
-    {"kind": "init", "step": 0, "latent": ref, "weights": {j: [version, ref, nbytes]}, "arrive_at": t}
+    {"kind": "init", "step": 0, "latent": None, "weights": {j: [version, ref, nbytes]}, "arrive_at": t}
     {"kind": "data", "step": s, "latent": ref, "weights": {...} | None, "arrive_at": t}
     {"kind": "end", "step": s, "weights": {...} | None, "arrive_at": t}
 A latent sent into an outage is lost (it would be stale when the link is back);
@@ -47,7 +48,15 @@ from raylocal.core.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.errors import CheckpointError, ClusterError
 from raylocal.model.objectives import preprocess, to_device
 from raylocal.pipeline.channel import PacketChannel, newer_weights
-from raylocal.training.trainer import WIRE_DTYPES, LRClock, PartTrainer, build_glow, from_wire, wire_payload
+from raylocal.training.trainer import (
+    WIRE_DTYPES,
+    LRClock,
+    PartTrainer,
+    build_glow,
+    from_wire,
+    over_the_wire,
+    wire_payload,
+)
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -158,11 +167,22 @@ class PartWorker:
         return preprocess(x, self.config.n_bits, self.noise)
 
     @torch.no_grad()
-    def initialize(self, x: Tensor) -> Tensor:
-        """ActNorm data init of this part on its real input; returns the output."""
-        y, _ = self.part(x)
+    def initialize(self, x: Tensor) -> None:
+        """ActNorm data init of this part on its real input."""
+        self.part(x)
         self.initialized = True
-        return y
+
+    @torch.no_grad()
+    def init_input(self, wire: torch.dtype) -> Tensor:
+        """This part's init input, computed here: part 1's init batch (the first
+        draw of part 1's noise) through the upstream copies, which hold the
+        upstream parts' initialised weights, rounded at each boundary as the wire
+        rounds it; what the single-process ``initialize`` feeds this part."""
+        noise = torch.Generator().manual_seed(self.config.seed + 1)  # part 1's
+        x = preprocess(self.train_images[: self.config.init_batch_size].to(self.device), self.config.n_bits, noise)
+        for up in self.upstream:
+            x = over_the_wire(up(x)[0], wire)
+        return x
 
     @torch.no_grad()
     def stale_input(self) -> Tensor:
@@ -535,26 +555,32 @@ class PartLoop:
     # ------------------------------------------------------------ steps
 
     def _initialize(self) -> None:
-        """ActNorms see the real output of the part before them."""
+        """ActNorms see the real output of the part before them. The init packet
+        carries the upstream parts' initialised weights, not that output (the
+        init batch's latents are several times their bytes): a part computes its
+        init input from its copies of them (``init_input``)."""
         worker = self.worker
-        if self.k == 0:
-            x = worker.init_batch()
-        else:
-            x = None
-            while x is None:
-                # None: the init latent died with an upstream that crashed before this
-                # part fetched it (it restarts from its checkpoint and sends no init
-                # again): its next latent is as real an output of it
-                packet = self._receive(block=True)
-                assert packet is not None, "a blocking receive returned nothing"
-                if packet["kind"] == "end":
-                    raise ClusterError(f"part {self.k + 1}: its upstream ended before any of its latents arrived")
-                x = packet["latent"]
-        y = worker.initialize(x.to(worker.device))
+        x = worker.init_batch() if self.k == 0 else self._init_input()
+        worker.initialize(x.to(worker.device))
         worker.stats.step_times.append(self.clock.now())
-        self._send("init", y)
+        self._send("init", None)
         if self.on_step is not None:
             self.on_step(worker)  # step 0: e.g. a checkpoint, so that a restart never redoes the init
+
+    def _init_input(self) -> Tensor:
+        worker = self.worker
+        while True:
+            packet = self._receive(block=True)
+            assert packet is not None, "a blocking receive returned nothing"
+            if packet["kind"] == "end":
+                raise ClusterError(f"part {self.k + 1}: its upstream ended before any of its latents arrived")
+            if all(j in worker.versions for j in range(self.k)):
+                return worker.init_input(self.wire_dtype)
+            if packet["latent"] is not None:
+                # the upstream weights died with an upstream that crashed before this part
+                # fetched them (it restarts from its checkpoint and sends no init again):
+                # its next latent is as real an output of it
+                return packet["latent"]
 
     def _computed(self, seconds: float) -> None:
         """Compute time, counted, and as long again for each extra factor of a straggler."""
@@ -598,12 +624,12 @@ class PartLoop:
             self.upstream_ended = True
         return packet
 
-    def _send(self, kind: str, output: Tensor) -> None:
+    def _send(self, kind: str, output: Tensor | None) -> None:
         """Send this step's output on, with this part's weights when a sync is due."""
         if self.sender is None:
             return
         worker = self.worker
-        latent, ready = to_wire(output, self.wire_dtype)
+        latent, ready = to_wire(output, self.wire_dtype) if output is not None else (None, None)
         packet: dict[str, Any] = {"kind": kind, "step": worker.step, "latent": latent, "ready": ready}
         if kind == "init" or worker.step - worker.last_sync >= worker.config.sync_every:
             state = worker.weights()

@@ -139,10 +139,14 @@ def over_the_wire(x: Tensor, dtype: torch.dtype) -> Tensor:
 @torch.no_grad()
 def initialize(parts: list[Part], x: Tensor, wire: torch.dtype = torch.float32) -> None:
     """Data-dependent init: push one large batch through the parts in order, so
-    every ActNorm (of part k+1 too) initialises on the activations it will see
-    (rounded at each boundary as the wire rounds them)."""
+    every ActNorm (of part k+1 too) initialises on the activations it will see:
+    the output of the initialised parts before it, rounded at each boundary as
+    the wire rounds it. (An async part computes that input from its own copies of
+    the upstream parts, ``PartWorker.init_input``: no latent crosses a link for the init.)"""
     for k, part in enumerate(parts):
-        x, _ = part(over_the_wire(x, wire) if k else x)
+        part(x)  # the ActNorms of this part initialise on x
+        if k + 1 < len(parts):
+            x = over_the_wire(part(x)[0], wire)
 
 
 @torch.no_grad()
