@@ -105,9 +105,7 @@ def test_three_parts_compute_their_init_inputs_from_their_upstream_copies_as_the
     two, rounded to bfloat16 at each boundary), and the run still equals its
     single-process twin bit for bit; the init packets carry the weights alone."""
     torch.set_num_threads(1)
-    config = _config(
-        mnist_dir, storage_path=str(tmp_path), parts=3, part_spec="1[:1]|1[1:]|2", wire_dtype="bfloat16"
-    )
+    config = _config(mnist_dir, storage_path=str(tmp_path), parts=3, part_spec="1[:1]|1[1:]|2", wire_dtype="bfloat16")
     data = load_dataset("mnist", mnist_dir)
     workers, stats = _run_threads(config, data.train)
     reference = SingleProcessRun(config, data, tmp_path / "ref")
