@@ -134,7 +134,7 @@ def test_diloco_outer_step_is_nesterov_sgd_on_the_pseudo_gradient():
     assert torch.allclose(averaged[0], torch.tensor([1.0, 2.0]) - 0.7 * (g + 0.9 * g))
 
 
-def test_a_local_sgd_run_over_a_link_sends_what_the_formula_says_and_records_its_model(mnist_dir, tmp_path):
+def test_a_local_sgd_run_over_a_link_sends_what_the_formula_says_and_records_its_model(mnist_dir, tmp_path, capsys):
     """The data-parallel schedule as a run of its own (``raylocal train --schedule
     data-parallel``): local SGD's bytes as the formula says, and a record whose
     BPD is its checkpoint's, evaluated independently."""
@@ -174,6 +174,10 @@ def test_a_local_sgd_run_over_a_link_sends_what_the_formula_says_and_records_its
     assert all(torch.isfinite(v).all() for v in glow.state_dict().values())
     expected = evaluate_bpd(glow, data.test, 32, torch.device("cpu"))
     assert summary["test_bpd"] == pytest.approx(expected, abs=1e-9) and run_config.average_every == 3
+    assert summary["curve"][-1]["epoch"] == 1.0 and summary["stopped_early"] is None
+    # its checkpoint holds the whole model as an e2e run's: a --resume must not take it for one
+    assert main(tiny_options(mnist_dir, storage, run_name="local", resume=True)) == 2
+    assert "is a data-parallel run, which does not resume" in capsys.readouterr().err
 
 
 def test_a_rival_run_refuses_what_it_cannot_do_in_one_line(mnist_dir, tmp_path, capsys):
@@ -181,8 +185,12 @@ def test_a_rival_run_refuses_what_it_cannot_do_in_one_line(mnist_dir, tmp_path, 
     for extra, message in [
         ({"schedule": "data-parallel", "finetune_epochs": 1}, "the data-parallel schedule trains end to end"),
         ({"schedule": "pipeline", "parts": 2, "micro_batches": 3}, "batch_size=16 does not split into micro_batches=3"),
-        ({"schedule": "data-parallel", "workers": 3, "cpus_per_part": 1}, "3 data-parallel workers of {CPU 1} need"),
-        ({"schedule": "data-parallel", "inject": "slow:3@1"}, "there is no worker 3 (the run has 2 workers)"),
+        ({"schedule": "data-parallel", "workers": 4, "cpus_per_part": 1}, "4 data-parallel workers of {CPU 1} need"),
+        ({"schedule": "data-parallel", "inject": "straggle:3@2"}, "there is no worker 3 (the run has 2 workers)"),
+        ({"schedule": "data-parallel", "inject": "nan:1@2"}, "a data-parallel run takes only straggle faults, not nan"),
+        ({"schedule": "pipeline"}, "a pipeline needs at least 2 stages (--parts or --part-spec), got 1"),
+        ({"schedule": "data-parallel", "workers": 3, "batch_size": 16}, "batch_size=16 does not split among workers=3"),
+        ({"schedule": "data-parallel", "epochs": 0}, "epochs=0: a data-parallel run trains at least one epoch"),
     ]:
         assert main(tiny_options(mnist_dir, storage, run_name="r", **extra)) == 2
         err = capsys.readouterr().err

@@ -206,7 +206,7 @@ def data_parallel_uses_gpus(config: RaylocalConfig, workers: int, gpus: float) -
         return True
     message = f"{workers} data-parallel workers need a GPU each, the cluster has {gpus:g}"
     if config.device == "cuda":
-        raise ClusterError(f"{message}; use fewer workers (--finetune-workers) or --device cpu")
+        raise ClusterError(f"{message}; use fewer workers (--workers, --finetune-workers) or --device cpu")
     print(f"note: {message}: they train on CPUs", file=sys.stderr)
     return False
 

@@ -24,7 +24,7 @@ from raylocal.core.links import parse_link
 from raylocal.errors import ConfigError
 
 Schedule = Literal["e2e", "sequential", "alternating", "simultaneous", "async", "data-parallel", "pipeline"]
-# The rivals, trained end to end on Ray as runs of their own (raylocal/run/baseline_run.py)
+# The rivals, trained end to end on Ray as runs of their own (raylocal/run/rival_run.py)
 RIVAL_SCHEDULES = ("data-parallel", "pipeline")
 
 # Every field in exactly one section, in the order ``--help`` shows them.
@@ -370,13 +370,23 @@ def check_combination(c: RaylocalConfig) -> None:
 
 
 def check_rival(c: RaylocalConfig) -> None:
-    """A rival's run trains end to end from its first step, and once."""
+    """A rival's run trains end to end from its first step, and once; of the
+    faults, its workers or stages take only a straggler."""
+    if c.epochs < 1:
+        raise ValueError(f"epochs={c.epochs}: a {c.schedule} run trains at least one epoch")
     if c.finetune_epochs:
         raise ValueError(f"finetune_epochs={c.finetune_epochs}: the {c.schedule} schedule trains end to end throughout")
     if c.resume:
         raise ValueError(f"resume: a {c.schedule} run does not resume; start it again")
+    unsupported = sorted({f.kind for f in parse_faults(c.inject or "")} - {"straggle"})
+    if unsupported:
+        raise ValueError(f"inject: a {c.schedule} run takes only straggle faults, not {', '.join(unsupported)}")
+    if c.schedule == "pipeline" and c.part_count() < 2:
+        raise ValueError(f"a pipeline needs at least 2 stages (--parts or --part-spec), got {c.part_count()}")
     if c.schedule == "pipeline" and c.batch_size % c.micro_batches:
         raise ValueError(f"batch_size={c.batch_size} does not split into micro_batches={c.micro_batches}")
+    if c.schedule == "data-parallel" and c.batch_size % c.workers:
+        raise ValueError(f"batch_size={c.batch_size} does not split among workers={c.workers}")
 
 
 def data_source(config: RaylocalConfig) -> DataSource:

@@ -177,7 +177,9 @@ class PartWorker:
         """This part's init input, computed here: part 1's init batch (the first
         draw of part 1's noise) through the upstream copies, which hold the
         upstream parts' initialised weights, rounded at each boundary as the wire
-        rounds it; what the single-process ``initialize`` feeds this part."""
+        rounds it; what the single-process ``initialize`` feeds this part. (Part k
+        pushes the init batch through k upstream copies once: cheap beside the
+        bytes it saves at the 2-3 parts of a weak link.)"""
         noise = torch.Generator().manual_seed(self.config.seed + 1)  # part 1's
         x = preprocess(self.train_images[: self.config.init_batch_size].to(self.device), self.config.n_bits, noise)
         for up in self.upstream:
@@ -573,7 +575,7 @@ class PartLoop:
             packet = self._receive(block=True)
             assert packet is not None, "a blocking receive returned nothing"
             if packet["kind"] == "end":
-                raise ClusterError(f"part {self.k + 1}: its upstream ended before any of its latents arrived")
+                raise ClusterError(f"part {self.k + 1}: its upstream ended before its init packet arrived")
             if all(j in worker.versions for j in range(self.k)):
                 return worker.init_input(self.wire_dtype)
             if packet["latent"] is not None:

@@ -50,23 +50,29 @@ def adopt_finetune(
     run: SingleProcessRun, state: dict[str, Tensor], seconds: float, history: list[dict[str, Any]]
 ) -> None:
     """Take a fine-tune phase trained elsewhere (DDP on Ray Train workers)."""
-    adopt_trained(run, state, seconds, history, "finetune")
+    adopt_trained(run, state, seconds, history, "finetune", len(run.plan), float(run.total_epochs))
 
 
 def adopt_trained(
-    run: SingleProcessRun, state: dict[str, Tensor], seconds: float, history: list[dict[str, Any]], phase: str
+    run: SingleProcessRun,
+    state: dict[str, Tensor],
+    seconds: float,
+    history: list[dict[str, Any]],
+    phase: str,
+    first_epoch: int,
+    at_epoch: float,
 ) -> None:
-    """Take the weights, seconds and per-epoch history of training done elsewhere:
-    the run's last ``len(history)`` epochs, as its ``phase``."""
+    """Take the weights, seconds and per-epoch history of training done elsewhere,
+    as the run's ``phase``: its epochs from ``first_epoch`` on, the evaluation of
+    its weights at epoch ``at_epoch`` (where a time budget stopped it)."""
     run.glow.load_state_dict(state)
     run.stream.restore({"epoch": run.total_epochs, "position": 0})
     run.state.elapsed += seconds
     run.state.phase_time[phase] = run.state.phase_time.get(phase, 0.0) + seconds
-    first = run.total_epochs - len(history)
     for i, h in enumerate(history):
         run.state.history.append(
             {
-                "epoch": first + i + 1,
+                "epoch": first_epoch + i + 1,
                 "phase": phase,
                 "active": [],
                 "test_bpd": float("nan"),
@@ -77,7 +83,7 @@ def adopt_trained(
                 "ddp_images_per_s": h.get("images_per_s", float("nan")),  # the only ones with a history
             }
         )
-    bpd = run.record_eval(float(run.total_epochs))
+    bpd = run.record_eval(at_epoch)
     if run.state.history:
         run.state.history[-1]["test_bpd"] = bpd
 
@@ -91,8 +97,12 @@ def finish_trained_elsewhere(
     whole = config.model_copy(update={"schedule": "e2e", "parts": 1, "part_spec": None, "lr": config.lr[:1]})
     run = SingleProcessRun(whole, data, run_dir, record=False, start_from=trained.state)
     run.state.global_step = trained.steps
-    adopt_trained(run, trained.state, trained.seconds, trained.history, config.schedule)
-    return run.run() | {"schedule": config.schedule}
+    at_epoch = trained.steps / max(len(run.stream), 1)
+    adopt_trained(run, trained.state, trained.seconds, trained.history, config.schedule, 0, at_epoch)
+    summary = run.run() | {"schedule": config.schedule}
+    if trained.steps < config.epochs * len(run.stream) and config.time_budget:
+        summary["stopped_early"] = f"time budget of {config.time_budget:g}s reached"
+    return summary
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from raylocal.core.checkpoint import load_checkpoint
-from raylocal.core.config import RaylocalConfig, data_source, load_config_file, validate_config
+from raylocal.core.config import RIVAL_SCHEDULES, RaylocalConfig, data_source, load_config_file, validate_config
 from raylocal.core.data import ImageData
 from raylocal.core.runlog import CHECKPOINT, resolve_run_dir
 from raylocal.errors import ConfigError
@@ -29,6 +29,10 @@ RESUMABLE = {
 def resume_config(config: RaylocalConfig, given: dict[str, Any]) -> RaylocalConfig:
     """The checkpoint's configuration, updated with the resumable options given now."""
     run_dir = resolve_run_dir(config)
+    recorded = run_dir / "config.json"
+    schedule = load_config_file(recorded).schedule if recorded.is_file() else None
+    if schedule in RIVAL_SCHEDULES:  # (its checkpoint holds the whole model as an e2e run's)
+        raise ConfigError(f"--resume: {run_dir} is a {schedule} run, which does not resume; start it again")
     if (run_dir / CHECKPOINT).is_file():
         saved = RaylocalConfig.model_validate_json(load_checkpoint(run_dir / CHECKPOINT, kind="run")["config"])
     else:  # an async run that stopped in its parts phase: only part checkpoints exist

@@ -18,9 +18,12 @@ from raylocal.study.stats import EQUIVALENCE, adjust_family, decide, mean_interv
 
 
 def processes(run: dict[str, Any]) -> int:
-    """How many processes computed a run at once: an async run's parts, else one."""
+    """How many processes computed a run at once: an async run's parts or a
+    pipeline's stages, a data-parallel run's workers, else one."""
     values = run.get("values", {})
-    if values.get("schedule") != "async":
+    if values.get("schedule") == "data-parallel":
+        return int(values.get("workers", 2))
+    if values.get("schedule") not in ("async", "pipeline"):
         return 1
     return values["part_spec"].count("|") + 1 if values.get("part_spec") else int(values.get("parts", 1))
 
