@@ -157,6 +157,8 @@ def test_a_local_sgd_run_over_a_link_sends_what_the_formula_says_and_records_its
     )  # fmt: skip  (each worker loads the 64 images itself)
     before = signal.getsignal(signal.SIGINT)
     assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert any(line.startswith("data-parallel ") and " 2 workers, " in line for line in printed.splitlines())
     # Ray Train's Ctrl-C handler, which holds the finished run's controller, is gone with the fit
     assert signal.getsignal(signal.SIGINT) is before
     summary = json.loads((storage / "local" / "summary.json").read_text())

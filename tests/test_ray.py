@@ -290,7 +290,9 @@ def test_shared_gpu_bundles_fit_on_the_gpus_there_are(monkeypatch, n_gpus):
         assert 0 < share < 1 and (share >= 0.9 or n_parts > n_gpus)
 
 
-def test_the_pipeline_parallel_rival_on_ray_trains_as_its_stages_do_in_one_process(ray_session, mnist_dir, tmp_path):
+def test_the_pipeline_parallel_rival_on_ray_trains_as_its_stages_do_in_one_process(
+    ray_session, mnist_dir, tmp_path, capsys
+):
     """The pipeline schedule as a run of its own (``raylocal train --schedule
     pipeline``): its stages on Ray end with the weights the same stages reach in
     one process without links, and its record's BPD is those weights'."""
@@ -340,6 +342,10 @@ def test_the_pipeline_parallel_rival_on_ray_trains_as_its_stages_do_in_one_proce
     glow.load_state_dict(expected)
     assert summary["test_bpd"] == pytest.approx(evaluate_bpd(glow, data.test, 32, torch.device("cpu")), abs=1e-9)
     assert summary["schedule"] == "pipeline" and summary["pipeline"]["stages"].count("|") == 1
+    assert summary["parts"] == summary["pipeline"]["stages"] and summary["n_parts"] == 2
+    printed = capsys.readouterr().out
+    stage_line = next(line for line in printed.splitlines() if line.startswith("pipeline stage 2 "))
+    assert stage_line.split(None, 3)[3].startswith("3 batches, waited") and f"sent {returned} bytes" in stage_line
 
 
 def test_the_placement_check_counts_the_model_service_only_for_runs_that_have_one():

@@ -39,6 +39,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         if key in summary:
             value = summary[key]
             rows.append((label, ", ".join(map(_fmt, value)) if isinstance(value, list) else _fmt(value)))
+    rival = summary.get("data_parallel") or {}
+    if rival:
+        rows.append(("data-parallel", f"{summary['workers']} workers, {_fmt(rival['bytes_per_step'])} bytes/step "
+                     f"per worker, idle {_fmt(rival['idle_s'])}s (the most idle worker)"))  # fmt: skip
+    for stage, figures in enumerate((summary.get("pipeline") or {}).get("per_stage", [])):
+        stats = figures["stats"]
+        rows.append((f"pipeline stage {stage + 1}", f"{stats['steps']} batches, waited {_fmt(stats['wait_s'])}s, "
+                     f"sent {_fmt(stats['bytes_forward'] + stats['bytes_backward'])} bytes"))  # fmt: skip
     for key, label in [("behind_steps", "upstream steps behind"), ("behind_s", "seconds behind upstream")]:
         if summary.get(key):
             per_part = [_fmt([b["mean"], b["p50"], b["p95"], b["max"]]) for b in summary[key]]

@@ -66,8 +66,10 @@ class RivalRun:
     def run(self) -> dict[str, Any]:
         trained = self._pipeline() if self.config.schedule == "pipeline" else self._data_parallel()
         summary = finish_trained_elsewhere(self.config, self.data, self.run_dir, trained)
-        key = "pipeline" if self.config.schedule == "pipeline" else "data_parallel"
-        return summary | {key: self.figures}
+        if self.config.schedule == "pipeline":  # its stages, where the record shows a run's parts
+            n_stages = len(self.figures["per_stage"])
+            return summary | {"pipeline": self.figures, "parts": self.figures["stages"], "n_parts": n_stages}
+        return summary | {"data_parallel": self.figures, "workers": self.config.workers}
 
     def _data_parallel(self) -> TrainedElsewhere:
         config, stats = self.config, {}
