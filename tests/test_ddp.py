@@ -191,6 +191,7 @@ def test_a_rival_run_refuses_what_it_cannot_do_in_one_line(mnist_dir, tmp_path, 
         ({"schedule": "data-parallel", "inject": "straggle:3@2"}, "there is no worker 3 (the run has 2 workers)"),
         ({"schedule": "data-parallel", "inject": "nan:1@2"}, "a data-parallel run takes only straggle faults, not nan"),
         ({"schedule": "pipeline"}, "a pipeline needs at least 2 stages (--parts or --part-spec), got 1"),
+        ({"schedule": "pipeline", "parts": 2, "wire_dtype": "int8"}, "the pipeline sends float32 activations"),
         ({"schedule": "data-parallel", "workers": 3, "batch_size": 16}, "batch_size=16 does not split among workers=3"),
         ({"schedule": "data-parallel", "epochs": 0}, "epochs=0: a data-parallel run trains at least one epoch"),
     ]:

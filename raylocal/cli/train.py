@@ -39,14 +39,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         if key in summary:
             value = summary[key]
             rows.append((label, ", ".join(map(_fmt, value)) if isinstance(value, list) else _fmt(value)))
-    rival = summary.get("data_parallel") or {}
-    if rival:
-        rows.append(("data-parallel", f"{summary['workers']} workers, {_fmt(rival['bytes_per_step'])} bytes/step "
-                     f"per worker, idle {_fmt(rival['idle_s'])}s (the most idle worker)"))  # fmt: skip
-    for stage, figures in enumerate((summary.get("pipeline") or {}).get("per_stage", [])):
-        stats = figures["stats"]
-        rows.append((f"pipeline stage {stage + 1}", f"{stats['steps']} batches, waited {_fmt(stats['wait_s'])}s, "
-                     f"sent {_fmt(stats['bytes_forward'] + stats['bytes_backward'])} bytes"))  # fmt: skip
+    rows += rival_rows(summary)
     for key, label in [("behind_steps", "upstream steps behind"), ("behind_s", "seconds behind upstream")]:
         if summary.get(key):
             per_part = [_fmt([b["mean"], b["p50"], b["p95"], b["max"]]) for b in summary[key]]
@@ -74,6 +67,20 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def rival_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """A rival run's own figures: the data-parallel workers', or each pipeline stage's."""
+    rows = []
+    rival = summary.get("data_parallel") or {}
+    if rival:
+        rows.append(("data-parallel", f"{summary['workers']} workers, {_fmt(rival['bytes_per_step'])} bytes/step "
+                     f"per worker, idle {_fmt(rival['idle_s'])}s (the most idle worker)"))  # fmt: skip
+    for stage, figures in enumerate((summary.get("pipeline") or {}).get("per_stage", [])):
+        stats = figures["stats"]
+        rows.append((f"pipeline stage {stage + 1}", f"{stats['steps']} batches, waited {_fmt(stats['wait_s'])}s, "
+                     f"sent {_fmt(stats['bytes_forward'] + stats['bytes_backward'])} bytes"))  # fmt: skip
+    return rows
 
 
 def _fmt(value: Any) -> str:

@@ -383,6 +383,8 @@ def check_rival(c: RaylocalConfig) -> None:
         raise ValueError(f"inject: a {c.schedule} run takes only straggle faults, not {', '.join(unsupported)}")
     if c.schedule == "pipeline" and c.part_count() < 2:
         raise ValueError(f"a pipeline needs at least 2 stages (--parts or --part-spec), got {c.part_count()}")
+    if c.schedule == "pipeline" and c.wire_dtype != "float32":
+        raise ValueError(f"wire_dtype={c.wire_dtype!r}: the pipeline sends float32 activations and gradients")
     if c.schedule == "pipeline" and c.batch_size % c.micro_batches:
         raise ValueError(f"batch_size={c.batch_size} does not split into micro_batches={c.micro_batches}")
     if c.schedule == "data-parallel" and c.batch_size % c.workers:
