@@ -66,6 +66,7 @@ def adopt_trained(
     as the run's ``phase``: its epochs from ``first_epoch`` on, the evaluation of
     its weights at epoch ``at_epoch`` (where a time budget stopped it)."""
     run.glow.load_state_dict(state)
+    run.adopted = True
     run.stream.restore({"epoch": run.total_epochs, "position": 0})
     run.state.elapsed += seconds
     run.state.phase_time[phase] = run.state.phase_time.get(phase, 0.0) + seconds
@@ -95,7 +96,7 @@ def finish_trained_elsewhere(
     evaluation, samples, checkpoint (of the whole model, as e2e's) and summary,
     in this process. The summary is returned, for the run to write once."""
     whole = config.model_copy(update={"schedule": "e2e", "parts": 1, "part_spec": None, "lr": config.lr[:1]})
-    run = SingleProcessRun(whole, data, run_dir, record=False, start_from=trained.state)
+    run = SingleProcessRun(whole, data, run_dir, record=False)
     run.state.global_step = trained.steps
     at_epoch = trained.steps / max(len(run.stream), 1)
     adopt_trained(run, trained.state, trained.seconds, trained.history, config.schedule, 0, at_epoch)

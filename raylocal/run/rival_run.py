@@ -43,8 +43,6 @@ class RivalRun:
     def __init__(
         self, config: RaylocalConfig, data: ImageData, run_dir: Path, start_from: dict[str, Tensor] | None = None
     ) -> None:
-        if start_from is not None and config.schedule == "pipeline":
-            raise ValueError("a pipeline run starts from its own initialisation")
         self.config, self.data, self.run_dir, self.start_from = config, data, run_dir, start_from
         self.figures: Any = None
 
