@@ -307,3 +307,18 @@ def test_a_config_file_by_section_is_the_flat_one_and_a_misplaced_key_is_one_lin
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"error: {path}: {message}"], err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("schedule", "message"),
+    [
+        ("e2e", "interrupted: the last checkpoint is kept; rerun with --resume"),
+        ("data-parallel", "interrupted: a data-parallel run does not resume; start it again"),
+    ],
+)
+def test_ctrl_c_says_what_the_schedule_can_do_next(mnist_dir, tmp_path, capsys, schedule, message):
+    def interrupted(config: RaylocalConfig) -> dict:
+        raise KeyboardInterrupt
+
+    assert main(tiny_options(mnist_dir, tmp_path / "runs", schedule=schedule), runner=interrupted) == 130
+    assert capsys.readouterr().err.strip() == message

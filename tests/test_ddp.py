@@ -194,6 +194,13 @@ def test_a_rival_run_refuses_what_it_cannot_do_in_one_line(mnist_dir, tmp_path, 
         ({"schedule": "pipeline", "parts": 2, "wire_dtype": "int8"}, "the pipeline sends float32 activations"),
         ({"schedule": "data-parallel", "workers": 3, "batch_size": 16}, "batch_size=16 does not split among workers=3"),
         ({"schedule": "data-parallel", "epochs": 0}, "epochs=0: a data-parallel run trains at least one epoch"),
+        # settings it would ignore
+        ({"schedule": "data-parallel", "eval_every": 5}, "eval_every=5: a data-parallel run evaluates once"),
+        ({"schedule": "pipeline", "parts": 2, "starve": "stale"}, "starve='stale': a pipeline run has no queue"),
+        ({"schedule": "pipeline", "parts": 2, "average_every": 3}, "average_every=3: a pipeline run does not use it"),
+        ({"schedule": "data-parallel", "micro_batches": 2}, "micro_batches=2: a data-parallel run does not use it"),
+        ({"schedule": "data-parallel", "wire_dtype": "bfloat16"}, "a data-parallel run sends float32 gradients"),
+        ({"schedule": "data-parallel", "compile": True}, "compile=True: a data-parallel run trains uncompiled"),
     ]:
         assert main(tiny_options(mnist_dir, storage, run_name="r", **extra)) == 2
         err = capsys.readouterr().err

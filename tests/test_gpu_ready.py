@@ -13,6 +13,7 @@ import torch
 from raylocal.baselines.ddp import DataParallelWorker
 from raylocal.cluster.connect import actor_error
 from raylocal.cluster.placement import (
+    DataParallelPlacement,
     Placement,
     assigned_device,
     check_torch_sees_gpus,
@@ -170,6 +171,29 @@ def test_gpus_are_counted_only_on_the_nodes_of_the_worker_resource(monkeypatch):
     bundle = Placement.plan(_config(device="auto", worker_resource="workers"), 3).work
     assert "GPU" not in bundle and bundle["CPU"] == 4.0
     assert Placement.plan(_config(device="auto"), 3).work["GPU"] == 1.0
+
+
+def test_data_parallel_workers_share_and_are_checked_against_the_nodes_of_the_worker_resource():
+    head = {"CPU": 8.0, "GPU": 2.0}  # a GPU node without the resource: it only coordinates
+    workers = {"CPU": 2.0, "workers": 1.0}
+    pinned = _config(device="auto", worker_resource="workers")
+    plan = DataParallelPlacement.plan(pinned, 2, nodes=[head, workers])
+    assert not plan.use_gpu and plan.worker["CPU"] == 1.0 and plan.worker["workers"] > 0  # 2 CPUs / 2 workers
+    plan.check(2, [head, workers])
+    with pytest.raises(ClusterError, match=r"3 data-parallel workers of \{CPU 1, workers .*\} need CPU 3, the nodes "
+                       "that can hold one have 2"):  # fmt: skip
+        DataParallelPlacement.plan(pinned, 3, 1.0, nodes=[head, workers]).check(3, [head, workers])
+    with pytest.raises(ClusterError, match="a data-parallel worker needs .* and no node of this cluster has that much"):
+        plan.check(2, [head])
+    unpinned = DataParallelPlacement.plan(_config(device="cpu"), 2, nodes=[head, workers])
+    assert not unpinned.use_gpu and unpinned.worker == {"CPU": 5.0}  # all 10 CPUs, shared
+    with pytest.raises(ClusterError, match="need CPU 10, the nodes that can hold one have 8"):
+        unpinned.check(2, [head, workers])  # but a worker of 5 CPUs fits on the head alone
+    on_gpus = DataParallelPlacement.plan(_config(device="auto"), 2, 1.0, nodes=[head, workers])
+    assert on_gpus.use_gpu
+    on_gpus.check(2, [head, workers])  # Ray Train adds a GPU to each worker's bundle: only the head holds one
+    with pytest.raises(ClusterError, match=r"of \{CPU 1, GPU 1\} need GPU 3, the nodes that can hold one have 2"):
+        on_gpus.check(3, [head, workers])
 
 
 def test_data_parallel_runs_refuse_or_say_so_on_fewer_gpus_than_workers(capsys):

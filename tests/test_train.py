@@ -16,7 +16,14 @@ from raylocal.errors import CheckpointError, DivergedError
 from raylocal.model.glow import Glow
 from raylocal.model.objectives import local_nll, preprocess
 from raylocal.tools import pictures
-from raylocal.training.trainer import MAX_SKIPS_IN_A_ROW, PartTrainer, build_glow, evaluate_bpd, initialize
+from raylocal.training.trainer import (
+    MAX_SKIPS_IN_A_ROW,
+    PartTrainer,
+    build_glow,
+    evaluate_bpd,
+    image_bpds,
+    initialize,
+)
 
 
 def _summary(storage, name):
@@ -70,30 +77,97 @@ def test_the_outliers_tool_takes_the_test_bpd_apart_image_by_image(mnist_dir, tm
     from raylocal.tools import outliers
 
     storage = tmp_path / "runs"
-    assert main(tiny_options(mnist_dir, storage, run_name="r", epochs=1, lr=3e-3, samples=0)) == 0
+    cap = 7.0  # between the images' BPDs: some are capped, some not (checked below)
+    assert main(tiny_options(mnist_dir, storage, run_name="r", epochs=1, lr=3e-3, samples=0, eval_cap=cap)) == 0
+    assert f"; each image at most {cap:g} bits/dim)" in capsys.readouterr().out
     found = outliers.outliers(storage / "r", held_out=40, worst=3)
     # each image's BPD again, independently: the run's fixed evaluation noise, batch by batch
     glow = build_glow(RaylocalConfig(n_levels=2, depth=2, hidden=8), (1, 8, 8))
     glow.load_state_dict(load_checkpoint(storage / "r" / "checkpoint.pt")["model"])
     data = load_dataset("mnist", mnist_dir)
+    per_image = {}
     for name, images in (("test", data.test), ("held-out", data.train[-40:])):
         noise = torch.Generator().manual_seed(1234)
         with torch.no_grad():
             per = torch.cat([local_nll(glow.whole(), preprocess(images[i : i + 32], 8, noise))[0].double()
                              for i in range(0, len(images), 32)])  # fmt: skip
         s, order = found[name], per.argsort(descending=True)
+        per_image[name] = per
         assert s["images"] == len(images) and s["mean"] == pytest.approx(per.mean().item(), abs=1e-9)
         assert s["median"] == pytest.approx(per.median().item(), abs=1e-9)
         assert [i for i, _ in s["worst"]] == order[:3].tolist()
         assert s["mean_without_worst"] == pytest.approx(per[order[3:]].mean().item(), abs=1e-9)
-    assert found["test"]["mean"] == pytest.approx(_summary(storage, "r")["test_bpd"], abs=1e-9)
-    capsys.readouterr()  # the run's own output
+        assert s["capped_mean"] == pytest.approx(per.clamp(max=cap).mean().item(), abs=1e-9)
+    # the run's own evaluations capped each image (--eval-cap): its test BPD, and its curve's last point
+    test = per_image["test"]
+    assert (test > cap).any() and (test < cap).any() and found["test"]["capped_mean"] < found["test"]["mean"] - 1e-6
+    summary = _summary(storage, "r")
+    assert summary["test_bpd"] == pytest.approx(found["test"]["capped_mean"], abs=1e-9) and summary["eval_cap"] == cap
+    assert summary["curve"][-1]["test_bpd"] == pytest.approx(summary["test_bpd"], abs=1e-9)
     assert outliers.main([str(storage / "r"), "--worst", "2"]) == 0
     assert capsys.readouterr().out.startswith(f"test ({len(data.test)} images): BPD ")
     assert outliers.main([str(tmp_path / "none")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {tmp_path / 'none' / 'config.json'} does not exist (a finished run's directory holds it)"
     ]
+    # --explain: each image's terms add up to the BPD the evaluation gave it
+    assert outliers.main([str(storage / "r"), "--explain", "30", "--explain", "held-out:2", "--held-out", "40"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and lines[1].startswith("  costliest element: ") and lines[3].startswith("  costliest")
+    for line, want in ((lines[0], float(per_image["test"][30])), (lines[2], float(per_image["held-out"][2]))):
+        total, terms = line.split(": ", 1)[1].split(" bits/dim = ")
+        values = [float(t.rsplit(" ", 1)[1]) for t in terms.split(", ")]
+        assert float(total) == pytest.approx(want, abs=0.006) and sum(values) == pytest.approx(want, abs=0.1)
+    for bad, message in [
+        ("held-out:2", "--explain held-out:2: give --held-out N to name the held-out images"),
+        ("abc", "--explain 'abc': expected an image index, or test:INDEX or held-out:INDEX"),
+        ("9999", "--explain: image 9999 does not exist"),
+    ]:
+        assert outliers.main([str(storage / "r"), "--explain", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
+def _planted_glow() -> Glow:
+    torch.manual_seed(0)
+    glow = build_glow(RaylocalConfig(n_levels=2, depth=2, hidden=8), (1, 8, 8))
+    initialize([glow.whole()], preprocess(torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8), 8))
+    return glow.eval()
+
+
+def test_explain_splits_an_images_bpd_into_terms_and_finds_the_element_that_costs_most():
+    from raylocal.tools.outliers import evaluated_image, explain, ink_share
+
+    glow = _planted_glow()
+    one = torch.Generator().manual_seed(1)
+    x = preprocess(torch.randint(0, 256, (1, 1, 8, 8), dtype=torch.uint8, generator=one), 8)
+    plain = float(local_nll(glow.whole(), x)[0])
+    # Fresh couplings and split priors are zero convolutions: every latent cell depends on its own patch
+    # alone, so a pixel planted far out costs in the one cell over it
+    planted = x.clone()
+    planted[0, 0, 5, 2] = 40.0
+    terms, e = explain(glow, planted)
+    total = float(local_nll(glow.whole(), planted)[0])
+    assert sum(terms.values()) == pytest.approx(total, rel=1e-5) and total - plain > 100
+    assert e.rows[0] <= 5 < e.rows[1] and e.cols[0] <= 2 < e.cols[1] and "prior" in e.term
+    assert e.bits > 0.5 * (total - plain) and e.mean is not None and e.std is not None
+    # with every weight perturbed, the terms still add up
+    with torch.no_grad():
+        for p in glow.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    terms, e = explain(glow, x)
+    assert sum(terms.values()) == pytest.approx(float(local_nll(glow.whole(), x)[0]), rel=1e-5)
+    assert e.bits <= sum(v for k, v in terms.items() if k == e.term or k != "dequantisation") + 1e-9
+    # the image as the evaluation scored it: its own batch's noise
+    images = torch.randint(0, 256, (70, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = image_bpds(glow, images, 32, torch.device("cpu"))
+        for k in (0, 33, 69):
+            assert float(local_nll(glow.whole(), evaluated_image(images, k, 32, 8))[0]) == pytest.approx(float(want[k]))
+    # ink: any non-zero pixel of the patch, image by image
+    train = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    train[0, 0, 1, 1], train[1, 0, 0, 3], train[2, 0, 6, 6] = 9, 1, 255
+    assert ink_share(train, (0, 2), (0, 2)) == 0.25 and ink_share(train, (0, 4), (0, 4)) == 0.5
 
 
 def _weights(path):

@@ -11,15 +11,20 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from raylocal.core.config import RaylocalConfig, build_parser, config_from_args
+from raylocal.core.config import RIVAL_SCHEDULES, RaylocalConfig, build_parser, config_from_args
 from raylocal.errors import RaylocalError
 from raylocal.run.launch import resume_config, run
+
+
+def _capped(summary: dict[str, Any]) -> str:
+    cap = summary.get("eval_cap")
+    return f"; each image at most {cap:g} bits/dim" if cap else ""
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     shape = "x".join(map(str, summary["image_shape"]))
     rows = [
-        ("test BPD", f"{summary['test_bpd']:.4f} ({summary['dataset']}, {shape})"),
+        ("test BPD", f"{summary['test_bpd']:.4f} ({summary['dataset']}, {shape}{_capped(summary)})"),
         ("schedule", f"{summary['schedule']}, parts {summary['parts']}"),
         ("wall time", f"{summary['wall_time']:.1f}s ({summary['images_per_s']:.0f} images/s)"),
         ("rollbacks", ", ".join(map(str, summary["rollbacks"]))),
@@ -100,6 +105,7 @@ def main(
 ) -> int:
     """The command line: parse, validate, run, print the summary (and
     ``epilogue(config, summary)``'s line, when it has one)."""
+    config = None
     try:
         args = build_parser(description, defaults).parse_args(argv)
         config = config_from_args(args, defaults)
@@ -110,7 +116,10 @@ def main(
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is kept; rerun with --resume", file=sys.stderr)
+        if config is not None and config.schedule in RIVAL_SCHEDULES:  # it checkpoints only at its end
+            print(f"interrupted: a {config.schedule} run does not resume; start it again", file=sys.stderr)
+        else:
+            print("interrupted: the last checkpoint is kept; rerun with --resume", file=sys.stderr)
         return 130
     print(format_summary(summary))
     note = epilogue(config, summary) if epilogue else None

@@ -223,20 +223,30 @@ class DataParallelPlacement:
     def plan(
         cls, config: RaylocalConfig, workers: int, cpus_per_worker: float | None = None, nodes: list | None = None
     ) -> DataParallelPlacement:
-        """By default the workers share the cluster's CPUs equally."""
-        nodes = live_nodes() if nodes is None else nodes
-        use_gpu = data_parallel_uses_gpus(config, workers, _sum(nodes, "GPU"))
-        cpus = cpus_per_worker or max((_sum(nodes, "CPU") or 1.0) / workers, 0.01)
+        """By default the workers share the CPUs of the nodes they may work on equally."""
+        pool = worker_nodes(config, live_nodes() if nodes is None else nodes)
+        use_gpu = data_parallel_uses_gpus(config, workers, _sum(pool, "GPU"))
+        cpus = cpus_per_worker or max((_sum(pool, "CPU") or 1.0) / workers, 0.01)
         return cls(use_gpu, _pinned(config, {"CPU": cpus}), config.threads or max(1, int(cpus)))
 
     def check(self, workers: int, nodes: list | None = None) -> None:
-        """Can ``workers`` of these bundles be placed on this cluster at all, by its totals?"""
+        """Can ``workers`` of these bundles be placed on this cluster at all, by the
+        totals of the nodes that can hold one (those of ``--worker-resource``)?"""
         nodes = live_nodes() if nodes is None else nodes
-        need, have = self.worker["CPU"] * workers, _sum(nodes, "CPU")
-        if need > have + 1e-9:
+        bundle = self.worker | ({"GPU": 1.0} if self.use_gpu else {})  # Ray Train adds a GPU per worker
+        able = [node for node in nodes if _fits(bundle, node)]
+        if not able:
             raise ClusterError(
-                f"{workers} data-parallel workers of {_shown(self.worker)} need CPU {need:g}, the cluster has "
-                f"{have:g}; use fewer --workers or lower --cpus-per-part"
+                f"a data-parallel worker needs {_shown(bundle)} and no node of this cluster has that much "
+                f"({len(nodes)} node(s)); lower --cpus-per-part, or start nodes with the --worker-resource"
+            )
+        need = {k: v * workers for k, v in bundle.items() if k in ("CPU", "GPU")}
+        short = [k for k in need if _sum(able, k) + 1e-9 < need[k]]
+        if short:
+            k = short[0]
+            raise ClusterError(
+                f"{workers} data-parallel workers of {_shown(bundle)} need {k} {need[k]:g}, the nodes that can hold "
+                f"one have {_sum(able, k):g}; use fewer --workers or lower --cpus-per-part"
             )
 
 

@@ -36,7 +36,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "parts": ("parts", "split", "balance", "part_spec"),
     "schedule": (
         "schedule", "epochs", "finetune_epochs", "alternate_every", "batch_size", "eval_batch_size",
-        "init_batch_size", "lr", "finetune_lr", "finetune_scope", "lr_rule", "warmup_steps", "lr_schedule",
+        "eval_cap", "init_batch_size", "lr", "finetune_lr", "finetune_scope", "lr_rule", "warmup_steps", "lr_schedule",
         "optimizer", "compile", "grad_clip", "rollback_factor", "lr_backoff", "lr_recovery_steps", "max_rollbacks",
         "snapshot_every", "seed",
     ),
@@ -126,6 +126,12 @@ class RaylocalConfig(BaseModel):
     )
     batch_size: int = Field(64, ge=1, description="training batch size")
     eval_batch_size: int = Field(500, ge=1, description="evaluation batch size")
+    eval_cap: float | None = Field(
+        None,
+        gt=0,
+        description="score each evaluated image at most this many bits/dim (8: the uniform model's score "
+        "of 8-bit images), so that no one image moves the mean BPD of N by more than cap/N (default: no cap)",
+    )
     init_batch_size: int = Field(512, ge=1, description="batch for ActNorm's data-dependent init")
     lr: list[float] = Field([1e-3], description="learning rate, or one per part: 1e-3,5e-4,1e-4")
     finetune_lr: float | None = Field(None, gt=0, description="fine-tune LR (default: smallest lr)")
@@ -369,9 +375,42 @@ def check_combination(c: RaylocalConfig) -> None:
         check_rival(c)
 
 
+# Settings a rival's run has no use for: given anything but their default,
+# they are refused rather than ignored. Each with what the run does instead.
+RIVAL_UNUSED = {
+    "eval_every": "evaluates once, at its end",
+    "checkpoint_every": "checkpoints once, at its end",
+    "live_eval_images": "evaluates once, at its end, on every test image",
+    "starve": "has no queue of latents between parts",
+    "full": "has no queue of latents between parts",
+    "sync_every": "sends no upstream weights",
+    "compile": "trains uncompiled",
+}
+PIPELINE_ONLY = ("micro_batches", "pipeline_order")
+DATA_PARALLEL_ONLY = (
+    "workers", "average_every", "outer_lr", "average_overlap", "bucket_cap_mb", "ddp_compression", "powersgd_rank",
+    "powersgd_start",
+)  # fmt: skip
+
+
+def _refuse_unused(c: RaylocalConfig) -> None:
+    unused = dict(RIVAL_UNUSED)
+    other = DATA_PARALLEL_ONLY if c.schedule == "pipeline" else PIPELINE_ONLY
+    unused |= {name: f"does not use it (it is the {'pipeline' if c.schedule != 'pipeline' else 'data-parallel'} "
+               "schedule's)" for name in other}  # fmt: skip
+    if c.schedule == "data-parallel":
+        unused["wire_dtype"] = "sends float32 gradients or weights (--ddp-compression shapes DDP's)"
+    for name, instead in unused.items():
+        value = getattr(c, name)
+        if value != RaylocalConfig.model_fields[name].default:
+            raise ValueError(f"{name}={value!r}: a {c.schedule} run {instead}")
+
+
 def check_rival(c: RaylocalConfig) -> None:
     """A rival's run trains end to end from its first step, and once; of the
-    faults, its workers or stages take only a straggler."""
+    faults, its workers or stages take only a straggler. A setting it would
+    ignore is refused."""
+    _refuse_unused(c)
     if c.epochs < 1:
         raise ValueError(f"epochs={c.epochs}: a {c.schedule} run trains at least one epoch")
     if c.finetune_epochs:

@@ -29,10 +29,14 @@ from torch import Tensor, nn
 LOG_2PI = math.log(2 * math.pi)
 
 
+def gaussian_log_density(x: Tensor, mean: Tensor, logs: Tensor) -> Tensor:
+    """Each element's log-density under a diagonal Gaussian N(mean, exp(logs)^2)."""
+    return -0.5 * (LOG_2PI + 2.0 * logs + (x - mean) ** 2 * torch.exp(-2.0 * logs))
+
+
 def gaussian_log_prob(x: Tensor, mean: Tensor, logs: Tensor) -> Tensor:
     """Per-sample log-density of x under a diagonal Gaussian N(mean, exp(logs)^2)."""
-    logp = -0.5 * (LOG_2PI + 2.0 * logs + (x - mean) ** 2 * torch.exp(-2.0 * logs))
-    return logp.flatten(1).sum(1)
+    return gaussian_log_density(x, mean, logs).flatten(1).sum(1)
 
 
 def standard_normal_log_prob(x: Tensor) -> Tensor:
@@ -239,7 +243,8 @@ class Coupling(FlowLayer):
         half = channels // 2
         self.net = CouplingNet(half, (channels - half) * (2 if affine else 1), hidden)
 
-    def _shift_log_scale(self, x1: Tensor) -> tuple[Tensor, Tensor | None]:
+    def shift_log_scale(self, x1: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The shift and log-scale the network gives x2 (no log-scale when additive)."""
         if self.bf16:  # the network's convs in bfloat16; its output, the log-dets and all after them in float32
             with torch.autocast(device_type=x1.device.type, dtype=torch.bfloat16):
                 h = self.net(x1)
@@ -254,7 +259,7 @@ class Coupling(FlowLayer):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x1, x2 = x.chunk(2, dim=1)
-        shift, log_scale = self._shift_log_scale(x1)
+        shift, log_scale = self.shift_log_scale(x1)
         if log_scale is None:
             return torch.cat([x1, x2 + shift], dim=1), x.new_zeros(x.shape[0])
         y2 = (x2 + shift) * torch.exp(log_scale)
@@ -262,7 +267,7 @@ class Coupling(FlowLayer):
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         y1, y2 = y.chunk(2, dim=1)
-        shift, log_scale = self._shift_log_scale(y1)
+        shift, log_scale = self.shift_log_scale(y1)
         if log_scale is None:
             return torch.cat([y1, y2 - shift], dim=1), y.new_zeros(y.shape[0])
         x2 = y2 * torch.exp(-log_scale) - shift
@@ -281,13 +286,14 @@ class Split(FlowLayer):
         super().__init__()
         self.prior = ZeroConv2d(channels // 2, channels)
 
-    def _mean_logs(self, z1: Tensor) -> tuple[Tensor, Tensor]:
+    def mean_logs(self, z1: Tensor) -> tuple[Tensor, Tensor]:
+        """The mean and log-std of the factored-out half, given the kept half."""
         h = self.prior(z1)
         return h[:, 0::2], h[:, 1::2]
 
     def factor(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         z1, z2 = x.chunk(2, dim=1)
-        mean, logs = self._mean_logs(z1)
+        mean, logs = self.mean_logs(z1)
         return z1, z2, gaussian_log_prob(z2, mean, logs)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -295,7 +301,7 @@ class Split(FlowLayer):
         return z1, logp
 
     def inverse(self, y: Tensor, z2: Tensor | None = None, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-        mean, logs = self._mean_logs(y)
+        mean, logs = self.mean_logs(y)
         if z2 is None:
             z2 = mean + torch.exp(logs) * torch.randn_like(mean) * temperature
         return torch.cat([y, z2], dim=1), -gaussian_log_prob(z2, mean, logs)

@@ -298,8 +298,8 @@ class SingleProcessRun:
     # ------------------------------------------------------------ training
 
     def evaluate(self) -> float:
-        images = self.data.test
-        return evaluate_bpd(self.glow, images, self.config.eval_batch_size, self.device)
+        cfg = self.config
+        return evaluate_bpd(self.glow, self.data.test, cfg.eval_batch_size, self.device, cap=cfg.eval_cap)
 
     def record_eval(self, epoch_float: float) -> float:
         bpd = self.evaluate()
@@ -503,6 +503,7 @@ def run_summary(run: SingleProcessRun, final: float, stopped: str | None, sample
         "dataset": run.data.name,
         "image_shape": list(run.data.shape),
         "test_bpd": final,
+        "eval_cap": run.config.eval_cap,
         "parts": run.spec.canonical(run.glow),
         "n_parts": len(run.parts),
         "epochs": run.config.epochs,

@@ -37,7 +37,7 @@ class ModelService:
     def evaluate(self, test_images: Tensor, state: dict[str, Tensor]) -> float:
         """Test BPD of the assembled weights ``state``."""
         self.glow.load_state_dict(state)
-        return evaluate_bpd(self.glow, test_images, self.config.eval_batch_size, self.device)
+        return evaluate_bpd(self.glow, test_images, self.config.eval_batch_size, self.device, cap=self.config.eval_cap)
 
 
 def assembled(states: list[dict[str, Any]], glow: torch.nn.Module, bounds: list) -> dict[str, Tensor]:

@@ -15,7 +15,7 @@ import copy
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,21 +149,42 @@ def initialize(parts: list[Part], x: Tensor, wire: torch.dtype = torch.float32) 
             x = over_the_wire(part(x)[0], wire)
 
 
+# The dequantisation noise of every evaluation: evaluations at different times, and
+# of different runs, score the same continuous images.
+EVAL_NOISE_SEED = 1234
+
+
+def eval_batches(
+    images: Tensor, batch_size: int, n_bits: int, device: torch.device, seed: int = EVAL_NOISE_SEED
+) -> Iterator[Tensor]:
+    """The images preprocessed batch by batch, as every evaluation scores them."""
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(0, len(images), batch_size):
+        yield preprocess(to_device(images[i : i + batch_size], device), n_bits, generator)
+
+
 @torch.no_grad()
-def image_bpds(glow: Glow, images: Tensor, batch_size: int, device: torch.device, seed: int = 1234) -> Tensor:
+def image_bpds(
+    glow: Glow, images: Tensor, batch_size: int, device: torch.device, seed: int = EVAL_NOISE_SEED
+) -> Tensor:
     """Each image's BPD under the whole model (float64, on the CPU), with fixed
     dequantisation noise so that evaluations at different times are comparable."""
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = preprocess(to_device(images[i : i + batch_size], device), glow.n_bits, generator)
-        out.append(nll_bits(glow, x).double().cpu())
-    return torch.cat(out)
+    batches = eval_batches(images, batch_size, glow.n_bits, device, seed)
+    return torch.cat([nll_bits(glow, x).double().cpu() for x in batches])
 
 
-def evaluate_bpd(glow: Glow, images: Tensor, batch_size: int, device: torch.device, seed: int = 1234) -> float:
-    """Exact test BPD of the whole model: the mean of ``image_bpds``."""
-    return mean_bpd(image_bpds(glow, images, batch_size, device, seed), batch_size)
+def evaluate_bpd(
+    glow: Glow,
+    images: Tensor,
+    batch_size: int,
+    device: torch.device,
+    seed: int = EVAL_NOISE_SEED,
+    cap: float | None = None,
+) -> float:
+    """Exact test BPD of the whole model: the mean of ``image_bpds``, each at
+    most ``cap`` when given (``--eval-cap``)."""
+    bpds = image_bpds(glow, images, batch_size, device, seed)
+    return mean_bpd(bpds if cap is None else bpds.clamp(max=cap), batch_size)
 
 
 def mean_bpd(bpds: Tensor, batch_size: int) -> float:
