@@ -19,6 +19,7 @@ from raylocal.cluster.placement import (
     check_torch_sees_gpus,
     data_parallel_uses_gpus,
     default_gpu_share,
+    equal_share,
     trial_bundles,
 )
 from raylocal.core.checkpoint import host_copy, load_checkpoint, save_checkpoint
@@ -186,9 +187,14 @@ def test_data_parallel_workers_share_and_are_checked_against_the_nodes_of_the_wo
     with pytest.raises(ClusterError, match="a data-parallel worker needs .* and no node of this cluster has that much"):
         plan.check(2, [head])
     unpinned = DataParallelPlacement.plan(_config(device="cpu"), 2, nodes=[head, workers])
-    assert not unpinned.use_gpu and unpinned.worker == {"CPU": 5.0}  # all 10 CPUs, shared
+    assert not unpinned.use_gpu and unpinned.worker == {"CPU": 4.0}  # two of 4 fit on the head; two of 5 nowhere
+    unpinned.check(2, [head, workers])
     with pytest.raises(ClusterError, match="need CPU 10, the nodes that can hold one have 8"):
-        unpinned.check(2, [head, workers])  # but a worker of 5 CPUs fits on the head alone
+        DataParallelPlacement(False, {"CPU": 5.0}, 5).check(2, [head, workers])  # one of 5 fits, on the head alone
+    on_head = DataParallelPlacement.plan(_config(device="auto"), 2, nodes=[head, workers])
+    assert on_head.use_gpu and on_head.worker == {"CPU": 4.0}  # GPU workers share the GPU node's CPUs
+    assert equal_share([2.0], 2) == 1.0 and equal_share([2.0], 4) == 0.5 and equal_share([8.0, 2.0], 3) == 8 / 3
+    assert equal_share([3.0, 3.0, 1.0], 3) == 1.5 and equal_share([], 2) == 0.5
     on_gpus = DataParallelPlacement.plan(_config(device="auto"), 2, 1.0, nodes=[head, workers])
     assert on_gpus.use_gpu
     on_gpus.check(2, [head, workers])  # Ray Train adds a GPU to each worker's bundle: only the head holds one

@@ -211,6 +211,16 @@ def data_parallel_uses_gpus(config: RaylocalConfig, workers: int, gpus: float) -
     return False
 
 
+def equal_share(cpus: list[float], workers: int) -> float:
+    """The most CPUs each of ``workers`` equal bundles can have when every node
+    holds as many whole bundles as fit in its ``cpus`` (a worker is on one node)."""
+    shares = sorted({c / j for c in cpus if c > 0 for j in range(1, workers + 1)}, reverse=True)
+    for share in shares:
+        if sum(int(c / share + 1e-9) for c in cpus) >= workers:
+            return share
+    return max((sum(cpus) or 1.0) / workers, 0.01)  # no CPUs to share: the check says so
+
+
 @dataclass(frozen=True)
 class DataParallelPlacement:
     """N data-parallel workers (a DDP or local-SGD run): each one's bundle and threads, GPUs or not."""
@@ -223,10 +233,12 @@ class DataParallelPlacement:
     def plan(
         cls, config: RaylocalConfig, workers: int, cpus_per_worker: float | None = None, nodes: list | None = None
     ) -> DataParallelPlacement:
-        """By default the workers share the CPUs of the nodes they may work on equally."""
+        """By default each worker gets the largest equal share of CPUs that places
+        all of them, node by node, on the nodes they may work on."""
         pool = worker_nodes(config, live_nodes() if nodes is None else nodes)
         use_gpu = data_parallel_uses_gpus(config, workers, _sum(pool, "GPU"))
-        cpus = cpus_per_worker or max((_sum(pool, "CPU") or 1.0) / workers, 0.01)
+        hosts = [n for n in pool if n.get("GPU", 0.0) >= 1] if use_gpu else pool  # a GPU worker needs a GPU node
+        cpus = cpus_per_worker or equal_share([n.get("CPU", 0.0) for n in hosts], workers)
         return cls(use_gpu, _pinned(config, {"CPU": cpus}), config.threads or max(1, int(cpus)))
 
     def check(self, workers: int, nodes: list | None = None) -> None:
