@@ -90,6 +90,9 @@ def test_arms_are_paired_with_the_baseline_of_the_same_seed():
     text = tables.table(s, tables.analyse(s, _records(runs))).splitlines()
     assert text[-3].endswith("| its part LRs (seed by seed) |") and text[-1].endswith("| 0.01,0.01; 0.01,0.002 |")
     assert text[-3].count("|") == text[-2].count("|") == text[-1].count("|")
+    assert "| test BPD (mean) |" in text[2]
+    s.base["eval_cap"] = 8.0  # every evaluation capped each image (--eval-cap): the header says so
+    assert "| test BPD (mean; each image at most 8 bits/dim) |" in tables.table(s, tables.analyse(s, _records(runs)))
 
 
 def test_staleness_arms_are_paired_with_their_parts_on_an_up_link_and_tabled_with_their_staleness():

@@ -161,6 +161,11 @@ def _per_seed(values: list[float]) -> str:
     return ", ".join(f"{x:.1f}" for x in values)
 
 
+def _capped(study: Study) -> str:
+    cap = study.base.get("eval_cap")
+    return f"; each image at most {cap:g} bits/dim" if cap else ""
+
+
 def table(study: Study, rows: list[dict[str, Any]]) -> str:
     stale = study.x == "staleness"
     done = sorted({s for r in rows for s in r["seeds"]})
@@ -177,7 +182,8 @@ def table(study: Study, rows: list[dict[str, Any]]) -> str:
         "undecided, with about how many seeds would decide it at 80% power), then, where it differs, the verdict "
         "after Holm's adjustment over all of this table's comparisons.",
         "",
-        "| arm | seeds | test BPD (mean) | after the parts phase (mean) | wall time (s) | in parallel (epochs) | "
+        f"| arm | seeds | test BPD (mean{_capped(study)}) | after the parts phase (mean) | wall time (s) | "
+        "in parallel (epochs) | "
         "rollbacks | − baseline, same epochs | parts phase − baseline, same epochs | − baseline, same wall clock | "
         "− baseline, same time with the parts in parallel | time / baseline (mean [95%]) |"
         + (f" {STALENESS} |" if stale else "")
