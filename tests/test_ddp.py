@@ -201,6 +201,8 @@ def test_a_rival_run_refuses_what_it_cannot_do_in_one_line(mnist_dir, tmp_path, 
         ({"schedule": "data-parallel", "micro_batches": 2}, "micro_batches=2: a data-parallel run does not use it"),
         ({"schedule": "data-parallel", "wire_dtype": "bfloat16"}, "a data-parallel run sends float32 gradients"),
         ({"schedule": "data-parallel", "compile": True}, "compile=True: a data-parallel run trains uncompiled"),
+        ({"schedule": "data-parallel", "gpus_per_part": 0}, "gpus_per_part=0.0: a data-parallel run gives each worker"),
+        ({"schedule": "pipeline", "parts": 2, "max_restarts": 0}, "max_restarts=0: a pipeline run does not restart"),
     ]:
         assert main(tiny_options(mnist_dir, storage, run_name="r", **extra)) == 2
         err = capsys.readouterr().err

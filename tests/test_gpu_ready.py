@@ -181,24 +181,32 @@ def test_data_parallel_workers_share_and_are_checked_against_the_nodes_of_the_wo
     plan = DataParallelPlacement.plan(pinned, 2, nodes=[head, workers])
     assert not plan.use_gpu and plan.worker["CPU"] == 1.0 and plan.worker["workers"] > 0  # 2 CPUs / 2 workers
     plan.check(2, [head, workers])
-    with pytest.raises(ClusterError, match=r"3 data-parallel workers of \{CPU 1, workers .*\} need CPU 3, the nodes "
-                       "that can hold one have 2"):  # fmt: skip
+    with pytest.raises(ClusterError, match=r"3 data-parallel workers of \{CPU 1, workers .*\} need 3 places, the "
+                       "cluster's nodes hold 2"):  # fmt: skip
         DataParallelPlacement.plan(pinned, 3, 1.0, nodes=[head, workers]).check(3, [head, workers])
     with pytest.raises(ClusterError, match="a data-parallel worker needs .* and no node of this cluster has that much"):
         plan.check(2, [head])
     unpinned = DataParallelPlacement.plan(_config(device="cpu"), 2, nodes=[head, workers])
     assert not unpinned.use_gpu and unpinned.worker == {"CPU": 4.0}  # two of 4 fit on the head; two of 5 nowhere
     unpinned.check(2, [head, workers])
-    with pytest.raises(ClusterError, match="need CPU 10, the nodes that can hold one have 8"):
+    with pytest.raises(ClusterError, match="need 2 places, the cluster's nodes hold 1"):
         DataParallelPlacement(False, {"CPU": 5.0}, 5).check(2, [head, workers])  # one of 5 fits, on the head alone
     on_head = DataParallelPlacement.plan(_config(device="auto"), 2, nodes=[head, workers])
     assert on_head.use_gpu and on_head.worker == {"CPU": 4.0}  # GPU workers share the GPU node's CPUs
-    assert equal_share([2.0], 2) == 1.0 and equal_share([2.0], 4) == 0.5 and equal_share([8.0, 2.0], 3) == 8 / 3
-    assert equal_share([3.0, 3.0, 1.0], 3) == 1.5 and equal_share([], 2) == 0.5
+    # a share places every worker node by node, a GPU each too, and Ray's 1/10000 units round it down
+    cpus = [{"CPU": c} for c in (8.0, 2.0)]
+    assert equal_share([{"CPU": 2.0}], 2) == 1.0 and equal_share([{"CPU": 2.0}], 4) == 0.5
+    assert equal_share(cpus, 3) == 2.6666 and equal_share(cpus, 2) == 4.0 and equal_share([], 2) == 0.5
+    assert equal_share([{"CPU": 3.0}, {"CPU": 3.0}, {"CPU": 1.0}], 3) == 1.5
+    two_gpu_nodes = [{"CPU": 32.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]
+    assert equal_share(two_gpu_nodes, 2, gpu=True) == 8.0  # not 16: the head holds one GPU worker
+    with pytest.raises(ClusterError, match=r"3 data-parallel workers of \{CPU 2\} need 3 places, the cluster's nodes "
+                       "hold 2"):  # fmt: skip
+        DataParallelPlacement(False, {"CPU": 2.0}, 2).check(3, [{"CPU": 3.0}, {"CPU": 3.0}])  # 6 CPUs, in threes
     on_gpus = DataParallelPlacement.plan(_config(device="auto"), 2, 1.0, nodes=[head, workers])
     assert on_gpus.use_gpu
     on_gpus.check(2, [head, workers])  # Ray Train adds a GPU to each worker's bundle: only the head holds one
-    with pytest.raises(ClusterError, match=r"of \{CPU 1, GPU 1\} need GPU 3, the nodes that can hold one have 2"):
+    with pytest.raises(ClusterError, match=r"of \{CPU 1, GPU 1\} need 3 places, the cluster's nodes hold 2"):
         on_gpus.check(3, [head, workers])
 
 

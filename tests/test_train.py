@@ -98,12 +98,11 @@ def test_the_outliers_tool_takes_the_test_bpd_apart_image_by_image(mnist_dir, tm
         assert [i for i, _ in s["worst"]] == order[:3].tolist()
         assert s["mean_without_worst"] == pytest.approx(per[order[3:]].mean().item(), abs=1e-9)
         assert s["capped_mean"] == pytest.approx(per.clamp(max=cap).mean().item(), abs=1e-9)
-    # the run's own evaluations capped each image (--eval-cap): its test BPD, and its curve's last point
+    # the run's own evaluation capped each image (--eval-cap)
     test = per_image["test"]
     assert (test > cap).any() and (test < cap).any() and found["test"]["capped_mean"] < found["test"]["mean"] - 1e-6
     summary = _summary(storage, "r")
     assert summary["test_bpd"] == pytest.approx(found["test"]["capped_mean"], abs=1e-9) and summary["eval_cap"] == cap
-    assert summary["curve"][-1]["test_bpd"] == pytest.approx(summary["test_bpd"], abs=1e-9)
     assert outliers.main([str(storage / "r"), "--worst", "2"]) == 0
     assert capsys.readouterr().out.startswith(f"test ({len(data.test)} images): BPD ")
     assert outliers.main([str(tmp_path / "none")]) == 2
@@ -157,7 +156,6 @@ def test_explain_splits_an_images_bpd_into_terms_and_finds_the_element_that_cost
             p.add_(0.05 * torch.randn_like(p))
     terms, e = explain(glow, x)
     assert sum(terms.values()) == pytest.approx(float(local_nll(glow.whole(), x)[0]), rel=1e-5)
-    assert e.bits <= sum(v for k, v in terms.items() if k == e.term or k != "dequantisation") + 1e-9
     # the image as the evaluation scored it: its own batch's noise
     images = torch.randint(0, 256, (70, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -211,14 +211,26 @@ def data_parallel_uses_gpus(config: RaylocalConfig, workers: int, gpus: float) -
     return False
 
 
-def equal_share(cpus: list[float], workers: int) -> float:
-    """The most CPUs each of ``workers`` equal bundles can have when every node
-    holds as many whole bundles as fit in its ``cpus`` (a worker is on one node)."""
-    shares = sorted({c / j for c in cpus if c > 0 for j in range(1, workers + 1)}, reverse=True)
-    for share in shares:
-        if sum(int(c / share + 1e-9) for c in cpus) >= workers:
+# Ray holds resource amounts in units of 1/10000 and rounds to the nearest:
+# a share is rounded down to a whole unit, so that its bundles fit where we counted them.
+RESOURCE_UNITS = 10_000
+
+
+def whole_bundles(bundle: dict[str, float], node: dict[str, float]) -> int:
+    """How many whole ``bundle``s a node of these resources holds."""
+    return min(int(node.get(k, 0.0) / v + 1e-9) for k, v in bundle.items() if v > 0)
+
+
+def equal_share(nodes: list[dict[str, float]], workers: int, gpu: bool = False) -> float:
+    """The most CPUs each of ``workers`` equal workers can have when every node
+    holds as many whole workers as fit (each worker on one node; with ``gpu``,
+    a whole GPU each too)."""
+    shares = {n.get("CPU", 0.0) / j for n in nodes for j in range(1, workers + 1)}
+    for share in sorted({math.floor(s * RESOURCE_UNITS + 1e-6) / RESOURCE_UNITS for s in shares}, reverse=True):
+        bundle = {"CPU": share} | ({"GPU": 1.0} if gpu else {})
+        if share > 0 and sum(whole_bundles(bundle, n) for n in nodes) >= workers:
             return share
-    return max((sum(cpus) or 1.0) / workers, 0.01)  # no CPUs to share: the check says so
+    return max((_sum(nodes, "CPU") or 1.0) / workers, 0.01)  # they do not fit at any share: the check says so
 
 
 @dataclass(frozen=True)
@@ -237,28 +249,24 @@ class DataParallelPlacement:
         all of them, node by node, on the nodes they may work on."""
         pool = worker_nodes(config, live_nodes() if nodes is None else nodes)
         use_gpu = data_parallel_uses_gpus(config, workers, _sum(pool, "GPU"))
-        hosts = [n for n in pool if n.get("GPU", 0.0) >= 1] if use_gpu else pool  # a GPU worker needs a GPU node
-        cpus = cpus_per_worker or equal_share([n.get("CPU", 0.0) for n in hosts], workers)
+        cpus = cpus_per_worker or equal_share(pool, workers, use_gpu)
         return cls(use_gpu, _pinned(config, {"CPU": cpus}), config.threads or max(1, int(cpus)))
 
     def check(self, workers: int, nodes: list | None = None) -> None:
-        """Can ``workers`` of these bundles be placed on this cluster at all, by the
-        totals of the nodes that can hold one (those of ``--worker-resource``)?"""
+        """Can ``workers`` of these bundles be placed on this cluster at all, node
+        by node (on the nodes of ``--worker-resource``, with a GPU each on GPUs)?"""
         nodes = live_nodes() if nodes is None else nodes
         bundle = self.worker | ({"GPU": 1.0} if self.use_gpu else {})  # Ray Train adds a GPU per worker
-        able = [node for node in nodes if _fits(bundle, node)]
-        if not able:
+        placed = sum(whole_bundles(bundle, node) for node in nodes)
+        if placed == 0:
             raise ClusterError(
                 f"a data-parallel worker needs {_shown(bundle)} and no node of this cluster has that much "
                 f"({len(nodes)} node(s)); lower --cpus-per-part, or start nodes with the --worker-resource"
             )
-        need = {k: v * workers for k, v in bundle.items() if k in ("CPU", "GPU")}
-        short = [k for k in need if _sum(able, k) + 1e-9 < need[k]]
-        if short:
-            k = short[0]
+        if placed < workers:
             raise ClusterError(
-                f"{workers} data-parallel workers of {_shown(bundle)} need {k} {need[k]:g}, the nodes that can hold "
-                f"one have {_sum(able, k):g}; use fewer --workers or lower --cpus-per-part"
+                f"{workers} data-parallel workers of {_shown(bundle)} need {workers} places, the cluster's nodes "
+                f"hold {placed} (each worker on one node); use fewer --workers or lower --cpus-per-part"
             )
 
 

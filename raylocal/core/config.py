@@ -385,6 +385,10 @@ RIVAL_UNUSED = {
     "full": "has no queue of latents between parts",
     "sync_every": "sends no upstream weights",
     "compile": "trains uncompiled",
+    "max_restarts": "does not restart a worker or stage",
+    "finetune_lr": "has no fine-tune",
+    "finetune_scope": "has no fine-tune",
+    "finetune_workers": "has no fine-tune (--workers sets its workers)",
 }
 PIPELINE_ONLY = ("micro_batches", "pipeline_order")
 DATA_PARALLEL_ONLY = (
@@ -400,6 +404,9 @@ def _refuse_unused(c: RaylocalConfig) -> None:
                "schedule's)" for name in other}  # fmt: skip
     if c.schedule == "data-parallel":
         unused["wire_dtype"] = "sends float32 gradients or weights (--ddp-compression shapes DDP's)"
+        unused["queue_size"] = "has no queue of latents between parts"
+        unused["gpus_per_part"] = "gives each worker a whole GPU when there is one for each (--device)"
+        unused["placement"] = "leaves its workers' placement to Ray Train"
     for name, instead in unused.items():
         value = getattr(c, name)
         if value != RaylocalConfig.model_fields[name].default:

@@ -41,7 +41,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raylocal.cluster.connect import actor_images, connect, errors_in_one_line, fit_train_run
 from raylocal.cluster.handle import InProcess
 from raylocal.cluster.parts_phase import Monitor, PartsPhase, part_checkpoint_path, train_parts
-from raylocal.cluster.placement import Placement, actor_device, train_worker_device
+from raylocal.cluster.placement import DataParallelPlacement, Placement, actor_device, train_worker_device
 from raylocal.cluster.preflight import check_run
 from raylocal.cluster.queue import LatentQueue
 from raylocal.core.config import RaylocalConfig
@@ -315,6 +315,9 @@ class AsyncRun:
         connect(self.config)
         self.placement = Placement.plan(self.config, self.config.part_count())
         self.placement.check(with_service=not self.service_here)
+        workers = self.config.finetune_workers
+        if self.config.finetune_epochs and workers > 1:  # the DDP fine-tune's workers, after the parts
+            DataParallelPlacement.plan(self.config, workers).check(workers)
 
     def run(self) -> dict[str, Any]:
         """The run's phases, in its (existing) directory; returns its summary."""
