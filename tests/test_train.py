@@ -156,6 +156,15 @@ def test_explain_splits_an_images_bpd_into_terms_and_finds_the_element_that_cost
             p.add_(0.05 * torch.randn_like(p))
     terms, e = explain(glow, x)
     assert sum(terms.values()) == pytest.approx(float(local_nll(glow.whole(), x)[0]), rel=1e-5)
+    # any term's element: the lowest log-density, where it sits, and its share in bits/dim of the image
+    from raylocal.tools.outliers import _costliest
+
+    log_density = torch.zeros(4, 2, 3)
+    log_density[2, 1, 2] = -50.0
+    value = torch.arange(24.0).reshape(1, 4, 2, 3)
+    e = _costliest("block 2 coupling", log_density, 2, -0.5, {"value": value})
+    assert (e.channel, e.row, e.col, e.rows, e.cols) == (2, 1, 2, (4, 8), (8, 12)) and e.bits == 25.0
+    assert e.value == 2 * 6 + 1 * 3 + 2 and e.mean is None and e.std is None
     # the image as the evaluation scored it: its own batch's noise
     images = torch.randint(0, 256, (70, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
