@@ -400,8 +400,8 @@ DATA_PARALLEL_ONLY = (
 def _refuse_unused(c: RaylocalConfig) -> None:
     unused = dict(RIVAL_UNUSED)
     other = DATA_PARALLEL_ONLY if c.schedule == "pipeline" else PIPELINE_ONLY
-    unused |= {name: f"does not use it (it is the {'pipeline' if c.schedule != 'pipeline' else 'data-parallel'} "
-               "schedule's)" for name in other}  # fmt: skip
+    owner = "data-parallel" if c.schedule == "pipeline" else "pipeline"
+    unused |= {name: f"does not use it (it is the {owner} schedule's)" for name in other}
     if c.schedule == "data-parallel":
         unused["wire_dtype"] = "sends float32 gradients or weights (--ddp-compression shapes DDP's)"
         unused["queue_size"] = "has no queue of latents between parts"

@@ -70,7 +70,7 @@ def outliers(run_dir: Path, held_out: int | None, worst: int) -> dict[str, dict[
         bpds = image_bpds(glow, images, batch, torch.device("cpu"))
         out[name] = summary(bpds, mean_bpd(bpds, batch), worst)
         if cap is not None:  # what the run's own evaluation gave (--eval-cap)
-            out[name]["capped_mean"] = mean_bpd(bpds.clamp(max=cap), batch)
+            out[name]["capped_mean"] = mean_bpd(bpds, batch, cap)
     return out
 
 

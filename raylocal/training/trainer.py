@@ -183,12 +183,13 @@ def evaluate_bpd(
 ) -> float:
     """Exact test BPD of the whole model: the mean of ``image_bpds``, each at
     most ``cap`` when given (``--eval-cap``)."""
-    bpds = image_bpds(glow, images, batch_size, device, seed)
-    return mean_bpd(bpds if cap is None else bpds.clamp(max=cap), batch_size)
+    return mean_bpd(image_bpds(glow, images, batch_size, device, seed), batch_size, cap)
 
 
-def mean_bpd(bpds: Tensor, batch_size: int) -> float:
-    """The mean of per-image BPDs, summed batch by batch as evaluation sums them."""
+def mean_bpd(bpds: Tensor, batch_size: int, cap: float | None = None) -> float:
+    """The mean of per-image BPDs, summed batch by batch as evaluation sums them,
+    each at most ``cap`` when given (``--eval-cap``)."""
+    bpds = bpds if cap is None else bpds.clamp(max=cap)
     return sum(float(bpds[i : i + batch_size].sum()) for i in range(0, len(bpds), batch_size)) / len(bpds)
 
 
