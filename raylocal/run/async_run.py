@@ -324,13 +324,16 @@ class AsyncRun:
         # Under `ray job submit` the job's working directory can be removed by Ray's
         # runtime-env cleanup while the job runs: stand in the run directory, so
         # that nothing here depends on it.
-        cwd = os.getcwd()
+        try:
+            cwd = os.getcwd()
+        except FileNotFoundError:  # already removed: there is nothing to come back to
+            cwd = None
         os.chdir(self.run_dir)
         try:
             with errors_in_one_line():
                 return self._run()
         finally:
-            if Path(cwd).is_dir():
+            if cwd is not None and Path(cwd).is_dir():
                 os.chdir(cwd)
 
     def _run(self) -> dict[str, Any]:
