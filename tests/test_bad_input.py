@@ -13,6 +13,7 @@ from PIL import Image
 from raylocal.cli import run_async
 from raylocal.cli.train import main
 from raylocal.core.config import RaylocalConfig
+from raylocal.errors import ConfigError
 from raylocal.tune import cli as tune_lr
 
 
@@ -322,3 +323,22 @@ def test_ctrl_c_says_what_the_schedule_can_do_next(mnist_dir, tmp_path, capsys, 
 
     assert main(tiny_options(mnist_dir, tmp_path / "runs", schedule=schedule), runner=interrupted) == 130
     assert capsys.readouterr().err.strip() == message
+
+
+def test_a_finished_rivals_record_reads_back_with_a_setting_a_rival_now_refuses(tmp_path):
+    """A rival run finished before a setting it ignored was refused: its record
+    stays readable as it ran (the tools and the studies read it back), while
+    the same settings given for a new run are refused in one line."""
+    import json
+
+    from raylocal.core.config import load_config_file
+
+    record = tmp_path / "config.json"
+    record.write_text(json.dumps({"schedule": {"schedule": "data-parallel", "max_rollbacks": 3}}))
+    with pytest.raises(ConfigError, match="max_rollbacks=3: a data-parallel run never rolls back"):
+        load_config_file(record)
+    ran = load_config_file(record, recorded=True)
+    assert ran.schedule == "data-parallel" and ran.max_rollbacks == 3
+    record.write_text(json.dumps({"schedule": "data-parallel", "finetune_epochs": 2}))  # never ran: still refused
+    with pytest.raises(ConfigError, match="finetune_epochs=2: the data-parallel schedule trains end to end"):
+        load_config_file(record, recorded=True)

@@ -11,8 +11,10 @@ import torch
 from conftest import tiny_options
 
 from raylocal.baselines.ddp import LinkedAllReduce, OuterNesterov, average_parameters
+from raylocal.baselines.guard import NonFiniteGuard
 from raylocal.baselines.projection import ring_bytes
 from raylocal.cli.train import main
+from raylocal.cluster.placement import DataParallelPlacement
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.links import FakeClock, LinkSpec
 
@@ -203,6 +205,8 @@ def test_a_rival_run_refuses_what_it_cannot_do_in_one_line(mnist_dir, tmp_path, 
         ({"schedule": "data-parallel", "compile": True}, "compile=True: a data-parallel run trains uncompiled"),
         ({"schedule": "data-parallel", "gpus_per_part": 0}, "gpus_per_part=0.0: a data-parallel run gives each worker"),
         ({"schedule": "pipeline", "parts": 2, "max_restarts": 0}, "max_restarts=0: a pipeline run does not restart"),
+        ({"schedule": "pipeline", "parts": 2, "max_rollbacks": 3}, "max_rollbacks=3: a pipeline run never rolls back"),
+        ({"schedule": "data-parallel", "lr_backoff": 0.3}, "lr_backoff=0.3: a data-parallel run never rolls back"),
     ]:
         assert main(tiny_options(mnist_dir, storage, run_name="r", **extra)) == 2
         err = capsys.readouterr().err
@@ -221,8 +225,8 @@ def test_overlapped_local_sgd_sends_the_same_rounds_and_hands_on_the_workers_ave
         average_overlap=True,
     )  # fmt: skip
     stats: dict = {}
-    weights, _ = train_ddp(config, load_dataset("mnist", mnist_dir).train, 2, 1, 1e-3, tmp_path / "ddp",
-                           cpus_per_worker=0.5, stats=stats)  # fmt: skip
+    two = DataParallelPlacement.plan(config, 2, cpus_per_worker=0.5)
+    weights, _ = train_ddp(config, load_dataset("mnist", mnist_dir).train, two, 1, 1e-3, tmp_path / "ddp", stats=stats)
     params = sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters())
     # 4 steps: the round of step 3, landed after step 4, and the final average
     assert stats["steps"] == 4 and stats["bytes_per_step"] == pytest.approx(2 * ring_bytes(params, 2) / 4, rel=1e-6)
@@ -230,7 +234,6 @@ def test_overlapped_local_sgd_sends_the_same_rounds_and_hands_on_the_workers_ave
 
 
 def test_the_data_parallel_guard_skips_a_step_without_a_finite_gradient_and_fails_after_a_run_of_them():
-    from raylocal.baselines.ddp import NonFiniteGuard
     from raylocal.errors import DivergedError
 
     model = torch.nn.Linear(3, 1)
@@ -263,7 +266,7 @@ def test_ddp_training_that_diverges_fails_in_one_line_with_its_reason(mnist_dir,
     )  # fmt: skip
     data = load_dataset("mnist", mnist_dir)
     with pytest.raises(DivergedError, match="^data-parallel training diverged: 6 steps in a row") as e:
-        train_ddp(config, data.train, 2, 3, 1e6, tmp_path / "ddp", cpus_per_worker=0.5)
+        train_ddp(config, data.train, DataParallelPlacement.plan(config, 2, 0.5), 3, 1e6, tmp_path / "ddp")
     assert len(str(e.value).splitlines()) == 1
 
 
@@ -295,8 +298,8 @@ def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compresse
         ddp_compression="bf16", inject="straggle:2@1.5",
     )  # fmt: skip
     stats: dict = {}
-    train_ddp(config, load_dataset("mnist", mnist_dir).train, 2, 1, 1e-3, tmp_path / "ddp", cpus_per_worker=0.5,
-              stats=stats)  # fmt: skip
+    two = DataParallelPlacement.plan(config, 2, cpus_per_worker=0.5)
+    train_ddp(config, load_dataset("mnist", mnist_dir).train, two, 1, 1e-3, tmp_path / "ddp", stats=stats)
     params = sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters())
     assert stats["steps"] == 4 and stats["buckets_per_step"] > 2
     # wired in: 0.5 of its compute, so a third of its time on an idle host (the exact
@@ -352,8 +355,8 @@ def test_ddp_with_powersgd_over_the_link_sends_fewer_bytes_once_it_compresses(mn
         powersgd_rank=1, powersgd_start=2,
     )  # fmt: skip
     stats: dict = {}
-    weights, _ = train_ddp(config, load_dataset("mnist", mnist_dir).train, 2, 1, 1e-3, tmp_path / "ddp",
-                           cpus_per_worker=0.5, stats=stats)  # fmt: skip
+    two = DataParallelPlacement.plan(config, 2, cpus_per_worker=0.5)
+    weights, _ = train_ddp(config, load_dataset("mnist", mnist_dir).train, two, 1, 1e-3, tmp_path / "ddp", stats=stats)
     whole = ring_bytes(sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters()), 2)
     # 4 steps: 2 of plain all-reduces, then 2 compressed to well under half the gradient
     assert stats["steps"] == 4 and whole / 2 < stats["bytes_per_step"] < 3 / 4 * whole

@@ -4,6 +4,7 @@ tensors and flags (the suite itself is pinned to the CPU: see conftest)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import pytest
@@ -180,17 +181,17 @@ def test_data_parallel_workers_share_and_are_checked_against_the_nodes_of_the_wo
     pinned = _config(device="auto", worker_resource="workers")
     plan = DataParallelPlacement.plan(pinned, 2, nodes=[head, workers])
     assert not plan.use_gpu and plan.worker["CPU"] == 1.0 and plan.worker["workers"] > 0  # 2 CPUs / 2 workers
-    plan.check(2, [head, workers])
+    plan.check([head, workers])
     with pytest.raises(ClusterError, match=r"3 data-parallel workers of \{CPU 1, workers .*\} need 3 places, the "
                        "cluster's nodes hold 2"):  # fmt: skip
-        DataParallelPlacement.plan(pinned, 3, 1.0, nodes=[head, workers]).check(3, [head, workers])
+        DataParallelPlacement.plan(pinned, 3, 1.0, nodes=[head, workers]).check([head, workers])
     with pytest.raises(ClusterError, match="a data-parallel worker needs .* and no node of this cluster has that much"):
-        plan.check(2, [head])
+        plan.check([head])
     unpinned = DataParallelPlacement.plan(_config(device="cpu"), 2, nodes=[head, workers])
     assert not unpinned.use_gpu and unpinned.worker == {"CPU": 4.0}  # two of 4 fit on the head; two of 5 nowhere
-    unpinned.check(2, [head, workers])
+    unpinned.check([head, workers])
     with pytest.raises(ClusterError, match="need 2 places, the cluster's nodes hold 1"):
-        DataParallelPlacement(False, {"CPU": 5.0}, 5).check(2, [head, workers])  # one of 5 fits, on the head alone
+        DataParallelPlacement(2, False, {"CPU": 5.0}, 5).check([head, workers])  # one of 5 fits, on the head alone
     on_head = DataParallelPlacement.plan(_config(device="auto"), 2, nodes=[head, workers])
     assert on_head.use_gpu and on_head.worker == {"CPU": 4.0}  # GPU workers share the GPU node's CPUs
     # a share places every worker node by node, a GPU each too, and Ray's 1/10000 units round it down
@@ -202,12 +203,12 @@ def test_data_parallel_workers_share_and_are_checked_against_the_nodes_of_the_wo
     assert equal_share(two_gpu_nodes, 2, gpu=True) == 8.0  # not 16: the head holds one GPU worker
     with pytest.raises(ClusterError, match=r"3 data-parallel workers of \{CPU 2\} need 3 places, the cluster's nodes "
                        "hold 2"):  # fmt: skip
-        DataParallelPlacement(False, {"CPU": 2.0}, 2).check(3, [{"CPU": 3.0}, {"CPU": 3.0}])  # 6 CPUs, in threes
+        DataParallelPlacement(3, False, {"CPU": 2.0}, 2).check([{"CPU": 3.0}, {"CPU": 3.0}])  # 6 CPUs, in threes
     on_gpus = DataParallelPlacement.plan(_config(device="auto"), 2, 1.0, nodes=[head, workers])
     assert on_gpus.use_gpu
-    on_gpus.check(2, [head, workers])  # Ray Train adds a GPU to each worker's bundle: only the head holds one
+    on_gpus.check([head, workers])  # Ray Train adds a GPU to each worker's bundle: only the head holds one
     with pytest.raises(ClusterError, match=r"of \{CPU 1, GPU 1\} need 3 places, the cluster's nodes hold 2"):
-        on_gpus.check(3, [head, workers])
+        dataclasses.replace(on_gpus, workers=3).check([head, workers])
 
 
 def test_data_parallel_runs_refuse_or_say_so_on_fewer_gpus_than_workers(capsys):

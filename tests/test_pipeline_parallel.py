@@ -11,10 +11,11 @@ import torch
 from raylocal.baselines.pipeline_parallel import PipelineStage, StageLinks, stage_ops, train_stage
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.links import FakeClock, LinkSpec
+from raylocal.errors import DivergedError
 from raylocal.model.objectives import nll_bits, preprocess
 from raylocal.pipeline.channel import PacketChannel
 from raylocal.pipeline.worker import LinkReceiver, LinkSender, WorkerStats
-from raylocal.training.trainer import build_glow, initialize
+from raylocal.training.trainer import MAX_SKIPS_IN_A_ROW, build_glow, initialize
 
 CONFIG = RaylocalConfig(n_levels=2, depth=2, hidden=8, batch_size=8, warmup_steps=0, grad_clip=0.0)
 
@@ -26,6 +27,18 @@ def _glow_and_batch(dtype: torch.dtype = torch.float64):
     x = x.to(dtype)
     initialize([glow.whole()], x)
     return glow, x
+
+
+def _two_stages_linked() -> list[StageLinks]:
+    """Two stages' links in one process, over an unshaped link: activations forward, gradients back."""
+    channels = [PacketChannel(2), PacketChannel(2)]
+    spec = LinkSpec.parse("up")
+    return [
+        StageLinks(activations_out=LinkSender(channels[0], spec, lambda t: t, WorkerStats(), 0),
+                   gradients_in=LinkReceiver(channels[1], lambda t: t)),
+        StageLinks(activations_in=LinkReceiver(channels[0], lambda t: t),
+                   gradients_out=LinkSender(channels[1], spec, lambda t: t, WorkerStats(), 1)),
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
@@ -75,14 +88,7 @@ def test_only_the_first_stage_keeps_the_budget_so_the_last_never_stops_first():
     first stage waiting for gradients forever, the race's hung pipeline cell)."""
     glow, x = _glow_and_batch(torch.float32)
     stages = [PipelineStage(glow.part(a, b), CONFIG, 1e-3, 0, micro=2) for a, b in ((0, 3), (3, len(glow)))]
-    channels = [PacketChannel(2), PacketChannel(2)]
-    spec = LinkSpec.parse("up")
-    links = [
-        StageLinks(activations_out=LinkSender(channels[0], spec, lambda t: t, WorkerStats(), 0),
-                   gradients_in=LinkReceiver(channels[1], lambda t: t)),
-        StageLinks(activations_in=LinkReceiver(channels[0], lambda t: t),
-                   gradients_out=LinkSender(channels[1], spec, lambda t: t, WorkerStats(), 1)),
-    ]  # fmt: skip
+    links = _two_stages_linked()
     ops = [stage_ops("1f1b", k, 2, 2) for k in range(2)]
     second = threading.Thread(target=train_stage, args=(stages[1], ops[1], links[1], None), kwargs={"budget": 0.0})
     second.start()
@@ -137,3 +143,38 @@ def test_two_stages_train_over_an_emulated_link_as_one_model_would():
     assert linked[0].stats.bytes_forward == linked[1].stats.bytes_backward == sent
     assert forward.stats.bytes_forward == backward.stats.bytes_forward == sent  # as the links counted them
     assert clock.now() - start >= 2 * sent * 8 / 10e6  # both directions' bytes went through the 10 Mbit wires
+
+
+def test_a_stage_skips_updates_without_a_finite_gradient_and_its_failure_stops_the_stage_upstream():
+    """The last stage's weights are NaN: every gradient, its own and the one it
+    sends back, is NaN. Both stages skip those updates (their weights stay as
+    they were); the last fails after MAX_SKIPS_IN_A_ROW + 1 in a row, in one
+    line, and the first, which tolerates more, stops at the end that failure sends."""
+    glow, x = _glow_and_batch(torch.float32)
+    stages = [PipelineStage(glow.part(a, b), CONFIG, 1e-3, 0, micro=2) for a, b in ((0, 3), (3, len(glow)))]
+    with torch.no_grad():
+        next(stages[1].part.parameters()).fill_(float("nan"))
+    stages[0].guard.limit = 100
+    before = copy.deepcopy(stages[0].part.state_dict())
+    links = _two_stages_linked()
+    ops = [stage_ops("gpipe", k, 2, 2) for k in range(2)]
+    failures: list[Exception] = []
+
+    def last() -> None:
+        try:
+            train_stage(stages[1], ops[1], links[1], None)
+        except DivergedError as e:
+            failures.append(e)
+
+    second = threading.Thread(target=last)
+    second.start()
+    train_stage(stages[0], ops[0], links[0], iter([x] * 50), steps=50)
+    second.join(timeout=60)
+    assert not second.is_alive() and len(failures) == 1
+    message = str(failures[0])
+    assert message.startswith(f"pipeline training diverged: {MAX_SKIPS_IN_A_ROW + 1} steps in a row without a finite")
+    assert len(message.splitlines()) == 1
+    assert stages[1].stats.steps == MAX_SKIPS_IN_A_ROW  # its failing update counts no step
+    assert stages[0].guard.skipped == stages[0].stats.steps == MAX_SKIPS_IN_A_ROW + 1  # then the end came back
+    for name, weight in stages[0].part.state_dict().items():
+        assert torch.equal(weight, before[name]), name

@@ -22,7 +22,6 @@ Used for ``scripts/bench_links.py``, ``scripts/bench_async.py`` and, with
 from __future__ import annotations
 
 import json
-import math
 import os
 import queue
 import tempfile
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from raylocal.baselines.guard import NonFiniteGuard
 from raylocal.baselines.projection import ring_bytes
 from raylocal.cluster.connect import fit_train_run, node_images
 from raylocal.cluster.placement import DataParallelPlacement, check_torch_sees_gpus
@@ -45,7 +45,7 @@ from raylocal.core.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.core.runlog import peak_rss_mb
 from raylocal.errors import ClusterError, DivergedError
 from raylocal.model.objectives import nll_bits, preprocess, to_device
-from raylocal.training.trainer import MAX_SKIPS_IN_A_ROW, build_glow, initialize, scheduled_lr
+from raylocal.training.trainer import build_glow, initialize, scheduled_lr
 
 WEIGHTS = "weights.pt"
 HISTORY = "history.json"
@@ -223,39 +223,6 @@ def average_parameters(params: list[Tensor], all_reduce_sum: Callable[[Tensor], 
             p.copy_(flat[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
     return flat.numel() * flat.element_size()
-
-
-class NonFiniteGuard:
-    """Each update, unless its gradient is not finite: then the weights and the
-    optimizer's state stay as they were, and the batch counts as skipped. Under
-    DDP the gradient is the all-reduced one, the same on every worker, so the
-    workers skip together without a word more on the link. A few in a row mean
-    the weights themselves are broken (a NaN weight makes every gradient NaN):
-    the run fails, in one line, instead of ending with NaN weights."""
-
-    def __init__(self, grad_clip: float, limit: int = MAX_SKIPS_IN_A_ROW) -> None:
-        self.grad_clip, self.limit = grad_clip or float("inf"), limit
-        self.skipped = 0
-        self.in_a_row = 0
-
-    def update(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor, step: int) -> bool:
-        """Backward and step from ``loss`` (the ``step``-th update); False where it was skipped."""
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP all-reduces the gradients here
-        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip))
-        if math.isfinite(norm):
-            optimizer.step()
-            self.in_a_row = 0
-            return True
-        optimizer.zero_grad(set_to_none=True)
-        self.skipped += 1
-        self.in_a_row += 1
-        if self.in_a_row > self.limit:
-            raise DivergedError(
-                f"data-parallel training diverged: {self.in_a_row} steps in a row without a finite gradient "
-                f"(up to step {step}; loss {float(loss.detach()):.4g}); try a lower --lr or --finetune-lr"
-            )
-        return False
 
 
 def apply_round(params: list[Tensor], at_round: Tensor, mean_at_round: Tensor) -> None:
@@ -533,18 +500,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 def train_ddp(
     config: RaylocalConfig,
     images: Tensor,
-    workers: int,
+    placement: DataParallelPlacement,
     epochs: int,
     lr: float,
     storage: Path,
     state: dict[str, Tensor] | None = None,
-    cpus_per_worker: float | None = None,
     lr_clock: int = 0,
     lr_total: int = 0,
     time_budget: float | None = None,
     stats: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
-    """Train end to end on ``workers`` data-parallel workers (DDP, or local SGD
+    """Train end to end on the placement's data-parallel workers (DDP, or local SGD
     with ``config.average_every``, over ``config.link``); returns (weights,
     per-epoch metrics) and fills ``stats`` with the run's totals when given.
 
@@ -555,7 +521,6 @@ def train_ddp(
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    placement = DataParallelPlacement.plan(config, workers, cpus_per_worker)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -570,7 +535,7 @@ def train_ddp(
             "time_budget": time_budget,
         },  # fmt: skip
         scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=placement.use_gpu, resources_per_worker=placement.worker
+            num_workers=placement.workers, use_gpu=placement.use_gpu, resources_per_worker=placement.worker
         ),
         run_config=TrainRunConfig(name="ddp", storage_path=str(storage.resolve())),
     )

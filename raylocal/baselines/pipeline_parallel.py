@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from raylocal.baselines.guard import NonFiniteGuard
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.faults import Straggler
 from raylocal.model.glow import Part
@@ -83,6 +84,7 @@ class PipelineStage:
         self._loss = 0.0
         self.device = next(part.parameters()).device
         self.straggler = Straggler([], 0)  # build_stage gives a straggling stage its own
+        self.guard = NonFiniteGuard(config.grad_clip, who="pipeline")
 
     @property
     def is_first(self) -> bool:
@@ -130,16 +132,16 @@ class PipelineStage:
         return None if self.is_first else x.grad
 
     def update(self) -> None:
-        """The batch's update, once every micro-batch has come back (GPipe's flush)."""
+        """The batch's update, once every micro-batch has come back (GPipe's flush).
+        Its gradient is clipped by this stage's norm, not the whole model's: the
+        stages share no norm, as the parts do not."""
         start = time.perf_counter()
         params = [p for p in self.part.parameters() if p.grad is not None]
-        if self.config.grad_clip > 0 and params:
-            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         cfg = self.config
         lr = scheduled_lr(self.base_lr, self.stats.steps, cfg.warmup_steps, self.total_steps, cfg.lr_schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        self.guard.step(params, self.optimizer, self._loss, self.stats.steps)  # skips a non-finite gradient
         self.optimizer.zero_grad(set_to_none=True)
         self.stats.losses.append(self._loss)
         self.stats.steps += 1
@@ -218,6 +220,8 @@ def _batch(
                 stage.stats.bytes_forward += _send(links.activations_out, y, tag)
         else:
             grad = None if stage.is_last else _received(links.gradients_in, stage.stats)
+            if grad is None and not stage.is_last:
+                return False  # downstream ended early: a stage failed, and its error ends the run
             grad_input = stage.backward(m, None if grad is None else grad.to(stage.device))
             if not stage.is_first:
                 stage.stats.bytes_backward += _send(links.gradients_out, grad_input, tag)

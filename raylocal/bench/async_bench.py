@@ -32,6 +32,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import torch
 
+from raylocal.cluster.placement import DataParallelPlacement
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.model.objectives import preprocess
@@ -252,7 +253,8 @@ class AsyncBench:
         from raylocal.baselines.ddp import train_ddp
 
         with tempfile.TemporaryDirectory() as tmp:
-            _, history = train_ddp(self.config, self.data.train, self.k, 1, 1e-3, Path(tmp), cpus_per_worker=1.0)
+            workers = DataParallelPlacement.plan(self.config, self.k, cpus_per_worker=1.0)
+            _, history = train_ddp(self.config, self.data.train, workers, 1, 1e-3, Path(tmp))
         ips = history[-1]["images_per_s"] if history else float("nan")
         print(f"DDP e2e, {self.k} workers x 1 thread: {ips:.0f} images/s", flush=True)
 

@@ -235,8 +235,10 @@ def equal_share(nodes: list[dict[str, float]], workers: int, gpu: bool = False) 
 
 @dataclass(frozen=True)
 class DataParallelPlacement:
-    """N data-parallel workers (a DDP or local-SGD run): each one's bundle and threads, GPUs or not."""
+    """N data-parallel workers (a DDP or local-SGD run): how many, each one's
+    bundle and threads, GPUs or not. Planned once, by the run that checks it."""
 
+    workers: int
     use_gpu: bool
     worker: dict[str, float]
     threads: int
@@ -250,10 +252,10 @@ class DataParallelPlacement:
         pool = worker_nodes(config, live_nodes() if nodes is None else nodes)
         use_gpu = data_parallel_uses_gpus(config, workers, _sum(pool, "GPU"))
         cpus = cpus_per_worker or equal_share(pool, workers, use_gpu)
-        return cls(use_gpu, _pinned(config, {"CPU": cpus}), config.threads or max(1, int(cpus)))
+        return cls(workers, use_gpu, _pinned(config, {"CPU": cpus}), config.threads or max(1, int(cpus)))
 
-    def check(self, workers: int, nodes: list | None = None) -> None:
-        """Can ``workers`` of these bundles be placed on this cluster at all, node
+    def check(self, nodes: list | None = None) -> None:
+        """Can all the workers' bundles be placed on this cluster at all, node
         by node (on the nodes of ``--worker-resource``, with a GPU each on GPUs)?"""
         nodes = live_nodes() if nodes is None else nodes
         bundle = self.worker | ({"GPU": 1.0} if self.use_gpu else {})  # Ray Train adds a GPU per worker
@@ -263,10 +265,10 @@ class DataParallelPlacement:
                 f"a data-parallel worker needs {_shown(bundle)} and no node of this cluster has that much "
                 f"({len(nodes)} node(s)); lower --cpus-per-part, or start nodes with the --worker-resource"
             )
-        if placed < workers:
+        if placed < self.workers:
             raise ClusterError(
-                f"{workers} data-parallel workers of {_shown(bundle)} need {workers} places, the cluster's nodes "
-                f"hold {placed} (each worker on one node); use fewer --workers or lower --cpus-per-part"
+                f"{self.workers} data-parallel workers of {_shown(bundle)} need {self.workers} places, the cluster's "
+                f"nodes hold {placed} (each worker on one node); use fewer --workers or lower --cpus-per-part"
             )
 
 

@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from raylocal.core.data import DataSource
 from raylocal.core.faults import parse_faults
@@ -322,8 +322,8 @@ class RaylocalConfig(BaseModel):
         return values
 
     @model_validator(mode="after")
-    def _check_combination(self) -> RaylocalConfig:
-        check_combination(self)
+    def _check_combination(self, info: ValidationInfo) -> RaylocalConfig:
+        check_combination(self, recorded=bool(info.context and info.context.get("recorded")))
         return self
 
     def one_part(self) -> bool:
@@ -354,8 +354,9 @@ class RaylocalConfig(BaseModel):
         )
 
 
-def check_combination(c: RaylocalConfig) -> None:
-    """Settings that are valid alone but not together (pydantic shows the ValueError in one line)."""
+def check_combination(c: RaylocalConfig, recorded: bool = False) -> None:
+    """Settings that are valid alone but not together (pydantic shows the ValueError in one line).
+    A ``recorded`` config (a finished run's) may hold a setting its rival ignored then."""
     if len(c.lr) not in (1, c.parts):
         raise ValueError(f"lr has {len(c.lr)} values but there are {c.parts} parts")
     if c.alternate_every and c.schedule != "alternating":
@@ -372,7 +373,7 @@ def check_combination(c: RaylocalConfig) -> None:
     if c.finetune_scope == "boundary" and c.finetune_workers > 1:
         raise ValueError("finetune_scope='boundary' is for a one-worker fine-tune; DDP trains every layer")
     if c.schedule in RIVAL_SCHEDULES:
-        check_rival(c)
+        check_rival(c, recorded)
 
 
 # Settings a rival's run has no use for: given anything but their default,
@@ -389,6 +390,10 @@ RIVAL_UNUSED = {
     "finetune_lr": "has no fine-tune",
     "finetune_scope": "has no fine-tune",
     "finetune_workers": "has no fine-tune (--workers sets its workers)",
+    **{
+        name: "never rolls back: it skips an update whose gradient is not finite, and fails after a few in a row"
+        for name in ("rollback_factor", "lr_backoff", "lr_recovery_steps", "max_rollbacks", "snapshot_every")
+    },
 }
 PIPELINE_ONLY = ("micro_batches", "pipeline_order")
 DATA_PARALLEL_ONLY = (
@@ -413,11 +418,12 @@ def _refuse_unused(c: RaylocalConfig) -> None:
             raise ValueError(f"{name}={value!r}: a {c.schedule} run {instead}")
 
 
-def check_rival(c: RaylocalConfig) -> None:
+def check_rival(c: RaylocalConfig, recorded: bool = False) -> None:
     """A rival's run trains end to end from its first step, and once; of the
     faults, its workers or stages take only a straggler. A setting it would
-    ignore is refused."""
-    _refuse_unused(c)
+    ignore is refused, unless ``recorded``: a finished run's record stays readable."""
+    if not recorded:
+        _refuse_unused(c)
     if c.epochs < 1:
         raise ValueError(f"epochs={c.epochs}: a {c.schedule} run trains at least one epoch")
     if c.finetune_epochs:
@@ -448,11 +454,11 @@ def data_source(config: RaylocalConfig) -> DataSource:
 def format_validation_error(err: ValidationError, source: str) -> str:
     """Pydantic's message, shown briefly: the first problem on one line."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "config"
-    msg = first["msg"]
+    loc = ".".join(str(p) for p in first["loc"])  # none for settings refused together
+    msg = first["msg"].removeprefix("Value error, ")  # our own ValueError's text says it all
     if first["type"] == "extra_forbidden":
         msg = "unknown option"
-    text = f"{source}: {loc}: {msg}"
+    text = f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}"
     if "input" in first and first["type"] != "extra_forbidden" and not isinstance(first["input"], dict):
         text += f" (got {first['input']!r})"
     more = len(err.errors()) - 1
@@ -478,15 +484,16 @@ def flatten_sections(values: dict[str, Any], source: str = "config") -> dict[str
     return flat
 
 
-def validate_config(values: dict[str, Any], source: str = "config") -> RaylocalConfig:
+def validate_config(values: dict[str, Any], source: str = "config", recorded: bool = False) -> RaylocalConfig:
+    """The config of these settings; ``recorded``: a finished run's (see ``check_combination``)."""
     values = flatten_sections(values, source)
     try:
-        return RaylocalConfig(**values)
+        return RaylocalConfig.model_validate(values, context={"recorded": recorded})
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source)) from None
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+def read_config_file(path: str | Path, recorded: bool = False) -> dict[str, Any]:
     path = Path(path)
     try:
         values = json.loads(path.read_text())
@@ -499,7 +506,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a config file must hold a JSON object of options")
     values = flatten_sections(values, str(path))
-    validate_config(values, str(path))  # report the file's own errors against the file
+    validate_config(values, str(path), recorded)  # report the file's own errors against the file
     return values
 
 
@@ -508,9 +515,10 @@ def write_config_file(config: RaylocalConfig, path: str | Path) -> None:
     Path(path).write_text(json.dumps(config.sectioned(), indent=2) + "\n")
 
 
-def load_config_file(path: str | Path) -> RaylocalConfig:
-    """The config a file holds (a run directory's config.json, a Tune study's best.json)."""
-    return validate_config(read_config_file(path), str(path))
+def load_config_file(path: str | Path, recorded: bool = False) -> RaylocalConfig:
+    """The config a file holds (a run directory's config.json, a Tune study's best.json);
+    ``recorded``: a finished run's record, read back as it ran."""
+    return validate_config(read_config_file(path, recorded), str(path), recorded)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -305,6 +305,7 @@ class AsyncRun:
         self.service: Any = None
         self.service_pg: PlacementGroup | None = None
         self.placement: Placement | None = None  # planned once the cluster is joined
+        self.finetune_placement: DataParallelPlacement | None = None  # a DDP fine-tune's workers, likewise
         self.parts: PartsResult | None = None  # the parts phase's result, once it ran in this process
         self.finetune_link: dict[str, Any] | None = None  # a DDP fine-tune's link figures
 
@@ -317,7 +318,8 @@ class AsyncRun:
         self.placement.check(with_service=not self.service_here)
         workers = self.config.finetune_workers
         if self.config.finetune_epochs and workers > 1:  # the DDP fine-tune's workers, after the parts
-            DataParallelPlacement.plan(self.config, workers).check(workers)
+            self.finetune_placement = DataParallelPlacement.plan(self.config, workers)
+            self.finetune_placement.check()
 
     def run(self) -> dict[str, Any]:
         """The run's phases, in its (existing) directory; returns its summary."""
@@ -447,8 +449,9 @@ class AsyncRun:
         clock = LRClock.of(config, per_epoch, config.epochs, config.finetune_epochs)
         run_clock = clock.finetune_elsewhere(int(parts.stats[0]["steps"]))  # on from where the parts left it
         link_stats: dict[str, Any] = {}
+        assert self.finetune_placement is not None, "prepare() plans the fine-tune's workers"
         tuned, history = train_ddp(
-            config, self.data.train, config.finetune_workers, config.finetune_epochs, lr, self.run_dir / "ddp",
+            config, self.data.train, self.finetune_placement, config.finetune_epochs, lr, self.run_dir / "ddp",
             parts.state, stats=link_stats, **run_clock,
         )  # fmt: skip
         self.where["finetune_ddp"] = link_stats.pop("where", None)

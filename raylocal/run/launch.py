@@ -30,7 +30,7 @@ def resume_config(config: RaylocalConfig, given: dict[str, Any]) -> RaylocalConf
     """The checkpoint's configuration, updated with the resumable options given now."""
     run_dir = resolve_run_dir(config)
     recorded = run_dir / "config.json"
-    schedule = load_config_file(recorded).schedule if recorded.is_file() else None
+    schedule = load_config_file(recorded, recorded=True).schedule if recorded.is_file() else None
     if schedule in RIVAL_SCHEDULES:  # (its checkpoint holds the whole model as an e2e run's)
         raise ConfigError(f"--resume: {run_dir} is a {schedule} run, which does not resume; start it again")
     if (run_dir / CHECKPOINT).is_file():
@@ -62,7 +62,7 @@ def finished_run(run_dir: Path) -> tuple[RaylocalConfig, ImageData, Glow]:
     for name in ("config.json", CHECKPOINT):
         if not (run_dir / name).is_file():
             raise ConfigError(f"{run_dir / name} does not exist (a finished run's directory holds it)")
-    config = load_config_file(run_dir / "config.json")
+    config = load_config_file(run_dir / "config.json", recorded=True)
     data = load_data(config)
     glow = build_glow(config, data.shape)
     glow.load_state_dict(load_checkpoint(run_dir / CHECKPOINT, kind="run")["model"])

@@ -45,6 +45,7 @@ class RivalRun:
     ) -> None:
         self.config, self.data, self.run_dir, self.start_from = config, data, run_dir, start_from
         self.figures: Any = None
+        self.workers: DataParallelPlacement | None = None  # the data-parallel rival's, planned by prepare()
 
     def prepare(self) -> None:
         """Everything that can be checked before anything starts: the model, the
@@ -59,7 +60,8 @@ class RivalRun:
             check_links(config.link, 2)  # one link between any two workers
             check_faults(config, config.workers, "worker")
             connect(config)
-            DataParallelPlacement.plan(config, config.workers, config.cpus_per_part).check(config.workers)
+            self.workers = DataParallelPlacement.plan(config, config.workers, config.cpus_per_part)
+            self.workers.check()
 
     def run(self) -> dict[str, Any]:
         trained = self._pipeline() if self.config.schedule == "pipeline" else self._data_parallel()
@@ -71,9 +73,10 @@ class RivalRun:
 
     def _data_parallel(self) -> TrainedElsewhere:
         config, stats = self.config, {}
+        assert self.workers is not None, "prepare() plans the workers"
         state, history = train_ddp(
-            config, self.data.train, config.workers, config.epochs, config.lr[0], self.run_dir / "ddp",
-            self.start_from, config.cpus_per_part, time_budget=config.time_budget, stats=stats,
+            config, self.data.train, self.workers, config.epochs, config.lr[0], self.run_dir / "ddp",
+            self.start_from, time_budget=config.time_budget, stats=stats,
         )  # fmt: skip
         self.figures = stats
         return TrainedElsewhere(state, int(stats["steps"]), float(stats["seconds"]), history)

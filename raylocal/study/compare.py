@@ -95,7 +95,7 @@ def _check_same_settings(run_dir: Path, config: RaylocalConfig) -> None:
     stored_path = run_dir / "config.json"
     if not stored_path.is_file():
         return
-    stored = load_config_file(stored_path).model_dump()
+    stored = load_config_file(stored_path, recorded=True).model_dump()
     wanted = config.model_dump()
     if wanted["device"] == "auto":  # an async run stores the device "auto" chose for it
         wanted["device"] = stored["device"]
