@@ -8,10 +8,16 @@ import threading
 import pytest
 import torch
 
-from raylocal.baselines.pipeline_parallel import PipelineStage, StageLinks, stage_ops, train_stage
+from raylocal.baselines.pipeline_parallel import (
+    PipelineStage,
+    StageLinks,
+    check_stages_agree,
+    stage_ops,
+    train_stage,
+)
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.links import FakeClock, LinkSpec
-from raylocal.errors import DivergedError
+from raylocal.errors import ClusterError, DivergedError
 from raylocal.model.objectives import nll_bits, preprocess
 from raylocal.pipeline.channel import PacketChannel
 from raylocal.pipeline.worker import LinkReceiver, LinkSender, WorkerStats
@@ -29,15 +35,15 @@ def _glow_and_batch(dtype: torch.dtype = torch.float64):
     return glow, x
 
 
-def _two_stages_linked() -> list[StageLinks]:
-    """Two stages' links in one process, over an unshaped link: activations forward, gradients back."""
+def _two_stages_linked(link: str = "up") -> list[StageLinks]:
+    """Two stages' links in one process, lossless as the rival's are: activations forward, gradients back."""
     channels = [PacketChannel(2), PacketChannel(2)]
-    spec = LinkSpec.parse("up")
+    spec = LinkSpec.parse(link)
     return [
-        StageLinks(activations_out=LinkSender(channels[0], spec, lambda t: t, WorkerStats(), 0),
+        StageLinks(activations_out=LinkSender(channels[0], spec, lambda t: t, WorkerStats(), 0, lossless=True),
                    gradients_in=LinkReceiver(channels[1], lambda t: t)),
         StageLinks(activations_in=LinkReceiver(channels[0], lambda t: t),
-                   gradients_out=LinkSender(channels[1], spec, lambda t: t, WorkerStats(), 1)),
+                   gradients_out=LinkSender(channels[1], spec, lambda t: t, WorkerStats(), 1, lossless=True)),
     ]  # fmt: skip
 
 
@@ -175,6 +181,36 @@ def test_a_stage_skips_updates_without_a_finite_gradient_and_its_failure_stops_t
     assert message.startswith(f"pipeline training diverged: {MAX_SKIPS_IN_A_ROW + 1} steps in a row without a finite")
     assert len(message.splitlines()) == 1
     assert stages[1].stats.steps == MAX_SKIPS_IN_A_ROW  # its failing update counts no step
-    assert stages[0].guard.skipped == stages[0].stats.steps == MAX_SKIPS_IN_A_ROW + 1  # then the end came back
+    assert stages[0].stats.skipped == stages[0].stats.steps == MAX_SKIPS_IN_A_ROW + 1  # then the end came back
+    with pytest.raises(ClusterError, match=r"stages trained \[6, 5\] batches each, not the same"):
+        check_stages_agree([stages[0].stats.steps, stages[1].stats.steps])  # (on Ray, the failure surfaces first)
+    check_stages_agree([3, 3])
     for name, weight in stages[0].part.state_dict().items():
         assert torch.equal(weight, before[name]), name
+
+
+def test_the_pipelines_links_lose_nothing_in_an_outage():
+    """Every message of this link meets an outage (tags 1-1000 are down): a link
+    of the parts loses each latent then, while the pipeline's, lossless, sends
+    every activation and gradient, and both stages train every batch."""
+    lossy = LinkSender(PacketChannel(4), LinkSpec.parse("outage=1:1000"), lambda t: t, WorkerStats(), 0)
+    lossy.send({"kind": "data", "step": 5, "latent": torch.zeros(3), "weights": None})
+    lossy.close()
+    assert lossy.stats.outage_latents == 1 and lossy.stats.bytes_forward == 0
+
+    glow, x = _glow_and_batch(torch.float32)
+    stages = [PipelineStage(glow.part(a, b), CONFIG, 1e-3, 0, micro=2) for a, b in ((0, 3), (3, len(glow)))]
+    links = _two_stages_linked("outage=1:1000")
+    ops = [stage_ops("1f1b", k, 2, 2) for k in range(2)]
+    threads = [
+        threading.Thread(target=train_stage, args=(stages[1], ops[1], links[1], None), daemon=True),
+        threading.Thread(target=train_stage, args=(stages[0], ops[0], links[0], iter([x] * 3)),
+                         kwargs={"steps": 3}, daemon=True),
+    ]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a stage waits for a message the link lost"
+    assert stages[0].stats.steps == stages[1].stats.steps == 3
+    assert links[0].activations_out.stats.outage_latents == links[1].gradients_out.stats.outage_latents == 0

@@ -334,7 +334,9 @@ class DataParallelWorker:
         self.noise = torch.Generator().manual_seed(config.seed + 1 + self.rank)
         self.steps_per_epoch = len(self.stream) // self.world
         self.step = 0
-        self.guard = NonFiniteGuard(config.grad_clip)
+        # a rival's LR is --lr; as an async run's fine-tune, it is --finetune-lr's
+        lr_flag = "--lr" if config.schedule == "data-parallel" else "--finetune-lr"
+        self.guard = NonFiniteGuard(config.grad_clip, lr_flag=lr_flag)
         self.idle_s = 0.0  # waiting for the link: local-SGD rounds (DDP's is the hook's)
         self.bytes_averaged = 0.0
         self.round: OverlappedRound | None = None  # an overlapped round on its way

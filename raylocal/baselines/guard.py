@@ -22,8 +22,10 @@ class NonFiniteGuard:
     DDP the gradient is the all-reduced one, the same on every worker, so the
     workers skip together without a word more on the link."""
 
-    def __init__(self, grad_clip: float, limit: int = MAX_SKIPS_IN_A_ROW, who: str = "data-parallel") -> None:
-        self.grad_clip, self.limit, self.who = grad_clip or float("inf"), limit, who
+    def __init__(
+        self, grad_clip: float, limit: int = MAX_SKIPS_IN_A_ROW, who: str = "data-parallel", lr_flag: str = "--lr"
+    ) -> None:
+        self.grad_clip, self.limit, self.who, self.lr_flag = grad_clip or float("inf"), limit, who, lr_flag
         self.skipped = 0
         self.in_a_row = 0
 
@@ -46,6 +48,6 @@ class NonFiniteGuard:
         if self.in_a_row > self.limit:
             raise DivergedError(
                 f"{self.who} training diverged: {self.in_a_row} steps in a row without a finite gradient "
-                f"(up to step {step}; loss {loss:.4g}); try a lower --lr or --finetune-lr"
+                f"(up to step {step}; loss {loss:.4g}); try a lower {self.lr_flag}"
             )
         return False

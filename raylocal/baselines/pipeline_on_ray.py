@@ -15,7 +15,7 @@ import torch
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raylocal.baselines.pipeline_parallel import PipelineStage, StageLinks, stage_ops, train_stage
+from raylocal.baselines.pipeline_parallel import PipelineStage, StageLinks, check_stages_agree, stage_ops, train_stage
 from raylocal.cluster.connect import actor_images, connect, errors_in_one_line
 from raylocal.cluster.parts_phase import get_or_none
 from raylocal.cluster.placement import Placement, actor_device
@@ -78,10 +78,10 @@ class StageActor:
         if k > 0:  # boundary k-1: its activations come in, their gradients go back
             spec = LinkSpec.parse(self.config.link, k - 1, self.config.seed)
             links.activations_in = LinkReceiver(queues[2 * (k - 1)], get_or_none)
-            links.gradients_out = LinkSender(queues[2 * (k - 1) + 1], spec, ray.put, link_stats, k)
+            links.gradients_out = LinkSender(queues[2 * (k - 1) + 1], spec, ray.put, link_stats, k, lossless=True)
         if k < n - 1:
             spec = LinkSpec.parse(self.config.link, k, self.config.seed)
-            links.activations_out = LinkSender(queues[2 * k], spec, ray.put, link_stats, k)
+            links.activations_out = LinkSender(queues[2 * k], spec, ray.put, link_stats, k, lossless=True)
             links.gradients_in = LinkReceiver(queues[2 * k + 1], get_or_none)
         ops = stage_ops(plan["schedule"], k, n, plan["micro"])
         start = time.perf_counter()
@@ -133,6 +133,7 @@ def train_pipeline_parallel(
             q.shutdown()
         if own:
             remove_placement_group(pg)
+    check_stages_agree([r["stats"]["steps"] for r in results])
     state: dict[str, torch.Tensor] = {}
     for r in results:
         state.update(r.pop("state"))

@@ -21,7 +21,9 @@ downstream with respect to its output, which the next stage sends back.
 ``Schedule1F1B``) moves activations with the process group's point-to-point
 sends, which offer no hook to delay them as DDP's comm hooks do, so its traffic
 cannot cross this project's emulated link; the stages here use the link layer
-the parts use (``LinkSender``, ``LinkReceiver``), in both directions.
+the parts use (``LinkSender``, ``LinkReceiver``), in both directions, lossless:
+an outage delays a message until the link is back, never loses it, as DDP's
+buckets wait (a pipeline cannot train without every micro-batch).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from torch import Tensor
 from raylocal.baselines.guard import NonFiniteGuard
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.faults import Straggler
+from raylocal.errors import ClusterError
 from raylocal.model.glow import Part
 from raylocal.model.objectives import LN2
 from raylocal.training.trainer import scheduled_lr
@@ -67,6 +70,7 @@ class StageStats:
     wait_s: float = 0.0  # for an activation or a gradient to arrive
     bytes_forward: int = 0  # activations sent
     bytes_backward: int = 0  # gradients sent
+    skipped: int = 0  # updates skipped, their gradient not finite
     losses: list[float] = field(default_factory=list)  # the stage's share of the e2e NLL (bits/dim), per batch
 
 
@@ -141,7 +145,8 @@ class PipelineStage:
         lr = scheduled_lr(self.base_lr, self.stats.steps, cfg.warmup_steps, self.total_steps, cfg.lr_schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.guard.step(params, self.optimizer, self._loss, self.stats.steps)  # skips a non-finite gradient
+        if not self.guard.step(params, self.optimizer, self._loss, self.stats.steps):
+            self.stats.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.stats.losses.append(self._loss)
         self.stats.steps += 1
@@ -149,6 +154,13 @@ class PipelineStage:
         computed = time.perf_counter() - start
         self.stats.compute_s += computed
         self.straggler.after(computed)
+
+
+def check_stages_agree(steps: list[int]) -> None:
+    """Every stage of a pipeline that ended without an error trained the same
+    batches; one that stopped early met an end or a lost tensor on a link."""
+    if len(set(steps)) > 1:
+        raise ClusterError(f"the pipeline's stages trained {steps} batches each, not the same: a stage stopped early")
 
 
 @dataclass
@@ -187,7 +199,8 @@ def train_stage(
     cuts the batches of ``batches`` into its micro-batches and decides when to
     stop (after ``steps`` batches, or the first batch past ``budget`` seconds);
     its end goes down the activation links, and every other stage stops when it
-    arrives. A stage closes the links it sends on."""
+    arrives. A stage closes the links it sends on, so that when one fails, the
+    end of its gradient link stops the stages upstream of it too."""
     start = time.perf_counter()
     try:
         while _batch(stage, ops, links, batches):
@@ -207,7 +220,7 @@ def train_stage(
 def _batch(
     stage: PipelineStage, ops: list[tuple[str, int]], links: StageLinks, batches: Iterator[Tensor] | None
 ) -> bool:
-    """One batch through this stage; False when upstream has ended instead."""
+    """One batch through this stage; False when upstream or downstream has ended instead."""
     micro = list(next(batches).chunk(stage.micro)) if batches is not None else []
     for op, m in ops:
         tag = stage.stats.steps * stage.micro + m

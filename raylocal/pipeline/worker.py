@@ -248,7 +248,9 @@ class LinkSender:
     and in the queue, and the part never waits. The link's thread spends each
     packet's time on the ``Wire``, puts its tensors into the store and the
     packet into the channel; a latent that meets an outage is lost, its
-    weights wait for the next packet that crosses.
+    weights wait for the next packet that crosses. A ``lossless`` link loses
+    nothing: each packet is sent again once an outage is over, as TCP would
+    (the pipeline rival's activations and gradients, which it cannot train without).
     """
 
     def __init__(
@@ -260,8 +262,10 @@ class LinkSender:
         index: int,
         full: str = "block",
         clock: Clock = SYSTEM_CLOCK,
+        lossless: bool = False,
     ) -> None:
         self.channel, self.store_put, self.stats, self.index, self.full = channel, store_put, stats, index, full
+        self.lossless = lossless
         self.wire = Wire(spec, clock)
         self.clock = clock
         self._slot = PacketChannel(1)  # the packet waiting for the wire
@@ -322,7 +326,7 @@ class LinkSender:
         latent = packet.get("latent")
         nbytes = tensor_bytes(latent) + sum(w[2] for w in weights.values())
         handed_at = packet.pop("handed_at")
-        if packet["kind"] == "data":
+        if packet["kind"] == "data" and not self.lossless:
             arrival = self.wire.transmit(nbytes, packet["step"], at=handed_at)
         else:  # the init and end packets wait for the link: the receiver cannot do without them
             arrival = self.wire.deliver(nbytes, at=handed_at)
