@@ -440,3 +440,51 @@ def test_a_study_with_a_tight_margin_decides_equivalence_against_it_too():
     text = tables.table(s, rows)
     assert "− baseline, same epochs, against ±0.01 |" in text and text.count("worse, by less than 0.02") == 1
     assert catalog.reference_study(quick=False).tight_margin == 0.01
+
+
+def test_a_study_run_killed_mid_way_resumes_from_its_checkpoint_to_the_uninterrupted_result(
+    mnist_dir, tmp_path, monkeypatch, capsys
+):
+    """A session's end kills the run in training: the next invocation goes on from
+    its last checkpoint (after epoch 1 of 2), and ends where a run never killed ends."""
+    from raylocal.training.schedules import SingleProcessRun
+
+    spec = {
+        "name": "killed", "question": "Does a killed run resume?", "baseline": "e2e", "seeds": [0],
+        "base": _tiny_base(mnist_dir), "arms": {"e2e": {"schedule": "e2e", "epochs": 2}},
+    }  # fmt: skip
+    path = tmp_path / "killed.json"
+    path.write_text(json.dumps(spec))
+
+    def argv(storage: str) -> list[str]:
+        return [
+            "--spec",
+            str(path),
+            "--out",
+            str(tmp_path / storage / "out"),
+            "--storage-path",
+            str(tmp_path / storage),
+        ]
+
+    assert study.main(argv("whole")) == 0
+    whole = json.loads((tmp_path / "whole" / "killed" / "e2e-seed0" / "summary.json").read_text())
+    real_epoch = SingleProcessRun._epoch
+
+    def killed_in_epoch_2(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(SingleProcessRun, "_epoch", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        study.main(argv("killed"))
+    run_dir = tmp_path / "killed" / "killed" / "e2e-seed0"
+    assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / "summary.json").exists()
+    epochs: list[int] = []
+    monkeypatch.setattr(SingleProcessRun, "_epoch", lambda self, epoch: epochs.append(epoch) or real_epoch(self, epoch))
+    capsys.readouterr()
+    assert study.main(argv("killed")) == 0
+    assert f"resuming {run_dir} from its checkpoint" in capsys.readouterr().out
+    assert epochs == [1]  # only the epoch the kill cut short: not trained again from the start
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    assert resumed["test_bpd"] == whole["test_bpd"] and resumed["steps"] == whole["steps"]

@@ -29,7 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from raylocal.core.config import RaylocalConfig, load_config_file, read_config_file, validate_config
+from raylocal.core.config import (
+    RIVAL_SCHEDULES,
+    RaylocalConfig,
+    load_config_file,
+    read_config_file,
+    validate_config,
+)
+from raylocal.core.runlog import has_checkpoint
 from raylocal.errors import ConfigError, RaylocalError
 from raylocal.run.launch import run, set_threads
 from raylocal.study.stats import mean_interval
@@ -60,7 +67,8 @@ def seeded(values: dict, seed: int) -> dict:
 
 
 def run_config(path: Path, values: dict, storage: str, rerun: bool, seed: int | None = None) -> dict:
-    """Run (or reuse) the config read from ``path`` as ``values``."""
+    """Run the config read from ``path`` as ``values``: reuse it when it finished,
+    resume it from its checkpoint when it was killed (a rival starts again)."""
     values = {"run_name": path.stem, **values}
     if seed is not None:
         values = seeded(values, seed)
@@ -71,6 +79,11 @@ def run_config(path: Path, values: dict, storage: str, rerun: bool, seed: int | 
         _check_same_settings(summary_path.parent, config)
         print(f"reusing {summary_path}", flush=True)
         return json.loads(summary_path.read_text())
+    if not rerun and config.schedule not in RIVAL_SCHEDULES and has_checkpoint(summary_path.parent):
+        # killed mid-run (a session's end kills what runs): on from its last checkpoint
+        _check_same_settings(summary_path.parent, config)
+        config = validate_config({**values, "resume": True}, str(path))
+        print(f"resuming {summary_path.parent} from its checkpoint", flush=True)
     set_threads(config)
     print(f"running {path} ...", flush=True)
     summary = run(config)
