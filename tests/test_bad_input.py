@@ -93,6 +93,17 @@ CASES = [
     ),
     ("bad-link", {"link": "sometimes"}, "link 'sometimes': 'sometimes' is not KEY=VALUE"),
     ("link-without-unit", {"link": "bw=10,lat=20ms"}, "bw=10 needs a unit, e.g. bw=10Mbit"),
+    # the rivals' messages are timed: a link counted in a part's steps would do nothing
+    (
+        "rival-step-based-link",
+        {"schedule": "data-parallel", "workers": 2, "finetune_epochs": 0, "link": "bw=1Gbit,p=0.9"},
+        "link 'bw=1Gbit,p=0.9': p= and outage= count a part's steps",
+    ),
+    (
+        "pipeline-step-based-outage",
+        {"schedule": "pipeline", "parts": 2, "finetune_epochs": 0, "link": "outage=5:3"},
+        "this rival's link is timed, use mtbf= and mttr=",
+    ),
     ("bad-starve", {"starve": "never"}, "starve: Input should be 'wait' or 'stale'"),
     (
         "bad-wire-dtype",

@@ -45,6 +45,6 @@ def check_faults(config: RaylocalConfig, n_parts: int, unit: str = "part") -> No
 def check_run(config: RaylocalConfig, image_shape: tuple[int, int, int]) -> PartSpec:
     """All the driver can check of a run before Ray: parts, links and faults."""
     spec = planned_spec(config, image_shape)
-    check_links(config.link, len(spec))
+    check_links(config.link, len(spec), steps_count=config.schedule != "pipeline")
     check_faults(config, len(spec))
     return spec
