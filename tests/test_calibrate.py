@@ -59,3 +59,21 @@ def test_the_parts_rate_is_the_slower_parts_and_their_bytes_the_first_parts_send
     bytes_row = "| 1mbit | parts | bytes: kernel (Ray's idle traffic 0 kB of it) against ours | 7 MB | 6 MB | 1.17 |"
     assert bytes_row in lines
     assert lines[-1] == "| 1mbit | parts | kernel bytes per step beyond ours and the idle traffic | 1667 | | |"
+
+
+def test_the_hops_table_sets_each_hop_of_the_real_parts_beside_its_twins_in_ms():
+    def hop(p50, p95, count):
+        return {"count": count, "mean": p50, "min": p50, "p50": p50, "p95": p95, "max": p95}
+
+    real = {
+        "packet_delays": [
+            {"latent only": {"in the queue": hop(0.0123, 0.2, 90), "fetching the latent": hop(0.5, 1.0, 90)}}
+        ]
+    }
+    twin = {"packet_delays": [{"latent only": {"in the queue": hop(0.002, 0.004, 300)}}]}
+    cells = {("1mbit", "parts", "real"): real, ("1mbit", "parts", "emulated"): twin, ("1mbit", "ddp", "real"): {}}
+    lines = calibrate.hops_table(cells).splitlines()
+    assert lines[2:] == [
+        "| 1mbit | latent only | in the queue | 12.3 (200.0) | 2.0 (4.0) | 90 / 300 |",
+        "| 1mbit | latent only | fetching the latent | 500.0 (1000.0) | - | 90 / 0 |",
+    ]

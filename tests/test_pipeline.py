@@ -16,7 +16,8 @@ from raylocal.core.data import load_dataset
 from raylocal.model.glow import Glow
 from raylocal.model.parts import parse_part_spec
 from raylocal.pipeline.channel import PacketChannel
-from raylocal.pipeline.worker import PartLoop, PartWorker, staleness_summary
+from raylocal.pipeline.trace import packet_delays
+from raylocal.pipeline.worker import PartLoop, PartWorker, staleness_summary, tensor_bytes
 from raylocal.training.schedules import SingleProcessRun
 
 
@@ -149,6 +150,52 @@ def test_staleness_summary_against_a_hand_count():
     assert s["steps"] == {"mean": pytest.approx(4 / 3), "p50": 1.0, "p95": 3.0, "max": 3.0}
     assert s["seconds"] == {"mean": pytest.approx(5 / 3), "p50": 1.5, "p95": 3.0, "max": 3.0}
     assert staleness_summary(upstream, [])["steps"]["max"] == 0.0
+
+
+def test_a_traced_link_times_each_hop_of_its_first_packets_in_order(mnist_dir):
+    torch.set_num_threads(1)
+    config = _config(mnist_dir, trace_packets=4)
+    workers, stats = _run_threads(config, load_dataset("mnist", mnist_dir).train)
+    sent, received = stats[0].sent_trace, stats[1].received_trace
+    assert [row[:2] for row in sent] == [[0, "init"], [1, "data"], [2, "data"], [3, "data"]]
+    assert [row[:2] for row in received] == [row[:2] for row in sent]
+    # the init packet carries part 1's weights and no latent; each data packet a latent of 16 images
+    # of 2x4x4 float32 values and no weights (a sync every 50 steps)
+    assert sent[0][2:4] == [tensor_bytes(workers[0].weights()), 1] and received[0][2] == 1
+    assert [row[2:4] for row in sent[1:]] == [[16 * 2 * 4 * 4 * 4, 0]] * 3
+    # the part takes every packet ("block"): each hop after the one before, from the sender's hand-over
+    # to the part taking it (one clock for both threads)
+    for out, back in zip(sent, received):
+        times = out[4:] + back[3:]
+        assert None not in times and times == sorted(times), (out, back)
+    assert stats[1].sent_trace == [] and stats[0].received_trace == []  # the ends of the pipeline
+    delays = packet_delays(sent, received)
+    assert delays["latent only"]["handed to taken"]["count"] == 3
+    assert delays["with weights"]["in the queue"]["count"] == 1
+
+
+def test_packet_delays_against_a_hand_count():
+    sent = [
+        [1, "data", 100, 0, 10.0, 10.5, 10.6, 10.7],
+        [2, "data", 900, 1, 20.0, 21.0, 21.1, 21.3],
+        [3, "data", 100, 0, 30.0, 30.5, None, None],  # lost to an outage: never stored nor received
+    ]
+    received = [
+        [1, "data", 0, 10.9, 11.0, 11.2, 11.25, 11.3, 11.4],
+        [2, "data", 1, 21.4, 21.5, 21.6, 22.0, 22.1, None],  # superseded: never taken
+        [9, "end", 0, 40.0, 40.0, 40.0, 40.0, 40.0, 40.0],  # not traced by the sender: left out
+    ]
+    d = packet_delays(sent, received)
+    latent = d["latent only"]
+    assert latent["in the queue"]["p50"] == pytest.approx(0.2)
+    assert latent["fetching the latent"]["max"] == pytest.approx(0.2)
+    assert latent["handed to taken"] == pytest.approx(
+        {"count": 1, "mean": 1.4, "min": 1.4, "p50": 1.4, "p95": 1.4, "max": 1.4}
+    )
+    weights = d["with weights"]
+    assert weights["on the emulated wire"]["mean"] == pytest.approx(1.0)
+    assert weights["fetching the weights"]["mean"] == pytest.approx(0.4)
+    assert "until the part took it" not in weights and "handed to taken" not in weights
 
 
 def test_stale_input_uses_the_synced_copy_not_the_live_upstream(mnist_dir):

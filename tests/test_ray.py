@@ -91,7 +91,7 @@ def test_outage_through_ray_loses_latents_and_the_receiver_makes_up_on_stale_inp
 def test_parts_that_never_wait_over_a_slow_link(mnist_dir, tmp_path):
     s = _async(
         mnist_dir, tmp_path / "runs", "free", parts=2, part_spec="1|2", epochs=2, queue_size=1,
-        link="bw=20Mbit,lat=30ms", starve="stale", full="drop-oldest", wire_dtype="bfloat16",
+        link="bw=20Mbit,lat=30ms", starve="stale", full="drop-oldest", wire_dtype="bfloat16", trace_packets=6,
     )  # fmt: skip
     # every part trained its own 8 steps, each on a fresh or a stale input, and the wire
     # carried 2-byte latents: 16 images of 2x4x4 per latent that crossed (the init packet
@@ -102,6 +102,12 @@ def test_parts_that_never_wait_over_a_slow_link(mnist_dir, tmp_path):
     assert rest == 0 and part == 0 and 1 <= latents <= 8
     assert latents >= s["fresh_steps"][0]  # every fresh step trained on a latent that crossed
     assert s["behind_s"][0]["max"] >= 0.03 or s["fresh_steps"][0] == 0  # a latent is at least the latency old
+    # the first 6 packets, traced at both ends: each one the part took was handed over at least the latency before
+    trace = json.loads((tmp_path / "runs" / "free" / "pipeline.json").read_text())["packet_trace"][0]
+    assert len(trace["sent"]) == 6 and 1 <= len(trace["received"]) <= 6 and "packet_trace" not in s
+    delays = s["packet_delays"][0]
+    assert delays["with weights"]["handed to taken"]["min"] >= 0.03  # the init packet, which part 2 always takes
+    assert delays.get("latent only", {}).get("handed to taken", {"min": 0.03})["min"] >= 0.03
     assert s["test_bpd"] < untrained_bpd(mnist_dir)
     # the same figures in TensorBoard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

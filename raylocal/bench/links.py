@@ -261,7 +261,7 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
         args, schedule="async", parts=2, cpus_per_part=1.0, gpus_per_part=0.0, starve="stale",
         full="drop-oldest", queue_size=args.get("queue_size") or 1, sync_every=args.get("sync_every") or 50,
         part_spec=args["split"], time_budget=args["budget"], wire_dtype=args.get("wire_dtype", "float32"),
-        placement=args.get("placement", "pack"), finetune_epochs=0,
+        placement=args.get("placement", "pack"), finetune_epochs=0, trace_packets=args.get("trace_packets", 0),
     )  # fmt: skip
     own_ray(args.get("join", False))
     snapshot = WeightsSnapshot(FINETUNE_AT * args["budget"])
@@ -277,7 +277,8 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
     steps = [st["steps"] for st in stats]
     seconds = [st["end_time"] - st["start_time"] for st in stats]
     first = stats[0]
-    return {
+    traced = {"packet_delays": summary["packet_delays"]} if config.trace_packets else {}
+    return traced | {
         # every image trains every layer once: the slowest part sets the model's rate
         "images_per_s": min(n * config.batch_size / s for n, s in zip(steps, seconds)),
         "part_images_per_s": [n * config.batch_size / s for n, s in zip(steps, seconds)],

@@ -39,6 +39,7 @@ from raylocal.core.data import ImageData, NodeImages, training_images
 from raylocal.core.faults import apply_worker_faults, parse_faults
 from raylocal.core.runlog import Progress, peak_rss_mb
 from raylocal.errors import ClusterError
+from raylocal.pipeline.trace import packet_trace
 from raylocal.pipeline.worker import PartLoop, PartWorker, staleness_summary, tensor_bytes
 from raylocal.training.schedules import PartsResult
 
@@ -372,7 +373,7 @@ def pipeline_report(
     steps = stats[-1]["steps"]
     forward = [st["bytes_forward"] for st in stats[:-1]]
     behind = [staleness_summary(stats[k - 1]["step_times"], stats[k]["inputs"]) for k in range(1, n)]
-    return {
+    report = {
         "part_images_per_s": [st["steps"] * bs / max(st["end_time"] - st["start_time"], 1e-9) for st in stats],
         "images_per_s_pipeline": steps * bs / max(wall, 1e-9),
         "bytes_forward": forward,
@@ -407,6 +408,10 @@ def pipeline_report(
         "resumed_at": [st["resumed_at"] for st in stats],
         "peak_rss_mb": [st["peak_rss_mb"] for st in stats],
     }
+    if config.trace_packets:  # per boundary: its sender's and its receiver's rows, paired
+        pairs = [(stats[b]["sent_trace"], stats[b + 1]["received_trace"]) for b in range(n - 1)]
+        report["packet_trace"] = [packet_trace(sent, received) for sent, received in pairs]
+    return report
 
 
 __all__ = ["LatentQueue", "PartActor", "PartsPhase", "tensor_bytes", "train_parts"]

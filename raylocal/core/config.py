@@ -40,7 +40,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "optimizer", "compile", "grad_clip", "rollback_factor", "lr_backoff", "lr_recovery_steps", "max_rollbacks",
         "snapshot_every", "seed",
     ),
-    "links": ("link", "queue_size", "starve", "full", "wire_dtype", "sync_every"),
+    "links": ("link", "queue_size", "starve", "full", "wire_dtype", "sync_every", "trace_packets"),
     # where the work runs: Ray, devices, resources, and the data-parallel workers (fine-tune and baselines)
     "cluster": (
         "address", "placement", "device", "threads", "cpus_per_part", "gpus_per_part", "worker_resource",
@@ -217,6 +217,9 @@ class RaylocalConfig(BaseModel):
         "that they stay async's twins",
     )
     sync_every: int = Field(50, ge=1, description="upstream weight sync every N steps")
+    trace_packets: int = Field(
+        0, ge=0, description="time each hop of the first N packets on every link (pipeline.json's packet_trace)"
+    )
     cpus_per_part: float | None = Field(None, gt=0, description="CPUs per part actor")
     gpus_per_part: float | None = Field(None, ge=0, description="GPUs per part actor (default: 1, or a share of fewer)")
     finetune_workers: int = Field(1, ge=1, description="DDP workers for the fine-tune phase")

@@ -48,6 +48,7 @@ from raylocal.core.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.errors import CheckpointError, ClusterError
 from raylocal.model.objectives import preprocess, to_device
 from raylocal.pipeline.channel import PacketChannel, newer_weights
+from raylocal.pipeline.trace import percentile
 from raylocal.training.trainer import (
     WIRE_DTYPES,
     LRClock,
@@ -116,6 +117,9 @@ class WorkerStats:
     start_time: float = 0.0
     first_step_time: float = 0.0  # end of the first step: steady state starts here
     end_time: float = 0.0
+    # --trace-packets N: the first N packets this part sent and received, hop by hop (raylocal.pipeline.trace)
+    sent_trace: list[list[Any]] = field(default_factory=list)
+    received_trace: list[list[Any]] = field(default_factory=list)
 
 
 class PartWorker:
@@ -263,9 +267,10 @@ class LinkSender:
         full: str = "block",
         clock: Clock = SYSTEM_CLOCK,
         lossless: bool = False,
+        trace_packets: int = 0,
     ) -> None:
         self.channel, self.store_put, self.stats, self.index, self.full = channel, store_put, stats, index, full
-        self.lossless = lossless
+        self.lossless, self.trace_packets = lossless, trace_packets
         self.wire = Wire(spec, clock)
         self.clock = clock
         self._slot = PacketChannel(1)  # the packet waiting for the wire
@@ -330,9 +335,11 @@ class LinkSender:
             arrival = self.wire.transmit(nbytes, packet["step"], at=handed_at)
         else:  # the init and end packets wait for the link: the receiver cannot do without them
             arrival = self.wire.deliver(nbytes, at=handed_at)
+        wired_at = self.clock.now()
         if arrival is None:
             self.stats.outage_latents += 1
             self._held = weights
+            self._trace(packet, nbytes, len(weights), [handed_at, wired_at, None, None])
             return
         self._held = {}
         for j, (version, payload, size) in weights.items():
@@ -348,7 +355,13 @@ class LinkSender:
             packet["latent"] = self.store_put(latent)
         packet["weights"] = weights or None
         packet["arrive_at"] = arrival
+        stored_at = self.clock.now()
         self._put(packet)
+        self._trace(packet, nbytes, len(weights), [handed_at, wired_at, stored_at, self.clock.now()])
+
+    def _trace(self, packet: dict[str, Any], nbytes: int, syncs: int, times: list[float | None]) -> None:
+        if len(self.stats.sent_trace) < self.trace_packets:
+            self.stats.sent_trace.append([packet["step"], packet["kind"], nbytes, syncs, *times])
 
     def _put(self, packet: dict[str, Any]) -> None:
         if self.full == "drop-oldest" and packet["kind"] == "data":
@@ -385,13 +398,17 @@ class ReadySlot:
         held = self._item
         return held is None or (self.keep_latest and held["kind"] == "data" and packet["kind"] == "data")
 
-    def put(self, packet: dict[str, Any]) -> None:
+    def put(self, packet: dict[str, Any], when_placed: Callable[[], None] | None = None) -> None:
+        """Hold ``packet`` once there is room; ``when_placed`` runs as it is
+        placed, before the part can take it."""
         with self._cond:
             while not self._replaceable(packet):
                 self._cond.wait()
             if self._item is not None:
                 packet = _carry_weights(self._item, packet)
                 self.superseded += 1
+            if when_placed is not None:
+                when_placed()
             self._item = packet
             self._cond.notify_all()
 
@@ -413,10 +430,18 @@ class LinkReceiver:
     with ``keep_latest``, the newest that has arrived)."""
 
     def __init__(
-        self, channel: Any, store_get: Callable[[Any], Any], clock: Clock = SYSTEM_CLOCK, keep_latest: bool = False
+        self,
+        channel: Any,
+        store_get: Callable[[Any], Any],
+        clock: Clock = SYSTEM_CLOCK,
+        keep_latest: bool = False,
+        trace: list[list[Any]] | None = None,
+        trace_packets: int = 0,
     ) -> None:
         self.channel, self.store_get, self.clock = channel, store_get, clock
         self._ready = ReadySlot(keep_latest)
+        self.trace = trace if trace is not None else []  # the first trace_packets packets' hops
+        self.trace_packets = trace_packets
         self.error: BaseException | None = None
         self._draining = False
         self._thread = threading.Thread(target=self._serve, name="raylocal-inbox", daemon=True)
@@ -434,7 +459,24 @@ class LinkReceiver:
             return None
         if packet["kind"] == "error":
             raise self.error  # type: ignore[misc]
+        row = packet.pop("trace_row", None)
+        if row is not None:
+            row[-1] = self.clock.now()
         return packet
+
+    def _traced(self, packet: dict[str, Any], times: list[float]) -> Callable[[], None] | None:
+        """Note the first packets' hops so far; what it returns notes when the
+        packet is ready, and ``get`` when the part took it."""
+        if len(self.trace) >= self.trace_packets:
+            return None
+        row = [packet["step"], packet["kind"], len(packet["states"]), *times, None, None]
+        self.trace.append(row)
+        packet["trace_row"] = row
+
+        def placed() -> None:
+            row[-2] = self.clock.now()
+
+        return placed
 
     def drain(self) -> None:
         """Take and drop what is still coming, up to the sender's end packet, so
@@ -451,17 +493,20 @@ class LinkReceiver:
         try:
             while True:
                 packet = dict(self.channel.get())
+                got_at = self.clock.now()
                 if self._draining and packet["kind"] != "end":
                     continue
                 self.clock.sleep_until(packet.get("arrive_at", 0.0))
+                arrived_at = self.clock.now()
                 if packet.get("latent") is not None:
                     latent = self.store_get(packet["latent"])  # None: it died with a crashed sender
                     packet["latent"] = None if latent is None else from_wire(latent)
                     packet["lost"] = latent is None
+                latent_at = self.clock.now()
                 packet["states"] = {
                     int(j): self.store_get(ref) for j, (version, ref, size) in (packet.get("weights") or {}).items()
                 }
-                self._ready.put(packet)
+                self._ready.put(packet, self._traced(packet, [got_at, arrived_at, latent_at, self.clock.now()]))
                 if packet["kind"] == "end":
                     return
         except BaseException as e:  # handed to the part's thread
@@ -500,11 +545,15 @@ class PartLoop:
         self.wait_for_fresh = config.starve == "wait"
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
         keep_latest = config.full == "drop-oldest"  # the receiver too keeps only the newest latent
-        self.receiver = LinkReceiver(inbox, store_get, clock, keep_latest) if inbox is not None else None
+        traced = config.trace_packets
+        self.receiver = None
+        if inbox is not None:
+            trace = worker.stats.received_trace
+            self.receiver = LinkReceiver(inbox, store_get, clock, keep_latest, trace, traced)
         self.sender = None
         if outbox is not None:
             spec = LinkSpec.parse(config.link, self.k, config.seed)
-            self.sender = LinkSender(outbox, spec, store_put, worker.stats, self.k, config.full, clock)
+            self.sender = LinkSender(outbox, spec, store_put, worker.stats, self.k, config.full, clock, False, traced)
         self.upstream_ended = False
         self.straggler = Straggler(parse_faults(config.inject or ""), self.k, clock.sleep)
         st = worker.stats
@@ -644,11 +693,6 @@ class PartLoop:
         worker.stats.put_s += self.sender.send(packet)
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(int(math.ceil(q * len(ordered))) - 1, len(ordered) - 1)] if ordered else 0.0
-
-
 def staleness_summary(upstream_times: list[float], inputs: list[list[float]]) -> dict[str, dict[str, float]]:
     """How far behind the upstream part each input of a part was, in upstream
     steps (steps the upstream had finished when the input was used, minus the
@@ -664,8 +708,8 @@ def staleness_summary(upstream_times: list[float], inputs: list[list[float]]) ->
     def describe(values: list[float]) -> dict[str, float]:
         return {
             "mean": sum(values) / len(values) if values else 0.0,
-            "p50": _percentile(values, 0.5),
-            "p95": _percentile(values, 0.95),
+            "p50": percentile(values, 0.5),
+            "p95": percentile(values, 0.95),
             "max": max(values) if values else 0.0,
         }
 

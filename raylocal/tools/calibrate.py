@@ -45,6 +45,7 @@ from raylocal.bench.links import BENCH_MODEL  # noqa: E402 (after the auth setti
 RATES = ("100mbit", "10mbit", "1mbit")
 METHODS = ("parts", "ddp", "local-sgd")
 IDLE_S = 10.0  # seconds of the idle cluster's traffic measured before each real cell
+TRACE_PACKETS = 5000  # the parts' packets timed hop by hop: every one of a 30 s cell
 
 
 def emulated_link(rate: str) -> str:
@@ -66,6 +67,7 @@ def cell_args(method: str, rate: str, real: bool, budget: float, seed: int) -> d
         "bucket_cap_mb": None, "ddp_compression": "none", "sync_every": 50, "queue_size": 1,
         # every worker and part loads its images on its own node, in both twins: only training crosses the link
         "images_from": "node",
+        "trace_packets": TRACE_PACKETS if method == "parts" else 0,
     }  # fmt: skip
 
 
@@ -174,6 +176,30 @@ def table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def _ms(delay: dict[str, float]) -> str:
+    return f"{1e3 * delay['p50']:.1f} ({1e3 * delay['p95']:.1f})"
+
+
+def hops_table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
+    """Per rate, where the parts' packets spent their time: each hop's median
+    (and 95th percentile) in ms, real against emulated (``raylocal.pipeline.trace``)."""
+    rows = [
+        "| rate | packets | hop | real: p50 (p95) ms | emulated: p50 (p95) ms | packets real / emulated |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (rate, method, kind), cell in cells.items():
+        twin = cells.get((rate, method, "emulated"), {})
+        if method != "parts" or kind != "real" or not cell.get("packet_delays") or not twin.get("packet_delays"):
+            continue
+        ours, theirs = cell["packet_delays"][0], twin["packet_delays"][0]
+        for group, hops in ours.items():
+            for hop, d in hops.items():
+                e = theirs.get(group, {}).get(hop)
+                count = f"{d['count']} / {e['count'] if e else 0}"
+                rows.append(f"| {rate} | {group} | {hop} | {_ms(d)} | {_ms(e) if e else '-'} | {count} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rates", default=",".join(RATES), help="tbf rates, comma-separated (like 10mbit)")
@@ -208,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"-- {method} at {rate}, {kind}", flush=True)
                     path.write_text(json.dumps(run(method, rate, args.budget, args.seed), indent=1))
                 cells[(rate, method, kind)] = json.loads(path.read_text())
-    (out / "table.md").write_text(table(cells) + "\n")
-    print(table(cells))
+    text = table(cells) + "\n\nWhere the parts' packets spent their time:\n\n" + hops_table(cells)
+    (out / "table.md").write_text(text + "\n")
+    print(text)
     return 0
 
 
