@@ -18,6 +18,7 @@ from raylocal.errors import ConfigError
 from raylocal.model.glow import Glow
 from raylocal.model.parts import parse_part_spec
 from raylocal.pipeline.channel import PacketChannel
+from raylocal.pipeline.trace import packet_delays
 from raylocal.pipeline.worker import LinkReceiver, LinkSender, PartLoop, PartWorker, WorkerStats
 
 
@@ -202,6 +203,30 @@ def test_the_receiver_hands_over_a_packet_only_once_it_has_arrived():
     packet = receiver.get()
     assert clock.now() == pytest.approx(12.5)  # its thread waited out the latency
     assert packet["latent"].dtype == torch.float32  # the receiver trains in float32
+
+
+def test_a_traced_packet_spends_its_bytes_over_the_bandwidth_on_the_wire_and_the_latency_before_it_is_ready():
+    clock = FakeClock(1000.0)
+    channel = PacketChannel(4)
+    stats = WorkerStats()
+    spec = LinkSpec.parse("bw=8Mbit,lat=20ms")
+    sender = LinkSender(channel, spec, lambda x: x, stats, 0, "block", clock, trace_packets=5)
+    receiver = LinkReceiver(channel, lambda r: r, clock, trace=stats.received_trace, trace_packets=5)
+    sender.send({"kind": "data", "step": 1, "latent": torch.zeros(250_000), "weights": None})  # 1 MB: 1 s
+    receiver.get()
+    sender.close()
+    assert receiver.get()["kind"] == "end"
+    assert stats.sent_trace[0] == [1, "data", 1_000_000, 0, 1000.0, 1000.0, 1001.0, 1001.0, 1001.0]
+    # got as the put returned; ready once the 20 ms are over; taken at once (the part was waiting)
+    assert stats.received_trace[0] == pytest.approx([1, "data", 0, 1001.0, 1001.02, 1001.02, 1001.02, 1001.02, 1001.02])
+    delays = packet_delays(stats.sent_trace, stats.received_trace)["latent only"]
+    assert delays["on the emulated wire"]["max"] == pytest.approx(1.0)
+    assert delays["waiting out the emulated latency"]["max"] == pytest.approx(0.02)
+    # the end packet, sent once the part had taken the latent, has no bytes: it waits only the latency
+    assert delays["handed to taken"]["count"] == 2 and delays["handed to taken"]["max"] == pytest.approx(1.02)
+    assert delays["handed to taken"]["min"] == pytest.approx(0.02)
+    # the end packet is traced like any (its step: the sender's step count, 0 here without a part loop)
+    assert [row[:2] for row in stats.received_trace] == [[1, "data"], [0, "end"]]
 
 
 def _worker_pair(mnist_dir, **kw):

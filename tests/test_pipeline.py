@@ -16,7 +16,7 @@ from raylocal.core.data import load_dataset
 from raylocal.model.glow import Glow
 from raylocal.model.parts import parse_part_spec
 from raylocal.pipeline.channel import PacketChannel
-from raylocal.pipeline.trace import packet_delays
+from raylocal.pipeline.trace import packet_delays, paired
 from raylocal.pipeline.worker import PartLoop, PartWorker, staleness_summary, tensor_bytes
 from raylocal.training.schedules import SingleProcessRun
 
@@ -163,31 +163,36 @@ def test_a_traced_link_times_each_hop_of_its_first_packets_in_order(mnist_dir):
     # of 2x4x4 float32 values and no weights (a sync every 50 steps)
     assert sent[0][2:4] == [tensor_bytes(workers[0].weights()), 1] and received[0][2] == 1
     assert [row[2:4] for row in sent[1:]] == [[16 * 2 * 4 * 4 * 4, 0]] * 3
-    # the part takes every packet ("block"): each hop after the one before, from the sender's hand-over
-    # to the part taking it (one clock for both threads)
+    # the part takes every packet ("block"): each end's hops in order, and the receiver gets a packet
+    # only once the sender has stored it and begun its put (one clock for both threads)
     for out, back in zip(sent, received):
-        times = out[4:] + back[3:]
-        assert None not in times and times == sorted(times), (out, back)
+        assert None not in out + back and out[4:] == sorted(out[4:]) and back[3:] == sorted(back[3:]), (out, back)
+        assert out[7] <= back[3]
     assert stats[1].sent_trace == [] and stats[0].received_trace == []  # the ends of the pipeline
     delays = packet_delays(sent, received)
     assert delays["latent only"]["handed to taken"]["count"] == 3
-    assert delays["with weights"]["in the queue"]["count"] == 1
+    assert delays["with weights"]["from put to get"]["count"] == 1
 
 
 def test_packet_delays_against_a_hand_count():
     sent = [
-        [1, "data", 100, 0, 10.0, 10.5, 10.6, 10.7],
-        [2, "data", 900, 1, 20.0, 21.0, 21.1, 21.3],
-        [3, "data", 100, 0, 30.0, 30.5, None, None],  # lost to an outage: never stored nor received
+        [1, "data", 100, 0, 10.0, 10.1, 10.5, 10.6, 10.7],
+        [2, "data", 900, 1, 20.0, 20.0, 21.0, 21.1, 21.3],
+        [3, "data", 100, 0, 30.0, 30.0, 30.5, None, None],  # lost to an outage: never stored nor received
+        [4, "data", 100, 0, 40.0, 40.0, 40.5, 40.6, 40.7],  # sent twice (a restarted sender): left out
+        [4, "data", 100, 0, 50.0, 50.0, 50.5, 50.6, 50.7],
     ]
     received = [
         [1, "data", 0, 10.9, 11.0, 11.2, 11.25, 11.3, 11.4],
         [2, "data", 1, 21.4, 21.5, 21.6, 22.0, 22.1, None],  # superseded: never taken
-        [9, "end", 0, 40.0, 40.0, 40.0, 40.0, 40.0, 40.0],  # not traced by the sender: left out
+        [9, "end", 0, 60.0, 60.0, 60.0, 60.0, 60.0, 60.0],  # not traced by the sender: left out
+        [4, "data", 0, 40.8, 40.8, 40.8, 40.8, 40.8, 40.8],
     ]
+    assert [(out[0], back[0]) for out, back in paired(sent, received)] == [(1, 1), (2, 2)]
     d = packet_delays(sent, received)
     latent = d["latent only"]
-    assert latent["in the queue"]["p50"] == pytest.approx(0.2)
+    assert latent["waiting for the link thread"]["p50"] == pytest.approx(0.1)
+    assert latent["from put to get"]["p50"] == pytest.approx(0.3)  # stored at 10.6, got at 10.9
     assert latent["fetching the latent"]["max"] == pytest.approx(0.2)
     assert latent["handed to taken"] == pytest.approx(
         {"count": 1, "mean": 1.4, "min": 1.4, "p50": 1.4, "p95": 1.4, "max": 1.4}

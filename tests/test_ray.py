@@ -104,10 +104,13 @@ def test_parts_that_never_wait_over_a_slow_link(mnist_dir, tmp_path):
     assert s["behind_s"][0]["max"] >= 0.03 or s["fresh_steps"][0] == 0  # a latent is at least the latency old
     # the first 6 packets, traced at both ends: each one the part took was handed over at least the latency before
     trace = json.loads((tmp_path / "runs" / "free" / "pipeline.json").read_text())["packet_trace"][0]
-    assert len(trace["sent"]) == 6 and 1 <= len(trace["received"]) <= 6 and "packet_trace" not in s
+    # (drop-oldest: a latent dropped before its link's thread took it up leaves no row)
+    assert 2 <= len(trace["sent"]) <= 6 and 1 <= trace["paired"] <= len(trace["received"]) <= 6
+    assert "packet_trace" not in s
     delays = s["packet_delays"][0]
     assert delays["with weights"]["handed to taken"]["min"] >= 0.03  # the init packet, which part 2 always takes
-    assert delays.get("latent only", {}).get("handed to taken", {"min": 0.03})["min"] >= 0.03
+    taken = delays.get("latent only", {}).get("handed to taken")  # none, if every traced latent was superseded
+    assert taken is None or taken["min"] >= 0.03
     assert s["test_bpd"] < untrained_bpd(mnist_dir)
     # the same figures in TensorBoard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -218,7 +218,10 @@ class RaylocalConfig(BaseModel):
     )
     sync_every: int = Field(50, ge=1, description="upstream weight sync every N steps")
     trace_packets: int = Field(
-        0, ge=0, description="time each hop of the first N packets on every link (pipeline.json's packet_trace)"
+        0,
+        ge=0,
+        le=100_000,
+        description="time each hop of the first N packets on every link (pipeline.json's packet_trace)",
     )
     cpus_per_part: float | None = Field(None, gt=0, description="CPUs per part actor")
     gpus_per_part: float | None = Field(None, ge=0, description="GPUs per part actor (default: 1, or a share of fewer)")
@@ -388,6 +391,7 @@ RIVAL_UNUSED = {
     "starve": "has no queue of latents between parts",
     "full": "has no queue of latents between parts",
     "sync_every": "sends no upstream weights",
+    "trace_packets": "traces no packets (only the parts' links do)",
     "compile": "trains uncompiled",
     "max_restarts": "does not restart a worker or stage",
     "finetune_lr": "has no fine-tune",

@@ -326,6 +326,7 @@ class LinkSender:
                 pass
 
     def _transmit(self, packet: dict[str, Any]) -> None:
+        picked_at = self.clock.now()
         weights = newer_weights(self._held, packet.get("weights"))
         weights = {j: w for j, w in weights.items() if w[0] > self._sent_versions.get(j, -1)}
         latent = packet.get("latent")
@@ -339,7 +340,7 @@ class LinkSender:
         if arrival is None:
             self.stats.outage_latents += 1
             self._held = weights
-            self._trace(packet, nbytes, len(weights), [handed_at, wired_at, None, None])
+            self._trace(packet, nbytes, len(weights), [handed_at, picked_at, wired_at, None, None])
             return
         self._held = {}
         for j, (version, payload, size) in weights.items():
@@ -357,7 +358,7 @@ class LinkSender:
         packet["arrive_at"] = arrival
         stored_at = self.clock.now()
         self._put(packet)
-        self._trace(packet, nbytes, len(weights), [handed_at, wired_at, stored_at, self.clock.now()])
+        self._trace(packet, nbytes, len(weights), [handed_at, picked_at, wired_at, stored_at, self.clock.now()])
 
     def _trace(self, packet: dict[str, Any], nbytes: int, syncs: int, times: list[float | None]) -> None:
         if len(self.stats.sent_trace) < self.trace_packets:

@@ -23,6 +23,7 @@ RESUMABLE = {
     "epochs", "finetune_epochs", "time_budget", "progress", "eval_every", "log_every",
     "checkpoint_every", "threads", "device", "address", "resume", "storage_path", "run_name",
     "samples", "cache_dir", "data_root", "download", "max_rollbacks", "tf32", "deterministic", "images_from",
+    "trace_packets",
 }  # fmt: skip
 
 
