@@ -103,6 +103,11 @@ def test_the_outliers_tool_takes_the_test_bpd_apart_image_by_image(mnist_dir, tm
     assert (test > cap).any() and (test < cap).any() and found["test"]["capped_mean"] < found["test"]["mean"] - 1e-6
     summary = _summary(storage, "r")
     assert summary["test_bpd"] == pytest.approx(found["test"]["capped_mean"], abs=1e-9) and summary["eval_cap"] == cap
+    # --cap scores the same model with another cap than the run's
+    recapped = outliers.outliers(storage / "r", held_out=None, worst=3, cap=cap - 1)["test"]["capped_mean"]
+    assert recapped == pytest.approx(test.clamp(max=cap - 1).mean().item(), abs=1e-9)
+    assert outliers.main([str(storage / "r"), "--cap", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --cap 0: a cap is a BPD above 0"
     assert outliers.main([str(storage / "r"), "--worst", "2"]) == 0
     assert capsys.readouterr().out.startswith(f"test ({len(data.test)} images): BPD ")
     assert outliers.main([str(tmp_path / "none")]) == 2

@@ -61,15 +61,16 @@ def image_sets(run_dir: Path, held_out: int | None) -> tuple[RaylocalConfig, Glo
     return config, glow, data.train, sets
 
 
-def outliers(run_dir: Path, held_out: int | None, worst: int) -> dict[str, dict[str, object]]:
-    """``summary`` of the run's test images, and of its last ``held_out`` training images."""
+def outliers(run_dir: Path, held_out: int | None, worst: int, cap: float | None = None) -> dict[str, dict[str, object]]:
+    """``summary`` of the run's test images, and of its last ``held_out`` training
+    images; ``capped_mean`` with each image capped at ``cap`` (default: the run's ``--eval-cap``)."""
     config, glow, _, sets = image_sets(run_dir, held_out)
-    batch, cap = config.eval_batch_size, config.eval_cap
+    batch, cap = config.eval_batch_size, cap if cap is not None else config.eval_cap
     out = {}
     for name, images in sets.items():
         bpds = image_bpds(glow, images, batch, torch.device("cpu"))
         out[name] = summary(bpds, mean_bpd(bpds, batch), worst)
-        if cap is not None:  # what the run's own evaluation gave (--eval-cap)
+        if cap is not None:  # as the run's own evaluation scores with --eval-cap
             out[name]["capped_mean"] = mean_bpd(bpds, batch, cap)
     return out
 
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--held-out", type=int, default=None, help="also the last N training images")
     p.add_argument("--worst", type=int, default=5, help="how many of the worst images to list")
+    p.add_argument("--cap", type=float, default=None, help="also the mean with each image capped at CAP bits/dim")
     p.add_argument(
         "--explain", action="append", default=[], metavar="IMAGE",
         help="where one image's BPD comes from: INDEX (a test image) or held-out:INDEX; may repeat",
@@ -196,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.explain:
             lines = explained(args.run_dir, [parse_image(t) for t in args.explain], args.held_out)
         else:
-            lines = summary_lines(outliers(args.run_dir, args.held_out, args.worst))
+            if args.cap is not None and args.cap <= 0:
+                raise ConfigError(f"--cap {args.cap:g}: a cap is a BPD above 0")
+            lines = summary_lines(outliers(args.run_dir, args.held_out, args.worst, args.cap))
     except RaylocalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -211,7 +215,7 @@ def summary_lines(found: dict[str, dict[str, object]]) -> list[str]:
         lines.append(
             f"{name} ({s['images']} images): BPD {s['mean']:.4f}; median image {s['median']:.4f}; "
             f"worst {worst}; mean without them {s['mean_without_worst']:.4f}"
-            + (f"; each image capped (--eval-cap) {s['capped_mean']:.4f}" if "capped_mean" in s else "")
+            + (f"; each image capped {s['capped_mean']:.4f}" if "capped_mean" in s else "")
         )
     return lines
 
