@@ -207,9 +207,7 @@ class RaylocalConfig(BaseModel):
         description="a part with no fresh latent from upstream: wait for one, or train on a latent computed "
         "from its own data through its synced upstream copy",
     )
-    full: Literal["block", "drop-oldest"] = Field(
-        "block", description="a part whose outbound queue is full: block, or replace the oldest latent"
-    )
+    full: Literal["block", "drop-oldest"] = Field("block", description="full outbound queue: block, or drop its oldest")
     wire_dtype: Literal["float32", "bfloat16", "float16", "int8"] = Field(
         "float32",
         description="precision of latents between parts, on async's wire (parts train in float32; int8: "
@@ -217,12 +215,7 @@ class RaylocalConfig(BaseModel):
         "that they stay async's twins",
     )
     sync_every: int = Field(50, ge=1, description="upstream weight sync every N steps")
-    trace_packets: int = Field(
-        0,
-        ge=0,
-        le=100_000,
-        description="time each hop of the first N packets on every link (pipeline.json's packet_trace)",
-    )
+    trace_packets: int = Field(0, ge=0, le=100_000, description="time the hops of each link's first N packets")
     cpus_per_part: float | None = Field(None, gt=0, description="CPUs per part actor")
     gpus_per_part: float | None = Field(None, ge=0, description="GPUs per part actor (default: 1, or a share of fewer)")
     finetune_workers: int = Field(1, ge=1, description="DDP workers for the fine-tune phase")
