@@ -554,7 +554,9 @@ class PartLoop:
         self.sender = None
         if outbox is not None:
             spec = LinkSpec.parse(config.link, self.k, config.seed)
-            self.sender = LinkSender(outbox, spec, store_put, worker.stats, self.k, config.full, clock, False, traced)
+            self.sender = LinkSender(
+                outbox, spec, store_put, worker.stats, self.k, config.full, clock, trace_packets=traced
+            )
         self.upstream_ended = False
         self.straggler = Straggler(parse_faults(config.inject or ""), self.k, clock.sleep)
         st = worker.stats
