@@ -102,7 +102,13 @@ CASES = [
     (
         "pipeline-step-based-outage",
         {"schedule": "pipeline", "parts": 2, "finetune_epochs": 0, "link": "outage=5:3"},
-        "this rival's link is timed, use mtbf= and mttr=",
+        "but a pipeline run sends by the clock; use mtbf= and mttr=",
+    ),
+    # so is a DDP fine-tune's: its parts would honour the outage, its fine-tune not
+    (
+        "ddp-finetune-step-based-link",
+        {"schedule": "async", "parts": 2, "finetune_epochs": 1, "finetune_workers": 2, "link": "bw=1Gbit,outage=5:3"},
+        "but its DDP fine-tune (finetune_workers=2) sends by the clock",
     ),
     ("bad-starve", {"starve": "never"}, "starve: Input should be 'wait' or 'stale'"),
     (

@@ -77,3 +77,18 @@ def test_the_hops_table_sets_each_hop_of_the_real_parts_beside_its_twins_in_ms()
         "| 1mbit | latent only | in the queue | 12.3 (200.0) | 2.0 (4.0) | 90 / 300 |",
         "| 1mbit | latent only | fetching the latent | 500.0 (1000.0) | - | 90 / 0 |",
     ]
+
+
+def test_the_table_says_which_host_ran_which_cells_and_which_cells_recorded_none():
+    host = {"commit": "abc1234", "cpu": "AMD EPYC", "probe_images_per_s": 374.4}
+    cells = {
+        ("1mbit", "parts", "real"): {"host": host},
+        ("1mbit", "parts", "emulated"): {"host": host},
+        ("10mbit", "parts", "real"): {"host": host | {"probe_images_per_s": 640.0}},
+        ("10mbit", "parts", "emulated"): {},  # a cell from before cells recorded their host
+    }
+    assert calibrate.hosts_lines(cells).splitlines() == [
+        "- commit abc1234, AMD EPYC, probe 374 images/s: parts 1mbit real, parts 1mbit emulated",
+        "- commit abc1234, AMD EPYC, probe 640 images/s: parts 10mbit real",
+        "- host not recorded: parts 10mbit emulated",
+    ]

@@ -15,6 +15,7 @@ from raylocal.baselines.guard import NonFiniteGuard
 from raylocal.baselines.projection import ring_bytes
 from raylocal.cli.train import main
 from raylocal.cluster.placement import DataParallelPlacement
+from raylocal.core.checkpoint import load_checkpoint
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.links import FakeClock, LinkSpec
 
@@ -179,7 +180,11 @@ def test_a_local_sgd_run_over_a_link_sends_what_the_formula_says_and_records_its
     expected = evaluate_bpd(glow, data.test, 32, torch.device("cpu"))
     assert summary["test_bpd"] == pytest.approx(expected, abs=1e-9) and run_config.average_every == 3
     assert summary["curve"][-1]["epoch"] == 1.0 and summary["stopped_early"] is None
-    # its checkpoint holds the whole model as an e2e run's: a --resume must not take it for one
+    # its checkpoint records the run's own config, not the e2e stand-in that evaluated it
+    checkpoint = load_checkpoint(storage / "local" / "checkpoint.pt", kind="run")
+    recorded = RaylocalConfig.model_validate_json(checkpoint["config"])
+    assert (recorded.schedule, recorded.workers, recorded.average_every) == ("data-parallel", 2, 3)
+    # a data-parallel run trains in one go: a --resume must not take its checkpoint for an e2e run's
     assert main(tiny_options(mnist_dir, storage, run_name="local", resume=True)) == 2
     assert "is a data-parallel run, which does not resume" in capsys.readouterr().err
 

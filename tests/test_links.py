@@ -70,9 +70,9 @@ def test_bad_link_specs_say_what_is_wrong_in_one_line(text, message):
 def test_a_rivals_link_refuses_step_based_availability_and_keeps_timed_outages():
     for text in ("p=0.9", "bw=1Gbit,outage=3:2", "up|p=0.5"):
         check_links(text, 3)  # the parts count their steps
-        with pytest.raises(ConfigError, match="p= and outage= count a part's steps"):
-            check_links(text, 3, steps_count=False)
-    check_links("bw=10Mbit,mtbf=60s,mttr=15s", 3, steps_count=False)
+        with pytest.raises(ConfigError, match="p= and outage= count a part's steps, but a rival sends by the clock"):
+            check_links(text, 3, timed_by="a rival")
+    check_links("bw=10Mbit,mtbf=60s,mttr=15s", 3, timed_by="a rival")
 
 
 def test_link_count_must_match_boundaries():

@@ -15,7 +15,7 @@ from conftest import tiny_options, untrained_bpd
 from raylocal.cli.train import main
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
-from raylocal.training.schedules import SingleProcessRun
+from raylocal.training.schedules import PARTS_RESULT, PartsResult, SingleProcessRun
 from raylocal.training.trainer import build_glow
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -107,6 +107,8 @@ def test_parts_that_never_wait_over_a_slow_link(mnist_dir, tmp_path):
     # (drop-oldest: a latent dropped before its link's thread took it up leaves no row)
     assert 2 <= len(trace["sent"]) <= 6 and 1 <= trace["paired"] <= len(trace["received"]) <= 6
     assert "packet_trace" not in s
+    saved = PartsResult.load(tmp_path / "runs" / "free" / PARTS_RESULT)  # the rows once, in the report
+    assert saved.report["packet_trace"][0] == trace and not any("sent_trace" in st for st in saved.stats)
     delays = s["packet_delays"][0]
     assert delays["with weights"]["handed to taken"]["min"] >= 0.03  # the init packet, which part 2 always takes
     taken = delays.get("latent only", {}).get("handed to taken")  # none, if every traced latent was superseded

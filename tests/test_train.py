@@ -108,6 +108,10 @@ def test_the_outliers_tool_takes_the_test_bpd_apart_image_by_image(mnist_dir, tm
     assert recapped == pytest.approx(test.clamp(max=cap - 1).mean().item(), abs=1e-9)
     assert outliers.main([str(storage / "r"), "--cap", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --cap 0: a cap is a BPD above 0"
+    assert outliers.main([str(storage / "r"), "--cap", "8", "--explain", "3"]) == 2  # not silently ignored
+    assert capsys.readouterr().err.strip() == (
+        "error: --cap 8: --explain shows an image's own terms, uncapped; drop one of them"
+    )
     assert outliers.main([str(storage / "r"), "--worst", "2"]) == 0
     assert capsys.readouterr().out.startswith(f"test ({len(data.test)} images): BPD ")
     assert outliers.main([str(tmp_path / "none")]) == 2

@@ -355,6 +355,9 @@ def train_parts(
     if hasattr(monitor, "finish"):
         monitor.finish()
     report = pipeline_report(phase.config, stats, infos, wall, plan["param_bytes"])
+    for st in stats:  # the traced rows live on once, paired, in the report
+        for key in ("sent_trace", "received_trace"):
+            st.pop(key, None)
     return PartsResult(state, wall, stats, list(getattr(monitor, "curve", [])), report)
 
 

@@ -45,6 +45,15 @@ def check_faults(config: RaylocalConfig, n_parts: int, unit: str = "part") -> No
 def check_run(config: RaylocalConfig, image_shape: tuple[int, int, int]) -> PartSpec:
     """All the driver can check of a run before Ray: parts, links and faults."""
     spec = planned_spec(config, image_shape)
-    check_links(config.link, len(spec), steps_count=config.schedule != "pipeline")
+    check_links(config.link, len(spec), timed_by=timed_traffic(config))
     check_faults(config, len(spec))
     return spec
+
+
+def timed_traffic(config: RaylocalConfig) -> str | None:
+    """What in this run crosses the link by the clock rather than by a part's step, if anything."""
+    if config.schedule == "pipeline":
+        return "a pipeline run"
+    if config.finetune_epochs and config.finetune_workers > 1:
+        return f"its DDP fine-tune (finetune_workers={config.finetune_workers})"
+    return None

@@ -276,15 +276,17 @@ class Wire:
             self.clock.sleep_until(t)
 
 
-def check_links(text: str, n_parts: int, steps_count: bool = True) -> None:
-    """Every boundary's spec parses and there is one per boundary. With
-    ``steps_count=False`` (the rivals, whose messages are timed, not numbered by
-    a part's step) the step-based ``p`` and ``outage`` are refused: they would do nothing."""
+def check_links(text: str, n_parts: int, timed_by: str | None = None) -> None:
+    """Every boundary's spec parses and there is one per boundary. ``timed_by``
+    names what also sends over the link by the clock, not numbered by a part's
+    step (a rival, a DDP fine-tune): then the step-based ``p`` and ``outage``
+    are refused, as they would do nothing there."""
     for b in range(max(n_parts - 1, 1)):
         spec = LinkSpec.parse(text, b)
-        if not steps_count and (spec.p < 1.0 or spec.outages):
+        if timed_by and (spec.p < 1.0 or spec.outages):
             raise ConfigError(
-                f"link {text!r}: p= and outage= count a part's steps; this rival's link is timed, use mtbf= and mttr="
+                f"link {text!r}: p= and outage= count a part's steps, but {timed_by} sends by the clock; "
+                "use mtbf= and mttr="
             )
     if "|" in text and len(text.split("|")) != n_parts - 1:
         raise ConfigError(f"link {text!r} names {len(text.split('|'))} boundaries, {n_parts} parts have {n_parts - 1}")

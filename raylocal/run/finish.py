@@ -97,6 +97,7 @@ def finish_trained_elsewhere(
     in this process. The summary is returned, for the run to write once."""
     whole = config.model_copy(update={"schedule": "e2e", "parts": 1, "part_spec": None, "lr": config.lr[:1]})
     run = SingleProcessRun(whole, data, run_dir, record=False)
+    run.recorded_config = config
     run.state.global_step = trained.steps
     at_epoch = trained.steps / max(len(run.stream), 1)
     adopt_trained(run, trained.state, trained.seconds, trained.history, config.schedule, 0, at_epoch)

@@ -32,7 +32,7 @@ def resume_config(config: RaylocalConfig, given: dict[str, Any]) -> RaylocalConf
     run_dir = resolve_run_dir(config)
     recorded = run_dir / "config.json"
     schedule = load_config_file(recorded, recorded=True).schedule if recorded.is_file() else None
-    if schedule in RIVAL_SCHEDULES:  # (its checkpoint holds the whole model as an e2e run's)
+    if schedule in RIVAL_SCHEDULES:  # (it trains in one go: its checkpoint holds only its final model)
         raise ConfigError(f"--resume: {run_dir} is a {schedule} run, which does not resume; start it again")
     if (run_dir / CHECKPOINT).is_file():
         saved = RaylocalConfig.model_validate_json(load_checkpoint(run_dir / CHECKPOINT, kind="run")["config"])

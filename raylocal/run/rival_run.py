@@ -57,7 +57,7 @@ class RivalRun:
             Placement.plan(config, len(spec)).check(with_service=False)
         else:
             check_image_shape(config, self.data.shape)
-            check_links(config.link, 2, steps_count=False)  # one link between any two workers
+            check_links(config.link, 2, timed_by="a data-parallel run")  # one link between any two workers
             check_faults(config, config.workers, "worker")
             connect(config)
             self.workers = DataParallelPlacement.plan(config, config.workers, config.cpus_per_part)

@@ -22,8 +22,9 @@ each loads its training images from this host's disk (``images_from="node"``),
 so that what crosses the link is the training's own traffic. The
 kernel's interface counters on both nodes count what really crossed; over the
 same seconds before the cell, the idle cluster's own traffic (Ray's control
-messages) is measured and reported beside it. Results: ``OUT/calibration/``,
-one JSON per cell and ``table.md``.
+messages) is measured and reported beside it. Each cell records its host (the
+commit, the CPU, and the race's host-speed probe, once per invocation).
+Results: ``OUT/calibration/``, one JSON per cell and ``table.md``.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ from typing import Any
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from raylocal.bench.links import BENCH_MODEL  # noqa: E402 (after the auth setting, as links.py's own)
+from raylocal.bench.links import BENCH_MODEL, host_figures  # noqa: E402 (after the auth setting, as links.py's own)
 
 RATES = ("100mbit", "10mbit", "1mbit")
 METHODS = ("parts", "ddp", "local-sgd")
+PROBE_S = 10.0  # seconds of the race's host-speed probe, once per invocation that runs a cell
 IDLE_S = 10.0  # seconds of the idle cluster's traffic measured before each real cell
 TRACE_PACKETS = 5000  # the parts' packets timed hop by hop: every one of a 30 s cell
 
@@ -176,6 +178,22 @@ def table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def host_line(host: dict[str, Any]) -> str:
+    probe = host["probe_images_per_s"]
+    speed = f", probe {probe:.0f} images/s" if probe else ""
+    return f"commit {host['commit']}, {host['cpu']}{speed}"
+
+
+def hosts_lines(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
+    """Where the cells ran: each host record (commit, CPU, speed probe) and its cells,
+    so that a table mixing days says so."""
+    groups: dict[str, list[str]] = {}
+    for (rate, method, kind), cell in cells.items():
+        host = cell.get("host")
+        groups.setdefault(host_line(host) if host else "host not recorded", []).append(f"{method} {rate} {kind}")
+    return "\n".join(f"- {where}: {', '.join(names)}" for where, names in groups.items())
+
+
 def _ms(delay: dict[str, float]) -> str:
     return f"{1e3 * delay['p50']:.1f} ({1e3 * delay['p95']:.1f})"
 
@@ -226,15 +244,19 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) / "calibration"
     out.mkdir(parents=True, exist_ok=True)
     cells: dict[tuple[str, str, str], dict[str, Any]] = {}
+    host = None  # probed before the first cell this invocation runs
     for rate in rates:
         for method in methods:
             for kind, run in (("real", real_cell), ("emulated", emulated_cell)):
                 path = out / f"{method}-{rate}-{kind}.json"
                 if not path.is_file():
-                    print(f"-- {method} at {rate}, {kind}", flush=True)
-                    path.write_text(json.dumps(run(method, rate, args.budget, args.seed), indent=1))
+                    host = host or host_figures(PROBE_S)
+                    print(f"-- {method} at {rate}, {kind} ({host_line(host)})", flush=True)
+                    cell = run(method, rate, args.budget, args.seed) | {"host": host}
+                    path.write_text(json.dumps(cell, indent=1))
                 cells[(rate, method, kind)] = json.loads(path.read_text())
-    text = table(cells) + "\n\nWhere the parts' packets spent their time:\n\n" + hops_table(cells)
+    text = table(cells) + "\n\n" + hosts_lines(cells)
+    text += "\n\nWhere the parts' packets spent their time:\n\n" + hops_table(cells)
     (out / "table.md").write_text(text + "\n")
     print(text)
     return 0

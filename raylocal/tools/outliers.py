@@ -195,11 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = p.parse_args(argv)
     try:
+        if args.cap is not None and args.cap <= 0:
+            raise ConfigError(f"--cap {args.cap:g}: a cap is a BPD above 0")
+        if args.explain and args.cap is not None:
+            raise ConfigError(f"--cap {args.cap:g}: --explain shows an image's own terms, uncapped; drop one of them")
         if args.explain:
             lines = explained(args.run_dir, [parse_image(t) for t in args.explain], args.held_out)
         else:
-            if args.cap is not None and args.cap <= 0:
-                raise ConfigError(f"--cap {args.cap:g}: a cap is a BPD above 0")
             lines = summary_lines(outliers(args.run_dir, args.held_out, args.worst, args.cap))
     except RaylocalError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -202,7 +202,7 @@ class SingleProcessRun:
         self, config: RaylocalConfig, data: ImageData, run_dir: Path, spec: PartSpec | None = None,
         record: bool = True, start_from: dict[str, Tensor] | None = None,
     ) -> None:  # fmt: skip
-        self.config = config
+        self.config = self.recorded_config = config  # (a rival's stand-in records the rival's own config)
         self.record = record  # write summary.json (else the run that this one finishes writes it)
         self.data = data
         self.device = resolve_device(config.device)
@@ -237,7 +237,7 @@ class SingleProcessRun:
         save_checkpoint(
             self.log.checkpoint_path,
             {
-                "config": self.config.model_dump_json(),
+                "config": self.recorded_config.model_dump_json(),
                 "spec": [list(b) for b in self.spec.bounds],
                 "model": self.glow.state_dict(),
                 "trainers": [t.state_dict() for t in self.trainers],
@@ -303,14 +303,8 @@ class SingleProcessRun:
 
     def record_eval(self, epoch_float: float) -> float:
         bpd = self.evaluate()
-        self.state.curve.append(
-            {
-                "epoch": epoch_float,
-                "step": self.state.global_step,
-                "elapsed": self.state.elapsed,
-                "test_bpd": bpd,
-            }
-        )
+        state = self.state
+        state.curve.append({"epoch": epoch_float, "step": state.global_step, "elapsed": state.elapsed, "test_bpd": bpd})
         self.log.scalar("model/test_bpd", bpd, self.state.global_step)
         return bpd
 
