@@ -384,3 +384,63 @@ def test_the_weights_snapshot_is_taken_once_at_its_time_counted_from_the_first_p
         snap(["a"], [])
     assert gathered == [1] and snap.state == {"w": ["a"]} and snap.seconds == 10.5
     assert bench.WeightsSnapshot(at=10.0).seconds is None  # never taken: the parts ended first
+
+
+def test_the_twins_table_pairs_each_real_cell_with_its_emulated_twin_by_seed():
+    from scipy import stats as scipy_stats
+
+    bpd = {m: [3.0, 3.1, 3.2] for m in race.METHODS}
+    real_bpd = bpd | {"parts": [3.10, 3.25, 3.28], "ddp": [3.0, 3.1, 3.2]}  # the parts worse by 0.1, 0.15, 0.08
+    speed = {"one-device": [100.0, 200.0, 100.0], "parts": [150.0, 300.0, 160.0]}  # 1.5, 1.5, 1.6 of one device
+    real_speed = {"one-device": [50.0, 50.0, 60.0], "parts": [60.0, 70.0, 78.0]}  # 1.2, 1.4, 1.3 on a slower host
+    emulated, real = _race(bpd, speed), _race(real_bpd, real_speed)
+    lines = race.twins_table(real, emulated, ["10Mbit"], [0, 1, 2]).splitlines()
+    parts = next(line for line in lines if "| 2 parts |" in line)
+    diffs = [0.10, 0.15, 0.08]
+    t = scipy_stats.t.ppf(0.975, 2) * scipy_stats.tstd(diffs) / 3**0.5
+    mean = sum(diffs) / 3
+    # the speeds as shares of each block's own one device: a slower host's blocks cancel
+    ratios = [1.2 / 1.5, 1.4 / 1.5, 1.3 / 1.6]
+    r_mean = sum(ratios) / 3
+    r_t = scipy_stats.t.ppf(0.975, 2) * scipy_stats.tstd(ratios) / 3**0.5
+    assert parts.startswith(
+        f"| 10Mbit | 2 parts | 1.30 / 1.53 | {r_mean:.2f} [{r_mean - r_t:.2f}, {r_mean + r_t:.2f}] | "
+        f"{sum(real_bpd['parts']) / 3:.4f} / 3.1000 | {mean:+.3f} [{mean - t:+.3f}, {mean + t:+.3f}] | worse |"
+    )
+    ddp = next(line for line in lines if "| 2 DDP workers |" in line)
+    assert ddp.endswith("| 3.1000 / 3.1000 | +0.000 [+0.000, +0.000] | identical | identical |")
+    assert "| 2 parts + fine-tune |  |  | 3.1000 / 3.1000 |" in lines[-1]  # no speed of its own
+
+
+def test_twin_of_tables_a_race_against_its_twin_on_the_other_network_and_refuses_a_mismatch(
+    bench, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(bench, "_run_cell_process", lambda *a, **k: pytest.fail("a cell ran"))
+    emulated_dir, real_dir = tmp_path / "emulated", tmp_path / "real"
+    argv = ["--finished-only", "--links", "10Mbit", "--seeds", "1,2", "--sweep-budget", "0", "--budget", "1"]
+    for where, real, shift in ((emulated_dir, False, 0.0), (real_dir, True, 0.25)):
+        where.mkdir()
+        (where / "split.json").write_text(json.dumps({"split": SPLIT}))
+        opts = bench._options([*argv, "--out", str(where)] + (["--real"] if real else []))
+        opts.budget, opts.sweep_budget = 1.0, 0.0
+        for seed in (1, 2):
+            for m in race.METHODS:
+                cell = race.Cell(m, "10Mbit", seed)
+                result = {"test_bpd": 3.0 + seed / 10 + shift * (m == "parts"), "images_per_s": 1.0,
+                          "bytes_per_step": 1.0, "idle": 0.0}  # fmt: skip
+                result |= {"settings": bench.cell_settings(cell, opts, SPLIT), "host": None}
+                (where / f"{cell.name}.json").write_text(json.dumps(result))
+    bench.main([*argv, "--out", str(emulated_dir), "--twin-of", str(real_dir)])
+    assert "# real links against their emulated twins, 2 seeds paired" in capsys.readouterr().out
+    rows = (emulated_dir / "twins.md").read_text().splitlines()
+    parts = next(row for row in rows if "| 2 parts |" in row)
+    assert parts.startswith("| 10Mbit | 2 parts | 1.00 / 1.00 | 1.00 [1.00, 1.00] | 3.4000 / 3.1500 | +0.250 [")
+    with pytest.raises(SystemExit, match=r"ran on the same network as"):
+        bench.main([*argv, "--out", str(emulated_dir), "--twin-of", str(emulated_dir)])
+    twin = json.loads((real_dir / "ddp-10Mbit-s1.json").read_text())
+    twin["settings"]["budget"] = 60.0
+    (real_dir / "ddp-10Mbit-s1.json").write_text(json.dumps(twin))
+    with pytest.raises(SystemExit, match=r"ddp-10Mbit-s1.json was run with other settings \(budget 60.0 here, 1.0 now"):
+        bench.main([*argv, "--out", str(emulated_dir), "--twin-of", str(real_dir)])
+    with pytest.raises(SystemExit, match=r"--twin-of .*nowhere: no such directory"):
+        bench.main([*argv, "--out", str(emulated_dir), "--twin-of", str(tmp_path / "nowhere")])

@@ -57,7 +57,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import torch
 
 from raylocal.baselines.projection import StepModel, bandwidth_losing, wire_bytes_per_step
-from raylocal.bench.race import METHODS, Cell, check_targets, plot, race_cells, results_table
+from raylocal.bench.race import METHODS, Cell, check_targets, plot, race_cells, results_table, twins_table
 from raylocal.bench.sweep import SWEEP_GRID, best_settings, race_settings, sweep_cells, sweep_table, tuned_at
 from raylocal.core.checkpoint import load_checkpoint
 from raylocal.core.config import RaylocalConfig, data_source
@@ -659,6 +659,10 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep-from", default=None,
                    help="the best.json of another race's sweep (OUT/sweep/best.json): its choices, in place of a "
                    "sweep here (a --real race run at the emulated race's tuned settings)")  # fmt: skip
+    p.add_argument("--twin-of", default=None,
+                   help="the OUT of the same race on the other network (real for an emulated race, or the "
+                   "reverse): each method's real cells against their emulated twins, paired by seed "
+                   "(OUT/twins.md)")  # fmt: skip
     p.add_argument("--cell", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -701,6 +705,8 @@ def race_plan(opts: argparse.Namespace) -> tuple[list[str], list[int]]:
         why = netns.available()
         if why is not None:
             raise SystemExit(f"error: --real: {why}")
+    if getattr(opts, "twin_of", None) and not Path(opts.twin_of).is_dir():
+        raise SystemExit(f"error: --twin-of {opts.twin_of}: no such directory")
     if opts.repeats is not None and opts.repeats < 1:
         raise SystemExit(f"error: --repeats {opts.repeats}: needs at least 1")
     try:
@@ -751,7 +757,37 @@ def main(argv: list[str] | None = None) -> None:
     plot(results, links, seeds, out / "links.png")
     (out / "table.md").write_text(table + "\n")
     print(f"figure: {out / 'links.png'}")
+    if opts.twin_of:
+        twins_tables(results, Path(opts.twin_of), links, seeds, out)
     return None
+
+
+def twins_tables(
+    results: dict[Cell, dict[str, Any]], where: Path, links: list[str], seeds: list[int], out: Path
+) -> None:
+    """``results`` against the same cells in ``where`` run on the other network
+    (``--twin-of``), over the seeds finished in both: ``out/twins.md``."""
+    twins = {}
+    for cell, result in results.items():
+        path = where / f"{cell.name}.json"
+        if not path.is_file():
+            continue
+        twins[cell] = json.loads(path.read_text())
+        ours, theirs = ({k: v for k, v in r["settings"].items() if k != "network"} for r in (result, twins[cell]))
+        differ = _differing(theirs, ours)
+        if differ:
+            raise SystemExit(f"error: --twin-of: {path} was run with other settings ({differ})")
+        if (twins[cell]["settings"].get("network") == "real") == (result["settings"].get("network") == "real"):
+            raise SystemExit(f"error: --twin-of: {path} ran on the same network as {out / cell.name}.json")
+    both = [s for s in seeds if all(Cell(m, link, s) in twins for m in METHODS for link in links)]
+    if not both:
+        print(f"--twin-of {where}: no seed has finished every block there")
+        return
+    real_here = next(iter(results.values()))["settings"].get("network") == "real"
+    real, emulated = (results, twins) if real_here else (twins, results)
+    table = twins_table(real, emulated, links, both)
+    (out / "twins.md").write_text(table + "\n")
+    print(f"\n# real links against their emulated twins, {len(both)} seeds paired\n{table}")
 
 
 if __name__ == "__main__":

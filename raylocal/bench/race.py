@@ -125,6 +125,42 @@ def results_table(results: dict[Cell, dict[str, Any]], links: list[str], seeds: 
     return "\n".join(rows)
 
 
+def twins_table(
+    real: dict[Cell, dict[str, Any]], emulated: dict[Cell, dict[str, Any]], links: list[str], seeds: list[int]
+) -> str:
+    """Each method over real links against its emulated twin (the same settings,
+    in blocks of its own), paired by seed: its images/s over its own block's one
+    device, real against emulated, and its test BPD, real minus emulated, with
+    the verdict raw and Holm-adjusted within the link."""
+    rows = [
+        "| link | method | images/s ÷ its block's one device: real / emulated | real ÷ emulated (95% interval) | "
+        "test BPD: real / emulated (mean) | real − emulated (95% interval) | verdict | Holm |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for link in links:
+        methods = [m for m in METHODS if all(Cell(m, link, s) in real and Cell(m, link, s) in emulated for s in seeds)]
+        family = []
+        for m in methods:
+            diffs = [_bpd(real[Cell(m, link, s)]) - _bpd(emulated[Cell(m, link, s)]) for s in seeds]
+            family.append({"method": m} | decide(diffs))
+        adjust_family(family)
+        for d in family:
+            m, speed, ratio = d["method"], "", ""
+            if m not in (AFTER_ALL, "one-device"):
+                ours, theirs = (block_ratio(r, link, seeds, m, "one-device") for r in (real, emulated))
+                speed = f"{statistics.fmean(ours):.2f} / {statistics.fmean(theirs):.2f}"
+                ratio = _interval([a / b for a, b in zip(ours, theirs)])
+            bpd = " / ".join(
+                f"{statistics.fmean(_bpd(r[Cell(m, link, s)]) for s in seeds):.4f}" for r in (real, emulated)
+            )
+            interval = "" if math.isnan(d["lo"]) else f" [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+            rows.append(
+                f"| {link} | {LABELS[m]} | {speed} | {ratio} | {bpd} | {d['mean']:+.3f}{interval} | {d['verdict']} | "
+                f"{d['adjusted']} |"
+            )
+    return "\n".join(rows)
+
+
 def _mb(nbytes: float) -> str:
     return f"{nbytes / 1e6:.3g} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.3g} kB"
 
