@@ -758,11 +758,11 @@ def main(argv: list[str] | None = None) -> None:
     (out / "table.md").write_text(table + "\n")
     print(f"figure: {out / 'links.png'}")
     if opts.twin_of:
-        twins_tables(results, Path(opts.twin_of), links, seeds, out)
+        write_twins_table(results, Path(opts.twin_of), links, seeds, out)
     return None
 
 
-def twins_tables(
+def write_twins_table(
     results: dict[Cell, dict[str, Any]], where: Path, links: list[str], seeds: list[int], out: Path
 ) -> None:
     """``results`` against the same cells in ``where`` run on the other network

@@ -52,8 +52,8 @@ def check_run(config: RaylocalConfig, image_shape: tuple[int, int, int]) -> Part
 
 def timed_traffic(config: RaylocalConfig) -> str | None:
     """What in this run crosses the link by the clock rather than by a part's step, if anything."""
-    if config.schedule == "pipeline":
-        return "a pipeline run"
+    if config.schedule in ("pipeline", "data-parallel"):
+        return f"a {config.schedule} run"
     if config.finetune_epochs and config.finetune_workers > 1:
         return f"its DDP fine-tune (finetune_workers={config.finetune_workers})"
     return None

@@ -25,7 +25,7 @@ from raylocal.baselines.ddp import train_ddp
 from raylocal.baselines.pipeline_on_ray import train_pipeline_parallel
 from raylocal.cluster.connect import connect
 from raylocal.cluster.placement import DataParallelPlacement, Placement
-from raylocal.cluster.preflight import check_faults, check_run
+from raylocal.cluster.preflight import check_faults, check_run, timed_traffic
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData
 from raylocal.core.links import check_links
@@ -57,7 +57,7 @@ class RivalRun:
             Placement.plan(config, len(spec)).check(with_service=False)
         else:
             check_image_shape(config, self.data.shape)
-            check_links(config.link, 2, timed_by="a data-parallel run")  # one link between any two workers
+            check_links(config.link, 2, timed_by=timed_traffic(config))  # one link between any two workers
             check_faults(config, config.workers, "worker")
             connect(config)
             self.workers = DataParallelPlacement.plan(config, config.workers, config.cpus_per_part)
