@@ -289,6 +289,35 @@ def test_a_race_cell_run_at_another_sweep_choice_is_refused(bench, tmp_path, mon
         bench.run_cell(cell, OPTS, tmp_path, None, SPLIT, chosen | {"average_every": 10, "variant": "H10"})
 
 
+def test_a_sweep_of_one_method_runs_its_grid_alone_and_feeds_no_race(bench, tmp_path, monkeypatch):
+    from raylocal.bench import sweep
+
+    ran = []
+
+    def fake_run_cell(cell, opts, out, host, split, tuned=None):  # the lower outer LR wins
+        ran.append(cell)
+        return {"test_bpd": 3.0 if tuned["outer_lr"] == 0.3 else 3.5, "images_per_s": 1.0, "bytes_per_step": 1.0,
+                "idle": 0.0}  # fmt: skip
+
+    monkeypatch.setattr(bench, "run_cell", fake_run_cell)
+    monkeypatch.setattr(bench, "host_figures", lambda probe: {"commit": "c"})
+    opts = bench._options(["--sweep-only", "--sweep-methods", "local-sgd", "--sweep-budget", "1"])
+    bench.race_plan(opts)  # accepted
+    best = bench.run_sweep(opts, ["inf", "1Mbit"], 0, tmp_path, SPLIT)
+    assert {c.method for c in ran} == {"local-sgd"} and len(ran) == 2 * len(sweep.SWEEP_GRID["local-sgd"])
+    assert {link: list(m) for link, m in best.items()} == {"inf": ["local-sgd"], "1Mbit": ["local-sgd"]}
+    assert best["1Mbit"]["local-sgd"]["variant"] == "H250-diloco0.3"
+    table = (tmp_path / "sweep" / "table.md").read_text()
+    assert "DDP" not in table and table.count("**yes**") == 2
+    for argv, message in (
+        (["--sweep-methods", "local-sgd"], "--sweep-methods needs --sweep-only"),
+        (["--sweep-only", "--sweep-methods", "sgd"], "--sweep-methods: 'sgd' is not one of ddp, local-sgd, parts"),
+        (["--sweep-only", "--sweep-budget", "0"], "--sweep-only needs a sweep here"),
+    ):
+        with pytest.raises(SystemExit, match="^error: " + message):
+            bench.race_plan(bench._options(argv))
+
+
 def test_the_race_seeds_are_1_to_3_and_never_the_sweeps(bench):
     opts = bench._options([])
     opts.sweep_budget = 30.0

@@ -92,3 +92,39 @@ def test_the_table_says_which_host_ran_which_cells_and_which_cells_recorded_none
         "- commit abc1234, AMD EPYC, probe 640 images/s: parts 10mbit real",
         "- host not recorded: parts 10mbit emulated",
     ]
+
+
+def test_the_wire_costs_fit_recovers_a_known_per_byte_factor_and_per_message_cost():
+    from raylocal.tools import wire_costs
+
+    # rows made from a = 1.05 and b = 300 bytes a message, at sizes three decades apart
+    rows = [
+        {"ours": s * n, "messages": n, "kernel": 1.05 * s * n + 300 * n} for s, n in ((1e3, 200), (2e5, 25), (1e6, 5))
+    ]
+    a, b, worst = wire_costs.fit(rows, "ours", "kernel")
+    assert a == pytest.approx(1.05, rel=1e-9) and b == pytest.approx(300, rel=1e-6) and worst < 1e-9
+    rows[0]["kernel"] *= 1.1  # one row 10% off: the fit shows it
+    assert wire_costs.fit(rows, "ours", "kernel")[2] > 0.05
+
+
+def test_the_wire_costs_table_gives_each_rows_bytes_and_time_per_message_against_its_payload():
+    from raylocal.tools import wire_costs
+
+    rows = {"ray-object": [{"size": 1000, "messages": 10, "ours": 10_000, "kernel": 12_000, "seconds": 0.016},
+                           {"size": 0, "messages": 4, "ours": 0, "kernel": 2_000, "seconds": 0.004}]}  # fmt: skip
+    result = {"rate": "10mbit", "bits_per_s": 1e7, "rows": rows, "idle_bytes_per_s": {"ray-object": 7000.0},
+              "tcp": [{"size": 16384, "reached_bits_per_s": 9.5e6}]}  # fmt: skip
+    text = wire_costs.table(result, wire_costs.fits(result)).splitlines()
+    # 10 kB at 10 Mbit/s is 8 ms on the wire; the 10 messages took 16 ms: 2.00x, 1.6 ms each
+    assert "| ray-object | 1,000 B | 10 | 1,200 | 1.200 | 1.6 ms | 2.00 |" in text
+    assert "| ray-object | 0 B | 4 | 500 | - | 1.0 ms | - |" in text
+    assert "| 16,384 B | 9.5 Mbit/s | 95.0% |" in text
+    assert wire_costs.messages_per_size(8, 1e7) == wire_costs.MOST
+    assert wire_costs.messages_per_size(10**9, 1e7) == wire_costs.FEWEST
+
+
+def test_wire_costs_refuses_a_bad_rate_in_one_line(capsys):
+    from raylocal.tools import wire_costs
+
+    assert wire_costs.main(["--rate", "10 megabits"]) == 2
+    assert capsys.readouterr().err.strip() == "error: link rate '10 megabits' is not like 10mbit"

@@ -60,11 +60,22 @@ def test_a_two_node_ray_cluster_in_namespaces_spreads_two_parts_over_its_node_ad
             0, [sys.executable, "-c", RUN_AND_REPORT, str(summary), *options], env=env, capture_output=True, text=True,
             timeout=300,
         )  # fmt: skip
+        # on the same cluster: what the kernel counts for each kind of message (raylocal.tools.wire_costs)
+        sizes = {"ray-object": [65536], "actor-call": [0], "gloo": [65536]}
+        spec = {"veth": net.veth(0), "address": net.address(0), "bits": 1e8, "idle_s": 1.0, "messages": 4}
+        argv = [sys.executable, "-m", "raylocal.tools.wire_costs", "--inside", json.dumps(spec | {"sizes": sizes})]
+        costs = net.run(0, argv, env=env, capture_output=True, text=True, timeout=300)
         tag = net.tag
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("PARTS ON"))
     assert sorted(json.loads(line.removeprefix("PARTS ON "))) == [net.address(0), net.address(1)]
     assert netns.leftovers(tag) == []
+    assert costs.returncode == 0, (costs.stdout + costs.stderr)[-3000:]
+    rows = json.loads(next(x for x in costs.stdout.splitlines() if x.startswith("COSTS "))[6:])["rows"]
+    # no payload crosses in fewer bytes than its own; a call with none still puts bytes on the wire
+    assert rows["ray-object"][0]["kernel"] >= rows["ray-object"][0]["ours"] == 4 * 65536
+    assert rows["gloo"][0]["kernel"] >= rows["gloo"][0]["ours"] == 4 * 2 * 65536  # both ranks' ring shares
+    assert rows["actor-call"][0]["ours"] == 0 < rows["actor-call"][0]["kernel"]
 
 
 def test_a_race_cell_over_real_links_trains_its_parts_on_two_namespaced_nodes_and_leaves_nothing(tmp_path):

@@ -577,7 +577,8 @@ def run_sweep(opts: argparse.Namespace, links: list[str], seed: int, out: Path, 
     where.mkdir(exist_ok=True)
     short = argparse.Namespace(**vars(opts) | {"budget": opts.sweep_budget})
     results, hosts = {}, {}
-    for cell in sweep_cells(links, seed):
+    methods = getattr(opts, "sweep_methods", None)
+    for cell in sweep_cells(links, seed, methods):
         if opts.finished_only and not (where / f"{cell.name}.json").is_file():
             continue
         if cell.link not in hosts and not (where / f"{cell.name}.json").is_file():
@@ -590,8 +591,8 @@ def run_sweep(opts: argparse.Namespace, links: list[str], seed: int, out: Path, 
                       "failed": str(e), "settings": cell_settings(cell, short, split, grid)}  # fmt: skip
             (where / f"{cell.name}.json").write_text(json.dumps(failed, indent=1))
             results[cell] = failed
-    table = sweep_table(results, links)
-    best = best_settings(results, links)
+    table = sweep_table(results, links, methods)
+    best = best_settings(results, links, methods)
     (where / "table.md").write_text(table + "\n")
     (where / "best.json").write_text(json.dumps(best, indent=1) + "\n")
     print(f"\n# the sweep: seed {seed}, {opts.sweep_budget:.0f} s per cell\n{table}\n", flush=True)
@@ -634,6 +635,10 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep-budget", type=float, default=None,
                    help="seconds per cell of the sweep that tunes each rival per link before the race, at "
                    "--sweep-seed (default 60; --quick: 0, no sweep, the options below as given)")  # fmt: skip
+    p.add_argument("--sweep-only", action="store_true",
+                   help="the sweep and its table, then stop: no race")  # fmt: skip
+    p.add_argument("--sweep-methods", type=lambda v: v.split(","), default=None,
+                   help=f"with --sweep-only: sweep these methods alone (of {', '.join(SWEEP_GRID)})")  # fmt: skip
     p.add_argument("--average-every", type=int, default=50, help="local SGD's H")
     p.add_argument("--outer-lr", type=float, default=None, help="local SGD with DiLoCo's outer Nesterov step")
     p.add_argument("--average-overlap", action="store_true", help="local SGD's rounds overlap the next step")
@@ -686,6 +691,18 @@ def _check_sweep_from(path: Path, links: list[str]) -> None:
         raise SystemExit(f"error: --sweep-from {path}: its race's split.json ({path.parent.parent}) is missing")
 
 
+def _check_sweep_only(opts: argparse.Namespace) -> None:
+    """A sweep of some methods only chooses nothing for the others: it cannot feed a race."""
+    methods = getattr(opts, "sweep_methods", None) or []
+    bad = [m for m in methods if m not in SWEEP_GRID]
+    if bad:
+        raise SystemExit(f"error: --sweep-methods: {bad[0]!r} is not one of {', '.join(SWEEP_GRID)}")
+    if methods and not getattr(opts, "sweep_only", False):
+        raise SystemExit("error: --sweep-methods needs --sweep-only (the race needs every method's choice)")
+    if getattr(opts, "sweep_only", False) and (getattr(opts, "sweep_from", None) or not opts.sweep_budget):
+        raise SystemExit("error: --sweep-only needs a sweep here (a --sweep-budget above 0, no --sweep-from)")
+
+
 def race_plan(opts: argparse.Namespace) -> tuple[list[str], list[int]]:
     """The race's links and seeds, checked before anything runs."""
     from raylocal.errors import ConfigError
@@ -705,6 +722,7 @@ def race_plan(opts: argparse.Namespace) -> tuple[list[str], list[int]]:
         why = netns.available()
         if why is not None:
             raise SystemExit(f"error: --real: {why}")
+    _check_sweep_only(opts)
     if getattr(opts, "twin_of", None) and not Path(opts.twin_of).is_dir():
         raise SystemExit(f"error: --twin-of {opts.twin_of}: no such directory")
     if opts.repeats is not None and opts.repeats < 1:
@@ -737,6 +755,8 @@ def main(argv: list[str] | None = None) -> None:
     split = race_split(opts, out)
     print(f"split of every parts and pipeline cell: {split}", flush=True)
     best = chosen_settings(opts, links, out, split)
+    if opts.sweep_only:
+        return None
     results, hosts = {}, {}
     for cell in race_cells(links, seeds):
         if opts.finished_only and not (out / f"{cell.name}.json").is_file():

@@ -24,7 +24,10 @@ SWEEP_GRID: dict[str, dict[str, dict[str, Any]]] = {
     },
     "local-sgd": {
         **{f"H{h}": {"average_every": h, "outer_lr": None, "average_overlap": False} for h in (50, 10, 250, 1000)},
-        "H250-diloco0.7": {"average_every": 250, "outer_lr": 0.7, "average_overlap": False},  # DiLoCo's outer LR
+        # DiLoCo: its paper's outer LR (0.7), with more rounds in a short budget, and a gentler one
+        "H250-diloco0.7": {"average_every": 250, "outer_lr": 0.7, "average_overlap": False},
+        "H50-diloco0.7": {"average_every": 50, "outer_lr": 0.7, "average_overlap": False},
+        "H250-diloco0.3": {"average_every": 250, "outer_lr": 0.3, "average_overlap": False},
         "H50-overlap": {"average_every": 50, "outer_lr": None, "average_overlap": True},
     },
     "parts": {
@@ -42,21 +45,24 @@ def tuned_at(link: str) -> str:
     return link.split("+")[0]
 
 
-def sweep_cells(links: list[str], seed: int) -> list[Cell]:
-    """Every cell of the sweep, link by link (each plain link once), each method's grid in order."""
+def sweep_cells(links: list[str], seed: int, methods: list[str] | None = None) -> list[Cell]:
+    """Every cell of the sweep, link by link (each plain link once), each method's
+    grid in order (of ``methods`` alone when given)."""
     links = list(dict.fromkeys(tuned_at(link) for link in links))
-    return [
-        Cell(method, link, seed, variant) for link in links for method, grid in SWEEP_GRID.items() for variant in grid
-    ]
+    methods = methods or list(SWEEP_GRID)
+    return [Cell(method, link, seed, variant) for link in links for method in methods for variant in SWEEP_GRID[method]]
 
 
-def best_settings(results: dict[Cell, dict[str, Any]], links: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per link and method, the grid setting with the lowest test BPD (the first
-    in the grid on a tie; a method none of whose cells finished keeps its first)."""
+def best_settings(
+    results: dict[Cell, dict[str, Any]], links: list[str], methods: list[str] | None = None
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per link and method (of ``methods`` alone when given), the grid setting with the lowest
+    test BPD (the first in the grid on a tie; a method none of whose cells finished keeps its first)."""
     best: dict[str, dict[str, dict[str, Any]]] = {}
     for link in dict.fromkeys(tuned_at(link) for link in links):
         best[link] = {}
-        for method, grid in SWEEP_GRID.items():
+        for method in methods or SWEEP_GRID:
+            grid = SWEEP_GRID[method]
             ran = [(results[c]["test_bpd"], i, c.variant) for i, c in enumerate(_cells(method, link, results))]
             ran = [r for r in ran if r[0] == r[0]]  # a NaN BPD never wins
             variant = min(ran)[2] if ran else next(iter(grid))
@@ -80,16 +86,16 @@ def race_settings(best: dict[str, dict[str, dict[str, Any]]], cell: Cell) -> dic
     return at.get(cell.method, {})
 
 
-def sweep_table(results: dict[Cell, dict[str, Any]], links: list[str]) -> str:
+def sweep_table(results: dict[Cell, dict[str, Any]], links: list[str], methods: list[str] | None = None) -> str:
     """One row per setting tried: its speed, traffic and test BPD, the winner marked."""
-    best = best_settings(results, links)
+    best = best_settings(results, links, methods)
     links = list(best)
     rows = [
         "| link | method | setting | images/s | bytes/step | idle % | test BPD | chosen |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for link in links:
-        for method in SWEEP_GRID:
+        for method in best[link]:
             for c in _cells(method, link, results):
                 r = results[c]
                 chosen = "**yes**" if best[link][method]["variant"] == c.variant else ""

@@ -1,0 +1,284 @@
+"""What the link emulator leaves out, measured one kind of message at a time (issue 34).
+
+The emulator charges a message its payload's bytes at the link's rate and
+nothing else. On two Ray nodes in network namespaces, joined by a link that
+``tbf`` shapes in the kernel (``raylocal.cluster.netns``), this sends messages
+of one kind at several sizes and counts what the kernel put on the wire (node
+0's veth, both directions, less the idle cluster's traffic over the same
+seconds):
+
+- ``tcp``: one transfer on a new connection, per size: the rate it reaches
+  (TCP's ramp-up and the token bucket's burst);
+- ``ray-object``: an object an actor on node 1 put, fetched from node 0 one
+  at a time (what the parts' receiver does with a latent or the weights);
+- ``actor-call``: a call of an actor on node 1 with a small argument, answered
+  (what a part's put into, or get from, the latent queue is);
+- ``gloo``: an all-reduce between two processes, one per node (DDP's
+  buckets, local SGD's rounds, the time budget's flag).
+
+For each Ray and gloo kind it fits, over the sizes (least squares, no
+intercept): kernel bytes = a · our bytes + b · messages, and seconds =
+c · (our bytes at the rate) + d · messages. ``a`` is what the headers and
+acknowledgements add per byte, ``b`` the bytes and ``d`` the seconds each
+message costs beyond its payload.
+
+    python -m raylocal.tools.wire_costs --rate 10mbit --out bench_runs
+
+Results: ``OUT/wire-costs/costs.json`` and ``table.md``. Needs root (namespaces).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+KINDS = ("tcp", "ray-object", "actor-call", "gloo")
+SIZES = {  # bytes of payload per message: the race's own messages among them
+    "tcp": (16_384, 131_072, 1_048_576),
+    "ray-object": (1_024, 16_384, 200_704, 1_048_576),  # 200,704: a part-1 latent (64 x 784 x 4 B)
+    "actor-call": (0, 1_024, 16_384),
+    "gloo": (8, 8_192, 104_857, 617_728),  # the flag, the buffers, a 0.1 MB bucket, the whole gradient
+}
+PER_SIZE_S = 4.0  # seconds of payload at the link's rate per size (fewer messages as they grow)
+MOST, FEWEST = 200, 4  # messages per size
+IDLE_S = 5.0  # seconds of the idle cluster's traffic measured before each kind
+GLOO_PORT = 29531
+
+
+def rate_bits(rate: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(kbit|mbit|gbit)", rate.lower())
+    if not m:
+        raise ValueError(f"link rate {rate!r} is not like 10mbit")
+    return float(m.group(1)) * {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[m.group(2)]
+
+
+def messages_per_size(size: int, bits: float) -> int:
+    """As many messages of ``size`` as ``PER_SIZE_S`` at the rate carries, within [FEWEST, MOST]."""
+    return int(min(MOST, max(FEWEST, bits / 8 * PER_SIZE_S // max(size, 1))))
+
+
+def fit(rows: list[dict[str, float]], x: str, y: str) -> tuple[float, float, float]:
+    """``y = a·x + b·messages`` by least squares over the rows; returns (a, b,
+    the largest residual as a share of its row's ``y``)."""
+    design = np.array([[r[x], r["messages"]] for r in rows], dtype=float)
+    target = np.array([r[y] for r in rows], dtype=float)
+    (a, b), *_ = np.linalg.lstsq(design, target, rcond=None)
+    worst = float(np.max(np.abs(design @ np.array([a, b]) - target) / np.maximum(np.abs(target), 1e-12)))
+    return float(a), float(b), worst
+
+
+# ---------------------------------------------------------------- on node 0, inside the cluster
+
+
+class WireCounter:
+    """Bytes through one veth (both directions), less the idle traffic's rate over the same seconds."""
+
+    def __init__(self, veth: str) -> None:
+        self.stats = Path("/sys/class/net") / veth / "statistics"
+        self.idle = 0.0
+
+    def now(self) -> int:
+        return sum(int((self.stats / f"{d}_bytes").read_text()) for d in ("tx", "rx"))
+
+    def measure_idle(self, seconds: float) -> float:
+        start = self.now()
+        time.sleep(seconds)
+        self.idle = (self.now() - start) / seconds
+        return self.idle
+
+    def count(self, send: Any) -> tuple[float, float]:
+        """(bytes beyond the idle traffic, seconds) of ``send()``."""
+        start, began = self.now(), time.perf_counter()
+        send()
+        seconds = time.perf_counter() - began
+        return self.now() - start - self.idle * seconds, seconds
+
+
+def _remote_classes() -> tuple[Any, Any]:
+    import ray
+    import torch
+
+    @ray.remote(num_cpus=0)
+    class Far:
+        """On node 1: puts objects for node 0 to fetch, and answers calls."""
+
+        def put(self, size: int, n: int) -> list[Any]:
+            return [ray.put(torch.full((size // 4,), float(i))) for i in range(n)]
+
+        def call(self, payload: bytes) -> int:
+            return len(payload)
+
+    @ray.remote(num_cpus=0)
+    class Reducer:
+        """One gloo rank: all-reduces of one size, timed."""
+
+        def __init__(self, rank: int, address: str) -> None:
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo", init_method=f"tcp://{address}:{GLOO_PORT}", rank=rank, world_size=2)
+
+        def reduce(self, size: int, n: int) -> None:
+            import torch.distributed as dist
+
+            t = torch.ones(max(size // 4, 1))
+            for _ in range(n):
+                dist.all_reduce(t)
+
+    return Far, Reducer
+
+
+def _sender(kind: str, size: int, n: int, far: Any, ranks: list[Any]) -> tuple[Any, float]:
+    """What sends ``n`` messages of ``kind`` and ``size``, and our count of their bytes."""
+    import ray
+
+    from raylocal.baselines.projection import ring_bytes
+
+    if kind == "ray-object":
+        refs = ray.get(far.put.remote(size, n))  # put before the count: only the fetches are counted
+        return (lambda: [ray.get(r) for r in refs]), size * n
+    if kind == "actor-call":
+        payload = b"x" * size
+        return (lambda: [ray.get(far.call.remote(payload)) for _ in range(n)]), size * n
+    # gloo: each rank sends its ring share, and the wire carries both ranks'
+    return (lambda: ray.get([r.reduce.remote(size, n) for r in ranks])), 2 * ring_bytes(size, 2) * n
+
+
+def inside(spec: dict[str, Any]) -> dict[str, Any]:
+    """The Ray and gloo kinds, run from node 0 of a 2-node cluster (RAY_ADDRESS).
+    ``spec``: node 0's veth and address, the rate's bits, the idle seconds, and
+    (a test's) ``sizes`` per kind and ``messages`` per size in place of the defaults."""
+    import ray
+
+    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    counter = WireCounter(spec["veth"])
+    Far, Reducer = _remote_classes()
+    far = Far.options(resources={"node1": 0.01}).remote()
+    ray.get(far.call.remote(b""))  # the actor up, before anything is counted
+    ranks = [Reducer.options(resources={f"node{k}": 0.01}).remote(k, spec["address"]) for k in (0, 1)]
+    ray.get([r.reduce.remote(8, 1) for r in ranks])  # gloo's connections made
+    rows: dict[str, list[dict[str, float]]] = {}
+    idle: dict[str, float] = {}
+    for kind in KINDS[1:]:
+        idle[kind] = counter.measure_idle(spec["idle_s"])
+        rows[kind] = []
+        for size in spec.get("sizes", SIZES)[kind]:
+            n = spec.get("messages") or messages_per_size(size, spec["bits"])
+            send, ours = _sender(kind, size, n, far, ranks)
+            crossed, seconds = counter.count(send)
+            rows[kind].append({"size": size, "messages": n, "ours": ours, "kernel": crossed, "seconds": seconds})
+    return {"rows": rows, "idle_bytes_per_s": idle}
+
+
+# ---------------------------------------------------------------- the driver, outside
+
+
+def measure(rate: str) -> dict[str, Any]:
+    """Every kind over a 2-node ``rate`` link; the Ray kinds from a process on node 0."""
+    from raylocal.cluster import netns
+
+    bits = rate_bits(rate)
+    with netns.Network([rate, rate]) as net:
+        tcp = [{"size": s, "reached_bits_per_s": netns.tcp_rate(net, s)} for s in SIZES["tcp"]]
+        with netns.ray_cluster(net, cpus=1) as env:
+            spec = {"veth": net.veth(0), "address": net.address(0), "bits": bits, "idle_s": IDLE_S}
+            argv = [sys.executable, "-m", "raylocal.tools.wire_costs", "--inside", json.dumps(spec)]
+            done = net.run(0, argv, env=env, capture_output=True, text=True, timeout=1800)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("COSTS ")), None)
+    if done.returncode != 0 or line is None:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-2:]
+        raise SystemExit("error: the measurement on node 0 failed: " + " | ".join(tail))
+    return {"rate": rate, "bits_per_s": bits, "tcp": tcp} | json.loads(line.removeprefix("COSTS "))
+
+
+def fits(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per kind: bytes = a·ours + b·messages; seconds = c·(ours at the rate) + d·messages."""
+    out = {}
+    for kind, rows in result["rows"].items():
+        timed = [r | {"wire_s": r["ours"] * 8 / result["bits_per_s"]} for r in rows]
+        a, b, worst_bytes = fit(rows, "ours", "kernel")
+        c, d, worst_s = fit(timed, "wire_s", "seconds")
+        out[kind] = {"a": a, "b": b, "bytes_fit_worst": worst_bytes, "c": c, "d": d, "seconds_fit_worst": worst_s}
+    return out
+
+
+def table(result: dict[str, Any], fitted: dict[str, dict[str, float]]) -> str:
+    bits = result["bits_per_s"]
+    lines = [
+        f"Over a {result['rate']} tbf link between two namespaced nodes:\n",
+        "| kind | payload | messages | kernel bytes per message | of the payload | seconds per message | "
+        "of the payload at the rate |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, rows in result["rows"].items():
+        for r in rows:
+            per = r["ours"] / r["messages"]
+            share = f"{r['kernel'] / r['ours']:.3f}" if r["ours"] else "-"
+            slow = f"{r['seconds'] / (r['ours'] * 8 / bits):.2f}" if r["ours"] else "-"
+            lines.append(
+                f"| {kind} | {per:,.0f} B | {r['messages']} | {r['kernel'] / r['messages']:,.0f} | {share} | "
+                f"{1e3 * r['seconds'] / r['messages']:.1f} ms | {slow} |"
+            )
+    lines += [
+        "",
+        "| kind | a: kernel bytes per byte | b: bytes per message | worst row off the fit | "
+        "c: seconds per wire second | d: ms per message | worst row off the fit |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, f in fitted.items():
+        lines.append(
+            f"| {kind} | {f['a']:.3f} | {f['b']:,.0f} | {100 * f['bytes_fit_worst']:.1f}% | {f['c']:.3f} | "
+            f"{1e3 * f['d']:.2f} | {100 * f['seconds_fit_worst']:.1f}% |"
+        )
+    lines += ["", "| TCP transfer on a new connection | reached | of the rate |", "|---|---|---|"]
+    lines += [f"| {t['size']:,} B | {t['reached_bits_per_s'] / 1e6:.3g} Mbit/s | "
+              f"{t['reached_bits_per_s'] / bits:.1%} |" for t in result["tcp"]]  # fmt: skip
+    idle = ", ".join(f"{k} {v / 1e3:.1f} kB/s" for k, v in result["idle_bytes_per_s"].items())
+    lines += ["", f"The idle cluster's own traffic, measured before each kind and taken off: {idle}."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rate", default="10mbit", help="the link's tbf rate (like 10mbit)")
+    p.add_argument("--out", default="bench_runs", help="results go to OUT/wire-costs/")
+    p.add_argument("--inside", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.inside:
+        print("COSTS " + json.dumps(inside(json.loads(args.inside))), flush=True)
+        return 0
+    try:
+        rate_bits(args.rate)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from raylocal.bench.links import host_figures
+    from raylocal.cluster import netns
+
+    why = netns.available()
+    if why is not None:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    host = host_figures(0)
+    result = measure(args.rate) | {"host": host}
+    fitted = fits(result)
+    text = table(result, fitted)
+    out = Path(args.out) / "wire-costs"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"costs-{args.rate}.json").write_text(json.dumps(result | {"fits": fitted}, indent=1) + "\n")
+    (out / f"table-{args.rate}.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
