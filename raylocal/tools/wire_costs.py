@@ -170,12 +170,16 @@ def inside(spec: dict[str, Any]) -> dict[str, Any]:
     idle: dict[str, float] = {}
     for kind in KINDS[1:]:
         idle[kind] = counter.measure_idle(spec["idle_s"])
+        # the gloo kind's sends are two actor calls a size: what those cost alone is taken off
+        calls = counter.count(_sender(kind, 8, 0, far, ranks)[0]) if kind == "gloo" else (0.0, 0.0)
         rows[kind] = []
         for size in spec.get("sizes", SIZES)[kind]:
             n = spec.get("messages") or messages_per_size(size, spec["bits"])
             send, ours = _sender(kind, size, n, far, ranks)
             crossed, seconds = counter.count(send)
-            rows[kind].append({"size": size, "messages": n, "ours": ours, "kernel": crossed, "seconds": seconds})
+            rows[kind].append(
+                {"size": size, "messages": n, "ours": ours, "kernel": crossed - calls[0], "seconds": seconds - calls[1]}
+            )
     return {"rows": rows, "idle_bytes_per_s": idle}
 
 
