@@ -111,13 +111,16 @@ def test_the_wire_costs_table_gives_each_rows_bytes_and_time_per_message_against
     from raylocal.tools import wire_costs
 
     rows = {"ray-object": [{"size": 1000, "messages": 10, "ours": 10_000, "kernel": 12_000, "seconds": 0.016},
-                           {"size": 0, "messages": 4, "ours": 0, "kernel": 2_000, "seconds": 0.004}]}  # fmt: skip
+                           {"size": 0, "messages": 4, "ours": 0, "kernel": 2_000, "seconds": 0.004}],
+            "gloo": [{"size": 10**6, "messages": 1, "ours": 2e6, "kernel": 2.1e6, "seconds": 1.0}]}  # fmt: skip
     result = {"rate": "10mbit", "bits_per_s": 1e7, "rows": rows, "idle_bytes_per_s": {"ray-object": 7000.0},
               "tcp": [{"size": 16384, "reached_bits_per_s": 9.5e6}]}  # fmt: skip
     text = wire_costs.table(result, wire_costs.fits(result)).splitlines()
     # 10 kB at 10 Mbit/s is 8 ms on the wire; the 10 messages took 16 ms: 2.00x, 1.6 ms each
     assert "| ray-object | 1,000 B | 10 | 1,200 | 1.200 | 1.6 ms | 2.00 |" in text
     assert "| ray-object | 0 B | 4 | 500 | - | 1.0 ms | - |" in text
+    # an all-reduce of 1 MB puts 2 MB on the wire, 1 MB each way at once: 0.8 s at the rate; it took 1 s
+    assert "| gloo | 1,000,000 B | 1 | 2,100,000 | 1.050 | 1000.0 ms | 1.25 |" in text
     assert "| 16,384 B | 9.5 Mbit/s | 95.0% |" in text
     assert wire_costs.messages_per_size(8, 1e7) == wire_costs.MOST
     assert wire_costs.messages_per_size(10**9, 1e7) == wire_costs.FEWEST

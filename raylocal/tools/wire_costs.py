@@ -18,13 +18,15 @@ seconds):
 
 For each Ray and gloo kind it fits, over the sizes (least squares, no
 intercept): kernel bytes = a · our bytes + b · messages, and seconds =
-c · (our bytes at the rate) + d · messages. ``a`` is what the headers and
+c · (our bytes at the rate, one way) + d · messages. ``a`` is what the headers and
 acknowledgements add per byte, ``b`` the bytes and ``d`` the seconds each
 message costs beyond its payload.
 
     python -m raylocal.tools.wire_costs --rate 10mbit --out bench_runs
 
-Results: ``OUT/wire-costs/costs.json`` and ``table.md``. Needs root (namespaces).
+Results: ``OUT/wire-costs/costs-RATE.json`` and ``table-RATE.md``; with
+``--out`` where they are, it tables them again and runs nothing. Needs root
+(namespaces).
 """
 
 from __future__ import annotations
@@ -204,11 +206,17 @@ def measure(rate: str) -> dict[str, Any]:
     return {"rate": rate, "bits_per_s": bits, "tcp": tcp} | json.loads(line.removeprefix("COSTS "))
 
 
+def wire_seconds(kind: str, ours: float, bits: float) -> float:
+    """Our bytes' time on the link: a gloo all-reduce's two ranks send at once, one
+    each way on a full-duplex link, so its time is one rank's share's."""
+    return ours * 8 / bits / (2 if kind == "gloo" else 1)
+
+
 def fits(result: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Per kind: bytes = a·ours + b·messages; seconds = c·(ours at the rate) + d·messages."""
     out = {}
     for kind, rows in result["rows"].items():
-        timed = [r | {"wire_s": r["ours"] * 8 / result["bits_per_s"]} for r in rows]
+        timed = [r | {"wire_s": wire_seconds(kind, r["ours"], result["bits_per_s"])} for r in rows]
         a, b, worst_bytes = fit(rows, "ours", "kernel")
         c, d, worst_s = fit(timed, "wire_s", "seconds")
         out[kind] = {"a": a, "b": b, "bytes_fit_worst": worst_bytes, "c": c, "d": d, "seconds_fit_worst": worst_s}
@@ -219,17 +227,16 @@ def table(result: dict[str, Any], fitted: dict[str, dict[str, float]]) -> str:
     bits = result["bits_per_s"]
     lines = [
         f"Over a {result['rate']} tbf link between two namespaced nodes:\n",
-        "| kind | payload | messages | kernel bytes per message | of the payload | seconds per message | "
-        "of the payload at the rate |",
+        "| kind | message size | messages | kernel bytes per message | of our bytes | seconds per message | "
+        "of our bytes' time at the rate |",
         "|---|---|---|---|---|---|---|",
     ]
     for kind, rows in result["rows"].items():
         for r in rows:
-            per = r["ours"] / r["messages"]
             share = f"{r['kernel'] / r['ours']:.3f}" if r["ours"] else "-"
-            slow = f"{r['seconds'] / (r['ours'] * 8 / bits):.2f}" if r["ours"] else "-"
+            slow = f"{r['seconds'] / wire_seconds(kind, r['ours'], bits):.2f}" if r["ours"] else "-"
             lines.append(
-                f"| {kind} | {per:,.0f} B | {r['messages']} | {r['kernel'] / r['messages']:,.0f} | {share} | "
+                f"| {kind} | {r['size']:,.0f} B | {r['messages']} | {r['kernel'] / r['messages']:,.0f} | {share} | "
                 f"{1e3 * r['seconds'] / r['messages']:.1f} ms | {slow} |"
             )
     lines += [
@@ -251,6 +258,17 @@ def table(result: dict[str, Any], fitted: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _measured(rate: str) -> dict[str, Any] | None:
+    from raylocal.bench.links import host_figures
+    from raylocal.cluster import netns
+
+    why = netns.available()
+    if why is not None:
+        print(f"error: {why}", file=sys.stderr)
+        return None
+    return measure(rate) | {"host": host_figures(0)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rate", default="10mbit", help="the link's tbf rate (like 10mbit)")
@@ -265,20 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from raylocal.bench.links import host_figures
-    from raylocal.cluster import netns
-
-    why = netns.available()
-    if why is not None:
-        print(f"error: {why}", file=sys.stderr)
-        return 2
-    host = host_figures(0)
-    result = measure(args.rate) | {"host": host}
+    out = Path(args.out) / "wire-costs"
+    stored = out / f"costs-{args.rate}.json"
+    if stored.is_file():  # measured before: tabled again, nothing run
+        result = json.loads(stored.read_text())
+    else:
+        result = _measured(args.rate)
+        if result is None:
+            return 2
     fitted = fits(result)
     text = table(result, fitted)
-    out = Path(args.out) / "wire-costs"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"costs-{args.rate}.json").write_text(json.dumps(result | {"fits": fitted}, indent=1) + "\n")
+    stored.write_text(json.dumps(result | {"fits": fitted}, indent=1) + "\n")
     (out / f"table-{args.rate}.md").write_text(text + "\n")
     print(text)
     return 0
