@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from raylocal.baselines.projection import StepModel, WireBytes, bandwidth_losing, wire_bytes_per_step
 from raylocal.bench import links as bench_links
@@ -316,6 +317,39 @@ def test_a_sweep_of_one_method_runs_its_grid_alone_and_feeds_no_race(bench, tmp_
     ):
         with pytest.raises(SystemExit, match="^error: " + message):
             bench.race_plan(bench._options(argv))
+
+
+def test_the_sweep_chooses_on_held_out_training_images_and_never_on_the_race_test_images(bench, tmp_path, monkeypatch):
+    from raylocal.core.config import data_source
+
+    seen, run_cell = [], bench.run_cell
+
+    def fake_run_cell(cell, opts, out, host, split, tuned=None):
+        seen.append(bench.cell_settings(cell, opts, split, tuned))
+        return {"test_bpd": 3.0, "images_per_s": 1.0, "bytes_per_step": 1.0, "idle": 0.0}
+
+    monkeypatch.setattr(bench, "run_cell", fake_run_cell)
+    monkeypatch.setattr(bench, "host_figures", lambda probe: {"commit": "c"})
+    assert bench._options([]).sweep_validation == 2000  # held out unless asked otherwise
+    argv = ["--sweep-only", "--sweep-methods", "parts", "--sweep-budget", "1", "--sweep-validation", "50"]
+    opts = bench._options(argv)
+    bench.run_sweep(opts, ["inf"], 0, tmp_path, SPLIT)
+    assert [s["validation"] for s in seen] == [50] * 3
+    assert "| held-out BPD |" in (tmp_path / "sweep" / "table.md").read_text().splitlines()[0]
+    # a sweep cell trains on all but the last 50 training images and is scored on those 50
+    full = data_source(bench._config({})).load()
+    held = data_source(bench._config(seen[0] | {"test_subset": None})).load()
+    assert torch.equal(held.test, full.train[-50:]) and torch.equal(held.train, full.train[:-50])
+    # the race's cells keep the test images
+    assert bench.cell_settings(race.Cell("parts", "inf", 1), opts, SPLIT)["validation"] is None
+    assert torch.equal(data_source(bench._config({"test_subset": 10})).load().test, full.test[:10])
+    # a sweep cell scored on the test images is not read back as a held-out one
+    old = race.Cell("parts", "inf", 0, "sync50-q1")
+    settings = {k: v for k, v in seen[0].items() if k != "validation"}
+    (tmp_path / f"{old.name}.json").write_text(json.dumps({"test_bpd": 3.0, "settings": settings}))
+    short = bench.argparse.Namespace(**vars(opts) | {"budget": 1.0, "validation": 50})
+    with pytest.raises(SystemExit, match=r"was run with other settings \(validation None here, 50 now\)"):
+        run_cell(old, short, tmp_path, None, SPLIT, bench.SWEEP_GRID["parts"]["sync50-q1"] | {"variant": "sync50-q1"})
 
 
 def test_the_race_seeds_are_1_to_3_and_never_the_sweeps(bench):

@@ -161,6 +161,7 @@ def _config(args: dict[str, Any], **extra: Any) -> RaylocalConfig:
     values = {**BENCH_MODEL, "link": link, "epochs": 1000, "seed": args.get("seed", 0)}
     # the config names the cell's data, so that an actor can load the same images on its own node
     values |= {"train_subset": args.get("train_subset"), "test_subset": args.get("test_subset")}
+    values["validation"] = args.get("validation")  # a sweep cell: scored on held-out training images
     values["images_from"] = args.get("images_from", "driver")
     values.update(extra)
     if values.get("schedule") != "e2e":  # two workers, parts or stages: one of them may straggle
@@ -397,6 +398,8 @@ def cell_settings(cell: Cell, opts: argparse.Namespace, split: str, tuned: dict[
         "method": m, "link": None if m == "one-device" else cell.link, "block": cell.link, "seed": cell.seed,
         "variant": tuned.get("variant"), "budget": opts.budget, "model": BENCH_MODEL, "threads": 1,
         "train_subset": opts.train_subset, "test_subset": opts.test_subset,
+        # a sweep cell trains without its last N training images and is scored on them, not on the race's test images
+        "validation": getattr(opts, "validation", None) or None,
         "split": split if parts or m == "pipeline" else None,
         "average_every": option("average_every") if local else None,
         "outer_lr": option("outer_lr") if local else None,
@@ -575,7 +578,8 @@ def run_sweep(opts: argparse.Namespace, links: list[str], seed: int, out: Path, 
     Returns the choices: per link and method, the settings the race runs."""
     where = out / "sweep"
     where.mkdir(exist_ok=True)
-    short = argparse.Namespace(**vars(opts) | {"budget": opts.sweep_budget})
+    held_out = getattr(opts, "sweep_validation", 0) or None
+    short = argparse.Namespace(**vars(opts) | {"budget": opts.sweep_budget, "validation": held_out})
     results, hosts = {}, {}
     methods = getattr(opts, "sweep_methods", None)
     for cell in sweep_cells(links, seed, methods):
@@ -591,11 +595,12 @@ def run_sweep(opts: argparse.Namespace, links: list[str], seed: int, out: Path, 
                       "failed": str(e), "settings": cell_settings(cell, short, split, grid)}  # fmt: skip
             (where / f"{cell.name}.json").write_text(json.dumps(failed, indent=1))
             results[cell] = failed
-    table = sweep_table(results, links, methods)
+    scored_on = f"{held_out} held-out training images" if held_out else "the test images"
+    table = sweep_table(results, links, methods, "held-out BPD" if held_out else "test BPD")
     best = best_settings(results, links, methods)
     (where / "table.md").write_text(table + "\n")
     (where / "best.json").write_text(json.dumps(best, indent=1) + "\n")
-    print(f"\n# the sweep: seed {seed}, {opts.sweep_budget:.0f} s per cell\n{table}\n", flush=True)
+    print(f"\n# the sweep: seed {seed}, {opts.sweep_budget:.0f} s per cell, on {scored_on}\n{table}\n", flush=True)
     return best
 
 
@@ -635,6 +640,9 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep-budget", type=float, default=None,
                    help="seconds per cell of the sweep that tunes each rival per link before the race, at "
                    "--sweep-seed (default 60; --quick: 0, no sweep, the options below as given)")  # fmt: skip
+    p.add_argument("--sweep-validation", type=int, default=2000,
+                   help="the sweep trains without the last N training images and chooses by its BPD on them, "
+                   "never on the race's test images (0: the test images, as sweeps before 2026-12-05)")  # fmt: skip
     p.add_argument("--sweep-only", action="store_true",
                    help="the sweep and its table, then stop: no race")  # fmt: skip
     p.add_argument("--sweep-methods", type=lambda v: v.split(","), default=None,

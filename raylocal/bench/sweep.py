@@ -1,6 +1,8 @@
 """Each rival tuned as its users would tune it, before the race: a small grid
 per method and link, at one seed on a short budget. The race then runs each
-method at each link with the setting that reached the lowest test BPD there.
+method at each link with the setting that reached the lowest BPD there, on
+training images held out from the sweep's training (``--sweep-validation``):
+the race's test images never choose a setting.
 
 One seed on a short budget is a coarse choice: two runs of one cell can differ
 by about 0.1 BPD, so settings closer than that are a toss-up. The sweep's table
@@ -57,7 +59,7 @@ def best_settings(
     results: dict[Cell, dict[str, Any]], links: list[str], methods: list[str] | None = None
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Per link and method (of ``methods`` alone when given), the grid setting with the lowest
-    test BPD (the first in the grid on a tie; a method none of whose cells finished keeps its first)."""
+    BPD (the first in the grid on a tie; a method none of whose cells finished keeps its first)."""
     best: dict[str, dict[str, dict[str, Any]]] = {}
     for link in dict.fromkeys(tuned_at(link) for link in links):
         best[link] = {}
@@ -86,12 +88,15 @@ def race_settings(best: dict[str, dict[str, dict[str, Any]]], cell: Cell) -> dic
     return at.get(cell.method, {})
 
 
-def sweep_table(results: dict[Cell, dict[str, Any]], links: list[str], methods: list[str] | None = None) -> str:
-    """One row per setting tried: its speed, traffic and test BPD, the winner marked."""
+def sweep_table(
+    results: dict[Cell, dict[str, Any]], links: list[str], methods: list[str] | None = None, scored: str = "test BPD"
+) -> str:
+    """One row per setting tried: its speed, traffic and BPD (``scored`` names the
+    images: "held-out BPD" or "test BPD"), the winner marked."""
     best = best_settings(results, links, methods)
     links = list(best)
     rows = [
-        "| link | method | setting | images/s | bytes/step | idle % | test BPD | chosen |",
+        f"| link | method | setting | images/s | bytes/step | idle % | {scored} | chosen |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for link in links:
