@@ -58,15 +58,19 @@ def available() -> str | None:
     return None
 
 
+def rate_bits(rate: str) -> float:
+    """Bits per second of a ``tc`` rate such as 10mbit, 500kbit or 1gbit."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(kbit|mbit|gbit)", rate.lower())
+    if not m:
+        raise ClusterError(f"link rate {rate!r} is not like 10mbit, 500kbit or 1gbit")
+    return float(m.group(1)) * {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[m.group(2)]
+
+
 def tbf_args(rate: str) -> list[str]:
     """``tc`` arguments of a token bucket at ``rate`` (e.g. 10mbit): a burst of a
     tick's worth of bytes (at least 32 kB, so that a fast link is not held below
     its rate), and a queue of at most 100 ms."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)(kbit|mbit|gbit)", rate.lower())
-    if not m:
-        raise ClusterError(f"link rate {rate!r} is not like 10mbit, 500kbit or 1gbit")
-    bits = float(m.group(1)) * {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[m.group(2)]
-    burst = max(int(bits / 8 / 100), 32 * 1024)
+    burst = max(int(rate_bits(rate) / 8 / 100), 32 * 1024)
     return ["tbf", "rate", rate, "burst", str(burst), "latency", "100ms"]
 
 
@@ -264,7 +268,7 @@ def _tcp_table(rates: list[str | None], seconds: float) -> int:
     for rate in rates:
         if rate is None:
             continue
-        bits = float(re.match(r"[\d.]+", rate).group()) * {"k": 1e3, "m": 1e6, "g": 1e9}[rate.lower()[-4]]
+        bits = rate_bits(rate)
         nbytes = int(bits / 8 * seconds)
         with Network([rate, rate]) as net:
             reached = tcp_rate(net, nbytes)

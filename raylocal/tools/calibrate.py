@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -42,6 +41,8 @@ from typing import Any
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from raylocal.bench.links import BENCH_MODEL, host_figures  # noqa: E402 (after the auth setting, as links.py's own)
+from raylocal.cluster import netns  # noqa: E402
+from raylocal.errors import ClusterError  # noqa: E402
 
 RATES = ("100mbit", "10mbit", "1mbit")
 METHODS = ("parts", "ddp", "local-sgd")
@@ -52,10 +53,8 @@ TRACE_PACKETS = 5000  # the parts' packets timed hop by hop: every one of a 30 s
 
 def emulated_link(rate: str) -> str:
     """The emulator's twin of a ``tbf`` rate: the same bandwidth, no latency."""
-    m = re.fullmatch(r"([\d.]+)([kmg])bit", rate.lower())
-    if not m:
-        raise ValueError(f"rate {rate!r} is not like 10mbit")
-    return f"bw={m.group(1)}{m.group(2).upper()}bit,lat=0ms"
+    netns.rate_bits(rate)  # refuses what tc would not take
+    return f"bw={rate[:-4]}{rate[-4].upper()}bit,lat=0ms"
 
 
 def cell_args(method: str, rate: str, real: bool, budget: float, seed: int) -> dict[str, Any]:
@@ -99,8 +98,6 @@ def interface_bytes(net: Any) -> int:
 
 def real_cell(method: str, rate: str, budget: float, seed: int) -> dict[str, Any]:
     """``method`` over a real ``rate`` link between two namespaced Ray nodes."""
-    from raylocal.cluster import netns
-
     with netns.Network([rate, rate]) as net, netns.ray_cluster(net, cpus=1) as env:
         idle_from = interface_bytes(net)
         time.sleep(IDLE_S)
@@ -230,12 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.cell:
         print("CELL " + json.dumps(run_contestant(json.loads(args.cell))), flush=True)
         return 0
-    from raylocal.cluster import netns
-
     rates, methods = args.rates.split(","), args.methods.split(",")
-    bad = [m for m in methods if m not in METHODS] or [r for r in rates if not re.fullmatch(r"[\d.]+[kmg]bit", r)]
+    bad = [m for m in methods if m not in METHODS]
     if bad:
-        print(f"error: {bad[0]!r} is not a method ({', '.join(METHODS)}) or a rate like 10mbit", file=sys.stderr)
+        print(f"error: {bad[0]!r} is not a method ({', '.join(METHODS)})", file=sys.stderr)
+        return 2
+    try:
+        for rate in rates:
+            netns.rate_bits(rate)
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     why = netns.available()
     if why is not None:

@@ -34,13 +34,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from raylocal.cluster import netns
+from raylocal.errors import ClusterError
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -55,13 +57,6 @@ PER_SIZE_S = 4.0  # seconds of payload at the link's rate per size (fewer messag
 MOST, FEWEST = 200, 4  # messages per size
 IDLE_S = 5.0  # seconds of the idle cluster's traffic measured before each kind
 GLOO_PORT = 29531
-
-
-def rate_bits(rate: str) -> float:
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)(kbit|mbit|gbit)", rate.lower())
-    if not m:
-        raise ValueError(f"link rate {rate!r} is not like 10mbit")
-    return float(m.group(1)) * {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[m.group(2)]
 
 
 def messages_per_size(size: int, bits: float) -> int:
@@ -190,9 +185,7 @@ def inside(spec: dict[str, Any]) -> dict[str, Any]:
 
 def measure(rate: str) -> dict[str, Any]:
     """Every kind over a 2-node ``rate`` link; the Ray kinds from a process on node 0."""
-    from raylocal.cluster import netns
-
-    bits = rate_bits(rate)
+    bits = netns.rate_bits(rate)
     with netns.Network([rate, rate]) as net:
         tcp = [{"size": s, "reached_bits_per_s": netns.tcp_rate(net, s)} for s in SIZES["tcp"]]
         with netns.ray_cluster(net, cpus=1) as env:
@@ -260,7 +253,6 @@ def table(result: dict[str, Any], fitted: dict[str, dict[str, float]]) -> str:
 
 def _measured(rate: str) -> dict[str, Any] | None:
     from raylocal.bench.links import host_figures
-    from raylocal.cluster import netns
 
     why = netns.available()
     if why is not None:
@@ -279,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         print("COSTS " + json.dumps(inside(json.loads(args.inside))), flush=True)
         return 0
     try:
-        rate_bits(args.rate)
-    except ValueError as e:
+        netns.rate_bits(args.rate)
+    except ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out) / "wire-costs"
