@@ -222,6 +222,25 @@ def test_unreachable_ray_address_is_one_line(mnist_dir, tmp_path):
     assert len(err) == 1 and "cannot reach Ray at '127.0.0.1:1'" in err[0], proc.stderr[-2000:]
 
 
+def test_without_an_address_a_run_starts_a_ray_of_its_own_never_one_a_stale_file_names(tmp_path, monkeypatch):
+    """A bare ``ray.init()`` joins whatever /tmp/ray/ray_current_cluster (or pgrep)
+    finds, and waits minutes on a cluster that died; the embedded default must not."""
+    import ray
+    from ray._private.services import canonicalize_bootstrap_address
+
+    from raylocal.cluster import connect
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(connect, "drop_ray_noise", lambda *a: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    connect.connect(RaylocalConfig())
+    assert [kw.get("address") for kw in calls] == ["local"]
+    (tmp_path / "ray_current_cluster").write_text("192.0.2.9:1")  # a dead cluster's address file
+    assert canonicalize_bootstrap_address("local", str(tmp_path)) is None  # Ray: "local" is a new instance
+
+
 def test_a_tune_space_that_is_not_python_is_one_line(mnist_dir, tmp_path, capsys):
     notes = tmp_path / "space.txt"
     notes.write_text("not python\n")

@@ -78,7 +78,9 @@ def test_the_readmes_cluster_block_works_as_pasted_on_a_local_head_node(mnist_di
     head, dashboard, agent = _free_port(), _free_port(), _free_port()
     storage = tmp_path / "raylocal-runs"
     tiny = shlex.join(tiny_options(mnist_dir, storage, epochs=1, finetune_epochs=0, progress=False))
-    script = ["set -ex"]
+    # a block that fails half-way still stops its head: a dead cluster's address file left in /tmp/ray would be
+    # joined by any later bare `ray` command
+    script = ["set -ex", "trap 'ray stop --force > /dev/null 2>&1 || true' EXIT"]
     for line in _readme_cluster_block():
         if "<" in line:
             continue
@@ -88,10 +90,11 @@ def test_the_readmes_cluster_block_works_as_pasted_on_a_local_head_node(mnist_di
         line = line.replace("127.0.0.1:8265", f"127.0.0.1:{dashboard}").replace("/shared/raylocal-runs", str(storage))
         if "run_async.py" in line:
             line = line.replace(" --placement spread", "").split(" --storage-path")[0] + " " + tiny
+        if line.startswith("ray stop"):  # before it, while the head runs: a client with another token is refused
+            script.append("if RAY_AUTH_TOKEN=0123456789abcdef ray job list; then exit 3; fi")
         script.append(line)
     assert any(line.startswith("export RAY_AUTH_MODE=token") for line in script), script
-    # then: the head refuses a client with another token
-    script.append("if RAY_AUTH_TOKEN=0123456789abcdef ray job list; then exit 3; fi")
+    assert script[-1].startswith("ray stop") and script[-2].startswith("if RAY_AUTH_TOKEN="), script
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}  # as a user's shell
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     env["HOME"] = str(tmp_path / "home")  # the token goes to ~/.ray/auth_token: a home of its own

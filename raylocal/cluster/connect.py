@@ -140,7 +140,8 @@ def connect(config: RaylocalConfig) -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(include_dashboard=False, log_to_driver=True)
+            # "local": a Ray of its own, never one a file in /tmp/ray names (it may be long dead)
+            ray.init(address="local", include_dashboard=False, log_to_driver=True)
     except Exception as e:  # Ray raises many types here, some of them bare Exception
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = f"reach Ray at {address!r}" if address else "start a local Ray instance"
@@ -154,7 +155,13 @@ def fit_train_run(trainer: Any) -> Any:
     abort the run on Ctrl-C, and leaves it installed: its closure keeps the
     finished run's controller actor alive (for minutes, until the next fit), and
     a later Ctrl-C would abort that finished run and exit 0 instead of stopping
-    ours."""
+    ours.
+
+    Ray Train's preemption watcher is left off: its own actor costs a process
+    start per fit and prints a core-worker error line (Ray issue 53727), and our
+    checkpoints already cover a lost worker. The controller reads it from the
+    driver's environment at ``fit``."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if threading.current_thread() is not threading.main_thread():
         return trainer.fit()
     previous = signal.getsignal(signal.SIGINT)

@@ -235,9 +235,6 @@ def finish_on_ray_train(
     resources = dict(placement.work)
     use_gpu = resources.pop("GPU", 0) > 0
     threads = config.threads or max(1, int(resources["CPU"]))
-    # Ray Train's preemption watcher prints a core-worker error line at every start
-    # (its own actor, Ray issue 53727); our checkpoints already cover a lost worker
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     mailbox = LatentQueue(1)
     trainer = TorchTrainer(
         _finish_loop,
