@@ -9,15 +9,16 @@ import signal
 import pytest
 import torch
 from conftest import tiny_options
+from torch import nn
 
-from raylocal.baselines.ddp import LinkedAllReduce, OuterNesterov, average_parameters
+from raylocal.baselines.ddp import LinkedAllReduce, OuterNesterov, average_parameters, carry_first_broadcast
 from raylocal.baselines.guard import NonFiniteGuard
 from raylocal.baselines.projection import ring_bytes
 from raylocal.cli.train import main
 from raylocal.cluster.placement import DataParallelPlacement
 from raylocal.core.checkpoint import load_checkpoint
 from raylocal.core.config import RaylocalConfig
-from raylocal.core.links import FakeClock, LinkSpec
+from raylocal.core.links import FakeClock, LinkSpec, Wire
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -81,6 +82,21 @@ def test_the_ddp_hook_delays_a_bucket_by_latency_plus_ring_bytes_over_bandwidth(
     assert hook.bytes_sent == pytest.approx(3 * 1.5e6)
     # idle: from the hand-over of the step's last bucket until DDP got it back
     assert hook.idle_s == pytest.approx(3.02)
+
+
+def test_ddps_first_broadcast_holds_every_rank_but_the_first_for_the_models_bytes_over_the_link():
+    # 250 250 float32 weights, 250 BatchNorm weights and biases, its running mean and
+    # variance (float32) and its step count (one int64): what DDP broadcasts
+    model = nn.Sequential(nn.Linear(1000, 250), nn.BatchNorm1d(250))
+    nbytes = 4 * 250_250 + 4 * 500 + 4 * 500 + 8
+    for rank, waited in ((0, 0.0), (1, nbytes * 8 / 8e6 + 0.02)):
+        clock = FakeClock(10.0)
+        wire = Wire(LinkSpec.parse("bw=8Mbit,lat=20ms"), clock)
+        assert carry_first_broadcast(model, wire, rank, world=2, clock=clock) == nbytes
+        assert clock.now() - 10.0 == pytest.approx(waited)
+    clock = FakeClock(10.0)  # alone, nothing to wait for
+    carry_first_broadcast(model, Wire(LinkSpec.parse("bw=8Mbit"), clock), 1, world=1, clock=clock)
+    assert clock.now() == 10.0
 
 
 def test_the_ddp_hook_cannot_complete_a_bucket_during_an_outage():
@@ -311,6 +327,8 @@ def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compresse
     # sleeps are test_straggler.py's); a loaded host's time-sharing inflates what it measures
     assert 0 < stats["straggled_s"] < stats["seconds"] / 2
     assert stats["bytes_per_step"] == pytest.approx(ring_bytes(params / 2, 2), rel=1e-6)
+    buffers = sum(b.numel() * b.element_size() for b in build_glow(config, (1, 8, 8)).buffers())
+    assert stats["start_bytes"] == params + buffers  # the wrap's broadcast, once, beside the steps' bytes
 
 
 def test_a_bucket_of_several_messages_sends_each_after_the_one_before_is_back():

@@ -211,6 +211,17 @@ def linked_all_reduce_hook(state, bucket):  # noqa: ANN001, ANN201
     return state(bucket)
 
 
+def carry_first_broadcast(module: nn.Module, wire: Wire, rank: int, world: int, clock: Clock = SYSTEM_CLOCK) -> int:
+    """DDP's wrap broadcasts rank 0's parameters and buffers to the other ranks.
+    Over a real link those ranks start only once the bytes have arrived, and rank
+    0's first all-reduce waits for them; on an emulated link they wait here for
+    the wire to carry them. Returns the bytes broadcast."""
+    nbytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    if world > 1 and rank != 0:
+        clock.sleep_until(wire.deliver(nbytes))
+    return nbytes
+
+
 def average_parameters(params: list[Tensor], all_reduce_sum: Callable[[Tensor], None], world: int) -> int:
     """Replace each worker's parameters by the mean over the workers (one
     flattened all-reduce); returns the bytes reduced."""
@@ -315,6 +326,7 @@ class DataParallelWorker:
             initialize([self.glow.whole()], x0)  # identical on every worker: same data, same seed
         self.link = LinkSpec.parse(config.link, 0, config.seed)
         self.hook: LinkedAllReduce | None = None
+        self.start_bytes = 0  # DDP's first broadcast of the model, when a link carries it
         self.powersgd: PowerSGDReduce | None = None  # its state, to forget after a skipped step
         self.outer: OuterNesterov | None = None
         if config.average_every:  # local SGD: each worker its own model, averaged now and then
@@ -326,6 +338,8 @@ class DataParallelWorker:
             buckets = {"bucket_cap_mb": config.bucket_cap_mb} if config.bucket_cap_mb else {}
             self.model = ray.train.torch.prepare_model(NLL(self.glow), parallel_strategy_kwargs=buckets)
             self._register_hook(config)
+            if self.hook is not None:
+                self.start_bytes = carry_first_broadcast(self.glow, self.hook.wire, self.rank, self.world)
         opt_cls = torch.optim.Adamax if config.optimizer == "adamax" else torch.optim.Adam
         self.lr = loop_config["lr"]
         self.optimizer = opt_cls(self.model.parameters(), lr=self.lr)
@@ -474,6 +488,7 @@ class DataParallelWorker:
             "images": self.step * self.per_worker * self.world,
             "seconds": seconds,
             "bytes_per_step": sent / max(self.step, 1),  # what each worker put on its link
+            "start_bytes": self.start_bytes,  # once, before the first step (DDP's broadcast of the model)
             "buckets_per_step": (self.hook.buckets / max(self.step, 1)) if self.hook else None,
             "skipped_batches": self.guard.skipped,  # rank 0's (under DDP every worker skips the same)
             "idle_s": float(worst[0]),  # the most idle worker
