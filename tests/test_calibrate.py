@@ -36,6 +36,15 @@ def test_the_table_sets_each_real_figure_beside_its_twin_and_the_kernel_bytes_be
     assert lines[-1] == "| 10mbit | local-sgd | kernel bytes per step beyond ours and the idle traffic | 117 | | |"
 
 
+def test_ddps_count_holds_its_first_broadcast_of_the_model_once():
+    real = {"images_per_s": 9.0, "seconds": 30.0, "steps": 5, "idle": 0.0, "bytes_per_step": 0.0,
+            "kernel_bytes": 7.0e6, "idle_bytes_per_s": 0.0}  # fmt: skip
+    twin = {"images_per_s": 10.0, "seconds": 30.0, "steps": 6, "idle": 0.9, "bytes_per_step": 6e5, "start_bytes": 6e5}
+    lines = calibrate.table({("1mbit", "ddp", "real"): real, ("1mbit", "ddp", "emulated"): twin}).splitlines()
+    # 5 steps x 2 workers x 600 kB, and the broadcast's 600 kB once: 6.6 MB; the kernel saw 7.0
+    assert lines[-2].endswith("against ours | 7 MB | 6.6 MB | 1.06 |")
+
+
 def test_a_bad_method_or_rate_is_one_line_before_anything_starts(capsys):
     assert calibrate.main(["--methods", "parts,allreduce"]) == 2
     assert capsys.readouterr().err.strip() == "error: 'allreduce' is not a method (parts, ddp, local-sgd)"

@@ -156,10 +156,10 @@ def table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
         for name, value in ours.items():
             ratio = value / theirs[name] if theirs[name] else float("nan")
             rows.append(f"| {rate} | {method} | {name} | {value:.3g} | {theirs[name]:.3g} | {ratio:.2f} |")
-        # the emulator's count for as many steps as the real cell trained (the real DDP has no hook to count);
-        # the parts' bytes are the first part's sends, so its steps
+        # the emulator's count for as many steps as the real cell trained (the real DDP has no hook to count),
+        # and DDP's first broadcast of the model once; the parts' bytes are the first part's sends, so its steps
         steps = cell["steps"] if isinstance(cell["steps"], int) else cell["steps"][0]
-        counted = twin["bytes_per_step"] * steps * (2 if method != "parts" else 1)
+        counted = twin["bytes_per_step"] * steps * (2 if method != "parts" else 1) + twin.get("start_bytes", 0)
         control = cell["idle_bytes_per_s"] * cell["seconds"]
         rows.append(
             f"| {rate} | {method} | bytes: kernel (Ray's idle traffic {control / 1e3:.0f} kB of it) against "
