@@ -308,14 +308,15 @@ def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compresse
     """The tiny model's whole gradient fits one bucket under DDP's default; with a cap
     DDP all-reduces several per step (after its first, which is always one), and in
     bfloat16 each worker puts half the gradient's bytes on the link. Worker 2
-    straggles (1.5x): it waits, beside its compute, half as long as that."""
+    straggles (1.5x): it waits, beside its compute, half as long as that. The first
+    broadcast of the model holds worker 2 until it has crossed the link."""
     from raylocal.baselines.ddp import train_ddp
     from raylocal.core.data import load_dataset
     from raylocal.training.trainer import build_glow
 
     config = RaylocalConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
-        warmup_steps=2, threads=1, samples=0, progress=False, link="bw=1Gbit", bucket_cap_mb=0.001,
+        warmup_steps=2, threads=1, samples=0, progress=False, link="bw=1Mbit", bucket_cap_mb=0.001,
         ddp_compression="bf16", inject="straggle:2@1.5",
     )  # fmt: skip
     stats: dict = {}
@@ -329,6 +330,8 @@ def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compresse
     assert stats["bytes_per_step"] == pytest.approx(ring_bytes(params / 2, 2), rel=1e-6)
     buffers = sum(b.numel() * b.element_size() for b in build_glow(config, (1, 8, 8)).buffers())
     assert stats["start_bytes"] == params + buffers  # the wrap's broadcast, once, beside the steps' bytes
+    # worker 2 began training only once those bytes had crossed the 1 Mbit link (about 0.13 s)
+    assert stats["start_spread_s"] >= 0.9 * stats["start_bytes"] * 8 / 1e6
 
 
 def test_a_bucket_of_several_messages_sends_each_after_the_one_before_is_back():

@@ -429,7 +429,7 @@ class DataParallelWorker:
         config = self.config
         total = loop_config.get("lr_total") or self.steps_per_epoch * loop_config["epochs"]  # of the LR decay
         history: list[dict[str, Any]] = []
-        started = time.perf_counter()
+        started, self.began_at = time.perf_counter(), time.time()  # the wall clock: comparable across workers
         stop = False
         for epoch in range(loop_config["epochs"]):
             epoch_start, epoch_steps = time.perf_counter(), 0
@@ -480,7 +480,7 @@ class DataParallelWorker:
         import ray.train
 
         idle = self.idle_s + (self.hook.idle_s if self.hook else 0.0)
-        worst = self.control([idle, peak_rss_mb(), self.straggler.waited_s])
+        worst = self.control([idle, peak_rss_mb(), self.straggler.waited_s, self.began_at, -self.began_at])
         self._all_reduce(worst, "max")
         sent = self.bytes_averaged + (self.hook.bytes_sent if self.hook else 0.0)
         stats = {
@@ -494,6 +494,7 @@ class DataParallelWorker:
             "idle_s": float(worst[0]),  # the most idle worker
             "peak_rss_mb": float(worst[1]),  # the largest worker
             "straggled_s": float(worst[2]),  # what a straggler (--inject straggle) added to its compute
+            "start_spread_s": float(worst[3] + worst[4]),  # from the first worker's first step to the last's
             "where": {
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(),

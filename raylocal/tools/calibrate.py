@@ -137,6 +137,8 @@ def figures(method: str, cell: dict[str, Any]) -> dict[str, float]:
         out["idle %"] = 100 * cell["idle"]
         behind = cell.get("behind_steps") or [{"mean": float("nan")}]
         out["upstream steps behind"] = behind[0]["mean"]
+    elif method == "ddp":  # its first broadcast of the model holds all but the first worker
+        out["start spread s"] = cell.get("start_spread_s", float("nan"))
     elif method == "local-sgd":  # its averaging, over the link (DDP's real all-reduce has no hook to time it)
         out["averaging %"] = 100 * cell["idle"]
     return out
