@@ -128,7 +128,7 @@ def test_the_data_parallel_control_tensors_are_made_on_the_workers_device():
     on the worker's device (here the meta device stands in for a GPU)."""
     worker = DataParallelWorker.__new__(DataParallelWorker)
     worker.device, worker.world, worker.idle_s, worker.hook = torch.device("meta"), 2, 0.0, None
-    worker.straggler = Straggler([], 0)
+    worker.straggler, worker.began_at = Straggler([], 0), 0.0
     seen: list[torch.device] = []
 
     def all_reduce(tensor, op="sum"):
