@@ -221,7 +221,7 @@ def run_data_parallel(args: dict[str, Any], average_every: int, state=None, budg
         "seconds": stats["seconds"],
         "bytes_per_step": stats["bytes_per_step"],
         "start_bytes": stats["start_bytes"],  # DDP's first broadcast, once (over an emulated link)
-        "start_spread_s": stats["start_spread_s"],  # how long the first worker waited for the last to start
+        "start_spread_s": stats["start_spread_s"],  # the gap between the first and the last worker starting to train
         "idle": stats["idle_s"] / stats["seconds"],
         "peak_rss_mb": stats["peak_rss_mb"],
         "test_bpd": summary["test_bpd"],
