@@ -395,7 +395,8 @@ def test_the_receiver_never_replaces_the_init_or_the_end():
 
 
 def test_int8_on_the_wire_is_within_half_a_scale_and_a_quarter_of_the_bytes():
-    from raylocal.pipeline.worker import tensor_bytes, to_wire
+    from raylocal.core.tensors import tensor_bytes
+    from raylocal.pipeline.worker import to_wire
     from raylocal.training.trainer import from_wire
 
     x = torch.randn(64, 4, 14, 14, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.1, 1, 10, 0]).view(
@@ -411,3 +412,14 @@ def test_int8_on_the_wire_is_within_half_a_scale_and_a_quarter_of_the_bytes():
     assert torch.equal(back[:, 3], x[:, 3])  # zeros stay zeros
     assert tensor_bytes(payload) == x.numel() + 4 * 4  # the scales are counted
     assert tensor_bytes(payload) <= 0.27 * tensor_bytes(x)
+
+
+def test_tensor_bytes_counts_every_tensor_of_a_nested_payload_at_its_own_width():
+    from raylocal.core.tensors import tensor_bytes
+    from raylocal.model.glow import Glow
+
+    payload = {"a": torch.zeros(3, 5), "b": [torch.zeros(7, dtype=torch.bfloat16), (torch.zeros(2, dtype=torch.int8),)]}
+    assert tensor_bytes(payload | {"step": 4, "name": "x"}) == 3 * 5 * 4 + 7 * 2 + 2 * 1  # non-tensors count 0
+    glow = Glow((1, 8, 8), n_levels=2, depth=1, hidden=8)
+    assert glow.param_bytes() == 4 * sum(p.numel() for p in glow.parameters())  # float32
+    assert glow.double().param_bytes() == 8 * sum(p.numel() for p in glow.parameters())

@@ -13,11 +13,12 @@ import torch
 
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
+from raylocal.core.tensors import tensor_bytes
 from raylocal.model.glow import Glow
 from raylocal.model.parts import parse_part_spec
 from raylocal.pipeline.channel import PacketChannel
 from raylocal.pipeline.trace import packet_delays, paired
-from raylocal.pipeline.worker import PartLoop, PartWorker, staleness_summary, tensor_bytes
+from raylocal.pipeline.worker import PartLoop, PartWorker, staleness_summary
 from raylocal.training.schedules import SingleProcessRun
 
 

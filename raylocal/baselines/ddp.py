@@ -43,6 +43,7 @@ from raylocal.core.data import BatchStream, training_images
 from raylocal.core.faults import Straggler, parse_faults
 from raylocal.core.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.core.runlog import peak_rss_mb
+from raylocal.core.tensors import tensor_bytes
 from raylocal.errors import ClusterError, DivergedError
 from raylocal.model.objectives import nll_bits, preprocess, to_device
 from raylocal.training.trainer import build_glow, initialize, scheduled_lr
@@ -216,7 +217,7 @@ def carry_first_broadcast(module: nn.Module, wire: Wire, rank: int, world: int, 
     Over a real link those ranks start only once the bytes have arrived, and rank
     0's first all-reduce waits for them; on an emulated link they wait here for
     the wire to carry them. Returns the bytes broadcast."""
-    nbytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    nbytes = tensor_bytes([*module.parameters(), *module.buffers()])
     if world > 1 and rank != 0:
         clock.sleep_until(wire.deliver(nbytes))
     return nbytes

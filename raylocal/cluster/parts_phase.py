@@ -40,7 +40,7 @@ from raylocal.core.faults import apply_worker_faults, parse_faults
 from raylocal.core.runlog import Progress, peak_rss_mb
 from raylocal.errors import ClusterError
 from raylocal.pipeline.trace import packet_trace
-from raylocal.pipeline.worker import PartLoop, PartWorker, staleness_summary, tensor_bytes
+from raylocal.pipeline.worker import PartLoop, PartWorker, staleness_summary
 from raylocal.training.schedules import PartsResult
 
 
@@ -417,4 +417,4 @@ def pipeline_report(
     return report
 
 
-__all__ = ["LatentQueue", "PartActor", "PartsPhase", "tensor_bytes", "train_parts"]
+__all__ = ["LatentQueue", "PartActor", "PartsPhase", "train_parts"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from raylocal.core.tensors import tensor_bytes
 from raylocal.model.flows import (
     ActNorm,
     Coupling,
@@ -135,7 +136,7 @@ class Glow(nn.Module):
 
     def param_bytes(self) -> int:
         """Bytes of all parameters (what a data-parallel step all-reduces)."""
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        return tensor_bytes(list(self.parameters()))
 
     def part(self, start: int, stop: int) -> Part:
         """The slice layers[start:stop] as a Part sharing this model's modules."""

@@ -45,6 +45,7 @@ from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import BatchStream
 from raylocal.core.faults import Straggler, parse_faults
 from raylocal.core.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
+from raylocal.core.tensors import tensor_bytes
 from raylocal.errors import CheckpointError, ClusterError
 from raylocal.model.objectives import preprocess, to_device
 from raylocal.pipeline.channel import PacketChannel, newer_weights
@@ -58,14 +59,6 @@ from raylocal.training.trainer import (
     over_the_wire,
     wire_payload,
 )
-
-
-def tensor_bytes(obj: Any) -> int:
-    if isinstance(obj, Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    return 0
 
 
 def to_wire(x: Tensor, dtype: torch.dtype) -> tuple[Tensor | dict[str, Tensor], Any]:

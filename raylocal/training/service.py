@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from raylocal.core.config import RaylocalConfig
+from raylocal.core.tensors import tensor_bytes
 from raylocal.training.schedules import part_spec_for
 from raylocal.training.trainer import build_glow, evaluate_bpd, resolve_device
 
@@ -31,7 +32,7 @@ class ModelService:
             "bounds": [list(b) for b in spec.bounds],
             "canonical": spec.canonical(self.glow),
             "param_bytes": self.glow.param_bytes(),
-            "part_param_bytes": [_bytes(self.glow.part(start, stop).state_dict()) for start, stop in spec.bounds],
+            "part_param_bytes": [tensor_bytes(self.glow.part(start, stop).state_dict()) for start, stop in spec.bounds],
         }
 
     def evaluate(self, test_images: Tensor, state: dict[str, Tensor]) -> float:
@@ -47,7 +48,3 @@ def assembled(states: list[dict[str, Any]], glow: torch.nn.Module, bounds: list)
     for (start, stop), state in zip(bounds, states):
         out.update({name: state["model"][name] for name in glow.part(start, stop).state_dict()})
     return out
-
-
-def _bytes(state: dict[str, Tensor]) -> int:
-    return sum(v.numel() * v.element_size() for v in state.values())
