@@ -58,3 +58,44 @@ def test_cpu_meter_groups_ray_processes():
     assert meter.group(1, "raylet", "/x/ray/core/src/ray/raylet/raylet --flags") == "raylet"
     assert meter.group(1, "python", "/usr/bin/python /x/site-packages/ray/dashboard/agent.py") == "other Ray"
     assert meter.group(1, "python", "/work/raylocal/.venv/bin/python -c pass") == "other"
+
+
+def test_the_speedup_gap_takes_its_ratios_within_each_round_and_their_medians(capsys):
+    from raylocal.tools import speedup_gap
+
+    def round_(whole, p1, p2, pair, c1, c2, steps, one_ips, parts_ips, queue=0.1):
+        cores = {"part actors": 1.8, "queue actors": queue}
+        return {
+            "whole": whole, "part 1": p1, "part 2": p2, "pair": pair,
+            "parts cell": {"part_compute_s": [c1, c2], "steps": steps, "images_per_s": parts_ips, "cores": cores},
+            "one-device cell": {"images_per_s": one_ips},
+        }  # fmt: skip
+
+    # a host twice as slow in the second round: every ratio the same as in the first
+    rounds = [
+        round_(0.2, 0.11, 0.09, [0.21, 0.21], 60.0, 50.0, [500, 500], 320.0, 560.0),
+        round_(0.4, 0.22, 0.18, [0.42, 0.42], 60.0, 50.0, [250, 250], 160.0, 280.0),
+        round_(0.2, 0.12, 0.09, [0.20, 0.22], 66.0, 50.0, [500, 500], 320.0, 480.0, queue=0.3),
+    ]
+    s = speedup_gap.summary(rounds)
+    assert s["ms_per_step"] == {"whole": pytest.approx(200.0), "part 1": pytest.approx(120.0), "part 2": 90.0}
+    assert s["parts_sum_over_whole"] == pytest.approx(1.0)  # (0.11 + 0.09) / 0.2, twice; 1.05 once
+    assert s["split_bound"] == pytest.approx(0.2 / 0.11)  # median of 1.818, 1.818, 1.667
+    assert s["pair_slowdown"] == pytest.approx(1.05)
+    assert s["in_ray_part_ms"] == [pytest.approx(132.0), pytest.approx(100.0)]  # ms: 120, 240, 132
+    assert s["in_ray_over_alone"][0] == pytest.approx(120.0 / 110.0)  # 1.0909 twice, 1.1 once
+    assert s["one_device_ms"] == pytest.approx(200.0) and s["one_device_over_alone"] == pytest.approx(1.0)
+    assert s["speedups"] == [1.75, 1.75, 1.5] and s["race_speedup"] == 1.75
+    assert s["cores"]["part actors"] == 1.8 and s["cores"]["queue actors"] == 0.1 and s["cores"]["raylet"] == 0.0
+    text = speedup_gap.table(s)
+    assert "| part 2, alone | 90.0 | 0.450 of the whole's |" in text and "(median of 1.75, 1.75, 1.50)" in text
+    assert "of 2 (median): part actors 1.80, queue actors 0.10, driver 0.00" in text
+
+
+def test_the_speedup_gap_refuses_a_bad_round_count_in_one_line(capsys, tmp_path):
+    from raylocal.tools import speedup_gap
+
+    assert speedup_gap.main(["--rounds", "0", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --seconds 8.0, --cell-budget 60.0 and --rounds 0 must be positive"]
+    assert not (tmp_path / "out").exists()

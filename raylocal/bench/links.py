@@ -302,6 +302,7 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
         "actor_nodes": report["actor_nodes"],  # where each part ran (Ray's node ids)
         "part_wait_s": report["wait_s"],  # per part: waiting for latents, and computing
         "part_compute_s": report["compute_s"],
+        "part_window": [min(st["start_time"] for st in stats), max(st["end_time"] for st in stats)],  # wall clock
         "state": snapshot.state or None,
     }
 

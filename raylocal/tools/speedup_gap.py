@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from raylocal.bench.async_bench import CpuMeter
 from raylocal.bench.links import BENCH_MODEL, host_figures
 from raylocal.core.config import RaylocalConfig
 from raylocal.model.objectives import preprocess
@@ -79,14 +80,21 @@ def step_seconds(kind: str, split: str, seconds: float) -> float:
 
 def race_cell(method: str, split: str, budget: float) -> dict[str, Any]:
     """One of the race's ∞ cells (``raylocal.bench.links``), seed 1: its rate, and
-    per part its steps and compute seconds."""
+    per part its steps and compute seconds; for the parts, the cores each group
+    of processes used while they trained (``CpuMeter``: the parts, the queue's
+    actors, this process as driver and model service, Ray's own)."""
     from raylocal.bench import links
 
     args = {"method": method, "link": "inf", "seed": 1, "budget": budget, "train_subset": None, "test_subset": 2000,
             "validation": None, "split": split, "sync_every": 50, "queue_size": 4}  # fmt: skip
-    result = links.run_parts(args) if method == "parts" else links.run_one_device(args)
+    if method != "parts":
+        return {k: v for k, v in links.run_one_device(args).items() if k in ("images_per_s", "steps", "test_bpd")}
+    with CpuMeter() as meter:
+        result = links.run_parts(args)
+    used = meter.split(*result["part_window"])
+    seconds = used.pop("seconds", 0.0)
     keep = ["images_per_s", "steps", "part_compute_s", "part_wait_s", "test_bpd"]
-    return {k: result[k] for k in keep if k in result}
+    return {k: result[k] for k in keep} | {"cores": {g: c / seconds for g, c in used.items()} if seconds else {}}
 
 
 def _child(kind: str, core: int, split: str, seconds: float, budget: float) -> subprocess.Popen:
@@ -142,6 +150,7 @@ def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "one_device_over_alone": med(lambda r: in_ray(r)["one_device_ms"] / (1e3 * r["whole"])),
         "race_speedup": med(lambda r: in_ray(r)["speedup"]),
         "speedups": [in_ray(r)["speedup"] for r in rounds],
+        "cores": {g: med(lambda r, g=g: r["parts cell"]["cores"].get(g, 0.0)) for g in CpuMeter.GROUPS},
     }
 
 
@@ -163,11 +172,13 @@ def table(s: dict[str, Any]) -> str:
             f"| part {k + 1}, the race's ∞ parts cell (compute s / steps) | {s['in_ray_part_ms'][k]:.1f} | "
             f"{s['in_ray_over_alone'][k]:.3f} of part {k + 1} alone |"
         )
+    cores = ", ".join(f"{g} {c:.2f}" for g, c in s["cores"].items())
     speedups = ", ".join(f"{x:.2f}" for x in s["speedups"])
     rows += [
         "",
         f"- the speed-up the split allows (the whole's step over the slower part's, alone): {s['split_bound']:.2f}x",
         f"- the speed-up the race's cells reached: {s['race_speedup']:.2f}x (median of {speedups})",
+        f"- cores used while the parts trained, of 2 (median): {cores}",
     ]
     return "\n".join(rows)
 
