@@ -51,6 +51,23 @@ def test_cpu_meter_charges_cpu_time_to_the_process_that_used_it():
     assert sum(split.values()) == pytest.approx(capacity, rel=0.15)
 
 
+def test_cpu_meter_counts_processes_that_ended_just_after_the_window():
+    """The parts' actors end with their phase: a sample after the window's end
+    no longer sees them, so the window closes on the last sample inside it."""
+    meter = async_bench.CpuMeter()
+    part, raylet = 11, 12
+    meter.samples = [
+        (0.0, {part: ("part actors", 5.0), raylet: ("raylet", 1.0)}, (100.0, 0.0)),
+        (1.0, {part: ("part actors", 6.0), raylet: ("raylet", 1.1)}, (100.5, 0.0)),
+        (2.0, {part: ("part actors", 7.0), raylet: ("raylet", 1.2)}, (101.0, 0.0)),
+        (3.0, {raylet: ("raylet", 1.3)}, (102.5, 0.0)),  # the part's process has ended
+    ]
+    used = meter.split(0.0, 2.5)
+    assert used["part actors"] == pytest.approx(2.0) and used["raylet"] == pytest.approx(0.2)
+    assert used["idle"] == pytest.approx(1.0) and used["seconds"] == 2.0
+    assert meter.split(0.5, 0.9) == {}  # no two samples inside
+
+
 def test_cpu_meter_groups_ray_processes():
     meter = async_bench.CpuMeter()
     assert meter.group(1, "python", "ray::PartActor.run") == "part actors"

@@ -102,11 +102,13 @@ class CpuMeter:
         return now, procs, (idle, steal)
 
     def split(self, start: float, end: float) -> dict[str, float]:
-        """CPU seconds per group between the samples nearest to ``start`` and ``end``,
-        and the window's length (``"seconds"``); empty without two samples in it."""
+        """CPU seconds per group between the first sample at or after ``start`` and the
+        last at or before ``end``, and their distance (``"seconds"``); empty without
+        two samples in the window. (A sample after ``end`` may already miss the
+        processes that worked in it: the parts' actors end with their phase.)"""
         times = [t for t, _, _ in self.samples]
         i = min(bisect.bisect_left(times, start), len(times) - 1)
-        j = min(bisect.bisect_left(times, end), len(times) - 1)
+        j = bisect.bisect_right(times, end) - 1
         if j <= i:
             return {}
         (t0, before, (idle0, steal0)), (t1, after, (idle1, steal1)) = self.samples[i], self.samples[j]
