@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -77,7 +78,7 @@ def test_cpu_meter_groups_ray_processes():
     assert meter.group(1, "python", "/work/raylocal/.venv/bin/python -c pass") == "other"
 
 
-def test_the_speedup_gap_takes_its_ratios_within_each_round_and_their_medians(capsys):
+def test_the_speedup_gap_takes_its_ratios_within_each_round_and_their_medians(tmp_path):
     from raylocal.tools import speedup_gap
 
     def round_(whole, p1, p2, pair, c1, c2, steps, one_ips, parts_ips, queue=0.1):
@@ -104,9 +105,16 @@ def test_the_speedup_gap_takes_its_ratios_within_each_round_and_their_medians(ca
     assert s["one_device_ms"] == pytest.approx(200.0) and s["one_device_over_alone"] == pytest.approx(1.0)
     assert s["speedups"] == [1.75, 1.75, 1.5] and s["race_speedup"] == 1.75
     assert s["cores"]["part actors"] == 1.8 and s["cores"]["queue actors"] == 0.1 and s["cores"]["raylet"] == 0.0
+    assert s["part_over_whole"] == [pytest.approx(0.55), pytest.approx(0.45)]  # the rounds' ratios' medians
     text = speedup_gap.table(s)
     assert "| part 2, alone | 90.0 | 0.450 of the whole's |" in text and "(median of 1.75, 1.75, 1.50)" in text
     assert "of 2 (median): part actors 1.80, queue actors 0.10, driver 0.00" in text
+    # stored rounds are tabled again, nothing run: the summary and table recomputed from them
+    stored = tmp_path / "speedup-gap.json"
+    stored.write_text(json.dumps({"rounds": rounds, "summary": {}}))
+    assert speedup_gap.main(["--table-only", "--out", str(tmp_path)]) == 0
+    assert json.loads(stored.read_text())["summary"] == s
+    assert (tmp_path / "speedup-gap.md").read_text() == text + "\n"
 
 
 def test_the_speedup_gap_refuses_a_bad_round_count_in_one_line(capsys, tmp_path):

@@ -23,7 +23,7 @@ from round to round, and the ratios are taken within a round.
 
     python -m raylocal.tools.speedup_gap --split 'layers:0-18|19-50' --out /work/gap50
 
-Results: ``OUT/speedup-gap.json`` and ``OUT/speedup-gap.md``.
+Results: ``OUT/speedup-gap.json`` and ``OUT/speedup-gap.md``; ``--table-only`` tables them again and runs nothing.
 """
 
 from __future__ import annotations
@@ -141,6 +141,7 @@ def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     ms = {k: 1e3 * med(lambda r, k=k: r[k]) for k in STEPS}
     return {
         "ms_per_step": ms,
+        "part_over_whole": [med(lambda r, k=k: r[f"part {k + 1}"] / r["whole"]) for k in (0, 1)],
         "parts_sum_over_whole": med(lambda r: (r["part 1"] + r["part 2"]) / r["whole"]),
         "split_bound": med(lambda r: r["whole"] / max(r["part 1"], r["part 2"])),
         "pair_slowdown": med(lambda r: statistics.mean(r["pair"]) / r["whole"]),
@@ -150,18 +151,19 @@ def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "one_device_over_alone": med(lambda r: in_ray(r)["one_device_ms"] / (1e3 * r["whole"])),
         "race_speedup": med(lambda r: in_ray(r)["speedup"]),
         "speedups": [in_ray(r)["speedup"] for r in rounds],
-        "cores": {g: med(lambda r, g=g: r["parts cell"]["cores"].get(g, 0.0)) for g in CpuMeter.GROUPS},
+        # (cells run before the parts' CPU was sampled have no "cores")
+        "cores": {g: med(lambda r, g=g: r["parts cell"].get("cores", {}).get(g, 0.0)) for g in CpuMeter.GROUPS},
     }
 
 
 def table(s: dict[str, Any]) -> str:
     ms = s["ms_per_step"]
     rows = [
-        "| measured (median over the rounds) | ms per step | ratio |",
+        "| measured | ms per step (median of the rounds) | ratio (median of the rounds' ratios) |",
         "|---|---|---|",
         f"| whole model, alone | {ms['whole']:.1f} | 1 |",
-        f"| part 1, alone | {ms['part 1']:.1f} | {ms['part 1'] / ms['whole']:.3f} of the whole's |",
-        f"| part 2, alone | {ms['part 2']:.1f} | {ms['part 2'] / ms['whole']:.3f} of the whole's |",
+        f"| part 1, alone | {ms['part 1']:.1f} | {s['part_over_whole'][0]:.3f} of the whole's |",
+        f"| part 2, alone | {ms['part 2']:.1f} | {s['part_over_whole'][1]:.3f} of the whole's |",
         f"| parts 1 + 2, alone | {ms['part 1'] + ms['part 2']:.1f} | {s['parts_sum_over_whole']:.3f} of the whole's |",
         f"| whole model, two processes at once, each | | {s['pair_slowdown']:.3f} of its time alone |",
         f"| one device, the race's ∞ cell | {s['one_device_ms']:.1f} | "
@@ -178,9 +180,24 @@ def table(s: dict[str, Any]) -> str:
         "",
         f"- the speed-up the split allows (the whole's step over the slower part's, alone): {s['split_bound']:.2f}x",
         f"- the speed-up the race's cells reached: {s['race_speedup']:.2f}x (median of {speedups})",
-        f"- cores used while the parts trained, of 2 (median): {cores}",
     ]
+    if any(s["cores"].values()):  # (none where the cells ran before the parts' CPU was sampled)
+        rows.append(f"- cores used while the parts trained, of 2 (median): {cores}")
     return "\n".join(rows)
+
+
+def retable(path: Path) -> int:
+    """The summary and table of stored rounds, computed again (nothing runs)."""
+    if not path.is_file():
+        print(f"error: --table-only: no {path}", file=sys.stderr)
+        return 2
+    result = json.loads(path.read_text())
+    result["summary"] = summary(result["rounds"])
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    text = table(result["summary"])
+    path.with_suffix(".md").write_text(text + "\n")
+    print(text)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="rounds, each in another order")
     p.add_argument("--cell-budget", type=float, default=60.0, help="seconds of each race cell (the race's: 60)")
     p.add_argument("--out", type=Path, default=Path("bench_runs"))
+    p.add_argument("--table-only", action="store_true", help="table OUT/speedup-gap.json again; run nothing")
     p.add_argument("--child", choices=[k for k in KINDS if k != "pair"], help=argparse.SUPPRESS)
     p.add_argument("--core", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -201,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             os.sched_setaffinity(0, {args.core})  # the pair's processes on cores of their own
         print(json.dumps(step_seconds(args.child, args.split, args.seconds)))
         return 0
+    if args.table_only:
+        return retable(args.out / "speedup-gap.json")
     if args.seconds <= 0 or args.cell_budget <= 0 or args.rounds < 1:
         print(f"error: --seconds {args.seconds}, --cell-budget {args.cell_budget} and --rounds {args.rounds} "
               "must be positive", file=sys.stderr)  # fmt: skip
