@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import itertools
 import os
 import tempfile
 import threading
@@ -32,11 +33,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import torch
 
+from raylocal.bench.glow_bench import step_rate
 from raylocal.cluster.placement import DataParallelPlacement
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
+from raylocal.core.tensors import tensor_bytes
 from raylocal.model.objectives import preprocess
-from raylocal.pipeline.worker import tensor_bytes
 from raylocal.training.trainer import PartTrainer, build_glow, initialize, resolve_device
 
 
@@ -131,13 +133,14 @@ def e2e_throughput(config: RaylocalConfig, images: torch.Tensor, threads: int, s
     batches = [preprocess(images[i * 64 : (i + 1) * 64].to(device), 8, noise) for i in range(20)]
     for b in batches[:3]:
         trainer.step(b)  # (with --compile, the first of these compiles)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or n < 5:
-        trainer.step(batches[n % len(batches)])
-        n += 1
+    cycle = itertools.cycle(batches)
+
+    def step() -> None:
+        trainer.step(next(cycle))
         if device.type == "cuda":
             torch.cuda.synchronize()
-    return n * 64 / (time.perf_counter() - start)
+
+    return step_rate(step, 64, seconds)
 
 
 def queue_overhead(latent: torch.Tensor, n: int = 200) -> float:

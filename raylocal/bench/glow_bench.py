@@ -14,6 +14,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -63,11 +64,13 @@ def throughput(shape, levels, depth, width, batch, device, seconds: float, compi
     rates: dict[str, list[float]] = {name: [] for name in loss_fns}
     for _ in range(rounds):
         for name, fn in loss_fns.items():
-            rates[name].append(_rate(lambda fn=fn: step(fn), batch, seconds))
+            rates[name].append(step_rate(lambda fn=fn: step(fn), batch, seconds))
     return {name: statistics.median(r) for name, r in rates.items()}, compile_s
 
 
-def _rate(step, batch: int, seconds: float) -> float:
+def step_rate(step: Callable[[], object], batch: int, seconds: float) -> float:
+    """Images per second of ``step`` (one batch of ``batch`` images), called for
+    ``seconds`` and at least 5 times."""
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or n < 5:
         step()
@@ -93,7 +96,7 @@ def training_step_rate(config: RaylocalConfig, shape, batch: int, device, second
         trainer.step(x)
         wait_for(device)
 
-    rate = _rate(step, batch, seconds)
+    rate = step_rate(step, batch, seconds)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
 
     @torch.no_grad()
@@ -101,7 +104,7 @@ def training_step_rate(config: RaylocalConfig, shape, batch: int, device, second
         nll_bits(glow, x)
         wait_for(device)
 
-    evaluation = _rate(evaluate, batch, seconds)
+    evaluation = step_rate(evaluate, batch, seconds)
     return {
         "train_step_images_per_s": rate,
         "peak_memory_mb": peak,

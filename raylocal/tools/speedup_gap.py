@@ -29,6 +29,7 @@ Results: ``OUT/speedup-gap.json`` and ``OUT/speedup-gap.md``; ``--table-only`` t
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -41,6 +42,7 @@ from typing import Any
 import torch
 
 from raylocal.bench.async_bench import CpuMeter
+from raylocal.bench.glow_bench import step_rate
 from raylocal.bench.links import BENCH_MODEL, host_figures
 from raylocal.core.config import RaylocalConfig
 from raylocal.model.objectives import preprocess
@@ -71,11 +73,8 @@ def step_seconds(kind: str, split: str, seconds: float) -> float:
             batches = [parts[0](b)[0] if k else b for b in batches]
     for b in batches[:3]:
         trainer.step(b)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or n < 5:
-        trainer.step(batches[n % len(batches)])
-        n += 1
-    return (time.perf_counter() - start) / n
+    cycle = itertools.cycle(batches)
+    return BENCH_MODEL["batch_size"] / step_rate(lambda: trainer.step(next(cycle)), BENCH_MODEL["batch_size"], seconds)
 
 
 def race_cell(method: str, split: str, budget: float) -> dict[str, Any]:
@@ -191,13 +190,18 @@ def retable(path: Path) -> int:
     if not path.is_file():
         print(f"error: --table-only: no {path}", file=sys.stderr)
         return 2
-    result = json.loads(path.read_text())
+    write(path, json.loads(path.read_text()))
+    return 0
+
+
+def write(path: Path, result: dict[str, Any]) -> None:
+    """``result`` with its summary of its rounds, as JSON at ``path``, and its table beside it (``.md``)."""
     result["summary"] = summary(result["rounds"])
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     text = table(result["summary"])
     path.with_suffix(".md").write_text(text + "\n")
     print(text)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,12 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         order = KINDS[r % len(KINDS) :] + KINDS[: r % len(KINDS)]
         rounds.append(measure_round(order, args.split, args.seconds, args.cell_budget) | {"order": order})
     result = {"split": args.split, "seconds": args.seconds, "cell_budget": args.cell_budget, "host": host,
-              "began": began, "rounds": rounds, "summary": summary(rounds)}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "speedup-gap.json").write_text(json.dumps(result, indent=1) + "\n")
-    text = table(result["summary"])
-    (args.out / "speedup-gap.md").write_text(text + "\n")
-    print(text)
+              "began": began, "rounds": rounds}  # fmt: skip
+    write(args.out / "speedup-gap.json", result)
     return 0
 
 
