@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from raylocal.errors import ClusterError
@@ -138,3 +140,32 @@ def test_wire_costs_refuses_a_bad_rate_in_one_line(capsys):
 
     assert wire_costs.main(["--rate", "10 megabits"]) == 2
     assert capsys.readouterr().err.strip() == "error: link rate '10 megabits' is not like 10mbit, 500kbit or 1gbit"
+
+
+def test_the_overhead_fit_splits_the_kernels_excess_into_a_part_per_cell_and_a_part_per_step(tmp_path):
+    def run(steps: int, extra: float) -> dict:
+        # local SGD: ours is 1000 bytes a step per worker, 2 workers; idle traffic 100 B/s over 10 s
+        kernel = 2000.0 * steps + 1000.0 + 5000.0 + 30.0 * steps + extra
+        real = {"images_per_s": 1.0, "seconds": 10.0, "steps": steps, "idle": 0.0, "bytes_per_step": 0.0,
+                "kernel_bytes": kernel, "idle_bytes_per_s": 100.0}  # fmt: skip
+        twin = {"images_per_s": 1.0, "seconds": 10.0, "steps": steps, "idle": 0.0, "bytes_per_step": 1000.0}
+        return {("10mbit", "local-sgd", "real"): real, ("10mbit", "local-sgd", "emulated"): twin}
+
+    # three budgets on the line beyond = 5000 + 30 * steps, but for 300 bytes more in the middle one
+    rows = calibrate.overhead_fit([run(100, 0.0), run(200, 300.0), run(400, 0.0)]).splitlines()
+    # least squares by hand: steps 100, 200, 400 (mean 233.33), beyond 8000, 11300, 17000 (mean 12100);
+    # slope = sum(dx*dy)/sum(dx^2) = 1,390,000/46,666.7 = 29.79, intercept = 12100 - 29.79 * 233.33 = 5150;
+    # the worst cell, the first, is off by 8000 - 5150 - 2978.6 = -128.6 of its 209,000 kernel bytes: 0.06%;
+    # p is 29.79 of ours' 2000 bytes a step: 0.015
+    assert "| local-sgd | 10mbit | 3 | 5,150 | 30 | 0.015 | 0.1% |" in rows
+    assert "| local-sgd | every rate | 3 | 5,150 | 30 | 0.015 | 0.1% |" in rows
+    # one budget's steps only: nothing to tell a fixed part from a per-step part
+    assert len(calibrate.overhead_fit([run(100, 0.0), run(100, 50.0)]).splitlines()) == 2
+    # stored runs are read back from their folders and bad ones refused in one line
+    for k, budget in enumerate((run(100, 0.0), run(400, 0.0))):
+        folder = tmp_path / f"b{k}" / "calibration"
+        folder.mkdir(parents=True)
+        for (rate, method, kind), cell in budget.items():
+            (folder / f"{method}-{rate}-{kind}.json").write_text(json.dumps(cell))
+    assert calibrate.stored_cells(tmp_path / "b0" / "calibration") == run(100, 0.0)
+    assert calibrate.main(["--fit", f"{tmp_path / 'b0'},{tmp_path / 'nowhere'}"]) == 2

@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from raylocal.bench.links import BENCH_MODEL, host_figures  # noqa: E402 (after the auth setting, as links.py's own)
@@ -144,6 +146,61 @@ def figures(method: str, cell: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def byte_terms(method: str, cell: dict[str, Any], twin: dict[str, Any]) -> tuple[int, float, float]:
+    """A real cell's steps, the emulator's byte count for them, and the idle cluster's
+    traffic over its seconds: what the kernel's count is compared with."""
+    # the emulator's count for as many steps as the real cell trained (the real DDP has no hook to count),
+    # and DDP's first broadcast of the model once; the parts' bytes are the first part's sends, so its steps
+    steps = cell["steps"] if isinstance(cell["steps"], int) else cell["steps"][0]
+    counted = twin["bytes_per_step"] * steps * (2 if method != "parts" else 1) + twin.get("start_bytes", 0)
+    return steps, counted, cell["idle_bytes_per_s"] * cell["seconds"]
+
+
+def overhead_fit(runs: list[dict[tuple[str, str, str], dict[str, Any]]]) -> str:
+    """The kernel's bytes beyond ours and the idle traffic, split into a part per
+    cell and a part per step: beyond = F + p · steps, least squares over the real
+    cells of several runs (budgets), per method and rate and per method over every
+    rate; with how far ours + idle + F + p · steps then is from each cell's kernel
+    count (the worst cell)."""
+    points: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
+    for cells in runs:
+        for (rate, method, kind), cell in cells.items():
+            twin = cells.get((rate, method, "emulated"))
+            if kind == "real" and twin is not None:
+                steps, counted, control = byte_terms(method, cell, twin)
+                beyond = cell["kernel_bytes"] - counted - control
+                for key in ((method, rate), (method, "every rate")):
+                    points.setdefault(key, []).append((steps, beyond, counted, cell["kernel_bytes"]))
+    rows = [
+        "| method | rate | cells | F: bytes per cell | p: bytes per step | p / ours per step | "
+        "kernel against ours + idle + F + p·steps, worst cell |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (method, rate), pts in sorted(points.items()):
+        steps, beyond, counted, kernel = (np.array(column, dtype=float) for column in zip(*pts))
+        if len(set(steps)) < 2:
+            continue  # one budget's steps: a fixed and a per-step part cannot be told apart
+        (fixed, per_step), *_ = np.linalg.lstsq(np.stack([np.ones_like(steps), steps], 1), beyond, rcond=None)
+        worst = np.max(np.abs(beyond - fixed - per_step * steps) / kernel)
+        ours_per_step = float(np.sum(counted) / np.sum(steps))
+        rows.append(
+            f"| {method} | {rate} | {len(pts)} | {fixed:,.0f} | {per_step:,.0f} | "
+            f"{per_step / ours_per_step:.3f} | {100 * worst:.1f}% |"
+        )
+    return "\n".join(rows)
+
+
+def stored_cells(out: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """The cells a calibration stored under ``out`` (``OUT/calibration/``), by (rate, method, kind)."""
+    cells = {}
+    for path in sorted(out.glob("*.json")):
+        method = next((m for m in METHODS if path.stem.startswith(m + "-")), None)
+        rate, _, kind = path.stem.removeprefix(f"{method}-").partition("-")
+        if method and kind in ("real", "emulated"):
+            cells[(rate, method, kind)] = json.loads(path.read_text())
+    return cells
+
+
 def table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
     """Per rate and method, each figure real against emulated, and the kernel's bytes against the project's."""
     rows = [
@@ -158,11 +215,7 @@ def table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
         for name, value in ours.items():
             ratio = value / theirs[name] if theirs[name] else float("nan")
             rows.append(f"| {rate} | {method} | {name} | {value:.3g} | {theirs[name]:.3g} | {ratio:.2f} |")
-        # the emulator's count for as many steps as the real cell trained (the real DDP has no hook to count),
-        # and DDP's first broadcast of the model once; the parts' bytes are the first part's sends, so its steps
-        steps = cell["steps"] if isinstance(cell["steps"], int) else cell["steps"][0]
-        counted = twin["bytes_per_step"] * steps * (2 if method != "parts" else 1) + twin.get("start_bytes", 0)
-        control = cell["idle_bytes_per_s"] * cell["seconds"]
+        steps, counted, control = byte_terms(method, cell, twin)
         rows.append(
             f"| {rate} | {method} | bytes: kernel (Ray's idle traffic {control / 1e3:.0f} kB of it) against "
             f"ours | {cell['kernel_bytes'] / 1e6:.3g} MB | {counted / 1e6:.3g} MB | "
@@ -224,10 +277,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=30.0, help="seconds of training per cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_runs", help="results go to OUT/calibration/")
+    p.add_argument("--fit", help="OUTs of runs at other budgets, comma-separated: fit their bytes")
     p.add_argument("--cell", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.cell:
         print("CELL " + json.dumps(run_contestant(json.loads(args.cell))), flush=True)
+        return 0
+    if args.fit:
+        dirs = [Path(d) / "calibration" if (Path(d) / "calibration").is_dir() else Path(d) for d in args.fit.split(",")]
+        missing = [str(d) for d in dirs if not d.is_dir()]
+        if missing:
+            print(f"error: no calibration under {missing[0]!r}", file=sys.stderr)
+            return 2
+        print(overhead_fit([stored_cells(d) for d in dirs]))
         return 0
     rates, methods = args.rates.split(","), args.methods.split(",")
     bad = [m for m in methods if m not in METHODS]
