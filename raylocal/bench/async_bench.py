@@ -122,6 +122,19 @@ class CpuMeter:
         return used
 
 
+def random_images(n: int = 1280) -> torch.Tensor:
+    """``n`` MNIST-shaped images of random bytes (seed 0): what the host-speed probe
+    and the step timings train on, so that they need no dataset."""
+    return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def training_batches(
+    images: torch.Tensor, noise: torch.Generator, device: torch.device, n: int = 20
+) -> list[torch.Tensor]:
+    """The first ``n`` batches of 64 of ``images``, dequantised as training does."""
+    return [preprocess(images[i * 64 : (i + 1) * 64].to(device), 8, noise) for i in range(n)]
+
+
 def e2e_throughput(config: RaylocalConfig, images: torch.Tensor, threads: int, seconds: float) -> float:
     torch.set_num_threads(threads)
     torch._dynamo.reset()  # (--compile) inductor's kernels fix their thread count when compiled
@@ -130,7 +143,7 @@ def e2e_throughput(config: RaylocalConfig, images: torch.Tensor, threads: int, s
     noise = torch.Generator().manual_seed(1)
     initialize([glow.whole()], preprocess(images[:512].to(device), 8, noise))
     trainer = PartTrainer(glow.whole(), 1e-3, config)
-    batches = [preprocess(images[i * 64 : (i + 1) * 64].to(device), 8, noise) for i in range(20)]
+    batches = training_batches(images, noise, device)
     for b in batches[:3]:
         trainer.step(b)  # (with --compile, the first of these compiles)
     cycle = itertools.cycle(batches)

@@ -430,15 +430,14 @@ def host_figures(probe_s: float) -> dict[str, Any]:
     """What a cell's numbers depend on besides its settings: the commit, the CPU
     model, and the host's speed now (one device's images/s, one thread, over
     ``probe_s`` seconds of random images; 0 skips the probe)."""
-    from raylocal.bench.async_bench import e2e_throughput
+    from raylocal.bench.async_bench import e2e_throughput, random_images
 
     root = Path(__file__).resolve().parents[2]
     git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "unknown")
     probe = None
     if probe_s > 0:
-        images = torch.randint(0, 256, (1280, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-        probe = e2e_throughput(RaylocalConfig(**BENCH_MODEL), images, 1, probe_s)
+        probe = e2e_throughput(RaylocalConfig(**BENCH_MODEL), random_images(), 1, probe_s)
     return {"commit": git.stdout.strip() or None, "cpu": cpu, "probe_images_per_s": probe}
 
 

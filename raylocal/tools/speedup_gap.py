@@ -41,11 +41,10 @@ from typing import Any
 
 import torch
 
-from raylocal.bench.async_bench import CpuMeter
+from raylocal.bench.async_bench import CpuMeter, random_images, training_batches
 from raylocal.bench.glow_bench import step_rate
 from raylocal.bench.links import BENCH_MODEL, host_figures
 from raylocal.core.config import RaylocalConfig
-from raylocal.model.objectives import preprocess
 from raylocal.training.schedules import part_spec_for
 from raylocal.training.trainer import PartTrainer, build_glow, initialize
 
@@ -60,8 +59,7 @@ def step_seconds(kind: str, split: str, seconds: float) -> float:
     config = RaylocalConfig(**BENCH_MODEL, schedule="async", parts=2, part_spec=split)
     glow = build_glow(config, (1, 28, 28))
     noise = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (1280, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    batches = [preprocess(images[i * 64 : (i + 1) * 64], 8, noise) for i in range(20)]
+    batches = training_batches(random_images(), noise, torch.device("cpu"))
     parts = [glow.part(start, stop) for start, stop in part_spec_for(config, glow).bounds]
     initialize(parts, torch.cat(batches[:8]))
     if kind == "whole":
