@@ -142,7 +142,7 @@ def test_wire_costs_refuses_a_bad_rate_in_one_line(capsys):
     assert capsys.readouterr().err.strip() == "error: link rate '10 megabits' is not like 10mbit, 500kbit or 1gbit"
 
 
-def test_the_overhead_fit_splits_the_kernels_excess_into_a_part_per_cell_and_a_part_per_step(tmp_path):
+def test_the_overhead_fit_splits_the_kernels_excess_into_a_part_per_cell_and_a_part_per_step(tmp_path, capsys):
     def run(steps: int, extra: float) -> dict:
         # local SGD: ours is 1000 bytes a step per worker, 2 workers; idle traffic 100 B/s over 10 s
         kernel = 2000.0 * steps + 1000.0 + 5000.0 + 30.0 * steps + extra
@@ -159,13 +159,35 @@ def test_the_overhead_fit_splits_the_kernels_excess_into_a_part_per_cell_and_a_p
     # p is 29.79 of ours' 2000 bytes a step: 0.015
     assert "| local-sgd | 10mbit | 3 | 5,150 | 30 | 0.015 | 0.1% |" in rows
     assert "| local-sgd | every rate | 3 | 5,150 | 30 | 0.015 | 0.1% |" in rows
-    # one budget's steps only: nothing to tell a fixed part from a per-step part
-    assert len(calibrate.overhead_fit([run(100, 0.0), run(100, 50.0)]).splitlines()) == 2
-    # stored runs are read back from their folders and bad ones refused in one line
+    # cells of one run only, even at two rates of different steps: nothing to tell the parts apart
+    one_run = run(100, 0.0) | {("1mbit", m, kind): c for (_, m, kind), c in run(400, 0.0).items()}
+    assert len(calibrate.overhead_fit([one_run]).splitlines()) == 2
+
+    def ddp(rate: str, steps: int) -> dict:
+        # DDP: 600 kB a step per worker, its first broadcast (600 kB) once; beyond = 40 kB + 60 kB a step
+        start, kernel = 6e5, 2 * 6e5 * steps + 6e5 + 40e3 + 60e3 * steps
+        real = {"images_per_s": 1.0, "seconds": 10.0, "steps": steps, "idle": 0.0, "bytes_per_step": 0.0,
+                "kernel_bytes": kernel, "idle_bytes_per_s": 0.0}  # fmt: skip
+        twin = {"images_per_s": 1.0, "seconds": 10.0, "steps": steps, "idle": 0.0, "bytes_per_step": 6e5,
+                "start_bytes": start}  # fmt: skip
+        return {(rate, "ddp", "real"): real, (rate, "ddp", "emulated"): twin}
+
+    # two runs (budgets) of two rates each, pooled over the rates; p against ours' 1.2 MB a step, not
+    # counting the broadcast: 60e3 / 1.2e6 = 0.050 (with it, over these 18 steps: 0.045)
+    rows = calibrate.overhead_fit([ddp("10mbit", 8) | ddp("1mbit", 2), ddp("10mbit", 3) | ddp("1mbit", 5)])
+    assert "| ddp | every rate | 4 | 40,000 | 60,000 | 0.050 | 0.0% |" in rows.splitlines()
+    assert "| ddp | 1mbit | 2 | 40,000 | 60,000 | 0.050 | 0.0% |" in rows.splitlines()
+    # stored runs are read back from their folders (table.md and other files left alone)
     for k, budget in enumerate((run(100, 0.0), run(400, 0.0))):
         folder = tmp_path / f"b{k}" / "calibration"
         folder.mkdir(parents=True)
+        (folder / "table.md").write_text("|")
+        (folder / "notes.json").write_text("{}")
         for (rate, method, kind), cell in budget.items():
             (folder / f"{method}-{rate}-{kind}.json").write_text(json.dumps(cell))
     assert calibrate.stored_cells(tmp_path / "b0" / "calibration") == run(100, 0.0)
+    assert calibrate.main(["--fit", f"{tmp_path / 'b0'},{tmp_path / 'b1'}"]) == 0
+    assert "| local-sgd | 10mbit | 2 | 5,000 | 30 | 0.015 | 0.0% |" in capsys.readouterr().out.splitlines()
     assert calibrate.main(["--fit", f"{tmp_path / 'b0'},{tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --fit needs two or more calibrations; none stored in {tmp_path / 'nowhere'}"

@@ -160,32 +160,34 @@ def overhead_fit(runs: list[dict[tuple[str, str, str], dict[str, Any]]]) -> str:
     """The kernel's bytes beyond ours and the idle traffic, split into a part per
     cell and a part per step: beyond = F + p · steps, least squares over the real
     cells of several runs (budgets), per method and rate and per method over every
-    rate; with how far ours + idle + F + p · steps then is from each cell's kernel
-    count (the worst cell)."""
-    points: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
-    for cells in runs:
+    rate (unweighted: the fast rates' many steps weigh most); with how far
+    ours + idle + F + p · steps then is from each cell's kernel count, relative to
+    that count (the worst cell). The idle traffic is charged over the training
+    seconds only, so the cluster's idle bytes around them fall into F."""
+    points: dict[tuple[str, str], list[tuple[int, float, float, float, float]]] = {}
+    for run, cells in enumerate(runs):
         for (rate, method, kind), cell in cells.items():
             twin = cells.get((rate, method, "emulated"))
             if kind == "real" and twin is not None:
                 steps, counted, control = byte_terms(method, cell, twin)
                 beyond = cell["kernel_bytes"] - counted - control
+                ours = counted - twin.get("start_bytes", 0)  # per step: without DDP's one-off broadcast
                 for key in ((method, rate), (method, "every rate")):
-                    points.setdefault(key, []).append((steps, beyond, counted, cell["kernel_bytes"]))
+                    points.setdefault(key, []).append((run, steps, beyond, ours, cell["kernel_bytes"]))
     rows = [
         "| method | rate | cells | F: bytes per cell | p: bytes per step | p / ours per step | "
-        "kernel against ours + idle + F + p·steps, worst cell |",
+        "worst cell: kernel against ours + idle + F + p·steps |",
         "|---|---|---|---|---|---|---|",
     ]
     for (method, rate), pts in sorted(points.items()):
-        steps, beyond, counted, kernel = (np.array(column, dtype=float) for column in zip(*pts))
-        if len(set(steps)) < 2:
-            continue  # one budget's steps: a fixed and a per-step part cannot be told apart
+        if len({run for run, *_ in pts}) < 2:
+            continue  # cells of one run (one budget): a part per cell and a part per step cannot be told apart
+        steps, beyond, ours, kernel = (np.array(column, dtype=float) for column in list(zip(*pts))[1:])
         (fixed, per_step), *_ = np.linalg.lstsq(np.stack([np.ones_like(steps), steps], 1), beyond, rcond=None)
         worst = np.max(np.abs(beyond - fixed - per_step * steps) / kernel)
-        ours_per_step = float(np.sum(counted) / np.sum(steps))
         rows.append(
             f"| {method} | {rate} | {len(pts)} | {fixed:,.0f} | {per_step:,.0f} | "
-            f"{per_step / ours_per_step:.3f} | {100 * worst:.1f}% |"
+            f"{per_step * np.sum(steps) / np.sum(ours):.3f} | {100 * worst:.1f}% |"
         )
     return "\n".join(rows)
 
@@ -195,8 +197,10 @@ def stored_cells(out: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
     cells = {}
     for path in sorted(out.glob("*.json")):
         method = next((m for m in METHODS if path.stem.startswith(m + "-")), None)
+        if method is None:
+            continue
         rate, _, kind = path.stem.removeprefix(f"{method}-").partition("-")
-        if method and kind in ("real", "emulated"):
+        if kind in ("real", "emulated"):
             cells[(rate, method, kind)] = json.loads(path.read_text())
     return cells
 
@@ -277,19 +281,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=30.0, help="seconds of training per cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_runs", help="results go to OUT/calibration/")
-    p.add_argument("--fit", help="OUTs of runs at other budgets, comma-separated: fit their bytes")
+    p.add_argument("--fit", help="stored calibrations (their OUTs), comma-separated: fit their bytes")
     p.add_argument("--cell", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.cell:
         print("CELL " + json.dumps(run_contestant(json.loads(args.cell))), flush=True)
         return 0
-    if args.fit:
+    if args.fit is not None:
         dirs = [Path(d) / "calibration" if (Path(d) / "calibration").is_dir() else Path(d) for d in args.fit.split(",")]
-        missing = [str(d) for d in dirs if not d.is_dir()]
-        if missing:
-            print(f"error: no calibration under {missing[0]!r}", file=sys.stderr)
+        runs = [stored_cells(d) if d.is_dir() else {} for d in dirs]
+        empty = [str(d) for d, cells in zip(dirs, runs) if not cells]
+        if empty or len(runs) < 2:
+            print(f"error: --fit needs two or more calibrations; none stored in {(empty or dirs)[0]}", file=sys.stderr)
             return 2
-        print(overhead_fit([stored_cells(d) for d in dirs]))
+        print(overhead_fit(runs))
         return 0
     rates, methods = args.rates.split(","), args.methods.split(",")
     bad = [m for m in methods if m not in METHODS]
