@@ -80,6 +80,8 @@ def test_threaded_pipeline_equals_simultaneous_schedule(mnist_dir, tmp_path, lr_
     scales = 8 * 2 * 4 if wire_dtype == "int8" else 0
     assert stats[0].bytes_forward == 8 * 16 * 2 * 4 * 4 * value_bytes + scales
     assert all(s.bytes_backward == 0 for s in stats)
+    # nothing dropped: the receiver fetched every latent and weight sync that was sent
+    assert stats[1].bytes_received == stats[0].bytes_forward + stats[0].bytes_weights > stats[0].bytes_forward
 
 
 def test_latents_sent_into_an_outage_are_lost_and_weights_cross_when_the_link_is_back(mnist_dir):
@@ -97,6 +99,8 @@ def test_latents_sent_into_an_outage_are_lost_and_weights_cross_when_the_link_is
     assert workers[1].versions[0] == 8
     # one latent of 2x4x4 float32 per image of the 5 batches that crossed (the init crossed as weights)
     assert up.bytes_forward == 5 * 16 * 2 * 4 * 4 * 4
+    # what was lost was never stored: the receiver fetched the 5 latents and every weight sync that crossed
+    assert down.bytes_received == up.bytes_forward + up.bytes_weights
 
 
 def test_three_parts_compute_their_init_inputs_from_their_upstream_copies_as_the_single_process_run_does(

@@ -63,6 +63,8 @@ def test_lockstep_async_equals_simultaneous_bit_for_bit(mnist_dir, tmp_path, cap
     assert len(set(pids)) == 2 and os.getpid() not in pids
     assert s["bytes_backward"] == 0 and s["bytes_forward"][0] > 0
     assert s["e2e_pipeline_bytes"] == [2 * s["bytes_forward"][0]]
+    # lockstep drops nothing: part 2 fetched every latent and weight sync part 1 sent
+    assert s["bytes_received"] == [s["bytes_forward"][0] + s["bytes_weight_sync"]] and s["bytes_weight_sync"] > 0
 
 
 def test_a_part_that_diverges_in_its_actor_fails_the_run_in_one_line(mnist_dir, tmp_path, capsys):

@@ -297,6 +297,7 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
         "behind_s": report["behind_s"],
         "dropped_latents": report["dropped_latents"],
         "outage_latents": report["outage_latents"],
+        "bytes_received": report["bytes_received"],  # per boundary: what the next part fetched
         "part_weight_bytes": plan["part_param_bytes"][0],
         "snapshot_s": snapshot.seconds,  # None: the parts ended before 2/3 of the budget
         "actor_nodes": report["actor_nodes"],  # where each part ran (Ray's node ids)

@@ -397,6 +397,8 @@ def pipeline_report(
         "dropped_latents": [st["dropped_latents"] for st in stats[:-1]],
         # per boundary: latents that arrived but a newer one replaced before the part took them
         "superseded_latents": [st.get("superseded_latents", 0) for st in stats[1:]],
+        # per boundary: the bytes the next part fetched (latents and weights), what really crossed
+        "bytes_received": [st.get("bytes_received", 0) for st in stats[1:]],
         "outage_latents": [st["outage_latents"] for st in stats[:-1]],
         "idle_s": [st["wait_s"] + st["put_s"] for st in stats],
         "idle_fraction": [(st["wait_s"] + st["put_s"]) / max(st["end_time"] - st["start_time"], 1e-9) for st in stats],

@@ -97,6 +97,7 @@ class WorkerStats:
     stale_steps: int = 0  # steps trained on a latent computed here through the synced upstream copy
     dropped_latents: int = 0  # sent latents replaced by newer ones in a full queue (--full drop-oldest)
     superseded_latents: int = 0  # received latents replaced by newer ones before this part took them (drop-oldest)
+    bytes_received: int = 0  # latents and weights this part fetched from its upstream (what crossed its link)
     outage_latents: int = 0  # sent latents lost because the link was down
     lost_packets: int = 0  # latents that died with a crashed sender
     # per own step: [upstream step whose weights made the input, time the step began]
@@ -437,6 +438,7 @@ class LinkReceiver:
         self.trace = trace if trace is not None else []  # the first trace_packets packets' hops
         self.trace_packets = trace_packets
         self.error: BaseException | None = None
+        self.bytes_received = 0  # of the latents and weights fetched (a sender's count also holds those it dropped)
         self._draining = False
         self._thread = threading.Thread(target=self._serve, name="raylocal-inbox", daemon=True)
         self._thread.start()
@@ -494,12 +496,14 @@ class LinkReceiver:
                 arrived_at = self.clock.now()
                 if packet.get("latent") is not None:
                     latent = self.store_get(packet["latent"])  # None: it died with a crashed sender
+                    self.bytes_received += tensor_bytes(latent)
                     packet["latent"] = None if latent is None else from_wire(latent)
                     packet["lost"] = latent is None
                 latent_at = self.clock.now()
                 packet["states"] = {
                     int(j): self.store_get(ref) for j, (version, ref, size) in (packet.get("weights") or {}).items()
                 }
+                self.bytes_received += tensor_bytes(list(packet["states"].values()))
                 self._ready.put(packet, self._traced(packet, [got_at, arrived_at, latent_at, self.clock.now()]))
                 if packet["kind"] == "end":
                     return
@@ -596,6 +600,7 @@ class PartLoop:
             self.receiver.drain()
         if self.receiver is not None:
             st.superseded_latents = self.receiver.superseded
+            st.bytes_received = self.receiver.bytes_received
         return st
 
     def _count_events(self) -> None:

@@ -147,12 +147,23 @@ def figures(method: str, cell: dict[str, Any]) -> dict[str, float]:
 
 
 def byte_terms(method: str, cell: dict[str, Any], twin: dict[str, Any]) -> tuple[int, float, float]:
-    """A real cell's steps, the emulator's byte count for them, and the idle cluster's
-    traffic over its seconds: what the kernel's count is compared with."""
-    # the emulator's count for as many steps as the real cell trained (the real DDP has no hook to count),
-    # and DDP's first broadcast of the model once; the parts' bytes are the first part's sends, so its steps
+    """A real cell's steps, the project's own count of the bytes that crossed its
+    link, and the idle cluster's traffic over its seconds: what the kernel's count
+    is compared with. The count is the cell's own where it keeps one: what the
+    parts' second part fetched (a sender's count also holds latents dropped in
+    the queue, which never cross), local SGD's averaging rounds and its first
+    broadcast of the model. The real DDP has no hook to count: its twin's bytes
+    per step (every step all-reduces the same gradient) for as many steps, and
+    the first broadcast once; so too the parts of cells stored before they
+    counted what they fetched."""
+    # the parts' steps are the first part's: the sender's, whose rate the twin's bytes per step are of
     steps = cell["steps"] if isinstance(cell["steps"], int) else cell["steps"][0]
-    counted = twin["bytes_per_step"] * steps * (2 if method != "parts" else 1) + twin.get("start_bytes", 0)
+    if method == "parts" and "bytes_received" in cell:
+        counted = float(sum(cell["bytes_received"]))
+    elif method == "local-sgd" and cell["bytes_per_step"]:
+        counted = cell["bytes_per_step"] * steps * 2 + cell.get("start_bytes", 0)
+    else:
+        counted = twin["bytes_per_step"] * steps * (2 if method != "parts" else 1) + twin.get("start_bytes", 0)
     return steps, counted, cell["idle_bytes_per_s"] * cell["seconds"]
 
 
