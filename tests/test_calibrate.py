@@ -171,10 +171,11 @@ def test_the_overhead_fit_splits_the_kernels_excess_into_a_part_per_cell_and_a_p
     rows = calibrate.overhead_fit([run(100, 0.0), run(200, 300.0), run(400, 0.0)]).splitlines()
     # least squares by hand: steps 100, 200, 400 (mean 233.33), beyond 8000, 11300, 17000 (mean 12100);
     # slope = sum(dx*dy)/sum(dx^2) = 1,390,000/46,666.7 = 29.79, intercept = 12100 - 29.79 * 233.33 = 5150;
-    # the worst cell, the first, is off by 8000 - 5150 - 2978.6 = -128.6 of its 209,000 kernel bytes: 0.06%;
+    # the worst cell, the first, is off by 8000 - 5150 - 2978.6 = -128.6 of its 209,000 kernel bytes: 0.06%,
+    # and of its 8000 beyond ours and idle: 1.6% (the middle one: 192.9 of 11,300, 1.7%, the worst there);
     # p is 29.79 of ours' 2000 bytes a step: 0.015
-    assert "| local-sgd | 10mbit | 3 | 5,150 | 30 | 0.015 | 0.1% |" in rows
-    assert "| local-sgd | every rate | 3 | 5,150 | 30 | 0.015 | 0.1% |" in rows
+    assert "| local-sgd | 10mbit | 3 | 5,150 | 30 | 0.015 | 0.1% | 1.7% |" in rows
+    assert "| local-sgd | every rate | 3 | 5,150 | 30 | 0.015 | 0.1% | 1.7% |" in rows
     # cells of one run only, even at two rates of different steps: nothing to tell the parts apart
     one_run = run(100, 0.0) | {("1mbit", m, kind): c for (_, m, kind), c in run(400, 0.0).items()}
     assert len(calibrate.overhead_fit([one_run]).splitlines()) == 2
@@ -191,8 +192,8 @@ def test_the_overhead_fit_splits_the_kernels_excess_into_a_part_per_cell_and_a_p
     # two runs (budgets) of two rates each, pooled over the rates; p against ours' 1.2 MB a step, not
     # counting the broadcast: 60e3 / 1.2e6 = 0.050 (with it, over these 18 steps: 0.045)
     rows = calibrate.overhead_fit([ddp("10mbit", 8) | ddp("1mbit", 2), ddp("10mbit", 3) | ddp("1mbit", 5)])
-    assert "| ddp | every rate | 4 | 40,000 | 60,000 | 0.050 | 0.0% |" in rows.splitlines()
-    assert "| ddp | 1mbit | 2 | 40,000 | 60,000 | 0.050 | 0.0% |" in rows.splitlines()
+    assert "| ddp | every rate | 4 | 40,000 | 60,000 | 0.050 | 0.0% | 0.0% |" in rows.splitlines()
+    assert "| ddp | 1mbit | 2 | 40,000 | 60,000 | 0.050 | 0.0% | 0.0% |" in rows.splitlines()
     # stored runs are read back from their folders (table.md and other files left alone)
     for k, budget in enumerate((run(100, 0.0), run(400, 0.0))):
         folder = tmp_path / f"b{k}" / "calibration"
@@ -203,7 +204,7 @@ def test_the_overhead_fit_splits_the_kernels_excess_into_a_part_per_cell_and_a_p
             (folder / f"{method}-{rate}-{kind}.json").write_text(json.dumps(cell))
     assert calibrate.stored_cells(tmp_path / "b0" / "calibration") == run(100, 0.0)
     assert calibrate.main(["--fit", f"{tmp_path / 'b0'},{tmp_path / 'b1'}"]) == 0
-    assert "| local-sgd | 10mbit | 2 | 5,000 | 30 | 0.015 | 0.0% |" in capsys.readouterr().out.splitlines()
+    assert "| local-sgd | 10mbit | 2 | 5,000 | 30 | 0.015 | 0.0% | 0.0% |" in capsys.readouterr().out.splitlines()
     assert calibrate.main(["--fit", f"{tmp_path / 'b0'},{tmp_path / 'nowhere'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: --fit needs two or more calibrations; none stored in {tmp_path / 'nowhere'}"
