@@ -65,6 +65,9 @@ def test_lockstep_async_equals_simultaneous_bit_for_bit(mnist_dir, tmp_path, cap
     assert s["e2e_pipeline_bytes"] == [2 * s["bytes_forward"][0]]
     # lockstep drops nothing: part 2 fetched every latent and weight sync part 1 sent
     assert s["bytes_received"] == [s["bytes_forward"][0] + s["bytes_weight_sync"]] and s["bytes_weight_sync"] > 0
+    import ray
+
+    assert s["queue_nodes"] == [ray.get_runtime_context().get_node_id()]  # the session's one node
 
 
 def test_a_part_that_diverges_in_its_actor_fails_the_run_in_one_line(mnist_dir, tmp_path, capsys):

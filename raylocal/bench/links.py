@@ -301,6 +301,7 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
         "part_weight_bytes": plan["part_param_bytes"][0],
         "snapshot_s": snapshot.seconds,  # None: the parts ended before 2/3 of the budget
         "actor_nodes": report["actor_nodes"],  # where each part ran (Ray's node ids)
+        "queue_nodes": report["queue_nodes"],  # and each boundary's queue actor
         "part_wait_s": report["wait_s"],  # per part: waiting for latents, and computing
         "part_compute_s": report["compute_s"],
         "part_window": [min(st["start_time"] for st in stats), max(st["end_time"] for st in stats)],  # wall clock

@@ -295,6 +295,8 @@ class PartsPhase:
                 f"storage_path {self.config.storage_path!r} is not writable from node {i['node_id'][:12]} "
                 f"(part {k + 1}: {i['storage_error']}); use a path every node can reach"
             )
+        for k, queue in enumerate(self.queues):  # part k + 1's inbox
+            infos[k + 1]["queue_node_id"] = queue.node_id()
         return infos
 
     def run(
@@ -407,6 +409,7 @@ def pipeline_report(
         "compute_s": [st["compute_s"] for st in stats],
         "actor_pids": [i["pid"] for i in infos],
         "actor_nodes": [i["node_id"] for i in infos],
+        "queue_nodes": [i.get("queue_node_id") for i in infos[1:]],  # per boundary: where its queue's actor ran
         "actor_devices": [i["device"] for i in infos],
         "async_wall_time": wall,
         "restarts": [st["restarts"] for st in stats],

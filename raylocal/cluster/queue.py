@@ -15,7 +15,8 @@ from raylocal.pipeline.channel import PacketChannel
 
 @ray.remote(num_cpus=0, max_concurrency=8)  # blocked put()s and get()s each hold a thread
 class _ChannelActor(PacketChannel):
-    pass
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
 
 class LatentQueue:
@@ -38,6 +39,10 @@ class LatentQueue:
 
     def qsize(self) -> int:
         return ray.get(self.actor.qsize.remote())
+
+    def node_id(self) -> str:
+        """The node the queue's actor runs on: whether a part's calls to it cross a link."""
+        return ray.get(self.actor.node_id.remote())
 
     def shutdown(self) -> None:
         ray.kill(self.actor)
