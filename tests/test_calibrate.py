@@ -76,14 +76,14 @@ def test_the_kernels_bytes_are_set_against_what_the_cell_itself_counted_where_it
     real = {"images_per_s": 1.0, "seconds": 10.0, "steps": 96, "idle": 0.0, "bytes_per_step": 2 * 6e5 / 96,
             "kernel_bytes": 2.5e6, "idle_bytes_per_s": 0.0, "start_bytes": 0}  # fmt: skip
     twin = {"images_per_s": 1.0, "seconds": 10.0, "steps": 105, "idle": 0.0, "bytes_per_step": 3 * 6e5 / 105}
-    assert calibrate.byte_terms("local-sgd", real, twin) == (96, pytest.approx(2 * 2 * 6e5), 0.0)
+    assert calibrate.byte_terms("local-sgd", real, twin) == (96, pytest.approx(2 * 2 * 6e5), 0, 0.0)
     # the parts: what the second part fetched, not what the first put into the queue
     parts = {"steps": [100, 90], "bytes_per_step": 2e5, "bytes_received": [7e6], "seconds": 10.0,
              "idle_bytes_per_s": 10.0}  # fmt: skip
-    assert calibrate.byte_terms("parts", parts, {"bytes_per_step": 1e5}) == (100, 7e6, 100.0)
+    assert calibrate.byte_terms("parts", parts, {"bytes_per_step": 1e5}) == (100, 7e6, 0.0, 100.0)
     # cells stored before the parts counted it: the twin's bytes per step for the first part's steps
     older = {k: v for k, v in parts.items() if k != "bytes_received"}
-    assert calibrate.byte_terms("parts", older, {"bytes_per_step": 1e5}) == (100, 1e7, 100.0)
+    assert calibrate.byte_terms("parts", older, {"bytes_per_step": 1e5}) == (100, 1e7, 0, 100.0)
 
 
 def test_the_hops_table_sets_each_hop_of_the_real_parts_beside_its_twins_in_ms():
@@ -208,3 +208,6 @@ def test_the_overhead_fit_splits_the_kernels_excess_into_a_part_per_cell_and_a_p
     assert calibrate.main(["--fit", f"{tmp_path / 'b0'},{tmp_path / 'nowhere'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: --fit needs two or more calibrations; none stored in {tmp_path / 'nowhere'}"
+    assert calibrate.main(["--fit", str(tmp_path / "b0")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --fit needs two or more calibrations; only {tmp_path / 'b0' / 'calibration'} given"

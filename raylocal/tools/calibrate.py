@@ -146,10 +146,11 @@ def figures(method: str, cell: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def byte_terms(method: str, cell: dict[str, Any], twin: dict[str, Any]) -> tuple[int, float, float]:
+def byte_terms(method: str, cell: dict[str, Any], twin: dict[str, Any]) -> tuple[int, float, float, float]:
     """A real cell's steps, the project's own count of the bytes that crossed its
-    link, and the idle cluster's traffic over its seconds: what the kernel's count
-    is compared with. The count is the cell's own where it keeps one: what the
+    link, the one-off bytes that count holds (a first broadcast of the model), and
+    the idle cluster's traffic over its seconds: what the kernel's count is
+    compared with. The count is the cell's own where it keeps one: what the
     parts' second part fetched (a sender's count also holds latents dropped in
     the queue, which never cross), local SGD's averaging rounds and its first
     broadcast of the model. The real DDP has no hook to count: its twin's bytes
@@ -159,12 +160,14 @@ def byte_terms(method: str, cell: dict[str, Any], twin: dict[str, Any]) -> tuple
     # the parts' steps are the first part's: the sender's, whose rate the twin's bytes per step are of
     steps = cell["steps"] if isinstance(cell["steps"], int) else cell["steps"][0]
     if method == "parts" and "bytes_received" in cell:
-        counted = float(sum(cell["bytes_received"]))
+        once, counted = 0.0, float(sum(cell["bytes_received"]))
     elif method == "local-sgd" and cell["bytes_per_step"]:
-        counted = cell["bytes_per_step"] * steps * 2 + cell.get("start_bytes", 0)
+        once = cell.get("start_bytes", 0)
+        counted = cell["bytes_per_step"] * steps * 2 + once
     else:
-        counted = twin["bytes_per_step"] * steps * (2 if method != "parts" else 1) + twin.get("start_bytes", 0)
-    return steps, counted, cell["idle_bytes_per_s"] * cell["seconds"]
+        once = twin.get("start_bytes", 0)
+        counted = twin["bytes_per_step"] * steps * (2 if method != "parts" else 1) + once
+    return steps, counted, once, cell["idle_bytes_per_s"] * cell["seconds"]
 
 
 def overhead_fit(runs: list[dict[tuple[str, str, str], dict[str, Any]]]) -> str:
@@ -181,9 +184,9 @@ def overhead_fit(runs: list[dict[tuple[str, str, str], dict[str, Any]]]) -> str:
         for (rate, method, kind), cell in cells.items():
             twin = cells.get((rate, method, "emulated"))
             if kind == "real" and twin is not None:
-                steps, counted, control = byte_terms(method, cell, twin)
+                steps, counted, once, control = byte_terms(method, cell, twin)
                 beyond = cell["kernel_bytes"] - counted - control
-                ours = counted - twin.get("start_bytes", 0)  # per step: without DDP's one-off broadcast
+                ours = counted - once  # per step: without a one-off broadcast
                 for key in ((method, rate), (method, "every rate")):
                     points.setdefault(key, []).append((run, steps, beyond, ours, cell["kernel_bytes"]))
     rows = [
@@ -232,7 +235,7 @@ def table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
         for name, value in ours.items():
             ratio = value / theirs[name] if theirs[name] else float("nan")
             rows.append(f"| {rate} | {method} | {name} | {value:.3g} | {theirs[name]:.3g} | {ratio:.2f} |")
-        steps, counted, control = byte_terms(method, cell, twin)
+        steps, counted, _, control = byte_terms(method, cell, twin)
         rows.append(
             f"| {rate} | {method} | bytes: kernel (Ray's idle traffic {control / 1e3:.0f} kB of it) against "
             f"ours | {cell['kernel_bytes'] / 1e6:.3g} MB | {counted / 1e6:.3g} MB | "
@@ -305,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [stored_cells(d) if d.is_dir() else {} for d in dirs]
         empty = [str(d) for d, cells in zip(dirs, runs) if not cells]
         if empty or len(runs) < 2:
-            print(f"error: --fit needs two or more calibrations; none stored in {(empty or dirs)[0]}", file=sys.stderr)
+            why = f"none stored in {empty[0]}" if empty else f"only {dirs[0]} given"
+            print(f"error: --fit needs two or more calibrations; {why}", file=sys.stderr)
             return 2
         print(overhead_fit(runs))
         return 0
