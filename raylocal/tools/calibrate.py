@@ -44,6 +44,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from raylocal.bench.links import BENCH_MODEL, host_figures  # noqa: E402 (after the auth setting, as links.py's own)
 from raylocal.cluster import netns  # noqa: E402
+from raylocal.cluster.ledger import ConnectionLedger, ledger_table  # noqa: E402
 from raylocal.errors import ClusterError  # noqa: E402
 
 RATES = ("100mbit", "10mbit", "1mbit")
@@ -107,9 +108,10 @@ def real_cell(method: str, rate: str, budget: float, seed: int) -> dict[str, Any
         start = interface_bytes(net)
         argv = [sys.executable, "-m", "raylocal.tools.calibrate", "--cell", json.dumps(cell_args(method, rate, True,
                 budget, seed))]  # fmt: skip
-        done = net.run(0, argv, env=env, capture_output=True, text=True, timeout=int(budget) + 600)
+        with ConnectionLedger(net) as ledger:
+            done = net.run(0, argv, env=env, capture_output=True, text=True, timeout=int(budget) + 600)
         crossed = interface_bytes(net) - start
-    return _result(done, method) | {"kernel_bytes": crossed, "idle_bytes_per_s": idle}
+    return _result(done, method) | {"kernel_bytes": crossed, "idle_bytes_per_s": idle, "connections": ledger.rows()}
 
 
 def emulated_cell(method: str, rate: str, budget: float, seed: int) -> dict[str, Any]:
@@ -290,6 +292,17 @@ def hops_table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def connections_tables(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
+    """Per real cell that sampled its connections: who sent what across the link."""
+    text = ""
+    for (rate, method, kind), cell in cells.items():
+        if kind == "real" and "connections" in cell:
+            steps = byte_terms(method, cell, cells[(rate, method, "emulated")])[0]
+            text += f"\n\nWho sent what, {method} at {rate} (per step: of {steps} steps):\n\n"
+            text += ledger_table(cell["connections"], cell["kernel_bytes"], steps)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rates", default=",".join(RATES), help="tbf rates, comma-separated (like 10mbit)")
@@ -344,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 cells[(rate, method, kind)] = json.loads(path.read_text())
     text = table(cells) + "\n\n" + hosts_lines(cells)
     text += "\n\nWhere the parts' packets spent their time:\n\n" + hops_table(cells)
+    text += connections_tables(cells)
     (out / "table.md").write_text(text + "\n")
     print(text)
     return 0

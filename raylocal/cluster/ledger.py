@@ -1,0 +1,192 @@
+"""Who sent what across a namespaced link: every TCP connection between two
+nodes, its bytes and the processes at its ends (issue 34).
+
+The kernel's interface counters say how many bytes crossed; they do not say
+for what. This reads each connection's own counters (``ss -tinp``: payload
+bytes sent and received, segments) on both nodes, at intervals while a cell
+runs, and names each end by its process: Ray's raylet and GCS, the driver, a
+part's actor, the latent queue's actor. A connection opened and closed between
+two samples is missed; the payload summed here, against the interface's
+count, says how much was (what remains is the TCP/IP headers and such
+connections).
+
+    with ConnectionLedger(net, far=1) as ledger:
+        ...                      # the traffic
+    rows = ledger.rows()         # per pair of processes: bytes each way
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raylocal.cluster.netns import Network
+
+# a connection's line: state, queues, its end and the peer's (IPv4 maybe shown as ``[::ffff:a.b.c.d]``), process
+_END = r"\[?(?:::ffff:)?([^\s\]]+)\]?:(\d+)"
+_ENDS = re.compile(rf"^\S+\s+\d+\s+\d+\s+{_END}\s+{_END}\s*(.*)$")
+_PID = re.compile(r"pid=(\d+)")
+_COUNTER = re.compile(r"\b(bytes_sent|bytes_received|segs_out|segs_in):(\d+)")
+
+
+def process_name(pid: int) -> str:
+    """What a process is, from its command line: Ray's titles (``ray::PartActor.run``)
+    by their class, its daemons by their program, a Python module by its name."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "gone"
+    words = [w.decode(errors="replace") for w in argv if w]
+    if not words:
+        return "?"
+    if words[0].startswith("ray::"):
+        return words[0].split()[0].removeprefix("ray::").split(".")[0] or "ray worker"
+    rest = words[1:]
+    while rest and rest[0].startswith("-") and rest[0] != "-m":  # the interpreter's own flags
+        rest = rest[1:]
+    if rest[:1] == ["-m"] and len(rest) > 1:
+        return rest[1].split(".")[-1]
+    script = rest and (rest[0].endswith(".py") or Path(rest[0]).is_file())  # not ``-c``'s code
+    return Path(rest[0]).stem if script else Path(words[0]).name
+
+
+_LISTENING = re.compile(r"^\S+\s+\d+\s+\d+\s+\S*:(\d+)\s+\S+\s+(.*)$")
+
+
+def listeners(net: Network, k: int, names: Names) -> dict[int, str]:
+    """Node k's listening ports → the process that listens there."""
+    shown = net.run(k, ["ss", "-tlnpH"], capture_output=True, text=True, check=True).stdout
+    found: dict[int, str] = {}
+    for line in shown.splitlines():
+        ends, pid = _LISTENING.match(line), _PID.search(line)
+        if ends and pid:
+            found[int(ends.group(1))] = names.see(int(pid.group(1)))
+    return found
+
+
+class Names(dict):
+    """pid → what the process is, kept up to date: a Ray worker is ``IDLE`` until
+    it becomes an actor, and a process that has exited keeps its last name."""
+
+    def see(self, pid: int) -> str:
+        now = process_name(pid)
+        if now not in ("gone", "IDLE") or pid not in self:
+            self[pid] = now
+        return self[pid]
+
+
+def connections(net: Network, k: int, names: Names) -> dict[tuple[str, int, str, int], dict[str, Any]]:
+    """Node k's TCP connections to other nodes: (address, port, peer, peer's port) →
+    its process, and its counters (payload bytes and segments, each way)."""
+    shown = net.run(k, ["ss", "-tinpH"], capture_output=True, text=True, check=True).stdout
+    return parse_connections(shown, net.address(k), names)
+
+
+def parse_connections(shown: str, address: str, names: Names) -> dict[tuple[str, int, str, int], dict[str, Any]]:
+    """``ss -tinpH``'s text → the connections from ``address`` to other hosts."""
+    found: dict[tuple[str, int, str, int], dict[str, Any]] = {}
+    key = None
+    for line in shown.splitlines():
+        ends = _ENDS.match(line)
+        if ends:
+            here, port, peer, peer_port, users = ends.groups()
+            key = None
+            if here == address and peer != here:  # across the link; loopback stays home
+                key = (here, int(port), peer, int(peer_port))
+                pid = _PID.search(users)
+                name = names.see(int(pid.group(1))) if pid else "kernel"  # kernel: its process has closed it
+                found[key] = {"process": name, "bytes_sent": 0, "bytes_received": 0, "segs_out": 0, "segs_in": 0}
+        elif key is not None:
+            found[key].update({c: int(v) for c, v in _COUNTER.findall(line)})
+    return found
+
+
+@dataclass
+class ConnectionLedger:
+    """Samples the connections between node 0 and node ``far`` every ``every_s``
+    seconds in a thread, from the start of the ``with`` block to its end."""
+
+    net: Network
+    far: int = 1
+    every_s: float = 0.5
+    names: Names = field(default_factory=Names)
+    first: dict[tuple[str, int, str, int], dict[str, Any]] = field(default_factory=dict)
+    last: dict[tuple[str, int, str, int], dict[str, Any]] = field(default_factory=dict)
+    near: dict[tuple[str, int], str] = field(default_factory=dict)  # node 0's (address, port) → its process
+
+    near_listeners: dict[int, str] = field(default_factory=dict)
+    far_listeners: dict[int, str] = field(default_factory=dict)
+
+    def sample(self) -> None:
+        for key, conn in connections(self.net, self.far, self.names).items():
+            if conn["process"] == "kernel" and key in self.last:
+                conn["process"] = self.last[key]["process"]
+            self.last[key] = conn
+        for (here, port, _, _), conn in connections(self.net, 0, self.names).items():
+            if conn["process"] != "kernel" or (here, port) not in self.near:
+                self.near[(here, port)] = conn["process"]
+        self.near_listeners |= listeners(self.net, 0, self.names)
+        self.far_listeners |= listeners(self.net, self.far, self.names)
+
+    def service(self, key: tuple[str, int, str, int]) -> str:
+        """Which end listens, and what: the service this connection calls."""
+        if key[3] in self.near_listeners:
+            return f"node 0's {self.near_listeners[key[3]]}"
+        return f"node {self.far}'s {self.far_listeners.get(key[1], '?')}"
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.sample()
+
+    def __enter__(self) -> ConnectionLedger:
+        self.sample()
+        self.first = {k: dict(v) for k, v in self.last.items()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Per pair of processes (node ``far``'s, node 0's), the bytes each way and
+        the segments, over the block (a connection seen before it counts from there)."""
+        pairs: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for key, conn in self.last.items():
+            base = self.first.get(key, {})
+            near = self.near.get((key[2], key[3]), "closed")
+            called = self.service(key)
+            zero = {"connections": 0, "to_near": 0, "to_far": 0, "segments": 0}
+            row = pairs.setdefault((conn["process"], near, called), {"far": conn["process"], "near": near,
+                                                                     "service": called, **zero})  # fmt: skip
+            row["connections"] += 1
+            row["to_near"] += conn["bytes_sent"] - base.get("bytes_sent", 0)
+            row["to_far"] += conn["bytes_received"] - base.get("bytes_received", 0)
+            row["segments"] += sum(conn[s] - base.get(s, 0) for s in ("segs_out", "segs_in"))
+        return sorted(pairs.values(), key=lambda r: -(r["to_near"] + r["to_far"]))
+
+
+def ledger_table(rows: list[dict[str, Any]], kernel_bytes: float, steps: int) -> str:
+    """The rows as a Markdown table, per step and in all, against the kernel's count."""
+    lines = [
+        "| node 1's process | node 0's process | the service called | connections | to node 0 | to node 1 | "
+        "per step | segments |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        both = r["to_near"] + r["to_far"]
+        lines.append(
+            f"| {r['far']} | {r['near']} | {r['service']} | {r['connections']} | {r['to_near']:,} | {r['to_far']:,} | "
+            f"{both / max(steps, 1):,.0f} | {r['segments']:,} |"
+        )
+    payload = sum(r["to_near"] + r["to_far"] for r in rows)
+    lines.append(f"\nPayload in all {payload:,} B, against {kernel_bytes:,.0f} B counted by the kernel "
+                 f"({payload / kernel_bytes:.1%}; the rest: headers, and connections opened and closed "
+                 "between samples).")  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""raylocal/cluster/ledger.py: each connection across a namespaced link, its bytes and its processes."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from raylocal.cluster import netns
+from raylocal.cluster.ledger import ConnectionLedger, Names, ledger_table, parse_connections, process_name
+
+SS = """\
+ESTAB 0 0 [::ffff:198.51.100.2]:45687 [::ffff:198.51.100.1]:57824 users:(("raylet",pid={pid},fd=49))
+\t cubic wscale:7,7 rto:204 bytes_sent:1200 bytes_acked:1201 bytes_received:5000 segs_out:9 segs_in:7 send 1bps
+ESTAB 0 0 [::ffff:198.51.100.2]:45688 [::ffff:198.51.100.2]:44760 users:(("raylet",pid={pid},fd=47))
+\t cubic bytes_sent:99 bytes_received:99 segs_out:1 segs_in:1
+ESTAB 0 0 127.0.0.1:43173 127.0.0.1:58734 users:(("x",pid={pid},fd=41))
+\t cubic bytes_sent:7 segs_out:1
+ESTAB 0 0 198.51.100.2:40000 198.51.100.1:6379
+\t cubic bytes_received:30 segs_in:2
+"""
+
+
+def test_ss_text_gives_the_connections_across_the_link_with_their_counters_and_processes():
+    names = Names()
+    found = parse_connections(SS.format(pid=os.getpid()), "198.51.100.2", names)
+    # the node's own address and loopback stay home; a socket without a process is the kernel's
+    assert set(found) == {("198.51.100.2", 45687, "198.51.100.1", 57824), ("198.51.100.2", 40000, "198.51.100.1", 6379)}
+    first = found[("198.51.100.2", 45687, "198.51.100.1", 57824)]
+    assert first == {"process": process_name(os.getpid()), "bytes_sent": 1200, "bytes_received": 5000,
+                     "segs_out": 9, "segs_in": 7}  # fmt: skip
+    assert found[("198.51.100.2", 40000, "198.51.100.1", 6379)]["bytes_received"] == 30
+    assert found[("198.51.100.2", 40000, "198.51.100.1", 6379)]["process"] == "kernel"
+
+
+def test_a_process_is_named_by_its_module_and_keeps_its_name_once_gone():
+    assert process_name(os.getpid()) == "pytest"  # python -m pytest (or .../pytest's script)
+    names = Names({2**22 + 1: "PartActor"})
+    assert names.see(2**22 + 1) == "PartActor"  # no such process any more: the last name stays
+
+
+def test_the_table_sets_the_payload_per_step_and_against_the_kernel():
+    rows = [{"far": "raylet", "near": "raylet", "service": "node 0's raylet", "connections": 2, "to_near": 3000,
+             "to_far": 1000, "segments": 9}]  # fmt: skip
+    text = ledger_table(rows, kernel_bytes=5000, steps=8)
+    assert "| raylet | raylet | node 0's raylet | 2 | 3,000 | 1,000 | 500 | 9 |" in text
+    assert "4,000 B, against 5,000 B counted by the kernel (80.0%" in text
+
+
+SERVER = """
+import socket, sys
+s = socket.socket(); s.bind((sys.argv[1], 29600)); s.listen(); print("ready", flush=True)
+c, _ = s.accept(); n = 0
+while n < int(sys.argv[2]): n += len(c.recv(65536))
+c.sendall(b"y" * int(sys.argv[3])); sys.stdin.readline()
+"""
+CLIENT = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], 29600)); c.sendall(b"x" * int(sys.argv[2])); n = 0
+while n < int(sys.argv[3]): n += len(c.recv(65536))
+print("done", flush=True); sys.stdin.readline()
+"""
+
+
+@pytest.mark.skipif(netns.available() is not None, reason=netns.available() or "")
+def test_the_ledger_counts_one_connections_bytes_each_way_and_names_both_ends():
+    sent, answered = 300_000, 5_000
+    with netns.Network([None, None]) as net:
+        io = {"stdin": -1, "stdout": -1, "text": True}
+        server = net.popen(0, [sys.executable, "-c", SERVER, net.address(0), str(sent), str(answered)], **io)
+        assert server.stdout.readline().strip() == "ready"
+        with ConnectionLedger(net, every_s=0.05) as ledger:
+            client = net.popen(1, [sys.executable, "-c", CLIENT, net.address(0), str(sent), str(answered)], **io)
+            assert client.stdout.readline().strip() == "done"
+        for p in (client, server):
+            p.communicate("\n", timeout=10)
+    rows = [r for r in ledger.rows() if r["to_near"] or r["to_far"]]
+    program = os.path.basename(sys.executable)  # python -c: named by its program
+    assert len(rows) == 1, rows
+    r = rows[0]
+    assert (r["far"], r["near"], r["service"], r["connections"]) == (program, program, f"node 0's {program}", 1)
+    assert (r["to_near"], r["to_far"]) == (sent, answered)  # payload, exactly
+    assert r["segments"] >= 2
