@@ -46,7 +46,8 @@ def submit(client: JobSubmissionClient, entrypoint: str, runtime_env: dict, wait
 def main() -> int:
     report_path = Path(sys.argv[1])
     job_args = sys.argv[sys.argv.index("--") + 1 :]
-    report: dict = {"status": None}
+    report: dict = {"status": None, "seconds": {}}  # seconds: how long each stage took (where a slow run went)
+    began = time.time()
     # Every node's dashboard agent on a port of its own: the default one (52365) can
     # be held by another Ray on this machine (the test session's), and the job
     # server then waits forever for the head's agent.
@@ -61,6 +62,7 @@ def main() -> int:
         for _ in range(2):
             cluster.add_node(num_cpus=2, resources={"worker": 1}, dashboard_agent_listen_port=free_port())
         cluster.wait_for_nodes()
+        report["seconds"]["nodes_up"] = round(time.time() - began, 1)
         report["nodes"] = len(cluster.list_all_nodes())
         report["head_node_id"] = cluster.head_node.node_id
         url = f"http://{cluster.head_node.webui_url}"
@@ -69,15 +71,18 @@ def main() -> int:
         runtime_env["working_dir"] = str(ROOT)
         entrypoint = "python scripts/run_async.py " + shlex.join(job_args)
         job_id = submit(client, entrypoint, runtime_env)
+        report["seconds"]["submitted"] = round(time.time() - began, 1)
         deadline = time.time() + 300
         status = client.get_job_status(job_id)
         while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.time() < deadline:
             time.sleep(1)
             status = client.get_job_status(job_id)
         report["status"] = str(status.value if hasattr(status, "value") else status)
+        report["seconds"]["job_done"] = round(time.time() - began, 1)
         report["logs"] = client.get_job_logs(job_id)[-4000:]
     finally:
         cluster.shutdown()
+        report["seconds"]["shut_down"] = round(time.time() - began, 1)
         report_path.write_text(json.dumps(report))
     return 0
 

@@ -41,9 +41,11 @@ def test_job_on_three_nodes_spreads_the_parts_and_leaves_the_head_to_coordinate(
     assert report.is_file(), output.decode()[-3000:]
     r = json.loads(report.read_text())
     assert r["nodes"] == 3
-    assert r["status"] == "SUCCEEDED", (r.get("logs") or output.decode())[-3000:]
+    assert r["status"] == "SUCCEEDED", (r.get("logs") or output.decode())[-3000:] + f"\nstages: {r['seconds']}"
+    print("the job's stages, seconds from the start:", r["seconds"])  # (pytest -s): where its time goes
     summary = json.loads((storage / "job" / "summary.json").read_text())
     assert len(set(summary["actor_nodes"])) == 2, summary["actor_nodes"]  # spread: different nodes
+    assert summary["queue_nodes"] == summary["actor_nodes"][1:]  # part 2's inbox on part 2's node, not the head
     assert summary["test_bpd"] < untrained_bpd(mnist_dir)
     # the driver ran on the head; the parts, the evaluations and the fine-tune on the worker nodes
     where, head = summary["where"], r["head_node_id"]

@@ -8,11 +8,20 @@ import sys
 import pytest
 
 from raylocal.cluster import netns
-from raylocal.cluster.ledger import ConnectionLedger, Names, ledger_table, parse_connections, process_name
+from raylocal.cluster.ledger import (
+    ConnectionLedger,
+    Names,
+    ledger_table,
+    parse_connections,
+    parse_listeners,
+    process_name,
+)
 
 SS = """\
+LISTEN 0 4096 *:46871 *:* users:(("raylet",pid={pid},fd=40))
+\t cubic rto:1000 mss:536
 ESTAB 0 0 [::ffff:198.51.100.2]:45687 [::ffff:198.51.100.1]:57824 users:(("raylet",pid={pid},fd=49))
-\t cubic wscale:7,7 rto:204 bytes_sent:1200 bytes_acked:1201 bytes_received:5000 segs_out:9 segs_in:7 send 1bps
+\t cubic wscale:7,7 bytes_sent:1500 bytes_retrans:300 bytes_acked:1201 bytes_received:5000 segs_out:9 segs_in:7
 ESTAB 0 0 [::ffff:198.51.100.2]:45688 [::ffff:198.51.100.2]:44760 users:(("raylet",pid={pid},fd=47))
 \t cubic bytes_sent:99 bytes_received:99 segs_out:1 segs_in:1
 ESTAB 0 0 127.0.0.1:43173 127.0.0.1:58734 users:(("x",pid={pid},fd=41))
@@ -28,10 +37,11 @@ def test_ss_text_gives_the_connections_across_the_link_with_their_counters_and_p
     # the node's own address and loopback stay home; a socket without a process is the kernel's
     assert set(found) == {("198.51.100.2", 45687, "198.51.100.1", 57824), ("198.51.100.2", 40000, "198.51.100.1", 6379)}
     first = found[("198.51.100.2", 45687, "198.51.100.1", 57824)]
-    assert first == {"process": process_name(os.getpid()), "bytes_sent": 1200, "bytes_received": 5000,
-                     "segs_out": 9, "segs_in": 7}  # fmt: skip
+    assert first == {"process": process_name(os.getpid()), "bytes_acked": 1201, "bytes_received": 5000,
+                     "bytes_retrans": 300, "segs_out": 9, "segs_in": 7}  # fmt: skip
     assert found[("198.51.100.2", 40000, "198.51.100.1", 6379)]["bytes_received"] == 30
     assert found[("198.51.100.2", 40000, "198.51.100.1", 6379)]["process"] == "kernel"
+    assert parse_listeners(SS.format(pid=os.getpid()), names) == {46871: process_name(os.getpid())}
 
 
 def test_a_process_is_named_by_its_module_and_keeps_its_name_once_gone():
@@ -42,10 +52,15 @@ def test_a_process_is_named_by_its_module_and_keeps_its_name_once_gone():
 
 def test_the_table_sets_the_payload_per_step_and_against_the_kernel():
     rows = [{"far": "raylet", "near": "raylet", "service": "node 0's raylet", "connections": 2, "to_near": 3000,
-             "to_far": 1000, "segments": 9}]  # fmt: skip
+             "to_far": 1000, "retransmitted": 40, "segments": 9}]  # fmt: skip
     text = ledger_table(rows, kernel_bytes=5000, steps=8)
-    assert "| raylet | raylet | node 0's raylet | 2 | 3,000 | 1,000 | 500 | 9 |" in text
+    assert "| raylet | raylet | node 0's raylet | 2 | 3,000 | 1,000 | 500 | 40 | 9 |" in text
     assert "4,000 B, against 5,000 B counted by the kernel (80.0%" in text
+    ours = ledger_table(rows, kernel_bytes=5000, steps=8, ours=2400).splitlines()[-1]
+    assert (
+        ours == "Per step: the kernel's 625 B; payload 500 B, of which the busiest pair's 500 B against the "
+        "project's count of 300 B."
+    )
 
 
 SERVER = """

@@ -97,4 +97,5 @@ def test_a_race_cell_over_real_links_trains_its_parts_on_two_namespaced_nodes_an
     result = json.loads(out.read_text())
     # both parts trained, on two nodes of one CPU each: one part per node, latents over the shaped veth
     assert min(result["steps"]) > 0 and len(set(result["actor_nodes"])) == 2
+    assert result["queue_nodes"] == result["actor_nodes"][1:]  # the inbox on its part's node: its get()s stay home
     assert netns.leftovers(f"rl{os.getpid() % 100000}") == []

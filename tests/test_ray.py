@@ -239,7 +239,7 @@ def test_a_parts_phase_that_fails_to_start_releases_its_placement_group_and_queu
     shut = []
 
     class FakeQueue:
-        def __init__(self, size: int) -> None:
+        def __init__(self, size: int, scheduling_strategy: object = None) -> None:
             self.size = size
 
         def shutdown(self) -> None:

@@ -29,7 +29,9 @@ from raylocal.cluster.netns import Network
 _END = r"\[?(?:::ffff:)?([^\s\]]+)\]?:(\d+)"
 _ENDS = re.compile(rf"^\S+\s+\d+\s+\d+\s+{_END}\s+{_END}\s*(.*)$")
 _PID = re.compile(r"pid=(\d+)")
-_COUNTER = re.compile(r"\b(bytes_sent|bytes_received|segs_out|segs_in):(\d+)")
+_COUNTER = re.compile(r"\b(bytes_acked|bytes_received|bytes_retrans|segs_out|segs_in):(\d+)")
+# a new connection's acknowledged bytes start at 1: its SYN takes a sequence number
+_FRESH = {"bytes_acked": 1, "bytes_received": 0, "bytes_retrans": 0, "segs_out": 0, "segs_in": 0}
 
 
 def process_name(pid: int) -> str:
@@ -53,18 +55,7 @@ def process_name(pid: int) -> str:
     return Path(rest[0]).stem if script else Path(words[0]).name
 
 
-_LISTENING = re.compile(r"^\S+\s+\d+\s+\d+\s+\S*:(\d+)\s+\S+\s+(.*)$")
-
-
-def listeners(net: Network, k: int, names: Names) -> dict[int, str]:
-    """Node k's listening ports → the process that listens there."""
-    shown = net.run(k, ["ss", "-tlnpH"], capture_output=True, text=True, check=True).stdout
-    found: dict[int, str] = {}
-    for line in shown.splitlines():
-        ends, pid = _LISTENING.match(line), _PID.search(line)
-        if ends and pid:
-            found[int(ends.group(1))] = names.see(int(pid.group(1)))
-    return found
+_LISTENING = re.compile(r"^LISTEN\s+\d+\s+\d+\s+\S*:(\d+)\s+\S+\s+(.*)$")
 
 
 class Names(dict):
@@ -78,16 +69,30 @@ class Names(dict):
         return self[pid]
 
 
-def connections(net: Network, k: int, names: Names) -> dict[tuple[str, int, str, int], dict[str, Any]]:
-    """Node k's TCP connections to other nodes: (address, port, peer, peer's port) →
-    its process, and its counters (payload bytes and segments, each way)."""
-    shown = net.run(k, ["ss", "-tinpH"], capture_output=True, text=True, check=True).stdout
-    return parse_connections(shown, net.address(k), names)
+Connections = dict[tuple[str, int, str, int], dict[str, Any]]
 
 
-def parse_connections(shown: str, address: str, names: Names) -> dict[tuple[str, int, str, int], dict[str, Any]]:
-    """``ss -tinpH``'s text → the connections from ``address`` to other hosts."""
-    found: dict[tuple[str, int, str, int], dict[str, Any]] = {}
+def snapshot(net: Network, k: int, names: Names) -> tuple[Connections, dict[int, str]]:
+    """Node k's TCP connections to other nodes, (address, port, peer, peer's port) →
+    its process and counters (payload bytes and segments, each way); and its
+    listening ports → the process listening there."""
+    shown = net.run(k, ["ss", "-tainpH"], capture_output=True, text=True, check=True).stdout
+    return parse_connections(shown, net.address(k), names), parse_listeners(shown, names)
+
+
+def parse_listeners(shown: str, names: Names) -> dict[int, str]:
+    """``ss -tainpH``'s text → the listening ports and their processes."""
+    found: dict[int, str] = {}
+    for line in shown.splitlines():
+        ends, pid = _LISTENING.match(line), _PID.search(line)
+        if ends and pid:
+            found[int(ends.group(1))] = names.see(int(pid.group(1)))
+    return found
+
+
+def parse_connections(shown: str, address: str, names: Names) -> Connections:
+    """``ss -tainpH``'s text → the connections from ``address`` to other hosts."""
+    found: Connections = {}
     key = None
     for line in shown.splitlines():
         ends = _ENDS.match(line)
@@ -98,7 +103,7 @@ def parse_connections(shown: str, address: str, names: Names) -> dict[tuple[str,
                 key = (here, int(port), peer, int(peer_port))
                 pid = _PID.search(users)
                 name = names.see(int(pid.group(1))) if pid else "kernel"  # kernel: its process has closed it
-                found[key] = {"process": name, "bytes_sent": 0, "bytes_received": 0, "segs_out": 0, "segs_in": 0}
+                found[key] = {"process": name, **_FRESH}
         elif key is not None:
             found[key].update({c: int(v) for c, v in _COUNTER.findall(line)})
     return found
@@ -113,23 +118,24 @@ class ConnectionLedger:
     far: int = 1
     every_s: float = 0.5
     names: Names = field(default_factory=Names)
-    first: dict[tuple[str, int, str, int], dict[str, Any]] = field(default_factory=dict)
-    last: dict[tuple[str, int, str, int], dict[str, Any]] = field(default_factory=dict)
-    near: dict[tuple[str, int], str] = field(default_factory=dict)  # node 0's (address, port) → its process
-
+    first: Connections = field(default_factory=dict)  # node far's connections to node 0, before the block
+    last: Connections = field(default_factory=dict)  # ... and as last seen
+    near_first: Connections = field(default_factory=dict)  # node 0's ends of them, by the same key
+    near_last: Connections = field(default_factory=dict)
     near_listeners: dict[int, str] = field(default_factory=dict)
     far_listeners: dict[int, str] = field(default_factory=dict)
 
     def sample(self) -> None:
-        for key, conn in connections(self.net, self.far, self.names).items():
-            if conn["process"] == "kernel" and key in self.last:
-                conn["process"] = self.last[key]["process"]
-            self.last[key] = conn
-        for (here, port, _, _), conn in connections(self.net, 0, self.names).items():
-            if conn["process"] != "kernel" or (here, port) not in self.near:
-                self.near[(here, port)] = conn["process"]
-        self.near_listeners |= listeners(self.net, 0, self.names)
-        self.far_listeners |= listeners(self.net, self.far, self.names)
+        far, far_listening = snapshot(self.net, self.far, self.names)
+        near, near_listening = snapshot(self.net, 0, self.names)
+        near = {(peer, peer_port, here, port): conn for (here, port, peer, peer_port), conn in near.items()}
+        for seen, last in ((far, self.last), (near, self.near_last)):
+            for key, conn in seen.items():
+                if conn["process"] == "kernel" and key in last:  # closed since: it keeps its process
+                    conn["process"] = last[key]["process"]
+                last[key] = conn
+        self.near_listeners |= near_listening
+        self.far_listeners |= far_listening
 
     def service(self, key: tuple[str, int, str, int]) -> str:
         """Which end listens, and what: the service this connection calls."""
@@ -144,6 +150,7 @@ class ConnectionLedger:
     def __enter__(self) -> ConnectionLedger:
         self.sample()
         self.first = {k: dict(v) for k, v in self.last.items()}
+        self.near_first = {k: dict(v) for k, v in self.near_last.items()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -159,34 +166,43 @@ class ConnectionLedger:
         the segments, over the block (a connection seen before it counts from there)."""
         pairs: dict[tuple[str, str, str], dict[str, Any]] = {}
         for key, conn in self.last.items():
-            base = self.first.get(key, {})
-            near = self.near.get((key[2], key[3]), "closed")
+            base, near = self.first.get(key, _FRESH), self.near_last.get(key, {"process": "closed"})
+            near_base = self.near_first.get(key, _FRESH)
             called = self.service(key)
-            zero = {"connections": 0, "to_near": 0, "to_far": 0, "segments": 0}
-            row = pairs.setdefault((conn["process"], near, called), {"far": conn["process"], "near": near,
-                                                                     "service": called, **zero})  # fmt: skip
+            zero = {"connections": 0, "to_near": 0, "to_far": 0, "retransmitted": 0, "segments": 0}
+            row = pairs.setdefault((conn["process"], near["process"], called), {"far": conn["process"],
+                                   "near": near["process"], "service": called, **zero})  # fmt: skip
             row["connections"] += 1
-            row["to_near"] += conn["bytes_sent"] - base.get("bytes_sent", 0)
-            row["to_far"] += conn["bytes_received"] - base.get("bytes_received", 0)
-            row["segments"] += sum(conn[s] - base.get(s, 0) for s in ("segs_out", "segs_in"))
+            # delivered payload each way: acknowledged, and received (a retransmitted byte counts once)
+            row["to_near"] += conn["bytes_acked"] - base["bytes_acked"]
+            row["to_far"] += conn["bytes_received"] - base["bytes_received"]
+            row["retransmitted"] += conn["bytes_retrans"] - base["bytes_retrans"]
+            row["retransmitted"] += near.get("bytes_retrans", 0) - near_base["bytes_retrans"]
+            row["segments"] += sum(conn[s] - base[s] for s in ("segs_out", "segs_in"))
         return sorted(pairs.values(), key=lambda r: -(r["to_near"] + r["to_far"]))
 
 
-def ledger_table(rows: list[dict[str, Any]], kernel_bytes: float, steps: int) -> str:
-    """The rows as a Markdown table, per step and in all, against the kernel's count."""
+def ledger_table(rows: list[dict[str, Any]], kernel_bytes: float, steps: int, ours: float | None = None) -> str:
+    """The rows as a Markdown table, per step and in all, against the kernel's
+    count and (given) the project's own count of what crossed."""
     lines = [
         "| node 1's process | node 0's process | the service called | connections | to node 0 | to node 1 | "
-        "per step | segments |",
-        "|---|---|---|---|---|---|---|---|",
+        "per step | retransmitted | segments |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         both = r["to_near"] + r["to_far"]
         lines.append(
             f"| {r['far']} | {r['near']} | {r['service']} | {r['connections']} | {r['to_near']:,} | {r['to_far']:,} | "
-            f"{both / max(steps, 1):,.0f} | {r['segments']:,} |"
+            f"{both / max(steps, 1):,.0f} | {r.get('retransmitted', 0):,} | {r['segments']:,} |"
         )
     payload = sum(r["to_near"] + r["to_far"] for r in rows)
     lines.append(f"\nPayload in all {payload:,} B, against {kernel_bytes:,.0f} B counted by the kernel "
                  f"({payload / kernel_bytes:.1%}; the rest: headers, and connections opened and closed "
                  "between samples).")  # fmt: skip
+    if ours is not None and rows:
+        n = max(steps, 1)
+        lines.append(f"Per step: the kernel's {kernel_bytes / n:,.0f} B; payload {payload / n:,.0f} B, of which the "
+                     f"busiest pair's {(rows[0]['to_near'] + rows[0]['to_far']) / n:,.0f} B against the project's "
+                     f"count of {ours / n:,.0f} B.")  # fmt: skip
     return "\n".join(lines)

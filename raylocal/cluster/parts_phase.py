@@ -252,8 +252,9 @@ class PartsPhase:
         self.queues: list[LatentQueue] = []
         self.pg, first_bundle, self.own_pg = place_parts(placement)
         try:  # a start that fails half way releases what it started
-            for _ in range(n_parts - 1):
-                self.queues.append(LatentQueue(config.queue_size))
+            for k in range(1, n_parts):  # part k's inbox, on part k's node: its blocking get() stays on the node
+                inbox = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + k)
+                self.queues.append(LatentQueue(config.queue_size, scheduling_strategy=inbox))
             for k in range(n_parts):
                 strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + k)
                 self.actors.append(

@@ -24,9 +24,9 @@ class LatentQueue:
     one small Ray actor. Only packets of object references pass through it;
     the latents themselves stay in the object store."""
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, scheduling_strategy: Any = None) -> None:
         self.maxsize = maxsize
-        self.actor = _ChannelActor.remote(maxsize)
+        self.actor = _ChannelActor.options(scheduling_strategy=scheduling_strategy).remote(maxsize)
 
     def put(self, packet: dict[str, Any]) -> None:
         ray.get(self.actor.put.remote(packet))

@@ -297,9 +297,9 @@ def connections_tables(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str
     text = ""
     for (rate, method, kind), cell in cells.items():
         if kind == "real" and "connections" in cell:
-            steps = byte_terms(method, cell, cells[(rate, method, "emulated")])[0]
+            steps, counted, _, _ = byte_terms(method, cell, cells[(rate, method, "emulated")])
             text += f"\n\nWho sent what, {method} at {rate} (per step: of {steps} steps):\n\n"
-            text += ledger_table(cell["connections"], cell["kernel_bytes"], steps)
+            text += ledger_table(cell["connections"], cell["kernel_bytes"], steps, ours=counted)
     return text
 
 
