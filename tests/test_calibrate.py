@@ -52,6 +52,8 @@ def test_a_bad_method_or_rate_is_one_line_before_anything_starts(capsys):
     assert capsys.readouterr().err.strip() == "error: 'allreduce' is not a method (parts, ddp, local-sgd)"
     assert calibrate.main(["--rates", "10mbit,10mbps"]) == 2
     assert capsys.readouterr().err.strip() == "error: link rate '10mbps' is not like 10mbit, 500kbit or 1gbit"
+    assert calibrate.main(["--rates", "10mbit", "--queue-ms", "-5"]) == 2
+    assert capsys.readouterr().err.strip() == "error: a link's queue must hold some ms, not -5.0"
 
 
 def test_the_parts_rate_is_the_slower_parts_and_their_bytes_the_first_parts_sends():

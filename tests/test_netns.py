@@ -32,6 +32,9 @@ def test_teardown_happens_on_an_error_too():
 def test_a_bad_rate_is_one_line():
     with pytest.raises(netns.ClusterError, match="link rate '10 megabits' is not like 10mbit"):
         netns.tbf_args("10 megabits")
+    assert netns.tbf_args("1mbit", 400)[-2:] == ["latency", "400ms"]
+    with pytest.raises(netns.ClusterError, match="a link's queue must hold some ms, not 0"):
+        netns.tbf_args("1mbit", 0)
 
 
 RUN_AND_REPORT = """

@@ -66,12 +66,17 @@ def rate_bits(rate: str) -> float:
     return float(m.group(1)) * {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[m.group(2)]
 
 
-def tbf_args(rate: str) -> list[str]:
+QUEUE_MS = 100.0  # the token bucket's queue, in ms of the rate: a shallow buffer, which TCP overflows
+
+
+def tbf_args(rate: str, queue_ms: float = QUEUE_MS) -> list[str]:
     """``tc`` arguments of a token bucket at ``rate`` (e.g. 10mbit): a burst of a
     tick's worth of bytes (at least 32 kB, so that a fast link is not held below
-    its rate), and a queue of at most 100 ms."""
+    its rate), and a queue of at most ``queue_ms`` (what overflows is dropped)."""
+    if not queue_ms > 0:
+        raise ClusterError(f"a link's queue must hold some ms, not {queue_ms!r}")
     burst = max(int(rate_bits(rate) / 8 / 100), 32 * 1024)
-    return ["tbf", "rate", rate, "burst", str(burst), "latency", "100ms"]
+    return ["tbf", "rate", rate, "burst", str(burst), "latency", f"{queue_ms:g}ms"]
 
 
 @dataclass
@@ -80,6 +85,7 @@ class Network:
     A context manager: ``with Network(["10mbit", "10mbit"]) as net: ...``."""
 
     rates: Sequence[str | None]
+    queue_ms: float = QUEUE_MS
     tag: str = field(default_factory=lambda: f"rl{os.getpid() % 100000}")
     made: list[str] = field(default_factory=list)  # namespaces, in the order made
 
@@ -130,7 +136,7 @@ class Network:
             if rate:
                 for ns, dev in ((self.node(k), inner), (self.hub, outer)):
                     done = subprocess.run(
-                        ["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", *tbf_args(rate)],
+                        ["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", *tbf_args(rate, self.queue_ms)],
                         capture_output=True, text=True,
                     )  # fmt: skip
                     if done.returncode != 0:

@@ -30,6 +30,7 @@ Results: ``OUT/calibration/``, one JSON per cell and ``table.md``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -99,9 +100,10 @@ def interface_bytes(net: Any) -> int:
     return total
 
 
-def real_cell(method: str, rate: str, budget: float, seed: int) -> dict[str, Any]:
-    """``method`` over a real ``rate`` link between two namespaced Ray nodes."""
-    with netns.Network([rate, rate]) as net, netns.ray_cluster(net, cpus=1) as env:
+def real_cell(method: str, rate: str, budget: float, seed: int, queue_ms: float = netns.QUEUE_MS) -> dict[str, Any]:
+    """``method`` over a real ``rate`` link between two namespaced Ray nodes, whose
+    token buckets queue at most ``queue_ms`` of traffic."""
+    with netns.Network([rate, rate], queue_ms=queue_ms) as net, netns.ray_cluster(net, cpus=1) as env:
         idle_from = interface_bytes(net)
         time.sleep(IDLE_S)
         idle = (interface_bytes(net) - idle_from) / IDLE_S
@@ -111,7 +113,8 @@ def real_cell(method: str, rate: str, budget: float, seed: int) -> dict[str, Any
         with ConnectionLedger(net) as ledger:
             done = net.run(0, argv, env=env, capture_output=True, text=True, timeout=int(budget) + 600)
         crossed = interface_bytes(net) - start
-    return _result(done, method) | {"kernel_bytes": crossed, "idle_bytes_per_s": idle, "connections": ledger.rows()}
+    return _result(done, method) | {"kernel_bytes": crossed, "idle_bytes_per_s": idle, "connections": ledger.rows(),
+                                    "queue_ms": queue_ms}  # fmt: skip
 
 
 def emulated_cell(method: str, rate: str, budget: float, seed: int) -> dict[str, Any]:
@@ -309,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS), help=f"of {', '.join(METHODS)}")
     p.add_argument("--budget", type=float, default=30.0, help="seconds of training per cell")
     p.add_argument("--seed", type=int, default=0)
+    queue_help = "the real links' queue, in ms of their rate (tbf's latency): what overflows is dropped"
+    p.add_argument("--queue-ms", type=float, default=netns.QUEUE_MS, help=queue_help)
     p.add_argument("--out", default="bench_runs", help="results go to OUT/calibration/")
     p.add_argument("--fit", help="stored calibrations (their OUTs), comma-separated: fit their bytes")
     p.add_argument("--cell", help=argparse.SUPPRESS)
@@ -333,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         for rate in rates:
-            netns.rate_bits(rate)
+            netns.tbf_args(rate, args.queue_ms)
     except ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -347,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     host = None  # probed before the first cell this invocation runs
     for rate in rates:
         for method in methods:
-            for kind, run in (("real", real_cell), ("emulated", emulated_cell)):
+            real = functools.partial(real_cell, queue_ms=args.queue_ms)
+            for kind, run in (("real", real), ("emulated", emulated_cell)):
                 path = out / f"{method}-{rate}-{kind}.json"
                 if not path.is_file():
                     host = host or host_figures(PROBE_S)
