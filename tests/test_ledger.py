@@ -11,6 +11,7 @@ from raylocal.cluster import netns
 from raylocal.cluster.ledger import (
     ConnectionLedger,
     Names,
+    by_role,
     ledger_table,
     parse_connections,
     parse_listeners,
@@ -97,3 +98,28 @@ def test_the_ledger_counts_one_connections_bytes_each_way_and_names_both_ends():
     assert (r["far"], r["near"], r["service"], r["connections"]) == (program, program, f"node 0's {program}", 1)
     assert (r["to_near"], r["to_far"]) == (sent, answered)  # payload, exactly
     assert r["segments"] >= 2
+
+
+def test_each_connection_is_put_to_one_role_and_the_calibration_tables_them_per_step():
+    from raylocal.tools import calibrate
+
+    def row(far: str, near: str, to_near: int, to_far: int) -> dict:
+        return {"far": far, "near": near, "service": "", "connections": 1, "to_near": to_near, "to_far": to_far,
+                "retransmitted": 10, "segments": 1}  # fmt: skip
+
+    rows = [row("raylet", "raylet", 2_000_000, 5_000), row("PartActor", "_ChannelActor", 3_000, 1_000),
+            row("PartActor", "PartActor", 900, 100), row("DashboardAgent", "gcs_server", 700, 0),
+            row("PartActor", "gcs_server", 500, 300), row("raylet", "raylet", 40, 60),
+            row("PartActor", "calibrate", 20, 80)]  # fmt: skip
+    roles = by_role(rows)
+    assert list(roles.values()) == [2_005_000, 4_000, 1_000, 100, 800, 700, 100]  # in ROLES' order
+    assert sum(roles.values()) == sum(r["to_near"] + r["to_far"] for r in rows)
+    real = {"kernel_bytes": 2_100_000, "connections": rows, "steps": [10, 9], "bytes_received": [2_000_000],
+            "seconds": 5.0, "idle_bytes_per_s": 0.0}  # fmt: skip
+    table = calibrate.roles_table({("1mbit", "parts", "real"): real, ("1mbit", "parts", "emulated"): {}})
+    per_step = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1].rstrip(" |") for line in table.splitlines()[2:]}
+    assert per_step["the kernel's count"] == "210,000" and per_step["the project's count"] == "200,000"
+    assert per_step["the bulk's payload beyond the project's count"] == "500"  # 2,005,000 - 2,000,000, a tenth
+    assert per_step["the latent queue's calls"] == "400"
+    assert per_step["beyond all payload: headers, missed connections"] == str(f"{(2_100_000 - 2_011_700) // 10:,}")
+    assert per_step["retransmitted (not in the kernel's count where dropped before the wire)"] == "7"

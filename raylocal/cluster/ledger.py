@@ -206,3 +206,40 @@ def ledger_table(rows: list[dict[str, Any]], kernel_bytes: float, steps: int, ou
                      f"busiest pair's {(rows[0]['to_near'] + rows[0]['to_far']) / n:,.0f} B against the project's "
                      f"count of {ours / n:,.0f} B.")  # fmt: skip
     return "\n".join(lines)
+
+
+AGENTS = {"DashboardAgent", "log_monitor", "RuntimeEnvAgent"}
+ROLES = (
+    "the bulk: objects between the raylets, or gloo",
+    "the latent queue's calls",
+    "workers: objects' owners, borrowers, leases",
+    "the driver and Ray Train's control",
+    "the GCS: task events, heartbeats, pubsub",
+    "agents: metrics and logs",
+    "raylets: other",
+)
+
+
+def role(row: dict[str, Any], bulk: dict[str, Any]) -> str:
+    """What a row's traffic is for, by the processes at its ends; ``bulk`` is the
+    cell's busiest row (the latents' or the gradients' connection)."""
+    names = {row["far"], row["near"]}
+    if row is bulk:
+        return ROLES[0]
+    if names & AGENTS:
+        return ROLES[5]
+    if "gcs_server" in names:
+        return ROLES[4]
+    if "_ChannelActor" in names:
+        return ROLES[1]
+    if names & {"TrainController", "SynchronizationActor", "calibrate"}:
+        return ROLES[3]
+    return ROLES[6] if names == {"raylet"} else ROLES[2]
+
+
+def by_role(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Payload (both ways) per role; ``rows`` busiest first, as ``ConnectionLedger.rows``."""
+    out = dict.fromkeys(ROLES, 0)
+    for r in rows:
+        out[role(r, rows[0])] += r["to_near"] + r["to_far"]
+    return out

@@ -45,7 +45,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from raylocal.bench.links import BENCH_MODEL, host_figures  # noqa: E402 (after the auth setting, as links.py's own)
 from raylocal.cluster import netns  # noqa: E402
-from raylocal.cluster.ledger import ConnectionLedger, ledger_table  # noqa: E402
+from raylocal.cluster.ledger import ROLES, ConnectionLedger, by_role, ledger_table  # noqa: E402
 from raylocal.errors import ClusterError  # noqa: E402
 
 RATES = ("100mbit", "10mbit", "1mbit")
@@ -306,6 +306,31 @@ def connections_tables(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str
     return text
 
 
+def roles_table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
+    """Per real cell with a ledger, bytes per step: the kernel's, the project's count,
+    the bulk connection's payload beyond it, each other role's payload, and what the
+    kernel carried beyond all payload (headers; connections missed between samples)."""
+    sampled = [(k, c) for k, c in cells.items() if k[2] == "real" and "connections" in c]
+    if not sampled:
+        return ""
+    head = "| bytes per step | " + " | ".join(f"{m} {r}" for (r, m, _), _ in sampled) + " |"
+    lines = [head, "|---|" + "---|" * len(sampled)]
+    columns = []
+    for (rate, method, _), cell in sampled:
+        steps, counted, _, _ = byte_terms(method, cell, cells[(rate, method, "emulated")])
+        roles, payload = by_role(cell["connections"]), sum(r["to_near"] + r["to_far"] for r in cell["connections"])
+        retrans = sum(r.get("retransmitted", 0) for r in cell["connections"])
+        column = {"the kernel's count": cell["kernel_bytes"], "the project's count": counted,
+                  "the bulk's payload beyond the project's count": roles[ROLES[0]] - counted}  # fmt: skip
+        column |= {r: roles[r] for r in ROLES[1:]}
+        column |= {"beyond all payload: headers, missed connections": cell["kernel_bytes"] - payload,
+                   "retransmitted (not in the kernel's count where dropped before the wire)": retrans}  # fmt: skip
+        columns.append({k: v / max(steps, 1) for k, v in column.items()} | {"steps": steps})
+    for name in columns[0]:
+        lines.append(f"| {name} | " + " | ".join(f"{c[name]:,.0f}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rates", default=",".join(RATES), help="tbf rates, comma-separated (like 10mbit)")
@@ -363,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                 cells[(rate, method, kind)] = json.loads(path.read_text())
     text = table(cells) + "\n\n" + hosts_lines(cells)
     text += "\n\nWhere the parts' packets spent their time:\n\n" + hops_table(cells)
+    roles = roles_table(cells)
+    text += f"\n\nWhat crossed, per step, by what it was for:\n\n{roles}" if roles else ""
     text += connections_tables(cells)
     (out / "table.md").write_text(text + "\n")
     print(text)
