@@ -22,9 +22,14 @@ each loads its training images from this host's disk (``images_from="node"``),
 so that what crosses the link is the training's own traffic. The
 kernel's interface counters on both nodes count what really crossed; over the
 same seconds before the cell, the idle cluster's own traffic (Ray's control
-messages) is measured and reported beside it. Each cell records its host (the
-commit, the CPU, and the race's host-speed probe, once per invocation).
-Results: ``OUT/calibration/``, one JSON per cell and ``table.md``.
+messages) is measured and reported beside it. While a real cell runs, every TCP
+connection across the link is sampled (``raylocal.cluster.ledger``): its
+delivered payload each way, its retransmissions and the processes at its ends,
+tabled per step by what the traffic was for. ``--queue-ms`` sets how much the
+links' token buckets queue before they drop (100 ms by default). Each cell
+records its host (the commit, the CPU, and the race's host-speed probe, once
+per invocation). Results: ``OUT/calibration/``, one JSON per cell and
+``table.md``.
 """
 
 from __future__ import annotations
