@@ -131,8 +131,12 @@ class ConnectionLedger:
         near = {(peer, peer_port, here, port): conn for (here, port, peer, peer_port), conn in near.items()}
         for seen, last in ((far, self.last), (near, self.near_last)):
             for key, conn in seen.items():
-                if conn["process"] == "kernel" and key in last:  # closed since: it keeps its process
-                    conn["process"] = last[key]["process"]
+                before = last.get(key)
+                if before is not None:
+                    # a closing socket shows no process and, past FIN, no counters: it keeps both
+                    conn = {c: max(v, before[c]) for c, v in conn.items() if c != "process"} | {
+                        "process": before["process"] if conn["process"] == "kernel" else conn["process"]
+                    }
                 last[key] = conn
         self.near_listeners |= near_listening
         self.far_listeners |= far_listening
