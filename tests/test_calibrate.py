@@ -56,6 +56,17 @@ def test_a_bad_method_or_rate_is_one_line_before_anything_starts(capsys):
     assert capsys.readouterr().err.strip() == "error: a link's queue must hold some ms, not -5.0"
 
 
+def test_a_calibration_refuses_to_mix_its_stored_cells_with_another_queue(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(calibrate.netns, "available", lambda: None)  # (as where namespaces are allowed)
+    (tmp_path / "calibration").mkdir()
+    (tmp_path / "calibration" / "ddp-1mbit-real.json").write_text('{"queue_ms": 100.0}')
+    assert calibrate.main(["--rates", "1mbit", "--queue-ms", "1000", "--out", str(tmp_path)]) == 2
+    stored = tmp_path / "calibration" / "ddp-1mbit-real.json"
+    assert capsys.readouterr().err.strip() == (
+        f"error: {stored} ran with a 100 ms queue, not --queue-ms 1000: give another --out"
+    )
+
+
 def test_the_parts_rate_is_the_slower_parts_and_their_bytes_the_first_parts_sends():
     real = {"images_per_s": 50.0, "seconds": 30.0, "steps": [600, 500], "idle": 0.3, "bytes_per_step": 0.0,
             "behind_steps": [{"mean": 2.5}], "kernel_bytes": 7.0e6, "idle_bytes_per_s": 0.0}  # fmt: skip

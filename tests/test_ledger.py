@@ -29,13 +29,17 @@ ESTAB 0 0 127.0.0.1:43173 127.0.0.1:58734 users:(("x",pid={pid},fd=41))
 \t cubic bytes_sent:7 segs_out:1
 ESTAB 0 0 198.51.100.2:40000 198.51.100.1:6379
 \t cubic bytes_received:30 segs_in:2
+ESTAB 0 0 198.51.100.2:40001 198.51.100.3:6379 users:(("raylet",pid={pid},fd=50))
+\t cubic bytes_received:70 segs_in:2
+TIME-WAIT 0 0 198.51.100.2:40002 198.51.100.1:6379
 """
 
 
 def test_ss_text_gives_the_connections_across_the_link_with_their_counters_and_processes():
     names = Names()
-    found = parse_connections(SS.format(pid=os.getpid()), "198.51.100.2", names)
-    # the node's own address and loopback stay home; a socket without a process is the kernel's
+    found = parse_connections(SS.format(pid=os.getpid()), "198.51.100.2", "198.51.100.1", names)
+    # only to the peer: not the node's own address, loopback, a third node or a socket in TIME-WAIT (no counts);
+    # a socket without a process is the kernel's
     assert set(found) == {("198.51.100.2", 45687, "198.51.100.1", 57824), ("198.51.100.2", 40000, "198.51.100.1", 6379)}
     first = found[("198.51.100.2", 45687, "198.51.100.1", 57824)]
     assert first == {"process": process_name(os.getpid()), "bytes_acked": 1201, "bytes_received": 5000,
@@ -49,6 +53,73 @@ def test_a_process_is_named_by_its_module_and_keeps_its_name_once_gone():
     assert process_name(os.getpid()) == "pytest"  # python -m pytest (or .../pytest's script)
     names = Names({2**22 + 1: "PartActor"})
     assert names.see(2**22 + 1) == "PartActor"  # no such process any more: the last name stays
+
+
+def test_a_long_python_c_program_is_named_by_its_interpreter():
+    import subprocess
+
+    code = "import sys; print('up', flush=True); sys.stdin.readline()  # " + "x" * 400  # longer than a file name
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"up\n"  # (it runs: its command line is its own)
+        assert process_name(child.pid) == os.path.basename(sys.executable)
+    finally:
+        child.communicate(b"\n", timeout=10)
+
+
+def _counts(process: str, acked: int, received: int, retrans: int = 0) -> dict:
+    return {"process": process, "bytes_acked": acked, "bytes_received": received, "bytes_retrans": retrans,
+            "segs_out": 1, "segs_in": 1}  # fmt: skip
+
+
+def test_the_ledger_counts_from_the_block_start_keeps_a_closed_socket_and_a_reused_ports_old_counts(monkeypatch):
+    """Scripted samples of node 1 and node 0 (ss's view of each, keyed by each node's own end)."""
+    from raylocal.cluster import ledger as ledger_module
+
+    old, new, reused = ("198.51.100.2", 5000, "198.51.100.1", 80), ("198.51.100.2", 5001, "198.51.100.1", 80), \
+        ("198.51.100.2", 5002, "198.51.100.1", 81)  # fmt: skip
+    flip = lambda k: (k[2], k[3], k[0], k[1])  # noqa: E731  (node 0's view of a connection)
+    far_samples = [
+        {old: _counts("a", 1_001, 50)},  # before the block: old is open, with counts
+        {old: _counts("a", 3_001, 70), new: _counts("a", 401, 9, retrans=3), reused: _counts("b", 901, 0)},
+        {old: _counts("kernel", 3_001, 70), reused: _counts("b", 51, 5)},  # old let go; 5002 reused
+    ]
+    near_samples = [{flip(old): _counts("srv", 50, 1_000)}, {flip(new): _counts("srv", 9, 400, retrans=2)}, {}]
+    calls = {"n": 0}
+
+    def snapshot(net, k, peer, names):
+        i = calls["n"] // 2
+        calls["n"] += 1
+        return (far_samples[i], {}) if k == 1 else (near_samples[i], {80: "srv", 81: "srv"})
+
+    monkeypatch.setattr(ledger_module, "snapshot", snapshot)
+    with ConnectionLedger(None, every_s=3600) as led:  # type: ignore[arg-type]
+        led.sample()
+    rows = {(r["far"], r["near"]): r for r in led.rows()}
+    # old: from its counts at the block's start, kept with its process when let go; new: from its SYN (node 1 opened
+    # it: node 0's end listens); 5002: 900 bytes, then a new connection on the same port, 50
+    assert rows[("a", "srv")]["to_near"] == (3_001 - 1_001) + (401 - 1)
+    assert rows[("a", "srv")]["to_far"] == (70 - 50) + 9
+    assert rows[("a", "srv")]["retransmitted"] == 3 + 2
+    assert rows[("b", "closed")]["to_near"] == (901 - 1) + (51 - 1) and rows[("b", "closed")]["connections"] == 2
+
+
+def test_a_ledger_that_stops_sampling_fails_its_block_in_one_line(monkeypatch):
+    from raylocal.cluster import ledger as ledger_module
+    from raylocal.errors import ClusterError
+
+    calls = {"n": 0}
+
+    def snapshot(net, k, peer, names):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError("ss: gone")
+        return {}, {}
+
+    monkeypatch.setattr(ledger_module, "snapshot", snapshot)
+    with pytest.raises(ClusterError, match="^the connection ledger stopped sampling: ss: gone$"):
+        with ConnectionLedger(None, every_s=0.001) as led:  # type: ignore[arg-type]
+            led._thread.join(timeout=10)  # the thread ends on its error
 
 
 def test_the_table_sets_the_payload_per_step_and_against_the_kernel():

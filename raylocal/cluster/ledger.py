@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from raylocal.cluster.netns import Network
+from raylocal.errors import ClusterError
 
 # a connection's line: state, queues, its end and the peer's (IPv4 maybe shown as ``[::ffff:a.b.c.d]``), process
 _END = r"\[?(?:::ffff:)?([^\s\]]+)\]?:(\d+)"
 _ENDS = re.compile(rf"^\S+\s+\d+\s+\d+\s+{_END}\s+{_END}\s*(.*)$")
 _PID = re.compile(r"pid=(\d+)")
 _COUNTER = re.compile(r"\b(bytes_acked|bytes_received|bytes_retrans|segs_out|segs_in):(\d+)")
-# a new connection's acknowledged bytes start at 1: its SYN takes a sequence number
-_FRESH = {"bytes_acked": 1, "bytes_received": 0, "bytes_retrans": 0, "segs_out": 0, "segs_in": 0}
+_FRESH = {"bytes_acked": 0, "bytes_received": 0, "bytes_retrans": 0, "segs_out": 0, "segs_in": 0}
 
 
 def process_name(pid: int) -> str:
@@ -51,8 +51,15 @@ def process_name(pid: int) -> str:
         rest = rest[1:]
     if rest[:1] == ["-m"] and len(rest) > 1:
         return rest[1].split(".")[-1]
-    script = rest and (rest[0].endswith(".py") or Path(rest[0]).is_file())  # not ``-c``'s code
+    script = bool(rest) and (rest[0].endswith(".py") or _is_file(rest[0]))  # not ``-c``'s code
     return Path(rest[0]).stem if script else Path(words[0]).name
+
+
+def _is_file(word: str) -> bool:
+    try:
+        return Path(word).is_file()
+    except OSError:  # a name too long to be a path (``-c``'s code)
+        return False
 
 
 _LISTENING = re.compile(r"^LISTEN\s+\d+\s+\d+\s+\S*:(\d+)\s+\S+\s+(.*)$")
@@ -72,12 +79,12 @@ class Names(dict):
 Connections = dict[tuple[str, int, str, int], dict[str, Any]]
 
 
-def snapshot(net: Network, k: int, names: Names) -> tuple[Connections, dict[int, str]]:
-    """Node k's TCP connections to other nodes, (address, port, peer, peer's port) →
+def snapshot(net: Network, k: int, peer: int, names: Names) -> tuple[Connections, dict[int, str]]:
+    """Node k's TCP connections to node ``peer``, (address, port, peer, peer's port) →
     its process and counters (payload bytes and segments, each way); and its
     listening ports → the process listening there."""
-    shown = net.run(k, ["ss", "-tainpH"], capture_output=True, text=True, check=True).stdout
-    return parse_connections(shown, net.address(k), names), parse_listeners(shown, names)
+    shown = net.run(k, ["ss", "-tainpH"], capture_output=True, text=True, check=True, timeout=30).stdout
+    return parse_connections(shown, net.address(k), net.address(peer), names), parse_listeners(shown, names)
 
 
 def parse_listeners(shown: str, names: Names) -> dict[int, str]:
@@ -90,23 +97,35 @@ def parse_listeners(shown: str, names: Names) -> dict[int, str]:
     return found
 
 
-def parse_connections(shown: str, address: str, names: Names) -> Connections:
-    """``ss -tainpH``'s text → the connections from ``address`` to other hosts."""
+def parse_connections(shown: str, address: str, peer_address: str, names: Names) -> Connections:
+    """``ss -tainpH``'s text → the connections from ``address`` to ``peer_address``.
+    A socket in TIME-WAIT has neither process nor counters: it is left out (the
+    connection's last counts are those seen while it was open)."""
     found: Connections = {}
     key = None
     for line in shown.splitlines():
-        ends = _ENDS.match(line)
-        if ends:
-            here, port, peer, peer_port, users = ends.groups()
+        if not line[:1].isspace():
             key = None
-            if here == address and peer != here:  # across the link; loopback stays home
+        ends = _ENDS.match(line)
+        if ends and not line.startswith("TIME-WAIT"):
+            here, port, peer, peer_port, users = ends.groups()
+            if here == address and peer == peer_address:
                 key = (here, int(port), peer, int(peer_port))
                 pid = _PID.search(users)
-                name = names.see(int(pid.group(1))) if pid else "kernel"  # kernel: its process has closed it
+                name = names.see(int(pid.group(1))) if pid else "kernel"  # kernel: its process has let it go
                 found[key] = {"process": name, **_FRESH}
         elif key is not None:
             found[key].update({c: int(v) for c, v in _COUNTER.findall(line)})
     return found
+
+
+@dataclass
+class Seen:
+    """One connection as sampled: its counters before the block (None: opened in
+    it), as last seen, and its process."""
+
+    base: dict[str, int] | None
+    last: dict[str, Any]
 
 
 @dataclass
@@ -118,26 +137,29 @@ class ConnectionLedger:
     far: int = 1
     every_s: float = 0.5
     names: Names = field(default_factory=Names)
-    first: Connections = field(default_factory=dict)  # node far's connections to node 0, before the block
-    last: Connections = field(default_factory=dict)  # ... and as last seen
-    near_first: Connections = field(default_factory=dict)  # node 0's ends of them, by the same key
-    near_last: Connections = field(default_factory=dict)
+    conns: dict[tuple[str, int, str, int], Seen] = field(default_factory=dict)  # node far's ends
+    near_conns: dict[tuple[str, int, str, int], Seen] = field(default_factory=dict)  # node 0's, by the same key
+    retired: list[tuple[tuple[str, int, str, int], Seen, Seen | None]] = field(default_factory=list)
     near_listeners: dict[int, str] = field(default_factory=dict)
     far_listeners: dict[int, str] = field(default_factory=dict)
+    error: BaseException | None = None
+    _started: bool = False
 
     def sample(self) -> None:
-        far, far_listening = snapshot(self.net, self.far, self.names)
-        near, near_listening = snapshot(self.net, 0, self.names)
+        far, far_listening = snapshot(self.net, self.far, 0, self.names)
+        near, near_listening = snapshot(self.net, 0, self.far, self.names)
         near = {(peer, peer_port, here, port): conn for (here, port, peer, peer_port), conn in near.items()}
-        for seen, last in ((far, self.last), (near, self.near_last)):
+        for seen, conns in ((far, self.conns), (near, self.near_conns)):
             for key, conn in seen.items():
-                before = last.get(key)
-                if before is not None:
-                    # a closing socket shows no process and, past FIN, no counters: it keeps both
-                    conn = {c: max(v, before[c]) for c, v in conn.items() if c != "process"} | {
-                        "process": before["process"] if conn["process"] == "kernel" else conn["process"]
-                    }
-                last[key] = conn
+                known = conns.get(key)
+                if known is not None and any(conn[c] < known.last[c] for c in _FRESH):  # the port, reused
+                    if conns is self.conns:  # the old connection's counts stay, and its node-0 end's
+                        self.retired.append((key, self.conns.pop(key), self.near_conns.pop(key, None)))
+                    known = None
+                if known is None:
+                    conns[key] = Seen(None if self._started else dict(conn), conn)
+                else:  # a socket its process has let go keeps the process it showed
+                    known.last = conn | ({"process": known.last["process"]} if conn["process"] == "kernel" else {})
         self.near_listeners |= near_listening
         self.far_listeners |= far_listening
 
@@ -148,13 +170,15 @@ class ConnectionLedger:
         return f"node {self.far}'s {self.far_listeners.get(key[1], '?')}"
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.sample()
+        try:
+            while not self._stop.wait(self.every_s):
+                self.sample()
+        except Exception as e:  # raised by __exit__: a ledger that stopped sampling would undercount
+            self.error = e
 
     def __enter__(self) -> ConnectionLedger:
         self.sample()
-        self.first = {k: dict(v) for k, v in self.last.items()}
-        self.near_first = {k: dict(v) for k, v in self.near_last.items()}
+        self._started = True
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -163,26 +187,37 @@ class ConnectionLedger:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self.error is not None:
+            raise ClusterError(f"the connection ledger stopped sampling: {self.error}") from self.error
         self.sample()
 
+    def _fresh(self, key: tuple[str, int, str, int]) -> dict[str, int]:
+        """The counters of a connection opened in the block, at its start: the
+        opener's acknowledged bytes count its SYN (node far opened it when node 0's
+        end listens)."""
+        return _FRESH | {"bytes_acked": 1 if key[3] in self.near_listeners else 0}
+
     def rows(self) -> list[dict[str, Any]]:
-        """Per pair of processes (node ``far``'s, node 0's), the bytes each way and
-        the segments, over the block (a connection seen before it counts from there)."""
+        """Per pair of processes (node ``far``'s, node 0's) and service, the
+        delivered payload each way, the retransmitted bytes and the segments, over
+        the block (a connection open before it counts from there)."""
         pairs: dict[tuple[str, str, str], dict[str, Any]] = {}
-        for key, conn in self.last.items():
-            base, near = self.first.get(key, _FRESH), self.near_last.get(key, {"process": "closed"})
-            near_base = self.near_first.get(key, _FRESH)
+        every = [(k, c, self.near_conns.get(k)) for k, c in self.conns.items()] + self.retired
+        for key, conn, near in every:
+            base = conn.base or self._fresh(key)
+            near_base = (near.base or _FRESH) if near else _FRESH
+            near_last = near.last if near else {"process": "closed", **_FRESH}
             called = self.service(key)
             zero = {"connections": 0, "to_near": 0, "to_far": 0, "retransmitted": 0, "segments": 0}
-            row = pairs.setdefault((conn["process"], near["process"], called), {"far": conn["process"],
-                                   "near": near["process"], "service": called, **zero})  # fmt: skip
+            row = pairs.setdefault((conn.last["process"], near_last["process"], called), {
+                "far": conn.last["process"], "near": near_last["process"], "service": called, **zero})  # fmt: skip
             row["connections"] += 1
             # delivered payload each way: acknowledged, and received (a retransmitted byte counts once)
-            row["to_near"] += conn["bytes_acked"] - base["bytes_acked"]
-            row["to_far"] += conn["bytes_received"] - base["bytes_received"]
-            row["retransmitted"] += conn["bytes_retrans"] - base["bytes_retrans"]
-            row["retransmitted"] += near.get("bytes_retrans", 0) - near_base["bytes_retrans"]
-            row["segments"] += sum(conn[s] - base[s] for s in ("segs_out", "segs_in"))
+            row["to_near"] += conn.last["bytes_acked"] - base["bytes_acked"]
+            row["to_far"] += conn.last["bytes_received"] - base["bytes_received"]
+            row["retransmitted"] += conn.last["bytes_retrans"] - base["bytes_retrans"]
+            row["retransmitted"] += near_last["bytes_retrans"] - near_base["bytes_retrans"]
+            row["segments"] += sum(conn.last[s] - base[s] for s in ("segs_out", "segs_in"))
         return sorted(pairs.values(), key=lambda r: -(r["to_near"] + r["to_far"]))
 
 

@@ -377,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {why}", file=sys.stderr)
         return 2
     out = Path(args.out) / "calibration"
+    for stored in out.glob("*-real.json") if out.is_dir() else []:  # one queue per calibration
+        queue_ms = json.loads(stored.read_text()).get("queue_ms", netns.QUEUE_MS)
+        if queue_ms != args.queue_ms:
+            print(f"error: {stored} ran with a {queue_ms:g} ms queue, not --queue-ms {args.queue_ms:g}: "
+                  "give another --out", file=sys.stderr)  # fmt: skip
+            return 2
     out.mkdir(parents=True, exist_ok=True)
     cells: dict[tuple[str, str, str], dict[str, Any]] = {}
     host = None  # probed before the first cell this invocation runs
