@@ -336,6 +336,26 @@ def roles_table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def refusal(rates: list[str], methods: list[str], queue_ms: float, out: Path) -> str | None:
+    """Why a calibration cannot run, before anything starts; None if it can."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        return f"{bad[0]!r} is not a method ({', '.join(METHODS)})"
+    try:
+        for rate in rates:
+            netns.tbf_args(rate, queue_ms)
+    except ClusterError as e:
+        return str(e)
+    why = netns.available()
+    if why is not None:
+        return why
+    for stored in out.glob("*-real.json") if out.is_dir() else []:  # one queue per calibration
+        ran = json.loads(stored.read_text()).get("queue_ms", netns.QUEUE_MS)
+        if ran != queue_ms:
+            return f"{stored} ran with a {ran:g} ms queue, not --queue-ms {queue_ms:g}: give another --out"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rates", default=",".join(RATES), help="tbf rates, comma-separated (like 10mbit)")
@@ -362,27 +382,11 @@ def main(argv: list[str] | None = None) -> int:
         print(overhead_fit(runs))
         return 0
     rates, methods = args.rates.split(","), args.methods.split(",")
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        print(f"error: {bad[0]!r} is not a method ({', '.join(METHODS)})", file=sys.stderr)
-        return 2
-    try:
-        for rate in rates:
-            netns.tbf_args(rate, args.queue_ms)
-    except ClusterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    why = netns.available()
+    out = Path(args.out) / "calibration"
+    why = refusal(rates, methods, args.queue_ms, out)
     if why is not None:
         print(f"error: {why}", file=sys.stderr)
         return 2
-    out = Path(args.out) / "calibration"
-    for stored in out.glob("*-real.json") if out.is_dir() else []:  # one queue per calibration
-        queue_ms = json.loads(stored.read_text()).get("queue_ms", netns.QUEUE_MS)
-        if queue_ms != args.queue_ms:
-            print(f"error: {stored} ran with a {queue_ms:g} ms queue, not --queue-ms {args.queue_ms:g}: "
-                  "give another --out", file=sys.stderr)  # fmt: skip
-            return 2
     out.mkdir(parents=True, exist_ok=True)
     cells: dict[tuple[str, str, str], dict[str, Any]] = {}
     host = None  # probed before the first cell this invocation runs
