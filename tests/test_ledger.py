@@ -96,6 +96,7 @@ def test_the_ledger_counts_from_the_block_start_keeps_a_closed_socket_and_a_reus
     with ConnectionLedger(None, every_s=3600) as led:  # type: ignore[arg-type]
         led.sample()
     rows = {(r["far"], r["near"]): r for r in led.rows()}
+    assert 0 < led.seconds < 60
     # old: from its counts at the block's start, kept with its process when let go; new: from its SYN (node 1 opened
     # it: node 0's end listens); 5002: 900 bytes, then a new connection on the same port, 50
     assert rows[("a", "srv")]["to_near"] == (3_001 - 1_001) + (401 - 1)
@@ -196,3 +197,4 @@ def test_each_connection_is_put_to_one_role_and_the_calibration_tables_them_per_
     assert per_step["the latent queue's calls"] == "400"
     assert per_step["beyond all payload: headers, missed connections"] == str(f"{(2_100_000 - 2_011_700) // 10:,}")
     assert per_step["retransmitted (not in the kernel's count where dropped before the wire)"] == "7"
+    assert per_step["the driver, Ray Train, the GCS and the agents, in all"] == "1,600"  # 100 + 800 + 700

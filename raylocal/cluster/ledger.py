@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,7 @@ class ConnectionLedger:
     near_listeners: dict[int, str] = field(default_factory=dict)
     far_listeners: dict[int, str] = field(default_factory=dict)
     error: BaseException | None = None
+    seconds: float = 0.0
     _started: bool = False
 
     def sample(self) -> None:
@@ -178,7 +180,7 @@ class ConnectionLedger:
 
     def __enter__(self) -> ConnectionLedger:
         self.sample()
-        self._started = True
+        self._started, self.seconds = True, time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -190,6 +192,7 @@ class ConnectionLedger:
         if self.error is not None:
             raise ClusterError(f"the connection ledger stopped sampling: {self.error}") from self.error
         self.sample()
+        self.seconds = time.perf_counter() - self.seconds  # the block's
 
     def _fresh(self, key: tuple[str, int, str, int]) -> dict[str, int]:
         """The counters of a connection opened in the block, at its start: the

@@ -119,7 +119,7 @@ def real_cell(method: str, rate: str, budget: float, seed: int, queue_ms: float 
             done = net.run(0, argv, env=env, capture_output=True, text=True, timeout=int(budget) + 600)
         crossed = interface_bytes(net) - start
     return _result(done, method) | {"kernel_bytes": crossed, "idle_bytes_per_s": idle, "connections": ledger.rows(),
-                                    "queue_ms": queue_ms}  # fmt: skip
+                                    "ledger_seconds": ledger.seconds, "queue_ms": queue_ms}  # fmt: skip
 
 
 def emulated_cell(method: str, rate: str, budget: float, seed: int) -> dict[str, Any]:
@@ -330,7 +330,9 @@ def roles_table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
         column |= {r: roles[r] for r in ROLES[1:]}
         column |= {"beyond all payload: headers, missed connections": cell["kernel_bytes"] - payload,
                    "retransmitted (not in the kernel's count where dropped before the wire)": retrans}  # fmt: skip
-        columns.append({k: v / max(steps, 1) for k, v in column.items()} | {"steps": steps})
+        background = sum(roles[r] for r in ROLES[3:6])  # grows with the cell's seconds, not its steps
+        columns.append({k: v / max(steps, 1) for k, v in column.items()} | {
+            "steps": steps, "the driver, Ray Train, the GCS and the agents, in all": background})  # fmt: skip
     for name in columns[0]:
         lines.append(f"| {name} | " + " | ".join(f"{c[name]:,.0f}" for c in columns) + " |")
     return "\n".join(lines)
