@@ -224,3 +224,15 @@ def test_the_overhead_fit_splits_the_kernels_excess_into_a_part_per_cell_and_a_p
     assert calibrate.main(["--fit", str(tmp_path / "b0")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: --fit needs two or more calibrations; only {tmp_path / 'b0' / 'calibration'} given"
+
+
+def test_the_raylets_ports_are_named_and_each_part_placed_by_its_nodes_address():
+    nodes = {"n0": {"address": "198.51.100.1", "node_manager_port": 41000, "object_manager_port": 42000},
+             "n1": {"address": "198.51.100.2", "node_manager_port": 43000, "object_manager_port": 44000}}  # fmt: skip
+    assert calibrate.raylet_ports(nodes) == {
+        ("198.51.100.1", 42000): "raylet's object manager", ("198.51.100.1", 41000): "raylet's node manager",
+        ("198.51.100.2", 44000): "raylet's object manager", ("198.51.100.2", 43000): "raylet's node manager",
+    }  # fmt: skip
+    cell = {"nodes": nodes, "actor_nodes": ["n1", "n0"]}
+    assert calibrate.where_parts(cell) == "; part 1 on 198.51.100.2, part 2 on 198.51.100.1"
+    assert calibrate.where_parts({"actor_nodes": ["n1"]}) == ""  # stored before nodes were recorded

@@ -143,6 +143,7 @@ class ConnectionLedger:
     retired: list[tuple[tuple[str, int, str, int], Seen, Seen | None]] = field(default_factory=list)
     near_listeners: dict[int, str] = field(default_factory=dict)
     far_listeners: dict[int, str] = field(default_factory=dict)
+    port_names: dict[tuple[str, int], str] = field(default_factory=dict)  # (address, port) → its service
     error: BaseException | None = None
     seconds: float = 0.0
     _started: bool = False
@@ -166,7 +167,12 @@ class ConnectionLedger:
         self.far_listeners |= far_listening
 
     def service(self, key: tuple[str, int, str, int]) -> str:
-        """Which end listens, and what: the service this connection calls."""
+        """Which end listens, and what: the service this connection calls
+        (``port_names`` tells a raylet's services apart)."""
+        if (key[2], key[3]) in self.port_names:
+            return f"node 0's {self.port_names[(key[2], key[3])]}"
+        if (key[0], key[1]) in self.port_names:
+            return f"node {self.far}'s {self.port_names[(key[0], key[1])]}"
         if key[3] in self.near_listeners:
             return f"node 0's {self.near_listeners[key[3]]}"
         return f"node {self.far}'s {self.far_listeners.get(key[1], '?')}"

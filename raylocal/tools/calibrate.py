@@ -90,7 +90,29 @@ def run_contestant(args: dict[str, Any]) -> dict[str, Any]:
     else:
         result = links.run_data_parallel(args, args["average_every"])
     result.pop("state", None)
-    return result
+    return result | ({"nodes": cluster_nodes()} if args["join"] else {})
+
+
+def cluster_nodes() -> dict[str, dict[str, Any]]:
+    """Each node of the cluster at RAY_ADDRESS: its address and its raylet's two
+    ports (which connections of the ledger are objects and which are calls)."""
+    import ray
+
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level="ERROR")
+    try:
+        return {n["NodeID"]: {"address": n["NodeManagerAddress"], "node_manager_port": n["NodeManagerPort"],
+                              "object_manager_port": n["ObjectManagerPort"]} for n in ray.nodes()}  # fmt: skip
+    finally:
+        ray.shutdown()
+
+
+def raylet_ports(nodes: dict[str, dict[str, Any]]) -> dict[tuple[str, int], str]:
+    """(address, port) → which of its raylet's services listens there."""
+    ports = {}
+    for n in nodes.values():
+        ports[(n["address"], n["object_manager_port"])] = "raylet's object manager"
+        ports[(n["address"], n["node_manager_port"])] = "raylet's node manager"
+    return ports
 
 
 def interface_bytes(net: Any) -> int:
@@ -118,8 +140,10 @@ def real_cell(method: str, rate: str, budget: float, seed: int, queue_ms: float 
         with ConnectionLedger(net) as ledger:
             done = net.run(0, argv, env=env, capture_output=True, text=True, timeout=int(budget) + 600)
         crossed = interface_bytes(net) - start
-    return _result(done, method) | {"kernel_bytes": crossed, "idle_bytes_per_s": idle, "connections": ledger.rows(),
-                                    "ledger_seconds": ledger.seconds, "queue_ms": queue_ms}  # fmt: skip
+    cell = _result(done, method)
+    ledger.port_names = raylet_ports(cell.get("nodes", {}))
+    return cell | {"kernel_bytes": crossed, "idle_bytes_per_s": idle, "connections": ledger.rows(),
+                   "ledger_seconds": ledger.seconds, "queue_ms": queue_ms}  # fmt: skip
 
 
 def emulated_cell(method: str, rate: str, budget: float, seed: int) -> dict[str, Any]:
@@ -300,13 +324,21 @@ def hops_table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def where_parts(cell: dict[str, Any]) -> str:
+    """ "; part 1 on 198.51.100.1, ...": each part's node address, where the cell recorded both."""
+    nodes = cell.get("nodes", {})
+    if not nodes or not cell.get("actor_nodes"):
+        return ""
+    return "; " + ", ".join(f"part {k + 1} on {nodes[n]['address']}" for k, n in enumerate(cell["actor_nodes"]))
+
+
 def connections_tables(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
     """Per real cell that sampled its connections: who sent what across the link."""
     text = ""
     for (rate, method, kind), cell in cells.items():
         if kind == "real" and "connections" in cell:
             steps, counted, _, _ = byte_terms(method, cell, cells[(rate, method, "emulated")])
-            text += f"\n\nWho sent what, {method} at {rate} (per step: of {steps} steps):\n\n"
+            text += f"\n\nWho sent what, {method} at {rate} (per step: of {steps} steps{where_parts(cell)}):\n\n"
             text += ledger_table(cell["connections"], cell["kernel_bytes"], steps, ours=counted)
     return text
 
