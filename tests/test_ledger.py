@@ -95,8 +95,8 @@ def test_the_ledger_counts_from_the_block_start_keeps_a_closed_socket_and_a_reus
     monkeypatch.setattr(ledger_module, "snapshot", snapshot)
     with ConnectionLedger(None, every_s=3600) as led:  # type: ignore[arg-type]
         led.sample()
-    led.port_names = {("198.51.100.1", 81): "raylet's node manager"}  # (a raylet's ports, told apart)
-    rows = {(r["far"], r["near"]): r for r in led.rows()}
+    ports = {("198.51.100.1", 81): "raylet's node manager"}  # (a raylet's ports, told apart)
+    rows = {(r["far"], r["near"]): r for r in led.rows(ports)}
     assert rows[("a", "srv")]["service"] == "node 0's srv" and rows[("b", "closed")]["service"] == (
         "node 0's raylet's node manager"
     )

@@ -123,7 +123,7 @@ def parse_connections(shown: str, address: str, peer_address: str, names: Names)
 @dataclass
 class Seen:
     """One connection as sampled: its counters before the block (None: opened in
-    it), as last seen, and its process."""
+    it), and its counters and process as last seen."""
 
     base: dict[str, int] | None
     last: dict[str, Any]
@@ -143,7 +143,6 @@ class ConnectionLedger:
     retired: list[tuple[tuple[str, int, str, int], Seen, Seen | None]] = field(default_factory=list)
     near_listeners: dict[int, str] = field(default_factory=dict)
     far_listeners: dict[int, str] = field(default_factory=dict)
-    port_names: dict[tuple[str, int], str] = field(default_factory=dict)  # (address, port) → its service
     error: BaseException | None = None
     seconds: float = 0.0
     _started: bool = False
@@ -166,13 +165,13 @@ class ConnectionLedger:
         self.near_listeners |= near_listening
         self.far_listeners |= far_listening
 
-    def service(self, key: tuple[str, int, str, int]) -> str:
+    def service(self, key: tuple[str, int, str, int], port_names: dict[tuple[str, int], str]) -> str:
         """Which end listens, and what: the service this connection calls
-        (``port_names`` tells a raylet's services apart)."""
-        if (key[2], key[3]) in self.port_names:
-            return f"node 0's {self.port_names[(key[2], key[3])]}"
-        if (key[0], key[1]) in self.port_names:
-            return f"node {self.far}'s {self.port_names[(key[0], key[1])]}"
+        (``port_names``, (address, port) → service, tells a raylet's services apart)."""
+        if (key[2], key[3]) in port_names:
+            return f"node 0's {port_names[(key[2], key[3])]}"
+        if (key[0], key[1]) in port_names:
+            return f"node {self.far}'s {port_names[(key[0], key[1])]}"
         if key[3] in self.near_listeners:
             return f"node 0's {self.near_listeners[key[3]]}"
         return f"node {self.far}'s {self.far_listeners.get(key[1], '?')}"
@@ -206,17 +205,18 @@ class ConnectionLedger:
         end listens)."""
         return _FRESH | {"bytes_acked": 1 if key[3] in self.near_listeners else 0}
 
-    def rows(self) -> list[dict[str, Any]]:
+    def rows(self, port_names: dict[tuple[str, int], str] | None = None) -> list[dict[str, Any]]:
         """Per pair of processes (node ``far``'s, node 0's) and service, the
         delivered payload each way, the retransmitted bytes and the segments, over
-        the block (a connection open before it counts from there)."""
+        the block (a connection open before it counts from there); ``port_names``
+        as ``service``'s."""
         pairs: dict[tuple[str, str, str], dict[str, Any]] = {}
         every = [(k, c, self.near_conns.get(k)) for k, c in self.conns.items()] + self.retired
         for key, conn, near in every:
             base = conn.base or self._fresh(key)
             near_base = (near.base or _FRESH) if near else _FRESH
             near_last = near.last if near else {"process": "closed", **_FRESH}
-            called = self.service(key)
+            called = self.service(key, port_names or {})
             zero = {"connections": 0, "to_near": 0, "to_far": 0, "retransmitted": 0, "segments": 0}
             row = pairs.setdefault((conn.last["process"], near_last["process"], called), {
                 "far": conn.last["process"], "near": near_last["process"], "service": called, **zero})  # fmt: skip

@@ -141,8 +141,8 @@ def real_cell(method: str, rate: str, budget: float, seed: int, queue_ms: float 
             done = net.run(0, argv, env=env, capture_output=True, text=True, timeout=int(budget) + 600)
         crossed = interface_bytes(net) - start
     cell = _result(done, method)
-    ledger.port_names = raylet_ports(cell.get("nodes", {}))
-    return cell | {"kernel_bytes": crossed, "idle_bytes_per_s": idle, "connections": ledger.rows(),
+    connections = ledger.rows(raylet_ports(cell.get("nodes", {})))
+    return cell | {"kernel_bytes": crossed, "idle_bytes_per_s": idle, "connections": connections,
                    "ledger_seconds": ledger.seconds, "queue_ms": queue_ms}  # fmt: skip
 
 
