@@ -21,6 +21,18 @@ def test_the_twin_of_a_tbf_rate_is_the_same_bandwidth_without_latency():
         calibrate.emulated_link("10 megabits")
 
 
+def test_the_costed_twin_charges_what_one_message_of_its_kind_measured_at_its_rate():
+    from raylocal.core.links import LinkSpec
+
+    ddp = LinkSpec.parse(calibrate.emulated_link("1mbit", "ddp"))  # a gloo all-reduce at 1 Mbit: c 1.17, d 4.7 ms
+    assert (ddp.bandwidth, ddp.latency, ddp.per_message) == (1e6, 0.0, pytest.approx(0.0047))
+    assert ddp.transfer_s(125_000) == pytest.approx(1.17 + 0.0047, rel=1e-4)  # 1 s of our bytes at the rate
+    parts = LinkSpec.parse(calibrate.emulated_link("10mbit", "parts"))  # a Ray object at 10 Mbit: 1.05, 1.5 ms
+    assert parts.transfer_s(1_250_000) == pytest.approx(1.05 + 0.0015, rel=1e-4)
+    with pytest.raises(ClusterError, match="^no measured costs at 512kbit"):
+        calibrate.emulated_link("512kbit", "local-sgd")
+
+
 def test_the_table_sets_each_real_figure_beside_its_twin_and_the_kernel_bytes_beside_the_emulators():
     real = {"images_per_s": 90.0, "seconds": 30.0, "steps": 600, "idle": 0.2, "bytes_per_step": 0.0,
             "kernel_bytes": 2.5e6, "idle_bytes_per_s": 1000.0}  # fmt: skip
@@ -36,6 +48,18 @@ def test_the_table_sets_each_real_figure_beside_its_twin_and_the_kernel_bytes_be
     )
     # 2.5 MB - 30 kB idle - 2.4 MB ours = 70 kB over 600 steps: 117 bytes a step
     assert lines[-1] == "| 10mbit | local-sgd | kernel bytes per step beyond ours and the idle traffic | 117 | | |"
+
+
+def test_the_table_sets_the_costed_twin_beside_the_plain_one_where_it_ran():
+    real = {"images_per_s": 9.0, "seconds": 30.0, "steps": 5, "idle": 0.0, "bytes_per_step": 0.0,
+            "kernel_bytes": 7.0e6, "idle_bytes_per_s": 0.0}  # fmt: skip
+    twin = {"images_per_s": 10.0, "seconds": 30.0, "steps": 6, "idle": 0.9, "bytes_per_step": 6e5}
+    costed = twin | {"images_per_s": 9.5}
+    cells = {("1mbit", "ddp", "real"): real, ("1mbit", "ddp", "emulated"): twin, ("1mbit", "ddp", "costed"): costed}
+    lines = calibrate.table(cells).splitlines()
+    assert lines[0].endswith("| real / emulated | emulated with the link's costs | real / that |")
+    assert "| 1mbit | ddp | images/s | 9 | 10 | 0.90 | 9.5 | 0.95 |" in lines
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
 
 
 def test_ddps_count_holds_its_first_broadcast_of_the_model_once():
@@ -54,6 +78,8 @@ def test_a_bad_method_or_rate_is_one_line_before_anything_starts(capsys):
     assert capsys.readouterr().err.strip() == "error: link rate '10mbps' is not like 10mbit, 500kbit or 1gbit"
     assert calibrate.main(["--rates", "10mbit", "--queue-ms", "-5"]) == 2
     assert capsys.readouterr().err.strip() == "error: a link's queue must hold some ms, not -5.0"
+    assert calibrate.main(["--rates", "512kbit", "--costs"]) == 2
+    assert capsys.readouterr().err.strip() == "error: no measured costs at 512kbit (measured at 100mbit, 10mbit, 1mbit)"
 
 
 def test_a_calibration_refuses_to_mix_its_stored_cells_with_another_queue(tmp_path, capsys, monkeypatch):
@@ -236,3 +262,9 @@ def test_the_raylets_ports_are_named_and_each_part_placed_by_its_nodes_address()
     cell = {"nodes": nodes, "actor_nodes": ["n1", "n0"]}
     assert calibrate.where_parts(cell) == "; part 1 on 198.51.100.2, part 2 on 198.51.100.1"
     assert calibrate.where_parts({"actor_nodes": ["n1"]}) == ""  # stored before nodes were recorded
+
+
+def test_the_kinds_of_cell_take_turns_at_running_first():
+    orders = [calibrate.cell_order(k, costs=True) for k in range(3)]
+    assert orders == [["real", "emulated", "costed"], ["emulated", "costed", "real"], ["costed", "real", "emulated"]]
+    assert [calibrate.cell_order(k, costs=False)[0] for k in range(4)] == ["real", "emulated", "real", "emulated"]

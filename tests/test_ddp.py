@@ -84,6 +84,15 @@ def test_the_ddp_hook_delays_a_bucket_by_latency_plus_ring_bytes_over_bandwidth(
     assert hook.idle_s == pytest.approx(3.02)
 
 
+def test_the_ddp_hook_charges_a_real_links_costs_per_bucket_and_counts_only_the_payload():
+    clock = FakeClock(50.0)
+    link = LinkSpec.parse("bw=8Mbit,lat=20ms,eff=0.5,msg=10ms")
+    hook = LinkedAllReduce(link, world=4, clock=clock, all_reduce=_done_now)
+    hook(_Bucket(250_000, last=True)).wait()  # 1.5 MB of ring bytes at half of 8 Mbit/s: 3 s, 10 ms per bucket
+    assert clock.now() == pytest.approx(50.0 + 3.0 + 0.01 + 0.02)
+    assert hook.bytes_sent == pytest.approx(1.5e6)
+
+
 def test_ddps_first_broadcast_holds_every_rank_but_the_first_for_the_models_bytes_over_the_link():
     # 250 250 float32 weights, 250 BatchNorm weights and biases, its running mean and
     # variance (float32) and its step count (one int64): what DDP broadcasts

@@ -59,6 +59,9 @@ def test_step_based_availability():
         ("mtbf=60s,mttr=0s", "mttr=0s must be more than 0"),
         ("jitter=5ms", "unknown property 'jitter'"),
         ("bw=1Gbit,bw=10Mbit", "bw is given twice"),
+        ("bw=1Mbit,eff=0", "eff=0 must be in (0, 1]"),
+        ("bw=1Mbit,eff=1.2", "eff=1.2 must be in (0, 1]"),
+        ("bw=1Mbit,msg=2", "msg=2 needs a unit, e.g. msg=1.5ms"),
     ],
 )
 def test_bad_link_specs_say_what_is_wrong_in_one_line(text, message):
@@ -88,6 +91,19 @@ def test_a_message_takes_its_bytes_over_the_bandwidth_plus_the_latency():
     assert clock.now() == pytest.approx(101.0)  # the sender's thread spent the wire time, not the latency
     # one wire: the next message starts when the last one's bytes are out
     assert wire.transmit(500_000) == pytest.approx(101.0 + 0.5 + 0.02)
+
+
+def test_a_real_links_costs_stretch_each_messages_bytes_and_add_a_fixed_time_per_message():
+    s = LinkSpec.parse("bw=8Mbit,lat=20ms,eff=0.8,msg=15ms")
+    assert (s.efficiency, s.per_message) == (0.8, 0.015) and not LinkSpec.parse("msg=1ms").ideal
+    clock = FakeClock(100.0)
+    wire = Wire(s, clock)
+    # 1 MB is 1 s at 8 Mbit/s; at 80% of the rate 1.25 s, and 15 ms for the message
+    assert wire.transmit(1_000_000) == pytest.approx(100.0 + 1.25 + 0.015 + 0.02)
+    assert wire.transmit(500_000) == pytest.approx(101.265 + 0.625 + 0.015 + 0.02)  # serialised behind it
+    # many small messages cost their count, not their bytes: 100 of 100 B at an infinite rate
+    fast = Wire(LinkSpec.parse("bw=inf,msg=2ms"), FakeClock(0.0))
+    assert [fast.transmit(100) for _ in range(100)][-1] == pytest.approx(100 * 0.002)
 
 
 def test_nothing_crosses_a_link_that_is_down_by_step():

@@ -9,13 +9,18 @@ boundary (a single spec applies to every boundary):
   ``p=0.9``                    up with probability 0.9 at each of the sender's steps (seeded)
   ``outage=100:20,300:50``     down for the sender's steps 100-119 and 300-349
   ``mtbf=60s,mttr=15s``        down at random times: exponential up and down periods (seeded)
+  ``eff=0.9``                  the share of the bandwidth a message's bytes get (headers, acks, TCP)
+  ``msg=1.5ms``                the time each message costs beyond its bytes (its envelope, its calls)
 
 They compose: ``bw=10Mbit,lat=20ms,mtbf=60s,mttr=15s``. The step-based
 availabilities (``p``, ``outage``) are deterministic and meant for tests; the
-time-based one models a real intermittent connection.
+time-based one models a real intermittent connection. ``eff`` and ``msg`` are
+a real link's costs beyond the payload's bytes, as measured on kernel-shaped
+links (``raylocal.tools.wire_costs``); without them the wire carries payload
+only.
 
 ``Wire`` is the timing of one direction of a link: a message of B bytes
-occupies it for B/bw (messages are serialised: one wire) and arrives ``lat``
+occupies it for B/(bw·eff) + msg (messages are serialised: one wire) and arrives ``lat``
 after it left. Nothing crosses while the link is down: a message that starts
 in an outage, or that an outage interrupts, is lost. Time comes from a
 ``Clock``, so that tests can inject one and never sleep.
@@ -35,6 +40,7 @@ from raylocal.errors import ConfigError
 
 _BITS = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 _SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0}
+_KEYS = ("bw", "lat", "p", "outage", "mtbf", "mttr", "eff", "msg")
 
 
 class Clock:
@@ -136,6 +142,8 @@ class LinkSpec:
     mttr: float | None = None
     seed: int = 0
     text: str = "up"
+    efficiency: float = 1.0  # the share of the bandwidth that payload gets
+    per_message: float = 0.0  # seconds each message costs beyond its bytes
 
     @classmethod
     def parse(cls, text: str, boundary: int = 0, seed: int = 0) -> LinkSpec:
@@ -153,9 +161,7 @@ class LinkSpec:
                 continue
             key, eq, value = token.partition("=")
             if not eq or not value:
-                raise ConfigError(
-                    f"link {spec!r}: {token!r} is not KEY=VALUE (keys: bw, lat, p, outage, mtbf, mttr; or 'up')"
-                )
+                raise ConfigError(f"link {spec!r}: {token!r} is not KEY=VALUE (keys: {', '.join(_KEYS)}; or 'up')")
             items.append([key.strip(), value.strip()])
         keys = [key for key, _ in items]
         for key in keys:
@@ -168,6 +174,12 @@ class LinkSpec:
                     raise ConfigError(f"link {spec!r}: bw={value} must be more than 0")
             elif key == "lat":
                 values["latency"] = _with_unit(value, key, spec, _SECONDS, "20ms")
+            elif key == "msg":
+                values["per_message"] = _with_unit(value, key, spec, _SECONDS, "1.5ms")
+            elif key == "eff":
+                values["efficiency"] = _number(value, key, spec)
+                if not 0 < values["efficiency"] <= 1:
+                    raise ConfigError(f"link {spec!r}: eff={value} must be in (0, 1]")
             elif key in ("mtbf", "mttr"):
                 values[key] = _with_unit(value, key, spec, _SECONDS, "60s")
                 if values[key] <= 0:
@@ -184,7 +196,7 @@ class LinkSpec:
                     raise ConfigError(f"link {spec!r}: outages need a start >= 1 and a length >= 1")
                 values["outages"] = outages
             else:
-                raise ConfigError(f"link {spec!r}: unknown property {key!r} (bw, lat, p, outage, mtbf, mttr)")
+                raise ConfigError(f"link {spec!r}: unknown property {key!r} ({', '.join(_KEYS)})")
         if ("mtbf" in values) != ("mttr" in values):
             raise ConfigError(f"link {spec!r}: random outages need both mtbf and mttr")
         return cls(**values)
@@ -192,7 +204,7 @@ class LinkSpec:
     @property
     def ideal(self) -> bool:
         """Infinitely fast and never down: the wire needs no thread of its own."""
-        return math.isinf(self.bandwidth) and self.latency == 0 and self.always_up
+        return math.isinf(self.bandwidth) and self.latency == 0 and self.per_message == 0 and self.always_up
 
     @property
     def always_up(self) -> bool:
@@ -205,7 +217,8 @@ class LinkSpec:
         return self.p >= 1.0 or random.Random(self.seed * 7_919 + step).random() < self.p
 
     def transfer_s(self, nbytes: int) -> float:
-        return nbytes * 8 / self.bandwidth
+        """How long one message of ``nbytes`` occupies the wire."""
+        return nbytes * 8 / (self.bandwidth * self.efficiency) + self.per_message
 
     def timed_outages(self) -> TimedOutages | None:
         if self.mtbf is None or self.mttr is None:

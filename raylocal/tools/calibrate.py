@@ -1,13 +1,17 @@
 """The link emulator against real links (issue 34).
 
-Each method runs twice at each rate, back to back: over a real link, on two
+Each method runs twice at each rate, back to back (which first rotates from
+one method and rate to the next): over a real link, on two
 Ray nodes in network namespaces joined by veths that ``tbf`` shapes in the
 kernel (``raylocal.cluster.netns``), and beside it as its emulated twin, on one
 Ray node of this host with the link emulated at the same bandwidth and no
-latency (the kernel here cannot delay: no ``netem``).
+latency (the kernel here cannot delay: no ``netem``). With ``--costs`` a third
+twin charges, beside the bandwidth, what a real link's messages of that kind
+were measured to cost (``eff=`` and ``msg=``, from ``raylocal.tools.wire_costs``).
 
     python -m raylocal.tools.calibrate                        # 100, 10 and 1 Mbit, 30 s per cell
     python -m raylocal.tools.calibrate --rates 10mbit --methods parts --budget 20
+    python -m raylocal.tools.calibrate --costs --out /work/calib    # and a twin with the link's costs
 
 A cell is one of the race's own contestants (``raylocal.bench.links``):
 
@@ -60,17 +64,37 @@ IDLE_S = 10.0  # seconds of the idle cluster's traffic measured before each real
 TRACE_PACKETS = 5000  # the parts' packets timed hop by hop: every one of a 30 s cell
 
 
-def emulated_link(rate: str) -> str:
-    """The emulator's twin of a ``tbf`` rate: the same bandwidth, no latency."""
+# What a real link costs beyond the payload's bytes, measured message by message
+# (``raylocal.tools.wire_costs``, docs/benchmarks.md "What one message costs"): per
+# kind and rate, time per second of our bytes' time at the rate (c), and ms per message (d).
+WIRE_COSTS = {
+    "Ray object": {"100mbit": (1.00, 1.6), "10mbit": (1.05, 1.5), "1mbit": (1.11, 15.7)},
+    "gloo all-reduce": {"100mbit": (1.03, 1.0), "10mbit": (1.11, 0.7), "1mbit": (1.17, 4.7)},
+}
+MESSAGES = {"parts": "Ray object", "ddp": "gloo all-reduce", "local-sgd": "gloo all-reduce"}
+
+
+def emulated_link(rate: str, method: str | None = None) -> str:
+    """The emulator's twin of a ``tbf`` rate: the same bandwidth, no latency; with
+    ``method``, also charging the measured costs of its messages on a real link."""
     netns.rate_bits(rate)  # refuses what tc would not take
-    return f"bw={rate[:-4]}{rate[-4].upper()}bit,lat=0ms"
+    link = f"bw={rate[:-4]}{rate[-4].upper()}bit,lat=0ms"
+    if method is None:
+        return link
+    measured = WIRE_COSTS[MESSAGES[method]]
+    if rate not in measured:
+        raise ClusterError(f"no measured costs at {rate} (measured at {', '.join(measured)})")
+    per_byte, per_message_ms = measured[rate]
+    return f"{link},eff={1 / per_byte:.4f},msg={per_message_ms:g}ms"
 
 
-def cell_args(method: str, rate: str, real: bool, budget: float, seed: int) -> dict[str, Any]:
+def cell_args(method: str, rate: str, kind: str, budget: float, seed: int) -> dict[str, Any]:
     """What ``raylocal.bench.links``' contestant runs with: the race's model and
-    settings, over no emulated link when the link is real."""
+    settings, over no emulated link when the ``kind`` of cell is real."""
+    real = kind == "real"
+    link = "up" if real else emulated_link(rate, method if kind == "costed" else None)
     return {
-        "method": method, "link_spec": "up" if real else emulated_link(rate), "seed": seed, "budget": budget,
+        "method": method, "link_spec": link, "seed": seed, "budget": budget,
         "train_subset": None, "test_subset": 2000, "split": None, "join": real,
         "placement": "spread" if real else "pack",
         "average_every": 50 if method == "local-sgd" else 0, "outer_lr": None, "average_overlap": False,
@@ -135,7 +159,7 @@ def real_cell(method: str, rate: str, budget: float, seed: int, queue_ms: float 
         time.sleep(IDLE_S)
         idle = (interface_bytes(net) - idle_from) / IDLE_S
         start = interface_bytes(net)
-        argv = [sys.executable, "-m", "raylocal.tools.calibrate", "--cell", json.dumps(cell_args(method, rate, True,
+        argv = [sys.executable, "-m", "raylocal.tools.calibrate", "--cell", json.dumps(cell_args(method, rate, "real",
                 budget, seed))]  # fmt: skip
         with ConnectionLedger(net) as ledger:
             done = net.run(0, argv, env=env, capture_output=True, text=True, timeout=int(budget) + 600)
@@ -146,9 +170,10 @@ def real_cell(method: str, rate: str, budget: float, seed: int, queue_ms: float 
                    "ledger_seconds": ledger.seconds, "queue_ms": queue_ms}  # fmt: skip
 
 
-def emulated_cell(method: str, rate: str, budget: float, seed: int) -> dict[str, Any]:
-    """``method``'s twin: one Ray node of this host, the link emulated."""
-    argv = [sys.executable, "-m", "raylocal.tools.calibrate", "--cell", json.dumps(cell_args(method, rate, False,
+def emulated_cell(method: str, rate: str, budget: float, seed: int, kind: str = "emulated") -> dict[str, Any]:
+    """``method``'s twin: one Ray node of this host, the link emulated (``kind``
+    "costed": charging the real link's measured costs too)."""
+    argv = [sys.executable, "-m", "raylocal.tools.calibrate", "--cell", json.dumps(cell_args(method, rate, kind,
             budget, seed))]  # fmt: skip
     return _result(subprocess.run(argv, capture_output=True, text=True, timeout=int(budget) + 600), method)
 
@@ -256,32 +281,45 @@ def stored_cells(out: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
 
 
 def table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
-    """Per rate and method, each figure real against emulated, and the kernel's bytes against the project's."""
+    """Per rate and method, each figure real against emulated (and against the twin
+    that charges the real link's measured costs, where one ran), and the kernel's
+    bytes against the project's."""
+    costed = any(kind == "costed" for _, _, kind in cells)
+    extra = " emulated with the link's costs | real / that |" if costed else ""
     rows = [
-        "| rate | method | figure | real link | emulated | real / emulated |",
-        "|---|---|---|---|---|---|",
+        "| rate | method | figure | real link | emulated | real / emulated |" + extra,
+        "|---|---|---|---|---|---|" + ("---|---|" if costed else ""),
     ]
     for (rate, method, kind), cell in cells.items():
         if kind != "real" or (rate, method, "emulated") not in cells:
             continue
         twin = cells[(rate, method, "emulated")]
         ours, theirs = figures(method, cell), figures(method, twin)
+        priced = cells.get((rate, method, "costed"))
+        with_costs = figures(method, priced) if priced else {}
         for name, value in ours.items():
-            ratio = value / theirs[name] if theirs[name] else float("nan")
-            rows.append(f"| {rate} | {method} | {name} | {value:.3g} | {theirs[name]:.3g} | {ratio:.2f} |")
+            row = f"| {rate} | {method} | {name} | {value:.3g} | {theirs[name]:.3g} | {_ratio(value, theirs[name])} |"
+            if costed:
+                row += f" {with_costs[name]:.3g} | {_ratio(value, with_costs[name])} |" if priced else " | |"
+            rows.append(row)
         steps, counted, _, control = byte_terms(method, cell, twin)
         rows.append(
             f"| {rate} | {method} | bytes: kernel (Ray's idle traffic {control / 1e3:.0f} kB of it) against "
             f"ours | {cell['kernel_bytes'] / 1e6:.3g} MB | {counted / 1e6:.3g} MB | "
-            f"{cell['kernel_bytes'] / counted if counted else float('nan'):.2f} |"
+            f"{_ratio(cell['kernel_bytes'], counted)} |" + (" | |" if costed else "")
         )
         # everything else that crossed during the cell, per step: start-up (Ray's exports, the actors'
         # arguments), the parts' weight gathers, and the framing, per-object messages and acks of it all
         beyond = (cell["kernel_bytes"] - control - counted) / max(steps, 1)
         rows.append(
             f"| {rate} | {method} | kernel bytes per step beyond ours and the idle traffic | {beyond:.0f} | | |"
+            + (" | |" if costed else "")
         )
     return "\n".join(rows)
+
+
+def _ratio(value: float, of: float) -> str:
+    return f"{value / of:.2f}" if of else "nan"
 
 
 def host_line(host: dict[str, Any]) -> str:
@@ -370,7 +408,7 @@ def roles_table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def refusal(rates: list[str], methods: list[str], queue_ms: float, out: Path) -> str | None:
+def refusal(rates: list[str], methods: list[str], queue_ms: float, out: Path, costs: bool = False) -> str | None:
     """Why a calibration cannot run, before anything starts; None if it can."""
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -378,6 +416,8 @@ def refusal(rates: list[str], methods: list[str], queue_ms: float, out: Path) ->
     try:
         for rate in rates:
             netns.tbf_args(rate, queue_ms)
+            for method in methods if costs else []:
+                emulated_link(rate, method)
     except ClusterError as e:
         return str(e)
     why = netns.available()
@@ -390,6 +430,36 @@ def refusal(rates: list[str], methods: list[str], queue_ms: float, out: Path) ->
     return None
 
 
+def cell_order(index: int, costs: bool) -> list[str]:
+    """The kinds of the ``index``-th (rate, method), in the order they run: rotated
+    from one to the next, so that no kind always runs first (or last) on a drifting host."""
+    kinds = ["real", "emulated"] + (["costed"] if costs else [])
+    shift = index % len(kinds)
+    return kinds[shift:] + kinds[:shift]
+
+
+def run_cells(rates: list[str], methods: list[str], args: argparse.Namespace, out: Path) -> dict:
+    """Every cell not stored under ``out`` yet, run and stored; every cell, read back."""
+    runners = {
+        "real": functools.partial(real_cell, queue_ms=args.queue_ms),
+        "emulated": emulated_cell,
+        "costed": functools.partial(emulated_cell, kind="costed"),
+    }
+    cells: dict[tuple[str, str, str], dict[str, Any]] = {}
+    host = None  # probed before the first cell this invocation runs
+    pairs = [(rate, method) for rate in rates for method in methods]
+    for index, (rate, method) in enumerate(pairs):
+        for kind in cell_order(index, args.costs):
+            path = out / f"{method}-{rate}-{kind}.json"
+            if not path.is_file():
+                host = host or host_figures(PROBE_S)
+                print(f"-- {method} at {rate}, {kind} ({host_line(host)})", flush=True)
+                cell = runners[kind](method, rate, args.budget, args.seed) | {"host": host, "ran_at": time.time()}
+                path.write_text(json.dumps(cell, indent=1))
+            cells[(rate, method, kind)] = json.loads(path.read_text())
+    return cells
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rates", default=",".join(RATES), help="tbf rates, comma-separated (like 10mbit)")
@@ -399,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     queue_help = "the real links' queue, in ms of their rate (tbf's latency): what overflows is dropped"
     p.add_argument("--queue-ms", type=float, default=netns.QUEUE_MS, help=queue_help)
     p.add_argument("--out", default="bench_runs", help="results go to OUT/calibration/")
+    costs_help = "also a third twin per cell, charging the real link's measured costs (eff=, msg=)"
+    p.add_argument("--costs", action="store_true", help=costs_help)
     p.add_argument("--fit", help="stored calibrations (their OUTs), comma-separated: fit their bytes")
     p.add_argument("--cell", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -417,24 +489,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rates, methods = args.rates.split(","), args.methods.split(",")
     out = Path(args.out) / "calibration"
-    why = refusal(rates, methods, args.queue_ms, out)
+    why = refusal(rates, methods, args.queue_ms, out, args.costs)
     if why is not None:
         print(f"error: {why}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    cells: dict[tuple[str, str, str], dict[str, Any]] = {}
-    host = None  # probed before the first cell this invocation runs
-    for rate in rates:
-        for method in methods:
-            real = functools.partial(real_cell, queue_ms=args.queue_ms)
-            for kind, run in (("real", real), ("emulated", emulated_cell)):
-                path = out / f"{method}-{rate}-{kind}.json"
-                if not path.is_file():
-                    host = host or host_figures(PROBE_S)
-                    print(f"-- {method} at {rate}, {kind} ({host_line(host)})", flush=True)
-                    cell = run(method, rate, args.budget, args.seed) | {"host": host}
-                    path.write_text(json.dumps(cell, indent=1))
-                cells[(rate, method, kind)] = json.loads(path.read_text())
+    cells = run_cells(rates, methods, args, out)
     text = table(cells) + "\n\n" + hosts_lines(cells)
     text += "\n\nWhere the parts' packets spent their time:\n\n" + hops_table(cells)
     roles = roles_table(cells)
