@@ -27,8 +27,9 @@ def test_the_costed_twin_charges_what_one_message_of_its_kind_measured_at_its_ra
     ddp = LinkSpec.parse(calibrate.emulated_link("1mbit", "ddp"))  # a gloo all-reduce at 1 Mbit: c 1.17, d 4.7 ms
     assert (ddp.bandwidth, ddp.latency, ddp.per_message) == (1e6, 0.0, pytest.approx(0.0047))
     assert ddp.transfer_s(125_000) == pytest.approx(1.17 + 0.0047, rel=1e-4)  # 1 s of our bytes at the rate
-    parts = LinkSpec.parse(calibrate.emulated_link("10mbit", "parts"))  # a Ray object at 10 Mbit: 1.05, 1.5 ms
-    assert parts.transfer_s(1_250_000) == pytest.approx(1.05 + 0.0015, rel=1e-4)
+    # a part's packet at 10 Mbit: its latent as a Ray object (c 1.05, d 1.5 ms), the queue's put and get (0.6 ms each)
+    parts = LinkSpec.parse(calibrate.emulated_link("10Mbit", "parts"))
+    assert parts.transfer_s(1_250_000) == pytest.approx(1.05 + 0.0015 + 2 * 0.0006, rel=1e-4)
     with pytest.raises(ClusterError, match="^no measured costs at 512kbit"):
         calibrate.emulated_link("512kbit", "local-sgd")
 
@@ -264,7 +265,22 @@ def test_the_raylets_ports_are_named_and_each_part_placed_by_its_nodes_address()
     assert calibrate.where_parts({"actor_nodes": ["n1"]}) == ""  # stored before nodes were recorded
 
 
-def test_the_kinds_of_cell_take_turns_at_running_first():
-    orders = [calibrate.cell_order(k, costs=True) for k in range(3)]
-    assert orders == [["real", "emulated", "costed"], ["emulated", "costed", "real"], ["costed", "real", "emulated"]]
-    assert [calibrate.cell_order(k, costs=False)[0] for k in range(4)] == ["real", "emulated", "real", "emulated"]
+def test_each_methods_kinds_of_cell_take_turns_at_running_first_from_one_rate_to_the_next():
+    for costs, kinds in ((True, 3), (False, 2)):
+        for method in range(3):  # over as many rates as there are kinds, each kind runs first once
+            firsts = [calibrate.cell_order(rate, method, costs)[0] for rate in range(kinds)]
+            assert sorted(firsts) == sorted(["real", "emulated", "costed"][:kinds])
+        for rate in range(3):  # and at each rate the methods do not all start alike
+            assert len({calibrate.cell_order(rate, method, costs)[0] for method in range(3)}) == kinds
+
+
+def test_a_costed_cell_that_charged_other_costs_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(calibrate.netns, "available", lambda: None)  # (as where namespaces are allowed)
+    stored = tmp_path / "calibration" / "local-sgd-10mbit-costed.json"
+    stored.parent.mkdir()
+    stored.write_text(json.dumps({"link": "bw=10Mbit,lat=0ms,eff=0.5,msg=9ms"}))
+    assert calibrate.main(["--rates", "10mbit", "--costs", "--out", str(tmp_path)]) == 2
+    today = calibrate.emulated_link("10mbit", "local-sgd")
+    assert capsys.readouterr().err.strip() == (
+        f"error: {stored} charged bw=10Mbit,lat=0ms,eff=0.5,msg=9ms, not today's {today}: give another --out"
+    )

@@ -61,6 +61,8 @@ def test_step_based_availability():
         ("bw=1Gbit,bw=10Mbit", "bw is given twice"),
         ("bw=1Mbit,eff=0", "eff=0 must be in (0, 1]"),
         ("bw=1Mbit,eff=1.2", "eff=1.2 must be in (0, 1]"),
+        ("bw=1Mbit,eff=-0.5", "eff=-0.5 must be in (0, 1]"),
+        ("bw=1Mbit,eff=most", "eff=most must be in (0, 1]"),
         ("bw=1Mbit,msg=2", "msg=2 needs a unit, e.g. msg=1.5ms"),
     ],
 )

@@ -200,7 +200,7 @@ class RaylocalConfig(BaseModel):
     link: str = Field(
         "up",
         description="link between neighbouring parts: up, or comma-separated bw=10Mbit, lat=20ms, p=0.9, "
-        "outage=START:LEN, mtbf=60s, mttr=15s; '|' per boundary",
+        "outage=START:LEN, mtbf=60s, mttr=15s, eff=0.9, msg=1.5ms; '|' per boundary",
     )
     starve: Literal["wait", "stale"] = Field(
         "wait",

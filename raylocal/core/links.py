@@ -91,6 +91,14 @@ def _number(text: str, key: str, spec: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    """A number for a share in (0, 1], or NaN (which the caller refuses)."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
 def _with_unit(text: str, key: str, spec: str, units: dict[str, float], example: str) -> float:
     m = re.fullmatch(r"([0-9.eE+-]+)\s*([A-Za-z]+)", text)
     if not m or m.group(2).lower() not in units:
@@ -177,7 +185,7 @@ class LinkSpec:
             elif key == "msg":
                 values["per_message"] = _with_unit(value, key, spec, _SECONDS, "1.5ms")
             elif key == "eff":
-                values["efficiency"] = _number(value, key, spec)
+                values["efficiency"] = _share(value)
                 if not 0 < values["efficiency"] <= 1:
                     raise ConfigError(f"link {spec!r}: eff={value} must be in (0, 1]")
             elif key in ("mtbf", "mttr"):
@@ -230,7 +238,7 @@ class Wire:
     """One direction of a link, used by one thread at a time. ``transmit``
     schedules a message like a discrete-event simulation: it starts when it is
     handed over or when the wire is free, whichever is later (messages are
-    serialised: one wire), occupies the wire for B/bw, and arrives ``lat``
+    serialised: one wire), occupies the wire for B/(bw·eff) + msg, and arrives ``lat``
     after its last byte left. The calling thread sleeps until the wire is free
     again; waiting out the latency is the receiver's business."""
 

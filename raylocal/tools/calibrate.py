@@ -64,27 +64,38 @@ IDLE_S = 10.0  # seconds of the idle cluster's traffic measured before each real
 TRACE_PACKETS = 5000  # the parts' packets timed hop by hop: every one of a 30 s cell
 
 
-# What a real link costs beyond the payload's bytes, measured message by message
-# (``raylocal.tools.wire_costs``, docs/benchmarks.md "What one message costs"): per
-# kind and rate, time per second of our bytes' time at the rate (c), and ms per message (d).
-WIRE_COSTS = {
+# What one message of each kind costs on a real link beyond its bytes, measured
+# (``raylocal.tools.wire_costs``; docs/benchmarks.md, "What one message costs"): per rate,
+# c (its time per second of our bytes' time at the rate) and d (ms per message).
+MESSAGE_COSTS = {
     "Ray object": {"100mbit": (1.00, 1.6), "10mbit": (1.05, 1.5), "1mbit": (1.11, 15.7)},
+    "actor call": {"100mbit": (0.49, 0.7), "10mbit": (1.04, 0.6), "1mbit": (1.04, 4.3)},
     "gloo all-reduce": {"100mbit": (1.03, 1.0), "10mbit": (1.11, 0.7), "1mbit": (1.17, 4.7)},
 }
-MESSAGES = {"parts": "Ray object", "ddp": "gloo all-reduce", "local-sgd": "gloo all-reduce"}
+# What one of a method's emulated messages is on a real link, its bulk first: a part's
+# packet is its latent fetched as a Ray object and the queue's put and get; a DDP
+# bucket and a local-SGD round are one all-reduce each.
+REAL_MESSAGES = {
+    "parts": ("Ray object", "actor call", "actor call"),
+    "ddp": ("gloo all-reduce",),
+    "local-sgd": ("gloo all-reduce",),
+}
 
 
 def emulated_link(rate: str, method: str | None = None) -> str:
     """The emulator's twin of a ``tbf`` rate: the same bandwidth, no latency; with
-    ``method``, also charging the measured costs of its messages on a real link."""
+    ``method``, also charging what its messages were measured to cost on a real
+    link: the bulk's c as ``eff`` = 1/c, and every message's d as ``msg``."""
     netns.rate_bits(rate)  # refuses what tc would not take
+    rate = rate.lower()
     link = f"bw={rate[:-4]}{rate[-4].upper()}bit,lat=0ms"
     if method is None:
         return link
-    measured = WIRE_COSTS[MESSAGES[method]]
-    if rate not in measured:
-        raise ClusterError(f"no measured costs at {rate} (measured at {', '.join(measured)})")
-    per_byte, per_message_ms = measured[rate]
+    kinds = REAL_MESSAGES[method]
+    if rate not in MESSAGE_COSTS[kinds[0]]:
+        raise ClusterError(f"no measured costs at {rate} (measured at {', '.join(MESSAGE_COSTS[kinds[0]])})")
+    per_byte = MESSAGE_COSTS[kinds[0]][rate][0]
+    per_message_ms = sum(MESSAGE_COSTS[kind][rate][1] for kind in kinds)
     return f"{link},eff={1 / per_byte:.4f},msg={per_message_ms:g}ms"
 
 
@@ -427,14 +438,22 @@ def refusal(rates: list[str], methods: list[str], queue_ms: float, out: Path, co
         ran = json.loads(stored.read_text()).get("queue_ms", netns.QUEUE_MS)
         if ran != queue_ms:
             return f"{stored} ran with a {ran:g} ms queue, not --queue-ms {queue_ms:g}: give another --out"
+    for stored in out.glob("*-costed.json") if out.is_dir() and costs else []:  # the costs it charged then
+        method, rate = next(
+            (m, stored.stem[len(m) + 1 : -len("-costed")]) for m in METHODS if stored.stem.startswith(m + "-")
+        )
+        ran = json.loads(stored.read_text()).get("link")
+        if ran != emulated_link(rate, method):
+            return f"{stored} charged {ran}, not today's {emulated_link(rate, method)}: give another --out"
     return None
 
 
-def cell_order(index: int, costs: bool) -> list[str]:
-    """The kinds of the ``index``-th (rate, method), in the order they run: rotated
-    from one to the next, so that no kind always runs first (or last) on a drifting host."""
+def cell_order(rate_index: int, method_index: int, costs: bool) -> list[str]:
+    """The kinds of a (rate, method)'s cells, in the order they run: rotated from one
+    rate to the next and from one method to the next, so that each method's kinds
+    take turns at running first on a drifting host."""
     kinds = ["real", "emulated"] + (["costed"] if costs else [])
-    shift = index % len(kinds)
+    shift = (rate_index + method_index) % len(kinds)
     return kinds[shift:] + kinds[:shift]
 
 
@@ -447,14 +466,16 @@ def run_cells(rates: list[str], methods: list[str], args: argparse.Namespace, ou
     }
     cells: dict[tuple[str, str, str], dict[str, Any]] = {}
     host = None  # probed before the first cell this invocation runs
-    pairs = [(rate, method) for rate in rates for method in methods]
-    for index, (rate, method) in enumerate(pairs):
-        for kind in cell_order(index, args.costs):
+    pairs = [(r, m, rate, method) for r, rate in enumerate(rates) for m, method in enumerate(methods)]
+    for r, m, rate, method in pairs:
+        for kind in cell_order(r, m, args.costs):
             path = out / f"{method}-{rate}-{kind}.json"
             if not path.is_file():
                 host = host or host_figures(PROBE_S)
                 print(f"-- {method} at {rate}, {kind} ({host_line(host)})", flush=True)
+                link = cell_args(method, rate, kind, args.budget, args.seed)["link_spec"]
                 cell = runners[kind](method, rate, args.budget, args.seed) | {"host": host, "ran_at": time.time()}
+                cell["link"] = link
                 path.write_text(json.dumps(cell, indent=1))
             cells[(rate, method, kind)] = json.loads(path.read_text())
     return cells
