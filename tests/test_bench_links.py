@@ -407,6 +407,31 @@ def test_real_links_are_shaped_at_the_links_bandwidth_keep_its_latency_and_never
         bench.run_cell(ddp, real, tmp_path, None, SPLIT)
 
 
+def test_with_costs_each_rivals_link_charges_its_own_messages_and_stored_plain_cells_are_not_read_back(bench, tmp_path):
+    costs = type("Opts", (OPTS,), dict(costs=True))
+    settings = {m: bench.cell_settings(race.Cell(m, "1Mbit", 1), costs, SPLIT) for m in race.METHODS}
+    assert {m: s["link_costs"] for m, s in settings.items()} == {
+        m: None if m == "one-device" else "measured" for m in race.METHODS
+    }
+    # a cell's process builds its config from these settings: all-reduces for DDP, Ray objects for the parts
+    ddp = bench._config(settings["ddp"], schedule="data-parallel")
+    assert ddp.link == "bw=1Mbit,lat=20ms,eff=0.8547,msg=4.7ms"
+    assert bench._config(settings["parts"], schedule="async").link == "bw=1Mbit,lat=20ms,eff=0.9009,msg=24.3ms"
+    assert bench._config(settings["ddp"] | {"link_costs": None}, schedule="data-parallel").link == "bw=1Mbit,lat=20ms"
+    # part 1's weights reach the fine-tune's machine as a part's packet does: 1.11x the bytes' time, and 24.3 ms
+    plain = bench.gather_seconds(settings["parts+ft"] | {"link_costs": None}, {"part_weight_bytes": 125_000})
+    assert plain == pytest.approx(1.0 + 0.02)
+    costed = bench.gather_seconds(settings["parts+ft"], {"part_weight_bytes": 125_000})
+    assert costed == pytest.approx(1.11 + 0.0243 + 0.02, rel=1e-4)
+    ddp_cell = race.Cell("ddp", "1Mbit", 1)
+    (tmp_path / f"{ddp_cell.name}.json").write_text(json.dumps(_cell(bench, ddp_cell, test_bpd=3.5)))
+    with pytest.raises(SystemExit, match=r"\(link_costs None here, 'measured' now\)"):
+        bench.run_cell(ddp_cell, costs, tmp_path, None, SPLIT)
+    with pytest.raises(SystemExit, match=r"^error: --costs charges an emulated link what a real one costs"):
+        bench.race_plan(bench._options(["--costs", "--real", "--links", "10Mbit"]))
+    assert bench.race_plan(bench._options(["--costs", "--quick"]))[0] == ["inf", "10Mbit"]
+
+
 def test_a_race_may_take_another_races_sweep_choices_and_a_bad_choice_file_is_one_line(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_sweep", lambda *a, **k: pytest.fail("a sweep ran"))
     best = {"10Mbit": {"ddp": {"bucket_cap_mb": 0.1, "ddp_compression": "bf16", "variant": "cap0.1MB-bf16"}}}

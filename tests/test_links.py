@@ -108,6 +108,22 @@ def test_a_real_links_costs_stretch_each_messages_bytes_and_add_a_fixed_time_per
     assert [fast.transmit(100) for _ in range(100)][-1] == pytest.approx(100 * 0.002)
 
 
+def test_a_schedules_real_costs_are_charged_per_boundary_at_its_bandwidth():
+    from raylocal.core.links import with_real_costs
+
+    # a part's packet at 10 Mbit: a Ray object (c 1.05, d 1.5 ms), the queue's put and get (0.6 ms each)
+    parts = LinkSpec.parse(with_real_costs("bw=10Mbit,lat=20ms", "async"))
+    assert parts.transfer_s(1_250_000) == pytest.approx(1.05 + 0.0015 + 2 * 0.0006, rel=1e-4)
+    assert parts.latency == 0.02 and with_real_costs("bw=10Mbit", "pipeline") == with_real_costs("bw=10Mbit", "async")
+    # a DDP bucket or local-SGD round at 1 Mbit: a gloo all-reduce (c 1.17, d 4.7 ms); per boundary, inf uncharged
+    both = with_real_costs("bw=1Mbit|bw=inf,lat=5ms", "data-parallel")
+    assert LinkSpec.parse(both, 0).transfer_s(125_000) == pytest.approx(1.17 + 0.0047, rel=1e-4)
+    assert both.split("|")[1] == "bw=inf,lat=5ms"
+    assert with_real_costs("bw=1Mbit", "e2e") == "bw=1Mbit"  # one device sends nothing
+    with pytest.raises(ConfigError, match=r"^link 'bw=512Kbit': no measured costs at its bandwidth \(measured at 100"):
+        with_real_costs("bw=512Kbit", "async")
+
+
 def test_nothing_crosses_a_link_that_is_down_by_step():
     wire = Wire(LinkSpec.parse("outage=4:3,lat=5ms"), FakeClock())
     assert [wire.transmit(100, step) is None for step in range(1, 9)] == [False] * 3 + [True] * 3 + [False] * 2

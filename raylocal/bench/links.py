@@ -61,7 +61,7 @@ from raylocal.bench.race import METHODS, Cell, check_targets, plot, race_cells, 
 from raylocal.bench.sweep import SWEEP_GRID, best_settings, race_settings, sweep_cells, sweep_table, tuned_at
 from raylocal.core.checkpoint import load_checkpoint
 from raylocal.core.config import RaylocalConfig, data_source
-from raylocal.core.links import FakeClock, LinkSpec, Wire
+from raylocal.core.links import FakeClock, LinkSpec, Wire, with_real_costs
 from raylocal.errors import ClusterError
 from raylocal.training.service import ModelService
 
@@ -156,8 +156,15 @@ def _data(args: dict[str, Any]):
     return data_source(_config(args)).load()
 
 
-def _config(args: dict[str, Any], **extra: Any) -> RaylocalConfig:
+def _link(args: dict[str, Any], schedule: str | None) -> str:
+    """The cell's emulated link; with ``link_costs``, also charging what ``schedule``'s
+    messages were measured to cost on a real link (``with_real_costs``)."""
     link = args.get("link_spec") or (LINKS[args["link"]] if args.get("link") else "up")
+    return with_real_costs(link, schedule or "") if args.get("link_costs") == "measured" else link
+
+
+def _config(args: dict[str, Any], **extra: Any) -> RaylocalConfig:
+    link = _link(args, extra.get("schedule"))
     values = {**BENCH_MODEL, "link": link, "epochs": 1000, "seed": args.get("seed", 0)}
     # the config names the cell's data, so that an actor can load the same images on its own node
     values |= {"train_subset": args.get("train_subset"), "test_subset": args.get("test_subset")}
@@ -348,7 +355,7 @@ def gather_seconds(args: dict[str, Any], parts_cell: dict[str, Any]) -> float:
     cell's snapshot ended only once the weights had crossed the real link."""
     if args.get("network") == "real":
         return 0.0
-    spec = LinkSpec.parse(LINKS[args["link"]], seed=args["seed"])
+    spec = LinkSpec.parse(_link(args, "async"), seed=args["seed"])  # the weights cross as the parts' packets do
     return Wire(spec, FakeClock(0.0)).deliver(parts_cell["part_weight_bytes"])
 
 
@@ -421,6 +428,8 @@ def cell_settings(cell: Cell, opts: argparse.Namespace, split: str, tuned: dict[
         "straggler": STRAGGLERS.get(cell.link) if m != "one-device" else None,
         # None: the emulated link; "real": two namespaced Ray nodes, the bandwidth shaped by the kernel
         "network": "real" if getattr(opts, "real", False) else None,
+        # "measured": the emulated link also charges a real link's measured costs (None: payload only)
+        "link_costs": "measured" if getattr(opts, "costs", False) and m != "one-device" else None,
     }  # fmt: skip
 
 
@@ -673,6 +682,9 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
                    help="over real links: each worker, part or stage on a Ray node of its own in a network "
                    "namespace, the bandwidth shaped by the kernel (tbf), the latency still emulated; needs root "
                    "(raylocal.cluster.netns), and links without outages")  # fmt: skip
+    p.add_argument("--costs", action="store_true",
+                   help="the emulated links also charge what a real link's messages were measured to cost "
+                   "(eff=, msg=; raylocal.core.links.with_real_costs): measured at 100, 10 and 1 Mbit")  # fmt: skip
     p.add_argument("--sweep-from", default=None,
                    help="the best.json of another race's sweep (OUT/sweep/best.json): its choices, in place of a "
                    "sweep here (a --real race run at the emulated race's tuned settings)")  # fmt: skip
@@ -726,6 +738,14 @@ def race_plan(opts: argparse.Namespace) -> tuple[list[str], list[int]]:
         raise SystemExit(f"error: unknown link {bad[0]!r} (one of {', '.join(LINKS)})")
     if getattr(opts, "sweep_from", None):
         _check_sweep_from(Path(opts.sweep_from), [tuned_at(link) for link in links])
+    if getattr(opts, "costs", False):
+        if getattr(opts, "real", False):
+            raise SystemExit("error: --costs charges an emulated link what a real one costs; --real has the real one")
+        try:
+            for link in links:
+                with_real_costs(LINKS[link], "async")
+        except ConfigError as e:
+            raise SystemExit(f"error: --costs: {e}") from None
     if getattr(opts, "real", False):
         from raylocal.cluster import netns
 
@@ -762,7 +782,8 @@ def main(argv: list[str] | None = None) -> None:
     if opts.sweep_budget is None:
         opts.sweep_budget = 0.0 if opts.quick else 60.0
     links, seeds = race_plan(opts)
-    out = Path(opts.out or f"bench_runs/links{'-real' if opts.real else ''}{'-quick' if opts.quick else ''}")
+    real, costs = "-real" if opts.real else "", "-costs" if opts.costs else ""
+    out = Path(opts.out or f"bench_runs/links{real}{costs}{'-quick' if opts.quick else ''}")
     out.mkdir(parents=True, exist_ok=True)
     split = race_split(opts, out)
     print(f"split of every parts and pipeline cell: {split}", flush=True)

@@ -297,6 +297,48 @@ class Wire:
             self.clock.sleep_until(t)
 
 
+# What one message of each kind costs on a real, kernel-shaped link beyond its
+# bytes (``raylocal.tools.wire_costs``; docs/benchmarks.md, "What one message
+# costs"): per bandwidth in bit/s, c (its time per second of its bytes' time at
+# the bandwidth) and d (ms per message).
+MESSAGE_COSTS = {
+    "Ray object": {1e8: (1.00, 1.6), 1e7: (1.05, 1.5), 1e6: (1.11, 15.7)},
+    "actor call": {1e8: (0.49, 0.7), 1e7: (1.04, 0.6), 1e6: (1.04, 4.3)},
+    "gloo all-reduce": {1e8: (1.03, 1.0), 1e7: (1.11, 0.7), 1e6: (1.17, 4.7)},
+}
+# What one emulated message of each schedule is on a real link, its bulk first: a
+# part's or a pipeline stage's packet is fetched as a Ray object after the queue's
+# put and get; a DDP bucket and a local-SGD round are one all-reduce each.
+REAL_MESSAGES = {
+    "async": ("Ray object", "actor call", "actor call"),
+    "pipeline": ("Ray object", "actor call", "actor call"),
+    "data-parallel": ("gloo all-reduce",),
+}
+
+
+def with_real_costs(text: str, schedule: str) -> str:
+    """Each boundary of link ``text`` also charging what ``schedule``'s messages
+    were measured to cost on a real link at its bandwidth: the bulk's c as
+    ``eff`` = 1/c and the message's d as ``msg``. An infinite bandwidth was not
+    measured and is charged nothing; another unmeasured one is refused."""
+    kinds = REAL_MESSAGES.get(schedule)
+    if kinds is None:
+        return text
+    specs = []
+    for boundary, spec in enumerate(text.split("|")):
+        bandwidth = LinkSpec.parse(text, boundary).bandwidth
+        if math.isinf(bandwidth):
+            specs.append(spec)
+            continue
+        measured = MESSAGE_COSTS[kinds[0]]
+        if bandwidth not in measured:
+            known = ", ".join(f"{b / 1e6:g}Mbit" for b in measured)
+            raise ConfigError(f"link {spec.strip()!r}: no measured costs at its bandwidth (measured at {known})")
+        per_message_ms = sum(MESSAGE_COSTS[kind][bandwidth][1] for kind in kinds)
+        specs.append(f"{spec.strip()},eff={1 / measured[bandwidth][0]:.4f},msg={per_message_ms:g}ms")
+    return "|".join(specs)
+
+
 def check_links(text: str, n_parts: int, timed_by: str | None = None) -> None:
     """Every boundary's spec parses and there is one per boundary. ``timed_by``
     names what also sends over the link by the clock, not numbered by a part's

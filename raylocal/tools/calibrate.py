@@ -55,48 +55,31 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from raylocal.bench.links import BENCH_MODEL, host_figures  # noqa: E402 (after the auth setting, as links.py's own)
 from raylocal.cluster import netns  # noqa: E402
 from raylocal.cluster.ledger import ROLES, ConnectionLedger, by_role, ledger_table  # noqa: E402
-from raylocal.errors import ClusterError  # noqa: E402
+from raylocal.core.links import MESSAGE_COSTS, with_real_costs  # noqa: E402
+from raylocal.errors import ClusterError, ConfigError  # noqa: E402
 
 RATES = ("100mbit", "10mbit", "1mbit")
 METHODS = ("parts", "ddp", "local-sgd")
+SCHEDULES = {"parts": "async", "ddp": "data-parallel", "local-sgd": "data-parallel"}  # each method's run
 PROBE_S = 10.0  # seconds of the race's host-speed probe, once per invocation that runs a cell
 IDLE_S = 10.0  # seconds of the idle cluster's traffic measured before each real cell
 TRACE_PACKETS = 5000  # the parts' packets timed hop by hop: every one of a 30 s cell
 
 
-# What one message of each kind costs on a real link beyond its bytes, measured
-# (``raylocal.tools.wire_costs``; docs/benchmarks.md, "What one message costs"): per rate,
-# c (its time per second of our bytes' time at the rate) and d (ms per message).
-MESSAGE_COSTS = {
-    "Ray object": {"100mbit": (1.00, 1.6), "10mbit": (1.05, 1.5), "1mbit": (1.11, 15.7)},
-    "actor call": {"100mbit": (0.49, 0.7), "10mbit": (1.04, 0.6), "1mbit": (1.04, 4.3)},
-    "gloo all-reduce": {"100mbit": (1.03, 1.0), "10mbit": (1.11, 0.7), "1mbit": (1.17, 4.7)},
-}
-# What one of a method's emulated messages is on a real link, its bulk first: a part's
-# packet is its latent fetched as a Ray object and the queue's put and get; a DDP
-# bucket and a local-SGD round are one all-reduce each.
-REAL_MESSAGES = {
-    "parts": ("Ray object", "actor call", "actor call"),
-    "ddp": ("gloo all-reduce",),
-    "local-sgd": ("gloo all-reduce",),
-}
-
-
 def emulated_link(rate: str, method: str | None = None) -> str:
     """The emulator's twin of a ``tbf`` rate: the same bandwidth, no latency; with
     ``method``, also charging what its messages were measured to cost on a real
-    link: the bulk's c as ``eff`` = 1/c, and every message's d as ``msg``."""
+    link (``raylocal.core.links.with_real_costs``)."""
     netns.rate_bits(rate)  # refuses what tc would not take
     rate = rate.lower()
     link = f"bw={rate[:-4]}{rate[-4].upper()}bit,lat=0ms"
     if method is None:
         return link
-    kinds = REAL_MESSAGES[method]
-    if rate not in MESSAGE_COSTS[kinds[0]]:
-        raise ClusterError(f"no measured costs at {rate} (measured at {', '.join(MESSAGE_COSTS[kinds[0]])})")
-    per_byte = MESSAGE_COSTS[kinds[0]][rate][0]
-    per_message_ms = sum(MESSAGE_COSTS[kind][rate][1] for kind in kinds)
-    return f"{link},eff={1 / per_byte:.4f},msg={per_message_ms:g}ms"
+    try:
+        return with_real_costs(link, SCHEDULES[method])
+    except ConfigError:
+        measured = ", ".join(f"{b / 1e6:g}mbit" for b in MESSAGE_COSTS["Ray object"])
+        raise ClusterError(f"no measured costs at {rate} (measured at {measured})") from None
 
 
 def cell_args(method: str, rate: str, kind: str, budget: float, seed: int) -> dict[str, Any]:
