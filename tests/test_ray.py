@@ -231,7 +231,7 @@ def test_weights_asked_of_a_part_before_its_run_wait_for_it(mnist_dir, tmp_path)
     ray.kill(actor)
 
 
-def test_a_parts_phase_that_fails_to_start_releases_its_placement_group_and_queues(monkeypatch, mnist_dir):
+def test_a_parts_phase_that_fails_to_start_releases_its_placement_group_and_queues(monkeypatch, mnist_dir, ray_session):
     from ray.util import placement_group_table
 
     from raylocal.cluster import parts_phase

@@ -29,9 +29,8 @@ import torch
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raylocal.cluster.connect import actor_images, connect, errors_in_one_line
+from raylocal.cluster.connect import actor_images, errors_in_one_line
 from raylocal.cluster.placement import Placement, actor_device
-from raylocal.cluster.preflight import check_run
 from raylocal.cluster.queue import LatentQueue
 from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.core.config import RaylocalConfig
@@ -231,7 +230,8 @@ class PartsPhase:
     """The parts phase on Ray: a placement group, one actor per part and a latent
     queue per boundary, started at construction so that their processes start
     (and import torch) while the caller still plans the parts; ``run`` trains
-    them, ``close`` releases them (``with`` does it too)."""
+    them, ``close`` releases them (``with`` does it too). The caller has checked
+    the run and joined Ray (``AsyncRun.prepare``)."""
 
     def __init__(
         self,
@@ -242,8 +242,6 @@ class PartsPhase:
         train_ref: Any = None,
         placement: Placement | None = None,
     ) -> None:
-        check_run(config, data.shape)  # what the driver can check, before Ray starts anything
-        connect(config)
         self.config, self.n_parts = config, n_parts
         self.n_steps = config.epochs * (len(data.train) // config.batch_size)
         self.train_ref = train_ref or actor_images(config, data.train)

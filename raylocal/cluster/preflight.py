@@ -22,7 +22,7 @@ def planned_spec(config: RaylocalConfig, image_shape: tuple[int, int, int]) -> P
     """The parts the run would train, read from the config against the model's
     layout (an automatic split on estimated costs: ``--balance measure`` only
     moves its boundaries, never makes a valid count invalid)."""
-    check_image_shape(config, image_shape)
+    check_image_shape(image_shape, config.n_levels)
     layout = GlowLayout.of(image_shape, config.n_levels, config.depth, config.hidden)
     if config.one_part():
         return PartSpec(((0, len(layout)),))

@@ -56,7 +56,7 @@ class RivalRun:
             connect(config)
             Placement.plan(config, len(spec)).check(with_service=False)
         else:
-            check_image_shape(config, self.data.shape)
+            check_image_shape(self.data.shape, config.n_levels)
             check_links(config.link, 2, timed_by=timed_traffic(config))  # one link between any two workers
             check_faults(config, config.workers, "worker")
             connect(config)

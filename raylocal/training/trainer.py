@@ -68,10 +68,10 @@ def training_nll(config: RaylocalConfig, device: torch.device) -> Callable[[Part
     return torch.compile(local_nll, dynamic=False)
 
 
-def check_image_shape(config: RaylocalConfig, image_shape: tuple[int, int, int]) -> None:
+def check_image_shape(image_shape: tuple[int, int, int], n_levels: int) -> None:
     """Every block squeezes the image by 2: its sides must divide by 2^n_levels."""
     c, h, w = image_shape
-    n = config.n_levels
+    n = n_levels
     if h % 2**n or w % 2**n:
         raise ConfigError(
             f"image size {h}x{w} is not divisible by 2^n_levels = {2**n} (n_levels={n}); use fewer levels"
@@ -93,7 +93,7 @@ def build_glow(config: RaylocalConfig, image_shape: tuple[int, int, int]) -> Glo
     """The model for ``config``; its initial weights depend only on the seed.
     Every process that trains or evaluates builds its model here, so this is
     also where its kernels are configured (``configure_kernels``)."""
-    check_image_shape(config, image_shape)
+    check_image_shape(image_shape, config.n_levels)
     configure_kernels(config)
     torch.manual_seed(config.seed)
     return Glow(image_shape, **config.glow_kwargs())
