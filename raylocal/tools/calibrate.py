@@ -433,8 +433,8 @@ def refusal(rates: list[str], methods: list[str], queue_ms: float, out: Path, co
 
 def cell_order(rate_index: int, method_index: int, costs: bool) -> list[str]:
     """The kinds of a (rate, method)'s cells, in the order they run: rotated from one
-    rate to the next and from one method to the next, so that each method's kinds
-    take turns at running first on a drifting host."""
+    rate (or seed) to the next and from one method to the next, so that each
+    method's kinds take turns at running first on a drifting host."""
     kinds = ["real", "emulated"] + (["costed"] if costs else [])
     shift = (rate_index + method_index) % len(kinds)
     return kinds[shift:] + kinds[:shift]
@@ -451,7 +451,7 @@ def run_cells(rates: list[str], methods: list[str], args: argparse.Namespace, ou
     host = None  # probed before the first cell this invocation runs
     pairs = [(r, m, rate, method) for r, rate in enumerate(rates) for m, method in enumerate(methods)]
     for r, m, rate, method in pairs:
-        for kind in cell_order(r, m, args.costs):
+        for kind in cell_order(r + args.seed, m, args.costs):  # repeats (seeds) rotate too
             path = out / f"{method}-{rate}-{kind}.json"
             if not path.is_file():
                 host = host or host_figures(PROBE_S)
