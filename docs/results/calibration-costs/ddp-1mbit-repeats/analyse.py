@@ -1,0 +1,35 @@
+"""DDP at 1 Mbit, its real step against its two emulated twins, repeated. Declared before
+the runs: 3 repeats (seeds 1, 2, 3), 60 s cells, each repeat one calibration block of a real
+cell, its plain twin and its twin charging the real link's measured costs, in an order that
+rotates with the seed. Per repeat, s per step real / twin − 1; each twin's mean decided by
+raylocal.study.stats against a margin of ±0.10 (issue 34's 10%), Holm over the two twins.
+
+    python docs/results/calibration-costs/ddp-1mbit-repeats/analyse.py
+"""
+
+import json
+from pathlib import Path
+
+from raylocal.study.stats import adjust_family, decide
+
+HERE = Path(__file__).parent
+SEEDS = (1, 2, 3)
+
+
+def step_s(seed: int, kind: str) -> float:
+    cell = json.loads((HERE / f"seed{seed}" / f"ddp-1mbit-{kind}.json").read_text())
+    return cell["seconds"] / max(cell["steps"], 1)
+
+
+family = []
+for kind in ("emulated", "costed"):
+    ratios = [step_s(s, "real") / step_s(s, kind) - 1 for s in SEEDS]
+    print(f"{kind}: real / twin - 1 per seed: " + ", ".join(f"{r:+.3f}" for r in ratios))
+    family.append(decide(ratios, 0.10) | {"twin": kind})
+adjust_family(family)
+for d in family:
+    print(f"{d['twin']}: {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] against ±0.10: {d['verdict']}, "
+          f"Holm {d['adjusted']}; about {d['seeds_to_decide']} repeats would decide it (80% power)")
+for s in SEEDS:
+    print(f"seed {s}: s per step real {step_s(s, 'real'):.2f}, emulated {step_s(s, 'emulated'):.2f}, "
+          f"costed {step_s(s, 'costed'):.2f}")
