@@ -33,9 +33,10 @@ import torch
 REFERENCE = ["--shape", "3x32x32", "--levels", "3", "--depth", "32", "--width", "512", "--batch", "64"]
 TINY = ["--shape", "1x8x8", "--levels", "2", "--depth", "2", "--width", "8", "--batch", "16"]
 RUN = {"n_levels": 2, "depth": 4, "hidden": 64, "train_subset": 10000, "test_subset": 2000, "epochs": 1}
+# --tiny on a real dataset stays tiny: its first 256 training and 64 test images
 TINY_RUN = {
     "n_levels": 2, "depth": 2, "hidden": 8, "batch_size": 16, "init_batch_size": 64, "eval_batch_size": 32, "epochs": 3,
-    "samples": 4,
+    "samples": 4, "train_subset": 256, "test_subset": 64,
 }  # fmt: skip
 
 
