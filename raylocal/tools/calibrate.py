@@ -269,7 +269,7 @@ def stored_cells(out: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
         if method is None:
             continue
         rate, _, kind = path.stem.removeprefix(f"{method}-").partition("-")
-        if kind in ("real", "emulated"):
+        if kind in ("real", "emulated", "costed"):
             cells[(rate, method, kind)] = json.loads(path.read_text())
     return cells
 
@@ -417,17 +417,18 @@ def refusal(rates: list[str], methods: list[str], queue_ms: float, out: Path, co
     why = netns.available()
     if why is not None:
         return why
-    for stored in out.glob("*-real.json") if out.is_dir() else []:  # one queue per calibration
-        ran = json.loads(stored.read_text()).get("queue_ms", netns.QUEUE_MS)
-        if ran != queue_ms:
-            return f"{stored} ran with a {ran:g} ms queue, not --queue-ms {queue_ms:g}: give another --out"
-    for stored in out.glob("*-costed.json") if out.is_dir() and costs else []:  # the costs it charged then
-        method, rate = next(
-            (m, stored.stem[len(m) + 1 : -len("-costed")]) for m in METHODS if stored.stem.startswith(m + "-")
-        )
-        ran = json.loads(stored.read_text()).get("link")
-        if ran != emulated_link(rate, method):
-            return f"{stored} charged {ran}, not today's {emulated_link(rate, method)}: give another --out"
+    stored = stored_cells(out)
+    for (rate, method, kind), cell in stored.items():  # one queue per calibration
+        ran = cell.get("queue_ms", netns.QUEUE_MS)
+        if kind == "real" and ran != queue_ms:
+            path = out / f"{method}-{rate}-real.json"
+            return f"{path} ran with a {ran:g} ms queue, not --queue-ms {queue_ms:g}: give another --out"
+    costed = [(rate, method, cell) for (rate, method, kind), cell in stored.items() if costs and kind == "costed"]
+    for rate, method, cell in costed:  # the costs a costed twin charged then
+        today = emulated_link(rate, method)
+        if cell.get("link") != today:
+            path = out / f"{method}-{rate}-costed.json"
+            return f"{path} charged {cell.get('link')}, not today's {today}: give another --out"
     return None
 
 
