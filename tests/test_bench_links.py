@@ -505,11 +505,13 @@ def test_twin_of_tables_a_race_against_its_twin_on_the_other_network_and_refuses
 ):
     monkeypatch.setattr(bench, "_run_cell_process", lambda *a, **k: pytest.fail("a cell ran"))
     emulated_dir, real_dir = tmp_path / "emulated", tmp_path / "real"
-    argv = ["--finished-only", "--links", "10Mbit", "--seeds", "1,2", "--sweep-budget", "0", "--budget", "1"]
+    # the emulated side charges a real link's costs: twins differ in the network and in what it is charged
+    argv = ["--finished-only", "--links", "10Mbit", "--seeds", "1,2", "--sweep-budget", "0", "--budget", "1", "--costs"]
     for where, real, shift in ((emulated_dir, False, 0.0), (real_dir, True, 0.25)):
         where.mkdir()
         (where / "split.json").write_text(json.dumps({"split": SPLIT}))
-        opts = bench._options([*argv, "--out", str(where)] + (["--real"] if real else []))
+        plain = [a for a in argv if a != "--costs"]
+        opts = bench._options([*plain, "--out", str(where), "--real"] if real else [*argv, "--out", str(where)])
         opts.budget, opts.sweep_budget = 1.0, 0.0
         for seed in (1, 2):
             for m in race.METHODS:
@@ -518,6 +520,10 @@ def test_twin_of_tables_a_race_against_its_twin_on_the_other_network_and_refuses
                           "bytes_per_step": 1.0, "idle": 0.0}  # fmt: skip
                 result |= {"settings": bench.cell_settings(cell, opts, SPLIT), "host": None}
                 (where / f"{cell.name}.json").write_text(json.dumps(result))
+    charged = {
+        json.loads((d / "parts-10Mbit-s1.json").read_text())["settings"]["link_costs"] for d in (emulated_dir, real_dir)
+    }
+    assert charged == {"measured", None}
     bench.main([*argv, "--out", str(emulated_dir), "--twin-of", str(real_dir)])
     assert "# real links against their emulated twins, 2 seeds paired" in capsys.readouterr().out
     rows = (emulated_dir / "twins.md").read_text().splitlines()

@@ -24,14 +24,21 @@ def test_the_twin_of_a_tbf_rate_is_the_same_bandwidth_without_latency():
 def test_the_costed_twin_charges_what_one_message_of_its_kind_measured_at_its_rate():
     from raylocal.core.links import LinkSpec
 
-    ddp = LinkSpec.parse(calibrate.emulated_link("1mbit", "ddp"))  # a gloo all-reduce at 1 Mbit: c 1.17, d 4.7 ms
+    ddp = LinkSpec.parse(calibrate.costed_link("1mbit", "ddp"))  # a gloo all-reduce at 1 Mbit: c 1.17, d 4.7 ms
     assert (ddp.bandwidth, ddp.latency, ddp.per_message) == (1e6, 0.0, pytest.approx(0.0047))
     assert ddp.transfer_s(125_000) == pytest.approx(1.17 + 0.0047, rel=1e-4)  # 1 s of our bytes at the rate
     # a part's packet at 10 Mbit: its latent as a Ray object (c 1.05, d 1.5 ms), the queue's put and get (0.6 ms each)
-    parts = LinkSpec.parse(calibrate.emulated_link("10Mbit", "parts"))
+    parts = LinkSpec.parse(calibrate.costed_link("10Mbit", "parts"))
     assert parts.transfer_s(1_250_000) == pytest.approx(1.05 + 0.0015 + 2 * 0.0006, rel=1e-4)
     with pytest.raises(ClusterError, match="^no measured costs at 512kbit"):
-        calibrate.emulated_link("512kbit", "local-sgd")
+        calibrate.costed_link("512kbit", "local-sgd")
+    # the cell's own run is charged so (by the race's link), and the cell records what it was charged
+    from raylocal.bench import links as bench
+
+    for kind, link in (("costed", calibrate.costed_link("1mbit", "ddp")), ("emulated", "bw=1Mbit,lat=0ms")):
+        config = bench._config(calibrate.cell_args("ddp", "1mbit", kind, 30.0, 0), schedule="data-parallel", workers=2)
+        assert config.link == link == calibrate.charged_link("ddp", "1mbit", kind)
+    assert calibrate.charged_link("ddp", "1mbit", "real") == "up"
 
 
 def test_the_table_sets_each_real_figure_beside_its_twin_and_the_kernel_bytes_beside_the_emulators():
@@ -280,7 +287,27 @@ def test_a_costed_cell_that_charged_other_costs_is_refused_in_one_line(tmp_path,
     stored.parent.mkdir()
     stored.write_text(json.dumps({"link": "bw=10Mbit,lat=0ms,eff=0.5,msg=9ms"}))
     assert calibrate.main(["--rates", "10mbit", "--costs", "--out", str(tmp_path)]) == 2
-    today = calibrate.emulated_link("10mbit", "local-sgd")
+    today = calibrate.costed_link("10mbit", "local-sgd")
     assert capsys.readouterr().err.strip() == (
         f"error: {stored} charged bw=10Mbit,lat=0ms,eff=0.5,msg=9ms, not today's {today}: give another --out"
     )
+
+
+def test_the_cpu_table_gives_each_roles_cores_per_second_of_its_cell_and_the_hosts_states():
+    def cpu(wall: float, parts: float, raylet: float, softirq: float) -> dict:
+        kernel = {"user": parts, "system": 1.0, "softirq": softirq, "idle": 2.0}
+        return {"wall_s": wall, "roles": {"part actors": parts, "raylet": raylet}, "kernel": kernel}
+
+    cells = {
+        ("100mbit", "parts", "real"): {"cpu": cpu(40.0, 48.0, 8.0, 2.0) | {"ledger_s": 1.0}},
+        ("100mbit", "parts", "emulated"): {"cpu": cpu(20.0, 30.0, 1.0, 0.0)},
+        ("100mbit", "ddp", "real"): {},  # stored before cells accounted their CPU: no column
+    }
+    lines = calibrate.cpu_table(cells).splitlines()
+    assert lines[0] == "| cores used on average | parts 100mbit real | parts 100mbit emulated |"
+    assert "| part actors | 1.200 | 1.500 |" in lines  # 48 / 40 and 30 / 20
+    assert "| raylet | 0.200 | 0.050 |" in lines
+    assert "| host: softirq | 0.050 | 0.000 |" in lines
+    assert "| the connection ledger's ss processes | 0.025 | 0.000 |" in lines  # real cells only
+    assert lines[-1] == "| seconds of the cell's process | 40.0 | 20.0 |"
+    assert calibrate.cpu_table({("1mbit", "ddp", "real"): {}}) == ""

@@ -57,7 +57,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import torch
 
 from raylocal.baselines.projection import StepModel, bandwidth_losing, wire_bytes_per_step
-from raylocal.bench.race import METHODS, Cell, check_targets, plot, race_cells, results_table, twins_table
+from raylocal.bench.race import METHODS, SCHEDULES, Cell, check_targets, plot, race_cells, results_table, twins_table
 from raylocal.bench.sweep import SWEEP_GRID, best_settings, race_settings, sweep_cells, sweep_table, tuned_at
 from raylocal.core.checkpoint import load_checkpoint
 from raylocal.core.config import RaylocalConfig, data_source
@@ -156,7 +156,7 @@ def _data(args: dict[str, Any]):
     return data_source(_config(args)).load()
 
 
-def _link(args: dict[str, Any], schedule: str | None) -> str:
+def cell_link(args: dict[str, Any], schedule: str | None) -> str:
     """The cell's emulated link; with ``link_costs``, also charging what ``schedule``'s
     messages were measured to cost on a real link (``with_real_costs``)."""
     link = args.get("link_spec") or (LINKS[args["link"]] if args.get("link") else "up")
@@ -164,7 +164,7 @@ def _link(args: dict[str, Any], schedule: str | None) -> str:
 
 
 def _config(args: dict[str, Any], **extra: Any) -> RaylocalConfig:
-    link = _link(args, extra.get("schedule"))
+    link = cell_link(args, extra.get("schedule"))
     values = {**BENCH_MODEL, "link": link, "epochs": 1000, "seed": args.get("seed", 0)}
     # the config names the cell's data, so that an actor can load the same images on its own node
     values |= {"train_subset": args.get("train_subset"), "test_subset": args.get("test_subset")}
@@ -182,7 +182,7 @@ def run_one_device(args: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     data = _data(args)
-    config = _config(args, schedule="e2e", time_budget=args["budget"], link="up")
+    config = _config(args, schedule=SCHEDULES["one-device"], time_budget=args["budget"], link="up")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         summary = Run(config.model_copy(update={"storage_path": tmp, "run_name": "run"}), data).execute()
@@ -211,7 +211,7 @@ def run_data_parallel(args: dict[str, Any], average_every: int, state=None, budg
     outer = args.get("outer_lr") if average_every else None
     overlap = bool(average_every and args.get("average_overlap"))
     config = _config(
-        args, schedule="data-parallel", workers=2, cpus_per_part=1.0, time_budget=budget or args["budget"],
+        args, schedule=SCHEDULES["ddp"], workers=2, cpus_per_part=1.0, time_budget=budget or args["budget"],
         average_every=average_every, outer_lr=outer, average_overlap=overlap,
         bucket_cap_mb=args.get("bucket_cap_mb"), ddp_compression=args.get("ddp_compression") or "none",
     )  # fmt: skip
@@ -268,7 +268,7 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
 
     data = _data(args)
     config = _config(
-        args, schedule="async", parts=2, cpus_per_part=1.0, gpus_per_part=0.0, starve="stale",
+        args, schedule=SCHEDULES["parts"], parts=2, cpus_per_part=1.0, gpus_per_part=0.0, starve="stale",
         full="drop-oldest", queue_size=args.get("queue_size") or 1, sync_every=args.get("sync_every") or 50,
         part_spec=args["split"], time_budget=args["budget"], wire_dtype=args.get("wire_dtype", "float32"),
         placement=args.get("placement", "pack"), finetune_epochs=0, trace_packets=args.get("trace_packets", 0),
@@ -327,7 +327,7 @@ def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
     data = _data(args)
     micro = args["micro_batches"]
     config = _config(
-        args, schedule="pipeline", parts=2, cpus_per_part=1.0, gpus_per_part=0.0, part_spec=args["split"],
+        args, schedule=SCHEDULES["pipeline"], parts=2, cpus_per_part=1.0, gpus_per_part=0.0, part_spec=args["split"],
         micro_batches=micro, queue_size=micro, placement=args.get("placement", "pack"), time_budget=args["budget"],
     )  # fmt: skip
     own_ray(args.get("join", False))
@@ -355,7 +355,9 @@ def gather_seconds(args: dict[str, Any], parts_cell: dict[str, Any]) -> float:
     cell's snapshot ended only once the weights had crossed the real link."""
     if args.get("network") == "real":
         return 0.0
-    spec = LinkSpec.parse(_link(args, "async"), seed=args["seed"])  # the weights cross as the parts' packets do
+    spec = LinkSpec.parse(
+        cell_link(args, SCHEDULES["parts"]), seed=args["seed"]
+    )  # the weights cross as the parts' packets do
     return Wire(spec, FakeClock(0.0)).deliver(parts_cell["part_weight_bytes"])
 
 
@@ -815,6 +817,9 @@ def main(argv: list[str] | None = None) -> None:
     return None
 
 
+TWIN_AXES = ("network", "link_costs")
+
+
 def write_twins_table(
     results: dict[Cell, dict[str, Any]], where: Path, links: list[str], seeds: list[int], out: Path
 ) -> None:
@@ -826,7 +831,8 @@ def write_twins_table(
         if not path.is_file():
             continue
         twins[cell] = json.loads(path.read_text())
-        ours, theirs = ({k: v for k, v in r["settings"].items() if k != "network"} for r in (result, twins[cell]))
+        # the network, and what the emulator charges for it, are what twins differ in
+        ours, theirs = ({k: v for k, v in r["settings"].items() if k not in TWIN_AXES} for r in (result, twins[cell]))
         differ = _differing(theirs, ours)
         if differ:
             raise SystemExit(f"error: --twin-of: {path} was run with other settings ({differ})")

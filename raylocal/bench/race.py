@@ -27,6 +27,9 @@ from raylocal.study.stats import adjust_family, decide, mean_interval
 CONTESTANTS = ("one-device", "ddp", "local-sgd", "pipeline", "parts")
 AFTER_ALL = "parts+ft"  # needs the block's parts weights and its one-device and DDP speeds
 METHODS = CONTESTANTS + (AFTER_ALL,)
+# each contestant's run (local SGD is DDP's): what its messages are, and so what a real link charges it
+SCHEDULES = {"one-device": "e2e", "ddp": "data-parallel", "local-sgd": "data-parallel", "pipeline": "pipeline",
+             "parts": "async"}  # fmt: skip
 LABELS = {
     "one-device": "one device", "ddp": "2 DDP workers", "local-sgd": "2 local-SGD workers",
     "pipeline": "2-stage pipeline (1F1B)", "parts": "2 parts", AFTER_ALL: "2 parts + fine-tune",

@@ -18,6 +18,7 @@ connections).
 from __future__ import annotations
 
 import re
+import resource
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,6 +55,12 @@ def process_name(pid: int) -> str:
         return rest[1].split(".")[-1]
     script = bool(rest) and (rest[0].endswith(".py") or _is_file(rest[0]))  # not ``-c``'s code
     return Path(rest[0]).stem if script else Path(words[0]).name
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's ended (and reaped) child processes so far."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
 
 
 def _is_file(word: str) -> bool:
@@ -145,6 +152,7 @@ class ConnectionLedger:
     far_listeners: dict[int, str] = field(default_factory=dict)
     error: BaseException | None = None
     seconds: float = 0.0
+    cpu_s: float = 0.0  # CPU seconds of the ss processes it ran while sampling
     _started: bool = False
 
     def sample(self) -> None:
@@ -179,7 +187,9 @@ class ConnectionLedger:
     def _loop(self) -> None:
         try:
             while not self._stop.wait(self.every_s):
+                before = _children_cpu_s()
                 self.sample()
+                self.cpu_s += _children_cpu_s() - before  # its ss processes: CPU the cell's host lends it
         except Exception as e:  # raised by __exit__: a ledger that stopped sampling would undercount
             self.error = e
 

@@ -52,43 +52,52 @@ import numpy as np
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from raylocal.bench.links import BENCH_MODEL, host_figures  # noqa: E402 (after the auth setting, as links.py's own)
+from raylocal.bench.links import BENCH_MODEL, cell_link, host_figures  # noqa: E402 (after the auth setting, as links.py's own)
+from raylocal.bench.race import SCHEDULES  # noqa: E402
 from raylocal.cluster import netns  # noqa: E402
 from raylocal.cluster.ledger import ROLES, ConnectionLedger, by_role, ledger_table  # noqa: E402
-from raylocal.core.links import MESSAGE_COSTS, with_real_costs  # noqa: E402
+from raylocal.core.links import MESSAGE_COSTS  # noqa: E402
 from raylocal.errors import ClusterError, ConfigError  # noqa: E402
+from raylocal.tools.cpu_account import CpuAccount  # noqa: E402
 
 RATES = ("100mbit", "10mbit", "1mbit")
 METHODS = ("parts", "ddp", "local-sgd")
-SCHEDULES = {"parts": "async", "ddp": "data-parallel", "local-sgd": "data-parallel"}  # each method's run
 PROBE_S = 10.0  # seconds of the race's host-speed probe, once per invocation that runs a cell
 IDLE_S = 10.0  # seconds of the idle cluster's traffic measured before each real cell
 TRACE_PACKETS = 5000  # the parts' packets timed hop by hop: every one of a 30 s cell
 
 
-def emulated_link(rate: str, method: str | None = None) -> str:
-    """The emulator's twin of a ``tbf`` rate: the same bandwidth, no latency; with
-    ``method``, also charging what its messages were measured to cost on a real
-    link (``raylocal.core.links.with_real_costs``)."""
+def emulated_link(rate: str) -> str:
+    """The emulator's twin of a ``tbf`` rate: the same bandwidth, no latency."""
     netns.rate_bits(rate)  # refuses what tc would not take
     rate = rate.lower()
-    link = f"bw={rate[:-4]}{rate[-4].upper()}bit,lat=0ms"
-    if method is None:
-        return link
+    return f"bw={rate[:-4]}{rate[-4].upper()}bit,lat=0ms"
+
+
+def costed_link(rate: str, method: str) -> str:
+    """The costed twin's link: ``emulated_link(rate)``, also charging what ``method``'s
+    messages were measured to cost on a real link (the race's own ``cell_link``)."""
     try:
-        return with_real_costs(link, SCHEDULES[method])
+        return cell_link({"link_spec": emulated_link(rate), "link_costs": "measured"}, SCHEDULES[method])
     except ConfigError:
         measured = ", ".join(f"{b / 1e6:g}mbit" for b in MESSAGE_COSTS["Ray object"])
         raise ClusterError(f"no measured costs at {rate} (measured at {measured})") from None
+
+
+def charged_link(method: str, rate: str, kind: str) -> str:
+    """What a cell's link is charged with: nothing of the emulator's on the real network."""
+    if kind == "real":
+        return "up"
+    return emulated_link(rate) if kind == "emulated" else costed_link(rate, method)
 
 
 def cell_args(method: str, rate: str, kind: str, budget: float, seed: int) -> dict[str, Any]:
     """What ``raylocal.bench.links``' contestant runs with: the race's model and
     settings, over no emulated link when the ``kind`` of cell is real."""
     real = kind == "real"
-    link = "up" if real else emulated_link(rate, method if kind == "costed" else None)
     return {
-        "method": method, "link_spec": link, "seed": seed, "budget": budget,
+        "method": method, "link_spec": "up" if real else emulated_link(rate), "seed": seed, "budget": budget,
+        "link_costs": "measured" if kind == "costed" else None,  # charged by the race's own cell_link
         "train_subset": None, "test_subset": 2000, "split": None, "join": real,
         "placement": "spread" if real else "pack",
         "average_every": 50 if method == "local-sgd" else 0, "outer_lr": None, "average_overlap": False,
@@ -155,13 +164,14 @@ def real_cell(method: str, rate: str, budget: float, seed: int, queue_ms: float 
         start = interface_bytes(net)
         argv = [sys.executable, "-m", "raylocal.tools.calibrate", "--cell", json.dumps(cell_args(method, rate, "real",
                 budget, seed))]  # fmt: skip
-        with ConnectionLedger(net) as ledger:
+        with ConnectionLedger(net) as ledger, CpuAccount() as cpu:
             done = net.run(0, argv, env=env, capture_output=True, text=True, timeout=int(budget) + 600)
         crossed = interface_bytes(net) - start
     cell = _result(done, method)
     connections = ledger.rows(raylet_ports(cell.get("nodes", {})))
     return cell | {"kernel_bytes": crossed, "idle_bytes_per_s": idle, "connections": connections,
-                   "ledger_seconds": ledger.seconds, "queue_ms": queue_ms}  # fmt: skip
+                   "ledger_seconds": ledger.seconds, "queue_ms": queue_ms,
+                   "cpu": cpu.figures() | {"ledger_s": ledger.cpu_s}}  # fmt: skip
 
 
 def emulated_cell(method: str, rate: str, budget: float, seed: int, kind: str = "emulated") -> dict[str, Any]:
@@ -169,7 +179,9 @@ def emulated_cell(method: str, rate: str, budget: float, seed: int, kind: str = 
     "costed": charging the real link's measured costs too)."""
     argv = [sys.executable, "-m", "raylocal.tools.calibrate", "--cell", json.dumps(cell_args(method, rate, kind,
             budget, seed))]  # fmt: skip
-    return _result(subprocess.run(argv, capture_output=True, text=True, timeout=int(budget) + 600), method)
+    with CpuAccount() as cpu:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=int(budget) + 600)
+    return _result(done, method) | {"cpu": cpu.figures()}
 
 
 def _result(done: subprocess.CompletedProcess, method: str) -> dict[str, Any]:
@@ -402,6 +414,34 @@ def roles_table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def cpu_table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
+    """Per cell that accounted its CPU (``raylocal.tools.cpu_account``): the cores
+    each role used on average over the cell's process (CPU seconds per second),
+    and the kernel's states over the whole host."""
+    accounted = [(key, cell["cpu"]) for key, cell in cells.items() if "cpu" in cell]
+    if not accounted:
+        return ""
+    roles: dict[str, float] = {}
+    for _, cpu in accounted:
+        for role, seconds in cpu["roles"].items():
+            roles[role] = roles.get(role, 0.0) + seconds
+    lines = ["| cores used on average | " + " | ".join(f"{m} {r} {k}" for (r, m, k), _ in accounted) + " |",
+             "|---|" + "---|" * len(accounted)]  # fmt: skip
+    for role in sorted(roles, key=lambda r: -roles[r]):
+        lines.append(
+            f"| {role} | " + " | ".join(f"{c['roles'].get(role, 0.0) / c['wall_s']:.3f}" for _, c in accounted) + " |"
+        )
+    if any("ledger_s" in c for _, c in accounted):  # not a process the sampler sees: short-lived
+        ledger = [f"{c.get('ledger_s', 0.0) / c['wall_s']:.3f}" for _, c in accounted]
+        lines.append("| the connection ledger's ss processes | " + " | ".join(ledger) + " |")
+    for state in ("user", "system", "softirq", "idle"):
+        lines.append(
+            f"| host: {state} | " + " | ".join(f"{c['kernel'][state] / c['wall_s']:.3f}" for _, c in accounted) + " |"
+        )
+    lines.append("| seconds of the cell's process | " + " | ".join(f"{c['wall_s']:.1f}" for _, c in accounted) + " |")
+    return "\n".join(lines)
+
+
 def refusal(rates: list[str], methods: list[str], queue_ms: float, out: Path, costs: bool = False) -> str | None:
     """Why a calibration cannot run, before anything starts; None if it can."""
     bad = [m for m in methods if m not in METHODS]
@@ -411,7 +451,7 @@ def refusal(rates: list[str], methods: list[str], queue_ms: float, out: Path, co
         for rate in rates:
             netns.tbf_args(rate, queue_ms)
             for method in methods if costs else []:
-                emulated_link(rate, method)
+                costed_link(rate, method)
     except ClusterError as e:
         return str(e)
     why = netns.available()
@@ -425,7 +465,7 @@ def refusal(rates: list[str], methods: list[str], queue_ms: float, out: Path, co
             return f"{path} ran with a {ran:g} ms queue, not --queue-ms {queue_ms:g}: give another --out"
     costed = [(rate, method, cell) for (rate, method, kind), cell in stored.items() if costs and kind == "costed"]
     for rate, method, cell in costed:  # the costs a costed twin charged then
-        today = emulated_link(rate, method)
+        today = costed_link(rate, method)
         if cell.get("link") != today:
             path = out / f"{method}-{rate}-costed.json"
             return f"{path} charged {cell.get('link')}, not today's {today}: give another --out"
@@ -457,9 +497,8 @@ def run_cells(rates: list[str], methods: list[str], args: argparse.Namespace, ou
             if not path.is_file():
                 host = host or host_figures(PROBE_S)
                 print(f"-- {method} at {rate}, {kind} ({host_line(host)})", flush=True)
-                link = cell_args(method, rate, kind, args.budget, args.seed)["link_spec"]
                 cell = runners[kind](method, rate, args.budget, args.seed) | {"host": host, "ran_at": time.time()}
-                cell["link"] = link
+                cell["link"] = charged_link(method, rate, kind)
                 path.write_text(json.dumps(cell, indent=1))
             cells[(rate, method, kind)] = json.loads(path.read_text())
     return cells
@@ -505,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     roles = roles_table(cells)
     text += f"\n\nWhat crossed, per step, by what it was for:\n\n{roles}" if roles else ""
     text += connections_tables(cells)
+    cores = cpu_table(cells)
+    text += f"\n\nWhere the host's CPU went while each cell ran:\n\n{cores}" if cores else ""
     (out / "table.md").write_text(text + "\n")
     print(text)
     return 0
