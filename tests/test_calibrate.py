@@ -295,7 +295,7 @@ def test_a_costed_cell_that_charged_other_costs_is_refused_in_one_line(tmp_path,
 
 def test_the_cpu_table_gives_each_roles_cores_per_second_of_its_cell_and_the_hosts_states():
     def cpu(wall: float, parts: float, raylet: float, softirq: float) -> dict:
-        kernel = {"user": parts, "system": 1.0, "softirq": softirq, "idle": 2.0}
+        kernel = {"user": 1.0, "nice": parts, "system": 1.0, "softirq": softirq, "idle": 2.0}
         return {"wall_s": wall, "roles": {"part actors": parts, "raylet": raylet}, "kernel": kernel}
 
     cells = {
@@ -308,6 +308,7 @@ def test_the_cpu_table_gives_each_roles_cores_per_second_of_its_cell_and_the_hos
     assert "| part actors | 1.200 | 1.500 |" in lines  # 48 / 40 and 30 / 20
     assert "| raylet | 0.200 | 0.050 |" in lines
     assert "| host: softirq | 0.050 | 0.000 |" in lines
+    assert "| host: nice | 1.200 | 1.500 |" in lines
     assert "| the connection ledger's ss processes | 0.025 | 0.000 |" in lines  # real cells only
     assert lines[-1] == "| seconds of the cell's process | 40.0 | 20.0 |"
     assert calibrate.cpu_table({("1mbit", "ddp", "real"): {}}) == ""

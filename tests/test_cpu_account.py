@@ -89,3 +89,24 @@ def test_on_this_host_a_childs_cpu_seconds_match_what_the_kernel_charged_it():
     # the child sleeps its last 0.2 s, so the last sample before it ends has all its CPU time
     assert account.seconds_of(child.pid) == pytest.approx(charged, abs=0.05)
     assert account.by_role()["other"] >= account.seconds_of(child.pid)  # its role, beside the host's others
+
+
+def test_an_instruments_thread_and_the_processes_it_starts_run_only_on_idle_cpu():
+    import os
+    import threading
+
+    from raylocal.cluster.ledger import idle_priority
+
+    seen = {}
+
+    def instrument() -> None:
+        idle_priority()
+        seen["thread"] = os.sched_getscheduler(0)  # (0: this thread, on Linux)
+        child = "import os; print(os.sched_getscheduler(0))"
+        seen["child"] = int(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True).stdout)
+
+    thread = threading.Thread(target=instrument)
+    thread.start()
+    thread.join()
+    assert seen == {"thread": os.SCHED_IDLE, "child": os.SCHED_IDLE}
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the caller's own thread keeps its priority

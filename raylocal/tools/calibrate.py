@@ -434,7 +434,7 @@ def cpu_table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
     if any("ledger_s" in c for _, c in accounted):  # not a process the sampler sees: short-lived
         ledger = [f"{c.get('ledger_s', 0.0) / c['wall_s']:.3f}" for _, c in accounted]
         lines.append("| the connection ledger's ss processes | " + " | ".join(ledger) + " |")
-    for state in ("user", "system", "softirq", "idle"):
+    for state in ("user", "nice", "system", "softirq", "idle"):  # Ray's workers run niced (RAY_worker_niceness)
         lines.append(
             f"| host: {state} | " + " | ".join(f"{c['kernel'][state] / c['wall_s']:.3f}" for _, c in accounted) + " |"
         )

@@ -5,8 +5,11 @@ path spends is a CPU-second the parts do not train in. ``CpuAccount`` samples
 ``/proc`` on a thread while a calibration cell runs and adds up, per role
 (the parts' actors, the raylets, the cell's driver, ...), the CPU seconds each
 process used inside the window; ``/proc/stat`` gives the kernel's states
-(user, system, softirq, idle) over the same window. PID namespaces are not
-used by the namespaced clusters, so their processes are all visible here.
+(user, nice, system, softirq, idle) over the same window: Ray starts its
+workers, the parts among them, at nice 15 (``RAY_worker_niceness``), so their
+time is the host's "nice", and the raylets, the GCS and a cell's driver run
+before them. PID namespaces are not used by the namespaced clusters, so their
+processes are all visible here.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from raylocal.cluster.ledger import idle_priority
 
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 # /proc/stat's cpu line, in its order (Linux 2.6.33+)
@@ -101,6 +106,7 @@ class CpuAccount:
 
     def _loop(self) -> None:
         try:
+            idle_priority()
             while not self._stop.wait(self.every_s):
                 self.sample()
         except Exception as e:  # raised by __exit__: an account that stopped sampling would undercount

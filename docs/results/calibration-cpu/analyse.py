@@ -2,9 +2,11 @@
 emulated twin. Declared before the runs: 3 repeats (seeds 1, 2, 3), 30 s cells, each
 repeat one calibration block of a real cell and its emulated twin in an order that
 rotates with the seed; each cell's CPU accounted by process role and by the host's
-kernel states (raylocal.tools.cpu_account). Per repeat, real minus emulated, in cores
-used on average over the cell's process; mean and 95% interval over the repeats
-(raylocal.study.stats.mean_interval). No margin and no verdict: this asks where, not whether.
+kernel states (raylocal.tools.cpu_account). Per repeat, real minus emulated, in CPU
+seconds over the cell's process (both train for the same 30 s; the emulated cell's
+process also starts its own Ray, the real one joins the namespaced cluster); mean and
+95% interval over the repeats (raylocal.study.stats.mean_interval). No margin and no
+verdict: this asks where, not whether.
 
     python docs/results/calibration-cpu/analyse.py
 """
@@ -23,22 +25,23 @@ def cell(seed: int, kind: str) -> dict:
     return json.loads((HERE / f"seed{seed}" / f"parts-100mbit-{kind}.json").read_text())
 
 
-def cores(c: dict) -> dict[str, float]:
-    cpu, wall = c["cpu"], c["cpu"]["wall_s"]
-    roles = {role: seconds / wall for role, seconds in cpu["roles"].items()}
+def seconds(c: dict) -> dict[str, float]:
+    cpu, wall = c["cpu"], 1.0  # CPU seconds, not shares of the window
+    roles = dict(cpu["roles"])
     out = {"part actors": roles.get("part actors", 0.0), "cell driver": roles.get("cell driver", 0.0)}
     out["Ray's own processes"] = sum(roles.get(r, 0.0) for r in RAY_OWN)
     out |= {f"  of which {r}": roles.get(r, 0.0) for r in RAY_OWN}
     out["this process (sampling, the ledger's parsing)"] = roles.get("this process", 0.0)
     out["the ledger's ss processes (real cells)"] = cpu.get("ledger_s", 0.0) / wall
-    out |= {f"host: {s}": cpu["kernel"][s] / wall for s in ("user", "system", "softirq", "idle")}
+    out |= {f"host: {s}": cpu["kernel"][s] / wall for s in ("user", "nice", "system", "softirq", "idle")}
     out["images/s"] = c["images_per_s"]
-    out["seconds of the cell's process"] = wall
+    out["seconds of the cell's process"] = cpu["wall_s"]
+    out["part actors' CPU seconds per 1000 images"] = 1000 * out["part actors"] / (c["images_per_s"] * c["seconds"])
     return out
 
 
-rows = {s: (cores(cell(s, "real")), cores(cell(s, "emulated"))) for s in SEEDS}
-print("| figure | real (mean of 3) | emulated (mean of 3) | real − emulated, seeds 1, 2, 3 | mean (95% interval) |")
+rows = {s: (seconds(cell(s, "real")), seconds(cell(s, "emulated"))) for s in SEEDS}
+print("| CPU seconds (unless named) | real (mean of 3) | emulated (mean of 3) | real − emulated, seeds 1, 2, 3 | mean (95% interval) |")
 print("|---|---|---|---|---|")
 for name in rows[SEEDS[0]][0]:
     real = [rows[s][0][name] for s in SEEDS]
