@@ -8,15 +8,17 @@ process also starts its own Ray, the real one joins the namespaced cluster); mea
 95% interval over the repeats (raylocal.study.stats.mean_interval). No margin and no
 verdict: this asks where, not whether.
 
-    python docs/results/calibration-cpu/analyse.py
+    python docs/results/calibration-cpu/analyse.py                     # the first block (seed1-3 here)
+    python docs/results/calibration-cpu/analyse.py idle-instruments    # the rerun, instruments at SCHED_IDLE
 """
 
 import json
+import sys
 from pathlib import Path
 
-from raylocal.study.stats import mean_interval
+from raylocal.study.stats import decide, mean_interval
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parent / (sys.argv[1] if len(sys.argv) > 1 else "")
 SEEDS = (1, 2, 3)
 RAY_OWN = ("raylet", "gcs_server", "queue actors", "other Ray workers", "Ray's helpers")
 
@@ -41,7 +43,10 @@ def seconds(c: dict) -> dict[str, float]:
 
 
 rows = {s: (seconds(cell(s, "real")), seconds(cell(s, "emulated"))) for s in SEEDS}
-print("| CPU seconds (unless named) | real (mean of 3) | emulated (mean of 3) | real − emulated, seeds 1, 2, 3 | mean (95% interval) |")
+print(
+    "| CPU seconds (unless named) | real (mean of 3) | emulated (mean of 3) | "
+    "real − emulated, seeds 1, 2, 3 | mean (95% interval) |"
+)
 print("|---|---|---|---|---|")
 for name in rows[SEEDS[0]][0]:
     real = [rows[s][0][name] for s in SEEDS]
@@ -53,3 +58,13 @@ for name in rows[SEEDS[0]][0]:
         + ", ".join(f"{d:+.3f}" for d in diffs)
         + f" | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] |"
     )
+ratios = [rows[s][0]["images/s"] / rows[s][1]["images/s"] - 1 for s in SEEDS]
+d = decide(ratios, 0.10)
+# (decide's words are for BPD, where lower is better: here "better" is "the real link is slower")
+said = d["verdict"].replace("better", "real slower").replace("worse", "real faster")
+print(
+    "\nimages/s real / emulated - 1, seeds 1, 2, 3: "
+    + ", ".join(f"{r:+.3f}" for r in ratios)
+    + f"; {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] against ±0.10: {said}"
+    + (f"; about {d['seeds_to_decide']} seeds would decide it (80% power)" if d["seeds_to_decide"] else "")
+)
