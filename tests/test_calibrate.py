@@ -312,3 +312,6 @@ def test_the_cpu_table_gives_each_roles_cores_per_second_of_its_cell_and_the_hos
     assert "| the connection ledger's ss processes | 0.025 | 0.000 |" in lines  # real cells only
     assert lines[-1] == "| seconds of the cell's process | 40.0 | 20.0 |"
     assert calibrate.cpu_table({("1mbit", "ddp", "real"): {}}) == ""
+    training = {("100mbit", "parts", "real"): {"cpu_training": cpu(30.0, 54.0, 3.0, 0.0)}}
+    lines = calibrate.cpu_table(training, over="cpu_training").splitlines()
+    assert "| part actors | 1.800 |" in lines and lines[-1] == "| seconds of the training | 30.0 |"

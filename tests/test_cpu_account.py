@@ -110,3 +110,24 @@ def test_an_instruments_thread_and_the_processes_it_starts_run_only_on_idle_cpu(
     thread.join()
     assert seen == {"thread": os.SCHED_IDLE, "child": os.SCHED_IDLE}
     assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the caller's own thread keeps its priority
+
+
+def test_part_of_the_window_is_read_off_the_timeline_between_its_samples(tmp_path):
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    now = [100.0]
+    (proc / "stat").write_text("cpu  0 0 0 0 0 0 0 0 0 0\n")
+    _write(proc, 20, "ray::PartActor.run", ticks=1000)
+    with CpuAccount(proc, every_s=3600, own_pid=1, clock=lambda: now[0]) as account:  # a sample at 100 s
+        now[0] = 110.0
+        _write(proc, 20, "ray::PartActor.run", ticks=1100)  # 100 ticks from 100 s to 110 s
+        (proc / "stat").write_text("cpu  0 40 0 0 0 0 0 0 0 0\n")
+        account.sample()
+        now[0] = 120.0
+        _write(proc, 20, "ray::PartActor.run", ticks=1300)  # 200 more by 120 s (the closing sample)
+        (proc / "stat").write_text("cpu  0 80 0 0 0 0 0 0 0 0\n")
+    part = account.between(105.0, 115.0)  # half of each stretch: 50 + 100 ticks; nice 20 + 20
+    assert part["wall_s"] == 10.0
+    assert part["roles"]["part actors"] == pytest.approx(150 * TICK_S)
+    assert part["kernel"]["nice"] == pytest.approx(40 * TICK_S)
+    assert account.between(90.0, 130.0)["roles"]["part actors"] == pytest.approx(300 * TICK_S)  # clamped to the window

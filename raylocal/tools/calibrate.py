@@ -168,6 +168,7 @@ def real_cell(method: str, rate: str, budget: float, seed: int, queue_ms: float 
             done = net.run(0, argv, env=env, capture_output=True, text=True, timeout=int(budget) + 600)
         crossed = interface_bytes(net) - start
     cell = _result(done, method)
+    cell["cpu_training"] = cpu.between(*cell["part_window"]) if "part_window" in cell else None
     connections = ledger.rows(raylet_ports(cell.get("nodes", {})))
     return cell | {"kernel_bytes": crossed, "idle_bytes_per_s": idle, "connections": connections,
                    "ledger_seconds": ledger.seconds, "queue_ms": queue_ms,
@@ -181,7 +182,9 @@ def emulated_cell(method: str, rate: str, budget: float, seed: int, kind: str = 
             budget, seed))]  # fmt: skip
     with CpuAccount() as cpu:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=int(budget) + 600)
-    return _result(done, method) | {"cpu": cpu.figures()}
+    cell = _result(done, method) | {"cpu": cpu.figures()}
+    cell["cpu_training"] = cpu.between(*cell["part_window"]) if "part_window" in cell else None
+    return cell
 
 
 def _result(done: subprocess.CompletedProcess, method: str) -> dict[str, Any]:
@@ -414,11 +417,12 @@ def roles_table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def cpu_table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
+def cpu_table(cells: dict[tuple[str, str, str], dict[str, Any]], over: str = "cpu") -> str:
     """Per cell that accounted its CPU (``raylocal.tools.cpu_account``): the cores
-    each role used on average over the cell's process (CPU seconds per second),
-    and the kernel's states over the whole host."""
-    accounted = [(key, cell["cpu"]) for key, cell in cells.items() if "cpu" in cell]
+    each role used on average (CPU seconds per second) and the kernel's states over
+    the whole host, ``over`` the cell's process ("cpu") or its parts' training
+    ("cpu_training")."""
+    accounted = [(key, cell[over]) for key, cell in cells.items() if cell.get(over)]
     if not accounted:
         return ""
     roles: dict[str, float] = {}
@@ -438,7 +442,8 @@ def cpu_table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
         lines.append(
             f"| host: {state} | " + " | ".join(f"{c['kernel'][state] / c['wall_s']:.3f}" for _, c in accounted) + " |"
         )
-    lines.append("| seconds of the cell's process | " + " | ".join(f"{c['wall_s']:.1f}" for _, c in accounted) + " |")
+    span = "the training" if over == "cpu_training" else "the cell's process"
+    lines.append(f"| seconds of {span} | " + " | ".join(f"{c['wall_s']:.1f}" for _, c in accounted) + " |")
     return "\n".join(lines)
 
 
@@ -544,8 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     roles = roles_table(cells)
     text += f"\n\nWhat crossed, per step, by what it was for:\n\n{roles}" if roles else ""
     text += connections_tables(cells)
-    cores = cpu_table(cells)
-    text += f"\n\nWhere the host's CPU went while each cell ran:\n\n{cores}" if cores else ""
+    for over, what in (("cpu", "while each cell ran"), ("cpu_training", "while the parts trained")):
+        cores = cpu_table(cells, over)
+        text += f"\n\nWhere the host's CPU went {what}:\n\n{cores}" if cores else ""
     (out / "table.md").write_text(text + "\n")
     print(text)
     return 0

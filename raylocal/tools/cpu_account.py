@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,11 @@ def kernel_seconds(stat_text: str) -> dict[str, float]:
 class CpuAccount:
     """CPU seconds by role and by kernel state, between ``__enter__`` and ``__exit__``."""
 
-    def __init__(self, proc: Path = Path("/proc"), every_s: float = SAMPLE_S, own_pid: int | None = None) -> None:
-        self.proc, self.every_s = proc, every_s
+    def __init__(
+        self, proc: Path = Path("/proc"), every_s: float = SAMPLE_S, own_pid: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:  # fmt: skip
+        self.proc, self.every_s, self.clock = proc, every_s, clock
         self.own_pid = os.getpid() if own_pid is None else own_pid
         self.first: dict[tuple[int, int], float] = {}  # (pid, start) -> CPU seconds when first seen
         self.last: dict[tuple[int, int], float] = {}
@@ -75,6 +79,8 @@ class CpuAccount:
         self.kernel_from: dict[str, float] = {}
         self.kernel_to: dict[str, float] = {}
         self.started, self.wall_s = 0.0, 0.0
+        # per sample: (wall clock, each role's CPU seconds so far in the window, the kernel's states so far)
+        self.timeline: list[tuple[float, dict[str, float], dict[str, float]]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -95,6 +101,7 @@ class CpuAccount:
             if cmdline or key not in self.roles:  # the latest title: an idle worker may become an actor
                 self.roles[key] = role_of(cmdline, key[0], self.own_pid)
             self.last[key] = cpu
+        self.timeline.append((self.clock(), self.by_role(), kernel_seconds((self.proc / "stat").read_text())))
 
     def __enter__(self) -> CpuAccount:
         self.kernel_from = kernel_seconds((self.proc / "stat").read_text())
@@ -129,6 +136,24 @@ class CpuAccount:
             role = self.roles[key]
             totals[role] = totals.get(role, 0.0) + cpu - self.first[key]
         return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+    def between(self, start: float, end: float) -> dict[str, Any]:
+        """The same figures over part of the window, ``start`` to ``end`` on the wall
+        clock (a cell's training: its part_window), each total interpolated between
+        the samples around it."""
+        roles = {r: self._at(end, 1, r) - self._at(start, 1, r) for r in self.by_role()}
+        kernel = {s: self._at(end, 2, s) - self._at(start, 2, s) for s in KERNEL_STATES}
+        return {"wall_s": end - start, "roles": roles, "kernel": kernel}
+
+    def _at(self, when: float, column: int, name: str) -> float:
+        """``name``'s running total in the timeline's ``column`` at wall-clock ``when``."""
+        points = [(entry[0], entry[column].get(name, 0.0)) for entry in self.timeline]
+        if when <= points[0][0]:
+            return points[0][1]
+        for (t0, v0), (t1, v1) in zip(points, points[1:]):
+            if when <= t1:
+                return v0 + (v1 - v0) * (when - t0) / (t1 - t0) if t1 > t0 else v1
+        return points[-1][1]
 
     def seconds_of(self, pid: int) -> float:
         """CPU seconds the process ``pid`` (every process that held it) used inside the window."""
