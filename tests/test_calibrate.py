@@ -315,3 +315,30 @@ def test_the_cpu_table_gives_each_roles_cores_per_second_of_its_cell_and_the_hos
     training = {("100mbit", "parts", "real"): {"cpu_training": cpu(30.0, 54.0, 3.0, 0.0)}}
     lines = calibrate.cpu_table(training, over="cpu_training").splitlines()
     assert "| part actors | 1.800 |" in lines and lines[-1] == "| seconds of the training | 30.0 |"
+
+
+def test_a_variant_of_the_races_sweep_reaches_the_cells_run_and_is_refused_where_it_does_not_fit(
+    tmp_path, capsys, monkeypatch
+):
+    # the keys the race's own DDP cell reads its settings from (raylocal.bench.links.run_data_parallel)
+    tuned = calibrate.cell_args("ddp", "10mbit", "costed", 30.0, 1, "cap0.1MB-bf16")
+    assert (tuned["bucket_cap_mb"], tuned["ddp_compression"], tuned["link_costs"]) == (0.1, "bf16", "measured")
+    plain = calibrate.cell_args("ddp", "10mbit", "costed", 30.0, 1)
+    assert (plain["bucket_cap_mb"], plain["ddp_compression"]) == (None, "none")
+    assert calibrate.main(["--methods", "ddp", "--variant", "cap9MB"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .startswith("error: --variant cap9MB: not one of the race's settings for --methods ddp (one-bucket, cap0.1MB,")
+    )
+    assert calibrate.main(["--variant", "cap0.1MB"]) == 2  # every method: a variant names one
+    assert "(one --methods only)" in capsys.readouterr().err
+    monkeypatch.setattr(calibrate.netns, "available", lambda: None)  # (as where namespaces are allowed)
+    (tmp_path / "calibration").mkdir()
+    stored = tmp_path / "calibration" / "ddp-10mbit-real.json"
+    stored.write_text('{"queue_ms": 100.0}')  # from before variants: the default settings
+    argv = ["--methods", "ddp", "--rates", "10mbit", "--out", str(tmp_path)]
+    assert calibrate.main([*argv, "--variant", "cap0.1MB-bf16"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {stored} ran the default settings, not the cap0.1MB-bf16 ones: give another --out"
+    )

@@ -39,7 +39,6 @@ per invocation). Results: ``OUT/calibration/``, one JSON per cell and
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import subprocess
@@ -54,6 +53,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from raylocal.bench.links import BENCH_MODEL, cell_link, host_figures  # noqa: E402 (after the auth setting, as links.py's own)
 from raylocal.bench.race import SCHEDULES  # noqa: E402
+from raylocal.bench.sweep import SWEEP_GRID  # noqa: E402
 from raylocal.cluster import netns  # noqa: E402
 from raylocal.cluster.ledger import ROLES, ConnectionLedger, by_role, ledger_table  # noqa: E402
 from raylocal.core.links import MESSAGE_COSTS  # noqa: E402
@@ -91,10 +91,14 @@ def charged_link(method: str, rate: str, kind: str) -> str:
     return emulated_link(rate) if kind == "emulated" else costed_link(rate, method)
 
 
-def cell_args(method: str, rate: str, kind: str, budget: float, seed: int) -> dict[str, Any]:
+def cell_args(
+    method: str, rate: str, kind: str, budget: float, seed: int, variant: str | None = None
+) -> dict[str, Any]:
     """What ``raylocal.bench.links``' contestant runs with: the race's model and
-    settings, over no emulated link when the ``kind`` of cell is real."""
+    settings (a ``variant`` of the race's sweep, else its first), over no emulated
+    link when the ``kind`` of cell is real."""
     real = kind == "real"
+    chosen = SWEEP_GRID[method][variant] if variant else {}
     return {
         "method": method, "link_spec": "up" if real else emulated_link(rate), "seed": seed, "budget": budget,
         "link_costs": "measured" if kind == "costed" else None,  # charged by the race's own cell_link
@@ -105,7 +109,7 @@ def cell_args(method: str, rate: str, kind: str, budget: float, seed: int) -> di
         # every worker and part loads its images on its own node, in both twins: only training crosses the link
         "images_from": "node",
         "trace_packets": TRACE_PACKETS if method == "parts" else 0,
-    }  # fmt: skip
+    } | chosen  # fmt: skip
 
 
 def run_contestant(args: dict[str, Any]) -> dict[str, Any]:
@@ -154,16 +158,16 @@ def interface_bytes(net: Any) -> int:
     return total
 
 
-def real_cell(method: str, rate: str, budget: float, seed: int, queue_ms: float = netns.QUEUE_MS) -> dict[str, Any]:
-    """``method`` over a real ``rate`` link between two namespaced Ray nodes, whose
-    token buckets queue at most ``queue_ms`` of traffic."""
+def real_cell(args: dict[str, Any], rate: str, queue_ms: float = netns.QUEUE_MS) -> dict[str, Any]:
+    """The cell ``args`` (``cell_args``) over a real ``rate`` link between two namespaced
+    Ray nodes, whose token buckets queue at most ``queue_ms`` of traffic."""
+    method, budget = args["method"], args["budget"]
     with netns.Network([rate, rate], queue_ms=queue_ms) as net, netns.ray_cluster(net, cpus=1) as env:
         idle_from = interface_bytes(net)
         time.sleep(IDLE_S)
         idle = (interface_bytes(net) - idle_from) / IDLE_S
         start = interface_bytes(net)
-        argv = [sys.executable, "-m", "raylocal.tools.calibrate", "--cell", json.dumps(cell_args(method, rate, "real",
-                budget, seed))]  # fmt: skip
+        argv = [sys.executable, "-m", "raylocal.tools.calibrate", "--cell", json.dumps(args)]
         with ConnectionLedger(net) as ledger, CpuAccount() as cpu:
             done = net.run(0, argv, env=env, capture_output=True, text=True, timeout=int(budget) + 600)
         crossed = interface_bytes(net) - start
@@ -175,14 +179,13 @@ def real_cell(method: str, rate: str, budget: float, seed: int, queue_ms: float 
                    "cpu": cpu.figures() | {"ledger_s": ledger.cpu_s}}  # fmt: skip
 
 
-def emulated_cell(method: str, rate: str, budget: float, seed: int, kind: str = "emulated") -> dict[str, Any]:
-    """``method``'s twin: one Ray node of this host, the link emulated (``kind``
-    "costed": charging the real link's measured costs too)."""
-    argv = [sys.executable, "-m", "raylocal.tools.calibrate", "--cell", json.dumps(cell_args(method, rate, kind,
-            budget, seed))]  # fmt: skip
+def emulated_cell(args: dict[str, Any]) -> dict[str, Any]:
+    """The cell ``args`` (``cell_args``) as a real cell's twin: one Ray node of this
+    host, the link emulated (and charged a real link's costs when ``link_costs``)."""
+    argv = [sys.executable, "-m", "raylocal.tools.calibrate", "--cell", json.dumps(args)]
     with CpuAccount() as cpu:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=int(budget) + 600)
-    cell = _result(done, method) | {"cpu": cpu.figures()}
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=int(args["budget"]) + 600)
+    cell = _result(done, args["method"]) | {"cpu": cpu.figures()}
     cell["cpu_training"] = cpu.between(*cell["part_window"]) if "part_window" in cell else None
     return cell
 
@@ -447,11 +450,16 @@ def cpu_table(cells: dict[tuple[str, str, str], dict[str, Any]], over: str = "cp
     return "\n".join(lines)
 
 
-def refusal(rates: list[str], methods: list[str], queue_ms: float, out: Path, costs: bool = False) -> str | None:
+def refusal(
+    rates: list[str], methods: list[str], queue_ms: float, out: Path, costs: bool = False, variant: str | None = None
+) -> str | None:
     """Why a calibration cannot run, before anything starts; None if it can."""
     bad = [m for m in methods if m not in METHODS]
     if bad:
         return f"{bad[0]!r} is not a method ({', '.join(METHODS)})"
+    if variant and (len(methods) != 1 or variant not in SWEEP_GRID[methods[0]]):
+        known = ", ".join(SWEEP_GRID[methods[0]]) if len(methods) == 1 else "one --methods only"
+        return f"--variant {variant}: not one of the race's settings for --methods {','.join(methods)} ({known})"
     try:
         for rate in rates:
             netns.tbf_args(rate, queue_ms)
@@ -468,6 +476,11 @@ def refusal(rates: list[str], methods: list[str], queue_ms: float, out: Path, co
         if kind == "real" and ran != queue_ms:
             path = out / f"{method}-{rate}-real.json"
             return f"{path} ran with a {ran:g} ms queue, not --queue-ms {queue_ms:g}: give another --out"
+    for (rate, method, kind), cell in stored.items():  # one variant per calibration
+        if method in methods and cell.get("variant") != variant:
+            path = out / f"{method}-{rate}-{kind}.json"
+            ran, now = cell.get("variant") or "default", variant or "default"
+            return f"{path} ran the {ran} settings, not the {now} ones: give another --out"
     costed = [(rate, method, cell) for (rate, method, kind), cell in stored.items() if costs and kind == "costed"]
     for rate, method, cell in costed:  # the costs a costed twin charged then
         today = costed_link(rate, method)
@@ -488,11 +501,6 @@ def cell_order(rate_index: int, method_index: int, costs: bool) -> list[str]:
 
 def run_cells(rates: list[str], methods: list[str], args: argparse.Namespace, out: Path) -> dict:
     """Every cell not stored under ``out`` yet, run and stored; every cell, read back."""
-    runners = {
-        "real": functools.partial(real_cell, queue_ms=args.queue_ms),
-        "emulated": emulated_cell,
-        "costed": functools.partial(emulated_cell, kind="costed"),
-    }
     cells: dict[tuple[str, str, str], dict[str, Any]] = {}
     host = None  # probed before the first cell this invocation runs
     pairs = [(r, m, rate, method) for r, rate in enumerate(rates) for m, method in enumerate(methods)]
@@ -502,8 +510,10 @@ def run_cells(rates: list[str], methods: list[str], args: argparse.Namespace, ou
             if not path.is_file():
                 host = host or host_figures(PROBE_S)
                 print(f"-- {method} at {rate}, {kind} ({host_line(host)})", flush=True)
-                cell = runners[kind](method, rate, args.budget, args.seed) | {"host": host, "ran_at": time.time()}
-                cell["link"] = charged_link(method, rate, kind)
+                ran = cell_args(method, rate, kind, args.budget, args.seed, args.variant)
+                cell = real_cell(ran, rate, args.queue_ms) if kind == "real" else emulated_cell(ran)
+                cell |= {"host": host, "ran_at": time.time(), "link": charged_link(method, rate, kind)}
+                cell["variant"] = args.variant  # None: the race's first (the calibration's own settings)
                 path.write_text(json.dumps(cell, indent=1))
             cells[(rate, method, kind)] = json.loads(path.read_text())
     return cells
@@ -520,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench_runs", help="results go to OUT/calibration/")
     costs_help = "also a third twin per cell, charging the real link's measured costs (eff=, msg=)"
     p.add_argument("--costs", action="store_true", help=costs_help)
+    p.add_argument("--variant", help="one of the race's sweep settings for the one method (as cap0.1MB-bf16 for ddp)")
     p.add_argument("--fit", help="stored calibrations (their OUTs), comma-separated: fit their bytes")
     p.add_argument("--cell", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -538,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rates, methods = args.rates.split(","), args.methods.split(",")
     out = Path(args.out) / "calibration"
-    why = refusal(rates, methods, args.queue_ms, out, args.costs)
+    why = refusal(rates, methods, args.queue_ms, out, args.costs, args.variant)
     if why is not None:
         print(f"error: {why}", file=sys.stderr)
         return 2
