@@ -28,9 +28,21 @@ for kind in ("emulated", "costed"):
     print(f"{kind}: real / twin - 1 per seed: " + ", ".join(f"{r:+.3f}" for r in ratios))
     family.append(decide(ratios, 0.10) | {"twin": kind})
 adjust_family(family)
+
+
+def said(verdict: str) -> str:
+    """decide's words are for BPD (lower is better): here lower is a shorter real step."""
+    return verdict.replace("better", "real step shorter").replace("worse", "real step longer")
+
+
 for d in family:
-    print(f"{d['twin']}: {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] against ±0.10: {d['verdict']}, "
-          f"Holm {d['adjusted']}; about {d['seeds_to_decide']} repeats would decide it (80% power)")
+    more = f"; about {d['seeds_to_decide']} repeats would decide it (80% power)" if d["seeds_to_decide"] else ""
+    print(
+        f"{d['twin']}: {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] against ±0.10: {said(d['verdict'])}, "
+        f"Holm {said(d['adjusted'])}{more}"
+    )
 for s in SEEDS:
-    print(f"seed {s}: s per step real {step_s(s, 'real'):.2f}, emulated {step_s(s, 'emulated'):.2f}, "
-          f"costed {step_s(s, 'costed'):.2f}")
+    print(
+        f"seed {s}: s per step real {step_s(s, 'real'):.2f}, emulated {step_s(s, 'emulated'):.2f}, "
+        f"costed {step_s(s, 'costed'):.2f}"
+    )
