@@ -12,6 +12,7 @@ were measured to cost (``eff=`` and ``msg=``, from ``raylocal.tools.wire_costs``
     python -m raylocal.tools.calibrate                        # 100, 10 and 1 Mbit, 30 s per cell
     python -m raylocal.tools.calibrate --rates 10mbit --methods parts --budget 20
     python -m raylocal.tools.calibrate --costs --out /work/calib    # and a twin with the link's costs
+    python -m raylocal.tools.calibrate --methods ddp --rates 10mbit --variant cap0.1MB-bf16   # the race's tuned DDP
 
 A cell is one of the race's own contestants (``raylocal.bench.links``):
 
@@ -32,8 +33,9 @@ delivered payload each way, its retransmissions and the processes at its ends,
 tabled per step by what the traffic was for. ``--queue-ms`` sets how much the
 links' token buckets queue before they drop (100 ms by default). Each cell
 records its host (the commit, the CPU, and the race's host-speed probe, once
-per invocation). Results: ``OUT/calibration/``, one JSON per cell and
-``table.md``.
+per invocation), and where the host's CPU went while it ran, by process role
+and over the parts' training (``raylocal.tools.cpu_account``). Results:
+``OUT/calibration/``, one JSON per cell and ``table.md``.
 """
 
 from __future__ import annotations
