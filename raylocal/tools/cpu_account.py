@@ -69,9 +69,10 @@ class CpuAccount:
 
     def __init__(
         self, proc: Path = Path("/proc"), every_s: float = SAMPLE_S, own_pid: int | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, idle: bool = True,
     ) -> None:  # fmt: skip
-        self.proc, self.every_s, self.clock = proc, every_s, clock
+        # idle: the sampling thread runs at SCHED_IDLE, off the measured processes' CPU
+        self.proc, self.every_s, self.clock, self.idle = proc, every_s, clock, idle
         self.own_pid = os.getpid() if own_pid is None else own_pid
         self.first: dict[tuple[int, int], float] = {}  # (pid, start) -> CPU seconds when first seen
         self.last: dict[tuple[int, int], float] = {}
@@ -113,7 +114,8 @@ class CpuAccount:
 
     def _loop(self) -> None:
         try:
-            idle_priority()
+            if self.idle:
+                idle_priority()
             while not self._stop.wait(self.every_s):
                 self.sample()
         except Exception as e:  # raised by __exit__: an account that stopped sampling would undercount
