@@ -1,0 +1,48 @@
+"""DDP's real step against its two emulated twins, repeated. Each directory given holds
+3 repeats (seed1-3/), each one calibration block of a real cell, its plain twin and its
+costed twin, in an order that rotates with the seed; its DECLARED.txt says what was declared
+before the runs. Per repeat, s per step real / twin - 1; each twin's mean decided by
+raylocal.study.stats against a margin of ±0.10 (issue 34's 10%), Holm over the two twins.
+
+    python docs/results/calibration-costs/twin_repeats.py ddp-1mbit-repeats   # one 0.62 MB float32 bucket, 1 Mbit
+    python docs/results/calibration-costs/twin_repeats.py ddp-tuned-10mbit    # the race's tuned DDP, 10 Mbit
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from raylocal.study.stats import adjust_family, decide
+
+HERE = Path(__file__).parent / sys.argv[1]
+SEEDS = (1, 2, 3)
+(CELL,) = {p.name.removesuffix("-real.json") for p in HERE.glob("seed*/ddp-*-real.json")}  # as ddp-1mbit
+
+
+def step_s(seed: int, kind: str) -> float:
+    cell = json.loads((HERE / f"seed{seed}" / f"{CELL}-{kind}.json").read_text())
+    return cell["seconds"] / max(cell["steps"], 1)
+
+
+def said(verdict: str) -> str:
+    """decide's words are for BPD (lower is better): here lower is a shorter real step."""
+    return verdict.replace("better", "real step shorter").replace("worse", "real step longer")
+
+
+family = []
+for kind in ("emulated", "costed"):
+    ratios = [step_s(s, "real") / step_s(s, kind) - 1 for s in SEEDS]
+    print(f"{kind}: real / twin - 1 per seed: " + ", ".join(f"{r:+.3f}" for r in ratios))
+    family.append(decide(ratios, 0.10) | {"twin": kind})
+adjust_family(family)
+for d in family:
+    more = f"; about {d['seeds_to_decide']} repeats would decide it (80% power)" if d["seeds_to_decide"] else ""
+    print(
+        f"{d['twin']}: {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] against ±0.10: {said(d['verdict'])}, "
+        f"Holm {said(d['adjusted'])}{more}"
+    )
+for s in SEEDS:
+    print(
+        f"seed {s}: s per step real {step_s(s, 'real'):.2f}, emulated {step_s(s, 'emulated'):.2f}, "
+        f"costed {step_s(s, 'costed'):.2f}"
+    )
