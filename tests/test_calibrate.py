@@ -342,3 +342,16 @@ def test_a_variant_of_the_races_sweep_reaches_the_cells_run_and_is_refused_where
     assert capsys.readouterr().err.strip() == (
         f"error: {stored} ran the default settings, not the cap0.1MB-bf16 ones: give another --out"
     )
+
+
+def test_a_cell_records_its_cpu_over_its_process_and_over_its_parts_training_where_it_has_parts():
+    class Account:  # what CpuAccount answers, by hand
+        def figures(self) -> dict:
+            return {"wall_s": 40.0}
+
+        def between(self, start: float, end: float) -> dict:
+            return {"wall_s": end - start}
+
+    parts = calibrate.with_cpu({"part_window": [100.0, 130.0]}, Account(), ledger_s=1.5)
+    assert parts["cpu"] == {"wall_s": 40.0, "ledger_s": 1.5} and parts["cpu_training"] == {"wall_s": 30.0}
+    assert calibrate.with_cpu({"steps": 9}, Account())["cpu_training"] is None  # DDP, local SGD: no parts

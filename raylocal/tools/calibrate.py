@@ -87,10 +87,9 @@ def costed_link(rate: str, method: str) -> str:
 
 
 def charged_link(method: str, rate: str, kind: str) -> str:
-    """What a cell's link is charged with: nothing of the emulator's on the real network."""
-    if kind == "real":
-        return "up"
-    return emulated_link(rate) if kind == "emulated" else costed_link(rate, method)
+    """What a cell's link is charged with, read off the arguments it runs with
+    (``cell_args``): nothing of the emulator's on the real network."""
+    return cell_link(cell_args(method, rate, kind, 0.0, 0), SCHEDULES[method])
 
 
 def cell_args(
@@ -173,12 +172,10 @@ def real_cell(args: dict[str, Any], rate: str, queue_ms: float = netns.QUEUE_MS)
         with ConnectionLedger(net) as ledger, CpuAccount() as cpu:
             done = net.run(0, argv, env=env, capture_output=True, text=True, timeout=int(budget) + 600)
         crossed = interface_bytes(net) - start
-    cell = _result(done, method)
-    cell["cpu_training"] = cpu.between(*cell["part_window"]) if "part_window" in cell else None
+    cell = with_cpu(_result(done, method), cpu, ledger_s=ledger.cpu_s)
     connections = ledger.rows(raylet_ports(cell.get("nodes", {})))
     return cell | {"kernel_bytes": crossed, "idle_bytes_per_s": idle, "connections": connections,
-                   "ledger_seconds": ledger.seconds, "queue_ms": queue_ms,
-                   "cpu": cpu.figures() | {"ledger_s": ledger.cpu_s}}  # fmt: skip
+                   "ledger_seconds": ledger.seconds, "queue_ms": queue_ms}  # fmt: skip
 
 
 def emulated_cell(args: dict[str, Any]) -> dict[str, Any]:
@@ -187,9 +184,14 @@ def emulated_cell(args: dict[str, Any]) -> dict[str, Any]:
     argv = [sys.executable, "-m", "raylocal.tools.calibrate", "--cell", json.dumps(args)]
     with CpuAccount() as cpu:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=int(args["budget"]) + 600)
-    cell = _result(done, args["method"]) | {"cpu": cpu.figures()}
-    cell["cpu_training"] = cpu.between(*cell["part_window"]) if "part_window" in cell else None
-    return cell
+    return with_cpu(_result(done, args["method"]), cpu)
+
+
+def with_cpu(cell: dict[str, Any], cpu: CpuAccount, **extra: float) -> dict[str, Any]:
+    """The cell and where the host's CPU went: over its process, and over its parts'
+    training where it has parts (``extra``: figures of the whole process)."""
+    window = cell.get("part_window")
+    return cell | {"cpu": cpu.figures() | extra, "cpu_training": cpu.between(*window) if window else None}
 
 
 def _result(done: subprocess.CompletedProcess, method: str) -> dict[str, Any]:
