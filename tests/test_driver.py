@@ -18,6 +18,7 @@ from raylocal.core.checkpoint import load_checkpoint
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.run.finish import finish_after_parts
+from raylocal.tools.config_path import climbs, stops, trace
 from raylocal.training.schedules import PARTS_RESULT
 from raylocal.training.service import ModelService
 from raylocal.training.trainer import build_glow, evaluate_bpd
@@ -41,8 +42,13 @@ def test_driver_only_coordinates_and_a_killed_fine_tune_resumes_to_the_same_weig
     monkeypatch.setattr(raylocal.training.trainer.PartTrainer, "step", _forbid)
     monkeypatch.setattr(raylocal.training.schedules, "evaluate_bpd", _forbid)
     monkeypatch.setattr(raylocal.training.trainer, "evaluate_bpd", _forbid)
-    assert main(tiny_options(mnist_dir, storage, **opts)) == 0
+    calls = trace(tiny_options(mnist_dir, storage, **opts))  # main(), the config's calls on the driver recorded
     monkeypatch.undo()
+    # the config goes down once: checked, joined and planned (``plan_ray_run``), the parts trained,
+    # then back to the async run only to finish (issue 33: at most 3 climbs back)
+    path = stops(calls)
+    expected = ["launch", "run", "preflight", "connect", "placement", "async_run", "parts_phase", "async_run"]
+    assert [m.rsplit(".", 1)[-1] for m in path] == expected and climbs(path) == 1, path
     assert not torch.cuda.is_initialized()
     run_dir = storage / "a"
     s = json.loads((run_dir / "summary.json").read_text())

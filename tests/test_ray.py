@@ -13,6 +13,8 @@ import torch
 from conftest import tiny_options, untrained_bpd
 
 from raylocal.cli.train import main
+from raylocal.cluster.placement import Placement
+from raylocal.cluster.preflight import RayPlan
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.training.schedules import PARTS_RESULT, PartsResult, SingleProcessRun
@@ -258,7 +260,7 @@ def test_a_parts_phase_that_fails_to_start_releases_its_placement_group_and_queu
     real_place = parts_phase.place_parts
     monkeypatch.setattr(parts_phase, "place_parts", lambda *a: made.append(real_place(*a)) or made[-1])
     with pytest.raises(RuntimeError, match="no such resource"):
-        parts_phase.PartsPhase(config, data, mnist_dir, 3, train_ref="images")
+        parts_phase.PartsPhase(config, data, mnist_dir, Placement.plan(config, 3), "images")
     pg = made[0][0]
     assert placement_group_table(pg)["state"] == "REMOVED"
     assert len(shut) == 2  # both boundaries' queues
@@ -279,8 +281,6 @@ def test_a_parts_phase_that_fails_to_start_releases_its_placement_group_and_queu
 def test_part_resources_give_each_part_a_gpu_or_a_share_of_one(monkeypatch, cluster, options, expected):
     import ray
 
-    from raylocal.cluster.placement import Placement
-
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": dict(cluster)}])
     placement = Placement.plan(RaylocalConfig(parts=3, **options), 3)
     cpus, gpus, threads = placement.part_cpus, placement.part_gpus, placement.threads
@@ -291,8 +291,6 @@ def test_part_resources_give_each_part_a_gpu_or_a_share_of_one(monkeypatch, clus
 def test_shared_gpu_bundles_fit_on_the_gpus_there_are(monkeypatch, n_gpus):
     """Ray puts a fractional GPU bundle on one device: every part, and then the
     run's evaluation service, must find room."""
-
-    from raylocal.cluster.placement import Placement
 
     nodes = [{"CPU": 64.0, "GPU": float(n_gpus)}]
     for n_parts in range(1, 9):
@@ -366,7 +364,6 @@ def test_the_pipeline_parallel_rival_on_ray_trains_as_its_stages_do_in_one_proce
 
 
 def test_the_placement_check_counts_the_model_service_only_for_runs_that_have_one():
-    from raylocal.cluster.placement import Placement
     from raylocal.errors import ClusterError
 
     placement = Placement.plan(RaylocalConfig(parts=2, cpus_per_part=1.0), 2, [{"CPU": 2.0}])
@@ -435,7 +432,8 @@ def test_a_service_here_takes_the_configs_device_in_a_driver_not_rays_grant(monk
     monkeypatch.setattr(async_run, "ModelService", lambda config, shape, device: made.append(device))
     monkeypatch.setattr(async_run, "actor_device", lambda config: torch.device("cpu"))  # a driver is granted nothing
     config = RaylocalConfig(schedule="async", parts=2, device="cuda")
-    phases = async_run.AsyncRun(config, load_dataset("mnist", mnist_dir), tmp_path, service_here=True)
-    phases.placement = type("Placement", (), {"service": {"CPU": 1.0}})()
+    placement = type("Placement", (), {"service": {"CPU": 1.0}})()
+    ray_plan = RayPlan(None, placement, None, None)
+    phases = async_run.AsyncRun(config, load_dataset("mnist", mnist_dir), tmp_path, ray_plan, service_here=True)
     phases._start_service()  # a benchmark's driver plans and evaluates where its parts train
     assert made == ["cuda"]

@@ -16,12 +16,12 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raylocal.baselines.pipeline_parallel import PipelineStage, StageLinks, check_stages_agree, stage_ops, train_stage
-from raylocal.cluster.connect import actor_images, connect, errors_in_one_line
+from raylocal.cluster.connect import errors_in_one_line
 from raylocal.cluster.parts_phase import get_or_none
 from raylocal.cluster.placement import Placement, actor_device
 from raylocal.cluster.queue import LatentQueue
 from raylocal.core.config import RaylocalConfig
-from raylocal.core.data import BatchStream, ImageData, NodeImages, training_images
+from raylocal.core.data import BatchStream, NodeImages, training_images
 from raylocal.core.faults import Straggler, parse_faults
 from raylocal.core.links import LinkSpec
 from raylocal.core.runlog import peak_rss_mb
@@ -94,7 +94,8 @@ class StageActor:
 
 def train_pipeline_parallel(
     config: RaylocalConfig,
-    data: ImageData,
+    placement: Placement,
+    train_images: Any,
     bounds: list[tuple[int, int]],
     schedule: str = "1f1b",
     micro: int = 4,
@@ -102,14 +103,13 @@ def train_pipeline_parallel(
     budget: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Train the model end to end as a pipeline of ``len(bounds)`` stages on Ray,
-    for ``steps`` batches or ``budget`` seconds; returns the assembled weights
-    and each stage's figures (its stats, seconds and bytes its links sent)."""
+    placed as ``placement`` says (checked, on a joined cluster: ``plan_ray_run``),
+    for ``steps`` batches or ``budget`` seconds; ``train_images`` is what each
+    stage is sent for its images. Returns the assembled weights and each stage's
+    figures (its stats, seconds and bytes its links sent)."""
     if config.batch_size % micro:
         raise ValueError(f"a batch of {config.batch_size} does not split into {micro} micro-batches")
-    connect(config)
     n = len(bounds)
-    placement = Placement.plan(config, n)
-    placement.check(with_service=False)
     pg, first, own = placement.reserve_parts()
     queues = [LatentQueue(config.queue_size) for _ in range(2 * (n - 1))]
     actors = []
@@ -122,10 +122,9 @@ def train_pipeline_parallel(
                 "scheduling_strategy": strategy,
             }
             actors.append(StageActor.options(**options).remote(config.model_dump_json(), k, placement.threads))
-        images = actor_images(config, data.train)
         plan = {"schedule": schedule, "micro": micro, "steps": steps, "budget": budget}
         with errors_in_one_line():
-            results = ray.get([a.run.remote(bounds, images, queues, plan) for a in actors])
+            results = ray.get([a.run.remote(bounds, train_images, queues, plan) for a in actors])
     finally:
         for a in actors:
             ray.kill(a)

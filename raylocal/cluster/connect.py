@@ -30,13 +30,6 @@ def node_images(config: RaylocalConfig, train: torch.Tensor) -> NodeImages | Non
     return NodeImages.of(replace(data_source(config), download=False), train)
 
 
-def actor_images(config: RaylocalConfig, train: torch.Tensor) -> Any:
-    """What each training actor is sent for its images: the description that its
-    own node loads them from (``images_from="node"``), else the driver's copy, put
-    in the object store once (Ray resolves the reference where it is an argument)."""
-    return node_images(config, train) or ray.put(train)
-
-
 def _error_names(cls: type) -> set[str]:
     return {cls.__name__}.union(*(_error_names(sub) for sub in cls.__subclasses__()))
 

@@ -29,7 +29,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raylocal.cluster.connect import actor_images, errors_in_one_line
+from raylocal.cluster.connect import errors_in_one_line
 from raylocal.cluster.placement import Placement, actor_device
 from raylocal.cluster.queue import LatentQueue
 from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
@@ -37,7 +37,7 @@ from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData, NodeImages, training_images
 from raylocal.core.faults import apply_worker_faults, parse_faults
 from raylocal.core.runlog import Progress, peak_rss_mb
-from raylocal.errors import ClusterError
+from raylocal.errors import CheckpointError, ClusterError
 from raylocal.pipeline.trace import packet_trace
 from raylocal.pipeline.worker import PartLoop, PartWorker, staleness_summary
 from raylocal.training.schedules import PartsResult
@@ -231,21 +231,15 @@ class PartsPhase:
     queue per boundary, started at construction so that their processes start
     (and import torch) while the caller still plans the parts; ``run`` trains
     them, ``close`` releases them (``with`` does it too). The caller has checked
-    the run and joined Ray (``AsyncRun.prepare``)."""
+    the run, joined Ray and planned its placement (``plan_ray_run``)."""
 
     def __init__(
-        self,
-        config: RaylocalConfig,
-        data: ImageData,
-        run_dir: Path,
-        n_parts: int,
-        train_ref: Any = None,
-        placement: Placement | None = None,
+        self, config: RaylocalConfig, data: ImageData, run_dir: Path, placement: Placement, train_ref: Any
     ) -> None:
-        self.config, self.n_parts = config, n_parts
+        self.config, self.n_parts, self.run_dir = config, placement.n_parts, run_dir
         self.n_steps = config.epochs * (len(data.train) // config.batch_size)
-        self.train_ref = train_ref or actor_images(config, data.train)
-        placement = placement or Placement.plan(config, n_parts)
+        self.train_ref = train_ref  # the images each part is sent (``RayPlan.train_images``)
+        n_parts = self.n_parts
         self.actors: list[Any] = []
         self.queues: list[LatentQueue] = []
         self.pg, first_bundle, self.own_pg = place_parts(placement)
@@ -352,10 +346,18 @@ def train_parts(
     ``PartsResult``: assembled weights, per-part stats, the monitor's curve (when
     it keeps one) and the pipeline report. A monitor with a ``finish`` method
     has it called once the parts are done (a last evaluation still in flight)."""
-    state, stats, infos, wall = phase.run([tuple(b) for b in plan["bounds"]], progress, monitor)
+    config, bounds = phase.config, [tuple(b) for b in plan["bounds"]]
+    if config.resume and not all(part_checkpoint_path(phase.run_dir, k).is_file() for k in range(len(bounds))):
+        raise CheckpointError(f"--resume: {phase.run_dir / 'parts'} does not hold a checkpoint of every part")
+    progress.update(
+        f"async: {len(bounds)} parts {plan['canonical']}, {config.epochs} epoch(s), "
+        f"queue bound {config.queue_size}, link {config.link}" + (", resuming" if config.resume else ""),
+        force=True,
+    )
+    state, stats, infos, wall = phase.run(bounds, progress, monitor)
     if hasattr(monitor, "finish"):
         monitor.finish()
-    report = pipeline_report(phase.config, stats, infos, wall, plan["param_bytes"])
+    report = pipeline_report(config, stats, infos, wall, plan["param_bytes"])
     for st in stats:  # the traced rows live on once, paired, in the report
         for key in ("sent_trace", "received_trace"):
             st.pop(key, None)

@@ -13,14 +13,13 @@ from typing import Any
 import torch
 
 from raylocal.core.checkpoint import atomic_write
-from raylocal.core.config import RaylocalConfig
 from raylocal.errors import CheckpointError, ConfigError
 
 CHECKPOINT = "checkpoint.pt"
 
 
-def _storage_root(config: RaylocalConfig) -> Path:
-    root = Path(config.storage_path).expanduser().resolve()
+def _storage_root(storage_path: str) -> Path:
+    root = Path(storage_path).expanduser().resolve()
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-test-{time.time_ns()}"
@@ -36,28 +35,29 @@ def has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / CHECKPOINT).is_file() or any((run_dir / "parts").glob("part*.pt"))
 
 
-def resolve_run_dir(config: RaylocalConfig) -> Path:
-    """storage_path/run_name. With --resume and no --run-name: the newest run
-    under storage_path that has a checkpoint."""
-    root = _storage_root(config)
-    if config.run_name:
-        run_dir = root / config.run_name
+def resolve_run_dir(storage_path: str, run_name: str | None, resume: bool, fresh_prefix: str) -> Path:
+    """storage_path/run_name. With ``resume`` and no ``run_name``: the newest run
+    under storage_path that has a checkpoint; a fresh run with no name gets
+    ``fresh_prefix`` and the time it starts."""
+    root = _storage_root(storage_path)
+    if run_name:
+        run_dir = root / run_name
         if (run_dir.exists() or run_dir.is_symlink()) and not run_dir.is_dir():
-            raise ConfigError(f"run_name {config.run_name!r}: {run_dir} is not a directory (a file or a broken link)")
-        if config.resume and not has_checkpoint(run_dir):
+            raise ConfigError(f"run_name {run_name!r}: {run_dir} is not a directory (a file or a broken link)")
+        if resume and not has_checkpoint(run_dir):
             raise CheckpointError(f"--resume: no checkpoint at {run_dir / CHECKPOINT}")
         return run_dir
-    if config.resume:
+    if resume:
         runs = sorted((d for d in root.iterdir() if d.is_dir() and has_checkpoint(d)), key=lambda d: d.stat().st_mtime)
         if not runs:
             raise CheckpointError(f"--resume: no run with a checkpoint under {root}")
         return runs[-1]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = root / f"{config.schedule}-{config.parts}p-{stamp}"
+    run_dir = root / f"{fresh_prefix}-{stamp}"
     suffix = 1
     while run_dir.exists():
         suffix += 1
-        run_dir = root / f"{config.schedule}-{config.parts}p-{stamp}-{suffix}"
+        run_dir = root / f"{fresh_prefix}-{stamp}-{suffix}"
     return run_dir
 
 

@@ -38,16 +38,17 @@ import torch
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raylocal.cluster.connect import actor_images, connect, errors_in_one_line, fit_train_run
+from raylocal.baselines.ddp import train_ddp
+from raylocal.cluster.connect import errors_in_one_line, fit_train_run
 from raylocal.cluster.handle import InProcess
-from raylocal.cluster.parts_phase import Monitor, PartsPhase, part_checkpoint_path, train_parts
-from raylocal.cluster.placement import DataParallelPlacement, Placement, actor_device, train_worker_device
-from raylocal.cluster.preflight import check_run
+from raylocal.cluster.parts_phase import Monitor, PartsPhase, train_parts
+from raylocal.cluster.placement import Placement, actor_device, train_worker_device
+from raylocal.cluster.preflight import RayPlan
 from raylocal.cluster.queue import LatentQueue
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData, NodeImages, training_images
 from raylocal.core.runlog import Progress, write_json
-from raylocal.errors import CheckpointError, ClusterError, DivergedError
+from raylocal.errors import ClusterError, DivergedError
 from raylocal.run.finish import finish_after_parts
 from raylocal.training.schedules import PARTS_RESULT, PartsResult
 from raylocal.training.service import ModelService, assembled
@@ -68,6 +69,14 @@ def parts_where(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Where each part ran, from the parts phase's pipeline report."""
     keys = zip(report["actor_nodes"], report["actor_pids"], report["actor_devices"])
     return [{"node_id": n, "pid": p, "device": d} for n, p, d in keys]
+
+
+def keep_parts_result(run_dir: Path, parts: PartsResult, where: dict[str, Any]) -> None:
+    """The parts phase's record in the run directory (what ``--resume`` continues
+    from, and its pipeline report), and where each part ran."""
+    write_json(run_dir / "pipeline.json", parts.report)
+    parts.save(run_dir / PARTS_RESULT)
+    where["parts"] = parts_where(parts.report)
 
 
 def _import_all(modules: list[str]) -> None:
@@ -272,8 +281,9 @@ def finish_on_ray_train(
 
 
 class AsyncRun:
-    """The phases of one ``async`` run (``Run`` owns its directory and record):
-    plan, parts phase, then the rest of the run, each in Ray.
+    """The phases of one ``async`` run (``Run`` owns its directory and record,
+    and hands it the run's ``RayPlan``, checked and planned before anything
+    started): the parts' plan, the parts phase, then the rest of the run, each in Ray.
 
     With ``--resume``: when the parts phase had finished (its ``PartsResult``
     is saved) the run goes on to the fine-tune, which continues from the run's
@@ -290,33 +300,23 @@ class AsyncRun:
         config: RaylocalConfig,
         data: ImageData,
         run_dir: Path,
+        ray_plan: RayPlan,
         service_here: bool = False,
         monitor: MonitorFactory | None = None,
     ) -> None:
         self.config, self.data = config, data
         self.run_dir = run_dir
         self.service_here, self.monitor = service_here, monitor
+        self.ray_plan = ray_plan
+        self.placement = ray_plan.parts  # the parts', the service's and a one-worker fine-tune's bundles
+        self.finetune_placement = ray_plan.workers  # a DDP fine-tune's workers
         self.plan: dict[str, Any] | None = None
         self.progress = Progress(config.progress)
         self.where: dict[str, Any] = {}
         self.service: Any = None
         self.service_pg: PlacementGroup | None = None
-        self.placement: Placement | None = None  # planned once the cluster is joined
-        self.finetune_placement: DataParallelPlacement | None = None  # a DDP fine-tune's workers, likewise
         self.parts: PartsResult | None = None  # the parts phase's result, once it ran in this process
         self.finetune_link: dict[str, Any] | None = None  # a DDP fine-tune's link figures
-
-    def prepare(self) -> None:
-        """Everything that can be checked, before anything starts or is written:
-        the parts, links and faults from the config, then the cluster's totals."""
-        check_run(self.config, self.data.shape)
-        connect(self.config)
-        self.placement = Placement.plan(self.config, self.config.part_count())
-        self.placement.check(with_service=not self.service_here)
-        workers = self.config.finetune_workers
-        if self.config.finetune_epochs and workers > 1:  # the DDP fine-tune's workers, after the parts
-            self.finetune_placement = DataParallelPlacement.plan(self.config, workers)
-            self.finetune_placement.check()
 
     def run(self) -> dict[str, Any]:
         """The run's phases, in its (existing) directory; returns its summary."""
@@ -338,17 +338,23 @@ class AsyncRun:
     def _run(self) -> dict[str, Any]:
         config = self.config
         self.where["driver"] = here("none")
-        refs = (actor_images(config, self.data.train), ray.put(self.data.test))
+        refs = (self.ray_plan.train_images(self.data.train), ray.put(self.data.test))
         service = self._start_service()
         try:
             plan_ref = service.plan.remote(self._images(refs)[0])
             if config.resume and (self.run_dir / PARTS_RESULT).is_file():
                 plan = self.plan = ray.get(plan_ref)
             else:
+                live = None if self.monitor else self._live_settings(refs[1])
                 # the part actors start (a process and a torch import each) while the service plans
-                with PartsPhase(config, self.data, self.run_dir, config.part_count(), refs[0], self.placement) as phase:
+                with PartsPhase(config, self.data, self.run_dir, self.placement, refs[0]) as phase:
                     plan = self.plan = ray.get(plan_ref)
-                    self._parts_phase(phase, service, plan, refs)
+                    if self.monitor:
+                        watch = self.monitor(service, plan)
+                    else:
+                        watch = LiveEvaluation(service, *live, self.progress)
+                    self.parts = train_parts(phase, plan, self.progress, watch)
+                keep_parts_result(self.run_dir, self.parts, self.where)
             self.where["service"] = ray.get(service.where.remote())
             summary = self._finish(plan, refs)
         finally:
@@ -387,29 +393,14 @@ class AsyncRun:
             remove_placement_group(self.service_pg)
             self.service_pg = None
 
-    def _parts_phase(self, phase: PartsPhase, service: Any, plan: dict[str, Any], refs: tuple[Any, Any]) -> None:
-        config, run_dir = self.config, self.run_dir
-        bounds = [tuple(b) for b in plan["bounds"]]
-        if config.resume and not all(part_checkpoint_path(run_dir, k).is_file() for k in range(len(bounds))):
-            raise CheckpointError(f"--resume: {run_dir / 'parts'} does not hold a checkpoint of every part")
-        self.progress.update(
-            f"async: {len(bounds)} parts {plan['canonical']}, {config.epochs} epoch(s), "
-            f"queue bound {config.queue_size}, link {config.link}" + (", resuming" if config.resume else ""),
-            force=True,
-        )
-        watch = self.monitor(service, plan) if self.monitor is not None else self._live_evaluation(service, refs[1])
-        self.parts = train_parts(phase, plan, self.progress, watch)
-        write_json(run_dir / "pipeline.json", self.parts.report)
-        self.parts.save(run_dir / PARTS_RESULT)  # what --resume continues from
-        self.where["parts"] = parts_where(self.parts.report)
-
-    def _live_evaluation(self, service: Any, test_ref: Any) -> LiveEvaluation:
+    def _live_settings(self, test_ref: Any) -> tuple[Any, int, int, int]:
+        """``LiveEvaluation``'s settings (test images, their count, every, steps per epoch),
+        read before the parts start; its clock starts with the parts."""
         config, test = self.config, self.data.test
         steps_per_epoch = len(self.data.train) // config.batch_size
         n_live = min(config.live_eval_images or len(test), len(test))
         live_ref = test_ref if n_live == len(test) else ray.put(test[:n_live])
-        every = config.eval_every or steps_per_epoch
-        return LiveEvaluation(service, live_ref, n_live, every, steps_per_epoch, self.progress)
+        return live_ref, n_live, config.eval_every or steps_per_epoch, steps_per_epoch
 
     def _finish(self, plan: dict[str, Any], refs: tuple[Any, Any]) -> dict:
         config, run_dir, name = self.config, self.run_dir, self.data.name
@@ -436,8 +427,6 @@ class AsyncRun:
 
     def _ddp_finetune(self) -> tuple[dict[str, torch.Tensor], float, list[dict[str, Any]]]:
         """The fine-tune data-parallel on Ray Train workers (DDP over ``--link``)."""
-        from raylocal.baselines.ddp import train_ddp
-
         config = self.config
         parts = self.parts or PartsResult.load(self.run_dir / PARTS_RESULT)  # resumed after the parts phase
         t0 = time.perf_counter()
@@ -446,7 +435,7 @@ class AsyncRun:
         clock = LRClock.of(config, per_epoch, config.epochs, config.finetune_epochs)
         run_clock = clock.finetune_elsewhere(int(parts.stats[0]["steps"]))  # on from where the parts left it
         link_stats: dict[str, Any] = {}
-        assert self.finetune_placement is not None, "prepare() plans the fine-tune's workers"
+        assert self.finetune_placement is not None, "plan_ray_run plans the fine-tune's workers"
         tuned, history = train_ddp(
             config, self.data.train, self.finetune_placement, config.finetune_epochs, lr, self.run_dir / "ddp",
             parts.state, stats=link_stats, **run_clock,

@@ -12,7 +12,7 @@ import torch
 from raylocal.core.checkpoint import load_checkpoint
 from raylocal.core.config import RIVAL_SCHEDULES, RaylocalConfig, data_source, load_config_file, validate_config
 from raylocal.core.data import ImageData
-from raylocal.core.runlog import CHECKPOINT, resolve_run_dir
+from raylocal.core.runlog import CHECKPOINT
 from raylocal.errors import ConfigError
 from raylocal.model.glow import Glow
 from raylocal.run.run import Run
@@ -29,7 +29,7 @@ RESUMABLE = {
 
 def resume_config(config: RaylocalConfig, given: dict[str, Any]) -> RaylocalConfig:
     """The checkpoint's configuration, updated with the resumable options given now."""
-    run_dir = resolve_run_dir(config)
+    run_dir = Run.directory_of(config)
     recorded = run_dir / "config.json"
     schedule = load_config_file(recorded, recorded=True).schedule if recorded.is_file() else None
     if schedule in RIVAL_SCHEDULES:  # (it trains in one go: its checkpoint holds only its final model)

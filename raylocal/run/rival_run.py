@@ -23,16 +23,13 @@ from torch import Tensor
 
 from raylocal.baselines.ddp import train_ddp
 from raylocal.baselines.pipeline_on_ray import train_pipeline_parallel
-from raylocal.cluster.connect import connect
-from raylocal.cluster.placement import DataParallelPlacement, Placement
-from raylocal.cluster.preflight import check_faults, check_run, timed_traffic
+from raylocal.cluster.preflight import RayPlan
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData
-from raylocal.core.links import check_links
 from raylocal.model.parts import PartSpec
 from raylocal.run.finish import TrainedElsewhere, finish_trained_elsewhere
 from raylocal.training.schedules import part_spec_for
-from raylocal.training.trainer import build_glow, check_image_shape
+from raylocal.training.trainer import build_glow
 
 
 class RivalRun:
@@ -41,27 +38,16 @@ class RivalRun:
     the data-parallel workers' totals, or each pipeline stage's."""
 
     def __init__(
-        self, config: RaylocalConfig, data: ImageData, run_dir: Path, start_from: dict[str, Tensor] | None = None
+        self,
+        config: RaylocalConfig,
+        data: ImageData,
+        run_dir: Path,
+        ray_plan: RayPlan,
+        start_from: dict[str, Tensor] | None = None,
     ) -> None:
         self.config, self.data, self.run_dir, self.start_from = config, data, run_dir, start_from
+        self.ray_plan = ray_plan  # the stages' or the workers' bundles, checked before anything started
         self.figures: Any = None
-        self.workers: DataParallelPlacement | None = None  # the data-parallel rival's, planned by prepare()
-
-    def prepare(self) -> None:
-        """Everything that can be checked before anything starts: the model, the
-        links and faults (a fault names a stage, or a worker), then the cluster."""
-        config = self.config
-        if config.schedule == "pipeline":
-            spec = check_run(config, self.data.shape)
-            connect(config)
-            Placement.plan(config, len(spec)).check(with_service=False)
-        else:
-            check_image_shape(self.data.shape, config.n_levels)
-            check_links(config.link, 2, timed_by=timed_traffic(config))  # one link between any two workers
-            check_faults(config, config.workers, "worker")
-            connect(config)
-            self.workers = DataParallelPlacement.plan(config, config.workers, config.cpus_per_part)
-            self.workers.check()
 
     def run(self) -> dict[str, Any]:
         trained = self._pipeline() if self.config.schedule == "pipeline" else self._data_parallel()
@@ -73,9 +59,9 @@ class RivalRun:
 
     def _data_parallel(self) -> TrainedElsewhere:
         config, stats = self.config, {}
-        assert self.workers is not None, "prepare() plans the workers"
+        assert self.ray_plan.workers is not None, "plan_ray_run plans the workers"
         state, history = train_ddp(
-            config, self.data.train, self.workers, config.epochs, config.lr[0], self.run_dir / "ddp",
+            config, self.data.train, self.ray_plan.workers, config.epochs, config.lr[0], self.run_dir / "ddp",
             self.start_from, time_budget=config.time_budget, stats=stats,
         )  # fmt: skip
         self.figures = stats
@@ -86,9 +72,11 @@ class RivalRun:
         glow = build_glow(config, data.shape)
         bounds = list(part_spec_for(config, glow, data.train).bounds)  # --balance measure times the layers
         steps = config.epochs * (len(data.train) // config.batch_size)
+        assert self.ray_plan.parts is not None, "plan_ray_run plans the stages"
         state, stages = train_pipeline_parallel(
-            config, data, bounds, config.pipeline_order, config.micro_batches, steps, config.time_budget
-        )
+            config, self.ray_plan.parts, self.ray_plan.train_images(data.train), bounds,
+            config.pipeline_order, config.micro_batches, steps, config.time_budget,
+        )  # fmt: skip
         self.figures = {"stages": PartSpec(tuple(bounds)).canonical(glow), "per_stage": stages}
         first = stages[0]["stats"]
         return TrainedElsewhere(state, int(first["steps"]), max(s["seconds"] for s in stages), [])

@@ -5,7 +5,9 @@ command line, the studies through it). It resolves the run directory, checks
 what can be checked before anything is written, writes ``config.json`` once
 when the run starts and ``summary.json`` once when it ends, and removes a
 directory it created if the run fails before its first checkpoint (nothing to
-resume, nothing half-written). Between those, its phases train:
+resume, nothing half-written). A Ray run is checked, joins Ray and is planned
+on the cluster once (``plan_ray_run``), before its directory exists; its phases
+are handed that ``RayPlan``. Between those, its phases train:
 
 - the single-process schedules (``SingleProcessRun``): the parts' epochs, then
   the fine-tune, in this process;
@@ -24,6 +26,7 @@ data-dependent initialisation (the single-process and data-parallel runs).
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
@@ -51,9 +54,15 @@ class Run:
         if start_from is not None and config.schedule in ("async", "pipeline"):
             raise ValueError(f"a run of the {config.schedule} schedule starts from its own initialisation")
         self.config, self.data, self.start_from = config, data, start_from
-        self.dir = resolve_run_dir(config)
+        self.dir = self.directory_of(config)
         self.service_here, self.monitor = service_here, monitor
         self.phases: Any = None
+
+    @staticmethod
+    def directory_of(config: RaylocalConfig) -> Path:
+        """The run's directory (``resolve_run_dir``): a fresh one is named after its schedule and parts."""
+        fresh = f"{config.schedule}-{config.parts}p"
+        return resolve_run_dir(config.storage_path, config.run_name, config.resume, fresh)
 
     def execute(self) -> dict[str, Any]:
         """Train the run's phases; returns its summary (also written to summary.json)."""
@@ -72,16 +81,16 @@ class Run:
         return summary
 
     def _phases(self) -> Any:
-        if self.config.schedule in RIVAL_SCHEDULES:
-            from raylocal.run.rival_run import RivalRun  # imports Ray: only the Ray schedules pay for it
-
-            phases = RivalRun(self.config, self.data, self.dir, self.start_from)
-            phases.prepare()
-            return phases
-        if self.config.schedule != "async":
+        if self.config.schedule not in RIVAL_SCHEDULES and self.config.schedule != "async":
             return SingleProcessRun(self.config, self.data, self.dir, record=False, start_from=self.start_from)
-        from raylocal.run.async_run import AsyncRun  # imports Ray: only the async schedule pays for it
+        # The Ray runs import Ray: only their schedules pay for it. All of their modules are imported
+        # before the driver joins Ray: under `ray job submit`, Ray's runtime-env cleanup may then remove
+        # the job's working directory, this code's own copy (tests/test_cluster.py's job).
+        from raylocal.cluster.preflight import plan_ray_run
+        from raylocal.run.async_run import AsyncRun
+        from raylocal.run.rival_run import RivalRun
 
-        phases = AsyncRun(self.config, self.data, self.dir, self.service_here, self.monitor)
-        phases.prepare()
-        return phases
+        ray_plan = plan_ray_run(self.config, self.data, with_service=not self.service_here)
+        if self.config.schedule in RIVAL_SCHEDULES:
+            return RivalRun(self.config, self.data, self.dir, ray_plan, self.start_from)
+        return AsyncRun(self.config, self.data, self.dir, ray_plan, self.service_here, self.monitor)

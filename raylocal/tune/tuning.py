@@ -29,11 +29,14 @@ from typing import Any
 
 import torch
 
+from raylocal.cluster.parts_phase import gather_part_states, gather_weights, part_checkpoint_path
+from raylocal.cluster.placement import default_gpu_share, trial_bundles
 from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.core.config import RaylocalConfig, data_source, write_config_file
 from raylocal.core.data import DataSource, ImageData
 from raylocal.core.runlog import CHECKPOINT
 from raylocal.errors import ConfigError, DivergedError
+from raylocal.run.run import Run
 from raylocal.training.schedules import PARTS_RESULT
 
 DIVERGED_BPD = 1e3  # what a diverged trial reports as its BPD: worse than any real model
@@ -81,8 +84,6 @@ def restore_parts(checkpoint_dir: Path, run_dir: Path, lrs: list[float]) -> int:
     """Put the part checkpoints of a Tune checkpoint where the async trainer
     resumes from, with this trial's LRs (PBT's explore step changed them);
     returns the step the last part continues from."""
-    from raylocal.cluster.parts_phase import part_checkpoint_path
-
     step = 0
     for k, lr in enumerate(lrs):
         state = load_checkpoint(part_checkpoint_path(checkpoint_dir, k), kind="part")
@@ -139,8 +140,6 @@ class TrialReporter:
         import ray
         from ray import tune
 
-        from raylocal.cluster.parts_phase import gather_part_states, gather_weights, part_checkpoint_path
-
         self.last_polled[:] = polled
         if polled[-1]["steps"] < self.next_report:
             return
@@ -187,8 +186,6 @@ def run_trial(
     node`` what the trial's node loads (its parts then load their own too)."""
     from ray import tune
 
-    from raylocal.run.run import Run
-
     base = RaylocalConfig.model_validate_json(base_json)
     data = data.load() if isinstance(data, DataSource) else data
     lrs = trial_lrs(load_space(space_path, base.parts), params, base.parts)
@@ -224,8 +221,6 @@ def _trainable(
     part actors in its placement group."""
     from ray import tune
 
-    from raylocal.cluster.placement import trial_bundles
-
     return tune.with_resources(
         tune.with_parameters(
             run_trial,
@@ -258,8 +253,6 @@ def tune_study(
     strong ones' parts with perturbed LRs every ``pbt_interval`` reports)."""
     import ray
     from ray import tune
-
-    from raylocal.cluster.placement import default_gpu_share
 
     space = check_study(space_path, base.parts, scheduler)
     param_space = space.space(base.parts)
