@@ -132,3 +132,27 @@ def test_no_function_is_past_about_60_lines_and_no_class_past_300():
                 if size > limit:
                     long.append(f"{path.relative_to(ROOT)}: {node.name} is {size} lines")
     assert long == []
+
+
+def test_what_a_ray_driver_runs_after_joining_ray_imports_nothing_of_ours_inside_a_function():
+    """Under `ray job submit` Ray's runtime-env cleanup may remove the job's working directory
+    (this code's uploaded copy) once the driver has joined Ray: the modules a driver runs from
+    then on (cluster/, baselines/, run/, tune/tuning.py) import ours at their top, and the only
+    imports inside a function are those that run before joining (the Ray phases, chosen in run.py)."""
+    import ast
+
+    before_joining = {"raylocal/run/run.py"}
+    late = []
+    for folder in ("cluster", "baselines", "run", "tune"):
+        for path in sorted((ROOT / "raylocal" / folder).glob("*.py")):
+            name = str(path.relative_to(ROOT))
+            if name in before_joining or name == "raylocal/tune/cli.py":  # (it imports, then joins)
+                continue
+            for func in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for node in ast.walk(func):
+                    module = node.module if isinstance(node, ast.ImportFrom) else None
+                    modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [module]
+                    late += [f"{name}:{node.lineno}: {m}" for m in modules if m and m.startswith("raylocal")]
+    assert late == []
