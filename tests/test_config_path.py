@@ -7,7 +7,7 @@ from raylocal.tools import config_path
 
 def test_the_path_counts_stops_repeat_visits_and_climbs_back_by_hand():
     calls = [("run.launch", "run"), ("run.run", "__init__"), ("run.run", "execute"), ("core.runlog", "dir"),
-             ("run.run", "_phases"), ("run.async_run", "prepare"), ("cluster.preflight", "check_run"),
+             ("run.run", "_phases"), ("run.async_run", "__init__"), ("cluster.preflight", "check_run"),
              ("run.async_run", "run"), ("cluster.preflight", "again")]  # fmt: skip
     path = config_path.stops(calls)
     assert path == ["run.launch", "run.run", "core.runlog", "run.run", "run.async_run", "cluster.preflight",

@@ -236,7 +236,7 @@ def equal_share(nodes: list[dict[str, float]], workers: int, gpu: bool = False) 
 @dataclass(frozen=True)
 class DataParallelPlacement:
     """N data-parallel workers (a DDP or local-SGD run): how many, each one's
-    bundle and threads, GPUs or not. Planned once, by the run that checks it."""
+    bundle and threads, GPUs or not. Planned once, before the run starts (``plan_ray_run``)."""
 
     workers: int
     use_gpu: bool

@@ -354,7 +354,7 @@ class AsyncRun:
                     else:
                         watch = LiveEvaluation(service, *live, self.progress)
                     self.parts = train_parts(phase, plan, self.progress, watch)
-                keep_parts_result(self.run_dir, self.parts, self.where)
+                    keep_parts_result(self.run_dir, self.parts, self.where)  # before the actors are released
             self.where["service"] = ray.get(service.where.remote())
             summary = self._finish(plan, refs)
         finally:

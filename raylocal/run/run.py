@@ -6,7 +6,7 @@ what can be checked before anything is written, writes ``config.json`` once
 when the run starts and ``summary.json`` once when it ends, and removes a
 directory it created if the run fails before its first checkpoint (nothing to
 resume, nothing half-written). A Ray run is checked, joins Ray and is planned
-on the cluster once (``plan_ray_run``), before its directory exists; its phases
+on the cluster once (``plan_ray_run``), before anything is written; its phases
 are handed that ``RayPlan``. Between those, its phases train:
 
 - the single-process schedules (``SingleProcessRun``): the parts' epochs, then
@@ -36,7 +36,7 @@ from raylocal.core.data import ImageData
 from raylocal.core.runlog import has_checkpoint, resolve_run_dir, write_json
 from raylocal.training.schedules import SingleProcessRun
 
-if TYPE_CHECKING:  # the async run imports Ray: only the async schedule pays for it
+if TYPE_CHECKING:  # the Ray runs import Ray: only their schedules pay for it
     from raylocal.run.async_run import MonitorFactory
 
 

@@ -12,6 +12,7 @@ from raylocal.core.config import load_config_file
 from raylocal.errors import ConfigError, RaylocalError
 from raylocal.study.compare import changed_settings, run_config
 from raylocal.study.spec import EQUAL_TIME_OF, Study
+from raylocal.tune import cli as tune_lr
 
 
 def tuned(study: Study, arm: str, storage: Path) -> dict[str, Any]:
@@ -29,8 +30,6 @@ def tuned(study: Study, arm: str, storage: Path) -> dict[str, Any]:
     root = storage / study.name
     best = root / f"tune-{arm}" / "best.json"
     if not best.is_file():
-        from raylocal.tune import cli as tune_lr  # imports Ray Tune: only a tuned arm pays for it
-
         values = {**study.base, **overrides, "schedule": "async", "queue_size": 1, "finetune_epochs": 0}
         values |= {"seed": spec["seed"], "validation": spec["validation"], "storage_path": str(root)}
         root.mkdir(parents=True, exist_ok=True)
@@ -53,6 +52,9 @@ def run_study(
     lost) for the same settings; else it is trained if ``train`` (the study,
     or a narrowing of it) has its arm and seed, and left out otherwise (and
     not tuned)."""
+    if train is not None and any("tune_lr" in study.arms[arm] for arm in train.arms):
+        # Ray Tune's side, imported before a run joins Ray (tests/test_setup.py says why)
+        import raylocal.tune.tuning  # noqa: F401
     runs: dict[str, dict[int, dict]] = {}
     for seed in study.seeds:  # seed-major: a stopped study has whole pairs to compare
         for arm in arm_order(study, seed):
