@@ -32,6 +32,25 @@ def test_spaces_are_validated_against_the_part_count():
         load_space(ROOT / "tune_spaces" / "nope.py", 2)
 
 
+def test_a_space_read_once_is_built_and_checked_without_its_file(tmp_path):
+    """What the driver and the trials build after joining Ray: the text read before
+    (under `ray job submit` the job's working directory can be gone by then)."""
+    import pickle
+
+    from raylocal.tune.tuning import check_study, read_space, space_module
+
+    path = tmp_path / "grid.py"
+    path.write_text((ROOT / "tune_spaces" / "grid.py").read_text())
+    source = read_space(path)
+    path.unlink()
+    source = pickle.loads(pickle.dumps(source))  # as a trial is sent it
+    assert trial_lrs(space_module(source, 2), {"lrs": [1e-3, 5e-4]}, 2) == [1e-3, 5e-4]
+    with pytest.raises(ConfigError, match="PBT perturbs LRs drawn from distributions; a grid space cannot be used"):
+        check_study(source, 2, "pbt")
+    with pytest.raises(ConfigError, match="grid.py: a tune space defines space\\(parts\\) and lrs"):
+        space_module(type(source)(source.path, "def space(parts):\n    return {}\n"), 2)
+
+
 SPACE = """
 from ray import tune
 

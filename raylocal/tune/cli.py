@@ -56,17 +56,18 @@ def main(argv: list[str] | None = None) -> int:
             raise RaylocalError("--trials, --report-every and --pbt-interval must be at least 1")
         scheduler = extra["scheduler"]
         from raylocal.cluster.connect import connect
-        from raylocal.tune.tuning import check_study, ranked_table, tune_study, write_best_config
+        from raylocal.tune.tuning import check_study, ranked_table, read_space, tune_study, write_best_config
 
         space_path = extra["space"]
-        check_study(space_path, base.parts, scheduler)  # a bad space or scheduler fails here, before Ray starts
+        space = read_space(space_path)  # read once, here: the trials build it from this text
+        check_study(space, base.parts, scheduler)  # a bad space or scheduler fails here, before Ray starts
         set_threads(base)
         data = load_data(base)
         connect(base)
         name = extra["study"] or f"tune-{Path(space_path).stem}-{base.parts}p"
         storage = Path(base.storage_path)
         results = tune_study(
-            base, data, space_path, trials, report_every, storage, name, resume, max_concurrent,
+            base, data, space, trials, report_every, storage, name, resume, max_concurrent,
             scheduler=scheduler, pbt_interval=pbt_interval,
         )  # fmt: skip
         table, rows = ranked_table(results, base.parts)

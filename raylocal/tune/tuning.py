@@ -20,9 +20,9 @@ list[float]``; ``GRID = True`` marks a grid (each point once).
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -43,34 +43,55 @@ DIVERGED_BPD = 1e3  # what a diverged trial reports as its BPD: worse than any r
 SCHEDULERS = ("asha", "pbt")
 
 
-def load_space(path: str | Path, parts: int) -> ModuleType:
-    """Import a search space module and check it against the part count."""
+@dataclass(frozen=True)
+class SpaceSource:
+    """A search space's file, read once, before the driver joins Ray: the driver
+    and the trials build the space from this text, never from the file again
+    (under `ray job submit` the job's working directory can be gone by then)."""
+
+    path: str  # (for messages and the module's name)
+    text: str
+
+
+def read_space(path: str | Path) -> SpaceSource:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: tune space does not exist (see tune_spaces/)")
-    spec = importlib.util.spec_from_file_location(f"tune_space_{path.stem}", path)
-    if spec is None or path.suffix != ".py":  # importlib has no loader for other suffixes
+    if path.suffix != ".py":
         raise ConfigError(f"{path}: a tune space is a Python file (.py), see tune_spaces/")
-    module = importlib.util.module_from_spec(spec)
+    return SpaceSource(str(path), path.read_text())
+
+
+def space_module(source: SpaceSource, parts: int) -> ModuleType:
+    """The search space as a module, checked against the part count."""
+    module = ModuleType(f"tune_space_{Path(source.path).stem}")
+    module.__file__ = source.path
     try:
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        exec(compile(source.text, source.path, "exec"), module.__dict__)
     except Exception as e:
-        raise ConfigError(f"{path}: cannot import tune space ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"{source.path}: cannot import tune space ({type(e).__name__}: {e})") from None
     for name in ("space", "lrs"):
         if not callable(getattr(module, name, None)):
-            raise ConfigError(f"{path}: a tune space defines space(parts) and lrs(params, parts); {name} is missing")
+            raise ConfigError(
+                f"{source.path}: a tune space defines space(parts) and lrs(params, parts); {name} is missing"
+            )
     module.space(parts)  # may raise ConfigError for a part count it does not support
     return module
 
 
-def check_study(space_path: str | Path, parts: int, scheduler: str) -> ModuleType:
+def load_space(path: str | Path, parts: int) -> ModuleType:
+    """Import a search space file and check it against the part count."""
+    return space_module(read_space(path), parts)
+
+
+def check_study(space: SpaceSource, parts: int, scheduler: str) -> ModuleType:
     """The space module, once the space and the scheduler are known to fit together."""
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"scheduler {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-    space = load_space(space_path, parts)
-    if scheduler == "pbt" and getattr(space, "GRID", False):
-        raise ConfigError(f"{space_path}: PBT perturbs LRs drawn from distributions; a grid space cannot be used")
-    return space
+    module = space_module(space, parts)
+    if scheduler == "pbt" and getattr(module, "GRID", False):
+        raise ConfigError(f"{space.path}: PBT perturbs LRs drawn from distributions; a grid space cannot be used")
+    return module
 
 
 def trial_lrs(space: ModuleType, params: dict[str, Any], parts: int) -> list[float]:
@@ -175,7 +196,7 @@ def clear_finish(trial_dir: Path) -> None:
 def run_trial(
     params: dict[str, Any],
     base_json: str,
-    space_path: str,
+    space: SpaceSource,
     data: ImageData | DataSource,
     report_every: int,
     checkpoints: bool,
@@ -188,7 +209,7 @@ def run_trial(
 
     base = RaylocalConfig.model_validate_json(base_json)
     data = data.load() if isinstance(data, DataSource) else data
-    lrs = trial_lrs(load_space(space_path, base.parts), params, base.parts)
+    lrs = trial_lrs(space_module(space, base.parts), params, base.parts)
     trial_dir = Path(tune.get_context().get_trial_dir())
     trial = {"lr": lrs, "progress": False, "resume": False, "finetune_epochs": 0, "samples": 0}
     config = base.model_copy(update=trial | {"storage_path": str(trial_dir.parent), "run_name": trial_dir.name})
@@ -212,7 +233,7 @@ def run_trial(
 def _trainable(
     base: RaylocalConfig,
     data: ImageData,
-    space_path: str,
+    space: SpaceSource,
     report_every: int,
     checkpoints: bool,
     cpus_per_trial: float | None,
@@ -225,7 +246,7 @@ def _trainable(
         tune.with_parameters(
             run_trial,
             base_json=base.model_dump_json(),
-            space_path=str(Path(space_path).resolve()),
+            space=space,
             data=data if base.images_from == "driver" else data_source(base),
             report_every=report_every,
             checkpoints=checkpoints,
@@ -237,7 +258,7 @@ def _trainable(
 def tune_study(
     base: RaylocalConfig,
     data: ImageData,
-    space_path: str,
+    space: SpaceSource,
     trials: int,
     report_every: int,
     storage: Path,
@@ -254,15 +275,15 @@ def tune_study(
     import ray
     from ray import tune
 
-    space = check_study(space_path, base.parts, scheduler)
-    param_space = space.space(base.parts)
+    module = check_study(space, base.parts, scheduler)
+    param_space = module.space(base.parts)
     # the trials' parts ask for fixed shares, so that the cluster holds whole trials
     gpus = base.gpus_per_part
     if gpus is None:
         gpus = default_gpu_share(base, ray.cluster_resources().get("GPU", 0.0), max_concurrent or trials)
     base = base.model_copy(update={"cpus_per_part": base.cpus_per_part or 0.5, "gpus_per_part": gpus})
     max_reports = max(1, base.epochs * (len(data.train) // base.batch_size) // report_every) + 1
-    trainable = _trainable(base, data, space_path, report_every, scheduler == "pbt", cpus_per_trial)
+    trainable = _trainable(base, data, space, report_every, scheduler == "pbt", cpus_per_trial)
     path = storage.resolve() / name
     if resume:
         if not tune.Tuner.can_restore(str(path)):
@@ -277,7 +298,7 @@ def tune_study(
                 metric="test_bpd",
                 mode="min",
                 scheduler=chosen,
-                num_samples=1 if getattr(space, "GRID", False) else trials,
+                num_samples=1 if getattr(module, "GRID", False) else trials,
                 max_concurrent_trials=max_concurrent,
             ),
             run_config=tune.RunConfig(name=name, storage_path=str(storage.resolve()), checkpoint_config=keep),
