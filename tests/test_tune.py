@@ -69,9 +69,18 @@ def lrs(params, parts):
 def test_tiny_study_survives_divergence_ranks_and_best_config_round_trips(
     mnist_dir, tmp_path, monkeypatch, ray_session, capsys
 ):
+    import shutil
+
+    import raylocal.cluster.connect
     from raylocal.tune import cli as tune_lr
 
-    monkeypatch.chdir(tmp_path)
+    # as under `ray job submit` on a cluster: the job's working directory, the driver's own,
+    # is removed by Ray's runtime-env cleanup once the driver has joined Ray
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    monkeypatch.chdir(job_dir)
+    join = raylocal.cluster.connect.connect
+    monkeypatch.setattr(raylocal.cluster.connect, "connect", lambda c: join(c) or shutil.rmtree(job_dir, True))
     space = tmp_path / "space.py"
     space.write_text(SPACE)
     storage = tmp_path / "studies"

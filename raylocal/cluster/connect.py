@@ -10,6 +10,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -140,6 +141,24 @@ def connect(config: RaylocalConfig) -> None:
         where = f"reach Ray at {address!r}" if address else "start a local Ray instance"
         raise ClusterError(f"cannot {where}: {first[:160]}") from None
     drop_ray_noise()
+
+
+@contextlib.contextmanager
+def standing_in(directory: Path) -> Iterator[None]:
+    """Work with ``directory`` as the process's own, then go back if the old one
+    is still there. Under `ray job submit` Ray's runtime-env cleanup can remove
+    the job's working directory, the driver's own, once the driver has joined
+    Ray: what runs inside (Tune's results, a run's phases) must not depend on it."""
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:  # already removed: there is nothing to come back to
+        cwd = None
+    os.chdir(directory)
+    try:
+        yield
+    finally:
+        if cwd is not None and os.path.isdir(cwd):
+            os.chdir(cwd)
 
 
 def fit_train_run(trainer: Any) -> Any:

@@ -39,7 +39,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raylocal.baselines.ddp import train_ddp
-from raylocal.cluster.connect import errors_in_one_line, fit_train_run
+from raylocal.cluster.connect import errors_in_one_line, fit_train_run, standing_in
 from raylocal.cluster.handle import InProcess
 from raylocal.cluster.parts_phase import Monitor, PartsPhase, train_parts
 from raylocal.cluster.placement import Placement, actor_device, train_worker_device
@@ -320,20 +320,8 @@ class AsyncRun:
 
     def run(self) -> dict[str, Any]:
         """The run's phases, in its (existing) directory; returns its summary."""
-        # Under `ray job submit` the job's working directory can be removed by Ray's
-        # runtime-env cleanup while the job runs: stand in the run directory, so
-        # that nothing here depends on it.
-        try:
-            cwd = os.getcwd()
-        except FileNotFoundError:  # already removed: there is nothing to come back to
-            cwd = None
-        os.chdir(self.run_dir)
-        try:
-            with errors_in_one_line():
-                return self._run()
-        finally:
-            if cwd is not None and Path(cwd).is_dir():
-                os.chdir(cwd)
+        with standing_in(self.run_dir), errors_in_one_line():
+            return self._run()
 
     def _run(self) -> dict[str, Any]:
         config = self.config

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         if trials < 1 or report_every < 1 or pbt_interval < 1:
             raise RaylocalError("--trials, --report-every and --pbt-interval must be at least 1")
         scheduler = extra["scheduler"]
-        from raylocal.cluster.connect import connect
+        from raylocal.cluster.connect import connect, standing_in
         from raylocal.tune.tuning import check_study, ranked_table, read_space, tune_study, write_best_config
 
         space_path = extra["space"]
@@ -63,15 +63,17 @@ def main(argv: list[str] | None = None) -> int:
         check_study(space, base.parts, scheduler)  # a bad space or scheduler fails here, before Ray starts
         set_threads(base)
         data = load_data(base)
-        connect(base)
         name = extra["study"] or f"tune-{Path(space_path).stem}-{base.parts}p"
-        storage = Path(base.storage_path)
-        results = tune_study(
-            base, data, space, trials, report_every, storage, name, resume, max_concurrent,
-            scheduler=scheduler, pbt_interval=pbt_interval,
-        )  # fmt: skip
+        storage = Path(base.storage_path).resolve()
+        storage.mkdir(parents=True, exist_ok=True)
+        with standing_in(storage):  # (once joined, the job's own directory may be gone)
+            connect(base)
+            results = tune_study(
+                base, data, space, trials, report_every, storage, name, resume, max_concurrent,
+                scheduler=scheduler, pbt_interval=pbt_interval,
+            )  # fmt: skip
         table, rows = ranked_table(results, base.parts)
-        out = storage.resolve() / name
+        out = storage / name
         (out / "ranking.md").write_text(table + "\n")
         print(table)
         ok = [r for r in rows if not r["diverged"]]
