@@ -98,3 +98,16 @@ def untrained_bpd(mnist_dir: Path, seed: int = 0, **model: object) -> float:
     glow = build_glow(config, data.shape)
     initialize([glow.whole()], preprocess(data.train[:64], 8, torch.Generator().manual_seed(seed + 1)))
     return evaluate_bpd(glow, data.test, 32, torch.device("cpu"))
+
+
+def lose_the_working_directory_on_joining(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, module: object) -> None:
+    """As under `ray job submit` on a multi-node cluster: the driver stands in the job's working
+    directory, which Ray's runtime-env cleanup removes once the driver has joined Ray (at
+    ``module.connect``, as ``module`` calls it)."""
+    import shutil
+
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    monkeypatch.chdir(job_dir)
+    join = module.connect  # type: ignore[attr-defined]
+    monkeypatch.setattr(module, "connect", lambda config: join(config) or shutil.rmtree(job_dir, True))

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 import torch
-from conftest import tiny_options
+from conftest import lose_the_working_directory_on_joining, tiny_options
 from torch import nn
 
 from raylocal.baselines.ddp import LinkedAllReduce, OuterNesterov, average_parameters, carry_first_broadcast
@@ -23,8 +23,13 @@ from raylocal.core.links import FakeClock, LinkSpec, Wire
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
-def test_async_then_ddp_finetune_on_two_workers(mnist_dir, tmp_path):
+def test_async_then_ddp_finetune_on_two_workers(mnist_dir, tmp_path, monkeypatch):
+    import raylocal.cluster.preflight
+
     storage = tmp_path / "runs"
+    lose_the_working_directory_on_joining(
+        monkeypatch, tmp_path, raylocal.cluster.preflight
+    )  # as under `ray job submit`
     args = tiny_options(
         mnist_dir, storage, run_name="d", schedule="async", parts=2, part_spec="1|2", epochs=2,
         finetune_epochs=2, finetune_workers=2, lr=3e-3, progress=False, link="bw=1Gbit,lat=5ms",

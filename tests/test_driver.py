@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_options
+from conftest import lose_the_working_directory_on_joining, tiny_options
 
 import raylocal.cluster.preflight
 import raylocal.training.schedules
@@ -37,12 +37,9 @@ def test_driver_only_coordinates_and_a_killed_fine_tune_resumes_to_the_same_weig
         schedule="async", parts=2, part_spec="1|2", epochs=2, finetune_epochs=3, checkpoint_every=2,
         inject="sigkill:3@5,slow:2@0.25", eval_every=2, run_name="a", progress=False,
     )  # fmt: skip
-    # as under `ray job submit` on a cluster: the driver's working directory is removed once it joins Ray
-    job_dir = tmp_path / "job"
-    job_dir.mkdir()
-    monkeypatch.chdir(job_dir)
-    join = raylocal.cluster.preflight.connect
-    monkeypatch.setattr(raylocal.cluster.preflight, "connect", lambda c: join(c) or shutil.rmtree(job_dir, True))
+    lose_the_working_directory_on_joining(
+        monkeypatch, tmp_path, raylocal.cluster.preflight
+    )  # as under `ray job submit`
     # in this process (the driver) nothing may build an optimizer, train or evaluate
     monkeypatch.setattr(torch.optim.Adam, "__init__", _forbid)
     monkeypatch.setattr(torch.optim.Adamax, "__init__", _forbid)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_options
+from conftest import lose_the_working_directory_on_joining, tiny_options
 
 from raylocal.cli.train import main as run_main
 from raylocal.cluster.placement import trial_bundles
@@ -69,18 +69,11 @@ def lrs(params, parts):
 def test_tiny_study_survives_divergence_ranks_and_best_config_round_trips(
     mnist_dir, tmp_path, monkeypatch, ray_session, capsys
 ):
-    import shutil
 
     import raylocal.cluster.connect
     from raylocal.tune import cli as tune_lr
 
-    # as under `ray job submit` on a cluster: the job's working directory, the driver's own,
-    # is removed by Ray's runtime-env cleanup once the driver has joined Ray
-    job_dir = tmp_path / "job"
-    job_dir.mkdir()
-    monkeypatch.chdir(job_dir)
-    join = raylocal.cluster.connect.connect
-    monkeypatch.setattr(raylocal.cluster.connect, "connect", lambda c: join(c) or shutil.rmtree(job_dir, True))
+    lose_the_working_directory_on_joining(monkeypatch, tmp_path, raylocal.cluster.connect)
     space = tmp_path / "space.py"
     space.write_text(SPACE)
     storage = tmp_path / "studies"
