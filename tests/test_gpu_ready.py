@@ -231,6 +231,17 @@ def test_tune_gives_every_bundle_a_gpu_share_by_default_and_they_fit_together():
     bundles = trial_bundles(base.model_copy(update={"gpus_per_part": share}))
     assert 8 * sum(b.get("GPU", 0.0) for b in bundles) <= 1.0
     assert default_gpu_share(base, 4.0, 1) == 0.9  # one trial on 4 GPUs: a GPU per part, the service's share left
+    # every trial's bundles, each on one GPU, placed first-fit largest first (by hand, not by the formula)
+    for parts, gpus, concurrent in [(4, 3, 1), (5, 4, 1), (3, 5, 2), (3, 2, 3), (7, 8, 1), (2, 1, 4)]:
+        config = _config(parts=parts, part_spec=None, device="auto")
+        share = default_gpu_share(config, float(gpus), concurrent)
+        sizes = [b.get("GPU", 0.0) for b in trial_bundles(config.model_copy(update={"gpus_per_part": share}))]
+        free = [1.0] * gpus
+        for size in sorted(sizes * concurrent, reverse=True):
+            k = next((k for k, f in enumerate(free) if f + 1e-9 >= size), None)
+            assert k is not None, (parts, gpus, concurrent, share)
+            free[k] -= size
+        assert share >= 0.5 * (1 - 0.1) * gpus / ((parts + 1) * concurrent)  # not needlessly small
 
 
 def test_convolutions_are_ieee_float32_unless_tf32_is_asked_for():

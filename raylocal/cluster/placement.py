@@ -190,11 +190,14 @@ def default_gpu_share(config: RaylocalConfig, cluster_gpus: float, concurrent: i
     """Each part's GPU share in a Tune study when ``--gpus-per-part`` is not given:
     none without GPUs (or with ``--device cpu``), else an equal share for every
     bundle of the trials that run at once (K parts and the trial's own process
-    each), rounded down so that they fit the cluster's GPUs together."""
-    if config.device == "cpu" or cluster_gpus <= 0:
+    each), rounded down so that they fit the cluster's GPUs together. A
+    fractional bundle sits on one GPU, so each GPU must hold ceil(bundles / GPUs)
+    of them: G/B each may not fit (4 parts and a trial of 0.6 on 3 GPUs)."""
+    whole_gpus = int(cluster_gpus + 1e-9)
+    if config.device == "cpu" or whole_gpus <= 0:
         return 0.0
-    bundles = (config.parts + 1) * max(concurrent, 1)
-    return min(1.0 - SERVICE_GPU_SHARE, math.floor(1000 * cluster_gpus / bundles) / 1000)
+    per_gpu = math.ceil((config.parts + 1) * max(concurrent, 1) / whole_gpus)
+    return min(1.0 - SERVICE_GPU_SHARE, math.floor(1000 / per_gpu) / 1000)
 
 
 def data_parallel_uses_gpus(config: RaylocalConfig, workers: int, gpus: float) -> bool:
