@@ -321,3 +321,35 @@ def test_the_gpu_check_runs_its_cpu_path_and_says_what_it_skipped(mnist_dir, tmp
     glow = report["glow"]
     assert glow["fwd_bwd_images_per_s"] > 0 and glow["train_step_images_per_s"] > 0
     assert glow["reconstruction_max_error_tf32_off"] < 1e-4  # IEEE float32 on the CPU: exact to rounding
+
+
+def test_ray_train_workers_granted_no_gpu_are_shown_none(monkeypatch, tmp_path, ray_session):
+    """Ray 2.60 leaves every GPU visible to a worker granted none: a CPU worker's
+    torch.cuda.is_available() is then True on a GPU host, and PowerSGD's hook
+    synchronises its CPU bucket's device as a GPU. Ray Train's CPU workers (DDP,
+    local SGD, the one-worker fine-tune) get CUDA_VISIBLE_DEVICES="" instead."""
+    import ray.train.torch
+
+    from raylocal.baselines.ddp import train_ddp
+    from raylocal.run.async_run import finish_on_ray_train
+
+    class Built(Exception):
+        pass
+
+    envs = []
+
+    def trainer(*_args, **kwargs):
+        envs.append(kwargs["run_config"].worker_runtime_env)
+        raise Built
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
+    config = _config()
+    for use_gpu in (False, True):
+        workers = DataParallelPlacement(2, use_gpu, {"CPU": 1.0} | ({"GPU": 1.0} if use_gpu else {}), 1)
+        with pytest.raises(Built):
+            train_ddp(config, _images(), workers, 1, 1e-3, tmp_path / "ddp")
+        one = dataclasses.replace(Placement.plan(config, 2, [{"CPU": 4.0}]), work={"CPU": 1.0, "GPU": float(use_gpu)})
+        with pytest.raises(Built):
+            finish_on_ray_train(config, one, "mnist", (None, None), tmp_path, [(0, 8), (8, 15)], None)
+    hidden = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
+    assert envs == [hidden, hidden, {}, {}]

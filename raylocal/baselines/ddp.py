@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from raylocal.baselines.guard import NonFiniteGuard
 from raylocal.baselines.projection import ring_bytes
 from raylocal.cluster.connect import fit_train_run, node_images
-from raylocal.cluster.placement import DataParallelPlacement, check_torch_sees_gpus
+from raylocal.cluster.placement import DataParallelPlacement, check_torch_sees_gpus, train_worker_env
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import BatchStream, training_images
 from raylocal.core.faults import Straggler, parse_faults
@@ -556,7 +556,9 @@ def train_ddp(
         scaling_config=ScalingConfig(
             num_workers=placement.workers, use_gpu=placement.use_gpu, resources_per_worker=placement.worker
         ),
-        run_config=TrainRunConfig(name="ddp", storage_path=str(storage.resolve())),
+        run_config=TrainRunConfig(
+            name="ddp", storage_path=str(storage.resolve()), worker_runtime_env=train_worker_env(placement.use_gpu)
+        ),
     )
     try:
         result = fit_train_run(trainer)

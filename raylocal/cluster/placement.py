@@ -303,6 +303,14 @@ def assigned_device(gpu_ids: list, visible: str | None) -> torch.device:
     return torch.device(f"cuda:{index}")
 
 
+def train_worker_env(use_gpu: bool) -> dict[str, dict[str, str]]:
+    """The runtime env of Ray Train workers: those granted no GPU see none. Ray
+    2.60 leaves every GPU visible to them, and torch's own code that asks
+    ``torch.cuda.is_available()`` then touches one (PowerSGD's hook synchronises
+    the bucket's device, a CPU one on a GPU host: an error)."""
+    return {} if use_gpu else {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
+
+
 def train_worker_device(config: RaylocalConfig) -> str:
     """The device of a Ray Train worker: the one Ray Train assigned it."""
     import ray.train.torch

@@ -42,7 +42,7 @@ from raylocal.baselines.ddp import train_ddp
 from raylocal.cluster.connect import errors_in_one_line, fit_train_run, standing_in
 from raylocal.cluster.handle import InProcess
 from raylocal.cluster.parts_phase import Monitor, PartsPhase, train_parts
-from raylocal.cluster.placement import Placement, actor_device, train_worker_device
+from raylocal.cluster.placement import Placement, actor_device, train_worker_device, train_worker_env
 from raylocal.cluster.preflight import RayPlan
 from raylocal.cluster.queue import LatentQueue
 from raylocal.core.config import RaylocalConfig
@@ -263,6 +263,7 @@ def finish_on_ray_train(
             name="finetune",
             storage_path=str((run_dir / "ray_train").resolve()),
             failure_config=FailureConfig(max_failures=config.max_restarts),
+            worker_runtime_env=train_worker_env(use_gpu),
         ),
     )
     try:
