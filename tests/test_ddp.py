@@ -242,6 +242,8 @@ def test_a_rival_run_refuses_what_it_cannot_do_in_one_line(mnist_dir, tmp_path, 
         ({"schedule": "pipeline", "parts": 2, "max_restarts": 0}, "max_restarts=0: a pipeline run does not restart"),
         ({"schedule": "pipeline", "parts": 2, "max_rollbacks": 3}, "max_rollbacks=3: a pipeline run never rolls back"),
         ({"schedule": "data-parallel", "lr_backoff": 0.3}, "lr_backoff=0.3: a data-parallel run never rolls back"),
+        # its model is evaluated in the driver, after the training: refused before it
+        ({"schedule": "pipeline", "parts": 2, "device": "cuda"}, "device 'cuda': a pipeline run evaluates its model"),
     ]:
         assert main(tiny_options(mnist_dir, storage, run_name="r", **extra)) == 2
         err = capsys.readouterr().err

@@ -25,7 +25,7 @@ from raylocal.core.links import check_links
 from raylocal.errors import ConfigError
 from raylocal.model.glow import GlowLayout
 from raylocal.model.parts import PartSpec, resolve_part_spec
-from raylocal.training.trainer import check_image_shape
+from raylocal.training.trainer import check_image_shape, resolve_device
 
 
 def planned_spec(config: RaylocalConfig, image_shape: tuple[int, int, int]) -> PartSpec:
@@ -58,6 +58,19 @@ def check_run(config: RaylocalConfig, image_shape: tuple[int, int, int]) -> Part
     check_links(config.link, len(spec), timed_by=timed_traffic(config))
     check_faults(config, len(spec))
     return spec
+
+
+def check_driver_device(config: RaylocalConfig) -> None:
+    """A rival's model is evaluated, sampled and checkpointed in the driver once
+    its workers are done: a driver that cannot use ``--device`` fails now, not
+    after the training (a GPU cluster's head often has no GPU)."""
+    try:
+        resolve_device(config.device)
+    except ConfigError:
+        raise ConfigError(
+            f"device {config.device!r}: a {config.schedule} run evaluates its model in the driver, which sees "
+            "no GPU; --device auto trains on the cluster's GPUs and evaluates on the driver's CPU"
+        ) from None
 
 
 def timed_traffic(config: RaylocalConfig) -> str | None:
@@ -98,6 +111,8 @@ def plan_ray_run(config: RaylocalConfig, data: ImageData, with_service: bool = T
         spec = None
     else:
         spec = check_run(config, data.shape)
+    if config.schedule in ("data-parallel", "pipeline"):
+        check_driver_device(config)
     connect(config)
     images = node_images(config, data.train) if spec is not None else None  # (DDP's workers load their own)
     parts = workers = None
