@@ -214,3 +214,18 @@ def test_the_pipelines_links_lose_nothing_in_an_outage():
     assert not any(t.is_alive() for t in threads), "a stage waits for a message the link lost"
     assert stages[0].stats.steps == stages[1].stats.steps == 3
     assert links[0].activations_out.stats.outage_latents == links[1].gradients_out.stats.outage_latents == 0
+
+
+def test_a_stages_clock_waits_for_its_device_before_it_stops(monkeypatch):
+    """On a GPU the backward pass returns at its kernels' launch: the stage's
+    compute time (what an injected straggler is slowed by) must wait for them."""
+    import raylocal.baselines.pipeline_parallel as pipeline_parallel
+
+    glow, x = _glow_and_batch()
+    stage = PipelineStage(glow.whole(), CONFIG, 1e-3, 0, micro=1)
+    waited = []
+    monkeypatch.setattr(pipeline_parallel, "wait_for", lambda device: waited.append((device, stage.stats.compute_s)))
+    stage.forward(0, x)
+    before = stage.stats.compute_s
+    stage.backward(0)
+    assert waited == [(x.device, before)] and stage.stats.compute_s > before  # waited, then the clock stopped

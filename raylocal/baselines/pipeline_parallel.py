@@ -42,7 +42,7 @@ from raylocal.core.config import RaylocalConfig
 from raylocal.core.faults import Straggler
 from raylocal.errors import ClusterError
 from raylocal.model.glow import Part
-from raylocal.model.objectives import LN2
+from raylocal.model.objectives import LN2, wait_for
 from raylocal.training.trainer import scheduled_lr
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -130,6 +130,7 @@ class PipelineStage:
             own.backward()
         else:
             torch.autograd.backward([own, y], [torch.ones_like(own), grad_output.to(y.dtype)])
+        wait_for(y.device)  # (on a GPU the kernels run on: a straggler is slowed by what they take)
         computed = time.perf_counter() - start
         self.stats.compute_s += computed
         self.straggler.after(computed)
