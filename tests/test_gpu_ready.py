@@ -143,6 +143,28 @@ def test_the_data_parallel_control_tensors_are_made_on_the_workers_device():
     assert seen == [torch.device("meta")] * 2
 
 
+def test_a_data_parallel_workers_clocks_wait_for_its_device(monkeypatch):
+    """NCCL's all-reduce returns once it is queued, and a step's kernels run after
+    its calls return: a local-SGD round starts the wire once its all-reduce is done
+    on the device, and the stop flag's wait starts after the step's own kernels."""
+    import raylocal.baselines.ddp as ddp
+    from raylocal.core.links import LinkSpec, Wire
+
+    worker = DataParallelWorker.__new__(DataParallelWorker)
+    worker.device, worker.world, worker.outer, worker.idle_s = torch.device("cpu"), 2, None, 0.0
+    worker.model, worker.bytes_averaged = torch.nn.Linear(2, 1), 0.0
+    worker.link = LinkSpec.parse("bw=1Gbit")
+    worker.wire = Wire(worker.link)
+    order: list[str] = []
+    monkeypatch.setattr(ddp, "wait_for", lambda device: order.append(f"wait {device}"))
+    worker._all_reduce = lambda tensor, op="sum": order.append("all-reduce")
+    deliver = worker.wire.deliver
+    worker.wire.deliver = lambda nbytes, **kw: order.append("wire") or deliver(nbytes, **kw)
+    worker.average()
+    worker.out_of_time(started=0.0, budget=1e9)
+    assert order == ["all-reduce", "wait cpu", "wire", "wait cpu", "all-reduce"]
+
+
 def test_torch_must_see_the_gpus_ray_granted(monkeypatch):
     check_torch_sees_gpus([])  # nothing granted: nothing to see
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

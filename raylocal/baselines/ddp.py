@@ -45,7 +45,7 @@ from raylocal.core.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.core.runlog import peak_rss_mb
 from raylocal.core.tensors import tensor_bytes
 from raylocal.errors import ClusterError, DivergedError
-from raylocal.model.objectives import nll_bits, preprocess, to_device
+from raylocal.model.objectives import nll_bits, preprocess, to_device, wait_for
 from raylocal.training.trainer import build_glow, initialize, scheduled_lr
 
 WEIGHTS = "weights.pt"
@@ -269,8 +269,12 @@ class OverlappedRound:
 
     def _carry(self, wire: Wire | None) -> None:
         try:
+            # done on the device, not only queued (NCCL's wait() returns at once); beside the
+            # training thread's kernels, which a device-wide wait would add to the round
+            while self.work is not None and not self.work.is_completed():
+                time.sleep(0.001)
             if self.work is not None:
-                self.work.wait()
+                self.work.wait()  # (done: raises the collective's error, if any)
             if wire is not None:
                 SYSTEM_CLOCK.sleep_until(wire.deliver(int(self.nbytes)))
         except BaseException as e:  # raised by apply, in the training thread
@@ -386,6 +390,7 @@ class DataParallelWorker:
         start = time.perf_counter()
         params = list(self.model.parameters())
         nbytes = ring_bytes(average_parameters(params, self._all_reduce, self.world), self.world)
+        wait_for(self.device)  # NCCL's all-reduce returns once queued: the wire starts when it is done
         if not self.link.ideal:
             SYSTEM_CLOCK.sleep_until(self.wire.deliver(int(nbytes)))
         if self.outer is not None:
@@ -414,6 +419,7 @@ class DataParallelWorker:
         """Every worker stops at the same step: the first one out of time decides."""
         if not budget:
             return False
+        wait_for(self.device)  # the step's own kernels are compute, not the wait below
         asked = time.perf_counter()
         flag = self.control([1.0 if asked - started >= budget else 0.0])
         self._all_reduce(flag, "max")
