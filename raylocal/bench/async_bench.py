@@ -270,11 +270,14 @@ class AsyncBench:
     def run_ddp(self) -> None:
         from raylocal.baselines.ddp import train_ddp
 
+        # a GPU each where there are enough (--gpu), else on CPUs, said so: never refused at the end
+        config = self.config.model_copy(update={"device": "auto"}) if self.gpu else self.config
         with tempfile.TemporaryDirectory() as tmp:
-            workers = DataParallelPlacement.plan(self.config, self.k, cpus_per_worker=1.0)
-            _, history = train_ddp(self.config, self.data.train, workers, 1, 1e-3, Path(tmp))
+            workers = DataParallelPlacement.plan(config, self.k, cpus_per_worker=1.0)
+            _, history = train_ddp(config, self.data.train, workers, 1, 1e-3, Path(tmp))
         ips = history[-1]["images_per_s"] if history else float("nan")
-        print(f"DDP e2e, {self.k} workers x 1 thread: {ips:.0f} images/s", flush=True)
+        where = "a GPU each" if workers.use_gpu else "1 thread"
+        print(f"DDP e2e, {self.k} workers x {where}: {ips:.0f} images/s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
