@@ -167,13 +167,17 @@ def test_diloco_outer_step_is_nesterov_sgd_on_the_pseudo_gradient():
     assert torch.allclose(averaged[0], torch.tensor([1.0, 2.0]) - 0.7 * (g + 0.9 * g))
 
 
-def test_a_local_sgd_run_over_a_link_sends_what_the_formula_says_and_records_its_model(mnist_dir, tmp_path, capsys):
+def test_a_local_sgd_run_over_a_link_sends_what_the_formula_says_and_records_its_model(
+    mnist_dir, tmp_path, capsys, monkeypatch
+):
     """The data-parallel schedule as a run of its own (``raylocal train --schedule
     data-parallel``): local SGD's bytes as the formula says, and a record whose
     BPD is its checkpoint's, evaluated independently."""
+    import raylocal.cluster.preflight
     from raylocal.run.launch import finished_run
     from raylocal.training.trainer import build_glow, evaluate_bpd
 
+    lose_the_working_directory_on_joining(monkeypatch, tmp_path, raylocal.cluster.preflight)
     storage = tmp_path / "runs"
     args = tiny_options(
         mnist_dir,

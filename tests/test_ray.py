@@ -10,8 +10,9 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_options, untrained_bpd
+from conftest import lose_the_working_directory_on_joining, tiny_options, untrained_bpd
 
+import raylocal.cluster.preflight
 from raylocal.cli.train import main
 from raylocal.cluster.placement import Placement
 from raylocal.cluster.preflight import RayPlan
@@ -306,7 +307,7 @@ def test_shared_gpu_bundles_fit_on_the_gpus_there_are(monkeypatch, n_gpus):
 
 
 def test_the_pipeline_parallel_rival_on_ray_trains_as_its_stages_do_in_one_process(
-    ray_session, mnist_dir, tmp_path, capsys
+    ray_session, mnist_dir, tmp_path, capsys, monkeypatch
 ):
     """The pipeline schedule as a run of its own (``raylocal train --schedule
     pipeline``): its stages on Ray end with the weights the same stages reach in
@@ -316,6 +317,7 @@ def test_the_pipeline_parallel_rival_on_ray_trains_as_its_stages_do_in_one_proce
     from raylocal.core.config import load_config_file
     from raylocal.training.trainer import evaluate_bpd
 
+    lose_the_working_directory_on_joining(monkeypatch, tmp_path, raylocal.cluster.preflight)
     storage = tmp_path / "runs"
     n_layers = len(build_glow(RaylocalConfig(n_levels=2, depth=2, hidden=8), (1, 8, 8)))
     args = tiny_options(

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from raylocal.baselines.ddp import train_ddp
 from raylocal.baselines.pipeline_on_ray import train_pipeline_parallel
+from raylocal.cluster.connect import standing_in
 from raylocal.cluster.preflight import RayPlan
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData
@@ -50,8 +51,9 @@ class RivalRun:
         self.figures: Any = None
 
     def run(self) -> dict[str, Any]:
-        trained = self._pipeline() if self.config.schedule == "pipeline" else self._data_parallel()
-        summary = finish_trained_elsewhere(self.config, self.data, self.run_dir, trained)
+        with standing_in(self.run_dir):  # (under `ray job submit` the job's own directory may be gone)
+            trained = self._pipeline() if self.config.schedule == "pipeline" else self._data_parallel()
+            summary = finish_trained_elsewhere(self.config, self.data, self.run_dir, trained)
         if self.config.schedule == "pipeline":  # its stages, where the record shows a run's parts
             n_stages = len(self.figures["per_stage"])
             return summary | {"pipeline": self.figures, "parts": self.figures["stages"], "n_parts": n_stages}
