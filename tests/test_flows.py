@@ -261,3 +261,20 @@ def test_samples_follow_their_temperature():
         z, latents = glow.encode(glow.sample(4000, temperature))
         for latent in [z, *latents]:
             assert float(latent.std()) == pytest.approx(temperature, rel=0.03), temperature
+
+
+def test_an_actnorm_loaded_from_a_state_dict_initialises_on_data_only_if_that_one_had_not():
+    torch.manual_seed(0)
+    source, x = ActNorm(3), torch.randn(8, 3, 4, 4) * 3 + 1
+    fresh_state = {k: v.clone() for k, v in source.state_dict().items()}  # before any data
+    y, _ = source(x)  # data-dependent init: per-channel zero mean, unit variance
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    trained = ActNorm(3)
+    trained.load_state_dict(source.state_dict())
+    other = torch.randn(8, 3, 4, 4)
+    torch.testing.assert_close(trained(other)[0], source(other)[0])  # the loaded init, not the new data's
+    untrained = ActNorm(3)
+    untrained.data_init(other)  # initialised here, then given a state dict that never was
+    untrained.load_state_dict(fresh_state)
+    y, _ = untrained(x)
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)

@@ -103,7 +103,8 @@ class ActNorm(FlowLayer):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._ready = bool(self.initialized)
+        # the loaded flag, read off the (CPU) state dict: reading the module's own on a GPU waits for it
+        self._ready = bool(state_dict.get(prefix + "initialized", self.initialized))
 
     def normalize(self, x: Tensor) -> Tensor:
         if not self._ready:
