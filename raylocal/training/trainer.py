@@ -308,8 +308,10 @@ class UpdateMeter:
         return self.start <= step < self.stop
 
     def add(self, before: list[Tensor], after: list[Tensor]) -> None:
-        moved = sum(float((a - b).pow(2).sum()) for a, b in zip(after, before))
-        size = sum(float(b.pow(2).sum()) for b in before)
+        # each tensor's sums on its device, then one wait for all of them (not two per tensor on a GPU)
+        moved = torch.stack([(a - b).pow(2).sum() for a, b in zip(after, before)]).double().sum()
+        size = torch.stack([b.pow(2).sum() for b in before]).double().sum()
+        moved, size = torch.stack([moved, size]).tolist()
         self.total += math.sqrt(moved / size) if size > 0 else 0.0
         self.count += 1
 
