@@ -375,3 +375,36 @@ def test_ray_train_workers_granted_no_gpu_are_shown_none(monkeypatch, tmp_path, 
             finish_on_ray_train(config, one, "mnist", (None, None), tmp_path, [(0, 8), (8, 15)], None)
     hidden = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
     assert envs == [hidden, hidden, {}, {}]
+
+
+def test_an_overlapped_round_applies_only_what_has_landed_on_the_device(monkeypatch):
+    """NCCL's wait() returns once the all-reduce is queued: the round's thread
+    polls the work until it is done on the device (here after three polls, when
+    the two workers' sum lands), and a collective's error reaches ``apply``."""
+    import torch.distributed as dist
+
+    from raylocal.baselines.ddp import OverlappedRound
+
+    class QueuedWork:  # as NCCL's: wait() at once; the result lands later
+        def __init__(self, tensor: torch.Tensor, error: Exception | None = None) -> None:
+            self.tensor, self.polls, self.error = tensor, 0, error
+
+        def is_completed(self) -> bool:
+            self.polls += 1
+            if self.polls == 3:
+                self.tensor.mul_(2.0)  # two workers with the same weights: their sum
+            return self.polls >= 3
+
+        def wait(self) -> bool:
+            if self.error is not None:
+                raise self.error
+            return True
+
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, async_op: QueuedWork(tensor))
+    params = [torch.ones(3), torch.full((2,), 4.0)]
+    OverlappedRound(params, world=2, wire=None).apply()
+    assert torch.equal(params[0], torch.ones(3)) and torch.equal(params[1], torch.full((2,), 4.0))  # the mean
+    failed = RuntimeError("the peer is gone")
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, async_op: QueuedWork(tensor, failed))
+    with pytest.raises(RuntimeError, match="the peer is gone"):
+        OverlappedRound(params, world=2, wire=None).apply()
