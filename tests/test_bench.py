@@ -135,3 +135,29 @@ def test_the_speedup_gap_refuses_a_bad_round_count_in_one_line(capsys, tmp_path)
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --seconds 8.0, --cell-budget 60.0 and --rounds 0 must be positive"]
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_async_on_fewer_gpus_than_parts_runs_its_ddp_baseline_on_cpus(monkeypatch, capsys):
+    """--gpu with 2 parts on one GPU: DDP cannot have a GPU per worker; it trains
+    on CPUs and says so, instead of refusing after every other figure."""
+    import raylocal.baselines.ddp
+    import raylocal.cluster.placement
+    from raylocal.bench.async_bench import AsyncBench
+    from raylocal.core.config import RaylocalConfig
+
+    placed = []
+
+    def train_ddp(config, images, workers, *args, **kwargs):
+        placed.append(workers.use_gpu)
+        return {}, [{"images_per_s": 100.0}]
+
+    monkeypatch.setattr(raylocal.baselines.ddp, "train_ddp", train_ddp)
+    bench = AsyncBench.__new__(AsyncBench)
+    bench.k, bench.gpu, bench.data = 2, True, type("Data", (), {"train": None})()
+    bench.config = RaylocalConfig(parts=2, device="cuda", cpus_per_part=1.0)
+    for gpus in (1.0, 2.0):
+        monkeypatch.setattr(raylocal.cluster.placement, "live_nodes", lambda g=gpus: [{"CPU": 4.0, "GPU": g}])
+        bench.run_ddp()
+    out = capsys.readouterr()
+    assert placed == [False, True] and "2 data-parallel workers need a GPU each, the cluster has 1" in out.err
+    assert "DDP e2e, 2 workers x 1 thread: 100" in out.out and "DDP e2e, 2 workers x a GPU each: 100" in out.out
