@@ -69,11 +69,9 @@ def lrs(params, parts):
 def test_tiny_study_survives_divergence_ranks_and_best_config_round_trips(
     mnist_dir, tmp_path, monkeypatch, ray_session, capsys
 ):
-
-    import raylocal.cluster.connect
     from raylocal.tune import cli as tune_lr
 
-    lose_the_working_directory_on_joining(monkeypatch, tmp_path, raylocal.cluster.connect)
+    lose_the_working_directory_on_joining(monkeypatch, tmp_path, tune_lr)
     space = tmp_path / "space.py"
     space.write_text(SPACE)
     storage = tmp_path / "studies"

@@ -52,9 +52,6 @@ def run_study(
     lost) for the same settings; else it is trained if ``train`` (the study,
     or a narrowing of it) has its arm and seed, and left out otherwise (and
     not tuned)."""
-    if train is not None and any("tune_lr" in study.arms[arm] for arm in train.arms):
-        # Ray Tune's side, imported before a run joins Ray (tests/test_setup.py says why)
-        import raylocal.tune.tuning  # noqa: F401
     runs: dict[str, dict[int, dict]] = {}
     for seed in study.seeds:  # seed-major: a stopped study has whole pairs to compare
         for arm in arm_order(study, seed):

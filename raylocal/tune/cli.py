@@ -20,10 +20,43 @@ import os
 import sys
 from pathlib import Path
 
+from raylocal.cluster.connect import connect, standing_in
 from raylocal.core.config import EMBEDDED_DEFAULT as DEFAULTS
-from raylocal.core.config import build_parser, config_from_args
+from raylocal.core.config import RaylocalConfig, build_parser, config_from_args
 from raylocal.errors import RaylocalError
 from raylocal.run.launch import load_data, set_threads
+from raylocal.tune.tuning import check_study, ranked_table, read_space, tune_study, write_best_config
+
+INTEGER_OPTIONS = ("trials", "report_every", "max_concurrent", "pbt_interval")
+
+
+def study_options(extra: dict[str, str | None]) -> dict[str, int | None]:
+    """The study's integer options, checked (--max-concurrent may be left out)."""
+    counts = ("trials", "report_every", "pbt_interval")
+    try:
+        values: dict[str, int | None] = {k: int(extra[k]) for k in counts}  # type: ignore[arg-type]
+        values["max_concurrent"] = int(extra["max_concurrent"]) if extra["max_concurrent"] else None
+    except ValueError as e:
+        raise RaylocalError(
+            f"--trials, --report-every, --max-concurrent and --pbt-interval take integers ({e})"
+        ) from None
+    if any(values[k] < 1 for k in counts):  # type: ignore[operator]
+        raise RaylocalError("--trials, --report-every and --pbt-interval must be at least 1")
+    return values
+
+
+def report(results: object, base: RaylocalConfig, out: Path) -> None:
+    """The ranking (ranking.md), the best trial's config (best.json) and where they are."""
+    table, rows = ranked_table(results, base.parts)
+    (out / "ranking.md").write_text(table + "\n")
+    print(table)
+    ok = [r for r in rows if not r["diverged"]]
+    if not ok:
+        raise RaylocalError(f"every trial diverged; see {out}")
+    write_best_config(base, ok[0], out / "best.json")
+    print(f"\nbest: LRs {ok[0]['lrs']}, test BPD {ok[0]['test_bpd']:.4f}")
+    print(f"config: {out / 'best.json'}  (python scripts/run_async.py --config {out / 'best.json'})")
+    print(f"Tune logs: {out}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,27 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pbt-interval", default="2", help="reports between PBT's exploit/explore steps")
     try:
         args = parser.parse_args(argv)
-        extra = {
-            k: vars(args).pop(k, None)
-            for k in ("space", "trials", "report_every", "study", "max_concurrent", "scheduler", "pbt_interval")
-        }
+        extra = {k: vars(args).pop(k, None) for k in ("space", "study", "scheduler", *INTEGER_OPTIONS)}
         resume = bool(vars(args).pop("resume", False))
         base = config_from_args(args, defaults)
-        try:
-            trials, report_every = int(extra["trials"]), int(extra["report_every"])
-            max_concurrent = int(extra["max_concurrent"]) if extra["max_concurrent"] else None
-            pbt_interval = int(extra["pbt_interval"])
-        except ValueError as e:
-            raise RaylocalError(
-                f"--trials, --report-every, --max-concurrent and --pbt-interval take integers ({e})"
-            ) from None
-        if trials < 1 or report_every < 1 or pbt_interval < 1:
-            raise RaylocalError("--trials, --report-every and --pbt-interval must be at least 1")
-        scheduler = extra["scheduler"]
-        from raylocal.cluster.connect import connect, standing_in
-        from raylocal.tune.tuning import check_study, ranked_table, read_space, tune_study, write_best_config
-
-        space_path = extra["space"]
+        numbers = study_options(extra)
+        space_path, scheduler = extra["space"], extra["scheduler"]
         space = read_space(space_path)  # read once, here: the trials build it from this text
         check_study(space, base.parts, scheduler)  # a bad space or scheduler fails here, before Ray starts
         set_threads(base)
@@ -69,20 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         with standing_in(storage):  # (once joined, the job's own directory may be gone)
             connect(base)
             results = tune_study(
-                base, data, space, trials, report_every, storage, name, resume, max_concurrent,
-                scheduler=scheduler, pbt_interval=pbt_interval,
+                base, data, space, numbers["trials"], numbers["report_every"], storage, name, resume,
+                numbers["max_concurrent"], scheduler=scheduler, pbt_interval=numbers["pbt_interval"],
             )  # fmt: skip
-        table, rows = ranked_table(results, base.parts)
-        out = storage / name
-        (out / "ranking.md").write_text(table + "\n")
-        print(table)
-        ok = [r for r in rows if not r["diverged"]]
-        if not ok:
-            raise RaylocalError(f"every trial diverged; see {out}")
-        write_best_config(base, ok[0], out / "best.json")
-        print(f"\nbest: LRs {ok[0]['lrs']}, test BPD {ok[0]['test_bpd']:.4f}")
-        print(f"config: {out / 'best.json'}  (python scripts/run_async.py --config {out / 'best.json'})")
-        print(f"Tune logs: {out}")
+        report(results, base, storage / name)
     except RaylocalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
