@@ -435,7 +435,7 @@ def test_a_service_here_takes_the_configs_device_in_a_driver_not_rays_grant(monk
     monkeypatch.setattr(async_run, "actor_device", lambda config: torch.device("cpu"))  # a driver is granted nothing
     config = RaylocalConfig(schedule="async", parts=2, device="cuda")
     placement = type("Placement", (), {"service": {"CPU": 1.0}})()
-    ray_plan = RayPlan(None, placement, None, None)
+    ray_plan = RayPlan(placement, None, None)
     phases = async_run.AsyncRun(config, load_dataset("mnist", mnist_dir), tmp_path, ray_plan, service_here=True)
     phases._start_service()  # a benchmark's driver plans and evaluates where its parts train
     assert made == ["cuda"]

@@ -89,7 +89,6 @@ class RayPlan:
     or the data-parallel rival's), and the description each actor's node loads
     the training images from (``--images-from node``; None: the driver's copy)."""
 
-    spec: PartSpec | None
     parts: Placement | None
     workers: DataParallelPlacement | None
     node_images: NodeImages | None
@@ -125,4 +124,4 @@ def plan_ray_run(config: RaylocalConfig, data: ImageData, with_service: bool = T
         workers = DataParallelPlacement.plan(config, config.finetune_workers)  # after the parts: all of it
     if workers is not None:
         workers.check()
-    return RayPlan(spec, parts, workers, images)
+    return RayPlan(parts, workers, images)

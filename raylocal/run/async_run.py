@@ -308,9 +308,7 @@ class AsyncRun:
         self.config, self.data = config, data
         self.run_dir = run_dir
         self.service_here, self.monitor = service_here, monitor
-        self.ray_plan = ray_plan
-        self.placement = ray_plan.parts  # the parts', the service's and a one-worker fine-tune's bundles
-        self.finetune_placement = ray_plan.workers  # a DDP fine-tune's workers
+        self.ray_plan = ray_plan  # parts: the parts', service's and one-worker fine-tune's; workers: a DDP fine-tune's
         self.plan: dict[str, Any] | None = None
         self.progress = Progress(config.progress)
         self.where: dict[str, Any] = {}
@@ -336,7 +334,7 @@ class AsyncRun:
             else:
                 live = None if self.monitor else self._live_settings(refs[1])
                 # the part actors start (a process and a torch import each) while the service plans
-                with PartsPhase(config, self.data, self.run_dir, self.placement, refs[0]) as phase:
+                with PartsPhase(config, self.data, self.run_dir, self.ray_plan.parts, refs[0]) as phase:
                     plan = self.plan = ray.get(plan_ref)
                     if self.monitor:
                         watch = self.monitor(service, plan)
@@ -354,13 +352,13 @@ class AsyncRun:
     def _start_service(self) -> Any:
         """The model service, in a placement group of its own (released by ``_release``)."""
         config = self.config
-        bundle = self.placement.service
+        bundle = self.ray_plan.parts.service
         if self.service_here:  # in a process that holds one bundle's CPUs: one thread
             in_actor = ray.get_runtime_context().get_actor_id() is not None
             device = None if in_actor else config.device
             self.service = InProcess(RunService(config.model_dump_json(), self.data.shape, 1, False, device))
             return self.service
-        self.service_pg = self.placement.reserve_service()
+        self.service_pg = self.ray_plan.parts.reserve_service()
         self.service = ServiceActor.options(
             num_cpus=bundle["CPU"],
             num_gpus=bundle.get("GPU", 0),
@@ -408,7 +406,7 @@ class AsyncRun:
             # the service's bundle is handed to the fine-tune: Ray Train always
             # reserves its own placement group and cannot take over one of ours
             self._release()
-            summary = finish_on_ray_train(config, self.placement, name, refs, run_dir, bounds, self.parts)
+            summary = finish_on_ray_train(config, self.ray_plan.parts, name, refs, run_dir, bounds, self.parts)
         self.where["finished"] = summary.pop("where_finished")
         if "parts" not in self.where:  # resumed after the parts phase: from its report
             self.where["parts"] = parts_where(json.loads((run_dir / "pipeline.json").read_text()))
@@ -424,9 +422,9 @@ class AsyncRun:
         clock = LRClock.of(config, per_epoch, config.epochs, config.finetune_epochs)
         run_clock = clock.finetune_elsewhere(int(parts.stats[0]["steps"]))  # on from where the parts left it
         link_stats: dict[str, Any] = {}
-        assert self.finetune_placement is not None, "plan_ray_run plans the fine-tune's workers"
+        assert self.ray_plan.workers is not None, "plan_ray_run plans the fine-tune's workers"
         tuned, history = train_ddp(
-            config, self.data.train, self.finetune_placement, config.finetune_epochs, lr, self.run_dir / "ddp",
+            config, self.data.train, self.ray_plan.workers, config.finetune_epochs, lr, self.run_dir / "ddp",
             parts.state, stats=link_stats, **run_clock,
         )  # fmt: skip
         self.where["finetune_ddp"] = link_stats.pop("where", None)
