@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,8 @@ from raylocal import errors
 from raylocal.core.config import load_config_file
 from raylocal.study import catalog, compare, runner, spec, stats, tables
 from raylocal.study import studies as study
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _summary(final: float, curve: list[tuple[float, float, float]], parts_bpd: float | None = None) -> dict:
@@ -170,7 +173,9 @@ def test_a_tiny_study_runs_end_to_end_and_a_rerun_trains_nothing(mnist_dir, tmp_
     path.write_text(json.dumps(spec))
     trained = []
     real_run = compare.run
-    monkeypatch.setattr(compare, "run", lambda config: trained.append(config.run_name) or real_run(config))
+    monkeypatch.setattr(
+        compare, "run", lambda config, data=None: trained.append(config.run_name) or real_run(config, data)
+    )
     argv = ["--spec", str(path), "--out", str(tmp_path / "out"), "--storage-path", str(tmp_path / "runs")]
     assert study.main(argv) == 0
     assert sorted(trained) == ["2-parts-seed0", "2-parts-seed1", "e2e-seed0", "e2e-seed1"]
@@ -488,3 +493,51 @@ def test_a_study_run_killed_mid_way_resumes_from_its_checkpoint_to_the_uninterru
     assert epochs == [1]  # only the epoch the kill cut short: not trained again from the start
     resumed = json.loads((run_dir / "summary.json").read_text())
     assert resumed["test_bpd"] == whole["test_bpd"] and resumed["steps"] == whole["steps"]
+
+
+def test_a_study_with_a_ray_arm_survives_its_job_directory_going_once_it_has_joined(
+    mnist_dir, tmp_path, monkeypatch, ray_session
+):
+    """Under `ray job submit` on a multi-node cluster the job's working directory can
+    go once the driver has joined Ray. A study given paths inside it (its images,
+    a tune space, its outputs) still trains the arms after its first Ray arm and
+    writes its tables where it was told, not into the last run's directory."""
+    import shutil
+
+    from conftest import lose_the_working_directory_on_joining
+
+    import raylocal.cluster.preflight
+    from raylocal.tune import cli as tune_lr
+
+    lose_the_working_directory_on_joining(monkeypatch, tmp_path, raylocal.cluster.preflight)
+    job_dir = tmp_path / "job"
+    shutil.copytree(mnist_dir, job_dir / "data")
+    shutil.copytree(ROOT / "tune_spaces", job_dir / "tune_spaces")
+    tune = {"space": "tune_spaces/independent.py", "trials": 2, "seed": 100, "validation": 16, "report_every": 2}
+    spec = {
+        "name": "job", "question": "q", "baseline": "e2e", "seeds": [0], "base": _tiny_base("data"),
+        "arms": {
+            "e2e": {"schedule": "e2e", "epochs": 1},
+            "async": {"schedule": "async", "parts": 2, "part_spec": "1|2", "epochs": 1, "cpus_per_part": 0.5},
+            "tuned": {"schedule": "simultaneous", "parts": 2, "part_spec": "1|2", "epochs": 1, "tune_lr": tune},
+        },
+    }  # fmt: skip
+    (job_dir / "job.json").write_text(json.dumps(spec))
+    spaces = []
+
+    def fake_tune(argv):  # after the async arm: the space as read before it, and the best.json a study leaves
+        args = dict(zip(argv[::2], argv[1::2]))
+        spaces.append(Path(args["--space"]).read_text())
+        trial = json.loads(Path(args["--config"]).read_text())
+        best = Path(trial["storage_path"]) / args["--study"] / "best.json"
+        best.parent.mkdir(parents=True)
+        best.write_text(json.dumps({**trial, "lr": [2e-3, 5e-4]}))
+        return 0
+
+    monkeypatch.setattr(tune_lr, "main", fake_tune)
+    assert study.main(["--spec", "job.json", "--out", "out", "--storage-path", "runs"]) == 0
+    assert not (tmp_path / "job" / "data").exists()  # gone with the job's directory, at the async arm's join
+    assert spaces == [(ROOT / "tune_spaces" / "independent.py").read_text()]
+    results = json.loads((job_dir / "out" / "job" / "results.json").read_text())
+    assert sorted(results["runs"]) == ["async", "e2e", "tuned"]
+    assert load_config_file(job_dir / "runs" / "job" / "tuned-seed0" / "config.json").lr == [2e-3, 5e-4]

@@ -75,7 +75,8 @@ def set_threads(config: RaylocalConfig) -> None:
     torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
 
 
-def run(config: RaylocalConfig) -> dict[str, Any]:
-    """Run ``config``: in this process, or on Ray for the async schedule (see ``Run``)."""
+def run(config: RaylocalConfig, data: ImageData | None = None) -> dict[str, Any]:
+    """Run ``config`` on ``data`` (loaded here when not given): in this process, or
+    on Ray for the async schedule (see ``Run``)."""
     set_threads(config)
-    return Run(config, load_data(config)).execute()
+    return Run(config, data if data is not None else load_data(config)).execute()

@@ -32,14 +32,19 @@ import numpy as np
 from raylocal.core.config import (
     RIVAL_SCHEDULES,
     RaylocalConfig,
+    data_source,
     load_config_file,
     read_config_file,
     validate_config,
 )
+from raylocal.core.data import DataSource, ImageData
 from raylocal.core.runlog import has_checkpoint
 from raylocal.errors import ConfigError, RaylocalError
 from raylocal.run.launch import run, set_threads
 from raylocal.study.stats import mean_interval
+
+# Images read before a study's first run, by their data source
+Loaded = dict[DataSource, ImageData]
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -66,9 +71,12 @@ def seeded(values: dict, seed: int) -> dict:
     return {**values, "seed": seed, "run_name": f"{values['run_name']}-seed{seed}"}
 
 
-def run_config(path: Path, values: dict, storage: str, rerun: bool, seed: int | None = None) -> dict:
+def run_config(
+    path: Path, values: dict, storage: str, rerun: bool, seed: int | None = None, loaded: Loaded | None = None
+) -> dict:
     """Run the config read from ``path`` as ``values``: reuse it when it finished,
-    resume it from its checkpoint when it was killed (a rival starts again)."""
+    resume it from its checkpoint when it was killed (a rival starts again). Its
+    images come from ``loaded`` when that holds its data source."""
     values = {"run_name": path.stem, **values}
     if seed is not None:
         values = seeded(values, seed)
@@ -86,7 +94,7 @@ def run_config(path: Path, values: dict, storage: str, rerun: bool, seed: int | 
         print(f"resuming {summary_path.parent} from its checkpoint", flush=True)
     set_threads(config)
     print(f"running {path} ...", flush=True)
-    summary = run(config)
+    summary = run(config, (loaded or {}).get(data_source(config)))
     print(f"  test BPD {summary['test_bpd']:.4f} in {summary['wall_time']:.0f}s", flush=True)
     return summary
 

@@ -3,26 +3,54 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from raylocal.core.config import load_config_file
+from raylocal.core.config import data_source, load_config_file, validate_config
 from raylocal.errors import ConfigError, RaylocalError
-from raylocal.study.compare import changed_settings, run_config
+from raylocal.study.compare import Loaded, changed_settings, run_config
 from raylocal.study.spec import EQUAL_TIME_OF, Study
 from raylocal.tune import cli as tune_lr
+from raylocal.tune.tuning import SpaceSource, read_space
 
 
-def tuned(study: Study, arm: str, storage: Path) -> dict[str, Any]:
+@dataclass
+class StudyInputs:
+    """What the study's runs read from files, read before its first run joins Ray:
+    under `ray job submit` the job's working directory (the bundled images,
+    tune_spaces/) can be gone from then on."""
+
+    images: Loaded
+    spaces: dict[str, SpaceSource]  # the search space of each arm still to tune
+
+
+def read_inputs(study: Study, storage: Path, train: Study | None) -> StudyInputs:
+    """The images of every arm ``train`` trains, and the search space of every
+    arm still to tune (a missing one fails here, before anything trained)."""
+    inputs = StudyInputs({}, {})
+    for arm in train.arms if train is not None else []:
+        values = {k: v for k, v in {**study.base, **study.arms[arm]}.items() if k not in ("tune_lr", EQUAL_TIME_OF)}
+        source = data_source(validate_config(values, f"{study.name}/{arm}"))
+        if source not in inputs.images:
+            inputs.images[source] = source.load()
+        spec = study.arms[arm].get("tune_lr")
+        if spec is not None and not (storage / study.name / f"tune-{arm}" / "best.json").is_file():
+            inputs.spaces[arm] = read_space(spec["space"])
+    return inputs
+
+
+def tuned(study: Study, arm: str, storage: Path, spaces: dict[str, SpaceSource]) -> dict[str, Any]:
     """The arm's overrides. An arm with ``tune_lr`` ({"space", "trials", "seed",
     "validation", "report_every"}) takes its per-part LRs from a Ray Tune study of its own (ASHA,
     scripts/tune_lr.py): its trials are the lockstep async twin of the
     simultaneous schedule (queue 1) with no fine-tune, at a seed of their own, and
     are evaluated on the last ``validation`` training images, held out from them,
-    so that the LRs are not chosen on the test set. It runs once; its best.json
-    is read back after."""
+    so that the LRs are not chosen on the test set. It runs once, on a copy of its
+    space as ``spaces`` holds it (read before the study's first run), written
+    beside its study; its best.json is read back after."""
     overrides = dict(study.arms[arm])
     spec = overrides.pop("tune_lr", None)
     if spec is None:
@@ -35,7 +63,9 @@ def tuned(study: Study, arm: str, storage: Path) -> dict[str, Any]:
         root.mkdir(parents=True, exist_ok=True)
         config_path = root / f"tune-{arm}.json"
         config_path.write_text(json.dumps(values, indent=1) + "\n")
-        argv = ["--config", str(config_path), "--space", spec["space"], "--trials", str(spec["trials"])]
+        space = root / f"tune-{arm}-space.py"
+        space.write_text((spaces.get(arm) or read_space(spec["space"])).text)
+        argv = ["--config", str(config_path), "--space", str(space), "--trials", str(spec["trials"])]
         argv += ["--report-every", str(spec["report_every"]), "--study", f"tune-{arm}"]
         print(f"tuning {study.name}/{arm}: python scripts/tune_lr.py {' '.join(argv)}", flush=True)
         if tune_lr.main(argv) != 0:
@@ -52,6 +82,7 @@ def run_study(
     lost) for the same settings; else it is trained if ``train`` (the study,
     or a narrowing of it) has its arm and seed, and left out otherwise (and
     not tuned)."""
+    inputs = read_inputs(study, storage, train)
     runs: dict[str, dict[int, dict]] = {}
     for seed in study.seeds:  # seed-major: a stopped study has whole pairs to compare
         for arm in arm_order(study, seed):
@@ -68,7 +99,7 @@ def run_study(
                     continue
                 if train is None or arm not in train.arms or seed not in train.seeds:
                     continue
-            overrides = tuned(study, arm, storage)
+            overrides = tuned(study, arm, storage, inputs.spaces)
             if overrides.pop(EQUAL_TIME_OF, None) is not None:
                 overrides["epochs"] = arm_values["epochs"]
             path = Path(f"{study.name}/{arm}")
@@ -77,6 +108,7 @@ def run_study(
                 {**study.base, **overrides, "seed": seed, "run_name": name},
                 str(storage / study.name),
                 rerun=False,
+                loaded=inputs.images,
             )
             runs.setdefault(arm, {})[seed] = record(summary, values)
     return runs

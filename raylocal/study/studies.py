@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("docs/study"))
     p.add_argument("--storage-path", type=Path, default=Path("runs/study"))
     args = p.parse_args(argv)
+    # absolute from the start: a run on Ray leaves this process standing in its own
+    # directory when the one it came from is gone (under `ray job submit`)
+    args.out, args.storage_path = args.out.resolve(), args.storage_path.resolve()
     try:
         if args.pool:
             print(pooled_contrasts([_read_results(path) for path in args.pool]))
