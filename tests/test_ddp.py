@@ -11,7 +11,7 @@ import torch
 from conftest import lose_the_working_directory_on_joining, tiny_options
 from torch import nn
 
-from raylocal.baselines.ddp import LinkedAllReduce, OuterNesterov, average_parameters, carry_first_broadcast
+from raylocal.baselines.ddp import NLL, LinkedAllReduce, OuterNesterov, average_parameters, carry_first_broadcast
 from raylocal.baselines.guard import NonFiniteGuard
 from raylocal.baselines.projection import ring_bytes
 from raylocal.cli.train import main
@@ -350,8 +350,32 @@ def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compresse
     assert stats["bytes_per_step"] == pytest.approx(ring_bytes(params / 2, 2), rel=1e-6)
     buffers = sum(b.numel() * b.element_size() for b in build_glow(config, (1, 8, 8)).buffers())
     assert stats["start_bytes"] == params + buffers  # the wrap's broadcast, once, beside the steps' bytes
+    assert stats["buffers_broadcast_each_step"] is False  # constant buffers: never sent again
     # worker 2 began training only once those bytes had crossed the 1 Mbit link (about 0.13 s)
     assert stats["start_spread_s"] >= 0.9 * stats["start_bytes"] * 8 / 1e6
+
+
+def test_training_never_changes_glows_buffers_so_ddp_need_not_broadcast_them():
+    """DDP runs with broadcast_buffers=False: right only while no buffer changes
+    after the (identical) initialisation. A running statistic would break that."""
+    from raylocal.model.objectives import preprocess
+    from raylocal.training.trainer import build_glow, initialize
+
+    config = RaylocalConfig(n_levels=2, depth=2, hidden=8)
+    glow = build_glow(config, (1, 8, 8))
+    images = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = preprocess(images, 8, torch.Generator().manual_seed(1))
+    initialize([glow.whole()], x)
+    before = {k: v.clone() for k, v in glow.named_buffers()}
+    assert before and any("initialized" in k for k in before)
+    model = NLL(glow)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).mean().backward()
+        optimizer.step()
+    assert all(torch.equal(before[k], v) for k, v in glow.named_buffers())
+    assert not all(torch.equal(a, b) for a, b in zip(glow.parameters(), build_glow(config, (1, 8, 8)).parameters()))
 
 
 def test_a_bucket_of_several_messages_sends_each_after_the_one_before_is_back():

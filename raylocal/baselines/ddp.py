@@ -340,8 +340,13 @@ class DataParallelWorker:
             if config.outer_lr:
                 self.outer = OuterNesterov(list(self.model.parameters()), config.outer_lr)
         else:
-            buckets = {"bucket_cap_mb": config.bucket_cap_mb} if config.bucket_cap_mb else {}
-            self.model = ray.train.torch.prepare_model(NLL(self.glow), parallel_strategy_kwargs=buckets)
+            # Glow's buffers (the 1x1 convolutions' permutations and masks, ActNorm's flag) never
+            # change after the identical initialisation: DDP's broadcast of them before every
+            # forward (8 kB, off the emulated wire) is traffic a careful user turns off
+            options = {"broadcast_buffers": False} | (
+                {"bucket_cap_mb": config.bucket_cap_mb} if config.bucket_cap_mb else {}
+            )
+            self.model = ray.train.torch.prepare_model(NLL(self.glow), parallel_strategy_kwargs=options)
             self._register_hook(config)
             if self.hook is not None:
                 self.start_bytes = carry_first_broadcast(self.glow, self.hook.wire, self.rank, self.world)
@@ -496,6 +501,7 @@ class DataParallelWorker:
             "seconds": seconds,
             "bytes_per_step": sent / max(self.step, 1),  # what each worker put on its link
             "start_bytes": self.start_bytes,  # once, before the first step (DDP's broadcast of the model)
+            "buffers_broadcast_each_step": bool(getattr(self.model, "broadcast_buffers", False)),
             "buckets_per_step": (self.hook.buckets / max(self.step, 1)) if self.hook else None,
             "skipped_batches": self.guard.skipped,  # rank 0's (under DDP every worker skips the same)
             "idle_s": float(worst[0]),  # the most idle worker
