@@ -311,7 +311,9 @@ def test_the_pipeline_parallel_rival_on_ray_trains_as_its_stages_do_in_one_proce
 ):
     """The pipeline schedule as a run of its own (``raylocal train --schedule
     pipeline``): its stages on Ray end with the weights the same stages reach in
-    one process without links, and its record's BPD is those weights'."""
+    one process without links, and its record's BPD is those weights'. With
+    ``--balance measure`` its split is timed in the first stage's process (on the
+    device the stages train on), not on the driver."""
     from raylocal.baselines.pipeline_on_ray import build_stage
     from raylocal.core.checkpoint import load_checkpoint
     from raylocal.core.config import load_config_file
@@ -326,7 +328,7 @@ def test_the_pipeline_parallel_rival_on_ray_trains_as_its_stages_do_in_one_proce
         run_name="pp",
         schedule="pipeline",
         parts=2,
-        part_spec=f"layers:0-2|3-{n_layers - 1}",
+        balance="measure",
         micro_batches=2,
         train_subset=48,
         link="bw=100Mbit,lat=1ms",
@@ -338,7 +340,8 @@ def test_the_pipeline_parallel_rival_on_ray_trains_as_its_stages_do_in_one_proce
     state = load_checkpoint(storage / "pp" / "checkpoint.pt", kind="run")["model"]
     config = load_config_file(storage / "pp" / "config.json")
     data = load_dataset("mnist", mnist_dir).subset(48, 32)
-    bounds = [(0, 3), (3, n_layers)]
+    bounds = [tuple(b) for b in summary["pipeline"]["bounds"]]  # timed in stage 1's process
+    assert len(bounds) == 2 and bounds[0][0] == 0 and bounds[0][1] == bounds[1][0] and bounds[1][1] == n_layers
     stages = [build_stage(config, bounds, k, data.train, 2, torch.device("cpu")) for k in range(2)]
     (first, batches), (second, _) = stages
     for _ in range(3):  # the same stages in one process, without links
@@ -352,13 +355,14 @@ def test_the_pipeline_parallel_rival_on_ray_trains_as_its_stages_do_in_one_proce
     for name, tensor in expected.items():
         torch.testing.assert_close(state[name], tensor, msg=name)
     results = summary["pipeline"]["per_stage"]
+    assert summary["pipeline"]["planned_in"]["pid"] == results[0]["pid"] != os.getpid()
     sent, returned = results[0]["stats"]["bytes_forward"], results[1]["stats"]["bytes_backward"]
     assert results[0]["stats"]["steps"] == results[1]["stats"]["steps"] == summary["steps"] == 3
     assert sent == returned == results[0]["wire_bytes"] == results[1]["wire_bytes"] > 0  # as the links counted
     glow = build_glow(config, data.shape)
     glow.load_state_dict(expected)
     assert summary["test_bpd"] == pytest.approx(evaluate_bpd(glow, data.test, 32, torch.device("cpu")), abs=1e-9)
-    assert summary["schedule"] == "pipeline" and summary["pipeline"]["stages"].count("|") == 1
+    assert summary["schedule"] == "pipeline" and summary["pipeline"]["stages"].startswith("1|2 ")
     assert summary["parts"] == summary["pipeline"]["stages"] and summary["n_parts"] == 2
     printed = capsys.readouterr().out
     stage_line = next(line for line in printed.splitlines() if line.startswith("pipeline stage 2 "))

@@ -5,9 +5,10 @@ forward and gradients back, each behind the parts' emulated link
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import ray
@@ -27,6 +28,7 @@ from raylocal.core.links import LinkSpec
 from raylocal.core.runlog import peak_rss_mb
 from raylocal.model.objectives import preprocess
 from raylocal.pipeline.worker import LinkReceiver, LinkSender, WorkerStats
+from raylocal.training.schedules import part_spec_for
 from raylocal.training.trainer import LRClock, build_glow, initialize
 
 
@@ -62,6 +64,16 @@ class StageActor:
         self.config = RaylocalConfig.model_validate_json(config_json)
         self.index, self.threads = index, threads
 
+    def plan(self, images: torch.Tensor | NodeImages) -> dict[str, Any]:
+        """The stages' bounds, planned in this stage's process: ``--balance measure``
+        times the layers on the device the stages train on, not on the driver's."""
+        torch.set_num_threads(self.threads)
+        images = training_images(images)
+        device = actor_device(self.config)
+        glow = build_glow(self.config, tuple(images.shape[1:])).to(device)
+        bounds = [tuple(b) for b in part_spec_for(self.config, glow, images).bounds]
+        return {"bounds": bounds, "pid": os.getpid(), "device": str(device)}
+
     def run(
         self,
         bounds: list[tuple[int, int]],
@@ -89,27 +101,38 @@ class StageActor:
         seconds = time.perf_counter() - start
         state = {name: t.detach().cpu() for name, t in stage.part.state_dict().items()}
         figures = {"stats": asdict(stats), "seconds": seconds, "wire_bytes": link_stats.bytes_forward}
-        return figures | {"peak_rss_mb": peak_rss_mb(), "state": state}
+        return figures | {"peak_rss_mb": peak_rss_mb(), "pid": os.getpid(), "state": state}
+
+
+@dataclass
+class PipelineResult:
+    """What the pipeline's stages trained: the assembled weights, the bounds the
+    first stage planned (and where), and each stage's figures (its stats,
+    seconds, the bytes its links sent, its process)."""
+
+    state: dict[str, torch.Tensor]
+    bounds: list[tuple[int, int]]
+    planned: dict[str, Any]
+    stages: list[dict[str, Any]]
 
 
 def train_pipeline_parallel(
     config: RaylocalConfig,
     placement: Placement,
     train_images: Any,
-    bounds: list[tuple[int, int]],
     schedule: str = "1f1b",
     micro: int = 4,
     steps: int | None = None,
     budget: float | None = None,
-) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """Train the model end to end as a pipeline of ``len(bounds)`` stages on Ray,
-    placed as ``placement`` says (checked, on a joined cluster: ``plan_ray_run``),
-    for ``steps`` batches or ``budget`` seconds; ``train_images`` is what each
-    stage is sent for its images. Returns the assembled weights and each stage's
-    figures (its stats, seconds and bytes its links sent)."""
+) -> PipelineResult:
+    """Train the model end to end as a pipeline of ``placement.n_parts`` stages on
+    Ray, placed as ``placement`` says (checked, on a joined cluster:
+    ``plan_ray_run``), for ``steps`` batches or ``budget`` seconds;
+    ``train_images`` is what each stage is sent for its images. The first stage
+    plans the bounds, as the model service plans the parts."""
     if config.batch_size % micro:
         raise ValueError(f"a batch of {config.batch_size} does not split into {micro} micro-batches")
-    n = len(bounds)
+    n = placement.n_parts
     pg, first, own = placement.reserve_parts()
     queues = [LatentQueue(config.queue_size) for _ in range(2 * (n - 1))]
     actors = []
@@ -124,6 +147,8 @@ def train_pipeline_parallel(
             actors.append(StageActor.options(**options).remote(config.model_dump_json(), k, placement.threads))
         plan = {"schedule": schedule, "micro": micro, "steps": steps, "budget": budget}
         with errors_in_one_line():
+            planned = ray.get(actors[0].plan.remote(train_images))
+            bounds = planned.pop("bounds")
             results = ray.get([a.run.remote(bounds, train_images, queues, plan) for a in actors])
     finally:
         for a in actors:
@@ -136,4 +161,4 @@ def train_pipeline_parallel(
     state: dict[str, torch.Tensor] = {}
     for r in results:
         state.update(r.pop("state"))
-    return state, results
+    return PipelineResult(state, bounds, planned, results)

@@ -29,7 +29,6 @@ from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData
 from raylocal.model.parts import PartSpec
 from raylocal.run.finish import TrainedElsewhere, finish_trained_elsewhere
-from raylocal.training.schedules import part_spec_for
 from raylocal.training.trainer import build_glow
 
 
@@ -71,14 +70,15 @@ class RivalRun:
 
     def _pipeline(self) -> TrainedElsewhere:
         config, data = self.config, self.data
-        glow = build_glow(config, data.shape)
-        bounds = list(part_spec_for(config, glow, data.train).bounds)  # --balance measure times the layers
         steps = config.epochs * (len(data.train) // config.batch_size)
         assert self.ray_plan.parts is not None, "plan_ray_run plans the stages"
-        state, stages = train_pipeline_parallel(
-            config, self.ray_plan.parts, self.ray_plan.train_images(data.train), bounds,
+        trained = train_pipeline_parallel(
+            config, self.ray_plan.parts, self.ray_plan.train_images(data.train),
             config.pipeline_order, config.micro_batches, steps, config.time_budget,
         )  # fmt: skip
-        self.figures = {"stages": PartSpec(tuple(bounds)).canonical(glow), "per_stage": stages}
+        stages = trained.stages
+        canonical = PartSpec(tuple(trained.bounds)).canonical(build_glow(config, data.shape))
+        planned = {"bounds": trained.bounds, "planned_in": trained.planned}
+        self.figures = {"stages": canonical, **planned, "per_stage": stages}
         first = stages[0]["stats"]
-        return TrainedElsewhere(state, int(first["steps"]), max(s["seconds"] for s in stages), [])
+        return TrainedElsewhere(trained.state, int(first["steps"]), max(s["seconds"] for s in stages), [])
