@@ -319,6 +319,23 @@ def test_wire_dtype_halves_the_bytes_and_the_receiver_trains_in_float32(mnist_di
     assert sizes["bfloat16"] * 2 == sizes["float32"]
 
 
+def test_every_latent_a_part_receives_goes_to_its_device_through_pinned_memory(mnist_dir, monkeypatch):
+    """As the data batches do (``to_device``: on a GPU a pinned, non-blocking copy,
+    so that the training thread does not stall on a pageable one)."""
+    import raylocal.pipeline.worker as worker_module
+
+    moved = []
+    real = worker_module.to_device
+    monkeypatch.setattr(worker_module, "to_device", lambda x, device: moved.append(x) or real(x, device))
+    torch.set_num_threads(1)
+    up, down = _worker_pair(mnist_dir, wire_dtype="bfloat16")
+    channel = PacketChannel(64)
+    PartLoop(up, None, channel, lambda x: x, lambda r: r, n_steps=4).run()
+    moved.clear()  # the first part's data batches
+    st = PartLoop(down, channel, None, lambda x: x, lambda r: r, n_steps=4).run()
+    assert st.fresh_steps == 4 and len(moved) == 4 and all(x.dtype == torch.float32 for x in moved)
+
+
 def test_a_part_that_finishes_first_lets_its_sender_finish_too(mnist_dir):
     """With --starve stale (or a time budget) the receiver can be done while its
     sender still sends: it must take what comes, or the sender waits forever."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections import Counter
 
 import pytest
 import torch
@@ -107,9 +108,15 @@ def test_only_the_first_stage_keeps_the_budget_so_the_last_never_stops_first():
     assert stages[0].stats.steps == stages[1].stats.steps == 4
 
 
-def test_two_stages_train_over_an_emulated_link_as_one_model_would():
+def test_two_stages_train_over_an_emulated_link_as_one_model_would(monkeypatch):
     """Float32 stages in two threads, joined by links both ways: the same updates as
-    the stages run in one thread, and every activation and gradient counted on the wire."""
+    the stages run in one thread, and every activation and gradient counted on the
+    wire, and moved to its stage's device as the parts' latents are (``to_device``)."""
+    import raylocal.baselines.pipeline_parallel as pipeline_module
+
+    moved = []
+    real = pipeline_module.to_device
+    monkeypatch.setattr(pipeline_module, "to_device", lambda t, device: moved.append(t.shape) or real(t, device))
     glow, x = _glow_and_batch(torch.float32)
     twin = copy.deepcopy(glow)
     batches = [x, x.flip(0), x * 0.5]
@@ -149,6 +156,8 @@ def test_two_stages_train_over_an_emulated_link_as_one_model_would():
     assert linked[0].stats.bytes_forward == linked[1].stats.bytes_backward == sent
     assert forward.stats.bytes_forward == backward.stats.bytes_forward == sent  # as the links counted them
     assert clock.now() - start >= 2 * sent * 8 / 10e6  # both directions' bytes went through the 10 Mbit wires
+    # the first stage's 6 micro-batches, 6 activations into the second, 6 gradients back
+    assert Counter(moved) == {x.chunk(2)[0].shape: 6, boundary.shape: 12}
 
 
 def test_a_stage_skips_updates_without_a_finite_gradient_and_its_failure_stops_the_stage_upstream():

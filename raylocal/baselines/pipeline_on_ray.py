@@ -26,7 +26,7 @@ from raylocal.core.data import BatchStream, NodeImages, training_images
 from raylocal.core.faults import Straggler, parse_faults
 from raylocal.core.links import LinkSpec
 from raylocal.core.runlog import peak_rss_mb
-from raylocal.model.objectives import preprocess
+from raylocal.model.objectives import preprocess, to_device
 from raylocal.pipeline.worker import LinkReceiver, LinkSender, WorkerStats
 from raylocal.training.schedules import part_spec_for
 from raylocal.training.trainer import LRClock, build_glow, initialize
@@ -50,7 +50,7 @@ def build_stage(
 
     def batches() -> Iterator[torch.Tensor]:
         while True:
-            yield preprocess(stream.next().to(device), config.n_bits, noise)
+            yield preprocess(to_device(stream.next(), device), config.n_bits, noise)
 
     return stage, batches() if index == 0 else None
 

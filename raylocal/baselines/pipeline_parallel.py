@@ -42,7 +42,7 @@ from raylocal.core.config import RaylocalConfig
 from raylocal.core.faults import Straggler
 from raylocal.errors import ClusterError
 from raylocal.model.glow import Part
-from raylocal.model.objectives import LN2, wait_for
+from raylocal.model.objectives import LN2, to_device, wait_for
 from raylocal.training.trainer import scheduled_lr
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -229,14 +229,14 @@ def _batch(
             x = micro[m] if stage.is_first else _received(links.activations_in, stage.stats)
             if x is None:
                 return False
-            y = stage.forward(m, x.to(stage.device))
+            y = stage.forward(m, to_device(x, stage.device))
             if not stage.is_last:
                 stage.stats.bytes_forward += _send(links.activations_out, y, tag)
         else:
             grad = None if stage.is_last else _received(links.gradients_in, stage.stats)
             if grad is None and not stage.is_last:
                 return False  # downstream ended early: a stage failed, and its error ends the run
-            grad_input = stage.backward(m, None if grad is None else grad.to(stage.device))
+            grad_input = stage.backward(m, None if grad is None else to_device(grad, stage.device))
             if not stage.is_first:
                 stage.stats.bytes_backward += _send(links.gradients_out, grad_input, tag)
     stage.update()

@@ -654,7 +654,7 @@ class PartLoop:
         packet = None if self.upstream_ended else self._receive(block=self.wait_for_fresh)
         if packet is not None and packet["kind"] == "data" and packet["latent"] is not None:
             st.fresh_steps += 1
-            return packet["latent"].to(worker.device), int(packet["step"])
+            return to_device(packet["latent"], worker.device), int(packet["step"])
         t0 = time.perf_counter()
         x = worker.stale_input()
         self._computed(time.perf_counter() - t0)
