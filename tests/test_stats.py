@@ -43,6 +43,16 @@ def test_the_interval_and_the_difference_test_by_hand():
     assert decide(_four(-0.012, 0.002))["verdict"] == "better, by less than 0.02"
 
 
+def test_a_quantity_other_than_bpd_is_decided_in_its_own_words():
+    words = ("real faster", "real slower")  # a time ratio - 1: below 0, the real step is faster
+    assert decide(_four(-0.05, 0.01), 0.10, words)["verdict"] == "real faster, by less than 0.1"
+    slower = decide(_four(0.05, 0.02), 0.5, words)
+    assert slower["verdict"] == "real slower, by less than 0.5"
+    family = [decide(_four(0.2, 0.01), 0.1, words), decide(_four(0.2, 0.01), 0.1, words)]
+    adjust_family(family, words)
+    assert [d["adjusted"] for d in family] == ["real slower", "real slower"]
+
+
 def test_zero_spread_says_identical_and_one_seed_has_no_interval():
     assert decide([0.0, 0.0, 0.0])["verdict"] == "identical"
     one = decide([0.01])

@@ -88,18 +88,30 @@ def _smallest_n(effect: float, alternative: str) -> int:
     return max(hi, 2)
 
 
-def verdict(p_difference: float, p_equivalence: float, mean: float, margin: float = EQUIVALENCE) -> str:
-    """What the two tests say at level 0.05."""
+# What a difference below 0 and one above it are called: for BPD, lower is better
+BPD_WORDS = ("better", "worse")
+
+
+def verdict(
+    p_difference: float,
+    p_equivalence: float,
+    mean: float,
+    margin: float = EQUIVALENCE,
+    words: tuple[str, str] = BPD_WORDS,
+) -> str:
+    """What the two tests say at level 0.05, a decided difference in ``words``
+    (below 0, above 0)."""
     within = p_equivalence < ALPHA
     if p_difference < ALPHA:
-        return ("better" if mean < 0 else "worse") + (f", by less than {margin:g}" if within else "")
+        return words[mean >= 0] + (f", by less than {margin:g}" if within else "")
     if within:
         return f"within ±{margin:g}"
     return "undecided"
 
 
-def decide(diffs: list[float], margin: float = EQUIVALENCE) -> dict[str, Any]:
-    """Mean, 95% interval, both tests' p-values and the verdict of paired differences."""
+def decide(diffs: list[float], margin: float = EQUIVALENCE, words: tuple[str, str] = BPD_WORDS) -> dict[str, Any]:
+    """Mean, 95% interval, both tests' p-values and the verdict of paired
+    differences (a decided one in ``words``: below 0, above 0)."""
     mean, lo, hi = mean_interval(diffs)
     out: dict[str, Any] = {"n": len(diffs), "mean": mean, "lo": lo, "hi": hi, "seeds_to_decide": None}
     out |= {"p_difference": math.nan, "p_equivalence": math.nan, "margin": margin}
@@ -111,7 +123,7 @@ def decide(diffs: list[float], margin: float = EQUIVALENCE) -> dict[str, Any]:
         return out
     out["p_difference"] = difference_p(diffs)
     out["p_equivalence"] = equivalence_p(diffs, margin)
-    out["verdict"] = verdict(out["p_difference"], out["p_equivalence"], mean, margin)
+    out["verdict"] = verdict(out["p_difference"], out["p_equivalence"], mean, margin, words)
     if out["verdict"] == "undecided":
         out["seeds_to_decide"] = seeds_to_decide(mean, float(np.std(diffs, ddof=1)), margin)
     return out
@@ -128,7 +140,7 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def adjust_family(family: list[dict[str, Any]]) -> None:
+def adjust_family(family: list[dict[str, Any]], words: tuple[str, str] = BPD_WORDS) -> None:
     """Holm within one question: each decided comparison of ``family`` (``decide``'s
     dicts) gains ``adjusted``, its verdict on the adjusted p-values (the tests of
     "no difference" adjusted together, and the equivalence tests together)."""
@@ -139,4 +151,4 @@ def adjust_family(family: list[dict[str, Any]]) -> None:
     equivalences = holm([d["p_equivalence"] for d in tested])
     for d, p_difference, p_equivalence in zip(tested, differences, equivalences):
         d["p_difference_holm"], d["p_equivalence_holm"] = p_difference, p_equivalence
-        d["adjusted"] = verdict(p_difference, p_equivalence, d["mean"], d["margin"])
+        d["adjusted"] = verdict(p_difference, p_equivalence, d["mean"], d["margin"], words)

@@ -24,22 +24,20 @@ def step_s(seed: int, kind: str) -> float:
     return cell["seconds"] / max(cell["steps"], 1)
 
 
-def said(verdict: str) -> str:
-    """decide's words are for BPD (lower is better): here lower is a shorter real step."""
-    return verdict.replace("better", "real step shorter").replace("worse", "real step longer")
+WORDS = ("real step shorter", "real step longer")  # a ratio below 0, above 0
 
 
 family = []
 for kind in ("emulated", "costed"):
     ratios = [step_s(s, "real") / step_s(s, kind) - 1 for s in SEEDS]
     print(f"{kind}: real / twin - 1 per seed: " + ", ".join(f"{r:+.3f}" for r in ratios))
-    family.append(decide(ratios, 0.10) | {"twin": kind})
-adjust_family(family)
+    family.append(decide(ratios, 0.10, WORDS) | {"twin": kind})
+adjust_family(family, WORDS)
 for d in family:
     more = f"; about {d['seeds_to_decide']} repeats would decide it (80% power)" if d["seeds_to_decide"] else ""
     print(
-        f"{d['twin']}: {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] against ±0.10: {said(d['verdict'])}, "
-        f"Holm {said(d['adjusted'])}{more}"
+        f"{d['twin']}: {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] against ±0.10: {d['verdict']}, "
+        f"Holm {d['adjusted']}{more}"
     )
 for s in SEEDS:
     print(
