@@ -49,10 +49,10 @@ def test_driver_only_coordinates_and_a_killed_fine_tune_resumes_to_the_same_weig
     calls = trace(tiny_options(mnist_dir, storage, **opts))  # main(), the config's calls on the driver recorded
     monkeypatch.undo()
     # the config goes down once: checked, joined and planned (``plan_ray_run``), the parts trained,
-    # then back to the async run only to finish (issue 33: at most 3 climbs back)
+    # then the rest of the run; each module once, never back (issue 33)
     path = stops(calls)
-    expected = ["launch", "run", "preflight", "connect", "placement", "async_run", "parts_phase", "async_run"]
-    assert [m.rsplit(".", 1)[-1] for m in path] == expected and climbs(path) == 1, path
+    expected = ["launch", "run", "preflight", "connect", "placement", "async_run", "parts_phase", "finish_phase"]
+    assert [m.rsplit(".", 1)[-1] for m in path] == expected and climbs(path) == 0, path
     assert not torch.cuda.is_initialized()
     run_dir = storage / "a"
     s = json.loads((run_dir / "summary.json").read_text())

@@ -353,7 +353,7 @@ def test_ray_train_workers_granted_no_gpu_are_shown_none(monkeypatch, tmp_path, 
     import ray.train.torch
 
     from raylocal.baselines.ddp import train_ddp
-    from raylocal.run.async_run import finish_on_ray_train
+    from raylocal.run.finish_phase import finish_on_ray_train
 
     class Built(Exception):
         pass

@@ -15,7 +15,6 @@ from conftest import lose_the_working_directory_on_joining, tiny_options, untrai
 import raylocal.cluster.preflight
 from raylocal.cli.train import main
 from raylocal.cluster.placement import Placement
-from raylocal.cluster.preflight import RayPlan
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.training.schedules import PARTS_RESULT, PartsResult, SingleProcessRun
@@ -432,14 +431,14 @@ def test_a_plain_object_called_as_an_actor_gets_its_arguments_values_and_returns
 
 
 def test_a_service_here_takes_the_configs_device_in_a_driver_not_rays_grant(monkeypatch, mnist_dir, tmp_path):
-    from raylocal.run import async_run
+    from raylocal.run import service
 
     made = []
-    monkeypatch.setattr(async_run, "ModelService", lambda config, shape, device: made.append(device))
-    monkeypatch.setattr(async_run, "actor_device", lambda config: torch.device("cpu"))  # a driver is granted nothing
+    monkeypatch.setattr(service, "ModelService", lambda config, shape, device: made.append(device))
+    monkeypatch.setattr(service, "actor_device", lambda config: torch.device("cpu"))  # a driver is granted nothing
     config = RaylocalConfig(schedule="async", parts=2, device="cuda")
     placement = type("Placement", (), {"service": {"CPU": 1.0}})()
-    ray_plan = RayPlan(placement, None, None)
-    phases = async_run.AsyncRun(config, load_dataset("mnist", mnist_dir), tmp_path, ray_plan, service_here=True)
-    phases._start_service()  # a benchmark's driver plans and evaluates where its parts train
+    data = load_dataset("mnist", mnist_dir)
+    handle = service.ServiceHandle(config.model_dump_json(), data.shape, placement, 1, data, config.device)
+    handle.start()  # a benchmark's driver plans and evaluates where its parts train
     assert made == ["cuda"]

@@ -36,11 +36,11 @@ from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData, NodeImages, training_images
 from raylocal.core.faults import apply_worker_faults, parse_faults
-from raylocal.core.runlog import Progress, peak_rss_mb
+from raylocal.core.runlog import Progress, peak_rss_mb, write_json
 from raylocal.errors import CheckpointError, ClusterError
 from raylocal.pipeline.trace import packet_trace
 from raylocal.pipeline.worker import PartLoop, PartWorker, staleness_summary
-from raylocal.training.schedules import PartsResult
+from raylocal.training.schedules import PARTS_RESULT, PartsResult
 
 
 def get_or_none(ref: Any) -> Any:
@@ -423,4 +423,18 @@ def pipeline_report(
     return report
 
 
-__all__ = ["LatentQueue", "PartActor", "PartsPhase", "train_parts"]
+def parts_where(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Where each part ran, from the parts phase's pipeline report."""
+    keys = zip(report["actor_nodes"], report["actor_pids"], report["actor_devices"])
+    return [{"node_id": n, "pid": p, "device": d} for n, p, d in keys]
+
+
+def keep_parts_result(run_dir: Path, parts: PartsResult, where: dict[str, Any]) -> None:
+    """The parts phase's record in the run directory (what ``--resume`` continues
+    from, and its pipeline report), and where each part ran."""
+    write_json(run_dir / "pipeline.json", parts.report)
+    parts.save(run_dir / PARTS_RESULT)
+    where["parts"] = parts_where(parts.report)
+
+
+__all__ = ["LatentQueue", "PartActor", "PartsPhase", "keep_parts_result", "parts_where", "train_parts"]
