@@ -436,9 +436,13 @@ def test_a_service_here_takes_the_configs_device_in_a_driver_not_rays_grant(monk
     made = []
     monkeypatch.setattr(service, "ModelService", lambda config, shape, device: made.append(device))
     monkeypatch.setattr(service, "actor_device", lambda config: torch.device("cpu"))  # a driver is granted nothing
+    from raylocal.cluster.preflight import RayPlan
+    from raylocal.run.async_run import AsyncRun
+
     config = RaylocalConfig(schedule="async", parts=2, device="cuda")
     placement = type("Placement", (), {"service": {"CPU": 1.0}})()
     data = load_dataset("mnist", mnist_dir)
-    handle = service.ServiceHandle(config.model_dump_json(), data.shape, placement, 1, data, config.device)
+    run = AsyncRun(config, data, tmp_path, RayPlan(placement, None, None), service_here=True)
+    handle = run._service()
     handle.start()  # a benchmark's driver plans and evaluates where its parts train
-    assert made == ["cuda"]
+    assert made == ["cuda"] and handle.images((None, None))[0] is run.data.train  # its own images, no copy

@@ -5,8 +5,8 @@ does no tensor work: it starts actors, streams progress, writes files and
 moves state dicts around. Everything heavy runs where the work is:
 
 - a **model service** (``ServiceHandle`` in raylocal/run/service.py) in a
-  bundle of its own, reserved for the whole run (a share of a GPU when the
-  parts have GPUs): it plans the parts (``--balance measure`` times the layers
+  bundle of its own, reserved until the parts have trained (a share of a GPU
+  when the parts have GPUs): it plans the parts (``--balance measure`` times the layers
   on the device that trains them) and evaluates the assembled model while the
   parts train (``LiveEvaluation``), from weights passed by reference, one
   evaluation at a time, never stopping a part;

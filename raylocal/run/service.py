@@ -1,7 +1,8 @@
 """The run's model service on Ray: ``RunService`` (a thin shell around
-``ModelService``) in an actor of its own placement group, reserved for the
-whole run, or in the caller's process when the caller already holds a bundle
-(a Tune trial, a benchmark's cell); ``ServiceHandle`` starts and releases it."""
+``ModelService``) in an actor of its own placement group (reserved until the
+parts have trained; a fine-tune on Ray Train or DDP takes its place), or in the
+caller's process when the caller already holds a bundle (a Tune trial, a
+benchmark's cell); ``ServiceHandle`` starts and releases it."""
 
 from __future__ import annotations
 
@@ -117,8 +118,8 @@ class ServiceHandle:
         shape: tuple[int, int, int],
         placement: Placement,
         threads: int,
-        local: ImageData | None = None,
-        driver_device: str = "cpu",
+        local: ImageData | None,
+        driver_device: str,
     ) -> None:
         self.config_json, self.shape, self.placement, self.threads = config_json, shape, placement, threads
         self.local, self.driver_device = local, driver_device
