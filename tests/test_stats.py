@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import statistics
 
 import pytest
@@ -63,6 +64,18 @@ def test_holm_by_hand():
     # sorted 0.01, 0.03, 0.04 times 3, 2, 1: 0.03, 0.06, 0.04 -> kept monotone: 0.03, 0.06, 0.06
     assert holm([0.04, 0.01, 0.03]) == pytest.approx([0.06, 0.03, 0.06])
     assert math.isnan(holm([math.nan, 0.02])[0]) and holm([math.nan, 0.02])[1] == pytest.approx(0.02)
+
+
+def test_holm_agrees_with_statsmodels_on_random_families_with_ties_and_nan():
+    from statsmodels.stats.multitest import multipletests
+
+    rng = random.Random(0)
+    for m in (1, 2, 3, 5, 12):
+        for _ in range(20):
+            p = [rng.choice([rng.random(), rng.random() ** 4, 0.01, 0.3]) for _ in range(m)]  # ties among them
+            assert holm(p) == pytest.approx(list(multipletests(p, method="holm")[1]), rel=1e-12)
+            with_nan = p[:1] + [math.nan] + p[1:]
+            assert math.isnan(holm(with_nan)[1]) and holm(with_nan)[:1] + holm(with_nan)[2:] == holm(p)
 
 
 def test_a_family_can_undo_a_verdict_that_stands_alone():
