@@ -8,9 +8,11 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 from raylocal import errors
 from raylocal.core.config import load_config_file
+from raylocal.run.launch import load_data
 from raylocal.study import catalog, compare, runner, spec, stats, tables
 from raylocal.study import studies as study
 
@@ -308,7 +310,7 @@ def test_a_tuned_arm_takes_the_lrs_of_its_own_tune_study_once(mnist_dir, tmp_pat
     path.write_text(json.dumps(spec))
     studies = []
 
-    def fake_tune(argv):  # what scripts/tune_lr.py is asked, and the best.json it would leave
+    def fake_tune(argv, loaded):  # what scripts/tune_lr.py is asked, and the best.json it would leave
         args = dict(zip(argv[::2], argv[1::2]))
         trial = json.loads(open(args["--config"]).read())
         studies.append((trial, args))
@@ -495,6 +497,19 @@ def test_a_study_run_killed_mid_way_resumes_from_its_checkpoint_to_the_uninterru
     assert resumed["test_bpd"] == whole["test_bpd"] and resumed["steps"] == whole["steps"]
 
 
+def test_a_run_takes_its_images_from_those_read_already_else_from_its_files(mnist_dir, tmp_path):
+    from raylocal.core.config import RaylocalConfig, data_source
+
+    here = RaylocalConfig(data_root=str(mnist_dir), validation=16)
+    read = data_source(here).load()
+    assert load_data(here, {data_source(here): read}) is read  # read already: not from its files again
+    gone = RaylocalConfig(data_root=str(tmp_path / "gone"))
+    with pytest.raises(errors.DataError):  # another source: from its files, which are not there
+        load_data(gone, {data_source(here): read})
+    fresh = load_data(here)
+    assert torch.equal(fresh.train, read.train) and len(fresh.train) == 64 - 16
+
+
 def test_a_study_with_a_ray_arm_survives_its_job_directory_going_once_it_has_joined(
     mnist_dir, tmp_path, monkeypatch, ray_session
 ):
@@ -525,10 +540,12 @@ def test_a_study_with_a_ray_arm_survives_its_job_directory_going_once_it_has_joi
     (job_dir / "job.json").write_text(json.dumps(spec))
     spaces = []
 
-    def fake_tune(argv):  # after the async arm: the space as read before it, and the best.json a study leaves
+    def fake_tune(argv, loaded):  # after the async arm: the space and images as read before it; a best.json
         args = dict(zip(argv[::2], argv[1::2]))
         spaces.append(Path(args["--space"]).read_text())
         trial = json.loads(Path(args["--config"]).read_text())
+        held_out = load_data(load_config_file(args["--config"]), loaded)  # what the real command would train on
+        assert len(held_out.train) == 64 - 16 and held_out.train.dtype == torch.uint8
         best = Path(trial["storage_path"]) / args["--study"] / "best.json"
         best.parent.mkdir(parents=True)
         best.write_text(json.dumps({**trial, "lr": [2e-3, 5e-4]}))

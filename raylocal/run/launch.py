@@ -11,7 +11,7 @@ import torch
 
 from raylocal.core.checkpoint import load_checkpoint
 from raylocal.core.config import RIVAL_SCHEDULES, RaylocalConfig, data_source, load_config_file, validate_config
-from raylocal.core.data import ImageData
+from raylocal.core.data import DataSource, ImageData
 from raylocal.core.runlog import CHECKPOINT
 from raylocal.errors import ConfigError
 from raylocal.model.glow import Glow
@@ -54,8 +54,15 @@ def resume_config(config: RaylocalConfig, given: dict[str, Any]) -> RaylocalConf
     return validate_config(values)
 
 
-def load_data(config: RaylocalConfig) -> ImageData:
-    return data_source(config).load()
+# Images read already (a study reads its inputs before its first run), by data source
+Loaded = dict[DataSource, ImageData]
+
+
+def load_data(config: RaylocalConfig, loaded: Loaded | None = None) -> ImageData:
+    """The config's images: from ``loaded`` when it holds them, else from their files."""
+    source = data_source(config)
+    data = (loaded or {}).get(source)
+    return data if data is not None else source.load()
 
 
 def finished_run(run_dir: Path) -> tuple[RaylocalConfig, ImageData, Glow]:
@@ -75,8 +82,8 @@ def set_threads(config: RaylocalConfig) -> None:
     torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
 
 
-def run(config: RaylocalConfig, data: ImageData | None = None) -> dict[str, Any]:
-    """Run ``config`` on ``data`` (loaded here when not given): in this process, or
-    on Ray for the async schedule (see ``Run``)."""
+def run(config: RaylocalConfig, loaded: Loaded | None = None) -> dict[str, Any]:
+    """Run ``config`` (its images from ``loaded`` when it holds them): in this
+    process, or on Ray for the async schedule (see ``Run``)."""
     set_threads(config)
-    return Run(config, data if data is not None else load_data(config)).execute()
+    return Run(config, load_data(config, loaded)).execute()

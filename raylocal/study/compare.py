@@ -32,19 +32,14 @@ import numpy as np
 from raylocal.core.config import (
     RIVAL_SCHEDULES,
     RaylocalConfig,
-    data_source,
     load_config_file,
     read_config_file,
     validate_config,
 )
-from raylocal.core.data import DataSource, ImageData
 from raylocal.core.runlog import has_checkpoint
 from raylocal.errors import ConfigError, RaylocalError
-from raylocal.run.launch import run, set_threads
+from raylocal.run.launch import Loaded, run, set_threads
 from raylocal.study.stats import mean_interval
-
-# Images read before a study's first run, by their data source
-Loaded = dict[DataSource, ImageData]
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -94,7 +89,7 @@ def run_config(
         print(f"resuming {summary_path.parent} from its checkpoint", flush=True)
     set_threads(config)
     print(f"running {path} ...", flush=True)
-    summary = run(config, (loaded or {}).get(data_source(config)))
+    summary = run(config, loaded)
     print(f"  test BPD {summary['test_bpd']:.4f} in {summary['wall_time']:.0f}s", flush=True)
     return summary
 

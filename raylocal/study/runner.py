@@ -11,7 +11,8 @@ import numpy as np
 
 from raylocal.core.config import data_source, load_config_file, validate_config
 from raylocal.errors import ConfigError, RaylocalError
-from raylocal.study.compare import Loaded, changed_settings, run_config
+from raylocal.run.launch import Loaded
+from raylocal.study.compare import changed_settings, run_config
 from raylocal.study.spec import EQUAL_TIME_OF, Study
 from raylocal.tune import cli as tune_lr
 from raylocal.tune.tuning import SpaceSource, read_space
@@ -28,8 +29,9 @@ class StudyInputs:
 
 
 def read_inputs(study: Study, storage: Path, train: Study | None) -> StudyInputs:
-    """The images of every arm ``train`` trains, and the search space of every
-    arm still to tune (a missing one fails here, before anything trained)."""
+    """The images of every arm ``train`` trains, and the search space and the
+    trials' images of every arm still to tune (a missing one fails here, before
+    anything trained)."""
     inputs = StudyInputs({}, {})
     for arm in train.arms if train is not None else []:
         values = {k: v for k, v in {**study.base, **study.arms[arm]}.items() if k not in ("tune_lr", EQUAL_TIME_OF)}
@@ -39,10 +41,21 @@ def read_inputs(study: Study, storage: Path, train: Study | None) -> StudyInputs
         spec = study.arms[arm].get("tune_lr")
         if spec is not None and not (storage / study.name / f"tune-{arm}" / "best.json").is_file():
             inputs.spaces[arm] = read_space(spec["space"])
+            trials = data_source(validate_config(tune_values(study, arm, storage), f"{study.name}/tune-{arm}"))
+            if trials not in inputs.images:  # the training images less those held out for the trials
+                inputs.images[trials] = trials.load()
     return inputs
 
 
-def tuned(study: Study, arm: str, storage: Path, spaces: dict[str, SpaceSource]) -> dict[str, Any]:
+def tune_values(study: Study, arm: str, storage: Path) -> dict[str, Any]:
+    """The config of a tuned arm's trials (see ``tuned``)."""
+    spec = study.arms[arm]["tune_lr"]
+    overrides = {k: v for k, v in study.arms[arm].items() if k != "tune_lr"}
+    values = {**study.base, **overrides, "schedule": "async", "queue_size": 1, "finetune_epochs": 0}
+    return values | {"seed": spec["seed"], "validation": spec["validation"], "storage_path": str(storage / study.name)}
+
+
+def tuned(study: Study, arm: str, storage: Path, spaces: dict[str, SpaceSource], images: Loaded) -> dict[str, Any]:
     """The arm's overrides. An arm with ``tune_lr`` ({"space", "trials", "seed",
     "validation", "report_every"}) takes its per-part LRs from a Ray Tune study of its own (ASHA,
     scripts/tune_lr.py): its trials are the lockstep async twin of the
@@ -58,8 +71,7 @@ def tuned(study: Study, arm: str, storage: Path, spaces: dict[str, SpaceSource])
     root = storage / study.name
     best = root / f"tune-{arm}" / "best.json"
     if not best.is_file():
-        values = {**study.base, **overrides, "schedule": "async", "queue_size": 1, "finetune_epochs": 0}
-        values |= {"seed": spec["seed"], "validation": spec["validation"], "storage_path": str(root)}
+        values = tune_values(study, arm, storage)
         root.mkdir(parents=True, exist_ok=True)
         config_path = root / f"tune-{arm}.json"
         config_path.write_text(json.dumps(values, indent=1) + "\n")
@@ -68,7 +80,7 @@ def tuned(study: Study, arm: str, storage: Path, spaces: dict[str, SpaceSource])
         argv = ["--config", str(config_path), "--space", str(space), "--trials", str(spec["trials"])]
         argv += ["--report-every", str(spec["report_every"]), "--study", f"tune-{arm}"]
         print(f"tuning {study.name}/{arm}: python scripts/tune_lr.py {' '.join(argv)}", flush=True)
-        if tune_lr.main(argv) != 0:
+        if tune_lr.main(argv, loaded=images) != 0:
             raise RaylocalError(f"the Tune study of arm {arm!r} failed (see {root / f'tune-{arm}'})")
     return overrides | {"lr": load_config_file(best).lr}
 
@@ -99,7 +111,7 @@ def run_study(
                     continue
                 if train is None or arm not in train.arms or seed not in train.seeds:
                     continue
-            overrides = tuned(study, arm, storage, inputs.spaces)
+            overrides = tuned(study, arm, storage, inputs.spaces, inputs.images)
             if overrides.pop(EQUAL_TIME_OF, None) is not None:
                 overrides["epochs"] = arm_values["epochs"]
             path = Path(f"{study.name}/{arm}")

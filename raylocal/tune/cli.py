@@ -24,7 +24,7 @@ from raylocal.cluster.connect import connect, standing_in
 from raylocal.core.config import EMBEDDED_DEFAULT as DEFAULTS
 from raylocal.core.config import RaylocalConfig, build_parser, config_from_args
 from raylocal.errors import RaylocalError
-from raylocal.run.launch import load_data, set_threads
+from raylocal.run.launch import Loaded, load_data, set_threads
 from raylocal.tune.tuning import check_study, ranked_table, read_space, tune_study, write_best_config
 
 INTEGER_OPTIONS = ("trials", "report_every", "max_concurrent", "pbt_interval")
@@ -59,7 +59,9 @@ def report(results: object, base: RaylocalConfig, out: Path) -> None:
     print(f"Tune logs: {out}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, loaded: Loaded | None = None) -> int:
+    """The command; ``loaded``: images its caller read already, by data source
+    (a study reads every input before its first run joins Ray)."""
     defaults = {**DEFAULTS, "samples": 0, "progress": False}
     parser = build_parser(__doc__, defaults)
     parser.add_argument("--space", required=True, help="tune_spaces/<name>.py")
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         space = read_space(space_path)  # read once, here: the trials build it from this text
         check_study(space, base.parts, scheduler)  # a bad space or scheduler fails here, before Ray starts
         set_threads(base)
-        data = load_data(base)
+        data = load_data(base, loaded)
         name = extra["study"] or f"tune-{Path(space_path).stem}-{base.parts}p"
         storage = Path(base.storage_path).resolve()
         storage.mkdir(parents=True, exist_ok=True)
