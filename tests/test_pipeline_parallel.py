@@ -238,3 +238,17 @@ def test_a_stages_clock_waits_for_its_device_before_it_stops(monkeypatch):
     before = stage.stats.compute_s
     stage.backward(0)
     assert waited == [(x.device, before)] and stage.stats.compute_s > before  # waited, then the clock stopped
+
+
+def test_the_first_stages_batches_go_to_its_device_through_to_device(monkeypatch):
+    """As a part's data batches do (on a GPU a pinned, non-blocking copy)."""
+    import raylocal.baselines.pipeline_on_ray as on_ray
+
+    moved = []
+    real = on_ray.to_device
+    monkeypatch.setattr(on_ray, "to_device", lambda t, device: moved.append(t.dtype) or real(t, device))
+    images = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    config = CONFIG.model_copy(update={"batch_size": 16, "init_batch_size": 16})
+    _, batches = on_ray.build_stage(config, [(0, 3), (3, 15)], 0, images, 2, torch.device("cpu"))
+    x = next(batches)
+    assert moved == [torch.uint8] and x.shape == (16, 1, 8, 8) and x.dtype == torch.float32

@@ -5,11 +5,12 @@ does no tensor work: it starts actors, streams progress, writes files and
 moves state dicts around. Everything heavy runs where the work is:
 
 - a **model service** (``ServiceHandle`` in raylocal/run/service.py) in a
-  bundle of its own, reserved until the parts have trained (a share of a GPU
-  when the parts have GPUs): it plans the parts (``--balance measure`` times the layers
-  on the device that trains them) and evaluates the assembled model while the
-  parts train (``LiveEvaluation``), from weights passed by reference, one
-  evaluation at a time, never stopping a part;
+  bundle of its own, held until a fine-tune takes its place (without one it
+  finishes the run; a share of a GPU when the parts have GPUs): it plans the
+  parts (``--balance measure`` times the layers on the device that trains
+  them) and evaluates the assembled model while the parts train
+  (``LiveEvaluation``), from weights passed by reference, one evaluation at a
+  time, never stopping a part;
 - the **parts phase** (``PartsPhase`` in raylocal/cluster/parts_phase.py; its actors start
   while the service plans the parts), which ends by saving a ``PartsResult`` in the run directory;
 - the **rest of the run** (``FinishPhase`` in raylocal/run/finish_phase.py: fine-tune,
