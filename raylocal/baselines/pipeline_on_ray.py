@@ -28,7 +28,7 @@ from raylocal.core.links import LinkSpec
 from raylocal.core.runlog import peak_rss_mb
 from raylocal.model.objectives import preprocess, to_device
 from raylocal.pipeline.worker import LinkReceiver, LinkSender, WorkerStats
-from raylocal.training.schedules import part_spec_for
+from raylocal.training.service import ModelService
 from raylocal.training.trainer import LRClock, build_glow, initialize
 
 
@@ -65,14 +65,15 @@ class StageActor:
         self.index, self.threads = index, threads
 
     def plan(self, images: torch.Tensor | NodeImages) -> dict[str, Any]:
-        """The stages' bounds, planned in this stage's process: ``--balance measure``
-        times the layers on the device the stages train on, not on the driver's."""
+        """The stages' bounds and their canonical form, planned in this stage's
+        process as the model service plans the parts: ``--balance measure`` times
+        the layers on the device the stages train on, not on the driver's."""
         torch.set_num_threads(self.threads)
         images = training_images(images)
         device = actor_device(self.config)
-        glow = build_glow(self.config, tuple(images.shape[1:])).to(device)
-        bounds = [tuple(b) for b in part_spec_for(self.config, glow, images).bounds]
-        return {"bounds": bounds, "pid": os.getpid(), "device": str(device)}
+        plan = ModelService(self.config, tuple(images.shape[1:]), str(device)).plan(images)
+        bounds = [tuple(b) for b in plan["bounds"]]
+        return {"bounds": bounds, "canonical": plan["canonical"], "pid": os.getpid(), "device": str(device)}
 
     def run(
         self,
@@ -107,11 +108,13 @@ class StageActor:
 @dataclass
 class PipelineResult:
     """What the pipeline's stages trained: the assembled weights, the bounds the
-    first stage planned (and where), and each stage's figures (its stats,
-    seconds, the bytes its links sent, its process)."""
+    first stage planned (their canonical form, and where they were planned),
+    and each stage's figures (its stats, seconds, the bytes its links sent,
+    its process)."""
 
     state: dict[str, torch.Tensor]
     bounds: list[tuple[int, int]]
+    canonical: str
     planned: dict[str, Any]
     stages: list[dict[str, Any]]
 
@@ -148,7 +151,7 @@ def train_pipeline_parallel(
         plan = {"schedule": schedule, "micro": micro, "steps": steps, "budget": budget}
         with errors_in_one_line():
             planned = ray.get(actors[0].plan.remote(train_images))
-            bounds = planned.pop("bounds")
+            bounds, canonical = planned.pop("bounds"), planned.pop("canonical")
             results = ray.get([a.run.remote(bounds, train_images, queues, plan) for a in actors])
     finally:
         for a in actors:
@@ -161,4 +164,4 @@ def train_pipeline_parallel(
     state: dict[str, torch.Tensor] = {}
     for r in results:
         state.update(r.pop("state"))
-    return PipelineResult(state, bounds, planned, results)
+    return PipelineResult(state, bounds, canonical, planned, results)

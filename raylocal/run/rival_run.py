@@ -27,9 +27,7 @@ from raylocal.cluster.connect import standing_in
 from raylocal.cluster.preflight import RayPlan
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData
-from raylocal.model.parts import PartSpec
 from raylocal.run.finish import TrainedElsewhere, finish_trained_elsewhere
-from raylocal.training.trainer import build_glow
 
 
 class RivalRun:
@@ -77,8 +75,7 @@ class RivalRun:
             config.pipeline_order, config.micro_batches, steps, config.time_budget,
         )  # fmt: skip
         stages = trained.stages
-        canonical = PartSpec(tuple(trained.bounds)).canonical(build_glow(config, data.shape))
         planned = {"bounds": trained.bounds, "planned_in": trained.planned}
-        self.figures = {"stages": canonical, **planned, "per_stage": stages}
+        self.figures = {"stages": trained.canonical, **planned, "per_stage": stages}
         first = stages[0]["stats"]
         return TrainedElsewhere(trained.state, int(first["steps"]), max(s["seconds"] for s in stages), [])
