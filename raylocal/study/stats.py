@@ -130,10 +130,9 @@ def decide(diffs: list[float], margin: float = EQUIVALENCE, words: tuple[str, st
 
 def holm(p_values: list[float]) -> list[float]:
     """Holm-adjusted p-values, nan kept as nan: sorted ascending, the i-th (from
-    0) of m times m - i, made non-decreasing, capped at 1. (statsmodels'
-    ``multipletests`` gives the same numbers, but runs a full ``gc.collect()``
-    at every Holm call: about 0.2-0.3 s in a process that has imported torch and
-    Ray, 15.5 s of 50 s over the study, bench and stats tests; tests/test_stats.py checks the two agree.)"""
+    0) of m times m - i, made non-decreasing, capped at 1. Computed here because
+    statsmodels' ``multipletests``, which gives the same numbers, runs a full
+    ``gc.collect()`` at every Holm call (slow in a process holding torch and Ray)."""
     known = [i for i, p in enumerate(p_values) if not math.isnan(p)]
     adjusted = [math.nan] * len(p_values)
     order = sorted(known, key=lambda i: p_values[i])
