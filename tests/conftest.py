@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import struct
@@ -80,8 +81,29 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    yield ray
+    with _fits_without_placement_group_cleaner():
+        yield ray
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def _fits_without_placement_group_cleaner():
+    """Ray Train v2 gives every fit a detached PlacementGroupCleaner actor: one more process start,
+    and 1 s at the fit's end while it stops (its poll period), about 3 s a fit here. It frees a
+    placement group whose controller died ungracefully; this session's end frees them all. Fits
+    started in this process only (the callbacks are chosen in the driver)."""
+    from ray.train.v2.api import data_parallel_trainer as trainer
+
+    defaults = trainer.DataParallelTrainer._create_default_callbacks
+
+    def without_cleaner(self):  # noqa: ANN001, ANN202
+        return [c for c in defaults(self) if not isinstance(c, trainer.PlacementGroupCleanerCallback)]
+
+    trainer.DataParallelTrainer._create_default_callbacks = without_cleaner
+    try:
+        yield
+    finally:
+        trainer.DataParallelTrainer._create_default_callbacks = defaults
 
 
 def untrained_bpd(mnist_dir: Path, seed: int = 0, **model: object) -> float:
