@@ -36,14 +36,15 @@ def _free_port() -> int:
 def test_the_readmes_cluster_block_works_as_pasted_on_a_head_and_three_worker_nodes(mnist_dir, tmp_path):
     """Its commands, from the README's text, on one machine: a head node with token
     authentication, three worker nodes, the job submitted through the job server and
-    spread over the workers. Changed only where one machine must: ports of their own
-    (another Ray may hold the defaults), the worker nodes at this machine's address,
-    with a custom resource ``worker`` (as a GPU cluster's GPU nodes would carry) that
-    keeps every heavy phase off the head, the job's storage path and a tiny model, and
-    lines that name a <placeholder> are left out."""
+    spread over the workers. Changed only where one machine must, or to check where
+    things ran: ports of their own (another Ray may hold the defaults), the worker
+    nodes at this machine's address, carrying a custom resource ``worker`` (as a GPU
+    cluster's GPU nodes would) that the job asks for, so that every heavy phase
+    stays off the head, the job's storage path and a tiny model, and lines that name
+    a <placeholder> are left out."""
     head, dashboard, agent = _free_port(), _free_port(), _free_port()
     storage, nodes = tmp_path / "raylocal-runs", tmp_path / "nodes.json"
-    job = tiny_options(
+    job = tiny_options(  # one CPU a part: three parts and the model service on three nodes of two
         mnist_dir, storage, epochs=2, finetune_epochs=1, progress=False, worker_resource="worker", cpus_per_part=1
     )
     # a block that fails half-way still stops its head: a dead cluster's address file left in /tmp/ray would be
@@ -51,14 +52,14 @@ def test_the_readmes_cluster_block_works_as_pasted_on_a_head_and_three_worker_no
     script = ["set -ex", "trap 'ray stop --force > /dev/null 2>&1 || true' EXIT"]
     for line in _readme_cluster_block():
         if line.startswith("ray start --address"):  # each worker node: one for each part, on this machine
-            line = line.replace("<head-ip>:6379", f"127.0.0.1:{head}") + " --num-cpus 2 --resources '{\"worker\": 1}'"
+            line = line.split(" #")[0].replace("<head-ip>:6379", f"127.0.0.1:{head}") + " --resources '{\"worker\": 1}'"
             script += [f"{line} --dashboard-agent-listen-port {_free_port()}" for _ in range(3)]
             continue
         if "<" in line:
             continue
         line = line.replace(
             "--port 6379",
-            f"--port {head} --dashboard-port {dashboard} --dashboard-agent-listen-port {agent} --num-cpus 1",
+            f"--port {head} --dashboard-port {dashboard} --dashboard-agent-listen-port {agent}",
         )
         line = line.replace("127.0.0.1:8265", f"127.0.0.1:{dashboard}").replace("/shared/raylocal-runs", str(storage))
         if "run_async.py" in line:
@@ -77,7 +78,8 @@ def test_the_readmes_cluster_block_works_as_pasted_on_a_head_and_three_worker_no
     # In a PID namespace of its own: the block's `ray stop` stops every Ray it can
     # see, which must not be this session's; and when the block ends, the kernel
     # ends whatever it left running there.
-    isolated = ["unshare", "--pid", "--fork", "--mount-proc"]
+    # (--kill-child: a block killed at its timeout takes its nodes with it)
+    isolated = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
     if subprocess.run([*isolated, "true"], capture_output=True).returncode != 0:
         pytest.skip("needs a PID namespace (unshare --pid, as root) so that `ray stop` sees only its own cluster")
     done = subprocess.run(
