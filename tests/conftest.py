@@ -89,7 +89,7 @@ def ray_session():
 @contextlib.contextmanager
 def _fits_without_placement_group_cleaner():
     """Ray Train v2 gives every fit a detached PlacementGroupCleaner actor: one more process start,
-    and 1 s at the fit's end while it stops (its poll period), about 3 s a fit here. It frees a
+    and 1 s at the fit's end while it stops (its poll period; 0.08 s without it). It frees a
     placement group whose controller died ungracefully; this session's end frees them all. Fits
     started in this process only (the callbacks are chosen in the driver)."""
     from ray.train.v2.api import data_parallel_trainer as trainer
