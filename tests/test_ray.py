@@ -15,9 +15,11 @@ from conftest import lose_the_working_directory_on_joining, tiny_options, untrai
 import raylocal.cluster.preflight
 from raylocal.cli.train import main
 from raylocal.cluster.placement import Placement
+from raylocal.cluster.preflight import RayPlan
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.model.parts import PartSpec
+from raylocal.run.async_run import AsyncRun
 from raylocal.training.schedules import PARTS_RESULT, PartsResult, SingleProcessRun
 from raylocal.training.trainer import build_glow
 
@@ -438,9 +440,6 @@ def test_a_service_here_takes_the_configs_device_in_a_driver_not_rays_grant(monk
     made = []
     monkeypatch.setattr(service, "ModelService", lambda config, shape, device: made.append(device))
     monkeypatch.setattr(service, "actor_device", lambda config: torch.device("cpu"))  # a driver is granted nothing
-    from raylocal.cluster.preflight import RayPlan
-    from raylocal.run.async_run import AsyncRun
-
     config = RaylocalConfig(schedule="async", parts=2, device="cuda")
     placement = type("Placement", (), {"service": {"CPU": 1.0}})()
     data = load_dataset("mnist", mnist_dir)
