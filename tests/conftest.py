@@ -123,9 +123,9 @@ def untrained_bpd(mnist_dir: Path, seed: int = 0, **model: object) -> float:
 
 
 def lose_the_working_directory_on_joining(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, module: object) -> None:
-    """As under `ray job submit` on a multi-node cluster: the driver stands in the job's working
-    directory, which Ray's runtime-env cleanup removes once the driver has joined Ray (at
-    ``module.connect``, as ``module`` calls it)."""
+    """As under `ray job submit` on nodes that share a Ray temp directory: the driver stands in the
+    job's working directory, which another node's agent removes (unpacking the job's code anew)
+    once the driver has joined Ray (at ``module.connect``, as ``module`` calls it)."""
     import shutil
 
     job_dir = tmp_path / "job"

@@ -135,8 +135,8 @@ def test_no_function_is_past_about_60_lines_and_no_class_past_300():
 
 
 def test_what_a_ray_driver_runs_after_joining_ray_imports_nothing_of_ours_inside_a_function():
-    """Under `ray job submit` Ray's runtime-env cleanup may remove the job's working directory
-    (this code's uploaded copy) once the driver has joined Ray: the modules a driver runs from
+    """Under `ray job submit` the job's working directory (this code's uploaded copy) can be removed
+    once the driver has joined Ray (where nodes share a Ray temp directory): the modules a driver runs from
     then on (cluster/, baselines/, run/, tune/tuning.py) import ours at their top, and the only
     imports inside a function are those that run before joining (the Ray phases, chosen in run.py)."""
     import ast

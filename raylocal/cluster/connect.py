@@ -146,9 +146,10 @@ def connect(config: RaylocalConfig) -> None:
 @contextlib.contextmanager
 def standing_in(directory: Path) -> Iterator[None]:
     """Work with ``directory`` as the process's own, then go back if the old one
-    is still there. Under `ray job submit` Ray's runtime-env cleanup can remove
-    the job's working directory, the driver's own, once the driver has joined
-    Ray: what runs inside (Tune's results, a run's phases) must not depend on it."""
+    is still there. Under `ray job submit` the job's working directory, the
+    driver's own, can be removed under it (where nodes share a Ray temp directory,
+    each node's agent unpacks the job's code there anew; README, "Run on a
+    cluster"): what runs inside (Tune's results, a run's phases) must not depend on it."""
     try:
         cwd = os.getcwd()
     except FileNotFoundError:  # already removed: there is nothing to come back to

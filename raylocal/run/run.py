@@ -84,8 +84,8 @@ class Run:
         if self.config.schedule not in RIVAL_SCHEDULES and self.config.schedule != "async":
             return SingleProcessRun(self.config, self.data, self.dir, record=False, start_from=self.start_from)
         # The Ray runs import Ray: only their schedules pay for it. All of their modules are imported
-        # before the driver joins Ray: under `ray job submit`, Ray's runtime-env cleanup may then remove
-        # the job's working directory, this code's own copy (tests/test_cluster.py's job).
+        # before the driver joins Ray: under `ray job submit` the job's working directory, this code's own
+        # copy, can then be removed (by another node's agent, where nodes share a temp directory; README).
         from raylocal.cluster.preflight import plan_ray_run
         from raylocal.run.async_run import AsyncRun
         from raylocal.run.rival_run import RivalRun
