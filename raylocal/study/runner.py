@@ -11,7 +11,7 @@ import numpy as np
 
 from raylocal.core.config import data_source, load_config_file, validate_config
 from raylocal.errors import ConfigError, RaylocalError
-from raylocal.run.launch import Loaded
+from raylocal.run.launch import Loaded, load_data
 from raylocal.study.compare import changed_settings, run_config
 from raylocal.study.spec import EQUAL_TIME_OF, Study
 from raylocal.tune import cli as tune_lr
@@ -34,24 +34,27 @@ def read_inputs(study: Study, storage: Path, train: Study | None) -> StudyInputs
     anything trained)."""
     inputs = StudyInputs({}, {})
     for arm in train.arms if train is not None else []:
-        values = {k: v for k, v in {**study.base, **study.arms[arm]}.items() if k not in ("tune_lr", EQUAL_TIME_OF)}
-        source = data_source(validate_config(values, f"{study.name}/{arm}"))
-        if source not in inputs.images:
-            inputs.images[source] = source.load()
+        values = {k: v for k, v in {**study.base, **own_settings(study, arm)}.items() if k != EQUAL_TIME_OF}
+        configs = [validate_config(values, f"{study.name}/{arm}")]
         spec = study.arms[arm].get("tune_lr")
         if spec is not None and not (storage / study.name / f"tune-{arm}" / "best.json").is_file():
             inputs.spaces[arm] = read_space(spec["space"])
-            trials = data_source(validate_config(tune_values(study, arm, storage), f"{study.name}/tune-{arm}"))
-            if trials not in inputs.images:  # the training images less those held out for the trials
-                inputs.images[trials] = trials.load()
+            # the trials' images: the training images less those held out for them
+            configs.append(validate_config(tune_values(study, arm, storage), f"{study.name}/tune-{arm}"))
+        for config in configs:
+            inputs.images[data_source(config)] = load_data(config, inputs.images)
     return inputs
+
+
+def own_settings(study: Study, arm: str) -> dict[str, Any]:
+    """The settings the arm sets over the study's base, without its Tune study (``tune_lr``)."""
+    return {k: v for k, v in study.arms[arm].items() if k != "tune_lr"}
 
 
 def tune_values(study: Study, arm: str, storage: Path) -> dict[str, Any]:
     """The config of a tuned arm's trials (see ``tuned``)."""
     spec = study.arms[arm]["tune_lr"]
-    overrides = {k: v for k, v in study.arms[arm].items() if k != "tune_lr"}
-    values = {**study.base, **overrides, "schedule": "async", "queue_size": 1, "finetune_epochs": 0}
+    values = {**study.base, **own_settings(study, arm), "schedule": "async", "queue_size": 1, "finetune_epochs": 0}
     return values | {"seed": spec["seed"], "validation": spec["validation"], "storage_path": str(storage / study.name)}
 
 
@@ -64,8 +67,8 @@ def tuned(study: Study, arm: str, storage: Path, spaces: dict[str, SpaceSource],
     so that the LRs are not chosen on the test set. It runs once, on a copy of its
     space as ``spaces`` holds it (read before the study's first run), written
     beside its study; its best.json is read back after."""
-    overrides = dict(study.arms[arm])
-    spec = overrides.pop("tune_lr", None)
+    overrides = own_settings(study, arm)
+    spec = study.arms[arm].get("tune_lr")
     if spec is None:
         return overrides
     root = storage / study.name
