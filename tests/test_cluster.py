@@ -45,11 +45,6 @@ def test_the_readmes_cluster_block_works_as_pasted_on_a_head_and_three_worker_no
     stays off the head, the job's storage path and a tiny model, and lines that name
     a <placeholder> are left out."""
     head, dashboard, agent = _free_port(), _free_port(), _free_port()
-    # Each worker node's Ray files apart, as on machines of their own: nodes sharing one temp directory
-    # unpack the job's code into one place, each removing the copy already there (Ray 2.60's working_dir
-    # plugin), under the driver and under workers starting in it (a worker that cannot start costs 60 s).
-    # Short: Ray's socket paths inside it must stay under 108 bytes.
-    temp = tempfile.mkdtemp(prefix="rl-nodes-", dir="/tmp")
     storage, nodes = tmp_path / "raylocal-runs", tmp_path / "nodes.json"
     job = tiny_options(  # one CPU a part: three parts and the model service on three nodes of two
         mnist_dir, storage, epochs=2, finetune_epochs=1, progress=False, worker_resource="worker", cpus_per_part=1
@@ -61,7 +56,7 @@ def test_the_readmes_cluster_block_works_as_pasted_on_a_head_and_three_worker_no
         if line.startswith("ray start --address"):  # each worker node: one for each part, on this machine
             line = line.split(" #")[0].replace("<head-ip>:6379", f"127.0.0.1:{head}") + " --resources '{\"worker\": 1}'"
             script += [
-                f"{line} --dashboard-agent-listen-port {_free_port()} --temp-dir {temp}/node{k}" for k in range(3)
+                f"{line} --dashboard-agent-listen-port {_free_port()} --temp-dir {{temp}}/node{k}" for k in range(3)
             ]
             continue
         if "<" in line:
@@ -91,6 +86,12 @@ def test_the_readmes_cluster_block_works_as_pasted_on_a_head_and_three_worker_no
     isolated = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
     if subprocess.run([*isolated, "true"], capture_output=True).returncode != 0:
         pytest.skip("needs a PID namespace (unshare --pid, as root) so that `ray stop` sees only its own cluster")
+    # Each worker node's Ray files apart, as on machines of their own: nodes sharing one temp directory
+    # unpack the job's code into one place, each removing the copy already there (Ray 2.60's working_dir
+    # plugin), under the driver and under workers starting in it (a worker that cannot start costs 60 s).
+    # Short: Ray's socket paths inside it must stay within 107 bytes.
+    temp = tempfile.mkdtemp(prefix="rl-nodes-", dir="/tmp")
+    script = [line.replace("{temp}", temp) for line in script]
     try:
         done = subprocess.run(
             [*isolated, "bash", "-c", "\n".join(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
@@ -99,10 +100,12 @@ def test_the_readmes_cluster_block_works_as_pasted_on_a_head_and_three_worker_no
         shutil.rmtree(temp, ignore_errors=True)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "SUCCEEDED" in done.stdout + done.stderr
+    # no worker process died starting in a removed copy of the job's code (the raylet says so, and waits)
+    assert "have not registered within the timeout" not in done.stdout + done.stderr
     (run,) = storage.iterdir()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["n_parts"] == 3
-    assert summary["restarts"] == [0, 0, 0]  # no part's worker failed to start in the job's code
+    assert summary["restarts"] == [0, 0, 0]  # no part's actor was restarted
     listed = json.loads(nodes.read_text())
     assert len(listed) == 4
     (head_id,) = [n["node_id"] for n in listed if n["is_head_node"]]
