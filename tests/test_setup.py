@@ -121,14 +121,15 @@ def test_the_raylocal_command_dispatches_and_refuses_an_unknown_command_in_one_l
     assert err == [f"error: unknown command 'trian'; one of {', '.join(COMMANDS)}"]
 
 
-def test_no_function_is_past_about_60_lines_and_no_class_past_300():
+def test_no_function_is_past_60_lines_and_no_class_past_300():
+    """Issue 33's sizes, as it states them."""
     import ast
 
     long = []
     for path in sorted((ROOT / "raylocal").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-                size, limit = node.end_lineno - node.lineno + 1, 300 if isinstance(node, ast.ClassDef) else 65
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                size, limit = node.end_lineno - node.lineno + 1, 300 if isinstance(node, ast.ClassDef) else 60
                 if size > limit:
                     long.append(f"{path.relative_to(ROOT)}: {node.name} is {size} lines")
     assert long == []
