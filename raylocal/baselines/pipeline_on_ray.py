@@ -6,7 +6,6 @@ forward and gradients back, each behind the parts' emulated link
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -86,23 +85,26 @@ class StageActor:
         k, n = self.index, len(bounds)
         device = actor_device(self.config)
         stage, batches = build_stage(self.config, bounds, k, training_images(images), plan["micro"], device)
-        link_stats = WorkerStats()
+        link_stats = [WorkerStats(), WorkerStats()]  # one each: two link threads must not share a counter
         links = StageLinks()
         if k > 0:  # boundary k-1: its activations come in, their gradients go back
             spec = LinkSpec.parse(self.config.link, k - 1, self.config.seed)
             links.activations_in = LinkReceiver(queues[2 * (k - 1)], get_or_none)
-            links.gradients_out = LinkSender(queues[2 * (k - 1) + 1], spec, ray.put, link_stats, k, lossless=True)
+            links.gradients_out = LinkSender(queues[2 * (k - 1) + 1], spec, ray.put, link_stats[0], k, lossless=True)
         if k < n - 1:
             spec = LinkSpec.parse(self.config.link, k, self.config.seed)
-            links.activations_out = LinkSender(queues[2 * k], spec, ray.put, link_stats, k, lossless=True)
+            links.activations_out = LinkSender(queues[2 * k], spec, ray.put, link_stats[1], k, lossless=True)
             links.gradients_in = LinkReceiver(queues[2 * k + 1], get_or_none)
         ops = stage_ops(plan["schedule"], k, n, plan["micro"])
-        start = time.perf_counter()
         stats = train_stage(stage, ops, links, batches, plan.get("steps"), plan.get("budget"))
-        seconds = time.perf_counter() - start
         state = {name: t.detach().cpu() for name, t in stage.part.state_dict().items()}
-        figures = {"stats": asdict(stats), "seconds": seconds, "wire_bytes": link_stats.bytes_forward}
+        wire_bytes = sum(s.bytes_forward for s in link_stats)
+        figures = {"stats": asdict(stats), "seconds": stats.seconds, "wire_bytes": wire_bytes}
         return figures | {"peak_rss_mb": peak_rss_mb(), "pid": os.getpid(), "state": state}
+
+
+def _on(pg: Any, bundle: int) -> PlacementGroupSchedulingStrategy:
+    return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)
 
 
 @dataclass
@@ -137,11 +139,14 @@ def train_pipeline_parallel(
         raise ValueError(f"a batch of {config.batch_size} does not split into {micro} micro-batches")
     n = placement.n_parts
     pg, first, own = placement.reserve_parts()
-    queues = [LatentQueue(config.queue_size) for _ in range(2 * (n - 1))]
+    # each queue on the bundle of the stage that reads it (its blocking get()s stay on that node):
+    # boundary k's activations on stage k + 1's, their gradients on stage k's
+    readers = [first + k + 1 - j for k in range(n - 1) for j in (0, 1)]
+    queues = [LatentQueue(config.queue_size, scheduling_strategy=_on(pg, b)) for b in readers]
     actors = []
     try:
         for k in range(n):
-            strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first + k)
+            strategy = _on(pg, first + k)
             options = {
                 "num_cpus": placement.part_cpus,
                 "num_gpus": placement.part_gpus,

@@ -68,6 +68,8 @@ class StageStats:
     steps: int = 0
     compute_s: float = 0.0  # forward and backward
     wait_s: float = 0.0  # for an activation or a gradient to arrive
+    send_s: float = 0.0  # for the link to take a message, still busy with the one before
+    seconds: float = 0.0  # the stage's training, its links closed (not the draining after)
     bytes_forward: int = 0  # activations sent
     bytes_backward: int = 0  # gradients sent
     skipped: int = 0  # updates skipped, their gradient not finite
@@ -183,9 +185,14 @@ def _received(link: Any, stats: StageStats) -> Tensor | None:
     return None if packet["kind"] == "end" else packet["latent"]
 
 
-def _send(link: Any, tensor: Tensor, step: int) -> int:
-    link.send({"kind": "data", "step": step, "latent": tensor.detach().cpu(), "weights": None})
-    return tensor.numel() * tensor.element_size()
+def _send(link: Any, tensor: Tensor, step: int, stats: StageStats) -> int:
+    """Send ``tensor`` over ``link``; returns its bytes. A CPU tensor is copied: it
+    may be a view (a Split's half), which would carry its whole storage into the
+    object store and over a real link."""
+    sent = tensor.detach()
+    sent = sent.cpu() if sent.device.type != "cpu" else sent.clone()
+    stats.send_s += link.send({"kind": "data", "step": step, "latent": sent, "weights": None})
+    return sent.numel() * sent.element_size()
 
 
 def train_stage(
@@ -201,7 +208,9 @@ def train_stage(
     stop (after ``steps`` batches, or the first batch past ``budget`` seconds);
     its end goes down the activation links, and every other stage stops when it
     arrives. A stage closes the links it sends on, so that when one fails, the
-    end of its gradient link stops the stages upstream of it too."""
+    end of its gradient link stops the stages upstream of it too; and it takes
+    what its links still bring up to their ends, so that no neighbour that sends
+    ahead (GPipe's forwards) waits forever for room on a stage that has stopped."""
     start = time.perf_counter()
     try:
         while _batch(stage, ops, links, batches):
@@ -215,6 +224,10 @@ def train_stage(
         for link in (links.activations_out, links.gradients_out):
             if link is not None:
                 link.close()
+        stage.stats.seconds = time.perf_counter() - start
+        for link in (links.activations_in, links.gradients_in):
+            if link is not None:
+                link.drain()
     return stage.stats
 
 
@@ -231,13 +244,13 @@ def _batch(
                 return False
             y = stage.forward(m, to_device(x, stage.device))
             if not stage.is_last:
-                stage.stats.bytes_forward += _send(links.activations_out, y, tag)
+                stage.stats.bytes_forward += _send(links.activations_out, y, tag, stage.stats)
         else:
             grad = None if stage.is_last else _received(links.gradients_in, stage.stats)
             if grad is None and not stage.is_last:
                 return False  # downstream ended early: a stage failed, and its error ends the run
             grad_input = stage.backward(m, None if grad is None else to_device(grad, stage.device))
             if not stage.is_first:
-                stage.stats.bytes_backward += _send(links.gradients_out, grad_input, tag)
+                stage.stats.bytes_backward += _send(links.gradients_out, grad_input, tag, stage.stats)
     stage.update()
     return True

@@ -83,7 +83,8 @@ def rival_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
                      f"per worker, idle {_fmt(rival['idle_s'])}s (the most idle worker)"))  # fmt: skip
     for stage, figures in enumerate((summary.get("pipeline") or {}).get("per_stage", [])):
         stats = figures["stats"]
-        rows.append((f"pipeline stage {stage + 1}", f"{stats['steps']} batches, waited {_fmt(stats['wait_s'])}s, "
+        waited = stats["wait_s"] + stats.get("send_s", 0.0)  # for messages to arrive, and for the link to take its own
+        rows.append((f"pipeline stage {stage + 1}", f"{stats['steps']} batches, waited {_fmt(waited)}s, "
                      f"sent {_fmt(stats['bytes_forward'] + stats['bytes_backward'])} bytes"))  # fmt: skip
     return rows
 

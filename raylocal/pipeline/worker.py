@@ -439,6 +439,7 @@ class LinkReceiver:
         self.trace_packets = trace_packets
         self.error: BaseException | None = None
         self.bytes_received = 0  # of the latents and weights fetched (a sender's count also holds those it dropped)
+        self.ended = False  # the sender's end has been taken: nothing more comes
         self._draining = False
         self._thread = threading.Thread(target=self._serve, name="raylocal-inbox", daemon=True)
         self._thread.start()
@@ -455,6 +456,7 @@ class LinkReceiver:
             return None
         if packet["kind"] == "error":
             raise self.error  # type: ignore[misc]
+        self.ended = packet["kind"] == "end"
         row = packet.pop("trace_row", None)
         if row is not None:
             row[-1] = self.clock.now()
@@ -478,12 +480,11 @@ class LinkReceiver:
         """Take and drop what is still coming, up to the sender's end packet, so
         that a sender never waits for room on a part that has finished."""
         self._draining = True
-        while True:
+        while not self.ended:
             packet = self._ready.get()
             if packet["kind"] == "error":
                 raise self.error  # type: ignore[misc]
-            if packet["kind"] == "end":
-                return
+            self.ended = packet["kind"] == "end"
 
     def _serve(self) -> None:
         try:
