@@ -250,3 +250,41 @@ def test_a_trial_started_again_in_its_directory_trains_its_parts_anew(tmp_path):
     clear_finish(tmp_path)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["part1.pt", "parts"]
     assert {"parts_result.pt", "checkpoint.pt"} <= set(FINISHED_FILES)
+
+
+def test_a_study_refuses_in_one_line_what_its_trials_could_not_run(mnist_dir, tmp_path, capsys):
+    """Before Ray starts: a schedule other than async (a trial is an async parts run,
+    reporting as its parts train) and a space whose space() raises."""
+    from raylocal.tune import cli as tune_lr
+    from raylocal.tune.tuning import SpaceSource, check_study, read_space
+
+    grid = read_space(ROOT / "tune_spaces" / "grid.py")
+    with pytest.raises(ConfigError, match="schedule='simultaneous': Tune's trials are async parts runs"):
+        check_study(grid, 2, "asha", "simultaneous")
+    broken = SpaceSource("broken.py", "def space(parts):\n    return 1 / 0\n\n\ndef lrs(params, parts):\n    return []")
+    with pytest.raises(ConfigError, match=r"broken.py: space\(2\) failed \(ZeroDivisionError: division by zero\)"):
+        check_study(broken, 2, "asha")
+    storage = tmp_path / "studies"
+    opts = tiny_options(mnist_dir, storage, schedule="simultaneous", parts=2)
+    assert tune_lr.main(["--space", str(ROOT / "tune_spaces" / "grid.py"), *opts]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: schedule='simultaneous': Tune's trials are async parts runs; give --schedule async"]
+    assert not storage.exists() or not any(storage.iterdir())
+
+
+def test_a_trial_that_failed_fails_the_study_in_one_line_and_nothing_is_ranked(tmp_path):
+    """Tune keeps going without a trial that raised: the study must not rank the rest
+    as if it were whole (a diverged trial is reported, and ranked last, not an error)."""
+    from raylocal.errors import RaylocalError
+    from raylocal.tune.cli import report
+
+    class Results:
+        errors = [RuntimeError("Traceback (most recent call last):\n  File ...\nValueError: a part's bad input")]
+
+    with pytest.raises(RaylocalError, match=r"^1 trial\(s\) failed, the first: ValueError: a part's bad input; see "):
+        report(Results(), RaylocalConfig(parts=2), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_trial_reserves_a_bundle_for_each_part_its_part_spec_names():
+    assert len(trial_bundles(RaylocalConfig(part_spec="1|1|2"))) == 1 + 3

@@ -183,7 +183,7 @@ def trial_bundles(base: RaylocalConfig, cpus_per_trial: float | None = None) -> 
     trial = {"CPU": cpus if cpus_per_trial is None else cpus_per_trial} | (
         {"GPU": min(SERVICE_GPU_SHARE, gpus)} if gpus else {}
     )
-    return [trial] + [{"CPU": cpus} | ({"GPU": gpus} if gpus else {})] * base.parts
+    return [trial] + [{"CPU": cpus} | ({"GPU": gpus} if gpus else {})] * base.part_count()
 
 
 def default_gpu_share(config: RaylocalConfig, cluster_gpus: float, concurrent: int) -> float:

@@ -46,8 +46,13 @@ def study_options(extra: dict[str, str | None]) -> dict[str, int | None]:
 
 
 def report(results: object, base: RaylocalConfig, out: Path) -> None:
-    """The ranking (ranking.md), the best trial's config (best.json) and where they are."""
-    table, rows = ranked_table(results, base.parts)
+    """The ranking (ranking.md), the best trial's config (best.json) and where they are;
+    nothing when a trial failed with an error (Tune keeps going without it)."""
+    errors = results.errors  # type: ignore[attr-defined]
+    if errors:
+        first = (str(errors[0]).strip().splitlines() or [type(errors[0]).__name__])[-1]
+        raise RaylocalError(f"{len(errors)} trial(s) failed, the first: {first[:200]}; see {out}")
+    table, rows = ranked_table(results, base.part_count())
     (out / "ranking.md").write_text(table + "\n")
     print(table)
     ok = [r for r in rows if not r["diverged"]]
@@ -79,10 +84,11 @@ def main(argv: list[str] | None = None, loaded: Loaded | None = None) -> int:
         numbers = study_options(extra)
         space_path, scheduler = extra["space"], extra["scheduler"]
         space = read_space(space_path)  # read once, here: the trials build it from this text
-        check_study(space, base.parts, scheduler)  # a bad space or scheduler fails here, before Ray starts
+        # a bad space, scheduler or schedule fails here, before Ray starts
+        check_study(space, base.part_count(), scheduler, base.schedule)
         set_threads(base)
         data = load_data(base, loaded)
-        name = extra["study"] or f"tune-{Path(space_path).stem}-{base.parts}p"
+        name = extra["study"] or f"tune-{Path(space_path).stem}-{base.part_count()}p"
         storage = Path(base.storage_path).resolve()
         storage.mkdir(parents=True, exist_ok=True)
         with standing_in(storage):  # (once joined, the job's own directory may be gone)

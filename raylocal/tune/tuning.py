@@ -75,7 +75,12 @@ def space_module(source: SpaceSource, parts: int) -> ModuleType:
             raise ConfigError(
                 f"{source.path}: a tune space defines space(parts) and lrs(params, parts); {name} is missing"
             )
-    module.space(parts)  # may raise ConfigError for a part count it does not support
+    try:
+        module.space(parts)  # may raise ConfigError for a part count it does not support
+    except ConfigError:
+        raise
+    except Exception as e:  # a space that cannot be built fails here, in one line, before Ray starts
+        raise ConfigError(f"{source.path}: space({parts}) failed ({type(e).__name__}: {e})") from None
     return module
 
 
@@ -84,8 +89,10 @@ def load_space(path: str | Path, parts: int) -> ModuleType:
     return space_module(read_space(path), parts)
 
 
-def check_study(space: SpaceSource, parts: int, scheduler: str) -> ModuleType:
-    """The space module, once the space and the scheduler are known to fit together."""
+def check_study(space: SpaceSource, parts: int, scheduler: str, schedule: str = "async") -> ModuleType:
+    """The space module, once the space, the scheduler and the run's schedule are known to fit together."""
+    if schedule != "async":  # a trial is an async parts run, reporting as its parts train
+        raise ConfigError(f"schedule={schedule!r}: Tune's trials are async parts runs; give --schedule async")
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"scheduler {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
     module = space_module(space, parts)
@@ -209,7 +216,7 @@ def run_trial(
 
     base = RaylocalConfig.model_validate_json(base_json)
     data = data.load() if isinstance(data, DataSource) else data
-    lrs = trial_lrs(space_module(space, base.parts), params, base.parts)
+    lrs = trial_lrs(space_module(space, base.part_count()), params, base.part_count())
     trial_dir = Path(tune.get_context().get_trial_dir())
     trial = {"lr": lrs, "progress": False, "resume": False, "finetune_epochs": 0, "samples": 0}
     config = base.model_copy(update=trial | {"storage_path": str(trial_dir.parent), "run_name": trial_dir.name})
@@ -275,8 +282,8 @@ def tune_study(
     import ray
     from ray import tune
 
-    module = check_study(space, base.parts, scheduler)
-    param_space = module.space(base.parts)
+    module = check_study(space, base.part_count(), scheduler, base.schedule)
+    param_space = module.space(base.part_count())
     # the trials' parts ask for fixed shares, so that the cluster holds whole trials
     gpus = base.gpus_per_part
     if gpus is None:
