@@ -94,8 +94,13 @@ def test_tiny_study_survives_divergence_ranks_and_best_config_round_trips(
     best = json.loads((study / "best.json").read_text())  # by section
     assert best["schedule"]["schedule"] == "async" and best["schedule"]["lr"] in ([2e-3, 5e-4], [1e-3, 1e-3])
     assert "best: LRs" in out
-    # Tune's own logs are there, one directory per trial
-    assert len([p for p in study.iterdir() if p.is_dir() and p.name.startswith("run_trial")]) == 3
+    # Tune's own logs are there, one directory per trial, and beside them each trial's run (on the
+    # storage every node reaches, not in Tune's staging directory of the trial's node): the two that finished
+    trial_dirs = [p for p in study.iterdir() if p.is_dir() and p.name.startswith("run_trial")]
+    assert len(trial_dirs) == 3
+    runs = [json.loads((p / "summary.json").read_text()) for p in trial_dirs if (p / "summary.json").is_file()]
+    assert sorted(r["part_lrs"] for r in runs) == sorted([[2e-3, 5e-4], [1e-3, 1e-3]])
+    assert {Path(r["run_dir"]) for r in runs} <= set(trial_dirs)  # ran there (Tune syncs its staging here too)
     # --resume restores the (finished) study instead of starting a new one
     assert tune_lr.main([*argv, "--resume"]) == 0
     assert (study / "ranking.md").read_text().splitlines() == ranking

@@ -217,7 +217,11 @@ def run_trial(
     base = RaylocalConfig.model_validate_json(base_json)
     data = data.load() if isinstance(data, DataSource) else data
     lrs = trial_lrs(space_module(space, base.part_count()), params, base.part_count())
-    trial_dir = Path(tune.get_context().get_trial_dir())
+    # the trial's run on the study's storage (which every node must reach), beside Tune's own files:
+    # get_trial_dir() is a staging directory on the trial's node, where a part on another node
+    # would find no checkpoint to resume from
+    context = tune.get_context()
+    trial_dir = Path(base.storage_path) / context.get_experiment_name() / Path(context.get_trial_dir()).name
     trial = {"lr": lrs, "progress": False, "resume": False, "finetune_epochs": 0, "samples": 0}
     config = base.model_copy(update=trial | {"storage_path": str(trial_dir.parent), "run_name": trial_dir.name})
     reporter = TrialReporter(data.test, lrs, report_every, checkpoints)
@@ -288,7 +292,8 @@ def tune_study(
     gpus = base.gpus_per_part
     if gpus is None:
         gpus = default_gpu_share(base, ray.cluster_resources().get("GPU", 0.0), max_concurrent or trials)
-    base = base.model_copy(update={"cpus_per_part": base.cpus_per_part or 0.5, "gpus_per_part": gpus})
+    shares = {"cpus_per_part": base.cpus_per_part or 0.5, "gpus_per_part": gpus}
+    base = base.model_copy(update=shares | {"storage_path": str(storage.resolve())})  # (a trial's cwd is its own)
     max_reports = max(1, base.epochs * (len(data.train) // base.batch_size) // report_every) + 1
     trainable = _trainable(base, data, space, report_every, scheduler == "pbt", cpus_per_trial)
     path = storage.resolve() / name
