@@ -294,7 +294,7 @@ def tune_study(
         gpus = default_gpu_share(base, ray.cluster_resources().get("GPU", 0.0), max_concurrent or trials)
     shares = {"cpus_per_part": base.cpus_per_part or 0.5, "gpus_per_part": gpus}
     base = base.model_copy(update=shares | {"storage_path": str(storage.resolve())})  # (a trial's cwd is its own)
-    max_reports = max(1, base.epochs * (len(data.train) // base.batch_size) // report_every) + 1
+    n_steps = base.epochs * (len(data.train) // base.batch_size)  # each part's, the last's reported
     trainable = _trainable(base, data, space, report_every, scheduler == "pbt", cpus_per_trial)
     path = storage.resolve() / name
     if resume:
@@ -302,7 +302,7 @@ def tune_study(
             raise ConfigError(f"--resume: no Tune study to restore at {path}")
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
     else:
-        chosen, keep = _scheduler(scheduler, param_space, trials, pbt_interval * report_every, max_reports)
+        chosen, keep = _scheduler(scheduler, param_space, trials, pbt_interval * report_every, report_every, n_steps)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
@@ -318,14 +318,20 @@ def tune_study(
     return tuner.fit()
 
 
-def _scheduler(name: str, param_space: dict, trials: int, pbt_steps: int, max_reports: int) -> tuple[Any, Any]:
-    """Tune's trial scheduler and the checkpoints each trial keeps."""
+def _scheduler(
+    name: str, param_space: dict, trials: int, pbt_steps: int, report_every: int, n_steps: int
+) -> tuple[Any, Any]:
+    """Tune's trial scheduler and the checkpoints each trial keeps. Time is the
+    last part's step, which a restored trial continues from: trials are compared
+    at the same step, not at their n-th report (a slow poll reports late)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
     if name != "pbt":
-        return ASHAScheduler(max_t=max_reports, grace_period=1, reduction_factor=2), None
-    # Time is the last part's step, which a restored trial continues from.
+        grace = min(report_every, n_steps)
+        return ASHAScheduler(
+            time_attr="steps", max_t=max(n_steps, 1), grace_period=max(grace, 1), reduction_factor=2
+        ), None
     # Synchronous: every trial reaches the perturbation step before the weak
     # ones copy the strong ones, so a study does not depend on which trial
     # happened to run faster.
