@@ -292,6 +292,21 @@ def test_a_trial_that_failed_fails_the_study_in_one_line_and_nothing_is_ranked(t
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_interrupted_study_ranks_nothing_and_says_how_to_continue(tmp_path):
+    """Tune's fit() returns normally after Ctrl-C: trials still running or waiting must
+    not be ranked as finished, nor their best LRs written for a study to use."""
+    from types import SimpleNamespace
+
+    from raylocal.errors import RaylocalError
+    from raylocal.tune.cli import report
+
+    trials = [SimpleNamespace(status=s) for s in ("TERMINATED", "RUNNING", "PENDING")]
+    results = SimpleNamespace(errors=[], _experiment_analysis=SimpleNamespace(trials=trials))
+    with pytest.raises(RaylocalError, match=r"^the study stopped before 2 of its 3 trials ended; .* --resume$"):
+        report(results, RaylocalConfig(parts=2), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_trial_reserves_a_bundle_for_each_part_its_part_spec_names():
     assert len(trial_bundles(RaylocalConfig(part_spec="1|1|2"))) == 1 + 3
 

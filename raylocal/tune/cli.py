@@ -47,11 +47,20 @@ def study_options(extra: dict[str, str | None]) -> dict[str, int | None]:
 
 def report(results: object, base: RaylocalConfig, out: Path) -> None:
     """The ranking (ranking.md), the best trial's config (best.json) and where they are;
-    nothing when a trial failed with an error (Tune keeps going without it)."""
+    nothing when a trial failed with an error (Tune keeps going without it) or the
+    study was interrupted."""
     errors = results.errors  # type: ignore[attr-defined]
     if errors:
         first = (str(errors[0]).strip().splitlines() or [type(errors[0]).__name__])[-1]
         raise RaylocalError(f"{len(errors)} trial(s) failed, the first: {first[:200]}; see {out}")
+    # Ctrl-C ends Tune's fit() normally: its unfinished trials would be ranked as if done
+    trials = results._experiment_analysis.trials  # type: ignore[attr-defined]  # (no public trial status)
+    unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished:
+        raise RaylocalError(
+            f"the study stopped before {len(unfinished)} of its {len(trials)} trials ended; nothing is ranked: "
+            "continue it with --resume"
+        )
     table, rows = ranked_table(results, base.part_count())
     (out / "ranking.md").write_text(table + "\n")
     print(table)
