@@ -319,3 +319,19 @@ def test_asha_compares_trials_at_equal_steps():
 
     asha, keep = tuning._scheduler("asha", {}, 4, 0, report_every=4, n_steps=32)
     assert (asha._time_attr, asha._max_t, asha._brackets[0]._rungs[-1][0], keep) == ("steps", 32, 4, None)
+
+
+def test_a_trial_that_no_cluster_could_place_is_refused_in_one_line():
+    """Tune only warns, every minute, about a trial it cannot place, and waits forever."""
+    from raylocal.cluster.placement import check_trial_fits
+    from raylocal.errors import ClusterError
+
+    two_cpus = [{"CPU": 2.0}]
+    check_trial_fits(trial_bundles(RaylocalConfig(parts=3)), two_cpus)  # 4 bundles of 0.5
+    with pytest.raises(ClusterError, match=r"^a trial of 4 parts and its own process needs CPU 2.5, the cluster has 2"):
+        check_trial_fits(trial_bundles(RaylocalConfig(parts=4)), two_cpus)
+    with pytest.raises(ClusterError, match=r"^a trial's bundle of \{CPU 3\} fits no node of this cluster \(2 node"):
+        check_trial_fits(trial_bundles(RaylocalConfig(parts=2, cpus_per_part=3.0)), [{"CPU": 2.0}, {"CPU": 2.0}])
+    one_gpu = [{"CPU": 16.0, "GPU": 1.0}]
+    with pytest.raises(ClusterError, match="needs GPU 3.1, the cluster has 1"):
+        check_trial_fits(trial_bundles(RaylocalConfig(parts=3, gpus_per_part=1.0)), one_gpu)

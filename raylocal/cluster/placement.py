@@ -186,6 +186,25 @@ def trial_bundles(base: RaylocalConfig, cpus_per_trial: float | None = None) -> 
     return [trial] + [{"CPU": cpus} | ({"GPU": gpus} if gpus else {})] * base.part_count()
 
 
+def check_trial_fits(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> None:
+    """Can one Tune trial's bundles be placed on these nodes at all: each on some
+    node, all of them by the cluster's totals? Said in one line before the study
+    starts: Tune would only warn, every minute, and wait forever."""
+    for bundle in bundles:
+        if not any(_fits(bundle, node) for node in nodes):
+            raise ClusterError(
+                f"a trial's bundle of {_shown(bundle)} fits no node of this cluster ({len(nodes)} node(s)); "
+                "lower --cpus-per-part or --gpus-per-part"
+            )
+    for key in ("CPU", "GPU"):
+        need = sum(b.get(key, 0.0) for b in bundles)
+        if _sum(nodes, key) + 1e-9 < need:
+            raise ClusterError(
+                f"a trial of {len(bundles) - 1} parts and its own process needs {key} {need:g}, the cluster has "
+                f"{_sum(nodes, key):g}; use fewer parts, or lower --cpus-per-part or --gpus-per-part"
+            )
+
+
 def default_gpu_share(config: RaylocalConfig, cluster_gpus: float, concurrent: int) -> float:
     """Each part's GPU share in a Tune study when ``--gpus-per-part`` is not given:
     none without GPUs (or with ``--device cpu``), else an equal share for every

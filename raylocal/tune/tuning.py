@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from raylocal.cluster.parts_phase import gather_part_states, gather_weights, part_checkpoint_path
-from raylocal.cluster.placement import default_gpu_share, trial_bundles
+from raylocal.cluster.placement import check_trial_fits, default_gpu_share, live_nodes, trial_bundles
 from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.core.config import RaylocalConfig, data_source, write_config_file
 from raylocal.core.data import DataSource, ImageData
@@ -295,6 +295,7 @@ def tune_study(
     shares = {"cpus_per_part": base.cpus_per_part or 0.5, "gpus_per_part": gpus}
     base = base.model_copy(update=shares | {"storage_path": str(storage.resolve())})  # (a trial's cwd is its own)
     n_steps = base.epochs * (len(data.train) // base.batch_size)  # each part's, the last's reported
+    check_trial_fits(trial_bundles(base, cpus_per_trial), live_nodes())
     trainable = _trainable(base, data, space, report_every, scheduler == "pbt", cpus_per_trial)
     path = storage.resolve() / name
     if resume:
