@@ -51,6 +51,29 @@ def _two_stages_linked(link: str = "up", clock: Clock = SYSTEM_CLOCK) -> list[St
     ]  # fmt: skip
 
 
+def _train_both(stages, ops, links, batches, steps: int, waiting: str) -> list[Exception]:
+    """Both stages' training in threads of their own, as their actors would run it;
+    returns the errors they raised. Fails with ``waiting`` if a stage still waits after 60 s."""
+    errors: list[Exception] = []
+
+    def train(k: int, **kwargs) -> None:  # noqa: ANN003
+        try:
+            train_stage(stages[k], ops[k], links[k], **kwargs)
+        except Exception as e:
+            errors.append(e)
+
+    threads = [
+        threading.Thread(target=train, args=(1,), kwargs={"batches": None}, daemon=True),
+        threading.Thread(target=train, args=(0,), kwargs={"batches": iter(batches), "steps": steps}, daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), waiting
+    return errors
+
+
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("bounds", [((0, 3), (3, None)), ((0, 2), (2, 5), (5, None))])
 def test_its_gradients_are_end_to_end_gradients_under_both_schedules(schedule, bounds):
@@ -177,19 +200,8 @@ def test_a_stage_skips_updates_without_a_finite_gradient_and_its_failure_stops_t
     before = copy.deepcopy(stages[0].part.state_dict())
     links = _two_stages_linked()
     ops = [stage_ops("gpipe", k, 2, 2) for k in range(2)]
-    failures: list[Exception] = []
-
-    def last() -> None:
-        try:
-            train_stage(stages[1], ops[1], links[1], None)
-        except DivergedError as e:
-            failures.append(e)
-
-    second = threading.Thread(target=last)
-    second.start()
-    train_stage(stages[0], ops[0], links[0], iter([x] * 50), steps=50)
-    second.join(timeout=60)
-    assert not second.is_alive() and len(failures) == 1
+    failures = _train_both(stages, ops, links, [x] * 50, 50, "the first stage did not stop at the last one's failure")
+    assert len(failures) == 1 and isinstance(failures[0], DivergedError), failures
     message = str(failures[0])
     assert message.startswith(f"pipeline training diverged: {MAX_SKIPS_IN_A_ROW + 1} steps in a row without a finite")
     assert len(message.splitlines()) == 1
@@ -219,16 +231,7 @@ def test_the_pipelines_links_lose_nothing_in_an_outage():
     start = clock.now()
     links = _two_stages_linked("mtbf=0.01s,mttr=1s", clock)
     ops = [stage_ops("1f1b", k, 2, 2) for k in range(2)]
-    threads = [
-        threading.Thread(target=train_stage, args=(stages[1], ops[1], links[1], None), daemon=True),
-        threading.Thread(target=train_stage, args=(stages[0], ops[0], links[0], iter([x] * 3)),
-                         kwargs={"steps": 3}, daemon=True),
-    ]  # fmt: skip
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "a stage waits for a message the link lost"
+    assert _train_both(stages, ops, links, [x] * 3, 3, "a stage waits for a message the link lost") == []
     assert stages[0].stats.steps == stages[1].stats.steps == 3
     assert links[0].activations_out.stats.outage_latents == links[1].gradients_out.stats.outage_latents == 0
     assert clock.now() - start > 3.0  # 12 messages (and 2 ends) waited for the link; no outage: 0 s
@@ -276,24 +279,7 @@ def test_a_stage_that_fails_takes_what_its_upstream_still_sends_so_that_none_wai
     stages[1].forward = fail
     links = _two_stages_linked()
     ops = [stage_ops("gpipe", k, 2, 8) for k in range(2)]
-    failures: list[Exception] = []
-
-    def second() -> None:
-        try:
-            train_stage(stages[1], ops[1], links[1], None)
-        except RuntimeError as e:
-            failures.append(e)
-
-    threads = [
-        threading.Thread(target=second, daemon=True),
-        threading.Thread(target=train_stage, args=(stages[0], ops[0], links[0], iter([x] * 3)),
-                         kwargs={"steps": 3}, daemon=True),
-    ]  # fmt: skip
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert not any(t.is_alive() for t in threads), "a stage waits for room on a link its reader left"
+    failures = _train_both(stages, ops, links, [x] * 3, 3, "a stage waits for room on a link its reader left")
     assert [str(e) for e in failures] == ["stage 2 fails"]
     assert stages[0].stats.steps == 0  # its first batch's gradients never came: the end did
 

@@ -40,9 +40,11 @@ from torch import Tensor
 from raylocal.baselines.guard import NonFiniteGuard
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.faults import Straggler
+from raylocal.core.tensors import tensor_bytes
 from raylocal.errors import ClusterError
 from raylocal.model.glow import Part
 from raylocal.model.objectives import LN2, to_device, wait_for
+from raylocal.pipeline.worker import to_wire
 from raylocal.training.trainer import scheduled_lr
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -186,13 +188,12 @@ def _received(link: Any, stats: StageStats) -> Tensor | None:
 
 
 def _send(link: Any, tensor: Tensor, step: int, stats: StageStats) -> int:
-    """Send ``tensor`` over ``link``; returns its bytes. A CPU tensor is copied: it
-    may be a view (a Split's half), which would carry its whole storage into the
-    object store and over a real link."""
-    sent = tensor.detach()
-    sent = sent.cpu() if sent.device.type != "cpu" else sent.clone()
-    stats.send_s += link.send({"kind": "data", "step": step, "latent": sent, "weights": None})
-    return sent.numel() * sent.element_size()
+    """Send ``tensor`` over ``link`` as the parts send their latents (``to_wire``: a
+    copy, so that a view such as a Split's half carries only its own bytes; off a
+    GPU without blocking, the link's thread waiting for it); returns its bytes."""
+    sent, ready = to_wire(tensor, torch.float32)
+    stats.send_s += link.send({"kind": "data", "step": step, "latent": sent, "ready": ready, "weights": None})
+    return tensor_bytes(sent)
 
 
 def train_stage(

@@ -343,7 +343,7 @@ def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
         "steps": steps,
         "seconds": seconds,
         "bytes_per_step": (first["bytes_forward"] + stages[-1]["stats"]["bytes_backward"]) / max(steps, 1),
-        "idle": max((s["stats"]["wait_s"] + s["stats"].get("send_s", 0.0)) / s["seconds"] for s in stages),
+        "idle": max((s["stats"]["wait_s"] + s["stats"]["send_s"]) / s["seconds"] for s in stages),
         "peak_rss_mb": max(s["peak_rss_mb"] for s in stages),
         "test_bpd": summary["test_bpd"],
     }

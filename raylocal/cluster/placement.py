@@ -53,6 +53,11 @@ def _fits(bundle: dict[str, float], node: dict[str, float]) -> bool:
     return all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
 
 
+def _short_of(need: dict[str, float], nodes: list[dict[str, float]]) -> str | None:
+    """The first resource the nodes' totals hold less of than ``need``, if any."""
+    return next((k for k, v in need.items() if _sum(nodes, k) + 1e-9 < v), None)
+
+
 def _shown(bundle: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k} {v:g}" for k, v in bundle.items()) + "}"
 
@@ -130,9 +135,8 @@ class Placement:
         need = {k: v * n for k, v in self.part.items()}
         for k, v in (self.service if with_service else {}).items():
             need[k] = need.get(k, 0.0) + v
-        short = [k for k in need if _sum(nodes, k) + 1e-9 < need[k]]
-        if short:
-            k = short[0]
+        k = _short_of(need, nodes)
+        if k is not None:
             raise ClusterError(
                 f"{n} parts of {shown}"
                 + (" and the model service" if with_service else "")
@@ -196,13 +200,13 @@ def check_trial_fits(bundles: list[dict[str, float]], nodes: list[dict[str, floa
                 f"a trial's bundle of {_shown(bundle)} fits no node of this cluster ({len(nodes)} node(s)); "
                 "lower --cpus-per-part or --gpus-per-part"
             )
-    for key in ("CPU", "GPU"):
-        need = sum(b.get(key, 0.0) for b in bundles)
-        if _sum(nodes, key) + 1e-9 < need:
-            raise ClusterError(
-                f"a trial of {len(bundles) - 1} parts and its own process needs {key} {need:g}, the cluster has "
-                f"{_sum(nodes, key):g}; use fewer parts, or lower --cpus-per-part or --gpus-per-part"
-            )
+    need = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
+    k = _short_of(need, nodes)
+    if k is not None:
+        raise ClusterError(
+            f"a trial of {len(bundles) - 1} parts and its own process needs {k} {need[k]:g}, the cluster has "
+            f"{_sum(nodes, k):g}; use fewer parts, or lower --cpus-per-part or --gpus-per-part"
+        )
 
 
 def default_gpu_share(config: RaylocalConfig, cluster_gpus: float, concurrent: int) -> float:
