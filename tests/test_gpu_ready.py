@@ -16,12 +16,12 @@ from raylocal.cluster.connect import actor_error
 from raylocal.cluster.placement import (
     DataParallelPlacement,
     Placement,
+    TrialGroup,
     assigned_device,
     check_torch_sees_gpus,
     data_parallel_uses_gpus,
     default_gpu_share,
     equal_share,
-    trial_bundles,
 )
 from raylocal.core.checkpoint import host_copy, load_checkpoint, save_checkpoint
 from raylocal.core.config import RaylocalConfig
@@ -250,14 +250,16 @@ def test_tune_gives_every_bundle_a_gpu_share_by_default_and_they_fit_together():
     assert default_gpu_share(base.model_copy(update={"device": "cpu"}), 1.0, 8) == 0.0
     share = default_gpu_share(base, 1.0, 8)
     assert share == 0.031  # 8 trials x (3 parts + the trial's process) on one GPU, rounded down
-    bundles = trial_bundles(base.model_copy(update={"gpus_per_part": share}))
+    bundles = TrialGroup.plan(base.model_copy(update={"gpus_per_part": share})).bundles
     assert 8 * sum(b.get("GPU", 0.0) for b in bundles) <= 1.0
     assert default_gpu_share(base, 4.0, 1) == 0.9  # one trial on 4 GPUs: a GPU per part, the service's share left
+    # the bundles its part spec names (5 parts and the trial's process on 2 GPUs: 3 a GPU), not --parts
+    assert default_gpu_share(base.model_copy(update={"part_spec": "1|1|1|1|1"}), 2.0, 1) == 0.333  # (--parts 3: 0.5)
     # every trial's bundles, each on one GPU, placed first-fit largest first (by hand, not by the formula)
     for parts, gpus, concurrent in [(4, 3, 1), (5, 4, 1), (3, 5, 2), (3, 2, 3), (7, 8, 1), (2, 1, 4)]:
         config = _config(parts=parts, part_spec=None, device="auto")
         share = default_gpu_share(config, float(gpus), concurrent)
-        sizes = [b.get("GPU", 0.0) for b in trial_bundles(config.model_copy(update={"gpus_per_part": share}))]
+        sizes = [b.get("GPU", 0.0) for b in TrialGroup.plan(config.model_copy(update={"gpus_per_part": share})).bundles]
         free = [1.0] * gpus
         for size in sorted(sizes * concurrent, reverse=True):
             k = next((k for k, f in enumerate(free) if f + 1e-9 >= size), None)

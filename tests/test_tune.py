@@ -11,7 +11,7 @@ import torch
 from conftest import lose_the_working_directory_on_joining, tiny_options
 
 from raylocal.cli.train import main as run_main
-from raylocal.cluster.placement import trial_bundles
+from raylocal.cluster.placement import TrialGroup
 from raylocal.core.config import RaylocalConfig, load_config_file
 from raylocal.errors import ConfigError
 from raylocal.tune.tuning import load_space, trial_lrs
@@ -102,9 +102,20 @@ def test_tiny_study_survives_divergence_ranks_and_best_config_round_trips(
     runs = [json.loads((p / "summary.json").read_text()) for p in trial_dirs if (p / "summary.json").is_file()]
     assert runs and all(r["part_lrs"] in ([2e-3, 5e-4], [1e-3, 1e-3]) for r in runs)
     assert {Path(r["run_dir"]) for r in runs} <= set(trial_dirs)  # ran there (Tune syncs its staging here too)
+    # the diverged trial reported its divergence once (Tune's result rows, one a report)
+    reports = [[json.loads(line) for line in (p / "result.json").read_text().splitlines()] for p in trial_dirs]
+    assert sorted(sum(r["diverged"] for r in rows) for rows in reports) == [0, 0, 1]
     # --resume restores the (finished) study instead of starting a new one
     assert tune_lr.main([*argv, "--resume"]) == 0
     assert (study / "ranking.md").read_text().splitlines() == ranking
+    # ... only with the settings it was started with, refused in one line before Ray is touched
+    capsys.readouterr()
+    assert tune_lr.main([*argv, "--resume", "--report-every", "8", "--epochs", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(--report-every 4 then, 8 now; --epochs 2 then, 3 now)" in err[0], err
+    (study / "raylocal-study.json").unlink()
+    assert tune_lr.main([*argv, "--resume"]) == 2
+    assert "started by an older version" in capsys.readouterr().err
     # the best config is the study's run with the best trial's LRs, and it runs (here as its
     # single-process twin: the async run itself is test_ray.py's)
     trial = load_config_file(study / "best.json")
@@ -242,8 +253,8 @@ def test_pbt_study_continues_weak_trials_from_strong_ones(mnist_dir, tmp_path, m
     ],
 )
 def test_a_trial_reserves_what_its_own_evaluations_need(options, expected):
-    assert trial_bundles(RaylocalConfig(parts=3, **options)) == expected
-    assert trial_bundles(RaylocalConfig(parts=3, **options), cpus_per_trial=2.0)[0]["CPU"] == 2.0
+    assert TrialGroup.plan(RaylocalConfig(parts=3, **options)).bundles == expected
+    assert TrialGroup.plan(RaylocalConfig(parts=3, **options), cpus_per_trial=2.0).bundles[0]["CPU"] == 2.0
 
 
 def test_a_trial_started_again_in_its_directory_trains_its_parts_anew(tmp_path):
@@ -308,7 +319,7 @@ def test_an_interrupted_study_ranks_nothing_and_says_how_to_continue(tmp_path):
 
 
 def test_a_trial_reserves_a_bundle_for_each_part_its_part_spec_names():
-    assert len(trial_bundles(RaylocalConfig(part_spec="1|1|2"))) == 1 + 3
+    assert len(TrialGroup.plan(RaylocalConfig(part_spec="1|1|2")).bundles) == 1 + 3
 
 
 def test_asha_compares_trials_at_equal_steps():
@@ -323,15 +334,69 @@ def test_asha_compares_trials_at_equal_steps():
 
 def test_a_trial_that_no_cluster_could_place_is_refused_in_one_line():
     """Tune only warns, every minute, about a trial it cannot place, and waits forever."""
-    from raylocal.cluster.placement import check_trial_fits
     from raylocal.errors import ClusterError
 
     two_cpus = [{"CPU": 2.0}]
-    check_trial_fits(trial_bundles(RaylocalConfig(parts=3)), two_cpus)  # 4 bundles of 0.5
+    TrialGroup.plan(RaylocalConfig(parts=3)).check(two_cpus)  # 4 bundles of 0.5
     with pytest.raises(ClusterError, match=r"^a trial of 4 parts and its own process needs CPU 2.5, the cluster has 2"):
-        check_trial_fits(trial_bundles(RaylocalConfig(parts=4)), two_cpus)
+        TrialGroup.plan(RaylocalConfig(parts=4)).check(two_cpus)
     with pytest.raises(ClusterError, match=r"^a trial's bundle of \{CPU 3\} fits no node of this cluster \(2 node"):
-        check_trial_fits(trial_bundles(RaylocalConfig(parts=2, cpus_per_part=3.0)), [{"CPU": 2.0}, {"CPU": 2.0}])
+        TrialGroup.plan(RaylocalConfig(parts=2, cpus_per_part=3.0)).check([{"CPU": 2.0}, {"CPU": 2.0}])
     one_gpu = [{"CPU": 16.0, "GPU": 1.0}]
     with pytest.raises(ClusterError, match="needs GPU 3.1, the cluster has 1"):
-        check_trial_fits(trial_bundles(RaylocalConfig(parts=3, gpus_per_part=1.0)), one_gpu)
+        TrialGroup.plan(RaylocalConfig(parts=3, gpus_per_part=1.0)).check(one_gpu)
+
+
+def test_a_trials_group_keeps_to_the_worker_resource_and_spreads_as_the_run_would():
+    """A trial's bundles honour --worker-resource and --placement spread, as a run's
+    own parts do; a group no cluster could place is refused in one line."""
+    from raylocal.cluster.placement import WORKER_RESOURCE_SHARE
+    from raylocal.errors import ClusterError
+
+    pinned = TrialGroup.plan(RaylocalConfig(parts=2, worker_resource="workers"))
+    assert pinned.strategy == "PACK"
+    assert pinned.bundles == [{"CPU": 0.5, "workers": WORKER_RESOURCE_SHARE}] * 3
+    head, worker = {"CPU": 8.0}, {"CPU": 1.0, "workers": 1.0}
+    with pytest.raises(ClusterError, match=r"needs CPU 1.5, the nodes with resource 'workers' have 1; use fewer"):
+        pinned.check([head, worker])  # the head's CPUs do not count
+    pinned.check([head, worker, worker])
+    spread = TrialGroup.plan(RaylocalConfig(parts=2, placement="spread"))
+    assert spread.strategy == "STRICT_SPREAD" and spread.factory().strategy == "STRICT_SPREAD"
+    with pytest.raises(ClusterError, match=r"^--placement spread puts a trial's process and each of its 2 parts on "
+                       r"its own node: 3 nodes, but only 2 can hold one"):  # fmt: skip
+        spread.check([{"CPU": 8.0}, {"CPU": 8.0}])
+    spread.check([{"CPU": 1.0}] * 3)
+
+
+def test_a_trial_reports_its_divergence_once(monkeypatch):
+    """The reporter's own evaluation found the assembled model diverged: it reports
+    that and stops the run, whose DivergedError then must not report it again (a
+    second row at the same step); a divergence of the parts themselves, unreported,
+    is reported once."""
+    import ray
+    from ray import tune
+
+    import raylocal.tune.tuning as tuning
+    from raylocal.errors import DivergedError
+
+    reports = []
+    monkeypatch.setattr(tune, "report", lambda metrics, **_: reports.append(metrics))
+    monkeypatch.setattr(ray, "get", lambda value: value)  # the fake service answers at once
+    monkeypatch.setattr(tuning, "gather_weights", lambda actors: {})
+
+    class Service:
+        class evaluate:
+            @staticmethod
+            def remote(test, state):
+                return math.nan
+
+    reporter = tuning.TrialReporter(torch.zeros(1), [1e-3, 1e-3], every=4, checkpoints=False)
+    reporter.watch(Service(), {"bounds": [[0, 1], [1, 2]]})
+    with pytest.raises(DivergedError) as raised:
+        reporter([None, None], [{"steps": 4, "rollbacks": 0}, {"steps": 4, "rollbacks": 1}])
+    reporter.report_divergence(raised.value)
+    assert [(r["diverged"], r["steps"], r["test_bpd"]) for r in reports] == [(1, 4, tuning.DIVERGED_BPD)]
+    fresh = tuning.TrialReporter(torch.zeros(1), [1e-3], every=4, checkpoints=False)
+    fresh.report_divergence(DivergedError("part 1 beyond its rollbacks"))
+    fresh.report_divergence(DivergedError("part 1 beyond its rollbacks"))
+    assert [(r["diverged"], r["finished"]) for r in reports[1:]] == [(1, 1)]

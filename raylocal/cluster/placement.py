@@ -12,6 +12,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import ray
 import torch
@@ -178,35 +179,63 @@ def _wait_ready(pg: PlacementGroup, what: str) -> None:
         raise ClusterError(f"cannot place {what}")
 
 
-def trial_bundles(base: RaylocalConfig, cpus_per_trial: float | None = None) -> list[dict[str, float]]:
+@dataclass(frozen=True)
+class TrialGroup:
     """A Tune trial's placement group: its own process first (it evaluates the
     assembled model, a part's CPUs by default, and a share of a GPU when its
-    parts have GPUs), then one bundle per part."""
-    cpus = base.cpus_per_part or 0.5
-    gpus = base.gpus_per_part or 0.0
-    trial = {"CPU": cpus if cpus_per_trial is None else cpus_per_trial} | (
-        {"GPU": min(SERVICE_GPU_SHARE, gpus)} if gpus else {}
-    )
-    return [trial] + [{"CPU": cpus} | ({"GPU": gpus} if gpus else {})] * base.part_count()
+    parts have GPUs), then one bundle per part; every bundle kept to the nodes of
+    ``--worker-resource``, and with ``--placement spread`` each on its own node
+    (the trial's process too: one group cannot spread only some of its bundles)."""
 
+    bundles: list[dict[str, float]]
+    strategy: str
+    worker_resource: str | None = None
 
-def check_trial_fits(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> None:
-    """Can one Tune trial's bundles be placed on these nodes at all: each on some
-    node, all of them by the cluster's totals? Said in one line before the study
-    starts: Tune would only warn, every minute, and wait forever."""
-    for bundle in bundles:
-        if not any(_fits(bundle, node) for node in nodes):
-            raise ClusterError(
-                f"a trial's bundle of {_shown(bundle)} fits no node of this cluster ({len(nodes)} node(s)); "
-                "lower --cpus-per-part or --gpus-per-part"
-            )
-    need = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
-    k = _short_of(need, nodes)
-    if k is not None:
-        raise ClusterError(
-            f"a trial of {len(bundles) - 1} parts and its own process needs {k} {need[k]:g}, the cluster has "
-            f"{_sum(nodes, k):g}; use fewer parts, or lower --cpus-per-part or --gpus-per-part"
+    @classmethod
+    def plan(cls, base: RaylocalConfig, cpus_per_trial: float | None = None) -> TrialGroup:
+        cpus = base.cpus_per_part or 0.5
+        gpus = base.gpus_per_part or 0.0
+        trial = {"CPU": cpus if cpus_per_trial is None else cpus_per_trial} | (
+            {"GPU": min(SERVICE_GPU_SHARE, gpus)} if gpus else {}
         )
+        part = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
+        bundles = [_pinned(base, trial)] + [_pinned(base, part)] * base.part_count()
+        return cls(bundles, "STRICT_SPREAD" if base.placement == "spread" else "PACK", base.worker_resource)
+
+    def factory(self) -> Any:
+        """The group as Tune reserves it for each trial."""
+        from ray import tune
+
+        return tune.PlacementGroupFactory(self.bundles, strategy=self.strategy)
+
+    def check(self, nodes: list[dict[str, float]]) -> None:
+        """Can one trial's bundles be placed on these nodes at all: each on some
+        node, all of them by the cluster's totals, and with spread each on its own
+        node? Said in one line before the study starts: Tune would only warn, every
+        minute, and wait forever."""
+        bundles, resource = self.bundles, self.worker_resource
+        usable = [n for n in nodes if n.get(resource)] if resource else nodes
+        for bundle in bundles:
+            if not any(_fits(bundle, node) for node in usable):
+                where = f"node with resource {resource!r}" if resource else "node of this cluster"
+                raise ClusterError(
+                    f"a trial's bundle of {_shown(bundle)} fits no {where} ({len(usable)} node(s)); "
+                    "lower --cpus-per-part or --gpus-per-part"
+                )
+        able = [node for node in usable if any(_fits(b, node) for b in bundles)]
+        if self.strategy == "STRICT_SPREAD" and len(able) < len(bundles):
+            raise ClusterError(
+                f"--placement spread puts a trial's process and each of its {len(bundles) - 1} parts on its own "
+                f"node: {len(bundles)} nodes, but only {len(able)} can hold one; use --placement pack or more nodes"
+            )
+        need = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
+        k = _short_of(need, usable)
+        if k is not None:
+            raise ClusterError(
+                f"a trial of {len(bundles) - 1} parts and its own process needs {k} {need[k]:g}, "
+                + (f"the nodes with resource {resource!r} have " if resource else "the cluster has ")
+                + f"{_sum(usable, k):g}; use fewer parts, or lower --cpus-per-part or --gpus-per-part"
+            )
 
 
 def default_gpu_share(config: RaylocalConfig, cluster_gpus: float, concurrent: int) -> float:
@@ -219,7 +248,7 @@ def default_gpu_share(config: RaylocalConfig, cluster_gpus: float, concurrent: i
     whole_gpus = int(cluster_gpus + 1e-9)
     if config.device == "cpu" or whole_gpus <= 0:
         return 0.0
-    per_gpu = math.ceil((config.parts + 1) * max(concurrent, 1) / whole_gpus)
+    per_gpu = math.ceil((config.part_count() + 1) * max(concurrent, 1) / whole_gpus)
     return min(1.0 - SERVICE_GPU_SHARE, math.floor(1000 / per_gpu) / 1000)
 
 

@@ -25,7 +25,15 @@ from raylocal.core.config import EMBEDDED_DEFAULT as DEFAULTS
 from raylocal.core.config import RaylocalConfig, build_parser, config_from_args
 from raylocal.errors import RaylocalError
 from raylocal.run.launch import Loaded, load_data, set_threads
-from raylocal.tune.tuning import check_study, ranked_table, read_space, tune_study, write_best_config
+from raylocal.tune.tuning import (
+    check_resumable,
+    check_study,
+    ranked_table,
+    read_space,
+    study_settings,
+    tune_study,
+    write_best_config,
+)
 
 INTEGER_OPTIONS = ("trials", "report_every", "max_concurrent", "pbt_interval")
 
@@ -69,6 +77,8 @@ def report(results: object, base: RaylocalConfig, out: Path) -> None:
         raise RaylocalError(f"every trial diverged; see {out}")
     write_best_config(base, ok[0], out / "best.json")
     print(f"\nbest: LRs {ok[0]['lrs']}, test BPD {ok[0]['test_bpd']:.4f}")
+    if base.finetune_epochs:  # (the trials rank LRs for the parts; a run with them fine-tunes as asked)
+        print(f"the trials ran their parts only; best.json keeps your fine-tune of {base.finetune_epochs} epoch(s)")
     print(f"config: {out / 'best.json'}  (python scripts/run_async.py --config {out / 'best.json'})")
     print(f"Tune logs: {out}")
 
@@ -99,12 +109,16 @@ def main(argv: list[str] | None = None, loaded: Loaded | None = None) -> int:
         data = load_data(base, loaded)
         name = extra["study"] or f"tune-{Path(space_path).stem}-{base.part_count()}p"
         storage = Path(base.storage_path).resolve()
+        settings = study_settings(base, space, scheduler, numbers)
+        if resume:
+            check_resumable(storage / name, settings)
         storage.mkdir(parents=True, exist_ok=True)
         with standing_in(storage):  # (once joined, the job's own directory may be gone)
             connect(base)
             results = tune_study(
                 base, data, space, numbers["trials"], numbers["report_every"], storage, name, resume,
                 numbers["max_concurrent"], scheduler=scheduler, pbt_interval=numbers["pbt_interval"],
+                settings=settings,
             )  # fmt: skip
         report(results, base, storage / name)
     except RaylocalError as e:

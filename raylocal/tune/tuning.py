@@ -20,6 +20,7 @@ list[float]``; ``GRID = True`` marks a grid (each point once).
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from raylocal.cluster.parts_phase import gather_part_states, gather_weights, part_checkpoint_path
-from raylocal.cluster.placement import check_trial_fits, default_gpu_share, live_nodes, trial_bundles
+from raylocal.cluster.placement import TrialGroup, default_gpu_share, live_nodes, worker_nodes
 from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.core.config import RaylocalConfig, data_source, write_config_file
 from raylocal.core.data import DataSource, ImageData
@@ -135,6 +136,7 @@ class TrialReporter:
         self.resumed_at, self.restored_from = 0, ""
         self.next_report = every
         self.last_polled: list[dict[str, Any]] = []
+        self.reported_divergence = False
 
     def watch(self, service: Any, plan: dict[str, Any]) -> TrialReporter:
         """This reporter as the run's monitor (a ``MonitorFactory``): it evaluates
@@ -185,7 +187,17 @@ class TrialReporter:
                     save_checkpoint(part_checkpoint_path(Path(tmp), k), state, kind="part")
                 tune.report(m, checkpoint=tune.Checkpoint.from_directory(tmp))
         if m["diverged"]:
+            self.reported_divergence = True
             raise DivergedError(f"assembled model's BPD is not finite at step {m['steps']}")
+
+    def report_divergence(self, error: DivergedError) -> None:
+        """The trial's last report, once: its parts diverged beyond their rollbacks
+        (unreported), or this reporter's own evaluation did (reported already)."""
+        from ray import tune
+
+        if not self.reported_divergence:
+            tune.report(self.row(math.nan, self.last_polled, done=True) | {"error": str(error)[:200]})
+            self.reported_divergence = True
 
 
 # What a trial's run leaves once it has finished: a trial that Tune starts again in
@@ -234,11 +246,51 @@ def run_trial(
     run = Run(config, data, service_here=True, monitor=reporter.watch)
     try:
         summary = run.execute()
-    except DivergedError as e:  # reported, so that the study ranks it; any other failure fails the trial
-        tune.report(reporter.row(math.nan, reporter.last_polled, done=True) | {"error": str(e)[:200]})
+    except DivergedError as e:  # reported once, so that the study ranks it; any other failure fails the trial
+        reporter.report_divergence(e)
         return
     polled = [{"rollbacks": st["rollbacks"], "steps": st["steps"]} for st in run.phases.parts.stats]
     tune.report(reporter.row(summary["test_bpd"], polled, done=True))
+
+
+# What a study is started with, kept beside Tune's files: --resume rebuilds each
+# trial from the flags it is given, so it must be given the same ones
+STUDY_SETTINGS = "raylocal-study.json"
+# flags that shape no trial (where the cluster is, where the study is, how it prints)
+NOT_SHAPING = ("address", "storage_path", "run_name", "resume", "progress")
+
+
+def study_settings(base: RaylocalConfig, space: SpaceSource, scheduler: str, options: dict[str, Any]) -> dict:
+    """Everything that shapes a study's trials: the run's flags, the space's text,
+    the scheduler and the study's own options (trials, report interval, ...)."""
+    flags = {k: v for k, v in base.model_dump(mode="json").items() if k not in NOT_SHAPING}
+    return {"flags": flags, "space": space.text, "scheduler": scheduler, **options}
+
+
+def _flat(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k != "flags"} | settings.get("flags", {})
+
+
+def check_resumable(study: Path, settings: dict[str, Any]) -> None:
+    """``--resume`` continues a study only with the settings it was started with
+    (another scheduler, report interval or GPU share would change its trials midway)."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(study)):
+        raise ConfigError(f"--resume: no Tune study to restore at {study}")
+    kept = study / STUDY_SETTINGS
+    if not kept.is_file():
+        raise ConfigError(f"--resume: {study} has no {STUDY_SETTINGS}: it was started by an older version; start anew")
+    then, now = _flat(json.loads(kept.read_text())), _flat(json.loads(json.dumps(settings)))  # (tuples as lists)
+    differ = [k for k in now if then.get(k) != now[k]]
+    if differ:
+        shown = "; ".join(
+            f"--{k.replace('_', '-')} "
+            + ("its text differs" if k == "space" else f"{then.get(k)!r} then, {now[k]!r} now")
+            for k in differ[:3]
+        )
+        raise ConfigError(f"--resume: the study at {study} was started with other settings ({shown}); "
+                          "give the flags it was started with")  # fmt: skip
 
 
 def _trainable(
@@ -262,7 +314,7 @@ def _trainable(
             report_every=report_every,
             checkpoints=checkpoints,
         ),
-        tune.PlacementGroupFactory(trial_bundles(base, cpus_per_trial)),
+        TrialGroup.plan(base, cpus_per_trial).factory(),
     )
 
 
@@ -279,30 +331,33 @@ def tune_study(
     cpus_per_trial: float | None = None,
     scheduler: str = "asha",
     pbt_interval: int = 2,
+    settings: dict[str, Any] | None = None,
 ) -> Any:
     """Run (or continue) a study; returns Tune's ResultGrid. ``scheduler`` is
     ``asha`` (stop weak trials early) or ``pbt`` (weak trials continue from
-    strong ones' parts with perturbed LRs every ``pbt_interval`` reports)."""
-    import ray
+    strong ones' parts with perturbed LRs every ``pbt_interval`` reports).
+    ``settings`` (``study_settings``) are kept beside a new study, for ``--resume``."""
     from ray import tune
 
     module = check_study(space, base.part_count(), scheduler, base.schedule)
     param_space = module.space(base.part_count())
     # the trials' parts ask for fixed shares, so that the cluster holds whole trials
+    nodes = live_nodes()
     gpus = base.gpus_per_part
-    if gpus is None:
-        gpus = default_gpu_share(base, ray.cluster_resources().get("GPU", 0.0), max_concurrent or trials)
+    if gpus is None:  # (only the GPUs of the nodes a trial may use)
+        cluster_gpus = sum(n.get("GPU", 0.0) for n in worker_nodes(base, nodes))
+        gpus = default_gpu_share(base, cluster_gpus, max_concurrent or trials)
     shares = {"cpus_per_part": base.cpus_per_part or 0.5, "gpus_per_part": gpus}
     base = base.model_copy(update=shares | {"storage_path": str(storage.resolve())})  # (a trial's cwd is its own)
     n_steps = base.epochs * (len(data.train) // base.batch_size)  # each part's, the last's reported
-    check_trial_fits(trial_bundles(base, cpus_per_trial), live_nodes())
+    TrialGroup.plan(base, cpus_per_trial).check(nodes)
     trainable = _trainable(base, data, space, report_every, scheduler == "pbt", cpus_per_trial)
     path = storage.resolve() / name
-    if resume:
-        if not tune.Tuner.can_restore(str(path)):
-            raise ConfigError(f"--resume: no Tune study to restore at {path}")
+    if resume:  # (its settings checked before Ray started: check_resumable)
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
     else:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / STUDY_SETTINGS).write_text(json.dumps(settings, indent=1) + "\n")
         chosen, keep = _scheduler(scheduler, param_space, trials, pbt_interval * report_every, report_every, n_steps)
         tuner = tune.Tuner(
             trainable,
