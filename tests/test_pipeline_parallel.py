@@ -238,8 +238,8 @@ def test_the_pipelines_links_lose_nothing_in_an_outage():
 
 
 def test_a_stages_clock_waits_for_its_device_before_it_stops(monkeypatch):
-    """On a GPU the backward pass returns at its kernels' launch: the stage's
-    compute time (what an injected straggler is slowed by) must wait for them."""
+    """On a GPU the backward pass and the update return at their kernels' launch: the
+    stage's compute time (what an injected straggler is slowed by) must wait for them."""
     import raylocal.baselines.pipeline_parallel as pipeline_parallel
 
     glow, x = _glow_and_batch()
@@ -250,6 +250,9 @@ def test_a_stages_clock_waits_for_its_device_before_it_stops(monkeypatch):
     before = stage.stats.compute_s
     stage.backward(0)
     assert waited == [(x.device, before)] and stage.stats.compute_s > before  # waited, then the clock stopped
+    before = stage.stats.compute_s
+    stage.update()  # so does the optimizer's step
+    assert waited[1:] == [(x.device, before)] and stage.stats.compute_s > before
 
 
 def test_the_first_stages_batches_go_to_its_device_through_to_device(monkeypatch):
@@ -306,3 +309,64 @@ def test_a_stage_sends_a_views_own_bytes_and_counts_the_time_the_link_made_it_wa
     assert sent.untyped_storage().nbytes() == half.numel() * 4 < whole.untyped_storage().nbytes()
     assert len(pickle.dumps(sent)) < len(pickle.dumps(half))
     assert stats.send_s == 0.25 and stats.wait_s == 0.0
+
+
+def test_both_directions_of_a_boundary_share_its_outages_whenever_their_stages_start():
+    """A boundary's activations and gradients cross one link: stage 1's end of it
+    starts seconds after stage 0's (actors start and build at their own pace), and
+    an outage must still cut both directions at once."""
+    from raylocal.baselines.pipeline_on_ray import stage_links
+
+    config = CONFIG.model_copy(update={"link": "mtbf=2s,mttr=1s"})
+    clock = FakeClock()
+    origin = clock.now()
+    queues = [PacketChannel(2), PacketChannel(2)]
+    first = stage_links(config, 0, 2, queues, [WorkerStats(), WorkerStats()], origin, lambda t: t, lambda t: t, clock)
+    clock.sleep(5.0)  # stage 1 builds its links later
+    second = stage_links(config, 1, 2, queues, [WorkerStats(), WorkerStats()], origin, lambda t: t, lambda t: t, clock)
+    forward, backward = first.activations_out.wire, second.gradients_out.wire
+    times = [origin + 0.05 * i for i in range(2000)]
+    up = [forward.up(at=t) for t in times]
+    assert 0 < sum(up) < len(up)  # the timeline has outages in it
+    assert up == [backward.up(at=t) for t in times]
+    assert first.activations_in is None and second.activations_out is None  # each stage's own ends only
+    first.activations_out.close()
+    second.gradients_out.close()
+
+
+def test_the_pipelines_stages_start_from_e2es_weights_and_train_on_its_batches(mnist_dir, tmp_path, monkeypatch):
+    """The rival is e2e split into stages: each stage process builds the model from the
+    seed and initialises ActNorm through every stage, and the first stage draws the
+    batches (and dequantisation noise) of e2e's single-process run, in its order."""
+    import raylocal.training.schedules as schedules
+    from raylocal.baselines.pipeline_on_ray import build_stage
+    from raylocal.core.data import load_dataset
+    from raylocal.training.schedules import SingleProcessRun
+
+    config = RaylocalConfig(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
+        threads=1, schedule="e2e", epochs=2, samples=0, progress=False, device="cpu",
+    )  # fmt: skip
+    data = load_dataset("mnist", mnist_dir)
+    e2e = SingleProcessRun(config, data, tmp_path / "e2e")
+    drawn = []
+    real = schedules.train_batch
+
+    def recorded(parts, trainers, active, x, *rest):  # noqa: ANN001, ANN002
+        drawn.append(x.clone())
+        return real(parts, trainers, active, x, *rest)
+
+    monkeypatch.setattr(schedules, "train_batch", recorded)
+    e2e._start()
+    initial = {name: t.clone() for name, t in e2e.glow.state_dict().items()}
+    for _ in range(6):  # past the end of the first epoch (4 batches): the next epoch's shuffle too
+        e2e._batch(0, finetune=False)
+    bounds = [(0, 3), (3, len(e2e.glow))]
+    stages = [build_stage(config, bounds, k, data.train, 2, torch.device("cpu")) for k in range(2)]
+    weights = {}
+    for stage, _ in stages:
+        weights.update(stage.part.state_dict())
+    assert weights.keys() == initial.keys() and all(torch.equal(weights[n], t) for n, t in initial.items())
+    batches = stages[0][1]
+    assert stages[1][1] is None
+    assert all(torch.equal(next(batches), x) for x in drawn) and len(drawn) == 6

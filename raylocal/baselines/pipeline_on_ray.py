@@ -6,7 +6,7 @@ forward and gradients back, each behind the parts' emulated link
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from raylocal.cluster.queue import LatentQueue
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import BatchStream, NodeImages, training_images
 from raylocal.core.faults import Straggler, parse_faults
-from raylocal.core.links import LinkSpec
+from raylocal.core.links import SYSTEM_CLOCK, Clock, LinkSpec
 from raylocal.core.runlog import peak_rss_mb
 from raylocal.model.objectives import preprocess, to_device
 from raylocal.pipeline.worker import LinkReceiver, LinkSender, WorkerStats
@@ -52,6 +52,37 @@ def build_stage(
             yield preprocess(to_device(stream.next(), device), config.n_bits, noise)
 
     return stage, batches() if index == 0 else None
+
+
+def stage_links(
+    config: RaylocalConfig,
+    k: int,
+    n: int,
+    queues: list[Any],
+    stats: list[WorkerStats],
+    origin: float,
+    put: Callable[[Any], Any],
+    get: Callable[[Any], Any],
+    clock: Clock = SYSTEM_CLOCK,
+) -> StageLinks:
+    """Stage ``k``'s ends of its boundaries' links: at boundary k-1 its activations
+    come in and their gradients go back (``stats[0]``), at boundary k the reverse
+    (``stats[1]``). Queue 2b carries boundary b's activations, 2b+1 its gradients.
+    Both directions of a boundary are one link: the same spec, and outages timed
+    from the one ``origin`` the driver chose, so that an outage cuts both at once."""
+
+    def sender(queue: Any, boundary: int, counted: WorkerStats) -> LinkSender:
+        spec = LinkSpec.parse(config.link, boundary, config.seed)
+        return LinkSender(queue, spec, put, counted, k, clock=clock, lossless=True, origin=origin)
+
+    links = StageLinks()
+    if k > 0:
+        links.activations_in = LinkReceiver(queues[2 * (k - 1)], get, clock)
+        links.gradients_out = sender(queues[2 * (k - 1) + 1], k - 1, stats[0])
+    if k < n - 1:
+        links.activations_out = sender(queues[2 * k], k, stats[1])
+        links.gradients_in = LinkReceiver(queues[2 * k + 1], get, clock)
+    return links
 
 
 @ray.remote
@@ -86,15 +117,7 @@ class StageActor:
         device = actor_device(self.config)
         stage, batches = build_stage(self.config, bounds, k, training_images(images), plan["micro"], device)
         link_stats = [WorkerStats(), WorkerStats()]  # one each: two link threads must not share a counter
-        links = StageLinks()
-        if k > 0:  # boundary k-1: its activations come in, their gradients go back
-            spec = LinkSpec.parse(self.config.link, k - 1, self.config.seed)
-            links.activations_in = LinkReceiver(queues[2 * (k - 1)], get_or_none)
-            links.gradients_out = LinkSender(queues[2 * (k - 1) + 1], spec, ray.put, link_stats[0], k, lossless=True)
-        if k < n - 1:
-            spec = LinkSpec.parse(self.config.link, k, self.config.seed)
-            links.activations_out = LinkSender(queues[2 * k], spec, ray.put, link_stats[1], k, lossless=True)
-            links.gradients_in = LinkReceiver(queues[2 * k + 1], get_or_none)
+        links = stage_links(self.config, k, n, queues, link_stats, plan["origin"], ray.put, get_or_none)
         ops = stage_ops(plan["schedule"], k, n, plan["micro"])
         stats = train_stage(stage, ops, links, batches, plan.get("steps"), plan.get("budget"))
         state = {name: t.detach().cpu() for name, t in stage.part.state_dict().items()}
@@ -153,7 +176,7 @@ def train_pipeline_parallel(
                 "scheduling_strategy": strategy,
             }
             actors.append(StageActor.options(**options).remote(config.model_dump_json(), k, placement.threads))
-        plan = {"schedule": schedule, "micro": micro, "steps": steps, "budget": budget}
+        plan = {"schedule": schedule, "micro": micro, "steps": steps, "budget": budget, "origin": SYSTEM_CLOCK.now()}
         with errors_in_one_line():
             planned = ray.get(actors[0].plan.remote(train_images))
             bounds, canonical = planned.pop("bounds"), planned.pop("canonical")

@@ -156,6 +156,7 @@ class PipelineStage:
         self.stats.losses.append(self._loss)
         self.stats.steps += 1
         self._loss = 0.0
+        wait_for(self.device)  # (the optimizer's kernels, launched, may not have run yet)
         computed = time.perf_counter() - start
         self.stats.compute_s += computed
         self.straggler.after(computed)

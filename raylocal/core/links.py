@@ -242,10 +242,11 @@ class Wire:
     after its last byte left. The calling thread sleeps until the wire is free
     again; waiting out the latency is the receiver's business."""
 
-    def __init__(self, spec: LinkSpec, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, spec: LinkSpec, clock: Clock = SYSTEM_CLOCK, origin: float | None = None) -> None:
         self.spec = spec
         self.clock = clock
-        self.origin = clock.now()
+        # when its timed outages start counting: now, or a time the wires of one link share
+        self.origin = clock.now() if origin is None else origin
         self.outages = spec.timed_outages()
         self.free_at = -math.inf  # when the last message's last byte left
         self._tried_at = -math.inf  # when the last message tried to start

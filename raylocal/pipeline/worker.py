@@ -249,6 +249,8 @@ class LinkSender:
     weights wait for the next packet that crosses. A ``lossless`` link loses
     nothing: each packet is sent again once an outage is over, as TCP would
     (the pipeline rival's activations and gradients, which it cannot train without).
+    ``origin``: when its timed outages start (by default, now); the two directions
+    of one link share it, so that an outage cuts both at once.
     """
 
     def __init__(
@@ -262,10 +264,11 @@ class LinkSender:
         clock: Clock = SYSTEM_CLOCK,
         lossless: bool = False,
         trace_packets: int = 0,
+        origin: float | None = None,
     ) -> None:
         self.channel, self.store_put, self.stats, self.index, self.full = channel, store_put, stats, index, full
         self.lossless, self.trace_packets = lossless, trace_packets
-        self.wire = Wire(spec, clock)
+        self.wire = Wire(spec, clock, origin)
         self.clock = clock
         self._slot = PacketChannel(1)  # the packet waiting for the wire
         self._count = threading.Lock()  # both threads count dropped latents
