@@ -296,6 +296,24 @@ def test_the_data_parallel_guard_skips_a_step_without_a_finite_gradient_and_fail
         guard.update(model, optimizer, model(x * float("nan")).mean(), step=6)
 
 
+def test_the_rivals_guard_clips_the_gradients_norm_and_a_clip_of_0_leaves_it():
+    """Plain SGD at LR 1 moves the weights by minus the gradient it is given: by the
+    clip when the gradient's norm exceeds it, by the whole gradient without one."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3)
+    for clip in (1e-3, 0.0):
+        model = torch.nn.Linear(3, 2)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        loss = model(x).pow(2).sum()
+        full = torch.cat(
+            [g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)]
+        ).norm()
+        assert full > 1e-2  # the clip binds
+        assert NonFiniteGuard(grad_clip=clip).update(model, torch.optim.SGD(model.parameters(), lr=1.0), loss, 0)
+        moved = (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm()
+        assert float(moved) == pytest.approx(clip if clip else float(full), rel=1e-4)  # (torch adds 1e-6 to the norm)
+
+
 def test_ddp_training_that_diverges_fails_in_one_line_with_its_reason(mnist_dir, tmp_path):
     from raylocal.baselines.ddp import train_ddp
     from raylocal.core.data import load_dataset

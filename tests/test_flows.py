@@ -263,6 +263,45 @@ def test_samples_follow_their_temperature():
             assert float(latent.std()) == pytest.approx(temperature, rel=0.03), temperature
 
 
+def test_samples_follow_learned_priors_and_the_images_their_temperature(monkeypatch):
+    """With priors that are not N(0, 1) (a learned top mean and log-std, split priors
+    conditioned on the kept half), each latent of a sample at T, standardised by
+    its own prior, has mean 0 and std T; and the images a run saves are drawn at
+    the run's temperature (``sample_images``)."""
+    from raylocal.model.flows import Split
+    from raylocal.model.objectives import sample_images
+
+    torch.manual_seed(0)
+    glow = Glow((1, 8, 8), n_levels=3, depth=1, hidden=8).double()
+    glow(torch.rand(64, 1, 8, 8, dtype=torch.float64) - 0.5)  # the ActNorms' data init
+    with torch.no_grad():
+        glow.prior.mean.normal_(0.0, 1.0)
+        glow.prior.logs.uniform_(-1.0, 0.5)
+        for layer in glow.layers:
+            if isinstance(layer, Split):
+                for p in layer.prior.parameters():
+                    p.normal_(0.0, 0.1)
+    temperature = 0.5
+    torch.manual_seed(1)
+    x = glow.sample(4000, temperature)
+    standardised = []
+    for layer in glow.layers:
+        if isinstance(layer, Split):
+            x, z2, _ = layer.factor(x)
+            mean, logs = layer.mean_logs(x)
+            standardised.append((z2 - mean) / torch.exp(logs))
+        else:
+            x, _ = layer(x)
+    standardised.append((x - glow.prior.mean) / torch.exp(glow.prior.logs))
+    for eps in standardised:
+        assert abs(float(eps.mean())) < 0.02 and float(eps.std()) == pytest.approx(temperature, rel=0.03)
+    asked = []
+    real = glow.sample
+    monkeypatch.setattr(glow, "sample", lambda n, t: asked.append((n, t)) or real(n, t))
+    images = sample_images(glow, 4, 0.3)
+    assert asked == [(4, 0.3)] and images.shape == (4, 1, 8, 8) and images.dtype == torch.float32
+
+
 def test_an_actnorm_loaded_from_a_state_dict_initialises_on_data_only_if_that_one_had_not():
     torch.manual_seed(0)
     source, x = ActNorm(3), torch.randn(8, 3, 4, 4) * 3 + 1

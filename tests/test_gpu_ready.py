@@ -139,7 +139,7 @@ def test_the_data_parallel_control_tensors_are_made_on_the_workers_device():
     with pytest.raises(_Seen):
         worker.out_of_time(started=0.0, budget=1.0)
     with pytest.raises(_Seen):
-        worker._finish([{"loss": 1.0}], 1.0)
+        worker._finish([{"loss": 1.0}], 1.0, mailbox=None)
     assert seen == [torch.device("meta")] * 2
 
 

@@ -40,15 +40,16 @@ def _glow_and_batch(dtype: torch.dtype = torch.float64):
 
 
 def _two_stages_linked(link: str = "up", clock: Clock = SYSTEM_CLOCK) -> list[StageLinks]:
-    """Two stages' links in one process, lossless as the rival's are: activations forward, gradients back."""
+    """Two stages' links in one process, as their actors make them (lossless, both
+    directions timed from one origin): activations forward, gradients back."""
+    from raylocal.baselines.pipeline_on_ray import stage_links
+
+    config, origin = CONFIG.model_copy(update={"link": link}), clock.now()
     channels = [PacketChannel(2), PacketChannel(2)]
-    spec = LinkSpec.parse(link)
     return [
-        StageLinks(activations_out=LinkSender(channels[0], spec, lambda t: t, WorkerStats(), 0, clock, lossless=True),
-                   gradients_in=LinkReceiver(channels[1], lambda t: t, clock)),
-        StageLinks(activations_in=LinkReceiver(channels[0], lambda t: t, clock),
-                   gradients_out=LinkSender(channels[1], spec, lambda t: t, WorkerStats(), 1, clock, lossless=True)),
-    ]  # fmt: skip
+        stage_links(config, k, 2, channels, [WorkerStats(), WorkerStats()], origin, lambda t: t, lambda t: t, clock)
+        for k in range(2)
+    ]
 
 
 def _train_both(stages, ops, links, batches, steps: int, waiting: str) -> list[Exception]:
@@ -224,17 +225,18 @@ def test_the_pipelines_links_lose_nothing_in_an_outage():
     assert lossy.stats.outage_latents == 1 and lossy.stats.bytes_forward == 0
 
     # the rival's links time their outages (a step-based spec is refused for it): down a second
-    # in every 1.01 on average, and on the fake clock every message waits its outage out
+    # in every 1.01 on average, and on the fake clock every message (about 40 ms on the wire) waits
+    # its outage out
     glow, x = _glow_and_batch(torch.float32)
     stages = [PipelineStage(glow.part(a, b), CONFIG, 1e-3, 0, micro=2) for a, b in ((0, 3), (3, len(glow)))]
     clock = FakeClock()
     start = clock.now()
-    links = _two_stages_linked("mtbf=0.01s,mttr=1s", clock)
+    links = _two_stages_linked("bw=100kbit,mtbf=0.01s,mttr=1s", clock)
     ops = [stage_ops("1f1b", k, 2, 2) for k in range(2)]
     assert _train_both(stages, ops, links, [x] * 3, 3, "a stage waits for a message the link lost") == []
     assert stages[0].stats.steps == stages[1].stats.steps == 3
     assert links[0].activations_out.stats.outage_latents == links[1].gradients_out.stats.outage_latents == 0
-    assert clock.now() - start > 3.0  # 12 messages (and 2 ends) waited for the link; no outage: 0 s
+    assert clock.now() - start > 3.0  # 12 messages (and 2 ends) waited for the link; no outage: about 0.5 s
 
 
 def test_a_stages_clock_waits_for_its_device_before_it_stops(monkeypatch):

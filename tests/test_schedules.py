@@ -110,6 +110,24 @@ def test_per_part_learning_rates_reach_the_trainers(mnist_dir, tmp_path):
     assert [t.base_lr for t in run.trainers] == [1e-3, 5e-4, 1e-4]
 
 
+def test_a_runs_samples_are_drawn_at_its_temperature(mnist_dir, tmp_path, monkeypatch):
+    """The samples a run saves (``--samples`` at ``--temperature``): the images the
+    run's model draws at that temperature, written where the run log keeps them."""
+    import raylocal.training.schedules as schedules
+    from raylocal.run.launch import load_data
+
+    cfg = RaylocalConfig(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, samples=3, temperature=0.35,
+        storage_path=str(tmp_path), init_batch_size=64, progress=False,
+    )  # fmt: skip
+    run = schedules.SingleProcessRun(cfg, load_data(cfg), tmp_path / "x")
+    asked = []
+    real = schedules.sample_images
+    monkeypatch.setattr(schedules, "sample_images", lambda glow, n, t: asked.append((glow, n, t)) or real(glow, n, t))
+    path = run._samples(7)
+    assert asked == [(run.glow, 3, 0.35)] and path is not None and path.is_file()
+
+
 def test_cosine_decay_spans_each_parts_own_epochs_then_the_fine_tune(mnist_dir, tmp_path):
     from raylocal.run.launch import load_data
     from raylocal.training.schedules import SingleProcessRun

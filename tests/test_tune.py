@@ -108,11 +108,19 @@ def test_tiny_study_survives_divergence_ranks_and_best_config_round_trips(
     # --resume restores the (finished) study instead of starting a new one
     assert tune_lr.main([*argv, "--resume"]) == 0
     assert (study / "ranking.md").read_text().splitlines() == ranking
-    # ... only with the settings it was started with, refused in one line before Ray is touched
+    # ... only with the settings it was started with, refused in one line before Tune starts
     capsys.readouterr()
     assert tune_lr.main([*argv, "--resume", "--report-every", "8", "--epochs", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "(--report-every 4 then, 8 now; --epochs 2 then, 3 now)" in err[0], err
+    # ... and with the shares its parts had (a default GPU share comes from the cluster of the day)
+    kept = json.loads((study / "raylocal-study.json").read_text())
+    assert kept["shares"] == {"cpus_per_part": 0.25, "gpus_per_part": 0.0}
+    kept["shares"]["gpus_per_part"] = 0.45  # as if started on a cluster with GPUs
+    (study / "raylocal-study.json").write_text(json.dumps(kept))
+    assert tune_lr.main([*argv, "--resume"]) == 2
+    assert "error: --resume: the study's parts had {'cpus_per_part': 0.25, 'gpus_per_part': 0.45}, this cluster " \
+        "gives them {'cpus_per_part': 0.25, 'gpus_per_part': 0.0}" in capsys.readouterr().err  # fmt: skip
     (study / "raylocal-study.json").unlink()
     assert tune_lr.main([*argv, "--resume"]) == 2
     assert "started by an older version" in capsys.readouterr().err
@@ -360,6 +368,16 @@ def test_a_trials_group_keeps_to_the_worker_resource_and_spreads_as_the_run_woul
     with pytest.raises(ClusterError, match=r"needs CPU 1.5, the nodes with resource 'workers' have 1; use fewer"):
         pinned.check([head, worker])  # the head's CPUs do not count
     pinned.check([head, worker, worker])
+    with pytest.raises(ClusterError, match=r"^--worker-resource workers: no node of this cluster \(1 node\(s\)\) has"):
+        pinned.check([head])
+    # the default GPU share counts the GPUs of the nodes a trial may use only (4 bundles on 1 GPU, not 5)
+    from raylocal.cluster.placement import trial_shares
+
+    nodes = [{"CPU": 8.0, "GPU": 4.0}, {"CPU": 2.0, "GPU": 1.0, "workers": 1.0}]
+    assert trial_shares(RaylocalConfig(parts=3, worker_resource="workers"), nodes, 1) == {
+        "cpus_per_part": 0.5, "gpus_per_part": 0.25,
+    }  # fmt: skip
+    assert trial_shares(RaylocalConfig(parts=3), nodes, 1)["gpus_per_part"] == 0.9
     spread = TrialGroup.plan(RaylocalConfig(parts=2, placement="spread"))
     assert spread.strategy == "STRICT_SPREAD" and spread.factory().strategy == "STRICT_SPREAD"
     with pytest.raises(ClusterError, match=r"^--placement spread puts a trial's process and each of its 2 parts on "

@@ -21,10 +21,9 @@ Used for ``scripts/bench_links.py``, ``scripts/bench_async.py`` and, with
 
 from __future__ import annotations
 
-import json
+import io
 import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from raylocal.baselines.guard import NonFiniteGuard
 from raylocal.baselines.projection import ring_bytes
 from raylocal.cluster.connect import fit_train_run, node_images
 from raylocal.cluster.placement import DataParallelPlacement, check_torch_sees_gpus, train_worker_env
+from raylocal.cluster.queue import LatentQueue
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import BatchStream, training_images
 from raylocal.core.faults import Straggler, parse_faults
@@ -47,9 +47,6 @@ from raylocal.core.tensors import tensor_bytes
 from raylocal.errors import ClusterError, DivergedError
 from raylocal.model.objectives import nll_bits, preprocess, to_device, wait_for
 from raylocal.training.trainer import build_glow, initialize, scheduled_lr
-
-WEIGHTS = "weights.pt"
-HISTORY = "history.json"
 
 
 class NLL(nn.Module):
@@ -486,9 +483,9 @@ class DataParallelWorker:
             # the model a local-SGD run hands on is the workers' average at the end of
             # its budget, not rank 0's own, up to H - 1 steps past the last average
             self.average()
-        self._finish(history, time.perf_counter() - started)
+        self._finish(history, time.perf_counter() - started, loop_config["mailbox"])
 
-    def _finish(self, history: list[dict[str, Any]], seconds: float) -> None:
+    def _finish(self, history: list[dict[str, Any]], seconds: float, mailbox: LatentQueue) -> None:
         import ray.train
 
         idle = self.idle_s + (self.hook.idle_s if self.hook else 0.0)
@@ -514,13 +511,12 @@ class DataParallelWorker:
                 "device": str(self.device),
             },
         }
-        if self.rank != 0:
-            ray.train.report(history[-1])
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save({k: v.cpu() for k, v in self.glow.state_dict().items()}, Path(tmp) / WEIGHTS)
-            (Path(tmp) / HISTORY).write_text(json.dumps({"history": history, "stats": stats}))
-            ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if self.rank == 0:  # the weights go back in memory: as bytes, which outlive this worker (a reference
+            # would die with it) and which the mailbox holds without importing torch
+            weights = io.BytesIO()
+            torch.save({k: v.cpu() for k, v in self.glow.state_dict().items()}, weights)
+            mailbox.put_latest({"weights": weights.getvalue(), "history": history, "stats": stats})
+        ray.train.report(history[-1])
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -552,6 +548,7 @@ def train_ddp(
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    mailbox = LatentQueue(1)  # rank 0's weights and figures, back in memory
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -564,6 +561,7 @@ def train_ddp(
             "lr_clock": lr_clock,
             "lr_total": lr_total,
             "time_budget": time_budget,
+            "mailbox": mailbox,
         },  # fmt: skip
         scaling_config=ScalingConfig(
             num_workers=placement.workers, use_gpu=placement.use_gpu, resources_per_worker=placement.worker
@@ -572,19 +570,27 @@ def train_ddp(
             name="ddp", storage_path=str(storage.resolve()), worker_runtime_env=train_worker_env(placement.use_gpu)
         ),
     )
-    try:
-        result = fit_train_run(trainer)
-    except Exception as e:  # Ray Train wraps worker errors in several types
-        for failure in getattr(e, "worker_failures", {}).values():
-            reason = getattr(failure, "cause", None) or failure  # a worker's own error, unwrapped
-            if isinstance(reason, DivergedError):
-                raise DivergedError(str(reason)) from None
-        raise ClusterError(f"DDP training failed: {str(e).strip().splitlines()[0][:200]}") from None
-    if result.checkpoint is None:
-        raise ClusterError("DDP training returned no checkpoint")
-    with result.checkpoint.as_directory() as d:
-        weights = torch.load(Path(d) / WEIGHTS, weights_only=True)
-        record = json.loads((Path(d) / HISTORY).read_text())
+    record = _fit_and_collect(trainer, mailbox)
     if stats is not None:
         stats.update(record["stats"])
-    return weights, record["history"]
+    return record["weights"], record["history"]
+
+
+def _fit_and_collect(trainer: Any, mailbox: LatentQueue) -> dict[str, Any]:
+    """Run the DDP trainer; rank 0's weights (fetched), history and figures. A worker's
+    divergence is raised as such, any other failure as one line."""
+    try:
+        try:
+            fit_train_run(trainer)
+        except Exception as e:  # Ray Train wraps worker errors in several types
+            for failure in getattr(e, "worker_failures", {}).values():
+                reason = getattr(failure, "cause", None) or failure  # a worker's own error, unwrapped
+                if isinstance(reason, DivergedError):
+                    raise DivergedError(str(reason)) from None
+            raise ClusterError(f"DDP training failed: {str(e).strip().splitlines()[0][:200]}") from None
+        if mailbox.qsize() == 0:
+            raise ClusterError("DDP training ended without its weights")
+        record = mailbox.get()
+        return record | {"weights": torch.load(io.BytesIO(record["weights"]), weights_only=True)}
+    finally:
+        mailbox.shutdown()

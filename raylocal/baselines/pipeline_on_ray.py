@@ -69,7 +69,8 @@ def stage_links(
     come in and their gradients go back (``stats[0]``), at boundary k the reverse
     (``stats[1]``). Queue 2b carries boundary b's activations, 2b+1 its gradients.
     Both directions of a boundary are one link: the same spec, and outages timed
-    from the one ``origin`` the driver chose, so that an outage cuts both at once."""
+    from the one ``origin`` the driver chose, so that an outage cuts both at once
+    (on two nodes, to within their clocks' skew, as every arrival time is)."""
 
     def sender(queue: Any, boundary: int, counted: WorkerStats) -> LinkSender:
         spec = LinkSpec.parse(config.link, boundary, config.seed)
@@ -105,21 +106,20 @@ class StageActor:
         bounds = [tuple(b) for b in plan["bounds"]]
         return {"bounds": bounds, "canonical": plan["canonical"], "pid": os.getpid(), "device": str(device)}
 
-    def run(
-        self,
-        bounds: list[tuple[int, int]],
-        images: torch.Tensor | NodeImages,
-        queues: list[LatentQueue],
-        plan: dict[str, Any],
-    ) -> dict[str, Any]:
+    def build(self, bounds: list[tuple[int, int]], images: torch.Tensor | NodeImages, micro: int) -> None:
+        """This stage, built and initialised, ready to train (``train``)."""
         torch.set_num_threads(self.threads)
-        k, n = self.index, len(bounds)
+        self.n = len(bounds)
         device = actor_device(self.config)
-        stage, batches = build_stage(self.config, bounds, k, training_images(images), plan["micro"], device)
+        self.stage, self.batches = build_stage(self.config, bounds, self.index, training_images(images), micro, device)
+
+    def train(self, queues: list[LatentQueue], plan: dict[str, Any]) -> dict[str, Any]:
+        """Train the built stage over its links, whose outages count from ``plan["origin"]``."""
+        k, n, stage = self.index, self.n, self.stage
         link_stats = [WorkerStats(), WorkerStats()]  # one each: two link threads must not share a counter
         links = stage_links(self.config, k, n, queues, link_stats, plan["origin"], ray.put, get_or_none)
         ops = stage_ops(plan["schedule"], k, n, plan["micro"])
-        stats = train_stage(stage, ops, links, batches, plan.get("steps"), plan.get("budget"))
+        stats = train_stage(stage, ops, links, self.batches, plan.get("steps"), plan.get("budget"))
         state = {name: t.detach().cpu() for name, t in stage.part.state_dict().items()}
         wire_bytes = sum(s.bytes_forward for s in link_stats)
         figures = {"stats": asdict(stats), "seconds": stats.seconds, "wire_bytes": wire_bytes}
@@ -176,11 +176,14 @@ def train_pipeline_parallel(
                 "scheduling_strategy": strategy,
             }
             actors.append(StageActor.options(**options).remote(config.model_dump_json(), k, placement.threads))
-        plan = {"schedule": schedule, "micro": micro, "steps": steps, "budget": budget, "origin": SYSTEM_CLOCK.now()}
         with errors_in_one_line():
             planned = ray.get(actors[0].plan.remote(train_images))
             bounds, canonical = planned.pop("bounds"), planned.pop("canonical")
-            results = ray.get([a.run.remote(bounds, train_images, queues, plan) for a in actors])
+            ray.get([a.build.remote(bounds, train_images, micro) for a in actors])
+            # every stage built: the links' outages count from here, as the parts' from their start
+            plan = {"schedule": schedule, "micro": micro, "steps": steps, "budget": budget}
+            plan["origin"] = SYSTEM_CLOCK.now()
+            results = ray.get([a.train.remote(queues, plan) for a in actors])
     finally:
         for a in actors:
             ray.kill(a)

@@ -54,15 +54,22 @@ from typing import Any
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+import ray
 import torch
 
 from raylocal.baselines.projection import StepModel, bandwidth_losing, wire_bytes_per_step
+from raylocal.bench.async_bench import e2e_throughput, random_images
 from raylocal.bench.race import METHODS, SCHEDULES, Cell, check_targets, plot, race_cells, results_table, twins_table
 from raylocal.bench.sweep import SWEEP_GRID, best_settings, race_settings, sweep_cells, sweep_table, tuned_at
+from raylocal.cluster import netns
+from raylocal.cluster.parts_phase import gather_weights
 from raylocal.core.checkpoint import load_checkpoint
 from raylocal.core.config import RaylocalConfig, data_source
 from raylocal.core.links import FakeClock, LinkSpec, Wire, with_real_costs
-from raylocal.errors import ClusterError
+from raylocal.core.runlog import peak_rss_mb
+from raylocal.errors import ClusterError, ConfigError
+from raylocal.run.run import Run
+from raylocal.study.compare import parse_seeds
 from raylocal.training.service import ModelService
 
 LINKS = {
@@ -144,7 +151,6 @@ def own_ray(join: bool = False) -> None:
     """A Ray instance of the cell's own, 2 CPUs, even where another runs on this host
     (a plain ``ray.init`` would join that one); with ``join``, the cluster at
     RAY_ADDRESS instead (the calibration's real network, ``raylocal.tools.calibrate``)."""
-    import ray
 
     if join:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
@@ -177,8 +183,6 @@ def _config(args: dict[str, Any], **extra: Any) -> RaylocalConfig:
 
 
 def run_one_device(args: dict[str, Any]) -> dict[str, Any]:
-    from raylocal.core.runlog import peak_rss_mb
-    from raylocal.run.run import Run
 
     torch.set_num_threads(1)
     data = _data(args)
@@ -203,9 +207,6 @@ def run_one_device(args: dict[str, Any]) -> dict[str, Any]:
 def run_data_parallel(args: dict[str, Any], average_every: int, state=None, budget=None) -> dict[str, Any]:
     """DDP (``average_every`` 0) or local SGD: a data-parallel ``Run`` of two
     workers of one CPU each, from ``state`` when given (the parts' weights)."""
-    import ray
-
-    from raylocal.run.run import Run
 
     data = _data(args)
     outer = args.get("outer_lr") if average_every else None
@@ -249,7 +250,6 @@ class WeightsSnapshot:
         self.state: dict[str, torch.Tensor] = {}
 
     def __call__(self, actors: list[Any], polled: list[dict[str, Any]]) -> None:
-        from raylocal.cluster.parts_phase import gather_weights
 
         now = time.perf_counter()
         self.start = now if self.start is None else self.start
@@ -262,9 +262,6 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
     """The parts: a parts-only ``Run`` whose model service is this process (the
     cell's two CPUs are the parts'), watched by a monitor that takes the weights
     at 2/3 of the budget for "parts + fine-tune"."""
-    import ray
-
-    from raylocal.run.run import Run
 
     data = _data(args)
     config = _config(
@@ -320,9 +317,6 @@ def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
     """The pipeline-parallel rival: a pipeline ``Run``, the model cut where the
     parts cut it, trained end to end over the link (1F1B, activations forward,
     their gradients back)."""
-    import ray
-
-    from raylocal.run.run import Run
 
     data = _data(args)
     micro = args["micro_batches"]
@@ -381,9 +375,6 @@ def run_finetune(args: dict[str, Any]) -> dict[str, Any]:
     if on == "ddp":
         result = run_data_parallel(args, 0, state=parts, budget=budget)
     else:
-        from raylocal.core.runlog import peak_rss_mb
-        from raylocal.run.run import Run
-
         torch.set_num_threads(1)
         config = _config(args, schedule="e2e", time_budget=budget)  # e2e from the parts' weights
         with tempfile.TemporaryDirectory() as tmp:
@@ -443,7 +434,6 @@ def host_figures(probe_s: float) -> dict[str, Any]:
     """What a cell's numbers depend on besides its settings: the commit, the CPU
     model, and the host's speed now (one device's images/s, one thread, over
     ``probe_s`` seconds of random images; 0 skips the probe)."""
-    from raylocal.bench.async_bench import e2e_throughput, random_images
 
     root = Path(__file__).resolve().parents[2]
     git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
@@ -529,7 +519,6 @@ def _run_cell_process(args: dict[str, Any], timeout: float) -> subprocess.Comple
     argv = [sys.executable, "-m", "raylocal.bench.links", "--cell"]
     if args.get("network") != "real" or args["method"] == "one-device":  # one device: no link to be real
         return _wait(subprocess.Popen([*argv, json.dumps(args)], **_PIPES), timeout)
-    from raylocal.cluster import netns
 
     rate, emulated = real_link(args["settings"]["block"])
     args = args | {"link_spec": emulated, "join": True, "placement": "spread", "images_from": "node"}
@@ -731,8 +720,6 @@ def _check_sweep_only(opts: argparse.Namespace) -> None:
 
 def race_plan(opts: argparse.Namespace) -> tuple[list[str], list[int]]:
     """The race's links and seeds, checked before anything runs."""
-    from raylocal.errors import ConfigError
-    from raylocal.study.compare import parse_seeds
 
     links = opts.links.split(",") if opts.links else list(QUICK_LINKS if opts.quick else LINKS)
     bad = [link for link in links if link not in LINKS]
@@ -749,8 +736,6 @@ def race_plan(opts: argparse.Namespace) -> tuple[list[str], list[int]]:
         except ConfigError as e:
             raise SystemExit(f"error: --costs: {e}") from None
     if getattr(opts, "real", False):
-        from raylocal.cluster import netns
-
         for link in links:
             real_link(link)
         why = netns.available()

@@ -29,6 +29,7 @@ SERVICE_GPU_SHARE = 0.1
 WORKER_RESOURCE_SHARE = 0.001
 FINETUNE_MAX_CPUS = 8.0  # a worker that has the cluster to itself takes a node's CPUs, up to this
 PART_MAX_CPUS = 4.0  # a part's default share of the CPUs, at most
+TRIAL_PART_CPUS = 0.5  # a Tune trial's part, by default: trials share the cluster
 
 
 def live_nodes() -> list[dict[str, float]]:
@@ -193,7 +194,7 @@ class TrialGroup:
 
     @classmethod
     def plan(cls, base: RaylocalConfig, cpus_per_trial: float | None = None) -> TrialGroup:
-        cpus = base.cpus_per_part or 0.5
+        cpus = base.cpus_per_part or TRIAL_PART_CPUS
         gpus = base.gpus_per_part or 0.0
         trial = {"CPU": cpus if cpus_per_trial is None else cpus_per_trial} | (
             {"GPU": min(SERVICE_GPU_SHARE, gpus)} if gpus else {}
@@ -215,6 +216,9 @@ class TrialGroup:
         minute, and wait forever."""
         bundles, resource = self.bundles, self.worker_resource
         usable = [n for n in nodes if n.get(resource)] if resource else nodes
+        if not usable:
+            raise ClusterError(f"--worker-resource {resource}: no node of this cluster ({len(nodes)} node(s)) has it; "
+                               f"start the worker nodes with --resources '{{\"{resource}\": 1}}'")  # fmt: skip
         for bundle in bundles:
             if not any(_fits(bundle, node) for node in usable):
                 where = f"node with resource {resource!r}" if resource else "node of this cluster"
@@ -236,6 +240,16 @@ class TrialGroup:
                 + (f"the nodes with resource {resource!r} have " if resource else "the cluster has ")
                 + f"{_sum(usable, k):g}; use fewer parts, or lower --cpus-per-part or --gpus-per-part"
             )
+
+
+def trial_shares(base: RaylocalConfig, nodes: list[dict[str, float]], concurrent: int) -> dict[str, float]:
+    """The fixed CPU and GPU shares of every trial's parts in a Tune study (so that
+    the cluster holds whole trials): the flags', else ``TRIAL_PART_CPUS`` and the
+    default GPU share of the GPUs on the nodes a trial may use."""
+    gpus = base.gpus_per_part
+    if gpus is None:
+        gpus = default_gpu_share(base, _sum(worker_nodes(base, nodes), "GPU"), concurrent)
+    return {"cpus_per_part": base.cpus_per_part or TRIAL_PART_CPUS, "gpus_per_part": gpus}
 
 
 def default_gpu_share(config: RaylocalConfig, cluster_gpus: float, concurrent: int) -> float:

@@ -53,6 +53,7 @@ import numpy as np
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+from raylocal.bench import links  # noqa: E402
 from raylocal.bench.links import BENCH_MODEL, cell_link, host_figures  # noqa: E402 (after the auth setting, as links.py's own)
 from raylocal.bench.race import SCHEDULES  # noqa: E402
 from raylocal.bench.sweep import SWEEP_GRID  # noqa: E402
@@ -115,8 +116,6 @@ def cell_args(
 
 def run_contestant(args: dict[str, Any]) -> dict[str, Any]:
     """One contestant in this process (it joins RAY_ADDRESS when set, else starts its own Ray)."""
-    from raylocal.bench import links
-
     if args["method"] == "parts":
         result = links.run_parts(args)
     else:

@@ -175,9 +175,9 @@ class RelativeUpdateRule:
 class PartsResult:
     """What a parts phase trained elsewhere (the Ray parts) hands to the rest of
     its run: the assembled weights, per-part stats, the evaluations made while
-    it trained, and its pipeline report. Saved in the run directory, so that the
-    process that finishes the run (a Ray Train worker) reads it from there, and
-    a restarted one finds it again."""
+    it trained, and its pipeline report. It reaches the rest of the run in memory
+    (or as a Ray reference); it is also saved in the run directory, for a run
+    resumed after its parts phase and a restarted fine-tune worker."""
 
     state: dict[str, Tensor]
     wall: float

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from raylocal.cluster.parts_phase import gather_part_states, gather_weights, part_checkpoint_path
-from raylocal.cluster.placement import TrialGroup, default_gpu_share, live_nodes, worker_nodes
+from raylocal.cluster.placement import TrialGroup, live_nodes, trial_shares
 from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.core.config import RaylocalConfig, data_source, write_config_file
 from raylocal.core.data import DataSource, ImageData
@@ -256,15 +256,32 @@ def run_trial(
 # What a study is started with, kept beside Tune's files: --resume rebuilds each
 # trial from the flags it is given, so it must be given the same ones
 STUDY_SETTINGS = "raylocal-study.json"
-# flags that shape no trial (where the cluster is, where the study is, how it prints)
-NOT_SHAPING = ("address", "storage_path", "run_name", "resume", "progress")
+# the flags that say where the cluster, the study and a cache are, or how it prints; every
+# other flag shapes the trials or best.json (which keeps the fine-tune the trials skip)
+NOT_KEPT = ("address", "storage_path", "run_name", "resume", "progress", "cache_dir")
 
 
 def study_settings(base: RaylocalConfig, space: SpaceSource, scheduler: str, options: dict[str, Any]) -> dict:
-    """Everything that shapes a study's trials: the run's flags, the space's text,
-    the scheduler and the study's own options (trials, report interval, ...)."""
-    flags = {k: v for k, v in base.model_dump(mode="json").items() if k not in NOT_SHAPING}
+    """Everything that shapes a study: the run's flags (its data by absolute path),
+    the space's text, the scheduler and the study's own options (trials, report
+    interval, ...); ``tune_study`` adds the parts' shares it resolved on the cluster."""
+    flags = {k: v for k, v in base.model_dump(mode="json").items() if k not in NOT_KEPT}
+    if flags.get("data_root"):
+        flags["data_root"] = str(Path(flags["data_root"]).resolve())
     return {"flags": flags, "space": space.text, "scheduler": scheduler, **options}
+
+
+def _kept(study: Path) -> dict[str, Any]:
+    """The settings a study was started with, as ``tune_study`` kept them."""
+    kept = study / STUDY_SETTINGS
+    if not kept.is_file():
+        raise ConfigError(f"--resume: {study} has no {STUDY_SETTINGS}: it was started by an older version; start anew")
+    try:
+        settings = json.loads(kept.read_text())
+        assert isinstance(settings, dict) and isinstance(settings.get("flags"), dict)
+    except (OSError, ValueError, AssertionError):
+        raise ConfigError(f"--resume: {kept} cannot be read as a study's settings; start anew") from None
+    return settings
 
 
 def _flat(settings: dict[str, Any]) -> dict[str, Any]:
@@ -272,16 +289,14 @@ def _flat(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_resumable(study: Path, settings: dict[str, Any]) -> None:
-    """``--resume`` continues a study only with the settings it was started with
-    (another scheduler, report interval or GPU share would change its trials midway)."""
+    """``--resume`` continues a study only with the flags it was started with
+    (another scheduler, report interval or model would change its trials midway);
+    checked before Ray starts. (The shares, resolved on the cluster: ``tune_study``.)"""
     from ray import tune
 
     if not tune.Tuner.can_restore(str(study)):
         raise ConfigError(f"--resume: no Tune study to restore at {study}")
-    kept = study / STUDY_SETTINGS
-    if not kept.is_file():
-        raise ConfigError(f"--resume: {study} has no {STUDY_SETTINGS}: it was started by an older version; start anew")
-    then, now = _flat(json.loads(kept.read_text())), _flat(json.loads(json.dumps(settings)))  # (tuples as lists)
+    then, now = _flat(_kept(study)), _flat(json.loads(json.dumps(settings)))  # (tuples as lists)
     differ = [k for k in now if then.get(k) != now[k]]
     if differ:
         shown = "; ".join(
@@ -331,7 +346,8 @@ def tune_study(
     cpus_per_trial: float | None = None,
     scheduler: str = "asha",
     pbt_interval: int = 2,
-    settings: dict[str, Any] | None = None,
+    *,
+    settings: dict[str, Any],
 ) -> Any:
     """Run (or continue) a study; returns Tune's ResultGrid. ``scheduler`` is
     ``asha`` (stop weak trials early) or ``pbt`` (weak trials continue from
@@ -341,23 +357,22 @@ def tune_study(
 
     module = check_study(space, base.part_count(), scheduler, base.schedule)
     param_space = module.space(base.part_count())
-    # the trials' parts ask for fixed shares, so that the cluster holds whole trials
     nodes = live_nodes()
-    gpus = base.gpus_per_part
-    if gpus is None:  # (only the GPUs of the nodes a trial may use)
-        cluster_gpus = sum(n.get("GPU", 0.0) for n in worker_nodes(base, nodes))
-        gpus = default_gpu_share(base, cluster_gpus, max_concurrent or trials)
-    shares = {"cpus_per_part": base.cpus_per_part or 0.5, "gpus_per_part": gpus}
+    shares = trial_shares(base, nodes, max_concurrent or trials)
     base = base.model_copy(update=shares | {"storage_path": str(storage.resolve())})  # (a trial's cwd is its own)
     n_steps = base.epochs * (len(data.train) // base.batch_size)  # each part's, the last's reported
     TrialGroup.plan(base, cpus_per_trial).check(nodes)
     trainable = _trainable(base, data, space, report_every, scheduler == "pbt", cpus_per_trial)
     path = storage.resolve() / name
-    if resume:  # (its settings checked before Ray started: check_resumable)
+    if resume:  # (its flags checked before Ray started: check_resumable)
+        kept = _kept(path).get("shares")
+        if kept != shares:  # a default share comes from the cluster, which may differ now
+            raise ConfigError(f"--resume: the study's parts had {kept}, this cluster gives them {shares}; "
+                              "give --cpus-per-part and --gpus-per-part as they were")  # fmt: skip
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
     else:
         path.mkdir(parents=True, exist_ok=True)
-        (path / STUDY_SETTINGS).write_text(json.dumps(settings, indent=1) + "\n")
+        (path / STUDY_SETTINGS).write_text(json.dumps(settings | {"shares": shares}, indent=1) + "\n")
         chosen, keep = _scheduler(scheduler, param_space, trials, pbt_interval * report_every, report_every, n_steps)
         tuner = tune.Tuner(
             trainable,
