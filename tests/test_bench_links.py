@@ -461,10 +461,12 @@ def test_a_race_may_take_another_races_sweep_choices_and_a_bad_choice_file_is_on
 
 
 def test_the_weights_snapshot_is_taken_once_at_its_time_counted_from_the_first_poll(bench, monkeypatch):
+    from raylocal.cluster import parts_phase
+
     now = iter([100.0, 105.0, 110.0, 110.5, 115.0])  # polls at 100, 105, 110 (+0.5 s to gather), 115
     monkeypatch.setattr(bench.time, "perf_counter", lambda: next(now))
     gathered = []
-    monkeypatch.setattr(bench, "gather_weights", lambda actors: gathered.append(1) or {"w": actors})
+    monkeypatch.setattr(parts_phase, "gather_weights", lambda actors: gathered.append(1) or {"w": actors})
     snap = bench.WeightsSnapshot(at=10.0)
     for _ in range(4):
         snap(["a"], [])

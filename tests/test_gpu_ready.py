@@ -197,6 +197,17 @@ def test_gpus_are_counted_only_on_the_nodes_of_the_worker_resource(monkeypatch):
     assert Placement.plan(_config(device="auto"), 3).work["GPU"] == 1.0
 
 
+def test_a_placement_gives_the_parts_the_service_and_the_fine_tune_their_threads():
+    """A part's threads are its CPUs (the model service's bundle is a part's), the
+    fine-tune worker's are its node's CPUs (at most 8); --threads sets them all."""
+    nodes = [{"CPU": 6.0}]
+    plan = Placement.plan(_config(threads=None), 2, nodes)
+    assert (plan.part_cpus, plan.service["CPU"], plan.threads) == (2.0, 2.0, 2)
+    assert (plan.work["CPU"], plan.work_threads) == (6.0, 6)
+    pinned = Placement.plan(_config(threads=1), 2, nodes)
+    assert (pinned.threads, pinned.work_threads) == (1, 1)
+
+
 def test_data_parallel_workers_share_and_are_checked_against_the_nodes_of_the_worker_resource():
     head = {"CPU": 8.0, "GPU": 2.0}  # a GPU node without the resource: it only coordinates
     workers = {"CPU": 2.0, "workers": 1.0}

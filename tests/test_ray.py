@@ -200,6 +200,26 @@ def test_queue_never_exceeds_its_bound():
     assert torch.equal(ray.get(got[-1]["latent"]), torch.zeros(10))
 
 
+def test_a_mailbox_keeps_the_newest_post_and_never_makes_a_worker_wait():
+    """What a Ray Train worker hands the driver (a summary, DDP's weights as bytes):
+    a restarted worker posts again, and its post replaces the earlier one without
+    waiting for the driver, which reads once the workers are done."""
+    import ray
+
+    from raylocal.cluster.queue import Mailbox
+
+    box = Mailbox()
+    assert box.take() is None
+    box.post({"summary": {"test_bpd": 3.0}})
+    box.post({"weights": b"w" * 300_000, "history": [{"epoch": 1}]})  # the restarted worker's (over 100 kB)
+    assert box.take() == {"weights": b"w" * 300_000, "history": [{"epoch": 1}]}
+    assert not ray.get(box.actor.__ray_call__.remote(lambda _: "torch" in sys.modules))
+    assert ray.get(box.actor.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())) == (
+        ray.get_runtime_context().get_node_id()
+    )  # on the driver's node
+    box.shutdown()
+
+
 def test_the_driver_leaves_ray_trains_state_api_warnings_out_of_what_it_prints():
     from ray._private.ray_logging import WorkerStandardStreamDispatcher
 
@@ -449,7 +469,7 @@ def test_a_service_here_takes_the_configs_device_in_a_driver_not_rays_grant(monk
     monkeypatch.setattr(service, "ModelService", lambda config, shape, device: made.append(device))
     monkeypatch.setattr(service, "actor_device", lambda config: torch.device("cpu"))  # a driver is granted nothing
     config = RaylocalConfig(schedule="async", parts=2, device="cuda")
-    placement = type("Placement", (), {"service": {"CPU": 1.0}})()
+    placement = type("Placement", (), {"service": {"CPU": 1.0}, "threads": 1})()
     data = load_dataset("mnist", mnist_dir)
     run = AsyncRun(config, data, tmp_path, RayPlan(placement, None, None), service_here=True)
     handle = run._service()

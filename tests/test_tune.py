@@ -121,9 +121,17 @@ def test_tiny_study_survives_divergence_ranks_and_best_config_round_trips(
     assert tune_lr.main([*argv, "--resume"]) == 2
     assert "error: --resume: the study's parts had {'cpus_per_part': 0.25, 'gpus_per_part': 0.45}, this cluster " \
         "gives them {'cpus_per_part': 0.25, 'gpus_per_part': 0.0}" in capsys.readouterr().err  # fmt: skip
+    # the shares given as flags are compared as resolved shares, so the advice can be followed (here the
+    # trial's GPU bundle then fits no node of this CPU-only session: refused by placement, not by --resume)
+    assert tune_lr.main([*argv, "--resume", "--gpus-per-part", "0.45"]) == 2
+    err = capsys.readouterr().err
+    assert "fits no node" in err and "--resume" not in err, err
     (study / "raylocal-study.json").unlink()
     assert tune_lr.main([*argv, "--resume"]) == 2
     assert "started by an older version" in capsys.readouterr().err
+    (study / "raylocal-study.json").write_text(json.dumps({"flags": {}}))  # this file before it kept shares
+    assert tune_lr.main([*argv, "--resume"]) == 2
+    assert "cannot be read as this version's study settings" in capsys.readouterr().err
     # the best config is the study's run with the best trial's LRs, and it runs (here as its
     # single-process twin: the async run itself is test_ray.py's)
     trial = load_config_file(study / "best.json")

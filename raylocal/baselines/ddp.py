@@ -37,7 +37,7 @@ from raylocal.baselines.guard import NonFiniteGuard
 from raylocal.baselines.projection import ring_bytes
 from raylocal.cluster.connect import fit_train_run, node_images
 from raylocal.cluster.placement import DataParallelPlacement, check_torch_sees_gpus, train_worker_env
-from raylocal.cluster.queue import LatentQueue
+from raylocal.cluster.queue import Mailbox
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import BatchStream, training_images
 from raylocal.core.faults import Straggler, parse_faults
@@ -485,7 +485,7 @@ class DataParallelWorker:
             self.average()
         self._finish(history, time.perf_counter() - started, loop_config["mailbox"])
 
-    def _finish(self, history: list[dict[str, Any]], seconds: float, mailbox: LatentQueue) -> None:
+    def _finish(self, history: list[dict[str, Any]], seconds: float, mailbox: Mailbox) -> None:
         import ray.train
 
         idle = self.idle_s + (self.hook.idle_s if self.hook else 0.0)
@@ -515,7 +515,7 @@ class DataParallelWorker:
             # would die with it) and which the mailbox holds without importing torch
             weights = io.BytesIO()
             torch.save({k: v.cpu() for k, v in self.glow.state_dict().items()}, weights)
-            mailbox.put_latest({"weights": weights.getvalue(), "history": history, "stats": stats})
+            mailbox.post({"weights": weights.getvalue(), "history": history, "stats": stats})
         ray.train.report(history[-1])
 
 
@@ -548,49 +548,49 @@ def train_ddp(
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    mailbox = LatentQueue(1)  # rank 0's weights and figures, back in memory
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "config": config.model_dump_json(),
-            "images": node_images(config, images) or images,
-            "epochs": epochs,
-            "lr": lr,
-            "threads": placement.threads,
-            "state": state,
-            "lr_clock": lr_clock,
-            "lr_total": lr_total,
-            "time_budget": time_budget,
-            "mailbox": mailbox,
-        },  # fmt: skip
-        scaling_config=ScalingConfig(
-            num_workers=placement.workers, use_gpu=placement.use_gpu, resources_per_worker=placement.worker
-        ),
-        run_config=TrainRunConfig(
-            name="ddp", storage_path=str(storage.resolve()), worker_runtime_env=train_worker_env(placement.use_gpu)
-        ),
-    )
-    record = _fit_and_collect(trainer, mailbox)
+    mailbox = Mailbox()  # rank 0's weights and figures, back in memory
+    try:
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={
+                "config": config.model_dump_json(),
+                "images": node_images(config, images) or images,
+                "epochs": epochs,
+                "lr": lr,
+                "threads": placement.threads,
+                "state": state,
+                "lr_clock": lr_clock,
+                "lr_total": lr_total,
+                "time_budget": time_budget,
+                "mailbox": mailbox,
+            },  # fmt: skip
+            scaling_config=ScalingConfig(
+                num_workers=placement.workers, use_gpu=placement.use_gpu, resources_per_worker=placement.worker
+            ),
+            run_config=TrainRunConfig(
+                name="ddp", storage_path=str(storage.resolve()), worker_runtime_env=train_worker_env(placement.use_gpu)
+            ),
+        )
+        record = _fit_and_collect(trainer, mailbox)
+    finally:
+        mailbox.shutdown()
     if stats is not None:
         stats.update(record["stats"])
     return record["weights"], record["history"]
 
 
-def _fit_and_collect(trainer: Any, mailbox: LatentQueue) -> dict[str, Any]:
-    """Run the DDP trainer; rank 0's weights (fetched), history and figures. A worker's
+def _fit_and_collect(trainer: Any, mailbox: Mailbox) -> dict[str, Any]:
+    """Run the DDP trainer; rank 0's weights (loaded), history and figures. A worker's
     divergence is raised as such, any other failure as one line."""
     try:
-        try:
-            fit_train_run(trainer)
-        except Exception as e:  # Ray Train wraps worker errors in several types
-            for failure in getattr(e, "worker_failures", {}).values():
-                reason = getattr(failure, "cause", None) or failure  # a worker's own error, unwrapped
-                if isinstance(reason, DivergedError):
-                    raise DivergedError(str(reason)) from None
-            raise ClusterError(f"DDP training failed: {str(e).strip().splitlines()[0][:200]}") from None
-        if mailbox.qsize() == 0:
-            raise ClusterError("DDP training ended without its weights")
-        record = mailbox.get()
-        return record | {"weights": torch.load(io.BytesIO(record["weights"]), weights_only=True)}
-    finally:
-        mailbox.shutdown()
+        fit_train_run(trainer)
+    except Exception as e:  # Ray Train wraps worker errors in several types
+        for failure in getattr(e, "worker_failures", {}).values():
+            reason = getattr(failure, "cause", None) or failure  # a worker's own error, unwrapped
+            if isinstance(reason, DivergedError):
+                raise DivergedError(str(reason)) from None
+        raise ClusterError(f"DDP training failed: {str(e).strip().splitlines()[0][:200]}") from None
+    record = mailbox.take()
+    if record is None:
+        raise ClusterError("DDP training ended without its weights")
+    return record | {"weights": torch.load(io.BytesIO(record["weights"]), weights_only=True)}

@@ -53,16 +53,15 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray is imported by the functions of the cells that use it (ray, parts_phase, async_bench): the
+# one-device cell's process, whose peak memory is one of its figures, stays free of it
 
-import ray
 import torch
 
 from raylocal.baselines.projection import StepModel, bandwidth_losing, wire_bytes_per_step
-from raylocal.bench.async_bench import e2e_throughput, random_images
 from raylocal.bench.race import METHODS, SCHEDULES, Cell, check_targets, plot, race_cells, results_table, twins_table
 from raylocal.bench.sweep import SWEEP_GRID, best_settings, race_settings, sweep_cells, sweep_table, tuned_at
 from raylocal.cluster import netns
-from raylocal.cluster.parts_phase import gather_weights
 from raylocal.core.checkpoint import load_checkpoint
 from raylocal.core.config import RaylocalConfig, data_source
 from raylocal.core.links import FakeClock, LinkSpec, Wire, with_real_costs
@@ -151,6 +150,7 @@ def own_ray(join: bool = False) -> None:
     """A Ray instance of the cell's own, 2 CPUs, even where another runs on this host
     (a plain ``ray.init`` would join that one); with ``join``, the cluster at
     RAY_ADDRESS instead (the calibration's real network, ``raylocal.tools.calibrate``)."""
+    import ray
 
     if join:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
@@ -207,6 +207,7 @@ def run_one_device(args: dict[str, Any]) -> dict[str, Any]:
 def run_data_parallel(args: dict[str, Any], average_every: int, state=None, budget=None) -> dict[str, Any]:
     """DDP (``average_every`` 0) or local SGD: a data-parallel ``Run`` of two
     workers of one CPU each, from ``state`` when given (the parts' weights)."""
+    import ray
 
     data = _data(args)
     outer = args.get("outer_lr") if average_every else None
@@ -250,6 +251,7 @@ class WeightsSnapshot:
         self.state: dict[str, torch.Tensor] = {}
 
     def __call__(self, actors: list[Any], polled: list[dict[str, Any]]) -> None:
+        from raylocal.cluster.parts_phase import gather_weights
 
         now = time.perf_counter()
         self.start = now if self.start is None else self.start
@@ -262,6 +264,7 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
     """The parts: a parts-only ``Run`` whose model service is this process (the
     cell's two CPUs are the parts'), watched by a monitor that takes the weights
     at 2/3 of the budget for "parts + fine-tune"."""
+    import ray
 
     data = _data(args)
     config = _config(
@@ -317,6 +320,7 @@ def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
     """The pipeline-parallel rival: a pipeline ``Run``, the model cut where the
     parts cut it, trained end to end over the link (1F1B, activations forward,
     their gradients back)."""
+    import ray
 
     data = _data(args)
     micro = args["micro_batches"]
@@ -434,6 +438,7 @@ def host_figures(probe_s: float) -> dict[str, Any]:
     """What a cell's numbers depend on besides its settings: the commit, the CPU
     model, and the host's speed now (one device's images/s, one thread, over
     ``probe_s`` seconds of random images; 0 skips the probe)."""
+    from raylocal.bench.async_bench import e2e_throughput, random_images
 
     root = Path(__file__).resolve().parents[2]
     git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)

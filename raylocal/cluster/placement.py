@@ -74,7 +74,8 @@ class Placement:
     part: dict[str, float]
     service: dict[str, float]
     work: dict[str, float]
-    threads: int
+    threads: int  # a part's torch threads, and the model service's (its bundle is a part's)
+    work_threads: int  # the fine-tune worker's
     strategy: str  # PACK, or STRICT_SPREAD: one part per node
     nodes: list[dict[str, float]] = field(default_factory=list, repr=False)
 
@@ -101,6 +102,7 @@ class Placement:
             service=_pinned(config, {"CPU": cpus} | ({"GPU": SERVICE_GPU_SHARE} if gpus else {})),
             work=_pinned(config, {"CPU": work_cpus} | ({"GPU": 1.0} if whole_gpus else {})),
             threads=config.threads or max(1, int(cpus)),
+            work_threads=config.threads or max(1, int(work_cpus)),
             strategy="STRICT_SPREAD" if config.placement == "spread" else "PACK",
             nodes=nodes,
         )

@@ -162,9 +162,8 @@ class AsyncRun:
         """The model service's handle (started by the run): in this process for a
         caller that holds a bundle (one thread), else in its own actor."""
         config, parts = self.config, self.ray_plan.parts
-        threads = config.threads or max(1, int(parts.service["CPU"]))
         local = self.data if self.service_here else None
-        return ServiceHandle(config.model_dump_json(), self.data.shape, parts, threads, local, config.device)
+        return ServiceHandle(config.model_dump_json(), self.data.shape, parts, parts.threads, local, config.device)
 
     def _live_settings(self, test_ref: Any) -> tuple[Any, int, int, int]:
         """``LiveEvaluation``'s settings (test images, their count, every, steps per epoch),

@@ -25,7 +25,7 @@ from raylocal.cluster.connect import fit_train_run
 from raylocal.cluster.parts_phase import parts_where
 from raylocal.cluster.placement import Placement, train_worker_device, train_worker_env
 from raylocal.cluster.preflight import RayPlan
-from raylocal.cluster.queue import LatentQueue
+from raylocal.cluster.queue import Mailbox
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData, NodeImages, training_images
 from raylocal.errors import ClusterError, DivergedError
@@ -120,10 +120,10 @@ def _finish_loop(loop_config: dict[str, Any]) -> None:
     except DivergedError as e:
         # a divergence is deterministic: reported, not raised, so that Ray Train
         # does not rerun the fine-tune max_restarts times to diverge again
-        mailbox.put_latest({"diverged": str(e)})
+        mailbox.post({"diverged": str(e)})
         return
     summary["where_finished"] = here(device) | {"phase": "ray train worker"}
-    mailbox.put_latest({"summary": summary})  # a restarted worker's replaces an earlier one's
+    mailbox.post({"summary": summary})  # a restarted worker's replaces an earlier one's
     ray.train.report({"test_bpd": summary["test_bpd"]})
 
 
@@ -146,37 +146,37 @@ def finish_on_ray_train(
 
     resources = dict(placement.work)
     use_gpu = resources.pop("GPU", 0) > 0
-    threads = config.threads or max(1, int(resources["CPU"]))
-    mailbox = LatentQueue(1)
-    trainer = TorchTrainer(
-        _finish_loop,
-        train_loop_config={
-            "config": config.model_dump_json(),
-            "name": name,
-            "train": refs[0],
-            "test": refs[1],
-            "run_dir": str(run_dir),
-            "bounds": bounds,
-            "threads": threads,
-            "parts": ray.put(parts) if parts is not None else None,
-            "mailbox": mailbox,
-        },  # fmt: skip
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=TrainRunConfig(
-            name="finetune",
-            storage_path=str((run_dir / "ray_train").resolve()),
-            failure_config=FailureConfig(max_failures=config.max_restarts),
-            worker_runtime_env=train_worker_env(use_gpu),
-        ),
-    )
+    threads = placement.work_threads
+    mailbox = Mailbox()
     try:
+        trainer = TorchTrainer(
+            _finish_loop,
+            train_loop_config={
+                "config": config.model_dump_json(),
+                "name": name,
+                "train": refs[0],
+                "test": refs[1],
+                "run_dir": str(run_dir),
+                "bounds": bounds,
+                "threads": threads,
+                "parts": ray.put(parts) if parts is not None else None,
+                "mailbox": mailbox,
+            },  # fmt: skip
+            scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
+            run_config=TrainRunConfig(
+                name="finetune",
+                storage_path=str((run_dir / "ray_train").resolve()),
+                failure_config=FailureConfig(max_failures=config.max_restarts),
+                worker_runtime_env=train_worker_env(use_gpu),
+            ),
+        )
         try:
             fit_train_run(trainer)
         except Exception as e:  # Ray Train wraps worker errors in several types
             raise ClusterError(f"the fine-tune failed: {str(e).strip().splitlines()[0][:200]}") from None
-        if mailbox.qsize() == 0:
+        result = mailbox.take()
+        if result is None:
             raise ClusterError("the fine-tune's worker ended without a summary")
-        result = mailbox.get()
     finally:
         mailbox.shutdown()
     if "diverged" in result:

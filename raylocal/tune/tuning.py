@@ -256,9 +256,10 @@ def run_trial(
 # What a study is started with, kept beside Tune's files: --resume rebuilds each
 # trial from the flags it is given, so it must be given the same ones
 STUDY_SETTINGS = "raylocal-study.json"
-# the flags that say where the cluster, the study and a cache are, or how it prints; every
-# other flag shapes the trials or best.json (which keeps the fine-tune the trials skip)
-NOT_KEPT = ("address", "storage_path", "run_name", "resume", "progress", "cache_dir")
+# the flags that say where the cluster, the study and a cache are, or how it prints, and the
+# parts' shares (kept as resolved on the cluster: tune_study); every other flag shapes the
+# trials or best.json (which keeps the fine-tune the trials skip)
+NOT_KEPT = ("address", "storage_path", "run_name", "resume", "progress", "cache_dir", "cpus_per_part", "gpus_per_part")
 
 
 def study_settings(base: RaylocalConfig, space: SpaceSource, scheduler: str, options: dict[str, Any]) -> dict:
@@ -278,9 +279,10 @@ def _kept(study: Path) -> dict[str, Any]:
         raise ConfigError(f"--resume: {study} has no {STUDY_SETTINGS}: it was started by an older version; start anew")
     try:
         settings = json.loads(kept.read_text())
-        assert isinstance(settings, dict) and isinstance(settings.get("flags"), dict)
-    except (OSError, ValueError, AssertionError):
-        raise ConfigError(f"--resume: {kept} cannot be read as a study's settings; start anew") from None
+    except (OSError, ValueError):
+        settings = None
+    if not isinstance(settings, dict) or not isinstance(settings.get("flags"), dict) or "shares" not in settings:
+        raise ConfigError(f"--resume: {kept} cannot be read as this version's study settings; start anew")
     return settings
 
 
@@ -368,7 +370,7 @@ def tune_study(
         kept = _kept(path).get("shares")
         if kept != shares:  # a default share comes from the cluster, which may differ now
             raise ConfigError(f"--resume: the study's parts had {kept}, this cluster gives them {shares}; "
-                              "give --cpus-per-part and --gpus-per-part as they were")  # fmt: skip
+                              "give them with --cpus-per-part and --gpus-per-part")  # fmt: skip
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
     else:
         path.mkdir(parents=True, exist_ok=True)
