@@ -426,3 +426,17 @@ def test_a_trial_reports_its_divergence_once(monkeypatch):
     fresh.report_divergence(DivergedError("part 1 beyond its rollbacks"))
     fresh.report_divergence(DivergedError("part 1 beyond its rollbacks"))
     assert [(r["diverged"], r["finished"]) for r in reports[1:]] == [(1, 1)]
+
+
+def test_a_studys_trial_count_crosses_its_grids_with_its_samples():
+    """What the default GPU share divides the GPUs by (with no --max-concurrent):
+    every trial the study may run at once, a grid's points and not --trials."""
+    from ray import tune
+
+    from raylocal.tune.tuning import study_trials
+
+    grid = load_space(ROOT / "tune_spaces" / "grid.py", 2)
+    assert study_trials(grid.space(2), 1) == 4  # the grid's 4 profiles
+    both = {"a": tune.grid_search([1, 2]), "b": {"c": tune.grid_search([1, 2, 3])}, "lr": tune.loguniform(1e-4, 1e-2)}
+    assert study_trials(both, 2) == 2 * 3 * 2
+    assert study_trials(load_space(ROOT / "tune_spaces" / "independent.py", 3).space(3), 8) == 8

@@ -102,6 +102,19 @@ def check_study(space: SpaceSource, parts: int, scheduler: str, schedule: str = 
     return module
 
 
+def study_trials(param_space: Any, samples: int) -> int:
+    """How many trials a study runs: ``samples`` of each point of the space's grids
+    (Tune crosses every ``grid_search`` with every other, and with the samples)."""
+    if isinstance(param_space, dict):
+        if set(param_space) == {"grid_search"}:
+            return len(param_space["grid_search"]) * samples
+        points = 1
+        for value in param_space.values():
+            points *= study_trials(value, 1)
+        return points * samples
+    return samples
+
+
 def trial_lrs(space: ModuleType, params: dict[str, Any], parts: int) -> list[float]:
     values = space.lrs(params, parts)
     if len(values) != parts or not all(v > 0 for v in values):
@@ -360,7 +373,8 @@ def tune_study(
     module = check_study(space, base.part_count(), scheduler, base.schedule)
     param_space = module.space(base.part_count())
     nodes = live_nodes()
-    shares = trial_shares(base, nodes, max_concurrent or trials)
+    samples = 1 if getattr(module, "GRID", False) else trials
+    shares = trial_shares(base, nodes, max_concurrent or study_trials(param_space, samples))
     base = base.model_copy(update=shares | {"storage_path": str(storage.resolve())})  # (a trial's cwd is its own)
     n_steps = base.epochs * (len(data.train) // base.batch_size)  # each part's, the last's reported
     TrialGroup.plan(base, cpus_per_trial).check(nodes)
@@ -383,7 +397,7 @@ def tune_study(
                 metric="test_bpd",
                 mode="min",
                 scheduler=chosen,
-                num_samples=1 if getattr(module, "GRID", False) else trials,
+                num_samples=samples,
                 max_concurrent_trials=max_concurrent,
             ),
             run_config=tune.RunConfig(name=name, storage_path=str(storage.resolve()), checkpoint_config=keep),
