@@ -389,6 +389,8 @@ def test_the_pipeline_parallel_rival_on_ray_trains_as_its_stages_do_in_one_proce
     sent, returned = results[0]["stats"]["bytes_forward"], results[1]["stats"]["bytes_backward"]
     assert results[0]["stats"]["steps"] == results[1]["stats"]["steps"] == summary["steps"] == 3
     assert sent == returned == results[0]["wire_bytes"] == results[1]["wire_bytes"] > 0  # as the links counted
+    # each boundary's activation queue on the stage that reads it, its gradient queue on the other
+    assert results[0]["queue_nodes"] == [results[1]["node_id"], results[0]["node_id"]]
     glow = build_glow(config, data.shape)
     glow.load_state_dict(expected)
     assert summary["test_bpd"] == pytest.approx(evaluate_bpd(glow, data.test, 32, torch.device("cpu")), abs=1e-9)

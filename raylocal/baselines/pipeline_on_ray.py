@@ -123,7 +123,8 @@ class StageActor:
         state = {name: t.detach().cpu() for name, t in stage.part.state_dict().items()}
         wire_bytes = sum(s.bytes_forward for s in link_stats)
         figures = {"stats": asdict(stats), "seconds": stats.seconds, "wire_bytes": wire_bytes}
-        return figures | {"peak_rss_mb": peak_rss_mb(), "pid": os.getpid(), "state": state}
+        where = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+        return figures | {"peak_rss_mb": peak_rss_mb(), "state": state} | where
 
 
 def _on(pg: Any, bundle: int) -> PlacementGroupSchedulingStrategy:
@@ -135,7 +136,8 @@ class PipelineResult:
     """What the pipeline's stages trained: the assembled weights, the bounds the
     first stage planned (their canonical form, and where they were planned),
     and each stage's figures (its stats, seconds, the bytes its links sent,
-    its process)."""
+    its process and node; before the last, where its boundary's activation and
+    gradient queues ran)."""
 
     state: dict[str, torch.Tensor]
     bounds: list[tuple[int, int]]
@@ -184,6 +186,8 @@ def train_pipeline_parallel(
             plan = {"schedule": schedule, "micro": micro, "steps": steps, "budget": budget}
             plan["origin"] = SYSTEM_CLOCK.now()
             results = ray.get([a.train.remote(queues, plan) for a in actors])
+            for k in range(n - 1):  # where each boundary's two queues ran: on their readers' nodes
+                results[k]["queue_nodes"] = [queues[2 * k].node_id(), queues[2 * k + 1].node_id()]
     finally:
         for a in actors:
             ray.kill(a)

@@ -344,6 +344,8 @@ def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
         "idle": max((s["stats"]["wait_s"] + s["stats"]["send_s"]) / s["seconds"] for s in stages),
         "peak_rss_mb": max(s["peak_rss_mb"] for s in stages),
         "test_bpd": summary["test_bpd"],
+        "actor_nodes": [s["node_id"] for s in stages],  # where each stage ran (Ray's node ids)
+        "queue_nodes": [s["queue_nodes"] for s in stages[:-1]],  # each boundary's activation and gradient queue
     }
 
 
