@@ -421,3 +421,24 @@ def test_an_overlapped_round_applies_only_what_has_landed_on_the_device(monkeypa
     monkeypatch.setattr(dist, "all_reduce", lambda tensor, async_op: QueuedWork(tensor, failed))
     with pytest.raises(RuntimeError, match="the peer is gone"):
         OverlappedRound(params, world=2, wire=None).apply()
+
+
+def test_gpu_shares_are_checked_as_ray_packs_them_one_gpu_each():
+    """Ray puts a share under 1 on one GPU: 1.9 GPUs of shares (three of 0.6 and a
+    0.1) do not fit 2 GPUs, though their sum does; three of 0.45 and a 0.1 do."""
+    from raylocal.cluster.placement import TrialGroup, trial_shares
+
+    two_gpus = [{"CPU": 16.0, "GPU": 2.0}]
+    config = _config(parts=3, part_spec=None, device="auto", cpus_per_part=1.0)
+    with pytest.raises(ClusterError, match=r"^3 parts and the model service: GPU shares of 0.6, 0.1 for 4 bundles "
+                       r"do not pack into the 2 GPU\(s\) of this cluster"):  # fmt: skip
+        Placement.plan(config.model_copy(update={"gpus_per_part": 0.6}), 3, two_gpus).check()
+    Placement.plan(config.model_copy(update={"gpus_per_part": 0.45}), 3, two_gpus).check()
+    Placement.plan(config, 3, two_gpus).check()  # the default share: 0.45 each
+    with pytest.raises(ClusterError, match=r"^a trial of 3 parts and its own process: GPU shares of 0.6, 0.1"):
+        TrialGroup.plan(config.model_copy(update={"gpus_per_part": 0.6})).check(two_gpus)
+    TrialGroup.plan(config.model_copy(update={"gpus_per_part": 0.45})).check(two_gpus)
+    # the default share divides the GPUs among the trials the CPUs can hold at once, not all 300
+    assert trial_shares(config, [{"CPU": 8.0, "GPU": 1.0}], 300)["gpus_per_part"] == 0.125  # 2 trials of 4 bundles
+    with pytest.raises(ClusterError, match=r"^300 trials at once of 3 parts .* no GPU share on 1 GPU\(s\)"):
+        trial_shares(config, [{"CPU": 4000.0, "GPU": 1.0}], 300)

@@ -60,6 +60,39 @@ def _short_of(need: dict[str, float], nodes: list[dict[str, float]]) -> str | No
     return next((k for k, v in need.items() if _sum(nodes, k) + 1e-9 < v), None)
 
 
+def _gpus_pack(asks: list[float], nodes: list[dict[str, float]]) -> bool:
+    """Do GPU asks fit the nodes' GPUs as Ray places them: a share under 1 on one
+    GPU, a whole ask on whole GPUs? (First fit, largest first; the asks here are
+    K equal shares and a service's, for which that is exact.)"""
+    free = [1.0] * sum(int(n.get("GPU", 0.0) + 1e-9) for n in nodes)
+    for ask in sorted((a for a in asks if a > 0), reverse=True):
+        if ask >= 1.0 - 1e-9:
+            whole = [i for i, f in enumerate(free) if f >= 1.0 - 1e-9][: int(round(ask))]
+            if len(whole) < int(round(ask)):
+                return False
+            for i in whole:
+                free[i] = 0.0
+            continue
+        slot = next((i for i, f in enumerate(free) if f + 1e-9 >= ask), None)
+        if slot is None:
+            return False
+        free[slot] -= ask
+    return True
+
+
+def _unpacked_gpus(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> str | None:
+    """Why these bundles' GPU shares cannot be placed on the nodes' GPUs, if they cannot."""
+    asks = [b.get("GPU", 0.0) for b in bundles]
+    if not any(asks) or _gpus_pack(asks, nodes):
+        return None
+    shares = sorted({a for a in asks if a}, reverse=True)
+    return (
+        f"GPU shares of {', '.join(f'{a:g}' for a in shares)} for {sum(1 for a in asks if a)} bundles do not pack "
+        f"into the {int(sum(int(n.get('GPU', 0.0) + 1e-9) for n in nodes))} GPU(s) of this cluster (Ray puts each "
+        "share under 1 on one GPU); lower --gpus-per-part"
+    )
+
+
 def _shown(bundle: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k} {v:g}" for k, v in bundle.items()) + "}"
 
@@ -140,6 +173,9 @@ class Placement:
         for k, v in (self.service if with_service else {}).items():
             need[k] = need.get(k, 0.0) + v
         k = _short_of(need, nodes)
+        unpacked = _unpacked_gpus([self.part] * n + ([self.service] if with_service else []), nodes)
+        if k is None and unpacked:
+            raise ClusterError(f"{n} parts" + (" and the model service" if with_service else "") + f": {unpacked}")
         if k is not None:
             raise ClusterError(
                 f"{n} parts of {shown}"
@@ -236,6 +272,9 @@ class TrialGroup:
             )
         need = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
         k = _short_of(need, usable)
+        unpacked = _unpacked_gpus(bundles, usable)
+        if k is None and unpacked:
+            raise ClusterError(f"a trial of {len(bundles) - 1} parts and its own process: {unpacked}")
         if k is not None:
             raise ClusterError(
                 f"a trial of {len(bundles) - 1} parts and its own process needs {k} {need[k]:g}, "
@@ -244,14 +283,28 @@ class TrialGroup:
             )
 
 
-def trial_shares(base: RaylocalConfig, nodes: list[dict[str, float]], concurrent: int) -> dict[str, float]:
+def trial_shares(
+    base: RaylocalConfig, nodes: list[dict[str, float]], concurrent: int, cpus_per_trial: float | None = None
+) -> dict[str, float]:
     """The fixed CPU and GPU shares of every trial's parts in a Tune study (so that
     the cluster holds whole trials): the flags', else ``TRIAL_PART_CPUS`` and the
-    default GPU share of the GPUs on the nodes a trial may use."""
+    default GPU share of the GPUs on the nodes a trial may use, for the trials that
+    can run at once (``concurrent``, and no more than the nodes' CPUs hold). A
+    default share that rounds to nothing is refused: the trials would train on CPUs."""
+    cpus = base.cpus_per_part or TRIAL_PART_CPUS
     gpus = base.gpus_per_part
     if gpus is None:
-        gpus = default_gpu_share(base, _sum(worker_nodes(base, nodes), "GPU"), concurrent)
-    return {"cpus_per_part": base.cpus_per_part or TRIAL_PART_CPUS, "gpus_per_part": gpus}
+        usable = worker_nodes(base, nodes)
+        per_trial = (cpus if cpus_per_trial is None else cpus_per_trial) + cpus * base.part_count()
+        concurrent = max(1, min(concurrent, int(_sum(usable, "CPU") / per_trial + 1e-9)))
+        cluster_gpus = _sum(usable, "GPU")
+        gpus = default_gpu_share(base, cluster_gpus, concurrent)
+        if gpus == 0.0 and base.device != "cpu" and int(cluster_gpus + 1e-9) > 0:
+            raise ClusterError(
+                f"{concurrent} trials at once of {base.part_count()} parts and their own process leave each part "
+                f"no GPU share on {int(cluster_gpus + 1e-9)} GPU(s); give --max-concurrent or --gpus-per-part"
+            )
+    return {"cpus_per_part": cpus, "gpus_per_part": gpus}
 
 
 def default_gpu_share(config: RaylocalConfig, cluster_gpus: float, concurrent: int) -> float:

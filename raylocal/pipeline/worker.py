@@ -78,7 +78,7 @@ def to_wire(x: Tensor, dtype: torch.dtype) -> tuple[Tensor | dict[str, Tensor], 
 
     host = {k: pinned(v) for k, v in payload.items()} if isinstance(payload, dict) else pinned(payload)
     ready = torch.cuda.Event()
-    ready.record()
+    ready.record(torch.cuda.current_stream(x.device))  # the copies' stream: x's device, not the thread's current one
     return host, ready
 
 

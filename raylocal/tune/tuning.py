@@ -374,7 +374,7 @@ def tune_study(
     param_space = module.space(base.part_count())
     nodes = live_nodes()
     samples = 1 if getattr(module, "GRID", False) else trials
-    shares = trial_shares(base, nodes, max_concurrent or study_trials(param_space, samples))
+    shares = trial_shares(base, nodes, max_concurrent or study_trials(param_space, samples), cpus_per_trial)
     base = base.model_copy(update=shares | {"storage_path": str(storage.resolve())})  # (a trial's cwd is its own)
     n_steps = base.epochs * (len(data.train) // base.batch_size)  # each part's, the last's reported
     TrialGroup.plan(base, cpus_per_trial).check(nodes)
