@@ -426,7 +426,7 @@ def test_an_overlapped_round_applies_only_what_has_landed_on_the_device(monkeypa
 def test_gpu_shares_are_checked_as_ray_packs_them_one_gpu_each():
     """Ray puts a share under 1 on one GPU: 1.9 GPUs of shares (three of 0.6 and a
     0.1) do not fit 2 GPUs, though their sum does; three of 0.45 and a 0.1 do."""
-    from raylocal.cluster.placement import TrialGroup, trial_shares
+    from raylocal.cluster.placement import trial_shares
 
     two_gpus = [{"CPU": 16.0, "GPU": 2.0}]
     config = _config(parts=3, part_spec=None, device="auto", cpus_per_part=1.0)

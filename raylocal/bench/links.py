@@ -183,7 +183,6 @@ def _config(args: dict[str, Any], **extra: Any) -> RaylocalConfig:
 
 
 def run_one_device(args: dict[str, Any]) -> dict[str, Any]:
-
     torch.set_num_threads(1)
     data = _data(args)
     config = _config(args, schedule=SCHEDULES["one-device"], time_budget=args["budget"], link="up")
@@ -727,7 +726,6 @@ def _check_sweep_only(opts: argparse.Namespace) -> None:
 
 def race_plan(opts: argparse.Namespace) -> tuple[list[str], list[int]]:
     """The race's links and seeds, checked before anything runs."""
-
     links = opts.links.split(",") if opts.links else list(QUICK_LINKS if opts.quick else LINKS)
     bad = [link for link in links if link not in LINKS]
     if bad:

@@ -39,7 +39,11 @@ def live_nodes() -> list[dict[str, float]]:
 
 def worker_nodes(config: RaylocalConfig, nodes: list[dict[str, float]]) -> list[dict[str, float]]:
     """The nodes the run may work on: those that carry ``--worker-resource`` when it is set."""
-    return [r for r in nodes if r.get(config.worker_resource)] if config.worker_resource else nodes
+    return _carrying(config.worker_resource, nodes)
+
+
+def _carrying(resource: str | None, nodes: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [r for r in nodes if r.get(resource)] if resource else nodes
 
 
 def _pinned(config: RaylocalConfig, bundle: dict[str, float]) -> dict[str, float]:
@@ -64,7 +68,7 @@ def _gpus_pack(asks: list[float], nodes: list[dict[str, float]]) -> bool:
     """Do GPU asks fit the nodes' GPUs as Ray places them: a share under 1 on one
     GPU, a whole ask on whole GPUs? (First fit, largest first; the asks here are
     K equal shares and a service's, for which that is exact.)"""
-    free = [1.0] * sum(int(n.get("GPU", 0.0) + 1e-9) for n in nodes)
+    free = [1.0] * _whole_gpus(nodes)
     for ask in sorted((a for a in asks if a > 0), reverse=True):
         if ask >= 1.0 - 1e-9:
             whole = [i for i, f in enumerate(free) if f >= 1.0 - 1e-9][: int(round(ask))]
@@ -80,6 +84,10 @@ def _gpus_pack(asks: list[float], nodes: list[dict[str, float]]) -> bool:
     return True
 
 
+def _whole_gpus(nodes: list[dict[str, float]]) -> int:
+    return sum(int(n.get("GPU", 0.0) + 1e-9) for n in nodes)
+
+
 def _unpacked_gpus(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> str | None:
     """Why these bundles' GPU shares cannot be placed on the nodes' GPUs, if they cannot."""
     asks = [b.get("GPU", 0.0) for b in bundles]
@@ -88,7 +96,7 @@ def _unpacked_gpus(bundles: list[dict[str, float]], nodes: list[dict[str, float]
     shares = sorted({a for a in asks if a}, reverse=True)
     return (
         f"GPU shares of {', '.join(f'{a:g}' for a in shares)} for {sum(1 for a in asks if a)} bundles do not pack "
-        f"into the {int(sum(int(n.get('GPU', 0.0) + 1e-9) for n in nodes))} GPU(s) of this cluster (Ray puts each "
+        f"into the {_whole_gpus(nodes)} GPU(s) of this cluster (Ray puts each "
         "share under 1 on one GPU); lower --gpus-per-part"
     )
 
@@ -169,20 +177,21 @@ class Placement:
                 f"--placement spread puts each of the {n} parts on its own node, but only {len(able)} node(s) "
                 f"can hold a part of {shown}; use --placement pack or more nodes"
             )
-        need = {k: v * n for k, v in self.part.items()}
-        for k, v in (self.service if with_service else {}).items():
-            need[k] = need.get(k, 0.0) + v
+        bundles = [self.part] * n + ([self.service] if with_service else [])
+        and_service = " and the model service" if with_service else ""
+        need: dict[str, float] = {}
+        for bundle in bundles:
+            for k, v in bundle.items():
+                need[k] = need.get(k, 0.0) + v
         k = _short_of(need, nodes)
-        unpacked = _unpacked_gpus([self.part] * n + ([self.service] if with_service else []), nodes)
-        if k is None and unpacked:
-            raise ClusterError(f"{n} parts" + (" and the model service" if with_service else "") + f": {unpacked}")
         if k is not None:
             raise ClusterError(
-                f"{n} parts of {shown}"
-                + (" and the model service" if with_service else "")
-                + f" need {k} {need[k]:g}, the cluster has "
+                f"{n} parts of {shown}{and_service} need {k} {need[k]:g}, the cluster has "
                 f"{_sum(nodes, k):g}; use fewer parts, or lower --cpus-per-part or --gpus-per-part"
             )
+        unpacked = _unpacked_gpus(bundles, nodes)  # enough by the totals: and as Ray places GPU shares?
+        if unpacked:
+            raise ClusterError(f"{n} parts{and_service}: {unpacked}")
 
     def reserve_parts(self) -> tuple[PlacementGroup, int, bool]:
         """The placement group of the parts, the bundle index of part 1, and whether
@@ -253,7 +262,7 @@ class TrialGroup:
         node? Said in one line before the study starts: Tune would only warn, every
         minute, and wait forever."""
         bundles, resource = self.bundles, self.worker_resource
-        usable = [n for n in nodes if n.get(resource)] if resource else nodes
+        usable = _carrying(resource, nodes)
         if not usable:
             raise ClusterError(f"--worker-resource {resource}: no node of this cluster ({len(nodes)} node(s)) has it; "
                                f"start the worker nodes with --resources '{{\"{resource}\": 1}}'")  # fmt: skip
@@ -272,15 +281,15 @@ class TrialGroup:
             )
         need = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
         k = _short_of(need, usable)
-        unpacked = _unpacked_gpus(bundles, usable)
-        if k is None and unpacked:
-            raise ClusterError(f"a trial of {len(bundles) - 1} parts and its own process: {unpacked}")
         if k is not None:
             raise ClusterError(
                 f"a trial of {len(bundles) - 1} parts and its own process needs {k} {need[k]:g}, "
                 + (f"the nodes with resource {resource!r} have " if resource else "the cluster has ")
                 + f"{_sum(usable, k):g}; use fewer parts, or lower --cpus-per-part or --gpus-per-part"
             )
+        unpacked = _unpacked_gpus(bundles, usable)  # enough by the totals: and as Ray places GPU shares?
+        if unpacked:
+            raise ClusterError(f"a trial of {len(bundles) - 1} parts and its own process: {unpacked}")
 
 
 def trial_shares(

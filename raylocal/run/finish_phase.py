@@ -146,7 +146,6 @@ def finish_on_ray_train(
 
     resources = dict(placement.work)
     use_gpu = resources.pop("GPU", 0) > 0
-    threads = placement.work_threads
     mailbox = Mailbox()
     try:
         trainer = TorchTrainer(
@@ -158,7 +157,7 @@ def finish_on_ray_train(
                 "test": refs[1],
                 "run_dir": str(run_dir),
                 "bounds": bounds,
-                "threads": threads,
+                "threads": placement.work_threads,
                 "parts": ray.put(parts) if parts is not None else None,
                 "mailbox": mailbox,
             },  # fmt: skip
