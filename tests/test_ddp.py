@@ -329,6 +329,32 @@ def test_ddp_training_that_diverges_fails_in_one_line_with_its_reason(mnist_dir,
     assert len(str(e.value).splitlines()) == 1
 
 
+def test_a_ray_train_failure_is_one_line_and_a_workers_divergence_stays_a_divergence():
+    """What Ray Train raises (its worker errors wrapped, in several lines) becomes one
+    line naming what ran; a worker's own DivergedError, found inside, is raised as such."""
+    from raylocal.cluster.ray_train import _raise_in_one_line
+    from raylocal.errors import ClusterError, DivergedError
+
+    class Failed(Exception):
+        def __init__(self, text: str, failures: dict) -> None:
+            super().__init__(text)
+            self.worker_failures = failures
+
+    class Wrapped(Exception):
+        def __init__(self, cause: BaseException) -> None:
+            self.cause = cause
+
+    lost = Failed("Training failed.\nWorker 1 died.\n  Traceback ...", {1: Wrapped(RuntimeError("gone"))})
+    with pytest.raises(ClusterError) as e:
+        _raise_in_one_line(lost, "DDP training")
+    assert str(e.value) == "DDP training failed: Training failed."
+    diverged = Failed("Training failed.\n...", {0: Wrapped(RuntimeError("x")), 1: Wrapped(DivergedError("nan at 6"))})
+    with pytest.raises(DivergedError, match="^nan at 6$"):
+        _raise_in_one_line(diverged, "DDP training")
+    with pytest.raises(DivergedError, match="^nan at 7$"):  # a failure that is the worker's error itself
+        _raise_in_one_line(Failed("x", {0: DivergedError("nan at 7")}), "the fine-tune")
+
+
 def test_a_compressed_bucket_crosses_the_link_in_bfloat16_and_lands_decompressed():
     clock = FakeClock(0.0)
     hook = LinkedAllReduce(

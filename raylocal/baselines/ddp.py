@@ -35,16 +35,16 @@ from torch import Tensor, nn
 
 from raylocal.baselines.guard import NonFiniteGuard
 from raylocal.baselines.projection import ring_bytes
-from raylocal.cluster.connect import fit_train_run, node_images
-from raylocal.cluster.placement import DataParallelPlacement, check_torch_sees_gpus, train_worker_env
+from raylocal.cluster.connect import node_images
+from raylocal.cluster.placement import DataParallelPlacement, check_torch_sees_gpus
 from raylocal.cluster.queue import Mailbox
+from raylocal.cluster.ray_train import run_on_ray_train
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import BatchStream, training_images
 from raylocal.core.faults import Straggler, parse_faults
 from raylocal.core.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.core.runlog import peak_rss_mb
 from raylocal.core.tensors import tensor_bytes
-from raylocal.errors import ClusterError, DivergedError
 from raylocal.model.objectives import nll_bits, preprocess, to_device, wait_for
 from raylocal.training.trainer import build_glow, initialize, scheduled_lr
 
@@ -544,53 +544,23 @@ def train_ddp(
     ``lr_clock`` and ``lr_total`` place this phase on a run-wide LR decay
     (``cosine-run``): the first update is at ``lr_clock`` of ``lr_total`` steps.
     With ``time_budget`` every worker stops at the first step past it."""
-    from ray.train import RunConfig as TrainRunConfig
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    mailbox = Mailbox()  # rank 0's weights and figures, back in memory
-    try:
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={
-                "config": config.model_dump_json(),
-                "images": node_images(config, images) or images,
-                "epochs": epochs,
-                "lr": lr,
-                "threads": placement.threads,
-                "state": state,
-                "lr_clock": lr_clock,
-                "lr_total": lr_total,
-                "time_budget": time_budget,
-                "mailbox": mailbox,
-            },  # fmt: skip
-            scaling_config=ScalingConfig(
-                num_workers=placement.workers, use_gpu=placement.use_gpu, resources_per_worker=placement.worker
-            ),
-            run_config=TrainRunConfig(
-                name="ddp", storage_path=str(storage.resolve()), worker_runtime_env=train_worker_env(placement.use_gpu)
-            ),
-        )
-        record = _fit_and_collect(trainer, mailbox)
-    finally:
-        mailbox.shutdown()
+    record = run_on_ray_train(
+        train_loop,
+        {
+            "config": config.model_dump_json(),
+            "images": node_images(config, images) or images,
+            "epochs": epochs,
+            "lr": lr,
+            "threads": placement.threads,
+            "state": state,
+            "lr_clock": lr_clock,
+            "lr_total": lr_total,
+            "time_budget": time_budget,
+        },
+        what="DDP training", name="ddp", storage=storage, workers=placement.workers,
+        resources=placement.worker, use_gpu=placement.use_gpu,
+    )  # fmt: skip
     if stats is not None:
         stats.update(record["stats"])
-    return record["weights"], record["history"]
-
-
-def _fit_and_collect(trainer: Any, mailbox: Mailbox) -> dict[str, Any]:
-    """Run the DDP trainer; rank 0's weights (loaded), history and figures. A worker's
-    divergence is raised as such, any other failure as one line."""
-    try:
-        fit_train_run(trainer)
-    except Exception as e:  # Ray Train wraps worker errors in several types
-        for failure in getattr(e, "worker_failures", {}).values():
-            reason = getattr(failure, "cause", None) or failure  # a worker's own error, unwrapped
-            if isinstance(reason, DivergedError):
-                raise DivergedError(str(reason)) from None
-        raise ClusterError(f"DDP training failed: {str(e).strip().splitlines()[0][:200]}") from None
-    record = mailbox.take()
-    if record is None:
-        raise ClusterError("DDP training ended without its weights")
-    return record | {"weights": torch.load(io.BytesIO(record["weights"]), weights_only=True)}
+    weights = torch.load(io.BytesIO(record["weights"]), weights_only=True)  # rank 0's, in memory
+    return weights, record["history"]

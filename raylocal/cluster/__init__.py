@@ -1,1 +1,2 @@
-"""Ray: connecting, placing and running the part actors, their latent queue, and the checks made before any starts."""
+"""Ray: connecting, placing and running the part actors, their latent queue, Ray Train
+runs, and the checks made before any starts."""

@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -160,25 +158,3 @@ def standing_in(directory: Path) -> Iterator[None]:
     finally:
         if cwd is not None and os.path.isdir(cwd):
             os.chdir(cwd)
-
-
-def fit_train_run(trainer: Any) -> Any:
-    """``trainer.fit()`` of a Ray Train trainer, then the SIGINT handler that was
-    there before it. Ray Train (2.60) installs its own on the main thread, to
-    abort the run on Ctrl-C, and leaves it installed: its closure keeps the
-    finished run's controller actor alive (for minutes, until the next fit), and
-    a later Ctrl-C would abort that finished run and exit 0 instead of stopping
-    ours.
-
-    Ray Train's preemption watcher is left off: its own actor costs a process
-    start per fit and prints a core-worker error line (Ray issue 53727), and our
-    checkpoints already cover a lost worker. The controller reads it from the
-    driver's environment at ``fit``."""
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    if threading.current_thread() is not threading.main_thread():
-        return trainer.fit()
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        return trainer.fit()
-    finally:
-        signal.signal(signal.SIGINT, previous)

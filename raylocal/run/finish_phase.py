@@ -21,14 +21,13 @@ import ray
 import torch
 
 from raylocal.baselines.ddp import train_ddp
-from raylocal.cluster.connect import fit_train_run
 from raylocal.cluster.parts_phase import parts_where
-from raylocal.cluster.placement import Placement, train_worker_device, train_worker_env
+from raylocal.cluster.placement import Placement, train_worker_device
 from raylocal.cluster.preflight import RayPlan
-from raylocal.cluster.queue import Mailbox
+from raylocal.cluster.ray_train import run_on_ray_train
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData, NodeImages, training_images
-from raylocal.errors import ClusterError, DivergedError
+from raylocal.errors import DivergedError
 from raylocal.run.finish import finish_after_parts
 from raylocal.run.service import ServiceHandle, here
 from raylocal.training.schedules import PARTS_RESULT, PartsResult
@@ -140,44 +139,21 @@ def finish_on_ray_train(
     GPU when the cluster has one, else CPUs and as many torch threads). Ray
     Train restarts a dead worker up to ``max_restarts`` times; the new one
     continues from the run's last checkpoint. Returns the run's summary."""
-    from ray.train import FailureConfig, ScalingConfig
-    from ray.train import RunConfig as TrainRunConfig
-    from ray.train.torch import TorchTrainer
-
     resources = dict(placement.work)
     use_gpu = resources.pop("GPU", 0) > 0
-    mailbox = Mailbox()
-    try:
-        trainer = TorchTrainer(
-            _finish_loop,
-            train_loop_config={
-                "config": config.model_dump_json(),
-                "name": name,
-                "train": refs[0],
-                "test": refs[1],
-                "run_dir": str(run_dir),
-                "bounds": bounds,
-                "threads": placement.work_threads,
-                "parts": ray.put(parts) if parts is not None else None,
-                "mailbox": mailbox,
-            },  # fmt: skip
-            scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
-            run_config=TrainRunConfig(
-                name="finetune",
-                storage_path=str((run_dir / "ray_train").resolve()),
-                failure_config=FailureConfig(max_failures=config.max_restarts),
-                worker_runtime_env=train_worker_env(use_gpu),
-            ),
-        )
-        try:
-            fit_train_run(trainer)
-        except Exception as e:  # Ray Train wraps worker errors in several types
-            raise ClusterError(f"the fine-tune failed: {str(e).strip().splitlines()[0][:200]}") from None
-        result = mailbox.take()
-        if result is None:
-            raise ClusterError("the fine-tune's worker ended without a summary")
-    finally:
-        mailbox.shutdown()
-    if "diverged" in result:
-        raise DivergedError(result["diverged"])
+    result = run_on_ray_train(
+        _finish_loop,
+        {
+            "config": config.model_dump_json(),
+            "name": name,
+            "train": refs[0],
+            "test": refs[1],
+            "run_dir": str(run_dir),
+            "bounds": bounds,
+            "threads": placement.work_threads,
+            "parts": ray.put(parts) if parts is not None else None,
+        },
+        what="the fine-tune", name="finetune", storage=run_dir / "ray_train", workers=1, resources=resources,
+        use_gpu=use_gpu, max_failures=config.max_restarts,
+    )  # fmt: skip
     return result["summary"]
