@@ -137,27 +137,45 @@ def test_the_speedup_gap_refuses_a_bad_round_count_in_one_line(capsys, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
-def test_bench_async_on_fewer_gpus_than_parts_runs_its_ddp_baseline_on_cpus(monkeypatch, capsys):
+def test_bench_async_on_fewer_gpus_than_parts_runs_its_ddp_baseline_on_cpus(monkeypatch, capsys, tmp_path):
     """--gpu with 2 parts on one GPU: DDP cannot have a GPU per worker; it trains
-    on CPUs and says so, instead of refusing after every other figure."""
-    import raylocal.baselines.ddp
+    on CPUs and says so, instead of refusing after every other figure. Its
+    baseline is a data-parallel ``Run``, planned as every Ray run is
+    (``plan_ray_run``; here without joining Ray, on a cluster of 1 or 2 GPUs)."""
+    import types
+
     import raylocal.cluster.placement
+    import raylocal.cluster.preflight
+    import raylocal.run.run
     from raylocal.bench.async_bench import AsyncBench
+    from raylocal.cluster.preflight import plan_ray_run
     from raylocal.core.config import RaylocalConfig
 
-    placed = []
+    runs = []
 
-    def train_ddp(config, images, workers, *args, **kwargs):
-        placed.append(workers.use_gpu)
-        return {}, [{"images_per_s": 100.0}]
+    class PlannedRun:  # the run's planning, not its training
+        def __init__(self, config, data):
+            runs.append(config)
+            self.phases = types.SimpleNamespace(ray_plan=plan_ray_run(config, data))
 
-    monkeypatch.setattr(raylocal.baselines.ddp, "train_ddp", train_ddp)
+        def execute(self):
+            return {"history": [{"ddp_images_per_s": 100.0}]}
+
+    monkeypatch.setattr(raylocal.run.run, "Run", PlannedRun)
+    monkeypatch.setattr(raylocal.cluster.preflight, "connect", lambda config: None)
     bench = AsyncBench.__new__(AsyncBench)
-    bench.k, bench.gpu, bench.data = 2, True, type("Data", (), {"train": None})()
-    bench.config = RaylocalConfig(parts=2, device="cuda", cpus_per_part=1.0)
+    bench.k, bench.gpu = 2, True
+    bench.data = types.SimpleNamespace(train=None, shape=(1, 8, 8))
+    bench.config = RaylocalConfig(parts=2, device="cuda", cpus_per_part=1.0, n_levels=2, depth=3, warmup_steps=7)
     for gpus in (1.0, 2.0):
         monkeypatch.setattr(raylocal.cluster.placement, "live_nodes", lambda g=gpus: [{"CPU": 4.0, "GPU": g}])
         bench.run_ddp()
+    bench.k = 3  # 64 images do not split into 3 workers: each takes 21, as DDP's workers did before it was a Run
+    bench.run_ddp()
+    assert runs[-1].batch_size == 63 and runs[-1].workers == 3
     out = capsys.readouterr()
-    assert placed == [False, True] and "2 data-parallel workers need a GPU each, the cluster has 1" in out.err
+    assert "2 data-parallel workers need a GPU each, the cluster has 1" in out.err
     assert "DDP e2e, 2 workers x 1 thread: 100" in out.out and "DDP e2e, 2 workers x a GPU each: 100" in out.out
+    # the bench's model, one epoch of DDP on a worker per part
+    assert all(c.schedule == "data-parallel" and c.workers == 2 and c.epochs == 1 for c in runs[:2])
+    assert all((c.n_levels, c.depth, c.warmup_steps, c.device) == (2, 3, 7, "auto") for c in runs)

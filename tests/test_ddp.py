@@ -353,6 +353,8 @@ def test_a_ray_train_failure_is_one_line_and_a_workers_divergence_stays_a_diverg
         _raise_in_one_line(diverged, "DDP training")
     with pytest.raises(DivergedError, match="^nan at 7$"):  # a failure that is the worker's error itself
         _raise_in_one_line(Failed("x", {0: DivergedError("nan at 7")}), "the fine-tune")
+    with pytest.raises(ClusterError, match="^the fine-tune failed: Failed$"):  # no message: its type
+        _raise_in_one_line(Failed("", {}), "the fine-tune")
 
 
 def test_a_compressed_bucket_crosses_the_link_in_bfloat16_and_lands_decompressed():

@@ -34,7 +34,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import torch
 
 from raylocal.bench.glow_bench import step_rate
-from raylocal.cluster.placement import DataParallelPlacement
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.core.tensors import tensor_bytes
@@ -267,16 +266,29 @@ class AsyncBench:
             f"({sum(p.numel() for p in glow.parameters())} parameters)"
         )
 
-    def run_ddp(self) -> None:
-        from raylocal.baselines.ddp import train_ddp
+    def ddp_config(self, storage: str) -> RaylocalConfig:
+        """DDP on as many workers as there are parts, one epoch at Adam 1e-3, a CPU
+        each, or a GPU each where there are enough (``--gpu``; else on CPUs, said
+        so by the placement: never refused at the end). The batch is the parts'
+        rounded down to a multiple of the workers (64 over 3 workers: 63)."""
+        c = self.config
+        return RaylocalConfig(
+            n_levels=c.n_levels, depth=c.depth, hidden=c.hidden, batch_size=c.batch_size // self.k * self.k,
+            warmup_steps=c.warmup_steps, train_subset=c.train_subset, samples=0, progress=False,
+            schedule="data-parallel", workers=self.k, cpus_per_part=1.0, epochs=1, lr=[1e-3],
+            device="auto" if self.gpu else "cpu", storage_path=storage, run_name="ddp",
+        )  # fmt: skip
 
-        # a GPU each where there are enough (--gpu), else on CPUs, said so: never refused at the end
-        config = self.config.model_copy(update={"device": "auto"}) if self.gpu else self.config
+    def run_ddp(self) -> None:
+        """The DDP baseline: a data-parallel ``Run``, as the race's cells are."""
+        from raylocal.run.run import Run
+
         with tempfile.TemporaryDirectory() as tmp:
-            workers = DataParallelPlacement.plan(config, self.k, cpus_per_worker=1.0)
-            _, history = train_ddp(config, self.data.train, workers, 1, 1e-3, Path(tmp))
-        ips = history[-1]["images_per_s"] if history else float("nan")
-        where = "a GPU each" if workers.use_gpu else "1 thread"
+            run = Run(self.ddp_config(tmp), self.data)
+            summary = run.execute()
+        history = summary["history"]
+        ips = history[-1]["ddp_images_per_s"] if history else float("nan")
+        where = "a GPU each" if run.phases.ray_plan.workers.use_gpu else "1 thread"
         print(f"DDP e2e, {self.k} workers x {where}: {ips:.0f} images/s", flush=True)
 
 

@@ -9,7 +9,7 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from raylocal.cluster.placement import train_worker_env
 from raylocal.cluster.queue import Mailbox
@@ -87,9 +87,10 @@ def run_on_ray_train(
     return record
 
 
-def _raise_in_one_line(e: Exception, what: str) -> None:
+def _raise_in_one_line(e: Exception, what: str) -> NoReturn:
     for failure in getattr(e, "worker_failures", {}).values():
         reason = getattr(failure, "cause", None) or failure  # a worker's own error, unwrapped
         if isinstance(reason, DivergedError):
             raise DivergedError(str(reason)) from None
-    raise ClusterError(f"{what} failed: {str(e).strip().splitlines()[0][:200]}") from None
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ClusterError(f"{what} failed: {first[:200]}") from None
