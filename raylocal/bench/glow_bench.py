@@ -24,7 +24,7 @@ from raylocal.core.runlog import peak_rss_mb
 from raylocal.model.glow import Glow
 from raylocal.model.objectives import local_nll, nll_bits, wait_for
 from raylocal.run.launch import load_data
-from raylocal.training.schedules import SingleProcessRun
+from raylocal.run.run import Run
 from raylocal.training.trainer import PartTrainer, build_glow, configure_kernels, resolve_device, training_nll
 
 CONFIGS = [
@@ -201,7 +201,8 @@ def mnist_run(budget: float, threads: int, device: str, compiled: bool) -> None:
         samples=0, progress=False, eval_batch_size=1000, compile=compiled,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        s = SingleProcessRun(config, load_data(config), Path(tmp) / "run").run()
+        config = config.model_copy(update={"storage_path": tmp, "run_name": "run"})
+        s = Run(config, load_data(config)).execute()
     how = ", compiled" if compiled else ""
     print(
         f"\nMNIST (1x28x28, L=2, K=8, width 64, batch 64, Adam 1e-3{how}): test BPD "
