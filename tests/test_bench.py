@@ -144,9 +144,9 @@ def test_bench_async_on_fewer_gpus_than_parts_runs_its_ddp_baseline_on_cpus(monk
     (``plan_ray_run``; here without joining Ray, on a cluster of 1 or 2 GPUs)."""
     import types
 
+    import raylocal.bench.async_bench
     import raylocal.cluster.placement
     import raylocal.cluster.preflight
-    import raylocal.run.run
     from raylocal.bench.async_bench import AsyncBench
     from raylocal.cluster.preflight import plan_ray_run
     from raylocal.core.config import RaylocalConfig
@@ -161,7 +161,7 @@ def test_bench_async_on_fewer_gpus_than_parts_runs_its_ddp_baseline_on_cpus(monk
         def execute(self):
             return {"history": [{"ddp_images_per_s": 100.0}]}
 
-    monkeypatch.setattr(raylocal.run.run, "Run", PlannedRun)
+    monkeypatch.setattr(raylocal.bench.async_bench, "Run", PlannedRun)
     monkeypatch.setattr(raylocal.cluster.preflight, "connect", lambda config: None)
     bench = AsyncBench.__new__(AsyncBench)
     bench.k, bench.gpu = 2, True

@@ -4,6 +4,7 @@ async trainer's DDP fine-tune phase."""
 from __future__ import annotations
 
 import json
+import math
 import signal
 
 import pytest
@@ -11,7 +12,14 @@ import torch
 from conftest import lose_the_working_directory_on_joining, tiny_options
 from torch import nn
 
-from raylocal.baselines.ddp import NLL, LinkedAllReduce, OuterNesterov, average_parameters, carry_first_broadcast
+from raylocal.baselines.ddp import (
+    NLL,
+    LinkedAllReduce,
+    LossRecord,
+    OuterNesterov,
+    average_parameters,
+    carry_first_broadcast,
+)
 from raylocal.baselines.guard import NonFiniteGuard
 from raylocal.baselines.projection import ring_bytes
 from raylocal.cli.train import main
@@ -387,9 +395,14 @@ def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compresse
     )  # fmt: skip
     stats: dict = {}
     two = DataParallelPlacement.plan(config, 2, cpus_per_worker=0.5)
-    train_ddp(config, load_dataset("mnist", mnist_dir).train, two, 1, 1e-3, tmp_path / "ddp", stats=stats)
+    images = load_dataset("mnist", mnist_dir).train
+    _, history = train_ddp(config, images, two, 1, 1e-3, tmp_path / "ddp", stats=stats, loss_every=2)
     params = sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters())
     assert stats["steps"] == 4 and stats["buckets_per_step"] > 2
+    # rank 0's loss curve, a point every 2 steps; the epoch's loss is the mean of its 4 steps, not its last
+    curve = stats["loss_curve"]
+    assert [point["step"] for point in curve] == [2, 4] and all(math.isfinite(p["loss"]) for p in curve)
+    assert history[0]["loss"] == pytest.approx((curve[0]["loss"] + curve[1]["loss"]) / 2, rel=1e-9)
     # wired in: 0.5 of its compute, so a third of its time on an idle host (the exact
     # sleeps are test_straggler.py's); a loaded host's time-sharing inflates what it measures
     assert 0 < stats["straggled_s"] < stats["seconds"] / 2
@@ -399,6 +412,15 @@ def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compresse
     assert stats["buffers_broadcast_each_step"] is False  # constant buffers: never sent again
     # worker 2 began training only once those bytes had crossed the 1 Mbit link (about 0.13 s)
     assert stats["start_spread_s"] >= 0.9 * stats["start_bytes"] * 8 / 1e6
+
+
+def test_a_loss_record_keeps_each_epochs_mean_and_a_point_every_n_steps():
+    record = LossRecord(every=3)
+    for step, loss in enumerate([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], start=1):
+        record.add(loss, step)
+    assert record.curve == [{"step": 3, "loss": 2.0}, {"step": 6, "loss": 5.0}]  # step 7 waits for 8 and 9
+    assert record.end_epoch() == 4.0
+    assert math.isnan(record.end_epoch())  # an epoch whose every step was skipped
 
 
 def test_training_never_changes_glows_buffers_so_ddp_need_not_broadcast_them():

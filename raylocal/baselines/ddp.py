@@ -22,6 +22,7 @@ Used for ``scripts/bench_links.py``, ``scripts/bench_async.py`` and, with
 from __future__ import annotations
 
 import io
+import math
 import os
 import queue
 import threading
@@ -47,6 +48,8 @@ from raylocal.core.runlog import peak_rss_mb
 from raylocal.core.tensors import tensor_bytes
 from raylocal.model.objectives import nll_bits, preprocess, to_device, wait_for
 from raylocal.training.trainer import build_glow, initialize, scheduled_lr
+
+LOSS_EVERY = 10  # steps per point of a data-parallel run's loss curve
 
 
 class NLL(nn.Module):
@@ -305,6 +308,31 @@ class OuterNesterov:
                 p.copy_(a)
 
 
+class LossRecord:
+    """A worker's losses of the steps it took (a skipped step's left out): each
+    epoch's mean, and the run's curve, a point (the mean) every ``every`` steps."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.epoch: list[float] = []
+        self.window: list[float] = []
+        self.curve: list[dict[str, float]] = []
+
+    def add(self, loss: float, step: int) -> None:
+        """The loss of step ``step`` (counted from 1)."""
+        self.epoch.append(loss)
+        self.window.append(loss)
+        if len(self.window) == self.every:
+            self.curve.append({"step": step, "loss": sum(self.window) / self.every})
+            self.window.clear()
+
+    def end_epoch(self) -> float:
+        """The epoch's mean loss (NaN when every step was skipped)."""
+        mean = sum(self.epoch) / len(self.epoch) if self.epoch else math.nan
+        self.epoch.clear()
+        return mean
+
+
 class DataParallelWorker:
     """One Ray Train worker of a DDP or local-SGD run (``train_loop`` runs it)."""
 
@@ -362,6 +390,7 @@ class DataParallelWorker:
         self.bytes_averaged = 0.0
         self.round: OverlappedRound | None = None  # an overlapped round on its way
         self.straggler = Straggler(parse_faults(config.inject or ""), self.rank)
+        self.losses = LossRecord(loop_config.get("loss_every", LOSS_EVERY))
 
     def _register_hook(self, config: RaylocalConfig) -> None:
         """DDP's communication: over the emulated link (``LinkedAllReduce``, compressed
@@ -452,11 +481,14 @@ class DataParallelWorker:
                     group["lr"] = lr
                 began, waited = time.perf_counter(), self.link_wait()
                 loss = self.model(preprocess(to_device(batch, self.device), config.n_bits, self.noise))
-                if not self.guard.update(self.model, self.optimizer, loss, self.step) and self.powersgd:
+                stepped = self.guard.update(self.model, self.optimizer, loss, self.step)
+                if not stepped and self.powersgd:
                     self.powersgd.forget()
                 # a straggler is slower at computing, not at sending: the hook's wait is left out
                 self.straggler.after(time.perf_counter() - began - (self.link_wait() - waited))
                 self.step += 1
+                if stepped:
+                    self.losses.add(float(loss.detach()), self.step)
                 epoch_steps += 1
                 self.land_round()  # an overlapped round started one step ago
                 if config.average_every and self.step % config.average_every == 0 and config.average_overlap:
@@ -470,7 +502,7 @@ class DataParallelWorker:
             history.append(
                 {
                     "epoch": epoch + 1,
-                    "loss": float(loss.detach()),
+                    "loss": self.losses.end_epoch(),  # rank 0's, over the epoch's steps
                     "epoch_time": seconds,
                     "images_per_s": epoch_steps * self.per_worker * self.world / max(seconds, 1e-9),
                 }
@@ -501,6 +533,7 @@ class DataParallelWorker:
             "buffers_broadcast_each_step": bool(getattr(self.model, "broadcast_buffers", False)),
             "buckets_per_step": (self.hook.buckets / max(self.step, 1)) if self.hook else None,
             "skipped_batches": self.guard.skipped,  # rank 0's (under DDP every worker skips the same)
+            "loss_curve": self.losses.curve,  # rank 0's: where a run's loss spiked, if it did
             "idle_s": float(worst[0]),  # the most idle worker
             "peak_rss_mb": float(worst[1]),  # the largest worker
             "straggled_s": float(worst[2]),  # what a straggler (--inject straggle) added to its compute
@@ -536,6 +569,7 @@ def train_ddp(
     lr_total: int = 0,
     time_budget: float | None = None,
     stats: dict[str, Any] | None = None,
+    loss_every: int = LOSS_EVERY,
 ) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
     """Train end to end on the placement's data-parallel workers (DDP, or local SGD
     with ``config.average_every``, over ``config.link``); returns (weights,
@@ -543,7 +577,8 @@ def train_ddp(
 
     ``lr_clock`` and ``lr_total`` place this phase on a run-wide LR decay
     (``cosine-run``): the first update is at ``lr_clock`` of ``lr_total`` steps.
-    With ``time_budget`` every worker stops at the first step past it."""
+    With ``time_budget`` every worker stops at the first step past it; rank 0's
+    loss curve (``stats["loss_curve"]``) has a point every ``loss_every`` steps."""
     record = run_on_ray_train(
         train_loop,
         {
@@ -556,6 +591,7 @@ def train_ddp(
             "lr_clock": lr_clock,
             "lr_total": lr_total,
             "time_budget": time_budget,
+            "loss_every": loss_every,
         },
         what="DDP training", name="ddp", storage=storage, workers=placement.workers,
         resources=placement.worker, use_gpu=placement.use_gpu,

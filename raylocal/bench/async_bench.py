@@ -38,6 +38,7 @@ from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.core.tensors import tensor_bytes
 from raylocal.model.objectives import preprocess
+from raylocal.run.run import Run
 from raylocal.training.trainer import PartTrainer, build_glow, initialize, resolve_device
 
 
@@ -198,8 +199,7 @@ class AsyncBench:
     def run_parts(self) -> None:
         """The async run's parts (a parts-only ``Run``, its model service in this
         process), with the CPU meter on; keeps what the reports need."""
-        from raylocal.cluster.placement import Placement
-        from raylocal.run.run import Run
+        from raylocal.cluster.placement import Placement  # (imports Ray: only the cells that use it do)
 
         with tempfile.TemporaryDirectory() as tmp, CpuMeter() as meter:
             config = self.config.model_copy(update={"storage_path": tmp, "run_name": "run"})
@@ -281,8 +281,6 @@ class AsyncBench:
 
     def run_ddp(self) -> None:
         """The DDP baseline: a data-parallel ``Run``, as the race's cells are."""
-        from raylocal.run.run import Run
-
         with tempfile.TemporaryDirectory() as tmp:
             run = Run(self.ddp_config(tmp), self.data)
             summary = run.execute()

@@ -26,6 +26,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from raylocal.bench.links import own_ray
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
+from raylocal.run.run import Run
 
 
 def rss_bytes() -> int:
@@ -71,8 +72,6 @@ def settled_store_bytes(timeout: float = 10.0) -> int:
 
 def measure(config: RaylocalConfig, data) -> dict[str, float]:
     """Peaks of a parts-only ``Run`` (its model service in this process)."""
-    from raylocal.run.run import Run
-
     peaks = {"shm": 0, "rss": 0, "lag": 0}
     stop = threading.Event()
     base_store = settled_store_bytes()

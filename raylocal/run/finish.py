@@ -96,7 +96,7 @@ def finish_trained_elsewhere(
     evaluation, samples, checkpoint (of the whole model, as e2e's) and summary,
     in this process. The summary is returned, for the run to write once."""
     whole = config.model_copy(update={"schedule": "e2e", "parts": 1, "part_spec": None, "lr": config.lr[:1]})
-    run = SingleProcessRun(whole, data, run_dir, record=False)
+    run = SingleProcessRun(whole, data, run_dir)
     run.recorded_config = config
     run.state.global_step = trained.steps
     at_epoch = trained.steps / max(len(run.stream), 1)
@@ -138,7 +138,7 @@ def finish_after_parts(
     parts = parts or PartsResult.load(run_dir / PARTS_RESULT)
     spec = PartSpec(tuple(tuple(b) for b in bounds))
     resume = finetuned is None and (run_dir / "checkpoint.pt").is_file()
-    run = SingleProcessRun(config.model_copy(update={"resume": resume}), data, run_dir, spec, record=False)
+    run = SingleProcessRun(config.model_copy(update={"resume": resume}), data, run_dir, spec)
     if not resume:
         take_over(run, parts)
         run.log.link_report(parts.report, int(parts.stats[0]["steps"]))

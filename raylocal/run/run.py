@@ -82,7 +82,7 @@ class Run:
 
     def _phases(self) -> Any:
         if self.config.schedule not in RIVAL_SCHEDULES and self.config.schedule != "async":
-            return SingleProcessRun(self.config, self.data, self.dir, record=False, start_from=self.start_from)
+            return SingleProcessRun(self.config, self.data, self.dir, start_from=self.start_from)
         # The Ray runs import Ray: only their schedules pay for it. All of their modules are imported
         # before the driver joins Ray: under `ray job submit` the job's working directory, this code's own
         # copy, can then be removed (by another node's agent, where nodes share a temp directory; README).

@@ -43,7 +43,7 @@ import torch
 
 from raylocal.bench.async_bench import CpuMeter, random_images, training_batches
 from raylocal.bench.glow_bench import step_rate
-from raylocal.bench.links import BENCH_MODEL, host_figures
+from raylocal.bench.links import BENCH_MODEL, host_figures, run_one_device, run_parts
 from raylocal.core.config import RaylocalConfig
 from raylocal.training.schedules import part_spec_for
 from raylocal.training.trainer import PartTrainer, build_glow, initialize
@@ -80,14 +80,12 @@ def race_cell(method: str, split: str, budget: float) -> dict[str, Any]:
     per part its steps and compute seconds; for the parts, the cores each group
     of processes used while they trained (``CpuMeter``: the parts, the queue's
     actors, this process as driver and model service, Ray's own)."""
-    from raylocal.bench import links
-
     args = {"method": method, "link": "inf", "seed": 1, "budget": budget, "train_subset": None, "test_subset": 2000,
             "validation": None, "split": split, "sync_every": 50, "queue_size": 4}  # fmt: skip
     if method != "parts":
-        return {k: v for k, v in links.run_one_device(args).items() if k in ("images_per_s", "steps", "test_bpd")}
+        return {k: v for k, v in run_one_device(args).items() if k in ("images_per_s", "steps", "test_bpd")}
     with CpuMeter() as meter:
-        result = links.run_parts(args)
+        result = run_parts(args)
     used = meter.split(*result["part_window"])
     seconds = used.pop("seconds", 0.0)
     keep = ["images_per_s", "steps", "part_compute_s", "part_wait_s", "test_bpd"]

@@ -31,7 +31,7 @@ from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import BatchStream, ImageData
 from raylocal.core.faults import apply_finetune_faults, parse_faults
-from raylocal.core.runlog import Progress, RunLog, write_json
+from raylocal.core.runlog import Progress, RunLog
 from raylocal.errors import CheckpointError
 from raylocal.model.glow import Glow, Part
 from raylocal.model.objectives import preprocess, sample_images, to_device, wait_for
@@ -200,10 +200,9 @@ class SingleProcessRun:
 
     def __init__(
         self, config: RaylocalConfig, data: ImageData, run_dir: Path, spec: PartSpec | None = None,
-        record: bool = True, start_from: dict[str, Tensor] | None = None,
+        start_from: dict[str, Tensor] | None = None,
     ) -> None:  # fmt: skip
         self.config = self.recorded_config = config  # (a rival's stand-in records the rival's own config)
-        self.record = record  # write summary.json (else the run that this one finishes writes it)
         self.data = data
         self.device = resolve_device(config.device)
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]  # how latents cross a boundary (as async's wire sends them)
@@ -373,8 +372,6 @@ class SingleProcessRun:
             if not self.adopted:
                 x0 = self.data.train[: cfg.init_batch_size].to(self.device)
                 initialize(self.parts, preprocess(x0, cfg.n_bits, self.noise), self.wire_dtype)
-            if self.record:
-                write_json(self.log.dir / "config.json", cfg.sectioned())
         self._last_step: dict[int, int] = {}  # global step at which each part last trained, in this process
 
     def _epoch(self, epoch: int) -> str | None:
@@ -483,8 +480,6 @@ class SingleProcessRun:
         final = self.state.curve[-1]["test_bpd"] if self.state.curve else self.evaluate()
         samples = self._samples(self.state.global_step)
         summary = run_summary(self, final, stopped, samples)
-        if self.record:
-            write_json(self.log.dir / "summary.json", summary)
         self.log.close()
         return summary
 

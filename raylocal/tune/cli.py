@@ -110,13 +110,12 @@ def main(argv: list[str] | None = None, loaded: Loaded | None = None) -> int:
         name = extra["study"] or f"tune-{Path(space_path).stem}-{base.part_count()}p"
         storage = Path(base.storage_path).resolve()
         settings = study_settings(base, space, scheduler, numbers)
-        if resume:
-            check_resumable(storage / name, settings)
+        resumed = check_resumable(storage / name, settings) if resume else None
         storage.mkdir(parents=True, exist_ok=True)
         with standing_in(storage):  # (once joined, the job's own directory may be gone)
             connect(base)
             results = tune_study(
-                base, data, space, numbers["trials"], numbers["report_every"], storage, name, resume,
+                base, data, space, numbers["trials"], numbers["report_every"], storage, name, resumed,
                 numbers["max_concurrent"], scheduler=scheduler, pbt_interval=numbers["pbt_interval"],
                 settings=settings,
             )  # fmt: skip

@@ -303,15 +303,17 @@ def _flat(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k != "flags"} | settings.get("flags", {})
 
 
-def check_resumable(study: Path, settings: dict[str, Any]) -> None:
+def check_resumable(study: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """``--resume`` continues a study only with the flags it was started with
     (another scheduler, report interval or model would change its trials midway);
-    checked before Ray starts. (The shares, resolved on the cluster: ``tune_study``.)"""
+    checked before Ray starts. Returns the settings it was started with, for
+    ``tune_study`` to check the shares against the cluster's."""
     from ray import tune
 
     if not tune.Tuner.can_restore(str(study)):
         raise ConfigError(f"--resume: no Tune study to restore at {study}")
-    then, now = _flat(_kept(study)), _flat(json.loads(json.dumps(settings)))  # (tuples as lists)
+    kept = _kept(study)
+    then, now = _flat(kept), _flat(json.loads(json.dumps(settings)))  # (tuples as lists)
     differ = [k for k in now if then.get(k) != now[k]]
     if differ:
         shown = "; ".join(
@@ -321,6 +323,7 @@ def check_resumable(study: Path, settings: dict[str, Any]) -> None:
         )
         raise ConfigError(f"--resume: the study at {study} was started with other settings ({shown}); "
                           "give the flags it was started with")  # fmt: skip
+    return kept
 
 
 def _trainable(
@@ -356,7 +359,7 @@ def tune_study(
     report_every: int,
     storage: Path,
     name: str,
-    resume: bool = False,
+    resumed: dict[str, Any] | None = None,
     max_concurrent: int | None = None,
     cpus_per_trial: float | None = None,
     scheduler: str = "asha",
@@ -367,7 +370,8 @@ def tune_study(
     """Run (or continue) a study; returns Tune's ResultGrid. ``scheduler`` is
     ``asha`` (stop weak trials early) or ``pbt`` (weak trials continue from
     strong ones' parts with perturbed LRs every ``pbt_interval`` reports).
-    ``settings`` (``study_settings``) are kept beside a new study, for ``--resume``."""
+    ``settings`` (``study_settings``) are kept beside a new study, for ``--resume``;
+    ``resumed``, those a study to continue was started with (``check_resumable``)."""
     from ray import tune
 
     module = check_study(space, base.part_count(), scheduler, base.schedule)
@@ -380,8 +384,8 @@ def tune_study(
     TrialGroup.plan(base, cpus_per_trial).check(nodes)
     trainable = _trainable(base, data, space, report_every, scheduler == "pbt", cpus_per_trial)
     path = storage.resolve() / name
-    if resume:  # (its flags checked before Ray started: check_resumable)
-        kept = _kept(path).get("shares")
+    if resumed is not None:  # (its flags checked before Ray started: check_resumable)
+        kept = resumed.get("shares")
         if kept != shares:  # a default share comes from the cluster, which may differ now
             raise ConfigError(f"--resume: the study's parts had {kept}, this cluster gives them {shares}; "
                               "give them with --cpus-per-part and --gpus-per-part")  # fmt: skip
