@@ -488,7 +488,7 @@ class DataParallelWorker:
                 self.straggler.after(time.perf_counter() - began - (self.link_wait() - waited))
                 self.step += 1
                 if stepped:
-                    self.losses.add(float(loss.detach()), self.step)
+                    self.losses.add(self.guard.last_loss, self.step)
                 epoch_steps += 1
                 self.land_round()  # an overlapped round started one step ago
                 if config.average_every and self.step % config.average_every == 0 and config.average_overlap:

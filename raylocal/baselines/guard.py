@@ -28,12 +28,14 @@ class NonFiniteGuard:
         self.grad_clip, self.limit, self.who, self.lr_flag = grad_clip or float("inf"), limit, who, lr_flag
         self.skipped = 0
         self.in_a_row = 0
+        self.last_loss = math.nan  # the last update's loss, read once (on a GPU, one sync)
 
     def update(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor, step: int) -> bool:
         """Backward and step from ``loss`` (the ``step``-th update); False where it was skipped."""
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP all-reduces the gradients here
-        return self.step(list(model.parameters()), optimizer, float(loss.detach()), step)
+        self.last_loss = float(loss.detach())
+        return self.step(list(model.parameters()), optimizer, self.last_loss, step)
 
     def step(self, params: list[Tensor], optimizer: torch.optim.Optimizer, loss: float, step: int) -> bool:
         """Clip the gradients ``params`` hold and step, or skip where their norm is not finite."""
