@@ -97,6 +97,51 @@ def test_the_ddp_hook_delays_a_bucket_by_latency_plus_ring_bytes_over_bandwidth(
     assert hook.idle_s == pytest.approx(3.02)
 
 
+def test_a_gpu_bucket_goes_on_the_wire_once_its_gradients_are_computed(monkeypatch):
+    """On a GPU, DDP hands a bucket over when its gradient kernels are queued, not
+    done: the emulated wire starts when the device has computed them (0.5 s later
+    here), as a real all-reduce would, and the link's idle time counts from then."""
+    import raylocal.baselines.ddp as ddp
+
+    clock = FakeClock(50.0)
+
+    class Kernels:  # the bucket's gradients, done 0.5 s after the hand-over
+        def synchronize(self) -> None:
+            clock.sleep(0.5)
+
+    monkeypatch.setattr(ddp, "queued_work", lambda tensor: Kernels())
+    hook = LinkedAllReduce(LinkSpec.parse("bw=8Mbit,lat=20ms"), world=4, clock=clock, all_reduce=_done_now)
+    hook(_Bucket(250_000, last=True)).wait()  # 1.5 MB of ring bytes: 1.5 s at 8 Mbit/s
+    assert clock.now() == pytest.approx(50.0 + 0.5 + 1.5 + 0.02)
+    assert hook.idle_s == pytest.approx(1.52)
+
+
+def test_a_gpu_bucket_waiting_behind_another_for_the_wire_is_stamped_when_its_gradients_were_done(monkeypatch):
+    """Two buckets handed over at once, their gradients done 0.5 and 0.8 s later:
+    each is stamped then, though the first would hold the wire for 1.5 s."""
+    import queue
+
+    import raylocal.baselines.ddp as ddp
+
+    clock = FakeClock(50.0)
+
+    class Kernels:
+        def __init__(self, done_at: float) -> None:
+            self.done_at = done_at
+
+        def synchronize(self) -> None:
+            clock.sleep_until(self.done_at)
+
+    done_at = iter([50.5, 50.8])
+    monkeypatch.setattr(ddp, "queued_work", lambda tensor: Kernels(next(done_at)))
+    hook = LinkedAllReduce(LinkSpec.parse("bw=8Mbit,lat=20ms"), world=4, clock=clock, all_reduce=_done_now)
+    hook._jobs = stamped = queue.Queue()  # what goes to the wire, kept here: nothing moves the clock but the kernels
+    with clock._lock:
+        for last in (False, True):
+            hook(_Bucket(250_000, last=last))
+    assert [stamped.get(timeout=10)[-1] for _ in range(2)] == [50.5, 50.8]
+
+
 def test_the_ddp_hook_charges_a_real_links_costs_per_bucket_and_counts_only_the_payload():
     clock = FakeClock(50.0)
     link = LinkSpec.parse("bw=8Mbit,lat=20ms,eff=0.5,msg=10ms")

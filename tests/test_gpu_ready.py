@@ -165,6 +165,24 @@ def test_a_data_parallel_workers_clocks_wait_for_its_device(monkeypatch):
     assert order == ["all-reduce", "wait cpu", "wire", "wait cpu", "all-reduce"]
 
 
+def test_a_parts_compute_time_ends_when_its_device_has_run_the_step(monkeypatch):
+    """The trainer's one sync is its loss, before the optimizer's kernels: on a GPU
+    those run after step() returns. The part's compute time waits for them, or a
+    downstream part's wait for its next latent would count them as idle."""
+    import raylocal.pipeline.worker as worker_module
+
+    worker = PartWorker(_config(), [(0, 8), (8, 15)], 0, (1, 8, 8), _images())
+    order: list[str] = []
+    step = worker.trainer.step
+    worker.trainer.step = lambda x: order.append("step") or step(x)
+    monkeypatch.setattr(worker_module, "wait_for", lambda device: order.append(f"wait {device}"))
+    loop = PartLoop(worker, None, PacketChannel(100), lambda t: t, lambda r: r, n_steps=2)
+    loop._computed = lambda seconds: order.append("counted")  # (also the data batch's time)
+    loop.run()
+    steps = [i for i, event in enumerate(order) if event == "step"]
+    assert len(steps) == 2 and all(order[i : i + 3] == ["step", "wait cpu", "counted"] for i in steps), order
+
+
 def test_torch_must_see_the_gpus_ray_granted(monkeypatch):
     check_torch_sees_gpus([])  # nothing granted: nothing to see
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -195,6 +213,87 @@ def test_gpus_are_counted_only_on_the_nodes_of_the_worker_resource(monkeypatch):
     bundle = Placement.plan(_config(device="auto", worker_resource="workers"), 3).work
     assert "GPU" not in bundle and bundle["CPU"] == 4.0
     assert Placement.plan(_config(device="auto"), 3).work["GPU"] == 1.0
+
+
+def test_gpu_bundles_take_their_cpus_from_the_gpu_nodes_not_from_a_cpu_only_head():
+    """A common cloud cluster: a CPU-only head with many CPUs beside a small GPU
+    node. The parts' and the service's bundles carry GPU shares, so Ray can put
+    them only on the GPU node: their default CPUs are that node's, shared out, and
+    the one-worker fine-tune (a whole GPU) takes that node's CPUs, not the head's.
+    Bundles that cannot fit there are refused at once, not after a placement timeout."""
+    head, gpu_node = {"CPU": 16.0}, {"CPU": 4.0, "GPU": 1.0}
+    three = {"parts": 3, "part_spec": None, "device": "auto"}
+    plan = Placement.plan(_config(**three), 3, [head, gpu_node])
+    assert plan.part == {"CPU": 1.0, "GPU": 0.3} and plan.service == {"CPU": 1.0, "GPU": 0.1}
+    assert plan.work == {"CPU": 4.0, "GPU": 1.0} and plan.work_threads == 1  # (--threads 1 in _config)
+    assert 3 * plan.part["CPU"] + plan.service["CPU"] <= gpu_node["CPU"]  # all of them on the GPU node at once
+    plan.check()
+    too_big = Placement.plan(_config(**three, cpus_per_part=2.0), 3, [head, gpu_node])
+    with pytest.raises(ClusterError, match=r"^3 parts of \{CPU 2, GPU 0.3\} and the model service need CPU 8, "
+                       r"the 1 node\(s\) that can hold them have 4; "):  # fmt: skip
+        too_big.check()
+    on_cpus = Placement.plan(_config(**(three | {"device": "cpu"})), 3, [head, gpu_node])
+    assert on_cpus.part == {"CPU": 4.0} and on_cpus.work == {"CPU": 8.0}  # no GPU asked: every node's CPUs
+    on_cpus.check()
+    trial = TrialGroup.plan(_config(**three, cpus_per_part=2.0, gpus_per_part=0.2))  # a Tune trial's, likewise
+    with pytest.raises(ClusterError, match=r"^a trial of 3 parts and its own process needs CPU 8, the 1 node\(s\) "
+                       "that can hold them have 4; "):  # fmt: skip
+        trial.check([head, gpu_node])
+    TrialGroup.plan(_config(**three, cpus_per_part=0.5, gpus_per_part=0.2)).check([head, gpu_node])
+
+
+def test_actors_granted_no_gpu_on_a_gpu_cluster_are_shown_none(monkeypatch, mnist_dir):
+    """The part actors, the pipeline's stages and the model service, granted no GPU
+    (--device cpu) on a cluster with GPUs, are shown none, as Ray Train's CPU
+    workers are; granted a share, or on a cluster without GPUs, they start as before."""
+    from raylocal.baselines import pipeline_on_ray
+    from raylocal.cluster import parts_phase
+    from raylocal.core.data import load_dataset
+    from raylocal.run import service
+
+    hidden = {"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
+    gpu_cluster = [{"CPU": 16.0, "GPU": 2.0}]
+    on_cpus = Placement.plan(_config(), 2, gpu_cluster)  # (--device cpu)
+    on_gpus = Placement.plan(_config(device="auto"), 2, gpu_cluster)
+    assert on_cpus.part_gpus == 0 and on_cpus.shown_gpus(0.0) == hidden
+    assert on_gpus.part_gpus == 0.9 and on_gpus.shown_gpus(0.9) == {} and on_gpus.shown_gpus(0.1) == {}
+    assert Placement.plan(_config(), 2, [{"CPU": 16.0}]).shown_gpus(0.0) == {}
+
+    class Started(Exception):
+        pass
+
+    asked: list[dict] = []
+
+    class Actor:  # records the options it is started with, then stops the start there
+        @staticmethod
+        def options(**options):
+            asked.append(options)
+            raise Started
+
+    class Queue:
+        def __init__(self, *_args, **_kwargs) -> None:
+            pass
+
+        def shutdown(self) -> None:
+            pass
+
+    monkeypatch.setattr(Placement, "reserve_parts", lambda self: (None, 0, False))
+    monkeypatch.setattr(Placement, "reserve_service", lambda self: None)
+    monkeypatch.setattr(parts_phase, "place_parts", lambda placement: (None, 0, False))
+    for module, actor in ((parts_phase, "PartActor"), (pipeline_on_ray, "StageActor"), (service, "ServiceActor")):
+        monkeypatch.setattr(module, actor, Actor)
+    monkeypatch.setattr(parts_phase, "LatentQueue", Queue)
+    monkeypatch.setattr(pipeline_on_ray, "LatentQueue", Queue)
+    data = load_dataset("mnist", mnist_dir)
+    for placement, env in ((on_cpus, hidden), (on_gpus, {})):
+        asked.clear()
+        with pytest.raises(Started):
+            parts_phase.PartsPhase(_config(), data, mnist_dir, placement, "images")
+        with pytest.raises(Started):
+            pipeline_on_ray.train_pipeline_parallel(_config(), placement, "images", steps=1)
+        with pytest.raises(Started):
+            service.ServiceHandle("{}", data.shape, placement, 1, None, "cpu").start()
+        assert [o.get("runtime_env") for o in asked] == [env.get("runtime_env")] * 3  # parts, stages, service
 
 
 def test_a_placement_gives_the_parts_the_service_and_the_fine_tune_their_threads():
@@ -279,13 +378,19 @@ def test_tune_gives_every_bundle_a_gpu_share_by_default_and_they_fit_together():
         assert share >= 0.5 * (1 - 0.1) * gpus / ((parts + 1) * concurrent)  # not needlessly small
 
 
-def test_convolutions_are_ieee_float32_unless_tf32_is_asked_for():
+def test_convolutions_are_ieee_float32_unless_tf32_is_asked_for_and_deterministic_means_compiled_too():
     build_glow(_config(), (1, 8, 8))
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
     build_glow(_config(tf32=True, deterministic=True), (1, 8, 8))
     assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+    import torch._inductor.config as inductor
+
+    build_glow(_config(compile=True, deterministic=True), (1, 8, 8))
+    assert inductor.deterministic  # compiled: no kernel chosen by timing it on the device
+    build_glow(_config(compile=True), (1, 8, 8))
+    assert not inductor.deterministic
     build_glow(_config(), (1, 8, 8))  # (the flags are process-wide: leave the defaults)
 
 

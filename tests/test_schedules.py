@@ -12,7 +12,7 @@ from raylocal.cli.train import main
 from raylocal.core.config import RaylocalConfig
 from raylocal.model.glow import Glow
 from raylocal.model.parts import parse_part_spec
-from raylocal.training.schedules import epoch_plan, train_batch
+from raylocal.training.schedules import PartsResult, epoch_plan, train_batch
 from raylocal.training.trainer import PartTrainer, initialize
 
 
@@ -327,6 +327,40 @@ def test_a_run_with_the_lr_rule_resumes_to_the_same_weights(mnist_dir, tmp_path,
     assert got["lr_multipliers"] == expected["lr_multipliers"] and expected["lr_multipliers"] is not None
     a, b = full.glow.state_dict(), resumed.glow.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_rest_of_a_run_records_its_config_as_given_not_the_device_it_was_handed(mnist_dir, tmp_path):
+    """The fine-tune after a Ray parts phase runs on the device Ray granted its
+    process (a GPU worker's is "cuda:0", no value of --device). Its checkpoint
+    keeps the run's config as given, so that --resume validates it and resolves
+    the device anew; a second call finds that checkpoint and continues from it."""
+    from raylocal.core.checkpoint import load_checkpoint
+    from raylocal.core.data import load_dataset
+    from raylocal.run.finish import finish_after_parts
+    from raylocal.run.launch import resume_config
+    from raylocal.run.service import RunService
+    from raylocal.training.trainer import build_glow
+
+    values = dict(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
+        eval_batch_size=32, warmup_steps=0, threads=1, parts=2, part_spec="1|2", schedule="async",
+        epochs=1, finetune_epochs=1, samples=0, progress=False, storage_path=str(tmp_path), run_name="run",
+    )  # fmt: skip
+    config, data = RaylocalConfig(**values), load_dataset("mnist", mnist_dir)
+    torch.manual_seed(0)
+    glow = build_glow(config, data.shape)
+    bounds = parse_part_spec("1|2", glow).bounds
+    stats = [{"steps": 4, "compute_s": 0.1, "losses": [3.0], "rollbacks": 0, "skipped": 0} for _ in bounds]
+    parts = PartsResult(state=glow.state_dict(), wall=0.2, stats=stats)
+    run_dir = tmp_path / "run"
+    service = RunService(config.model_dump_json(), data.shape, 1, False, device="cpu")  # the model service's route
+    first = service.finish(data.name, data.train, data.test, str(run_dir), bounds, parts)
+    recorded = load_checkpoint(run_dir / "checkpoint.pt", kind="run")["config"]
+    assert RaylocalConfig.model_validate_json(recorded) == config  # not device "cpu", not resume
+    assert first["steps"] == 4 + len(data.train) // config.batch_size  # the parts' steps, then one fine-tune epoch
+    again = finish_after_parts(config, data, run_dir, bounds, parts=parts, device="cpu")  # continues: all done
+    assert again["steps"] == first["steps"] and again["test_bpd"] == first["test_bpd"]
+    assert resume_config(RaylocalConfig(**values, resume=True), {"epochs": 1}).device == "auto"
 
 
 def test_lr_clock_is_one_decay_over_the_run_or_each_trainers_own():

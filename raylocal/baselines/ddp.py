@@ -46,7 +46,7 @@ from raylocal.core.faults import Straggler, parse_faults
 from raylocal.core.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.core.runlog import peak_rss_mb
 from raylocal.core.tensors import tensor_bytes
-from raylocal.model.objectives import nll_bits, preprocess, to_device, wait_for
+from raylocal.model.objectives import nll_bits, preprocess, queued_work, to_device, wait_for
 from raylocal.training.trainer import build_glow, initialize, scheduled_lr
 
 LOSS_EVERY = 10  # steps per point of a data-parallel run's loss curve
@@ -132,8 +132,9 @@ class LinkedAllReduce:
     outage it waits for the link. The waiting happens on the hook's thread, so
     the backward pass goes on computing the next buckets meanwhile.
     ``idle_s`` adds up, per step, how long the last bucket took from its
-    hand-over (the end of the backward pass) until DDP got it back: the
-    time the training thread waited for the link.
+    hand-over (the end of the backward pass; on a GPU, once its gradient
+    kernels are done) until DDP got it back: the time the training thread
+    waited for the link.
     """
 
     def __init__(
@@ -152,8 +153,10 @@ class LinkedAllReduce:
         self.bytes_sent = 0.0
         self.buckets = 0  # buckets all-reduced
         self.idle_s = 0.0
+        self._computing: queue.Queue = queue.Queue()  # a GPU's buckets whose gradients are still being computed
         self._jobs: queue.Queue = queue.Queue()  # buckets waiting for the wire
         self._landing: queue.Queue = queue.Queue()  # buckets on their way (the latency overlaps the next)
+        threading.Thread(target=self._stamp_computed, name="raylocal-ddp-gradients", daemon=True).start()
         threading.Thread(target=self._send, name="raylocal-ddp-wire", daemon=True).start()
         threading.Thread(target=self._land, name="raylocal-ddp-arrivals", daemon=True).start()
 
@@ -169,8 +172,22 @@ class LinkedAllReduce:
         # a CUDA future must name its device, or DDP cannot wait on it under NCCL
         done: torch.futures.Future = torch.futures.Future(devices=[tensor.device] if tensor.is_cuda else None)
         # the last bucket of a step is handed over when the backward pass has finished
-        self._jobs.put(((wire, tensor), messages, reduced, done, bucket.is_last(), self.clock.now()))
+        job = ((wire, tensor), messages, reduced, done, bucket.is_last(), self.clock.now())
+        computing = queued_work(tensor)  # on a GPU the backward pass is only queued then
+        if computing is None:
+            self._jobs.put(job)
+        else:
+            self._computing.put((job, computing))
         return done
+
+    def _stamp_computed(self) -> None:
+        """On a GPU: a bucket goes to the wire, stamped, once its gradients are
+        computed (in a thread of its own, so that a bucket that waits for the wire
+        behind another is still stamped when its gradients were done)."""
+        while True:
+            (*job, submitted), computing = self._computing.get()
+            computing.synchronize()
+            self._jobs.put((*job, max(submitted, self.clock.now())))
 
     def _send(self) -> None:
         while True:

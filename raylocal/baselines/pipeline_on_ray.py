@@ -176,6 +176,7 @@ def train_pipeline_parallel(
                 "num_cpus": placement.part_cpus,
                 "num_gpus": placement.part_gpus,
                 "scheduling_strategy": strategy,
+                **placement.shown_gpus(placement.part_gpus),
             }
             actors.append(StageActor.options(**options).remote(config.model_dump_json(), k, placement.threads))
         with errors_in_one_line():

@@ -256,6 +256,7 @@ class PartsPhase:
                         max_restarts=config.max_restarts,
                         max_task_retries=config.max_restarts,  # replay run() on the restarted actor
                         scheduling_strategy=strategy,
+                        **placement.shown_gpus(placement.part_gpus),
                     ).remote(config.model_dump_json(), k, data.shape, placement.threads, str(run_dir))
                 )
         except BaseException:

@@ -59,6 +59,12 @@ def _fits(bundle: dict[str, float], node: dict[str, float]) -> bool:
     return all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
 
 
+def _hosts(bundle: dict[str, float], nodes: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The nodes that carry every resource ``bundle`` asks for (a GPU share, the
+    ``--worker-resource``): the only ones Ray can put it on, whatever its CPUs."""
+    return [n for n in nodes if all(n.get(k, 0.0) > 0 for k, v in bundle.items() if v > 0 and k != "CPU")]
+
+
 def _short_of(need: dict[str, float], nodes: list[dict[str, float]]) -> str | None:
     """The first resource the nodes' totals hold less of than ``need``, if any."""
     return next((k for k, v in need.items() if _sum(nodes, k) + 1e-9 < v), None)
@@ -133,10 +139,14 @@ class Placement:
             # Fewer GPUs than parts: share them. A fractional bundle sits on one device,
             # so 1/ceil(K/G) each fits (G/K may not: 3 parts of 2/3 on 2 GPUs)
             gpus = (1.0 - SERVICE_GPU_SHARE) / math.ceil(n_parts / whole_gpus) if whole_gpus else 0.0
+        # Bundles with a GPU share go only to GPU nodes: the CPUs shared out are theirs, not a CPU-only head's
+        gpu_nodes = [n for n in usable if n.get("GPU", 0.0) > 0]
         cpus = config.cpus_per_part
         if cpus is None:
-            cpus = max(min((_sum(nodes, "CPU") or 1.0) / (n_parts + 1), PART_MAX_CPUS), 0.01)
-        work_cpus = config.cpus_per_part or max([min(r.get("CPU", 0.0), FINETUNE_MAX_CPUS) for r in usable] + [1.0])
+            pool = gpu_nodes if gpus and gpu_nodes else usable
+            cpus = max(min((_sum(pool, "CPU") or 1.0) / (n_parts + 1), PART_MAX_CPUS), 0.01)
+        work_pool = [n for n in gpu_nodes if n["GPU"] >= 1.0 - 1e-9] if whole_gpus else usable
+        work_cpus = config.cpus_per_part or max([min(r.get("CPU", 0.0), FINETUNE_MAX_CPUS) for r in work_pool] + [1.0])
         return cls(
             n_parts=n_parts,
             part=_pinned(config, {"CPU": cpus} | ({"GPU": gpus} if gpus else {})),
@@ -155,6 +165,14 @@ class Placement:
     @property
     def part_gpus(self) -> float:
         return self.part.get("GPU", 0.0)
+
+    def shown_gpus(self, gpus: float) -> dict[str, Any]:
+        """Actor options for a process granted ``gpus``: on a cluster with GPUs, one
+        granted none is shown none (Ray 2.60 leaves it every GPU, and torch.compile's
+        cache key alone would open a CUDA context on GPU 0 beside the parts there)."""
+        if gpus > 0 or _sum(self.nodes, "GPU") == 0:
+            return {}
+        return {"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
 
     def check(self, with_service: bool = True) -> None:
         """Can the bundles be placed on this cluster at all, by its totals? Said at
@@ -183,11 +201,15 @@ class Placement:
         for bundle in bundles:
             for k, v in bundle.items():
                 need[k] = need.get(k, 0.0) + v
-        k = _short_of(need, nodes)
+        hosts = _hosts(self.part, nodes)  # (the service's bundle asks for the same kinds of resource)
+        k = _short_of(need, hosts)
         if k is not None:
+            where = (
+                "the cluster has" if len(hosts) == len(nodes) else f"the {len(hosts)} node(s) that can hold them have"
+            )
             raise ClusterError(
-                f"{n} parts of {shown}{and_service} need {k} {need[k]:g}, the cluster has "
-                f"{_sum(nodes, k):g}; use fewer parts, or lower --cpus-per-part or --gpus-per-part"
+                f"{n} parts of {shown}{and_service} need {k} {need[k]:g}, {where} "
+                f"{_sum(hosts, k):g}; use fewer parts, or lower --cpus-per-part or --gpus-per-part"
             )
         unpacked = _unpacked_gpus(bundles, nodes)  # enough by the totals: and as Ray places GPU shares?
         if unpacked:
@@ -280,12 +302,16 @@ class TrialGroup:
                 f"node: {len(bundles)} nodes, but only {len(able)} can hold one; use --placement pack or more nodes"
             )
         need = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
-        k = _short_of(need, usable)
+        hosts = _hosts(bundles[-1], usable)  # with GPU shares: the GPU nodes (a part's bundle asks for the most)
+        k = _short_of(need, hosts)
         if k is not None:
+            where = f"the nodes with resource {resource!r} have " if resource else "the cluster has "
+            if len(hosts) < len(usable):
+                where = f"the {len(hosts)} node(s) that can hold them have "
             raise ClusterError(
                 f"a trial of {len(bundles) - 1} parts and its own process needs {k} {need[k]:g}, "
-                + (f"the nodes with resource {resource!r} have " if resource else "the cluster has ")
-                + f"{_sum(usable, k):g}; use fewer parts, or lower --cpus-per-part or --gpus-per-part"
+                + where
+                + f"{_sum(hosts, k):g}; use fewer parts, or lower --cpus-per-part or --gpus-per-part"
             )
         unpacked = _unpacked_gpus(bundles, usable)  # enough by the totals: and as Ray places GPU shares?
         if unpacked:

@@ -99,8 +99,8 @@ class RaylocalConfig(BaseModel):
     )
     deterministic: bool = Field(
         False,
-        description="GPUs: deterministic cuDNN kernels, no autotuning (repeatable bit for bit, slower); off: "
-        "cuDNN picks the fastest convolution for each shape",
+        description="GPUs: deterministic cuDNN kernels, no autotuning (repeatable bit for bit, slower; with "
+        "--compile, Inductor's deterministic mode too); off: cuDNN picks the fastest convolution for each shape",
     )
 
     # parts

@@ -40,6 +40,17 @@ def wait_for(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def queued_work(x: Tensor) -> torch.cuda.Event | None:
+    """An event recorded now on the stream of ``x``'s GPU: its ``synchronize()``
+    waits for the work queued so far (say, the kernels computing ``x``), without
+    blocking the host now. None on a CPU, where that work is done already."""
+    if not x.is_cuda:
+        return None
+    event = torch.cuda.Event(blocking=True)  # a thread that waits for it sleeps, not spins
+    event.record(torch.cuda.current_stream(x.device))
+    return event
+
+
 def to_device(x: Tensor, device: torch.device | str) -> Tensor:
     """``x`` on ``device``; from the CPU to a GPU through pinned memory without
     blocking, so that the CPU goes on preparing the step while it copies."""

@@ -47,7 +47,7 @@ from raylocal.core.faults import Straggler, parse_faults
 from raylocal.core.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.core.tensors import tensor_bytes
 from raylocal.errors import CheckpointError, ClusterError
-from raylocal.model.objectives import preprocess, to_device
+from raylocal.model.objectives import preprocess, to_device, wait_for
 from raylocal.pipeline.channel import PacketChannel, newer_weights
 from raylocal.pipeline.trace import percentile
 from raylocal.training.trainer import (
@@ -578,6 +578,7 @@ class PartLoop:
             with self.guard:  # (the wait for the lock is not compute)
                 t0 = time.perf_counter()
                 result = worker.trainer.step(x)
+                wait_for(worker.device)  # a GPU's optimizer kernels are this step's compute, not the wait after it
                 computed = time.perf_counter() - t0
             self._computed(computed)
             worker.step += 1

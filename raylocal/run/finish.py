@@ -125,9 +125,11 @@ def finish_after_parts(
     bounds: list[tuple[int, int]],
     finetuned: tuple[dict[str, Tensor], float, list[dict[str, Any]]] | None = None,
     parts: PartsResult | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """The rest of a run whose parts phase was trained elsewhere: the fine-tune
-    epochs, evaluation, samples, checkpoint and summary, in this process.
+    epochs, evaluation, samples, checkpoint and summary, in this process (on
+    ``device``, the one Ray granted it; else the config's ``--device``).
 
     It continues from the run's checkpoint when there is one (the fine-tune had
     started: a restart, or ``--resume``), else from ``parts``, the parts phase's
@@ -138,7 +140,7 @@ def finish_after_parts(
     parts = parts or PartsResult.load(run_dir / PARTS_RESULT)
     spec = PartSpec(tuple(tuple(b) for b in bounds))
     resume = finetuned is None and (run_dir / "checkpoint.pt").is_file()
-    run = SingleProcessRun(config.model_copy(update={"resume": resume}), data, run_dir, spec)
+    run = SingleProcessRun(config, data, run_dir, spec, device=device, resume=resume)
     if not resume:
         take_over(run, parts)
         run.log.link_report(parts.report, int(parts.stats[0]["steps"]))

@@ -113,9 +113,7 @@ def _finish_loop(loop_config: dict[str, Any]) -> None:
     parts = ray.get(loop_config["parts"]) if loop_config["parts"] is not None else None
     mailbox = loop_config["mailbox"]  # the driver's: the summary goes back in memory, not through a file
     try:
-        summary = finish_after_parts(
-            config.model_copy(update={"device": device}), data, run_dir, loop_config["bounds"], parts=parts
-        )
+        summary = finish_after_parts(config, data, run_dir, loop_config["bounds"], parts=parts, device=device)
     except DivergedError as e:
         # a divergence is deterministic: reported, not raised, so that Ray Train
         # does not rerun the fine-tune max_restarts times to diverge again

@@ -96,9 +96,9 @@ class RunService:
         parts: PartsResult | None,
         finetuned: Any = None,
     ) -> dict[str, Any]:
-        config = self.config.model_copy(update={"device": str(self.service.device)})
         data = ImageData(name, training_images(train), test)
-        summary = finish_after_parts(config, data, Path(run_dir), bounds, finetuned, parts)
+        device = str(self.service.device)
+        summary = finish_after_parts(self.config, data, Path(run_dir), bounds, finetuned, parts, device=device)
         return summary | {"where_finished": self.where() | {"phase": "model service"}}
 
 
@@ -140,6 +140,7 @@ class ServiceHandle:
             num_gpus=bundle.get("GPU", 0),
             resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0),
+            **self.placement.shown_gpus(bundle.get("GPU", 0)),
         ).remote(self.config_json, self.shape, self.threads)
         return self.actor
 

@@ -200,11 +200,14 @@ class SingleProcessRun:
 
     def __init__(
         self, config: RaylocalConfig, data: ImageData, run_dir: Path, spec: PartSpec | None = None,
-        start_from: dict[str, Tensor] | None = None,
+        start_from: dict[str, Tensor] | None = None, device: str | None = None, resume: bool | None = None,
     ) -> None:  # fmt: skip
         self.config = self.recorded_config = config  # (a rival's stand-in records the rival's own config)
         self.data = data
-        self.device = resolve_device(config.device)
+        # What a caller found at run time, beside the config as given (which the checkpoint records):
+        # the device Ray granted this process, and whether the run's checkpoint is there to continue from.
+        self.device = resolve_device(device or config.device)
+        self.resume = config.resume if resume is None else resume
         self.wire_dtype = WIRE_DTYPES[config.wire_dtype]  # how latents cross a boundary (as async's wire sends them)
         self.glow = build_glow(config, data.shape).to(self.device)
         self.spec = spec or part_spec_for(config, self.glow, data.train)
@@ -362,7 +365,7 @@ class SingleProcessRun:
 
     def _start(self) -> None:
         cfg = self.config
-        if cfg.resume:
+        if self.resume:
             self.restore(self.log.checkpoint_path)
             self.progress.update(
                 f"resumed {self.log.dir} at epoch {self.stream.epoch + 1}, batch {self.stream.position}",

@@ -81,12 +81,18 @@ def check_image_shape(image_shape: tuple[int, int, int], n_levels: int) -> None:
 def configure_kernels(config: RaylocalConfig) -> None:
     """This process's GPU kernels, as the config asks: IEEE float32 unless
     ``--tf32`` (torch lets cuDNN convolutions use TF32 by default, which breaks
-    exact reconstructions), and cuDNN's autotuning unless ``--deterministic``.
+    exact reconstructions), and cuDNN's autotuning unless ``--deterministic``,
+    which with ``--compile`` also stops Inductor from choosing kernels by timing
+    them on the device (two processes could choose different reduction orders).
     (These are process-wide; on CPU they change nothing.)"""
     torch.backends.cudnn.allow_tf32 = config.tf32
     torch.backends.cuda.matmul.allow_tf32 = config.tf32
     torch.backends.cudnn.benchmark = not config.deterministic
     torch.backends.cudnn.deterministic = config.deterministic
+    if config.compile:
+        import torch._inductor.config as inductor  # (imported only by the runs that compile)
+
+        inductor.deterministic = config.deterministic or os.environ.get("TORCHINDUCTOR_DETERMINISTIC") == "1"
 
 
 def build_glow(config: RaylocalConfig, image_shape: tuple[int, int, int]) -> Glow:

@@ -247,15 +247,14 @@ def run_trial(
     # would find no checkpoint to resume from
     context = tune.get_context()
     trial_dir = Path(base.storage_path) / context.get_experiment_name() / Path(context.get_trial_dir()).name
-    trial = {"lr": lrs, "progress": False, "resume": False, "finetune_epochs": 0, "samples": 0}
-    config = base.model_copy(update=trial | {"storage_path": str(trial_dir.parent), "run_name": trial_dir.name})
     reporter = TrialReporter(data.test, lrs, report_every, checkpoints)
     clear_finish(trial_dir)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # PBT restarted this trial from its own or another trial's parts
         with checkpoint.as_directory() as d:
             reporter.resume_from(restore_parts(Path(d), trial_dir, lrs), str(checkpoint.path))
-        config = config.model_copy(update={"resume": True})
+    trial = {"lr": lrs, "progress": False, "resume": checkpoint is not None, "finetune_epochs": 0, "samples": 0}
+    config = base.model_copy(update=trial | {"storage_path": str(trial_dir.parent), "run_name": trial_dir.name})
     run = Run(config, data, service_here=True, monitor=reporter.watch)
     try:
         summary = run.execute()
