@@ -394,6 +394,20 @@ def test_convolutions_are_ieee_float32_unless_tf32_is_asked_for_and_deterministi
     build_glow(_config(), (1, 8, 8))  # (the flags are process-wide: leave the defaults)
 
 
+def test_compile_on_cuda_without_pythons_headers_is_one_line(monkeypatch, tmp_path):
+    """Triton's CUDA launcher includes Python.h: without the headers the first
+    compiled step would fail deep inside Triton, after the run had started."""
+    import re
+    import sysconfig
+
+    monkeypatch.setenv("CC", "gcc")
+    require_compiler(torch.device("cuda"))  # this host's Python has its headers
+    monkeypatch.setattr(sysconfig, "get_paths", lambda scheme=None: {"include": str(tmp_path)})
+    missing = re.escape(str(tmp_path / "Python.h"))
+    with pytest.raises(ConfigError, match=rf"^--compile on CUDA needs Python's C headers for Triton; {missing} is"):
+        require_compiler(torch.device("cuda"))
+
+
 def test_compile_on_cuda_without_a_c_compiler_is_one_line(monkeypatch):
     import shutil
 

@@ -15,8 +15,10 @@ import copy
 import math
 import os
 import shutil
+import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,13 +38,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def python_header() -> Path:
+    """Where Triton looks for Python.h, which its CUDA launcher includes (as
+    triton/runtime/build.py finds it: Debian's posix_local scheme read as posix_prefix)."""
+    scheme = sysconfig.get_default_scheme()
+    scheme = "posix_prefix" if scheme == "posix_local" else scheme
+    return Path(sysconfig.get_paths(scheme=scheme)["include"]) / "Python.h"
+
+
 def require_compiler(device: torch.device) -> None:
     """torch.compile generates C++ on CPU, and Triton builds its launchers with a
-    C compiler on CUDA: fail at the start, in one line, without one."""
+    C compiler and Python's headers on CUDA: fail at the start, in one line, without them."""
     if device.type == "cuda":
         if not (os.environ.get("CC") or any(shutil.which(c) for c in ("cc", "gcc", "clang"))):
             raise ConfigError(
                 "--compile on CUDA needs a C compiler for Triton (cc, gcc or clang, or $CC); none was found"
+            )
+        header = python_header()
+        if not header.is_file():
+            raise ConfigError(
+                f"--compile on CUDA needs Python's C headers for Triton; {header} is missing "
+                "(install your Python's development package, e.g. python3-dev)"
             )
         return
     if device.type != "cpu":
