@@ -65,6 +65,11 @@ def _hosts(bundle: dict[str, float], nodes: list[dict[str, float]]) -> list[dict
     return [n for n in nodes if all(n.get(k, 0.0) > 0 for k, v in bundle.items() if v > 0 and k != "CPU")]
 
 
+def _holding(hosts: list[dict[str, float]], nodes: list[dict[str, float]], every: str) -> str:
+    """Who holds what a check counted: ``every`` node of ``nodes``, or only the ``hosts`` among them."""
+    return every if len(hosts) == len(nodes) else f"the {len(hosts)} node(s) that can hold them have"
+
+
 def _short_of(need: dict[str, float], nodes: list[dict[str, float]]) -> str | None:
     """The first resource the nodes' totals hold less of than ``need``, if any."""
     return next((k for k, v in need.items() if _sum(nodes, k) + 1e-9 < v), None)
@@ -139,13 +144,12 @@ class Placement:
             # Fewer GPUs than parts: share them. A fractional bundle sits on one device,
             # so 1/ceil(K/G) each fits (G/K may not: 3 parts of 2/3 on 2 GPUs)
             gpus = (1.0 - SERVICE_GPU_SHARE) / math.ceil(n_parts / whole_gpus) if whole_gpus else 0.0
-        # Bundles with a GPU share go only to GPU nodes: the CPUs shared out are theirs, not a CPU-only head's
-        gpu_nodes = [n for n in usable if n.get("GPU", 0.0) > 0]
         cpus = config.cpus_per_part
         if cpus is None:
-            pool = gpu_nodes if gpus and gpu_nodes else usable
+            # bundles with a GPU share go only to GPU nodes: the CPUs shared out are theirs, not a CPU-only head's
+            pool = _hosts({"GPU": gpus}, usable) or usable
             cpus = max(min((_sum(pool, "CPU") or 1.0) / (n_parts + 1), PART_MAX_CPUS), 0.01)
-        work_pool = [n for n in gpu_nodes if n["GPU"] >= 1.0 - 1e-9] if whole_gpus else usable
+        work_pool = [n for n in usable if n.get("GPU", 0.0) >= 1.0 - 1e-9] if whole_gpus else usable
         work_cpus = config.cpus_per_part or max([min(r.get("CPU", 0.0), FINETUNE_MAX_CPUS) for r in work_pool] + [1.0])
         return cls(
             n_parts=n_parts,
@@ -204,11 +208,8 @@ class Placement:
         hosts = _hosts(self.part, nodes)  # (the service's bundle asks for the same kinds of resource)
         k = _short_of(need, hosts)
         if k is not None:
-            where = (
-                "the cluster has" if len(hosts) == len(nodes) else f"the {len(hosts)} node(s) that can hold them have"
-            )
             raise ClusterError(
-                f"{n} parts of {shown}{and_service} need {k} {need[k]:g}, {where} "
+                f"{n} parts of {shown}{and_service} need {k} {need[k]:g}, {_holding(hosts, nodes, 'the cluster has')} "
                 f"{_sum(hosts, k):g}; use fewer parts, or lower --cpus-per-part or --gpus-per-part"
             )
         unpacked = _unpacked_gpus(bundles, nodes)  # enough by the totals: and as Ray places GPU shares?
@@ -305,13 +306,11 @@ class TrialGroup:
         hosts = _hosts(bundles[-1], usable)  # with GPU shares: the GPU nodes (a part's bundle asks for the most)
         k = _short_of(need, hosts)
         if k is not None:
-            where = f"the nodes with resource {resource!r} have " if resource else "the cluster has "
-            if len(hosts) < len(usable):
-                where = f"the {len(hosts)} node(s) that can hold them have "
+            every = f"the nodes with resource {resource!r} have" if resource else "the cluster has"
             raise ClusterError(
                 f"a trial of {len(bundles) - 1} parts and its own process needs {k} {need[k]:g}, "
-                + where
-                + f"{_sum(hosts, k):g}; use fewer parts, or lower --cpus-per-part or --gpus-per-part"
+                f"{_holding(hosts, usable, every)} {_sum(hosts, k):g}; use fewer parts, or lower --cpus-per-part "
+                "or --gpus-per-part"
             )
         unpacked = _unpacked_gpus(bundles, usable)  # enough by the totals: and as Ray places GPU shares?
         if unpacked:

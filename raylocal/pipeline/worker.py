@@ -47,7 +47,7 @@ from raylocal.core.faults import Straggler, parse_faults
 from raylocal.core.links import SYSTEM_CLOCK, Clock, LinkSpec, Wire
 from raylocal.core.tensors import tensor_bytes
 from raylocal.errors import CheckpointError, ClusterError
-from raylocal.model.objectives import preprocess, to_device, wait_for
+from raylocal.model.objectives import preprocess, queued_work, to_device, wait_for
 from raylocal.pipeline.channel import PacketChannel, newer_weights
 from raylocal.pipeline.trace import percentile
 from raylocal.training.trainer import (
@@ -77,9 +77,7 @@ def to_wire(x: Tensor, dtype: torch.dtype) -> tuple[Tensor | dict[str, Tensor], 
         return host.copy_(t, non_blocking=True)
 
     host = {k: pinned(v) for k, v in payload.items()} if isinstance(payload, dict) else pinned(payload)
-    ready = torch.cuda.Event()
-    ready.record(torch.cuda.current_stream(x.device))  # the copies' stream: x's device, not the thread's current one
-    return host, ready
+    return host, queued_work(x)  # recorded on the copies' stream: x's device's, not the thread's current one
 
 
 @dataclass
