@@ -70,6 +70,39 @@ def test_each_block_runs_every_contestant_in_an_order_that_rotates_and_the_fine_
         assert sorted(order[position] for order in five) == sorted(race.CONTESTANTS)
 
 
+def test_a_race_of_some_methods_rotates_those_only_and_keeps_the_fine_tune_with_what_it_needs(bench):
+    cells = race.race_cells(["10Mbit"], [4, 5, 6], ("local-sgd", "parts"))
+    assert [(c.seed, c.method) for c in cells] == [
+        (4, "local-sgd"), (4, "parts"), (5, "parts"), (5, "local-sgd"), (6, "local-sgd"), (6, "parts"),
+    ]  # fmt: skip
+    with_ft = race.block_order(1, ("one-device", "ddp", "parts", "parts+ft"))
+    assert with_ft == ["ddp", "parts", "one-device", "parts+ft"]
+    for methods, message in [
+        ("parts,sgd", r"^error: --methods 'sgd' is not one of one-device, ddp, "),
+        ("parts", r"^error: --methods parts: a race needs two methods at least$"),
+        ("parts,local-sgd,parts+ft", r"^error: --methods parts\+ft needs one-device too \(it starts from"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            bench.race_plan(bench._options(["--methods", methods, "--sweep-budget", "0"]))
+    assert bench._options([]).methods == race.METHODS
+
+
+def test_two_methods_raced_are_one_hypothesis_not_a_holm_family_of_two():
+    from scipy import stats as scipy_stats
+
+    bpd = {"local-sgd": [3.10, 3.20, 3.15], "parts": [3.20, 3.28, 3.27]}
+    results = _race(bpd, {})
+    rows = {r["method"]: r for r in race.compare_at_link(results, "10Mbit", [0, 1, 2])}
+    p = scipy_stats.ttest_1samp([a - b for a, b in zip(bpd["parts"], bpd["local-sgd"])], 0).pvalue
+    assert 0.01 < p < 0.05  # decided unadjusted, and undecided had Holm counted the pair twice (2p > 0.05)
+    assert rows["parts"]["p_difference_holm"] == rows["local-sgd"]["p_difference_holm"] == pytest.approx(p)
+    assert (rows["parts"]["adjusted"], rows["local-sgd"]["adjusted"]) == ("worse", "better")
+    lines = race.check_targets(results, ["10Mbit"], [0, 1, 2])  # no DDP raced: no parts / DDP line
+    assert len(lines) == 1 and lines[0].startswith("10Mbit: 2 parts − the best rival (2 local-SGD workers)")
+    table = race.results_table(results, ["10Mbit"], [0, 1, 2])
+    assert "| 10Mbit | 2 parts | 1 |  | 0.1 MB | 1.0 |" in table  # no one device raced: no "slower than" count
+
+
 OPTS = type("Opts", (), dict(
     budget=1.0, test_subset=10, train_subset=None, average_every=5, outer_lr=None, average_overlap=False,
     bucket_cap_mb=None, ddp_compression="none", sync_every=50, queue_size=1, micro_batches=4, finished_only=False,
@@ -146,11 +179,15 @@ def test_each_method_is_paired_by_seed_with_the_best_other_and_holm_adjusted_wit
     t = scipy_stats.t.ppf(0.975, 2) * scipy_stats.tstd(diffs) / 3**0.5
     assert rows["ddp"]["lo"] == pytest.approx(sum(diffs) / 3 - t)
     assert rows["ddp"]["hi"] == pytest.approx(sum(diffs) / 3 + t)
-    p = [rows[m]["p_difference"] for m in race.METHODS]
+    # the parts and their fine-tune are each other's best other: one hypothesis, counted once by Holm
+    distinct = [m for m in race.METHODS if m != "parts+ft"]
+    p = [rows[m]["p_difference"] for m in distinct]
     assert p[1] == pytest.approx(scipy_stats.ttest_1samp(diffs, 0).pvalue)
-    adjusted = multipletests(p, method="holm")[1]
-    for m, a in zip(race.METHODS, adjusted):  # decided different after Holm exactly where its adjusted p is small
+    adjusted = dict(zip(distinct, multipletests(p, method="holm")[1])) | {"parts+ft": None}
+    adjusted["parts+ft"] = adjusted["parts"]
+    for m, a in adjusted.items():  # decided different after Holm exactly where its adjusted p is small
         assert rows[m]["adjusted"].startswith(("better", "worse")) == (a < 0.05), m
+        assert rows[m]["p_difference_holm"] == pytest.approx(a), m
     assert rows["pipeline"]["verdict"].startswith("worse")
     assert (rows["one-device"]["verdict"], rows["one-device"]["adjusted"]) == ("worse", "undecided")  # Holm bites
     table = race.results_table(_race(bpd, {}), ["10Mbit"], [0, 1, 2]).splitlines()

@@ -59,7 +59,17 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import torch
 
 from raylocal.baselines.projection import StepModel, bandwidth_losing, wire_bytes_per_step
-from raylocal.bench.race import METHODS, SCHEDULES, Cell, check_targets, plot, race_cells, results_table, twins_table
+from raylocal.bench.race import (
+    METHODS,
+    SCHEDULES,
+    Cell,
+    check_methods,
+    check_targets,
+    plot,
+    race_cells,
+    results_table,
+    twins_table,
+)
 from raylocal.bench.sweep import SWEEP_GRID, best_settings, race_settings, sweep_cells, sweep_table, tuned_at
 from raylocal.cluster import netns
 from raylocal.core.checkpoint import load_checkpoint
@@ -658,6 +668,12 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
                    help="the sweep and its table, then stop: no race")  # fmt: skip
     p.add_argument("--sweep-methods", type=lambda v: v.split(","), default=None,
                    help=f"with --sweep-only: sweep these methods alone (of {', '.join(SWEEP_GRID)})")  # fmt: skip
+    p.add_argument(
+        "--methods",
+        type=lambda v: tuple(v.split(",")),
+        default=METHODS,
+        help=f"the race's methods, of {', '.join(METHODS)} (default: all); each block runs these only",
+    )
     p.add_argument("--average-every", type=int, default=50, help="local SGD's H")
     p.add_argument("--outer-lr", type=float, default=None, help="local SGD with DiLoCo's outer Nesterov step")
     p.add_argument("--average-overlap", action="store_true", help="local SGD's rounds overlap the next step")
@@ -748,6 +764,10 @@ def race_plan(opts: argparse.Namespace) -> tuple[list[str], list[int]]:
         if why is not None:
             raise SystemExit(f"error: --real: {why}")
     _check_sweep_only(opts)
+    try:
+        check_methods(opts.methods)
+    except ValueError as e:
+        raise SystemExit(f"error: --methods {e}") from None
     if getattr(opts, "twin_of", None) and not Path(opts.twin_of).is_dir():
         raise SystemExit(f"error: --twin-of {opts.twin_of}: no such directory")
     if opts.repeats is not None and opts.repeats < 1:
@@ -784,7 +804,7 @@ def main(argv: list[str] | None = None) -> None:
     if opts.sweep_only:
         return None
     results, hosts = {}, {}
-    for cell in race_cells(links, seeds):
+    for cell in race_cells(links, seeds, opts.methods):
         if opts.finished_only and not (out / f"{cell.name}.json").is_file():
             continue
         block = (cell.seed, cell.link)
@@ -792,7 +812,7 @@ def main(argv: list[str] | None = None) -> None:
             hosts[block] = host_figures(opts.probe)  # at the start of the block: its host speed
             print(f"block seed {cell.seed}, {cell.link}: host {hosts[block]}", flush=True)
         results[cell] = run_cell(cell, opts, out, hosts.get(block), split, race_settings(best, cell))
-    seeds = [s for s in seeds if all(Cell(m, link, s) in results for m in METHODS for link in links)]
+    seeds = [s for s in seeds if all(Cell(m, link, s) in results for m in opts.methods for link in links)]
     if not seeds:
         print("no seed has finished every block yet")
         return None
@@ -804,7 +824,7 @@ def main(argv: list[str] | None = None) -> None:
     (out / "table.md").write_text(table + "\n")
     print(f"figure: {out / 'links.png'}")
     if opts.twin_of:
-        write_twins_table(results, Path(opts.twin_of), links, seeds, out)
+        write_twins_table(results, Path(opts.twin_of), links, seeds, out, opts.methods)
     return None
 
 
@@ -812,7 +832,12 @@ TWIN_AXES = ("network", "link_costs")
 
 
 def write_twins_table(
-    results: dict[Cell, dict[str, Any]], where: Path, links: list[str], seeds: list[int], out: Path
+    results: dict[Cell, dict[str, Any]],
+    where: Path,
+    links: list[str],
+    seeds: list[int],
+    out: Path,
+    methods: tuple[str, ...] = METHODS,
 ) -> None:
     """``results`` against the same cells in ``where`` run on the other network
     (``--twin-of``), over the seeds finished in both: ``out/twins.md``."""
@@ -829,7 +854,7 @@ def write_twins_table(
             raise SystemExit(f"error: --twin-of: {path} was run with other settings ({differ})")
         if (twins[cell]["settings"].get("network") == "real") == (result["settings"].get("network") == "real"):
             raise SystemExit(f"error: --twin-of: {path} ran on the same network as {out / cell.name}.json")
-    both = [s for s in seeds if all(Cell(m, link, s) in twins for m in METHODS for link in links)]
+    both = [s for s in seeds if all(Cell(m, link, s) in twins for m in methods for link in links)]
     if not both:
         print(f"--twin-of {where}: no seed has finished every block there")
         return

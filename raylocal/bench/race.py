@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raylocal.study.stats import adjust_family, decide, mean_interval
+from raylocal.study.stats import BPD_WORDS, adjust_family, decide, mean_interval, verdict
 
 CONTESTANTS = ("one-device", "ddp", "local-sgd", "pipeline", "parts")
 AFTER_ALL = "parts+ft"  # needs the block's parts weights and its one-device and DDP speeds
@@ -50,17 +50,32 @@ class Cell:
         return f"{self.method}-{self.link}-s{self.seed}" + (f"-{self.variant}" if self.variant else "")
 
 
-def block_order(block: int) -> list[str]:
-    """The contestants of the ``block``-th block in the order they run."""
-    shift = block % len(CONTESTANTS)
-    return list(CONTESTANTS[shift:] + CONTESTANTS[:shift]) + [AFTER_ALL]
+def block_order(block: int, methods: tuple[str, ...] = METHODS) -> list[str]:
+    """The raced ``methods`` of the ``block``-th block in the order they run."""
+    raced = [m for m in CONTESTANTS if m in methods]
+    shift = block % len(raced)
+    return raced[shift:] + raced[:shift] + ([AFTER_ALL] if AFTER_ALL in methods else [])
 
 
-def race_cells(links: list[str], seeds: list[int]) -> list[Cell]:
+def race_cells(links: list[str], seeds: list[int], methods: tuple[str, ...] = METHODS) -> list[Cell]:
     """Every cell of the race, in the order it runs: block by block, per seed
     every link (so that an interrupted race has whole seeds first)."""
     blocks = [(seed, link) for seed in seeds for link in links]
-    return [Cell(m, link, seed) for b, (seed, link) in enumerate(blocks) for m in block_order(b)]
+    return [Cell(m, link, seed) for b, (seed, link) in enumerate(blocks) for m in block_order(b, methods)]
+
+
+def check_methods(methods: tuple[str, ...]) -> None:
+    """A race of some methods only: two at least, and the fine-tune with what it starts from and chooses between."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not one of {', '.join(METHODS)}")
+    if len(set(methods)) < 2:
+        raise ValueError(f"{','.join(methods)}: a race needs two methods at least")
+    if AFTER_ALL in methods:
+        missing = [m for m in ("parts", "one-device", "ddp") if m not in methods]
+        if missing:
+            raise ValueError(f"{AFTER_ALL} needs {missing[0]} too (it starts from the block's parts weights "
+                             "and chooses between its one-device and DDP cells)")  # fmt: skip
 
 
 def _ranked(bpd: float) -> float:
@@ -85,8 +100,25 @@ def compare_at_link(results: dict[Cell, dict[str, Any]], link: str, seeds: list[
         best = min(others, key=lambda o: _ranked(means[o]))
         diffs = [_bpd(results[Cell(m, link, s)]) - _bpd(results[Cell(best, link, s)]) for s in seeds]
         rows.append({"link": link, "method": m, "mean_bpd": means[m], "against": best} | decide(diffs))
-    adjust_family(rows)
+    _adjust_distinct(rows)
     return rows
+
+
+def _adjust_distinct(rows: list[dict[str, Any]]) -> None:
+    """Holm over the distinct pairs: two methods each other's best other (always
+    so in a race of two) are one hypothesis, counted once, read from both sides."""
+    first: dict[frozenset[str], dict[str, Any]] = {}
+    for row in rows:
+        first.setdefault(frozenset((row["method"], row["against"])), row)
+    adjust_family(list(first.values()))
+    for row in rows:
+        twin = first[frozenset((row["method"], row["against"]))]
+        if twin is not row and "p_difference_holm" in twin:
+            row["p_difference_holm"], row["p_equivalence_holm"] = twin["p_difference_holm"], twin["p_equivalence_holm"]
+            row["adjusted"] = verdict(twin["p_difference_holm"], twin["p_equivalence_holm"], row["mean"],
+                                      row["margin"], BPD_WORDS)  # fmt: skip
+        elif twin is not row:
+            row["adjusted"] = row["verdict"]
 
 
 def block_ratio(results: dict[Cell, dict[str, Any]], link: str, seeds: list[int], top: str, bottom: str) -> list[float]:
@@ -115,8 +147,9 @@ def results_table(results: dict[Cell, dict[str, Any]], links: list[str], seeds: 
             speed = bytes_ = idle = slower = ""
             if c["method"] != AFTER_ALL:
                 speed = f"{statistics.fmean(r['images_per_s'] for r in cells):.0f}"
-                ones = [results[Cell("one-device", link, s)]["images_per_s"] for s in seeds]
-                slower = f"{sum(r['images_per_s'] < o for r, o in zip(cells, ones))} of {len(seeds)} blocks"
+                if all(Cell("one-device", link, s) in results for s in seeds):
+                    ones = [results[Cell("one-device", link, s)]["images_per_s"] for s in seeds]
+                    slower = f"{sum(r['images_per_s'] < o for r, o in zip(cells, ones))} of {len(seeds)} blocks"
                 bytes_ = _mb(statistics.fmean(r["bytes_per_step"] for r in cells))
                 idle = f"{100 * statistics.fmean(r['idle'] for r in cells):.1f}"
             interval = "" if math.isnan(c["lo"]) else f" [{c['lo']:+.3f}, {c['hi']:+.3f}]"
@@ -149,7 +182,7 @@ def twins_table(
         adjust_family(family)
         for d in family:
             m, speed, ratio = d["method"], "", ""
-            if m not in (AFTER_ALL, "one-device"):
+            if m not in (AFTER_ALL, "one-device") and _raced(real, "one-device", link, seeds):
                 ours, theirs = (block_ratio(r, link, seeds, m, "one-device") for r in (real, emulated))
                 speed = f"{statistics.fmean(ours):.2f} / {statistics.fmean(theirs):.2f}"
                 ratio = _interval([a / b for a, b in zip(ours, theirs)])
@@ -168,16 +201,27 @@ def _mb(nbytes: float) -> str:
     return f"{nbytes / 1e6:.3g} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.3g} kB"
 
 
+def _raced(results: dict[Cell, dict[str, Any]], method: str, link: str, seeds: list[int]) -> bool:
+    return all(Cell(method, link, s) in results for s in seeds)
+
+
 def check_targets(results: dict[Cell, dict[str, Any]], links: list[str], seeds: list[int]) -> list[str]:
-    """The issue's targets, each from per-block ratios or paired differences."""
+    """The issue's targets, each from per-block ratios or paired differences
+    (those whose methods a race of some methods left out are not shown)."""
+
+    def raced(*methods: str) -> bool:
+        return all(_raced(results, m, link, seeds) for m in methods for link in links)
+
     lines = []
-    if "10Mbit" in links:
+    if "10Mbit" in links and raced("parts", "ddp"):
         ratio = block_ratio(results, "10Mbit", seeds, "parts", "ddp")
         lines.append(f"10 Mbit: parts / DDP images/s = {_interval(ratio)} (target >= 1.5x): "
                      f"{_met(statistics.fmean(ratio) >= 1.5)}")  # fmt: skip
     for link in ("10Mbit", "1Mbit"):
-        if link in links:
+        if link in links and raced("parts") and any(raced(r) for r in RIVALS):
             lines.append(parts_against_rivals(results, link, seeds))
+    if not raced("parts", "one-device"):
+        return lines
     if "10Mbit" in links and "10Mbit+outages" in links:
         # each link's parts speed over its own block's one device: the host's drift cancels
         down = block_ratio(results, "10Mbit+outages", seeds, "parts", "one-device")
@@ -211,8 +255,8 @@ def parts_against_rivals(results: dict[Cell, dict[str, Any]], link: str, seeds: 
     def mean(method: str) -> float:
         return _ranked(statistics.fmean(_bpd(results[Cell(method, link, s)]) for s in seeds))
 
-    parts = min(("parts", AFTER_ALL), key=mean)
-    rival = min(RIVALS, key=mean)
+    parts = min((m for m in ("parts", AFTER_ALL) if _raced(results, m, link, seeds)), key=mean)
+    rival = min((m for m in RIVALS if _raced(results, m, link, seeds)), key=mean)
     d = decide([_bpd(results[Cell(parts, link, s)]) - _bpd(results[Cell(rival, link, s)]) for s in seeds])
     more = f"; about {d['seeds_to_decide']} seeds would decide it" if d["seeds_to_decide"] else ""
     return (
@@ -242,7 +286,11 @@ def straggler_lines(results: dict[Cell, dict[str, Any]], seeds: list[int]) -> li
            for s in seeds):  # fmt: skip
         first = kept("parts", lambda r: r["part_images_per_s"][0])
         lines.append(f"10 Mbit with a 2x straggler: the parts' first part keeps {_percent(first)} of its own")
-    others = ", ".join(f"{m} {_percent(kept(m))}" for m in ("ddp", "local-sgd", "pipeline"))
+    others = ", ".join(
+        f"{m} {_percent(kept(m))}"
+        for m in RIVALS
+        if all(_raced(results, m, link, seeds) for link in ("10Mbit", "10Mbit+straggler"))
+    )
     lines.append(f"10 Mbit with a 2x straggler, the rivals keep: {others}")
     return lines
 
