@@ -188,6 +188,28 @@ def test_local_sgd_averages_to_the_mean_computed_by_hand():
         assert all(torch.allclose(p, e, atol=1e-6) for p, e in zip(params, expected))
 
 
+def test_local_sgd_hands_on_the_workers_average_at_the_end_of_its_budget():
+    """Rank 0's model after the last step is averaged with the other worker's unless
+    the last step was itself an average (every H steps, without overlap)."""
+    from raylocal.baselines.ddp import DataParallelWorker
+
+    torch.manual_seed(0)
+    other = nn.Linear(3, 2)  # the second worker's model at the end, as the all-reduce brings it
+    theirs = torch.cat([p.detach().reshape(-1) for p in other.parameters()])
+    for step, overlap, averaged in [(7, False, True), (10, False, False), (10, True, True)]:
+        worker = DataParallelWorker.__new__(DataParallelWorker)
+        worker.config = RaylocalConfig(average_every=5, average_overlap=overlap)
+        worker.model, worker.step, worker.world, worker.round = nn.Linear(3, 2), step, 2, None
+        worker.device, worker.outer, worker.idle_s, worker.bytes_averaged = torch.device("cpu"), None, 0.0, 0.0
+        worker.link = LinkSpec.parse("bw=inf")
+        worker._all_reduce = lambda flat, op="sum": flat.add_(theirs)
+        mine = torch.cat([p.detach().reshape(-1) for p in worker.model.parameters()])
+        worker.end_rounds()
+        handed_on = torch.cat([p.detach().reshape(-1) for p in worker.model.parameters()])
+        torch.testing.assert_close(handed_on, (mine + theirs) / 2 if averaged else mine)
+        assert worker.bytes_averaged == (ring_bytes(mine.numel() * 4, 2) if averaged else 0.0)
+
+
 def test_an_overlapped_round_lands_one_step_late_as_a_correction_that_keeps_that_step():
     from raylocal.baselines.ddp import OverlappedRound, apply_round
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import time
 
 import pytest
 import ray
@@ -163,6 +164,13 @@ def test_a_data_parallel_workers_clocks_wait_for_its_device(monkeypatch):
     worker.average()
     worker.out_of_time(started=0.0, budget=1e9)
     assert order == ["all-reduce", "wait cpu", "wire", "wait cpu", "all-reduce"]
+    # a straggler's compute, timed for its wait, ends when the device has run the step; no straggler, no sync
+    worker.hook, order[:] = None, []
+    for factor in (1.0, 2.0):
+        worker.straggler = Straggler([], 0, sleep=lambda s: order.append("straggle"))
+        worker.straggler.factor = factor
+        worker.straggle(time.perf_counter() - 1.0, 0.0)
+    assert order == ["wait cpu", "straggle"]
 
 
 def test_a_parts_compute_time_ends_when_its_device_has_run_the_step(monkeypatch):
@@ -559,5 +567,7 @@ def test_gpu_shares_are_checked_as_ray_packs_them_one_gpu_each():
     TrialGroup.plan(config.model_copy(update={"gpus_per_part": 0.45})).check(two_gpus)
     # the default share divides the GPUs among the trials the CPUs can hold at once, not all 300
     assert trial_shares(config, [{"CPU": 8.0, "GPU": 1.0}], 300)["gpus_per_part"] == 0.125  # 2 trials of 4 bundles
+    # a CPU-only head's 64 CPUs hold no GPU share: still 2 trials at once (18 counted with the head: 0.013 each)
+    assert trial_shares(config, [{"CPU": 64.0}, {"CPU": 8.0, "GPU": 1.0}], 300)["gpus_per_part"] == 0.125
     with pytest.raises(ClusterError, match=r"^300 trials at once of 3 parts .* no GPU share on 1 GPU\(s\)"):
         trial_shares(config, [{"CPU": 4000.0, "GPU": 1.0}], 300)

@@ -474,6 +474,14 @@ class DataParallelWorker:
         self.idle_s += time.perf_counter() - asked  # a sync point: here a fast worker waits for a slow one
         return bool(flag.item())
 
+    def straggle(self, began: float, link_waited: float) -> None:
+        """An emulated straggler's wait after a step that began at ``began``: it is
+        slower at computing, not at sending (the hook's wait is left out), and on a
+        GPU its compute ends when the optimizer's kernels have run (a sync only then)."""
+        if self.straggler.factor > 1.0:
+            wait_for(self.device)
+        self.straggler.after(time.perf_counter() - began - (self.link_wait() - link_waited))
+
     def link_wait(self) -> float:
         """Seconds DDP's backward passes waited for the link so far."""
         return self.hook.idle_s if self.hook is not None else 0.0
@@ -501,8 +509,7 @@ class DataParallelWorker:
                 stepped = self.guard.update(self.model, self.optimizer, loss, self.step)
                 if not stepped and self.powersgd:
                     self.powersgd.forget()
-                # a straggler is slower at computing, not at sending: the hook's wait is left out
-                self.straggler.after(time.perf_counter() - began - (self.link_wait() - waited))
+                self.straggle(began, waited)
                 self.step += 1
                 if stepped:
                     self.losses.add(self.guard.last_loss, self.step)
@@ -527,12 +534,17 @@ class DataParallelWorker:
             if stop or epoch == loop_config["epochs"] - 1:
                 break
             ray.train.report(history[-1])
-        self.land_round()
-        if config.average_every and (self.step % config.average_every or config.average_overlap):
-            # the model a local-SGD run hands on is the workers' average at the end of
-            # its budget, not rank 0's own, up to H - 1 steps past the last average
-            self.average()
+        self.end_rounds()
         self._finish(history, time.perf_counter() - started, loop_config["mailbox"])
+
+    def end_rounds(self) -> None:
+        """Local SGD's last round, at the end of the budget: the model it hands on is
+        the workers' average, not rank 0's own up to H - 1 steps past the last one
+        (or a round still on its way)."""
+        every = self.config.average_every
+        self.land_round()
+        if every and (self.step % every or self.config.average_overlap):
+            self.average()
 
     def _finish(self, history: list[dict[str, Any]], seconds: float, mailbox: Mailbox) -> None:
         import ray.train

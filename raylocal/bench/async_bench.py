@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Throughput of the async part trainer against end-to-end baselines, side by side.
 
-    python scripts/bench_async.py                  # 2 parts, CPU threads as issue 4 asks
+    python scripts/bench_async.py                  # 2 parts, CPU threads
     python scripts/bench_async.py --gpu            # one GPU per actor (a share of one if too few)
 
 Measures on MNIST (1x28x28, L=2, K=8 by default (--depth), width 64, batch 64):

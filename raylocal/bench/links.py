@@ -602,7 +602,9 @@ def run_sweep(opts: argparse.Namespace, links: list[str], seed: int, out: Path, 
     held_out = getattr(opts, "sweep_validation", 0) or None
     short = argparse.Namespace(**vars(opts) | {"budget": opts.sweep_budget, "validation": held_out})
     results, hosts = {}, {}
-    methods = getattr(opts, "sweep_methods", None)
+    # a race of some methods tunes those alone (the fine-tune runs at the parts' and DDP's choices)
+    raced = getattr(opts, "methods", METHODS)
+    methods = getattr(opts, "sweep_methods", None) or [m for m in SWEEP_GRID if m in raced]
     for cell in sweep_cells(links, seed, methods):
         if opts.finished_only and not (where / f"{cell.name}.json").is_file():
             continue

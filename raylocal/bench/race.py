@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raylocal.study.stats import BPD_WORDS, adjust_family, decide, mean_interval, verdict
+from raylocal.study.stats import adjust_distinct, adjust_family, decide, mean_interval
 
 CONTESTANTS = ("one-device", "ddp", "local-sgd", "pipeline", "parts")
 AFTER_ALL = "parts+ft"  # needs the block's parts weights and its one-device and DDP speeds
@@ -59,9 +59,14 @@ def block_order(block: int, methods: tuple[str, ...] = METHODS) -> list[str]:
 
 def race_cells(links: list[str], seeds: list[int], methods: tuple[str, ...] = METHODS) -> list[Cell]:
     """Every cell of the race, in the order it runs: block by block, per seed
-    every link (so that an interrupted race has whole seeds first)."""
-    blocks = [(seed, link) for seed in seeds for link in links]
-    return [Cell(m, link, seed) for b, (seed, link) in enumerate(blocks) for m in block_order(b, methods)]
+    every link (so that an interrupted race has whole seeds first). Each link's
+    order moves one place from seed to seed, however many links and methods."""
+    return [
+        Cell(m, link, seed)
+        for i, seed in enumerate(seeds)
+        for j, link in enumerate(links)
+        for m in block_order(i + j, methods)
+    ]
 
 
 def check_methods(methods: tuple[str, ...]) -> None:
@@ -89,7 +94,7 @@ def _bpd(result: dict[str, Any]) -> float:
 
 def compare_at_link(results: dict[Cell, dict[str, Any]], link: str, seeds: list[int]) -> list[dict[str, Any]]:
     """Each method against the best other method at ``link`` (lowest mean test
-    BPD over the seeds), paired by seed; one Holm family."""
+    BPD over the seeds), paired by seed; one Holm family of the distinct pairs."""
     methods = [m for m in METHODS if all(Cell(m, link, s) in results for s in seeds)]
     means = {m: statistics.fmean(_bpd(results[Cell(m, link, s)]) for s in seeds) for m in methods}
     rows = []
@@ -100,25 +105,8 @@ def compare_at_link(results: dict[Cell, dict[str, Any]], link: str, seeds: list[
         best = min(others, key=lambda o: _ranked(means[o]))
         diffs = [_bpd(results[Cell(m, link, s)]) - _bpd(results[Cell(best, link, s)]) for s in seeds]
         rows.append({"link": link, "method": m, "mean_bpd": means[m], "against": best} | decide(diffs))
-    _adjust_distinct(rows)
+    adjust_distinct(rows, lambda row: frozenset((row["method"], row["against"])))
     return rows
-
-
-def _adjust_distinct(rows: list[dict[str, Any]]) -> None:
-    """Holm over the distinct pairs: two methods each other's best other (always
-    so in a race of two) are one hypothesis, counted once, read from both sides."""
-    first: dict[frozenset[str], dict[str, Any]] = {}
-    for row in rows:
-        first.setdefault(frozenset((row["method"], row["against"])), row)
-    adjust_family(list(first.values()))
-    for row in rows:
-        twin = first[frozenset((row["method"], row["against"]))]
-        if twin is not row and "p_difference_holm" in twin:
-            row["p_difference_holm"], row["p_equivalence_holm"] = twin["p_difference_holm"], twin["p_equivalence_holm"]
-            row["adjusted"] = verdict(twin["p_difference_holm"], twin["p_equivalence_holm"], row["mean"],
-                                      row["margin"], BPD_WORDS)  # fmt: skip
-        elif twin is not row:
-            row["adjusted"] = row["verdict"]
 
 
 def block_ratio(results: dict[Cell, dict[str, Any]], link: str, seeds: list[int], top: str, bottom: str) -> list[float]:
@@ -138,7 +126,7 @@ def results_table(results: dict[Cell, dict[str, Any]], links: list[str], seeds: 
     the best other method there (raw, and Holm-adjusted within the link)."""
     rows = [
         f"| link | method | images/s (mean of {len(seeds)}) | slower than one device | bytes/step | idle % | "
-        "test BPD (mean) | − best other (95% interval) | verdict | Holm |",
+        "test BPD (mean [95% interval]) | − best other (95% interval) | verdict | Holm |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for link in links:
@@ -154,8 +142,10 @@ def results_table(results: dict[Cell, dict[str, Any]], links: list[str], seeds: 
                 idle = f"{100 * statistics.fmean(r['idle'] for r in cells):.1f}"
             interval = "" if math.isnan(c["lo"]) else f" [{c['lo']:+.3f}, {c['hi']:+.3f}]"
             diff = f"{c['mean']:+.3f}{interval} vs {c['against']}"
+            mean, lo, hi = mean_interval([_bpd(r) for r in cells])
+            bpd = f"{mean:.4f}" + ("" if len(seeds) < 2 else f" [{lo:.2f}, {hi:.2f}]")
             rows.append(
-                f"| {link} | {LABELS[c['method']]} | {speed} | {slower} | {bytes_} | {idle} | {c['mean_bpd']:.4f} | "
+                f"| {link} | {LABELS[c['method']]} | {speed} | {slower} | {bytes_} | {idle} | {bpd} | "
                 f"{diff} | {c['verdict']} | {c['adjusted']} |"
             )
     return "\n".join(rows)
@@ -182,7 +172,8 @@ def twins_table(
         adjust_family(family)
         for d in family:
             m, speed, ratio = d["method"], "", ""
-            if m not in (AFTER_ALL, "one-device") and _raced(real, "one-device", link, seeds):
+            floor = all(_raced(r, "one-device", link, seeds) for r in (real, emulated))
+            if m not in (AFTER_ALL, "one-device") and floor:
                 ours, theirs = (block_ratio(r, link, seeds, m, "one-device") for r in (real, emulated))
                 speed = f"{statistics.fmean(ours):.2f} / {statistics.fmean(theirs):.2f}"
                 ratio = _interval([a / b for a, b in zip(ours, theirs)])
@@ -291,7 +282,8 @@ def straggler_lines(results: dict[Cell, dict[str, Any]], seeds: list[int]) -> li
         for m in RIVALS
         if all(_raced(results, m, link, seeds) for link in ("10Mbit", "10Mbit+straggler"))
     )
-    lines.append(f"10 Mbit with a 2x straggler, the rivals keep: {others}")
+    if others:
+        lines.append(f"10 Mbit with a 2x straggler, the rivals keep: {others}")
     return lines
 
 

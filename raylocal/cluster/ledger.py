@@ -1,5 +1,5 @@
 """Who sent what across a namespaced link: every TCP connection between two
-nodes, its bytes and the processes at its ends (issue 34).
+nodes, its bytes and the processes at its ends.
 
 The kernel's interface counters say how many bytes crossed; they do not say
 for what. This reads each connection's own counters (``ss -tinp``: payload

@@ -323,15 +323,18 @@ def trial_shares(
     """The fixed CPU and GPU shares of every trial's parts in a Tune study (so that
     the cluster holds whole trials): the flags', else ``TRIAL_PART_CPUS`` and the
     default GPU share of the GPUs on the nodes a trial may use, for the trials that
-    can run at once (``concurrent``, and no more than the nodes' CPUs hold). A
+    can run at once (``concurrent``, and no more than the CPUs hold: the GPU nodes'
+    when the parts get GPU shares). A
     default share that rounds to nothing is refused: the trials would train on CPUs."""
     cpus = base.cpus_per_part or TRIAL_PART_CPUS
     gpus = base.gpus_per_part
     if gpus is None:
         usable = worker_nodes(base, nodes)
         per_trial = (cpus if cpus_per_trial is None else cpus_per_trial) + cpus * base.part_count()
-        concurrent = max(1, min(concurrent, int(_sum(usable, "CPU") / per_trial + 1e-9)))
         cluster_gpus = _sum(usable, "GPU")
+        # bundles with a GPU share sit on GPU nodes only: their CPUs, not a CPU-only head's, bound the trials at once
+        pool = _hosts({"GPU": 1.0}, usable) if base.device != "cpu" and int(cluster_gpus + 1e-9) > 0 else usable
+        concurrent = max(1, min(concurrent, int(_sum(pool, "CPU") / per_trial + 1e-9)))
         gpus = default_gpu_share(base, cluster_gpus, concurrent)
         if gpus == 0.0 and base.device != "cpu" and int(cluster_gpus + 1e-9) > 0:
             raise ClusterError(

@@ -4,13 +4,13 @@ same-epoch comparisons recomputed from those values, Holm-adjusted within the
 study, as the tables of later studies show them. Only the test BPD at the
 end is rechecked: the comparisons after the parts phase (against e2e at that
 epoch) and at the same wall clock need the runs' test curves, which those
-studies did not keep (and issue 31 found the same-wall-clock ones biased)."""
+studies did not keep (and the same-wall-clock ones proved biased)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from raylocal.study.stats import adjust_family, decide
+from raylocal.study.stats import adjust_distinct, decide
 
 
 def _by_seed(row: dict[str, Any], key: str) -> dict[int, float]:
@@ -20,16 +20,17 @@ def _by_seed(row: dict[str, Any], key: str) -> dict[int, float]:
 def recheck(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Every arm against the baseline, and every declared contrast: the test BPD
     at the end of the same epochs, paired by seed (``decide``'s dicts with
-    ``arm`` and ``vs``; not yet adjusted)."""
+    ``arm``, ``vs`` and ``runs``, the two arms' per-seed values; not yet adjusted)."""
     study, rows = results["study"], {r["arm"]: r for r in results["rows"]}
     pairs = [(arm, study["baseline"]) for arm in rows if arm != study["baseline"]]
     pairs += [(arm, other) for arm, other in study.get("contrasts", {}).items() if arm in rows and other in rows]
     found = []
     for arm, other in pairs:
         mine, theirs = _by_seed(rows[arm], "final"), _by_seed(rows[other], "final")
-        diffs = [mine[s] - theirs[s] for s in sorted(mine) if s in theirs]
-        if diffs:
-            found.append(decide(diffs) | {"arm": arm, "vs": other})
+        seeds = [s for s in sorted(mine) if s in theirs]
+        if seeds:
+            runs = sorted((tuple(mine[s] for s in seeds), tuple(theirs[s] for s in seeds)))
+            found.append(decide([mine[s] - theirs[s] for s in seeds]) | {"arm": arm, "vs": other, "runs": runs})
     return found
 
 
@@ -37,14 +38,20 @@ def recheck_tables(question: list[dict[str, Any]]) -> str:
     """The studies that answer one question (its family, for Holm), each as a
     markdown table of ``recheck``'s comparisons with their adjusted verdicts."""
     found = [recheck(results) for results in question]
-    adjust_family([d for study in found for d in study])
-    n = sum(map(len, found))
+    comparisons = [d for study in found for d in study]
+    # an arm two studies share (the same runs, read back) is compared once, not once per study
+    n = adjust_distinct(comparisons, lambda d: tuple(d["runs"]))
+    counted = (
+        f"{n} comparisons"
+        if n == len(comparisons)
+        else (f"{n} distinct comparisons (of {len(comparisons)}: the same runs are compared once)")
+    )
     tables = []
     for results, comparisons in zip(question, found):
         study = results["study"]
         lines = [
             f"**{study['name']}**: {study['question']} Test BPD at the end, paired by seed at the same epochs: the "
-            f"verdict at level 0.05, then after Holm's adjustment over the question's {n} comparisons.",
+            f"verdict at level 0.05, then after Holm's adjustment over the question's {counted}.",
             "",
             "| arm | − arm | seeds | mean [95% interval] | verdict | after Holm |",
             "|---|---|---|---|---|---|",

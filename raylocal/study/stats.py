@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import numpy as np
@@ -155,3 +156,24 @@ def adjust_family(family: list[dict[str, Any]], words: tuple[str, str] = BPD_WOR
     for d, p_difference, p_equivalence in zip(tested, differences, equivalences):
         d["p_difference_holm"], d["p_equivalence_holm"] = p_difference, p_equivalence
         d["adjusted"] = verdict(p_difference, p_equivalence, d["mean"], d["margin"], words)
+
+
+def adjust_distinct(
+    family: list[dict[str, Any]], key: Callable[[dict[str, Any]], Hashable], words: tuple[str, str] = BPD_WORDS
+) -> int:
+    """Holm over the distinct hypotheses of ``family``: comparisons with the same
+    ``key`` (the same two sets of runs, either way round) test one hypothesis,
+    counted once, each read from its own side. Returns how many were counted."""
+    first: dict[Hashable, dict[str, Any]] = {}
+    for d in family:
+        first.setdefault(key(d), d)
+    adjust_family(list(first.values()), words)
+    for d in family:
+        twin = first[key(d)]
+        if twin is d:
+            continue
+        d["adjusted"] = d["verdict"]
+        if "p_difference_holm" in twin:
+            d["p_difference_holm"], d["p_equivalence_holm"] = twin["p_difference_holm"], twin["p_equivalence_holm"]
+            d["adjusted"] = verdict(d["p_difference_holm"], d["p_equivalence_holm"], d["mean"], d["margin"], words)
+    return len(first)

@@ -1,4 +1,4 @@
-"""The link emulator against real links (issue 34).
+"""The link emulator against real links.
 
 Each method runs twice at each rate, back to back (which first rotates from
 one method and rate to the next): over a real link, on two

@@ -1,4 +1,4 @@
-"""The modules a run's config passes through on the driver (issue 33).
+"""The modules a run's config passes through on the driver.
 
 It runs a tiny async run with a fine-tune in this process and records, in
 order, every call of a raylocal function that gets the config. That is the

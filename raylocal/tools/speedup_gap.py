@@ -1,4 +1,4 @@
-"""Where the parts' speed-up at ∞ goes (issue 30's 1.75x target).
+"""Where the parts' speed-up at ∞ goes (against the race's 1.75x target).
 
 Two parts of half the model each could train at 2x one device's images/s. The
 race measures 1.59-1.63x. This splits the gap into what can be measured apart,

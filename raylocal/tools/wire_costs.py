@@ -1,4 +1,4 @@
-"""What the link emulator leaves out, measured one kind of message at a time (issue 34).
+"""What the link emulator leaves out, measured one kind of message at a time.
 
 The emulator charges a message its payload's bytes at the link's rate and
 nothing else. On two Ray nodes in network namespaces, joined by a link that
