@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 import threading
 from collections import Counter
@@ -181,6 +182,12 @@ def test_two_stages_train_over_an_emulated_link_as_one_model_would(monkeypatch):
     boundary = glow.part(0, 3)(x.chunk(2)[0])[0]
     sent = 3 * 2 * boundary.numel() * 4  # 3 batches of 2 micro-batches, float32 activations
     assert linked[0].stats.bytes_forward == linked[1].stats.bytes_backward == sent
+    # the race's cell: a step's bytes on the boundary's link are its activations forward and their gradients back
+    from raylocal.bench.links import pipeline_figures
+
+    stages = [{"stats": dataclasses.asdict(s.stats), "seconds": s.stats.seconds, "peak_rss_mb": 1.0} for s in linked]
+    figures = pipeline_figures(stages, batch_size=len(x))
+    assert figures["steps"] == 3 and figures["bytes_per_step"] == 2 * 2 * boundary.numel() * 4
     assert forward.stats.bytes_forward == backward.stats.bytes_forward == sent  # as the links counted them
     # each direction's wire carried its `sent` bytes one message after another (the two may overlap)
     assert clock.now() - start >= sent * 8 / 10e6

@@ -343,19 +343,30 @@ def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
         summary = Run(config.model_copy(update={"storage_path": tmp, "run_name": "run"}), data).execute()
     ray.shutdown()
     stages = summary["pipeline"]["per_stage"]
+    return (
+        pipeline_figures(stages, config.batch_size)
+        | {
+            "test_bpd": summary["test_bpd"],
+            "actor_nodes": [s["node_id"] for s in stages],  # where each stage ran (Ray's node ids)
+            "queue_nodes": [s["queue_nodes"] for s in stages[:-1]],  # each boundary's activation and gradient queue
+        }
+    )
+
+
+def pipeline_figures(stages: list[dict[str, Any]], batch_size: int) -> dict[str, Any]:
+    """A 2-stage pipeline cell's speed and traffic from its stages' figures: the
+    bytes a step puts on the boundary's link, activations forward and their
+    gradients back; the busiest stage's idle share (waiting, or sending)."""
     first = stages[0]["stats"]
     seconds = max(s["seconds"] for s in stages)
     steps = first["steps"]
     return {
-        "images_per_s": steps * config.batch_size / seconds,
+        "images_per_s": steps * batch_size / seconds,
         "steps": steps,
         "seconds": seconds,
         "bytes_per_step": (first["bytes_forward"] + stages[-1]["stats"]["bytes_backward"]) / max(steps, 1),
         "idle": max((s["stats"]["wait_s"] + s["stats"]["send_s"]) / s["seconds"] for s in stages),
         "peak_rss_mb": max(s["peak_rss_mb"] for s in stages),
-        "test_bpd": summary["test_bpd"],
-        "actor_nodes": [s["node_id"] for s in stages],  # where each stage ran (Ray's node ids)
-        "queue_nodes": [s["queue_nodes"] for s in stages[:-1]],  # each boundary's activation and gradient queue
     }
 
 
