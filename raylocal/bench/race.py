@@ -92,10 +92,14 @@ def _bpd(result: dict[str, Any]) -> float:
     return float(result["test_bpd"])
 
 
+def _raced(results: dict[Cell, dict[str, Any]], method: str, link: str, seeds: list[int]) -> bool:
+    return all(Cell(method, link, s) in results for s in seeds)
+
+
 def compare_at_link(results: dict[Cell, dict[str, Any]], link: str, seeds: list[int]) -> list[dict[str, Any]]:
     """Each method against the best other method at ``link`` (lowest mean test
     BPD over the seeds), paired by seed; one Holm family of the distinct pairs."""
-    methods = [m for m in METHODS if all(Cell(m, link, s) in results for s in seeds)]
+    methods = [m for m in METHODS if _raced(results, m, link, seeds)]
     means = {m: statistics.fmean(_bpd(results[Cell(m, link, s)]) for s in seeds) for m in methods}
     rows = []
     for m in methods:
@@ -135,7 +139,7 @@ def results_table(results: dict[Cell, dict[str, Any]], links: list[str], seeds: 
             speed = bytes_ = idle = slower = ""
             if c["method"] != AFTER_ALL:
                 speed = f"{statistics.fmean(r['images_per_s'] for r in cells):.0f}"
-                if all(Cell("one-device", link, s) in results for s in seeds):
+                if _raced(results, "one-device", link, seeds):
                     ones = [results[Cell("one-device", link, s)]["images_per_s"] for s in seeds]
                     slower = f"{sum(r['images_per_s'] < o for r, o in zip(cells, ones))} of {len(seeds)} blocks"
                 bytes_ = _mb(statistics.fmean(r["bytes_per_step"] for r in cells))
@@ -190,10 +194,6 @@ def twins_table(
 
 def _mb(nbytes: float) -> str:
     return f"{nbytes / 1e6:.3g} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.3g} kB"
-
-
-def _raced(results: dict[Cell, dict[str, Any]], method: str, link: str, seeds: list[int]) -> bool:
-    return all(Cell(method, link, s) in results for s in seeds)
 
 
 def check_targets(results: dict[Cell, dict[str, Any]], links: list[str], seeds: list[int]) -> list[str]:

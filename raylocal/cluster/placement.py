@@ -149,7 +149,7 @@ class Placement:
             # bundles with a GPU share go only to GPU nodes: the CPUs shared out are theirs, not a CPU-only head's
             pool = _hosts({"GPU": gpus}, usable) or usable
             cpus = max(min((_sum(pool, "CPU") or 1.0) / (n_parts + 1), PART_MAX_CPUS), 0.01)
-        work_pool = [n for n in usable if n.get("GPU", 0.0) >= 1.0 - 1e-9] if whole_gpus else usable
+        work_pool = [n for n in usable if _fits({"GPU": 1.0}, n)] if whole_gpus else usable
         work_cpus = config.cpus_per_part or max([min(r.get("CPU", 0.0), FINETUNE_MAX_CPUS) for r in work_pool] + [1.0])
         return cls(
             n_parts=n_parts,
@@ -332,11 +332,12 @@ def trial_shares(
         usable = worker_nodes(base, nodes)
         per_trial = (cpus if cpus_per_trial is None else cpus_per_trial) + cpus * base.part_count()
         cluster_gpus = _sum(usable, "GPU")
+        on_gpus = base.device != "cpu" and int(cluster_gpus + 1e-9) > 0
         # bundles with a GPU share sit on GPU nodes only: their CPUs, not a CPU-only head's, bound the trials at once
-        pool = _hosts({"GPU": 1.0}, usable) if base.device != "cpu" and int(cluster_gpus + 1e-9) > 0 else usable
+        pool = _hosts({"GPU": 1.0}, usable) if on_gpus else usable
         concurrent = max(1, min(concurrent, int(_sum(pool, "CPU") / per_trial + 1e-9)))
         gpus = default_gpu_share(base, cluster_gpus, concurrent)
-        if gpus == 0.0 and base.device != "cpu" and int(cluster_gpus + 1e-9) > 0:
+        if gpus == 0.0 and on_gpus:
             raise ClusterError(
                 f"{concurrent} trials at once of {base.part_count()} parts and their own process leave each part "
                 f"no GPU share on {int(cluster_gpus + 1e-9)} GPU(s); give --max-concurrent or --gpus-per-part"

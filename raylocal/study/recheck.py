@@ -29,7 +29,7 @@ def recheck(results: dict[str, Any]) -> list[dict[str, Any]]:
         mine, theirs = _by_seed(rows[arm], "final"), _by_seed(rows[other], "final")
         seeds = [s for s in sorted(mine) if s in theirs]
         if seeds:
-            runs = sorted((tuple(mine[s] for s in seeds), tuple(theirs[s] for s in seeds)))
+            runs = tuple(sorted((tuple(mine[s] for s in seeds), tuple(theirs[s] for s in seeds))))
             found.append(decide([mine[s] - theirs[s] for s in seeds]) | {"arm": arm, "vs": other, "runs": runs})
     return found
 
@@ -40,7 +40,7 @@ def recheck_tables(question: list[dict[str, Any]]) -> str:
     found = [recheck(results) for results in question]
     comparisons = [d for study in found for d in study]
     # an arm two studies share (the same runs, read back) is compared once, not once per study
-    n = adjust_distinct(comparisons, lambda d: tuple(d["runs"]))
+    n = adjust_distinct(comparisons, lambda d: d["runs"])
     counted = (
         f"{n} comparisons"
         if n == len(comparisons)
