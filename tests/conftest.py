@@ -7,6 +7,7 @@ import gzip
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -133,3 +134,14 @@ def lose_the_working_directory_on_joining(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.chdir(job_dir)
     join = module.connect  # type: ignore[attr-defined]
     monkeypatch.setattr(module, "connect", lambda config: join(config) or shutil.rmtree(job_dir, True))
+
+
+def run_local(session: Any) -> dict[str, Any]:
+    """A single-process run (a ``SingleProcessRun``) trained whole in its own directory, through the
+    phases ``Run`` trains it in; returns its summary."""
+    from raylocal.run.phases import LOCAL_PHASES, Carry
+
+    carry = Carry()
+    for phase in LOCAL_PHASES:
+        phase.run(session, carry)
+    return carry.result()

@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import torch
+from conftest import run_local
 
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
@@ -67,7 +68,7 @@ def test_threaded_pipeline_equals_simultaneous_schedule(mnist_dir, tmp_path, lr_
     data = load_dataset("mnist", mnist_dir)
     workers, stats = _run_threads(config, data.train)
     reference = SingleProcessRun(config, data, tmp_path / "ref")
-    reference.run()
+    run_local(reference)
     expected = reference.glow.state_dict()
     got = {}
     for w in workers:
@@ -115,7 +116,7 @@ def test_three_parts_compute_their_init_inputs_from_their_upstream_copies_as_the
     data = load_dataset("mnist", mnist_dir)
     workers, stats = _run_threads(config, data.train)
     reference = SingleProcessRun(config, data, tmp_path / "ref")
-    reference.run()
+    run_local(reference)
     got = {}
     for w in workers:
         got.update(w.weights())

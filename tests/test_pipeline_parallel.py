@@ -366,7 +366,7 @@ def test_the_pipelines_stages_start_from_e2es_weights_and_train_on_its_batches(m
         return real(parts, trainers, active, x, *rest)
 
     monkeypatch.setattr(schedules, "train_batch", recorded)
-    e2e._start()
+    e2e.start()
     initial = {name: t.clone() for name, t in e2e.glow.state_dict().items()}
     for _ in range(6):  # past the end of the first epoch (4 batches): the next epoch's shuffle too
         e2e._batch(0, finetune=False)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import lose_the_working_directory_on_joining, tiny_options, untrained_bpd
+from conftest import lose_the_working_directory_on_joining, run_local, tiny_options, untrained_bpd
 
 import raylocal.cluster.preflight
 from raylocal.cli.train import main
@@ -19,7 +19,7 @@ from raylocal.cluster.preflight import RayPlan
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.model.parts import PartSpec
-from raylocal.run.async_run import AsyncRun
+from raylocal.run.async_run import AsyncContext
 from raylocal.training.schedules import PARTS_RESULT, PartsResult, SingleProcessRun
 from raylocal.training.trainer import build_glow
 
@@ -55,7 +55,7 @@ def test_lockstep_async_equals_simultaneous_bit_for_bit(mnist_dir, tmp_path, cap
     )  # fmt: skip
     config = RaylocalConfig(**values)
     ref = SingleProcessRun(config, load_dataset("mnist", mnist_dir), storage / "ref")
-    ref_summary = ref.run()
+    ref_summary = run_local(ref)
     expected = ref.glow.state_dict()
     assert ray_weights.keys() == expected.keys()
     diff = [k for k in expected if not torch.equal(ray_weights[k], expected[k])]
@@ -433,13 +433,13 @@ def test_a_run_whose_caller_holds_its_bundle_serves_in_the_callers_process_and_i
 
     run = Run(config, data, service_here=True, monitor=watch)
     summary = run.execute()
-    assert plans == [run.phases.plan] and len(plans[0]["bounds"]) == 2
+    assert plans == [run.carry.plan] and len(plans[0]["bounds"]) == 2
     assert polls and all(0 <= last <= 8 for _, last in polls)
     # the monitor replaced the live evaluation: one evaluation, after the parts
     assert len(summary["curve"]) == 1
     assert summary["where"]["service"]["pid"] == os.getpid()
     # its BPD is that of the parts' weights, evaluated here independently
-    parts = run.phases.parts
+    parts = run.carry.parts
     assert [st["steps"] for st in parts.stats] == [8, 8]
     expected = ModelService(config, data.shape, "cpu").evaluate(data.test, parts.state)
     assert summary["test_bpd"] == pytest.approx(expected, abs=1e-6)
@@ -473,7 +473,7 @@ def test_a_service_here_takes_the_configs_device_in_a_driver_not_rays_grant(monk
     config = RaylocalConfig(schedule="async", parts=2, device="cuda")
     placement = type("Placement", (), {"service": {"CPU": 1.0}, "threads": 1})()
     data = load_dataset("mnist", mnist_dir)
-    run = AsyncRun(config, data, tmp_path, RayPlan(placement, None, None), service_here=True)
-    handle = run._service()
+    context = AsyncContext(config, data, tmp_path, RayPlan(placement, None, None), service_here=True)
+    handle = context.service
     handle.start()  # a benchmark's driver plans and evaluates where its parts train
-    assert made == ["cuda"] and handle.images((None, None))[0] is run.data.train  # its own images, no copy
+    assert made == ["cuda"] and handle.images((None, None))[0] is context.data.train  # its own images, no copy

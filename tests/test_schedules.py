@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_options
+from conftest import run_local, tiny_options
 
 from raylocal.cli.train import main
 from raylocal.core.config import RaylocalConfig
@@ -141,7 +141,7 @@ def test_cosine_decay_spans_each_parts_own_epochs_then_the_fine_tune(mnist_dir, 
     per_epoch = len(run.stream)
     # alternating over 5 epochs: parts 1 and 2 train in two epochs each, part 3 in one
     assert [t.total_steps for t in run.trainers] == [2 * per_epoch, 2 * per_epoch, per_epoch]
-    run.run()
+    run_local(run)
     assert [t.steps for t in run.trainers] == [t.total_steps for t in run.trainers]
     assert run.finetuner.total_steps == per_epoch == run.finetuner.steps
     # every trainer ends its phase with its LR decayed to zero
@@ -169,7 +169,7 @@ def test_cosine_run_gives_every_trainer_the_lr_of_the_runs_position(mnist_dir, t
         storage_path=str(tmp_path), init_batch_size=64, eval_batch_size=32, samples=0, progress=False,
     )  # fmt: skip
     run = SingleProcessRun(cfg, load_data(cfg), tmp_path / "x")
-    run.run()
+    run_local(run)
     per_epoch = len(run.stream)
     total = 3 * per_epoch
     assert [k for k, _ in applied] == [0] * per_epoch + [1] * per_epoch + [2] * per_epoch
@@ -201,7 +201,7 @@ def test_alternating_every_n_batches_switches_parts_mid_epoch(mnist_dir, tmp_pat
     # parts-phase batches 0-2 -> part 1, 3-5 -> part 2, 6-7 -> part 1, across the epoch boundary
     parts_phase = [0, 0, 0, 1, 1, 1, 0, 0]
     assert [t.total_steps for t in run.trainers] == [5, 3]  # each part's cosine spans its own batches
-    s = run.run()
+    s = run_local(run)
     assert trained == parts_phase + [2] * per_epoch
     assert [t.steps for t in run.trainers] == [5, 3]
     assert [h["active"] for h in s["history"]] == [[1, 2], [1, 2], []]
@@ -247,7 +247,7 @@ def test_boundary_scope_fine_tune_trains_exactly_the_steps_at_each_boundary(spec
             storage_path=str(tmp_path),
         )  # fmt: skip
         run = SingleProcessRun(config, load_dataset("mnist", mnist_dir), tmp_path / f"ft{finetune}")
-        run.run()
+        run_local(run)
         weights.append({k: v.clone() for k, v in run.glow.state_dict().items()})
     before, after = weights
     changed = sorted({int(k.split(".")[1]) for k in before if not torch.equal(before[k], after[k]) and "layers." in k})
@@ -284,7 +284,7 @@ def test_relative_update_rule_scales_each_part_by_its_measured_step_size(mnist_d
 
         t.optimizer.register_step_pre_hook(before)
         t.optimizer.register_step_post_hook(after)
-    summary = run.run()
+    summary = run_local(run)
     rates = [sum(v) / len(v) for v in seen.values()]
     assert [len(v) for v in seen.values()] == [10, 10] and rates[0] != pytest.approx(rates[1], rel=0.05)
     g = (rates[0] * rates[1]) ** 0.5
@@ -321,9 +321,9 @@ def test_a_run_with_the_lr_rule_resumes_to_the_same_weights(mnist_dir, tmp_path,
             shutil.copy(full.log.checkpoint_path, tmp_path / "cut" / full.log.checkpoint_path.name)
 
     full.checkpoint = checkpoint_and_keep_one
-    expected = full.run()
+    expected = run_local(full)
     resumed = SingleProcessRun(RaylocalConfig(**values, resume=True), data, tmp_path / "cut")
-    got = resumed.run()
+    got = run_local(resumed)
     assert got["lr_multipliers"] == expected["lr_multipliers"] and expected["lr_multipliers"] is not None
     a, b = full.glow.state_dict(), resumed.glow.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -377,3 +377,38 @@ def test_lr_clock_is_one_decay_over_the_run_or_each_trainers_own():
     assert on == pytest.approx([0.5 * (1 + math.cos(math.pi * (40 + s) / 60)) for s in range(20)])
     own = LRClock.of(RaylocalConfig(lr_schedule="cosine"), 10, 4, 2)
     assert (own.decay(7), own.position(13), own.finetune_elsewhere(40)) == (7, None, {})
+
+
+def test_a_run_that_takes_over_parts_trained_elsewhere_builds_no_trainer_for_them(mnist_dir, tmp_path, monkeypatch):
+    """The rest of an async run (after its Ray parts) and a rival's end train no part here: they build
+    the fine-tune's trainer alone (none for a rival), yet record each part's LR as configured and the
+    rollbacks the parts reported."""
+    import raylocal.training.schedules as schedules
+    from raylocal.core.data import load_dataset
+    from raylocal.run.finish import finish_after_parts, finish_trained_elsewhere
+    from raylocal.run.phases import TrainedElsewhere
+    from raylocal.training.trainer import build_glow
+
+    built = []
+    real = schedules.PartTrainer
+    monkeypatch.setattr(schedules, "PartTrainer", lambda *a, **k: built.append(k.get("name")) or real(*a, **k))
+    values = dict(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
+        eval_batch_size=32, warmup_steps=0, threads=1, parts=2, part_spec="1|2", schedule="async",
+        epochs=1, finetune_epochs=1, samples=0, progress=False, lr=[1e-3, 5e-4],
+    )  # fmt: skip
+    config, data = RaylocalConfig(**values), load_dataset("mnist", mnist_dir)
+    torch.manual_seed(0)
+    glow = build_glow(config, data.shape)
+    bounds = parse_part_spec("1|2", glow).bounds
+    stats = [{"steps": 4, "compute_s": 0.1, "losses": [3.0], "rollbacks": r, "skipped": 0} for r in (2, 1)]
+    parts = PartsResult(state=glow.state_dict(), wall=0.2, stats=stats)
+    summary = finish_after_parts(config, data, tmp_path / "async", bounds, parts=parts, device="cpu")
+    assert built == ["the fine-tune"]
+    assert summary["part_lrs"] == [1e-3, 5e-4] and summary["rollbacks"] == [2, 1, 0]
+    assert [h["rollbacks"] for h in summary["history"]] == [[2, 1], [2, 1]]  # the parts', then fine-tune's epoch
+    built.clear()
+    rival = RaylocalConfig(**values | {"schedule": "data-parallel", "finetune_epochs": 0, "lr": [1e-3]})
+    trained = TrainedElsewhere(glow.state_dict(), steps=4, seconds=0.1, history=[])
+    summary = finish_trained_elsewhere(rival, data, tmp_path / "rival", trained)
+    assert built == [] and summary["part_lrs"] == [1e-3] and summary["rollbacks"] == [0]

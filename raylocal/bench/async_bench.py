@@ -205,7 +205,7 @@ class AsyncBench:
             config = self.config.model_copy(update={"storage_path": tmp, "run_name": "run"})
             run = Run(config, self.data, service_here=True, monitor=self._announce)
             run.execute()
-        parts, self.plan = run.phases.parts, run.phases.plan
+        parts, self.plan = run.carry.parts, run.carry.plan
         self.stats, self.report, wall = parts.stats, parts.report, parts.wall
         # steady state: images through the last part between the end of its first step and its last
         last = self.stats[-1]
@@ -286,7 +286,7 @@ class AsyncBench:
             summary = run.execute()
         history = summary["history"]
         ips = history[-1]["ddp_images_per_s"] if history else float("nan")
-        where = "a GPU each" if run.phases.ray_plan.workers.use_gpu else "1 thread"
+        where = "a GPU each" if run.ray_plan.workers.use_gpu else "1 thread"
         print(f"DDP e2e, {self.k} workers x {where}: {ips:.0f} images/s", flush=True)
 
 

@@ -292,7 +292,7 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
         )  # fmt: skip
         summary = run.execute()
     ray.shutdown()
-    parts, plan = run.phases.parts, run.phases.plan
+    parts, plan = run.carry.parts, run.carry.plan
     stats, report = parts.stats, parts.report
     steps = [st["steps"] for st in stats]
     seconds = [st["end_time"] - st["start_time"] for st in stats]

@@ -11,13 +11,15 @@ moves state dicts around. Everything heavy runs where the work is:
   them) and evaluates the assembled model while the parts train
   (``LiveEvaluation``), from weights passed by reference, one evaluation at a
   time, never stopping a part;
-- the **parts phase** (``PartsPhase`` in raylocal/cluster/parts_phase.py; its actors start
-  while the service plans the parts), which ends by saving a ``PartsResult`` in the run directory;
-- the **rest of the run** (``FinishPhase`` in raylocal/run/finish_phase.py: fine-tune,
-  final evaluation, samples, checkpoint, summary) in a Ray Train worker, on DDP
+- the **parts phase** (``RayParts``, over ``PartsPhase`` in
+  raylocal/cluster/parts_phase.py; its actors start while the service plans
+  the parts), which ends by saving a ``PartsResult`` in the run directory;
+- the **rest of the run** (raylocal/run/finish_phase.py: fine-tune, final
+  evaluation, samples, checkpoint, summary) in a Ray Train worker, on DDP
   workers and then the service, or in the service alone.
 
-The summary's ``where`` says which node, process and device ran each phase.
+The phases share an ``AsyncContext``. The summary's ``where`` says which node,
+process and device ran each phase.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ from raylocal.cluster.preflight import RayPlan
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData
 from raylocal.core.runlog import Progress
-from raylocal.run.finish_phase import FinishPhase
+from raylocal.run.phases import Carry
 from raylocal.run.service import ServiceHandle, here
-from raylocal.training.schedules import PARTS_RESULT, PartsResult
+from raylocal.training.schedules import PARTS_RESULT
 
 # What a caller watches the parts phase with, in place of the live evaluation:
 # made from the run's model service and the parts' plan once both exist.
@@ -91,20 +93,17 @@ class LiveEvaluation:
         )
 
 
-class AsyncRun:
-    """The phases of one ``async`` run (``Run`` owns its directory and record,
-    and hands it the run's ``RayPlan``, checked and planned before anything
-    started): the parts' plan, the parts phase, then the rest of the run, each in Ray.
-
-    With ``--resume``: when the parts phase had finished (its ``PartsResult``
-    is saved) the run goes on to the fine-tune, which continues from the run's
-    checkpoint; otherwise the parts continue from their own checkpoints.
+class AsyncContext:
+    """What the phases of one ``async`` run share on Ray (``Run`` chose the
+    phases, and checked and planned the run's ``RayPlan`` before anything
+    started): the run's images in the object store, its model service, where
+    each phase ran and the progress line. ``open`` (the first phase's) holds
+    them until the run ends.
 
     ``service_here`` runs the model service in this process rather than in an
     actor of its own (a caller that holds a bundle: a Tune trial, a benchmark's
     cell); ``monitor`` watches the parts phase in place of the live evaluation
-    (see ``MonitorFactory``). After ``run``, ``plan`` and ``parts`` hold the
-    parts' plan and the parts phase's result."""
+    (see ``MonitorFactory``)."""
 
     def __init__(
         self,
@@ -115,61 +114,63 @@ class AsyncRun:
         service_here: bool = False,
         monitor: MonitorFactory | None = None,
     ) -> None:
-        self.config, self.data = config, data
-        self.run_dir = run_dir
-        self.service_here, self.monitor = service_here, monitor
+        self.config, self.data, self.run_dir = config, data, run_dir
+        self.monitor = monitor
         self.ray_plan = ray_plan  # parts: the parts', service's and one-worker fine-tune's; workers: a DDP fine-tune's
-        self.plan: dict[str, Any] | None = None
         self.progress = Progress(config.progress)
         self.where: dict[str, Any] = {}
-        self.parts: PartsResult | None = None  # the parts phase's result, once it ran in this process
+        self.refs: tuple[Any, Any] = (None, None)  # the train and test images in the object store, once open
+        # the model service: in this process for a caller that holds a bundle (one thread), else an actor
+        local = data if service_here else None
+        parts = ray_plan.parts
+        self.service = ServiceHandle(config.model_dump_json(), data.shape, parts, parts.threads, local, config.device)
 
-    def run(self) -> dict[str, Any]:
-        """The run's phases, in its (existing) directory; returns its summary."""
-        with standing_in(self.run_dir), errors_in_one_line():
-            return self._run()
-
-    def _run(self) -> dict[str, Any]:
-        config = self.config
+    def open(self, carry: Carry) -> None:
+        """Stand in the run directory, with Ray's errors in one line, put the images
+        in the object store and start the model service: held until the run ends."""
+        carry.held.enter_context(standing_in(self.run_dir))
+        carry.held.enter_context(errors_in_one_line())
         self.where["driver"] = here("none")
-        refs = (self.ray_plan.train_images(self.data.train), ray.put(self.data.test))
-        service = self._service()
-        try:
-            service.start()
-            plan_ref = service.actor.plan.remote(service.images(refs)[0])
-            if config.resume and (self.run_dir / PARTS_RESULT).is_file():
-                plan = self.plan = ray.get(plan_ref)
-            else:
-                live = None if self.monitor else self._live_settings(refs[1])
-                # the part actors start (a process and a torch import each) while the service plans
-                with PartsPhase(config, self.data, self.run_dir, self.ray_plan.parts, refs[0]) as phase:
-                    plan = self.plan = ray.get(plan_ref)
-                    if self.monitor:
-                        watch = self.monitor(service.actor, plan)
-                    else:
-                        watch = LiveEvaluation(service.actor, *live, self.progress)
-                    self.parts = train_parts(phase, plan, self.progress, watch)
-                    keep_parts_result(self.run_dir, self.parts, self.where)  # before the actors are released
-            self.where["service"] = ray.get(service.actor.where.remote())
-            finish = FinishPhase(config, self.data, self.run_dir, self.ray_plan, service, self.parts, self.where)
-            summary = finish.run(plan["bounds"], refs)
-        finally:
-            service.release()
-        summary["where"] = self.where
-        return summary
+        carry.record["where"] = self.where
+        self.refs = (self.ray_plan.train_images(self.data.train), ray.put(self.data.test))
+        carry.held.callback(self.service.release)
+        self.service.start()
 
-    def _service(self) -> ServiceHandle:
-        """The model service's handle (started by the run): in this process for a
-        caller that holds a bundle (one thread), else in its own actor."""
-        config, parts = self.config, self.ray_plan.parts
-        local = self.data if self.service_here else None
-        return ServiceHandle(config.model_dump_json(), self.data.shape, parts, parts.threads, local, config.device)
-
-    def _live_settings(self, test_ref: Any) -> tuple[Any, int, int, int]:
+    def live_settings(self) -> tuple[Any, int, int, int]:
         """``LiveEvaluation``'s settings (test images, their count, every, steps per epoch),
         read before the parts start; its clock starts with the parts."""
         config, test = self.config, self.data.test
         steps_per_epoch = len(self.data.train) // config.batch_size
         n_live = min(config.live_eval_images or len(test), len(test))
-        live_ref = test_ref if n_live == len(test) else ray.put(test[:n_live])
+        live_ref = self.refs[1] if n_live == len(test) else ray.put(test[:n_live])
         return live_ref, n_live, config.eval_every or steps_per_epoch, steps_per_epoch
+
+
+class RayParts:
+    """An async run's first phase: the parts' plan, then the parts phase on Ray,
+    one actor per part, while the model service evaluates (or the caller's
+    monitor watches). Its ``PartsResult`` is kept in the run directory for
+    ``--resume``: a run resumed after this phase goes on to its fine-tune, which
+    continues from the run's checkpoint; otherwise the parts continue from their
+    own checkpoints."""
+
+    name = "ray parts"
+
+    def run(self, context: AsyncContext, carry: Carry) -> None:
+        context.open(carry)
+        config, service, run_dir = context.config, context.service, context.run_dir
+        plan_ref = service.actor.plan.remote(service.images(context.refs)[0])
+        if config.resume and (run_dir / PARTS_RESULT).is_file():
+            carry.plan = ray.get(plan_ref)
+        else:
+            live = None if context.monitor else context.live_settings()
+            # the part actors start (a process and a torch import each) while the service plans
+            with PartsPhase(config, context.data, run_dir, context.ray_plan.parts, context.refs[0]) as phase:
+                plan = carry.plan = ray.get(plan_ref)
+                if context.monitor:
+                    watch = context.monitor(service.actor, plan)
+                else:
+                    watch = LiveEvaluation(service.actor, *live, context.progress)
+                carry.parts = train_parts(phase, plan, context.progress, watch)
+                keep_parts_result(run_dir, carry.parts, context.where)  # before the actors are released
+        context.where["service"] = ray.get(service.actor.where.remote())

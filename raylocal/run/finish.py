@@ -1,8 +1,9 @@
-"""The rest of a run whose parts phase was trained elsewhere (the Ray parts)."""
+"""The end of a run trained elsewhere, in this process: after the Ray parts
+(``finish_after_parts``: the fine-tune and the run's end) or after a rival
+(``finish_trained_elsewhere``: the run's end)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,13 @@ from torch import Tensor
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData
 from raylocal.model.parts import PartSpec
+from raylocal.run.phases import Finetuned, TrainedElsewhere
 from raylocal.training.schedules import PARTS_RESULT, PartsResult, SingleProcessRun
 
 
 def take_over(run: SingleProcessRun, parts: PartsResult) -> None:
     """Continue after a parts phase trained elsewhere (the Ray parts): take its
-    assembled weights, timings and evaluations; ``run.run()`` then does the
-    fine-tune epochs, evaluation, checkpoint and summary."""
+    assembled weights, timings and evaluations; its fine-tune and end follow."""
     stats = parts.stats
     run.glow.load_state_dict(parts.state)
     run.stream.restore({"epoch": len(run.plan), "position": 0})
@@ -41,7 +42,7 @@ def take_over(run: SingleProcessRun, parts: PartsResult) -> None:
             },
             "epoch_time": parts.wall / max(len(run.plan), 1),
             "elapsed": parts.wall,
-            "rollbacks": [st["rollbacks"] for st in stats],
+            "rollbacks": run.part_figures("rollbacks"),
         }
     )
 
@@ -80,7 +81,7 @@ def adopt_trained(
                 "local_loss": {phase: h.get("loss", float("nan"))},
                 "epoch_time": h.get("epoch_time", float("nan")),
                 "elapsed": run.state.elapsed,
-                "rollbacks": [t.rollbacks for t in run.trainers],
+                "rollbacks": run.part_figures("rollbacks"),
                 "ddp_images_per_s": h.get("images_per_s", float("nan")),  # the only ones with a history
             }
         )
@@ -96,26 +97,15 @@ def finish_trained_elsewhere(
     evaluation, samples, checkpoint (of the whole model, as e2e's) and summary,
     in this process. The summary is returned, for the run to write once."""
     whole = config.model_copy(update={"schedule": "e2e", "parts": 1, "part_spec": None, "lr": config.lr[:1]})
-    run = SingleProcessRun(whole, data, run_dir)
+    run = SingleProcessRun(whole, data, run_dir, parts_elsewhere=True)
     run.recorded_config = config
     run.state.global_step = trained.steps
     at_epoch = trained.steps / max(len(run.stream), 1)
     adopt_trained(run, trained.state, trained.seconds, trained.history, config.schedule, 0, at_epoch)
-    summary = run.run() | {"schedule": config.schedule}
+    summary = run.finish() | {"schedule": config.schedule}
     if trained.steps < config.epochs * len(run.stream) and config.time_budget:
         summary["stopped_early"] = f"time budget of {config.time_budget:g}s reached"
     return summary
-
-
-@dataclass
-class TrainedElsewhere:
-    """What a rival's training hands back: the weights, its batches (global,
-    each of ``batch_size`` images), its seconds and its per-epoch history."""
-
-    state: dict[str, Tensor]
-    steps: int
-    seconds: float
-    history: list[dict[str, Any]]
 
 
 def finish_after_parts(
@@ -123,7 +113,7 @@ def finish_after_parts(
     data: ImageData,
     run_dir: Path,
     bounds: list[tuple[int, int]],
-    finetuned: tuple[dict[str, Tensor], float, list[dict[str, Any]]] | None = None,
+    finetuned: Finetuned | None = None,
     parts: PartsResult | None = None,
     device: str | None = None,
 ) -> dict[str, Any]:
@@ -140,18 +130,17 @@ def finish_after_parts(
     parts = parts or PartsResult.load(run_dir / PARTS_RESULT)
     spec = PartSpec(tuple(tuple(b) for b in bounds))
     resume = finetuned is None and (run_dir / "checkpoint.pt").is_file()
-    run = SingleProcessRun(config, data, run_dir, spec, device=device, resume=resume)
+    run = SingleProcessRun(config, data, run_dir, spec, device=device, resume=resume, parts_elsewhere=True)
+    run.taken_over = {figure: [st[figure] for st in parts.stats] for figure in ("rollbacks", "skipped")}
     if not resume:
         take_over(run, parts)
         run.log.link_report(parts.report, int(parts.stats[0]["steps"]))
         if finetuned is not None:
             adopt_finetune(run, *finetuned)
-    summary = run.run()
+    run.train_epochs(run.total_epochs)
+    summary = run.finish()
     report = dict(parts.report)
     if "packet_trace" in report:  # its rows stay in pipeline.json; the summary takes what they show
         report["packet_delays"] = [boundary["delays"] for boundary in report.pop("packet_trace")]
     summary.update(report)
-    n = len(parts.stats)
-    summary["rollbacks"] = [st["rollbacks"] for st in parts.stats] + summary["rollbacks"][n:]
-    summary["skipped_batches"] = [st["skipped"] for st in parts.stats] + summary["skipped_batches"][n:]
     return summary

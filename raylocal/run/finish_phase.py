@@ -1,13 +1,14 @@
 """The rest of an async run on Ray, once its parts have trained: the
 fine-tune, the final evaluation, samples, checkpoint and summary
-(``finish_after_parts``), by one of three routes:
+(``finish_after_parts``), as the phases of one of three routes (``Run``
+chooses them):
 
-- no fine-tune epochs: the model service finishes the run;
-- one fine-tune worker: a Ray Train run of one worker (``TorchTrainer``, a GPU
-  when the cluster has one) does it all; Ray Train restarts a dead worker,
-  which continues from the run's last checkpoint;
-- ``--finetune-workers N``: N DDP workers on Ray Train fine-tune over
-  ``--link``, then a fresh model service finishes the run from their weights.
+- no fine-tune epochs: ``ServiceFinish``, the model service finishes the run;
+- one fine-tune worker: ``RayTrainFinetune``, a Ray Train run of one worker
+  (``TorchTrainer``, a GPU when the cluster has one) does it all; Ray Train
+  restarts a dead worker, which continues from the run's last checkpoint;
+- ``--finetune-workers N``: ``DdpFinetune``, N DDP workers on Ray Train
+  fine-tune over ``--link``, then ``ServiceFinish`` from their weights.
 """
 
 from __future__ import annotations
@@ -23,80 +24,88 @@ import torch
 from raylocal.baselines.ddp import train_ddp
 from raylocal.cluster.parts_phase import parts_where
 from raylocal.cluster.placement import Placement, train_worker_device
-from raylocal.cluster.preflight import RayPlan
 from raylocal.cluster.ray_train import run_on_ray_train
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData, NodeImages, training_images
 from raylocal.errors import DivergedError
+from raylocal.run.async_run import AsyncContext
 from raylocal.run.finish import finish_after_parts
-from raylocal.run.service import ServiceHandle, here
+from raylocal.run.phases import Carry
+from raylocal.run.service import here
 from raylocal.training.schedules import PARTS_RESULT, PartsResult
 from raylocal.training.trainer import LRClock
 
 
-class FinishPhase:
-    """The run's last phase, by the route its config asks for (see the module
-    doc). ``parts`` is the parts phase's result when it ran in this process
-    (else it is read from the run directory: resumed after it); ``where`` (the
-    run's record of which node, process and device did what) gains the
-    finishing process and, for a DDP fine-tune, its workers."""
+def finished(context: AsyncContext, summary: dict[str, Any]) -> dict[str, Any]:
+    """The run's summary from its finishing process; ``where`` gains that process
+    and, for a run resumed after its parts phase, where its parts ran (from their report)."""
+    context.where["finished"] = summary.pop("where_finished")
+    if "parts" not in context.where:
+        report = json.loads((context.run_dir / "pipeline.json").read_text())
+        context.where["parts"] = parts_where(report)
+    return summary
 
-    def __init__(
-        self,
-        config: RaylocalConfig,
-        data: ImageData,
-        run_dir: Path,
-        ray_plan: RayPlan,
-        service: ServiceHandle,
-        parts: PartsResult | None,
-        where: dict[str, Any],
-    ) -> None:
-        self.config, self.data, self.run_dir, self.ray_plan = config, data, run_dir, ray_plan
-        self.service, self.parts, self.where = service, parts, where
 
-    def run(self, bounds: list, refs: tuple[Any, Any]) -> dict[str, Any]:
-        """The run's summary; ``refs``: the train and test images in Ray's object store."""
-        config, run_dir, name, service = self.config, self.run_dir, self.data.name, self.service
-        if config.finetune_epochs == 0:
-            summary = ray.get(
-                service.actor.finish.remote(name, *service.images(refs), str(run_dir), bounds, self.parts)
-            )
-        elif config.finetune_workers > 1:
-            # the DDP workers take the whole cluster; a fresh service finishes the run after them
-            service.release()
-            finetuned, link = self._ddp_finetune()
-            service.start()
-            images = service.images(refs)
-            summary = ray.get(service.actor.finish.remote(name, *images, str(run_dir), bounds, self.parts, finetuned))
-            summary["finetune_link"] = link
-        else:
-            # the service's bundle is handed to the fine-tune: Ray Train always
-            # reserves its own placement group and cannot take over one of ours
-            service.release()
-            summary = finish_on_ray_train(config, self.ray_plan.parts, name, refs, run_dir, bounds, self.parts)
-        self.where["finished"] = summary.pop("where_finished")
-        if "parts" not in self.where:  # resumed after the parts phase: from its report
-            self.where["parts"] = parts_where(json.loads((run_dir / "pipeline.json").read_text()))
-        return summary
+class ServiceFinish:
+    """The run's end in the model service: without a fine-tune, or after a DDP one
+    (whose weights it takes). ``parts`` is read from the run directory when the
+    run resumed after its parts phase."""
 
-    def _ddp_finetune(self) -> tuple[tuple[dict[str, torch.Tensor], float, list[dict[str, Any]]], dict[str, Any]]:
-        """The fine-tune data-parallel on Ray Train workers (DDP over ``--link``):
-        its weights, seconds and history, and its link's figures."""
-        config = self.config
-        parts = self.parts or PartsResult.load(self.run_dir / PARTS_RESULT)  # resumed after the parts phase
+    name = "service finish"
+
+    def run(self, context: AsyncContext, carry: Carry) -> None:
+        service, run_dir, bounds = context.service, context.run_dir, carry.plan["bounds"]
+        images = service.images(context.refs)
+        finish = service.actor.finish.remote(
+            context.data.name, *images, str(run_dir), bounds, carry.parts, carry.finetuned
+        )
+        carry.summary = finished(context, ray.get(finish))
+
+
+class DdpFinetune:
+    """``--finetune-workers N``: the fine-tune data-parallel on N Ray Train
+    workers (DDP over ``--link``). They take the whole cluster: the model
+    service gives them its place and starts again after them."""
+
+    name = "ddp fine-tune"
+
+    def run(self, context: AsyncContext, carry: Carry) -> None:
+        config, run_dir = context.config, context.run_dir
+        context.service.release()
+        parts = carry.parts or PartsResult.load(run_dir / PARTS_RESULT)  # resumed after the parts phase
         t0 = time.perf_counter()
         lr = config.finetune_lr or min(config.lr)
-        per_epoch = len(self.data.train) // config.batch_size
+        per_epoch = len(context.data.train) // config.batch_size
         clock = LRClock.of(config, per_epoch, config.epochs, config.finetune_epochs)
         run_clock = clock.finetune_elsewhere(int(parts.stats[0]["steps"]))  # on from where the parts left it
         link: dict[str, Any] = {}
-        assert self.ray_plan.workers is not None, "plan_ray_run plans the fine-tune's workers"
+        assert context.ray_plan.workers is not None, "plan_ray_run plans the fine-tune's workers"
         tuned, history = train_ddp(
-            config, self.data.train, self.ray_plan.workers, config.finetune_epochs, lr, self.run_dir / "ddp",
+            config, context.data.train, context.ray_plan.workers, config.finetune_epochs, lr, run_dir / "ddp",
             parts.state, stats=link, **run_clock,
         )  # fmt: skip
-        self.where["finetune_ddp"] = link.pop("where", None)
-        return (tuned, time.perf_counter() - t0, history), link
+        context.where["finetune_ddp"] = link.pop("where", None)
+        carry.finetuned = (tuned, time.perf_counter() - t0, history)
+        carry.record["finetune_link"] = link
+        context.service.start()
+
+
+class RayTrainFinetune:
+    """One fine-tune worker: a Ray Train run of one worker (a GPU when the
+    cluster has one) fine-tunes and finishes the run. The model service hands
+    it its bundle (Ray Train reserves a placement group of its own and cannot
+    take over one of ours); Ray Train restarts a dead worker, which continues
+    from the run's last checkpoint."""
+
+    name = "ray train fine-tune"
+
+    def run(self, context: AsyncContext, carry: Carry) -> None:
+        context.service.release()
+        summary = finish_on_ray_train(
+            context.config, context.ray_plan.parts, context.data.name, context.refs, context.run_dir,
+            carry.plan["bounds"], carry.parts,
+        )  # fmt: skip
+        carry.summary = finished(context, summary)
 
 
 def _finish_loop(loop_config: dict[str, Any]) -> None:

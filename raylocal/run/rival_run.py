@@ -1,23 +1,23 @@
 """The rivals as runs: the model trained end to end on Ray over the run's ``--link``.
 
-- ``data-parallel``: ``--workers`` Ray Train workers (``DataParallelPlacement``),
+- ``data-parallel`` (``DataParallelTraining``): ``--workers`` Ray Train workers (``DataParallelPlacement``),
   DDP (``--bucket-cap-mb``, ``--ddp-compression``), or local SGD with
   ``--average-every`` (``--outer-lr``: DiLoCo's outer step);
-- ``pipeline``: one actor per stage, the model cut where the parts would cut it
+- ``pipeline`` (``PipelineTraining``): one actor per stage, the model cut where the parts would cut it
   (``--parts``, ``--split``, ``--part-spec``), ``--micro-batches`` per batch in
   ``--pipeline-order`` (1F1B or GPipe), placed as the parts are (``Placement``).
 
 Each trains ``--epochs`` (or until ``--time-budget``) from the run's own
 initialisation, or, data-parallel, from weights its caller hands it (the race's
-parts + fine-tune). ``finish_trained_elsewhere`` then evaluates, checkpoints and
+parts + fine-tune). ``FinishTrainedElsewhere`` then evaluates, checkpoints and
 summarises the model as an e2e run's; the summary adds the rival's own figures
 (``data_parallel``, or ``pipeline`` with each stage's). Neither resumes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from torch import Tensor
 
@@ -27,55 +27,72 @@ from raylocal.cluster.connect import standing_in
 from raylocal.cluster.preflight import RayPlan
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData
-from raylocal.run.finish import TrainedElsewhere, finish_trained_elsewhere
+from raylocal.run.finish import finish_trained_elsewhere
+from raylocal.run.phases import Carry, TrainedElsewhere
 
 
-class RivalRun:
-    """The phases of one ``data-parallel`` or ``pipeline`` run (``Run`` owns its
-    directory and record). After ``run``, ``figures`` holds the rival's own:
-    the data-parallel workers' totals, or each pipeline stage's."""
+@dataclass
+class RivalContext:
+    """What a rival's phases share: its config, images and directory, its
+    ``RayPlan`` (the stages' or the workers' bundles, checked before anything
+    started) and the weights it starts from, when its caller hands it some."""
 
-    def __init__(
-        self,
-        config: RaylocalConfig,
-        data: ImageData,
-        run_dir: Path,
-        ray_plan: RayPlan,
-        start_from: dict[str, Tensor] | None = None,
-    ) -> None:
-        self.config, self.data, self.run_dir, self.start_from = config, data, run_dir, start_from
-        self.ray_plan = ray_plan  # the stages' or the workers' bundles, checked before anything started
-        self.figures: Any = None
+    config: RaylocalConfig
+    data: ImageData
+    run_dir: Path
+    ray_plan: RayPlan
+    start_from: dict[str, Tensor] | None = None
 
-    def run(self) -> dict[str, Any]:
-        with standing_in(self.run_dir):  # (under `ray job submit` the job's own directory may be gone)
-            trained = self._pipeline() if self.config.schedule == "pipeline" else self._data_parallel()
-            summary = finish_trained_elsewhere(self.config, self.data, self.run_dir, trained)
-        if self.config.schedule == "pipeline":  # its stages, where the record shows a run's parts
-            n_stages = len(self.figures["per_stage"])
-            return summary | {"pipeline": self.figures, "parts": self.figures["stages"], "n_parts": n_stages}
-        return summary | {"data_parallel": self.figures, "workers": self.config.workers}
+    def open(self, carry: Carry) -> None:
+        """Stand in the run directory until the run ends (under `ray job submit` the job's own may be gone)."""
+        carry.held.enter_context(standing_in(self.run_dir))
 
-    def _data_parallel(self) -> TrainedElsewhere:
-        config, stats = self.config, {}
-        assert self.ray_plan.workers is not None, "plan_ray_run plans the workers"
+
+class DataParallelTraining:
+    """``data-parallel``: DDP or local SGD on Ray Train workers; the summary gains their totals."""
+
+    name = "data-parallel training"
+
+    def run(self, context: RivalContext, carry: Carry) -> None:
+        config, stats = context.config, {}
+        assert context.ray_plan.workers is not None, "plan_ray_run plans the workers"
+        context.open(carry)
         state, history = train_ddp(
-            config, self.data.train, self.ray_plan.workers, config.epochs, config.lr[0], self.run_dir / "ddp",
-            self.start_from, time_budget=config.time_budget, stats=stats,
+            config, context.data.train, context.ray_plan.workers, config.epochs, config.lr[0],
+            context.run_dir / "ddp", context.start_from, time_budget=config.time_budget, stats=stats,
         )  # fmt: skip
-        self.figures = stats
-        return TrainedElsewhere(state, int(stats["steps"]), float(stats["seconds"]), history)
+        carry.trained = TrainedElsewhere(state, int(stats["steps"]), float(stats["seconds"]), history)
+        carry.record |= {"data_parallel": stats, "workers": config.workers}
 
-    def _pipeline(self) -> TrainedElsewhere:
-        config, data = self.config, self.data
+
+class PipelineTraining:
+    """``pipeline``: one actor per stage; the summary shows its stages where a
+    run's parts are, with each stage's figures."""
+
+    name = "pipeline training"
+
+    def run(self, context: RivalContext, carry: Carry) -> None:
+        config, data, plan = context.config, context.data, context.ray_plan
         steps = config.epochs * (len(data.train) // config.batch_size)
-        assert self.ray_plan.parts is not None, "plan_ray_run plans the stages"
+        assert plan.parts is not None, "plan_ray_run plans the stages"
+        context.open(carry)
         trained = train_pipeline_parallel(
-            config, self.ray_plan.parts, self.ray_plan.train_images(data.train),
-            config.pipeline_order, config.micro_batches, steps, config.time_budget,
+            config, plan.parts, plan.train_images(data.train), config.pipeline_order, config.micro_batches,
+            steps, config.time_budget,
         )  # fmt: skip
         stages = trained.stages
-        planned = {"bounds": trained.bounds, "planned_in": trained.planned}
-        self.figures = {"stages": trained.canonical, **planned, "per_stage": stages}
+        figures = {"stages": trained.canonical, "bounds": trained.bounds, "planned_in": trained.planned}
+        figures["per_stage"] = stages
+        carry.record |= {"pipeline": figures, "parts": trained.canonical, "n_parts": len(stages)}
         first = stages[0]["stats"]
-        return TrainedElsewhere(trained.state, int(first["steps"]), max(s["seconds"] for s in stages), [])
+        carry.trained = TrainedElsewhere(trained.state, int(first["steps"]), max(s["seconds"] for s in stages), [])
+
+
+class FinishTrainedElsewhere:
+    """A rival's end in this process: evaluated, checkpointed and summarised as an e2e run's."""
+
+    name = "finish"
+
+    def run(self, context: RivalContext, carry: Carry) -> None:
+        assert carry.trained is not None, "a rival's training phase comes first"
+        carry.summary = finish_trained_elsewhere(context.config, context.data, context.run_dir, carry.trained)

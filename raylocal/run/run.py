@@ -1,26 +1,34 @@
 """One run: its directory, its phases and its one record.
 
 ``Run`` is what every entry point that trains a configured run composes (the
-command line, the studies through it). It resolves the run directory, checks
-what can be checked before anything is written, writes ``config.json`` once
-when the run starts and ``summary.json`` once when it ends, and removes a
-directory it created if the run fails before its first checkpoint (nothing to
-resume, nothing half-written). A Ray run is checked, joins Ray and is planned
-on the cluster once (``plan_ray_run``), before anything is written; its phases
-are handed that ``RayPlan``. Between those, its phases train:
+command line, the studies, Tune trials, the benchmarks' cells). It resolves the
+run directory, checks what can be checked before anything is written, writes
+``config.json`` once when the run starts and ``summary.json`` once when it
+ends, and removes a directory it created if the run fails before its first
+checkpoint (nothing to resume, nothing half-written). A Ray run is checked,
+joins Ray and is planned on the cluster once (``plan_ray_run``), before
+anything is written.
 
-- the single-process schedules (``SingleProcessRun``): the parts' epochs, then
-  the fine-tune, in this process;
-- the async schedule on Ray (``AsyncRun``): the Ray parts, then the fine-tune
-  in a Ray Train worker, on DDP workers, or in the model service;
-- the rivals on Ray (``RivalRun``): data-parallel workers, or pipeline stages.
+Between those it trains a list of phases (raylocal/run/phases.py), in the
+context they share, handing each other what they made in memory:
+
+- the single-process schedules: the parts' epochs, the fine-tune and the run's
+  end, in this process (``LocalParts``, ``LocalFinetune``, ``LocalFinish``);
+- the async schedule on Ray: the Ray parts (``RayParts``), then the fine-tune
+  and the run's end in a Ray Train worker (``RayTrainFinetune``), on DDP
+  workers and then the model service (``DdpFinetune``, ``ServiceFinish``), or
+  the end in the service alone (``ServiceFinish``);
+- the rivals on Ray: data-parallel workers or pipeline stages
+  (``DataParallelTraining``, ``PipelineTraining``), then the run's end here
+  (``FinishTrainedElsewhere``).
 
 A caller that holds a bundle of its own and watches the parts itself (a Tune
 trial, a benchmark's cell) composes the same run with ``service_here`` and a
-``monitor`` (see ``AsyncRun``), and reads ``phases`` afterwards: the parts'
-plan and result, beside the summary. A caller may also hand a run the weights
-it starts from (``start_from``: the race's parts + fine-tune) instead of the
-data-dependent initialisation (the single-process and data-parallel runs).
+``monitor`` (see ``AsyncContext``), and reads ``carry`` afterwards (the parts'
+plan and result) and ``ray_plan``, beside the summary. A caller may also hand a
+run the weights it starts from (``start_from``: the race's parts + fine-tune)
+instead of the data-dependent initialisation (the single-process and
+data-parallel runs).
 """
 
 from __future__ import annotations
@@ -34,9 +42,11 @@ from torch import Tensor
 from raylocal.core.config import RIVAL_SCHEDULES, RaylocalConfig
 from raylocal.core.data import ImageData
 from raylocal.core.runlog import has_checkpoint, resolve_run_dir, write_json
+from raylocal.run.phases import LOCAL_PHASES, Carry, Phase
 from raylocal.training.schedules import SingleProcessRun
 
 if TYPE_CHECKING:  # the Ray runs import Ray: only their schedules pay for it
+    from raylocal.cluster.preflight import RayPlan
     from raylocal.run.async_run import MonitorFactory
 
 
@@ -56,7 +66,9 @@ class Run:
         self.config, self.data, self.start_from = config, data, start_from
         self.dir = self.directory_of(config)
         self.service_here, self.monitor = service_here, monitor
-        self.phases: Any = None
+        self.phases: list[Phase] = []
+        self.ray_plan: RayPlan | None = None  # a Ray run's, planned before anything is written
+        self.carry = Carry()
 
     @staticmethod
     def directory_of(config: RaylocalConfig) -> Path:
@@ -68,11 +80,14 @@ class Run:
         """Train the run's phases; returns its summary (also written to summary.json)."""
         created = not self.dir.exists()
         try:
-            phases = self.phases = self._phases()
+            context, self.phases = self._phases()
             self.dir.mkdir(parents=True, exist_ok=True)
             if not self.config.resume:
                 write_json(self.dir / "config.json", self.config.sectioned())
-            summary = phases.run()
+            with self.carry.held:  # what the phases held, released when they are done or have failed
+                for phase in self.phases:
+                    phase.run(context, self.carry)
+            summary = self.carry.result()
         except BaseException:
             if created and not has_checkpoint(self.dir):  # nothing to resume: leave nothing behind
                 shutil.rmtree(self.dir, ignore_errors=True)
@@ -80,17 +95,29 @@ class Run:
         write_json(self.dir / "summary.json", summary)
         return summary
 
-    def _phases(self) -> Any:
-        if self.config.schedule not in RIVAL_SCHEDULES and self.config.schedule != "async":
-            return SingleProcessRun(self.config, self.data, self.dir, start_from=self.start_from)
+    def _phases(self) -> tuple[Any, list[Phase]]:
+        """The context the run's phases share, and the phases."""
+        config = self.config
+        if config.schedule not in RIVAL_SCHEDULES and config.schedule != "async":
+            return SingleProcessRun(config, self.data, self.dir, start_from=self.start_from), list(LOCAL_PHASES)
         # The Ray runs import Ray: only their schedules pay for it. All of their modules are imported
         # before the driver joins Ray: under `ray job submit` the job's working directory, this code's own
         # copy, can then be removed (by another node's agent, where nodes share a temp directory; README).
         from raylocal.cluster.preflight import plan_ray_run
-        from raylocal.run.async_run import AsyncRun
-        from raylocal.run.rival_run import RivalRun
+        from raylocal.run.async_run import AsyncContext, RayParts
+        from raylocal.run.finish_phase import DdpFinetune, RayTrainFinetune, ServiceFinish
+        from raylocal.run.rival_run import DataParallelTraining, FinishTrainedElsewhere, PipelineTraining, RivalContext
 
-        ray_plan = plan_ray_run(self.config, self.data, with_service=not self.service_here)
-        if self.config.schedule in RIVAL_SCHEDULES:
-            return RivalRun(self.config, self.data, self.dir, ray_plan, self.start_from)
-        return AsyncRun(self.config, self.data, self.dir, ray_plan, self.service_here, self.monitor)
+        self.ray_plan = plan_ray_run(config, self.data, with_service=not self.service_here)
+        if config.schedule in RIVAL_SCHEDULES:
+            training = PipelineTraining() if config.schedule == "pipeline" else DataParallelTraining()
+            context = RivalContext(config, self.data, self.dir, self.ray_plan, self.start_from)
+            return context, [training, FinishTrainedElsewhere()]
+        if not config.finetune_epochs:
+            finish: list[Phase] = [ServiceFinish()]
+        elif config.finetune_workers > 1:
+            finish = [DdpFinetune(), ServiceFinish()]
+        else:
+            finish = [RayTrainFinetune()]
+        context = AsyncContext(config, self.data, self.dir, self.ray_plan, self.service_here, self.monitor)
+        return context, [RayParts(), *finish]

@@ -201,6 +201,7 @@ class SingleProcessRun:
     def __init__(
         self, config: RaylocalConfig, data: ImageData, run_dir: Path, spec: PartSpec | None = None,
         start_from: dict[str, Tensor] | None = None, device: str | None = None, resume: bool | None = None,
+        parts_elsewhere: bool = False,
     ) -> None:  # fmt: skip
         self.config = self.recorded_config = config  # (a rival's stand-in records the rival's own config)
         self.data = data
@@ -218,10 +219,15 @@ class SingleProcessRun:
         self.stream = BatchStream(data.train, config.batch_size, config.seed)
         self.total_epochs = len(self.plan) + (0 if config.schedule == "e2e" else config.finetune_epochs)
         self.lr_clock = LRClock.of(config, len(self.stream), len(self.plan), self.total_epochs - len(self.plan))
-        self.trainers = [
+        # A run that takes over parts trained in other processes (the Ray parts, a rival) trains none here:
+        # it builds no trainer, with its optimizer, for them; it records their LRs as configured, and the
+        # rollbacks and skipped batches they report (``take_over``).
+        self.part_lrs = lrs
+        self.taken_over = {"rollbacks": [0] * len(self.parts), "skipped": [0] * len(self.parts)}
+        self.trainers = [] if parts_elsewhere else [
             PartTrainer(p, lr, config, k, total_steps=self.lr_clock.decay(self.steps_of(k)))
             for k, (p, lr) in enumerate(zip(self.parts, lrs))
-        ]
+        ]  # fmt: skip
         self.finetuner: PartTrainer | None = None
         self.noise = torch.Generator().manual_seed(config.seed + 1)
         self.state = RunState(part_time=[0.0] * len(self.parts))
@@ -232,6 +238,8 @@ class SingleProcessRun:
             self.glow.load_state_dict(start_from)
         self.faults = parse_faults(config.inject or "")
         self.lr_rule = RelativeUpdateRule(self.trainers, config.warmup_steps) if config.lr_rule != "none" else None
+        self.started = False
+        self.stopped: str | None = None  # why the run stopped early, once it has
 
     # ------------------------------------------------------------ checkpoints
 
@@ -270,6 +278,10 @@ class SingleProcessRun:
         if self.state.lr_multipliers is not None and self.lr_rule is not None:  # in the restored base LRs
             self.lr_rule.stop_measuring()
             self.lr_rule = None
+
+    def part_figures(self, figure: str) -> list[int]:
+        """Each part's ``rollbacks`` or ``skipped`` batches: its trainer's here, else as taken over."""
+        return [getattr(t, figure) for t in self.trainers] if self.trainers else list(self.taken_over[figure])
 
     def active_at(self, epoch: int, position: int) -> tuple[int, ...]:
         """The parts that train on batch ``position`` of ``epoch`` (none in the fine-tune)."""
@@ -356,14 +368,18 @@ class SingleProcessRun:
                     force=True,
                 )
 
-    def run(self) -> dict[str, Any]:
-        self._start()
-        stopped = None
-        while self.stream.epoch < self.total_epochs and stopped is None:
-            stopped = self._epoch(self.stream.epoch)
-        return self.finish(stopped)
+    def train_epochs(self, until: int) -> None:
+        """Train what is left of the epochs before ``until`` (none once the run has stopped early)."""
+        self.start()
+        while self.stream.epoch < until and self.stopped is None:
+            self.stopped = self._epoch(self.stream.epoch)
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Continue from the run's checkpoint, or initialise the model from data
+        (unless its weights came from elsewhere); once, before the first epoch."""
+        if self.started:
+            return
+        self.started = True
         cfg = self.config
         if self.resume:
             self.restore(self.log.checkpoint_path)
@@ -458,7 +474,7 @@ class SingleProcessRun:
             "local_loss": {str(k + 1): sum(v) / len(v) for k, v in losses.items() if v},
             "epoch_time": epoch_time,
             "elapsed": self.state.elapsed,
-            "rollbacks": [t.rollbacks for t in self.trainers],
+            "rollbacks": self.part_figures("rollbacks"),
         }
         self.state.history.append(entry)
         self.log.scalar("epoch/wall_time", epoch_time, epoch + 1)
@@ -477,19 +493,22 @@ class SingleProcessRun:
         images = sample_images(self.glow, n, temperature) if n > 0 else None
         return self.log.samples(images, step, f"samples/T={temperature}")
 
-    def finish(self, stopped: str | None) -> dict[str, Any]:
+    def finish(self) -> dict[str, Any]:
+        """The run's end: its checkpoint, last evaluation, samples and summary."""
+        self.start()
         if not self.log.checkpoint_path.is_file() or self.adopted:
             self.checkpoint()  # a run with no epoch of its own still leaves its weights
         final = self.state.curve[-1]["test_bpd"] if self.state.curve else self.evaluate()
         samples = self._samples(self.state.global_step)
-        summary = run_summary(self, final, stopped, samples)
+        summary = run_summary(self, final, self.stopped, samples)
         self.log.close()
         return summary
 
 
 def run_summary(run: SingleProcessRun, final: float, stopped: str | None, samples: Path | None) -> dict[str, Any]:
     """What a run's summary.json holds: its result, times, rollbacks, history and where its files are."""
-    trainers = run.trainers + ([run.finetuner] if run.finetuner else [])
+    finetuner = [run.finetuner] if run.finetuner else []
+    trainers = run.trainers + finetuner
     return {
         "schedule": run.config.schedule,
         "dataset": run.data.name,
@@ -505,15 +524,15 @@ def run_summary(run: SingleProcessRun, final: float, stopped: str | None, sample
         "phase_time": run.state.phase_time,
         "phase_cpu": run.state.phase_cpu,
         "part_time": run.state.part_time,
-        "rollbacks": [t.rollbacks for t in trainers],
-        "skipped_batches": [t.skipped for t in trainers],
+        "rollbacks": run.part_figures("rollbacks") + [t.rollbacks for t in finetuner],
+        "skipped_batches": run.part_figures("skipped") + [t.skipped for t in finetuner],
         "rollback_events": [
             {"part": t.index + 1, "step": e.step, "reason": e.reason, "new_lr": e.new_lr}
             for t in trainers
             for e in t.events
         ],
         "lr_multipliers": run.state.lr_multipliers,
-        "part_lrs": [t.base_lr for t in run.trainers],
+        "part_lrs": [t.base_lr for t in run.trainers] if run.trainers else run.part_lrs,
         "images_per_s": run.state.global_step * run.config.batch_size / max(run.state.elapsed, 1e-9),
         "stopped_early": stopped,
         "history": run.state.history,

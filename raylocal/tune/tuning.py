@@ -261,7 +261,7 @@ def run_trial(
     except DivergedError as e:  # reported once, so that the study ranks it; any other failure fails the trial
         reporter.report_divergence(e)
         return
-    polled = [{"rollbacks": st["rollbacks"], "steps": st["steps"]} for st in run.phases.parts.stats]
+    polled = [{"rollbacks": st["rollbacks"], "steps": st["steps"]} for st in run.carry.parts.stats]
     tune.report(reporter.row(summary["test_bpd"], polled, done=True))
 
 
