@@ -152,7 +152,7 @@ def test_restore_parts_hands_over_weights_and_optimizer_with_new_lrs(mnist_dir, 
     from raylocal.model.parts import parse_part_spec
     from raylocal.pipeline.worker import PartWorker
     from raylocal.training.service import assembled
-    from raylocal.tune.tuning import restore_parts
+    from raylocal.tune.tuning import ORIGIN, restore_parts
 
     def config(seed: int) -> RaylocalConfig:
         return RaylocalConfig(
@@ -179,7 +179,10 @@ def test_restore_parts_hands_over_weights_and_optimizer_with_new_lrs(mnist_dir, 
     assert all(torch.equal(whole[n], expected[n]) for n in expected)
     assert not all(torch.equal(whole[n], donors[1].glow.state_dict()[n]) for n in expected)  # not part 2's copy
 
-    assert restore_parts(ckpt, run_dir, [0.5, 0.25]) == 6  # the last part's step
+    # the last part's step, and whose parts: an older checkpoint's, the trial directory it lies in
+    assert restore_parts(ckpt, run_dir, [0.5, 0.25]) == (6, tmp_path.name)
+    (ckpt / ORIGIN).write_text(json.dumps({"trial": "run_trial_donor", "step": 6}))
+    assert restore_parts(ckpt, run_dir, [0.5, 0.25]) == (6, "run_trial_donor")  # wherever PBT copied it to
     for k, (donor, lr) in enumerate(zip(donors, [0.5, 0.25])):
         receiver = PartWorker(config(7), bounds, k, (1, 8, 8), train)  # another seed: other initial weights
         before = {n: v.clone() for n, v in receiver.part.state_dict().items()}
@@ -246,10 +249,7 @@ def test_pbt_study_continues_weak_trials_from_strong_ones(mnist_dir, tmp_path, m
             ratio = new[f"lr_{k}"] / old[f"lr_{k}"]
             assert math.isclose(ratio, 0.8) or math.isclose(ratio, 1.2) or 3e-4 <= new[f"lr_{k}"] <= 1e-2
     exploits = [
-        row
-        for name, rows in results.items()
-        for row in rows
-        if row["restored_from"] and Path(row["restored_from"]).parent.name != name
+        row for name, rows in results.items() for row in rows if row["restored_from"] and row["restored_from"] != name
     ]
     assert exploits, "PBT never continued a trial from another trial's checkpoint"
     for row in exploits:

@@ -42,6 +42,7 @@ from raylocal.training.schedules import PARTS_RESULT
 
 DIVERGED_BPD = 1e3  # what a diverged trial reports as its BPD: worse than any real model
 SCHEDULERS = ("asha", "pbt")
+DONE = "done"  # Tune's key of a result that ends its trial (ray.tune.result.DONE)
 
 
 @dataclass(frozen=True)
@@ -122,17 +123,26 @@ def trial_lrs(space: ModuleType, params: dict[str, Any], parts: int) -> list[flo
     return [float(v) for v in values]
 
 
-def restore_parts(checkpoint_dir: Path, run_dir: Path, lrs: list[float]) -> int:
+# Beside a trial's part checkpoints in a Tune checkpoint: the trial that wrote them. PBT may copy
+# another trial's checkpoint into the exploiting trial's own directory, so its path does not say whose it is.
+ORIGIN = "origin.json"
+
+
+def restore_parts(checkpoint_dir: Path, run_dir: Path, lrs: list[float]) -> tuple[int, str]:
     """Put the part checkpoints of a Tune checkpoint where the async trainer
     resumes from, with this trial's LRs (PBT's explore step changed them);
-    returns the step the last part continues from."""
+    returns the step the last part continues from, and the trial whose parts
+    they are (a checkpoint of an older version, without ``ORIGIN``: the trial
+    directory it lies in)."""
     step = 0
     for k, lr in enumerate(lrs):
         state = load_checkpoint(part_checkpoint_path(checkpoint_dir, k), kind="part")
         state["trainer"]["base_lr"] = lr
         save_checkpoint(part_checkpoint_path(run_dir, k), state, kind="part")
         step = int(state["step"])
-    return step
+    origin = checkpoint_dir / ORIGIN
+    trial = json.loads(origin.read_text())["trial"] if origin.is_file() else checkpoint_dir.resolve().parent.name
+    return step, trial
 
 
 class TrialReporter:
@@ -141,8 +151,8 @@ class TrialReporter:
     for PBT, every part's state with it); a non-finite BPD reports the trial as
     diverged and stops it."""
 
-    def __init__(self, test: torch.Tensor, lrs: list[float], every: int, checkpoints: bool) -> None:
-        self.test, self.lrs = test, lrs
+    def __init__(self, test: torch.Tensor, lrs: list[float], every: int, checkpoints: bool, trial: str = "") -> None:
+        self.test, self.lrs, self.trial = test, lrs, trial  # trial: its directory's name, what its checkpoints name
         self.service: Any = None
         self.bounds: list[tuple[int, int]] = []
         self.every, self.checkpoints = every, checkpoints
@@ -157,8 +167,9 @@ class TrialReporter:
         self.service, self.bounds = service, [tuple(b) for b in plan["bounds"]]
         return self
 
-    def resume_from(self, step: int, checkpoint_path: str) -> None:
-        self.resumed_at, self.restored_from = step, checkpoint_path
+    def resume_from(self, step: int, trial: str) -> None:
+        """Continue from ``trial``'s parts (this trial's own, or another's that PBT copied) at ``step``."""
+        self.resumed_at, self.restored_from = step, trial
         self.next_report = step + self.every
 
     def row(self, bpd: float, polled: list[dict[str, Any]], done: bool) -> dict[str, Any]:
@@ -172,6 +183,8 @@ class TrialReporter:
             "restored_from": self.restored_from,
             "finished": int(done),
         }
+        if done:  # Tune stops a trial on its "done" result: PBT cannot pause a finished trial and rerun its end
+            out[DONE] = True
         return out | {f"lr_{k + 1}": lr for k, lr in enumerate(self.lrs)}
 
     def metrics(self, state: dict[str, torch.Tensor], polled: list[dict[str, Any]], done: bool) -> dict[str, Any]:
@@ -198,6 +211,7 @@ class TrialReporter:
             with tempfile.TemporaryDirectory() as tmp:
                 for k, state in enumerate(states):
                     save_checkpoint(part_checkpoint_path(Path(tmp), k), state, kind="part")
+                (Path(tmp) / ORIGIN).write_text(json.dumps({"trial": self.trial, "step": m["steps"]}))
                 tune.report(m, checkpoint=tune.Checkpoint.from_directory(tmp))
         if m["diverged"]:
             self.reported_divergence = True
@@ -247,12 +261,12 @@ def run_trial(
     # would find no checkpoint to resume from
     context = tune.get_context()
     trial_dir = Path(base.storage_path) / context.get_experiment_name() / Path(context.get_trial_dir()).name
-    reporter = TrialReporter(data.test, lrs, report_every, checkpoints)
+    reporter = TrialReporter(data.test, lrs, report_every, checkpoints, trial_dir.name)
     clear_finish(trial_dir)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # PBT restarted this trial from its own or another trial's parts
         with checkpoint.as_directory() as d:
-            reporter.resume_from(restore_parts(Path(d), trial_dir, lrs), str(checkpoint.path))
+            reporter.resume_from(*restore_parts(Path(d), trial_dir, lrs))
     trial = {"lr": lrs, "progress": False, "resume": checkpoint is not None, "finetune_epochs": 0, "samples": 0}
     config = base.model_copy(update=trial | {"storage_path": str(trial_dir.parent), "run_name": trial_dir.name})
     run = Run(config, data, service_here=True, monitor=reporter.watch)
