@@ -14,7 +14,7 @@ from raylocal.cli.train import main as run_main
 from raylocal.cluster.placement import TrialGroup
 from raylocal.core.config import RaylocalConfig, load_config_file
 from raylocal.errors import ConfigError
-from raylocal.tune.tuning import load_space, trial_lrs
+from raylocal.tune.tuning import REPORTS, load_space, ranked_table, trial_lrs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -230,9 +230,9 @@ def test_pbt_study_continues_weak_trials_from_strong_ones(mnist_dir, tmp_path, m
     assert tune_lr.main([*argv, "--study", "p", *opts]) == 0
     study = storage / "p"
     ranking = (study / "ranking.md").read_text().splitlines()
-    assert len(ranking) == 2 + 2
-    results = {  # trial directory name -> its reported rows
-        trial.name: [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+    assert len(ranking) == 2 + 2 and all(line.endswith("| no |") for line in ranking[2:])  # none stopped early
+    results = {  # trial directory name -> its reported rows, as the trial recorded them
+        trial.name: [json.loads(line) for line in (trial / REPORTS).read_text().splitlines()]
         for trial in study.iterdir()
         if trial.is_dir() and trial.name.startswith("run_trial")
     }
@@ -440,3 +440,25 @@ def test_a_studys_trial_count_crosses_its_grids_with_its_samples():
     both = {"a": tune.grid_search([1, 2]), "b": {"c": tune.grid_search([1, 2, 3])}, "lr": tune.loguniform(1e-4, 1e-2)}
     assert study_trials(both, 2) == 2 * 3 * 2
     assert study_trials(load_space(ROOT / "tune_spaces" / "independent.py", 3).space(3), 8) == 8
+
+
+def test_a_study_ranks_each_trial_by_its_own_record_of_its_last_report(tmp_path):
+    """Tune's last result of a trial can lag its own record (rows lost around a PBT restore); the
+    ranking reads the trial's record, and Tune's result only for a trial without one."""
+    import types
+
+    recorded, bare = tmp_path / "run_trial_a", tmp_path / "run_trial_b"
+    recorded.mkdir()
+    rows = [{"test_bpd": 7.0, "steps": 12, "finished": 0}, {"test_bpd": 6.5, "steps": 16, "finished": 1}]
+    (recorded / REPORTS).write_text("".join(json.dumps(r | {"lr_1": 1e-3}) + "\n" for r in rows))
+    lagging = {"test_bpd": 7.0, "steps": 12, "finished": 0, "lr_1": 1e-3, "time_total_s": 9.0}
+    results = [
+        types.SimpleNamespace(path=str(recorded), metrics=lagging),
+        types.SimpleNamespace(path=str(bare), metrics={"test_bpd": 6.8, "steps": 16, "finished": 1, "lr_1": 2e-3}),
+    ]
+    _, ranked = ranked_table(results, parts=1)
+    assert [(r["lrs"], r["test_bpd"], r["steps"], r["stopped_early"]) for r in ranked] == [
+        ([1e-3], 6.5, 16, False),
+        ([2e-3], 6.8, 16, False),
+    ]
+    assert ranked[0]["time_s"] == 9.0  # the time is Tune's

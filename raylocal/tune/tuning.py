@@ -126,6 +126,9 @@ def trial_lrs(space: ModuleType, params: dict[str, Any], parts: int) -> list[flo
 # Beside a trial's part checkpoints in a Tune checkpoint: the trial that wrote them. PBT may copy
 # another trial's checkpoint into the exploiting trial's own directory, so its path does not say whose it is.
 ORIGIN = "origin.json"
+# A trial's own record of its reports, in its directory: Tune's result.json there can lose the rows from
+# before a PBT restore (the restored trial's log starts anew when Tune's copy in storage lags behind).
+REPORTS = "reports.jsonl"
 
 
 def restore_parts(checkpoint_dir: Path, run_dir: Path, lrs: list[float]) -> tuple[int, str]:
@@ -151,8 +154,11 @@ class TrialReporter:
     for PBT, every part's state with it); a non-finite BPD reports the trial as
     diverged and stops it."""
 
-    def __init__(self, test: torch.Tensor, lrs: list[float], every: int, checkpoints: bool, trial: str = "") -> None:
-        self.test, self.lrs, self.trial = test, lrs, trial  # trial: its directory's name, what its checkpoints name
+    def __init__(
+        self, test: torch.Tensor, lrs: list[float], every: int, checkpoints: bool, trial_dir: Path | None = None
+    ) -> None:
+        self.test, self.lrs = test, lrs
+        self.trial_dir = trial_dir  # where its reports are recorded; its name is what its checkpoints name
         self.service: Any = None
         self.bounds: list[tuple[int, int]] = []
         self.every, self.checkpoints = every, checkpoints
@@ -187,6 +193,16 @@ class TrialReporter:
             out[DONE] = True
         return out | {f"lr_{k + 1}": lr for k, lr in enumerate(self.lrs)}
 
+    def report(self, metrics: dict[str, Any], checkpoint: Any = None) -> None:
+        """Report to Tune, and record the report in the trial's own directory."""
+        from ray import tune
+
+        if self.trial_dir is not None:
+            self.trial_dir.mkdir(parents=True, exist_ok=True)  # (a run that failed early removed its directory)
+            with open(self.trial_dir / REPORTS, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        tune.report(metrics, checkpoint=checkpoint)
+
     def metrics(self, state: dict[str, torch.Tensor], polled: list[dict[str, Any]], done: bool) -> dict[str, Any]:
         import ray
 
@@ -202,7 +218,7 @@ class TrialReporter:
         self.next_report += self.every
         if not self.checkpoints:
             m = self.metrics(gather_weights(actors), polled, done=False)
-            tune.report(m)
+            self.report(m)
         else:  # evaluate exactly the checkpointed parts: PBT copies what it ranked
             states = gather_part_states(actors)
             bpd = ray.get(self.service.evaluate_parts.remote(self.test, self.bounds, states))
@@ -211,8 +227,9 @@ class TrialReporter:
             with tempfile.TemporaryDirectory() as tmp:
                 for k, state in enumerate(states):
                     save_checkpoint(part_checkpoint_path(Path(tmp), k), state, kind="part")
-                (Path(tmp) / ORIGIN).write_text(json.dumps({"trial": self.trial, "step": m["steps"]}))
-                tune.report(m, checkpoint=tune.Checkpoint.from_directory(tmp))
+                origin = {"trial": self.trial_dir.name if self.trial_dir else "", "step": m["steps"]}
+                (Path(tmp) / ORIGIN).write_text(json.dumps(origin))
+                self.report(m, checkpoint=tune.Checkpoint.from_directory(tmp))
         if m["diverged"]:
             self.reported_divergence = True
             raise DivergedError(f"assembled model's BPD is not finite at step {m['steps']}")
@@ -220,10 +237,9 @@ class TrialReporter:
     def report_divergence(self, error: DivergedError) -> None:
         """The trial's last report, once: its parts diverged beyond their rollbacks
         (unreported), or this reporter's own evaluation did (reported already)."""
-        from ray import tune
 
         if not self.reported_divergence:
-            tune.report(self.row(math.nan, self.last_polled, done=True) | {"error": str(error)[:200]})
+            self.report(self.row(math.nan, self.last_polled, done=True) | {"error": str(error)[:200]})
             self.reported_divergence = True
 
 
@@ -261,7 +277,7 @@ def run_trial(
     # would find no checkpoint to resume from
     context = tune.get_context()
     trial_dir = Path(base.storage_path) / context.get_experiment_name() / Path(context.get_trial_dir()).name
-    reporter = TrialReporter(data.test, lrs, report_every, checkpoints, trial_dir.name)
+    reporter = TrialReporter(data.test, lrs, report_every, checkpoints, trial_dir)
     clear_finish(trial_dir)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # PBT restarted this trial from its own or another trial's parts
@@ -276,7 +292,7 @@ def run_trial(
         reporter.report_divergence(e)
         return
     polled = [{"rollbacks": st["rollbacks"], "steps": st["steps"]} for st in run.carry.parts.stats]
-    tune.report(reporter.row(summary["test_bpd"], polled, done=True))
+    reporter.report(reporter.row(summary["test_bpd"], polled, done=True))
 
 
 # What a study is started with, kept beside Tune's files: --resume rebuilds each
@@ -449,11 +465,19 @@ def _scheduler(
     return pbt, tune.CheckpointConfig(num_to_keep=4)  # PBT may copy a trial's older checkpoints
 
 
+def last_report(trial_dir: Path) -> dict[str, Any] | None:
+    """A trial's last report, from its own record (``REPORTS``); None without one."""
+    path = trial_dir / REPORTS
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return json.loads(lines[-1]) if lines else None
+
+
 def ranked_table(results: Any, parts: int) -> tuple[str, list[dict[str, Any]]]:
-    """Markdown table of the trials, best first, and the rows behind it."""
+    """Markdown table of the trials, best first, and the rows behind it: each trial's last report
+    from its own record (Tune's last result for a trial without one), its time from Tune."""
     rows = []
     for r in results:
-        m = r.metrics or {}
+        m = last_report(Path(r.path)) or r.metrics or {}
         if "test_bpd" not in m:
             continue
         rows.append(
@@ -463,7 +487,7 @@ def ranked_table(results: Any, parts: int) -> tuple[str, list[dict[str, Any]]]:
                 "diverged": bool(m.get("diverged")),
                 "rollbacks": m.get("rollbacks"),
                 "steps": m.get("steps"),
-                "time_s": m.get("time_total_s", 0.0),
+                "time_s": (r.metrics or {}).get("time_total_s", 0.0),
                 "stopped_early": not m.get("finished"),
             }
         )
