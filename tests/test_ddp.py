@@ -54,6 +54,7 @@ def test_async_then_ddp_finetune_on_two_workers(mnist_dir, tmp_path, monkeypatch
     ft = [h for h in s["history"] if h["phase"] == "finetune"]
     assert len(ft) == 2 and all(h["ddp_images_per_s"] > 0 for h in ft)
     assert s["phase_time"]["finetune"] > 0
+    assert [p["name"] for p in s["phases"]] == ["ray parts", "ddp fine-tune", "service finish"]
     # the DDP fine-tune improved the assembled model
     assert s["curve"][-1]["test_bpd"] < s["curve"][0]["test_bpd"]
     assert s["curve"][-1]["epoch"] == 4
@@ -274,6 +275,7 @@ def test_a_local_sgd_run_over_a_link_sends_what_the_formula_says_and_records_its
     # Ray Train's Ctrl-C handler, which holds the finished run's controller, is gone with the fit
     assert signal.getsignal(signal.SIGINT) is before
     summary = json.loads((storage / "local" / "summary.json").read_text())
+    assert [p["name"] for p in summary["phases"]] == ["data-parallel training", "finish"]
     stats = summary["data_parallel"]
     config = RaylocalConfig(n_levels=2, depth=2, hidden=8)
     params = sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters())

@@ -61,6 +61,7 @@ def test_driver_only_coordinates_and_a_killed_fine_tune_resumes_to_the_same_weig
     others = [p["pid"] for p in where["parts"]] + [where["service"]["pid"], where["finished"]["pid"]]
     assert os.getpid() not in others and len(set(others)) == 4, where
     assert where["finished"]["phase"] == "ray train worker"
+    assert [p["name"] for p in s["phases"]] == ["ray parts", "ray train fine-tune"]
     # the evaluations while the parts trained (one per epoch of the last part) ran in the service
     live = [p for p in s["curve"] if p["step"] < 8]
     assert where["service"]["evaluations"] >= 1 and len(live) >= 1

@@ -367,6 +367,7 @@ def test_the_pipeline_parallel_rival_on_ray_trains_as_its_stages_do_in_one_proce
     )  # fmt: skip  (48 images: 3 batches of 16)
     assert main(args) == 0
     summary = json.loads((storage / "pp" / "summary.json").read_text())
+    assert [p["name"] for p in summary["phases"]] == ["pipeline training", "finish"]
     state = load_checkpoint(storage / "pp" / "checkpoint.pt", kind="run")["model"]
     config = load_config_file(storage / "pp" / "config.json")
     data = load_dataset("mnist", mnist_dir).subset(48, 32)

@@ -96,6 +96,10 @@ def test_parts_schedules_run_and_learn(schedule, mnist_dir, tmp_path):
     assert s["n_parts"] == 2 and len(s["part_time"]) == 2
     assert s["curve"][-1]["test_bpd"] < s["curve"][0]["test_bpd"]
     assert s["phase_time"]["finetune"] > 0
+    # the run's phases, each timed around its epochs (their training, evaluations and checkpoints)
+    assert [p["name"] for p in s["phases"]] == ["local parts", "local fine-tune", "finish"]
+    timed = {p["name"]: p["seconds"] for p in s["phases"]}
+    assert timed["local parts"] >= s["phase_time"]["parts"] and timed["local fine-tune"] >= s["phase_time"]["finetune"]
 
 
 def test_per_part_learning_rates_reach_the_trainers(mnist_dir, tmp_path):

@@ -4,8 +4,9 @@
 command line, the studies, Tune trials, the benchmarks' cells). It resolves the
 run directory, checks what can be checked before anything is written, writes
 ``config.json`` once when the run starts and ``summary.json`` once when it
-ends, and removes a directory it created if the run fails before its first
-checkpoint (nothing to resume, nothing half-written). A Ray run is checked,
+ends (with the phases it trained and each one's wall time), and removes a
+directory it created if the run fails before its first checkpoint (nothing
+to resume, nothing half-written). A Ray run is checked,
 joins Ray and is planned on the cluster once (``plan_ray_run``), before
 anything is written.
 
@@ -34,6 +35,7 @@ data-parallel runs).
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,7 +88,10 @@ class Run:
                 write_json(self.dir / "config.json", self.config.sectioned())
             with self.carry.held:  # what the phases held, released when they are done or have failed
                 for phase in self.phases:
+                    start = time.perf_counter()
                     phase.run(context, self.carry)
+                    timed = {"name": phase.name, "seconds": time.perf_counter() - start}
+                    self.carry.record.setdefault("phases", []).append(timed)
             summary = self.carry.result()
         except BaseException:
             if created and not has_checkpoint(self.dir):  # nothing to resume: leave nothing behind
