@@ -123,8 +123,8 @@ def trial_lrs(space: ModuleType, params: dict[str, Any], parts: int) -> list[flo
     return [float(v) for v in values]
 
 
-# Beside a trial's part checkpoints in a Tune checkpoint: the trial that wrote them. PBT may copy
-# another trial's checkpoint into the exploiting trial's own directory, so its path does not say whose it is.
+# Beside a trial's part checkpoints in a Tune checkpoint: the trial that wrote them. Where a checkpoint
+# lies is Tune's storage layout's to choose; whose parts it holds is the trial's to say.
 ORIGIN = "origin.json"
 # A trial's own record of its reports, in its directory: Tune's result.json there can lose the rows from
 # before a PBT restore (the restored trial's log starts anew when Tune's copy in storage lags behind).
