@@ -416,3 +416,51 @@ def test_a_run_that_takes_over_parts_trained_elsewhere_builds_no_trainer_for_the
     trained = TrainedElsewhere(glow.state_dict(), steps=4, seconds=0.1, history=[])
     summary = finish_trained_elsewhere(rival, data, tmp_path / "rival", trained)
     assert built == [] and summary["part_lrs"] == [1e-3] and summary["rollbacks"] == [0]
+
+
+def test_a_run_trains_its_phases_in_order_hands_on_the_carry_and_releases_what_they_held(tmp_path, monkeypatch):
+    """Run's loop, with phases of its own: each gets the shared context and what the ones before it put
+    in the carry; the summary is the last phase's with what the others recorded; what a phase held is
+    released at the end, also when a later phase fails, and a failed run leaves no directory behind."""
+    import contextlib
+
+    from raylocal.run.run import Run
+
+    released, seen = [], []
+
+    class Holds:
+        name = "holds"
+
+        def run(self, context, carry):
+            seen.append(("holds", context))
+            carry.held.enter_context(contextlib.ExitStack()).callback(released.append, "held")
+            carry.plan = {"bounds": [(0, 2)]}
+            carry.record["where"] = {"driver": "here"}
+
+    class Finishes:
+        name = "finishes"
+
+        def run(self, context, carry):
+            seen.append(("finishes", carry.plan["bounds"], released[:]))
+            carry.summary = {"test_bpd": 1.5}
+
+    class Fails:
+        name = "fails"
+
+        def run(self, context, carry):
+            raise RuntimeError("a phase failed")
+
+    config = RaylocalConfig(storage_path=str(tmp_path), run_name="ok", progress=False)
+    run = Run(config, data=None)
+    monkeypatch.setattr(run, "_phases", lambda: ("the context", [Holds(), Finishes()]))
+    summary = run.execute()
+    assert seen == [("holds", "the context"), ("finishes", [(0, 2)], [])] and released == ["held"]
+    assert summary["test_bpd"] == 1.5 and summary["where"] == {"driver": "here"}
+    assert [p["name"] for p in summary["phases"]] == ["holds", "finishes"]
+    assert json.loads((tmp_path / "ok" / "summary.json").read_text()) == summary
+    released.clear()
+    failing = Run(config.model_copy(update={"run_name": "failed"}), data=None)
+    monkeypatch.setattr(failing, "_phases", lambda: ("the context", [Holds(), Fails(), Finishes()]))
+    with pytest.raises(RuntimeError, match="a phase failed"):
+        failing.execute()
+    assert released == ["held"] and not (tmp_path / "failed").exists()
