@@ -139,9 +139,9 @@ def lose_the_working_directory_on_joining(monkeypatch: pytest.MonkeyPatch, tmp_p
 def run_local(session: Any) -> dict[str, Any]:
     """A single-process run (a ``SingleProcessRun``) trained whole in its own directory, through the
     phases ``Run`` trains it in; returns its summary."""
-    from raylocal.run.phases import LOCAL_PHASES, Carry
+    from raylocal.run.phases import Carry, local_phases
 
     carry = Carry()
-    for phase in LOCAL_PHASES:
+    for phase in local_phases(session):
         phase.run(session, carry)
     return carry.result()

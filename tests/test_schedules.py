@@ -459,6 +459,30 @@ def test_a_run_trains_its_phases_in_order_hands_on_the_carry_and_releases_what_t
     assert [p["name"] for p in summary["phases"]] == ["holds", "finishes"]
     assert json.loads((tmp_path / "ok" / "summary.json").read_text()) == summary
     released.clear()
+    # an actor's error raised in a later phase still comes out as its one line (as AsyncContext.open holds it)
+    import ray.exceptions
+
+    from raylocal.cluster.connect import errors_in_one_line
+    from raylocal.errors import SpecError
+
+    class OneLine:
+        name = "one line"
+
+        def run(self, context, carry):
+            carry.held.enter_context(errors_in_one_line())
+
+    class ActorFails:
+        name = "actor fails"
+
+        def run(self, context, carry):
+            raise ray.exceptions.RayTaskError("PartActor.run", "Traceback ...", SpecError("the parts' own words"))
+
+    remote = Run(config.model_copy(update={"run_name": "remote"}), data=None)
+    monkeypatch.setattr(remote, "_phases", lambda: ("the context", [OneLine(), Holds(), ActorFails()]))
+    with pytest.raises(SpecError, match="^the parts' own words$"):
+        remote.execute()
+    assert released == ["held"]
+    released.clear()
     failing = Run(config.model_copy(update={"run_name": "failed"}), data=None)
     monkeypatch.setattr(failing, "_phases", lambda: ("the context", [Holds(), Fails(), Finishes()]))
     with pytest.raises(RuntimeError, match="a phase failed"):

@@ -462,3 +462,29 @@ def test_a_study_ranks_each_trial_by_its_own_record_of_its_last_report(tmp_path)
         ([2e-3], 6.8, 16, False),
     ]
     assert ranked[0]["time_s"] == 9.0  # the time is Tune's
+
+
+def test_a_trials_record_keeps_every_attempts_reports_and_outlives_its_runs_cleanup(tmp_path, monkeypatch):
+    """A trial's reports.jsonl holds its reports across attempts (PBT restarts it in the same
+    directory), is written again when the run removed its directory (it diverged before its first
+    checkpoint), and a line cut short is left out."""
+    import shutil
+
+    import ray.tune
+
+    from raylocal.errors import DivergedError
+    from raylocal.tune.tuning import TrialReporter, last_report, read_reports
+
+    sent = []
+    monkeypatch.setattr(ray.tune, "report", lambda metrics, checkpoint=None: sent.append(metrics))
+    trial = tmp_path / "run_trial_x"
+    TrialReporter(torch.zeros(1), [1e-3], 4, False, trial).report({"steps": 4, "test_bpd": 7.0})
+    again = TrialReporter(torch.zeros(1), [1e-3], 4, False, trial)  # restarted, in the same directory
+    again.report({"steps": 8, "test_bpd": 1e3, "diverged": 1})
+    again.reported_divergence = True  # its own evaluation found it
+    shutil.rmtree(trial)  # the run failed before its first checkpoint: nothing to resume
+    again.report_divergence(DivergedError("not finite"))
+    assert [r["steps"] for r in read_reports(trial)] == [4, 8] and len(sent) == 2  # reported once each
+    with open(trial / REPORTS, "a") as f:
+        f.write('{"steps": 1')  # killed while writing
+    assert last_report(trial)["steps"] == 8

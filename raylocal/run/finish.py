@@ -131,7 +131,7 @@ def finish_after_parts(
     spec = PartSpec(tuple(tuple(b) for b in bounds))
     resume = finetuned is None and (run_dir / "checkpoint.pt").is_file()
     run = SingleProcessRun(config, data, run_dir, spec, device=device, resume=resume, parts_elsewhere=True)
-    run.taken_over = {figure: [st[figure] for st in parts.stats] for figure in ("rollbacks", "skipped")}
+    run.taken_over |= {figure: [st[figure] for st in parts.stats] for figure in ("rollbacks", "skipped")}
     if not resume:
         take_over(run, parts)
         run.log.link_report(parts.report, int(parts.stats[0]["steps"]))

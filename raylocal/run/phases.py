@@ -1,7 +1,7 @@
 """A run's phases, and what they hand each other.
 
 ``Run`` trains a list of phases, one after the other, each a small object with
-a ``name`` and ``run(carry)``. What one phase hands the next travels in the
+a ``name`` and ``run(context, carry)``. What one phase hands the next travels in the
 ``Carry``, in memory (or as Ray references): the parts' plan and result, a
 fine-tune trained elsewhere, a rival's trained model, and at the end the run's
 summary. Checkpoints stay in the run directory for ``--resume``; no file is
@@ -64,7 +64,8 @@ class Carry:
 
     def result(self) -> dict[str, Any]:
         """The run's summary: the finishing phase's, with what the others added."""
-        assert self.summary is not None, "a run's last phase finishes it"
+        if self.summary is None:
+            raise RuntimeError("the run's phases ended without finishing it: none made its summary")
         return self.summary | self.record
 
 
@@ -106,4 +107,8 @@ class LocalFinish:
         carry.summary = session.finish()
 
 
-LOCAL_PHASES: list[Phase] = [LocalParts(), LocalFinetune(), LocalFinish()]
+def local_phases(session: SingleProcessRun) -> list[Phase]:
+    """A single-process run's phases: its parts' epochs, its fine-tune when it has
+    one of its own (an e2e run's plan holds its fine-tune epochs), its end."""
+    finetune: list[Phase] = [LocalFinetune()] if session.total_epochs > len(session.plan) else []
+    return [LocalParts(), *finetune, LocalFinish()]

@@ -44,7 +44,7 @@ from torch import Tensor
 from raylocal.core.config import RIVAL_SCHEDULES, RaylocalConfig
 from raylocal.core.data import ImageData
 from raylocal.core.runlog import has_checkpoint, resolve_run_dir, write_json
-from raylocal.run.phases import LOCAL_PHASES, Carry, Phase
+from raylocal.run.phases import Carry, Phase, local_phases
 from raylocal.training.schedules import SingleProcessRun
 
 if TYPE_CHECKING:  # the Ray runs import Ray: only their schedules pay for it
@@ -81,6 +81,7 @@ class Run:
     def execute(self) -> dict[str, Any]:
         """Train the run's phases; returns its summary (also written to summary.json)."""
         created = not self.dir.exists()
+        self.carry = Carry()
         try:
             context, self.phases = self._phases()
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,8 @@ class Run:
         """The context the run's phases share, and the phases."""
         config = self.config
         if config.schedule not in RIVAL_SCHEDULES and config.schedule != "async":
-            return SingleProcessRun(config, self.data, self.dir, start_from=self.start_from), list(LOCAL_PHASES)
+            session = SingleProcessRun(config, self.data, self.dir, start_from=self.start_from)
+            return session, local_phases(session)
         # The Ray runs import Ray: only their schedules pay for it. All of their modules are imported
         # before the driver joins Ray: under `ray job submit` the job's working directory, this code's own
         # copy, can then be removed (by another node's agent, where nodes share a temp directory; README).

@@ -220,10 +220,9 @@ class SingleProcessRun:
         self.total_epochs = len(self.plan) + (0 if config.schedule == "e2e" else config.finetune_epochs)
         self.lr_clock = LRClock.of(config, len(self.stream), len(self.plan), self.total_epochs - len(self.plan))
         # A run that takes over parts trained in other processes (the Ray parts, a rival) trains none here:
-        # it builds no trainer, with its optimizer, for them; it records their LRs as configured, and the
-        # rollbacks and skipped batches they report (``take_over``).
-        self.part_lrs = lrs
-        self.taken_over = {"rollbacks": [0] * len(self.parts), "skipped": [0] * len(self.parts)}
+        # it builds no trainer, with its optimizer, for them. Their figures are then the ones taken over:
+        # their LRs as configured, and the rollbacks and skipped batches they reported (its caller's to set).
+        self.taken_over = {"base_lr": lrs, "rollbacks": [0] * len(self.parts), "skipped": [0] * len(self.parts)}
         self.trainers = [] if parts_elsewhere else [
             PartTrainer(p, lr, config, k, total_steps=self.lr_clock.decay(self.steps_of(k)))
             for k, (p, lr) in enumerate(zip(self.parts, lrs))
@@ -279,8 +278,8 @@ class SingleProcessRun:
             self.lr_rule.stop_measuring()
             self.lr_rule = None
 
-    def part_figures(self, figure: str) -> list[int]:
-        """Each part's ``rollbacks`` or ``skipped`` batches: its trainer's here, else as taken over."""
+    def part_figures(self, figure: str) -> list[Any]:
+        """Each part's ``base_lr``, ``rollbacks`` or ``skipped`` batches: its trainer's here, else as taken over."""
         return [getattr(t, figure) for t in self.trainers] if self.trainers else list(self.taken_over[figure])
 
     def active_at(self, epoch: int, position: int) -> tuple[int, ...]:
@@ -532,7 +531,7 @@ def run_summary(run: SingleProcessRun, final: float, stopped: str | None, sample
             for e in t.events
         ],
         "lr_multipliers": run.state.lr_multipliers,
-        "part_lrs": [t.base_lr for t in run.trainers] if run.trainers else run.part_lrs,
+        "part_lrs": run.part_figures("base_lr"),
         "images_per_s": run.state.global_step * run.config.batch_size / max(run.state.elapsed, 1e-9),
         "stopped_early": stopped,
         "history": run.state.history,

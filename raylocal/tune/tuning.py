@@ -144,8 +144,8 @@ def restore_parts(checkpoint_dir: Path, run_dir: Path, lrs: list[float]) -> tupl
         save_checkpoint(part_checkpoint_path(run_dir, k), state, kind="part")
         step = int(state["step"])
     origin = checkpoint_dir / ORIGIN
-    trial = json.loads(origin.read_text())["trial"] if origin.is_file() else checkpoint_dir.resolve().parent.name
-    return step, trial
+    trial = json.loads(origin.read_text()).get("trial") if origin.is_file() else None
+    return step, trial or checkpoint_dir.resolve().parent.name
 
 
 class TrialReporter:
@@ -159,6 +159,7 @@ class TrialReporter:
     ) -> None:
         self.test, self.lrs = test, lrs
         self.trial_dir = trial_dir  # where its reports are recorded; its name is what its checkpoints name
+        self.recorded = read_reports(trial_dir) if trial_dir is not None else []  # earlier attempts' too
         self.service: Any = None
         self.bounds: list[tuple[int, int]] = []
         self.every, self.checkpoints = every, checkpoints
@@ -197,11 +198,16 @@ class TrialReporter:
         """Report to Tune, and record the report in the trial's own directory."""
         from ray import tune
 
-        if self.trial_dir is not None:
-            self.trial_dir.mkdir(parents=True, exist_ok=True)  # (a run that failed early removed its directory)
-            with open(self.trial_dir / REPORTS, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+        self.recorded.append(metrics)
+        self.keep_record()
         tune.report(metrics, checkpoint=checkpoint)
+
+    def keep_record(self) -> None:
+        """Write the trial's reports, every attempt's, in its directory (again after a run
+        that failed before its first checkpoint removed the directory)."""
+        if self.trial_dir is not None:
+            self.trial_dir.mkdir(parents=True, exist_ok=True)
+            (self.trial_dir / REPORTS).write_text("".join(json.dumps(row) + "\n" for row in self.recorded))
 
     def metrics(self, state: dict[str, torch.Tensor], polled: list[dict[str, Any]], done: bool) -> dict[str, Any]:
         import ray
@@ -241,6 +247,8 @@ class TrialReporter:
         if not self.reported_divergence:
             self.report(self.row(math.nan, self.last_polled, done=True) | {"error": str(error)[:200]})
             self.reported_divergence = True
+        else:  # reported as it was found, before the run failed and removed a directory without a checkpoint
+            self.keep_record()
 
 
 # What a trial's run leaves once it has finished: a trial that Tune starts again in
@@ -465,11 +473,23 @@ def _scheduler(
     return pbt, tune.CheckpointConfig(num_to_keep=4)  # PBT may copy a trial's older checkpoints
 
 
-def last_report(trial_dir: Path) -> dict[str, Any] | None:
-    """A trial's last report, from its own record (``REPORTS``); None without one."""
+def read_reports(trial_dir: Path) -> list[dict[str, Any]]:
+    """A trial's own record of its reports (``REPORTS``), oldest first; a line cut
+    short (a trial killed while writing it) is left out."""
     path = trial_dir / REPORTS
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return json.loads(lines[-1]) if lines else None
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def last_report(trial_dir: Path) -> dict[str, Any] | None:
+    """A trial's last report, from its own record; None without one."""
+    rows = read_reports(trial_dir)
+    return rows[-1] if rows else None
 
 
 def ranked_table(results: Any, parts: int) -> tuple[str, list[dict[str, Any]]]:
