@@ -52,8 +52,8 @@ from raylocal.training.trainer import (
 
 def epoch_plan(schedule: str, n_parts: int, epochs: int, alternate_every: int = 0) -> list[tuple[int, ...]]:
     """Which parts train in each epoch of the parts phase. Alternating every N
-    batches involves every part in every epoch (``SingleProcessRun.active_at``
-    picks one per batch)."""
+    batches involves every part in every epoch (``BatchPlan.active_at`` picks
+    one per batch)."""
     if schedule in ("e2e", "simultaneous", "async") or (schedule == "alternating" and alternate_every):
         return [tuple(range(n_parts))] * epochs
     if schedule == "sequential":
@@ -61,6 +61,29 @@ def epoch_plan(schedule: str, n_parts: int, epochs: int, alternate_every: int = 
     if schedule == "alternating":
         return [(e % n_parts,) for e in range(epochs)]
     raise ValueError(f"unknown schedule {schedule!r}")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which parts train on each batch of the parts phase: those of its epoch in
+    ``epochs`` (``epoch_plan``), or with ``every`` N one part per N batches in turn."""
+
+    epochs: list[tuple[int, ...]]
+    batches: int  # per epoch
+    n_parts: int
+    every: int = 0
+
+    def active_at(self, epoch: int, position: int) -> tuple[int, ...]:
+        """The parts that train on batch ``position`` of ``epoch`` (none in the fine-tune)."""
+        if epoch >= len(self.epochs):
+            return ()
+        if self.every:
+            return ((epoch * self.batches + position) // self.every % self.n_parts,)
+        return self.epochs[epoch]
+
+    def steps_of(self, k: int) -> int:
+        """Batches of the parts phase on which part k trains."""
+        return sum(k in self.active_at(e, b) for e in range(len(self.epochs)) for b in range(self.batches))
 
 
 def train_batch(
@@ -219,12 +242,13 @@ class SingleProcessRun:
         self.stream = BatchStream(data.train, config.batch_size, config.seed)
         self.total_epochs = len(self.plan) + (0 if config.schedule == "e2e" else config.finetune_epochs)
         self.lr_clock = LRClock.of(config, len(self.stream), len(self.plan), self.total_epochs - len(self.plan))
+        self.batches = BatchPlan(self.plan, len(self.stream), len(self.parts), config.alternate_every)
         # A run that takes over parts trained in other processes (the Ray parts, a rival) trains none here:
         # it builds no trainer, with its optimizer, for them. Their figures are then the ones taken over:
         # their LRs as configured, and the rollbacks and skipped batches they reported (its caller's to set).
         self.taken_over = {"base_lr": lrs, "rollbacks": [0] * len(self.parts), "skipped": [0] * len(self.parts)}
         self.trainers = [] if parts_elsewhere else [
-            PartTrainer(p, lr, config, k, total_steps=self.lr_clock.decay(self.steps_of(k)))
+            PartTrainer(p, lr, config, k, total_steps=self.lr_clock.decay(self.batches.steps_of(k)))
             for k, (p, lr) in enumerate(zip(self.parts, lrs))
         ]  # fmt: skip
         self.finetuner: PartTrainer | None = None
@@ -281,20 +305,6 @@ class SingleProcessRun:
     def part_figures(self, figure: str) -> list[Any]:
         """Each part's ``base_lr``, ``rollbacks`` or ``skipped`` batches: its trainer's here, else as taken over."""
         return [getattr(t, figure) for t in self.trainers] if self.trainers else list(self.taken_over[figure])
-
-    def active_at(self, epoch: int, position: int) -> tuple[int, ...]:
-        """The parts that train on batch ``position`` of ``epoch`` (none in the fine-tune)."""
-        if epoch >= len(self.plan):
-            return ()
-        every = self.config.alternate_every
-        if every:
-            return ((epoch * len(self.stream) + position) // every % len(self.parts),)
-        return self.plan[epoch]
-
-    def steps_of(self, k: int) -> int:
-        """Batches of the parts phase on which part k trains."""
-        n = len(self.stream)
-        return sum(k in self.active_at(e, b) for e in range(len(self.plan)) for b in range(n))
 
     def _make_finetuner(self) -> PartTrainer:
         cfg = self.config
@@ -416,7 +426,7 @@ class SingleProcessRun:
     def _batch(self, epoch: int, finetune: bool) -> dict[int, StepResult]:
         """Train the parts active on the next batch (or the whole model, in the fine-tune)."""
         cfg = self.config
-        active = self.active_at(epoch, self.stream.position)
+        active = self.batches.active_at(epoch, self.stream.position)
         for k in active:
             last = self._last_step.get(k)  # None: first step of this part in this process
             if k > 0 and (last is None or self.state.global_step - last > len(self.stream)):
