@@ -243,7 +243,6 @@ class TrialReporter:
     def report_divergence(self, error: DivergedError) -> None:
         """The trial's last report, once: its parts diverged beyond their rollbacks
         (unreported), or this reporter's own evaluation did (reported already)."""
-
         if not self.reported_divergence:
             self.report(self.row(math.nan, self.last_polled, done=True) | {"error": str(error)[:200]})
             self.reported_divergence = True
