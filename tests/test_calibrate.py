@@ -273,12 +273,45 @@ def test_the_raylets_ports_are_named_and_each_part_placed_by_its_nodes_address()
 
 
 def test_each_methods_kinds_of_cell_take_turns_at_running_first_from_one_rate_to_the_next():
-    for costs, kinds in ((True, 3), (False, 2)):
+    for costs, apart, kinds in ((True, False, ["real", "emulated", "costed"]), (False, False, ["real", "emulated"]),
+                                (False, True, ["real", "emulated", "apart"])):  # fmt: skip
         for method in range(3):  # over as many rates as there are kinds, each kind runs first once
-            firsts = [calibrate.cell_order(rate, method, costs)[0] for rate in range(kinds)]
-            assert sorted(firsts) == sorted(["real", "emulated", "costed"][:kinds])
+            firsts = [calibrate.cell_order(rate, method, costs, apart)[0] for rate in range(len(kinds))]
+            assert sorted(firsts) == sorted(kinds)
         for rate in range(3):  # and at each rate the methods do not all start alike
-            assert len({calibrate.cell_order(rate, method, costs)[0] for method in range(3)}) == kinds
+            assert len({calibrate.cell_order(rate, method, costs, apart)[0] for method in range(3)}) == len(kinds)
+
+
+def test_the_twin_apart_runs_on_the_real_cells_two_nodes_unshaped_with_its_bandwidth_emulated(tmp_path, monkeypatch):
+    apart = calibrate.cell_args("parts", "10mbit", "apart", 60.0, 4)
+    real = calibrate.cell_args("parts", "10mbit", "real", 60.0, 4)
+    plain = calibrate.cell_args("parts", "10mbit", "emulated", 60.0, 4)
+    assert (apart["join"], apart["placement"], apart["link_spec"]) == (True, "spread", "bw=10Mbit,lat=0ms")
+    assert (real["join"], real["placement"], real["link_spec"]) == (True, "spread", "up")
+    assert (plain["join"], plain["placement"], plain["link_spec"]) == (False, "pack", "bw=10Mbit,lat=0ms")
+    assert calibrate.charged_link("parts", "10mbit", "apart") == "bw=10Mbit,lat=0ms"
+    ran: list[tuple[str, object]] = []  # each cell as run_cells runs it: on which network, at which rate
+    host = {"commit": "c", "cpu": "x", "probe_images_per_s": 1.0}
+    monkeypatch.setattr(calibrate, "host_figures", lambda seconds: host)
+    monkeypatch.setattr(calibrate, "real_cell", lambda args, rate, queue_ms: ran.append(("nodes", rate)) or {})
+    monkeypatch.setattr(calibrate, "emulated_cell", lambda args: ran.append(("one node", args["link_spec"])) or {})
+    args = calibrate.argparse.Namespace(costs=False, apart=True, seed=0, budget=1.0, variant=None, queue_ms=100.0)
+    cells = calibrate.run_cells(["10mbit"], ["parts"], args, tmp_path)
+    assert ran == [("nodes", "10mbit"), ("one node", "bw=10Mbit,lat=0ms"), ("nodes", None)]  # None: unshaped
+    assert sorted(kind for _, _, kind in cells) == ["apart", "emulated", "real"]
+    assert json.loads((tmp_path / "parts-10mbit-apart.json").read_text())["link"] == "bw=10Mbit,lat=0ms"
+
+
+def test_the_table_sets_real_against_the_twin_apart_and_the_twin_apart_against_the_one_node_twin():
+    real = {"images_per_s": 9.0, "seconds": 30.0, "steps": 5, "idle": 0.0, "bytes_per_step": 0.0,
+            "kernel_bytes": 7.0e6, "idle_bytes_per_s": 0.0}  # fmt: skip
+    twin = {"images_per_s": 12.0, "seconds": 30.0, "steps": 6, "idle": 0.9, "bytes_per_step": 6e5}
+    cells = {("1mbit", "ddp", "real"): real, ("1mbit", "ddp", "emulated"): twin,
+             ("1mbit", "ddp", "apart"): twin | {"images_per_s": 10.0}}  # fmt: skip
+    lines = calibrate.table(cells).splitlines()
+    assert lines[0].endswith("| real / emulated | emulated on the two nodes | real / that | that / emulated |")
+    assert "| 1mbit | ddp | images/s | 9 | 12 | 0.75 | 10 | 0.90 | 0.83 |" in lines  # 0.75 = 0.90 x 0.83
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
 
 
 def test_a_costed_cell_that_charged_other_costs_is_refused_in_one_line(tmp_path, capsys, monkeypatch):

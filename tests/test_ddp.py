@@ -202,8 +202,9 @@ def test_local_sgd_hands_on_the_workers_average_at_the_end_of_its_budget():
         worker.config = RaylocalConfig(average_every=5, average_overlap=overlap)
         worker.model, worker.step, worker.world, worker.round = nn.Linear(3, 2), step, 2, None
         worker.device, worker.outer, worker.idle_s, worker.bytes_averaged = torch.device("cpu"), None, 0.0, 0.0
-        worker.link = LinkSpec.parse("bw=inf")
-        worker._all_reduce = lambda flat, op="sum": flat.add_(theirs)
+        worker.link, worker.sync_s, worker.rounds_s = LinkSpec.parse("bw=inf"), 0.0, 0.0
+        # the other worker's parameters join the round's all-reduce; its meeting's one number stays as it is
+        worker._all_reduce = lambda flat, op="sum": flat.add_(theirs) if flat.numel() == theirs.numel() else flat
         mine = torch.cat([p.detach().reshape(-1) for p in worker.model.parameters()])
         worker.end_rounds()
         handed_on = torch.cat([p.detach().reshape(-1) for p in worker.model.parameters()])
@@ -284,6 +285,11 @@ def test_a_local_sgd_run_over_a_link_sends_what_the_formula_says_and_records_its
     assert stats["steps"] == 4 and stats["images"] == 64
     assert stats["bytes_per_step"] == pytest.approx(2 * ring_bytes(params, 2) / 4, rel=1e-6)
     assert stats["idle_s"] >= 2 * 0.01  # two rounds, each at least the latency
+    # taken apart: the latency is the rounds' own, after their meeting; the waits at sync points are the rest
+    assert stats["rounds_s"] >= 2 * 0.01 and stats["sync_s"] > 0
+    # (each worker's idle is its sync + rounds exactly; the figures are each the most of any worker)
+    assert max(stats["rounds_s"], stats["sync_s"]) <= stats["idle_s"] + 1e-9
+    assert stats["idle_s"] <= stats["rounds_s"] + stats["sync_s"] + 1e-9
     assert stats["peak_rss_mb"] > 50
     assert summary["schedule"] == "data-parallel" and summary["steps"] == 4
     run_config, data, glow = finished_run(storage / "local")

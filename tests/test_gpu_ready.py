@@ -129,6 +129,7 @@ def test_the_data_parallel_control_tensors_are_made_on_the_workers_device():
     on the worker's device (here the meta device stands in for a GPU)."""
     worker = DataParallelWorker.__new__(DataParallelWorker)
     worker.device, worker.world, worker.idle_s, worker.hook = torch.device("meta"), 2, 0.0, None
+    worker.sync_s = worker.rounds_s = 0.0
     worker.straggler, worker.began_at = Straggler([], 0), 0.0
     seen: list[torch.device] = []
 
@@ -153,7 +154,7 @@ def test_a_data_parallel_workers_clocks_wait_for_its_device(monkeypatch):
 
     worker = DataParallelWorker.__new__(DataParallelWorker)
     worker.device, worker.world, worker.outer, worker.idle_s = torch.device("cpu"), 2, None, 0.0
-    worker.model, worker.bytes_averaged = torch.nn.Linear(2, 1), 0.0
+    worker.model, worker.bytes_averaged, worker.sync_s, worker.rounds_s = torch.nn.Linear(2, 1), 0.0, 0.0, 0.0
     worker.link = LinkSpec.parse("bw=1Gbit")
     worker.wire = Wire(worker.link)
     order: list[str] = []
@@ -163,7 +164,8 @@ def test_a_data_parallel_workers_clocks_wait_for_its_device(monkeypatch):
     worker.wire.deliver = lambda nbytes, **kw: order.append("wire") or deliver(nbytes, **kw)
     worker.average()
     worker.out_of_time(started=0.0, budget=1e9)
-    assert order == ["all-reduce", "wait cpu", "wire", "wait cpu", "all-reduce"]
+    # the round's meeting (after the step's kernels), its all-reduce, the wire; then the stop flag's
+    assert order == ["wait cpu", "all-reduce", "all-reduce", "wait cpu", "wire", "wait cpu", "all-reduce"]
     # a straggler's compute, timed for its wait, ends when the device has run the step; no straggler, no sync
     worker.hook, order[:] = None, []
     for factor in (1.0, 2.0):

@@ -404,6 +404,10 @@ class DataParallelWorker:
         lr_flag = "--lr" if config.schedule == "data-parallel" else "--finetune-lr"
         self.guard = NonFiniteGuard(config.grad_clip, lr_flag=lr_flag)
         self.idle_s = 0.0  # waiting for the link: local-SGD rounds (DDP's is the hook's)
+        # the idle seconds taken apart: at sync points, waiting for the other workers (the stop flag
+        # each step, the meeting before each round), and in the rounds' averaging after their meeting
+        self.sync_s = 0.0
+        self.rounds_s = 0.0
         self.bytes_averaged = 0.0
         self.round: OverlappedRound | None = None  # an overlapped round on its way
         self.straggler = Straggler(parse_faults(config.inject or ""), self.rank)
@@ -434,8 +438,9 @@ class DataParallelWorker:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
 
     def average(self) -> None:
-        """A local-SGD round: the mean of the workers' parameters, over the link."""
+        """A local-SGD round: the workers meet, then average their parameters over the link."""
         start = time.perf_counter()
+        met = self._agree([0.0])[1]  # what is left is the averaging itself, not waiting for a slower worker
         params = list(self.model.parameters())
         nbytes = ring_bytes(average_parameters(params, self._all_reduce, self.world), self.world)
         wait_for(self.device)  # NCCL's all-reduce returns once queued: the wire starts when it is done
@@ -444,6 +449,7 @@ class DataParallelWorker:
         if self.outer is not None:
             self.outer.step(params)
         self.bytes_averaged += nbytes
+        self.rounds_s += time.perf_counter() - start - met
         self.idle_s += time.perf_counter() - start
 
     def start_round(self) -> None:
@@ -467,12 +473,21 @@ class DataParallelWorker:
         """Every worker stops at the same step: the first one out of time decides."""
         if not budget:
             return False
+        flag, waited = self._agree([1.0 if time.perf_counter() - started >= budget else 0.0])
+        self.idle_s += waited
+        return bool(flag[0])
+
+    def _agree(self, values: list[float]) -> tuple[list[float], float]:
+        """The workers' maxima of ``values``, and the seconds this worker waited for
+        them: a sync point, where a fast worker waits for a slow one (counted in ``sync_s``)."""
         wait_for(self.device)  # the step's own kernels are compute, not the wait below
         asked = time.perf_counter()
-        flag = self.control([1.0 if asked - started >= budget else 0.0])
-        self._all_reduce(flag, "max")
-        self.idle_s += time.perf_counter() - asked  # a sync point: here a fast worker waits for a slow one
-        return bool(flag.item())
+        agreed = self.control(values)
+        self._all_reduce(agreed, "max")
+        maxima = agreed.tolist()  # (on a GPU: waits for the all-reduce)
+        waited = time.perf_counter() - asked
+        self.sync_s += waited
+        return maxima, waited
 
     def straggle(self, began: float, link_waited: float) -> None:
         """An emulated straggler's wait after a step that began at ``began``: it is
@@ -550,7 +565,9 @@ class DataParallelWorker:
         import ray.train
 
         idle = self.idle_s + (self.hook.idle_s if self.hook else 0.0)
-        worst = self.control([idle, peak_rss_mb(), self.straggler.waited_s, self.began_at, -self.began_at])
+        worst = self.control(
+            [idle, peak_rss_mb(), self.straggler.waited_s, self.began_at, -self.began_at, self.sync_s, self.rounds_s]
+        )
         self._all_reduce(worst, "max")
         sent = self.bytes_averaged + (self.hook.bytes_sent if self.hook else 0.0)
         stats = {
@@ -564,6 +581,8 @@ class DataParallelWorker:
             "skipped_batches": self.guard.skipped,  # rank 0's (under DDP every worker skips the same)
             "loss_curve": self.losses.curve,  # rank 0's: where a run's loss spiked, if it did
             "idle_s": float(worst[0]),  # the most idle worker
+            "sync_s": float(worst[5]),  # the most at sync points, waiting for the others
+            "rounds_s": float(worst[6]),  # the most in local-SGD rounds' averaging, after their meeting
             "peak_rss_mb": float(worst[1]),  # the largest worker
             "straggled_s": float(worst[2]),  # what a straggler (--inject straggle) added to its compute
             "start_spread_s": float(worst[3] + worst[4]),  # from the first worker's first step to the last's

@@ -241,6 +241,8 @@ def run_data_parallel(args: dict[str, Any], average_every: int, state=None, budg
         "start_bytes": stats["start_bytes"],  # DDP's first broadcast, once (over an emulated link)
         "start_spread_s": stats["start_spread_s"],  # the gap between the first and the last worker starting to train
         "idle": stats["idle_s"] / stats["seconds"],
+        "sync": stats["sync_s"] / stats["seconds"],  # of the idle: waiting for the other workers
+        "rounds": stats["rounds_s"] / stats["seconds"],  # of the idle: local SGD's averaging after its meeting
         "peak_rss_mb": stats["peak_rss_mb"],
         "loss_curve": stats.get("loss_curve"),  # rank 0's, a point every 10 steps
         "test_bpd": summary["test_bpd"],

@@ -8,11 +8,15 @@ Ray node of this host with the link emulated at the same bandwidth and no
 latency (the kernel here cannot delay: no ``netem``). With ``--costs`` a third
 twin charges, beside the bandwidth, what a real link's messages of that kind
 were measured to cost (``eff=`` and ``msg=``, from ``raylocal.tools.wire_costs``).
+With ``--apart`` another twin runs on the real cell's two namespaced nodes, over
+unshaped veths, its bandwidth the emulator's: real against it is the shaped
+link's own share of a difference, it against the one-node twin the two nodes'.
 
     python -m raylocal.tools.calibrate                        # 100, 10 and 1 Mbit, 30 s per cell
     python -m raylocal.tools.calibrate --rates 10mbit --methods parts --budget 20
     python -m raylocal.tools.calibrate --costs --out /work/calib    # and a twin with the link's costs
     python -m raylocal.tools.calibrate --methods ddp --rates 10mbit --variant cap0.1MB-bf16   # the race's tuned DDP
+    python -m raylocal.tools.calibrate --methods parts --rates 10mbit --apart   # and the twin on two nodes
 
 A cell is one of the race's own contestants (``raylocal.bench.links``):
 
@@ -68,6 +72,8 @@ METHODS = ("parts", "ddp", "local-sgd")
 PROBE_S = 10.0  # seconds of the race's host-speed probe, once per invocation that runs a cell
 IDLE_S = 10.0  # seconds of the idle cluster's traffic measured before each real cell
 TRACE_PACKETS = 5000  # the parts' packets timed hop by hop: every one of a 30 s cell
+KINDS = ("real", "emulated", "costed", "apart")
+TWO_NODE_KINDS = ("real", "apart")  # on the namespaced nodes: shaped veths, and unshaped ones
 
 
 def emulated_link(rate: str) -> str:
@@ -98,14 +104,15 @@ def cell_args(
 ) -> dict[str, Any]:
     """What ``raylocal.bench.links``' contestant runs with: the race's model and
     settings (a ``variant`` of the race's sweep, else its first), over no emulated
-    link when the ``kind`` of cell is real."""
-    real = kind == "real"
+    link when the ``kind`` of cell is real; the real and ``apart`` cells join the
+    two-node cluster, one worker or part per node."""
+    two_nodes = kind in TWO_NODE_KINDS
     chosen = SWEEP_GRID[method][variant] if variant else {}
     return {
-        "method": method, "link_spec": "up" if real else emulated_link(rate), "seed": seed, "budget": budget,
-        "link_costs": "measured" if kind == "costed" else None,  # charged by the race's own cell_link
-        "train_subset": None, "test_subset": 2000, "split": None, "join": real,
-        "placement": "spread" if real else "pack",
+        "method": method, "link_spec": "up" if kind == "real" else emulated_link(rate), "seed": seed,
+        "budget": budget, "link_costs": "measured" if kind == "costed" else None,  # charged by the race's cell_link
+        "train_subset": None, "test_subset": 2000, "split": None, "join": two_nodes,
+        "placement": "spread" if two_nodes else "pack",
         "average_every": 50 if method == "local-sgd" else 0, "outer_lr": None, "average_overlap": False,
         "bucket_cap_mb": None, "ddp_compression": "none", "sync_every": 50, "queue_size": 1,
         # every worker and part loads its images on its own node, in both twins: only training crosses the link
@@ -158,9 +165,9 @@ def interface_bytes(net: Any) -> int:
     return total
 
 
-def real_cell(args: dict[str, Any], rate: str, queue_ms: float = netns.QUEUE_MS) -> dict[str, Any]:
+def real_cell(args: dict[str, Any], rate: str | None, queue_ms: float = netns.QUEUE_MS) -> dict[str, Any]:
     """The cell ``args`` (``cell_args``) over a real ``rate`` link between two namespaced
-    Ray nodes, whose token buckets queue at most ``queue_ms`` of traffic."""
+    Ray nodes, whose token buckets queue at most ``queue_ms`` of traffic (None: unshaped)."""
     method, budget = args["method"], args["budget"]
     with netns.Network([rate, rate], queue_ms=queue_ms) as net, netns.ray_cluster(net, cpus=1) as env:
         idle_from = interface_bytes(net)
@@ -217,6 +224,9 @@ def figures(method: str, cell: dict[str, Any]) -> dict[str, float]:
         out["start spread s"] = cell.get("start_spread_s", float("nan"))
     elif method == "local-sgd":  # its averaging, over the link (DDP's real all-reduce has no hook to time it)
         out["averaging %"] = 100 * cell["idle"]
+        if "rounds" in cell:  # taken apart (cells from 2026-12-07 on): the rounds after their meeting, the waits
+            out["rounds after meeting %"] = 100 * cell["rounds"]
+            out["waiting for the other %"] = 100 * cell["sync"]
     return out
 
 
@@ -290,46 +300,56 @@ def stored_cells(out: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
         if method is None:
             continue
         rate, _, kind = path.stem.removeprefix(f"{method}-").partition("-")
-        if kind in ("real", "emulated", "costed"):
+        if kind in KINDS:
             cells[(rate, method, kind)] = json.loads(path.read_text())
     return cells
 
 
+# the twins beside the plain one, where they ran: their columns, and what a real cell is divided by
+EXTRA_TWINS = {
+    "costed": ("emulated with the link's costs", "real / that"),
+    "apart": ("emulated on the two nodes", "real / that | that / emulated"),
+}
+
+
 def table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
     """Per rate and method, each figure real against emulated (and against the twin
-    that charges the real link's measured costs, where one ran), and the kernel's
-    bytes against the project's."""
-    costed = any(kind == "costed" for _, _, kind in cells)
-    extra = " emulated with the link's costs | real / that |" if costed else ""
+    that charges the real link's measured costs, and the twin on the two nodes,
+    where they ran), and the kernel's bytes against the project's."""
+    extras = [k for k in EXTRA_TWINS if any(kind == k for _, _, kind in cells)]
+    blank = "".join(" |" * (2 + (k == "apart")) for k in extras)  # the extra columns of a row without them
     rows = [
-        "| rate | method | figure | real link | emulated | real / emulated |" + extra,
-        "|---|---|---|---|---|---|" + ("---|---|" if costed else ""),
+        "| rate | method | figure | real link | emulated | real / emulated |"
+        + "".join(f" {EXTRA_TWINS[k][0]} | {EXTRA_TWINS[k][1]} |" for k in extras),
+        "|---|---|---|---|---|---|" + "---|" * blank.count("|"),
     ]
     for (rate, method, kind), cell in cells.items():
         if kind != "real" or (rate, method, "emulated") not in cells:
             continue
         twin = cells[(rate, method, "emulated")]
         ours, theirs = figures(method, cell), figures(method, twin)
-        priced = cells.get((rate, method, "costed"))
-        with_costs = figures(method, priced) if priced else {}
+        others = {k: cells.get((rate, method, k)) for k in extras}
         for name, value in ours.items():
             row = f"| {rate} | {method} | {name} | {value:.3g} | {theirs[name]:.3g} | {_ratio(value, theirs[name])} |"
-            if costed:
-                row += f" {with_costs[name]:.3g} | {_ratio(value, with_costs[name])} |" if priced else " | |"
+            for k, other in others.items():
+                that = figures(method, other)[name] if other else None
+                if that is None:
+                    row += " |" * (2 + (k == "apart"))
+                    continue
+                row += f" {that:.3g} | {_ratio(value, that)} |"
+                row += f" {_ratio(that, theirs[name])} |" if k == "apart" else ""
             rows.append(row)
         steps, counted, _, control = byte_terms(method, cell, twin)
         rows.append(
             f"| {rate} | {method} | bytes: kernel (Ray's idle traffic {control / 1e3:.0f} kB of it) against "
             f"ours | {cell['kernel_bytes'] / 1e6:.3g} MB | {counted / 1e6:.3g} MB | "
-            f"{_ratio(cell['kernel_bytes'], counted)} |" + (" | |" if costed else "")
+            f"{_ratio(cell['kernel_bytes'], counted)} |" + blank
         )
         # everything else that crossed during the cell, per step: start-up (Ray's exports, the actors'
         # arguments), the parts' weight gathers, and the framing, per-object messages and acks of it all
         beyond = (cell["kernel_bytes"] - control - counted) / max(steps, 1)
-        rows.append(
-            f"| {rate} | {method} | kernel bytes per step beyond ours and the idle traffic | {beyond:.0f} | | |"
-            + (" | |" if costed else "")
-        )
+        rows.append(f"| {rate} | {method} | kernel bytes per step beyond ours and the idle traffic | {beyond:.0f} | | |"
+                    + blank)  # fmt: skip
     return "\n".join(rows)
 
 
@@ -493,11 +513,11 @@ def refusal(
     return None
 
 
-def cell_order(rate_index: int, method_index: int, costs: bool) -> list[str]:
+def cell_order(rate_index: int, method_index: int, costs: bool, apart: bool = False) -> list[str]:
     """The kinds of a (rate, method)'s cells, in the order they run: rotated from one
     rate (or seed) to the next and from one method to the next, so that each
     method's kinds take turns at running first on a drifting host."""
-    kinds = ["real", "emulated"] + (["costed"] if costs else [])
+    kinds = ["real", "emulated"] + (["costed"] if costs else []) + (["apart"] if apart else [])
     shift = (rate_index + method_index) % len(kinds)
     return kinds[shift:] + kinds[:shift]
 
@@ -508,13 +528,16 @@ def run_cells(rates: list[str], methods: list[str], args: argparse.Namespace, ou
     host = None  # probed before the first cell this invocation runs
     pairs = [(r, m, rate, method) for r, rate in enumerate(rates) for m, method in enumerate(methods)]
     for r, m, rate, method in pairs:
-        for kind in cell_order(r + args.seed, m, args.costs):  # repeats (seeds) rotate too
+        for kind in cell_order(r + args.seed, m, args.costs, args.apart):  # repeats (seeds) rotate too
             path = out / f"{method}-{rate}-{kind}.json"
             if not path.is_file():
                 host = host or host_figures(PROBE_S)
                 print(f"-- {method} at {rate}, {kind} ({host_line(host)})", flush=True)
                 ran = cell_args(method, rate, kind, args.budget, args.seed, args.variant)
-                cell = real_cell(ran, rate, args.queue_ms) if kind == "real" else emulated_cell(ran)
+                if kind in TWO_NODE_KINDS:
+                    cell = real_cell(ran, rate if kind == "real" else None, args.queue_ms)
+                else:
+                    cell = emulated_cell(ran)
                 cell |= {"host": host, "ran_at": time.time(), "link": charged_link(method, rate, kind)}
                 cell["variant"] = args.variant  # None: the race's first (the calibration's own settings)
                 path.write_text(json.dumps(cell, indent=1))
@@ -533,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench_runs", help="results go to OUT/calibration/")
     costs_help = "also a third twin per cell, charging the real link's measured costs (eff=, msg=)"
     p.add_argument("--costs", action="store_true", help=costs_help)
+    apart_help = "also a twin on the real cell's two nodes, over unshaped veths, its bandwidth emulated"
+    p.add_argument("--apart", action="store_true", help=apart_help)
     p.add_argument("--variant", help="one of the race's sweep settings for the one method (as cap0.1MB-bf16 for ddp)")
     p.add_argument("--fit", help="stored calibrations (their OUTs), comma-separated: fit their bytes")
     p.add_argument("--cell", help=argparse.SUPPRESS)

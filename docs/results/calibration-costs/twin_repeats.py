@@ -1,9 +1,12 @@
-"""A real cell's figure against its two emulated twins, repeated. Each directory given holds
-3 repeats (seed1-3/), each one calibration block of a real cell, its plain twin and its
-costed twin, in an order that rotates with the seed; its DECLARED.txt says what was declared
-before the runs. Per repeat, real / twin - 1 of the figure (``raylocal.tools.calibrate.figures``:
-by default s per step, for the parts a step of the slower part); each twin's mean decided by
-raylocal.study.stats against a margin of ±0.10 (issue 34's 10%), Holm over the two twins.
+"""A real cell's figure against its emulated twins, repeated. Each directory given holds
+3 repeats (seedN/), each one calibration block of a real cell and its twins (plain, costed,
+apart: on the real cell's two nodes, unshaped), in an order that rotates with the seed; its
+DECLARED.txt says what was declared before the runs. Per repeat, real / twin - 1 of the
+figure (``raylocal.tools.calibrate.figures``: by default s per step, for the parts a step of
+the slower part), and where the twin apart ran, apart / plain twin - 1 (the two nodes' share;
+real / apart - 1 is the shaped link's own); each comparison's mean decided by
+raylocal.study.stats against a margin of ±0.10 (issue 34's 10%), Holm over the question's
+comparisons.
 
     python docs/results/calibration-costs/twin_repeats.py ddp-1mbit-repeats   # one 0.62 MB float32 bucket, 1 Mbit
     python docs/results/calibration-costs/twin_repeats.py ddp-tuned-10mbit    # the race's tuned DDP, 10 Mbit
@@ -14,14 +17,17 @@ import json
 import sys
 from pathlib import Path
 
-from raylocal.study.stats import adjust_family, decide
+from raylocal.study.stats import adjust_family, decide, verdict
 from raylocal.tools.calibrate import figures
 
 HERE = Path(__file__).parent / sys.argv[1]
 FIGURE = sys.argv[2] if len(sys.argv) > 2 else "s per step"
-SEEDS = (1, 2, 3)
+SEEDS = sorted(int(p.name.removeprefix("seed")) for p in HERE.glob("seed*"))
 (CELL,) = {p.name.removesuffix("-real.json") for p in HERE.glob("seed*/*-real.json")}  # as ddp-1mbit
 METHOD = CELL.rsplit("-", 1)[0]  # as ddp, local-sgd
+KINDS = [k for k in ("real", "emulated", "costed", "apart") if (HERE / f"seed{SEEDS[0]}" / f"{CELL}-{k}.json").exists()]
+# (what is divided, by what): real by each twin, and the twin apart by the one-node twin
+PAIRS = [("real", k) for k in KINDS[1:]] + ([("apart", "emulated")] if "apart" in KINDS else [])
 
 
 def figure(seed: int, kind: str) -> float:
@@ -30,23 +36,19 @@ def figure(seed: int, kind: str) -> float:
 
 
 WHAT = "step" if FIGURE == "s per step" else FIGURE.removesuffix(" %")
-WORDS = (f"real {WHAT} shorter", f"real {WHAT} longer")  # a ratio below 0, above 0
-
-
 family = []
-for kind in ("emulated", "costed"):
-    ratios = [figure(s, "real") / figure(s, kind) - 1 for s in SEEDS]
-    print(f"{kind}: real / twin - 1 per seed: " + ", ".join(f"{r:+.3f}" for r in ratios))
-    family.append(decide(ratios, 0.10, WORDS) | {"twin": kind})
-adjust_family(family, WORDS)
+for ours, twin in PAIRS:
+    words = (f"{ours} {WHAT} shorter", f"{ours} {WHAT} longer")  # a ratio below 0, above 0
+    ratios = [figure(s, ours) / figure(s, twin) - 1 for s in SEEDS]
+    print(f"{ours} / {twin} - 1 per seed: " + ", ".join(f"{r:+.3f}" for r in ratios))
+    family.append(decide(ratios, 0.10, words) | {"pair": f"{ours} / {twin}", "words": words})
+adjust_family(family)  # Holm over every comparison of the question; each verdict then in its own words
+for d in family:
+    if "p_difference_holm" in d:
+        d["adjusted"] = verdict(d["p_difference_holm"], d["p_equivalence_holm"], d["mean"], 0.10, d["words"])
 for d in family:
     more = f"; about {d['seeds_to_decide']} repeats would decide it (80% power)" if d["seeds_to_decide"] else ""
-    print(
-        f"{d['twin']}: {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] against ±0.10: {d['verdict']}, "
-        f"Holm {d['adjusted']}{more}"
-    )
+    shown = f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] against ±0.10: {d['verdict']}"
+    print(f"{d['pair']}: {shown}, Holm {d['adjusted']}{more}")
 for s in SEEDS:
-    print(
-        f"seed {s}: {FIGURE} real {figure(s, 'real'):.2f}, emulated {figure(s, 'emulated'):.2f}, "
-        f"costed {figure(s, 'costed'):.2f}"
-    )
+    print(f"seed {s}: {FIGURE} " + ", ".join(f"{k} {figure(s, k):.2f}" for k in KINDS))
