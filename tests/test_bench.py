@@ -156,7 +156,7 @@ def test_bench_async_on_fewer_gpus_than_parts_runs_its_ddp_baseline_on_cpus(monk
     class PlannedRun:  # the run's planning, not its training
         def __init__(self, config, data):
             runs.append(config)
-            self.ray_plan = plan_ray_run(config, data)
+            self.placement = plan_ray_run(config, data)
 
         def execute(self):
             return {"history": [{"ddp_images_per_s": 100.0}]}

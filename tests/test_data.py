@@ -186,7 +186,7 @@ def test_an_actor_sent_node_images_loads_the_drivers_exact_images_and_refuses_ot
     import ray
 
     from raylocal.cluster.connect import node_images
-    from raylocal.cluster.preflight import RayPlan
+    from raylocal.cluster.placement import Placement
     from raylocal.core.config import RaylocalConfig
     from raylocal.core.data import NodeImages, training_images
     from raylocal.run.launch import load_data
@@ -195,7 +195,7 @@ def test_an_actor_sent_node_images_loads_the_drivers_exact_images_and_refuses_ot
         raise AssertionError("the images went to the object store")
 
     def actor_images(config: RaylocalConfig, train: torch.Tensor):  # what a Ray run's plan sends each actor
-        return RayPlan(None, None, node_images(config, train)).train_images(train)
+        return Placement(None, None, node_images(config, train)).train_images(train)
 
     monkeypatch.setattr(ray, "put", no_object_store)
     monkeypatch.chdir(mnist_dir.parent)

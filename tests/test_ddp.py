@@ -23,7 +23,7 @@ from raylocal.baselines.ddp import (
 from raylocal.baselines.guard import NonFiniteGuard
 from raylocal.baselines.projection import ring_bytes
 from raylocal.cli.train import main
-from raylocal.cluster.placement import DataParallelPlacement
+from raylocal.cluster.placement import WorkerBundles
 from raylocal.core.checkpoint import load_checkpoint
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.links import FakeClock, LinkSpec, Wire
@@ -349,7 +349,7 @@ def test_overlapped_local_sgd_sends_the_same_rounds_and_hands_on_the_workers_ave
         average_overlap=True,
     )  # fmt: skip
     stats: dict = {}
-    two = DataParallelPlacement.plan(config, 2, cpus_per_worker=0.5)
+    two = WorkerBundles.plan(config, 2, cpus_per_worker=0.5)
     weights, _ = train_ddp(config, load_dataset("mnist", mnist_dir).train, two, 1, 1e-3, tmp_path / "ddp", stats=stats)
     params = sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters())
     # 4 steps: the round of step 3, landed after step 4, and the final average
@@ -408,7 +408,7 @@ def test_ddp_training_that_diverges_fails_in_one_line_with_its_reason(mnist_dir,
     )  # fmt: skip
     data = load_dataset("mnist", mnist_dir)
     with pytest.raises(DivergedError, match="^data-parallel training diverged: 6 steps in a row") as e:
-        train_ddp(config, data.train, DataParallelPlacement.plan(config, 2, 0.5), 3, 1e6, tmp_path / "ddp")
+        train_ddp(config, data.train, WorkerBundles.plan(config, 2, 0.5), 3, 1e6, tmp_path / "ddp")
     assert len(str(e.value).splitlines()) == 1
 
 
@@ -465,11 +465,11 @@ def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compresse
 
     config = RaylocalConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
-        warmup_steps=2, threads=1, samples=0, progress=False, link="bw=1Mbit", bucket_cap_mb=0.001,
+        warmup_steps=2, threads=1, samples=0, progress=False, link="bw=1Mbit,lat=20ms", bucket_cap_mb=0.001,
         ddp_compression="bf16", inject="straggle:2@1.5",
     )  # fmt: skip
     stats: dict = {}
-    two = DataParallelPlacement.plan(config, 2, cpus_per_worker=0.5)
+    two = WorkerBundles.plan(config, 2, cpus_per_worker=0.5)
     images = load_dataset("mnist", mnist_dir).train
     _, history = train_ddp(config, images, two, 1, 1e-3, tmp_path / "ddp", stats=stats, loss_every=2)
     params = sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters())
@@ -487,6 +487,9 @@ def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compresse
     assert stats["buffers_broadcast_each_step"] is False  # constant buffers: never sent again
     # worker 2 began training only once those bytes had crossed the 1 Mbit link (about 0.13 s)
     assert stats["start_spread_s"] >= 0.9 * stats["start_bytes"] * 8 / 1e6
+    # DDP's reducer timed its all-reduce: the last bucket, ready as the backward pass ends, lands 20 ms
+    # of latency later at the least, so that much of each step's all-reduce is left exposed
+    assert 0.02 <= stats["allreduce_exposed_s"] <= stats["allreduce_s"] < stats["seconds"] / stats["steps"]
 
 
 def test_a_loss_record_keeps_each_epochs_mean_and_a_point_every_n_steps():
@@ -568,7 +571,7 @@ def test_ddp_with_powersgd_over_the_link_sends_fewer_bytes_once_it_compresses(mn
         powersgd_rank=1, powersgd_start=2,
     )  # fmt: skip
     stats: dict = {}
-    two = DataParallelPlacement.plan(config, 2, cpus_per_worker=0.5)
+    two = WorkerBundles.plan(config, 2, cpus_per_worker=0.5)
     weights, _ = train_ddp(config, load_dataset("mnist", mnist_dir).train, two, 1, 1e-3, tmp_path / "ddp", stats=stats)
     whole = ring_bytes(sum(p.numel() * 4 for p in build_glow(config, (1, 8, 8)).parameters()), 2)
     # 4 steps: 2 of plain all-reduces, then 2 compressed to well under half the gradient

@@ -15,9 +15,9 @@ import torch
 from raylocal.baselines.ddp import DataParallelWorker
 from raylocal.cluster.connect import actor_error
 from raylocal.cluster.placement import (
-    DataParallelPlacement,
-    Placement,
+    PartBundles,
     TrialGroup,
+    WorkerBundles,
     assigned_device,
     check_torch_sees_gpus,
     data_parallel_uses_gpus,
@@ -220,9 +220,9 @@ def test_gpus_are_counted_only_on_the_nodes_of_the_worker_resource(monkeypatch):
         {"Alive": True, "Resources": {"CPU": 4.0, "workers": 1.0}},
     ]
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
-    bundle = Placement.plan(_config(device="auto", worker_resource="workers"), 3).work
+    bundle = PartBundles.plan(_config(device="auto", worker_resource="workers"), 3).work
     assert "GPU" not in bundle and bundle["CPU"] == 4.0
-    assert Placement.plan(_config(device="auto"), 3).work["GPU"] == 1.0
+    assert PartBundles.plan(_config(device="auto"), 3).work["GPU"] == 1.0
 
 
 def test_gpu_bundles_take_their_cpus_from_the_gpu_nodes_not_from_a_cpu_only_head():
@@ -233,16 +233,16 @@ def test_gpu_bundles_take_their_cpus_from_the_gpu_nodes_not_from_a_cpu_only_head
     Bundles that cannot fit there are refused at once, not after a placement timeout."""
     head, gpu_node = {"CPU": 16.0}, {"CPU": 4.0, "GPU": 1.0}
     three = {"parts": 3, "part_spec": None, "device": "auto"}
-    plan = Placement.plan(_config(**three), 3, [head, gpu_node])
+    plan = PartBundles.plan(_config(**three), 3, [head, gpu_node])
     assert plan.part == {"CPU": 1.0, "GPU": 0.3} and plan.service == {"CPU": 1.0, "GPU": 0.1}
     assert plan.work == {"CPU": 4.0, "GPU": 1.0} and plan.work_threads == 1  # (--threads 1 in _config)
     assert 3 * plan.part["CPU"] + plan.service["CPU"] <= gpu_node["CPU"]  # all of them on the GPU node at once
     plan.check()
-    too_big = Placement.plan(_config(**three, cpus_per_part=2.0), 3, [head, gpu_node])
+    too_big = PartBundles.plan(_config(**three, cpus_per_part=2.0), 3, [head, gpu_node])
     with pytest.raises(ClusterError, match=r"^3 parts of \{CPU 2, GPU 0.3\} and the model service need CPU 8, "
                        r"the 1 node\(s\) that can hold them have 4; "):  # fmt: skip
         too_big.check()
-    on_cpus = Placement.plan(_config(**(three | {"device": "cpu"})), 3, [head, gpu_node])
+    on_cpus = PartBundles.plan(_config(**(three | {"device": "cpu"})), 3, [head, gpu_node])
     assert on_cpus.part == {"CPU": 4.0} and on_cpus.work == {"CPU": 8.0}  # no GPU asked: every node's CPUs
     on_cpus.check()
     trial = TrialGroup.plan(_config(**three, cpus_per_part=2.0, gpus_per_part=0.2))  # a Tune trial's, likewise
@@ -263,11 +263,11 @@ def test_actors_granted_no_gpu_on_a_gpu_cluster_are_shown_none(monkeypatch, mnis
 
     hidden = {"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
     gpu_cluster = [{"CPU": 16.0, "GPU": 2.0}]
-    on_cpus = Placement.plan(_config(), 2, gpu_cluster)  # (--device cpu)
-    on_gpus = Placement.plan(_config(device="auto"), 2, gpu_cluster)
+    on_cpus = PartBundles.plan(_config(), 2, gpu_cluster)  # (--device cpu)
+    on_gpus = PartBundles.plan(_config(device="auto"), 2, gpu_cluster)
     assert on_cpus.part_gpus == 0 and on_cpus.shown_gpus(0.0) == hidden
     assert on_gpus.part_gpus == 0.9 and on_gpus.shown_gpus(0.9) == {} and on_gpus.shown_gpus(0.1) == {}
-    assert Placement.plan(_config(), 2, [{"CPU": 16.0}]).shown_gpus(0.0) == {}
+    assert PartBundles.plan(_config(), 2, [{"CPU": 16.0}]).shown_gpus(0.0) == {}
 
     class Started(Exception):
         pass
@@ -287,8 +287,8 @@ def test_actors_granted_no_gpu_on_a_gpu_cluster_are_shown_none(monkeypatch, mnis
         def shutdown(self) -> None:
             pass
 
-    monkeypatch.setattr(Placement, "reserve_parts", lambda self: (None, 0, False))
-    monkeypatch.setattr(Placement, "reserve_service", lambda self: None)
+    monkeypatch.setattr(PartBundles, "reserve_parts", lambda self: (None, 0, False))
+    monkeypatch.setattr(PartBundles, "reserve_service", lambda self: None)
     monkeypatch.setattr(parts_phase, "place_parts", lambda placement: (None, 0, False))
     for module, actor in ((parts_phase, "PartActor"), (pipeline_on_ray, "StageActor"), (service, "ServiceActor")):
         monkeypatch.setattr(module, actor, Actor)
@@ -310,10 +310,10 @@ def test_a_placement_gives_the_parts_the_service_and_the_fine_tune_their_threads
     """A part's threads are its CPUs (the model service's bundle is a part's), the
     fine-tune worker's are its node's CPUs (at most 8); --threads sets them all."""
     nodes = [{"CPU": 6.0}]
-    plan = Placement.plan(_config(threads=None), 2, nodes)
+    plan = PartBundles.plan(_config(threads=None), 2, nodes)
     assert (plan.part_cpus, plan.service["CPU"], plan.threads) == (2.0, 2.0, 2)
     assert (plan.work["CPU"], plan.work_threads) == (6.0, 6)
-    pinned = Placement.plan(_config(threads=1), 2, nodes)
+    pinned = PartBundles.plan(_config(threads=1), 2, nodes)
     assert (pinned.threads, pinned.work_threads) == (1, 1)
 
 
@@ -321,20 +321,20 @@ def test_data_parallel_workers_share_and_are_checked_against_the_nodes_of_the_wo
     head = {"CPU": 8.0, "GPU": 2.0}  # a GPU node without the resource: it only coordinates
     workers = {"CPU": 2.0, "workers": 1.0}
     pinned = _config(device="auto", worker_resource="workers")
-    plan = DataParallelPlacement.plan(pinned, 2, nodes=[head, workers])
+    plan = WorkerBundles.plan(pinned, 2, nodes=[head, workers])
     assert not plan.use_gpu and plan.worker["CPU"] == 1.0 and plan.worker["workers"] > 0  # 2 CPUs / 2 workers
     plan.check([head, workers])
     with pytest.raises(ClusterError, match=r"3 data-parallel workers of \{CPU 1, workers .*\} need 3 places, the "
                        "cluster's nodes hold 2"):  # fmt: skip
-        DataParallelPlacement.plan(pinned, 3, 1.0, nodes=[head, workers]).check([head, workers])
+        WorkerBundles.plan(pinned, 3, 1.0, nodes=[head, workers]).check([head, workers])
     with pytest.raises(ClusterError, match="a data-parallel worker needs .* and no node of this cluster has that much"):
         plan.check([head])
-    unpinned = DataParallelPlacement.plan(_config(device="cpu"), 2, nodes=[head, workers])
+    unpinned = WorkerBundles.plan(_config(device="cpu"), 2, nodes=[head, workers])
     assert not unpinned.use_gpu and unpinned.worker == {"CPU": 4.0}  # two of 4 fit on the head; two of 5 nowhere
     unpinned.check([head, workers])
     with pytest.raises(ClusterError, match="need 2 places, the cluster's nodes hold 1"):
-        DataParallelPlacement(2, False, {"CPU": 5.0}, 5).check([head, workers])  # one of 5 fits, on the head alone
-    on_head = DataParallelPlacement.plan(_config(device="auto"), 2, nodes=[head, workers])
+        WorkerBundles(2, False, {"CPU": 5.0}, 5).check([head, workers])  # one of 5 fits, on the head alone
+    on_head = WorkerBundles.plan(_config(device="auto"), 2, nodes=[head, workers])
     assert on_head.use_gpu and on_head.worker == {"CPU": 4.0}  # GPU workers share the GPU node's CPUs
     # a share places every worker node by node, a GPU each too, and Ray's 1/10000 units round it down
     cpus = [{"CPU": c} for c in (8.0, 2.0)]
@@ -345,12 +345,12 @@ def test_data_parallel_workers_share_and_are_checked_against_the_nodes_of_the_wo
     assert equal_share(two_gpu_nodes, 2, gpu=True) == 8.0  # not 16: the head holds one GPU worker
     with pytest.raises(ClusterError, match=r"3 data-parallel workers of \{CPU 2\} need 3 places, the cluster's nodes "
                        "hold 2"):  # fmt: skip
-        DataParallelPlacement(3, False, {"CPU": 2.0}, 2).check([{"CPU": 3.0}, {"CPU": 3.0}])  # 6 CPUs, in threes
-    on_gpus = DataParallelPlacement.plan(_config(device="auto"), 2, 1.0, nodes=[head, workers])
+        WorkerBundles(3, False, {"CPU": 2.0}, 2).check([{"CPU": 3.0}, {"CPU": 3.0}])  # 6 CPUs, in threes
+    on_gpus = WorkerBundles.plan(_config(device="auto"), 2, 1.0, nodes=[head, workers])
     assert on_gpus.use_gpu
     on_gpus.check([head, workers])  # Ray Train adds a GPU to each worker's bundle: only the head holds one
     with pytest.raises(ClusterError, match=r"of \{CPU 1, GPU 1\} need 3 places, the cluster's nodes hold 2"):
-        dataclasses.replace(on_gpus, workers=3).check([head, workers])
+        dataclasses.replace(on_gpus, count=3).check([head, workers])
 
 
 def test_data_parallel_runs_refuse_or_say_so_on_fewer_gpus_than_workers(capsys):
@@ -509,10 +509,10 @@ def test_ray_train_workers_granted_no_gpu_are_shown_none(monkeypatch, tmp_path, 
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
     config = _config()
     for use_gpu in (False, True):
-        workers = DataParallelPlacement(2, use_gpu, {"CPU": 1.0} | ({"GPU": 1.0} if use_gpu else {}), 1)
+        workers = WorkerBundles(2, use_gpu, {"CPU": 1.0} | ({"GPU": 1.0} if use_gpu else {}), 1)
         with pytest.raises(Built):
             train_ddp(config, _images(), workers, 1, 1e-3, tmp_path / "ddp")
-        one = dataclasses.replace(Placement.plan(config, 2, [{"CPU": 4.0}]), work={"CPU": 1.0, "GPU": float(use_gpu)})
+        one = dataclasses.replace(PartBundles.plan(config, 2, [{"CPU": 4.0}]), work={"CPU": 1.0, "GPU": float(use_gpu)})
         with pytest.raises(Built):
             finish_on_ray_train(config, one, "mnist", (None, None), tmp_path, [(0, 8), (8, 15)], None)
     hidden = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
@@ -561,9 +561,9 @@ def test_gpu_shares_are_checked_as_ray_packs_them_one_gpu_each():
     config = _config(parts=3, part_spec=None, device="auto", cpus_per_part=1.0)
     with pytest.raises(ClusterError, match=r"^3 parts and the model service: GPU shares of 0.6, 0.1 for 4 bundles "
                        r"do not pack into the 2 GPU\(s\) of this cluster"):  # fmt: skip
-        Placement.plan(config.model_copy(update={"gpus_per_part": 0.6}), 3, two_gpus).check()
-    Placement.plan(config.model_copy(update={"gpus_per_part": 0.45}), 3, two_gpus).check()
-    Placement.plan(config, 3, two_gpus).check()  # the default share: 0.45 each
+        PartBundles.plan(config.model_copy(update={"gpus_per_part": 0.6}), 3, two_gpus).check()
+    PartBundles.plan(config.model_copy(update={"gpus_per_part": 0.45}), 3, two_gpus).check()
+    PartBundles.plan(config, 3, two_gpus).check()  # the default share: 0.45 each
     with pytest.raises(ClusterError, match=r"^a trial of 3 parts and its own process: GPU shares of 0.6, 0.1"):
         TrialGroup.plan(config.model_copy(update={"gpus_per_part": 0.6})).check(two_gpus)
     TrialGroup.plan(config.model_copy(update={"gpus_per_part": 0.45})).check(two_gpus)

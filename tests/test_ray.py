@@ -14,8 +14,7 @@ from conftest import lose_the_working_directory_on_joining, run_local, tiny_opti
 
 import raylocal.cluster.preflight
 from raylocal.cli.train import main
-from raylocal.cluster.placement import Placement
-from raylocal.cluster.preflight import RayPlan
+from raylocal.cluster.placement import PartBundles, Placement
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.model.parts import PartSpec
@@ -291,7 +290,7 @@ def test_a_parts_phase_that_fails_to_start_releases_its_placement_group_and_queu
     real_place = parts_phase.place_parts
     monkeypatch.setattr(parts_phase, "place_parts", lambda *a: made.append(real_place(*a)) or made[-1])
     with pytest.raises(RuntimeError, match="no such resource"):
-        parts_phase.PartsPhase(config, data, mnist_dir, Placement.plan(config, 3), "images")
+        parts_phase.PartsPhase(config, data, mnist_dir, PartBundles.plan(config, 3), "images")
     pg = made[0][0]
     assert placement_group_table(pg)["state"] == "REMOVED"
     assert len(shut) == 2  # both boundaries' queues
@@ -313,7 +312,7 @@ def test_part_resources_give_each_part_a_gpu_or_a_share_of_one(monkeypatch, clus
     import ray
 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": dict(cluster)}])
-    placement = Placement.plan(RaylocalConfig(parts=3, **options), 3)
+    placement = PartBundles.plan(RaylocalConfig(parts=3, **options), 3)
     cpus, gpus, threads = placement.part_cpus, placement.part_gpus, placement.threads
     assert (round(cpus, 6), round(gpus, 6), threads) == (round(expected[0], 6), expected[1], expected[2])
 
@@ -325,7 +324,7 @@ def test_shared_gpu_bundles_fit_on_the_gpus_there_are(monkeypatch, n_gpus):
 
     nodes = [{"CPU": 64.0, "GPU": float(n_gpus)}]
     for n_parts in range(1, 9):
-        placement = Placement.plan(RaylocalConfig(parts=n_parts), n_parts, nodes)
+        placement = PartBundles.plan(RaylocalConfig(parts=n_parts), n_parts, nodes)
         share = placement.part_gpus
         # fill the GPUs one bundle at a time, as Ray's first fit would
         free = [1.0] * n_gpus
@@ -406,7 +405,7 @@ def test_the_pipeline_parallel_rival_on_ray_trains_as_its_stages_do_in_one_proce
 def test_the_placement_check_counts_the_model_service_only_for_runs_that_have_one():
     from raylocal.errors import ClusterError
 
-    placement = Placement.plan(RaylocalConfig(parts=2, cpus_per_part=1.0), 2, [{"CPU": 2.0}])
+    placement = PartBundles.plan(RaylocalConfig(parts=2, cpus_per_part=1.0), 2, [{"CPU": 2.0}])
     with pytest.raises(ClusterError, match=r"2 parts of \{CPU 1\} and the model service need CPU 3, the cluster has 2"):
         placement.check()
     placement.check(with_service=False)  # the pipeline rival's two stages fit
@@ -472,9 +471,9 @@ def test_a_service_here_takes_the_configs_device_in_a_driver_not_rays_grant(monk
     monkeypatch.setattr(service, "ModelService", lambda config, shape, device: made.append(device))
     monkeypatch.setattr(service, "actor_device", lambda config: torch.device("cpu"))  # a driver is granted nothing
     config = RaylocalConfig(schedule="async", parts=2, device="cuda")
-    placement = type("Placement", (), {"service": {"CPU": 1.0}, "threads": 1})()
+    placement = type("PartBundles", (), {"service": {"CPU": 1.0}, "threads": 1})()
     data = load_dataset("mnist", mnist_dir)
-    context = AsyncContext(config, data, tmp_path, RayPlan(placement, None, None), service_here=True)
+    context = AsyncContext(config, data, tmp_path, Placement(placement, None, None), service_here=True)
     handle = context.service
     handle.start()  # a benchmark's driver plans and evaluates where its parts train
     assert made == ["cuda"] and handle.images((None, None))[0] is context.data.train  # its own images, no copy

@@ -273,6 +273,19 @@ def test_a_trial_reserves_what_its_own_evaluations_need(options, expected):
     assert TrialGroup.plan(RaylocalConfig(parts=3, **options), cpus_per_trial=2.0).bundles[0]["CPU"] == 2.0
 
 
+def test_inside_a_trial_the_runs_parts_ask_for_the_bundles_its_group_reserved():
+    """The study fixes the parts' shares in every trial's config (``trial_shares``);
+    the trial's own run then plans the very bundles its group holds for them."""
+    from raylocal.cluster.placement import PartBundles, trial_shares
+
+    gpu_node = {"CPU": 8.0, "GPU": 1.0, "box": 1.0}
+    for options in ({}, {"worker_resource": "box"}, {"gpus_per_part": 0.3, "cpus_per_part": 1.0}):
+        base = RaylocalConfig(parts=3, **options)
+        trial = base.model_copy(update=trial_shares(base, [gpu_node], concurrent=2))
+        group = TrialGroup.plan(trial).bundles
+        assert group[1:] == [PartBundles.plan(trial, 3, [gpu_node]).part] * 3
+
+
 def test_a_trial_started_again_in_its_directory_trains_its_parts_anew(tmp_path):
     from raylocal.tune.tuning import FINISHED_FILES, clear_finish
 

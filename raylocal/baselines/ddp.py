@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from raylocal.baselines.guard import NonFiniteGuard
 from raylocal.baselines.projection import ring_bytes
 from raylocal.cluster.connect import node_images
-from raylocal.cluster.placement import DataParallelPlacement, check_torch_sees_gpus
+from raylocal.cluster.placement import WorkerBundles, check_torch_sees_gpus
 from raylocal.cluster.queue import Mailbox
 from raylocal.cluster.ray_train import run_on_ray_train
 from raylocal.core.config import RaylocalConfig
@@ -376,22 +376,7 @@ class DataParallelWorker:
         self.start_bytes = 0  # DDP's first broadcast of the model, when a link carries it
         self.powersgd: PowerSGDReduce | None = None  # its state, to forget after a skipped step
         self.outer: OuterNesterov | None = None
-        if config.average_every:  # local SGD: each worker its own model, averaged now and then
-            self.model: nn.Module = NLL(self.glow)
-            self.wire = Wire(self.link)
-            if config.outer_lr:
-                self.outer = OuterNesterov(list(self.model.parameters()), config.outer_lr)
-        else:
-            # Glow's buffers (the 1x1 convolutions' permutations and masks, ActNorm's flag) never
-            # change after the identical initialisation: DDP's broadcast of them before every
-            # forward (8 kB, off the emulated wire) is traffic a careful user turns off
-            options = {"broadcast_buffers": False} | (
-                {"bucket_cap_mb": config.bucket_cap_mb} if config.bucket_cap_mb else {}
-            )
-            self.model = ray.train.torch.prepare_model(NLL(self.glow), parallel_strategy_kwargs=options)
-            self._register_hook(config)
-            if self.hook is not None:
-                self.start_bytes = carry_first_broadcast(self.glow, self.hook.wire, self.rank, self.world)
+        self.model: nn.Module = self._wrap(config)
         opt_cls = torch.optim.Adamax if config.optimizer == "adamax" else torch.optim.Adam
         self.lr = loop_config["lr"]
         self.optimizer = opt_cls(self.model.parameters(), lr=self.lr)
@@ -412,6 +397,32 @@ class DataParallelWorker:
         self.round: OverlappedRound | None = None  # an overlapped round on its way
         self.straggler = Straggler(parse_faults(config.inject or ""), self.rank)
         self.losses = LossRecord(loop_config.get("loss_every", LOSS_EVERY))
+
+    def _wrap(self, config: RaylocalConfig) -> nn.Module:
+        """The model this worker trains: its own, averaged now and then (local SGD),
+        or wrapped in DDP, its all-reduce over the link."""
+        import ray.train.torch
+
+        if config.average_every:
+            self.wire = Wire(self.link)
+            model = NLL(self.glow)
+            if config.outer_lr:
+                self.outer = OuterNesterov(list(model.parameters()), config.outer_lr)
+            return model
+        # Glow's buffers (the 1x1 convolutions' permutations and masks, ActNorm's flag) never
+        # change after the identical initialisation: DDP's broadcast of them before every
+        # forward (8 kB, off the emulated wire) is traffic a careful user turns off
+        cap = {"bucket_cap_mb": config.bucket_cap_mb} if config.bucket_cap_mb else {}
+        options = {"broadcast_buffers": False} | cap
+        self.model = ray.train.torch.prepare_model(NLL(self.glow), parallel_strategy_kwargs=options)
+        if hasattr(self.model, "_set_ddp_runtime_logging_sample_rate") and self.device.type == "cpu":
+            # its reducer's own timers, every step (on a GPU a timed step waits for its CUDA events:
+            # there DDP's default, the first 10 steps and every 100th, stays)
+            self.model._set_ddp_runtime_logging_sample_rate(1)
+        self._register_hook(config)
+        if self.hook is not None:
+            self.start_bytes = carry_first_broadcast(self.glow, self.hook.wire, self.rank, self.world)
+        return self.model
 
     def _register_hook(self, config: RaylocalConfig) -> None:
         """DDP's communication: over the emulated link (``LinkedAllReduce``, compressed
@@ -449,8 +460,9 @@ class DataParallelWorker:
         if self.outer is not None:
             self.outer.step(params)
         self.bytes_averaged += nbytes
-        self.rounds_s += time.perf_counter() - start - met
-        self.idle_s += time.perf_counter() - start
+        took = time.perf_counter() - start
+        self.rounds_s += took - met
+        self.idle_s += took
 
     def start_round(self) -> None:
         """An overlapped local-SGD round (``--average-overlap``), applied after the next step."""
@@ -561,12 +573,26 @@ class DataParallelWorker:
         if every and (self.step % every or self.config.average_overlap):
             self.average()
 
+    def reducer_times(self) -> tuple[float, float]:
+        """DDP's all-reduce as its reducer timed it, mean seconds per timed step: from its first
+        bucket's start to its last one's end, and of that what came after the backward
+        pass had ended (the wait it left exposed). Read with a prototype torch API, which
+        times real links and emulated ones alike; (-1, -1) where there is none (local
+        SGD, one worker, or a torch without it)."""
+        try:
+            data = self.model._get_ddp_logging_data()
+            comm, overlap = data["avg_backward_comm_time"], data["avg_backward_compute_comm_overlap_time"]
+        except (AttributeError, KeyError, RuntimeError):
+            return -1.0, -1.0
+        return comm / 1e9, max(comm - overlap, 0) / 1e9  # (nanoseconds)
+
     def _finish(self, history: list[dict[str, Any]], seconds: float, mailbox: Mailbox) -> None:
         import ray.train
 
         idle = self.idle_s + (self.hook.idle_s if self.hook else 0.0)
         worst = self.control(
             [idle, peak_rss_mb(), self.straggler.waited_s, self.began_at, -self.began_at, self.sync_s, self.rounds_s]
+            + list(self.reducer_times())
         )
         self._all_reduce(worst, "max")
         sent = self.bytes_averaged + (self.hook.bytes_sent if self.hook else 0.0)
@@ -583,6 +609,9 @@ class DataParallelWorker:
             "idle_s": float(worst[0]),  # the most idle worker
             "sync_s": float(worst[5]),  # the most at sync points, waiting for the others
             "rounds_s": float(worst[6]),  # the most in local-SGD rounds' averaging, after their meeting
+            # DDP's reducer's own timing, the most of any worker (None: not timed)
+            "allreduce_s": float(worst[7]) if worst[7] >= 0 else None,
+            "allreduce_exposed_s": float(worst[8]) if worst[8] >= 0 else None,
             "peak_rss_mb": float(worst[1]),  # the largest worker
             "straggled_s": float(worst[2]),  # what a straggler (--inject straggle) added to its compute
             "start_spread_s": float(worst[3] + worst[4]),  # from the first worker's first step to the last's
@@ -608,7 +637,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 def train_ddp(
     config: RaylocalConfig,
     images: Tensor,
-    placement: DataParallelPlacement,
+    workers: WorkerBundles,
     epochs: int,
     lr: float,
     storage: Path,
@@ -619,7 +648,7 @@ def train_ddp(
     stats: dict[str, Any] | None = None,
     loss_every: int = LOSS_EVERY,
 ) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
-    """Train end to end on the placement's data-parallel workers (DDP, or local SGD
+    """Train end to end on its data-parallel ``workers`` (DDP, or local SGD
     with ``config.average_every``, over ``config.link``); returns (weights,
     per-epoch metrics) and fills ``stats`` with the run's totals when given.
 
@@ -634,15 +663,15 @@ def train_ddp(
             "images": node_images(config, images) or images,
             "epochs": epochs,
             "lr": lr,
-            "threads": placement.threads,
+            "threads": workers.threads,
             "state": state,
             "lr_clock": lr_clock,
             "lr_total": lr_total,
             "time_budget": time_budget,
             "loss_every": loss_every,
         },
-        what="DDP training", name="ddp", storage=storage, workers=placement.workers,
-        resources=placement.worker, use_gpu=placement.use_gpu,
+        what="DDP training", name="ddp", storage=storage, workers=workers.count,
+        resources=workers.worker, use_gpu=workers.use_gpu,
     )  # fmt: skip
     if stats is not None:
         stats.update(record["stats"])

@@ -1,5 +1,5 @@
 """The pipeline-parallel rival on Ray: one actor per stage, placed as the parts
-are (``Placement``), and at every boundary two latent queues, activations
+are (``PartBundles``), and at every boundary two latent queues, activations
 forward and gradients back, each behind the parts' emulated link
 (``LinkSender`` and ``LinkReceiver`` on ``--link``)."""
 
@@ -18,7 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raylocal.baselines.pipeline_parallel import PipelineStage, StageLinks, check_stages_agree, stage_ops, train_stage
 from raylocal.cluster.connect import errors_in_one_line
 from raylocal.cluster.parts_phase import get_or_none
-from raylocal.cluster.placement import Placement, actor_device
+from raylocal.cluster.placement import PartBundles, actor_device
 from raylocal.cluster.queue import LatentQueue
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import BatchStream, NodeImages, training_images
@@ -148,22 +148,22 @@ class PipelineResult:
 
 def train_pipeline_parallel(
     config: RaylocalConfig,
-    placement: Placement,
+    bundles: PartBundles,
     train_images: Any,
     schedule: str = "1f1b",
     micro: int = 4,
     steps: int | None = None,
     budget: float | None = None,
 ) -> PipelineResult:
-    """Train the model end to end as a pipeline of ``placement.n_parts`` stages on
-    Ray, placed as ``placement`` says (checked, on a joined cluster:
+    """Train the model end to end as a pipeline of ``bundles.n_parts`` stages on
+    Ray, placed as ``bundles`` say (checked, on a joined cluster:
     ``plan_ray_run``), for ``steps`` batches or ``budget`` seconds;
     ``train_images`` is what each stage is sent for its images. The first stage
     plans the bounds, as the model service plans the parts."""
     if config.batch_size % micro:
         raise ValueError(f"a batch of {config.batch_size} does not split into {micro} micro-batches")
-    n = placement.n_parts
-    pg, first, own = placement.reserve_parts()
+    n = bundles.n_parts
+    pg, first, own = bundles.reserve_parts()
     # each queue on the bundle of the stage that reads it (its blocking get()s stay on that node):
     # boundary k's activations on stage k + 1's, their gradients on stage k's
     readers = [first + k + 1 - j for k in range(n - 1) for j in (0, 1)]
@@ -173,12 +173,12 @@ def train_pipeline_parallel(
         for k in range(n):
             strategy = _on(pg, first + k)
             options = {
-                "num_cpus": placement.part_cpus,
-                "num_gpus": placement.part_gpus,
+                "num_cpus": bundles.part_cpus,
+                "num_gpus": bundles.part_gpus,
                 "scheduling_strategy": strategy,
-                **placement.shown_gpus(placement.part_gpus),
+                **bundles.shown_gpus(bundles.part_gpus),
             }
-            actors.append(StageActor.options(**options).remote(config.model_dump_json(), k, placement.threads))
+            actors.append(StageActor.options(**options).remote(config.model_dump_json(), k, bundles.threads))
         with errors_in_one_line():
             planned = ray.get(actors[0].plan.remote(train_images))
             bounds, canonical = planned.pop("bounds"), planned.pop("canonical")

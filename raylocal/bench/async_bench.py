@@ -199,7 +199,7 @@ class AsyncBench:
     def run_parts(self) -> None:
         """The async run's parts (a parts-only ``Run``, its model service in this
         process), with the CPU meter on; keeps what the reports need."""
-        from raylocal.cluster.placement import Placement  # (imports Ray: only the cells that use it do)
+        from raylocal.cluster.placement import PartBundles  # (imports Ray: only the cells that use it do)
 
         with tempfile.TemporaryDirectory() as tmp, CpuMeter() as meter:
             config = self.config.model_copy(update={"storage_path": tmp, "run_name": "run"})
@@ -212,7 +212,7 @@ class AsyncBench:
         self.steady = (last["steps"] - 1) * 64 / (last["end_time"] - last["first_step_time"])
         self.cpu = meter.split(last["first_step_time"], last["end_time"])
         self.step_time = [st["compute_s"] / max(st["steps"], 1) for st in self.stats]
-        unit = f"{Placement.plan(self.config, self.k).part_gpus:.3g} GPU" if self.gpu else "thread"
+        unit = f"{PartBundles.plan(self.config, self.k).part_gpus:.3g} GPU" if self.gpu else "thread"
         print(
             f"async, {self.k} actors x 1 {unit}: {self.steady:.0f} images/s through the whole model in steady "
             f"state ({self.report['images_per_s_pipeline']:.0f} including start-up: {last['steps']} steps in "
@@ -286,7 +286,7 @@ class AsyncBench:
             summary = run.execute()
         history = summary["history"]
         ips = history[-1]["ddp_images_per_s"] if history else float("nan")
-        where = "a GPU each" if run.ray_plan.workers.use_gpu else "1 thread"
+        where = "a GPU each" if run.placement.workers.use_gpu else "1 thread"
         print(f"DDP e2e, {self.k} workers x {where}: {ips:.0f} images/s", flush=True)
 
 

@@ -30,7 +30,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raylocal.cluster.connect import errors_in_one_line
-from raylocal.cluster.placement import Placement, actor_device
+from raylocal.cluster.placement import PartBundles, actor_device
 from raylocal.cluster.queue import LatentQueue
 from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.core.config import RaylocalConfig
@@ -234,15 +234,15 @@ class PartsPhase:
     the run, joined Ray and planned its placement (``plan_ray_run``)."""
 
     def __init__(
-        self, config: RaylocalConfig, data: ImageData, run_dir: Path, placement: Placement, train_ref: Any
+        self, config: RaylocalConfig, data: ImageData, run_dir: Path, bundles: PartBundles, train_ref: Any
     ) -> None:
-        self.config, self.n_parts, self.run_dir = config, placement.n_parts, run_dir
+        self.config, self.n_parts, self.run_dir = config, bundles.n_parts, run_dir
         self.n_steps = config.epochs * (len(data.train) // config.batch_size)
-        self.train_ref = train_ref  # the images each part is sent (``RayPlan.train_images``)
+        self.train_ref = train_ref  # the images each part is sent (``Placement.train_images``)
         n_parts = self.n_parts
         self.actors: list[Any] = []
         self.queues: list[LatentQueue] = []
-        self.pg, first_bundle, self.own_pg = place_parts(placement)
+        self.pg, first_bundle, self.own_pg = place_parts(bundles)
         try:  # a start that fails half way releases what it started
             for k in range(1, n_parts):  # part k's inbox, on part k's node: its blocking get() stays on the node
                 inbox = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + k)
@@ -251,13 +251,13 @@ class PartsPhase:
                 strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + k)
                 self.actors.append(
                     PartActor.options(
-                        num_cpus=placement.part_cpus,
-                        num_gpus=placement.part_gpus,
+                        num_cpus=bundles.part_cpus,
+                        num_gpus=bundles.part_gpus,
                         max_restarts=config.max_restarts,
                         max_task_retries=config.max_restarts,  # replay run() on the restarted actor
                         scheduling_strategy=strategy,
-                        **placement.shown_gpus(placement.part_gpus),
-                    ).remote(config.model_dump_json(), k, data.shape, placement.threads, str(run_dir))
+                        **bundles.shown_gpus(bundles.part_gpus),
+                    ).remote(config.model_dump_json(), k, data.shape, bundles.threads, str(run_dir))
                 )
         except BaseException:
             self.close()
@@ -334,9 +334,9 @@ class PartsPhase:
             return gather_weights(actors), stats, infos, wall
 
 
-def place_parts(placement: Placement) -> tuple[PlacementGroup, int, bool]:
-    """The parts' placement group (see ``Placement.reserve_parts``): a seam for tests."""
-    return placement.reserve_parts()
+def place_parts(bundles: PartBundles) -> tuple[PlacementGroup, int, bool]:
+    """The parts' placement group (see ``PartBundles.reserve_parts``): a seam for tests."""
+    return bundles.reserve_parts()
 
 
 def train_parts(

@@ -1,9 +1,15 @@
 """One ``Placement``: what a run asks of the cluster (bundles, threads, devices),
-decided once from its config and the cluster's live nodes.
+decided once, before anything starts, from its config and the cluster's live
+nodes (``raylocal.cluster.preflight.plan_ray_run``).
 
-Every Ray entry point asks it: the async run (its parts, its model service, its
-fine-tune worker), Ray Tune (a trial's bundles), DDP (GPUs or CPUs). ``plan``
-is a pure function of the config and the nodes, so it is tested without Ray.
+A ``Placement`` holds the bundles of what the run places: its parts, model
+service and one-worker fine-tune (``PartBundles``; a pipeline rival's stages
+too), and its data-parallel workers (``WorkerBundles``: a DDP fine-tune's, or
+the data-parallel rival's). A Tune study reserves each trial's process and
+parts as one group (``TrialGroup``), with the parts' shares fixed for the whole
+study; inside the trial the run's ``PartBundles`` are those same bundles. Each
+``plan`` is a pure function of the config and the nodes, so it is tested
+without Ray; the devices are read in each actor, from what Ray granted it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from raylocal.core.config import RaylocalConfig
+from raylocal.core.data import NodeImages
 from raylocal.errors import ClusterError
 
 # What a service (the run's evaluations, a Tune trial's own process) reserves of
@@ -112,12 +119,18 @@ def _unpacked_gpus(bundles: list[dict[str, float]], nodes: list[dict[str, float]
     )
 
 
+def part_bundle(config: RaylocalConfig, cpus: float, gpus: float) -> dict[str, float]:
+    """A part actor's bundle (a pipeline stage's too): its CPUs, its GPU share if any,
+    kept to the ``--worker-resource`` nodes; a run's and a Tune trial's alike."""
+    return _pinned(config, {"CPU": cpus} | ({"GPU": gpus} if gpus else {}))
+
+
 def _shown(bundle: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k} {v:g}" for k, v in bundle.items()) + "}"
 
 
 @dataclass(frozen=True)
-class Placement:
+class PartBundles:
     """A run's resources on one cluster: a bundle per part actor, the model
     service's bundle, the bundle of a worker that has the cluster to itself (the
     fine-tune), torch threads per part, and how the parts spread over nodes."""
@@ -132,7 +145,7 @@ class Placement:
     nodes: list[dict[str, float]] = field(default_factory=list, repr=False)
 
     @classmethod
-    def plan(cls, config: RaylocalConfig, n_parts: int, nodes: list[dict[str, float]] | None = None) -> Placement:
+    def plan(cls, config: RaylocalConfig, n_parts: int, nodes: list[dict[str, float]] | None = None) -> PartBundles:
         """The placement of ``n_parts`` parts on ``nodes`` (the live ones by default).
         By default the parts and one service share the CPUs; each part gets a GPU
         when there is one for each, else a share of one."""
@@ -153,7 +166,7 @@ class Placement:
         work_cpus = config.cpus_per_part or max([min(r.get("CPU", 0.0), FINETUNE_MAX_CPUS) for r in work_pool] + [1.0])
         return cls(
             n_parts=n_parts,
-            part=_pinned(config, {"CPU": cpus} | ({"GPU": gpus} if gpus else {})),
+            part=part_bundle(config, cpus, gpus),
             service=_pinned(config, {"CPU": cpus} | ({"GPU": SERVICE_GPU_SHARE} if gpus else {})),
             work=_pinned(config, {"CPU": work_cpus} | ({"GPU": 1.0} if whole_gpus else {})),
             threads=config.threads or max(1, int(cpus)),
@@ -269,8 +282,7 @@ class TrialGroup:
         trial = {"CPU": cpus if cpus_per_trial is None else cpus_per_trial} | (
             {"GPU": min(SERVICE_GPU_SHARE, gpus)} if gpus else {}
         )
-        part = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
-        bundles = [_pinned(base, trial)] + [_pinned(base, part)] * base.part_count()
+        bundles = [_pinned(base, trial)] + [part_bundle(base, cpus, gpus)] * base.part_count()
         return cls(bundles, "STRICT_SPREAD" if base.placement == "spread" else "PACK", base.worker_resource)
 
     def factory(self) -> Any:
@@ -396,11 +408,11 @@ def equal_share(nodes: list[dict[str, float]], workers: int, gpu: bool = False) 
 
 
 @dataclass(frozen=True)
-class DataParallelPlacement:
+class WorkerBundles:
     """N data-parallel workers (a DDP or local-SGD run): how many, each one's
     bundle and threads, GPUs or not. Planned once, before the run starts (``plan_ray_run``)."""
 
-    workers: int
+    count: int
     use_gpu: bool
     worker: dict[str, float]
     threads: int
@@ -408,7 +420,7 @@ class DataParallelPlacement:
     @classmethod
     def plan(
         cls, config: RaylocalConfig, workers: int, cpus_per_worker: float | None = None, nodes: list | None = None
-    ) -> DataParallelPlacement:
+    ) -> WorkerBundles:
         """By default each worker gets the largest equal share of CPUs that places
         all of them, node by node, on the nodes they may work on."""
         pool = worker_nodes(config, live_nodes() if nodes is None else nodes)
@@ -427,11 +439,29 @@ class DataParallelPlacement:
                 f"a data-parallel worker needs {_shown(bundle)} and no node of this cluster has that much "
                 f"({len(nodes)} node(s)); lower --cpus-per-part, or start nodes with the --worker-resource"
             )
-        if placed < self.workers:
+        if placed < self.count:
             raise ClusterError(
-                f"{self.workers} data-parallel workers of {_shown(bundle)} need {self.workers} places, the cluster's "
+                f"{self.count} data-parallel workers of {_shown(bundle)} need {self.count} places, the cluster's "
                 f"nodes hold {placed} (each worker on one node); use fewer --workers or lower --cpus-per-part"
             )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What a Ray run was planned to use, before anything started: the parts'
+    (or pipeline stages') bundles, the data-parallel workers' (a DDP fine-tune's,
+    or the data-parallel rival's), and the description each actor's node loads
+    the training images from (``--images-from node``; None: the driver's copy)."""
+
+    parts: PartBundles | None
+    workers: WorkerBundles | None
+    node_images: NodeImages | None
+
+    def train_images(self, train: Any) -> Any:
+        """What each training actor is sent for its images: the node's description,
+        else the driver's copy put in the object store once (Ray resolves the
+        reference where it is an argument)."""
+        return self.node_images or ray.put(train)
 
 
 # ------------------------------------------------------------ devices

@@ -4,22 +4,17 @@ The checks read the config (and the images' shape) alone: no tensor is made
 and Ray is not needed, so a spec that does not fit the model, a link or fault
 for a part that does not exist, fails in one line at once, before a placement
 group, an actor or a run directory exists. ``plan_ray_run`` then joins Ray and
-plans, once, what the run asks of the cluster (``Placement.check``: can the
-bundles be placed at all?), so that the run's phases are handed a ``RayPlan``
+plans, once, what the run asks of the cluster (``PartBundles.check``: can the
+bundles be placed at all?), so that the run's phases are handed a ``Placement``
 and never read the cluster or plan again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
-import ray
-
 from raylocal.cluster.connect import connect, node_images
-from raylocal.cluster.placement import DataParallelPlacement, Placement
+from raylocal.cluster.placement import PartBundles, Placement, WorkerBundles
 from raylocal.core.config import RaylocalConfig
-from raylocal.core.data import ImageData, NodeImages
+from raylocal.core.data import ImageData
 from raylocal.core.faults import parse_faults
 from raylocal.core.links import check_links
 from raylocal.errors import ConfigError
@@ -82,25 +77,7 @@ def timed_traffic(config: RaylocalConfig) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class RayPlan:
-    """What a Ray run was planned to use, before anything started: the parts'
-    (or pipeline stages') bundles, the data-parallel workers' (a DDP fine-tune's,
-    or the data-parallel rival's), and the description each actor's node loads
-    the training images from (``--images-from node``; None: the driver's copy)."""
-
-    parts: Placement | None
-    workers: DataParallelPlacement | None
-    node_images: NodeImages | None
-
-    def train_images(self, train: Any) -> Any:
-        """What each training actor is sent for its images: the node's description,
-        else the driver's copy put in the object store once (Ray resolves the
-        reference where it is an argument)."""
-        return self.node_images or ray.put(train)
-
-
-def plan_ray_run(config: RaylocalConfig, data: ImageData, with_service: bool = True) -> RayPlan:
+def plan_ray_run(config: RaylocalConfig, data: ImageData, with_service: bool = True) -> Placement:
     """Check the run (its parts or workers, links and faults), join Ray, and plan
     its bundles on the live cluster: what every Ray run does first, once."""
     if config.schedule == "data-parallel":
@@ -116,12 +93,12 @@ def plan_ray_run(config: RaylocalConfig, data: ImageData, with_service: bool = T
     images = node_images(config, data.train) if spec is not None else None  # (DDP's workers load their own)
     parts = workers = None
     if spec is not None:
-        parts = Placement.plan(config, len(spec))
+        parts = PartBundles.plan(config, len(spec))
         parts.check(with_service=with_service and config.schedule == "async")
     if config.schedule == "data-parallel":
-        workers = DataParallelPlacement.plan(config, config.workers, config.cpus_per_part)
+        workers = WorkerBundles.plan(config, config.workers, config.cpus_per_part)
     elif config.schedule == "async" and config.finetune_epochs and config.finetune_workers > 1:
-        workers = DataParallelPlacement.plan(config, config.finetune_workers)  # after the parts: all of it
+        workers = WorkerBundles.plan(config, config.finetune_workers)  # after the parts: all of it
     if workers is not None:
         workers.check()
-    return RayPlan(parts, workers, images)
+    return Placement(parts, workers, images)

@@ -33,7 +33,7 @@ import ray
 
 from raylocal.cluster.connect import errors_in_one_line, standing_in
 from raylocal.cluster.parts_phase import Monitor, PartsPhase, keep_parts_result, train_parts
-from raylocal.cluster.preflight import RayPlan
+from raylocal.cluster.placement import Placement
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData
 from raylocal.core.runlog import Progress
@@ -95,7 +95,7 @@ class LiveEvaluation:
 
 class AsyncContext:
     """What the phases of one ``async`` run share on Ray (``Run`` chose the
-    phases, and checked and planned the run's ``RayPlan`` before anything
+    phases, and checked and planned the run's ``Placement`` before anything
     started): the run's images in the object store, its model service, where
     each phase ran and the progress line. ``open`` (the first phase's) holds
     them until the run ends.
@@ -110,19 +110,20 @@ class AsyncContext:
         config: RaylocalConfig,
         data: ImageData,
         run_dir: Path,
-        ray_plan: RayPlan,
+        placement: Placement,
         service_here: bool = False,
         monitor: MonitorFactory | None = None,
     ) -> None:
         self.config, self.data, self.run_dir = config, data, run_dir
         self.monitor = monitor
-        self.ray_plan = ray_plan  # parts: the parts', service's and one-worker fine-tune's; workers: a DDP fine-tune's
+        # parts: the parts', service's and one-worker fine-tune's bundles; workers: a DDP fine-tune's
+        self.placement = placement
         self.progress = Progress(config.progress)
         self.where: dict[str, Any] = {}
         self.refs: tuple[Any, Any] = (None, None)  # the train and test images in the object store, once open
         # the model service: in this process for a caller that holds a bundle (one thread), else an actor
         local = data if service_here else None
-        parts = ray_plan.parts
+        parts = placement.parts
         self.service = ServiceHandle(config.model_dump_json(), data.shape, parts, parts.threads, local, config.device)
 
     def open(self, carry: Carry) -> None:
@@ -132,7 +133,7 @@ class AsyncContext:
         carry.held.enter_context(errors_in_one_line())
         self.where["driver"] = here("none")
         carry.record["where"] = self.where
-        self.refs = (self.ray_plan.train_images(self.data.train), ray.put(self.data.test))
+        self.refs = (self.placement.train_images(self.data.train), ray.put(self.data.test))
         carry.held.callback(self.service.release)
         self.service.start()
 
@@ -165,7 +166,7 @@ class RayParts:
         else:
             live = None if context.monitor else context.live_settings()
             # the part actors start (a process and a torch import each) while the service plans
-            with PartsPhase(config, context.data, run_dir, context.ray_plan.parts, context.refs[0]) as phase:
+            with PartsPhase(config, context.data, run_dir, context.placement.parts, context.refs[0]) as phase:
                 plan = carry.plan = ray.get(plan_ref)
                 if context.monitor:
                     watch = context.monitor(service.actor, plan)

@@ -23,7 +23,7 @@ import torch
 
 from raylocal.baselines.ddp import train_ddp
 from raylocal.cluster.parts_phase import parts_where
-from raylocal.cluster.placement import Placement, train_worker_device
+from raylocal.cluster.placement import PartBundles, train_worker_device
 from raylocal.cluster.ray_train import run_on_ray_train
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData, NodeImages, training_images
@@ -79,9 +79,9 @@ class DdpFinetune:
         clock = LRClock.of(config, per_epoch, config.epochs, config.finetune_epochs)
         run_clock = clock.finetune_elsewhere(int(parts.stats[0]["steps"]))  # on from where the parts left it
         link: dict[str, Any] = {}
-        assert context.ray_plan.workers is not None, "plan_ray_run plans the fine-tune's workers"
+        assert context.placement.workers is not None, "plan_ray_run plans the fine-tune's workers"
         tuned, history = train_ddp(
-            config, context.data.train, context.ray_plan.workers, config.finetune_epochs, lr, run_dir / "ddp",
+            config, context.data.train, context.placement.workers, config.finetune_epochs, lr, run_dir / "ddp",
             parts.state, stats=link, **run_clock,
         )  # fmt: skip
         context.where["finetune_ddp"] = link.pop("where", None)
@@ -102,7 +102,7 @@ class RayTrainFinetune:
     def run(self, context: AsyncContext, carry: Carry) -> None:
         context.service.release()
         summary = finish_on_ray_train(
-            context.config, context.ray_plan.parts, context.data.name, context.refs, context.run_dir,
+            context.config, context.placement.parts, context.data.name, context.refs, context.run_dir,
             carry.plan["bounds"], carry.parts,
         )  # fmt: skip
         carry.summary = finished(context, summary)
@@ -135,7 +135,7 @@ def _finish_loop(loop_config: dict[str, Any]) -> None:
 
 def finish_on_ray_train(
     config: RaylocalConfig,
-    placement: Placement,
+    bundles: PartBundles,
     name: str,
     refs: tuple[Any, Any],
     run_dir: Path,
@@ -146,7 +146,7 @@ def finish_on_ray_train(
     GPU when the cluster has one, else CPUs and as many torch threads). Ray
     Train restarts a dead worker up to ``max_restarts`` times; the new one
     continues from the run's last checkpoint. Returns the run's summary."""
-    resources = dict(placement.work)
+    resources = dict(bundles.work)
     use_gpu = resources.pop("GPU", 0) > 0
     result = run_on_ray_train(
         _finish_loop,
@@ -157,7 +157,7 @@ def finish_on_ray_train(
             "test": refs[1],
             "run_dir": str(run_dir),
             "bounds": bounds,
-            "threads": placement.work_threads,
+            "threads": bundles.work_threads,
             "parts": ray.put(parts) if parts is not None else None,
         },
         what="the fine-tune", name="finetune", storage=run_dir / "ray_train", workers=1, resources=resources,

@@ -1,11 +1,11 @@
 """The rivals as runs: the model trained end to end on Ray over the run's ``--link``.
 
-- ``data-parallel`` (``DataParallelTraining``): ``--workers`` Ray Train workers (``DataParallelPlacement``),
+- ``data-parallel`` (``DataParallelTraining``): ``--workers`` Ray Train workers (``WorkerBundles``),
   DDP (``--bucket-cap-mb``, ``--ddp-compression``), or local SGD with
   ``--average-every`` (``--outer-lr``: DiLoCo's outer step);
 - ``pipeline`` (``PipelineTraining``): one actor per stage, the model cut where the parts would cut it
   (``--parts``, ``--split``, ``--part-spec``), ``--micro-batches`` per batch in
-  ``--pipeline-order`` (1F1B or GPipe), placed as the parts are (``Placement``).
+  ``--pipeline-order`` (1F1B or GPipe), placed as the parts are (``PartBundles``).
 
 Each trains ``--epochs`` (or until ``--time-budget``) from the run's own
 initialisation, or, data-parallel, from weights its caller hands it (the race's
@@ -24,7 +24,7 @@ from torch import Tensor
 from raylocal.baselines.ddp import train_ddp
 from raylocal.baselines.pipeline_on_ray import train_pipeline_parallel
 from raylocal.cluster.connect import standing_in
-from raylocal.cluster.preflight import RayPlan
+from raylocal.cluster.placement import Placement
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData
 from raylocal.run.finish import finish_trained_elsewhere
@@ -34,13 +34,13 @@ from raylocal.run.phases import Carry, TrainedElsewhere
 @dataclass
 class RivalContext:
     """What a rival's phases share: its config, images and directory, its
-    ``RayPlan`` (the stages' or the workers' bundles, checked before anything
+    ``Placement`` (the stages' or the workers' bundles, checked before anything
     started) and the weights it starts from, when its caller hands it some."""
 
     config: RaylocalConfig
     data: ImageData
     run_dir: Path
-    ray_plan: RayPlan
+    placement: Placement
     start_from: dict[str, Tensor] | None = None
 
     def open(self, carry: Carry) -> None:
@@ -55,10 +55,10 @@ class DataParallelTraining:
 
     def run(self, context: RivalContext, carry: Carry) -> None:
         config, stats = context.config, {}
-        assert context.ray_plan.workers is not None, "plan_ray_run plans the workers"
+        assert context.placement.workers is not None, "plan_ray_run plans the workers"
         context.open(carry)
         state, history = train_ddp(
-            config, context.data.train, context.ray_plan.workers, config.epochs, config.lr[0],
+            config, context.data.train, context.placement.workers, config.epochs, config.lr[0],
             context.run_dir / "ddp", context.start_from, time_budget=config.time_budget, stats=stats,
         )  # fmt: skip
         carry.trained = TrainedElsewhere(state, int(stats["steps"]), float(stats["seconds"]), history)
@@ -72,7 +72,7 @@ class PipelineTraining:
     name = "pipeline training"
 
     def run(self, context: RivalContext, carry: Carry) -> None:
-        config, data, plan = context.config, context.data, context.ray_plan
+        config, data, plan = context.config, context.data, context.placement
         steps = config.epochs * (len(data.train) // config.batch_size)
         assert plan.parts is not None, "plan_ray_run plans the stages"
         context.open(carry)

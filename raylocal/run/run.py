@@ -26,7 +26,7 @@ context they share, handing each other what they made in memory:
 A caller that holds a bundle of its own and watches the parts itself (a Tune
 trial, a benchmark's cell) composes the same run with ``service_here`` and a
 ``monitor`` (see ``AsyncContext``), and reads ``carry`` afterwards (the parts'
-plan and result) and ``ray_plan``, beside the summary. A caller may also hand a
+plan and result) and ``placement``, beside the summary. A caller may also hand a
 run the weights it starts from (``start_from``: the race's parts + fine-tune)
 instead of the data-dependent initialisation (the single-process and
 data-parallel runs).
@@ -48,7 +48,7 @@ from raylocal.run.phases import Carry, Phase, local_phases
 from raylocal.training.schedules import SingleProcessRun
 
 if TYPE_CHECKING:  # the Ray runs import Ray: only their schedules pay for it
-    from raylocal.cluster.preflight import RayPlan
+    from raylocal.cluster.placement import Placement
     from raylocal.run.async_run import MonitorFactory
 
 
@@ -69,7 +69,7 @@ class Run:
         self.dir = self.directory_of(config)
         self.service_here, self.monitor = service_here, monitor
         self.phases: list[Phase] = []
-        self.ray_plan: RayPlan | None = None  # a Ray run's, planned before anything is written
+        self.placement: Placement | None = None  # a Ray run's, planned before anything is written
         self.carry = Carry()
 
     @staticmethod
@@ -115,10 +115,10 @@ class Run:
         from raylocal.run.finish_phase import DdpFinetune, RayTrainFinetune, ServiceFinish
         from raylocal.run.rival_run import DataParallelTraining, FinishTrainedElsewhere, PipelineTraining, RivalContext
 
-        self.ray_plan = plan_ray_run(config, self.data, with_service=not self.service_here)
+        self.placement = plan_ray_run(config, self.data, with_service=not self.service_here)
         if config.schedule in RIVAL_SCHEDULES:
             training = PipelineTraining() if config.schedule == "pipeline" else DataParallelTraining()
-            context = RivalContext(config, self.data, self.dir, self.ray_plan, self.start_from)
+            context = RivalContext(config, self.data, self.dir, self.placement, self.start_from)
             return context, [training, FinishTrainedElsewhere()]
         if not config.finetune_epochs:
             finish: list[Phase] = [ServiceFinish()]
@@ -126,5 +126,5 @@ class Run:
             finish = [DdpFinetune(), ServiceFinish()]
         else:
             finish = [RayTrainFinetune()]
-        context = AsyncContext(config, self.data, self.dir, self.ray_plan, self.service_here, self.monitor)
+        context = AsyncContext(config, self.data, self.dir, self.placement, self.service_here, self.monitor)
         return context, [RayParts(), *finish]

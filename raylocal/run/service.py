@@ -20,7 +20,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raylocal.cluster.handle import InProcess
-from raylocal.cluster.placement import Placement, actor_device
+from raylocal.cluster.placement import PartBundles, actor_device
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData, NodeImages, training_images
 from raylocal.run.finish import finish_after_parts
@@ -116,12 +116,12 @@ class ServiceHandle:
         self,
         config_json: str,
         shape: tuple[int, int, int],
-        placement: Placement,
+        bundles: PartBundles,
         threads: int,
         local: ImageData | None,
         driver_device: str,
     ) -> None:
-        self.config_json, self.shape, self.placement, self.threads = config_json, shape, placement, threads
+        self.config_json, self.shape, self.bundles, self.threads = config_json, shape, bundles, threads
         self.local, self.driver_device = local, driver_device
         self.actor: Any = None
         self.pg: PlacementGroup | None = None
@@ -133,14 +133,14 @@ class ServiceHandle:
             device = None if in_actor else self.driver_device
             self.actor = InProcess(RunService(self.config_json, self.shape, 1, False, device))
             return self.actor
-        bundle = self.placement.service
-        self.pg = self.placement.reserve_service()
+        bundle = self.bundles.service
+        self.pg = self.bundles.reserve_service()
         self.actor = ServiceActor.options(
             num_cpus=bundle["CPU"],
             num_gpus=bundle.get("GPU", 0),
             resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0),
-            **self.placement.shown_gpus(bundle.get("GPU", 0)),
+            **self.bundles.shown_gpus(bundle.get("GPU", 0)),
         ).remote(self.config_json, self.shape, self.threads)
         return self.actor
 

@@ -222,6 +222,9 @@ def figures(method: str, cell: dict[str, Any]) -> dict[str, float]:
         out["upstream steps behind"] = behind[0]["mean"]
     elif method == "ddp":  # its first broadcast of the model holds all but the first worker
         out["start spread s"] = cell.get("start_spread_s", float("nan"))
+        if cell.get("allreduce_s") is not None:  # DDP's reducer's own timing (cells from 2026-12-07 on)
+            out["all-reduce ms per step"] = 1e3 * cell["allreduce_s"]
+            out["all-reduce exposed ms per step"] = 1e3 * cell["allreduce_exposed_s"]
     elif method == "local-sgd":  # its averaging, over the link (DDP's real all-reduce has no hook to time it)
         out["averaging %"] = 100 * cell["idle"]
         if "rounds" in cell:  # taken apart (cells from 2026-12-07 on): the rounds after their meeting, the waits
