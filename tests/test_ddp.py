@@ -290,6 +290,7 @@ def test_a_local_sgd_run_over_a_link_sends_what_the_formula_says_and_records_its
     # (each worker's idle is its sync + rounds exactly; the figures are each the most of any worker)
     assert max(stats["rounds_s"], stats["sync_s"]) <= stats["idle_s"] + 1e-9
     assert stats["idle_s"] <= stats["rounds_s"] + stats["sync_s"] + 1e-9
+    assert stats["allreduce_s"] is None and stats["allreduce_exposed_s"] is None  # no DDP reducer to time it
     assert stats["peak_rss_mb"] > 50
     assert summary["schedule"] == "data-parallel" and summary["steps"] == 4
     run_config, data, glow = finished_run(storage / "local")
