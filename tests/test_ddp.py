@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import time
 
 import pytest
 import torch
@@ -202,7 +203,7 @@ def test_local_sgd_hands_on_the_workers_average_at_the_end_of_its_budget():
         worker.config = RaylocalConfig(average_every=5, average_overlap=overlap)
         worker.model, worker.step, worker.world, worker.round = nn.Linear(3, 2), step, 2, None
         worker.device, worker.outer, worker.idle_s, worker.bytes_averaged = torch.device("cpu"), None, 0.0, 0.0
-        worker.link, worker.sync_s, worker.rounds_s = LinkSpec.parse("bw=inf"), 0.0, 0.0
+        worker.link, worker.sync_s, worker.rounds_s, worker.budget_clock = LinkSpec.parse("bw=inf"), 0.0, 0.0, None
         # the other worker's parameters join the round's all-reduce; its meeting's one number stays as it is
         worker._all_reduce = lambda flat, op="sum": flat.add_(theirs) if flat.numel() == theirs.numel() else flat
         mine = torch.cat([p.detach().reshape(-1) for p in worker.model.parameters()])
@@ -210,6 +211,51 @@ def test_local_sgd_hands_on_the_workers_average_at_the_end_of_its_budget():
         handed_on = torch.cat([p.detach().reshape(-1) for p in worker.model.parameters()])
         torch.testing.assert_close(handed_on, (mine + theirs) / 2 if averaged else mine)
         assert worker.bytes_averaged == (ring_bytes(mine.numel() * 4, 2) if averaged else 0.0)
+
+
+def test_local_sgd_forecasts_its_last_step_at_its_meetings_and_stops_there_without_meeting_again():
+    """Between rounds local SGD needs no meeting: after its first round the workers
+    stop at the step their meeting forecast from the slowest clock and step, every
+    worker the same one; before it they meet every step to agree on a stop flag."""
+    from raylocal.baselines.ddp import BudgetForecast, DataParallelWorker
+
+    clock = BudgetForecast(budget=12.0, started=100.0)
+    assert clock.reading(105.0, 10) == [5.0, 0.5]  # 5 s so far, 10 steps of 0.5 s
+    clock.forecast(6.0, 0.8, 10)  # the workers' maxima: the slowest clock, the slowest step
+    assert clock.last_step == 10 + 8  # (12 - 6) / 0.8 = 7.5 steps left: the 8th ends past the budget
+    assert clock.reading(110.0, 20) == [10.0, 0.5]  # the period since the last meeting
+    clock.forecast(13.0, 0.5, 20)  # past the budget already: stop at this step
+    assert clock.last_step == 20
+
+    worker = DataParallelWorker.__new__(DataParallelWorker)
+    worker.device, worker.world, worker.step, worker.idle_s, worker.sync_s = torch.device("cpu"), 2, 3, 0.0, 0.0
+    met: list[list[float]] = []
+    worker._all_reduce = lambda tensor, op="sum": met.append(tensor.tolist())
+    now = time.perf_counter()
+    worker.budget_clock = BudgetForecast(budget=12.0, started=now)
+    assert worker.out_of_time(started=now, budget=12.0) is False and len(met) == 1  # no forecast yet: a meeting
+    worker.budget_clock.last_step = 5
+    assert [worker.out_of_time(now, 12.0) for worker.step in (3, 4, 5)] == [False, False, True]
+    assert len(met) == 1  # no meeting since the forecast
+
+
+def test_local_sgd_within_a_time_budget_stops_both_workers_at_its_forecast_step(mnist_dir, tmp_path):
+    """On Ray: two local-SGD workers with a budget far shorter than their epochs stop
+    together (a worker that stopped alone would hang its last round) well before
+    the epochs end, and meet only until their first round forecast the stop."""
+    from raylocal.baselines.ddp import train_ddp
+    from raylocal.core.data import load_dataset
+
+    config = RaylocalConfig(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
+        warmup_steps=2, threads=1, samples=0, progress=False, average_every=2,
+    )  # fmt: skip
+    stats: dict = {}
+    images = load_dataset("mnist", mnist_dir).train  # 64 images: 4 steps an epoch per worker
+    two = WorkerBundles.plan(config, 2, cpus_per_worker=0.5)
+    train_ddp(config, images, two, 500, 1e-3, tmp_path / "ddp", time_budget=2.0, stats=stats)
+    assert 2 <= stats["steps"] < 500 * 4  # the budget, not the epochs, ended it
+    assert stats["seconds"] > 1.0  # (forecast from the steps so far: about the budget, not far short of it)
 
 
 def test_an_overlapped_round_lands_one_step_late_as_a_correction_that_keeps_that_step():

@@ -130,6 +130,7 @@ def test_the_data_parallel_control_tensors_are_made_on_the_workers_device():
     worker = DataParallelWorker.__new__(DataParallelWorker)
     worker.device, worker.world, worker.idle_s, worker.hook = torch.device("meta"), 2, 0.0, None
     worker.sync_s = worker.rounds_s = 0.0
+    worker.budget_clock = None
     worker.straggler, worker.began_at = Straggler([], 0), 0.0
     seen: list[torch.device] = []
 
@@ -155,6 +156,7 @@ def test_a_data_parallel_workers_clocks_wait_for_its_device(monkeypatch):
     worker = DataParallelWorker.__new__(DataParallelWorker)
     worker.device, worker.world, worker.outer, worker.idle_s = torch.device("cpu"), 2, None, 0.0
     worker.model, worker.bytes_averaged, worker.sync_s, worker.rounds_s = torch.nn.Linear(2, 1), 0.0, 0.0, 0.0
+    worker.budget_clock = None
     worker.link = LinkSpec.parse("bw=1Gbit")
     worker.wire = Wire(worker.link)
     order: list[str] = []

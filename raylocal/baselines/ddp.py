@@ -350,6 +350,30 @@ class LossRecord:
         return mean
 
 
+class BudgetForecast:
+    """How local SGD stops within a time budget without meeting every step (DDP
+    meets every step anyway): at each round's meeting the workers agree on their
+    longest time so far and their slowest step over the period since the last
+    meeting, and from those each forecasts the same last step. Before the first
+    meeting there is no forecast: the workers meet every step to agree on a stop flag."""
+
+    def __init__(self, budget: float, started: float) -> None:
+        self.budget, self.started = budget, started
+        self.period_began, self.period_step = started, 0
+        self.last_step: int | None = None
+
+    def reading(self, now: float, step: int) -> list[float]:
+        """This worker's time so far and its seconds per step since the last meeting."""
+        per_step = (now - self.period_began) / max(step - self.period_step, 1)
+        self.period_began, self.period_step = now, step
+        return [now - self.started, per_step]
+
+    def forecast(self, elapsed: float, per_step: float, step: int) -> None:
+        """The last step, from the workers' maxima of ``reading``: the first that the
+        slowest clock ends past the budget (as a stop flag's first step past it)."""
+        self.last_step = step + max(math.ceil((self.budget - elapsed) / max(per_step, 1e-9)), 0)
+
+
 class DataParallelWorker:
     """One Ray Train worker of a DDP or local-SGD run (``train_loop`` runs it)."""
 
@@ -395,6 +419,7 @@ class DataParallelWorker:
         self.rounds_s = 0.0
         self.bytes_averaged = 0.0
         self.round: OverlappedRound | None = None  # an overlapped round on its way
+        self.budget_clock: BudgetForecast | None = None  # local SGD's last step, forecast at its meetings
         self.straggler = Straggler(parse_faults(config.inject or ""), self.rank)
         self.losses = LossRecord(loop_config.get("loss_every", LOSS_EVERY))
 
@@ -451,7 +476,10 @@ class DataParallelWorker:
     def average(self) -> None:
         """A local-SGD round: the workers meet, then average their parameters over the link."""
         start = time.perf_counter()
-        met = self._agree([0.0])[1]  # what is left is the averaging itself, not waiting for a slower worker
+        clock = self.budget_clock
+        (elapsed, per_step), met = self._agree(clock.reading(start, self.step) if clock else [0.0, 0.0])
+        if clock is not None:  # what is left after the meeting is the averaging itself
+            clock.forecast(elapsed, per_step, self.step)
         params = list(self.model.parameters())
         nbytes = ring_bytes(average_parameters(params, self._all_reduce, self.world), self.world)
         wait_for(self.device)  # NCCL's all-reduce returns once queued: the wire starts when it is done
@@ -482,9 +510,12 @@ class DataParallelWorker:
         return torch.tensor(values, dtype=torch.float64, device=self.device)
 
     def out_of_time(self, started: float, budget: float | None) -> bool:
-        """Every worker stops at the same step: the first one out of time decides."""
+        """Every worker stops at the same step: the first one out of time decides
+        (local SGD, once its rounds have forecast it: at the forecast step, with no meeting)."""
         if not budget:
             return False
+        if self.budget_clock is not None and self.budget_clock.last_step is not None:
+            return self.step >= self.budget_clock.last_step
         flag, waited = self._agree([1.0 if time.perf_counter() - started >= budget else 0.0])
         self.idle_s += waited
         return bool(flag[0])
@@ -520,6 +551,9 @@ class DataParallelWorker:
         total = loop_config.get("lr_total") or self.steps_per_epoch * loop_config["epochs"]  # of the LR decay
         history: list[dict[str, Any]] = []
         started, self.began_at = time.perf_counter(), time.time()  # the wall clock: comparable across workers
+        budget = loop_config.get("time_budget")
+        if budget and config.average_every and not config.average_overlap:  # (an overlapped round never meets)
+            self.budget_clock = BudgetForecast(budget, started)
         stop = False
         for epoch in range(loop_config["epochs"]):
             epoch_start, epoch_steps = time.perf_counter(), 0
