@@ -400,7 +400,7 @@ class DataParallelWorker:
         self.start_bytes = 0  # DDP's first broadcast of the model, when a link carries it
         self.powersgd: PowerSGDReduce | None = None  # its state, to forget after a skipped step
         self.outer: OuterNesterov | None = None
-        self.model: nn.Module = self._wrap(config)
+        self._wrap(config)
         opt_cls = torch.optim.Adamax if config.optimizer == "adamax" else torch.optim.Adam
         self.lr = loop_config["lr"]
         self.optimizer = opt_cls(self.model.parameters(), lr=self.lr)
@@ -423,17 +423,17 @@ class DataParallelWorker:
         self.straggler = Straggler(parse_faults(config.inject or ""), self.rank)
         self.losses = LossRecord(loop_config.get("loss_every", LOSS_EVERY))
 
-    def _wrap(self, config: RaylocalConfig) -> nn.Module:
-        """The model this worker trains: its own, averaged now and then (local SGD),
-        or wrapped in DDP, its all-reduce over the link."""
+    def _wrap(self, config: RaylocalConfig) -> None:
+        """The model this worker trains (``self.model``): its own, averaged now and
+        then (local SGD), or wrapped in DDP, its all-reduce over the link."""
         import ray.train.torch
 
         if config.average_every:
             self.wire = Wire(self.link)
-            model = NLL(self.glow)
+            self.model: nn.Module = NLL(self.glow)
             if config.outer_lr:
-                self.outer = OuterNesterov(list(model.parameters()), config.outer_lr)
-            return model
+                self.outer = OuterNesterov(list(self.model.parameters()), config.outer_lr)
+            return
         # Glow's buffers (the 1x1 convolutions' permutations and masks, ActNorm's flag) never
         # change after the identical initialisation: DDP's broadcast of them before every
         # forward (8 kB, off the emulated wire) is traffic a careful user turns off
@@ -447,7 +447,6 @@ class DataParallelWorker:
         self._register_hook(config)
         if self.hook is not None:
             self.start_bytes = carry_first_broadcast(self.glow, self.hook.wire, self.rank, self.world)
-        return self.model
 
     def _register_hook(self, config: RaylocalConfig) -> None:
         """DDP's communication: over the emulated link (``LinkedAllReduce``, compressed

@@ -315,12 +315,17 @@ EXTRA_TWINS = {
 }
 
 
+def _blank(kind: str) -> str:
+    """The columns of an extra twin, empty: its figure and its ratios."""
+    return " |" * (2 + EXTRA_TWINS[kind][1].count("|"))
+
+
 def table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
     """Per rate and method, each figure real against emulated (and against the twin
     that charges the real link's measured costs, and the twin on the two nodes,
     where they ran), and the kernel's bytes against the project's."""
     extras = [k for k in EXTRA_TWINS if any(kind == k for _, _, kind in cells)]
-    blank = "".join(" |" * (2 + (k == "apart")) for k in extras)  # the extra columns of a row without them
+    blank = "".join(_blank(k) for k in extras)  # the extra columns of a row without them
     rows = [
         "| rate | method | figure | real link | emulated | real / emulated |"
         + "".join(f" {EXTRA_TWINS[k][0]} | {EXTRA_TWINS[k][1]} |" for k in extras),
@@ -337,7 +342,7 @@ def table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
             for k, other in others.items():
                 that = figures(method, other)[name] if other else None
                 if that is None:
-                    row += " |" * (2 + (k == "apart"))
+                    row += _blank(k)
                     continue
                 row += f" {that:.3g} | {_ratio(value, that)} |"
                 row += f" {_ratio(that, theirs[name])} |" if k == "apart" else ""
