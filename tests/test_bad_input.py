@@ -266,7 +266,7 @@ def test_the_default_run_ends_with_what_its_numbers_mean():
     line = run_async.reading(config, {"test_bpd": 2.5})
     assert "2.50 BPD" in line and f"reaches {run_async.E2E_SAME_TIME_BPD:.2f}" in line
     assert "docs/benchmarks.md" in line
-    assert run_async.reading(config.model_copy(update={"depth": 2}), {"test_bpd": 2.5}) is None
+    assert run_async.reading(config.replace(depth=2), {"test_bpd": 2.5}) is None
 
 
 # An async run checks what it can in the driver before anything starts on Ray: each
@@ -305,7 +305,7 @@ def test_every_option_is_in_one_section_and_help_lists_them_by_section():
     from raylocal.core.config import SECTIONS, build_parser
 
     names = [name for section in SECTIONS.values() for name in section]
-    assert sorted(names) == sorted(RaylocalConfig.model_fields)  # each once
+    assert sorted(names) == sorted(RaylocalConfig().flat()) and len(set(names)) == len(names)  # each once
     text = build_parser("t").format_help()
     heads = [text.index(f"{section} options:") for section in SECTIONS]
     assert heads == sorted(heads)
@@ -329,7 +329,7 @@ def test_a_config_file_by_section_is_the_flat_one_and_a_misplaced_key_is_one_lin
     }
     (tmp_path / "sectioned.json").write_text(json.dumps(sectioned | {"parts": 2}))  # sections and flat keys mix
     a, b = load_config_file(tmp_path / "flat.json"), load_config_file(tmp_path / "sectioned.json")
-    assert a == b and a.depth == 2 and a.link == "bw=10Mbit" and a != RaylocalConfig()
+    assert a == b and a.model.depth == 2 and a.links.link == "bw=10Mbit" and a != RaylocalConfig()
     write_config_file(b, tmp_path / "out.json")  # written by section, read back the same
     assert json.loads((tmp_path / "out.json").read_text())["model"]["depth"] == 2
     assert load_config_file(tmp_path / "out.json") == b
@@ -344,6 +344,36 @@ def test_a_config_file_by_section_is_the_flat_one_and_a_misplaced_key_is_one_lin
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"error: {path}: {message}"], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_config_object_is_its_sections_and_reads_every_older_form():
+    import json
+
+    from raylocal.core.config import ConfigError, validate_config
+
+    flat = {"depth": 3, "parts": 2, "schedule": "async", "lr": "1e-3,5e-4", "link": "bw=10Mbit", "workers": 4}
+    config = RaylocalConfig(**flat)
+    # each setting in its own section; the two that share their section's name are its count and its name
+    assert (config.model.depth, config.parts.count, config.schedule.name) == (3, 2, "async")
+    assert (config.schedule.lr, config.links.link, config.cluster.workers) == ([1e-3, 5e-4], "bw=10Mbit", 4)
+    assert config.model.hidden == 64 and config.run.storage_path == "runs"  # the rest at their defaults
+    # a checkpoint's record from before the sections (flat JSON), and sections keyed by the flags' own names
+    before = json.dumps(config.flat(mode="json"))
+    assert "count" not in before and RaylocalConfig.model_validate_json(before) == config
+    by_flags = {"model": {"depth": 3}, "parts": {"parts": 2}, "schedule": {"schedule": "async", "lr": [1e-3, 5e-4]}}
+    assert RaylocalConfig(**by_flags, link="bw=10Mbit", workers=4) == config
+    assert RaylocalConfig.model_validate_json(config.model_dump_json()) == config  # written by section
+    on_file = config.sectioned()  # what files hold: by section, each setting by its flag's name
+    assert (on_file["parts"]["parts"], on_file["schedule"]["schedule"], on_file["model"]["depth"]) == (2, "async", 3)
+    assert RaylocalConfig(**on_file) == config
+    # a copy with flat names changed leaves the original alone; a name that is no setting is refused
+    copy = config.replace(depth=5, parts=3)
+    assert (copy.model.depth, copy.parts.count, config.model.depth, config.parts.count) == (5, 3, 3, 2)
+    with pytest.raises(ValueError, match="deph: unknown option"):
+        config.replace(deph=5)
+    # a section's bad value is named by its flag, as before the sections
+    with pytest.raises(ConfigError, match=r"^options: parts: Input should be greater than or equal to 1 \(got 0\)$"):
+        validate_config({"parts": {"count": 0}}, "options")
 
 
 @pytest.mark.parametrize(
@@ -374,7 +404,7 @@ def test_a_finished_rivals_record_reads_back_with_a_setting_a_rival_now_refuses(
     with pytest.raises(ConfigError, match="max_rollbacks=3: a data-parallel run never rolls back"):
         load_config_file(record)
     ran = load_config_file(record, recorded=True)
-    assert ran.schedule == "data-parallel" and ran.max_rollbacks == 3
+    assert ran.schedule.name == "data-parallel" and ran.schedule.max_rollbacks == 3
     record.write_text(json.dumps({"schedule": "data-parallel", "finetune_epochs": 2}))  # never ran: still refused
     with pytest.raises(ConfigError, match="finetune_epochs=2: the data-parallel schedule trains end to end"):
         load_config_file(record, recorded=True)

@@ -172,10 +172,14 @@ def test_bench_async_on_fewer_gpus_than_parts_runs_its_ddp_baseline_on_cpus(monk
         bench.run_ddp()
     bench.k = 3  # 64 images do not split into 3 workers: each takes 21, as DDP's workers did before it was a Run
     bench.run_ddp()
-    assert runs[-1].batch_size == 63 and runs[-1].workers == 3
+    assert runs[-1].schedule.batch_size == 63 and runs[-1].cluster.workers == 3
     out = capsys.readouterr()
     assert "2 data-parallel workers need a GPU each, the cluster has 1" in out.err
     assert "DDP e2e, 2 workers x 1 thread: 100" in out.out and "DDP e2e, 2 workers x a GPU each: 100" in out.out
     # the bench's model, one epoch of DDP on a worker per part
-    assert all(c.schedule == "data-parallel" and c.workers == 2 and c.epochs == 1 for c in runs[:2])
-    assert all((c.n_levels, c.depth, c.warmup_steps, c.device) == (2, 3, 7, "auto") for c in runs)
+    assert all(
+        c.schedule.name == "data-parallel" and c.cluster.workers == 2 and c.schedule.epochs == 1 for c in runs[:2]
+    )
+    assert all(
+        (c.model.n_levels, c.model.depth, c.schedule.warmup_steps, c.cluster.device) == (2, 3, 7, "auto") for c in runs
+    )

@@ -469,9 +469,12 @@ def test_with_costs_each_rivals_link_charges_its_own_messages_and_stored_plain_c
     }
     # a cell's process builds its config from these settings: all-reduces for DDP, Ray objects for the parts
     ddp = bench._config(settings["ddp"], schedule="data-parallel")
-    assert ddp.link == "bw=1Mbit,lat=20ms,eff=0.8547,msg=4.7ms"
-    assert bench._config(settings["parts"], schedule="async").link == "bw=1Mbit,lat=20ms,eff=0.9009,msg=24.3ms"
-    assert bench._config(settings["ddp"] | {"link_costs": None}, schedule="data-parallel").link == "bw=1Mbit,lat=20ms"
+    assert ddp.links.link == "bw=1Mbit,lat=20ms,eff=0.8547,msg=4.7ms"
+    assert bench._config(settings["parts"], schedule="async").links.link == "bw=1Mbit,lat=20ms,eff=0.9009,msg=24.3ms"
+    assert (
+        bench._config(settings["ddp"] | {"link_costs": None}, schedule="data-parallel").links.link
+        == "bw=1Mbit,lat=20ms"
+    )
     # part 1's weights reach the fine-tune's machine as a part's packet does: 1.11x the bytes' time, and 24.3 ms
     plain = bench.gather_seconds(settings["parts+ft"] | {"link_costs": None}, {"part_weight_bytes": 125_000})
     assert plain == pytest.approx(1.0 + 0.02)

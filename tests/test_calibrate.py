@@ -37,7 +37,7 @@ def test_the_costed_twin_charges_what_one_message_of_its_kind_measured_at_its_ra
 
     for kind, link in (("costed", calibrate.costed_link("1mbit", "ddp")), ("emulated", "bw=1Mbit,lat=0ms")):
         config = bench._config(calibrate.cell_args("ddp", "1mbit", kind, 30.0, 0), schedule="data-parallel", workers=2)
-        assert config.link == link == calibrate.charged_link("ddp", "1mbit", kind)
+        assert config.links.link == link == calibrate.charged_link("ddp", "1mbit", kind)
     assert calibrate.charged_link("ddp", "1mbit", "real") == "up"
 
 

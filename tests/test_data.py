@@ -200,7 +200,7 @@ def test_an_actor_sent_node_images_loads_the_drivers_exact_images_and_refuses_ot
     monkeypatch.setattr(ray, "put", no_object_store)
     monkeypatch.chdir(mnist_dir.parent)
     config = RaylocalConfig(data_root="mnist", validation=8, train_subset=40, images_from="node")
-    assert config.data_root == str(mnist_dir)  # the driver's directory, made absolute for the actors
+    assert config.data.data_root == str(mnist_dir)  # the driver's directory, made absolute for the actors
     driver = load_data(config)
     sent = actor_images(config, driver.train)  # what crosses the network: a description, not the images
     assert isinstance(sent, NodeImages) and len(pickle.dumps(sent)) < 1000 < driver.train.numel()

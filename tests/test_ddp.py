@@ -342,12 +342,12 @@ def test_a_local_sgd_run_over_a_link_sends_what_the_formula_says_and_records_its
     run_config, data, glow = finished_run(storage / "local")
     assert all(torch.isfinite(v).all() for v in glow.state_dict().values())
     expected = evaluate_bpd(glow, data.test, 32, torch.device("cpu"))
-    assert summary["test_bpd"] == pytest.approx(expected, abs=1e-9) and run_config.average_every == 3
+    assert summary["test_bpd"] == pytest.approx(expected, abs=1e-9) and run_config.cluster.average_every == 3
     assert summary["curve"][-1]["epoch"] == 1.0 and summary["stopped_early"] is None
     # its checkpoint records the run's own config, not the e2e stand-in that evaluated it
     checkpoint = load_checkpoint(storage / "local" / "checkpoint.pt", kind="run")
     recorded = RaylocalConfig.model_validate_json(checkpoint["config"])
-    assert (recorded.schedule, recorded.workers, recorded.average_every) == ("data-parallel", 2, 3)
+    assert (recorded.schedule.name, recorded.cluster.workers, recorded.cluster.average_every) == ("data-parallel", 2, 3)
     # a data-parallel run trains in one go: a --resume must not take its checkpoint for an e2e run's
     assert main(tiny_options(mnist_dir, storage, run_name="local", resume=True)) == 2
     assert "is a data-parallel run, which does not resume" in capsys.readouterr().err

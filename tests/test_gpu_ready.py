@@ -369,19 +369,19 @@ def test_data_parallel_runs_refuse_or_say_so_on_fewer_gpus_than_workers(capsys):
 def test_tune_gives_every_bundle_a_gpu_share_by_default_and_they_fit_together():
     base = _config(parts=3, part_spec=None, device="auto")
     assert default_gpu_share(base, 0.0, 8) == 0.0
-    assert default_gpu_share(base.model_copy(update={"device": "cpu"}), 1.0, 8) == 0.0
+    assert default_gpu_share(base.replace(device="cpu"), 1.0, 8) == 0.0
     share = default_gpu_share(base, 1.0, 8)
     assert share == 0.031  # 8 trials x (3 parts + the trial's process) on one GPU, rounded down
-    bundles = TrialGroup.plan(base.model_copy(update={"gpus_per_part": share})).bundles
+    bundles = TrialGroup.plan(base.replace(gpus_per_part=share)).bundles
     assert 8 * sum(b.get("GPU", 0.0) for b in bundles) <= 1.0
     assert default_gpu_share(base, 4.0, 1) == 0.9  # one trial on 4 GPUs: a GPU per part, the service's share left
     # the bundles its part spec names (5 parts and the trial's process on 2 GPUs: 3 a GPU), not --parts
-    assert default_gpu_share(base.model_copy(update={"part_spec": "1|1|1|1|1"}), 2.0, 1) == 0.333  # (--parts 3: 0.5)
+    assert default_gpu_share(base.replace(part_spec="1|1|1|1|1"), 2.0, 1) == 0.333  # (--parts 3: 0.5)
     # every trial's bundles, each on one GPU, placed first-fit largest first (by hand, not by the formula)
     for parts, gpus, concurrent in [(4, 3, 1), (5, 4, 1), (3, 5, 2), (3, 2, 3), (7, 8, 1), (2, 1, 4)]:
         config = _config(parts=parts, part_spec=None, device="auto")
         share = default_gpu_share(config, float(gpus), concurrent)
-        sizes = [b.get("GPU", 0.0) for b in TrialGroup.plan(config.model_copy(update={"gpus_per_part": share})).bundles]
+        sizes = [b.get("GPU", 0.0) for b in TrialGroup.plan(config.replace(gpus_per_part=share)).bundles]
         free = [1.0] * gpus
         for size in sorted(sizes * concurrent, reverse=True):
             k = next((k for k, f in enumerate(free) if f + 1e-9 >= size), None)
@@ -563,12 +563,12 @@ def test_gpu_shares_are_checked_as_ray_packs_them_one_gpu_each():
     config = _config(parts=3, part_spec=None, device="auto", cpus_per_part=1.0)
     with pytest.raises(ClusterError, match=r"^3 parts and the model service: GPU shares of 0.6, 0.1 for 4 bundles "
                        r"do not pack into the 2 GPU\(s\) of this cluster"):  # fmt: skip
-        PartBundles.plan(config.model_copy(update={"gpus_per_part": 0.6}), 3, two_gpus).check()
-    PartBundles.plan(config.model_copy(update={"gpus_per_part": 0.45}), 3, two_gpus).check()
+        PartBundles.plan(config.replace(gpus_per_part=0.6), 3, two_gpus).check()
+    PartBundles.plan(config.replace(gpus_per_part=0.45), 3, two_gpus).check()
     PartBundles.plan(config, 3, two_gpus).check()  # the default share: 0.45 each
     with pytest.raises(ClusterError, match=r"^a trial of 3 parts and its own process: GPU shares of 0.6, 0.1"):
-        TrialGroup.plan(config.model_copy(update={"gpus_per_part": 0.6})).check(two_gpus)
-    TrialGroup.plan(config.model_copy(update={"gpus_per_part": 0.45})).check(two_gpus)
+        TrialGroup.plan(config.replace(gpus_per_part=0.6)).check(two_gpus)
+    TrialGroup.plan(config.replace(gpus_per_part=0.45)).check(two_gpus)
     # the default share divides the GPUs among the trials the CPUs can hold at once, not all 300
     assert trial_shares(config, [{"CPU": 8.0, "GPU": 1.0}], 300)["gpus_per_part"] == 0.125  # 2 trials of 4 bundles
     # a CPU-only head's 64 CPUs hold no GPU share: still 2 trials at once (18 counted with the head: 0.013 each)

@@ -36,10 +36,10 @@ def _config(mnist_dir, **kw) -> RaylocalConfig:
 def _run_threads(config: RaylocalConfig, train: torch.Tensor, queue_size: int = 1):
     """Run the pipeline with one thread per part and in-memory queues."""
     glow = Glow((1, 8, 8), **config.glow_kwargs())
-    bounds = list(parse_part_spec(config.part_spec, glow).bounds)
+    bounds = list(parse_part_spec(config.parts.part_spec, glow).bounds)
     workers = [PartWorker(config, bounds, k, (1, 8, 8), train) for k in range(len(bounds))]
     queues = [PacketChannel(queue_size) for _ in range(len(bounds) - 1)]
-    n_steps = config.epochs * (len(train) // config.batch_size)
+    n_steps = config.schedule.epochs * (len(train) // config.schedule.batch_size)
     results = [None] * len(workers)
 
     def go(k):
@@ -137,7 +137,7 @@ def test_weights_held_by_an_outage_cross_with_the_first_latent_after_it(mnist_di
     config = _config(mnist_dir, link="outage=4:3", sync_every=2, epochs=2)
     data = load_dataset("mnist", mnist_dir)
     glow = Glow((1, 8, 8), **config.glow_kwargs())
-    bounds = list(parse_part_spec(config.part_spec, glow).bounds)
+    bounds = list(parse_part_spec(config.parts.part_spec, glow).bounds)
     up = PartWorker(config, bounds, 0, (1, 8, 8), data.train)
     channel = PacketChannel(100)
     PartLoop(up, None, channel, lambda x: x, lambda r: r, n_steps=8).run()

@@ -45,7 +45,7 @@ def _two_stages_linked(link: str = "up", clock: Clock = SYSTEM_CLOCK) -> list[St
     directions timed from one origin): activations forward, gradients back."""
     from raylocal.baselines.pipeline_on_ray import stage_links
 
-    config, origin = CONFIG.model_copy(update={"link": link}), clock.now()
+    config, origin = CONFIG.replace(link=link), clock.now()
     channels = [PacketChannel(2), PacketChannel(2)]
     return [
         stage_links(config, k, 2, channels, [WorkerStats(), WorkerStats()], origin, lambda t: t, lambda t: t, clock)
@@ -272,7 +272,7 @@ def test_the_first_stages_batches_go_to_its_device_through_to_device(monkeypatch
     real = on_ray.to_device
     monkeypatch.setattr(on_ray, "to_device", lambda t, device: moved.append(t.dtype) or real(t, device))
     images = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    config = CONFIG.model_copy(update={"batch_size": 16, "init_batch_size": 16})
+    config = CONFIG.replace(batch_size=16, init_batch_size=16)
     _, batches = on_ray.build_stage(config, [(0, 3), (3, 15)], 0, images, 2, torch.device("cpu"))
     x = next(batches)
     assert moved == [torch.uint8] and x.shape == (16, 1, 8, 8) and x.dtype == torch.float32
@@ -326,7 +326,7 @@ def test_both_directions_of_a_boundary_share_its_outages_whenever_their_stages_s
     an outage must still cut both directions at once."""
     from raylocal.baselines.pipeline_on_ray import stage_links
 
-    config = CONFIG.model_copy(update={"link": "mtbf=2s,mttr=1s"})
+    config = CONFIG.replace(link="mtbf=2s,mttr=1s")
     clock = FakeClock()
     origin = clock.now()
     queues = [PacketChannel(2), PacketChannel(2)]

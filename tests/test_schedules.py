@@ -361,10 +361,12 @@ def test_the_rest_of_a_run_records_its_config_as_given_not_the_device_it_was_han
     first = service.finish(data.name, data.train, data.test, str(run_dir), bounds, parts)
     recorded = load_checkpoint(run_dir / "checkpoint.pt", kind="run")["config"]
     assert RaylocalConfig.model_validate_json(recorded) == config  # not device "cpu", not resume
-    assert first["steps"] == 4 + len(data.train) // config.batch_size  # the parts' steps, then one fine-tune epoch
+    assert (
+        first["steps"] == 4 + len(data.train) // config.schedule.batch_size
+    )  # the parts' steps, then one fine-tune epoch
     again = finish_after_parts(config, data, run_dir, bounds, parts=parts, device="cpu")  # continues: all done
     assert again["steps"] == first["steps"] and again["test_bpd"] == first["test_bpd"]
-    assert resume_config(RaylocalConfig(**values, resume=True), {"epochs": 1}).device == "auto"
+    assert resume_config(RaylocalConfig(**values, resume=True), {"epochs": 1}).cluster.device == "auto"
 
 
 def test_lr_clock_is_one_decay_over_the_run_or_each_trainers_own():
@@ -477,13 +479,13 @@ def test_a_run_trains_its_phases_in_order_hands_on_the_carry_and_releases_what_t
         def run(self, context, carry):
             raise ray.exceptions.RayTaskError("PartActor.run", "Traceback ...", SpecError("the parts' own words"))
 
-    remote = Run(config.model_copy(update={"run_name": "remote"}), data=None)
+    remote = Run(config.replace(run_name="remote"), data=None)
     monkeypatch.setattr(remote, "_phases", lambda: ("the context", [OneLine(), Holds(), ActorFails()]))
     with pytest.raises(SpecError, match="^the parts' own words$"):
         remote.execute()
     assert released == ["held"]
     released.clear()
-    failing = Run(config.model_copy(update={"run_name": "failed"}), data=None)
+    failing = Run(config.replace(run_name="failed"), data=None)
     monkeypatch.setattr(failing, "_phases", lambda: ("the context", [Holds(), Fails(), Finishes()]))
     with pytest.raises(RuntimeError, match="a phase failed"):
         failing.execute()

@@ -61,7 +61,7 @@ def test_every_committed_config_file_validates():
     assert len(files) >= 10
     for f in files:
         config = validate_config(read_config_file(f), str(f))
-        assert config.run_name, f  # compare.py keys its reuse of finished runs on it
+        assert config.run.run_name, f  # compare.py keys its reuse of finished runs on it
 
 
 # The sub-packages from the ground floor up: a package imports only packages below it.

@@ -68,7 +68,7 @@ def test_a_straggling_part_waits_on_its_clock_and_trains_what_it_would_have(mnis
             inject=inject,
         )  # fmt: skip
         glow = Glow((1, 8, 8), **config.glow_kwargs())
-        bounds = list(parse_part_spec(config.part_spec, glow).bounds)
+        bounds = list(parse_part_spec(config.parts.part_spec, glow).bounds)
         workers = [PartWorker(config, bounds, k, (1, 8, 8), train) for k in range(2)]
         channel, clock = PacketChannel(1), FakeClock()
         loops = [
@@ -98,8 +98,8 @@ def test_the_race_straggles_every_two_worker_method_and_reports_what_each_keeps(
     assert settings["one-device"]["straggler"] is None
     assert {settings[m]["straggler"] for m in race.METHODS if m != "one-device"} == {"straggle:2@2"}
     args = {"link": "10Mbit+straggler", "seed": 0}
-    assert bench._config(args, schedule="async").inject == "straggle:2@2"
-    assert bench._config(args, schedule="e2e").inject is None  # one device: nobody to wait for
+    assert bench._config(args, schedule="async").run.inject == "straggle:2@2"
+    assert bench._config(args, schedule="e2e").run.inject is None  # one device: nobody to wait for
     # a cell stored before the straggler setting existed is still the same cell
     plain = bench.cell_settings(race.Cell("ddp", "10Mbit", 0), opts, "s")
     stored = {k: v for k, v in plain.items() if k != "straggler"}

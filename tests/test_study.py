@@ -176,7 +176,7 @@ def test_a_tiny_study_runs_end_to_end_and_a_rerun_trains_nothing(mnist_dir, tmp_
     trained = []
     real_run = compare.run
     monkeypatch.setattr(
-        compare, "run", lambda config, data=None: trained.append(config.run_name) or real_run(config, data)
+        compare, "run", lambda config, data=None: trained.append(config.run.run_name) or real_run(config, data)
     )
     argv = ["--spec", str(path), "--out", str(tmp_path / "out"), "--storage-path", str(tmp_path / "runs")]
     assert study.main(argv) == 0
@@ -275,9 +275,12 @@ def test_every_arm_of_the_built_in_studies_is_a_valid_run(name, quick):
         # the tuned LRs and the planned epochs come later
         values = s.base | {k: v for k, v in overrides.items() if k not in ("tune_lr", spec.EQUAL_TIME_OF)}
         config = validate_config(values, f"{name} {arm}")  # unknown keys and bad values raise
-        assert config.model_dump(include=set(values)) == values, arm  # nothing was silently changed
-        if config.part_spec:  # a spec that does not fit the model would only fail when its run starts
-            assert len(parse_part_spec(config.part_spec, build_glow(config, (1, 28, 28))).bounds) == config.parts
+        assert {k: config.flat()[k] for k in values} == values, arm  # nothing was silently changed
+        if config.parts.part_spec:  # a spec that does not fit the model would only fail when its run starts
+            assert (
+                len(parse_part_spec(config.parts.part_spec, build_glow(config, (1, 28, 28))).bounds)
+                == config.parts.count
+            )
 
 
 @pytest.mark.parametrize("n_steps,down,length", [(1250, 0.3, 50), (1250, 0.6, 500), (92, 0.3, 50), (1000, 0.1, 50)])
@@ -327,7 +330,7 @@ def test_a_tuned_arm_takes_the_lrs_of_its_own_tune_study_once(mnist_dir, tmp_pat
     assert trial["schedule"] == "async" and trial["queue_size"] == 1 and trial["finetune_epochs"] == 0
     assert trial["seed"] == 100 and trial["validation"] == 16 and args["--trials"] == "3"
     ran = load_config_file(tmp_path / "runs" / "t" / "tuned-seed0" / "config.json")
-    assert ran.lr == [2e-3, 5e-4] and ran.schedule == "simultaneous" and ran.validation is None
+    assert ran.schedule.lr == [2e-3, 5e-4] and ran.schedule.name == "simultaneous" and ran.data.validation is None
     assert study.main(argv) == 0 and len(studies) == 1  # read back, not tuned again
 
 
@@ -560,4 +563,4 @@ def test_a_study_with_a_ray_arm_survives_its_job_directory_going_once_it_has_joi
     assert spaces == [(ROOT / "tune_spaces" / "independent.py").read_text()]
     results = json.loads((job_dir / "out" / "job" / "results.json").read_text())
     assert sorted(results["runs"]) == ["async", "e2e", "tuned"]
-    assert load_config_file(job_dir / "runs" / "job" / "tuned-seed0" / "config.json").lr == [2e-3, 5e-4]
+    assert load_config_file(job_dir / "runs" / "job" / "tuned-seed0" / "config.json").schedule.lr == [2e-3, 5e-4]

@@ -135,7 +135,12 @@ def test_tiny_study_survives_divergence_ranks_and_best_config_round_trips(
     # the best config is the study's run with the best trial's LRs, and it runs (here as its
     # single-process twin: the async run itself is test_ray.py's)
     trial = load_config_file(study / "best.json")
-    assert trial.epochs == 2 and trial.part_spec == "1|2" and trial.max_rollbacks == 1 and trial.schedule == "async"
+    assert (
+        trial.schedule.epochs == 2
+        and trial.parts.part_spec == "1|2"
+        and trial.schedule.max_rollbacks == 1
+        and trial.schedule.name == "async"
+    )
     assert run_main(["--config", str(study / "best.json"), "--run-name", "best", "--schedule", "simultaneous"]) == 0
     summary = json.loads((storage / "best" / "summary.json").read_text())  # the study's storage path is kept
     assert summary["schedule"] == "simultaneous" and summary["part_lrs"] == best["schedule"]["lr"]
@@ -281,7 +286,7 @@ def test_inside_a_trial_the_runs_parts_ask_for_the_bundles_its_group_reserved():
     gpu_node = {"CPU": 8.0, "GPU": 1.0, "box": 1.0}
     for options in ({}, {"worker_resource": "box"}, {"gpus_per_part": 0.3, "cpus_per_part": 1.0}):
         base = RaylocalConfig(parts=3, **options)
-        trial = base.model_copy(update=trial_shares(base, [gpu_node], concurrent=2))
+        trial = base.replace(**trial_shares(base, [gpu_node], concurrent=2))
         group = TrialGroup.plan(trial).bundles
         assert group[1:] == [PartBundles.plan(trial, 3, [gpu_node]).part] * 3
 

@@ -392,26 +392,26 @@ class DataParallelWorker:
         if loop_config.get("state"):
             self.glow.load_state_dict(loop_config["state"])
         else:
-            noise = torch.Generator().manual_seed(config.seed + 1)
-            x0 = preprocess(images[: config.init_batch_size].to(self.device), config.n_bits, noise)
+            noise = torch.Generator().manual_seed(config.schedule.seed + 1)
+            x0 = preprocess(images[: config.schedule.init_batch_size].to(self.device), config.model.n_bits, noise)
             initialize([self.glow.whole()], x0)  # identical on every worker: same data, same seed
-        self.link = LinkSpec.parse(config.link, 0, config.seed)
+        self.link = LinkSpec.parse(config.links.link, 0, config.schedule.seed)
         self.hook: LinkedAllReduce | None = None
         self.start_bytes = 0  # DDP's first broadcast of the model, when a link carries it
         self.powersgd: PowerSGDReduce | None = None  # its state, to forget after a skipped step
         self.outer: OuterNesterov | None = None
         self._wrap(config)
-        opt_cls = torch.optim.Adamax if config.optimizer == "adamax" else torch.optim.Adam
+        opt_cls = torch.optim.Adamax if config.schedule.optimizer == "adamax" else torch.optim.Adam
         self.lr = loop_config["lr"]
         self.optimizer = opt_cls(self.model.parameters(), lr=self.lr)
-        self.per_worker = max(config.batch_size // self.world, 1)
-        self.stream = BatchStream(images, self.per_worker, config.seed)
-        self.noise = torch.Generator().manual_seed(config.seed + 1 + self.rank)
+        self.per_worker = max(config.schedule.batch_size // self.world, 1)
+        self.stream = BatchStream(images, self.per_worker, config.schedule.seed)
+        self.noise = torch.Generator().manual_seed(config.schedule.seed + 1 + self.rank)
         self.steps_per_epoch = len(self.stream) // self.world
         self.step = 0
         # a rival's LR is --lr; as an async run's fine-tune, it is --finetune-lr's
-        lr_flag = "--lr" if config.schedule == "data-parallel" else "--finetune-lr"
-        self.guard = NonFiniteGuard(config.grad_clip, lr_flag=lr_flag)
+        lr_flag = "--lr" if config.schedule.name == "data-parallel" else "--finetune-lr"
+        self.guard = NonFiniteGuard(config.schedule.grad_clip, lr_flag=lr_flag)
         self.idle_s = 0.0  # waiting for the link: local-SGD rounds (DDP's is the hook's)
         # the idle seconds taken apart: at sync points, waiting for the other workers (the stop flag
         # each step, the meeting before each round), and in the rounds' averaging after their meeting
@@ -420,7 +420,7 @@ class DataParallelWorker:
         self.bytes_averaged = 0.0
         self.round: OverlappedRound | None = None  # an overlapped round on its way
         self.budget_clock: BudgetForecast | None = None  # local SGD's last step, forecast at its meetings
-        self.straggler = Straggler(parse_faults(config.inject or ""), self.rank)
+        self.straggler = Straggler(parse_faults(config.run.inject or ""), self.rank)
         self.losses = LossRecord(loop_config.get("loss_every", LOSS_EVERY))
 
     def _wrap(self, config: RaylocalConfig) -> None:
@@ -428,16 +428,16 @@ class DataParallelWorker:
         then (local SGD), or wrapped in DDP, its all-reduce over the link."""
         import ray.train.torch
 
-        if config.average_every:
+        if config.cluster.average_every:
             self.wire = Wire(self.link)
             self.model: nn.Module = NLL(self.glow)
-            if config.outer_lr:
-                self.outer = OuterNesterov(list(self.model.parameters()), config.outer_lr)
+            if config.cluster.outer_lr:
+                self.outer = OuterNesterov(list(self.model.parameters()), config.cluster.outer_lr)
             return
         # Glow's buffers (the 1x1 convolutions' permutations and masks, ActNorm's flag) never
         # change after the identical initialisation: DDP's broadcast of them before every
         # forward (8 kB, off the emulated wire) is traffic a careful user turns off
-        cap = {"bucket_cap_mb": config.bucket_cap_mb} if config.bucket_cap_mb else {}
+        cap = {"bucket_cap_mb": config.cluster.bucket_cap_mb} if config.cluster.bucket_cap_mb else {}
         options = {"broadcast_buffers": False} | cap
         self.model = ray.train.torch.prepare_model(NLL(self.glow), parallel_strategy_kwargs=options)
         if hasattr(self.model, "_set_ddp_runtime_logging_sample_rate") and self.device.type == "cpu":
@@ -453,10 +453,10 @@ class DataParallelWorker:
         or not), else torch's own bf16 hook when compressing, else DDP's own."""
         if not hasattr(self.model, "register_comm_hook"):  # (one worker: not wrapped)
             return
-        compress = torch.bfloat16 if config.ddp_compression == "bf16" else None
+        compress = torch.bfloat16 if config.cluster.ddp_compression == "bf16" else None
         powersgd = None
-        if config.ddp_compression == "powersgd":
-            powersgd = PowerSGDReduce(config.powersgd_rank, config.powersgd_start)
+        if config.cluster.ddp_compression == "powersgd":
+            powersgd = PowerSGDReduce(config.cluster.powersgd_rank, config.cluster.powersgd_start)
         self.powersgd = powersgd
         if not self.link.ideal or powersgd is not None:  # PowerSGD's buckets one at a time, also on an ideal link
             self.hook = LinkedAllReduce(self.link, self.world, compress=compress, reduce=powersgd)
@@ -546,12 +546,12 @@ class DataParallelWorker:
     def train(self, loop_config: dict[str, Any]) -> None:
         import ray.train
 
-        config = self.config
+        config, every, overlap = self.config, self.config.cluster.average_every, self.config.cluster.average_overlap
         total = loop_config.get("lr_total") or self.steps_per_epoch * loop_config["epochs"]  # of the LR decay
         history: list[dict[str, Any]] = []
         started, self.began_at = time.perf_counter(), time.time()  # the wall clock: comparable across workers
         budget = loop_config.get("time_budget")
-        if budget and config.average_every and not config.average_overlap:  # (an overlapped round never meets)
+        if budget and every and not overlap:  # (an overlapped round never meets)
             self.budget_clock = BudgetForecast(budget, started)
         stop = False
         for epoch in range(loop_config["epochs"]):
@@ -561,11 +561,13 @@ class DataParallelWorker:
                 if i % self.world != self.rank or i // self.world >= self.steps_per_epoch:
                     continue  # every K-th batch is this worker's
                 position = loop_config.get("lr_clock", 0) + self.step
-                lr = scheduled_lr(self.lr, self.step, config.warmup_steps, total, config.lr_schedule, position)
+                lr = scheduled_lr(
+                    self.lr, self.step, config.schedule.warmup_steps, total, config.schedule.lr_schedule, position
+                )
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 began, waited = time.perf_counter(), self.link_wait()
-                loss = self.model(preprocess(to_device(batch, self.device), config.n_bits, self.noise))
+                loss = self.model(preprocess(to_device(batch, self.device), config.model.n_bits, self.noise))
                 stepped = self.guard.update(self.model, self.optimizer, loss, self.step)
                 if not stepped and self.powersgd:
                     self.powersgd.forget()
@@ -575,9 +577,9 @@ class DataParallelWorker:
                     self.losses.add(self.guard.last_loss, self.step)
                 epoch_steps += 1
                 self.land_round()  # an overlapped round started one step ago
-                if config.average_every and self.step % config.average_every == 0 and config.average_overlap:
+                if every and self.step % every == 0 and overlap:
                     self.start_round()
-                elif config.average_every and self.step % config.average_every == 0:
+                elif every and self.step % every == 0:
                     self.average()
                 stop = self.out_of_time(started, loop_config.get("time_budget"))
                 if stop:
@@ -601,9 +603,9 @@ class DataParallelWorker:
         """Local SGD's last round, at the end of the budget: the model it hands on is
         the workers' average, not rank 0's own up to H - 1 steps past the last one
         (or a round still on its way)."""
-        every = self.config.average_every
+        every = self.config.cluster.average_every
         self.land_round()
-        if every and (self.step % every or self.config.average_overlap):
+        if every and (self.step % every or self.config.cluster.average_overlap):
             self.average()
 
     def reducer_times(self) -> tuple[float, float]:

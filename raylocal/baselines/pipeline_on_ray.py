@@ -39,17 +39,17 @@ def build_stage(
     its own slice; the first stage also gets the run's batches (e2e's, in order)."""
     glow = build_glow(config, tuple(images.shape[1:])).to(device)
     parts = [glow.part(a, b) for a, b in bounds]
-    noise = torch.Generator().manual_seed(config.seed + 1)
-    initialize(parts, preprocess(images[: config.init_batch_size].to(device), config.n_bits, noise))
-    stream = BatchStream(images, config.batch_size, config.seed)
-    total = LRClock.of(config, len(stream), config.epochs, 0).decay(config.epochs * len(stream))
-    lr = config.part_lrs(len(parts))[index] if len(config.lr) > 1 else config.lr[0]
+    noise = torch.Generator().manual_seed(config.schedule.seed + 1)
+    initialize(parts, preprocess(images[: config.schedule.init_batch_size].to(device), config.model.n_bits, noise))
+    stream = BatchStream(images, config.schedule.batch_size, config.schedule.seed)
+    total = LRClock.of(config, len(stream), config.schedule.epochs, 0).decay(config.schedule.epochs * len(stream))
+    lr = config.part_lrs(len(parts))[index] if len(config.schedule.lr) > 1 else config.schedule.lr[0]
     stage = PipelineStage(parts[index], config, lr, total, micro)
-    stage.straggler = Straggler(parse_faults(config.inject or ""), index)
+    stage.straggler = Straggler(parse_faults(config.run.inject or ""), index)
 
     def batches() -> Iterator[torch.Tensor]:
         while True:
-            yield preprocess(to_device(stream.next(), device), config.n_bits, noise)
+            yield preprocess(to_device(stream.next(), device), config.model.n_bits, noise)
 
     return stage, batches() if index == 0 else None
 
@@ -73,7 +73,7 @@ def stage_links(
     (on two nodes, to within their clocks' skew, as every arrival time is)."""
 
     def sender(queue: Any, boundary: int, counted: WorkerStats) -> LinkSender:
-        spec = LinkSpec.parse(config.link, boundary, config.seed)
+        spec = LinkSpec.parse(config.links.link, boundary, config.schedule.seed)
         return LinkSender(queue, spec, put, counted, k, clock=clock, lossless=True, origin=origin)
 
     links = StageLinks()
@@ -160,14 +160,14 @@ def train_pipeline_parallel(
     ``plan_ray_run``), for ``steps`` batches or ``budget`` seconds;
     ``train_images`` is what each stage is sent for its images. The first stage
     plans the bounds, as the model service plans the parts."""
-    if config.batch_size % micro:
-        raise ValueError(f"a batch of {config.batch_size} does not split into {micro} micro-batches")
+    if config.schedule.batch_size % micro:
+        raise ValueError(f"a batch of {config.schedule.batch_size} does not split into {micro} micro-batches")
     n = bundles.n_parts
     pg, first, own = bundles.reserve_parts()
     # each queue on the bundle of the stage that reads it (its blocking get()s stay on that node):
     # boundary k's activations on stage k + 1's, their gradients on stage k's
     readers = [first + k + 1 - j for k in range(n - 1) for j in (0, 1)]
-    queues = [LatentQueue(config.queue_size, scheduling_strategy=_on(pg, b)) for b in readers]
+    queues = [LatentQueue(config.links.queue_size, scheduling_strategy=_on(pg, b)) for b in readers]
     actors = []
     try:
         for k in range(n):

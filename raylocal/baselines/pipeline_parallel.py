@@ -85,14 +85,14 @@ class PipelineStage:
     def __init__(self, part: Part, config: RaylocalConfig, lr: float, total_steps: int, micro: int) -> None:
         self.part, self.config, self.base_lr, self.micro = part, config, lr, micro
         self.total_steps = total_steps  # of the LR decay
-        opt_cls = torch.optim.Adamax if config.optimizer == "adamax" else torch.optim.Adam
+        opt_cls = torch.optim.Adamax if config.schedule.optimizer == "adamax" else torch.optim.Adam
         self.optimizer = opt_cls(list(part.parameters()), lr=lr)
         self.saved: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # micro-batch -> (input, output, its terms)
         self.stats = StageStats()
         self._loss = 0.0
         self.device = next(part.parameters()).device
         self.straggler = Straggler([], 0)  # build_stage gives a straggling stage its own
-        self.guard = NonFiniteGuard(config.grad_clip, who="pipeline")
+        self.guard = NonFiniteGuard(config.schedule.grad_clip, who="pipeline")
 
     @property
     def is_first(self) -> bool:
@@ -147,7 +147,9 @@ class PipelineStage:
         start = time.perf_counter()
         params = [p for p in self.part.parameters() if p.grad is not None]
         cfg = self.config
-        lr = scheduled_lr(self.base_lr, self.stats.steps, cfg.warmup_steps, self.total_steps, cfg.lr_schedule)
+        lr = scheduled_lr(
+            self.base_lr, self.stats.steps, cfg.schedule.warmup_steps, self.total_steps, cfg.schedule.lr_schedule
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if not self.guard.step(params, self.optimizer, self._loss, self.stats.steps):

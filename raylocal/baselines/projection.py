@@ -62,8 +62,8 @@ def wire_bytes_per_step(
     every H steps; a pipeline's activations and their float32 gradients."""
     glow = build_glow(config, image_shape)
     params = glow.param_bytes()
-    spec = resolve_part_spec(glow.layout, config.parts, config.split, config.part_spec)
-    itemsize = WIRE_DTYPES[config.wire_dtype].itemsize
+    spec = resolve_part_spec(glow.layout, config.parts.count, config.parts.split, config.parts.part_spec)
+    itemsize = WIRE_DTYPES[config.links.wire_dtype].itemsize
     busiest, latents, activations = 0.0, 0.0, 0.0
     upstream = 0
     with torch.no_grad():
@@ -73,18 +73,18 @@ def wire_bytes_per_step(
             x, _ = part(x)
             upstream += sum(p.numel() * p.element_size() for p in part.parameters())
             latent = x.numel() * itemsize
-            per_step = latent * config.batch_size + upstream / config.sync_every
+            per_step = latent * config.schedule.batch_size + upstream / config.links.sync_every
             per_step += upstream / max(steps, 1)  # the init packet: the upstream weights, once
             if per_step > busiest:
-                busiest, latents = per_step, latent * config.batch_size
-            activations = max(activations, x.numel() * 4 * config.batch_size)
+                busiest, latents = per_step, latent * config.schedule.batch_size
+            activations = max(activations, x.numel() * 4 * config.schedule.batch_size)
     average = ring_bytes(params, workers)
     return WireBytes(
         parameters=params // 4,
         latents=latents,
         parts=busiest,
         ddp=ring_bytes(params, workers),
-        local_sgd=average / max(config.average_every, 1),
+        local_sgd=average / max(config.cluster.average_every, 1),
         local_sgd_round=average,
         pipeline=2 * activations,
     )

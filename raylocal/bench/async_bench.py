@@ -138,7 +138,7 @@ def training_batches(
 def e2e_throughput(config: RaylocalConfig, images: torch.Tensor, threads: int, seconds: float) -> float:
     torch.set_num_threads(threads)
     torch._dynamo.reset()  # (--compile) inductor's kernels fix their thread count when compiled
-    device = resolve_device(config.device)
+    device = resolve_device(config.cluster.device)
     glow = build_glow(config, tuple(images.shape[1:])).to(device)
     noise = torch.Generator().manual_seed(1)
     initialize([glow.whole()], preprocess(images[:512].to(device), 8, noise))
@@ -202,7 +202,7 @@ class AsyncBench:
         from raylocal.cluster.placement import PartBundles  # (imports Ray: only the cells that use it do)
 
         with tempfile.TemporaryDirectory() as tmp, CpuMeter() as meter:
-            config = self.config.model_copy(update={"storage_path": tmp, "run_name": "run"})
+            config = self.config.replace(storage_path=tmp, run_name="run")
             run = Run(config, self.data, service_here=True, monitor=self._announce)
             run.execute()
         parts, self.plan = run.carry.parts, run.carry.plan
@@ -271,10 +271,10 @@ class AsyncBench:
         each, or a GPU each where there are enough (``--gpu``; else on CPUs, said
         so by the placement: never refused at the end). The batch is the parts'
         rounded down to a multiple of the workers (64 over 3 workers: 63)."""
-        c = self.config
+        m, s = self.config.model, self.config.schedule
         return RaylocalConfig(
-            n_levels=c.n_levels, depth=c.depth, hidden=c.hidden, batch_size=c.batch_size // self.k * self.k,
-            warmup_steps=c.warmup_steps, train_subset=c.train_subset, samples=0, progress=False,
+            n_levels=m.n_levels, depth=m.depth, hidden=m.hidden, batch_size=s.batch_size // self.k * self.k,
+            warmup_steps=s.warmup_steps, train_subset=self.config.data.train_subset, samples=0, progress=False,
             schedule="data-parallel", workers=self.k, cpus_per_part=1.0, epochs=1, lr=[1e-3],
             device="auto" if self.gpu else "cpu", storage_path=storage, run_name="ddp",
         )  # fmt: skip

@@ -120,7 +120,7 @@ def reconstruction_error(config: RaylocalConfig, shape, batch: int, device) -> d
     TF32 off (IEEE float32, the default) and on: what ``--tf32`` costs."""
     out = {}
     for tf32 in (False, True):
-        glow = build_glow(config.model_copy(update={"tf32": tf32}), shape).to(device)
+        glow = build_glow(config.replace(tf32=tf32), shape).to(device)
         for layer in glow.layers:  # trained-like couplings: zero ones would hide any error
             if hasattr(layer, "net"):
                 torch.nn.init.normal_(layer.net.out.weight, std=0.02)
@@ -201,7 +201,7 @@ def mnist_run(budget: float, threads: int, device: str, compiled: bool) -> None:
         samples=0, progress=False, eval_batch_size=1000, compile=compiled,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        config = config.model_copy(update={"storage_path": tmp, "run_name": "run"})
+        config = config.replace(storage_path=tmp, run_name="run")
         s = Run(config, load_data(config)).execute()
     how = ", compiled" if compiled else ""
     print(

@@ -198,7 +198,7 @@ def run_one_device(args: dict[str, Any]) -> dict[str, Any]:
     config = _config(args, schedule=SCHEDULES["one-device"], time_budget=args["budget"], link="up")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        summary = Run(config.model_copy(update={"storage_path": tmp, "run_name": "run"}), data).execute()
+        summary = Run(config.replace(storage_path=tmp, run_name="run"), data).execute()
         seconds = time.perf_counter() - start
         state = load_checkpoint(Path(summary["checkpoint"]), kind="run")["model"]
     return {
@@ -228,7 +228,7 @@ def run_data_parallel(args: dict[str, Any], average_every: int, state=None, budg
     )  # fmt: skip
     own_ray(args.get("join", False))
     with tempfile.TemporaryDirectory() as tmp:
-        run = Run(config.model_copy(update={"storage_path": tmp, "run_name": "run"}), data, start_from=state)
+        run = Run(config.replace(storage_path=tmp, run_name="run"), data, start_from=state)
         summary = run.execute()
         weights = load_checkpoint(Path(summary["checkpoint"]), kind="run")["model"]
     ray.shutdown()
@@ -291,7 +291,7 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
     snapshot = WeightsSnapshot(FINETUNE_AT * args["budget"])
     with tempfile.TemporaryDirectory() as tmp:
         run = Run(
-            config.model_copy(update={"storage_path": tmp, "run_name": "run"}), data,
+            config.replace(storage_path=tmp, run_name="run"), data,
             service_here=True, monitor=lambda service, plan: snapshot,
         )  # fmt: skip
         summary = run.execute()
@@ -301,11 +301,11 @@ def run_parts(args: dict[str, Any]) -> dict[str, Any]:
     steps = [st["steps"] for st in stats]
     seconds = [st["end_time"] - st["start_time"] for st in stats]
     first = stats[0]
-    traced = {"packet_delays": summary["packet_delays"]} if config.trace_packets else {}
+    traced = {"packet_delays": summary["packet_delays"]} if config.links.trace_packets else {}
     return traced | {
         # every image trains every layer once: the slowest part sets the model's rate
-        "images_per_s": min(n * config.batch_size / s for n, s in zip(steps, seconds)),
-        "part_images_per_s": [n * config.batch_size / s for n, s in zip(steps, seconds)],
+        "images_per_s": min(n * config.schedule.batch_size / s for n, s in zip(steps, seconds)),
+        "part_images_per_s": [n * config.schedule.batch_size / s for n, s in zip(steps, seconds)],
         "steps": steps,
         "seconds": max(seconds),
         "bytes_per_step": (first["bytes_forward"] + first["bytes_weights"]) / max(first["steps"], 1),
@@ -344,11 +344,11 @@ def run_pipeline(args: dict[str, Any]) -> dict[str, Any]:
     )  # fmt: skip
     own_ray(args.get("join", False))
     with tempfile.TemporaryDirectory() as tmp:
-        summary = Run(config.model_copy(update={"storage_path": tmp, "run_name": "run"}), data).execute()
+        summary = Run(config.replace(storage_path=tmp, run_name="run"), data).execute()
     ray.shutdown()
     stages = summary["pipeline"]["per_stage"]
     return (
-        pipeline_figures(stages, config.batch_size)
+        pipeline_figures(stages, config.schedule.batch_size)
         | {
             "test_bpd": summary["test_bpd"],
             "actor_nodes": [s["node_id"] for s in stages],  # where each stage ran (Ray's node ids)
@@ -409,7 +409,7 @@ def run_finetune(args: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(1)
         config = _config(args, schedule="e2e", time_budget=budget)  # e2e from the parts' weights
         with tempfile.TemporaryDirectory() as tmp:
-            run = Run(config.model_copy(update={"storage_path": tmp, "run_name": "run"}), _data(args), start_from=parts)
+            run = Run(config.replace(storage_path=tmp, run_name="run"), _data(args), start_from=parts)
             summary = run.execute()
         result = {"test_bpd": summary["test_bpd"], "peak_rss_mb": peak_rss_mb()}
     return {"test_bpd": result["test_bpd"], "finetune_on": on, "gather_s": gather, "finetune_s": budget}
@@ -442,7 +442,7 @@ def cell_settings(cell: Cell, opts: argparse.Namespace, split: str, tuned: dict[
         "average_overlap": option("average_overlap") if local else None,
         "bucket_cap_mb": option("bucket_cap_mb") if ddp else None,
         "ddp_compression": option("ddp_compression") if ddp else None,
-        "powersgd": [DEFAULTS.powersgd_rank, DEFAULTS.powersgd_start]
+        "powersgd": [DEFAULTS.cluster.powersgd_rank, DEFAULTS.cluster.powersgd_start]
         if ddp and option("ddp_compression") == "powersgd"
         else None,
         "sync_every": option("sync_every") if parts else None,
@@ -696,8 +696,8 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--average-overlap", action="store_true", help="local SGD's rounds overlap the next step")
     p.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP's largest gradient bucket (MB)")
     p.add_argument("--ddp-compression", choices=("none", "bf16", "powersgd"), default="none",
-                   help=f"DDP's compression (powersgd: torch's hook, rank {DEFAULTS.powersgd_rank} after "
-                   f"{DEFAULTS.powersgd_start} plain steps)")  # fmt: skip
+                   help=f"DDP's compression (powersgd: torch's hook, rank {DEFAULTS.cluster.powersgd_rank} after "
+                   f"{DEFAULTS.cluster.powersgd_start} plain steps)")  # fmt: skip
     p.add_argument("--sync-every", type=int, default=50, help="the parts' upstream weight syncs (steps)")
     p.add_argument("--queue-size", type=int, default=1, help="the parts' latent queue bound")
     p.add_argument("--micro-batches", type=int, default=4, help="the pipeline's micro-batches per batch")

@@ -88,7 +88,7 @@ def measure(config: RaylocalConfig, data) -> dict[str, float]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     with tempfile.TemporaryDirectory() as tmp:
-        config = config.model_copy(update={"storage_path": tmp, "run_name": "run"})
+        config = config.replace(storage_path=tmp, run_name="run")
         Run(config, data, service_here=True, monitor=lambda service, plan: monitor).execute()
     stop.set()
     sampler.join()

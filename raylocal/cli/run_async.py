@@ -22,7 +22,8 @@ E2E_SAME_TIME_BPD = 2.47  # the same model end to end for the default run's wall
 
 def reading(config: RaylocalConfig, summary: dict) -> str | None:
     """One line on what the default run's numbers mean (none for other runs)."""
-    if any(getattr(config, k) != v for k, v in DEFAULTS.items()):
+    flat = config.flat()
+    if any(flat[k] != v for k, v in DEFAULTS.items()):
         return None
     return (
         f"reading it: a short run, {summary['test_bpd']:.2f} BPD. The same model trained end to end for the same "

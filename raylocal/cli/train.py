@@ -110,15 +110,15 @@ def main(
     try:
         args = build_parser(description, defaults).parse_args(argv)
         config = config_from_args(args, defaults)
-        if config.resume:
+        if config.run.resume:
             config = resume_config(config, {k: v for k, v in vars(args).items() if k != "config"})
         summary = runner(config)
     except RaylocalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if config is not None and config.schedule in RIVAL_SCHEDULES:  # it checkpoints only at its end
-            print(f"interrupted: a {config.schedule} run does not resume; start it again", file=sys.stderr)
+        if config is not None and config.schedule.name in RIVAL_SCHEDULES:  # it checkpoints only at its end
+            print(f"interrupted: a {config.schedule.name} run does not resume; start it again", file=sys.stderr)
         else:
             print("interrupted: the last checkpoint is kept; rerun with --resume", file=sys.stderr)
         return 130

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 def node_images(config: RaylocalConfig, train: torch.Tensor) -> NodeImages | None:
     """What an actor loads on its own node in place of ``train`` (``images_from="node"``), else None.
     The actors never download: the driver did, where it had to."""
-    if config.images_from != "node":
+    if config.data.images_from != "node":
         return None
     return NodeImages.of(replace(data_source(config), download=False), train)
 
@@ -125,7 +125,7 @@ def connect(config: RaylocalConfig) -> None:
     """Join ``--address`` (or RAY_ADDRESS), else start an embedded local Ray."""
     if ray.is_initialized():
         return
-    address = config.address or os.environ.get("RAY_ADDRESS")
+    address = config.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         _check_reachable(address)
     try:

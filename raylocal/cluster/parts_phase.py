@@ -86,7 +86,7 @@ class PartActor:
         self.started = threading.Event()  # set once run() has built the worker
         self.lock = threading.Lock()
         self.threads = threads
-        self.faults = parse_faults(self.config.inject or "")
+        self.faults = parse_faults(self.config.run.inject or "")
         self.checkpoint_path = part_checkpoint_path(Path(run_dir), index)
         with warnings.catch_warnings():
             # Ray 2.60's own property reads its deprecated ``actor_id``: keep that
@@ -101,13 +101,13 @@ class PartActor:
         was restarted with --resume)."""
         config = self.config
         worker = PartWorker(config, bounds, self.index, self.image_shape, training_images(train_images), self.device)
-        if (self.restarted or config.resume) and self.checkpoint_path.is_file():
+        if (self.restarted or config.run.resume) and self.checkpoint_path.is_file():
             worker.restore_state(load_checkpoint(self.checkpoint_path, kind="part"))
-            if config.resume and not self.restarted:
+            if config.run.resume and not self.restarted:
                 worker.stats.resumed_at = worker.step
         if self.restarted:
             worker.stats.restarts += 1
-        self.checkpoint_every = config.checkpoint_every or len(worker.stream)
+        self.checkpoint_every = config.run.checkpoint_every or len(worker.stream)
         return worker
 
     def _after_step(self, worker: PartWorker) -> None:
@@ -237,7 +237,7 @@ class PartsPhase:
         self, config: RaylocalConfig, data: ImageData, run_dir: Path, bundles: PartBundles, train_ref: Any
     ) -> None:
         self.config, self.n_parts, self.run_dir = config, bundles.n_parts, run_dir
-        self.n_steps = config.epochs * (len(data.train) // config.batch_size)
+        self.n_steps = config.schedule.epochs * (len(data.train) // config.schedule.batch_size)
         self.train_ref = train_ref  # the images each part is sent (``Placement.train_images``)
         n_parts = self.n_parts
         self.actors: list[Any] = []
@@ -246,15 +246,15 @@ class PartsPhase:
         try:  # a start that fails half way releases what it started
             for k in range(1, n_parts):  # part k's inbox, on part k's node: its blocking get() stays on the node
                 inbox = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + k)
-                self.queues.append(LatentQueue(config.queue_size, scheduling_strategy=inbox))
+                self.queues.append(LatentQueue(config.links.queue_size, scheduling_strategy=inbox))
             for k in range(n_parts):
                 strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + k)
                 self.actors.append(
                     PartActor.options(
                         num_cpus=bundles.part_cpus,
                         num_gpus=bundles.part_gpus,
-                        max_restarts=config.max_restarts,
-                        max_task_retries=config.max_restarts,  # replay run() on the restarted actor
+                        max_restarts=config.cluster.max_restarts,
+                        max_task_retries=config.cluster.max_restarts,  # replay run() on the restarted actor
                         scheduling_strategy=strategy,
                         **bundles.shown_gpus(bundles.part_gpus),
                     ).remote(config.model_dump_json(), k, data.shape, bundles.threads, str(run_dir))
@@ -286,7 +286,7 @@ class PartsPhase:
         if bad:
             k, i = bad[0]
             raise ClusterError(
-                f"storage_path {self.config.storage_path!r} is not writable from node {i['node_id'][:12]} "
+                f"storage_path {self.config.run.storage_path!r} is not writable from node {i['node_id'][:12]} "
                 f"(part {k + 1}: {i['storage_error']}); use a path every node can reach"
             )
         for k, queue in enumerate(self.queues):  # part k + 1's inbox
@@ -304,7 +304,7 @@ class PartsPhase:
         if len(bounds) != self.n_parts:
             raise ClusterError(f"the plan has {len(bounds)} parts, the phase started {self.n_parts}")
         actors, queues, n_steps, k_last = self.actors, self.queues, self.n_steps, self.n_parts - 1
-        driver_faults = [f for f in parse_faults(self.config.inject or "") if f.kind == "ray-kill"]
+        driver_faults = [f for f in parse_faults(self.config.run.inject or "") if f.kind == "ray-kill"]
         with errors_in_one_line():
             infos = self.infos()
             start = time.perf_counter()
@@ -348,11 +348,12 @@ def train_parts(
     it keeps one) and the pipeline report. A monitor with a ``finish`` method
     has it called once the parts are done (a last evaluation still in flight)."""
     config, bounds = phase.config, [tuple(b) for b in plan["bounds"]]
-    if config.resume and not all(part_checkpoint_path(phase.run_dir, k).is_file() for k in range(len(bounds))):
+    if config.run.resume and not all(part_checkpoint_path(phase.run_dir, k).is_file() for k in range(len(bounds))):
         raise CheckpointError(f"--resume: {phase.run_dir / 'parts'} does not hold a checkpoint of every part")
     progress.update(
-        f"async: {len(bounds)} parts {plan['canonical']}, {config.epochs} epoch(s), "
-        f"queue bound {config.queue_size}, link {config.link}" + (", resuming" if config.resume else ""),
+        f"async: {len(bounds)} parts {plan['canonical']}, {config.schedule.epochs} epoch(s), "
+        f"queue bound {config.links.queue_size}, link {config.links.link}"
+        + (", resuming" if config.run.resume else ""),
         force=True,
     )
     state, stats, infos, wall = phase.run(bounds, progress, monitor)
@@ -375,7 +376,7 @@ def pipeline_report(
     """Communication and throughput figures of the async phase (``param_bytes``:
     the whole model's, for what DDP would all-reduce)."""
     n = len(stats)
-    bs = config.batch_size
+    bs = config.schedule.batch_size
     params = param_bytes
     steps = stats[-1]["steps"]
     forward = [st["bytes_forward"] for st in stats[:-1]]
@@ -418,7 +419,7 @@ def pipeline_report(
         "resumed_at": [st["resumed_at"] for st in stats],
         "peak_rss_mb": [st["peak_rss_mb"] for st in stats],
     }
-    if config.trace_packets:  # per boundary: its sender's and its receiver's rows, paired
+    if config.links.trace_packets:  # per boundary: its sender's and its receiver's rows, paired
         pairs = [(stats[b]["sent_trace"], stats[b + 1]["received_trace"]) for b in range(n - 1)]
         report["packet_trace"] = [packet_trace(sent, received) for sent, received in pairs]
     return report

@@ -46,7 +46,7 @@ def live_nodes() -> list[dict[str, float]]:
 
 def worker_nodes(config: RaylocalConfig, nodes: list[dict[str, float]]) -> list[dict[str, float]]:
     """The nodes the run may work on: those that carry ``--worker-resource`` when it is set."""
-    return _carrying(config.worker_resource, nodes)
+    return _carrying(config.cluster.worker_resource, nodes)
 
 
 def _carrying(resource: str | None, nodes: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -55,7 +55,9 @@ def _carrying(resource: str | None, nodes: list[dict[str, float]]) -> list[dict[
 
 def _pinned(config: RaylocalConfig, bundle: dict[str, float]) -> dict[str, float]:
     """``bundle``, kept to the nodes that carry ``--worker-resource`` when it is set."""
-    return bundle | {config.worker_resource: WORKER_RESOURCE_SHARE} if config.worker_resource else bundle
+    return (
+        bundle | {config.cluster.worker_resource: WORKER_RESOURCE_SHARE} if config.cluster.worker_resource else bundle
+    )
 
 
 def _sum(nodes: list[dict[str, float]], key: str) -> float:
@@ -151,27 +153,29 @@ class PartBundles:
         when there is one for each, else a share of one."""
         nodes = live_nodes() if nodes is None else nodes
         usable = worker_nodes(config, nodes)
-        whole_gpus = 0 if config.device == "cpu" else int(_sum(usable, "GPU"))
-        gpus = config.gpus_per_part
+        whole_gpus = 0 if config.cluster.device == "cpu" else int(_sum(usable, "GPU"))
+        gpus = config.cluster.gpus_per_part
         if gpus is None:
             # Fewer GPUs than parts: share them. A fractional bundle sits on one device,
             # so 1/ceil(K/G) each fits (G/K may not: 3 parts of 2/3 on 2 GPUs)
             gpus = (1.0 - SERVICE_GPU_SHARE) / math.ceil(n_parts / whole_gpus) if whole_gpus else 0.0
-        cpus = config.cpus_per_part
+        cpus = config.cluster.cpus_per_part
         if cpus is None:
             # bundles with a GPU share go only to GPU nodes: the CPUs shared out are theirs, not a CPU-only head's
             pool = _hosts({"GPU": gpus}, usable) or usable
             cpus = max(min((_sum(pool, "CPU") or 1.0) / (n_parts + 1), PART_MAX_CPUS), 0.01)
         work_pool = [n for n in usable if _fits({"GPU": 1.0}, n)] if whole_gpus else usable
-        work_cpus = config.cpus_per_part or max([min(r.get("CPU", 0.0), FINETUNE_MAX_CPUS) for r in work_pool] + [1.0])
+        work_cpus = config.cluster.cpus_per_part or max(
+            [min(r.get("CPU", 0.0), FINETUNE_MAX_CPUS) for r in work_pool] + [1.0]
+        )
         return cls(
             n_parts=n_parts,
             part=part_bundle(config, cpus, gpus),
             service=_pinned(config, {"CPU": cpus} | ({"GPU": SERVICE_GPU_SHARE} if gpus else {})),
             work=_pinned(config, {"CPU": work_cpus} | ({"GPU": 1.0} if whole_gpus else {})),
-            threads=config.threads or max(1, int(cpus)),
-            work_threads=config.threads or max(1, int(work_cpus)),
-            strategy="STRICT_SPREAD" if config.placement == "spread" else "PACK",
+            threads=config.cluster.threads or max(1, int(cpus)),
+            work_threads=config.cluster.threads or max(1, int(work_cpus)),
+            strategy="STRICT_SPREAD" if config.cluster.placement == "spread" else "PACK",
             nodes=nodes,
         )
 
@@ -277,13 +281,15 @@ class TrialGroup:
 
     @classmethod
     def plan(cls, base: RaylocalConfig, cpus_per_trial: float | None = None) -> TrialGroup:
-        cpus = base.cpus_per_part or TRIAL_PART_CPUS
-        gpus = base.gpus_per_part or 0.0
+        cpus = base.cluster.cpus_per_part or TRIAL_PART_CPUS
+        gpus = base.cluster.gpus_per_part or 0.0
         trial = {"CPU": cpus if cpus_per_trial is None else cpus_per_trial} | (
             {"GPU": min(SERVICE_GPU_SHARE, gpus)} if gpus else {}
         )
         bundles = [_pinned(base, trial)] + [part_bundle(base, cpus, gpus)] * base.part_count()
-        return cls(bundles, "STRICT_SPREAD" if base.placement == "spread" else "PACK", base.worker_resource)
+        return cls(
+            bundles, "STRICT_SPREAD" if base.cluster.placement == "spread" else "PACK", base.cluster.worker_resource
+        )
 
     def factory(self) -> Any:
         """The group as Tune reserves it for each trial."""
@@ -338,13 +344,13 @@ def trial_shares(
     can run at once (``concurrent``, and no more than the CPUs hold: the GPU nodes'
     when the parts get GPU shares). A
     default share that rounds to nothing is refused: the trials would train on CPUs."""
-    cpus = base.cpus_per_part or TRIAL_PART_CPUS
-    gpus = base.gpus_per_part
+    cpus = base.cluster.cpus_per_part or TRIAL_PART_CPUS
+    gpus = base.cluster.gpus_per_part
     if gpus is None:
         usable = worker_nodes(base, nodes)
         per_trial = (cpus if cpus_per_trial is None else cpus_per_trial) + cpus * base.part_count()
         cluster_gpus = _sum(usable, "GPU")
-        on_gpus = base.device != "cpu" and int(cluster_gpus + 1e-9) > 0
+        on_gpus = base.cluster.device != "cpu" and int(cluster_gpus + 1e-9) > 0
         # bundles with a GPU share sit on GPU nodes only: their CPUs, not a CPU-only head's, bound the trials at once
         pool = _hosts({"GPU": 1.0}, usable) if on_gpus else usable
         concurrent = max(1, min(concurrent, int(_sum(pool, "CPU") / per_trial + 1e-9)))
@@ -365,7 +371,7 @@ def default_gpu_share(config: RaylocalConfig, cluster_gpus: float, concurrent: i
     fractional bundle sits on one GPU, so each GPU must hold ceil(bundles / GPUs)
     of them: G/B each may not fit (4 parts and a trial of 0.6 on 3 GPUs)."""
     whole_gpus = int(cluster_gpus + 1e-9)
-    if config.device == "cpu" or whole_gpus <= 0:
+    if config.cluster.device == "cpu" or whole_gpus <= 0:
         return 0.0
     per_gpu = math.ceil((config.part_count() + 1) * max(concurrent, 1) / whole_gpus)
     return min(1.0 - SERVICE_GPU_SHARE, math.floor(1000 / per_gpu) / 1000)
@@ -374,12 +380,12 @@ def default_gpu_share(config: RaylocalConfig, cluster_gpus: float, concurrent: i
 def data_parallel_uses_gpus(config: RaylocalConfig, workers: int, gpus: float) -> bool:
     """One whole GPU per worker, or none: DDP on fewer GPUs than workers is
     refused with ``--device cuda`` and, with ``auto``, runs on CPUs and says so."""
-    if config.device == "cpu" or gpus == 0:
+    if config.cluster.device == "cpu" or gpus == 0:
         return False
     if gpus >= workers:
         return True
     message = f"{workers} data-parallel workers need a GPU each, the cluster has {gpus:g}"
-    if config.device == "cuda":
+    if config.cluster.device == "cuda":
         raise ClusterError(f"{message}; use fewer workers (--workers, --finetune-workers) or --device cpu")
     print(f"note: {message}: they train on CPUs", file=sys.stderr)
     return False
@@ -426,7 +432,7 @@ class WorkerBundles:
         pool = worker_nodes(config, live_nodes() if nodes is None else nodes)
         use_gpu = data_parallel_uses_gpus(config, workers, _sum(pool, "GPU"))
         cpus = cpus_per_worker or equal_share(pool, workers, use_gpu)
-        return cls(workers, use_gpu, _pinned(config, {"CPU": cpus}), config.threads or max(1, int(cpus)))
+        return cls(workers, use_gpu, _pinned(config, {"CPU": cpus}), config.cluster.threads or max(1, int(cpus)))
 
     def check(self, nodes: list | None = None) -> None:
         """Can all the workers' bundles be placed on this cluster at all, node
@@ -504,7 +510,7 @@ def train_worker_device(config: RaylocalConfig) -> str:
     """The device of a Ray Train worker: the one Ray Train assigned it."""
     import ray.train.torch
 
-    if config.device == "cpu":
+    if config.cluster.device == "cpu":
         return "cpu"
     check_torch_sees_gpus(ray.get_gpu_ids())
     return str(ray.train.torch.get_device())
@@ -514,6 +520,6 @@ def actor_device(config: RaylocalConfig) -> torch.device:
     """The device of this Ray actor or task: the GPU Ray granted it, else CPU
     (never ``torch.cuda.is_available()``: Ray 2.60 leaves the GPUs visible to a
     process granted none)."""
-    granted = ray.get_gpu_ids() if config.device != "cpu" else []
+    granted = ray.get_gpu_ids() if config.cluster.device != "cpu" else []
     check_torch_sees_gpus(granted)
     return assigned_device(granted, os.environ.get("CUDA_VISIBLE_DEVICES"))

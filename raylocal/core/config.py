@@ -1,11 +1,16 @@
-"""One run configuration, validated at the edge (command line and config files).
+"""One run configuration, in sections, validated at the edge (command line and config files).
 
-``RaylocalConfig`` is the single plain object every script and schedule reads. Its
-fields fall in ``SECTIONS`` (data, model, parts, schedule, links, cluster, run):
-``--help`` lists the flags by section, and a JSON config file (``--config
-FILE``) may group its keys by section (``{"model": {"depth": 4}}``) or give
-them flat (``{"depth": 4}``), as runs write and read them. Each field is a flag
-(``n_levels`` -> ``--n-levels``); command-line values override the file.
+``RaylocalConfig`` is the single plain object every script and schedule reads.
+It holds seven sections, each a small model of its own: ``config.data``,
+``.model``, ``.parts``, ``.schedule``, ``.links``, ``.cluster`` and ``.run``
+(``config.model.depth``, ``config.schedule.lr``). Each setting is also a flat
+name, its flag's (``n_levels`` -> ``--n-levels``): the field's own name but for
+two, the parts' ``count`` (``--parts``) and the schedule's ``name``
+(``--schedule``). ``--help`` lists the flags by section. A JSON config file
+(``--config FILE``), a checkpoint's record or ``RaylocalConfig(...)`` may give
+the settings by section (``{"model": {"depth": 4}}``), flat (``{"depth": 4}``),
+or both; files and run directories hold them by section, each by its flat name
+(``sectioned()``). Command-line values override the file.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from raylocal.core.data import DataSource
 from raylocal.core.faults import parse_faults
@@ -27,40 +33,16 @@ Schedule = Literal["e2e", "sequential", "alternating", "simultaneous", "async", 
 # The rivals, trained end to end on Ray as runs of their own (raylocal/run/rival_run.py)
 RIVAL_SCHEDULES = ("data-parallel", "pipeline")
 
-# Every field in exactly one section, in the order ``--help`` shows them.
-SECTIONS: dict[str, tuple[str, ...]] = {
-    "data": (
-        "dataset", "data_root", "download", "train_subset", "test_subset", "validation", "cache_dir", "images_from",
-    ),
-    "model": ("n_levels", "depth", "hidden", "coupling", "permutation", "n_bits", "precision", "tf32", "deterministic"),
-    "parts": ("parts", "split", "balance", "part_spec"),
-    "schedule": (
-        "schedule", "epochs", "finetune_epochs", "alternate_every", "batch_size", "eval_batch_size",
-        "eval_cap", "init_batch_size", "lr", "finetune_lr", "finetune_scope", "lr_rule", "warmup_steps", "lr_schedule",
-        "optimizer", "compile", "grad_clip", "rollback_factor", "lr_backoff", "lr_recovery_steps", "max_rollbacks",
-        "snapshot_every", "seed",
-    ),
-    "links": ("link", "queue_size", "starve", "full", "wire_dtype", "sync_every", "trace_packets"),
-    # where the work runs: Ray, devices, resources, and the data-parallel workers (fine-tune and baselines)
-    "cluster": (
-        "address", "placement", "device", "threads", "cpus_per_part", "gpus_per_part", "worker_resource",
-        "max_restarts", "finetune_workers", "workers", "average_every", "bucket_cap_mb", "ddp_compression",
-        "powersgd_rank", "powersgd_start", "outer_lr", "average_overlap", "micro_batches", "pipeline_order",
-    ),
-    "run": (
-        "storage_path", "run_name", "resume", "checkpoint_every", "eval_every", "live_eval_images", "log_every",
-        "samples", "temperature", "time_budget", "progress", "inject",
-    ),
-}  # fmt: skip
-SECTION_OF = {name: section for section, names in SECTIONS.items() for name in names}
 
-
-class RaylocalConfig(BaseModel):
-    """Everything a run needs. Defaults are a short MNIST run on this machine."""
+class Section(BaseModel):
+    """One section of a run's configuration."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    # data
+
+class DataSection(Section):
+    """Where the images come from, and how many of them."""
+
     dataset: Literal["mnist", "cifar10", "folder"] = Field("mnist", description="which dataset")
     data_root: str | None = Field(None, description="dataset directory (default: bundled MNIST)")
     download: bool = Field(False, description="download CIFAR-10 if missing (needs internet)")
@@ -80,7 +62,20 @@ class RaylocalConfig(BaseModel):
         "node (the same files must be there)",
     )
 
-    # model
+    @model_validator(mode="before")
+    @classmethod
+    def _absolute_paths_for_nodes(cls, values: Any) -> Any:
+        # actors that load their own images stand elsewhere: a relative path is the driver's directory's
+        if isinstance(values, dict) and values.get("images_from") == "node":
+            for key in ("data_root", "cache_dir"):
+                if values.get(key):
+                    values = values | {key: str(Path(values[key]).resolve())}
+        return values
+
+
+class ModelSection(Section):
+    """The Glow's shape and its numerics."""
+
     n_levels: int = Field(2, ge=1, le=8, description="Glow blocks L")
     depth: int = Field(8, ge=1, description="flow steps K per block")
     hidden: int = Field(64, ge=1, description="width of the coupling networks")
@@ -103,8 +98,11 @@ class RaylocalConfig(BaseModel):
         "--compile, Inductor's deterministic mode too); off: cuDNN picks the fastest convolution for each shape",
     )
 
-    # parts
-    parts: int = Field(1, ge=1, description="number of parts K")
+
+class PartsSection(Section):
+    """How the Glow is cut into parts."""
+
+    count: int = Field(1, ge=1, description="number of parts K")
     split: Literal["by-block", "across-blocks"] = Field(
         "across-blocks", description="automatic split: at block boundaries or balanced by compute"
     )
@@ -113,8 +111,11 @@ class RaylocalConfig(BaseModel):
     )
     part_spec: str | None = Field(None, description="explicit parts: '1|2,3', '1[:4]|1[4:],2' or 'layers:0-12|13-38'")
 
-    # training
-    schedule: Schedule = Field(
+
+class ScheduleSection(Section):
+    """How the parts train: the schedule, its epochs and batches, LRs, and the optimizer's guard."""
+
+    name: Schedule = Field(
         "e2e",
         description="the rivals on Ray, end to end: data-parallel (DDP; local SGD with --average-every) | "
         "pipeline (the parts' cut as stages); or ours: e2e | sequential | alternating | simultaneous | async",
@@ -171,37 +172,40 @@ class RaylocalConfig(BaseModel):
     )
     max_rollbacks: int = Field(20, ge=0, description="give up on a part after this many rollbacks")
     snapshot_every: int = Field(50, ge=1, description="steps between last-good-state snapshots")
-
-    # run
     seed: int = Field(0, ge=0, description="random seed")
-    threads: int | None = Field(None, ge=1, description="torch threads (default: all CPUs)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses a GPU when present")
-    storage_path: str = Field("runs", description="directory for run outputs (reachable by all nodes)")
-    run_name: str | None = Field(None, description="name of the run directory (default: generated)")
-    resume: bool = Field(False, description="continue the run in storage_path/run_name")
-    checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: per epoch)")
-    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: per epoch)")
-    live_eval_images: int = Field(
-        1000,
-        ge=0,
-        description="async runs: test images of each evaluation while the parts train (the first N, a fixed "
-        "subset, so that they cost little; 0: all); the evaluations after the parts phase and at the end use all",
-    )
-    log_every: int = Field(10, ge=1, description="steps between progress/TensorBoard updates")
-    samples: int = Field(64, ge=0, description="images in the sample grid")
-    temperature: float = Field(0.7, gt=0, description="sampling temperature")
-    time_budget: float | None = Field(None, gt=0, description="stop training after this many seconds")
-    progress: bool = Field(True, description="show a progress bar")
 
-    # ray (async schedule)
-    address: str | None = Field(None, description="Ray address ('auto' joins a cluster; default: local)")
-    placement: Literal["pack", "spread"] = Field("pack", description="placement of part actors")
-    queue_size: int = Field(4, ge=1, description="bound of each latent queue")
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _parse_lr(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                return [float(s) for s in v.split(",")]
+            except ValueError:
+                raise ValueError(f"expected numbers separated by commas, got {v!r}") from None
+        if isinstance(v, (int, float)):
+            return [float(v)]
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _check_lr(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("needs at least one value")
+        for x in v:
+            if not x > 0 or x != x or x == float("inf"):
+                raise ValueError(f"every learning rate must be a positive number, got {x}")
+        return v
+
+
+class LinksSection(Section):
+    """The links between neighbouring parts, and what crosses them."""
+
     link: str = Field(
         "up",
         description="link between neighbouring parts: up, or comma-separated bw=10Mbit, lat=20ms, p=0.9, "
         "outage=START:LEN, mtbf=60s, mttr=15s, eff=0.9, msg=1.5ms; '|' per boundary",
     )
+    queue_size: int = Field(4, ge=1, description="bound of each latent queue")
     starve: Literal["wait", "stale"] = Field(
         "wait",
         description="a part with no fresh latent from upstream: wait for one, or train on a latent computed "
@@ -216,16 +220,34 @@ class RaylocalConfig(BaseModel):
     )
     sync_every: int = Field(50, ge=1, description="upstream weight sync every N steps")
     trace_packets: int = Field(0, ge=0, le=100_000, description="time the hops of each link's first N packets")
+
+    @field_validator("link")
+    @classmethod
+    def _check_link(cls, v: str) -> str:
+        try:
+            return parse_link(v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
+
+class ClusterSection(Section):
+    """Where the work runs: Ray, devices, resources, and the data-parallel workers (fine-tune and rivals)."""
+
+    address: str | None = Field(None, description="Ray address ('auto' joins a cluster; default: local)")
+    placement: Literal["pack", "spread"] = Field("pack", description="placement of part actors")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses a GPU when present")
+    threads: int | None = Field(None, ge=1, description="torch threads (default: all CPUs)")
     cpus_per_part: float | None = Field(None, gt=0, description="CPUs per part actor")
     gpus_per_part: float | None = Field(None, ge=0, description="GPUs per part actor (default: 1, or a share of fewer)")
-    finetune_workers: int = Field(1, ge=1, description="DDP workers for the fine-tune phase")
-    workers: int = Field(2, ge=1, description="the data-parallel schedule's workers")
     worker_resource: str | None = Field(
         None,
         pattern=r"^[A-Za-z][A-Za-z0-9_.-]*$",
         description="a custom Ray resource that marks the nodes to work on: parts, evaluations and the fine-tune "
         "run only where it is (a head node without it only coordinates)",
     )
+    max_restarts: int = Field(3, ge=0, description="times Ray restarts a dead part actor")
+    finetune_workers: int = Field(1, ge=1, description="DDP workers for the fine-tune phase")
+    workers: int = Field(2, ge=1, description="the data-parallel schedule's workers")
     average_every: int = Field(
         0,
         ge=0,
@@ -263,20 +285,32 @@ class RaylocalConfig(BaseModel):
     pipeline_order: Literal["1f1b", "gpipe"] = Field(
         "1f1b", description="the pipeline schedule: 1F1B, or GPipe (every forward, then every backward)"
     )
-    max_restarts: int = Field(3, ge=0, description="times Ray restarts a dead part actor")
+
+
+class RunSection(Section):
+    """The run's directory, checkpoints, evaluations, logs, samples, time budget and faults."""
+
+    storage_path: str = Field("runs", description="directory for run outputs (reachable by all nodes)")
+    run_name: str | None = Field(None, description="name of the run directory (default: generated)")
+    resume: bool = Field(False, description="continue the run in storage_path/run_name")
+    checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: per epoch)")
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: per epoch)")
+    live_eval_images: int = Field(
+        1000,
+        ge=0,
+        description="async runs: test images of each evaluation while the parts train (the first N, a fixed "
+        "subset, so that they cost little; 0: all); the evaluations after the parts phase and at the end use all",
+    )
+    log_every: int = Field(10, ge=1, description="steps between progress/TensorBoard updates")
+    samples: int = Field(64, ge=0, description="images in the sample grid")
+    temperature: float = Field(0.7, gt=0, description="sampling temperature")
+    time_budget: float | None = Field(None, gt=0, description="stop training after this many seconds")
+    progress: bool = Field(True, description="show a progress bar")
     inject: str | None = Field(
         None,
         description="fault injection for reliability tests: ray-kill:PART@STEP, sigkill:PART@STEP, "
         "nan:PART@STEP, slow:PART@SECONDS (comma-separated)",
     )
-
-    @field_validator("link")
-    @classmethod
-    def _check_link(cls, v: str) -> str:
-        try:
-            return parse_link(v)
-        except ConfigError as e:
-            raise ValueError(str(e)) from None
 
     @field_validator("inject")
     @classmethod
@@ -288,37 +322,60 @@ class RaylocalConfig(BaseModel):
                 raise ValueError(str(e)) from None
         return v
 
-    @field_validator("lr", mode="before")
-    @classmethod
-    def _parse_lr(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            try:
-                return [float(s) for s in v.split(",")]
-            except ValueError:
-                raise ValueError(f"expected numbers separated by commas, got {v!r}") from None
-        if isinstance(v, (int, float)):
-            return [float(v)]
-        return v
 
-    @field_validator("lr")
-    @classmethod
-    def _check_lr(cls, v: list[float]) -> list[float]:
-        if not v:
-            raise ValueError("needs at least one value")
-        for x in v:
-            if not x > 0 or x != x or x == float("inf"):
-                raise ValueError(f"every learning rate must be a positive number, got {x}")
-        return v
+SECTION_TYPES: dict[str, type[Section]] = {
+    "data": DataSection,
+    "model": ModelSection,
+    "parts": PartsSection,
+    "schedule": ScheduleSection,
+    "links": LinksSection,
+    "cluster": ClusterSection,
+    "run": RunSection,
+}
+# The two settings whose fields are named apart from their flags: each flag is its section's own name
+RENAMED = {"parts": "count", "schedule": "name"}
+
+
+def _flat_name(section: str, field: str) -> str:
+    return section if RENAMED.get(section) == field else field
+
+
+# Every setting by its flat name, in exactly one section, in the order ``--help`` shows them
+SECTIONS: dict[str, tuple[str, ...]] = {
+    section: tuple(_flat_name(section, field) for field in kind.model_fields) for section, kind in SECTION_TYPES.items()
+}
+SECTION_OF = {name: section for section, names in SECTIONS.items() for name in names}
+
+
+def field_of(name: str) -> tuple[str, str]:
+    """The section and field of a flat name (``parts`` -> ``("parts", "count")``)."""
+    return SECTION_OF[name], RENAMED.get(name, name)
+
+
+def field_info(name: str) -> FieldInfo:
+    """The field (its default, type and description) of a flat name."""
+    section, field = field_of(name)
+    return SECTION_TYPES[section].model_fields[field]
+
+
+class RaylocalConfig(BaseModel):
+    """Everything a run needs, by section (see the module doc). Defaults are a
+    short MNIST run on this machine."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    parts: PartsSection = Field(default_factory=PartsSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    links: LinksSection = Field(default_factory=LinksSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    run: RunSection = Field(default_factory=RunSection)
 
     @model_validator(mode="before")
     @classmethod
-    def _absolute_paths_for_nodes(cls, values: Any) -> Any:
-        # actors that load their own images stand elsewhere: a relative path is the driver's directory's
-        if isinstance(values, dict) and values.get("images_from") == "node":
-            for key in ("data_root", "cache_dir"):
-                if values.get(key):
-                    values = values | {key: str(Path(values[key]).resolve())}
-        return values
+    def _by_section(cls, values: Any) -> Any:
+        return by_section(flatten_sections(values)) if isinstance(values, dict) else values
 
     @model_validator(mode="after")
     def _check_combination(self, info: ValidationInfo) -> RaylocalConfig:
@@ -327,51 +384,78 @@ class RaylocalConfig(BaseModel):
 
     def one_part(self) -> bool:
         """Whether the run trains the whole model as one part (its split plays no role)."""
-        return self.schedule in ("e2e", "data-parallel")
+        return self.schedule.name in ("e2e", "data-parallel")
 
     def part_count(self) -> int:
         """How many parts the run trains: ``--part-spec`` names them, else ``--parts``."""
-        return self.parts if self.part_spec is None else self.part_spec.count("|") + 1
+        spec = self.parts.part_spec
+        return self.parts.count if spec is None else spec.count("|") + 1
 
     def part_lrs(self, n_parts: int) -> list[float]:
-        return self.lr * n_parts if len(self.lr) == 1 else list(self.lr)
+        lr = self.schedule.lr
+        return lr * n_parts if len(lr) == 1 else list(lr)
+
+    def flat(self, mode: Literal["python", "json"] = "python") -> dict[str, Any]:
+        """Every setting by its flat name (what flags, Tune's spaces and the studies' arms name)."""
+        return flatten_sections(self.model_dump(mode=mode))
 
     def sectioned(self) -> dict[str, dict[str, Any]]:
-        """The settings grouped by section, as run directories and Tune's best.json hold them."""
-        values = self.model_dump()
+        """The settings by section, each by its flat name: what config files, run directories
+        and Tune's best.json hold (``{"parts": {"parts": 3, ...}, ...}``)."""
+        values = self.flat()
         return {section: {name: values[name] for name in names} for section, names in SECTIONS.items()}
 
-    def glow_kwargs(self) -> dict[str, Any]:
-        return dict(
-            n_levels=self.n_levels,
-            depth=self.depth,
-            hidden=self.hidden,
-            affine=self.coupling == "affine",
-            lu=self.permutation == "lu",
-            n_bits=self.n_bits,
-            bf16=self.precision == "bf16",
+    def replace(self, **flat: Any) -> RaylocalConfig:
+        """A copy with these settings (flat names) changed, unvalidated, as ``model_copy``: for
+        facts found at run time and derived configs (a fine-tune's whole model), not user input."""
+        changed: dict[str, dict[str, Any]] = {}
+        for name, value in flat.items():
+            if name not in SECTION_OF:
+                raise ValueError(f"{name}: unknown option")
+            section, field = field_of(name)
+            changed.setdefault(section, {})[field] = value
+        return self.model_copy(
+            update={section: getattr(self, section).model_copy(update=fields) for section, fields in changed.items()}
         )
+
+    def glow_kwargs(self) -> dict[str, Any]:
+        m = self.model
+        return dict(
+            n_levels=m.n_levels,
+            depth=m.depth,
+            hidden=m.hidden,
+            affine=m.coupling == "affine",
+            lu=m.permutation == "lu",
+            n_bits=m.n_bits,
+            bf16=m.precision == "bf16",
+        )
+
+
+def default_of(name: str) -> Any:
+    """The default of a setting, by its flat name."""
+    return field_info(name).get_default(call_default_factory=True)
 
 
 def check_combination(c: RaylocalConfig, recorded: bool = False) -> None:
     """Settings that are valid alone but not together (pydantic shows the ValueError in one line).
     A ``recorded`` config (a finished run's) may hold a setting its rival ignored then."""
-    if len(c.lr) not in (1, c.parts):
-        raise ValueError(f"lr has {len(c.lr)} values but there are {c.parts} parts")
-    if c.alternate_every and c.schedule != "alternating":
-        raise ValueError(f"alternate_every={c.alternate_every} applies to the alternating schedule, not {c.schedule!r}")
-    if c.lr_rule != "none" and c.schedule not in ("simultaneous", "alternating"):
+    s, cluster = c.schedule, c.cluster
+    if len(s.lr) not in (1, c.parts.count):
+        raise ValueError(f"lr has {len(s.lr)} values but there are {c.parts.count} parts")
+    if s.alternate_every and s.name != "alternating":
+        raise ValueError(f"alternate_every={s.alternate_every} applies to the alternating schedule, not {s.name!r}")
+    if s.lr_rule != "none" and s.name not in ("simultaneous", "alternating"):
         raise ValueError(
-            f"lr_rule={c.lr_rule!r} compares the parts while they train together: it applies to the "
-            f"simultaneous and alternating schedules, not {c.schedule!r}"
+            f"lr_rule={s.lr_rule!r} compares the parts while they train together: it applies to the "
+            f"simultaneous and alternating schedules, not {s.name!r}"
         )
-    if c.lr_rule != "none" and len(c.lr) > 1:
-        raise ValueError(f"lr_rule={c.lr_rule!r} derives the per-part LRs from one --lr, got {len(c.lr)}")
-    if c.average_overlap and (not c.average_every or c.outer_lr):
+    if s.lr_rule != "none" and len(s.lr) > 1:
+        raise ValueError(f"lr_rule={s.lr_rule!r} derives the per-part LRs from one --lr, got {len(s.lr)}")
+    if cluster.average_overlap and (not cluster.average_every or cluster.outer_lr):
         raise ValueError("average_overlap applies to local SGD (average_every > 0) without DiLoCo's outer_lr")
-    if c.finetune_scope == "boundary" and c.finetune_workers > 1:
+    if s.finetune_scope == "boundary" and cluster.finetune_workers > 1:
         raise ValueError("finetune_scope='boundary' is for a one-worker fine-tune; DDP trains every layer")
-    if c.schedule in RIVAL_SCHEDULES:
+    if s.name in RIVAL_SCHEDULES:
         check_rival(c, recorded)
 
 
@@ -403,19 +487,20 @@ DATA_PARALLEL_ONLY = (
 
 
 def _refuse_unused(c: RaylocalConfig) -> None:
+    schedule = c.schedule.name
     unused = dict(RIVAL_UNUSED)
-    other = DATA_PARALLEL_ONLY if c.schedule == "pipeline" else PIPELINE_ONLY
-    owner = "data-parallel" if c.schedule == "pipeline" else "pipeline"
+    other = DATA_PARALLEL_ONLY if schedule == "pipeline" else PIPELINE_ONLY
+    owner = "data-parallel" if schedule == "pipeline" else "pipeline"
     unused |= {name: f"does not use it (it is the {owner} schedule's)" for name in other}
-    if c.schedule == "data-parallel":
+    if schedule == "data-parallel":
         unused["wire_dtype"] = "sends float32 gradients or weights (--ddp-compression shapes DDP's)"
         unused["queue_size"] = "has no queue of latents between parts"
         unused["gpus_per_part"] = "gives each worker a whole GPU when there is one for each (--device)"
         unused["placement"] = "leaves its workers' placement to Ray Train"
+    values = c.flat()
     for name, instead in unused.items():
-        value = getattr(c, name)
-        if value != RaylocalConfig.model_fields[name].default:
-            raise ValueError(f"{name}={value!r}: a {c.schedule} run {instead}")
+        if values[name] != default_of(name):
+            raise ValueError(f"{name}={values[name]!r}: a {schedule} run {instead}")
 
 
 def check_rival(c: RaylocalConfig, recorded: bool = False) -> None:
@@ -424,37 +509,39 @@ def check_rival(c: RaylocalConfig, recorded: bool = False) -> None:
     ignore is refused, unless ``recorded``: a finished run's record stays readable."""
     if not recorded:
         _refuse_unused(c)
-    if c.epochs < 1:
-        raise ValueError(f"epochs={c.epochs}: a {c.schedule} run trains at least one epoch")
-    if c.finetune_epochs:
-        raise ValueError(f"finetune_epochs={c.finetune_epochs}: the {c.schedule} schedule trains end to end throughout")
-    if c.resume:
-        raise ValueError(f"resume: a {c.schedule} run does not resume; start it again")
-    unsupported = sorted({f.kind for f in parse_faults(c.inject or "")} - {"straggle"})
+    s, name = c.schedule, c.schedule.name
+    if s.epochs < 1:
+        raise ValueError(f"epochs={s.epochs}: a {name} run trains at least one epoch")
+    if s.finetune_epochs:
+        raise ValueError(f"finetune_epochs={s.finetune_epochs}: the {name} schedule trains end to end throughout")
+    if c.run.resume:
+        raise ValueError(f"resume: a {name} run does not resume; start it again")
+    unsupported = sorted({f.kind for f in parse_faults(c.run.inject or "")} - {"straggle"})
     if unsupported:
-        raise ValueError(f"inject: a {c.schedule} run takes only straggle faults, not {', '.join(unsupported)}")
-    if c.schedule == "pipeline" and c.part_count() < 2:
+        raise ValueError(f"inject: a {name} run takes only straggle faults, not {', '.join(unsupported)}")
+    if name == "pipeline" and c.part_count() < 2:
         raise ValueError(f"a pipeline needs at least 2 stages (--parts or --part-spec), got {c.part_count()}")
-    if c.schedule == "pipeline" and c.wire_dtype != "float32":
-        raise ValueError(f"wire_dtype={c.wire_dtype!r}: the pipeline sends float32 activations and gradients")
-    if c.schedule == "pipeline" and c.batch_size % c.micro_batches:
-        raise ValueError(f"batch_size={c.batch_size} does not split into micro_batches={c.micro_batches}")
-    if c.schedule == "data-parallel" and c.batch_size % c.workers:
-        raise ValueError(f"batch_size={c.batch_size} does not split among workers={c.workers}")
+    if name == "pipeline" and c.links.wire_dtype != "float32":
+        raise ValueError(f"wire_dtype={c.links.wire_dtype!r}: the pipeline sends float32 activations and gradients")
+    if name == "pipeline" and s.batch_size % c.cluster.micro_batches:
+        raise ValueError(f"batch_size={s.batch_size} does not split into micro_batches={c.cluster.micro_batches}")
+    if name == "data-parallel" and s.batch_size % c.cluster.workers:
+        raise ValueError(f"batch_size={s.batch_size} does not split among workers={c.cluster.workers}")
 
 
 def data_source(config: RaylocalConfig) -> DataSource:
     """The config's data section as a loadable description."""
-    return DataSource(
-        config.dataset, config.data_root, config.download, config.cache_dir, config.validation, config.train_subset,
-        config.test_subset,
-    )  # fmt: skip
+    d = config.data
+    return DataSource(d.dataset, d.data_root, d.download, d.cache_dir, d.validation, d.train_subset, d.test_subset)
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    """Pydantic's message, shown briefly: the first problem on one line."""
+    """Pydantic's message, shown briefly: the first problem on one line, named by its flag's name."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])  # none for settings refused together
+    path = [str(p) for p in first["loc"]]  # none for settings refused together
+    if len(path) >= 2 and path[0] in SECTION_TYPES:  # a section's field: its flat name
+        path = [_flat_name(path[0], path[1]), *path[2:]]
+    loc = ".".join(path)
     msg = first["msg"].removeprefix("Value error, ")  # our own ValueError's text says it all
     if first["type"] == "extra_forbidden":
         msg = "unknown option"
@@ -465,13 +552,21 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return text + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
 
+def _flat_of(section: str, key: str) -> str:
+    """A key inside a section, as its flat name: the field's or the flag's own name (``count`` or ``parts``)."""
+    return _flat_name(section, key) if key in SECTION_TYPES[section].model_fields else key
+
+
 def flatten_sections(values: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """Options given by section (``{"model": {"depth": 4}}``), flat, or both: flat.
     A key under a section it does not belong to is refused in one line."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
+        if isinstance(value, Section):
+            value = value.model_dump()
         if key in SECTIONS and isinstance(value, dict):
-            for name, inner in value.items():
+            for inner_key, inner in value.items():
+                name = _flat_of(key, inner_key)
                 if SECTION_OF.get(name, key) != key:
                     raise ConfigError(f"{source}: {key}.{name}: belongs to section {SECTION_OF[name]!r}")
                 if name in flat:
@@ -482,6 +577,19 @@ def flatten_sections(values: dict[str, Any], source: str = "config") -> dict[str
         else:
             flat[key] = value
     return flat
+
+
+def by_section(flat: dict[str, Any]) -> dict[str, Any]:
+    """Flat options grouped as the sections' fields; an unknown name stays on top (where
+    pydantic refuses it as an unknown option)."""
+    grouped: dict[str, Any] = {}
+    for name, value in flat.items():
+        if name in SECTION_OF:
+            section, field = field_of(name)
+            grouped.setdefault(section, {})[field] = value
+        else:
+            grouped[name] = value
+    return grouped
 
 
 def validate_config(values: dict[str, Any], source: str = "config", recorded: bool = False) -> RaylocalConfig:
@@ -529,7 +637,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(description: str, defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per RaylocalConfig field.
+    """An argparse parser with one flag per setting (its flat name), grouped by section.
 
     Values stay strings: pydantic converts and validates them, so a bad value
     gets the same message from the command line as from a config file. Flags
@@ -539,8 +647,8 @@ def build_parser(description: str, defaults: dict[str, Any] | None = None) -> ar
     parser = _Parser(description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="JSON file of options, flat or by section (command-line flags override it)")
     groups = {section: parser.add_argument_group(f"{section} options") for section in SECTIONS}
-    for name, field in RaylocalConfig.model_fields.items():
-        group = groups[SECTION_OF[name]]
+    for name in SECTION_OF:
+        group, field = groups[SECTION_OF[name]], field_info(name)
         flag = "--" + name.replace("_", "-")
         default = (defaults or {}).get(name, field.default)
         if isinstance(default, list):

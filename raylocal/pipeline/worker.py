@@ -143,8 +143,8 @@ class PartWorker:
         # Part 1's data stream and noise are exactly those of the single-process
         # schedules; the others' (used only while their link is down) differ.
         offset = 7_919 * index
-        self.stream = BatchStream(train_images, config.batch_size, config.seed + offset)
-        self.noise = torch.Generator().manual_seed(config.seed + 1 + offset)
+        self.stream = BatchStream(train_images, config.schedule.batch_size, config.schedule.seed + offset)
+        self.noise = torch.Generator().manual_seed(config.schedule.seed + 1 + offset)
         self.train_images = train_images
         self.versions: dict[int, int] = {}  # upstream part -> version of our copy of it
         self.weight_refs: dict[int, list[Any]] = {}  # upstream part -> [version, ref, nbytes] to forward
@@ -156,11 +156,11 @@ class PartWorker:
     # ------------------------------------------------------------ data
 
     def data_batch(self) -> Tensor:
-        return preprocess(to_device(self.stream.next(), self.device), self.config.n_bits, self.noise)
+        return preprocess(to_device(self.stream.next(), self.device), self.config.model.n_bits, self.noise)
 
     def init_batch(self) -> Tensor:
-        x = self.train_images[: self.config.init_batch_size].to(self.device)
-        return preprocess(x, self.config.n_bits, self.noise)
+        x = self.train_images[: self.config.schedule.init_batch_size].to(self.device)
+        return preprocess(x, self.config.model.n_bits, self.noise)
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
@@ -176,8 +176,10 @@ class PartWorker:
         rounds it; what the single-process ``initialize`` feeds this part. (Part k
         pushes the init batch through k upstream copies once: cheap beside the
         bytes it saves at the 2-3 parts of a weak link.)"""
-        noise = torch.Generator().manual_seed(self.config.seed + 1)  # part 1's
-        x = preprocess(self.train_images[: self.config.init_batch_size].to(self.device), self.config.n_bits, noise)
+        noise = torch.Generator().manual_seed(self.config.schedule.seed + 1)  # part 1's
+        x = preprocess(
+            self.train_images[: self.config.schedule.init_batch_size].to(self.device), self.config.model.n_bits, noise
+        )
         for up in self.upstream:
             x = over_the_wire(up(x)[0], wire)
         return x
@@ -542,28 +544,30 @@ class PartLoop:
         config = worker.config
         self.k = worker.index
         self.guard = lock if lock is not None else contextlib.nullcontext()
-        self.wait_for_fresh = config.starve == "wait"
-        self.wire_dtype = WIRE_DTYPES[config.wire_dtype]
-        keep_latest = config.full == "drop-oldest"  # the receiver too keeps only the newest latent
-        traced = config.trace_packets
+        self.wait_for_fresh = config.links.starve == "wait"
+        self.wire_dtype = WIRE_DTYPES[config.links.wire_dtype]
+        keep_latest = config.links.full == "drop-oldest"  # the receiver too keeps only the newest latent
+        traced = config.links.trace_packets
         self.receiver = None
         if inbox is not None:
             trace = worker.stats.received_trace
             self.receiver = LinkReceiver(inbox, store_get, clock, keep_latest, trace, traced)
         self.sender = None
         if outbox is not None:
-            spec = LinkSpec.parse(config.link, self.k, config.seed)
+            spec = LinkSpec.parse(config.links.link, self.k, config.schedule.seed)
             self.sender = LinkSender(
-                outbox, spec, store_put, worker.stats, self.k, config.full, clock, trace_packets=traced
+                outbox, spec, store_put, worker.stats, self.k, config.links.full, clock, trace_packets=traced
             )
         self.upstream_ended = False
-        self.straggler = Straggler(parse_faults(config.inject or ""), self.k, clock.sleep)
+        self.straggler = Straggler(parse_faults(config.run.inject or ""), self.k, clock.sleep)
         st = worker.stats
         st.start_time = st.start_time or clock.now()
-        self.deadline = st.start_time + config.time_budget if config.time_budget else math.inf
+        self.deadline = st.start_time + config.run.time_budget if config.run.time_budget else math.inf
         # every part trains n_steps steps, so its own steps are the run's clock; a
         # run-wide decay runs on through the fine-tune phase
-        lr_clock = LRClock(config.lr_schedule == "cosine-run", n_steps, config.finetune_epochs * len(worker.stream))
+        lr_clock = LRClock(
+            config.schedule.lr_schedule == "cosine-run", n_steps, config.schedule.finetune_epochs * len(worker.stream)
+        )
         worker.trainer.total_steps = lr_clock.decay(n_steps)
 
     def run(self) -> WorkerStats:
@@ -690,7 +694,7 @@ class PartLoop:
         worker = self.worker
         latent, ready = to_wire(output, self.wire_dtype) if output is not None else (None, None)
         packet: dict[str, Any] = {"kind": kind, "step": worker.step, "latent": latent, "ready": ready}
-        if kind == "init" or worker.step - worker.last_sync >= worker.config.sync_every:
+        if kind == "init" or worker.step - worker.last_sync >= worker.config.links.sync_every:
             state = worker.weights()
             packet["weights"] = newer_weights(worker.weight_refs, {self.k: [worker.step, state, tensor_bytes(state)]})
             worker.last_sync = worker.step

@@ -118,13 +118,15 @@ class AsyncContext:
         self.monitor = monitor
         # parts: the parts', service's and one-worker fine-tune's bundles; workers: a DDP fine-tune's
         self.placement = placement
-        self.progress = Progress(config.progress)
+        self.progress = Progress(config.run.progress)
         self.where: dict[str, Any] = {}
         self.refs: tuple[Any, Any] = (None, None)  # the train and test images in the object store, once open
         # the model service: in this process for a caller that holds a bundle (one thread), else an actor
         local = data if service_here else None
         parts = placement.parts
-        self.service = ServiceHandle(config.model_dump_json(), data.shape, parts, parts.threads, local, config.device)
+        self.service = ServiceHandle(
+            config.model_dump_json(), data.shape, parts, parts.threads, local, config.cluster.device
+        )
 
     def open(self, carry: Carry) -> None:
         """Stand in the run directory, with Ray's errors in one line, put the images
@@ -141,10 +143,10 @@ class AsyncContext:
         """``LiveEvaluation``'s settings (test images, their count, every, steps per epoch),
         read before the parts start; its clock starts with the parts."""
         config, test = self.config, self.data.test
-        steps_per_epoch = len(self.data.train) // config.batch_size
-        n_live = min(config.live_eval_images or len(test), len(test))
+        steps_per_epoch = len(self.data.train) // config.schedule.batch_size
+        n_live = min(config.run.live_eval_images or len(test), len(test))
         live_ref = self.refs[1] if n_live == len(test) else ray.put(test[:n_live])
-        return live_ref, n_live, config.eval_every or steps_per_epoch, steps_per_epoch
+        return live_ref, n_live, config.run.eval_every or steps_per_epoch, steps_per_epoch
 
 
 class RayParts:
@@ -161,7 +163,7 @@ class RayParts:
         context.open(carry)
         config, service, run_dir = context.config, context.service, context.run_dir
         plan_ref = service.actor.plan.remote(service.images(context.refs)[0])
-        if config.resume and (run_dir / PARTS_RESULT).is_file():
+        if config.run.resume and (run_dir / PARTS_RESULT).is_file():
             carry.plan = ray.get(plan_ref)
         else:
             live = None if context.monitor else context.live_settings()

@@ -96,15 +96,15 @@ def finish_trained_elsewhere(
     """The rest of a run trained end to end elsewhere (a rival on Ray): the
     evaluation, samples, checkpoint (of the whole model, as e2e's) and summary,
     in this process. The summary is returned, for the run to write once."""
-    whole = config.model_copy(update={"schedule": "e2e", "parts": 1, "part_spec": None, "lr": config.lr[:1]})
+    whole = config.replace(schedule="e2e", parts=1, part_spec=None, lr=config.schedule.lr[:1])
     run = SingleProcessRun(whole, data, run_dir, parts_elsewhere=True)
     run.recorded_config = config
     run.state.global_step = trained.steps
     at_epoch = trained.steps / max(len(run.stream), 1)
-    adopt_trained(run, trained.state, trained.seconds, trained.history, config.schedule, 0, at_epoch)
-    summary = run.finish() | {"schedule": config.schedule}
-    if trained.steps < config.epochs * len(run.stream) and config.time_budget:
-        summary["stopped_early"] = f"time budget of {config.time_budget:g}s reached"
+    adopt_trained(run, trained.state, trained.seconds, trained.history, config.schedule.name, 0, at_epoch)
+    summary = run.finish() | {"schedule": config.schedule.name}
+    if trained.steps < config.schedule.epochs * len(run.stream) and config.run.time_budget:
+        summary["stopped_early"] = f"time budget of {config.run.time_budget:g}s reached"
     return summary
 
 

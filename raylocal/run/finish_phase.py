@@ -74,14 +74,14 @@ class DdpFinetune:
         context.service.release()
         parts = carry.parts or PartsResult.load(run_dir / PARTS_RESULT)  # resumed after the parts phase
         t0 = time.perf_counter()
-        lr = config.finetune_lr or min(config.lr)
-        per_epoch = len(context.data.train) // config.batch_size
-        clock = LRClock.of(config, per_epoch, config.epochs, config.finetune_epochs)
+        lr = config.schedule.finetune_lr or min(config.schedule.lr)
+        per_epoch = len(context.data.train) // config.schedule.batch_size
+        clock = LRClock.of(config, per_epoch, config.schedule.epochs, config.schedule.finetune_epochs)
         run_clock = clock.finetune_elsewhere(int(parts.stats[0]["steps"]))  # on from where the parts left it
         link: dict[str, Any] = {}
         assert context.placement.workers is not None, "plan_ray_run plans the fine-tune's workers"
         tuned, history = train_ddp(
-            config, context.data.train, context.placement.workers, config.finetune_epochs, lr, run_dir / "ddp",
+            config, context.data.train, context.placement.workers, config.schedule.finetune_epochs, lr, run_dir / "ddp",
             parts.state, stats=link, **run_clock,
         )  # fmt: skip
         context.where["finetune_ddp"] = link.pop("where", None)
@@ -161,6 +161,6 @@ def finish_on_ray_train(
             "parts": ray.put(parts) if parts is not None else None,
         },
         what="the fine-tune", name="finetune", storage=run_dir / "ray_train", workers=1, resources=resources,
-        use_gpu=use_gpu, max_failures=config.max_restarts,
+        use_gpu=use_gpu, max_failures=config.cluster.max_restarts,
     )  # fmt: skip
     return result["summary"]

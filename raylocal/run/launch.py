@@ -31,18 +31,18 @@ def resume_config(config: RaylocalConfig, given: dict[str, Any]) -> RaylocalConf
     """The checkpoint's configuration, updated with the resumable options given now."""
     run_dir = Run.directory_of(config)
     recorded = run_dir / "config.json"
-    schedule = load_config_file(recorded, recorded=True).schedule if recorded.is_file() else None
+    schedule = load_config_file(recorded, recorded=True).schedule.name if recorded.is_file() else None
     if schedule in RIVAL_SCHEDULES:  # (it trains in one go: its checkpoint holds only its final model)
         raise ConfigError(f"--resume: {run_dir} is a {schedule} run, which does not resume; start it again")
     if (run_dir / CHECKPOINT).is_file():
         saved = RaylocalConfig.model_validate_json(load_checkpoint(run_dir / CHECKPOINT, kind="run")["config"])
     else:  # an async run that stopped in its parts phase: only part checkpoints exist
         saved = load_config_file(run_dir / "config.json")
-    values = saved.model_dump()
+    values, now = saved.flat(), config.flat()
     for key in given:
         if key == "config":
             continue
-        new = getattr(config, key)
+        new = now[key]
         if key in RESUMABLE:
             values[key] = new
         elif new != values[key]:
@@ -79,7 +79,7 @@ def finished_run(run_dir: Path) -> tuple[RaylocalConfig, ImageData, Glow]:
 
 
 def set_threads(config: RaylocalConfig) -> None:
-    torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(config.cluster.threads or len(os.sched_getaffinity(0)))
 
 
 def run(config: RaylocalConfig, loaded: Loaded | None = None) -> dict[str, Any]:

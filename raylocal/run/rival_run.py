@@ -58,11 +58,11 @@ class DataParallelTraining:
         assert context.placement.workers is not None, "plan_ray_run plans the workers"
         context.open(carry)
         state, history = train_ddp(
-            config, context.data.train, context.placement.workers, config.epochs, config.lr[0],
-            context.run_dir / "ddp", context.start_from, time_budget=config.time_budget, stats=stats,
+            config, context.data.train, context.placement.workers, config.schedule.epochs, config.schedule.lr[0],
+            context.run_dir / "ddp", context.start_from, time_budget=config.run.time_budget, stats=stats,
         )  # fmt: skip
         carry.trained = TrainedElsewhere(state, int(stats["steps"]), float(stats["seconds"]), history)
-        carry.record |= {"data_parallel": stats, "workers": config.workers}
+        carry.record |= {"data_parallel": stats, "workers": config.cluster.workers}
 
 
 class PipelineTraining:
@@ -73,12 +73,13 @@ class PipelineTraining:
 
     def run(self, context: RivalContext, carry: Carry) -> None:
         config, data, plan = context.config, context.data, context.placement
-        steps = config.epochs * (len(data.train) // config.batch_size)
+        steps = config.schedule.epochs * (len(data.train) // config.schedule.batch_size)
         assert plan.parts is not None, "plan_ray_run plans the stages"
         context.open(carry)
+        cluster = config.cluster
         trained = train_pipeline_parallel(
-            config, plan.parts, plan.train_images(data.train), config.pipeline_order, config.micro_batches,
-            steps, config.time_budget,
+            config, plan.parts, plan.train_images(data.train), cluster.pipeline_order, cluster.micro_batches, steps,
+            config.run.time_budget,
         )  # fmt: skip
         stages = trained.stages
         figures = {"stages": trained.canonical, "bounds": trained.bounds, "planned_in": trained.planned}

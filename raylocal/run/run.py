@@ -63,8 +63,8 @@ class Run:
         monitor: MonitorFactory | None = None,
         start_from: dict[str, Tensor] | None = None,
     ) -> None:
-        if start_from is not None and config.schedule in ("async", "pipeline"):
-            raise ValueError(f"a run of the {config.schedule} schedule starts from its own initialisation")
+        if start_from is not None and config.schedule.name in ("async", "pipeline"):
+            raise ValueError(f"a run of the {config.schedule.name} schedule starts from its own initialisation")
         self.config, self.data, self.start_from = config, data, start_from
         self.dir = self.directory_of(config)
         self.service_here, self.monitor = service_here, monitor
@@ -75,8 +75,8 @@ class Run:
     @staticmethod
     def directory_of(config: RaylocalConfig) -> Path:
         """The run's directory (``resolve_run_dir``): a fresh one is named after its schedule and parts."""
-        fresh = f"{config.schedule}-{config.parts}p"
-        return resolve_run_dir(config.storage_path, config.run_name, config.resume, fresh)
+        fresh = f"{config.schedule.name}-{config.parts.count}p"
+        return resolve_run_dir(config.run.storage_path, config.run.run_name, config.run.resume, fresh)
 
     def execute(self) -> dict[str, Any]:
         """Train the run's phases; returns its summary (also written to summary.json)."""
@@ -85,7 +85,7 @@ class Run:
         try:
             context, self.phases = self._phases()
             self.dir.mkdir(parents=True, exist_ok=True)
-            if not self.config.resume:
+            if not self.config.run.resume:
                 write_json(self.dir / "config.json", self.config.sectioned())
             with self.carry.held:  # what the phases held, released when they are done or have failed
                 for phase in self.phases:
@@ -104,7 +104,7 @@ class Run:
     def _phases(self) -> tuple[Any, list[Phase]]:
         """The context the run's phases share, and the phases."""
         config = self.config
-        if config.schedule not in RIVAL_SCHEDULES and config.schedule != "async":
+        if config.schedule.name not in RIVAL_SCHEDULES and config.schedule.name != "async":
             session = SingleProcessRun(config, self.data, self.dir, start_from=self.start_from)
             return session, local_phases(session)
         # The Ray runs import Ray: only their schedules pay for it. All of their modules are imported
@@ -116,13 +116,13 @@ class Run:
         from raylocal.run.rival_run import DataParallelTraining, FinishTrainedElsewhere, PipelineTraining, RivalContext
 
         self.placement = plan_ray_run(config, self.data, with_service=not self.service_here)
-        if config.schedule in RIVAL_SCHEDULES:
-            training = PipelineTraining() if config.schedule == "pipeline" else DataParallelTraining()
+        if config.schedule.name in RIVAL_SCHEDULES:
+            training = PipelineTraining() if config.schedule.name == "pipeline" else DataParallelTraining()
             context = RivalContext(config, self.data, self.dir, self.placement, self.start_from)
             return context, [training, FinishTrainedElsewhere()]
-        if not config.finetune_epochs:
+        if not config.schedule.finetune_epochs:
             finish: list[Phase] = [ServiceFinish()]
-        elif config.finetune_workers > 1:
+        elif config.cluster.finetune_workers > 1:
             finish = [DdpFinetune(), ServiceFinish()]
         else:
             finish = [RayTrainFinetune()]

@@ -63,7 +63,7 @@ class RunService:
         if prefetch:
             # what finishing a run needs (seconds of imports), loaded while the parts
             # train: on a thread, so that planning the parts does not wait for it
-            modules = ["torch.utils.tensorboard"] + (["torchvision.utils"] if self.config.samples else [])
+            modules = ["torch.utils.tensorboard"] + (["torchvision.utils"] if self.config.run.samples else [])
             threading.Thread(target=_import_all, args=(modules,), daemon=True).start()
 
     def where(self) -> dict[str, Any]:

@@ -77,12 +77,12 @@ def run_config(
         values = seeded(values, seed)
     values["storage_path"] = storage
     config = validate_config(values, str(path))
-    summary_path = Path(storage) / config.run_name / "summary.json"
+    summary_path = Path(storage) / config.run.run_name / "summary.json"
     if summary_path.is_file() and not rerun:
         _check_same_settings(summary_path.parent, config)
         print(f"reusing {summary_path}", flush=True)
         return json.loads(summary_path.read_text())
-    if not rerun and config.schedule not in RIVAL_SCHEDULES and has_checkpoint(summary_path.parent):
+    if not rerun and config.schedule.name not in RIVAL_SCHEDULES and has_checkpoint(summary_path.parent):
         # killed mid-run (a session's end kills what runs): on from its last checkpoint
         _check_same_settings(summary_path.parent, config)
         config = validate_config({**values, "resume": True}, str(path))
@@ -111,8 +111,8 @@ def _check_same_settings(run_dir: Path, config: RaylocalConfig) -> None:
     stored_path = run_dir / "config.json"
     if not stored_path.is_file():
         return
-    stored = load_config_file(stored_path, recorded=True).model_dump()
-    wanted = config.model_dump()
+    stored = load_config_file(stored_path, recorded=True).flat()
+    wanted = config.flat()
     if wanted["device"] == "auto":  # an async run stores the device "auto" chose for it
         wanted["device"] = stored["device"]
     shown = changed_settings(stored, wanted)

@@ -85,7 +85,7 @@ def tuned(study: Study, arm: str, storage: Path, spaces: dict[str, SpaceSource],
         print(f"tuning {study.name}/{arm}: python scripts/tune_lr.py {' '.join(argv)}", flush=True)
         if tune_lr.main(argv, loaded=images) != 0:
             raise RaylocalError(f"the Tune study of arm {arm!r} failed (see {root / f'tune-{arm}'})")
-    return overrides | {"lr": load_config_file(best).lr}
+    return overrides | {"lr": load_config_file(best).schedule.lr}
 
 
 def run_study(

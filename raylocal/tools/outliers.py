@@ -57,7 +57,7 @@ def image_sets(run_dir: Path, held_out: int | None) -> tuple[RaylocalConfig, Glo
     config, data, glow = finished_run(run_dir)
     sets = {"test": data.test}
     if held_out:
-        sets["held-out"] = data_source(config.model_copy(update={"validation": held_out})).load().test
+        sets["held-out"] = data_source(config.replace(validation=held_out)).load().test
     return config, glow, data.train, sets
 
 
@@ -65,7 +65,7 @@ def outliers(run_dir: Path, held_out: int | None, worst: int, cap: float | None 
     """``summary`` of the run's test images, and of its last ``held_out`` training
     images; ``capped_mean`` with each image capped at ``cap`` (default: the run's ``--eval-cap``)."""
     config, glow, _, sets = image_sets(run_dir, held_out)
-    batch, cap = config.eval_batch_size, cap if cap is not None else config.eval_cap
+    batch, cap = config.schedule.eval_batch_size, cap if cap is not None else config.schedule.eval_cap
     out = {}
     for name, images in sets.items():
         bpds = image_bpds(glow, images, batch, torch.device("cpu"))
@@ -164,7 +164,7 @@ def parse_image(text: str) -> tuple[str, int]:
 def explained(run_dir: Path, requests: list[tuple[str, int]], held_out: int | None) -> list[str]:
     """What ``--explain`` prints for each requested image: two lines each."""
     config, glow, train, sets = image_sets(run_dir, held_out)
-    batch_size, lines = config.eval_batch_size, []
+    batch_size, lines = config.schedule.eval_batch_size, []
     for name, index in requests:
         if name not in sets:
             raise ConfigError(f"--explain {name}:{index}: give --held-out N to name the held-out images")

@@ -121,17 +121,18 @@ def part_spec_for(config: RaylocalConfig, glow: Glow, images: Tensor | None = No
     if config.one_part():
         return PartSpec(((0, len(glow)),))
     costs = None
-    if config.balance == "measure" and config.part_spec is None and config.parts > 1 and images is not None:
+    parts = config.parts
+    if parts.balance == "measure" and parts.part_spec is None and parts.count > 1 and images is not None:
         probe = copy.deepcopy(glow)
-        x = images[: config.batch_size].to(next(glow.parameters()).device)
-        x = preprocess(x, config.n_bits, torch.Generator().manual_seed(config.seed))
+        x = images[: config.schedule.batch_size].to(next(glow.parameters()).device)
+        x = preprocess(x, config.model.n_bits, torch.Generator().manual_seed(config.schedule.seed))
         threads = torch.get_num_threads()
-        torch.set_num_threads(config.threads or threads)  # time layers as the parts will run them
+        torch.set_num_threads(config.cluster.threads or threads)  # time layers as the parts will run them
         try:
             costs = measured_costs(probe, x)
         finally:
             torch.set_num_threads(threads)
-    return resolve_part_spec(glow, config.parts, config.split, config.part_spec, costs)
+    return resolve_part_spec(glow, config.parts.count, config.parts.split, config.parts.part_spec, costs)
 
 
 @dataclass
@@ -230,19 +231,19 @@ class SingleProcessRun:
         self.data = data
         # What a caller found at run time, beside the config as given (which the checkpoint records):
         # the device Ray granted this process, and whether the run's checkpoint is there to continue from.
-        self.device = resolve_device(device or config.device)
-        self.resume = config.resume if resume is None else resume
-        self.wire_dtype = WIRE_DTYPES[config.wire_dtype]  # how latents cross a boundary (as async's wire sends them)
+        self.device = resolve_device(device or config.cluster.device)
+        self.resume = config.run.resume if resume is None else resume
+        self.wire_dtype = WIRE_DTYPES[config.links.wire_dtype]  # how latents cross a boundary (as async's wire)
         self.glow = build_glow(config, data.shape).to(self.device)
         self.spec = spec or part_spec_for(config, self.glow, data.train)
         self.parts = [self.glow.part(a, b) for a, b in self.spec.bounds]
-        lrs = config.part_lrs(len(self.parts)) if config.schedule != "e2e" else config.lr[:1]
-        epochs = config.epochs + (config.finetune_epochs if config.schedule == "e2e" else 0)
-        self.plan = epoch_plan(config.schedule, len(self.parts), epochs, config.alternate_every)
-        self.stream = BatchStream(data.train, config.batch_size, config.seed)
-        self.total_epochs = len(self.plan) + (0 if config.schedule == "e2e" else config.finetune_epochs)
+        s, e2e = config.schedule, config.schedule.name == "e2e"
+        lrs = s.lr[:1] if e2e else config.part_lrs(len(self.parts))
+        self.plan = epoch_plan(s.name, len(self.parts), s.epochs + (s.finetune_epochs if e2e else 0), s.alternate_every)
+        self.stream = BatchStream(data.train, s.batch_size, s.seed)
+        self.total_epochs = len(self.plan) + (0 if e2e else s.finetune_epochs)
         self.lr_clock = LRClock.of(config, len(self.stream), len(self.plan), self.total_epochs - len(self.plan))
-        self.batches = BatchPlan(self.plan, len(self.stream), len(self.parts), config.alternate_every)
+        self.batches = BatchPlan(self.plan, len(self.stream), len(self.parts), s.alternate_every)
         # A run that takes over parts trained in other processes (the Ray parts, a rival) trains none here:
         # it builds no trainer, with its optimizer, for them. Their figures are then the ones taken over:
         # their LRs as configured, and the rollbacks and skipped batches they reported (its caller's to set).
@@ -252,15 +253,15 @@ class SingleProcessRun:
             for k, (p, lr) in enumerate(zip(self.parts, lrs))
         ]  # fmt: skip
         self.finetuner: PartTrainer | None = None
-        self.noise = torch.Generator().manual_seed(config.seed + 1)
+        self.noise = torch.Generator().manual_seed(s.seed + 1)
         self.state = RunState(part_time=[0.0] * len(self.parts))
         self.log = RunLog(run_dir)
-        self.progress = Progress(config.progress)
+        self.progress = Progress(config.run.progress)
         self.adopted = start_from is not None  # weights from elsewhere: a parts phase, a caller's
         if start_from is not None:
             self.glow.load_state_dict(start_from)
-        self.faults = parse_faults(config.inject or "")
-        self.lr_rule = RelativeUpdateRule(self.trainers, config.warmup_steps) if config.lr_rule != "none" else None
+        self.faults = parse_faults(config.run.inject or "")
+        self.lr_rule = RelativeUpdateRule(self.trainers, s.warmup_steps) if s.lr_rule != "none" else None
         self.started = False
         self.stopped: str | None = None  # why the run stopped early, once it has
 
@@ -308,9 +309,9 @@ class SingleProcessRun:
 
     def _make_finetuner(self) -> PartTrainer:
         cfg = self.config
-        lr = cfg.finetune_lr or min(cfg.lr)
+        lr = cfg.schedule.finetune_lr or min(cfg.schedule.lr)
         total = self.lr_clock.decay(self.lr_clock.finetune_batches)
-        if cfg.finetune_scope == "boundary":  # only the steps that meet at a boundary learn; the optimizer skips
+        if cfg.schedule.finetune_scope == "boundary":  # only the steps at a boundary learn; the optimizer skips
             trained = set(boundary_steps(self.glow, self.spec.bounds))  # parameters that never get a gradient
             for index, layer in enumerate(self.glow.layers):
                 layer.requires_grad_(index in trained)
@@ -322,7 +323,9 @@ class SingleProcessRun:
 
     def evaluate(self) -> float:
         cfg = self.config
-        return evaluate_bpd(self.glow, self.data.test, cfg.eval_batch_size, self.device, cap=cfg.eval_cap)
+        return evaluate_bpd(
+            self.glow, self.data.test, cfg.schedule.eval_batch_size, self.device, cap=cfg.schedule.eval_cap
+        )
 
     def record_eval(self, epoch_float: float) -> float:
         bpd = self.evaluate()
@@ -364,7 +367,7 @@ class SingleProcessRun:
         self.lr_rule = None
         self.state.lr_multipliers = multipliers
         lrs = ", ".join(f"{t.base_lr:.3g}" for t in self.trainers)
-        self.progress.update(f"lr rule {self.config.lr_rule}: part LRs {lrs}", force=True)
+        self.progress.update(f"lr rule {self.config.schedule.lr_rule}: part LRs {lrs}", force=True)
 
     def _report_events(self, results: dict[int, StepResult]) -> None:
         for k, res in results.items():
@@ -398,8 +401,8 @@ class SingleProcessRun:
             )
         else:
             if not self.adopted:
-                x0 = self.data.train[: cfg.init_batch_size].to(self.device)
-                initialize(self.parts, preprocess(x0, cfg.n_bits, self.noise), self.wire_dtype)
+                x0 = self.data.train[: cfg.schedule.init_batch_size].to(self.device)
+                initialize(self.parts, preprocess(x0, cfg.model.n_bits, self.noise), self.wire_dtype)
         self._last_step: dict[int, int] = {}  # global step at which each part last trained, in this process
 
     def _epoch(self, epoch: int) -> str | None:
@@ -435,7 +438,7 @@ class SingleProcessRun:
                 self.trainers[k].guard.reset()
             self._last_step[k] = self.state.global_step
         t0, cpu0 = time.perf_counter(), time.process_time()
-        x = preprocess(to_device(self.stream.next(), self.device), cfg.n_bits, self.noise)
+        x = preprocess(to_device(self.stream.next(), self.device), cfg.model.n_bits, self.noise)
         for t in [self.finetuner] if finetune else self.trainers:
             t.clock = self.lr_clock.position(self.state.global_step)
         if finetune:
@@ -455,14 +458,14 @@ class SingleProcessRun:
         """Report, log, evaluate and checkpoint as configured; why the run must stop now, if it must."""
         cfg, step = self.config, self.state.global_step
         self._report_events(results)
-        if step % cfg.log_every == 0:
+        if step % cfg.run.log_every == 0:
             self._log_step(results, epoch)
-        if cfg.eval_every and step % cfg.eval_every == 0:
+        if cfg.run.eval_every and step % cfg.run.eval_every == 0:
             self.record_eval(epoch + self.stream.position / len(self.stream))
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+        if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
             self.checkpoint()
-        if cfg.time_budget and self.state.elapsed >= cfg.time_budget:
-            return f"time budget of {cfg.time_budget:g}s reached"
+        if cfg.run.time_budget and self.state.elapsed >= cfg.run.time_budget:
+            return f"time budget of {cfg.run.time_budget:g}s reached"
         return None
 
     def _end_epoch(self, epoch: int, finetune: bool, losses: dict[int, list[float]], t_epoch: float) -> None:
@@ -498,7 +501,7 @@ class SingleProcessRun:
         )
 
     def _samples(self, step: int) -> Path | None:
-        n, temperature = self.config.samples, self.config.temperature
+        n, temperature = self.config.run.samples, self.config.run.temperature
         images = sample_images(self.glow, n, temperature) if n > 0 else None
         return self.log.samples(images, step, f"samples/T={temperature}")
 
@@ -519,15 +522,15 @@ def run_summary(run: SingleProcessRun, final: float, stopped: str | None, sample
     finetuner = [run.finetuner] if run.finetuner else []
     trainers = run.trainers + finetuner
     return {
-        "schedule": run.config.schedule,
+        "schedule": run.config.schedule.name,
         "dataset": run.data.name,
         "image_shape": list(run.data.shape),
         "test_bpd": final,
-        "eval_cap": run.config.eval_cap,
+        "eval_cap": run.config.schedule.eval_cap,
         "parts": run.spec.canonical(run.glow),
         "n_parts": len(run.parts),
-        "epochs": run.config.epochs,
-        "finetune_epochs": run.config.finetune_epochs,
+        "epochs": run.config.schedule.epochs,
+        "finetune_epochs": run.config.schedule.finetune_epochs,
         "steps": run.state.global_step,
         "wall_time": run.state.elapsed,
         "phase_time": run.state.phase_time,
@@ -542,7 +545,7 @@ def run_summary(run: SingleProcessRun, final: float, stopped: str | None, sample
         ],
         "lr_multipliers": run.state.lr_multipliers,
         "part_lrs": run.part_figures("base_lr"),
-        "images_per_s": run.state.global_step * run.config.batch_size / max(run.state.elapsed, 1e-9),
+        "images_per_s": run.state.global_step * run.config.schedule.batch_size / max(run.state.elapsed, 1e-9),
         "stopped_early": stopped,
         "history": run.state.history,
         "curve": run.state.curve,

@@ -38,7 +38,9 @@ class ModelService:
     def evaluate(self, test_images: Tensor, state: dict[str, Tensor]) -> float:
         """Test BPD of the assembled weights ``state``."""
         self.glow.load_state_dict(state)
-        return evaluate_bpd(self.glow, test_images, self.config.eval_batch_size, self.device, cap=self.config.eval_cap)
+        return evaluate_bpd(
+            self.glow, test_images, self.config.schedule.eval_batch_size, self.device, cap=self.config.schedule.eval_cap
+        )
 
 
 def assembled(states: list[dict[str, Any]], glow: torch.nn.Module, bounds: list) -> dict[str, Tensor]:

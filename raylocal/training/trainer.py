@@ -75,7 +75,7 @@ def training_nll(config: RaylocalConfig, device: torch.device) -> Callable[[Part
     """The local objective a trainer differentiates: ``local_nll``, compiled when
     ``config.compile`` asks for it (one graph for the forward, the log-dets and
     the prior, fused element-wise work; the backward is compiled with it)."""
-    if not config.compile:
+    if not config.schedule.compile:
         return local_nll
     require_compiler(device)
     # Every part is one entry in the compile cache of local_nll's code; past the
@@ -101,23 +101,23 @@ def configure_kernels(config: RaylocalConfig) -> None:
     which with ``--compile`` also stops Inductor from choosing kernels by timing
     them on the device (two processes could choose different reduction orders).
     (These are process-wide; on CPU they change nothing.)"""
-    torch.backends.cudnn.allow_tf32 = config.tf32
-    torch.backends.cuda.matmul.allow_tf32 = config.tf32
-    torch.backends.cudnn.benchmark = not config.deterministic
-    torch.backends.cudnn.deterministic = config.deterministic
-    if config.compile:
+    torch.backends.cudnn.allow_tf32 = config.model.tf32
+    torch.backends.cuda.matmul.allow_tf32 = config.model.tf32
+    torch.backends.cudnn.benchmark = not config.model.deterministic
+    torch.backends.cudnn.deterministic = config.model.deterministic
+    if config.schedule.compile:
         import torch._inductor.config as inductor  # (imported only by the runs that compile)
 
-        inductor.deterministic = config.deterministic or os.environ.get("TORCHINDUCTOR_DETERMINISTIC") == "1"
+        inductor.deterministic = config.model.deterministic or os.environ.get("TORCHINDUCTOR_DETERMINISTIC") == "1"
 
 
 def build_glow(config: RaylocalConfig, image_shape: tuple[int, int, int]) -> Glow:
     """The model for ``config``; its initial weights depend only on the seed.
     Every process that trains or evaluates builds its model here, so this is
     also where its kernels are configured (``configure_kernels``)."""
-    check_image_shape(image_shape, config.n_levels)
+    check_image_shape(image_shape, config.model.n_levels)
     configure_kernels(config)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.schedule.seed)
     return Glow(image_shape, **config.glow_kwargs())
 
 
@@ -294,7 +294,7 @@ class LRClock:
 
     @classmethod
     def of(cls, config: RaylocalConfig, batches_per_epoch: int, parts_epochs: int, finetune_epochs: int) -> LRClock:
-        run_wide = config.lr_schedule == "cosine-run"
+        run_wide = config.schedule.lr_schedule == "cosine-run"
         return cls(run_wide, batches_per_epoch * parts_epochs, batches_per_epoch * finetune_epochs)
 
     @property
@@ -379,9 +379,9 @@ class PartTrainer:
 
     def __post_init__(self) -> None:
         params = list(self.part.parameters())
-        opt_cls = torch.optim.Adamax if self.config.optimizer == "adamax" else torch.optim.Adam
+        opt_cls = torch.optim.Adamax if self.config.schedule.optimizer == "adamax" else torch.optim.Adam
         self.optimizer = opt_cls(params, lr=self.base_lr)
-        self.guard = StabilityGuard(self.config.rollback_factor)
+        self.guard = StabilityGuard(self.config.schedule.rollback_factor)
         device = params[0].device if params else torch.device("cpu")
         self._nll = training_nll(self.config, device)  # the rechecks and rollbacks stay eager
         self._snapshots: list[dict[str, Any]] = []  # last good states, the newest last (at most two)
@@ -403,7 +403,7 @@ class PartTrainer:
         high rolls back ever more rarely (about log2(steps / period) times)
         instead of cycling, while one early spike no longer costs a whole run
         its LR (a permanent back-off did: two warmup spikes quartered it)."""
-        period = self.config.lr_recovery_steps * 2 ** max(self.rollbacks - 1, 0)
+        period = self.config.schedule.lr_recovery_steps * 2 ** max(self.rollbacks - 1, 0)
         if not self.events or period == 0:
             return self.backoff
         since = self.steps - self.events[-1].step
@@ -412,7 +412,9 @@ class PartTrainer:
     @property
     def lr(self) -> float:
         cfg = self.config
-        lr = scheduled_lr(self.base_lr, self.steps, cfg.warmup_steps, self.total_steps, cfg.lr_schedule, self.clock)
+        lr = scheduled_lr(
+            self.base_lr, self.steps, cfg.schedule.warmup_steps, self.total_steps, cfg.schedule.lr_schedule, self.clock
+        )
         return lr * self.lr_multiplier
 
     def step(self, x: Tensor) -> StepResult:
@@ -427,7 +429,7 @@ class PartTrainer:
         # for a GPU once, not twice; a step that is then refused never applies it.
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        max_norm = self.config.grad_clip or float("inf")
+        max_norm = self.config.schedule.grad_clip or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.part.parameters(), max_norm)
         loss_value, grad_norm = torch.stack([loss.detach().float(), norm.float()]).tolist()
         problem = self.guard.check(loss_value)
@@ -447,7 +449,7 @@ class PartTrainer:
         if problem is None:
             # This batch's loss validates the current weights: snapshot them now,
             # before the update, so that a snapshot is never of unchecked weights.
-            if self.steps % self.config.snapshot_every == 0:
+            if self.steps % self.config.schedule.snapshot_every == 0:
                 self._take_snapshot()
             if math.isfinite(grad_norm):
                 measured = self.meter is not None and self.meter.covers(self.steps)
@@ -515,11 +517,11 @@ class PartTrainer:
             # would loop until max_rollbacks, so fall back to the one before it
             self._snapshots.pop()
             reason += "; the state restored last time failed again: restored the one before it"
-        self.backoff = self.lr_multiplier * self.config.lr_backoff
+        self.backoff = self.lr_multiplier * self.config.schedule.lr_backoff
         self.rollbacks += 1
         self.steps += 1
         self.events.append(RollbackEvent(self.steps, reason, self.base_lr * self.backoff))
-        if self.rollbacks > self.config.max_rollbacks:
+        if self.rollbacks > self.config.schedule.max_rollbacks:
             raise DivergedError(
                 f"{self.name or f'part {self.index + 1}'} diverged: {self.rollbacks} rollbacks (last: {reason}); "
                 "lower its learning rate"

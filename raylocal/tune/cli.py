@@ -77,8 +77,9 @@ def report(results: object, base: RaylocalConfig, out: Path) -> None:
         raise RaylocalError(f"every trial diverged; see {out}")
     write_best_config(base, ok[0], out / "best.json")
     print(f"\nbest: LRs {ok[0]['lrs']}, test BPD {ok[0]['test_bpd']:.4f}")
-    if base.finetune_epochs:  # (the trials rank LRs for the parts; a run with them fine-tunes as asked)
-        print(f"the trials ran their parts only; best.json keeps your fine-tune of {base.finetune_epochs} epoch(s)")
+    finetune = base.schedule.finetune_epochs
+    if finetune:  # (the trials rank LRs for the parts; a run with them fine-tunes as asked)
+        print(f"the trials ran their parts only; best.json keeps your fine-tune of {finetune} epoch(s)")
     print(f"config: {out / 'best.json'}  (python scripts/run_async.py --config {out / 'best.json'})")
     print(f"Tune logs: {out}")
 
@@ -104,11 +105,11 @@ def main(argv: list[str] | None = None, loaded: Loaded | None = None) -> int:
         space_path, scheduler = extra["space"], extra["scheduler"]
         space = read_space(space_path)  # read once, here: the trials build it from this text
         # a bad space, scheduler or schedule fails here, before Ray starts
-        check_study(space, base.part_count(), scheduler, base.schedule)
+        check_study(space, base.part_count(), scheduler, base.schedule.name)
         set_threads(base)
         data = load_data(base, loaded)
         name = extra["study"] or f"tune-{Path(space_path).stem}-{base.part_count()}p"
-        storage = Path(base.storage_path).resolve()
+        storage = Path(base.run.storage_path).resolve()
         settings = study_settings(base, space, scheduler, numbers)
         resumed = check_resumable(storage / name, settings) if resume else None
         storage.mkdir(parents=True, exist_ok=True)

@@ -283,7 +283,7 @@ def run_trial(
     # get_trial_dir() is a staging directory on the trial's node, where a part on another node
     # would find no checkpoint to resume from
     context = tune.get_context()
-    trial_dir = Path(base.storage_path) / context.get_experiment_name() / Path(context.get_trial_dir()).name
+    trial_dir = Path(base.run.storage_path) / context.get_experiment_name() / Path(context.get_trial_dir()).name
     reporter = TrialReporter(data.test, lrs, report_every, checkpoints, trial_dir)
     clear_finish(trial_dir)
     checkpoint = tune.get_checkpoint()
@@ -291,7 +291,7 @@ def run_trial(
         with checkpoint.as_directory() as d:
             reporter.resume_from(*restore_parts(Path(d), trial_dir, lrs))
     trial = {"lr": lrs, "progress": False, "resume": checkpoint is not None, "finetune_epochs": 0, "samples": 0}
-    config = base.model_copy(update=trial | {"storage_path": str(trial_dir.parent), "run_name": trial_dir.name})
+    config = base.replace(**(trial | {"storage_path": str(trial_dir.parent), "run_name": trial_dir.name}))
     run = Run(config, data, service_here=True, monitor=reporter.watch)
     try:
         summary = run.execute()
@@ -315,7 +315,7 @@ def study_settings(base: RaylocalConfig, space: SpaceSource, scheduler: str, opt
     """Everything that shapes a study: the run's flags (its data by absolute path),
     the space's text, the scheduler and the study's own options (trials, report
     interval, ...); ``tune_study`` adds the parts' shares it resolved on the cluster."""
-    flags = {k: v for k, v in base.model_dump(mode="json").items() if k not in NOT_KEPT}
+    flags = {k: v for k, v in base.flat(mode="json").items() if k not in NOT_KEPT}
     if flags.get("data_root"):
         flags["data_root"] = str(Path(flags["data_root"]).resolve())
     return {"flags": flags, "space": space.text, "scheduler": scheduler, **options}
@@ -379,7 +379,7 @@ def _trainable(
             run_trial,
             base_json=base.model_dump_json(),
             space=space,
-            data=data if base.images_from == "driver" else data_source(base),
+            data=data if base.data.images_from == "driver" else data_source(base),
             report_every=report_every,
             checkpoints=checkpoints,
         ),
@@ -410,13 +410,13 @@ def tune_study(
     ``resumed``, those a study to continue was started with (``check_resumable``)."""
     from ray import tune
 
-    module = check_study(space, base.part_count(), scheduler, base.schedule)
+    module = check_study(space, base.part_count(), scheduler, base.schedule.name)
     param_space = module.space(base.part_count())
     nodes = live_nodes()
     samples = 1 if getattr(module, "GRID", False) else trials
     shares = trial_shares(base, nodes, max_concurrent or study_trials(param_space, samples), cpus_per_trial)
-    base = base.model_copy(update=shares | {"storage_path": str(storage.resolve())})  # (a trial's cwd is its own)
-    n_steps = base.epochs * (len(data.train) // base.batch_size)  # each part's, the last's reported
+    base = base.replace(**(shares | {"storage_path": str(storage.resolve())}))  # (a trial's cwd is its own)
+    n_steps = base.schedule.epochs * (len(data.train) // base.schedule.batch_size)  # each part's, the last's reported
     TrialGroup.plan(base, cpus_per_trial).check(nodes)
     trainable = _trainable(base, data, space, report_every, scheduler == "pbt", cpus_per_trial)
     path = storage.resolve() / name
@@ -528,9 +528,7 @@ def ranked_table(results: Any, parts: int) -> tuple[str, list[dict[str, Any]]]:
 
 def write_best_config(base: RaylocalConfig, best: dict[str, Any], path: Path) -> RaylocalConfig:
     """The best trial as a config file that ``run_async.py --config`` accepts unchanged."""
-    config = base.model_copy(
-        update={"lr": [float(v) for v in best["lrs"]], "schedule": "async", "run_name": None, "resume": False}
-    )
+    config = base.replace(lr=[float(v) for v in best["lrs"]], schedule="async", run_name=None, resume=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_config_file(config, path)
     return config
