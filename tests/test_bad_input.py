@@ -349,7 +349,7 @@ def test_a_config_file_by_section_is_the_flat_one_and_a_misplaced_key_is_one_lin
 def test_the_config_object_is_its_sections_and_reads_every_older_form():
     import json
 
-    from raylocal.core.config import ConfigError, validate_config
+    from raylocal.core.config import ConfigError, PartsSection, validate_config
 
     flat = {"depth": 3, "parts": 2, "schedule": "async", "lr": "1e-3,5e-4", "link": "bw=10Mbit", "workers": 4}
     config = RaylocalConfig(**flat)
@@ -371,6 +371,15 @@ def test_the_config_object_is_its_sections_and_reads_every_older_form():
     assert (copy.model.depth, copy.parts.count, config.model.depth, config.parts.count) == (5, 3, 3, 2)
     with pytest.raises(ValueError, match="deph: unknown option"):
         config.replace(deph=5)
+    assert (
+        RaylocalConfig(parts=PartsSection(count=2), split="by-block").parts.split == "by-block"
+    )  # given, not defaults
+    for bad, message in [
+        ({"model": 5, "depth": 4}, "model: a section holds its settings as an object, got 5"),
+        ({"run": "x", "resume": False}, "run: a section holds its settings as an object, got 'x'"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^options: {message}$"):
+            validate_config(bad, "options")
     # a section's bad value is named by its flag, as before the sections
     with pytest.raises(ConfigError, match=r"^options: parts: Input should be greater than or equal to 1 \(got 0\)$"):
         validate_config({"parts": {"count": 0}}, "options")

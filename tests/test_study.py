@@ -221,7 +221,7 @@ def test_a_run_on_the_device_auto_chose_is_read_back_for_auto(tmp_path):
     from raylocal.errors import ConfigError
 
     # an async run stores the device its driver resolved "auto" to (staleness's runs: "cpu")
-    (tmp_path / "config.json").write_text(RaylocalConfig(device="cpu").model_dump_json())
+    (tmp_path / "config.json").write_text(json.dumps(RaylocalConfig(device="cpu").sectioned()))  # as runs write it
     compare._check_same_settings(tmp_path, RaylocalConfig(device="auto"))
     compare._check_same_settings(tmp_path, RaylocalConfig(device="cpu"))
     with pytest.raises(ConfigError, match="device 'cpu' -> 'cuda'"):

@@ -563,7 +563,7 @@ def flatten_sections(values: dict[str, Any], source: str = "config") -> dict[str
     flat: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, Section):
-            value = value.model_dump()
+            value = value.model_dump(exclude_unset=True)  # (what it was given, not its defaults)
         if key in SECTIONS and isinstance(value, dict):
             for inner_key, inner in value.items():
                 name = _flat_of(key, inner_key)
@@ -572,6 +572,8 @@ def flatten_sections(values: dict[str, Any], source: str = "config") -> dict[str
                 if name in flat:
                     raise ConfigError(f"{source}: {name} is given twice")
                 flat[name] = inner
+        elif key in SECTIONS and key not in SECTION_OF:  # (--parts and --schedule are their sections' names)
+            raise ConfigError(f"{source}: {key}: a section holds its settings as an object, got {value!r}")
         elif key in flat:
             raise ConfigError(f"{source}: {key} is given twice")
         else:
