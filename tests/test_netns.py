@@ -26,6 +26,14 @@ def test_a_transfer_crosses_a_shaped_link_at_its_rate_and_teardown_leaves_nothin
     assert netns.leftovers(tag) == []
 
 
+def test_transfers_both_ways_at_once_overlap_and_neither_beats_its_shaped_rate():
+    with netns.Network(["10mbit", "10mbit"]) as net:
+        (up, up_start, up_end), (down, down_start, down_end) = netns.tcp_both_ways(net, 1_000_000)  # 0.8 s each
+    overlap = min(up_end, down_end) - max(up_start, down_start)
+    assert overlap >= 0.5 * min(up_end - up_start, down_end - down_start), (up_start, up_end, down_start, down_end)
+    assert 0 < up <= 12e6 and 0 < down <= 12e6, (up, down)  # each direction has links of its own at 10 Mbit/s
+
+
 def test_teardown_happens_on_an_error_too():
     with pytest.raises(RuntimeError), netns.Network([None]) as net:
         tag = net.tag

@@ -185,26 +185,61 @@ _SOURCE = """
 import socket, sys, time
 payload = b"x" * int(sys.argv[2])
 c = socket.create_connection((sys.argv[1], 5201), timeout=60)
-t = time.perf_counter(); c.sendall(payload); c.shutdown(socket.SHUT_WR); c.recv(1); c.close()
-print(time.perf_counter() - t, flush=True)
+began = time.time(); t = time.perf_counter(); c.sendall(payload); c.shutdown(socket.SHUT_WR); c.recv(1); c.close()
+print(time.perf_counter() - t, began, flush=True)
 """
+
+
+def _sink(net: Network, k: int) -> subprocess.Popen:
+    """A TCP sink listening on node k's address, ready once it returns."""
+    sink = net.popen(k, [sys.executable, "-c", _SINK, net.address(k)], stdout=-1, text=True)
+    if sink.stdout.readline().strip() != "ready":
+        sink.kill()
+        raise ClusterError("the TCP sink did not start")
+    return sink
+
+
+def _timed(source_out: str, sink: subprocess.Popen, nbytes: int, err: str) -> tuple[float, float, float]:
+    """A finished transfer's bits per second, start and end (``time.time()``), checked
+    against the bytes its sink read."""
+    fields = source_out.split()
+    if len(fields) != 2 or int(sink.stdout.readline()) != nbytes:
+        raise ClusterError(f"the TCP transfer failed: {err.strip()[-200:]}")
+    seconds, began = float(fields[0]), float(fields[1])
+    return nbytes * 8 / seconds, began, began + seconds
 
 
 def tcp_rate(net: Network, nbytes: int, sender: int = 1, receiver: int = 0) -> float:
     """Bits per second of one TCP transfer of ``nbytes`` between two nodes, timed by
     the sender from its first byte until the receiver has read the last one."""
-    sink = net.popen(receiver, [sys.executable, "-c", _SINK, net.address(receiver)], stdout=-1, text=True)
+    sink = _sink(net, receiver)
     try:
-        if sink.stdout.readline().strip() != "ready":
-            raise ClusterError("the TCP sink did not start")
         argv = [sys.executable, "-c", _SOURCE, net.address(receiver), str(nbytes)]
         done = net.run(sender, argv, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0 or int(sink.stdout.readline()) != nbytes:
-            raise ClusterError(f"the TCP transfer failed: {done.stderr.strip()[-200:]}")
-        return nbytes * 8 / float(done.stdout.strip())
+        return _timed(done.stdout, sink, nbytes, done.stderr)[0]
     finally:
         sink.kill()
         sink.wait()
+
+
+def tcp_both_ways(net: Network, nbytes: int) -> list[tuple[float, float, float]]:
+    """Two TCP transfers of ``nbytes`` at once, node 1 to node 0 and node 0 to node 1,
+    as a two-worker all-reduce sends: each one's bits per second, start and end.
+    Each direction's acknowledgements then queue behind the other's data."""
+    sinks: list[subprocess.Popen] = []
+    try:
+        sinks = [_sink(net, 0), _sink(net, 1)]
+        sources = [
+            net.popen(sender, [sys.executable, "-c", _SOURCE, net.address(1 - sender), str(nbytes)],
+                      stdout=-1, stderr=-1, text=True)
+            for sender in (1, 0)
+        ]  # fmt: skip
+        done = [source.communicate(timeout=600) for source in sources]
+        return [_timed(out, sink, nbytes, err) for (out, err), sink in zip(done, sinks)]
+    finally:
+        for sink in sinks:
+            sink.kill()
+            sink.wait()
 
 
 def start_ray(net: Network, cpus: int, port: int = 6379) -> dict[str, str]:
@@ -248,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", default="10mbit,10mbit", help="one link rate per node (none: unshaped)")
     p.add_argument("--cpus", type=int, default=2, help="CPUs each Ray node offers")
     p.add_argument("--tcp", type=float, metavar="SECONDS", help="no Ray: time a TCP transfer of about this long "
-                   "at each rate of --rates over a two-node link, and print the rate it reached")  # fmt: skip
+                   "at each rate of --rates over a two-node link, one way and then both ways at once, and print "
+                   "the rates they reached")  # fmt: skip
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- the command to run on the head node")
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -270,15 +306,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tcp_table(rates: list[str | None], seconds: float) -> int:
-    print("| tbf rate | bytes | TCP reached | of the rate |\n|---|---|---|---|")
+    """One way, then both ways at once (each direction's own rate), per rate."""
+    print("| tbf rate | bytes | one way: TCP reached | of the rate | both ways at once: each reached | of the rate |")
+    print("|---|---|---|---|---|---|")
     for rate in rates:
         if rate is None:
             continue
         bits = rate_bits(rate)
         nbytes = int(bits / 8 * seconds)
         with Network([rate, rate]) as net:
-            reached = tcp_rate(net, nbytes)
-        print(f"| {rate} | {nbytes:,} | {reached / 1e6:.3g} Mbit/s | {reached / bits:.1%} |", flush=True)
+            one = tcp_rate(net, nbytes)
+            both = [reached for reached, _, _ in tcp_both_ways(net, nbytes)]
+        each = " / ".join(f"{r / 1e6:.3g}" for r in both)
+        shares = " / ".join(f"{r / bits:.1%}" for r in both)
+        row = f"| {rate} | {nbytes:,} | {one / 1e6:.3g} Mbit/s | {one / bits:.1%} | {each} Mbit/s | {shares} |"
+        print(row, flush=True)
     return 0
 
 
