@@ -13,11 +13,11 @@ import json
 import os
 
 cells = collections.defaultdict(list)
-for path in sorted(glob.glob("docs/results/race*/local-sgd-*.json")):
+for path in sorted(glob.glob("docs/results/race*/**/local-sgd-*.json", recursive=True)):
     cell = json.load(open(path))
     settings = cell.get("settings", {})
     link = os.path.basename(path).removeprefix("local-sgd-").rsplit("-s", 1)[0]
-    key = (os.path.basename(os.path.dirname(path)), link, settings.get("average_every"), settings.get("average_overlap"))
+    key = (os.path.relpath(os.path.dirname(path), "docs/results"), link, settings.get("average_every"), settings.get("average_overlap"))
     cells[key].append(cell["steps"])
 print("| race directory | link | H | overlapped | cells | steps | rounds that met, per cell |\n|---|---|---|---|---|---|---|")
 for (where, link, every, overlap), steps in cells.items():
