@@ -625,9 +625,10 @@ class DataParallelWorker:
         import ray.train
 
         idle = self.idle_s + (self.hook.idle_s if self.hook else 0.0)
-        worst = self.control(
+        comm, exposed = self.reducer_times()
+        worst = self.control(  # (the maxima of the negated: the least worker's)
             [idle, peak_rss_mb(), self.straggler.waited_s, self.began_at, -self.began_at, self.sync_s, self.rounds_s]
-            + list(self.reducer_times())
+            + [comm, exposed, -exposed]
         )
         self._all_reduce(worst, "max")
         sent = self.bytes_averaged + (self.hook.bytes_sent if self.hook else 0.0)
@@ -647,6 +648,9 @@ class DataParallelWorker:
             # DDP's reducer's own timing, the most of any worker (None: not timed)
             "allreduce_s": float(worst[7]) if worst[7] >= 0 else None,
             "allreduce_exposed_s": float(worst[8]) if worst[8] >= 0 else None,
+            # the least exposed worker's: the one whose bucket came last waits for the link alone, while
+            # the other's timer also holds its wait for that bucket
+            "allreduce_exposed_least_s": float(-worst[9]) if worst[8] >= 0 else None,
             "peak_rss_mb": float(worst[1]),  # the largest worker
             "straggled_s": float(worst[2]),  # what a straggler (--inject straggle) added to its compute
             "start_spread_s": float(worst[3] + worst[4]),  # from the first worker's first step to the last's
