@@ -79,6 +79,17 @@ def test_ddps_count_holds_its_first_broadcast_of_the_model_once():
     assert lines[-2].endswith("against ours | 7 MB | 6.6 MB | 1.06 |")
 
 
+def test_ddps_all_reduce_figures_give_the_least_exposed_worker_and_the_workers_skew():
+    cell = {"images_per_s": 9.0, "seconds": 30.0, "steps": 5, "start_spread_s": 0.0, "allreduce_s": 6.0,
+            "allreduce_exposed_s": 5.9, "allreduce_exposed_least_s": 5.4}  # fmt: skip
+    shown = calibrate.figures("ddp", cell)
+    assert shown["all-reduce exposed ms per step"] == pytest.approx(5900)
+    assert shown["all-reduce exposed ms, least worker"] == pytest.approx(5400)
+    assert shown["all-reduce skew ms, most - least worker"] == pytest.approx(500)
+    older = calibrate.figures("ddp", cell | {"allreduce_exposed_least_s": None})  # a cell from before the figure
+    assert "all-reduce exposed ms, least worker" not in older and "all-reduce skew ms, most - least worker" not in older
+
+
 def test_a_bad_method_or_rate_is_one_line_before_anything_starts(capsys):
     assert calibrate.main(["--methods", "parts,allreduce"]) == 2
     assert capsys.readouterr().err.strip() == "error: 'allreduce' is not a method (parts, ddp, local-sgd)"

@@ -226,7 +226,10 @@ def figures(method: str, cell: dict[str, Any]) -> dict[str, float]:
             out["all-reduce ms per step"] = 1e3 * cell["allreduce_s"]
             out["all-reduce exposed ms per step"] = 1e3 * cell["allreduce_exposed_s"]
             if cell.get("allreduce_exposed_least_s") is not None:  # (cells from 2026-12-07 13:45 on)
-                out["all-reduce exposed ms, least worker"] = 1e3 * cell["allreduce_exposed_least_s"]
+                least = cell["allreduce_exposed_least_s"]
+                out["all-reduce exposed ms, least worker"] = 1e3 * least
+                # the early worker's wait for the late one's bucket, inside its all-reduce
+                out["all-reduce skew ms, most - least worker"] = 1e3 * (cell["allreduce_exposed_s"] - least)
     elif method == "local-sgd":  # its averaging, over the link (DDP's real all-reduce has no hook to time it)
         out["averaging %"] = 100 * cell["idle"]
         if "rounds" in cell:  # taken apart (cells from 2026-12-07 on): the rounds after their meeting, the waits
