@@ -34,6 +34,15 @@ def test_transfers_both_ways_at_once_overlap_and_neither_beats_its_shaped_rate()
     assert 0 < up <= 12e6 and 0 < down <= 12e6, (up, down)  # each direction has links of its own at 10 Mbit/s
 
 
+def test_gloo_all_reduces_between_two_nodes_sum_both_ranks_and_say_when_each_rank_ended():
+    with netns.Network([None, None]) as net:
+        ends = netns.gloo_ends(net, 4096, 3, pause=0.05)  # (a wrong sum is a ClusterError)
+    assert len(ends) == 3
+    for (zero, one), (next_zero, next_one) in zip(ends, ends[1:]):
+        assert next_zero >= zero + 0.05 and next_one >= one + 0.05  # each after its pause
+    assert all(abs(one - zero) < 1.0 for zero, one in ends)  # an unshaped link: the two end together
+
+
 def test_teardown_happens_on_an_error_too():
     with pytest.raises(RuntimeError), netns.Network([None]) as net:
         tag = net.tag

@@ -20,6 +20,7 @@ command on its head (``scripts/real_cluster.sh``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -242,6 +243,45 @@ def tcp_both_ways(net: Network, nbytes: int) -> list[tuple[float, float, float]]
             sink.wait()
 
 
+_GLOO_RANK = """
+import json, sys, time
+import torch, torch.distributed as dist
+rank, address, nbytes, n, pause = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+dist.init_process_group("gloo", init_method=f"tcp://{address}:29512", rank=rank, world_size=2)
+dist.all_reduce(torch.ones(2))  # the connections made
+x, ends = torch.ones(nbytes // 4), []
+for _ in range(n):
+    time.sleep(pause)
+    x.fill_(rank + 1.0)
+    dist.all_reduce(x)
+    ends.append(time.time())
+print(json.dumps({"ends": ends, "sum": float(x[0])}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def gloo_ends(net: Network, nbytes: int, n: int, pause: float = 0.5) -> list[tuple[float, float]]:
+    """``n`` gloo all-reduces of ``nbytes`` between node 0 and node 1, each after a
+    ``pause`` of the same length on both (a step's compute): when each rank's
+    all-reduce ended (``time.time()``, the hosts' shared clock), per all-reduce."""
+    ranks = [
+        net.popen(k, [sys.executable, "-c", _GLOO_RANK, str(k), net.address(0), str(nbytes), str(n), str(pause)],
+                  stdout=-1, stderr=-1, text=True, env=os.environ | {"GLOO_SOCKET_IFNAME": net.veth(k)})
+        for k in (0, 1)
+    ]  # fmt: skip
+    try:
+        done = [rank.communicate(timeout=600) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    if any(rank.returncode != 0 for rank in ranks):
+        raise ClusterError(f"the gloo all-reduces failed: {(done[0][1] + done[1][1]).strip()[-300:]}")
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in done]
+    if any(r["sum"] != 3.0 for r in reports):  # 1 + 2: both ranks' values in every element
+        raise ClusterError(f"the gloo all-reduce summed wrong: {[r['sum'] for r in reports]}")
+    return list(zip(reports[0]["ends"], reports[1]["ends"]))
+
+
 def start_ray(net: Network, cpus: int, port: int = 6379) -> dict[str, str]:
     """A Ray head on node 0 and a worker on every other node, each bound to its
     namespace's address and carrying the resource ``node<k>``; returns the
@@ -285,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tcp", type=float, metavar="SECONDS", help="no Ray: time a TCP transfer of about this long "
                    "at each rate of --rates over a two-node link, one way and then both ways at once, and print "
                    "the rates they reached")  # fmt: skip
+    p.add_argument("--gloo", type=int, metavar="N", help="no Ray: N gloo all-reduces of --gloo-bytes over a "
+                   "two-node link at each rate of --rates, and how far apart the two ranks' ends were")  # fmt: skip
+    p.add_argument("--gloo-bytes", type=int, default=617_728, help="bytes of each all-reduce (the race's gradient)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- the command to run on the head node")
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -295,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     rates = [None if r in ("none", "") else r for r in args.rates.split(",")]
     if args.tcp:
         return _tcp_table(rates, args.tcp)
+    if args.gloo:
+        return _gloo_table(rates, args.gloo, args.gloo_bytes)
     try:
         with Network(rates) as net, ray_cluster(net, args.cpus) as env:
             return net.run(0, command or [RAY, "status"], env=env).returncode
@@ -321,6 +366,21 @@ def _tcp_table(rates: list[str | None], seconds: float) -> int:
         shares = " / ".join(f"{r / bits:.1%}" for r in both)
         row = f"| {rate} | {nbytes:,} | {one / 1e6:.3g} Mbit/s | {one / bits:.1%} | {each} Mbit/s | {shares} |"
         print(row, flush=True)
+    return 0
+
+
+def _gloo_table(rates: list[str | None], n: int, nbytes: int) -> int:
+    """Per rate: each all-reduce's seconds (rank 0's, from the previous end and pause) and
+    how much later rank 1 ended than rank 0, per all-reduce after the first."""
+    print("| tbf rate | bytes | all-reduces | rank 1's end − rank 0's, ms, each | mean of their size, ms |")
+    print("|---|---|---|---|---|")
+    for rate in rates:
+        with Network([rate, rate]) as net:
+            ends = gloo_ends(net, nbytes, n)
+        apart = [1e3 * (one - zero) for zero, one in ends[1:]]  # (the first: the ranks' start-ups apart)
+        each = ", ".join(f"{d:+.0f}" for d in apart)
+        mean = sum(abs(d) for d in apart) / max(len(apart), 1)
+        print(f"| {rate or 'none'} | {nbytes:,} | {n} | {each} | {mean:.0f} |", flush=True)
     return 0
 
 
