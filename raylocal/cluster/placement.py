@@ -55,9 +55,8 @@ def _carrying(resource: str | None, nodes: list[dict[str, float]]) -> list[dict[
 
 def _pinned(config: RaylocalConfig, bundle: dict[str, float]) -> dict[str, float]:
     """``bundle``, kept to the nodes that carry ``--worker-resource`` when it is set."""
-    return (
-        bundle | {config.cluster.worker_resource: WORKER_RESOURCE_SHARE} if config.cluster.worker_resource else bundle
-    )
+    resource = config.cluster.worker_resource
+    return bundle | {resource: WORKER_RESOURCE_SHARE} if resource else bundle
 
 
 def _sum(nodes: list[dict[str, float]], key: str) -> float:

@@ -337,6 +337,7 @@ RENAMED = {"parts": "count", "schedule": "name"}
 
 
 def _flat_name(section: str, field: str) -> str:
+    """A field's flat name: ``count`` in parts is ``parts``, ``name`` in schedule ``schedule``."""
     return section if RENAMED.get(section) == field else field
 
 
@@ -552,11 +553,6 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return text + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
 
-def _flat_of(section: str, key: str) -> str:
-    """A key inside a section, as its flat name: the field's or the flag's own name (``count`` or ``parts``)."""
-    return _flat_name(section, key) if key in SECTION_TYPES[section].model_fields else key
-
-
 def flatten_sections(values: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """Options given by section (``{"model": {"depth": 4}}``), flat, or both: flat.
     A key under a section it does not belong to is refused in one line."""
@@ -566,7 +562,7 @@ def flatten_sections(values: dict[str, Any], source: str = "config") -> dict[str
             value = value.model_dump(exclude_unset=True)  # (what it was given, not its defaults)
         if key in SECTIONS and isinstance(value, dict):
             for inner_key, inner in value.items():
-                name = _flat_of(key, inner_key)
+                name = _flat_name(key, inner_key)  # (a flag's own name stays itself: parts, schedule)
                 if SECTION_OF.get(name, key) != key:
                     raise ConfigError(f"{source}: {key}.{name}: belongs to section {SECTION_OF[name]!r}")
                 if name in flat:
