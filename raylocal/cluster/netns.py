@@ -97,6 +97,11 @@ class Network:
     def node(self, k: int) -> str:
         return f"{self.tag}-n{k}"
 
+    def gloo_env(self, k: int) -> dict[str, str]:
+        """What a gloo process on node k needs: gloo binds where the host name resolves,
+        outside the namespace, unless told the node's own veth."""
+        return {"GLOO_SOCKET_IFNAME": self.veth(k)}
+
     def veth(self, k: int) -> str:
         """Node k's end of its veth pair (the hub's end adds an ``o``)."""
         return f"{self.tag}n{k}i"
@@ -200,11 +205,13 @@ def _sink(net: Network, k: int) -> subprocess.Popen:
     return sink
 
 
-def _timed(source_out: str, sink: subprocess.Popen, nbytes: int, err: str) -> tuple[float, float, float]:
+def _timed(
+    returncode: int, source_out: str, sink: subprocess.Popen, nbytes: int, err: str
+) -> tuple[float, float, float]:
     """A finished transfer's bits per second, start and end (``time.time()``), checked
-    against the bytes its sink read."""
+    against its source's exit and the bytes its sink read."""
     fields = source_out.split()
-    if len(fields) != 2 or int(sink.stdout.readline()) != nbytes:
+    if returncode != 0 or len(fields) != 2 or int(sink.stdout.readline()) != nbytes:
         raise ClusterError(f"the TCP transfer failed: {err.strip()[-200:]}")
     seconds, began = float(fields[0]), float(fields[1])
     return nbytes * 8 / seconds, began, began + seconds
@@ -217,7 +224,7 @@ def tcp_rate(net: Network, nbytes: int, sender: int = 1, receiver: int = 0) -> f
     try:
         argv = [sys.executable, "-c", _SOURCE, net.address(receiver), str(nbytes)]
         done = net.run(sender, argv, capture_output=True, text=True, timeout=600)
-        return _timed(done.stdout, sink, nbytes, done.stderr)[0]
+        return _timed(done.returncode, done.stdout, sink, nbytes, done.stderr)[0]
     finally:
         sink.kill()
         sink.wait()
@@ -236,7 +243,9 @@ def tcp_both_ways(net: Network, nbytes: int) -> list[tuple[float, float, float]]
             for sender in (1, 0)
         ]  # fmt: skip
         done = [source.communicate(timeout=600) for source in sources]
-        return [_timed(out, sink, nbytes, err) for (out, err), sink in zip(done, sinks)]
+        return [
+            _timed(source.returncode, out, sink, nbytes, err) for source, (out, err), sink in zip(sources, done, sinks)
+        ]
     finally:
         for sink in sinks:
             sink.kill()
@@ -266,7 +275,7 @@ def gloo_ends(net: Network, nbytes: int, n: int, pause: float = 0.5) -> list[tup
     all-reduce ended (``time.time()``, the hosts' shared clock), per all-reduce."""
     ranks = [
         net.popen(k, [sys.executable, "-c", _GLOO_RANK, str(k), net.address(0), str(nbytes), str(n), str(pause)],
-                  stdout=-1, stderr=-1, text=True, env=os.environ | {"GLOO_SOCKET_IFNAME": net.veth(k)})
+                  stdout=-1, stderr=-1, text=True, env=os.environ | net.gloo_env(k))
         for k in (0, 1)
     ]  # fmt: skip
     try:
@@ -295,8 +304,7 @@ def start_ray(net: Network, cpus: int, port: int = 6379) -> dict[str, str]:
         where = ["--head", "--port", str(port), "--temp-dir", temp, "--include-dashboard", "false"] if k == 0 else []
         where += [] if k == 0 else ["--address", head]
         argv = [RAY, "start", *where, "--node-ip-address", net.address(k), "--resources", f'{{"node{k}": 1}}']
-        # gloo binds where the host name resolves, outside the namespace: name the node's own veth
-        here = env | {"GLOO_SOCKET_IFNAME": net.veth(k)}
+        here = env | net.gloo_env(k)
         done = net.run(k, [*argv, *common], env=here, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise ClusterError(f"ray start on node {k}: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -370,8 +378,8 @@ def _tcp_table(rates: list[str | None], seconds: float) -> int:
 
 
 def _gloo_table(rates: list[str | None], n: int, nbytes: int) -> int:
-    """Per rate: each all-reduce's seconds (rank 0's, from the previous end and pause) and
-    how much later rank 1 ended than rank 0, per all-reduce after the first."""
+    """Per rate (none: unshaped): how much later rank 1's all-reduce ended than rank 0's,
+    per all-reduce after the first, and the mean size of those differences."""
     print("| tbf rate | bytes | all-reduces | rank 1's end − rank 0's, ms, each | mean of their size, ms |")
     print("|---|---|---|---|---|")
     for rate in rates:
