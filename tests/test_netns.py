@@ -37,10 +37,21 @@ def test_transfers_both_ways_at_once_overlap_and_neither_beats_its_shaped_rate()
 def test_gloo_all_reduces_between_two_nodes_sum_both_ranks_and_say_when_each_rank_ended():
     with netns.Network([None, None]) as net:
         ends = netns.gloo_ends(net, 4096, 3, pause=0.05)  # (a wrong sum is a ClusterError)
+        assert net.dropped() == {}  # nothing shaped
     assert len(ends) == 3
-    for (zero, one), (next_zero, next_one) in zip(ends, ends[1:]):
-        assert next_zero >= zero + 0.05 and next_one >= one + 0.05  # each after its pause
-    assert all(abs(one - zero) < 1.0 for zero, one in ends)  # an unshaped link: the two end together
+    for earlier, later in zip(ends, ends[1:]):
+        assert all(b >= a + 0.05 for a, b in zip(earlier.ends, later.ends))  # each after its pause
+    assert all(abs(end.apart_ms) < 1000 for end in ends)  # an unshaped link: the two end together
+    assert all(count == 0 for end in ends for tcp in end.tcp for count in tcp.values())  # nothing lost, nothing resent
+
+
+def test_a_shallow_queues_drops_are_counted_by_tbf_and_resent_by_the_ranks_tcp():
+    with netns.Network(["10mbit", "10mbit"], queue_ms=2) as net:  # 2 ms of 10 Mbit: 2.5 kB, overflowed at once
+        ends = netns.gloo_ends(net, 262_144, 2, pause=0.05)
+        dropped = net.dropped()
+    assert set(dropped) == {"n0 sent", "n0 received", "n1 sent", "n1 received"}
+    assert dropped["n0 sent"] + dropped["n1 sent"] > 0, dropped
+    assert sum(tcp["TcpRetransSegs"] for end in ends for tcp in end.tcp) > 0, [end.tcp for end in ends]
 
 
 def test_teardown_happens_on_an_error_too():

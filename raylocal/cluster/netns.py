@@ -160,6 +160,24 @@ class Network:
             _ip("netns", "del", name, check=False)
         self.made = []
 
+    def dropped(self) -> dict[str, int]:
+        """Packets each shaped link's tbf has dropped so far: ``"n<k> sent"`` for what
+        node k sends, ``"n<k> received"`` for what is sent to it (its hub end's)."""
+        counts = {}
+        for k, rate in enumerate(self.rates):
+            if not rate:
+                continue
+            inner = self.veth(k)
+            for ns, dev, way in ((self.node(k), inner, "sent"), (self.hub, inner[:-1] + "o", "received")):
+                shown = subprocess.run(
+                    ["tc", "-s", "-n", ns, "qdisc", "show", "dev", dev], capture_output=True, text=True
+                )
+                m = re.search(r"dropped (\d+)", shown.stdout)
+                if shown.returncode != 0 or m is None:
+                    raise ClusterError(f"tc -s qdisc show dev {dev}: {shown.stderr.strip() or shown.stdout.strip()}")
+                counts[f"n{k} {way}"] = int(m.group(1))
+        return counts
+
     def popen(self, k: int, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
         """``argv`` in node k's namespace."""
         return subprocess.Popen(["ip", "netns", "exec", self.node(k), *argv], **kwargs)
@@ -252,30 +270,60 @@ def tcp_both_ways(net: Network, nbytes: int) -> list[tuple[float, float, float]]
             sink.wait()
 
 
+# What each rank's sender did to recover lost bytes, as the kernel counts it for its namespace
+TCP_COUNTERS = ("TcpRetransSegs", "TcpExtTCPTimeouts", "TcpExtTCPLossProbes")
+
 _GLOO_RANK = """
 import json, sys, time
 import torch, torch.distributed as dist
 rank, address, nbytes, n, pause = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+watched = sys.argv[6].split(",")
+
+def tcp_counters():  # this namespace's TCP counters, as nstat reads them (/proc/net is per namespace)
+    counts = {}
+    for path in ("/proc/net/snmp", "/proc/net/netstat"):
+        lines = open(path).read().splitlines()
+        for names, values in zip(lines[::2], lines[1::2]):
+            prefix, names = names.split(":", 1)
+            counts.update({prefix + k: int(v) for k, v in zip(names.split(), values.split(":", 1)[1].split())})
+    return [counts[k] for k in watched]
+
 dist.init_process_group("gloo", init_method=f"tcp://{address}:29512", rank=rank, world_size=2)
 dist.all_reduce(torch.ones(2))  # the connections made
-x, ends = torch.ones(nbytes // 4), []
+x, ends, tcp = torch.ones(nbytes // 4), [], []
 for _ in range(n):
     time.sleep(pause)
     x.fill_(rank + 1.0)
+    before = tcp_counters()
     dist.all_reduce(x)
     ends.append(time.time())
-print(json.dumps({"ends": ends, "sum": float(x[0])}), flush=True)
+    tcp.append([b - a for a, b in zip(before, tcp_counters())])
+print(json.dumps({"ends": ends, "tcp": tcp, "sum": float(x[0])}), flush=True)
 dist.destroy_process_group()
 """
 
 
-def gloo_ends(net: Network, nbytes: int, n: int, pause: float = 0.5) -> list[tuple[float, float]]:
+@dataclass
+class AllReduceEnd:
+    """One gloo all-reduce between node 0 and node 1: when each rank's ended
+    (``time.time()``, the hosts' shared clock), and what each rank's sender
+    retransmitted while it ran (``TCP_COUNTERS``, counted by the kernel)."""
+
+    ends: tuple[float, float]
+    tcp: tuple[dict[str, int], dict[str, int]]
+
+    @property
+    def apart_ms(self) -> float:
+        """Rank 1's end minus rank 0's, in ms."""
+        return 1e3 * (self.ends[1] - self.ends[0])
+
+
+def gloo_ends(net: Network, nbytes: int, n: int, pause: float = 0.5) -> list[AllReduceEnd]:
     """``n`` gloo all-reduces of ``nbytes`` between node 0 and node 1, each after a
-    ``pause`` of the same length on both (a step's compute): when each rank's
-    all-reduce ended (``time.time()``, the hosts' shared clock), per all-reduce."""
+    ``pause`` of the same length on both (a step's compute), as ``AllReduceEnd``s."""
     ranks = [
-        net.popen(k, [sys.executable, "-c", _GLOO_RANK, str(k), net.address(0), str(nbytes), str(n), str(pause)],
-                  stdout=-1, stderr=-1, text=True, env=os.environ | net.gloo_env(k))
+        net.popen(k, [sys.executable, "-c", _GLOO_RANK, str(k), net.address(0), str(nbytes), str(n), str(pause),
+                      ",".join(TCP_COUNTERS)], stdout=-1, stderr=-1, text=True, env=os.environ | net.gloo_env(k))
         for k in (0, 1)
     ]  # fmt: skip
     try:
@@ -288,7 +336,8 @@ def gloo_ends(net: Network, nbytes: int, n: int, pause: float = 0.5) -> list[tup
     reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in done]
     if any(r["sum"] != 3.0 for r in reports):  # 1 + 2: both ranks' values in every element
         raise ClusterError(f"the gloo all-reduce summed wrong: {[r['sum'] for r in reports]}")
-    return list(zip(reports[0]["ends"], reports[1]["ends"]))
+    counted = [[dict(zip(TCP_COUNTERS, c)) for c in r["tcp"]] for r in reports]
+    return [AllReduceEnd(ends, tcp) for ends, tcp in zip(zip(reports[0]["ends"], reports[1]["ends"]), zip(*counted))]
 
 
 def start_ray(net: Network, cpus: int, port: int = 6379) -> dict[str, str]:
@@ -378,17 +427,27 @@ def _tcp_table(rates: list[str | None], seconds: float) -> int:
 
 
 def _gloo_table(rates: list[str | None], n: int, nbytes: int) -> int:
-    """Per rate (none: unshaped): how much later rank 1's all-reduce ended than rank 0's,
-    per all-reduce after the first, and the mean size of those differences."""
-    print("| tbf rate | bytes | all-reduces | rank 1's end − rank 0's, ms, each | mean of their size, ms |")
+    """Per rate (none: unshaped) and all-reduce after the first (the first: the ranks'
+    start-ups apart): how much later rank 1's ended than rank 0's, and what each rank's
+    sender retransmitted, timed out and probed in it; then the mean size of the
+    differences and the packets each tbf dropped."""
+    print(
+        "| tbf rate | all-reduce | rank 1's end − rank 0's, ms | rank 0 sent: retransmitted segments, "
+        "timeouts, loss probes | rank 1 sent: the same |"
+    )
     print("|---|---|---|---|---|")
     for rate in rates:
         with Network([rate, rate]) as net:
             ends = gloo_ends(net, nbytes, n)
-        apart = [1e3 * (one - zero) for zero, one in ends[1:]]  # (the first: the ranks' start-ups apart)
-        each = ", ".join(f"{d:+.0f}" for d in apart)
-        mean = sum(abs(d) for d in apart) / max(len(apart), 1)
-        print(f"| {rate or 'none'} | {nbytes:,} | {n} | {each} | {mean:.0f} |", flush=True)
+            dropped = net.dropped()
+        for i, end in enumerate(ends[1:], start=2):
+            sent = [" / ".join(str(tcp[c]) for c in TCP_COUNTERS) for tcp in end.tcp]
+            print(f"| {rate or 'none'} | {i} | {end.apart_ms:+.0f} | {sent[0]} | {sent[1]} |")
+        mean = sum(abs(end.apart_ms) for end in ends[1:]) / max(len(ends) - 1, 1)
+        drops = ", ".join(f"{way} {count}" for way, count in dropped.items()) or "none shaped"
+        print(
+            f"| {rate or 'none'} | mean size of the differences: {mean:.0f} ms | tbf dropped: {drops} | | |", flush=True
+        )
     return 0
 
 
