@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -52,6 +53,26 @@ def test_a_shallow_queues_drops_are_counted_by_tbf_and_resent_by_the_ranks_tcp()
     assert set(dropped) == {"n0 sent", "n0 received", "n1 sent", "n1 received"}
     assert dropped["n0 sent"] + dropped["n1 sent"] > 0, dropped
     assert sum(tcp["TcpRetransSegs"] for end in ends for tcp in end.tcp) > 0, [end.tcp for end in ends]
+
+
+def test_every_namespace_runs_the_congestion_control_asked_for_and_an_unknown_one_is_one_line():
+    other = "reno" if netns.host_congestion() != "reno" else "cubic"  # not what a new namespace would take anyway
+    with netns.Network([None, None], congestion=other) as net:
+        names = [net.hub, net.node(0), net.node(1)]
+        seen = [
+            subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", netns.CONGESTION_SYSCTL],
+                           capture_output=True, text=True).stdout.strip()
+            for ns in names
+        ]  # fmt: skip
+        assert seen == [other] * 3 and net.congestion_control() == other
+        ends = netns.gloo_ends(net, 4096, 2, pause=0.01, fenced=True)
+    assert all(end.seconds >= 0 for end in ends)
+    assert netns.leftovers(net.tag) == []
+    unknown = netns.Network([None], congestion="vegas-x")
+    with pytest.raises(netns.ClusterError, match=r"TCP congestion control 'vegas-x' is not one this kernel offers"):
+        with unknown:
+            pass
+    assert netns.leftovers(unknown.tag) == []
 
 
 def test_teardown_happens_on_an_error_too():

@@ -59,6 +59,31 @@ def available() -> str | None:
     return None
 
 
+def congestion_controls() -> list[str]:
+    """The TCP congestion controls this kernel offers (loaded ones)."""
+    return Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+
+
+def check_congestion(name: str | None) -> None:
+    """A congestion control this kernel offers and lets a namespace take, or None (the host's default)."""
+    if name is None:
+        return
+    if name not in congestion_controls():
+        raise ClusterError(f"TCP congestion control {name!r} is not one this kernel offers: "
+                           f"{', '.join(congestion_controls())}")  # fmt: skip
+    allowed = Path(f"/proc/sys/{ALLOWED_SYSCTL.replace('.', '/')}").read_text().split()
+    if name not in allowed:  # a namespace other than the host's may take only these
+        raise ClusterError(
+            f"TCP congestion control {name!r} is not allowed in a namespace on this host (allowed: "
+            f"{' '.join(allowed)}); as root: sysctl -w {ALLOWED_SYSCTL}='{' '.join([*allowed, name])}'"
+        )
+
+
+def host_congestion() -> str:
+    """The host's TCP congestion control, which a namespace made now takes."""
+    return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+
+
 def rate_bits(rate: str) -> float:
     """Bits per second of a ``tc`` rate such as 10mbit, 500kbit or 1gbit."""
     m = re.fullmatch(r"(\d+(?:\.\d+)?)(kbit|mbit|gbit)", rate.lower())
@@ -67,6 +92,8 @@ def rate_bits(rate: str) -> float:
     return float(m.group(1)) * {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[m.group(2)]
 
 
+CONGESTION_SYSCTL = "net.ipv4.tcp_congestion_control"
+ALLOWED_SYSCTL = "net.ipv4.tcp_allowed_congestion_control"
 QUEUE_MS = 100.0  # the token bucket's queue, in ms of the rate: a shallow buffer, which TCP overflows
 
 
@@ -87,6 +114,7 @@ class Network:
 
     rates: Sequence[str | None]
     queue_ms: float = QUEUE_MS
+    congestion: str | None = None  # TCP's congestion control in every namespace (None: the host's default)
     tag: str = field(default_factory=lambda: f"rl{os.getpid() % 100000}")
     made: list[str] = field(default_factory=list)  # namespaces, in the order made
 
@@ -125,8 +153,21 @@ class Network:
         _ip("netns", "add", name)
         self.made.append(name)
         _ip("-n", name, "link", "set", "lo", "up")
+        if self.congestion:
+            setting = f"{CONGESTION_SYSCTL}={self.congestion}"
+            done = subprocess.run(
+                ["ip", "netns", "exec", name, "sysctl", "-qw", setting], capture_output=True, text=True
+            )
+            if done.returncode != 0:
+                raise ClusterError(f"TCP congestion control {self.congestion!r}: {done.stderr.strip()}")
+
+    def congestion_control(self) -> str:
+        """The TCP congestion control node 0's namespace runs (a new namespace takes the host's default)."""
+        done = self.run(0, ["sysctl", "-n", CONGESTION_SYSCTL], capture_output=True, text=True)
+        return done.stdout.strip() or "unknown"
 
     def up(self) -> None:
+        check_congestion(self.congestion)
         self._add(self.hub)
         _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.hub, "link", "set", "br0", "up")
@@ -277,7 +318,7 @@ _GLOO_RANK = """
 import json, sys, time
 import torch, torch.distributed as dist
 rank, address, nbytes, n, pause = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
-watched = sys.argv[6].split(",")
+watched, fenced = sys.argv[6].split(","), sys.argv[7] == "fenced"
 
 def tcp_counters():  # this namespace's TCP counters, as nstat reads them (/proc/net is per namespace)
     counts = {}
@@ -290,25 +331,29 @@ def tcp_counters():  # this namespace's TCP counters, as nstat reads them (/proc
 
 dist.init_process_group("gloo", init_method=f"tcp://{address}:29512", rank=rank, world_size=2)
 dist.all_reduce(torch.ones(2))  # the connections made
-x, ends, tcp = torch.ones(nbytes // 4), [], []
+x, starts, ends, tcp = torch.ones(nbytes // 4), [], [], []
 for _ in range(n):
     time.sleep(pause)
     x.fill_(rank + 1.0)
     before = tcp_counters()
+    starts.append(time.time())
     dist.all_reduce(x)
     ends.append(time.time())
+    if fenced:  # queued behind what this rank's socket still holds: both ranks' sends delivered, counted alike
+        dist.barrier()
     tcp.append([b - a for a, b in zip(before, tcp_counters())])
-print(json.dumps({"ends": ends, "tcp": tcp, "sum": float(x[0])}), flush=True)
+print(json.dumps({"starts": starts, "ends": ends, "tcp": tcp, "sum": float(x[0])}), flush=True)
 dist.destroy_process_group()
 """
 
 
 @dataclass
 class AllReduceEnd:
-    """One gloo all-reduce between node 0 and node 1: when each rank's ended
-    (``time.time()``, the hosts' shared clock), and what each rank's sender
+    """One gloo all-reduce between node 0 and node 1: when each rank's started and
+    ended (``time.time()``, the hosts' shared clock), and what each rank's sender
     retransmitted while it ran (``TCP_COUNTERS``, counted by the kernel)."""
 
+    starts: tuple[float, float]
     ends: tuple[float, float]
     tcp: tuple[dict[str, int], dict[str, int]]
 
@@ -317,13 +362,22 @@ class AllReduceEnd:
         """Rank 1's end minus rank 0's, in ms."""
         return 1e3 * (self.ends[1] - self.ends[0])
 
+    @property
+    def seconds(self) -> float:
+        """From when both ranks had started it until both had ended."""
+        return max(self.ends) - max(self.starts)
 
-def gloo_ends(net: Network, nbytes: int, n: int, pause: float = 0.5) -> list[AllReduceEnd]:
+
+def gloo_ends(net: Network, nbytes: int, n: int, pause: float = 0.5, fenced: bool = False) -> list[AllReduceEnd]:
     """``n`` gloo all-reduces of ``nbytes`` between node 0 and node 1, each after a
-    ``pause`` of the same length on both (a step's compute), as ``AllReduceEnd``s."""
+    ``pause`` of the same length on both (a step's compute), as ``AllReduceEnd``s.
+    ``fenced``: a barrier after each all-reduce, before its counters are read, so that
+    both ranks count until both ranks' sends are delivered (gloo ends a send once the
+    kernel holds its bytes) and the next pause starts on both at once."""
     ranks = [
         net.popen(k, [sys.executable, "-c", _GLOO_RANK, str(k), net.address(0), str(nbytes), str(n), str(pause),
-                      ",".join(TCP_COUNTERS)], stdout=-1, stderr=-1, text=True, env=os.environ | net.gloo_env(k))
+                      ",".join(TCP_COUNTERS), "fenced" if fenced else "free"],
+                  stdout=-1, stderr=-1, text=True, env=os.environ | net.gloo_env(k))
         for k in (0, 1)
     ]  # fmt: skip
     try:
@@ -337,7 +391,11 @@ def gloo_ends(net: Network, nbytes: int, n: int, pause: float = 0.5) -> list[All
     if any(r["sum"] != 3.0 for r in reports):  # 1 + 2: both ranks' values in every element
         raise ClusterError(f"the gloo all-reduce summed wrong: {[r['sum'] for r in reports]}")
     counted = [[dict(zip(TCP_COUNTERS, c)) for c in r["tcp"]] for r in reports]
-    return [AllReduceEnd(ends, tcp) for ends, tcp in zip(zip(reports[0]["ends"], reports[1]["ends"]), zip(*counted))]
+    zero, one = reports
+    return [
+        AllReduceEnd(starts, ends, tcp)
+        for starts, ends, tcp in zip(zip(zero["starts"], one["starts"]), zip(zero["ends"], one["ends"]), zip(*counted))
+    ]
 
 
 def start_ray(net: Network, cpus: int, port: int = 6379) -> dict[str, str]:
@@ -385,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gloo", type=int, metavar="N", help="no Ray: N gloo all-reduces of --gloo-bytes over a "
                    "two-node link at each rate of --rates, and how far apart the two ranks' ends were")  # fmt: skip
     p.add_argument("--gloo-bytes", type=int, default=617_728, help="bytes of each all-reduce (the race's gradient)")
+    p.add_argument("--fenced", action="store_true", help="with --gloo: a barrier after each all-reduce, so that both "
+                   "ranks count TCP's retransmissions until both ranks' sends are delivered")  # fmt: skip
+    p.add_argument("--congestion", help="TCP's congestion control in every namespace, e.g. cubic or bbr "
+                   "(default: the host's, which a new namespace takes)")  # fmt: skip
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- the command to run on the head node")
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -393,12 +455,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {why}", file=sys.stderr)
         return 2
     rates = [None if r in ("none", "") else r for r in args.rates.split(",")]
-    if args.tcp:
-        return _tcp_table(rates, args.tcp)
-    if args.gloo:
-        return _gloo_table(rates, args.gloo, args.gloo_bytes)
     try:
-        with Network(rates) as net, ray_cluster(net, args.cpus) as env:
+        check_congestion(args.congestion)
+        if args.tcp:
+            return _tcp_table(rates, args.tcp, args.congestion)
+        if args.gloo:
+            return _gloo_table(rates, args.gloo, args.gloo_bytes, args.congestion, args.fenced)
+        with Network(rates, congestion=args.congestion) as net, ray_cluster(net, args.cpus) as env:
             return net.run(0, command or [RAY, "status"], env=env).returncode
     except ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -407,8 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _tcp_table(rates: list[str | None], seconds: float) -> int:
+def _tcp_table(rates: list[str | None], seconds: float, congestion: str | None) -> int:
     """One way, then both ways at once (each direction's own rate), per rate."""
+    print(f"TCP congestion control: {congestion or 'the host default, ' + host_congestion()}")
     print("| tbf rate | bytes | one way: TCP reached | of the rate | both ways at once: each reached | of the rate |")
     print("|---|---|---|---|---|---|")
     for rate in rates:
@@ -416,7 +480,7 @@ def _tcp_table(rates: list[str | None], seconds: float) -> int:
             continue
         bits = rate_bits(rate)
         nbytes = int(bits / 8 * seconds)
-        with Network([rate, rate]) as net:
+        with Network([rate, rate], congestion=congestion) as net:
             one = tcp_rate(net, nbytes)
             both = [reached for reached, _, _ in tcp_both_ways(net, nbytes)]
         each = " / ".join(f"{r / 1e6:.3g}" for r in both)
@@ -426,28 +490,29 @@ def _tcp_table(rates: list[str | None], seconds: float) -> int:
     return 0
 
 
-def _gloo_table(rates: list[str | None], n: int, nbytes: int) -> int:
+def _gloo_table(rates: list[str | None], n: int, nbytes: int, congestion: str | None, fenced: bool) -> int:
     """Per rate (none: unshaped) and all-reduce after the first (the first: the ranks'
-    start-ups apart): how much later rank 1's ended than rank 0's, and what each rank's
-    sender retransmitted, timed out and probed in it; then the mean size of the
-    differences and the packets each tbf dropped."""
+    start-ups apart): how much later rank 1's ended than rank 0's, what each rank's
+    sender retransmitted, timed out and probed in it, and how long it took; then the
+    mean size of the differences and the packets each tbf dropped."""
+    print(f"TCP congestion control: {congestion or 'the host default, ' + host_congestion()}"
+          f"{'; fenced: a barrier after each all-reduce' if fenced else ''}")  # fmt: skip
     print(
         "| tbf rate | all-reduce | rank 1's end − rank 0's, ms | rank 0 sent: retransmitted segments, "
-        "timeouts, loss probes | rank 1 sent: the same |"
+        "timeouts, loss probes | rank 1 sent: the same | all-reduce, s |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for rate in rates:
-        with Network([rate, rate]) as net:
-            ends = gloo_ends(net, nbytes, n)
+        with Network([rate, rate], congestion=congestion) as net:
+            ends = gloo_ends(net, nbytes, n, fenced=fenced)
             dropped = net.dropped()
         for i, end in enumerate(ends[1:], start=2):
             sent = [" / ".join(str(tcp[c]) for c in TCP_COUNTERS) for tcp in end.tcp]
-            print(f"| {rate or 'none'} | {i} | {end.apart_ms:+.0f} | {sent[0]} | {sent[1]} |")
+            print(f"| {rate or 'none'} | {i} | {end.apart_ms:+.0f} | {sent[0]} | {sent[1]} | {end.seconds:.3f} |")
         mean = sum(abs(end.apart_ms) for end in ends[1:]) / max(len(ends) - 1, 1)
         drops = ", ".join(f"{way} {count}" for way, count in dropped.items()) or "none shaped"
-        print(
-            f"| {rate or 'none'} | mean size of the differences: {mean:.0f} ms | tbf dropped: {drops} | | |", flush=True
-        )
+        print(f"| {rate or 'none'} | mean size of the differences: {mean:.0f} ms | tbf dropped: {drops} | | | |",
+              flush=True)  # fmt: skip
     return 0
 
 
