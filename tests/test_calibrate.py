@@ -293,6 +293,25 @@ def test_each_methods_kinds_of_cell_take_turns_at_running_first_from_one_rate_to
             assert len({calibrate.cell_order(rate, method, costs, apart)[0] for method in range(3)}) == len(kinds)
 
 
+def test_a_calibration_refuses_to_mix_its_stored_cells_with_another_congestion_control(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(calibrate.netns, "available", lambda: None)  # (as where namespaces are allowed)
+    monkeypatch.setattr(calibrate.netns, "host_congestion", lambda: "bbr")
+    monkeypatch.setattr(calibrate.netns, "congestion_controls", lambda: ["reno", "bbr", "cubic"])
+    (tmp_path / "calibration").mkdir()
+    stored = tmp_path / "calibration" / "ddp-1mbit-real.json"
+    stored.write_text('{"queue_ms": 100.0, "congestion": "bbr"}')
+    assert calibrate.main(["--rates", "1mbit", "--congestion", "reno", "--out", str(tmp_path)]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: {stored} ran TCP's bbr congestion control, not reno: give another --out"
+    )
+    stored.write_text('{"queue_ms": 100.0}')  # from before cells recorded it
+    assert calibrate.main(["--rates", "1mbit", "--congestion", "reno", "--out", str(tmp_path)]) == 2
+    assert "ran TCP's unrecorded congestion control, not reno" in capsys.readouterr().err
+    assert calibrate.main(["--rates", "1mbit", "--congestion", "vegas-x", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: TCP congestion control 'vegas-x' is not one this kernel")
+
+
 def test_the_twin_apart_runs_on_the_real_cells_two_nodes_unshaped_with_its_bandwidth_emulated(tmp_path, monkeypatch):
     apart = calibrate.cell_args("parts", "10mbit", "apart", 60.0, 4)
     real = calibrate.cell_args("parts", "10mbit", "real", 60.0, 4)
@@ -304,11 +323,16 @@ def test_the_twin_apart_runs_on_the_real_cells_two_nodes_unshaped_with_its_bandw
     ran: list[tuple[str, object]] = []  # each cell as run_cells runs it: on which network, at which rate
     host = {"commit": "c", "cpu": "x", "probe_images_per_s": 1.0}
     monkeypatch.setattr(calibrate, "host_figures", lambda seconds: host)
-    monkeypatch.setattr(calibrate, "real_cell", lambda args, rate, queue_ms: ran.append(("nodes", rate)) or {})
+    monkeypatch.setattr(
+        calibrate, "real_cell", lambda args, rate, queue_ms, tcp: ran.append(("nodes", rate, tcp)) or {}
+    )
     monkeypatch.setattr(calibrate, "emulated_cell", lambda args: ran.append(("one node", args["link_spec"])) or {})
-    args = calibrate.argparse.Namespace(costs=False, apart=True, seed=0, budget=1.0, variant=None, queue_ms=100.0)
+    args = calibrate.argparse.Namespace(
+        costs=False, apart=True, seed=0, budget=1.0, variant=None, queue_ms=100.0, congestion="cubic"
+    )
     cells = calibrate.run_cells(["10mbit"], ["parts"], args, tmp_path)
-    assert ran == [("nodes", "10mbit"), ("one node", "bw=10Mbit,lat=0ms"), ("nodes", None)]  # None: unshaped
+    # None: unshaped; both namespaced cells under the congestion control asked for
+    assert ran == [("nodes", "10mbit", "cubic"), ("one node", "bw=10Mbit,lat=0ms"), ("nodes", None, "cubic")]
     assert sorted(kind for _, _, kind in cells) == ["apart", "emulated", "real"]
     assert json.loads((tmp_path / "parts-10mbit-apart.json").read_text())["link"] == "bw=10Mbit,lat=0ms"
 

@@ -464,8 +464,9 @@ SWEPT = sorted({key for grid in SWEEP_GRID.values() for setting in grid.values()
 
 def host_figures(probe_s: float) -> dict[str, Any]:
     """What a cell's numbers depend on besides its settings: the commit, the CPU
-    model, and the host's speed now (one device's images/s, one thread, over
-    ``probe_s`` seconds of random images; 0 skips the probe)."""
+    model, the host's TCP congestion control (what a namespaced node's links run
+    unless told otherwise), and the host's speed now (one device's images/s, one
+    thread, over ``probe_s`` seconds of random images; 0 skips the probe)."""
     from raylocal.bench.async_bench import e2e_throughput, random_images
 
     root = Path(__file__).resolve().parents[2]
@@ -474,7 +475,8 @@ def host_figures(probe_s: float) -> dict[str, Any]:
     probe = None
     if probe_s > 0:
         probe = e2e_throughput(RaylocalConfig(**BENCH_MODEL), random_images(), 1, probe_s)
-    return {"commit": git.stdout.strip() or None, "cpu": cpu, "probe_images_per_s": probe}
+    tcp = netns.host_congestion()
+    return {"commit": git.stdout.strip() or None, "cpu": cpu, "tcp_congestion": tcp, "probe_images_per_s": probe}
 
 
 def _cpuinfo() -> list[str]:

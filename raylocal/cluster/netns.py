@@ -80,8 +80,9 @@ def check_congestion(name: str | None) -> None:
 
 
 def host_congestion() -> str:
-    """The host's TCP congestion control, which a namespace made now takes."""
-    return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    """The host's TCP congestion control, which a namespace made now takes ("unknown" off Linux)."""
+    path = Path(f"/proc/sys/{CONGESTION_SYSCTL.replace('.', '/')}")
+    return path.read_text().strip() if path.is_file() else "unknown"
 
 
 def rate_bits(rate: str) -> float:

@@ -165,11 +165,16 @@ def interface_bytes(net: Any) -> int:
     return total
 
 
-def real_cell(args: dict[str, Any], rate: str | None, queue_ms: float = netns.QUEUE_MS) -> dict[str, Any]:
+def real_cell(
+    args: dict[str, Any], rate: str | None, queue_ms: float = netns.QUEUE_MS, congestion: str | None = None
+) -> dict[str, Any]:
     """The cell ``args`` (``cell_args``) over a real ``rate`` link between two namespaced
-    Ray nodes, whose token buckets queue at most ``queue_ms`` of traffic (None: unshaped)."""
+    Ray nodes, whose token buckets queue at most ``queue_ms`` of traffic (None: unshaped)
+    and whose TCP runs ``congestion`` (None: the host's default)."""
     method, budget = args["method"], args["budget"]
-    with netns.Network([rate, rate], queue_ms=queue_ms) as net, netns.ray_cluster(net, cpus=1) as env:
+    network = netns.Network([rate, rate], queue_ms=queue_ms, congestion=congestion)
+    with network as net, netns.ray_cluster(net, cpus=1) as env:
+        ran_congestion = net.congestion_control()
         idle_from = interface_bytes(net)
         time.sleep(IDLE_S)
         idle = (interface_bytes(net) - idle_from) / IDLE_S
@@ -181,7 +186,7 @@ def real_cell(args: dict[str, Any], rate: str | None, queue_ms: float = netns.QU
     cell = with_cpu(_result(done, method), cpu, ledger_s=ledger.cpu_s)
     connections = ledger.rows(raylet_ports(cell.get("nodes", {})))
     return cell | {"kernel_bytes": crossed, "idle_bytes_per_s": idle, "connections": connections,
-                   "ledger_seconds": ledger.seconds, "queue_ms": queue_ms}  # fmt: skip
+                   "ledger_seconds": ledger.seconds, "queue_ms": queue_ms, "congestion": ran_congestion}  # fmt: skip
 
 
 def emulated_cell(args: dict[str, Any]) -> dict[str, Any]:
@@ -373,7 +378,8 @@ def _ratio(value: float, of: float) -> str:
 def host_line(host: dict[str, Any]) -> str:
     probe = host["probe_images_per_s"]
     speed = f", probe {probe:.0f} images/s" if probe else ""
-    return f"commit {host['commit']}, {host['cpu']}{speed}"
+    tcp = f", host TCP {host['tcp_congestion']}" if host.get("tcp_congestion") else ""
+    return f"commit {host['commit']}, {host['cpu']}{tcp}{speed}"
 
 
 def hosts_lines(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
@@ -487,7 +493,13 @@ def cpu_table(cells: dict[tuple[str, str, str], dict[str, Any]], over: str = "cp
 
 
 def refusal(
-    rates: list[str], methods: list[str], queue_ms: float, out: Path, costs: bool = False, variant: str | None = None
+    rates: list[str],
+    methods: list[str],
+    queue_ms: float,
+    out: Path,
+    costs: bool = False,
+    variant: str | None = None,
+    congestion: str | None = None,
 ) -> str | None:
     """Why a calibration cannot run, before anything starts; None if it can."""
     bad = [m for m in methods if m not in METHODS]
@@ -497,6 +509,7 @@ def refusal(
         known = ", ".join(SWEEP_GRID[methods[0]]) if len(methods) == 1 else "one --methods only"
         return f"--variant {variant}: not one of the race's settings for --methods {','.join(methods)} ({known})"
     try:
+        netns.check_congestion(congestion)
         for rate in rates:
             netns.tbf_args(rate, queue_ms)
             for method in methods if costs else []:
@@ -512,6 +525,12 @@ def refusal(
         if kind == "real" and ran != queue_ms:
             path = out / f"{method}-{rate}-real.json"
             return f"{path} ran with a {ran:g} ms queue, not --queue-ms {queue_ms:g}: give another --out"
+    now = congestion or netns.host_congestion()
+    for (rate, method, kind), cell in stored.items():  # one congestion control per calibration
+        ran = cell.get("congestion")
+        if kind in TWO_NODE_KINDS and ran != now and (ran is not None or congestion is not None):
+            path = out / f"{method}-{rate}-{kind}.json"
+            return f"{path} ran TCP's {ran or 'unrecorded'} congestion control, not {now}: give another --out"
     for (rate, method, kind), cell in stored.items():  # one variant per calibration
         if method in methods and cell.get("variant") != variant:
             path = out / f"{method}-{rate}-{kind}.json"
@@ -548,7 +567,7 @@ def run_cells(rates: list[str], methods: list[str], args: argparse.Namespace, ou
                 print(f"-- {method} at {rate}, {kind} ({host_line(host)})", flush=True)
                 ran = cell_args(method, rate, kind, args.budget, args.seed, args.variant)
                 if kind in TWO_NODE_KINDS:
-                    cell = real_cell(ran, rate if kind == "real" else None, args.queue_ms)
+                    cell = real_cell(ran, rate if kind == "real" else None, args.queue_ms, args.congestion)
                 else:
                     cell = emulated_cell(ran)
                 cell |= {"host": host, "ran_at": time.time(), "link": charged_link(method, rate, kind)}
@@ -566,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     queue_help = "the real links' queue, in ms of their rate (tbf's latency): what overflows is dropped"
     p.add_argument("--queue-ms", type=float, default=netns.QUEUE_MS, help=queue_help)
+    congestion_help = "TCP's congestion control on the real links, e.g. cubic (default: the host's)"
+    p.add_argument("--congestion", help=congestion_help)
     p.add_argument("--out", default="bench_runs", help="results go to OUT/calibration/")
     costs_help = "also a third twin per cell, charging the real link's measured costs (eff=, msg=)"
     p.add_argument("--costs", action="store_true", help=costs_help)
@@ -590,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rates, methods = args.rates.split(","), args.methods.split(",")
     out = Path(args.out) / "calibration"
-    why = refusal(rates, methods, args.queue_ms, out, args.costs, args.variant)
+    why = refusal(rates, methods, args.queue_ms, out, args.costs, args.variant, args.congestion)
     if why is not None:
         print(f"error: {why}", file=sys.stderr)
         return 2
