@@ -27,7 +27,7 @@ def runs(text: str) -> list[tuple[str, list[tuple[float, int, float]]]]:
     found = []
     for chunk in re.split(r"^TCP congestion control: ", text, flags=re.M)[1:]:
         name = chunk.split(";")[0].split()[0]
-        rows = [(float(m[1]), int(m[2]) + int(m[5]), float(m[8])) for m in ROW.findall(chunk)]
+        rows = [(float(m[0]), int(m[1]) + int(m[4]), float(m[7])) for m in ROW.findall(chunk)]
         found.append((name, rows))
     return found
 
