@@ -1,12 +1,14 @@
-"""DDP over the real 1 Mbit link under two TCP congestion controls, against its twin (DECLARED.txt).
+"""A real cell under two TCP congestion controls, against its twin (the directory's DECLARED.txt).
 
     python docs/results/calibration-costs/congestion_repeats.py ddp-1mbit-congestion [FIGURE]
+    python docs/results/calibration-costs/congestion_repeats.py parts-10mbit-congestion "s per step"
 
-The directory holds cubic/seedN/ and bbr/seedN/, each one calibration (the real cell and its
-plain twin) run under that congestion control. Per seed: real / twin - 1 under each, and real
-cubic / real bbr - 1 (paired by seed). Question 1: the two real / twin comparisons, against
-±0.10, Holm over the two; question 2: cubic / bbr alone, against ±0.10. FIGURE as in
-twin_repeats.py (default: "all-reduce exposed ms per step", the most exposed worker's).
+The directory holds cubic/seedN/ and bbr/seedN/, each one calibration of one method at one rate
+(the real cell and its plain twin) run under that congestion control. Per seed: real / twin - 1
+under each, and real cubic / real bbr - 1 (paired by seed). Question 1: the two real / twin
+comparisons, against ±0.10, Holm over the two; question 2: cubic / bbr alone, against ±0.10.
+FIGURE as in twin_repeats.py (default: "all-reduce exposed ms per step", DDP's most exposed
+worker's).
 """
 
 import json
@@ -19,12 +21,14 @@ from raylocal.tools.calibrate import figures
 HERE = Path(__file__).parent / sys.argv[1]
 FIGURE = sys.argv[2] if len(sys.argv) > 2 else "all-reduce exposed ms per step"
 SEEDS = sorted(int(p.name.removeprefix("seed")) for p in (HERE / "cubic").glob("seed*"))
+CELL = next((HERE / "cubic").glob("seed*/*-real.json")).name.removesuffix("-real.json")  # as ddp-1mbit
+METHOD = CELL.rsplit("-", 1)[0]
 
 
 def figure(tcp: str, seed: int, kind: str) -> float:
-    stored = json.loads((HERE / tcp / f"seed{seed}" / f"ddp-1mbit-{kind}.json").read_text())
+    stored = json.loads((HERE / tcp / f"seed{seed}" / f"{CELL}-{kind}.json").read_text())
     assert kind != "real" or stored.get("congestion") == tcp, (tcp, seed, stored.get("congestion"))
-    return figures("ddp", stored)[FIGURE]
+    return figures(METHOD, stored)[FIGURE]
 
 
 def compared(name: str, ratios: list[float]) -> dict:
