@@ -277,8 +277,8 @@ ASYNC_CASES = [
     ("spec-empty-slice", {"parts": 2, "part_spec": "1[5:2]|2"}, "1[5:2] selects no valid steps"),
     ("link-for-too-many-boundaries", {"parts": 2, "link": "bw=1Mbit|bw=2Mbit"}, "names 2 boundaries"),
     ("fault-for-a-missing-part", {"parts": 2, "inject": "ray-kill:5@3"}, "there is no part 5"),
-    ("part-larger-than-any-node", {"parts": 2, "cpus_per_part": 3}, "no node of this cluster has that much"),
-    ("spread-over-one-node", {"parts": 2, "placement": "spread"}, "only 1 node(s) can hold a part"),
+    ("part-larger-than-any-node", {"parts": 2, "cpus_per_part": 3}, "a part's bundle of {CPU 3} fits no node"),
+    ("spread-over-one-node", {"parts": 2, "placement": "spread"}, "but only 1 can hold one"),
     ("too-many-cpus-in-all", {"parts": 2, "cpus_per_part": 0.8}, "the cluster has 2"),
     ("storage-not-writable", {"parts": 2, "storage_path": "/proc/raylocal"}, "'/proc/raylocal' is not writable"),
 ]

@@ -452,11 +452,20 @@ def test_real_links_are_shaped_at_the_links_bandwidth_keep_its_latency_and_never
         bench.race_plan(bench._options(["--real", "--links", "10Mbit"]))
     with pytest.raises(SystemExit, match=r"^error: --real cannot run link '10Mbit\+outages'"):
         bench.race_plan(bench._options(["--real", "--links", "10Mbit,10Mbit+outages"]))
+    with pytest.raises(SystemExit, match=r"^error: --congestion sets the real links' TCP: it needs --real$"):
+        bench.race_plan(bench._options(["--congestion", "reno", "--links", "10Mbit"]))
+    monkeypatch.setattr("raylocal.cluster.netns.available", lambda: None)
+    with pytest.raises(SystemExit, match=r"^error: --congestion: TCP congestion control 'vegas-x' is not one"):
+        bench.race_plan(bench._options(["--real", "--congestion", "vegas-x", "--links", "10Mbit"]))
     # a cell run over the emulated link is never read back as a real one, nor the other way round
     ddp = race.Cell("ddp", "10Mbit", 1)
     (tmp_path / "ddp-10Mbit-s1.json").write_text(json.dumps(_cell(bench, ddp, test_bpd=3.5)))
     real = type("Opts", (OPTS,), dict(real=True))
     assert bench.cell_settings(ddp, real, SPLIT)["network"] == "real"
+    assert bench.cell_settings(ddp, real, SPLIT)["congestion"] is None  # the host's: as cells before the setting
+    reno = type("Opts", (OPTS,), dict(real=True, congestion="reno"))
+    assert bench.cell_settings(ddp, reno, SPLIT)["congestion"] == "reno"
+    assert bench.cell_settings(race.Cell("one-device", "10Mbit", 1), reno, SPLIT)["congestion"] is None  # no link
     with pytest.raises(SystemExit, match=r"\(network None here, 'real' now\)"):
         bench.run_cell(ddp, real, tmp_path, None, SPLIT)
 

@@ -561,8 +561,8 @@ def test_gpu_shares_are_checked_as_ray_packs_them_one_gpu_each():
 
     two_gpus = [{"CPU": 16.0, "GPU": 2.0}]
     config = _config(parts=3, part_spec=None, device="auto", cpus_per_part=1.0)
-    with pytest.raises(ClusterError, match=r"^3 parts and the model service: GPU shares of 0.6, 0.1 for 4 bundles "
-                       r"do not pack into the 2 GPU\(s\) of this cluster"):  # fmt: skip
+    unpacked = r"^3 parts of \{CPU 1, GPU 0.6\} and the model service: GPU shares of 0.6, 0.1 for 4 bundles do not pack"
+    with pytest.raises(ClusterError, match=unpacked + r" into the 2 GPU\(s\) of this cluster"):
         PartBundles.plan(config.replace(gpus_per_part=0.6), 3, two_gpus).check()
     PartBundles.plan(config.replace(gpus_per_part=0.45), 3, two_gpus).check()
     PartBundles.plan(config, 3, two_gpus).check()  # the default share: 0.45 each

@@ -453,6 +453,8 @@ def cell_settings(cell: Cell, opts: argparse.Namespace, split: str, tuned: dict[
         "straggler": STRAGGLERS.get(cell.link) if m != "one-device" else None,
         # None: the emulated link; "real": two namespaced Ray nodes, the bandwidth shaped by the kernel
         "network": "real" if getattr(opts, "real", False) else None,
+        # the real links' TCP congestion control (None: the host's default, which host_figures records)
+        "congestion": getattr(opts, "congestion", None) if getattr(opts, "real", False) and m != "one-device" else None,
         # "measured": the emulated link also charges a real link's measured costs (None: payload only)
         "link_costs": "measured" if getattr(opts, "costs", False) and m != "one-device" else None,
     }  # fmt: skip
@@ -558,7 +560,7 @@ def _run_cell_process(args: dict[str, Any], timeout: float) -> subprocess.Comple
     rate, emulated = real_link(args["settings"]["block"])
     args = args | {"link_spec": emulated, "join": True, "placement": "spread", "images_from": "node"}
     try:
-        with netns.Network([rate, rate]) as net, netns.ray_cluster(net, cpus=1) as env:
+        with netns.Network([rate, rate], congestion=args.get("congestion")) as net, netns.ray_cluster(net, 1) as env:
             return _wait(net.popen(0, [*argv, json.dumps(args)], env=env, **_PIPES), timeout)
     except ClusterError as e:  # the network or its Ray did not start: the cell failed
         return subprocess.CompletedProcess(argv, -1, "", f"the real network: {e}")
@@ -716,6 +718,8 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
                    help="over real links: each worker, part or stage on a Ray node of its own in a network "
                    "namespace, the bandwidth shaped by the kernel (tbf), the latency still emulated; needs root "
                    "(raylocal.cluster.netns), and links without outages")  # fmt: skip
+    p.add_argument("--congestion", default=None, help="with --real: TCP's congestion control on the real links, "
+                   "e.g. cubic (default: the host's)")  # fmt: skip
     p.add_argument("--costs", action="store_true",
                    help="the emulated links also charge what a real link's messages were measured to cost "
                    "(eff=, msg=; raylocal.core.links.with_real_costs): measured at 100, 10 and 1 Mbit")  # fmt: skip
@@ -777,12 +781,18 @@ def race_plan(opts: argparse.Namespace) -> tuple[list[str], list[int]]:
                 with_real_costs(LINKS[link], "async")
         except ConfigError as e:
             raise SystemExit(f"error: --costs: {e}") from None
+    if getattr(opts, "congestion", None) and not getattr(opts, "real", False):
+        raise SystemExit("error: --congestion sets the real links' TCP: it needs --real")
     if getattr(opts, "real", False):
         for link in links:
             real_link(link)
         why = netns.available()
         if why is not None:
             raise SystemExit(f"error: --real: {why}")
+        try:
+            netns.check_congestion(getattr(opts, "congestion", None))
+        except ClusterError as e:
+            raise SystemExit(f"error: --congestion: {e}") from None
     _check_sweep_only(opts)
     try:
         check_methods(opts.methods)
@@ -848,7 +858,7 @@ def main(argv: list[str] | None = None) -> None:
     return None
 
 
-TWIN_AXES = ("network", "link_costs")
+TWIN_AXES = ("network", "congestion", "link_costs")
 
 
 def write_twins_table(

@@ -9,7 +9,9 @@ the data-parallel rival's). A Tune study reserves each trial's process and
 parts as one group (``TrialGroup``), with the parts' shares fixed for the whole
 study; inside the trial the run's ``PartBundles`` are those same bundles. Each
 ``plan`` is a pure function of the config and the nodes, so it is tested
-without Ray; the devices are read in each actor, from what Ray granted it.
+without Ray, and one function checks whether a group can be placed at all
+(``check_placeable``: a run's parts and service, a trial's group); the devices
+are read in each actor, from what Ray granted it.
 """
 
 from __future__ import annotations
@@ -120,6 +122,65 @@ def _unpacked_gpus(bundles: list[dict[str, float]], nodes: list[dict[str, float]
     )
 
 
+@dataclass(frozen=True)
+class GroupWords:
+    """How the one line that refuses a group of bundles names it."""
+
+    group: str  # all of its bundles, as "2 parts of {CPU 1} and the model service"
+    spread: str  # what spread puts on nodes of their own, as "each of the 2 parts"
+    verb: str = "need"  # after ``group``
+
+
+def check_placeable(
+    named: list[tuple[str, dict[str, float]]], nodes: list[dict[str, float]], strategy: str, words: GroupWords,
+    resource: str | None = None, spread: int | None = None,
+) -> None:  # fmt: skip
+    """Can these bundles (each with what it is for, as "a part") be placed on
+    ``nodes`` at all, by the cluster's totals: each on some node of
+    ``--worker-resource`` (when set), under STRICT_SPREAD the first ``spread`` (all by
+    default: the rest are another group's) each on its own node, all of them by the
+    totals of the nodes that can hold them, and their GPU shares as Ray packs them?
+    Said in one line, at once, instead of after a placement timeout (or, under
+    Tune, a warning every minute and no end)."""
+    bundles = [bundle for _, bundle in named]
+    usable = _carrying(resource, nodes)
+    if not usable:
+        raise ClusterError(f"--worker-resource {resource}: no node of this cluster ({len(nodes)} node(s)) has it; "
+                           f"start the worker nodes with --resources '{{\"{resource}\": 1}}'")  # fmt: skip
+    where = f"node with resource {resource!r}" if resource else "node of this cluster"
+    for name, bundle in named:
+        if not any(_fits(bundle, node) for node in usable):
+            totals = ", ".join(f"{k} {_sum(usable, k):g}" for k in ("CPU", "GPU"))
+            raise ClusterError(
+                f"{name}'s bundle of {_shown(bundle)} fits no {where} ({len(usable)} node(s), totals {totals}); "
+                "lower --cpus-per-part or --gpus-per-part"
+            )
+    apart = bundles[: len(bundles) if spread is None else spread]
+    able = [node for node in usable if any(_fits(b, node) for b in apart)]
+    if strategy == "STRICT_SPREAD" and len(able) < len(apart):
+        raise ClusterError(
+            f"--placement spread puts {words.spread} on its own node: {len(apart)} nodes, but only {len(able)} "
+            "can hold one; use --placement pack or more nodes"
+        )
+    need = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU") if any(k in b for b in bundles)}
+    hosts = _hosts(apart[-1], usable)  # the nodes that carry every kind of resource a part asks for
+    k = _short_of(need, hosts)
+    if k is not None:
+        every = f"the nodes with resource {resource!r} have" if resource else "the cluster has"
+        raise ClusterError(
+            f"{words.group} {words.verb} {k} {need[k]:g}, {_holding(hosts, usable, every)} {_sum(hosts, k):g}; "
+            "use fewer parts, or lower --cpus-per-part or --gpus-per-part"
+        )
+    unpacked = _unpacked_gpus(bundles, usable)  # enough by the totals: and as Ray places GPU shares?
+    if unpacked:
+        raise ClusterError(f"{words.group}: {unpacked}")
+
+
+def strategy_of(config: RaylocalConfig) -> str:
+    """The placement-group strategy of ``--placement``: one part per node (spread), or packed."""
+    return "STRICT_SPREAD" if config.cluster.placement == "spread" else "PACK"
+
+
 def part_bundle(config: RaylocalConfig, cpus: float, gpus: float) -> dict[str, float]:
     """A part actor's bundle (a pipeline stage's too): its CPUs, its GPU share if any,
     kept to the ``--worker-resource`` nodes; a run's and a Tune trial's alike."""
@@ -174,7 +235,7 @@ class PartBundles:
             work=_pinned(config, {"CPU": work_cpus} | ({"GPU": 1.0} if whole_gpus else {})),
             threads=config.cluster.threads or max(1, int(cpus)),
             work_threads=config.cluster.threads or max(1, int(work_cpus)),
-            strategy="STRICT_SPREAD" if config.cluster.placement == "spread" else "PACK",
+            strategy=strategy_of(config),
             nodes=nodes,
         )
 
@@ -195,42 +256,17 @@ class PartBundles:
         return {"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
 
     def check(self, with_service: bool = True) -> None:
-        """Can the bundles be placed on this cluster at all, by its totals? Said at
-        once, in one line, instead of after a placement timeout. (Whether they are
-        free now is another matter: a busy cluster queues the run.) ``with_service``:
-        the run's model service needs its bundle too (the pipeline rival has none)."""
+        """Can the bundles be placed on this cluster at all, by its totals
+        (``check_placeable``)? Whether they are free now is another matter: a busy
+        cluster queues the run. ``with_service``: the run's model service needs its
+        bundle too (the pipeline rival has none)."""
         if in_trial(self.n_parts):
             return  # the parts live in the trial's own group, which Tune has placed
-        nodes, n = self.nodes, self.n_parts
-        able = [node for node in nodes if _fits(self.part, node)]
-        shown = _shown(self.part)
-        if not able:
-            totals = ", ".join(f"{k} {_sum(nodes, k):g}" for k in ("CPU", "GPU"))
-            raise ClusterError(
-                f"a part needs {shown} and no node of this cluster has that much ({len(nodes)} node(s), "
-                f"totals {totals}); lower --cpus-per-part or --gpus-per-part"
-            )
-        if self.strategy == "STRICT_SPREAD" and len(able) < n:
-            raise ClusterError(
-                f"--placement spread puts each of the {n} parts on its own node, but only {len(able)} node(s) "
-                f"can hold a part of {shown}; use --placement pack or more nodes"
-            )
-        bundles = [self.part] * n + ([self.service] if with_service else [])
+        n = self.n_parts
         and_service = " and the model service" if with_service else ""
-        need: dict[str, float] = {}
-        for bundle in bundles:
-            for k, v in bundle.items():
-                need[k] = need.get(k, 0.0) + v
-        hosts = _hosts(self.part, nodes)  # (the service's bundle asks for the same kinds of resource)
-        k = _short_of(need, hosts)
-        if k is not None:
-            raise ClusterError(
-                f"{n} parts of {shown}{and_service} need {k} {need[k]:g}, {_holding(hosts, nodes, 'the cluster has')} "
-                f"{_sum(hosts, k):g}; use fewer parts, or lower --cpus-per-part or --gpus-per-part"
-            )
-        unpacked = _unpacked_gpus(bundles, nodes)  # enough by the totals: and as Ray places GPU shares?
-        if unpacked:
-            raise ClusterError(f"{n} parts{and_service}: {unpacked}")
+        words = GroupWords(f"{n} parts of {_shown(self.part)}{and_service}", f"each of the {n} parts")
+        named = [("a part", self.part)] * n + ([("the model service", self.service)] if with_service else [])
+        check_placeable(named, self.nodes, self.strategy, words, spread=n)  # (the service: a group of its own)
 
     def reserve_parts(self) -> tuple[PlacementGroup, int, bool]:
         """The placement group of the parts, the bundle index of part 1, and whether
@@ -286,9 +322,7 @@ class TrialGroup:
             {"GPU": min(SERVICE_GPU_SHARE, gpus)} if gpus else {}
         )
         bundles = [_pinned(base, trial)] + [part_bundle(base, cpus, gpus)] * base.part_count()
-        return cls(
-            bundles, "STRICT_SPREAD" if base.cluster.placement == "spread" else "PACK", base.cluster.worker_resource
-        )
+        return cls(bundles, strategy_of(base), base.cluster.worker_resource)
 
     def factory(self) -> Any:
         """The group as Tune reserves it for each trial."""
@@ -297,41 +331,15 @@ class TrialGroup:
         return tune.PlacementGroupFactory(self.bundles, strategy=self.strategy)
 
     def check(self, nodes: list[dict[str, float]]) -> None:
-        """Can one trial's bundles be placed on these nodes at all: each on some
-        node, all of them by the cluster's totals, and with spread each on its own
-        node? Said in one line before the study starts: Tune would only warn, every
+        """Can one trial's bundles be placed on these nodes at all (``check_placeable``)?
+        Said in one line before the study starts: Tune would only warn, every
         minute, and wait forever."""
-        bundles, resource = self.bundles, self.worker_resource
-        usable = _carrying(resource, nodes)
-        if not usable:
-            raise ClusterError(f"--worker-resource {resource}: no node of this cluster ({len(nodes)} node(s)) has it; "
-                               f"start the worker nodes with --resources '{{\"{resource}\": 1}}'")  # fmt: skip
-        for bundle in bundles:
-            if not any(_fits(bundle, node) for node in usable):
-                where = f"node with resource {resource!r}" if resource else "node of this cluster"
-                raise ClusterError(
-                    f"a trial's bundle of {_shown(bundle)} fits no {where} ({len(usable)} node(s)); "
-                    "lower --cpus-per-part or --gpus-per-part"
-                )
-        able = [node for node in usable if any(_fits(b, node) for b in bundles)]
-        if self.strategy == "STRICT_SPREAD" and len(able) < len(bundles):
-            raise ClusterError(
-                f"--placement spread puts a trial's process and each of its {len(bundles) - 1} parts on its own "
-                f"node: {len(bundles)} nodes, but only {len(able)} can hold one; use --placement pack or more nodes"
-            )
-        need = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
-        hosts = _hosts(bundles[-1], usable)  # with GPU shares: the GPU nodes (a part's bundle asks for the most)
-        k = _short_of(need, hosts)
-        if k is not None:
-            every = f"the nodes with resource {resource!r} have" if resource else "the cluster has"
-            raise ClusterError(
-                f"a trial of {len(bundles) - 1} parts and its own process needs {k} {need[k]:g}, "
-                f"{_holding(hosts, usable, every)} {_sum(hosts, k):g}; use fewer parts, or lower --cpus-per-part "
-                "or --gpus-per-part"
-            )
-        unpacked = _unpacked_gpus(bundles, usable)  # enough by the totals: and as Ray places GPU shares?
-        if unpacked:
-            raise ClusterError(f"a trial of {len(bundles) - 1} parts and its own process: {unpacked}")
+        parts = len(self.bundles) - 1
+        words = GroupWords(
+            f"a trial of {parts} parts and its own process", f"a trial's process and each of its {parts} parts",
+            verb="needs",
+        )  # fmt: skip
+        check_placeable([("a trial", b) for b in self.bundles], nodes, self.strategy, words, self.worker_resource)
 
 
 def trial_shares(
