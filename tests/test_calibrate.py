@@ -169,11 +169,13 @@ def test_the_table_says_which_host_ran_which_cells_and_which_cells_recorded_none
         ("1mbit", "parts", "emulated"): {"host": host},
         ("10mbit", "parts", "real"): {"host": host | {"probe_images_per_s": 640.0}},
         ("10mbit", "parts", "emulated"): {},  # a cell from before cells recorded their host
+        ("1mbit", "ddp", "real"): {"host": host | {"tcp_congestion": "bbr"}, "congestion": "cubic"},
     }
     assert calibrate.hosts_lines(cells).splitlines() == [
         "- commit abc1234, AMD EPYC, probe 374 images/s: parts 1mbit real, parts 1mbit emulated",
         "- commit abc1234, AMD EPYC, probe 640 images/s: parts 10mbit real",
         "- host not recorded: parts 10mbit emulated",
+        "- commit abc1234, AMD EPYC, host TCP bbr, probe 374 images/s: ddp 1mbit real (TCP cubic)",
     ]
 
 

@@ -384,11 +384,13 @@ def host_line(host: dict[str, Any]) -> str:
 
 def hosts_lines(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
     """Where the cells ran: each host record (commit, CPU, speed probe) and its cells,
-    so that a table mixing days says so."""
+    so that a table mixing days says so; a namespaced cell names the TCP congestion
+    control its links ran where it recorded one."""
     groups: dict[str, list[str]] = {}
     for (rate, method, kind), cell in cells.items():
         host = cell.get("host")
-        groups.setdefault(host_line(host) if host else "host not recorded", []).append(f"{method} {rate} {kind}")
+        tcp = f" (TCP {cell['congestion']})" if cell.get("congestion") else ""
+        groups.setdefault(host_line(host) if host else "host not recorded", []).append(f"{method} {rate} {kind}{tcp}")
     return "\n".join(f"- {where}: {', '.join(names)}" for where, names in groups.items())
 
 
