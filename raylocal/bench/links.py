@@ -686,8 +686,7 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep-validation", type=int, default=2000,
                    help="the sweep trains without the last N training images and chooses by its BPD on them, "
                    "never on the race's test images (0: the test images, as sweeps before 2026-12-05)")  # fmt: skip
-    p.add_argument("--sweep-only", action="store_true",
-                   help="the sweep and its table, then stop: no race")  # fmt: skip
+    p.add_argument("--sweep-only", action="store_true", help="the sweep and its table, then stop: no race")
     p.add_argument("--sweep-methods", type=lambda v: v.split(","), default=None,
                    help=f"with --sweep-only: sweep these methods alone (of {', '.join(SWEEP_GRID)})")  # fmt: skip
     p.add_argument(
@@ -718,8 +717,7 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
                    help="over real links: each worker, part or stage on a Ray node of its own in a network "
                    "namespace, the bandwidth shaped by the kernel (tbf), the latency still emulated; needs root "
                    "(raylocal.cluster.netns), and links without outages")  # fmt: skip
-    p.add_argument("--congestion", default=None, help="with --real: TCP's congestion control on the real links, "
-                   "e.g. cubic (default: the host's)")  # fmt: skip
+    p.add_argument("--congestion", help="with --real: the links' TCP congestion control (default: the host's)")
     p.add_argument("--costs", action="store_true",
                    help="the emulated links also charge what a real link's messages were measured to cost "
                    "(eff=, msg=; raylocal.core.links.with_real_costs): measured at 100, 10 and 1 Mbit")  # fmt: skip
