@@ -216,6 +216,23 @@ def test_wire_costs_refuses_a_bad_rate_in_one_line(capsys):
 
     assert wire_costs.main(["--rate", "10 megabits"]) == 2
     assert capsys.readouterr().err.strip() == "error: link rate '10 megabits' is not like 10mbit, 500kbit or 1gbit"
+    assert wire_costs.main(["--rate", "10mbit", "--congestion", "vegas-x"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: TCP congestion control 'vegas-x' is not one this kernel")
+
+
+def test_wire_costs_refuses_to_table_a_stored_run_of_another_congestion_control(tmp_path, capsys):
+    from raylocal.tools import wire_costs
+
+    stored = tmp_path / "wire-costs" / "costs-1mbit.json"
+    stored.parent.mkdir()
+    ran = {"rate": "1mbit", "bits_per_s": 1e6, "congestion": "bbr", "rows": {}, "tcp": [], "idle_bytes_per_s": {}}
+    stored.write_text(json.dumps(ran))
+    assert wire_costs.main(["--rate", "1mbit", "--congestion", "reno", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {stored} ran TCP's bbr congestion control, not reno: give another --out"
+    )
+    assert wire_costs.main(["--rate", "1mbit", "--out", str(tmp_path)]) == 0  # as stored: tabled again
+    assert "(TCP bbr)" in capsys.readouterr().out
 
 
 def test_the_overhead_fit_splits_the_kernels_excess_into_a_part_per_cell_and_a_part_per_step(tmp_path, capsys):

@@ -183,10 +183,12 @@ def inside(spec: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the driver, outside
 
 
-def measure(rate: str) -> dict[str, Any]:
-    """Every kind over a 2-node ``rate`` link; the Ray kinds from a process on node 0."""
+def measure(rate: str, congestion: str | None = None) -> dict[str, Any]:
+    """Every kind over a 2-node ``rate`` link whose TCP runs ``congestion`` (None: the
+    host's default); the Ray kinds from a process on node 0."""
     bits = netns.rate_bits(rate)
-    with netns.Network([rate, rate]) as net:
+    with netns.Network([rate, rate], congestion=congestion) as net:
+        ran = net.congestion_control()
         tcp = [{"size": s, "reached_bits_per_s": netns.tcp_rate(net, s)} for s in SIZES["tcp"]]
         with netns.ray_cluster(net, cpus=1) as env:
             spec = {"veth": net.veth(0), "address": net.address(0), "bits": bits, "idle_s": IDLE_S}
@@ -196,7 +198,7 @@ def measure(rate: str) -> dict[str, Any]:
     if done.returncode != 0 or line is None:
         tail = (done.stderr or done.stdout).strip().splitlines()[-2:]
         raise SystemExit("error: the measurement on node 0 failed: " + " | ".join(tail))
-    return {"rate": rate, "bits_per_s": bits, "tcp": tcp} | json.loads(line.removeprefix("COSTS "))
+    return {"rate": rate, "bits_per_s": bits, "congestion": ran, "tcp": tcp} | json.loads(line.removeprefix("COSTS "))
 
 
 def wire_seconds(kind: str, ours: float, bits: float) -> float:
@@ -217,9 +219,9 @@ def fits(result: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def table(result: dict[str, Any], fitted: dict[str, dict[str, float]]) -> str:
-    bits = result["bits_per_s"]
+    bits, tcp = result["bits_per_s"], result.get("congestion", "unrecorded")
     lines = [
-        f"Over a {result['rate']} tbf link between two namespaced nodes:\n",
+        f"Over a {result['rate']} tbf link between two namespaced nodes (TCP {tcp}):\n",
         "| kind | message size | messages | kernel bytes per message | of our bytes | seconds per message | "
         "of our bytes' time at the rate |",
         "|---|---|---|---|---|---|---|",
@@ -251,20 +253,21 @@ def table(result: dict[str, Any], fitted: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _measured(rate: str) -> dict[str, Any] | None:
+def _measured(rate: str, congestion: str | None) -> dict[str, Any] | None:
     from raylocal.bench.links import host_figures
 
     why = netns.available()
     if why is not None:
         print(f"error: {why}", file=sys.stderr)
         return None
-    return measure(rate) | {"host": host_figures(0)}
+    return measure(rate, congestion) | {"host": host_figures(0)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rate", default="10mbit", help="the link's tbf rate (like 10mbit)")
     p.add_argument("--out", default="bench_runs", help="results go to OUT/wire-costs/")
+    p.add_argument("--congestion", help="the link's TCP congestion control, e.g. cubic (default: the host's)")
     p.add_argument("--inside", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.inside:
@@ -272,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         netns.rate_bits(args.rate)
+        netns.check_congestion(args.congestion)
     except ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -279,8 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     stored = out / f"costs-{args.rate}.json"
     if stored.is_file():  # measured before: tabled again, nothing run
         result = json.loads(stored.read_text())
+        ran = result.get("congestion")
+        if args.congestion is not None and ran != args.congestion:
+            print(f"error: {stored} ran TCP's {ran or 'unrecorded'} congestion control, not {args.congestion}: "
+                  "give another --out", file=sys.stderr)  # fmt: skip
+            return 2
     else:
-        result = _measured(args.rate)
+        result = _measured(args.rate, args.congestion)
         if result is None:
             return 2
     fitted = fits(result)
