@@ -14,7 +14,7 @@ from raylocal.cli.train import main as run_main
 from raylocal.cluster.placement import TrialGroup
 from raylocal.core.config import RaylocalConfig, load_config_file
 from raylocal.errors import ConfigError
-from raylocal.tune.tuning import REPORTS, load_space, ranked_table, trial_lrs
+from raylocal.tune.tuning import REPORTS, SynchronousPBT, load_space, ranked_table, trial_lrs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -354,6 +354,43 @@ def test_an_interrupted_study_ranks_nothing_and_says_how_to_continue(tmp_path):
 
 def test_a_trial_reserves_a_bundle_for_each_part_its_part_spec_names():
     assert len(TrialGroup.plan(RaylocalConfig(part_spec="1|1|2")).bundles) == 1 + 3
+
+
+def test_a_trial_that_ends_between_perturbation_steps_does_not_strand_the_paused_ones():
+    """Synchronous PBT paused trial 0 at step 16 to wait for trial 1, which then
+    ended (its last report done) at step 12: Tune's own scheduler never runs trial 0
+    again, and the study hangs; ours moves the barrier on."""
+    from ray.tune.schedulers import PopulationBasedTraining
+    from ray.tune.schedulers.pbt import _PBTTrialState
+
+    class Trial:
+        experiment_tag = "t"
+
+        def __init__(self, status: str) -> None:
+            self.status = status
+
+    class Controller:
+        def __init__(self, trials: list, live: list) -> None:
+            self.trials, self.live = trials, live
+
+        def get_trials(self) -> list:
+            return self.trials
+
+        def get_live_trials(self) -> list:
+            return self.live
+
+    paused, ended = Trial("PAUSED"), Trial("TERMINATED")
+    controller = Controller([paused, ended], [paused])
+    pbt = SynchronousPBT(time_attr="steps", perturbation_interval=8, hyperparam_mutations={"lr": [1e-3]},
+                                synch=True, metric="test_bpd", mode="min")  # fmt: skip
+    for trial, step in ((paused, 16), (ended, 12)):
+        pbt._trial_state[trial] = _PBTTrialState(trial)
+        pbt._trial_state[trial].last_train_time = step
+    pbt._next_perturbation_sync = 16
+    assert PopulationBasedTraining.choose_trial_to_run(pbt, controller) is None  # Tune's own: stranded
+    pbt.on_trial_complete(controller, ended, {"steps": 12, "done": True})
+    assert pbt.choose_trial_to_run(controller) is paused
+    assert pbt._next_perturbation_sync == 24
 
 
 def test_asha_compares_trials_at_equal_steps():

@@ -29,6 +29,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from ray.tune.schedulers import PopulationBasedTraining
 
 from raylocal.cluster.parts_phase import gather_part_states, gather_weights, part_checkpoint_path
 from raylocal.cluster.placement import TrialGroup, live_nodes, trial_shares
@@ -445,6 +446,27 @@ def tune_study(
     return tuner.fit()
 
 
+class SynchronousPBT(PopulationBasedTraining):
+    """Tune's synchronous PBT, whose barrier no trial that ends can strand. Tune checks
+    the barrier only when a trial reports: a trial whose last report ends it (done)
+    before the next perturbation step left the trials paused at that step waiting for
+    it for ever (ray 2.x). Once every trial still live has reached the barrier, it
+    moves on, as it would have had the ended trial reported there."""
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, result)
+        self._release(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_error(tune_controller, trial)
+        self._release(tune_controller, trial)
+
+    def _release(self, tune_controller: Any, ended: Any) -> None:
+        live = [self._trial_state[t] for t in tune_controller.get_live_trials() if t is not ended]
+        if live and all(state.last_train_time >= self._next_perturbation_sync for state in live):
+            self._next_perturbation_sync = max(state.last_train_time for state in live) + self._perturbation_interval
+
+
 def _scheduler(
     name: str, param_space: dict, trials: int, pbt_steps: int, report_every: int, n_steps: int
 ) -> tuple[Any, Any]:
@@ -452,7 +474,7 @@ def _scheduler(
     last part's step, which a restored trial continues from: trials are compared
     at the same step, not at their n-th report (a slow poll reports late)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import ASHAScheduler
 
     if name != "pbt":
         grace = min(report_every, n_steps)
@@ -462,7 +484,7 @@ def _scheduler(
     # Synchronous: every trial reaches the perturbation step before the weak
     # ones copy the strong ones, so a study does not depend on which trial
     # happened to run faster.
-    pbt = PopulationBasedTraining(
+    pbt = SynchronousPBT(
         time_attr="steps",
         perturbation_interval=pbt_steps,
         hyperparam_mutations=param_space,
