@@ -59,9 +59,15 @@ def available() -> str | None:
     return None
 
 
+def _sysctl(name: str) -> str | None:
+    """A kernel setting of this process's namespace, as ``sysctl -n`` shows it (None off Linux)."""
+    path = Path("/proc/sys", *name.split("."))
+    return path.read_text().strip() if path.is_file() else None
+
+
 def congestion_controls() -> list[str]:
     """The TCP congestion controls this kernel offers (loaded ones)."""
-    return Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+    return (_sysctl(AVAILABLE_SYSCTL) or "").split()
 
 
 def check_congestion(name: str | None) -> None:
@@ -71,7 +77,7 @@ def check_congestion(name: str | None) -> None:
     if name not in congestion_controls():
         raise ClusterError(f"TCP congestion control {name!r} is not one this kernel offers: "
                            f"{', '.join(congestion_controls())}")  # fmt: skip
-    allowed = Path(f"/proc/sys/{ALLOWED_SYSCTL.replace('.', '/')}").read_text().split()
+    allowed = (_sysctl(ALLOWED_SYSCTL) or "").split()
     if name not in allowed:  # a namespace other than the host's may take only these
         raise ClusterError(
             f"TCP congestion control {name!r} is not allowed in a namespace on this host (allowed: "
@@ -81,8 +87,7 @@ def check_congestion(name: str | None) -> None:
 
 def host_congestion() -> str:
     """The host's TCP congestion control, which a namespace made now takes ("unknown" off Linux)."""
-    path = Path(f"/proc/sys/{CONGESTION_SYSCTL.replace('.', '/')}")
-    return path.read_text().strip() if path.is_file() else "unknown"
+    return _sysctl(CONGESTION_SYSCTL) or "unknown"
 
 
 def rate_bits(rate: str) -> float:
@@ -95,6 +100,7 @@ def rate_bits(rate: str) -> float:
 
 CONGESTION_SYSCTL = "net.ipv4.tcp_congestion_control"
 ALLOWED_SYSCTL = "net.ipv4.tcp_allowed_congestion_control"
+AVAILABLE_SYSCTL = "net.ipv4.tcp_available_congestion_control"
 QUEUE_MS = 100.0  # the token bucket's queue, in ms of the rate: a shallow buffer, which TCP overflows
 
 
@@ -135,6 +141,12 @@ class Network:
         """Node k's end of its veth pair (the hub's end adds an ``o``)."""
         return f"{self.tag}n{k}i"
 
+    def link_ends(self, k: int) -> list[tuple[str, str, str]]:
+        """Node k's veth pair, each end as (namespace, device, what its qdisc shapes):
+        node k's own end shapes what it sends, the hub's end what is sent to it."""
+        inner = self.veth(k)
+        return [(self.node(k), inner, "sent"), (self.hub, inner[:-1] + "o", "received")]
+
     @staticmethod
     def address(k: int) -> str:
         return f"{SUBNET}.{k + 1}"
@@ -174,15 +186,14 @@ class Network:
         _ip("-n", self.hub, "link", "set", "br0", "up")
         for k, rate in enumerate(self.rates):
             self._add(self.node(k))
-            inner = self.veth(k)
-            outer = inner[:-1] + "o"
+            (_, inner, _), (_, outer, _) = self.link_ends(k)
             _ip("link", "add", inner, "netns", self.node(k), "type", "veth", "peer", "name", outer, "netns", self.hub)
             _ip("-n", self.node(k), "addr", "add", f"{self.address(k)}/24", "dev", inner)
             _ip("-n", self.node(k), "link", "set", inner, "up")
             _ip("-n", self.hub, "link", "set", outer, "master", "br0")
             _ip("-n", self.hub, "link", "set", outer, "up")
             if rate:
-                for ns, dev in ((self.node(k), inner), (self.hub, outer)):
+                for ns, dev, _ in self.link_ends(k):
                     done = subprocess.run(
                         ["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", *tbf_args(rate, self.queue_ms)],
                         capture_output=True, text=True,
@@ -209,8 +220,7 @@ class Network:
         for k, rate in enumerate(self.rates):
             if not rate:
                 continue
-            inner = self.veth(k)
-            for ns, dev, way in ((self.node(k), inner, "sent"), (self.hub, inner[:-1] + "o", "received")):
+            for ns, dev, way in self.link_ends(k):
                 shown = subprocess.run(
                     ["tc", "-s", "-n", ns, "qdisc", "show", "dev", dev], capture_output=True, text=True
                 )
@@ -471,9 +481,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _congestion_line(congestion: str | None) -> str:
+    """The line a table starts with: the congestion control its links ran."""
+    return f"TCP congestion control: {congestion or 'the host default, ' + host_congestion()}"
+
+
 def _tcp_table(rates: list[str | None], seconds: float, congestion: str | None) -> int:
     """One way, then both ways at once (each direction's own rate), per rate."""
-    print(f"TCP congestion control: {congestion or 'the host default, ' + host_congestion()}")
+    print(_congestion_line(congestion))
     print("| tbf rate | bytes | one way: TCP reached | of the rate | both ways at once: each reached | of the rate |")
     print("|---|---|---|---|---|---|")
     for rate in rates:
@@ -496,8 +511,7 @@ def _gloo_table(rates: list[str | None], n: int, nbytes: int, congestion: str | 
     start-ups apart): how much later rank 1's ended than rank 0's, what each rank's
     sender retransmitted, timed out and probed in it, and how long it took; then the
     mean size of the differences and the packets each tbf dropped."""
-    print(f"TCP congestion control: {congestion or 'the host default, ' + host_congestion()}"
-          f"{'; fenced: a barrier after each all-reduce' if fenced else ''}")  # fmt: skip
+    print(_congestion_line(congestion) + ("; fenced: a barrier after each all-reduce" if fenced else ""))
     print(
         "| tbf rate | all-reduce | rank 1's end − rank 0's, ms | rank 0 sent: retransmitted segments, "
         "timeouts, loss probes | rank 1 sent: the same | all-reduce, s |"
