@@ -43,7 +43,10 @@ def test_gloo_all_reduces_between_two_nodes_sum_both_ranks_and_say_when_each_ran
     for earlier, later in zip(ends, ends[1:]):
         assert all(b >= a + 0.05 for a, b in zip(earlier.ends, later.ends))  # each after its pause
     assert all(abs(end.apart_ms) < 1000 for end in ends)  # an unshaped link: the two end together
-    assert all(count == 0 for end in ends for tcp in end.tcp for count in tcp.values())  # nothing lost, nothing resent
+    # nothing lost: no retransmission timeout, and whatever was resent a tail-loss probe sent (TCP probes a
+    # quiet connection's last segment without any loss; seen once in 25 runs of this)
+    counted = [tcp for end in ends for tcp in end.tcp]
+    assert all(tcp["TcpExtTCPTimeouts"] == 0 and tcp["TcpRetransSegs"] <= tcp["TcpExtTCPLossProbes"] for tcp in counted)
 
 
 def test_a_shallow_queues_drops_are_counted_by_tbf_and_resent_by_the_ranks_tcp():
