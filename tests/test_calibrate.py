@@ -90,6 +90,29 @@ def test_ddps_all_reduce_figures_give_the_least_exposed_worker_and_the_workers_s
     assert "all-reduce exposed ms, least worker" not in older and "all-reduce skew ms, most - least worker" not in older
 
 
+def test_ddps_skew_is_taken_apart_into_the_late_workers_begin_and_compute_and_the_early_workers_end():
+    """Rank 1 (the early worker: the more exposed) begins each of its two steps 100 ms before rank 0,
+    computes 50 ms less and its update ends 30 ms after rank 0's: a skew of 180 ms in three terms."""
+
+    def worker(rank: int, exposed: float, compute: float, begins: list[float], ends: list[float]) -> dict:
+        steps = [[b, e, e + 0.01] for b, e in zip(begins, ends)]
+        return {"rank": rank, "forward_s": 0.1, "backward_s": compute - 0.1, "allreduce_s": 6.0,
+                "allreduce_exposed_s": exposed, "steps": steps}  # fmt: skip
+
+    late = worker(0, 5.4, 0.35, [100.0, 106.2], [105.9, 112.1])
+    early = worker(1, 5.58, 0.30, [99.9, 106.1], [105.93, 112.13])
+    cell = {"images_per_s": 9.0, "seconds": 12.0, "steps": 2, "start_spread_s": 0.0, "allreduce_s": 6.0,
+            "allreduce_exposed_s": 5.58, "allreduce_exposed_least_s": 5.4, "workers": [late, early]}  # fmt: skip
+    shown = calibrate.figures("ddp", cell)
+    assert shown["skew: the late worker began later by, ms"] == pytest.approx(100)
+    assert shown["skew: its forward and backward took longer by, ms"] == pytest.approx(50)
+    assert shown["skew: the early worker's update ended later by, ms"] == pytest.approx(30)
+    assert shown["skew: the three terms' sum, ms"] == pytest.approx(shown["all-reduce skew ms, most - least worker"])
+    # a cell that kept fewer steps than it took (or none) is not taken apart
+    fewer = calibrate.figures("ddp", cell | {"steps": 3})
+    assert not [name for name in fewer if name.startswith("skew:")]
+
+
 def test_a_bad_method_or_rate_is_one_line_before_anything_starts(capsys):
     assert calibrate.main(["--methods", "parts,allreduce"]) == 2
     assert capsys.readouterr().err.strip() == "error: 'allreduce' is not a method (parts, ddp, local-sgd)"

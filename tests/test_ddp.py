@@ -539,6 +539,22 @@ def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compresse
     # of latency later at the least, so that much of each step's all-reduce is left exposed
     assert 0.02 <= stats["allreduce_exposed_s"] <= stats["allreduce_s"] < stats["seconds"] / stats["steps"]
     assert 0.02 <= stats["allreduce_exposed_least_s"] <= stats["allreduce_exposed_s"]
+    # each worker's own timing, gathered by rank: the most and least exposed are the all-reduced extremes
+    workers = stats["workers"]
+    assert [w["rank"] for w in workers] == [0, 1]
+    assert max(w["allreduce_exposed_s"] for w in workers) == pytest.approx(stats["allreduce_exposed_s"], rel=1e-12)
+    assert min(w["allreduce_exposed_s"] for w in workers) == pytest.approx(stats["allreduce_exposed_least_s"])
+    assert max(w["allreduce_s"] for w in workers) == pytest.approx(stats["allreduce_s"], rel=1e-12)
+    assert all(w["forward_s"] > 0 and w["backward_s"] > 0 for w in workers)
+    # and its steps' times on the host's one clock: each step's update ends after both workers began it
+    # (the all-reduce needs both), worker 2's first step began once the first broadcast had crossed
+    first, second = workers[0]["steps"], workers[1]["steps"]
+    assert len(first) == len(second) == 4
+    for a, b in zip(first, second):
+        assert a[0] <= a[1] <= a[2] and b[0] <= b[1] <= b[2]
+        assert min(a[1], b[1]) > max(a[0], b[0])
+    assert all(later[0] >= row[2] for steps in (first, second) for row, later in zip(steps, steps[1:]))
+    assert second[0][0] - first[0][0] >= 0.9 * stats["start_bytes"] * 8 / 1e6
 
 
 def test_a_loss_record_keeps_each_epochs_mean_and_a_point_every_n_steps():

@@ -50,6 +50,9 @@ from raylocal.model.objectives import nll_bits, preprocess, queued_work, to_devi
 from raylocal.training.trainer import build_glow, initialize, scheduled_lr
 
 LOSS_EVERY = 10  # steps per point of a data-parallel run's loss curve
+TIMELINE_STEPS = 256  # the first steps whose times each worker keeps (``StepTimeline``)
+# each worker's DDP reducer timing, mean seconds per step (``DataParallelWorker.reducer_timing``)
+REDUCER_FIGURES = ("forward_s", "backward_s", "allreduce_s", "allreduce_exposed_s")
 
 
 class NLL(nn.Module):
@@ -350,6 +353,46 @@ class LossRecord:
         return mean
 
 
+class StepTimeline:
+    """When each of a worker's first ``kept`` steps began, when its update ended
+    (under DDP, once the step's all-reduce had landed) and when it left the step's
+    stop-flag meeting, on the host's wall clock, which workers in other network
+    namespaces of one host share: how far apart the workers' steps run."""
+
+    COLUMNS = ("began", "updated", "met")
+
+    def __init__(self, kept: int = TIMELINE_STEPS) -> None:
+        self.kept = kept
+        self.rows: list[list[float]] = []
+        self._keeping = False  # whether the step under way has a row
+
+    def stamp(self, column: int) -> None:
+        """Now, as ``COLUMNS[column]`` of the step under way (0 begins a step)."""
+        if column == 0:
+            self._keeping = len(self.rows) < self.kept
+            if self._keeping:
+                self.rows.append([math.nan] * len(self.COLUMNS))
+        if self._keeping:
+            self.rows[-1][column] = time.time()
+
+    def gathered(
+        self, rank: int, world: int, figures: list[float], device: torch.device, sum_all: Callable[[Tensor], None]
+    ) -> list[dict[str, Any]]:
+        """Every worker's ``figures`` (``REDUCER_FIGURES``, -1: not timed) and rows, by rank: each
+        worker fills its own line of a table of zeros, and the workers sum it."""
+        width = len(self.COLUMNS)
+        table = torch.zeros(world, len(figures) + 1 + width * self.kept, dtype=torch.float64, device=device)
+        line = [*figures, float(len(self.rows)), *(t for row in self.rows for t in row)]
+        table[rank, : len(line)] = torch.tensor(line, dtype=torch.float64)
+        sum_all(table)
+        workers = []
+        for r, line in enumerate(table.cpu().tolist()):
+            count, rows = int(line[len(figures)]), line[len(figures) + 1 :]
+            named = {name: (v if v >= 0 else None) for name, v in zip(REDUCER_FIGURES, line)}
+            workers.append(named | {"rank": r, "steps": [rows[i * width : (i + 1) * width] for i in range(count)]})
+        return workers
+
+
 class BudgetForecast:
     """How local SGD stops within a time budget without meeting every step (DDP
     meets every step anyway): at each round's meeting the workers agree on their
@@ -372,6 +415,22 @@ class BudgetForecast:
         """The last step, from the workers' maxima of ``reading``: the first that the
         slowest clock ends past the budget (as a stop flag's first step past it)."""
         self.last_step = step + max(math.ceil((self.budget - elapsed) / max(per_step, 1e-9)), 0)
+
+
+def reducer_timing(model: nn.Module) -> list[float]:
+    """A DDP-wrapped ``model``'s reducer's own timing, mean seconds per timed step (``REDUCER_FIGURES``): its
+    forward, then until the backward pass's last gradient was ready, its all-reduce from
+    its first bucket's start to its last one's end, and of that what came after the
+    backward pass had ended (the wait it left exposed). Read with a prototype torch API,
+    which times real links and emulated ones alike; -1 each where there is none (local
+    SGD, one worker, or a torch without it)."""
+    names = ("forward_compute", "backward_compute", "backward_comm", "backward_compute_comm_overlap")
+    try:
+        data = model._get_ddp_logging_data()
+        forward, backward, comm, overlap = (data[f"avg_{name}_time"] / 1e9 for name in names)  # (nanoseconds)
+    except (AttributeError, KeyError, RuntimeError):
+        return [-1.0] * len(REDUCER_FIGURES)
+    return [forward, backward, comm, max(comm - overlap, 0.0)]
 
 
 class DataParallelWorker:
@@ -422,6 +481,7 @@ class DataParallelWorker:
         self.budget_clock: BudgetForecast | None = None  # local SGD's last step, forecast at its meetings
         self.straggler = Straggler(parse_faults(config.run.inject or ""), self.rank)
         self.losses = LossRecord(loop_config.get("loss_every", LOSS_EVERY))
+        self.timeline = StepTimeline()
 
     def _wrap(self, config: RaylocalConfig) -> None:
         """The model this worker trains (``self.model``): its own, averaged now and
@@ -567,8 +627,10 @@ class DataParallelWorker:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 began, waited = time.perf_counter(), self.link_wait()
+                self.timeline.stamp(0)
                 loss = self.model(preprocess(to_device(batch, self.device), config.model.n_bits, self.noise))
                 stepped = self.guard.update(self.model, self.optimizer, loss, self.step)
+                self.timeline.stamp(1)
                 if not stepped and self.powersgd:
                     self.powersgd.forget()
                 self.straggle(began, waited)
@@ -582,6 +644,7 @@ class DataParallelWorker:
                 elif every and self.step % every == 0:
                     self.average()
                 stop = self.out_of_time(started, loop_config.get("time_budget"))
+                self.timeline.stamp(2)
                 if stop:
                     break
             seconds = time.perf_counter() - epoch_start
@@ -608,24 +671,12 @@ class DataParallelWorker:
         if every and (self.step % every or self.config.cluster.average_overlap):
             self.average()
 
-    def reducer_times(self) -> tuple[float, float]:
-        """DDP's all-reduce as its reducer timed it, mean seconds per timed step: from its first
-        bucket's start to its last one's end, and of that what came after the backward
-        pass had ended (the wait it left exposed). Read with a prototype torch API, which
-        times real links and emulated ones alike; (-1, -1) where there is none (local
-        SGD, one worker, or a torch without it)."""
-        try:
-            data = self.model._get_ddp_logging_data()
-            comm, overlap = data["avg_backward_comm_time"], data["avg_backward_compute_comm_overlap_time"]
-        except (AttributeError, KeyError, RuntimeError):
-            return -1.0, -1.0
-        return comm / 1e9, max(comm - overlap, 0) / 1e9  # (nanoseconds)
-
     def _finish(self, history: list[dict[str, Any]], seconds: float, mailbox: Mailbox) -> None:
         import ray.train
 
         idle = self.idle_s + (self.hook.idle_s if self.hook else 0.0)
-        comm, exposed = self.reducer_times()
+        timing = reducer_timing(self.model)
+        comm, exposed = timing[2:]
         worst = self.control(  # (the maxima of the negated: the least worker's)
             [idle, peak_rss_mb(), self.straggler.waited_s, self.began_at, -self.began_at, self.sync_s, self.rounds_s]
             + [comm, exposed, -exposed]
@@ -654,6 +705,8 @@ class DataParallelWorker:
             "peak_rss_mb": float(worst[1]),  # the largest worker
             "straggled_s": float(worst[2]),  # what a straggler (--inject straggle) added to its compute
             "start_spread_s": float(worst[3] + worst[4]),  # from the first worker's first step to the last's
+            # each worker's reducer timing and its steps' times (``StepTimeline``), by rank
+            "workers": self.timeline.gathered(self.rank, self.world, timing, self.device, self._all_reduce),
             "where": {
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(),

@@ -246,6 +246,7 @@ def run_data_parallel(args: dict[str, Any], average_every: int, state=None, budg
         "allreduce_s": stats.get("allreduce_s"),  # DDP's, per step, as its reducer timed it
         "allreduce_exposed_s": stats.get("allreduce_exposed_s"),  # of that, after the backward pass
         "allreduce_exposed_least_s": stats.get("allreduce_exposed_least_s"),  # the least exposed worker's
+        "workers": stats.get("workers"),  # each worker's reducer timing and its steps' times, by rank
         "peak_rss_mb": stats["peak_rss_mb"],
         "loss_curve": stats.get("loss_curve"),  # rank 0's, a point every 10 steps
         "test_bpd": summary["test_bpd"],

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -235,12 +236,37 @@ def figures(method: str, cell: dict[str, Any]) -> dict[str, float]:
                 out["all-reduce exposed ms, least worker"] = 1e3 * least
                 # the early worker's wait for the late one's bucket, inside its all-reduce
                 out["all-reduce skew ms, most - least worker"] = 1e3 * (cell["allreduce_exposed_s"] - least)
+                out |= skew_terms(cell)
     elif method == "local-sgd":  # its averaging, over the link (DDP's real all-reduce has no hook to time it)
         out["averaging %"] = 100 * cell["idle"]
         if "rounds" in cell:  # taken apart (cells from 2026-12-07 on): the rounds after their meeting, the waits
             out["rounds after meeting %"] = 100 * cell["rounds"]
             out["waiting for the other %"] = 100 * cell["sync"]
     return out
+
+
+def skew_terms(cell: dict[str, Any]) -> dict[str, float]:
+    """The two DDP workers' skew taken apart, ms a step (cells from 2026-12-07 18:30 on, every
+    step kept): the early worker (the most exposed) waits inside its all-reduce while the late
+    one is still computing, so its exposed time less the late one's is how much later the late
+    worker began its steps, plus how much longer its forward and backward pass took (each one's
+    reducer timing), plus how much later the early worker's update ended (its all-reduce landing
+    after the late one's). The three need not add up to the skew exactly: a step's batch before
+    its forward and its optimizer after its all-reduce are in none of them."""
+    workers = cell.get("workers") or []
+    if len(workers) != 2 or any(w["allreduce_exposed_s"] is None or len(w["steps"]) != cell["steps"] for w in workers):
+        return {}
+    early, late = sorted(workers, key=lambda w: -w["allreduce_exposed_s"])
+    steps = list(zip(early["steps"], late["steps"]))
+    began = sum(b[0] - a[0] for a, b in steps) / len(steps)
+    ended = sum(a[1] - b[1] for a, b in steps) / len(steps)
+    computed = (late["forward_s"] + late["backward_s"]) - (early["forward_s"] + early["backward_s"])
+    terms = {
+        "skew: the late worker began later by, ms": 1e3 * began,
+        "skew: its forward and backward took longer by, ms": 1e3 * computed,
+        "skew: the early worker's update ended later by, ms": 1e3 * ended,
+    }
+    return terms | {"skew: the three terms' sum, ms": sum(terms.values())}
 
 
 def byte_terms(method: str, cell: dict[str, Any], twin: dict[str, Any]) -> tuple[int, float, float, float]:
@@ -348,9 +374,10 @@ def table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
         ours, theirs = figures(method, cell), figures(method, twin)
         others = {k: cells.get((rate, method, k)) for k in extras}
         for name, value in ours.items():
-            row = f"| {rate} | {method} | {name} | {value:.3g} | {theirs[name]:.3g} | {_ratio(value, theirs[name])} |"
+            twin_value = theirs.get(name, math.nan)  # (a stored twin from before the figure)
+            row = f"| {rate} | {method} | {name} | {value:.3g} | {twin_value:.3g} | {_ratio(value, twin_value)} |"
             for k, other in others.items():
-                that = figures(method, other)[name] if other else None
+                that = figures(method, other).get(name) if other else None
                 if that is None:
                     row += _blank(k)
                     continue
