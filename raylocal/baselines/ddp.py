@@ -51,7 +51,7 @@ from raylocal.training.trainer import build_glow, initialize, scheduled_lr
 
 LOSS_EVERY = 10  # steps per point of a data-parallel run's loss curve
 TIMELINE_STEPS = 256  # the first steps whose times each worker keeps (``StepTimeline``)
-# each worker's DDP reducer timing, mean seconds per step (``DataParallelWorker.reducer_timing``)
+# each worker's DDP reducer timing, mean seconds per step (``reducer_timing``)
 REDUCER_FIGURES = ("forward_s", "backward_s", "allreduce_s", "allreduce_exposed_s")
 
 
