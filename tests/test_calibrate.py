@@ -354,6 +354,47 @@ def test_a_calibration_refuses_to_mix_its_stored_cells_with_another_congestion_c
     assert capsys.readouterr().err.strip().startswith("error: TCP congestion control 'vegas-x' is not one this kernel")
 
 
+def test_a_calibration_refuses_to_mix_its_stored_cells_with_another_agents_report_period(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(calibrate.netns, "available", lambda: None)  # (as where namespaces are allowed)
+    monkeypatch.setattr(calibrate.netns, "host_congestion", lambda: "bbr")
+    (tmp_path / "calibration").mkdir()
+    stored = tmp_path / "calibration" / "ddp-1mbit-real.json"
+    stored.write_text('{"queue_ms": 100.0, "congestion": "bbr", "agent_report_ms": null}')
+    assert calibrate.main(["--rates", "1mbit", "--agent-report-ms", "60000", "--out", str(tmp_path)]) == 2
+    said = capsys.readouterr().err.strip()
+    assert said == f"error: {stored} ran with Ray's agents reporting at Ray's default period, not every 60000 ms: " + (
+        "give another --out"
+    )
+    assert calibrate.main(["--rates", "1mbit", "--agent-report-ms", "0", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "error: --agent-report-ms must be a positive number of ms, not 0"
+
+
+def test_the_namespaced_ray_nodes_all_start_with_the_environment_asked_for(monkeypatch):
+    """Every node's ``ray start`` (the processes it starts inherit it) gets ``ray_env`` beside the
+    cluster's own environment and its node's gloo interface."""
+    started = []
+
+    class Nodes:
+        rates, tag = ["1mbit", "1mbit"], "t"
+
+        def address(self, k: int) -> str:
+            return f"198.51.100.{k + 1}"
+
+        def gloo_env(self, k: int) -> dict[str, str]:
+            return {"GLOO_SOCKET_IFNAME": f"n{k}"}
+
+        def run(self, k: int, argv: list[str], env: dict[str, str], **kwargs: object):
+            started.append((k, argv[1], env))
+            return calibrate.subprocess.CompletedProcess(argv, 0, "", "")
+
+    env = calibrate.netns.start_ray(Nodes(), 1, ray_env={calibrate.AGENT_REPORT_ENV: "60000"})
+    assert [(k, what) for k, what, _ in started] == [(0, "start"), (1, "start")]
+    for k, _, node_env in started:
+        assert node_env["REPORTER_UPDATE_INTERVAL_MS"] == "60000" and node_env["GLOO_SOCKET_IFNAME"] == f"n{k}"
+        assert node_env["RAY_ADDRESS"] == env["RAY_ADDRESS"] == "198.51.100.1:6379"
+    assert "REPORTER_UPDATE_INTERVAL_MS" not in env  # the command that joins runs without it
+
+
 def test_the_twin_apart_runs_on_the_real_cells_two_nodes_unshaped_with_its_bandwidth_emulated(tmp_path, monkeypatch):
     apart = calibrate.cell_args("parts", "10mbit", "apart", 60.0, 4)
     real = calibrate.cell_args("parts", "10mbit", "real", 60.0, 4)
@@ -366,15 +407,20 @@ def test_the_twin_apart_runs_on_the_real_cells_two_nodes_unshaped_with_its_bandw
     host = {"commit": "c", "cpu": "x", "probe_images_per_s": 1.0}
     monkeypatch.setattr(calibrate, "host_figures", lambda seconds: host)
     monkeypatch.setattr(
-        calibrate, "real_cell", lambda args, rate, queue_ms, tcp: ran.append(("nodes", rate, tcp)) or {}
+        calibrate, "real_cell", lambda args, rate, queue_ms, tcp, agents: ran.append(("nodes", rate, tcp, agents)) or {}
     )
     monkeypatch.setattr(calibrate, "emulated_cell", lambda args: ran.append(("one node", args["link_spec"])) or {})
     args = calibrate.argparse.Namespace(
-        costs=False, apart=True, seed=0, budget=1.0, variant=None, queue_ms=100.0, congestion="cubic"
-    )
+        costs=False, apart=True, seed=0, budget=1.0, variant=None, queue_ms=100.0, congestion="cubic",
+        agent_report_ms=60000,
+    )  # fmt: skip
     cells = calibrate.run_cells(["10mbit"], ["parts"], args, tmp_path)
-    # None: unshaped; both namespaced cells under the congestion control asked for
-    assert ran == [("nodes", "10mbit", "cubic"), ("one node", "bw=10Mbit,lat=0ms"), ("nodes", None, "cubic")]
+    # None: unshaped; both namespaced cells under the congestion control and with the agents' period asked for
+    assert ran == [
+        ("nodes", "10mbit", "cubic", 60000),
+        ("one node", "bw=10Mbit,lat=0ms"),
+        ("nodes", None, "cubic", 60000),
+    ]
     assert sorted(kind for _, _, kind in cells) == ["apart", "emulated", "real"]
     assert json.loads((tmp_path / "parts-10mbit-apart.json").read_text())["link"] == "bw=10Mbit,lat=0ms"
 

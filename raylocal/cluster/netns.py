@@ -27,7 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -409,11 +409,12 @@ def gloo_ends(net: Network, nbytes: int, n: int, pause: float = 0.5, fenced: boo
     ]
 
 
-def start_ray(net: Network, cpus: int, port: int = 6379) -> dict[str, str]:
+def start_ray(net: Network, cpus: int, port: int = 6379, ray_env: Mapping[str, str] | None = None) -> dict[str, str]:
     """A Ray head on node 0 and a worker on every other node, each bound to its
     namespace's address and carrying the resource ``node<k>``; returns the
-    environment in which a command joins the cluster. Authentication stays off:
-    these addresses are reachable from these namespaces only."""
+    environment in which a command joins the cluster (``ray_env``: what Ray's own
+    processes on every node get beside it). Authentication stays off: these
+    addresses are reachable from these namespaces only."""
     head = f"{net.address(0)}:{port}"
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": head}
     temp = f"/tmp/raylocal-{net.tag}"
@@ -422,7 +423,7 @@ def start_ray(net: Network, cpus: int, port: int = 6379) -> dict[str, str]:
         where = ["--head", "--port", str(port), "--temp-dir", temp, "--include-dashboard", "false"] if k == 0 else []
         where += [] if k == 0 else ["--address", head]
         argv = [RAY, "start", *where, "--node-ip-address", net.address(k), "--resources", f'{{"node{k}": 1}}']
-        here = env | net.gloo_env(k)
+        here = env | dict(ray_env or {}) | net.gloo_env(k)
         done = net.run(k, [*argv, *common], env=here, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise ClusterError(f"ray start on node {k}: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -430,11 +431,11 @@ def start_ray(net: Network, cpus: int, port: int = 6379) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def ray_cluster(net: Network, cpus: int) -> Iterator[dict[str, str]]:
+def ray_cluster(net: Network, cpus: int, ray_env: Mapping[str, str] | None = None) -> Iterator[dict[str, str]]:
     """``start_ray`` on ``net``; yields the environment that joins it. After, the
     network comes down (its processes first) and then Ray's session files go."""
     try:
-        yield start_ray(net, cpus)
+        yield start_ray(net, cpus, ray_env=ray_env)
     finally:
         net.down()
         shutil.rmtree(f"/tmp/raylocal-{net.tag}", ignore_errors=True)

@@ -75,6 +75,9 @@ IDLE_S = 10.0  # seconds of the idle cluster's traffic measured before each real
 TRACE_PACKETS = 5000  # the parts' packets timed hop by hop: every one of a 30 s cell
 KINDS = ("real", "emulated", "costed", "apart")
 TWO_NODE_KINDS = ("real", "apart")  # on the namespaced nodes: shaped veths, and unshaped ones
+# how often (ms) Ray's dashboard agent on each node publishes its node's stats to the GCS (Ray's default: 5000),
+# traffic that shares the shaped link with the training's
+AGENT_REPORT_ENV = "REPORTER_UPDATE_INTERVAL_MS"
 
 
 def emulated_link(rate: str) -> str:
@@ -167,14 +170,20 @@ def interface_bytes(net: Any) -> int:
 
 
 def real_cell(
-    args: dict[str, Any], rate: str | None, queue_ms: float = netns.QUEUE_MS, congestion: str | None = None
+    args: dict[str, Any],
+    rate: str | None,
+    queue_ms: float = netns.QUEUE_MS,
+    congestion: str | None = None,
+    agent_report_ms: int | None = None,
 ) -> dict[str, Any]:
     """The cell ``args`` (``cell_args``) over a real ``rate`` link between two namespaced
-    Ray nodes, whose token buckets queue at most ``queue_ms`` of traffic (None: unshaped)
-    and whose TCP runs ``congestion`` (None: the host's default)."""
+    Ray nodes, whose token buckets queue at most ``queue_ms`` of traffic (None: unshaped),
+    whose TCP runs ``congestion`` (None: the host's default) and whose Ray dashboard agents
+    publish their node's stats every ``agent_report_ms`` (None: Ray's default)."""
     method, budget = args["method"], args["budget"]
     network = netns.Network([rate, rate], queue_ms=queue_ms, congestion=congestion)
-    with network as net, netns.ray_cluster(net, cpus=1) as env:
+    ray_env = {AGENT_REPORT_ENV: str(agent_report_ms)} if agent_report_ms else None
+    with network as net, netns.ray_cluster(net, cpus=1, ray_env=ray_env) as env:
         ran_congestion = net.congestion_control()
         idle_from = interface_bytes(net)
         time.sleep(IDLE_S)
@@ -187,7 +196,8 @@ def real_cell(
     cell = with_cpu(_result(done, method), cpu, ledger_s=ledger.cpu_s)
     connections = ledger.rows(raylet_ports(cell.get("nodes", {})))
     return cell | {"kernel_bytes": crossed, "idle_bytes_per_s": idle, "connections": connections,
-                   "ledger_seconds": ledger.seconds, "queue_ms": queue_ms, "congestion": ran_congestion}  # fmt: skip
+                   "ledger_seconds": ledger.seconds, "queue_ms": queue_ms, "congestion": ran_congestion,
+                   "agent_report_ms": agent_report_ms}  # fmt: skip
 
 
 def emulated_cell(args: dict[str, Any]) -> dict[str, Any]:
@@ -529,11 +539,14 @@ def refusal(
     costs: bool = False,
     variant: str | None = None,
     congestion: str | None = None,
+    agent_report_ms: int | None = None,
 ) -> str | None:
     """Why a calibration cannot run, before anything starts; None if it can."""
     bad = [m for m in methods if m not in METHODS]
     if bad:
         return f"{bad[0]!r} is not a method ({', '.join(METHODS)})"
+    if agent_report_ms is not None and agent_report_ms <= 0:
+        return f"--agent-report-ms must be a positive number of ms, not {agent_report_ms}"
     if variant and (len(methods) != 1 or variant not in SWEEP_GRID[methods[0]]):
         known = ", ".join(SWEEP_GRID[methods[0]]) if len(methods) == 1 else "one --methods only"
         return f"--variant {variant}: not one of the race's settings for --methods {','.join(methods)} ({known})"
@@ -560,6 +573,11 @@ def refusal(
         if kind in TWO_NODE_KINDS and ran != now and (ran is not None or congestion is not None):
             path = out / f"{method}-{rate}-{kind}.json"
             return f"{path} ran TCP's {ran or 'unrecorded'} congestion control, not {now}: give another --out"
+    for (rate, method, kind), cell in stored.items():  # one agents' report period per calibration
+        if kind in TWO_NODE_KINDS and cell.get("agent_report_ms") != agent_report_ms:
+            path, ran = out / f"{method}-{rate}-{kind}.json", cell.get("agent_report_ms")
+            then, now = (f"every {ms} ms" if ms else "at Ray's default period" for ms in (ran, agent_report_ms))
+            return f"{path} ran with Ray's agents reporting {then}, not {now}: give another --out"
     for (rate, method, kind), cell in stored.items():  # one variant per calibration
         if method in methods and cell.get("variant") != variant:
             path = out / f"{method}-{rate}-{kind}.json"
@@ -596,7 +614,8 @@ def run_cells(rates: list[str], methods: list[str], args: argparse.Namespace, ou
                 print(f"-- {method} at {rate}, {kind} ({host_line(host)})", flush=True)
                 ran = cell_args(method, rate, kind, args.budget, args.seed, args.variant)
                 if kind in TWO_NODE_KINDS:
-                    cell = real_cell(ran, rate if kind == "real" else None, args.queue_ms, args.congestion)
+                    link = rate if kind == "real" else None
+                    cell = real_cell(ran, link, args.queue_ms, args.congestion, args.agent_report_ms)
                 else:
                     cell = emulated_cell(ran)
                 cell |= {"host": host, "ran_at": time.time(), "link": charged_link(method, rate, kind)}
@@ -616,6 +635,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue-ms", type=float, default=netns.QUEUE_MS, help=queue_help)
     congestion_help = "TCP's congestion control on the real links, e.g. cubic (default: the host's)"
     p.add_argument("--congestion", help=congestion_help)
+    agents_help = ("how often Ray's dashboard agent on each namespaced node publishes its node's stats to the GCS, "
+                   "in ms (default: Ray's, 5000): traffic that shares the shaped link")  # fmt: skip
+    p.add_argument("--agent-report-ms", type=int, help=agents_help)
     p.add_argument("--out", default="bench_runs", help="results go to OUT/calibration/")
     costs_help = "also a third twin per cell, charging the real link's measured costs (eff=, msg=)"
     p.add_argument("--costs", action="store_true", help=costs_help)
@@ -640,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rates, methods = args.rates.split(","), args.methods.split(",")
     out = Path(args.out) / "calibration"
-    why = refusal(rates, methods, args.queue_ms, out, args.costs, args.variant, args.congestion)
+    why = refusal(rates, methods, args.queue_ms, out, args.costs, args.variant, args.congestion, args.agent_report_ms)
     if why is not None:
         print(f"error: {why}", file=sys.stderr)
         return 2
