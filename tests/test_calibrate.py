@@ -108,9 +108,11 @@ def test_ddps_skew_is_taken_apart_into_the_late_workers_begin_and_compute_and_th
     assert shown["skew: its forward and backward took longer by, ms"] == pytest.approx(50)
     assert shown["skew: the early worker's update ended later by, ms"] == pytest.approx(30)
     assert shown["skew: the three terms' sum, ms"] == pytest.approx(shown["all-reduce skew ms, most - least worker"])
+    # rank 0's second step began at 106.2 and its last ended at 112.11: 5.91 s for the one step after the first
+    assert shown["s per step after the first"] == pytest.approx(5.91)
     # a cell that kept fewer steps than it took (or none) is not taken apart
     fewer = calibrate.figures("ddp", cell | {"steps": 3})
-    assert not [name for name in fewer if name.startswith("skew:")]
+    assert not [name for name in fewer if name.startswith("skew:") or name.endswith("after the first")]
 
 
 def test_a_bad_method_or_rate_is_one_line_before_anything_starts(capsys):

@@ -247,12 +247,22 @@ def figures(method: str, cell: dict[str, Any]) -> dict[str, float]:
                 # the early worker's wait for the late one's bucket, inside its all-reduce
                 out["all-reduce skew ms, most - least worker"] = 1e3 * (cell["allreduce_exposed_s"] - least)
                 out |= skew_terms(cell)
+        out |= steady_step(cell)
     elif method == "local-sgd":  # its averaging, over the link (DDP's real all-reduce has no hook to time it)
         out["averaging %"] = 100 * cell["idle"]
         if "rounds" in cell:  # taken apart (cells from 2026-12-07 on): the rounds after their meeting, the waits
             out["rounds after meeting %"] = 100 * cell["rounds"]
             out["waiting for the other %"] = 100 * cell["sync"]
     return out
+
+
+def steady_step(cell: dict[str, Any]) -> dict[str, float]:
+    """A DDP cell's seconds per step after its first (cells that kept every step's times): the
+    first holds DDP's first broadcast of the model, which the twin and a real link time apart."""
+    rows = (cell.get("workers") or [{}])[0].get("steps") or []
+    if len(rows) != cell["steps"] or len(rows) < 2:
+        return {}
+    return {"s per step after the first": (rows[-1][2] - rows[1][0]) / (len(rows) - 1)}
 
 
 def skew_terms(cell: dict[str, Any]) -> dict[str, float]:
