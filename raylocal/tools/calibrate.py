@@ -266,7 +266,7 @@ def steady_step(cell: dict[str, Any]) -> dict[str, float]:
 
 
 def skew_terms(cell: dict[str, Any]) -> dict[str, float]:
-    """The two DDP workers' skew taken apart, ms a step (cells from 2026-12-07 18:30 on, every
+    """The two DDP workers' skew taken apart, ms a step (cells from 2026-12-07 18:15 on, every
     step kept): the early worker (the most exposed) waits inside its all-reduce while the late
     one is still computing, so its exposed time less the late one's is how much later the late
     worker began its steps, plus how much longer its forward and backward pass took (each one's
