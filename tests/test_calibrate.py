@@ -110,6 +110,14 @@ def test_ddps_skew_is_taken_apart_into_the_late_workers_begin_and_compute_and_th
     assert shown["skew: the three terms' sum, ms"] == pytest.approx(shown["all-reduce skew ms, most - least worker"])
     # rank 0's second step began at 106.2 and its last ended at 112.11: 5.91 s for the one step after the first
     assert shown["s per step after the first"] == pytest.approx(5.91)
+    # with each worker's node: rank 1 sits on the head node (198.51.100.1) and ended its second update
+    # 30 ms after rank 0's (the first step is left out)
+    nodes = {"a": {"address": "198.51.100.2"}, "b": {"address": "198.51.100.1"}}
+    placed = cell | {"nodes": nodes, "workers": [late | {"node_id": "a"}, early | {"node_id": "b"}]}
+    lag = calibrate.figures("ddp", placed)
+    assert lag["the head node's rank ended later by, ms"] == pytest.approx(30)
+    assert lag["steps the head node's rank ended later, %"] == 100
+    assert "the head node's rank ended later by, ms" not in shown  # (the workers' nodes not recorded)
     # a cell that kept fewer steps than it took (or none) is not taken apart
     fewer = calibrate.figures("ddp", cell | {"steps": 3})
     assert not [name for name in fewer if name.startswith("skew:") or name.endswith("after the first")]

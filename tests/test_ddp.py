@@ -542,6 +542,7 @@ def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compresse
     # each worker's own timing, gathered by rank: the most and least exposed are the all-reduced extremes
     workers = stats["workers"]
     assert [w["rank"] for w in workers] == [0, 1]
+    assert [w["node_id"] for w in workers] == [stats["where"]["node_id"]] * 2  # (rank 0's, recorded apart; one node)
     assert max(w["allreduce_exposed_s"] for w in workers) == pytest.approx(stats["allreduce_exposed_s"], rel=1e-12)
     assert min(w["allreduce_exposed_s"] for w in workers) == pytest.approx(stats["allreduce_exposed_least_s"])
     assert max(w["allreduce_s"] for w in workers) == pytest.approx(stats["allreduce_s"], rel=1e-12)

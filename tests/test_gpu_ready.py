@@ -132,6 +132,7 @@ def test_the_data_parallel_control_tensors_are_made_on_the_workers_device():
     worker.sync_s = worker.rounds_s = 0.0
     worker.budget_clock = None
     worker.straggler, worker.began_at = Straggler([], 0), 0.0
+    worker.model = torch.nn.Linear(2, 1)  # (not wrapped in DDP: no reducer timing)
     seen: list[torch.device] = []
 
     def all_reduce(tensor, op="sum"):

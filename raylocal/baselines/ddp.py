@@ -417,6 +417,17 @@ class BudgetForecast:
         self.last_step = step + max(math.ceil((self.budget - elapsed) / max(per_step, 1e-9)), 0)
 
 
+def gathered_objects(value: Any, world: int) -> list[Any]:
+    """Every worker's ``value`` (anything picklable), by rank."""
+    import torch.distributed as dist
+
+    if world == 1:
+        return [value]
+    values: list[Any] = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
 def reducer_timing(model: nn.Module) -> list[float]:
     """A DDP-wrapped ``model``'s reducer's own timing, mean seconds per timed step (``REDUCER_FIGURES``): its
     forward, then until the backward pass's last gradient was ready, its all-reduce from
@@ -671,6 +682,14 @@ class DataParallelWorker:
         if every and (self.step % every or self.config.cluster.average_overlap):
             self.average()
 
+    def _workers(self, timing: list[float]) -> list[dict[str, Any]]:
+        """Every worker's reducer ``timing``, its steps' times (``StepTimeline``) and its Ray node, by rank."""
+        import ray
+
+        workers = self.timeline.gathered(self.rank, self.world, timing, self.device, self._all_reduce)
+        nodes = gathered_objects(ray.get_runtime_context().get_node_id(), self.world)
+        return [worker | {"node_id": node} for worker, node in zip(workers, nodes)]
+
     def _finish(self, history: list[dict[str, Any]], seconds: float, mailbox: Mailbox) -> None:
         import ray.train
 
@@ -705,8 +724,7 @@ class DataParallelWorker:
             "peak_rss_mb": float(worst[1]),  # the largest worker
             "straggled_s": float(worst[2]),  # what a straggler (--inject straggle) added to its compute
             "start_spread_s": float(worst[3] + worst[4]),  # from the first worker's first step to the last's
-            # each worker's reducer timing and its steps' times (``StepTimeline``), by rank
-            "workers": self.timeline.gathered(self.rank, self.world, timing, self.device, self._all_reduce),
+            "workers": self._workers(timing),  # each one's reducer timing, steps' times and node, by rank
             "where": {
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(),

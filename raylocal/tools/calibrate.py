@@ -247,13 +247,29 @@ def figures(method: str, cell: dict[str, Any]) -> dict[str, float]:
                 # the early worker's wait for the late one's bucket, inside its all-reduce
                 out["all-reduce skew ms, most - least worker"] = 1e3 * (cell["allreduce_exposed_s"] - least)
                 out |= skew_terms(cell)
-        out |= steady_step(cell)
+        out |= steady_step(cell) | head_rank_lag(cell)
     elif method == "local-sgd":  # its averaging, over the link (DDP's real all-reduce has no hook to time it)
         out["averaging %"] = 100 * cell["idle"]
         if "rounds" in cell:  # taken apart (cells from 2026-12-07 on): the rounds after their meeting, the waits
             out["rounds after meeting %"] = 100 * cell["rounds"]
             out["waiting for the other %"] = 100 * cell["sync"]
     return out
+
+
+def head_rank_lag(cell: dict[str, Any]) -> dict[str, float]:
+    """A two-node DDP cell's steps after the first (cells that record each worker's node, from
+    2026-12-07 19:10 on): how much later the rank on the head node (node 0, where Ray's GCS runs)
+    ended its update than the other rank, ms a step, and in what share of the steps it ended later."""
+    workers, nodes = cell.get("workers") or [], cell.get("nodes") or {}
+    head = [w for w in workers if nodes.get(w.get("node_id"), {}).get("address") == netns.Network.address(0)]
+    if len(workers) != 2 or len(head) != 1 or len(head[0]["steps"]) < 2:
+        return {}
+    other = workers[1 - workers.index(head[0])]
+    lags = [h[1] - o[1] for h, o in list(zip(head[0]["steps"], other["steps"]))[1:]]
+    return {
+        "the head node's rank ended later by, ms": 1e3 * sum(lags) / len(lags),
+        "steps the head node's rank ended later, %": 100 * sum(lag > 0 for lag in lags) / len(lags),
+    }
 
 
 def steady_step(cell: dict[str, Any]) -> dict[str, float]:
