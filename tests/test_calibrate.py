@@ -377,6 +377,8 @@ def test_a_calibration_refuses_to_mix_its_stored_cells_with_another_agents_repor
     )
     assert calibrate.main(["--rates", "1mbit", "--agent-report-ms", "0", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "error: --agent-report-ms must be a positive number of ms, not 0"
+    stored.write_text('{"queue_ms": 100.0, "congestion": "bbr", "agent_report_ms": 60000}')
+    assert calibrate.refusal(["1mbit"], ["ddp"], 100.0, tmp_path / "calibration", agent_report_ms=60000) is None
 
 
 def test_the_namespaced_ray_nodes_all_start_with_the_environment_asked_for(monkeypatch):
@@ -445,6 +447,14 @@ def test_the_table_sets_real_against_the_twin_apart_and_the_twin_apart_against_t
     assert lines[0].endswith("| real / emulated | emulated on the two nodes | real / that | that / emulated |")
     assert "| 1mbit | ddp | images/s | 9 | 12 | 0.75 | 10 | 0.90 | 0.83 |" in lines  # 0.75 = 0.90 x 0.83
     assert all(line.count("|") == lines[0].count("|") for line in lines)
+    # a figure only the two-node cells give (the head node's rank, which the one-node twin has not)
+    rows = [[0.0, 5.0, 5.1], [5.1, 10.0, 10.1]]
+    workers = [{"rank": r, "node_id": f"n{r}", "allreduce_exposed_s": None, "steps": rows} for r in (0, 1)]
+    nodes = {"n0": {"address": "198.51.100.1"}, "n1": {"address": "198.51.100.2"}}
+    placed = {"steps": 2, "workers": workers, "nodes": nodes, "start_spread_s": 0.0}
+    cells = {k: cell | placed for k, cell in cells.items()} | {("1mbit", "ddp", "emulated"): twin | {"steps": 2}}
+    lines = calibrate.table(cells).splitlines()
+    assert "| 1mbit | ddp | the head node's rank ended later by, ms | 0 | nan | nan | 0 | nan | nan |" in lines
 
 
 def test_a_costed_cell_that_charged_other_costs_is_refused_in_one_line(tmp_path, capsys, monkeypatch):

@@ -555,7 +555,18 @@ def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compresse
         assert a[0] <= a[1] <= a[2] and b[0] <= b[1] <= b[2]
         assert min(a[1], b[1]) > max(a[0], b[0])
     assert all(later[0] >= row[2] for steps in (first, second) for row, later in zip(steps, steps[1:]))
-    assert second[0][0] - first[0][0] >= 0.9 * stats["start_bytes"] * 8 / 1e6
+
+
+def test_a_step_timeline_keeps_its_first_steps_rows_whole_and_no_later_step_touches_them():
+    from raylocal.baselines.ddp import StepTimeline
+
+    ticks = iter(range(100))
+    timeline = StepTimeline(kept=2, clock=lambda: float(next(ticks)))
+    for _ in range(3):
+        timeline.began()
+        timeline.updated()
+        timeline.done()
+    assert timeline.rows == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]  # the third step's stamps went nowhere
 
 
 def test_a_loss_record_keeps_each_epochs_mean_and_a_point_every_n_steps():

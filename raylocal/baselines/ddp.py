@@ -355,42 +355,32 @@ class LossRecord:
 
 class StepTimeline:
     """When each of a worker's first ``kept`` steps began, when its update ended
-    (under DDP, once the step's all-reduce had landed) and when it left the step's
-    stop-flag meeting, on the host's wall clock, which workers in other network
+    (under DDP, once the step's all-reduce had landed) and when it was done with the
+    step (after the stop-flag meeting, where the workers meet every step: DDP within
+    a time budget), on the host's wall clock, which workers in other network
     namespaces of one host share: how far apart the workers' steps run."""
 
-    COLUMNS = ("began", "updated", "met")
+    COLUMNS = ("began", "updated", "done")
 
-    def __init__(self, kept: int = TIMELINE_STEPS) -> None:
-        self.kept = kept
+    def __init__(self, kept: int = TIMELINE_STEPS, clock: Callable[[], float] = time.time) -> None:
+        self.kept, self.clock = kept, clock
         self.rows: list[list[float]] = []
         self._keeping = False  # whether the step under way has a row
 
-    def stamp(self, column: int) -> None:
-        """Now, as ``COLUMNS[column]`` of the step under way (0 begins a step)."""
-        if column == 0:
-            self._keeping = len(self.rows) < self.kept
-            if self._keeping:
-                self.rows.append([math.nan] * len(self.COLUMNS))
+    def began(self) -> None:
+        self._keeping = len(self.rows) < self.kept
         if self._keeping:
-            self.rows[-1][column] = time.time()
+            self.rows.append([self.clock(), math.nan, math.nan])
 
-    def gathered(
-        self, rank: int, world: int, figures: list[float], device: torch.device, sum_all: Callable[[Tensor], None]
-    ) -> list[dict[str, Any]]:
-        """Every worker's ``figures`` (``REDUCER_FIGURES``, -1: not timed) and rows, by rank: each
-        worker fills its own line of a table of zeros, and the workers sum it."""
-        width = len(self.COLUMNS)
-        table = torch.zeros(world, len(figures) + 1 + width * self.kept, dtype=torch.float64, device=device)
-        line = [*figures, float(len(self.rows)), *(t for row in self.rows for t in row)]
-        table[rank, : len(line)] = torch.tensor(line, dtype=torch.float64)
-        sum_all(table)
-        workers = []
-        for r, line in enumerate(table.cpu().tolist()):
-            count, rows = int(line[len(figures)]), line[len(figures) + 1 :]
-            named = {name: (v if v >= 0 else None) for name, v in zip(REDUCER_FIGURES, line)}
-            workers.append(named | {"rank": r, "steps": [rows[i * width : (i + 1) * width] for i in range(count)]})
-        return workers
+    def updated(self) -> None:
+        self._stamp(1)
+
+    def done(self) -> None:
+        self._stamp(2)
+
+    def _stamp(self, column: int) -> None:
+        if self._keeping:
+            self.rows[-1][column] = self.clock()
 
 
 class BudgetForecast:
@@ -638,10 +628,10 @@ class DataParallelWorker:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 began, waited = time.perf_counter(), self.link_wait()
-                self.timeline.stamp(0)
+                self.timeline.began()
                 loss = self.model(preprocess(to_device(batch, self.device), config.model.n_bits, self.noise))
                 stepped = self.guard.update(self.model, self.optimizer, loss, self.step)
-                self.timeline.stamp(1)
+                self.timeline.updated()
                 if not stepped and self.powersgd:
                     self.powersgd.forget()
                 self.straggle(began, waited)
@@ -655,7 +645,7 @@ class DataParallelWorker:
                 elif every and self.step % every == 0:
                     self.average()
                 stop = self.out_of_time(started, loop_config.get("time_budget"))
-                self.timeline.stamp(2)
+                self.timeline.done()
                 if stop:
                     break
             seconds = time.perf_counter() - epoch_start
@@ -683,12 +673,16 @@ class DataParallelWorker:
             self.average()
 
     def _workers(self, timing: list[float]) -> list[dict[str, Any]]:
-        """Every worker's reducer ``timing``, its steps' times (``StepTimeline``) and its Ray node, by rank."""
+        """Every worker's reducer ``timing`` (``REDUCER_FIGURES``, -1: not timed), its steps'
+        times (``StepTimeline``, only the rows it kept) and its Ray node, by rank."""
         import ray
 
-        workers = self.timeline.gathered(self.rank, self.world, timing, self.device, self._all_reduce)
-        nodes = gathered_objects(ray.get_runtime_context().get_node_id(), self.world)
-        return [worker | {"node_id": node} for worker, node in zip(workers, nodes)]
+        mine = (timing, self.timeline.rows, ray.get_runtime_context().get_node_id())
+        return [
+            {name: (v if v >= 0 else None) for name, v in zip(REDUCER_FIGURES, figures)}
+            | {"rank": rank, "steps": rows, "node_id": node}
+            for rank, (figures, rows, node) in enumerate(gathered_objects(mine, self.world))
+        ]
 
     def _finish(self, history: list[dict[str, Any]], seconds: float, mailbox: Mailbox) -> None:
         import ray.train

@@ -260,9 +260,9 @@ def head_rank_lag(cell: dict[str, Any]) -> dict[str, float]:
     """A two-node DDP cell's steps after the first (cells that record each worker's node, from
     2026-12-07 19:10 on): how much later the rank on the head node (node 0, where Ray's GCS runs)
     ended its update than the other rank, ms a step, and in what share of the steps it ended later."""
-    workers, nodes = cell.get("workers") or [], cell.get("nodes") or {}
+    workers, nodes = kept_every_step(cell), cell.get("nodes") or {}
     head = [w for w in workers if nodes.get(w.get("node_id"), {}).get("address") == netns.Network.address(0)]
-    if len(workers) != 2 or len(head) != 1 or len(head[0]["steps"]) < 2:
+    if len(head) != 1:
         return {}
     other = workers[1 - workers.index(head[0])]
     lags = [h[1] - o[1] for h, o in list(zip(head[0]["steps"], other["steps"]))[1:]]
@@ -272,12 +272,21 @@ def head_rank_lag(cell: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def kept_every_step(cell: dict[str, Any]) -> list[dict[str, Any]]:
+    """A DDP cell's two workers where both kept every one of its two or more steps' times (a
+    cell of more steps than ``TIMELINE_STEPS`` kept only its first), else none."""
+    workers = cell.get("workers") or []
+    whole = len(workers) == 2 and cell["steps"] >= 2 and all(len(w["steps"]) == cell["steps"] for w in workers)
+    return workers if whole else []
+
+
 def steady_step(cell: dict[str, Any]) -> dict[str, float]:
     """A DDP cell's seconds per step after its first (cells that kept every step's times): the
     first holds DDP's first broadcast of the model, which the twin and a real link time apart."""
-    rows = (cell.get("workers") or [{}])[0].get("steps") or []
-    if len(rows) != cell["steps"] or len(rows) < 2:
+    workers = kept_every_step(cell)
+    if not workers:
         return {}
+    rows = workers[0]["steps"]
     return {"s per step after the first": (rows[-1][2] - rows[1][0]) / (len(rows) - 1)}
 
 
@@ -289,8 +298,8 @@ def skew_terms(cell: dict[str, Any]) -> dict[str, float]:
     reducer timing), plus how much later the early worker's update ended (its all-reduce landing
     after the late one's). The three need not add up to the skew exactly: a step's batch before
     its forward and its optimizer after its all-reduce are in none of them."""
-    workers = cell.get("workers") or []
-    if len(workers) != 2 or any(w["allreduce_exposed_s"] is None or len(w["steps"]) != cell["steps"] for w in workers):
+    workers = kept_every_step(cell)
+    if not workers or any(w["allreduce_exposed_s"] is None for w in workers):
         return {}
     early, late = sorted(workers, key=lambda w: -w["allreduce_exposed_s"])
     steps = list(zip(early["steps"], late["steps"]))
@@ -418,7 +427,7 @@ def table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
                     row += _blank(k)
                     continue
                 row += f" {that:.3g} | {_ratio(value, that)} |"
-                row += f" {_ratio(that, theirs[name])} |" if k == "apart" else ""
+                row += f" {_ratio(that, twin_value)} |" if k == "apart" else ""
             rows.append(row)
         steps, counted, _, control = byte_terms(method, cell, twin)
         rows.append(
