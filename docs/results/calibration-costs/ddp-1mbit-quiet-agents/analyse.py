@@ -1,6 +1,6 @@
 """DDP at 1 Mbit under cubic, Ray's dashboard agents at their default period and quiet (DECLARED.txt).
 
-    python docs/results/calibration-costs/ddp-1mbit-quiet-agents/analyse.py
+    python docs/results/calibration-costs/ddp-1mbit-quiet-agents/analyse.py [DIR CONGESTION]
 
 The directory holds default/seedS/ and quiet/seedS/, each one calibration (ddp-1mbit-{real,emulated}.json).
 """
@@ -13,6 +13,7 @@ from raylocal.study.stats import decide, mean_interval
 from raylocal.tools.calibrate import figures
 
 HERE = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent
+CONGESTION = sys.argv[2] if len(sys.argv) > 2 else "cubic"  # (the same block under bbr: ddp-1mbit-quiet-agents-bbr)
 SEEDS = sorted(int(p.name.removeprefix("seed")) for p in (HERE / "quiet").glob("seed*"))
 SKEW, EXPOSED = "all-reduce skew ms, most - least worker", "all-reduce exposed ms per step"
 TERMS = ("skew: the late worker began later by, ms", "skew: its forward and backward took longer by, ms",
@@ -22,7 +23,7 @@ TERMS = ("skew: the late worker began later by, ms", "skew: its forward and back
 def cell(arm: str, seed: int, kind: str) -> dict:
     stored = json.loads((HERE / arm / f"seed{seed}" / f"ddp-1mbit-{kind}.json").read_text())
     assert kind != "real" or (stored["congestion"], stored["agent_report_ms"]) == (
-        "cubic",
+        CONGESTION,
         600000 if arm == "quiet" else None,
     ), (arm, seed)
     return stored
