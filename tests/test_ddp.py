@@ -548,7 +548,7 @@ def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compresse
     assert max(w["allreduce_s"] for w in workers) == pytest.approx(stats["allreduce_s"], rel=1e-12)
     assert all(w["forward_s"] > 0 and w["backward_s"] > 0 for w in workers)
     # and its steps' times on the host's one clock: each step's update ends after both workers began it
-    # (the all-reduce needs both), worker 2's first step began once the first broadcast had crossed
+    # (the all-reduce needs both)
     first, second = workers[0]["steps"], workers[1]["steps"]
     assert len(first) == len(second) == 4
     for a, b in zip(first, second):

@@ -672,12 +672,10 @@ class DataParallelWorker:
         if every and (self.step % every or self.config.cluster.average_overlap):
             self.average()
 
-    def _workers(self, timing: list[float]) -> list[dict[str, Any]]:
+    def _workers(self, timing: list[float], node: str) -> list[dict[str, Any]]:
         """Every worker's reducer ``timing`` (``REDUCER_FIGURES``, -1: not timed), its steps'
-        times (``StepTimeline``, only the rows it kept) and its Ray node, by rank."""
-        import ray
-
-        mine = (timing, self.timeline.rows, ray.get_runtime_context().get_node_id())
+        times (``StepTimeline``, only the rows it kept) and its Ray ``node``, by rank."""
+        mine = (timing, self.timeline.rows, node)
         return [
             {name: (v if v >= 0 else None) for name, v in zip(REDUCER_FIGURES, figures)}
             | {"rank": rank, "steps": rows, "node_id": node}
@@ -688,7 +686,7 @@ class DataParallelWorker:
         import ray.train
 
         idle = self.idle_s + (self.hook.idle_s if self.hook else 0.0)
-        timing = reducer_timing(self.model)
+        timing, node = reducer_timing(self.model), ray.get_runtime_context().get_node_id()
         comm, exposed = timing[2:]
         worst = self.control(  # (the maxima of the negated: the least worker's)
             [idle, peak_rss_mb(), self.straggler.waited_s, self.began_at, -self.began_at, self.sync_s, self.rounds_s]
@@ -718,9 +716,9 @@ class DataParallelWorker:
             "peak_rss_mb": float(worst[1]),  # the largest worker
             "straggled_s": float(worst[2]),  # what a straggler (--inject straggle) added to its compute
             "start_spread_s": float(worst[3] + worst[4]),  # from the first worker's first step to the last's
-            "workers": self._workers(timing),  # each one's reducer timing, steps' times and node, by rank
+            "workers": self._workers(timing, node),  # each one's reducer timing, steps' times and node, by rank
             "where": {
-                "node_id": ray.get_runtime_context().get_node_id(),
+                "node_id": node,
                 "pid": os.getpid(),
                 "device": str(self.device),
             },

@@ -417,12 +417,12 @@ def table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
             continue
         twin = cells[(rate, method, "emulated")]
         ours, theirs = figures(method, cell), figures(method, twin)
-        others = {k: cells.get((rate, method, k)) for k in extras}
+        others = {k: figures(method, other) if (other := cells.get((rate, method, k))) else None for k in extras}
         for name, value in ours.items():
             twin_value = theirs.get(name, math.nan)  # (a stored twin from before the figure)
             row = f"| {rate} | {method} | {name} | {value:.3g} | {twin_value:.3g} | {_ratio(value, twin_value)} |"
             for k, other in others.items():
-                that = figures(method, other).get(name) if other else None
+                that = other.get(name) if other else None
                 if that is None:
                     row += _blank(k)
                     continue
