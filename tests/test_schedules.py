@@ -114,9 +114,44 @@ def test_per_part_learning_rates_reach_the_trainers(mnist_dir, tmp_path):
     assert [t.base_lr for t in run.trainers] == [1e-3, 5e-4, 1e-4]
 
 
+def test_a_single_process_runs_records_are_opened_by_its_run_and_its_curve_is_their_evaluations(mnist_dir, tmp_path):
+    """The ``Run`` opens the records of a single-process run and its session writes
+    through them: every point on the summary's curve is an evaluation of the model
+    as it was then (the last one is the final model's, recomputed here on the test
+    images with the run's batch and cap), and TensorBoard holds the same values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from raylocal.core.checkpoint import load_checkpoint
+    from raylocal.run.launch import load_data
+    from raylocal.run.run import Run
+    from raylocal.training.trainer import build_glow, evaluate_bpd
+
+    cfg = RaylocalConfig(
+        data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, parts=2, schedule="alternating", epochs=2,
+        eval_every=3, eval_cap=7.25, eval_batch_size=16, batch_size=32, storage_path=str(tmp_path), run_name="r",
+        init_batch_size=64, progress=False,
+    )  # fmt: skip
+    data = load_data(cfg)
+    run = Run(cfg, data)
+    summary = run.execute()
+    assert run.records is not None and summary["run_dir"] == str(run.records.dir) == str(tmp_path / "r")
+    glow = build_glow(cfg, data.shape)
+    glow.load_state_dict(load_checkpoint(run.records.checkpoint_path, kind="run")["model"])
+    final = evaluate_bpd(glow, data.test, 16, torch.device("cpu"), cap=7.25)  # some images above it
+    curve = summary["curve"]
+    assert curve[-1]["test_bpd"] == pytest.approx(final, rel=1e-6) == summary["test_bpd"]
+    steps = [p["step"] for p in curve]
+    assert steps == sorted(steps) and any(s % 3 == 0 and s < steps[-1] for s in steps)  # --eval-every's too
+    events = EventAccumulator(summary["tensorboard"])
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("model/test_bpd")]
+    assert logged == [(p["step"], pytest.approx(p["test_bpd"], rel=1e-6)) for p in curve]
+
+
 def test_a_runs_samples_are_drawn_at_its_temperature(mnist_dir, tmp_path, monkeypatch):
     """The samples a run saves (``--samples`` at ``--temperature``): the images the
     run's model draws at that temperature, written where the run log keeps them."""
+    import raylocal.training.records as records
     import raylocal.training.schedules as schedules
     from raylocal.run.launch import load_data
 
@@ -126,9 +161,9 @@ def test_a_runs_samples_are_drawn_at_its_temperature(mnist_dir, tmp_path, monkey
     )  # fmt: skip
     run = schedules.SingleProcessRun(cfg, load_data(cfg), tmp_path / "x")
     asked = []
-    real = schedules.sample_images
-    monkeypatch.setattr(schedules, "sample_images", lambda glow, n, t: asked.append((glow, n, t)) or real(glow, n, t))
-    path = run._samples(7)
+    real = records.sample_images
+    monkeypatch.setattr(records, "sample_images", lambda glow, n, t: asked.append((glow, n, t)) or real(glow, n, t))
+    path = run.records.samples(run.glow, 7)
     assert asked == [(run.glow, 3, 0.35)] and path is not None and path.is_file()
 
 
@@ -322,7 +357,7 @@ def test_a_run_with_the_lr_rule_resumes_to_the_same_weights(mnist_dir, tmp_path,
         write()
         if full.state.global_step == cut_at:
             (tmp_path / "cut").mkdir(exist_ok=True)  # (an epoch end checkpoints this step twice)
-            shutil.copy(full.log.checkpoint_path, tmp_path / "cut" / full.log.checkpoint_path.name)
+            shutil.copy(full.records.checkpoint_path, tmp_path / "cut" / full.records.checkpoint_path.name)
 
     full.checkpoint = checkpoint_and_keep_one
     expected = run_local(full)

@@ -28,8 +28,7 @@ def take_over(run: SingleProcessRun, parts: PartsResult) -> None:
     run.state.global_step = int(stats[0]["steps"])
     run.adopted = True
     for point in parts.curve:  # evaluations made while the parts trained
-        run.state.curve.append(point)
-        run.log.scalar("model/test_bpd", point["test_bpd"], int(point["step"]))
+        run.records.evaluation(point["test_bpd"], run.state.curve, point)
     bpd = run.record_eval(float(len(run.plan)))
     run.state.history.append(
         {
@@ -134,7 +133,7 @@ def finish_after_parts(
     run.taken_over |= {figure: [st[figure] for st in parts.stats] for figure in ("rollbacks", "skipped")}
     if not resume:
         take_over(run, parts)
-        run.log.link_report(parts.report, int(parts.stats[0]["steps"]))
+        run.records.log.link_report(parts.report, int(parts.stats[0]["steps"]))
         if finetuned is not None:
             adopt_finetune(run, *finetuned)
     run.train_epochs(run.total_epochs)

@@ -8,7 +8,11 @@ ends (with the phases it trained and each one's wall time), and removes a
 directory it created if the run fails before its first checkpoint (nothing
 to resume, nothing half-written). A Ray run is checked,
 joins Ray and is planned on the cluster once (``plan_ray_run``), before
-anything is written.
+anything is written. What the run writes in its directory as it trains (its
+TensorBoard curves, status line, evaluations, samples and checkpoint path) is
+its ``RunRecords`` (raylocal/training/records.py): a single-process run's are
+opened here and handed to its session; a Ray run's are opened on the same
+directory by the process that ends it (the model service, a Ray Train worker).
 
 Between those it trains a list of phases (raylocal/run/phases.py), in the
 context they share, handing each other what they made in memory:
@@ -45,6 +49,7 @@ from raylocal.core.config import RIVAL_SCHEDULES, RaylocalConfig
 from raylocal.core.data import ImageData
 from raylocal.core.runlog import has_checkpoint, resolve_run_dir, write_json
 from raylocal.run.phases import Carry, Phase, local_phases
+from raylocal.training.records import RunRecords
 from raylocal.training.schedules import SingleProcessRun
 
 if TYPE_CHECKING:  # the Ray runs import Ray: only their schedules pay for it
@@ -70,6 +75,7 @@ class Run:
         self.service_here, self.monitor = service_here, monitor
         self.phases: list[Phase] = []
         self.placement: Placement | None = None  # a Ray run's, planned before anything is written
+        self.records: RunRecords | None = None  # a single-process run's (a Ray run's are opened where it ends)
         self.carry = Carry()
 
     @staticmethod
@@ -105,7 +111,8 @@ class Run:
         """The context the run's phases share, and the phases."""
         config = self.config
         if config.schedule.name not in RIVAL_SCHEDULES and config.schedule.name != "async":
-            session = SingleProcessRun(config, self.data, self.dir, start_from=self.start_from)
+            self.records = RunRecords(config, self.data.test, self.dir)
+            session = SingleProcessRun(config, self.data, self.dir, start_from=self.start_from, records=self.records)
             return session, local_phases(session)
         # The Ray runs import Ray: only their schedules pay for it. All of their modules are imported
         # before the driver joins Ray: under `ray job submit` the job's working directory, this code's own

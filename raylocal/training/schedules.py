@@ -31,11 +31,11 @@ from raylocal.core.checkpoint import load_checkpoint, save_checkpoint
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import BatchStream, ImageData
 from raylocal.core.faults import apply_finetune_faults, parse_faults
-from raylocal.core.runlog import Progress, RunLog
 from raylocal.errors import CheckpointError
 from raylocal.model.glow import Glow, Part
-from raylocal.model.objectives import preprocess, sample_images, to_device, wait_for
+from raylocal.model.objectives import preprocess, to_device, wait_for
 from raylocal.model.parts import PartSpec, boundary_steps, measured_costs, resolve_part_spec
+from raylocal.training.records import RunRecords
 from raylocal.training.trainer import (
     WIRE_DTYPES,
     LRClock,
@@ -43,7 +43,6 @@ from raylocal.training.trainer import (
     StepResult,
     UpdateMeter,
     build_glow,
-    evaluate_bpd,
     initialize,
     over_the_wire,
     resolve_device,
@@ -225,7 +224,7 @@ class SingleProcessRun:
     def __init__(
         self, config: RaylocalConfig, data: ImageData, run_dir: Path, spec: PartSpec | None = None,
         start_from: dict[str, Tensor] | None = None, device: str | None = None, resume: bool | None = None,
-        parts_elsewhere: bool = False,
+        parts_elsewhere: bool = False, records: RunRecords | None = None,
     ) -> None:  # fmt: skip
         self.config = self.recorded_config = config  # (a rival's stand-in records the rival's own config)
         self.data = data
@@ -255,8 +254,7 @@ class SingleProcessRun:
         self.finetuner: PartTrainer | None = None
         self.noise = torch.Generator().manual_seed(s.seed + 1)
         self.state = RunState(part_time=[0.0] * len(self.parts))
-        self.log = RunLog(run_dir)
-        self.progress = Progress(config.run.progress)
+        self.records = records or RunRecords(config, data.test, run_dir)  # its caller's, else opened here
         self.adopted = start_from is not None  # weights from elsewhere: a parts phase, a caller's
         if start_from is not None:
             self.glow.load_state_dict(start_from)
@@ -269,7 +267,7 @@ class SingleProcessRun:
 
     def checkpoint(self) -> None:
         save_checkpoint(
-            self.log.checkpoint_path,
+            self.records.checkpoint_path,
             {
                 "config": self.recorded_config.model_dump_json(),
                 "spec": [list(b) for b in self.spec.bounds],
@@ -321,18 +319,11 @@ class SingleProcessRun:
 
     # ------------------------------------------------------------ training
 
-    def evaluate(self) -> float:
-        cfg = self.config
-        return evaluate_bpd(
-            self.glow, self.data.test, cfg.schedule.eval_batch_size, self.device, cap=cfg.schedule.eval_cap
-        )
-
     def record_eval(self, epoch_float: float) -> float:
-        bpd = self.evaluate()
+        """The model's test BPD now, on the run's curve at ``epoch_float``."""
         state = self.state
-        state.curve.append({"epoch": epoch_float, "step": state.global_step, "elapsed": state.elapsed, "test_bpd": bpd})
-        self.log.scalar("model/test_bpd", bpd, self.state.global_step)
-        return bpd
+        point = {"epoch": epoch_float, "step": state.global_step, "elapsed": state.elapsed}
+        return self.records.evaluation(self.records.evaluate(self.glow, self.device), state.curve, point)
 
     def _log_step(self, results: dict[int, StepResult], epoch: int) -> None:
         step = self.state.global_step
@@ -340,17 +331,10 @@ class SingleProcessRun:
         if self.finetuner is not None:
             trainers = {len(self.parts): self.finetuner}
         for k, res in results.items():
-            t = trainers[k]
-            name = f"part{k + 1}" if k < len(self.parts) else "finetune"
-            self.log.scalar(f"{name}/local_loss", res.loss, step)
-            self.log.scalar(f"{name}/lr", t.lr, step)
-            self.log.scalar(f"{name}/rollbacks", t.rollbacks, step)
-            self.log.scalar(f"{name}/skipped_batches", t.skipped, step)
-            if res.grad_norm == res.grad_norm:
-                self.log.scalar(f"{name}/grad_norm", res.grad_norm, step)
+            self.records.step(f"part{k + 1}" if k < len(self.parts) else "finetune", res, trainers[k], step)
         losses = " ".join(f"{r.loss:.3f}" for r in results.values())
         phase = "finetune" if self.finetuner is not None else f"parts {[k + 1 for k in results]}"
-        self.progress.update(
+        self.records.progress.update(
             f"epoch {epoch + 1}/{self.total_epochs} {phase} "
             f"batch {self.stream.position}/{len(self.stream)} local bpd {losses}"
         )
@@ -367,14 +351,14 @@ class SingleProcessRun:
         self.lr_rule = None
         self.state.lr_multipliers = multipliers
         lrs = ", ".join(f"{t.base_lr:.3g}" for t in self.trainers)
-        self.progress.update(f"lr rule {self.config.schedule.lr_rule}: part LRs {lrs}", force=True)
+        self.records.progress.update(f"lr rule {self.config.schedule.lr_rule}: part LRs {lrs}", force=True)
 
     def _report_events(self, results: dict[int, StepResult]) -> None:
         for k, res in results.items():
             if res.event:
                 t = self.trainers[k] if k < len(self.parts) else self.finetuner
                 name = f"part {k + 1}" if k < len(self.parts) else "fine-tune"
-                self.progress.update(
+                self.records.progress.update(
                     f"ROLLBACK {name} at step {t.steps}: {res.event}; "
                     f"lr -> {t.events[-1].new_lr:.3g} ({t.rollbacks} rollbacks)",
                     force=True,
@@ -394,9 +378,9 @@ class SingleProcessRun:
         self.started = True
         cfg = self.config
         if self.resume:
-            self.restore(self.log.checkpoint_path)
-            self.progress.update(
-                f"resumed {self.log.dir} at epoch {self.stream.epoch + 1}, batch {self.stream.position}",
+            self.restore(self.records.checkpoint_path)
+            self.records.progress.update(
+                f"resumed {self.records.dir} at epoch {self.stream.epoch + 1}, batch {self.stream.position}",
                 force=True,
             )
         else:
@@ -443,7 +427,7 @@ class SingleProcessRun:
             t.clock = self.lr_clock.position(self.state.global_step)
         if finetune:
             results = {len(self.parts): self.finetuner.step(x)}
-            apply_finetune_faults(self.faults, len(self.parts), self.finetuner.steps, self.log.dir)
+            apply_finetune_faults(self.faults, len(self.parts), self.finetuner.steps, self.records.dir)
         else:
             results = train_batch(self.parts, self.trainers, active, x, self.state.part_time, self.wire_dtype)
             self._apply_lr_rule()
@@ -489,31 +473,24 @@ class SingleProcessRun:
             "rollbacks": self.part_figures("rollbacks"),
         }
         self.state.history.append(entry)
-        self.log.scalar("epoch/wall_time", epoch_time, epoch + 1)
-        for k, t in enumerate(self.state.part_time):
-            self.log.scalar(f"part{k + 1}/time_total", t, epoch + 1)
-        self._samples(epoch + 1)
+        self.records.epoch(epoch + 1, epoch_time, self.state.part_time)
+        self.records.samples(self.glow, epoch + 1)
         shape = "x".join(map(str, self.data.shape))
-        self.progress.update(
+        self.records.progress.update(
             f"epoch {epoch + 1}/{self.total_epochs} ({entry['phase']}) test bpd {bpd:.4f} [{shape}] "
             f"epoch time {epoch_time:.1f}s",
             force=True,
         )
 
-    def _samples(self, step: int) -> Path | None:
-        n, temperature = self.config.run.samples, self.config.run.temperature
-        images = sample_images(self.glow, n, temperature) if n > 0 else None
-        return self.log.samples(images, step, f"samples/T={temperature}")
-
     def finish(self) -> dict[str, Any]:
         """The run's end: its checkpoint, last evaluation, samples and summary."""
         self.start()
-        if not self.log.checkpoint_path.is_file() or self.adopted:
+        if not self.records.checkpoint_path.is_file() or self.adopted:
             self.checkpoint()  # a run with no epoch of its own still leaves its weights
-        final = self.state.curve[-1]["test_bpd"] if self.state.curve else self.evaluate()
-        samples = self._samples(self.state.global_step)
+        final = self.state.curve[-1]["test_bpd"] if self.state.curve else self.records.evaluate(self.glow, self.device)
+        samples = self.records.samples(self.glow, self.state.global_step)
         summary = run_summary(self, final, self.stopped, samples)
-        self.log.close()
+        self.records.close()
         return summary
 
 
@@ -549,8 +526,4 @@ def run_summary(run: SingleProcessRun, final: float, stopped: str | None, sample
         "stopped_early": stopped,
         "history": run.state.history,
         "curve": run.state.curve,
-        "run_dir": str(run.log.dir),
-        "checkpoint": str(run.log.checkpoint_path),
-        "samples": str(samples) if samples else None,
-        "tensorboard": str(run.log.dir / "tensorboard"),
-    }
+    } | run.records.paths(samples)
