@@ -407,18 +407,54 @@ def test_convolutions_are_ieee_float32_unless_tf32_is_asked_for_and_deterministi
     build_glow(_config(), (1, 8, 8))  # (the flags are process-wide: leave the defaults)
 
 
-def test_compile_on_cuda_without_pythons_headers_is_one_line(monkeypatch, tmp_path):
+def test_compile_on_cuda_without_pythons_headers_is_one_line(monkeypatch, tmp_path, fresh_libcuda_search):
     """Triton's CUDA launcher includes Python.h: without the headers the first
     compiled step would fail deep inside Triton, after the run had started."""
     import re
     import sysconfig
 
     monkeypatch.setenv("CC", "gcc")
+    (tmp_path / "libcuda.so.1").write_bytes(b"")
+    monkeypatch.setenv("TRITON_LIBCUDA_PATH", str(tmp_path))  # (Triton's own override: found)
     require_compiler(torch.device("cuda"))  # this host's Python has its headers
     monkeypatch.setattr(sysconfig, "get_paths", lambda scheme=None: {"include": str(tmp_path)})
     missing = re.escape(str(tmp_path / "Python.h"))
     with pytest.raises(ConfigError, match=rf"^--compile on CUDA needs Python's C headers for Triton; {missing} is"):
         require_compiler(torch.device("cuda"))
+
+
+@pytest.fixture
+def fresh_libcuda_search():
+    """Triton caches where it found libcuda.so.1: each test that asks it starts and ends uncached."""
+    from triton.backends.nvidia.driver import libcuda_dirs
+
+    libcuda_dirs.cache_clear()
+    yield
+    libcuda_dirs.cache_clear()
+
+
+def test_compile_on_cuda_without_libcuda_where_triton_looks_is_one_line(monkeypatch, tmp_path, fresh_libcuda_search):
+    """Triton links its launchers against libcuda.so.1, found through the linker cache or
+    LD_LIBRARY_PATH: a host without it (some containers) would fail at the first compiled step."""
+    import triton.backends.nvidia.driver as driver
+
+    monkeypatch.setenv("CC", "gcc")
+    monkeypatch.delenv("TRITON_LIBCUDA_PATH", raising=False)
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(tmp_path))  # (holds no libcuda.so.1)
+    cache = "\tlibc.so.6 (libc6,x86-64) => /lib/x86_64-linux-gnu/libc.so.6\n"
+    monkeypatch.setattr(driver.subprocess, "check_output", lambda argv, **_: cache.encode())
+    with pytest.raises(ConfigError, match=r"^--compile on CUDA needs libcuda\.so\.1 where Triton looks for it"):
+        require_compiler(torch.device("cuda"))
+
+    def no_ldconfig(argv, **_):
+        raise FileNotFoundError(2, "No such file or directory", argv[0])
+
+    monkeypatch.setattr(driver.subprocess, "check_output", no_ldconfig)
+    with pytest.raises(ConfigError, match=r"^--compile on CUDA needs libcuda\.so\.1"):
+        require_compiler(torch.device("cuda"))
+    (tmp_path / "libcuda.so.1").write_bytes(b"")  # found through LD_LIBRARY_PATH: accepted
+    monkeypatch.setattr(driver.subprocess, "check_output", lambda argv, **_: cache.encode())
+    require_compiler(torch.device("cuda"))
 
 
 def test_compile_on_cuda_without_a_c_compiler_is_one_line(monkeypatch):
@@ -576,3 +612,92 @@ def test_gpu_shares_are_checked_as_ray_packs_them_one_gpu_each():
     assert trial_shares(config, [{"CPU": 64.0}, {"CPU": 8.0, "GPU": 1.0}], 300)["gpus_per_part"] == 0.125
     with pytest.raises(ClusterError, match=r"^300 trials at once of 3 parts .* no GPU share on 1 GPU\(s\)"):
         trial_shares(config, [{"CPU": 4000.0, "GPU": 1.0}], 300)
+
+
+def test_device_cuda_is_refused_where_the_parts_would_get_no_gpu(monkeypatch):
+    """``--device cuda`` asks for a GPU for every part: on nodes with none (or none among
+    the ``--worker-resource`` nodes) the run is refused before anything starts, not
+    trained on CPUs; so is a Tune study's default share. Asked of the planning alone
+    (``plan_ray_run`` without joining Ray, on clusters given by hand)."""
+    import types
+
+    import raylocal.cluster.placement
+    import raylocal.cluster.preflight
+    from raylocal.cluster.placement import trial_shares
+    from raylocal.cluster.preflight import plan_ray_run
+
+    monkeypatch.setattr(raylocal.cluster.preflight, "connect", lambda config: None)
+    monkeypatch.setattr(raylocal.cluster.preflight, "check_driver_device", lambda config: None)  # (a GPU driver)
+    data = types.SimpleNamespace(train=torch.zeros(64, 1, 8, 8), shape=(1, 8, 8))
+
+    def on(nodes):
+        monkeypatch.setattr(raylocal.cluster.placement, "live_nodes", lambda: nodes)
+
+    on([{"CPU": 8.0}])
+    for schedule, who in (("async", "the parts"), ("pipeline", "the stages")):
+        with pytest.raises(ClusterError, match=rf"^--device cuda: {who} get no GPU on this cluster \(it offers none\)"):
+            plan_ray_run(_config(device="cuda", schedule=schedule), data)
+    with pytest.raises(ClusterError, match=r"^--device cuda: the trials' parts get no GPU"):
+        trial_shares(_config(device="cuda"), [{"CPU": 8.0}], 2)
+    on([{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "workers": 1.0}])  # the GPU on a node the parts may not use
+    with pytest.raises(ClusterError, match=r"\(the nodes with resource 'workers' offer none\)"):
+        plan_ray_run(_config(device="cuda", worker_resource="workers"), data)
+    on([{"CPU": 8.0, "GPU": 1.0}])
+    assert plan_ray_run(_config(device="cuda"), data).parts.part_gpus == pytest.approx(0.45)  # 2 parts share it
+    assert plan_ray_run(_config(device="auto"), data).parts.part_gpus == pytest.approx(0.45)
+    on([{"CPU": 8.0}])
+    assert plan_ray_run(_config(device="auto"), data).parts.part_gpus == 0.0  # auto: CPUs where there is no GPU
+
+
+def test_a_gpu_share_that_the_device_contradicts_is_refused_by_the_config():
+    """``--device cpu`` with ``--gpus-per-part`` would reserve GPUs its actors never use
+    (and leave them the GPUs to see); ``--device cuda`` with a share of 0 would train on CPUs."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"gpus_per_part=0.5: device 'cpu' would reserve GPUs it never uses"):
+        _config(device="cpu", gpus_per_part=0.5)
+    with pytest.raises(ValidationError, match=r"gpus_per_part=0: device 'cuda' needs a GPU share for each part"):
+        _config(device="cuda", gpus_per_part=0.0)
+    assert _config(device="cpu", gpus_per_part=0.0).cluster.gpus_per_part == 0.0
+    assert _config(device="auto", gpus_per_part=0.5).cluster.gpus_per_part == 0.5
+
+
+def test_the_rivals_read_their_loss_and_gradient_norm_from_the_device_once_a_step(monkeypatch):
+    """On a GPU every value read into Python waits for the device. DDP's and the pipeline's
+    stages' guard reads the loss and the clipped gradient's norm together, once a step (a
+    pipeline's micro-batch forwards read nothing), and the values are those of reading each."""
+    from raylocal.baselines.guard import NonFiniteGuard
+    from raylocal.baselines.pipeline_parallel import PipelineStage
+
+    reads = []
+    for name in ("tolist", "item", "__float__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _real=real, _name=name: reads.append(_name) or _real(self, *a)
+        )
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    x = torch.randn(8, 4)
+    loss = (model(x) ** 2).mean()
+    guard = NonFiniteGuard(grad_clip=0.01)
+    reads.clear()
+    assert guard.update(model, torch.optim.SGD(model.parameters(), lr=0.1), loss, 0)
+    assert reads == ["tolist"]
+    assert guard.last_loss == pytest.approx(float(loss.detach()), rel=1e-7)
+    expected_norm = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    assert float(expected_norm) <= 0.01 * (1 + 1e-6)  # clipped to the guard's norm
+    glow = Glow((1, 8, 8), n_levels=2, depth=1, hidden=8)
+    stage = PipelineStage(glow.whole(), _config(), 1e-3, 0, micro=4)
+    # (Adam reads its step counts, CPU tensors unless capturable: no wait for a GPU, but counted here)
+    stage.optimizer = torch.optim.SGD(stage.part.parameters(), lr=1e-3)
+    images = torch.rand(16, 1, 8, 8) - 0.5
+    reads.clear()
+    own = []
+    for m in range(4):
+        stage.forward(m, images[4 * m : 4 * m + 4])
+        own.append(stage.saved[m][2].detach().double())
+    assert reads == []
+    for m in range(4):
+        stage.backward(m)
+    stage.update()
+    assert reads == ["tolist"] and stage.stats.losses == [pytest.approx(float(sum(own)), rel=1e-12)]

@@ -75,10 +75,11 @@ def test_tiny_study_survives_divergence_ranks_and_best_config_round_trips(
     space = tmp_path / "space.py"
     space.write_text(SPACE)
     storage = tmp_path / "studies"
-    # a quarter CPU a part: two trials at a time on the session's 2 CPUs
+    # a quarter CPU a part: two trials at a time on the session's 2 CPUs; --device auto, where a GPU share
+    # can be asked for (the session has no GPU: the parts train on CPUs)
     opts = tiny_options(
         mnist_dir, storage, parts=2, part_spec="1|2", epochs=2, progress=False, max_rollbacks=1, warmup_steps=0,
-        cpus_per_part=0.25,
+        cpus_per_part=0.25, device="auto",
     )  # fmt: skip
     argv = ["--space", str(space), "--report-every", "4", "--study", "s", *opts]
     assert tune_lr.main(argv) == 0

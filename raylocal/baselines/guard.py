@@ -28,18 +28,20 @@ class NonFiniteGuard:
         self.grad_clip, self.limit, self.who, self.lr_flag = grad_clip or float("inf"), limit, who, lr_flag
         self.skipped = 0
         self.in_a_row = 0
-        self.last_loss = math.nan  # the last update's loss, read once (on a GPU, one sync)
+        self.last_loss = math.nan  # the last update's loss
 
     def update(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor, step: int) -> bool:
         """Backward and step from ``loss`` (the ``step``-th update); False where it was skipped."""
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP all-reduces the gradients here
-        self.last_loss = float(loss.detach())
-        return self.step(list(model.parameters()), optimizer, self.last_loss, step)
+        return self.step(list(model.parameters()), optimizer, loss.detach(), step)
 
-    def step(self, params: list[Tensor], optimizer: torch.optim.Optimizer, loss: float, step: int) -> bool:
-        """Clip the gradients ``params`` hold and step, or skip where their norm is not finite."""
-        norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip)) if params else 0.0
+    def step(self, params: list[Tensor], optimizer: torch.optim.Optimizer, loss: Tensor | float, step: int) -> bool:
+        """Clip the gradients ``params`` hold and step, or skip where their norm is not finite.
+        The loss and the norm are read together: on a GPU, one wait for the device a step."""
+        loss = torch.as_tensor(loss, dtype=torch.float64)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip) if params else torch.zeros((), device=loss.device)
+        self.last_loss, norm = torch.stack([loss.reshape(()), norm.to(loss.device, torch.float64)]).tolist()
         if math.isfinite(norm):
             optimizer.step()
             self.in_a_row = 0
@@ -50,6 +52,6 @@ class NonFiniteGuard:
         if self.in_a_row > self.limit:
             raise DivergedError(
                 f"{self.who} training diverged: {self.in_a_row} steps in a row without a finite gradient "
-                f"(up to step {step}; loss {loss:.4g}); try a lower {self.lr_flag}"
+                f"(up to step {step}; loss {self.last_loss:.4g}); try a lower {self.lr_flag}"
             )
         return False

@@ -89,7 +89,7 @@ class PipelineStage:
         self.optimizer = opt_cls(list(part.parameters()), lr=lr)
         self.saved: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # micro-batch -> (input, output, its terms)
         self.stats = StageStats()
-        self._loss = 0.0
+        self._loss: Tensor | float = 0.0  # the batch's loss so far, on the device
         self.device = next(part.parameters()).device
         self.straggler = Straggler([], 0)  # build_stage gives a straggling stage its own
         self.guard = NonFiniteGuard(config.schedule.grad_clip, who="pipeline")
@@ -118,7 +118,7 @@ class PipelineStage:
         y, logdet = self.part(x)
         own = self.terms(y, logdet).mean() / self.micro  # the batch's loss is the mean over its micro-batches
         self.saved[m] = (x, y, own)
-        self._loss += float(own.detach())
+        self._loss = self._loss + own.detach().double()  # (read with the norm, in the update: one device wait)
         computed = time.perf_counter() - start
         self.stats.compute_s += computed
         self.straggler.after(computed)
@@ -155,7 +155,7 @@ class PipelineStage:
         if not self.guard.step(params, self.optimizer, self._loss, self.stats.steps):
             self.stats.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.stats.losses.append(self._loss)
+        self.stats.losses.append(self.guard.last_loss)
         self.stats.steps += 1
         self._loss = 0.0
         wait_for(self.device)  # (the optimizer's kernels, launched, may not have run yet)

@@ -362,6 +362,7 @@ def trial_shares(
         pool = _hosts({"GPU": 1.0}, usable) if on_gpus else usable
         concurrent = max(1, min(concurrent, int(_sum(pool, "CPU") / per_trial + 1e-9)))
         gpus = default_gpu_share(base, cluster_gpus, concurrent)
+        require_gpu_share(base, gpus, "the trials' parts")
         if gpus == 0.0 and on_gpus:
             raise ClusterError(
                 f"{concurrent} trials at once of {base.part_count()} parts and their own process leave each part "
@@ -382,6 +383,16 @@ def default_gpu_share(config: RaylocalConfig, cluster_gpus: float, concurrent: i
         return 0.0
     per_gpu = math.ceil((config.part_count() + 1) * max(concurrent, 1) / whole_gpus)
     return min(1.0 - SERVICE_GPU_SHARE, math.floor(1000 / per_gpu) / 1000)
+
+
+def require_gpu_share(config: RaylocalConfig, gpus: float, who: str) -> None:
+    """``--device cuda`` means a GPU for every part: a plan that gives them none (no GPU on
+    the nodes they may use) is refused, not trained on CPUs."""
+    if config.cluster.device == "cuda" and not gpus:
+        resource = config.cluster.worker_resource
+        where = f"the nodes with resource {resource!r} offer none" if resource else "it offers none"
+        raise ClusterError(f"--device cuda: {who} get no GPU on this cluster ({where}); "
+                           "use --device auto or cpu, or a cluster with GPUs")  # fmt: skip
 
 
 def data_parallel_uses_gpus(config: RaylocalConfig, workers: int, gpus: float) -> bool:

@@ -12,7 +12,7 @@ and never read the cluster or plan again.
 from __future__ import annotations
 
 from raylocal.cluster.connect import connect, node_images
-from raylocal.cluster.placement import PartBundles, Placement, WorkerBundles
+from raylocal.cluster.placement import PartBundles, Placement, WorkerBundles, require_gpu_share
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData
 from raylocal.core.faults import parse_faults
@@ -94,6 +94,7 @@ def plan_ray_run(config: RaylocalConfig, data: ImageData, with_service: bool = T
     parts = workers = None
     if spec is not None:
         parts = PartBundles.plan(config, len(spec))
+        require_gpu_share(config, parts.part_gpus, "the stages" if config.schedule.name == "pipeline" else "the parts")
         parts.check(with_service=with_service and config.schedule.name == "async")
     if config.schedule.name == "data-parallel":
         workers = WorkerBundles.plan(config, config.cluster.workers, config.cluster.cpus_per_part)

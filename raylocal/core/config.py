@@ -456,6 +456,10 @@ def check_combination(c: RaylocalConfig, recorded: bool = False) -> None:
         raise ValueError("average_overlap applies to local SGD (average_every > 0) without DiLoCo's outer_lr")
     if s.finetune_scope == "boundary" and cluster.finetune_workers > 1:
         raise ValueError("finetune_scope='boundary' is for a one-worker fine-tune; DDP trains every layer")
+    if cluster.device == "cpu" and cluster.gpus_per_part and not recorded:
+        raise ValueError(f"gpus_per_part={cluster.gpus_per_part:g}: device 'cpu' would reserve GPUs it never uses")
+    if cluster.device == "cuda" and cluster.gpus_per_part == 0 and not recorded:
+        raise ValueError("gpus_per_part=0: device 'cuda' needs a GPU share for each part")
     if s.name in RIVAL_SCHEDULES:
         check_rival(c, recorded)
 

@@ -15,6 +15,7 @@ import copy
 import math
 import os
 import shutil
+import subprocess
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ def require_compiler(device: torch.device) -> None:
                 f"--compile on CUDA needs Python's C headers for Triton; {header} is missing "
                 "(install your Python's development package, e.g. python3-dev)"
             )
+        require_libcuda()
         return
     if device.type != "cpu":
         return
@@ -69,6 +71,23 @@ def require_compiler(device: torch.device) -> None:
         get_cpp_compiler()
     except Exception:  # noqa: BLE001 - inductor raises its own types for "none found"
         raise ConfigError("--compile on CPU needs a C++ compiler (g++ or $CXX); none was found") from None
+
+
+def require_libcuda() -> None:
+    """Triton links its launchers against libcuda.so.1, found through the linker cache
+    (``/sbin/ldconfig -p``), ``LD_LIBRARY_PATH`` or ``TRITON_LIBCUDA_PATH``; without it the
+    first compiled step fails inside Triton. Asked of Triton itself, before training."""
+    try:
+        from triton.backends.nvidia.driver import libcuda_dirs
+    except ImportError:
+        raise ConfigError("--compile on CUDA needs Triton, which is not installed") from None
+    try:
+        libcuda_dirs()
+    except (AssertionError, OSError, subprocess.CalledProcessError):
+        raise ConfigError(
+            "--compile on CUDA needs libcuda.so.1 where Triton looks for it (the linker cache, "
+            "LD_LIBRARY_PATH or TRITON_LIBCUDA_PATH); none was found"
+        ) from None
 
 
 def training_nll(config: RaylocalConfig, device: torch.device) -> Callable[[Part, Tensor], tuple[Tensor, Tensor]]:
