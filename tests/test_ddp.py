@@ -555,6 +555,10 @@ def test_ddp_with_a_bucket_cap_overlaps_more_than_one_bucket_and_sends_compresse
         assert a[0] <= a[1] <= a[2] and b[0] <= b[1] <= b[2]
         assert min(a[1], b[1]) > max(a[0], b[0])
     assert all(later[0] >= row[2] for steps in (first, second) for row, later in zip(steps, steps[1:]))
+    # each worker's wrap ends before its first step; worker 2's holds the emulated first broadcast
+    for worker, steps in ((workers[0], first), (workers[1], second)):
+        assert worker["wrapped"][0] <= worker["wrapped"][1] <= steps[0][0]
+    assert workers[1]["wrapped"][1] - workers[1]["wrapped"][0] >= 0.9 * stats["start_bytes"] * 8 / 1e6
 
 
 def test_a_step_timeline_keeps_its_first_steps_rows_whole_and_no_later_step_touches_them():

@@ -460,7 +460,9 @@ class DataParallelWorker:
         self.start_bytes = 0  # DDP's first broadcast of the model, when a link carries it
         self.powersgd: PowerSGDReduce | None = None  # its state, to forget after a skipped step
         self.outer: OuterNesterov | None = None
+        began = time.time()
         self._wrap(config)
+        self.wrapped = (began, time.time())  # DDP's wrap, its first broadcast in it, on the host's one clock
         opt_cls = torch.optim.Adamax if config.schedule.optimizer == "adamax" else torch.optim.Adam
         self.lr = loop_config["lr"]
         self.optimizer = opt_cls(self.model.parameters(), lr=self.lr)
@@ -674,12 +676,13 @@ class DataParallelWorker:
 
     def _workers(self, timing: list[float], node: str) -> list[dict[str, Any]]:
         """Every worker's reducer ``timing`` (``REDUCER_FIGURES``, -1: not timed), its steps'
-        times (``StepTimeline``, only the rows it kept) and its Ray ``node``, by rank."""
-        mine = (timing, self.timeline.rows, node)
+        times (``StepTimeline``, only the rows it kept), when its wrap began and ended, and its
+        Ray ``node``, by rank."""
+        mine = (timing, self.timeline.rows, list(self.wrapped), node)
         return [
             {name: (v if v >= 0 else None) for name, v in zip(REDUCER_FIGURES, figures)}
-            | {"rank": rank, "steps": rows, "node_id": node}
-            for rank, (figures, rows, node) in enumerate(gathered_objects(mine, self.world))
+            | {"rank": rank, "steps": rows, "wrapped": wrapped, "node_id": node}
+            for rank, (figures, rows, wrapped, node) in enumerate(gathered_objects(mine, self.world))
         ]
 
     def _finish(self, history: list[dict[str, Any]], seconds: float, mailbox: Mailbox) -> None:
