@@ -12,7 +12,6 @@ import torch
 from conftest import lose_the_working_directory_on_joining, tiny_options
 
 import raylocal.cluster.preflight
-import raylocal.training.records
 import raylocal.training.schedules
 import raylocal.training.trainer
 from raylocal.cli.train import main
@@ -45,7 +44,6 @@ def test_driver_only_coordinates_and_a_killed_fine_tune_resumes_to_the_same_weig
     monkeypatch.setattr(torch.optim.Adam, "__init__", _forbid)
     monkeypatch.setattr(torch.optim.Adamax, "__init__", _forbid)
     monkeypatch.setattr(raylocal.training.trainer.PartTrainer, "step", _forbid)
-    monkeypatch.setattr(raylocal.training.records, "evaluate_bpd", _forbid)
     monkeypatch.setattr(raylocal.training.trainer, "evaluate_bpd", _forbid)
     calls = trace(tiny_options(mnist_dir, storage, **opts))  # main(), the config's calls on the driver recorded
     monkeypatch.undo()

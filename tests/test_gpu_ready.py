@@ -610,8 +610,9 @@ def test_gpu_shares_are_checked_as_ray_packs_them_one_gpu_each():
     assert trial_shares(config, [{"CPU": 8.0, "GPU": 1.0}], 300)["gpus_per_part"] == 0.125  # 2 trials of 4 bundles
     # a CPU-only head's 64 CPUs hold no GPU share: still 2 trials at once (18 counted with the head: 0.013 each)
     assert trial_shares(config, [{"CPU": 64.0}, {"CPU": 8.0, "GPU": 1.0}], 300)["gpus_per_part"] == 0.125
-    with pytest.raises(ClusterError, match=r"^300 trials at once of 3 parts .* no GPU share on 1 GPU\(s\)"):
-        trial_shares(config, [{"CPU": 4000.0, "GPU": 1.0}], 300)
+    for device in ("auto", "cuda"):  # (with --device cuda too: the cluster has a GPU, the trials too many)
+        with pytest.raises(ClusterError, match=r"^300 trials at once of 3 parts .* no GPU share on 1 GPU\(s\)"):
+            trial_shares(config.replace(device=device), [{"CPU": 4000.0, "GPU": 1.0}], 300)
 
 
 def test_device_cuda_is_refused_where_the_parts_would_get_no_gpu(monkeypatch):

@@ -362,12 +362,12 @@ def trial_shares(
         pool = _hosts({"GPU": 1.0}, usable) if on_gpus else usable
         concurrent = max(1, min(concurrent, int(_sum(pool, "CPU") / per_trial + 1e-9)))
         gpus = default_gpu_share(base, cluster_gpus, concurrent)
-        require_gpu_share(base, gpus, "the trials' parts")
         if gpus == 0.0 and on_gpus:
             raise ClusterError(
                 f"{concurrent} trials at once of {base.part_count()} parts and their own process leave each part "
                 f"no GPU share on {int(cluster_gpus + 1e-9)} GPU(s); give --max-concurrent or --gpus-per-part"
             )
+        require_gpu_share(base, gpus, "the trials' parts")  # (after: with GPUs there, the share is what is short)
     return {"cpus_per_part": cpus, "gpus_per_part": gpus}
 
 

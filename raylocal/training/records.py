@@ -21,7 +21,7 @@ from raylocal.core.config import RaylocalConfig
 from raylocal.core.runlog import Progress, RunLog
 from raylocal.model.glow import Glow
 from raylocal.model.objectives import sample_images
-from raylocal.training.trainer import PartTrainer, StepResult, evaluate_bpd
+from raylocal.training.trainer import PartTrainer, StepResult, configured_bpd
 
 
 class RunRecords:
@@ -42,8 +42,7 @@ class RunRecords:
 
     def evaluate(self, glow: Glow, device: torch.device) -> float:
         """The model's test BPD (``--eval-batch-size``, at most ``--eval-cap`` images)."""
-        schedule = self.config.schedule
-        return evaluate_bpd(glow, self.test_images, schedule.eval_batch_size, device, cap=schedule.eval_cap)
+        return configured_bpd(self.config, glow, self.test_images, device)
 
     def evaluation(self, bpd: float, curve: list[dict[str, Any]], point: dict[str, Any]) -> float:
         """An evaluation made at ``point`` (its epoch, step and elapsed seconds), on the curve and in TensorBoard."""

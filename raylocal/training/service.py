@@ -12,7 +12,7 @@ from torch import Tensor
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.tensors import tensor_bytes
 from raylocal.training.schedules import part_spec_for
-from raylocal.training.trainer import build_glow, evaluate_bpd, resolve_device
+from raylocal.training.trainer import build_glow, configured_bpd, resolve_device
 
 
 class ModelService:
@@ -38,9 +38,7 @@ class ModelService:
     def evaluate(self, test_images: Tensor, state: dict[str, Tensor]) -> float:
         """Test BPD of the assembled weights ``state``."""
         self.glow.load_state_dict(state)
-        return evaluate_bpd(
-            self.glow, test_images, self.config.schedule.eval_batch_size, self.device, cap=self.config.schedule.eval_cap
-        )
+        return configured_bpd(self.config, self.glow, test_images, self.device)
 
 
 def assembled(states: list[dict[str, Any]], glow: torch.nn.Module, bounds: list) -> dict[str, Tensor]:

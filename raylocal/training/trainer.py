@@ -227,6 +227,13 @@ def evaluate_bpd(
     return mean_bpd(image_bpds(glow, images, batch_size, device, seed), batch_size, cap)
 
 
+def configured_bpd(config: RaylocalConfig, glow: Glow, images: Tensor, device: torch.device) -> float:
+    """``evaluate_bpd`` as the run's config asks (``--eval-batch-size``, ``--eval-cap``): every
+    evaluation of a run, in its session, its records or the model service."""
+    schedule = config.schedule
+    return evaluate_bpd(glow, images, schedule.eval_batch_size, device, cap=schedule.eval_cap)
+
+
 def mean_bpd(bpds: Tensor, batch_size: int, cap: float | None = None) -> float:
     """The mean of per-image BPDs, summed batch by batch as evaluation sums them,
     each at most ``cap`` when given (``--eval-cap``)."""
