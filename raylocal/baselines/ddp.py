@@ -234,12 +234,15 @@ def linked_all_reduce_hook(state, bucket):  # noqa: ANN001, ANN201
 
 def carry_first_broadcast(module: nn.Module, wire: Wire, rank: int, world: int, clock: Clock = SYSTEM_CLOCK) -> int:
     """DDP's wrap broadcasts rank 0's parameters and buffers to the other ranks.
-    Over a real link those ranks start only once the bytes have arrived, and rank
-    0's first all-reduce waits for them; on an emulated link they wait here for
-    the wire to carry them. Returns the bytes broadcast."""
+    Over a real link gloo holds the sender until its bytes have left and the
+    others until they have arrived, so on an emulated link every rank's wire
+    carries them here, inside the wrap (a chained broadcast: each rank's wire
+    once). Returns the bytes broadcast."""
     nbytes = tensor_bytes([*module.parameters(), *module.buffers()])
-    if world > 1 and rank != 0:
-        clock.sleep_until(wire.deliver(nbytes))
+    if world > 1:
+        arrival = wire.deliver(nbytes)  # returns once the last byte has left
+        if rank != 0:
+            clock.sleep_until(arrival)
     return nbytes
 
 

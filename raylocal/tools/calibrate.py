@@ -236,7 +236,7 @@ def figures(method: str, cell: dict[str, Any]) -> dict[str, float]:
         out["idle %"] = 100 * cell["idle"]
         behind = cell.get("behind_steps") or [{"mean": float("nan")}]
         out["upstream steps behind"] = behind[0]["mean"]
-    elif method == "ddp":  # its first broadcast of the model holds all but the first worker
+    elif method == "ddp":  # how much later the last worker began (its first broadcast, in the wrap, holds each)
         out["start spread s"] = cell.get("start_spread_s", float("nan"))
         if cell.get("allreduce_s") is not None:  # DDP's reducer's own timing (cells from 2026-12-07 on)
             out["all-reduce ms per step"] = 1e3 * cell["allreduce_s"]
