@@ -381,6 +381,41 @@ def test_a_calibration_refuses_to_mix_its_stored_cells_with_another_agents_repor
     assert calibrate.refusal(["1mbit"], ["ddp"], 100.0, tmp_path / "calibration", agent_report_ms=60000) is None
 
 
+def test_a_calibration_refuses_a_bad_nice_value_and_to_mix_cells_of_another(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(calibrate.netns, "available", lambda: None)  # (as where namespaces are allowed)
+    monkeypatch.setattr(calibrate.netns, "host_congestion", lambda: "bbr")
+    (tmp_path / "calibration").mkdir()
+    stored = tmp_path / "calibration" / "parts-10mbit-emulated.json"
+    stored.write_text('{"queue_ms": 100.0}')  # from before cells recorded it: Ray's default
+    assert calibrate.main(["--rates", "10mbit", "--worker-niceness", "0", "--out", str(tmp_path)]) == 2
+    said = capsys.readouterr().err.strip()
+    assert said == f"error: {stored} ran Ray's workers at Ray's default nice, not at nice 0: give another --out"
+    for bad in ("20", "-1"):
+        assert calibrate.main(["--rates", "10mbit", "--worker-niceness", bad, "--out", str(tmp_path)]) == 2
+        said = capsys.readouterr().err.strip()
+        assert said == f"error: --worker-niceness must be a nice value from 0 to 19, not {bad}"
+    stored.write_text('{"queue_ms": 100.0, "worker_niceness": 0}')
+    assert calibrate.refusal(["10mbit"], ["parts"], 100.0, tmp_path / "calibration", worker_niceness=0) is None
+
+
+def test_a_twin_cells_own_ray_starts_its_workers_at_the_nice_value_asked_for(monkeypatch):
+    """The one-node twin starts its own Ray in the cell's process: the environment it runs
+    in carries the workers' nice value, and Ray's default where none is asked for."""
+    envs = []
+
+    def run(argv, env, **kwargs):
+        envs.append(env)
+        return calibrate.subprocess.CompletedProcess(argv, 0, 'CELL {"images_per_s": 1.0}', "")
+
+    monkeypatch.setattr(calibrate.subprocess, "run", run)
+    monkeypatch.delenv(calibrate.WORKER_NICENESS_ENV, raising=False)
+    args = calibrate.cell_args("parts", "10mbit", "emulated", 1.0, 0)
+    assert calibrate.emulated_cell(args, 0)["images_per_s"] == 1.0
+    calibrate.emulated_cell(args)
+    assert envs[0]["RAY_worker_niceness"] == "0" and "RAY_worker_niceness" not in envs[1]
+    assert envs[0]["PATH"] == calibrate.os.environ["PATH"]  # beside this process's own environment
+
+
 def test_the_namespaced_ray_nodes_all_start_with_the_environment_asked_for(monkeypatch):
     """Every node's ``ray start`` (the processes it starts inherit it) gets ``ray_env`` beside the
     cluster's own environment and its node's gloo interface."""
@@ -399,10 +434,11 @@ def test_the_namespaced_ray_nodes_all_start_with_the_environment_asked_for(monke
             started.append((k, argv[1], env))
             return calibrate.subprocess.CompletedProcess(argv, 0, "", "")
 
-    env = calibrate.netns.start_ray(Nodes(), 1, ray_env={calibrate.AGENT_REPORT_ENV: "60000"})
+    env = calibrate.netns.start_ray(Nodes(), 1, ray_env=calibrate.ray_env(60000, 3))
     assert [(k, what) for k, what, _ in started] == [(0, "start"), (1, "start")]
     for k, _, node_env in started:
         assert node_env["REPORTER_UPDATE_INTERVAL_MS"] == "60000" and node_env["GLOO_SOCKET_IFNAME"] == f"n{k}"
+        assert node_env["RAY_worker_niceness"] == "3"
         assert node_env["RAY_ADDRESS"] == env["RAY_ADDRESS"] == "198.51.100.1:6379"
     assert "REPORTER_UPDATE_INTERVAL_MS" not in env  # the command that joins runs without it
 
@@ -419,22 +455,27 @@ def test_the_twin_apart_runs_on_the_real_cells_two_nodes_unshaped_with_its_bandw
     host = {"commit": "c", "cpu": "x", "probe_images_per_s": 1.0}
     monkeypatch.setattr(calibrate, "host_figures", lambda seconds: host)
     monkeypatch.setattr(
-        calibrate, "real_cell", lambda args, rate, queue_ms, tcp, agents: ran.append(("nodes", rate, tcp, agents)) or {}
+        calibrate, "real_cell",
+        lambda args, rate, queue_ms, tcp, agents, nice: ran.append(("nodes", rate, tcp, agents, nice)) or {},
+    )  # fmt: skip
+    monkeypatch.setattr(
+        calibrate, "emulated_cell", lambda args, nice: ran.append(("one node", args["link_spec"], nice)) or {}
     )
-    monkeypatch.setattr(calibrate, "emulated_cell", lambda args: ran.append(("one node", args["link_spec"])) or {})
     args = calibrate.argparse.Namespace(
         costs=False, apart=True, seed=0, budget=1.0, variant=None, queue_ms=100.0, congestion="cubic",
-        agent_report_ms=60000,
+        agent_report_ms=60000, worker_niceness=0,
     )  # fmt: skip
     cells = calibrate.run_cells(["10mbit"], ["parts"], args, tmp_path)
-    # None: unshaped; both namespaced cells under the congestion control and with the agents' period asked for
+    # None: unshaped; both namespaced cells under the congestion control and with the agents' period asked
+    # for, and every cell's Ray workers at the nice value asked for
     assert ran == [
-        ("nodes", "10mbit", "cubic", 60000),
-        ("one node", "bw=10Mbit,lat=0ms"),
-        ("nodes", None, "cubic", 60000),
+        ("nodes", "10mbit", "cubic", 60000, 0),
+        ("one node", "bw=10Mbit,lat=0ms", 0),
+        ("nodes", None, "cubic", 60000, 0),
     ]
     assert sorted(kind for _, _, kind in cells) == ["apart", "emulated", "real"]
     assert json.loads((tmp_path / "parts-10mbit-apart.json").read_text())["link"] == "bw=10Mbit,lat=0ms"
+    assert {cell["worker_niceness"] for cell in cells.values()} == {0}
 
 
 def test_the_table_sets_real_against_the_twin_apart_and_the_twin_apart_against_the_one_node_twin():

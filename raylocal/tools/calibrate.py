@@ -78,6 +78,16 @@ TWO_NODE_KINDS = ("real", "apart")  # on the namespaced nodes: shaped veths, and
 # how often (ms) Ray's dashboard agent on each node publishes its node's stats to the GCS (Ray's default: 5000),
 # traffic that shares the shaped link with the training's
 AGENT_REPORT_ENV = "REPORTER_UPDATE_INTERVAL_MS"
+# the nice value a raylet starts its workers at, the parts and DDP's workers among them (Ray's default: 15),
+# below its own and the GCS's 0
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
+
+
+def ray_env(agent_report_ms: int | None = None, worker_niceness: int | None = None) -> dict[str, str]:
+    """The environment a cell's Ray processes start with beyond this one's: how often the
+    dashboard agents report, and the workers' nice value (None: Ray's default for either)."""
+    env = {AGENT_REPORT_ENV: str(agent_report_ms)} if agent_report_ms else {}
+    return env | ({WORKER_NICENESS_ENV: str(worker_niceness)} if worker_niceness is not None else {})
 
 
 def emulated_link(rate: str) -> str:
@@ -175,15 +185,17 @@ def real_cell(
     queue_ms: float = netns.QUEUE_MS,
     congestion: str | None = None,
     agent_report_ms: int | None = None,
+    worker_niceness: int | None = None,
 ) -> dict[str, Any]:
     """The cell ``args`` (``cell_args``) over a real ``rate`` link between two namespaced
     Ray nodes, whose token buckets queue at most ``queue_ms`` of traffic (None: unshaped),
-    whose TCP runs ``congestion`` (None: the host's default) and whose Ray dashboard agents
-    publish their node's stats every ``agent_report_ms`` (None: Ray's default)."""
+    whose TCP runs ``congestion`` (None: the host's default), whose Ray dashboard agents
+    publish their node's stats every ``agent_report_ms`` and whose workers run at nice
+    ``worker_niceness`` (None: Ray's default for either)."""
     method, budget = args["method"], args["budget"]
     network = netns.Network([rate, rate], queue_ms=queue_ms, congestion=congestion)
-    ray_env = {AGENT_REPORT_ENV: str(agent_report_ms)} if agent_report_ms else None
-    with network as net, netns.ray_cluster(net, cpus=1, ray_env=ray_env) as env:
+    nodes_env = ray_env(agent_report_ms, worker_niceness)
+    with network as net, netns.ray_cluster(net, cpus=1, ray_env=nodes_env) as env:
         ran_congestion = net.congestion_control()
         idle_from = interface_bytes(net)
         time.sleep(IDLE_S)
@@ -200,12 +212,14 @@ def real_cell(
                    "agent_report_ms": agent_report_ms}  # fmt: skip
 
 
-def emulated_cell(args: dict[str, Any]) -> dict[str, Any]:
+def emulated_cell(args: dict[str, Any], worker_niceness: int | None = None) -> dict[str, Any]:
     """The cell ``args`` (``cell_args``) as a real cell's twin: one Ray node of this
-    host, the link emulated (and charged a real link's costs when ``link_costs``)."""
+    host, the link emulated (and charged a real link's costs when ``link_costs``), its
+    Ray's workers at nice ``worker_niceness`` (None: Ray's default)."""
     argv = [sys.executable, "-m", "raylocal.tools.calibrate", "--cell", json.dumps(args)]
+    env = os.environ | ray_env(worker_niceness=worker_niceness)  # the cell starts its own Ray, which inherits it
     with CpuAccount() as cpu:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=int(args["budget"]) + 600)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=int(args["budget"]) + 600, env=env)
     return with_cpu(_result(done, args["method"]), cpu)
 
 
@@ -575,6 +589,7 @@ def refusal(
     variant: str | None = None,
     congestion: str | None = None,
     agent_report_ms: int | None = None,
+    worker_niceness: int | None = None,
 ) -> str | None:
     """Why a calibration cannot run, before anything starts; None if it can."""
     bad = [m for m in methods if m not in METHODS]
@@ -582,6 +597,8 @@ def refusal(
         return f"{bad[0]!r} is not a method ({', '.join(METHODS)})"
     if agent_report_ms is not None and agent_report_ms <= 0:
         return f"--agent-report-ms must be a positive number of ms, not {agent_report_ms}"
+    if worker_niceness is not None and not 0 <= worker_niceness <= 19:
+        return f"--worker-niceness must be a nice value from 0 to 19, not {worker_niceness}"
     if variant and (len(methods) != 1 or variant not in SWEEP_GRID[methods[0]]):
         known = ", ".join(SWEEP_GRID[methods[0]]) if len(methods) == 1 else "one --methods only"
         return f"--variant {variant}: not one of the race's settings for --methods {','.join(methods)} ({known})"
@@ -596,6 +613,22 @@ def refusal(
     why = netns.available()
     if why is not None:
         return why
+    return stored_refusal(out, queue_ms, costs, variant, congestion, agent_report_ms, worker_niceness, methods)
+
+
+def stored_refusal(
+    out: Path,
+    queue_ms: float,
+    costs: bool,
+    variant: str | None,
+    congestion: str | None,
+    agent_report_ms: int | None,
+    worker_niceness: int | None,
+    methods: list[str],
+) -> str | None:
+    """Why the cells stored under ``out`` cannot be tabled with the ones asked for (each
+    calibration runs one queue, congestion control, agents' period, workers' nice value,
+    variant and set of costs); None if they can."""
     stored = stored_cells(out)
     for (rate, method, kind), cell in stored.items():  # one queue per calibration
         ran = cell.get("queue_ms", netns.QUEUE_MS)
@@ -613,6 +646,11 @@ def refusal(
             path, ran = out / f"{method}-{rate}-{kind}.json", cell.get("agent_report_ms")
             then, now = (f"every {ms} ms" if ms else "at Ray's default period" for ms in (ran, agent_report_ms))
             return f"{path} ran with Ray's agents reporting {then}, not {now}: give another --out"
+    for (rate, method, kind), cell in stored.items():  # one nice value of Ray's workers per calibration
+        if cell.get("worker_niceness") != worker_niceness:
+            path, ran = out / f"{method}-{rate}-{kind}.json", cell.get("worker_niceness")
+            then, now = (f"at nice {n}" if n is not None else "at Ray's default nice" for n in (ran, worker_niceness))
+            return f"{path} ran Ray's workers {then}, not {now}: give another --out"
     for (rate, method, kind), cell in stored.items():  # one variant per calibration
         if method in methods and cell.get("variant") != variant:
             path = out / f"{method}-{rate}-{kind}.json"
@@ -650,11 +688,14 @@ def run_cells(rates: list[str], methods: list[str], args: argparse.Namespace, ou
                 ran = cell_args(method, rate, kind, args.budget, args.seed, args.variant)
                 if kind in TWO_NODE_KINDS:
                     link = rate if kind == "real" else None
-                    cell = real_cell(ran, link, args.queue_ms, args.congestion, args.agent_report_ms)
+                    cell = real_cell(
+                        ran, link, args.queue_ms, args.congestion, args.agent_report_ms, args.worker_niceness
+                    )
                 else:
-                    cell = emulated_cell(ran)
+                    cell = emulated_cell(ran, args.worker_niceness)
                 cell |= {"host": host, "ran_at": time.time(), "link": charged_link(method, rate, kind)}
                 cell["variant"] = args.variant  # None: the race's first (the calibration's own settings)
+                cell["worker_niceness"] = args.worker_niceness  # None: Ray's default (15)
                 path.write_text(json.dumps(cell, indent=1))
             cells[(rate, method, kind)] = json.loads(path.read_text())
     return cells
@@ -673,6 +714,9 @@ def main(argv: list[str] | None = None) -> int:
     agents_help = ("how often Ray's dashboard agent on each namespaced node publishes its node's stats to the GCS, "
                    "in ms (default: Ray's, 5000): traffic that shares the shaped link")  # fmt: skip
     p.add_argument("--agent-report-ms", type=int, help=agents_help)
+    nice_help = ("the nice value Ray starts its workers at, on every node of the real and the twin cells "
+                 "(default: Ray's, 15, below the raylets' and the GCS's 0)")  # fmt: skip
+    p.add_argument("--worker-niceness", type=int, help=nice_help)
     p.add_argument("--out", default="bench_runs", help="results go to OUT/calibration/")
     costs_help = "also a third twin per cell, charging the real link's measured costs (eff=, msg=)"
     p.add_argument("--costs", action="store_true", help=costs_help)
@@ -697,7 +741,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rates, methods = args.rates.split(","), args.methods.split(",")
     out = Path(args.out) / "calibration"
-    why = refusal(rates, methods, args.queue_ms, out, args.costs, args.variant, args.congestion, args.agent_report_ms)
+    why = refusal(
+        rates, methods, args.queue_ms, out, args.costs, args.variant, args.congestion, args.agent_report_ms,
+        args.worker_niceness,
+    )  # fmt: skip
     if why is not None:
         print(f"error: {why}", file=sys.stderr)
         return 2

@@ -52,7 +52,8 @@ def main() -> None:
         real, twin = f["real"], f["emulated"]
         apart.append(abs(twin["wrap 0"] - real["wrap 0"]))
         through.append(twin["through first 0"] / real["through first 0"] - 1)
-        ratios.append((real["per step"] / twin["per step"], real["per step after first"] / twin["per step after first"]))
+        after = real["per step after first"] / twin["per step after first"]
+        ratios.append((real["per step"] / twin["per step"], after))
     one = all(a <= WRAP_APART_S for a in apart)
     two = all(abs(t) <= THROUGH_FIRST for t in through)
     print(f"\n1. the twin's rank 0 wrap within {WRAP_APART_S} s of the real one's, every seed: "
