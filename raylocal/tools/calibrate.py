@@ -17,6 +17,7 @@ link's own share of a difference, it against the one-node twin the two nodes'.
     python -m raylocal.tools.calibrate --costs --out /work/calib    # and a twin with the link's costs
     python -m raylocal.tools.calibrate --methods ddp --rates 10mbit --variant cap0.1MB-bf16   # the race's tuned DDP
     python -m raylocal.tools.calibrate --methods parts --rates 10mbit --apart   # and the twin on two nodes
+    python -m raylocal.tools.calibrate --methods parts --rates 10mbit --worker-niceness 0   # Ray's workers at nice 0
 
 A cell is one of the race's own contestants (``raylocal.bench.links``):
 

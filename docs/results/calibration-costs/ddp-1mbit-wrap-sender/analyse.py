@@ -1,8 +1,11 @@
 """DDP's first broadcast at 1 Mbit under cubic, the twin holding the sender too (DECLARED.txt).
 
-    python docs/results/calibration-costs/ddp-1mbit-wrap-sender/analyse.py [DIR]
+    python docs/results/calibration-costs/ddp-1mbit-wrap-sender/analyse.py [DIR [CONGESTION]]
+    python docs/results/calibration-costs/ddp-1mbit-wrap-sender/analyse.py \
+        docs/results/calibration-costs/ddp-1mbit-wrap-sender-bbr bbr
 
-DIR holds seedS/ (one calibration each: ddp-1mbit-real.json and ddp-1mbit-emulated.json).
+DIR holds seedS/ (one calibration each: ddp-1mbit-real.json and ddp-1mbit-emulated.json), its real
+cells run under TCP's CONGESTION control (default cubic).
 """
 
 import json
@@ -10,6 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent
+CONGESTION = sys.argv[2] if len(sys.argv) > 2 else "cubic"
 SEEDS = sorted(int(p.name.removeprefix("seed")) for p in HERE.glob("seed*"))
 WRAP_APART_S = 1.5  # declared: the twin's rank 0 wrap within this of the real one's, every seed
 THROUGH_FIRST = 0.15  # declared: the twin's rank 0 wrap plus first step within 15% of the real one's
@@ -43,7 +47,7 @@ def main() -> None:
         for kind in ("real", "emulated"):
             cell = json.loads((HERE / f"seed{seed}" / f"ddp-1mbit-{kind}.json").read_text())
             if kind == "real":
-                assert cell["congestion"] == "cubic", seed
+                assert cell["congestion"] == CONGESTION, seed
             f[kind] = figures(cell)
             g = f[kind]
             print(f"| {seed} | {kind} | {g['wrap 0']:.2f} | {g['wrap 1']:.2f} | {g['spread']:.2f} | "
