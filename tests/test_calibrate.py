@@ -383,6 +383,7 @@ def test_a_calibration_refuses_to_mix_its_stored_cells_with_another_agents_repor
 
 def test_a_calibration_refuses_a_bad_nice_value_and_to_mix_cells_of_another(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(calibrate.netns, "available", lambda: None)  # (as where namespaces are allowed)
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
     monkeypatch.setattr(calibrate.netns, "host_congestion", lambda: "bbr")
     (tmp_path / "calibration").mkdir()
     stored = tmp_path / "calibration" / "parts-10mbit-emulated.json"
@@ -396,6 +397,12 @@ def test_a_calibration_refuses_a_bad_nice_value_and_to_mix_cells_of_another(tmp_
         assert said == f"error: --worker-niceness must be a nice value from 0 to 19, not {bad}"
     stored.write_text('{"queue_ms": 100.0, "worker_niceness": 0}')
     assert calibrate.refusal(["10mbit"], ["parts"], 100.0, tmp_path / "calibration", worker_niceness=0) is None
+    monkeypatch.setenv("RAY_worker_niceness", "5")  # the cells would run at it, not at what they record
+    assert calibrate.main(["--rates", "10mbit", "--worker-niceness", "0", "--out", str(tmp_path)]) == 2
+    said = capsys.readouterr().err.strip()
+    assert said == "error: RAY_worker_niceness=5 is set here: unset it and give --worker-niceness, " + (
+        "which the cells record"
+    )
 
 
 def test_a_twin_cells_own_ray_starts_its_workers_at_the_nice_value_asked_for(monkeypatch):

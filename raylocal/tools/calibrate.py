@@ -600,6 +600,9 @@ def refusal(
         return f"--agent-report-ms must be a positive number of ms, not {agent_report_ms}"
     if worker_niceness is not None and not 0 <= worker_niceness <= 19:
         return f"--worker-niceness must be a nice value from 0 to 19, not {worker_niceness}"
+    if WORKER_NICENESS_ENV in os.environ:  # the cells would run at it and record Ray's default
+        shown = os.environ[WORKER_NICENESS_ENV]
+        return f"{WORKER_NICENESS_ENV}={shown} is set here: unset it and give --worker-niceness, which the cells record"
     if variant and (len(methods) != 1 or variant not in SWEEP_GRID[methods[0]]):
         known = ", ".join(SWEEP_GRID[methods[0]]) if len(methods) == 1 else "one --methods only"
         return f"--variant {variant}: not one of the race's settings for --methods {','.join(methods)} ({known})"
