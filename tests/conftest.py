@@ -136,6 +136,14 @@ def lose_the_working_directory_on_joining(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setattr(module, "connect", lambda config: join(config) or shutil.rmtree(job_dir, True))
 
 
+def local_session(config: Any, data: Any, run_dir: Path, **kwargs: Any) -> Any:
+    """A ``SingleProcessRun`` of ``config`` on ``data``, its records opened on ``run_dir`` (as a ``Run`` opens them)."""
+    from raylocal.training.records import RunRecords
+    from raylocal.training.schedules import SingleProcessRun
+
+    return SingleProcessRun(config, data, RunRecords(config, data.test, run_dir), **kwargs)
+
+
 def run_local(session: Any) -> dict[str, Any]:
     """A single-process run (a ``SingleProcessRun``) trained whole in its own directory, through the
     phases ``Run`` trains it in; returns its summary."""

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import torch
-from conftest import run_local
+from conftest import local_session, run_local
 
 from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
@@ -20,7 +20,6 @@ from raylocal.model.parts import parse_part_spec
 from raylocal.pipeline.channel import PacketChannel
 from raylocal.pipeline.trace import packet_delays, paired
 from raylocal.pipeline.worker import PartLoop, PartWorker, staleness_summary
-from raylocal.training.schedules import SingleProcessRun
 
 
 def _config(mnist_dir, **kw) -> RaylocalConfig:
@@ -67,7 +66,7 @@ def test_threaded_pipeline_equals_simultaneous_schedule(mnist_dir, tmp_path, lr_
     config = _config(mnist_dir, storage_path=str(tmp_path), lr_schedule=lr_schedule, wire_dtype=wire_dtype)
     data = load_dataset("mnist", mnist_dir)
     workers, stats = _run_threads(config, data.train)
-    reference = SingleProcessRun(config, data, tmp_path / "ref")
+    reference = local_session(config, data, tmp_path / "ref")
     run_local(reference)
     expected = reference.glow.state_dict()
     got = {}
@@ -115,7 +114,7 @@ def test_three_parts_compute_their_init_inputs_from_their_upstream_copies_as_the
     config = _config(mnist_dir, storage_path=str(tmp_path), parts=3, part_spec="1[:1]|1[1:]|2", wire_dtype="bfloat16")
     data = load_dataset("mnist", mnist_dir)
     workers, stats = _run_threads(config, data.train)
-    reference = SingleProcessRun(config, data, tmp_path / "ref")
+    reference = local_session(config, data, tmp_path / "ref")
     run_local(reference)
     got = {}
     for w in workers:

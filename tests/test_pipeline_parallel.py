@@ -347,17 +347,18 @@ def test_the_pipelines_stages_start_from_e2es_weights_and_train_on_its_batches(m
     """The rival is e2e split into stages: each stage process builds the model from the
     seed and initialises ActNorm through every stage, and the first stage draws the
     batches (and dequantisation noise) of e2e's single-process run, in its order."""
+    from conftest import local_session
+
     import raylocal.training.schedules as schedules
     from raylocal.baselines.pipeline_on_ray import build_stage
     from raylocal.core.data import load_dataset
-    from raylocal.training.schedules import SingleProcessRun
 
     config = RaylocalConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
         threads=1, schedule="e2e", epochs=2, samples=0, progress=False, device="cpu",
     )  # fmt: skip
     data = load_dataset("mnist", mnist_dir)
-    e2e = SingleProcessRun(config, data, tmp_path / "e2e")
+    e2e = local_session(config, data, tmp_path / "e2e")
     drawn = []
     real = schedules.train_batch
 

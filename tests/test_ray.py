@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import lose_the_working_directory_on_joining, run_local, tiny_options, untrained_bpd
+from conftest import local_session, lose_the_working_directory_on_joining, run_local, tiny_options, untrained_bpd
 
 import raylocal.cluster.preflight
 from raylocal.cli.train import main
@@ -19,7 +19,7 @@ from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import load_dataset
 from raylocal.model.parts import PartSpec
 from raylocal.run.async_run import AsyncContext
-from raylocal.training.schedules import PARTS_RESULT, PartsResult, SingleProcessRun
+from raylocal.training.schedules import PARTS_RESULT, PartsResult
 from raylocal.training.trainer import build_glow
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -53,7 +53,7 @@ def test_lockstep_async_equals_simultaneous_bit_for_bit(mnist_dir, tmp_path, cap
         schedule="simultaneous", lr=[3e-3, 2e-3], samples=0, progress=False, storage_path=str(storage),
     )  # fmt: skip
     config = RaylocalConfig(**values)
-    ref = SingleProcessRun(config, load_dataset("mnist", mnist_dir), storage / "ref")
+    ref = local_session(config, load_dataset("mnist", mnist_dir), storage / "ref")
     ref_summary = run_local(ref)
     expected = ref.glow.state_dict()
     assert ray_weights.keys() == expected.keys()

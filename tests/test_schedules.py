@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_local, tiny_options
+from conftest import local_session, run_local, tiny_options
 
 from raylocal.cli.train import main
 from raylocal.core.config import RaylocalConfig
@@ -104,13 +104,12 @@ def test_parts_schedules_run_and_learn(schedule, mnist_dir, tmp_path):
 
 def test_per_part_learning_rates_reach_the_trainers(mnist_dir, tmp_path):
     from raylocal.run.launch import load_data
-    from raylocal.training.schedules import SingleProcessRun
 
     cfg = RaylocalConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, parts=3, schedule="alternating",
         lr=[1e-3, 5e-4, 1e-4], storage_path=str(tmp_path), init_batch_size=64,
     )  # fmt: skip
-    run = SingleProcessRun(cfg, load_data(cfg), tmp_path / "x")
+    run = local_session(cfg, load_data(cfg), tmp_path / "x")
     assert [t.base_lr for t in run.trainers] == [1e-3, 5e-4, 1e-4]
 
 
@@ -152,14 +151,13 @@ def test_a_runs_samples_are_drawn_at_its_temperature(mnist_dir, tmp_path, monkey
     """The samples a run saves (``--samples`` at ``--temperature``): the images the
     run's model draws at that temperature, written where the run log keeps them."""
     import raylocal.training.records as records
-    import raylocal.training.schedules as schedules
     from raylocal.run.launch import load_data
 
     cfg = RaylocalConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, samples=3, temperature=0.35,
         storage_path=str(tmp_path), init_batch_size=64, progress=False,
     )  # fmt: skip
-    run = schedules.SingleProcessRun(cfg, load_data(cfg), tmp_path / "x")
+    run = local_session(cfg, load_data(cfg), tmp_path / "x")
     asked = []
     real = records.sample_images
     monkeypatch.setattr(records, "sample_images", lambda glow, n, t: asked.append((glow, n, t)) or real(glow, n, t))
@@ -169,14 +167,13 @@ def test_a_runs_samples_are_drawn_at_its_temperature(mnist_dir, tmp_path, monkey
 
 def test_cosine_decay_spans_each_parts_own_epochs_then_the_fine_tune(mnist_dir, tmp_path):
     from raylocal.run.launch import load_data
-    from raylocal.training.schedules import SingleProcessRun
 
     cfg = RaylocalConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, parts=3, schedule="alternating",
         epochs=5, finetune_epochs=1, batch_size=16, lr_schedule="cosine", warmup_steps=2,
         storage_path=str(tmp_path), init_batch_size=64, eval_batch_size=32, samples=0, progress=False,
     )  # fmt: skip
-    run = SingleProcessRun(cfg, load_data(cfg), tmp_path / "x")
+    run = local_session(cfg, load_data(cfg), tmp_path / "x")
     per_epoch = len(run.stream)
     # alternating over 5 epochs: parts 1 and 2 train in two epochs each, part 3 in one
     assert [t.total_steps for t in run.trainers] == [2 * per_epoch, 2 * per_epoch, per_epoch]
@@ -191,7 +188,6 @@ def test_cosine_run_gives_every_trainer_the_lr_of_the_runs_position(mnist_dir, t
     import math
 
     from raylocal.run.launch import load_data
-    from raylocal.training.schedules import SingleProcessRun
 
     applied = []  # (trainer index, LR the optimizer used), in the order of the run's batches
     original = PartTrainer.step
@@ -207,7 +203,7 @@ def test_cosine_run_gives_every_trainer_the_lr_of_the_runs_position(mnist_dir, t
         epochs=2, finetune_epochs=1, batch_size=16, lr=[1e-2], lr_schedule="cosine-run", warmup_steps=0,
         storage_path=str(tmp_path), init_batch_size=64, eval_batch_size=32, samples=0, progress=False,
     )  # fmt: skip
-    run = SingleProcessRun(cfg, load_data(cfg), tmp_path / "x")
+    run = local_session(cfg, load_data(cfg), tmp_path / "x")
     run_local(run)
     per_epoch = len(run.stream)
     total = 3 * per_epoch
@@ -219,7 +215,6 @@ def test_cosine_run_gives_every_trainer_the_lr_of_the_runs_position(mnist_dir, t
 
 def test_alternating_every_n_batches_switches_parts_mid_epoch(mnist_dir, tmp_path, monkeypatch):
     from raylocal.run.launch import load_data
-    from raylocal.training.schedules import SingleProcessRun
 
     trained = []  # trainer index of every step, in the order of the run's batches
     original = PartTrainer.step
@@ -234,7 +229,7 @@ def test_alternating_every_n_batches_switches_parts_mid_epoch(mnist_dir, tmp_pat
         alternate_every=3, epochs=2, finetune_epochs=1, batch_size=16, lr_schedule="cosine", warmup_steps=0,
         storage_path=str(tmp_path), init_batch_size=64, eval_batch_size=32, samples=0, progress=False,
     )  # fmt: skip
-    run = SingleProcessRun(cfg, load_data(cfg), tmp_path / "x")
+    run = local_session(cfg, load_data(cfg), tmp_path / "x")
     per_epoch = len(run.stream)
     assert per_epoch == 4  # 64 training images / 16: so a switch falls inside each epoch
     # parts-phase batches 0-2 -> part 1, 3-5 -> part 2, 6-7 -> part 1, across the epoch boundary
@@ -272,7 +267,6 @@ def test_diverging_part_is_rolled_back_visibly_and_survives(mnist_dir, tmp_path,
 def test_boundary_scope_fine_tune_trains_exactly_the_steps_at_each_boundary(spec, expected, mnist_dir, tmp_path):
     from raylocal.core.data import load_dataset
     from raylocal.model.parts import boundary_steps, resolve_part_spec
-    from raylocal.training.schedules import SingleProcessRun
 
     glow = Glow(n_levels=2, depth=2, hidden=8, image_shape=(1, 8, 8))
     assert boundary_steps(glow, resolve_part_spec(glow, 2, "across-blocks", spec, None).bounds) == expected
@@ -285,7 +279,7 @@ def test_boundary_scope_fine_tune_trains_exactly_the_steps_at_each_boundary(spec
             epochs=1, finetune_epochs=finetune, finetune_scope="boundary", samples=0, progress=False,
             storage_path=str(tmp_path),
         )  # fmt: skip
-        run = SingleProcessRun(config, load_dataset("mnist", mnist_dir), tmp_path / f"ft{finetune}")
+        run = local_session(config, load_dataset("mnist", mnist_dir), tmp_path / f"ft{finetune}")
         run_local(run)
         weights.append({k: v.clone() for k, v in run.glow.state_dict().items()})
     before, after = weights
@@ -300,14 +294,13 @@ def test_relative_update_rule_scales_each_part_by_its_measured_step_size(mnist_d
     g / r_k (g: their geometric mean). The r_k are measured here independently, from
     the optimizers' own step hooks."""
     from raylocal.core.data import load_dataset
-    from raylocal.training.schedules import SingleProcessRun
 
     config = RaylocalConfig(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
         eval_batch_size=32, warmup_steps=4, threads=1, parts=2, part_spec="1|2", schedule="simultaneous",
         epochs=6, lr=[2e-3], lr_rule="relative-update", samples=0, progress=False, storage_path=str(tmp_path),
     )  # fmt: skip
-    run = SingleProcessRun(config, load_dataset("mnist", mnist_dir), tmp_path / "rule")
+    run = local_session(config, load_dataset("mnist", mnist_dir), tmp_path / "rule")
     seen: dict[int, list[float]] = {0: [], 1: []}
     for k, t in enumerate(run.trainers):
         params = [p for g in t.optimizer.param_groups for p in g["params"]]
@@ -341,7 +334,6 @@ def test_a_run_with_the_lr_rule_resumes_to_the_same_weights(mnist_dir, tmp_path,
     import shutil
 
     from raylocal.core.data import load_dataset
-    from raylocal.training.schedules import SingleProcessRun
 
     values = dict(
         data_root=str(mnist_dir), n_levels=2, depth=2, hidden=8, batch_size=16, init_batch_size=64,
@@ -350,7 +342,7 @@ def test_a_run_with_the_lr_rule_resumes_to_the_same_weights(mnist_dir, tmp_path,
         checkpoint_every=1,
     )  # fmt: skip
     data = load_dataset("mnist", mnist_dir)
-    full = SingleProcessRun(RaylocalConfig(**values), data, tmp_path / "full")
+    full = local_session(RaylocalConfig(**values), data, tmp_path / "full")
     write = full.checkpoint
 
     def checkpoint_and_keep_one():
@@ -361,7 +353,7 @@ def test_a_run_with_the_lr_rule_resumes_to_the_same_weights(mnist_dir, tmp_path,
 
     full.checkpoint = checkpoint_and_keep_one
     expected = run_local(full)
-    resumed = SingleProcessRun(RaylocalConfig(**values, resume=True), data, tmp_path / "cut")
+    resumed = local_session(RaylocalConfig(**values, resume=True), data, tmp_path / "cut")
     got = run_local(resumed)
     assert got["lr_multipliers"] == expected["lr_multipliers"] and expected["lr_multipliers"] is not None
     a, b = full.glow.state_dict(), resumed.glow.state_dict()

@@ -13,6 +13,7 @@ from raylocal.core.config import RaylocalConfig
 from raylocal.core.data import ImageData
 from raylocal.model.parts import PartSpec
 from raylocal.run.phases import Finetuned, TrainedElsewhere
+from raylocal.training.records import RunRecords
 from raylocal.training.schedules import PARTS_RESULT, PartsResult, SingleProcessRun
 
 
@@ -96,7 +97,7 @@ def finish_trained_elsewhere(
     evaluation, samples, checkpoint (of the whole model, as e2e's) and summary,
     in this process. The summary is returned, for the run to write once."""
     whole = config.replace(schedule="e2e", parts=1, part_spec=None, lr=config.schedule.lr[:1])
-    run = SingleProcessRun(whole, data, run_dir, parts_elsewhere=True)
+    run = SingleProcessRun(whole, data, RunRecords(whole, data.test, run_dir), parts_elsewhere=True)
     run.recorded_config = config
     run.state.global_step = trained.steps
     at_epoch = trained.steps / max(len(run.stream), 1)
@@ -129,7 +130,8 @@ def finish_after_parts(
     parts = parts or PartsResult.load(run_dir / PARTS_RESULT)
     spec = PartSpec(tuple(tuple(b) for b in bounds))
     resume = finetuned is None and (run_dir / "checkpoint.pt").is_file()
-    run = SingleProcessRun(config, data, run_dir, spec, device=device, resume=resume, parts_elsewhere=True)
+    records = RunRecords(config, data.test, run_dir)
+    run = SingleProcessRun(config, data, records, spec, device=device, resume=resume, parts_elsewhere=True)
     run.taken_over |= {figure: [st[figure] for st in parts.stats] for figure in ("rollbacks", "skipped")}
     if not resume:
         take_over(run, parts)

@@ -112,7 +112,7 @@ class Run:
         config = self.config
         if config.schedule.name not in RIVAL_SCHEDULES and config.schedule.name != "async":
             self.records = RunRecords(config, self.data.test, self.dir)
-            session = SingleProcessRun(config, self.data, self.dir, start_from=self.start_from, records=self.records)
+            session = SingleProcessRun(config, self.data, self.records, start_from=self.start_from)
             return session, local_phases(session)
         # The Ray runs import Ray: only their schedules pay for it. All of their modules are imported
         # before the driver joins Ray: under `ray job submit` the job's working directory, this code's own

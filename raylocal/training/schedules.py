@@ -222,9 +222,9 @@ class SingleProcessRun:
     """A whole run of one of the single-process schedules (see module doc)."""
 
     def __init__(
-        self, config: RaylocalConfig, data: ImageData, run_dir: Path, spec: PartSpec | None = None,
+        self, config: RaylocalConfig, data: ImageData, records: RunRecords, spec: PartSpec | None = None,
         start_from: dict[str, Tensor] | None = None, device: str | None = None, resume: bool | None = None,
-        parts_elsewhere: bool = False, records: RunRecords | None = None,
+        parts_elsewhere: bool = False,
     ) -> None:  # fmt: skip
         self.config = self.recorded_config = config  # (a rival's stand-in records the rival's own config)
         self.data = data
@@ -254,7 +254,7 @@ class SingleProcessRun:
         self.finetuner: PartTrainer | None = None
         self.noise = torch.Generator().manual_seed(s.seed + 1)
         self.state = RunState(part_time=[0.0] * len(self.parts))
-        self.records = records or RunRecords(config, data.test, run_dir)  # its caller's, else opened here
+        self.records = records  # its run directory as this process writes it, opened by its caller
         self.adopted = start_from is not None  # weights from elsewhere: a parts phase, a caller's
         if start_from is not None:
             self.glow.load_state_dict(start_from)
