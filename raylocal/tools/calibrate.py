@@ -645,16 +645,17 @@ def stored_refusal(
         if kind in TWO_NODE_KINDS and ran != now and (ran is not None or congestion is not None):
             path = out / f"{method}-{rate}-{kind}.json"
             return f"{path} ran TCP's {ran or 'unrecorded'} congestion control, not {now}: give another --out"
-    for (rate, method, kind), cell in stored.items():  # one agents' report period per calibration
-        if kind in TWO_NODE_KINDS and cell.get("agent_report_ms") != agent_report_ms:
-            path, ran = out / f"{method}-{rate}-{kind}.json", cell.get("agent_report_ms")
-            then, now = (f"every {ms} ms" if ms else "at Ray's default period" for ms in (ran, agent_report_ms))
-            return f"{path} ran with Ray's agents reporting {then}, not {now}: give another --out"
-    for (rate, method, kind), cell in stored.items():  # one nice value of Ray's workers per calibration
-        if cell.get("worker_niceness") != worker_niceness:
-            path, ran = out / f"{method}-{rate}-{kind}.json", cell.get("worker_niceness")
-            then, now = (f"at nice {n}" if n is not None else "at Ray's default nice" for n in (ran, worker_niceness))
-            return f"{path} ran Ray's workers {then}, not {now}: give another --out"
+    ray_settings = (  # one agents' report period (where the nodes are namespaced), one workers' nice value
+        ("agent_report_ms", agent_report_ms, TWO_NODE_KINDS, "with Ray's agents reporting ",
+         lambda ms: f"every {ms} ms" if ms else "at Ray's default period"),
+        ("worker_niceness", worker_niceness, KINDS, "Ray's workers ",
+         lambda n: f"at nice {n}" if n is not None else "at Ray's default nice"),
+    )  # fmt: skip
+    for key, now, kinds, what, said in ray_settings:
+        for (rate, method, kind), cell in stored.items():
+            if kind in kinds and cell.get(key) != now:
+                path = out / f"{method}-{rate}-{kind}.json"
+                return f"{path} ran {what}{said(cell.get(key))}, not {said(now)}: give another --out"
     for (rate, method, kind), cell in stored.items():  # one variant per calibration
         if method in methods and cell.get("variant") != variant:
             path = out / f"{method}-{rate}-{kind}.json"
